@@ -1,0 +1,291 @@
+//! Everything the redirect datapath (kernel) and controller (user space) must agree on.
+//!
+//! Every map key and value is defined here exactly once, `#[repr(C)]`, with explicit padding
+//! and a size assertion, so the two halves cannot drift apart (the classic "must be kept in
+//! sync" bug of hand-mirrored structs). Addresses and ports are stored as they travel on the
+//! wire (network byte order) and the field names end in `_be` to say so.
+//!
+//! The pure logic the datapath depends on (checksum arithmetic, TCP flag classification, SNAT
+//! port probing) also lives here, so it is unit- and property-tested on the host.
+#![no_std]
+
+pub mod csum;
+pub mod ports;
+pub mod tcp;
+
+/// Names of the pinned maps, as they appear under the pin directory and in `bpftool`.
+pub mod map_names {
+    pub const CONFIG: &str = "CONFIG";
+    pub const BACKENDS: &str = "BACKENDS";
+    pub const ACTIVE: &str = "ACTIVE";
+    pub const CT: &str = "CT";
+    pub const REV: &str = "REV";
+    pub const STATS: &str = "STATS";
+    pub const TX_PORTS: &str = "TX_PORTS";
+}
+
+/// The `CONFIG` array map (one entry): what the datapath serves. Changed only by the
+/// controller, read by the datapath on every packet.
+pub mod config {
+    #[repr(C)]
+    #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+    pub struct Config {
+        /// The address clients connect to.
+        pub vip_addr_be: u32,
+        pub vip_port_be: u16,
+        pub _pad0: u16,
+        /// SNAT port range, inclusive, in host byte order (it is arithmetic, not a header).
+        pub snat_port_min: u16,
+        pub snat_port_max: u16,
+        /// `FLAG_*` bits.
+        pub flags: u32,
+    }
+    const _: () = assert!(core::mem::size_of::<Config>() == 16);
+
+    /// A non-SYN packet with no tracked connection is dropped instead of handed to the
+    /// stack (which would answer it with a RST from the VIP).
+    pub const FLAG_DROP_NONSYN_MISS: u32 = 1 << 0;
+    /// Set by the controller once it has written the config; a zeroed entry means "not
+    /// configured yet" and the datapath passes everything.
+    pub const FLAG_CONFIGURED: u32 = 1 << 31;
+
+    #[cfg(feature = "user")]
+    // SAFETY: plain old data, every bit pattern is valid, no implicit padding.
+    unsafe impl aya::Pod for Config {}
+}
+
+/// The `BACKENDS` array map: index → where new connections of that backend go.
+pub mod backend {
+    /// Index of the source (old) server in `BACKENDS`.
+    pub const SOURCE: u32 = 0;
+    /// Index of the target (new) server in `BACKENDS`.
+    pub const TARGET: u32 = 1;
+    pub const MAX_BACKENDS: u32 = 2;
+
+    #[repr(C)]
+    #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+    pub struct Backend {
+        pub addr_be: u32,
+        /// The proxy address the backend sees as the client (full NAT).
+        pub snat_addr_be: u32,
+        pub port_be: u16,
+        pub _pad0: u16,
+    }
+    const _: () = assert!(core::mem::size_of::<Backend>() == 12);
+
+    #[cfg(feature = "user")]
+    // SAFETY: plain old data, every bit pattern is valid, no implicit padding.
+    unsafe impl aya::Pod for Backend {}
+}
+
+/// The `ACTIVE` array map (one `u32`): the index in `BACKENDS` that new connections go to.
+/// Flipping is one aligned 32-bit write, so a reader sees the old or the new value, never a mix.
+pub mod active {
+    /// New SYNs are parked (copied to `HELD` and dropped) instead of being forwarded: used
+    /// for the instant of a cutover when neither backend may take new writes.
+    pub const HOLD: u32 = u32::MAX;
+}
+
+/// The `CT` hash map: client-side tuple → the translation of that connection.
+/// Created only by a pure SYN; deleted only by the controller, together with its `REV` twin.
+pub mod ct {
+    #[repr(C)]
+    #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+    pub struct CtKey {
+        pub client_addr_be: u32,
+        pub vip_addr_be: u32,
+        pub client_port_be: u16,
+        pub vip_port_be: u16,
+    }
+    const _: () = assert!(core::mem::size_of::<CtKey>() == 12);
+
+    #[repr(C)]
+    #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+    pub struct CtEntry {
+        /// `bpf_ktime_get_ns` (`CLOCK_MONOTONIC`) of the first SYN.
+        pub created_ns: u64,
+        /// `bpf_ktime_get_ns` of the latest packet in either direction.
+        pub last_seen_ns: u64,
+        pub backend_addr_be: u32,
+        pub snat_addr_be: u32,
+        pub backend_port_be: u16,
+        pub snat_port_be: u16,
+        /// Index in `BACKENDS` at the time of the SYN (for accounting only: the translation
+        /// above is what the datapath uses, so rewriting `BACKENDS` never moves a connection).
+        pub backend_id: u32,
+        /// `FLAG_*` bits, OR-accumulated.
+        pub flags: u32,
+        pub _pad0: u32,
+    }
+    const _: () = assert!(core::mem::size_of::<CtEntry>() == 40);
+
+    /// A packet other than the first SYN was seen: the connection is past its handshake.
+    pub const FLAG_SEEN_NON_SYN: u32 = 1 << 0;
+    /// The client sent a FIN.
+    pub const FLAG_FIN_CLIENT: u32 = 1 << 1;
+    /// The backend sent a FIN.
+    pub const FLAG_FIN_BACKEND: u32 = 1 << 2;
+    /// Either side sent a RST.
+    pub const FLAG_RST: u32 = 1 << 3;
+    /// The entry was reopened by a new SYN from the same client port after a close.
+    pub const FLAG_REOPENED: u32 = 1 << 4;
+
+    /// Closed from both ends, or reset: only the close timeout keeps the entry alive.
+    #[must_use]
+    pub const fn is_closed(flags: u32) -> bool {
+        flags & FLAG_RST != 0 || (flags & FLAG_FIN_CLIENT != 0 && flags & FLAG_FIN_BACKEND != 0)
+    }
+
+    /// Either side has started to close: the connection no longer counts as live.
+    #[must_use]
+    pub const fn is_closing(flags: u32) -> bool {
+        flags & (FLAG_RST | FLAG_FIN_CLIENT | FLAG_FIN_BACKEND) != 0
+    }
+
+    #[cfg(feature = "user")]
+    // SAFETY: plain old data, every bit pattern is valid, no implicit padding.
+    unsafe impl aya::Pod for CtKey {}
+    #[cfg(feature = "user")]
+    // SAFETY: plain old data, every bit pattern is valid, no implicit padding.
+    unsafe impl aya::Pod for CtEntry {}
+}
+
+/// The `REV` hash map: backend-side (post-SNAT) tuple → the client-side tuple.
+/// Inserted with `BPF_NOEXIST`, which is what claims a SNAT port atomically.
+pub mod rev {
+    #[repr(C)]
+    #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+    pub struct RevKey {
+        pub backend_addr_be: u32,
+        pub snat_addr_be: u32,
+        pub backend_port_be: u16,
+        pub snat_port_be: u16,
+    }
+    const _: () = assert!(core::mem::size_of::<RevKey>() == 12);
+
+    #[repr(C)]
+    #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+    pub struct RevEntry {
+        pub client_addr_be: u32,
+        pub vip_addr_be: u32,
+        pub client_port_be: u16,
+        pub vip_port_be: u16,
+        pub _pad0: u32,
+        /// Written by the controller when this entry's connection is gone: the SNAT port stays
+        /// claimed (quarantined) until this time plus the quarantine, longer than the
+        /// backend's TIME_WAIT, so a reused port never meets a stale server-side tuple
+        /// (cilium#45863).
+        pub orphaned_ns: u64,
+    }
+    const _: () = assert!(core::mem::size_of::<RevEntry>() == 24);
+
+    #[cfg(feature = "user")]
+    // SAFETY: plain old data, every bit pattern is valid, no implicit padding.
+    unsafe impl aya::Pod for RevKey {}
+    #[cfg(feature = "user")]
+    // SAFETY: plain old data, every bit pattern is valid, no implicit padding.
+    unsafe impl aya::Pod for RevEntry {}
+}
+
+/// The per-CPU `STATS` array: one packet counter per datapath decision.
+pub mod stats {
+    /// Every decision the datapath makes. The discriminant is the index in `STATS`.
+    #[repr(u32)]
+    #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+    pub enum Stat {
+        /// Not IPv4 (ARP, IPv6, ...): passed untouched.
+        PassNotIpv4 = 0,
+        /// IPv4 with options (IHL > 5): passed untouched.
+        PassIpOptions,
+        /// An IPv4 fragment: passed untouched.
+        PassFragment,
+        /// Not TCP (ICMP, UDP, ...): passed untouched.
+        PassNotTcp,
+        /// Shorter than its headers claim: passed untouched.
+        PassTruncated,
+        /// TCP that is neither for the VIP nor a reply to a tracked connection.
+        PassNotOurs,
+        /// The datapath has no configuration yet.
+        PassUnconfigured,
+        /// A pure SYN created a connection to the source.
+        NewConnSource,
+        /// A pure SYN created a connection to the target.
+        NewConnTarget,
+        /// A SYN reused the port of a closed connection and was given a fresh one.
+        ConnReopened,
+        /// Client → backend packets of tracked connections.
+        ForwardTracked,
+        /// Backend → client packets of tracked connections.
+        ReplyTracked,
+        /// A non-SYN packet for the VIP with no tracked connection (never load balanced).
+        NonSynMiss,
+        /// A reply whose `REV` entry no longer has a live `CT` twin: passed to the stack.
+        ReplyOrphan,
+        /// The `CT` or `REV` table was full: the SYN was dropped (the client retries).
+        CtFull,
+        /// No free SNAT port after every probe: the SYN was dropped.
+        SnatExhausted,
+        /// A SYN parked while new connections are held.
+        SynHeld,
+        /// Forwarded out of the interface it came in on.
+        FibTx,
+        /// Forwarded to another interface through the devmap.
+        FibRedirect,
+        /// Rewritten, then handed to the kernel to route (no neighbour entry yet, ...).
+        FibPass,
+        /// The `ACTIVE` entry named a backend that is not configured: the SYN was dropped.
+        BadActive,
+    }
+
+    pub const STAT_COUNT: u32 = Stat::BadActive as u32 + 1;
+
+    /// Every counter, in index order, with the name `redirect status` and `/metrics` show.
+    pub const ALL: [(Stat, &str); STAT_COUNT as usize] = [
+        (Stat::PassNotIpv4, "pass_not_ipv4"),
+        (Stat::PassIpOptions, "pass_ip_options"),
+        (Stat::PassFragment, "pass_fragment"),
+        (Stat::PassNotTcp, "pass_not_tcp"),
+        (Stat::PassTruncated, "pass_truncated"),
+        (Stat::PassNotOurs, "pass_not_ours"),
+        (Stat::PassUnconfigured, "pass_unconfigured"),
+        (Stat::NewConnSource, "new_conn_source"),
+        (Stat::NewConnTarget, "new_conn_target"),
+        (Stat::ConnReopened, "conn_reopened"),
+        (Stat::ForwardTracked, "forward_tracked"),
+        (Stat::ReplyTracked, "reply_tracked"),
+        (Stat::NonSynMiss, "nonsyn_miss"),
+        (Stat::ReplyOrphan, "reply_orphan"),
+        (Stat::CtFull, "ct_full"),
+        (Stat::SnatExhausted, "snat_exhausted"),
+        (Stat::SynHeld, "syn_held"),
+        (Stat::FibTx, "fib_tx"),
+        (Stat::FibRedirect, "fib_redirect"),
+        (Stat::FibPass, "fib_pass"),
+        (Stat::BadActive, "bad_active"),
+    ];
+
+    #[cfg(test)]
+    mod tests {
+        use super::*;
+
+        #[test]
+        fn names_are_in_index_order() {
+            for (i, (stat, _)) in ALL.iter().enumerate() {
+                assert_eq!(*stat as usize, i, "{stat:?} is out of order in ALL");
+            }
+        }
+    }
+}
+
+/// Sizes of the maps. A full table drops the SYN and counts it; it never evicts.
+pub mod limits {
+    /// Tracked connections. A preallocated hash of this size costs tens of MB of kernel
+    /// memory, and a PostgreSQL fleet rarely has more than tens of thousands of connections.
+    pub const CT_ENTRIES: u32 = 1 << 20;
+    /// `REV` also holds quarantined ports, so it is as large as `CT`.
+    pub const REV_ENTRIES: u32 = 1 << 20;
+    /// Interfaces the datapath may redirect to.
+    pub const TX_PORTS: u32 = 64;
+    /// SNAT ports tried for one SYN before it is dropped as `SnatExhausted`.
+    pub const SNAT_PROBES: u32 = 32;
+}

@@ -1,0 +1,125 @@
+//! The redirect datapath: an XDP program that sends each new TCP connection for the VIP to
+//! the active backend (full NAT: DNAT + SNAT) and keeps every tracked connection on the
+//! backend it started on.
+//!
+//! What happens to traffic when the controller exits: nothing. Every map and the XDP link are
+//! pinned, so the program keeps translating established and new connections with the last
+//! `ACTIVE` value; only conntrack garbage collection pauses until a controller re-adopts the
+//! pins. Internal errors never blackhole traffic: unparseable or foreign packets go to the
+//! stack untouched, and only SYNs that cannot be tracked (table full, no SNAT port) are dropped,
+//! which the client retries.
+#![no_std]
+#![no_main]
+
+mod forward;
+mod headers;
+mod nat;
+
+use aya_ebpf::{
+    bindings::xdp_action,
+    helpers::bpf_ktime_get_ns,
+    btf_maps::{Array, DevMapHash, HashMap, PerCpuArray},
+    macros::{btf_map, xdp},
+    programs::XdpContext,
+};
+use redirect_common::{
+    backend::{Backend, MAX_BACKENDS},
+    config::{Config, FLAG_CONFIGURED},
+    ct::{CtEntry, CtKey},
+    limits,
+    rev::{RevEntry, RevKey},
+    stats::{STAT_COUNT, Stat},
+};
+
+// BTF-defined maps (`.maps` section): the kernel records their key and value types, so
+// `bpftool map dump pinned <dir>/CT` prints typed, named fields. The controller pins each one
+// by name under its pin directory (`EbpfLoader::map_pin_path`), and a reload re-uses the pins.
+const CT_ENTRIES: usize = limits::CT_ENTRIES as usize;
+const REV_ENTRIES: usize = limits::REV_ENTRIES as usize;
+const BACKEND_SLOTS: usize = MAX_BACKENDS as usize;
+const STAT_SLOTS: usize = STAT_COUNT as usize;
+const TX_PORT_SLOTS: usize = limits::TX_PORTS as usize;
+
+/// What this datapath serves (one entry).
+#[btf_map(name = "CONFIG")]
+static CONFIG: Array<Config, 1> = Array::new();
+
+/// Backend index → address, port and SNAT address.
+#[btf_map(name = "BACKENDS")]
+static BACKENDS: Array<Backend, BACKEND_SLOTS> = Array::new();
+
+/// Index 0: the `BACKENDS` index new connections go to. The flip is one write here.
+#[btf_map(name = "ACTIVE")]
+static ACTIVE: Array<u32, 1> = Array::new();
+
+/// Client-side tuple → translation. A plain (not LRU) hash: a full table refuses new SYNs
+/// instead of evicting half of a live connection (cilium#12686, #29305, #34833).
+#[btf_map(name = "CT")]
+static CT: HashMap<CtKey, CtEntry, CT_ENTRIES> = HashMap::new();
+
+/// Backend-side tuple → client-side tuple; its `BPF_NOEXIST` insert claims the SNAT port.
+#[btf_map(name = "REV")]
+static REV: HashMap<RevKey, RevEntry, REV_ENTRIES> = HashMap::new();
+
+/// One counter per decision (`redirect_common::stats::Stat`).
+#[btf_map(name = "STATS")]
+static STATS: PerCpuArray<u64, STAT_SLOTS> = PerCpuArray::new();
+
+/// Interfaces this datapath may `XDP_REDIRECT` to (the ones it is attached to).
+#[btf_map(name = "TX_PORTS")]
+static TX_PORTS: DevMapHash<TX_PORT_SLOTS> = DevMapHash::new();
+
+#[inline(always)]
+fn count(stat: Stat) {
+    if let Some(counter) = STATS.get_ptr_mut(stat as u32) {
+        // SAFETY: per-CPU value, no concurrent writer.
+        unsafe { *counter += 1 };
+    }
+}
+
+/// The datapath. Attach it to every interface that receives client or backend traffic.
+#[xdp]
+pub fn redirect_xdp(ctx: XdpContext) -> u32 {
+    match try_redirect_xdp(&ctx) {
+        Ok(action) => action,
+        Err(stat) => {
+            count(stat);
+            xdp_action::XDP_PASS
+        }
+    }
+}
+
+#[inline(always)]
+fn try_redirect_xdp(ctx: &XdpContext) -> Result<u32, Stat> {
+    let pkt = headers::parse(ctx.data(), ctx.data_end())?;
+    let Some(cfg) = CONFIG.get(0) else {
+        return Err(Stat::PassUnconfigured);
+    };
+    if cfg.flags & FLAG_CONFIGURED == 0 {
+        return Err(Stat::PassUnconfigured);
+    }
+    // SAFETY: a helper with no preconditions.
+    let now = unsafe { bpf_ktime_get_ns() };
+    Ok(match nat::process(&pkt, cfg, now) {
+        nat::Verdict::Forward => forward::xdp(ctx, &pkt),
+        nat::Verdict::Pass => xdp_action::XDP_PASS,
+        nat::Verdict::Drop => xdp_action::XDP_DROP,
+    })
+}
+
+/// Returns `XDP_PASS`. Tests attach it to namespace-side veth peers, which then have the
+/// NAPI context that receiving `XDP_REDIRECT`ed frames requires (kernel `veth_xdp_xmit`).
+#[xdp]
+pub fn xdp_pass(_ctx: XdpContext) -> u32 {
+    xdp_action::XDP_PASS
+}
+
+#[cfg(not(test))]
+#[panic_handler]
+fn panic(_info: &core::panic::PanicInfo) -> ! {
+    loop {}
+}
+
+#[unsafe(link_section = "license")]
+#[unsafe(no_mangle)]
+static LICENSE: [u8; 13] = *b"Dual MIT/GPL\0";

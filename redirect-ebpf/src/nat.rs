@@ -1,0 +1,257 @@
+//! Connection tracking and the full-NAT rewrite. Independent of the hook: it works on parsed
+//! header pointers and returns a verdict, so the same logic can back an XDP or a TC program.
+
+use aya_ebpf::{bindings::BPF_NOEXIST, helpers::bpf_get_prandom_u32};
+use redirect_common::{
+    backend::MAX_BACKENDS,
+    config::{Config, FLAG_DROP_NONSYN_MISS},
+    csum,
+    ct::{CtEntry, CtKey, FLAG_REOPENED, is_closed},
+    limits::SNAT_PROBES,
+    ports,
+    rev::{RevEntry, RevKey},
+    stats::Stat,
+    tcp::{self, Direction},
+};
+
+use crate::{
+    ACTIVE, BACKENDS, CT, REV,
+    headers::{Ipv4Hdr, Packet, TcpHdr},
+    count,
+};
+
+/// What to do with a packet after conntrack.
+pub enum Verdict {
+    /// The headers were rewritten: forward the packet toward its new destination.
+    Forward,
+    /// Not ours or not translatable: hand it to the stack untouched.
+    Pass,
+    /// Drop it (the reason is already counted).
+    Drop,
+}
+
+const EEXIST: i32 = 17;
+
+/// Runs conntrack for one parsed TCP/IPv4 packet and rewrites it in place.
+#[inline(always)]
+pub fn process(pkt: &Packet, cfg: &Config, now: u64) -> Verdict {
+    // SAFETY: `parse` bounds-checked every header.
+    let (ip, tcp) = unsafe { (&mut *pkt.ip, &mut *pkt.tcp) };
+    if ip.daddr_be == cfg.vip_addr_be && tcp.dport_be == cfg.vip_port_be {
+        forward(ip, tcp, cfg, now)
+    } else {
+        reply(ip, tcp, now)
+    }
+}
+
+/// Client → VIP.
+#[inline(always)]
+fn forward(ip: &mut Ipv4Hdr, tcp: &mut TcpHdr, cfg: &Config, now: u64) -> Verdict {
+    let key = CtKey {
+        client_addr_be: ip.saddr_be,
+        vip_addr_be: ip.daddr_be,
+        client_port_be: tcp.sport_be,
+        vip_port_be: tcp.dport_be,
+    };
+    let flags = tcp.flags;
+    let pure_syn = tcp::is_pure_syn(flags);
+    if let Some(entry) = CT.get_ptr_mut(&key) {
+        // SAFETY: a valid map value pointer; concurrent updates of `flags`/`last_seen_ns`
+        // from another CPU can lose an OR (benign, as in Cilium: the GC then relies on the
+        // idle timeout instead of the close timeout).
+        let entry = unsafe { &mut *entry };
+        if !(pure_syn && is_closed(entry.flags)) {
+            // Established packets and retransmitted SYNs keep the backend they started with,
+            // whatever ACTIVE says now.
+            touch(entry, tcp::state_bits(flags, Direction::Forward), now);
+            count(Stat::ForwardTracked);
+            let e = *entry;
+            rewrite(ip, tcp, e.snat_addr_be, e.backend_addr_be, e.snat_port_be, e.backend_port_be);
+            return Verdict::Forward;
+        }
+        // The client reused the port of a closed connection: a new connection, which goes
+        // to the active backend with a fresh SNAT port (the old one stays quarantined).
+        return open(&key, ip, tcp, cfg, now, true);
+    }
+    if !pure_syn {
+        // Never load balance a mid-stream packet: after a flip it would land on the other
+        // server. The stack answers it with a RST (or it is dropped, by config).
+        count(Stat::NonSynMiss);
+        return if cfg.flags & FLAG_DROP_NONSYN_MISS != 0 {
+            Verdict::Drop
+        } else {
+            Verdict::Pass
+        };
+    }
+    open(&key, ip, tcp, cfg, now, false)
+}
+
+/// A pure SYN with no live entry: pick the active backend, claim a SNAT port, track it.
+#[inline(always)]
+fn open(
+    key: &CtKey,
+    ip: &mut Ipv4Hdr,
+    tcp: &mut TcpHdr,
+    cfg: &Config,
+    now: u64,
+    reopen: bool,
+) -> Verdict {
+    let Some(&active) = ACTIVE.get(0) else {
+        count(Stat::BadActive);
+        return Verdict::Drop;
+    };
+    if active >= MAX_BACKENDS {
+        count(Stat::BadActive);
+        return Verdict::Drop;
+    }
+    let Some(&backend) = BACKENDS.get(active) else {
+        count(Stat::BadActive);
+        return Verdict::Drop;
+    };
+    if backend.addr_be == 0 {
+        count(Stat::BadActive);
+        return Verdict::Drop;
+    }
+    let rev_value = RevEntry {
+        client_addr_be: key.client_addr_be,
+        vip_addr_be: key.vip_addr_be,
+        client_port_be: key.client_port_be,
+        vip_port_be: key.vip_port_be,
+        _pad0: 0,
+        orphaned_ns: 0,
+    };
+    // SAFETY: a helper with no preconditions.
+    let random = unsafe { bpf_get_prandom_u32() };
+    let client_port = u16::from_be(key.client_port_be);
+    let mut claimed: Option<RevKey> = None;
+    for attempt in 0..SNAT_PROBES {
+        let port = ports::candidate(client_port, random, attempt, cfg.snat_port_min, cfg.snat_port_max);
+        let rev_key = RevKey {
+            backend_addr_be: backend.addr_be,
+            snat_addr_be: backend.snat_addr_be,
+            backend_port_be: backend.port_be,
+            snat_port_be: port.to_be(),
+        };
+        match REV.insert(&rev_key, &rev_value, u64::from(BPF_NOEXIST)) {
+            Ok(()) => {
+                claimed = Some(rev_key);
+                break;
+            }
+            Err(e) if e == -EEXIST => {}
+            Err(_) => {
+                count(Stat::CtFull);
+                return Verdict::Drop;
+            }
+        }
+    }
+    let Some(rev_key) = claimed else {
+        count(Stat::SnatExhausted);
+        return Verdict::Drop;
+    };
+    let entry = CtEntry {
+        created_ns: now,
+        last_seen_ns: now,
+        backend_addr_be: backend.addr_be,
+        snat_addr_be: backend.snat_addr_be,
+        backend_port_be: backend.port_be,
+        snat_port_be: rev_key.snat_port_be,
+        backend_id: active,
+        flags: if reopen { FLAG_REOPENED } else { 0 },
+        _pad0: 0,
+    };
+    // A reopen overwrites the closed entry; a new one must not race a retransmitted SYN that
+    // another CPU is handling at the same instant.
+    let insert_flags = if reopen { 0 } else { u64::from(BPF_NOEXIST) };
+    if let Err(e) = CT.insert(key, &entry, insert_flags) {
+        let _ = REV.remove(&rev_key);
+        if e == -EEXIST {
+            // Lost the race: use the winner's translation.
+            if let Some(winner) = CT.get_ptr(key) {
+                // SAFETY: a valid map value pointer.
+                let w = unsafe { *winner };
+                count(Stat::ForwardTracked);
+                rewrite(ip, tcp, w.snat_addr_be, w.backend_addr_be, w.snat_port_be, w.backend_port_be);
+                return Verdict::Forward;
+            }
+        }
+        count(Stat::CtFull);
+        return Verdict::Drop;
+    }
+    count(if reopen {
+        Stat::ConnReopened
+    } else if active == redirect_common::backend::SOURCE {
+        Stat::NewConnSource
+    } else {
+        Stat::NewConnTarget
+    });
+    rewrite(ip, tcp, entry.snat_addr_be, entry.backend_addr_be, entry.snat_port_be, entry.backend_port_be);
+    Verdict::Forward
+}
+
+/// Backend → SNAT address: translate back to VIP → client.
+#[inline(always)]
+fn reply(ip: &mut Ipv4Hdr, tcp: &mut TcpHdr, now: u64) -> Verdict {
+    let rev_key = RevKey {
+        backend_addr_be: ip.saddr_be,
+        snat_addr_be: ip.daddr_be,
+        backend_port_be: tcp.sport_be,
+        snat_port_be: tcp.dport_be,
+    };
+    let Some(rev) = REV.get_ptr(&rev_key) else {
+        count(Stat::PassNotOurs);
+        return Verdict::Pass;
+    };
+    // SAFETY: a valid map value pointer.
+    let rev = unsafe { *rev };
+    let key = CtKey {
+        client_addr_be: rev.client_addr_be,
+        vip_addr_be: rev.vip_addr_be,
+        client_port_be: rev.client_port_be,
+        vip_port_be: rev.vip_port_be,
+    };
+    let Some(entry) = CT.get_ptr_mut(&key) else {
+        count(Stat::ReplyOrphan);
+        return Verdict::Pass;
+    };
+    // SAFETY: a valid map value pointer (see `forward` on concurrent updates).
+    let entry = unsafe { &mut *entry };
+    if entry.snat_port_be != rev_key.snat_port_be
+        || entry.backend_addr_be != rev_key.backend_addr_be
+        || entry.backend_port_be != rev_key.backend_port_be
+        || entry.snat_addr_be != rev_key.snat_addr_be
+    {
+        // A quarantined port whose client tuple now belongs to a newer connection: the
+        // backend is talking about the old one, which the client no longer has.
+        count(Stat::ReplyOrphan);
+        return Verdict::Pass;
+    }
+    touch(entry, tcp::state_bits(tcp.flags, Direction::Reply), now);
+    count(Stat::ReplyTracked);
+    rewrite(ip, tcp, rev.vip_addr_be, rev.client_addr_be, rev.vip_port_be, rev.client_port_be);
+    Verdict::Forward
+}
+
+#[inline(always)]
+fn touch(entry: &mut CtEntry, bits: u32, now: u64) {
+    entry.last_seen_ns = now;
+    if entry.flags & bits != bits {
+        entry.flags |= bits;
+    }
+}
+
+/// Rewrites both addresses and both ports, updating the IPv4 and TCP checksums incrementally
+/// (RFC 1624). Addresses are in the TCP pseudo-header, so they change both checksums.
+#[inline(always)]
+fn rewrite(ip: &mut Ipv4Hdr, tcp: &mut TcpHdr, saddr: u32, daddr: u32, sport: u16, dport: u16) {
+    let ip_check = csum::replace4(csum::replace4(ip.check, ip.saddr_be, saddr), ip.daddr_be, daddr);
+    let mut tcp_check = csum::replace4(tcp.check, ip.saddr_be, saddr);
+    tcp_check = csum::replace4(tcp_check, ip.daddr_be, daddr);
+    tcp_check = csum::replace2(tcp_check, tcp.sport_be, sport);
+    tcp_check = csum::replace2(tcp_check, tcp.dport_be, dport);
+    ip.check = ip_check;
+    ip.saddr_be = saddr;
+    ip.daddr_be = daddr;
+    tcp.check = tcp_check;
+    tcp.sport_be = sport;
+    tcp.dport_be = dport;
+}

@@ -1,0 +1,185 @@
+//! `redirect run`: load, attach and pin the datapath, then garbage-collect its connection
+//! table until SIGINT or SIGTERM. The datapath outlives this process.
+
+use std::{
+    net::{Ipv4Addr, SocketAddrV4},
+    path::Path,
+    time::Duration,
+};
+
+use tokio_util::sync::CancellationToken;
+use tracing::{info, warn};
+
+use super::PortRange;
+use crate::{
+    conntrack::{self, Timeouts},
+    datapath::{self, AttachMode, BackendAddr, Maps, Spec},
+    net,
+};
+
+/// Load the datapath on this host and keep its connection table clean.
+///
+/// Re-running it re-adopts the pinned state: ACTIVE and every tracked connection survive, and
+/// the program on each existing link is swapped atomically.
+#[derive(Debug, clap::Args)]
+pub struct Args {
+    /// Interface that receives client or backend traffic (repeat for each).
+    #[arg(long = "iface", required = true)]
+    pub ifaces: Vec<String>,
+    /// The address clients connect to; must be local to this host.
+    #[arg(long)]
+    pub vip: SocketAddrV4,
+    /// The server being migrated from.
+    #[arg(long)]
+    pub source: SocketAddrV4,
+    /// The server being migrated to.
+    #[arg(long)]
+    pub target: SocketAddrV4,
+    /// Source address the backends see (default: this host's address on the route to each).
+    #[arg(long)]
+    pub snat_ip: Option<Ipv4Addr>,
+    /// SNAT ports; keep them out of the host's ephemeral range (net.ipv4.ip_local_port_range)
+    /// or reserve them (net.ipv4.ip_local_reserved_ports).
+    #[arg(long, default_value = "40000-59999")]
+    pub snat_ports: PortRange,
+    #[arg(long, value_enum, default_value = "driver")]
+    pub xdp_mode: AttachMode,
+    /// Drop (instead of answering with a RST) packets of connections that are not tracked.
+    #[arg(long)]
+    pub drop_untracked: bool,
+    /// Leave the forwarding sysctls alone (otherwise they are set, and each change is logged).
+    #[arg(long)]
+    pub no_sysctl: bool,
+    /// How often to garbage-collect the connection table.
+    #[arg(long, value_parser = humantime::parse_duration, default_value = "5s")]
+    pub gc_interval: Duration,
+    /// Forget a SYN that got no answer after this long.
+    #[arg(long, value_parser = humantime::parse_duration, default_value = "60s")]
+    pub syn_timeout: Duration,
+    /// Forget an established connection idle this long; keep it above your pools' idle time.
+    #[arg(long, value_parser = humantime::parse_duration, default_value = "6h")]
+    pub established_timeout: Duration,
+    /// Forget a closed (both FINs, or RST) connection after this long.
+    #[arg(long, value_parser = humantime::parse_duration, default_value = "10s")]
+    pub close_timeout: Duration,
+    /// Keep a SNAT port unused this long after its connection is forgotten (> TIME_WAIT).
+    #[arg(long, value_parser = humantime::parse_duration, default_value = "120s")]
+    pub port_quarantine: Duration,
+    /// Load, attach and configure, then exit instead of serving (the datapath stays).
+    #[arg(long)]
+    pub once: bool,
+}
+
+impl Args {
+    fn timeouts(&self) -> Timeouts {
+        Timeouts {
+            syn: self.syn_timeout,
+            established: self.established_timeout,
+            close: self.close_timeout,
+            port_quarantine: self.port_quarantine,
+        }
+    }
+}
+
+/// Checks everything that can be checked before touching the kernel, so a bad argument leaves
+/// nothing half-done.
+fn preflight(args: &Args, pin_dir: &Path) -> anyhow::Result<(Vec<(String, u32)>, Spec)> {
+    net::require_root()?;
+    let mut ifaces = Vec::new();
+    for name in &args.ifaces {
+        ifaces.push((name.clone(), net::ifindex(name)?));
+    }
+    net::require_local("VIP", *args.vip.ip())?;
+    if let Some(ip) = args.snat_ip {
+        net::require_local("SNAT address", ip)?;
+    }
+    anyhow::ensure!(args.source != args.target, "--source and --target are the same address ({})", args.source);
+    for (what, b) in [("source", args.source), ("target", args.target)] {
+        anyhow::ensure!(b != args.vip, "--{what} is the VIP itself ({b}): that would loop");
+    }
+    let backend = |addr: SocketAddrV4| -> anyhow::Result<BackendAddr> {
+        let snat = match args.snat_ip {
+            Some(ip) => ip,
+            None => net::route_source(*addr.ip())?,
+        };
+        Ok(BackendAddr { addr, snat })
+    };
+    net::require_bpffs(pin_dir)?;
+    let spec = Spec {
+        vip: args.vip,
+        source: backend(args.source)?,
+        target: backend(args.target)?,
+        snat_ports: (args.snat_ports.lo, args.snat_ports.hi),
+        drop_nonsyn_miss: args.drop_untracked,
+    };
+    Ok((ifaces, spec))
+}
+
+pub async fn run(args: Args, pin_dir: &Path) -> anyhow::Result<()> {
+    let (ifaces, spec) = preflight(&args, pin_dir)?;
+    if !args.no_sysctl {
+        let names: Vec<String> = ifaces.iter().map(|(n, _)| n.clone()).collect();
+        for change in net::ensure_forwarding(&names)? {
+            info!(sysctl = %change, "set");
+        }
+    }
+    let report = datapath::install(pin_dir, &ifaces, args.xdp_mode, &spec)?;
+    info!(
+        pin_dir = %pin_dir.display(),
+        vip = %spec.vip,
+        source = %spec.source.addr,
+        source_snat = %spec.source.snat,
+        target = %spec.target.addr,
+        target_snat = %spec.target.snat,
+        adopted = report.adopted_maps,
+        attached = ?report.attached,
+        upgraded = ?report.upgraded,
+        "datapath ready"
+    );
+    let mut maps = Maps::open(pin_dir)?;
+    info!(active = %maps.active()?.map_or("none", |r| r.name()), "new connections go to this backend");
+    if args.once {
+        return Ok(());
+    }
+    let shutdown = CancellationToken::new();
+    tokio::spawn({
+        let shutdown = shutdown.clone();
+        async move {
+            wait_for_signal().await;
+            shutdown.cancel();
+        }
+    });
+    serve_gc(&mut maps, args.timeouts(), args.gc_interval, &shutdown).await;
+    info!("controller stopped; the datapath stays attached and pinned");
+    Ok(())
+}
+
+/// Runs GC passes until `shutdown`.
+pub async fn serve_gc(maps: &mut Maps, timeouts: Timeouts, interval: Duration, shutdown: &CancellationToken) {
+    let mut tick = tokio::time::interval(interval);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            () = shutdown.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        // A pass is a few map syscalls per entry; at 1M entries it takes seconds, which is
+        // fine for a dedicated task (block_in_place keeps the runtime's other tasks running).
+        match tokio::task::block_in_place(|| conntrack::gc(maps, &timeouts)) {
+            Ok(r) if r.ct_expired + r.ports_quarantined + r.ports_released > 0 => {
+                info!(expired = r.ct_expired, quarantined = r.ports_quarantined, released = r.ports_released, live = r.ct_live, "conntrack gc");
+            }
+            Ok(_) => {}
+            Err(e) => warn!(error = %e, "conntrack gc failed; retrying next interval"),
+        }
+    }
+}
+
+async fn wait_for_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate()).expect("installing a SIGTERM handler");
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
+}

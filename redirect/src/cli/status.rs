@@ -1,0 +1,85 @@
+//! `redirect status`: where new connections go, how many each backend holds, and the
+//! datapath's counters. Reads the pinned maps, so it works without `redirect run`.
+
+use std::{collections::BTreeMap, path::Path};
+
+use serde::Serialize;
+
+use crate::{
+    conntrack,
+    datapath::{Maps, Role},
+    net,
+};
+
+/// Show the active backend, connections per backend and the datapath counters.
+#[derive(Debug, clap::Args)]
+pub struct Args {
+    /// Print the result as JSON.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Serialize)]
+pub struct BackendStatus {
+    pub addr: String,
+    pub snat: String,
+    /// Live (not closing) tracked connections.
+    pub connections: u64,
+}
+
+#[derive(Serialize)]
+pub struct Status {
+    pub pin_dir: String,
+    pub vip: Option<String>,
+    /// "source" or "target".
+    pub active: Option<Role>,
+    pub interfaces: Vec<String>,
+    pub backends: BTreeMap<&'static str, BackendStatus>,
+    /// All tracked entries, including closing ones.
+    pub tracked: u64,
+    pub stats: BTreeMap<&'static str, u64>,
+}
+
+pub fn collect(maps: &Maps) -> anyhow::Result<Status> {
+    let conns = conntrack::list(maps)?;
+    let mut backends = BTreeMap::new();
+    for role in [Role::Source, Role::Target] {
+        if let Some(b) = maps.backend(role)? {
+            let connections = conns.iter().filter(|c| c.backend_addr == b.addr && c.state.is_live()).count() as u64;
+            backends.insert(role.name(), BackendStatus { addr: b.addr.to_string(), snat: b.snat.to_string(), connections });
+        }
+    }
+    Ok(Status {
+        pin_dir: maps.dir.0.display().to_string(),
+        vip: maps.vip()?.map(|v| v.to_string()),
+        active: maps.active()?,
+        interfaces: maps.dir.linked_ifaces(),
+        backends,
+        tracked: conns.len() as u64,
+        stats: maps.stats()?.into_iter().collect(),
+    })
+}
+
+pub fn run(args: &Args, pin_dir: &Path) -> anyhow::Result<()> {
+    net::require_root()?;
+    let maps = Maps::open(pin_dir)?;
+    let status = collect(&maps)?;
+    if args.json {
+        return super::print_json(&status);
+    }
+    println!("vip:        {}", status.vip.as_deref().unwrap_or("(not configured)"));
+    println!("active:     {}", status.active.map_or("(invalid)", Role::name));
+    println!("interfaces: {}", status.interfaces.join(", "));
+    for (name, b) in &status.backends {
+        let marker = if status.active.map(Role::name) == Some(*name) { "*" } else { " " };
+        println!("{marker} {name:<7} {:<21} snat {:<15} {} live connection(s)", b.addr, b.snat, b.connections);
+    }
+    println!("tracked entries: {}", status.tracked);
+    println!("counters:");
+    for (name, v) in &status.stats {
+        if *v > 0 {
+            println!("  {name:<18} {v}");
+        }
+    }
+    Ok(())
+}

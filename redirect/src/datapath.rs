@@ -1,0 +1,449 @@
+//! The kernel datapath: the embedded eBPF object, its pins, and typed handles on its maps.
+//!
+//! Everything lives under one bpffs directory (the pin dir):
+//! `CONFIG BACKENDS ACTIVE CT REV STATS TX_PORTS` (maps, by name) and `link_<iface>` (one XDP
+//! link per interface). The maps are BTF-defined, so `bpftool map dump pinned <dir>/CT` shows
+//! typed keys and values.
+
+use std::{
+    net::{Ipv4Addr, SocketAddrV4},
+    path::{Path, PathBuf},
+};
+
+use aya::{
+    Ebpf, EbpfLoader,
+    maps::{Array, DevMapHash, HashMap, Map, MapData, PerCpuArray},
+    programs::{
+        Xdp, XdpMode,
+        links::{FdLink, PinnedLink},
+        xdp::XdpLink,
+    },
+};
+use redirect_common::{
+    backend::{Backend, MAX_BACKENDS, SOURCE, TARGET},
+    config::{Config, FLAG_CONFIGURED},
+    ct::{CtEntry, CtKey},
+    map_names,
+    rev::{RevEntry, RevKey},
+    stats::{ALL, STAT_COUNT},
+};
+
+/// The datapath object, built by `build.rs` from `redirect-ebpf`.
+#[must_use]
+pub fn object() -> &'static [u8] {
+    aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/redirect"))
+}
+
+/// Name of the datapath program in the object.
+pub const PROGRAM: &str = "redirect_xdp";
+/// Name of the `XDP_PASS` helper program in the object (for veth peers in labs).
+pub const PASS_PROGRAM: &str = "xdp_pass";
+
+/// The default pin directory on a real proxy host.
+pub const DEFAULT_PIN_DIR: &str = "/sys/fs/bpf/redirect";
+
+const ALL_MAPS: [&str; 7] = [
+    map_names::CONFIG,
+    map_names::BACKENDS,
+    map_names::ACTIVE,
+    map_names::CT,
+    map_names::REV,
+    map_names::STATS,
+    map_names::TX_PORTS,
+];
+
+/// Why the datapath could not be loaded, attached or opened.
+#[derive(Debug, thiserror::Error)]
+pub enum DatapathError {
+    /// No datapath is pinned at the directory.
+    #[error("no redirect datapath is pinned at {} (start one with `redirect run`)", .0.display())]
+    NotPinned(PathBuf),
+    /// The pinned datapath was created for another VIP.
+    #[error("the datapath pinned at {} serves {pinned}, not {requested}; run `redirect detach` first or use another --pin-dir", dir.display())]
+    VipMismatch { dir: PathBuf, pinned: SocketAddrV4, requested: SocketAddrV4 },
+    /// A pinned map could not be opened.
+    #[error("opening pinned map {}: {source}", path.display())]
+    OpenMap { path: PathBuf, source: aya::maps::MapError },
+    /// The kernel refused the program.
+    #[error("loading the datapath: {0}")]
+    Load(#[from] aya::EbpfError),
+    /// Attaching or upgrading a program failed.
+    #[error("{what}: {source}")]
+    Program { what: String, source: aya::programs::ProgramError },
+    /// Pinning or unpinning failed.
+    #[error("{what}: {source}")]
+    Pin { what: String, source: Box<dyn std::error::Error + Send + Sync> },
+    /// A map operation failed.
+    #[error("{what}: {source}")]
+    Map { what: String, source: aya::maps::MapError },
+    /// The filesystem refused an operation under the pin dir.
+    #[error("{what}: {source}")]
+    Io { what: String, source: std::io::Error },
+}
+
+/// Where a datapath's pins live.
+#[derive(Clone, Debug)]
+pub struct PinDir(pub PathBuf);
+
+impl PinDir {
+    #[must_use]
+    pub fn map(&self, name: &str) -> PathBuf {
+        self.0.join(name)
+    }
+
+    #[must_use]
+    pub fn link(&self, iface: &str) -> PathBuf {
+        self.0.join(format!("link_{iface}"))
+    }
+
+    /// Interfaces with a pinned link, from the pin file names.
+    pub fn linked_ifaces(&self) -> Vec<String> {
+        let mut out: Vec<String> = std::fs::read_dir(&self.0)
+            .into_iter()
+            .flatten()
+            .flatten()
+            .filter_map(|e| e.file_name().to_str()?.strip_prefix("link_").map(str::to_owned))
+            .collect();
+        out.sort();
+        out
+    }
+
+    #[must_use]
+    pub fn is_pinned(&self) -> bool {
+        self.map(map_names::CONFIG).exists()
+    }
+}
+
+/// Which backend: the server we migrate from, or the one we migrate to.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Role {
+    Source,
+    Target,
+}
+
+impl Role {
+    #[must_use]
+    pub const fn index(self) -> u32 {
+        match self {
+            Self::Source => SOURCE,
+            Self::Target => TARGET,
+        }
+    }
+
+    #[must_use]
+    pub const fn from_index(i: u32) -> Option<Self> {
+        match i {
+            SOURCE => Some(Self::Source),
+            TARGET => Some(Self::Target),
+            _ => None,
+        }
+    }
+
+    #[must_use]
+    pub const fn name(self) -> &'static str {
+        match self {
+            Self::Source => "source",
+            Self::Target => "target",
+        }
+    }
+}
+
+impl std::fmt::Display for Role {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// A backend as the datapath stores it, in host types.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct BackendAddr {
+    pub addr: SocketAddrV4,
+    pub snat: Ipv4Addr,
+}
+
+impl BackendAddr {
+    #[must_use]
+    pub fn to_map(self) -> Backend {
+        Backend {
+            addr_be: u32::from(*self.addr.ip()).to_be(),
+            snat_addr_be: u32::from(self.snat).to_be(),
+            port_be: self.addr.port().to_be(),
+            _pad0: 0,
+        }
+    }
+
+    #[must_use]
+    pub fn from_map(b: &Backend) -> Option<Self> {
+        (b.addr_be != 0).then(|| Self {
+            addr: SocketAddrV4::new(ip_from_be(b.addr_be), u16::from_be(b.port_be)),
+            snat: ip_from_be(b.snat_addr_be),
+        })
+    }
+}
+
+#[must_use]
+pub fn ip_from_be(be: u32) -> Ipv4Addr {
+    Ipv4Addr::from(u32::from_be(be))
+}
+
+/// Typed handles on every pinned map of one datapath.
+pub struct Maps {
+    pub dir: PinDir,
+    pub config: Array<MapData, Config>,
+    pub backends: Array<MapData, Backend>,
+    pub active: Array<MapData, u32>,
+    pub ct: HashMap<MapData, CtKey, CtEntry>,
+    pub rev: HashMap<MapData, RevKey, RevEntry>,
+    pub stats: PerCpuArray<MapData, u64>,
+    pub tx_ports: DevMapHash<MapData>,
+}
+
+fn open_pinned(dir: &PinDir, name: &str) -> Result<Map, DatapathError> {
+    let path = dir.map(name);
+    let data = MapData::from_pin(&path).map_err(|source| DatapathError::OpenMap { path: path.clone(), source })?;
+    Map::from_map_data(data).map_err(|source| DatapathError::OpenMap { path, source })
+}
+
+macro_rules! typed {
+    ($dir:expr, $name:expr) => {{
+        let map = open_pinned($dir, $name)?;
+        map.try_into().map_err(|source| DatapathError::OpenMap { path: $dir.map($name), source })?
+    }};
+}
+
+impl Maps {
+    /// Opens the maps of the datapath pinned at `dir`; works whether or not `run` is running.
+    pub fn open(dir: &Path) -> Result<Self, DatapathError> {
+        let dir = PinDir(dir.to_path_buf());
+        if !dir.is_pinned() {
+            return Err(DatapathError::NotPinned(dir.0));
+        }
+        Ok(Self {
+            config: typed!(&dir, map_names::CONFIG),
+            backends: typed!(&dir, map_names::BACKENDS),
+            active: typed!(&dir, map_names::ACTIVE),
+            ct: typed!(&dir, map_names::CT),
+            rev: typed!(&dir, map_names::REV),
+            stats: typed!(&dir, map_names::STATS),
+            tx_ports: typed!(&dir, map_names::TX_PORTS),
+            dir,
+        })
+    }
+
+    pub fn config(&self) -> Result<Config, DatapathError> {
+        self.config.get(&0, 0).map_err(|source| DatapathError::Map { what: "reading CONFIG".into(), source })
+    }
+
+    /// The VIP the datapath serves, if it is configured.
+    pub fn vip(&self) -> Result<Option<SocketAddrV4>, DatapathError> {
+        let c = self.config()?;
+        Ok((c.flags & FLAG_CONFIGURED != 0)
+            .then(|| SocketAddrV4::new(ip_from_be(c.vip_addr_be), u16::from_be(c.vip_port_be))))
+    }
+
+    pub fn backend(&self, role: Role) -> Result<Option<BackendAddr>, DatapathError> {
+        let b = self
+            .backends
+            .get(&role.index(), 0)
+            .map_err(|source| DatapathError::Map { what: "reading BACKENDS".into(), source })?;
+        Ok(BackendAddr::from_map(&b))
+    }
+
+    /// The raw `ACTIVE` value.
+    pub fn active_index(&self) -> Result<u32, DatapathError> {
+        self.active.get(&0, 0).map_err(|source| DatapathError::Map { what: "reading ACTIVE".into(), source })
+    }
+
+    /// Where new connections go now.
+    pub fn active(&self) -> Result<Option<Role>, DatapathError> {
+        Ok(Role::from_index(self.active_index()?))
+    }
+
+    /// The flip: one aligned 32-bit write. New SYNs read it; tracked connections never do.
+    pub fn set_active(&mut self, role: Role) -> Result<(), DatapathError> {
+        if self.backend(role)?.is_none() {
+            return Err(DatapathError::Map {
+                what: format!("flipping to {role}"),
+                source: aya::maps::MapError::KeyNotFound,
+            });
+        }
+        self.active
+            .set(0, role.index(), 0)
+            .map_err(|source| DatapathError::Map { what: "writing ACTIVE".into(), source })
+    }
+
+    /// Every counter summed over CPUs, in `Stat` order with its name.
+    pub fn stats(&self) -> Result<Vec<(&'static str, u64)>, DatapathError> {
+        let mut out = Vec::with_capacity(STAT_COUNT as usize);
+        for (stat, name) in ALL {
+            let per_cpu = self
+                .stats
+                .get(&(stat as u32), 0)
+                .map_err(|source| DatapathError::Map { what: "reading STATS".into(), source })?;
+            out.push((name, per_cpu.iter().sum()));
+        }
+        Ok(out)
+    }
+}
+
+/// How to attach.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum AttachMode {
+    /// Native XDP, run by the driver (veth and most physical NICs support it).
+    Driver,
+    /// Generic XDP, run by the stack: for interfaces without native XDP; slower.
+    Skb,
+}
+
+impl From<AttachMode> for XdpMode {
+    fn from(m: AttachMode) -> Self {
+        match m {
+            AttachMode::Driver => Self::Driver,
+            AttachMode::Skb => Self::Skb,
+        }
+    }
+}
+
+/// What `redirect run` asks of the datapath.
+#[derive(Clone, Debug)]
+pub struct Spec {
+    pub vip: SocketAddrV4,
+    pub source: BackendAddr,
+    pub target: BackendAddr,
+    pub snat_ports: (u16, u16),
+    pub drop_nonsyn_miss: bool,
+}
+
+/// What [`install`] did.
+#[derive(Debug, Default)]
+pub struct InstallReport {
+    /// The maps already existed and were re-used (a restart).
+    pub adopted_maps: bool,
+    /// Interfaces whose pinned link now runs the freshly loaded program.
+    pub upgraded: Vec<String>,
+    /// Interfaces newly attached.
+    pub attached: Vec<String>,
+}
+
+/// Loads the datapath with its maps pinned under `dir` (re-using pins that exist), writes the
+/// configuration, and makes sure every interface in `ifaces` has a pinned XDP link running this
+/// program. A restart re-uses the maps, keeps `ACTIVE` and every tracked connection, and swaps
+/// the program of existing links atomically (`bpf_link_update`), so no packet is missed.
+pub fn install(dir: &Path, ifaces: &[(String, u32)], mode: AttachMode, spec: &Spec) -> Result<InstallReport, DatapathError> {
+    let pins = PinDir(dir.to_path_buf());
+    let io = |what: String| move |source| DatapathError::Io { what, source };
+    std::fs::create_dir_all(dir).map_err(io(format!("creating {}", dir.display())))?;
+    let adopted_maps = pins.is_pinned();
+    if adopted_maps {
+        // Refuse before loading anything: nothing is half-done on a mismatch.
+        let maps = Maps::open(dir)?;
+        if let Some(pinned) = maps.vip()?
+            && pinned != spec.vip
+        {
+            return Err(DatapathError::VipMismatch { dir: dir.into(), pinned, requested: spec.vip });
+        }
+    }
+    let mut loader = EbpfLoader::new();
+    let paths: Vec<(&str, PathBuf)> = ALL_MAPS.iter().map(|n| (*n, pins.map(n))).collect();
+    for (name, path) in &paths {
+        loader.map_pin_path(name, path.as_path());
+    }
+    let mut ebpf: Ebpf = loader.load(object())?;
+
+    let mut maps = Maps::open(dir)?;
+    configure(&mut maps, spec, adopted_maps)?;
+
+    let prog: &mut Xdp = ebpf
+        .program_mut(PROGRAM)
+        .expect("the object has the datapath program")
+        .try_into()
+        .expect("the datapath program is XDP");
+    prog.load().map_err(|source| DatapathError::Program { what: "loading the XDP program (verifier)".into(), source })?;
+
+    let mut report = InstallReport { adopted_maps, ..InstallReport::default() };
+    for (iface, index) in ifaces {
+        let index = *index;
+        let link_path = pins.link(iface);
+        let link_id = if link_path.exists() {
+            let pinned = PinnedLink::from_pin(&link_path)
+                .map_err(|e| DatapathError::Pin { what: format!("opening {}", link_path.display()), source: Box::new(e) })?;
+            let link = XdpLink::try_from(FdLink::from(pinned))
+                .map_err(|e| DatapathError::Pin { what: format!("{} is not an XDP link", link_path.display()), source: Box::new(e) })?;
+            report.upgraded.push(iface.clone());
+            prog.attach_to_link(link)
+                .map_err(|source| DatapathError::Program { what: format!("upgrading the program on {iface}"), source })?
+        } else {
+            let id = prog
+                .attach(iface, mode.into())
+                .map_err(|source| DatapathError::Program { what: format!("attaching XDP ({mode:?} mode) to {iface}"), source })?;
+            report.attached.push(iface.clone());
+            id
+        };
+        let link = prog
+            .take_link(link_id)
+            .map_err(|source| DatapathError::Program { what: format!("taking the link on {iface}"), source })?;
+        let fd_link: FdLink = link
+            .try_into()
+            .map_err(|e: aya::programs::links::LinkError| DatapathError::Pin { what: format!("{iface}: XDP link is not a bpf_link (kernel too old?)"), source: Box::new(e) })?;
+        if !link_path.exists() {
+            fd_link
+                .pin(&link_path)
+                .map_err(|e| DatapathError::Pin { what: format!("pinning {}", link_path.display()), source: Box::new(e) })?;
+        }
+        maps.tx_ports
+            .insert(index, index, None, 0)
+            .map_err(|e| DatapathError::Pin { what: format!("adding {iface} to TX_PORTS"), source: Box::new(e) })?;
+    }
+    Ok(report)
+}
+
+/// Writes `CONFIG` and `BACKENDS`. `ACTIVE` starts at the source, and a restart keeps it.
+fn configure(maps: &mut Maps, spec: &Spec, adopted: bool) -> Result<(), DatapathError> {
+    let map_err = |what: &str| {
+        let what = what.to_owned();
+        move |source| DatapathError::Map { what, source }
+    };
+    maps.backends.set(SOURCE, spec.source.to_map(), 0).map_err(map_err("writing BACKENDS"))?;
+    maps.backends.set(TARGET, spec.target.to_map(), 0).map_err(map_err("writing BACKENDS"))?;
+    let active = maps.active_index()?;
+    if !adopted || active >= MAX_BACKENDS {
+        maps.active.set(0, SOURCE, 0).map_err(map_err("writing ACTIVE"))?;
+    }
+    let mut flags = FLAG_CONFIGURED;
+    if spec.drop_nonsyn_miss {
+        flags |= redirect_common::config::FLAG_DROP_NONSYN_MISS;
+    }
+    let config = Config {
+        vip_addr_be: u32::from(*spec.vip.ip()).to_be(),
+        vip_port_be: spec.vip.port().to_be(),
+        _pad0: 0,
+        snat_port_min: spec.snat_ports.0,
+        snat_port_max: spec.snat_ports.1,
+        flags,
+    };
+    // Written last: the datapath passes everything until CONFIGURED is set.
+    maps.config.set(0, config, 0).map_err(map_err("writing CONFIG"))
+}
+
+/// Removes every link and map pin under `dir`, which detaches the program.
+pub fn remove(dir: &Path) -> Result<Vec<String>, DatapathError> {
+    let pins = PinDir(dir.to_path_buf());
+    let ifaces = pins.linked_ifaces();
+    for iface in &ifaces {
+        let path = pins.link(iface);
+        let link = PinnedLink::from_pin(&path)
+            .map_err(|e| DatapathError::Pin { what: format!("opening {}", path.display()), source: Box::new(e) })?;
+        // Dropping the last reference (pin and fd) detaches the program from the interface.
+        drop(link.unpin().map_err(|source| DatapathError::Io { what: format!("unpinning {}", path.display()), source })?);
+    }
+    for name in ALL_MAPS {
+        let path = pins.map(name);
+        if path.exists() {
+            std::fs::remove_file(&path).map_err(|source| DatapathError::Io { what: format!("removing {}", path.display()), source })?;
+        }
+    }
+    // Only remove the directory if nothing else lives there.
+    let _ = std::fs::remove_dir(dir);
+    Ok(ifaces)
+}

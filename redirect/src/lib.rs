@@ -1,0 +1,16 @@
+//! `redirect`: move a live PostgreSQL database to a new server without downtime.
+//!
+//! The kernel half ([`datapath`]) is an XDP full-NAT program that sends each new TCP connection
+//! for the VIP to the active backend and keeps every established connection on the backend it
+//! started on. This crate loads it, pins it, flips it, inspects it and garbage-collects its
+//! connection table.
+//!
+//! When the controller (`redirect run`) exits, traffic is unaffected: the program, its maps
+//! and its XDP links stay pinned under the pin directory and keep forwarding with the last
+//! `ACTIVE` value. Only conntrack garbage collection pauses until a controller re-adopts them.
+
+pub mod cli;
+pub mod clock;
+pub mod conntrack;
+pub mod datapath;
+pub mod net;

@@ -1,0 +1,34 @@
+//! The `redirect` binary: parses the command line, sets up logging, and runs a subcommand.
+//! Errors end the process with one line on stderr and a non-zero status.
+
+use clap::Parser as _;
+use redirect::cli::{Cli, Command, connections, detach, flip, run, status};
+
+fn main() {
+    let cli = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("REDIRECT_LOG").unwrap_or_else(|_| "info".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let result = match &cli.command {
+        Command::Run(_) => tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .map_err(anyhow::Error::from)
+            .and_then(|rt| {
+                let Command::Run(args) = cli.command else { unreachable!() };
+                rt.block_on(run::run(args, &cli.pin_dir))
+            }),
+        Command::Flip(a) => flip::run(a, &cli.pin_dir),
+        Command::Status(a) => status::run(a, &cli.pin_dir),
+        Command::Connections(a) => connections::run(a, &cli.pin_dir),
+        Command::Detach(a) => detach::run(a, &cli.pin_dir),
+    };
+    if let Err(e) = result {
+        eprintln!("redirect: {e:#}");
+        std::process::exit(1);
+    }
+}

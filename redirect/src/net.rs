@@ -1,0 +1,173 @@
+//! Facts about the host the controller needs before it touches the datapath: privileges,
+//! interfaces, local addresses, routes, bpffs and the forwarding sysctls.
+
+use std::{
+    ffi::CString,
+    fs,
+    net::{Ipv4Addr, SocketAddrV4, UdpSocket},
+    path::{Path, PathBuf},
+};
+
+/// Why the host cannot run the datapath as asked.
+#[derive(Debug, thiserror::Error)]
+pub enum NetError {
+    /// Loading BPF programs and pinning them needs root (CAP_BPF + CAP_NET_ADMIN).
+    #[error("redirect must run as root (it loads BPF programs and pins them)")]
+    NotRoot,
+    /// The interface name does not exist in this network namespace.
+    #[error("unknown interface {0:?} (see `ip link`)")]
+    UnknownInterface(String),
+    /// The VIP or SNAT address is not configured on any interface of this host.
+    #[error("{what} {addr} is not a local address of this host (add it with `ip addr add {addr}/32 dev <iface>`)")]
+    NotLocal { what: &'static str, addr: Ipv4Addr },
+    /// The kernel has no route to a backend, so there is no source address to SNAT to.
+    #[error("no route to backend {addr}: {source}")]
+    NoRoute { addr: Ipv4Addr, source: std::io::Error },
+    /// The pin directory is not on a BPF filesystem.
+    #[error("{} is not on a bpffs mount (mount one with `mount -t bpf bpf {}`)", path.display(), path.parent().unwrap_or(path).display())]
+    NotBpffs { path: PathBuf },
+    /// Reading host state failed.
+    #[error("{what}: {source}")]
+    Io { what: String, source: std::io::Error },
+}
+
+/// Fails unless the effective user is root.
+pub fn require_root() -> Result<(), NetError> {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } == 0 { Ok(()) } else { Err(NetError::NotRoot) }
+}
+
+/// The kernel index of an interface.
+pub fn ifindex(name: &str) -> Result<u32, NetError> {
+    let c = CString::new(name).map_err(|_| NetError::UnknownInterface(name.to_owned()))?;
+    // SAFETY: `c` is a valid NUL-terminated string.
+    match unsafe { libc::if_nametoindex(c.as_ptr()) } {
+        0 => Err(NetError::UnknownInterface(name.to_owned())),
+        i => Ok(i),
+    }
+}
+
+/// The name of an interface index, if it exists.
+#[must_use]
+pub fn ifname(index: u32) -> Option<String> {
+    let mut buf = [0 as libc::c_char; libc::IF_NAMESIZE];
+    // SAFETY: `buf` has IF_NAMESIZE bytes, as if_indextoname requires.
+    let p = unsafe { libc::if_indextoname(index, buf.as_mut_ptr()) };
+    if p.is_null() {
+        return None;
+    }
+    // SAFETY: on success `buf` holds a NUL-terminated name.
+    let name = unsafe { std::ffi::CStr::from_ptr(buf.as_ptr()) };
+    Some(name.to_string_lossy().into_owned())
+}
+
+/// Every IPv4 address configured on this host (this network namespace).
+pub fn local_ipv4_addrs() -> Result<Vec<Ipv4Addr>, NetError> {
+    let mut head: *mut libc::ifaddrs = std::ptr::null_mut();
+    // SAFETY: getifaddrs writes a list head we free below.
+    if unsafe { libc::getifaddrs(&raw mut head) } != 0 {
+        return Err(NetError::Io { what: "getifaddrs".into(), source: std::io::Error::last_os_error() });
+    }
+    let mut out = Vec::new();
+    let mut cur = head;
+    while !cur.is_null() {
+        // SAFETY: `cur` is a node of the list getifaddrs returned.
+        let ifa = unsafe { &*cur };
+        if !ifa.ifa_addr.is_null() {
+            // SAFETY: ifa_addr points to a sockaddr; sa_family says which kind.
+            let family = unsafe { (*ifa.ifa_addr).sa_family };
+            if i32::from(family) == libc::AF_INET {
+                // SAFETY: an AF_INET sockaddr is a sockaddr_in.
+                let sin = unsafe { &*ifa.ifa_addr.cast::<libc::sockaddr_in>() };
+                out.push(Ipv4Addr::from(u32::from_be(sin.sin_addr.s_addr)));
+            }
+        }
+        cur = ifa.ifa_next;
+    }
+    // SAFETY: `head` came from getifaddrs and is freed once.
+    unsafe { libc::freeifaddrs(head) };
+    Ok(out)
+}
+
+/// Fails unless `addr` is configured on this host.
+pub fn require_local(what: &'static str, addr: Ipv4Addr) -> Result<(), NetError> {
+    if local_ipv4_addrs()?.contains(&addr) { Ok(()) } else { Err(NetError::NotLocal { what, addr }) }
+}
+
+/// The source address the kernel picks for traffic to `dst`: the proxy's own address on the
+/// route to that backend (a connected UDP socket sends nothing, it only resolves the route).
+pub fn route_source(dst: Ipv4Addr) -> Result<Ipv4Addr, NetError> {
+    let resolve = || -> std::io::Result<Ipv4Addr> {
+        let sock = UdpSocket::bind(SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, 0))?;
+        sock.connect(SocketAddrV4::new(dst, 9))?;
+        match sock.local_addr()? {
+            std::net::SocketAddr::V4(a) => Ok(*a.ip()),
+            std::net::SocketAddr::V6(_) => Err(std::io::Error::other("IPv6 source")),
+        }
+    };
+    resolve().map_err(|source| NetError::NoRoute { addr: dst, source })
+}
+
+const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
+
+/// Whether `path` (which must exist) is on a bpffs mount.
+#[must_use]
+pub fn is_bpffs(path: &Path) -> bool {
+    let Ok(c) = CString::new(path.as_os_str().as_encoded_bytes()) else {
+        return false;
+    };
+    // SAFETY: an all-zero statfs is a valid output buffer.
+    let mut st: libc::statfs = unsafe { std::mem::zeroed() };
+    // SAFETY: `c` is NUL-terminated and `st` is writable.
+    let rc = unsafe { libc::statfs(c.as_ptr(), &raw mut st) };
+    #[expect(clippy::unnecessary_cast, reason = "f_type's width differs between libcs")]
+    let magic = st.f_type as i64;
+    rc == 0 && magic == BPF_FS_MAGIC
+}
+
+/// Fails unless `dir`, or its nearest existing ancestor, is on bpffs.
+pub fn require_bpffs(dir: &Path) -> Result<(), NetError> {
+    let mut probe = dir;
+    while !probe.exists() {
+        match probe.parent() {
+            Some(p) => probe = p,
+            None => break,
+        }
+    }
+    if is_bpffs(probe) { Ok(()) } else { Err(NetError::NotBpffs { path: dir.to_path_buf() }) }
+}
+
+/// Sets a sysctl under /proc/sys (dotted name) if it differs; returns whether it changed.
+pub fn ensure_sysctl(name: &str, value: &str) -> Result<bool, NetError> {
+    let path = Path::new("/proc/sys").join(name.replace('.', "/"));
+    let io = |source| NetError::Io { what: format!("sysctl {name}"), source };
+    let current = fs::read_to_string(&path).map_err(io)?;
+    if current.trim() == value {
+        return Ok(false);
+    }
+    fs::write(&path, value).map_err(io)?;
+    Ok(true)
+}
+
+/// What the `XDP_PASS` fallback needs: forwarding on (also what `bpf_fib_lookup` honours),
+/// rewritten packets whose source is a local address accepted (`accept_local`), and no strict
+/// reverse-path filter (the effective value is the maximum of `all` and the interface's).
+pub fn ensure_forwarding(ifaces: &[String]) -> Result<Vec<String>, NetError> {
+    let mut wanted = vec![
+        ("net.ipv4.ip_forward".to_owned(), "1"),
+        ("net.ipv4.conf.all.accept_local".to_owned(), "1"),
+        ("net.ipv4.conf.all.rp_filter".to_owned(), "0"),
+    ];
+    for i in ifaces {
+        wanted.push((format!("net.ipv4.conf.{i}.forwarding"), "1"));
+        wanted.push((format!("net.ipv4.conf.{i}.accept_local"), "1"));
+        wanted.push((format!("net.ipv4.conf.{i}.rp_filter"), "0"));
+    }
+    let mut changed = Vec::new();
+    for (name, value) in wanted {
+        if ensure_sysctl(&name, value)? {
+            changed.push(format!("{name}={value}"));
+        }
+    }
+    Ok(changed)
+}
