@@ -1,0 +1,310 @@
+//! The lab: four network namespaces (client, proxy, source, target) joined by veth pairs, with
+//! addresses in 198.18.0.0/15, two real PostgreSQL servers, and the `redirect` binary running
+//! on the proxy. Every name is unique per lab, and dropping a [`Lab`] stops what it started (by
+//! pid), deletes its namespaces and removes its pins, even when a test panics.
+//!
+//! ```text
+//!  ns cli               ns proxy (XDP on p-cli, p-src, p-tgt)           ns src / ns tgt
+//!  eth0 198.18.1.2 ─── p-cli 198.18.1.1 (VIP :5432)
+//!                      p-src 198.18.2.1 ────────────────────────────── eth0 198.18.2.2 source
+//!                      p-tgt 198.18.3.1 ────────────────────────────── eth0 198.18.3.2 target
+//! ```
+
+pub mod packet;
+pub mod pg;
+
+use std::{
+    fs::File,
+    os::fd::AsRawFd as _,
+    path::{Path, PathBuf},
+    process::{Child, Command, Output, Stdio},
+    sync::atomic::{AtomicU32, Ordering},
+    time::{Duration, Instant},
+};
+
+pub const VIP: &str = "198.18.1.1";
+pub const CLIENT_ADDR: &str = "198.18.1.2";
+pub const SOURCE_ADDR: &str = "198.18.2.2";
+pub const TARGET_ADDR: &str = "198.18.3.2";
+pub const PG_PORT: u16 = 5432;
+/// Where labs mount their own bpffs: outside /sys, because `ip netns exec` remounts /sys and
+/// would hide a bpffs mounted there (see toolchain.md).
+pub const LAB_BPFFS: &str = "/run/redirect-lab-bpf";
+
+/// The `redirect` binary built alongside the tests.
+#[must_use]
+pub fn redirect_bin() -> PathBuf {
+    if let Ok(p) = std::env::var("REDIRECT_BIN") {
+        return PathBuf::from(p);
+    }
+    // tests run from target/<profile>/deps/<test>-<hash>
+    let exe = std::env::current_exe().expect("current_exe");
+    let profile_dir = exe.parent().and_then(Path::parent).expect("target/<profile>");
+    let bin = profile_dir.join("redirect");
+    assert!(bin.exists(), "{} is missing: build it with `cargo build -p redirect` (cargo xtask test does)", bin.display());
+    bin
+}
+
+/// Runs a command and panics with its output if it fails.
+pub fn sh(cmd: &mut Command) -> Output {
+    let out = cmd.output().unwrap_or_else(|e| panic!("spawning {cmd:?}: {e}"));
+    assert!(
+        out.status.success(),
+        "{cmd:?} failed ({}):\n{}{}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
+}
+
+fn ip(args: &[&str]) {
+    sh(Command::new("ip").args(args));
+}
+
+/// Mounts the lab bpffs once per machine (idempotent).
+pub fn ensure_lab_bpffs() {
+    std::fs::create_dir_all(LAB_BPFFS).expect("creating the lab bpffs mount point");
+    let mounted = Command::new("mountpoint").arg("-q").arg(LAB_BPFFS).status().is_ok_and(|s| s.success());
+    if !mounted {
+        sh(Command::new("mount").args(["-t", "bpf", "bpf", LAB_BPFFS]));
+    }
+}
+
+static NEXT: AtomicU32 = AtomicU32::new(0);
+
+/// One lab: namespaces, links, servers, and a pin directory, all cleaned up on drop.
+pub struct Lab {
+    pub id: String,
+    pub pin_dir: PathBuf,
+    pub work_dir: PathBuf,
+    children: Vec<Child>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Ns {
+    Client,
+    Proxy,
+    Source,
+    Target,
+}
+
+impl Lab {
+    /// Builds the four namespaces and links. `name` makes the namespaces recognizable.
+    #[must_use]
+    pub fn new(name: &str) -> Self {
+        ensure_lab_bpffs();
+        let id = format!("rd{}{}{}", std::process::id() % 100_000, NEXT.fetch_add(1, Ordering::Relaxed), &name[..name.len().min(4)]);
+        let work_dir = std::env::temp_dir().join(format!("redirect-lab-{id}"));
+        let _ = std::fs::remove_dir_all(&work_dir);
+        std::fs::create_dir_all(&work_dir).expect("creating the lab work dir");
+        let lab = Self { pin_dir: Path::new(LAB_BPFFS).join(&id), id, work_dir, children: Vec::new() };
+        lab.build();
+        lab
+    }
+
+    #[must_use]
+    pub fn ns(&self, ns: Ns) -> String {
+        let suffix = match ns {
+            Ns::Client => "cli",
+            Ns::Proxy => "prx",
+            Ns::Source => "src",
+            Ns::Target => "tgt",
+        };
+        format!("{}{suffix}", self.id)
+    }
+
+    fn build(&self) {
+        for ns in [Ns::Client, Ns::Proxy, Ns::Source, Ns::Target] {
+            ip(&["netns", "add", &self.ns(ns)]);
+            ip(&["-n", &self.ns(ns), "link", "set", "lo", "up"]);
+        }
+        let proxy = self.ns(Ns::Proxy);
+        for (ns, leg, net) in [(Ns::Client, "p-cli", 1), (Ns::Source, "p-src", 2), (Ns::Target, "p-tgt", 3)] {
+            let peer_ns = self.ns(ns);
+            ip(&["link", "add", "eth0", "netns", &peer_ns, "type", "veth", "peer", "name", leg, "netns", &proxy]);
+            ip(&["-n", &peer_ns, "addr", "add", &format!("198.18.{net}.2/24"), "dev", "eth0"]);
+            ip(&["-n", &proxy, "addr", "add", &format!("198.18.{net}.1/24"), "dev", leg]);
+            ip(&["-n", &peer_ns, "link", "set", "eth0", "up"]);
+            ip(&["-n", &proxy, "link", "set", leg, "up"]);
+            ip(&["-n", &peer_ns, "route", "add", "default", "via", &format!("198.18.{net}.1")]);
+            // Full checksums from every sender: XDP cannot see CHECKSUM_PARTIAL, so an
+            // incremental update of a partial checksum would be wrong. Fail loudly if ethtool
+            // is missing: a silent failure leaves ping working and TCP broken.
+            self.exec_ok(ns, &["ethtool", "-K", "eth0", "tx", "off"]);
+            // Frames XDP_REDIRECTed into a veth are only received if the peer has NAPI
+            // (kernel veth_xdp_xmit); GRO on gives it one.
+            self.exec_ok(ns, &["ethtool", "-K", "eth0", "gro", "on"]);
+        }
+    }
+
+    /// `ip netns exec <ns> <argv>` as a Command.
+    #[must_use]
+    pub fn cmd(&self, ns: Ns, argv: &[&str]) -> Command {
+        let mut c = Command::new("ip");
+        c.args(["netns", "exec", &self.ns(ns)]).args(argv);
+        c
+    }
+
+    /// Runs a command in a namespace; panics if it fails.
+    pub fn exec_ok(&self, ns: Ns, argv: &[&str]) -> Output {
+        sh(&mut self.cmd(ns, argv))
+    }
+
+    /// Runs `redirect <args>` in the proxy namespace with this lab's pin dir.
+    pub fn redirect(&self, args: &[&str]) -> Output {
+        self.cmd(Ns::Proxy, &[])
+            .arg(redirect_bin())
+            .arg("--pin-dir")
+            .arg(&self.pin_dir)
+            .args(args)
+            .output()
+            .expect("spawning redirect")
+    }
+
+    /// `redirect <args>`, asserting success; returns stdout.
+    pub fn redirect_ok(&self, args: &[&str]) -> String {
+        let out = self.redirect(args);
+        assert!(
+            out.status.success(),
+            "redirect {args:?} failed: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout).expect("utf-8 output")
+    }
+
+    /// The standard `run` arguments for this lab.
+    #[must_use]
+    pub fn run_args(&self) -> Vec<String> {
+        [
+            "run", "--iface", "p-cli", "--iface", "p-src", "--iface", "p-tgt", "--vip", &format!("{VIP}:{PG_PORT}"),
+            "--source", &format!("{SOURCE_ADDR}:{PG_PORT}"), "--target", &format!("{TARGET_ADDR}:{PG_PORT}"),
+        ]
+        .iter()
+        .map(|s| (*s).to_owned())
+        .collect()
+    }
+
+    /// Starts `redirect run` in the proxy namespace and waits until the datapath is pinned.
+    pub fn start_redirect(&mut self, extra: &[&str]) -> u32 {
+        let log = File::create(self.work_dir.join(format!("redirect-{}.log", self.children.len()))).expect("log file");
+        let mut cmd = self.cmd(Ns::Proxy, &[]);
+        cmd.arg(redirect_bin()).arg("--pin-dir").arg(&self.pin_dir).args(self.run_args()).args(extra);
+        cmd.stdout(Stdio::null()).stderr(log);
+        let child = cmd.spawn().expect("spawning redirect run");
+        let pid = child.id();
+        self.children.push(child);
+        let ready = self.pin_dir.join("link_p-tgt");
+        wait_for(Duration::from_secs(30), "redirect run to pin its links", || ready.exists());
+        // Links are pinned after the config; give the status a moment to be readable.
+        wait_for(Duration::from_secs(10), "redirect status to answer", || self.redirect(&["status", "--json"]).status.success());
+        pid
+    }
+
+    /// Spawns a long-running process in a namespace; it is killed when the lab drops.
+    pub fn spawn(&mut self, ns: Ns, argv: &[&str], log_name: &str) -> u32 {
+        let log = File::create(self.work_dir.join(log_name)).expect("log file");
+        let child = self
+            .cmd(ns, argv)
+            .stdout(log.try_clone().expect("dup log"))
+            .stderr(log)
+            .spawn()
+            .unwrap_or_else(|e| panic!("spawning {argv:?}: {e}"));
+        let pid = child.id();
+        self.children.push(child);
+        pid
+    }
+
+    /// Sends `signal` to a process this lab started, and reaps it if it exits.
+    pub fn signal(&mut self, pid: u32, signal: i32) {
+        let Some(pos) = self.children.iter().position(|c| c.id() == pid) else {
+            panic!("pid {pid} was not started by this lab");
+        };
+        // SAFETY: signalling a child we spawned and have not reaped.
+        unsafe { libc::kill(i32::try_from(pid).expect("pid fits i32"), signal) };
+        let mut child = self.children.remove(pos);
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while Instant::now() < deadline {
+            if child.try_wait().expect("try_wait").is_some() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let _ = child.kill();
+        let _ = child.wait();
+    }
+
+    /// `redirect status --json`.
+    #[must_use]
+    pub fn status(&self) -> serde_json::Value {
+        serde_json::from_str(&self.redirect_ok(&["status", "--json"])).expect("status --json is JSON")
+    }
+
+    /// `nstat TcpInCsumErrors` of one namespace.
+    #[must_use]
+    pub fn csum_errors(&self, ns: Ns) -> u64 {
+        let out = self.exec_ok(ns, &["nstat", "-az", "TcpInCsumErrors"]);
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .find_map(|l| l.strip_prefix("TcpInCsumErrors").map(|r| r.split_whitespace().next().unwrap_or("0").parse().unwrap_or(0)))
+            .unwrap_or(0)
+    }
+
+    /// Runs `f` on a thread that has entered the namespace `ns`: every socket it opens lives
+    /// there. Gives the closure a current-thread tokio runtime.
+    pub fn in_ns<T: Send + 'static>(&self, ns: Ns, f: impl FnOnce() -> T + Send + 'static) -> T {
+        let path = format!("/var/run/netns/{}", self.ns(ns));
+        std::thread::spawn(move || {
+            let fd = File::open(&path).unwrap_or_else(|e| panic!("opening {path}: {e}"));
+            // SAFETY: setns on a valid namespace fd affects only this thread.
+            let rc = unsafe { libc::setns(fd.as_raw_fd(), libc::CLONE_NEWNET) };
+            assert_eq!(rc, 0, "setns({path}): {}", std::io::Error::last_os_error());
+            f()
+        })
+        .join()
+        .unwrap_or_else(|e| std::panic::resume_unwind(e))
+    }
+}
+
+impl Drop for Lab {
+    fn drop(&mut self) {
+        for child in &mut self.children {
+            // SAFETY: signalling our own child by pid; SIGTERM lets PostgreSQL shut down.
+            unsafe { libc::kill(i32::try_from(child.id()).unwrap_or(0), libc::SIGTERM) };
+        }
+        let deadline = Instant::now() + Duration::from_secs(15);
+        for child in &mut self.children {
+            while Instant::now() < deadline && matches!(child.try_wait(), Ok(None)) {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        if self.pin_dir.exists() {
+            let _ = Command::new(redirect_bin()).arg("--pin-dir").arg(&self.pin_dir).args(["detach", "--force"]).output();
+            let _ = std::fs::remove_dir_all(&self.pin_dir);
+        }
+        for ns in [Ns::Client, Ns::Proxy, Ns::Source, Ns::Target] {
+            let _ = Command::new("ip").args(["netns", "del", &self.ns(ns)]).output();
+        }
+        if !std::thread::panicking() {
+            let _ = std::fs::remove_dir_all(&self.work_dir);
+        }
+    }
+}
+
+/// Polls `cond` until it holds, or panics with `what` after `timeout`.
+pub fn wait_for(timeout: Duration, what: &str, mut cond: impl FnMut() -> bool) {
+    let deadline = Instant::now() + timeout;
+    while !cond() {
+        assert!(Instant::now() < deadline, "timed out after {timeout:?} waiting for {what}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// Skips nothing: the lab needs root, and CI runs as root. Fail with a clear message otherwise.
+pub fn require_root() {
+    // SAFETY: geteuid has no preconditions.
+    assert_eq!(unsafe { libc::geteuid() }, 0, "the lab tests need root (run `cargo xtask test` as root)");
+}

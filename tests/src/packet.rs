@@ -1,0 +1,82 @@
+//! Crafted Ethernet/IPv4/TCP frames for `BPF_PROG_TEST_RUN`, and a parser for what comes out.
+
+use std::net::Ipv4Addr;
+
+use redirect_common::csum;
+
+pub const SYN: u8 = 0x02;
+pub const ACK: u8 = 0x10;
+pub const FIN: u8 = 0x01;
+pub const RST: u8 = 0x04;
+pub const PSH: u8 = 0x08;
+
+/// A TCP segment's addressing and flags.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Tcp {
+    pub src: Ipv4Addr,
+    pub sport: u16,
+    pub dst: Ipv4Addr,
+    pub dport: u16,
+    pub flags: u8,
+}
+
+/// Builds a frame with valid IPv4 and TCP checksums.
+#[must_use]
+pub fn tcp_frame(t: Tcp, payload: &[u8]) -> Vec<u8> {
+    let mut f = vec![0u8; 14];
+    f[0..6].copy_from_slice(&[0x02, 0, 0, 0, 0, 1]);
+    f[6..12].copy_from_slice(&[0x02, 0, 0, 0, 0, 2]);
+    f[12..14].copy_from_slice(&0x0800u16.to_be_bytes());
+    let total = u16::try_from(20 + 20 + payload.len()).expect("small frame");
+    let mut ip = [0u8; 20];
+    ip[0] = 0x45;
+    ip[2..4].copy_from_slice(&total.to_be_bytes());
+    ip[4..6].copy_from_slice(&0x1234u16.to_be_bytes());
+    ip[6] = 0x40; // DF
+    ip[8] = 64;
+    ip[9] = 6;
+    ip[12..16].copy_from_slice(&t.src.octets());
+    ip[16..20].copy_from_slice(&t.dst.octets());
+    let c = csum::ipv4_header(&ip);
+    ip[10..12].copy_from_slice(&c.to_ne_bytes());
+    let mut tcp = vec![0u8; 20];
+    tcp[0..2].copy_from_slice(&t.sport.to_be_bytes());
+    tcp[2..4].copy_from_slice(&t.dport.to_be_bytes());
+    tcp[4..8].copy_from_slice(&1000u32.to_be_bytes());
+    tcp[12] = 5 << 4;
+    tcp[13] = t.flags;
+    tcp[14..16].copy_from_slice(&64240u16.to_be_bytes());
+    tcp.extend_from_slice(payload);
+    let c = csum::tcp_ipv4(t.src.octets(), t.dst.octets(), &tcp);
+    tcp[16..18].copy_from_slice(&c.to_ne_bytes());
+    f.extend_from_slice(&ip);
+    f.extend_from_slice(&tcp);
+    f
+}
+
+/// Parses a frame built like [`tcp_frame`] and checks both checksums by full recomputation.
+#[must_use]
+pub fn parse(frame: &[u8]) -> (Tcp, bool) {
+    let ip = &frame[14..34];
+    let tcp = &frame[34..];
+    let src = Ipv4Addr::new(ip[12], ip[13], ip[14], ip[15]);
+    let dst = Ipv4Addr::new(ip[16], ip[17], ip[18], ip[19]);
+    let t = Tcp {
+        src,
+        sport: u16::from_be_bytes([tcp[0], tcp[1]]),
+        dst,
+        dport: u16::from_be_bytes([tcp[2], tcp[3]]),
+        flags: tcp[13],
+    };
+    let total = usize::from(u16::from_be_bytes([ip[2], ip[3]]));
+    let seg = &frame[34..14 + total];
+    let mut pseudo = [0u8; 12];
+    pseudo[..4].copy_from_slice(&src.octets());
+    pseudo[4..8].copy_from_slice(&dst.octets());
+    pseudo[9] = 6;
+    pseudo[10..12].copy_from_slice(&u16::try_from(seg.len()).expect("small").to_be_bytes());
+    // A valid checksum makes the one's complement sum of everything it covers all ones.
+    let ip_ok = csum::fold(csum::sum_words(ip, 0)) == 0xffff;
+    let tcp_ok = csum::fold(csum::sum_words(seg, csum::sum_words(&pseudo, 0))) == 0xffff;
+    (t, ip_ok && tcp_ok)
+}

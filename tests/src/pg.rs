@@ -1,0 +1,94 @@
+//! Real PostgreSQL servers for the lab, started from the image's binaries inside a namespace.
+
+use std::{path::PathBuf, process::Command, time::Duration};
+
+use crate::{Lab, Ns, PG_PORT, sh, wait_for};
+
+/// Where Debian keeps the server binaries.
+pub const PG_BIN: &str = "/usr/lib/postgresql/15/bin";
+
+/// A server started by [`start`]; it stops when its lab drops.
+pub struct Pg {
+    pub name: String,
+    pub data_dir: PathBuf,
+    pub pid: u32,
+}
+
+/// `initdb` + `postgres` in namespace `ns`, listening on every address of that namespace on
+/// port 5432, with `cluster_name = name` so a client can tell which server answered.
+/// `extra_conf` lines are appended to postgresql.conf.
+pub fn start(lab: &mut Lab, ns: Ns, name: &str, extra_conf: &[&str]) -> Pg {
+    let data_dir = lab.work_dir.join(format!("pg-{name}"));
+    std::fs::create_dir_all(&data_dir).expect("creating the data dir");
+    sh(Command::new("chown").args(["-R", "postgres:postgres"]).arg(&data_dir));
+    // The work dir must be traversable by the postgres user.
+    sh(Command::new("chmod").arg("755").arg(&lab.work_dir));
+    sh(Command::new("setpriv")
+        .args(["--reuid", "postgres", "--regid", "postgres", "--init-groups"])
+        .arg(format!("{PG_BIN}/initdb"))
+        .args(["-A", "trust", "-U", "postgres", "--no-sync", "-D"])
+        .arg(&data_dir)
+        .env("LC_ALL", "C"));
+    let mut conf = vec![
+        "listen_addresses = '*'".to_owned(),
+        format!("port = {PG_PORT}"),
+        format!("unix_socket_directories = '{}'", data_dir.display()),
+        format!("cluster_name = '{name}'"),
+        "wal_level = logical".to_owned(),
+        "max_connections = 1200".to_owned(),
+        "shared_buffers = 64MB".to_owned(),
+        "max_wal_senders = 10".to_owned(),
+        "max_replication_slots = 10".to_owned(),
+        // A lab server: durability across a machine crash is not what the tests measure.
+        "fsync = off".to_owned(),
+        "log_min_messages = warning".to_owned(),
+    ];
+    conf.extend(extra_conf.iter().map(|s| (*s).to_owned()));
+    let mut pg_conf = std::fs::read_to_string(data_dir.join("postgresql.conf")).expect("postgresql.conf");
+    pg_conf.push('\n');
+    pg_conf.push_str(&conf.join("\n"));
+    pg_conf.push('\n');
+    std::fs::write(data_dir.join("postgresql.conf"), pg_conf).expect("writing postgresql.conf");
+    // The servers see the proxy's SNAT address, never the client's: allow the lab range.
+    let mut hba = std::fs::read_to_string(data_dir.join("pg_hba.conf")).expect("pg_hba.conf");
+    hba.push_str("\nhost all all 198.18.0.0/15 trust\nhost replication all 198.18.0.0/15 trust\n");
+    std::fs::write(data_dir.join("pg_hba.conf"), hba).expect("writing pg_hba.conf");
+
+    let data = data_dir.display().to_string();
+    let postgres = format!("{PG_BIN}/postgres");
+    let pid = lab.spawn(
+        ns,
+        &["setpriv", "--reuid", "postgres", "--regid", "postgres", "--init-groups", &postgres, "-D", &data],
+        &format!("pg-{name}.log"),
+    );
+    let ready = || {
+        lab.cmd(ns, &[&format!("{PG_BIN}/pg_isready"), "-q", "-h", &data, "-p", &PG_PORT.to_string()])
+            .status()
+            .is_ok_and(|s| s.success())
+    };
+    wait_for(Duration::from_secs(60), &format!("PostgreSQL {name} to accept connections"), ready);
+    Pg { name: name.to_owned(), data_dir, pid }
+}
+
+/// A libpq connection string to `host` on the lab port.
+#[must_use]
+pub fn dsn(host: &str) -> String {
+    format!("host={host} port={PG_PORT} user=postgres dbname=postgres connect_timeout=10")
+}
+
+/// Connects with tokio-postgres (from whatever namespace the calling thread is in) and spawns
+/// the connection task on the current runtime.
+pub async fn connect(host: &str) -> tokio_postgres::Client {
+    let (client, conn) = tokio_postgres::connect(&dsn(host), tokio_postgres::NoTls)
+        .await
+        .unwrap_or_else(|e| panic!("connecting to {host}: {e}"));
+    tokio::spawn(async move {
+        let _ = conn.await;
+    });
+    client
+}
+
+/// Which server a client is talking to.
+pub async fn cluster_name(client: &tokio_postgres::Client) -> String {
+    client.query_one("SHOW cluster_name", &[]).await.expect("SHOW cluster_name").get(0)
+}

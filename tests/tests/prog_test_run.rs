@@ -1,0 +1,281 @@
+//! L1: the datapath program run by the kernel on crafted packets (`BPF_PROG_TEST_RUN`), with
+//! its maps seeded and inspected from user space. Each test runs in a fresh network namespace,
+//! so `bpf_fib_lookup` finds no route and the program takes its `XDP_PASS` fallback with the
+//! packet already rewritten; that is what lets the tests read the rewrite.
+//! Every packet the program rewrites is run with repeat = 1 (a repeat would re-run on the
+//! rewritten bytes).
+
+use std::net::Ipv4Addr;
+
+use aya::{
+    Ebpf,
+    maps::{Array, HashMap, MapData, PerCpuArray},
+    programs::{TestRun, TestRunOptions, Xdp},
+};
+use redirect_common::{
+    backend::{Backend, SOURCE, TARGET},
+    config::{Config, FLAG_CONFIGURED, FLAG_DROP_NONSYN_MISS},
+    ct::{CtEntry, CtKey, FLAG_FIN_BACKEND, FLAG_FIN_CLIENT, FLAG_REOPENED},
+    rev::{RevEntry, RevKey},
+    stats::Stat,
+};
+use redirect_tests::packet::{self, ACK, FIN, PSH, SYN, Tcp};
+
+const XDP_DROP: u32 = 1;
+const XDP_PASS: u32 = 2;
+
+const VIP: Ipv4Addr = Ipv4Addr::new(198, 18, 1, 1);
+const C1: Ipv4Addr = Ipv4Addr::new(198, 18, 1, 2);
+const C2: Ipv4Addr = Ipv4Addr::new(198, 18, 1, 3);
+const SRC: Ipv4Addr = Ipv4Addr::new(198, 18, 2, 2);
+const SRC_SNAT: Ipv4Addr = Ipv4Addr::new(198, 18, 2, 1);
+const TGT: Ipv4Addr = Ipv4Addr::new(198, 18, 3, 2);
+const TGT_SNAT: Ipv4Addr = Ipv4Addr::new(198, 18, 3, 1);
+
+fn be(ip: Ipv4Addr) -> u32 {
+    u32::from(ip).to_be()
+}
+
+struct Prog {
+    ebpf: Ebpf,
+}
+
+impl Prog {
+    /// Loads the datapath into a fresh netns (this thread only) with the lab's addresses.
+    fn new(ports: (u16, u16), flags: u32) -> Self {
+        redirect_tests::require_root();
+        // SAFETY: affects only this test's thread.
+        assert_eq!(unsafe { libc::unshare(libc::CLONE_NEWNET) }, 0, "unshare(CLONE_NEWNET)");
+        let mut ebpf = Ebpf::load(redirect::datapath::object()).expect("loading the datapath object");
+        let prog: &mut Xdp = ebpf.program_mut("redirect_xdp").unwrap().try_into().unwrap();
+        prog.load().expect("the verifier accepts the datapath");
+        let mut p = Self { ebpf };
+        let mut backends: Array<&mut MapData, Backend> = p.map("BACKENDS");
+        for (i, (ip, snat)) in [(SOURCE, (SRC, SRC_SNAT)), (TARGET, (TGT, TGT_SNAT))] {
+            backends
+                .set(i, Backend { addr_be: be(ip), snat_addr_be: be(snat), port_be: 5432u16.to_be(), _pad0: 0 }, 0)
+                .unwrap();
+        }
+        let mut config: Array<&mut MapData, Config> = p.map("CONFIG");
+        config
+            .set(
+                0,
+                Config {
+                    vip_addr_be: be(VIP),
+                    vip_port_be: 5432u16.to_be(),
+                    _pad0: 0,
+                    snat_port_min: ports.0,
+                    snat_port_max: ports.1,
+                    flags: FLAG_CONFIGURED | flags,
+                },
+                0,
+            )
+            .unwrap();
+        p.flip(SOURCE);
+        p
+    }
+
+    fn map<'a, T: TryFrom<&'a mut aya::maps::Map>>(&'a mut self, name: &str) -> T
+    where
+        T::Error: std::fmt::Debug,
+    {
+        self.ebpf.map_mut(name).unwrap_or_else(|| panic!("map {name}")).try_into().unwrap()
+    }
+
+    fn flip(&mut self, to: u32) {
+        let mut active: Array<&mut MapData, u32> = self.map("ACTIVE");
+        active.set(0, to, 0).unwrap();
+    }
+
+    /// Runs one frame through the program; returns the verdict and the frame after it.
+    fn run(&mut self, frame: &[u8]) -> (u32, Vec<u8>) {
+        let prog: &mut Xdp = self.ebpf.program_mut("redirect_xdp").unwrap().try_into().unwrap();
+        let mut out = vec![0u8; frame.len() + 256];
+        let mut opts = TestRunOptions::default();
+        opts.data_in = Some(frame);
+        opts.data_out = Some(&mut out);
+        opts.repeat = 1;
+        let r = prog.test_run(opts).expect("BPF_PROG_TEST_RUN");
+        out.truncate(r.data_size_out as usize);
+        (r.return_value, out)
+    }
+
+    /// Runs a TCP frame that must be translated; returns what came out, checked.
+    fn translate(&mut self, t: Tcp) -> Tcp {
+        let (verdict, out) = self.run(&packet::tcp_frame(t, b"payload"));
+        assert_eq!(verdict, XDP_PASS, "no route in the test netns: rewritten, then passed");
+        let (got, csum_ok) = packet::parse(&out);
+        assert!(csum_ok, "checksums of {got:?} are valid after the incremental update");
+        got
+    }
+
+    fn stat(&mut self, s: Stat) -> u64 {
+        let stats: PerCpuArray<&mut MapData, u64> = self.map("STATS");
+        stats.get(&(s as u32), 0).unwrap().iter().sum()
+    }
+
+    fn ct(&mut self, client: Ipv4Addr, port: u16) -> Option<CtEntry> {
+        let ct: HashMap<&mut MapData, CtKey, CtEntry> = self.map("CT");
+        ct.get(
+            &CtKey { client_addr_be: be(client), vip_addr_be: be(VIP), client_port_be: port.to_be(), vip_port_be: 5432u16.to_be() },
+            0,
+        )
+        .ok()
+    }
+
+    fn rev_len(&mut self) -> usize {
+        let rev: HashMap<&mut MapData, RevKey, RevEntry> = self.map("REV");
+        rev.keys().count()
+    }
+}
+
+fn syn(client: Ipv4Addr, port: u16) -> Tcp {
+    Tcp { src: client, sport: port, dst: VIP, dport: 5432, flags: SYN }
+}
+
+#[test]
+fn syn_goes_to_the_active_backend_with_full_nat() {
+    let mut p = Prog::new((40000, 59999), 0);
+    let out = p.translate(syn(C1, 45000));
+    assert_eq!(out, Tcp { src: SRC_SNAT, sport: 45000, dst: SRC, dport: 5432, flags: SYN }, "client port kept inside the range");
+    let e = p.ct(C1, 45000).expect("the SYN created a CT entry");
+    assert_eq!((e.backend_id, e.backend_addr_be, u16::from_be(e.snat_port_be)), (SOURCE, be(SRC), 45000));
+    assert_eq!(p.rev_len(), 1);
+    assert_eq!(p.stat(Stat::NewConnSource), 1);
+}
+
+#[test]
+fn flip_moves_new_syns_but_not_a_retransmitted_first_syn() {
+    let mut p = Prog::new((40000, 59999), 0);
+    let first = p.translate(syn(C1, 45000));
+    assert_eq!(first.dst, SRC);
+    p.flip(TARGET);
+    let other = p.translate(syn(C2, 45001));
+    assert_eq!((other.src, other.dst), (TGT_SNAT, TGT), "a new connection after the flip goes to the target");
+    let retransmit = p.translate(syn(C1, 45000));
+    assert_eq!(retransmit, first, "the retransmitted SYN keeps its backend and SNAT port");
+    let data = p.translate(Tcp { flags: ACK | PSH, ..syn(C1, 45000) });
+    assert_eq!((data.dst, data.sport), (SRC, 45000), "established packets stay on the source");
+    assert_eq!((p.stat(Stat::NewConnSource), p.stat(Stat::NewConnTarget), p.stat(Stat::ForwardTracked)), (1, 1, 2));
+}
+
+#[test]
+fn reply_is_rewritten_back_to_vip_and_client() {
+    let mut p = Prog::new((40000, 59999), 0);
+    let fwd = p.translate(syn(C1, 1234)); // outside the range: a random SNAT port
+    assert!((40000..=59999).contains(&fwd.sport));
+    let reply = p.translate(Tcp { src: SRC, sport: 5432, dst: SRC_SNAT, dport: fwd.sport, flags: SYN | ACK });
+    assert_eq!(reply, Tcp { src: VIP, sport: 5432, dst: C1, dport: 1234, flags: SYN | ACK });
+    assert_eq!(p.stat(Stat::ReplyTracked), 1);
+    let e = p.ct(C1, 1234).unwrap();
+    assert_ne!(e.flags & redirect_common::ct::FLAG_SEEN_NON_SYN, 0);
+}
+
+#[test]
+fn same_client_port_from_two_clients_gets_distinct_snat_ports() {
+    let mut p = Prog::new((40000, 59999), 0);
+    let a = p.translate(syn(C1, 45000));
+    let b = p.translate(syn(C2, 45000));
+    assert_eq!(a.sport, 45000);
+    assert_ne!(a.sport, b.sport, "both map to (SNAT, source): the REV claim forces another port");
+    assert_eq!(b.sport, 45001, "linear probing takes the next port");
+    // Each reply finds its own client.
+    let ra = p.translate(Tcp { src: SRC, sport: 5432, dst: SRC_SNAT, dport: a.sport, flags: SYN | ACK });
+    let rb = p.translate(Tcp { src: SRC, sport: 5432, dst: SRC_SNAT, dport: b.sport, flags: SYN | ACK });
+    assert_eq!((ra.dst, rb.dst), (C1, C2));
+}
+
+#[test]
+fn untracked_non_syn_is_never_forwarded() {
+    let mut p = Prog::new((40000, 59999), 0);
+    let frame = packet::tcp_frame(Tcp { flags: ACK, ..syn(C1, 45000) }, b"x");
+    let (verdict, out) = p.run(&frame);
+    assert_eq!(verdict, XDP_PASS);
+    assert_eq!(out, frame, "passed to the stack untouched (it answers with a RST)");
+    assert_eq!(p.stat(Stat::NonSynMiss), 1);
+    assert!(p.ct(C1, 45000).is_none(), "only a pure SYN creates state");
+    for flags in [SYN | ACK, FIN | ACK, packet::RST] {
+        let (_, out) = p.run(&packet::tcp_frame(Tcp { flags, ..syn(C1, 45000) }, b""));
+        assert_eq!(packet::parse(&out).0.dst, VIP, "flags {flags:#x} never open a connection");
+    }
+    assert_eq!(p.rev_len(), 0);
+
+    let mut strict = Prog::new((40000, 59999), FLAG_DROP_NONSYN_MISS);
+    assert_eq!(strict.run(&frame).0, XDP_DROP);
+}
+
+#[test]
+fn a_syn_on_a_closed_entry_reopens_it_on_the_active_backend() {
+    let mut p = Prog::new((40000, 59999), 0);
+    let first = p.translate(syn(C1, 45000));
+    p.translate(Tcp { flags: FIN | ACK, ..syn(C1, 45000) });
+    p.translate(Tcp { src: SRC, sport: 5432, dst: SRC_SNAT, dport: first.sport, flags: FIN | ACK });
+    let closed = p.ct(C1, 45000).unwrap();
+    assert_eq!(closed.flags & (FLAG_FIN_CLIENT | FLAG_FIN_BACKEND), FLAG_FIN_CLIENT | FLAG_FIN_BACKEND);
+    p.flip(TARGET);
+    let again = p.translate(syn(C1, 45000));
+    assert_eq!(again.dst, TGT, "port reuse after close is a new connection");
+    let e = p.ct(C1, 45000).unwrap();
+    assert_eq!((e.backend_id, e.flags), (TARGET, FLAG_REOPENED));
+    assert_eq!(p.rev_len(), 2, "the old SNAT port stays claimed (quarantine)");
+    // A late packet from the old backend on the old port is not sent to the client.
+    let (verdict, late) = p.run(&packet::tcp_frame(Tcp { src: SRC, sport: 5432, dst: SRC_SNAT, dport: first.sport, flags: ACK }, b""));
+    assert_eq!((verdict, packet::parse(&late).0.dst), (XDP_PASS, SRC_SNAT));
+    assert_eq!(p.stat(Stat::ReplyOrphan), 1);
+}
+
+#[test]
+fn snat_exhaustion_drops_the_syn_and_counts_it() {
+    let mut p = Prog::new((50000, 50000), 0);
+    assert_eq!(p.translate(syn(C1, 1111)).sport, 50000);
+    let (verdict, _) = p.run(&packet::tcp_frame(syn(C2, 1111), b""));
+    assert_eq!(verdict, XDP_DROP, "no port left: drop the SYN (the client retries), never evict");
+    assert_eq!(p.stat(Stat::SnatExhausted), 1);
+    assert!(p.ct(C2, 1111).is_none());
+}
+
+#[test]
+fn everything_else_passes_untouched() {
+    let mut p = Prog::new((40000, 59999), 0);
+    let base = packet::tcp_frame(syn(C1, 45000), b"");
+    let mut cases: Vec<(&str, Vec<u8>, Stat)> = Vec::new();
+
+    let mut options = base.clone();
+    options[14] = 0x46; // IHL 6: one option word
+    options.splice(34..34, [1u8, 1, 1, 0]);
+    cases.push(("ip options", options, Stat::PassIpOptions));
+
+    let mut fragment = base.clone();
+    fragment[20] = 0x20; // MF
+    cases.push(("fragment", fragment.clone(), Stat::PassFragment));
+    fragment[20] = 0x00;
+    fragment[21] = 0x10; // offset
+    cases.push(("later fragment", fragment, Stat::PassFragment));
+
+    let mut udp = base.clone();
+    udp[23] = 17;
+    cases.push(("udp", udp, Stat::PassNotTcp));
+
+    let mut arp = base.clone();
+    arp[12..14].copy_from_slice(&0x0806u16.to_be_bytes());
+    cases.push(("arp", arp, Stat::PassNotIpv4));
+
+    let mut ipv6 = base.clone();
+    ipv6[12..14].copy_from_slice(&0x86ddu16.to_be_bytes());
+    cases.push(("ipv6", ipv6, Stat::PassNotIpv4));
+
+    cases.push(("truncated tcp", base[..14 + 20 + 10].to_vec(), Stat::PassTruncated));
+    cases.push(("truncated ip", base[..14 + 12].to_vec(), Stat::PassTruncated));
+    let mut short_total = base.clone();
+    short_total[16..18].copy_from_slice(&30u16.to_be_bytes());
+    cases.push(("ip total length too short", short_total, Stat::PassTruncated));
+
+    for (name, frame, stat) in cases {
+        let before = p.stat(stat);
+        let (verdict, out) = p.run(&frame);
+        assert_eq!(verdict, XDP_PASS, "{name}");
+        assert_eq!(out, frame, "{name}: untouched");
+        assert_eq!(p.stat(stat), before + 1, "{name}: counted as {stat:?}");
+    }
+    assert!(p.ct(C1, 45000).is_none());
+}
