@@ -11,6 +11,7 @@ fn main() {
             tracing_subscriber::EnvFilter::try_from_env("REDIRECT_LOG").unwrap_or_else(|_| "info".into()),
         )
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     let result = match &cli.command {
         Command::Run(_) => tokio::runtime::Builder::new_multi_thread()

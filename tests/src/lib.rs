@@ -79,6 +79,8 @@ pub struct Lab {
     pub pin_dir: PathBuf,
     pub work_dir: PathBuf,
     children: Vec<Child>,
+    /// How many times `redirect run` was started; names its log `redirect-<n>.log`.
+    runs: u32,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -98,7 +100,7 @@ impl Lab {
         let work_dir = std::env::temp_dir().join(format!("redirect-lab-{id}"));
         let _ = std::fs::remove_dir_all(&work_dir);
         std::fs::create_dir_all(&work_dir).expect("creating the lab work dir");
-        let lab = Self { pin_dir: Path::new(LAB_BPFFS).join(&id), id, work_dir, children: Vec::new() };
+        let lab = Self { pin_dir: Path::new(LAB_BPFFS).join(&id), id, work_dir, children: Vec::new(), runs: 0 };
         lab.build();
         lab
     }
@@ -188,17 +190,29 @@ impl Lab {
 
     /// Starts `redirect run` in the proxy namespace and waits until the datapath is pinned.
     pub fn start_redirect(&mut self, extra: &[&str]) -> u32 {
-        let log = File::create(self.work_dir.join(format!("redirect-{}.log", self.children.len()))).expect("log file");
+        let log_path = self.work_dir.join(format!("redirect-{}.log", self.runs));
+        self.runs += 1;
+        let log = File::create(&log_path).expect("log file");
         let mut cmd = self.cmd(Ns::Proxy, &[]);
         cmd.arg(redirect_bin()).arg("--pin-dir").arg(&self.pin_dir).args(self.run_args()).args(extra);
         cmd.stdout(Stdio::null()).stderr(log);
-        let child = cmd.spawn().expect("spawning redirect run");
+        let mut child = cmd.spawn().expect("spawning redirect run");
         let pid = child.id();
+        // Ready once it has logged that the datapath is configured (pins alone may be
+        // left over from an earlier run).
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let log = std::fs::read_to_string(&log_path).unwrap_or_default();
+            if log.contains("datapath ready") {
+                break;
+            }
+            if let Ok(Some(status)) = child.try_wait() {
+                panic!("redirect run exited ({status}):\n{log}");
+            }
+            assert!(Instant::now() < deadline, "redirect run did not get ready:\n{log}");
+            std::thread::sleep(Duration::from_millis(50));
+        }
         self.children.push(child);
-        let ready = self.pin_dir.join("link_p-tgt");
-        wait_for(Duration::from_secs(30), "redirect run to pin its links", || ready.exists());
-        // Links are pinned after the config; give the status a moment to be readable.
-        wait_for(Duration::from_secs(10), "redirect status to answer", || self.redirect(&["status", "--json"]).status.success());
         pid
     }
 
