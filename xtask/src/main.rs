@@ -1,0 +1,109 @@
+//! Runs the project's jobs: `setup` (install what a fresh machine lacks), `test` (every test),
+//! `demo` (the lab walk-through). It does not build the eBPF object: `redirect/build.rs` does.
+
+mod setup;
+
+use std::{
+    io::{BufRead as _, BufReader},
+    process::{Command, Stdio},
+};
+
+use anyhow::{Context as _, bail};
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(name = "xtask")]
+struct Cli {
+    #[command(subcommand)]
+    command: Task,
+}
+
+#[derive(Subcommand)]
+enum Task {
+    /// Install what is missing on this machine (idempotent; needs root).
+    Setup,
+    /// Set up, build, then run every test: unit, property, BPF_PROG_TEST_RUN and the netns lab.
+    Test {
+        /// Only run tests whose name contains this.
+        filter: Option<String>,
+    },
+    /// Set up, build, then run the demo lab: two PostgreSQL servers, a proxy, a flip.
+    Demo,
+}
+
+fn main() -> anyhow::Result<()> {
+    match Cli::parse().command {
+        Task::Setup => setup::install(),
+        Task::Test { filter } => {
+            setup::install()?;
+            test(filter.as_deref())
+        }
+        Task::Demo => {
+            setup::install()?;
+            build()?;
+            let status = cargo().args(["run", "--quiet", "-p", "redirect-tests", "--bin", "demo"]).status()?;
+            if !status.success() {
+                bail!("the demo failed ({status})");
+            }
+            Ok(())
+        }
+    }
+}
+
+/// `cargo` with what the eBPF build needs: bpf-linker on PATH and `RUSTC_BOOTSTRAP=1`
+/// (aya-build then passes `-Z build-std=core` to the `debian-web` toolchain).
+fn cargo() -> Command {
+    let mut c = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
+    c.env("RUSTC_BOOTSTRAP", "1").env("PATH", setup::path_with_cargo_bin());
+    c
+}
+
+fn build() -> anyhow::Result<()> {
+    step("building the workspace (the eBPF object is built by redirect/build.rs)");
+    let status = cargo().args(["build", "--workspace", "--all-targets"]).status()?;
+    if !status.success() {
+        bail!("build failed ({status})");
+    }
+    Ok(())
+}
+
+fn step(what: &str) {
+    eprintln!("==> {what}");
+}
+
+/// Runs `cargo test` over the workspace, streams its output, and ends with one summary line.
+fn test(filter: Option<&str>) -> anyhow::Result<()> {
+    build()?;
+    step("running every test (the lab tests need root and run one at a time)");
+    let mut cmd = cargo();
+    cmd.args(["test", "--workspace", "--no-fail-fast", "--"]);
+    cmd.arg("--test-threads=1");
+    if let Some(f) = filter {
+        cmd.arg(f);
+    }
+    let mut child = cmd.stdout(Stdio::piped()).spawn().context("spawning cargo test")?;
+    let (mut passed, mut failed, mut ignored) = (0u64, 0u64, 0u64);
+    for line in BufReader::new(child.stdout.take().expect("piped")).lines() {
+        let line = line?;
+        println!("{line}");
+        if let Some(rest) = line.strip_prefix("test result: ") {
+            let n = |label: &str| -> u64 {
+                rest.split([';', '.'])
+                    .find_map(|part| part.trim().strip_suffix(label).and_then(|v| v.trim().parse().ok()))
+                    .unwrap_or(0)
+            };
+            passed += n(" passed");
+            failed += n(" failed");
+            ignored += n(" ignored");
+        }
+    }
+    let status = child.wait()?;
+    if !status.success() && failed == 0 {
+        failed += 1; // a build or harness failure outside any test
+    }
+    println!("{passed} passed, {failed} failed, {ignored} ignored");
+    if failed > 0 {
+        std::process::exit(1);
+    }
+    Ok(())
+}

@@ -1,0 +1,119 @@
+//! Makes a fresh Debian 12 machine able to build and test redirect, skipping whatever is
+//! already there (see the recipe in the project's toolchain notes):
+//! Debian's rustc 1.96 with library source (tier-3 `bpfel-unknown-none` needs build-std),
+//! linked into rustup as `debian-web`; bpf-linker against LLVM 22; bpftool and the lab tools;
+//! PostgreSQL 15; and bpffs mounts.
+
+use std::{path::PathBuf, process::Command};
+
+use anyhow::{Context as _, bail};
+
+/// Debian packages and the command that proves each is present.
+const PACKAGES: &[(&str, &str)] = &[
+    ("rustc-web", "/usr/bin/rustc"),
+    ("cargo-web", "/usr/bin/cargo"),
+    ("rust-web-src", "/usr/lib/rustlib/src/rust/library/core/Cargo.toml"),
+    ("llvm-22-dev", "/usr/lib/llvm-22/bin/llvm-config"),
+    ("libpolly-22-dev", "/usr/lib/llvm-22/lib/libPolly.a"),
+    ("libzstd-dev", "/usr/include/zstd.h"),
+    ("zlib1g-dev", "/usr/include/zlib.h"),
+    ("bpftool", "/usr/sbin/bpftool"),
+    ("iproute2", "/usr/bin/ip"),
+    ("ethtool", "/usr/sbin/ethtool"),
+    ("iputils-ping", "/usr/bin/ping"),
+    ("util-linux", "/usr/bin/setpriv"),
+    ("postgresql-15", "/usr/lib/postgresql/15/bin/postgres"),
+    ("postgresql-client-15", "/usr/lib/postgresql/15/bin/pgbench"),
+];
+
+const BPF_LINKER_VERSION: &str = "0.10.0";
+const TOOLCHAIN: &str = "debian-web";
+
+fn step(what: &str) {
+    eprintln!("==> setup: {what}");
+}
+
+fn run(cmd: &mut Command) -> anyhow::Result<()> {
+    let status = cmd.status().with_context(|| format!("spawning {cmd:?}"))?;
+    if !status.success() {
+        bail!("{cmd:?} failed ({status})");
+    }
+    Ok(())
+}
+
+fn succeeds(cmd: &mut Command) -> bool {
+    cmd.stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success())
+}
+
+/// PATH with `~/.cargo/bin` (where bpf-linker is installed) in front.
+pub fn path_with_cargo_bin() -> String {
+    let home = std::env::var("HOME").unwrap_or_else(|_| "/root".into());
+    let path = std::env::var("PATH").unwrap_or_default();
+    format!("{home}/.cargo/bin:{path}")
+}
+
+pub fn install() -> anyhow::Result<()> {
+    // SAFETY: geteuid has no preconditions.
+    let root = unsafe { libc::geteuid() } == 0;
+    let missing: Vec<&str> = PACKAGES
+        .iter()
+        .filter(|(_, probe)| !PathBuf::from(probe).exists())
+        .map(|(pkg, _)| *pkg)
+        .collect();
+    if missing.is_empty() {
+        step("Debian packages present");
+    } else {
+        if !root {
+            bail!("missing packages {missing:?}; run as root to install them");
+        }
+        step(&format!("installing {}", missing.join(" ")));
+        run(Command::new("apt-get").args(["update", "-q"]))?;
+        run(Command::new("apt-get")
+            .args(["install", "-y", "-q", "--no-install-recommends"])
+            .args(&missing)
+            .env("DEBIAN_FRONTEND", "noninteractive"))?;
+    }
+
+    if succeeds(Command::new("rustup").args(["run", TOOLCHAIN, "rustc", "--version"])) {
+        step("rustup toolchain debian-web linked");
+    } else {
+        step("linking Debian's rustc into rustup as debian-web");
+        run(Command::new("rustup").args(["toolchain", "link", TOOLCHAIN, "/usr"]))?;
+    }
+
+    let linker_ok = Command::new("bpf-linker")
+        .arg("--version")
+        .env("PATH", path_with_cargo_bin())
+        .output()
+        .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).contains(BPF_LINKER_VERSION));
+    if linker_ok {
+        step("bpf-linker present");
+    } else {
+        step(&format!("building bpf-linker {BPF_LINKER_VERSION} against LLVM 22 (about 2 minutes)"));
+        // Without LLVM_PREFIX and this PATH its build script finds LLVM 14 and fails.
+        run(Command::new("cargo")
+            .args(["install", "bpf-linker", "--version", BPF_LINKER_VERSION, "--no-default-features", "--features", "llvm-22", "--locked"])
+            .env("PATH", format!("/usr/lib/llvm-22/bin:{}", path_with_cargo_bin()))
+            .env("LLVM_PREFIX", "/usr/lib/llvm-22"))
+        .or_else(|_| {
+            run(Command::new("cargo")
+                .args(["install", "bpf-linker", "--version", BPF_LINKER_VERSION, "--no-default-features", "--features", "llvm-22"])
+                .env("PATH", format!("/usr/lib/llvm-22/bin:{}", path_with_cargo_bin()))
+                .env("LLVM_PREFIX", "/usr/lib/llvm-22"))
+        })?;
+    }
+
+    if root {
+        // The real proxy host's pin location; the labs mount their own under /run.
+        if succeeds(Command::new("mountpoint").args(["-q", "/sys/fs/bpf"])) {
+            step("bpffs mounted at /sys/fs/bpf");
+        } else {
+            step("mounting bpffs at /sys/fs/bpf");
+            run(Command::new("mount").args(["-t", "bpf", "bpf", "/sys/fs/bpf"]))?;
+        }
+    }
+    Ok(())
+}
