@@ -31,7 +31,7 @@ use redirect_common::{
 /// The datapath object, built by `build.rs` from `redirect-ebpf`.
 #[must_use]
 pub fn object() -> &'static [u8] {
-    aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/redirect"))
+    aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/redirect-datapath"))
 }
 
 /// Name of the datapath program in the object.

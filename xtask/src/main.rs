@@ -60,7 +60,7 @@ fn cargo() -> Command {
 
 fn build() -> anyhow::Result<()> {
     step("building the workspace (the eBPF object is built by redirect/build.rs)");
-    let status = cargo().args(["build", "--workspace", "--all-targets"]).status()?;
+    let status = cargo().args(["build", "--all-targets"]).status()?;
     if !status.success() {
         bail!("build failed ({status})");
     }
@@ -76,7 +76,7 @@ fn test(filter: Option<&str>) -> anyhow::Result<()> {
     build()?;
     step("running every test (the lab tests need root and run one at a time)");
     let mut cmd = cargo();
-    cmd.args(["test", "--workspace", "--no-fail-fast", "--"]);
+    cmd.args(["test", "--no-fail-fast", "--"]);
     cmd.arg("--test-threads=1");
     if let Some(f) = filter {
         cmd.arg(f);
