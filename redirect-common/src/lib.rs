@@ -22,6 +22,8 @@ pub mod map_names {
     pub const REV: &str = "REV";
     pub const STATS: &str = "STATS";
     pub const TX_PORTS: &str = "TX_PORTS";
+    pub const CUTOVER: &str = "CUTOVER";
+    pub const HELD: &str = "HELD";
 }
 
 /// The `CONFIG` array map (one entry): what the datapath serves. Changed only by the
@@ -78,12 +80,52 @@ pub mod backend {
     unsafe impl aya::Pod for Backend {}
 }
 
-/// The `ACTIVE` array map (one `u32`): the index in `BACKENDS` that new connections go to.
-/// Flipping is one aligned 32-bit write, so a reader sees the old or the new value, never a mix.
-pub mod active {
-    /// New SYNs are parked (copied to `HELD` and dropped) instead of being forwarded: used
-    /// for the instant of a cutover when neither backend may take new writes.
-    pub const HOLD: u32 = u32::MAX;
+/// The `CUTOVER` array map (one entry): the two datapath levers of a safe cutover, each with
+/// a deadline the kernel enforces itself, so a controller that dies mid-cutover can never
+/// leave clients parked or fenced forever.
+pub mod cutover {
+    /// No backend is fenced.
+    pub const NO_FENCE: u32 = u32::MAX;
+
+    #[repr(C)]
+    #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+    pub struct Cutover {
+        /// Until this `bpf_ktime_get_ns` time, a new connection's SYN is parked in `HELD`
+        /// (and dropped here) instead of being sent to `ACTIVE`; the controller re-injects
+        /// it once the flip is decided. Past it, SYNs go to `ACTIVE` again.
+        pub hold_until_ns: u64,
+        /// Until this time, client packets that carry data on connections pinned to
+        /// `fenced_backend` are dropped: no query or COMMIT of a proxied client reaches that
+        /// server, whatever its role. Replies, bare ACKs, FINs and RSTs still flow.
+        pub fence_until_ns: u64,
+        /// Index in `BACKENDS`, or [`NO_FENCE`].
+        pub fenced_backend: u32,
+        pub _pad0: u32,
+    }
+    const _: () = assert!(core::mem::size_of::<Cutover>() == 24);
+
+    impl Cutover {
+        pub const IDLE: Self = Self { hold_until_ns: 0, fence_until_ns: 0, fenced_backend: NO_FENCE, _pad0: 0 };
+    }
+
+    /// A parked SYN, as `HELD` carries it to user space.
+    #[repr(C)]
+    #[derive(Clone, Copy, Debug)]
+    pub struct HeldSyn {
+        /// The interface it arrived on (re-injection replays it there).
+        pub ifindex: u32,
+        /// Bytes of `frame` in use.
+        pub len: u32,
+        pub held_ns: u64,
+        pub frame: [u8; HELD_FRAME_MAX],
+    }
+    /// A SYN frame is 54 bytes plus at most 40 bytes of TCP options.
+    pub const HELD_FRAME_MAX: usize = 128;
+    const _: () = assert!(core::mem::size_of::<HeldSyn>() == 144);
+
+    #[cfg(feature = "user")]
+    // SAFETY: plain old data, every bit pattern is valid, no implicit padding.
+    unsafe impl aya::Pod for Cutover {}
 }
 
 /// The `CT` hash map: client-side tuple → the translation of that connection.
@@ -129,6 +171,10 @@ pub mod ct {
     pub const FLAG_RST: u32 = 1 << 3;
     /// The entry was reopened by a new SYN from the same client port after a close.
     pub const FLAG_REOPENED: u32 = 1 << 4;
+    /// The client sent data while its backend was fenced: it wants to use a connection to the
+    /// old server, so the controller ends that session at once (the client reconnects to the
+    /// new one) instead of letting it hang until the drain deadline.
+    pub const FLAG_FENCED: u32 = 1 << 5;
 
     /// Closed from both ends, or reset: only the close timeout keeps the entry alive.
     #[must_use]
@@ -227,6 +273,10 @@ pub mod stats {
         SnatExhausted,
         /// A SYN parked while new connections are held.
         SynHeld,
+        /// A SYN that could not be parked (ring full, or too long): dropped, the client retries.
+        SynHoldFailed,
+        /// A client packet of a fenced backend's connection, dropped.
+        Fenced,
         /// Forwarded out of the interface it came in on.
         FibTx,
         /// Forwarded to another interface through the devmap.
@@ -258,6 +308,8 @@ pub mod stats {
         (Stat::CtFull, "ct_full"),
         (Stat::SnatExhausted, "snat_exhausted"),
         (Stat::SynHeld, "syn_held"),
+        (Stat::SynHoldFailed, "syn_hold_failed"),
+        (Stat::Fenced, "fenced"),
         (Stat::FibTx, "fib_tx"),
         (Stat::FibRedirect, "fib_redirect"),
         (Stat::FibPass, "fib_pass"),

@@ -18,13 +18,15 @@ mod nat;
 use aya_ebpf::{
     bindings::xdp_action,
     helpers::bpf_ktime_get_ns,
-    btf_maps::{Array, DevMapHash, HashMap, PerCpuArray},
+    btf_maps::{Array, DevMapHash, HashMap, PerCpuArray, RingBuf},
+    helpers::bpf_xdp_load_bytes,
     macros::{btf_map, xdp},
     programs::XdpContext,
 };
 use redirect_common::{
     backend::{Backend, MAX_BACKENDS},
     config::{Config, FLAG_CONFIGURED},
+    cutover::{Cutover, HELD_FRAME_MAX, HeldSyn},
     ct::{CtEntry, CtKey},
     limits,
     rev::{RevEntry, RevKey},
@@ -69,6 +71,15 @@ static STATS: PerCpuArray<u64, STAT_SLOTS> = PerCpuArray::new();
 #[btf_map(name = "TX_PORTS")]
 static TX_PORTS: DevMapHash<TX_PORT_SLOTS> = DevMapHash::new();
 
+/// The hold and fence levers of a safe cutover (one entry).
+#[btf_map(name = "CUTOVER")]
+static CUTOVER: Array<Cutover, 1> = Array::new();
+
+/// SYNs parked during a hold, for the controller to re-inject after the flip. 256 KiB holds
+/// about 1,800 SYNs: more new connections than a PostgreSQL fleet opens in a barrier's time.
+#[btf_map(name = "HELD")]
+static HELD: RingBuf<HeldSyn, { 256 * 1024 }> = RingBuf::new();
+
 #[inline(always)]
 fn count(stat: Stat) {
     if let Some(counter) = STATS.get_ptr_mut(stat as u32) {
@@ -100,11 +111,46 @@ fn try_redirect_xdp(ctx: &XdpContext) -> Result<u32, Stat> {
     }
     // SAFETY: a helper with no preconditions.
     let now = unsafe { bpf_ktime_get_ns() };
-    Ok(match nat::process(&pkt, cfg, now) {
+    let cut = CUTOVER.get(0).copied().unwrap_or(Cutover::IDLE);
+    Ok(match nat::process(&pkt, cfg, &cut, now) {
         nat::Verdict::Forward => forward::xdp(ctx, &pkt),
         nat::Verdict::Pass => xdp_action::XDP_PASS,
         nat::Verdict::Drop => xdp_action::XDP_DROP,
+        nat::Verdict::Hold => {
+            hold(ctx, now);
+            xdp_action::XDP_DROP
+        }
     })
+}
+
+/// Copies the untouched SYN frame into `HELD`. If it cannot (ring full, frame too long), the
+/// SYN is dropped all the same and the client's retransmit arrives after the hold.
+#[inline(always)]
+fn hold(ctx: &XdpContext, now: u64) {
+    let len = ctx.data_end() - ctx.data();
+    if len == 0 || len > HELD_FRAME_MAX {
+        count(Stat::SynHoldFailed);
+        return;
+    }
+    let Some(mut slot) = HELD.reserve(0) else {
+        count(Stat::SynHoldFailed);
+        return;
+    };
+    let held = slot.as_mut_ptr();
+    // SAFETY: `held` points to a reserved, writable HeldSyn; `len` is in 1..=HELD_FRAME_MAX.
+    let copied = unsafe {
+        (*held).ifindex = ctx.ingress_ifindex() as u32;
+        (*held).len = len as u32;
+        (*held).held_ns = now;
+        bpf_xdp_load_bytes(ctx.ctx, 0, (&raw mut (*held).frame).cast(), len as u32)
+    };
+    if copied == 0 {
+        slot.submit(0);
+        count(Stat::SynHeld);
+    } else {
+        slot.discard(0);
+        count(Stat::SynHoldFailed);
+    }
 }
 
 /// Returns `XDP_PASS`. Tests attach it to namespace-side veth peers, which then have the

@@ -5,8 +5,9 @@ use aya_ebpf::{bindings::BPF_NOEXIST, helpers::bpf_get_prandom_u32};
 use redirect_common::{
     backend::MAX_BACKENDS,
     config::{Config, FLAG_DROP_NONSYN_MISS},
+    cutover::Cutover,
     csum,
-    ct::{CtEntry, CtKey, FLAG_REOPENED, is_closed},
+    ct::{CtEntry, CtKey, FLAG_FENCED, FLAG_REOPENED, is_closed},
     limits::SNAT_PROBES,
     ports,
     rev::{RevEntry, RevKey},
@@ -16,7 +17,7 @@ use redirect_common::{
 
 use crate::{
     ACTIVE, BACKENDS, CT, REV,
-    headers::{Ipv4Hdr, Packet, TcpHdr},
+    headers::{IP_LEN, Ipv4Hdr, Packet, TcpHdr},
     count,
 };
 
@@ -28,17 +29,19 @@ pub enum Verdict {
     Pass,
     /// Drop it (the reason is already counted).
     Drop,
+    /// A new connection's SYN while new connections are held: park it (untouched).
+    Hold,
 }
 
 const EEXIST: i32 = 17;
 
 /// Runs conntrack for one parsed TCP/IPv4 packet and rewrites it in place.
 #[inline(always)]
-pub fn process(pkt: &Packet, cfg: &Config, now: u64) -> Verdict {
+pub fn process(pkt: &Packet, cfg: &Config, cut: &Cutover, now: u64) -> Verdict {
     // SAFETY: `parse` bounds-checked every header.
     let (ip, tcp) = unsafe { (&mut *pkt.ip, &mut *pkt.tcp) };
     if ip.daddr_be == cfg.vip_addr_be && tcp.dport_be == cfg.vip_port_be {
-        forward(ip, tcp, cfg, now)
+        forward(ip, tcp, cfg, cut, now)
     } else {
         reply(ip, tcp, now)
     }
@@ -46,7 +49,7 @@ pub fn process(pkt: &Packet, cfg: &Config, now: u64) -> Verdict {
 
 /// Client → VIP.
 #[inline(always)]
-fn forward(ip: &mut Ipv4Hdr, tcp: &mut TcpHdr, cfg: &Config, now: u64) -> Verdict {
+fn forward(ip: &mut Ipv4Hdr, tcp: &mut TcpHdr, cfg: &Config, cut: &Cutover, now: u64) -> Verdict {
     let key = CtKey {
         client_addr_be: ip.saddr_be,
         vip_addr_be: ip.daddr_be,
@@ -61,6 +64,16 @@ fn forward(ip: &mut Ipv4Hdr, tcp: &mut TcpHdr, cfg: &Config, now: u64) -> Verdic
         // idle timeout instead of the close timeout).
         let entry = unsafe { &mut *entry };
         if !(pure_syn && is_closed(entry.flags)) {
+            if entry.backend_id == cut.fenced_backend && now < cut.fence_until_ns && carries_data(ip, tcp) {
+                // The write fence: nothing a client sends (a query, a COMMIT) reaches the
+                // fenced server, whatever the role. Bare ACKs, FINs and RSTs still pass, so
+                // replies are acknowledged and connections can still close.
+                if entry.flags & FLAG_FENCED == 0 {
+                    entry.flags |= FLAG_FENCED;
+                }
+                count(Stat::Fenced);
+                return Verdict::Drop;
+            }
             // Established packets and retransmitted SYNs keep the backend they started with,
             // whatever ACTIVE says now.
             touch(entry, tcp::state_bits(flags, Direction::Forward), now);
@@ -71,6 +84,9 @@ fn forward(ip: &mut Ipv4Hdr, tcp: &mut TcpHdr, cfg: &Config, now: u64) -> Verdic
         }
         // The client reused the port of a closed connection: a new connection, which goes
         // to the active backend with a fresh SNAT port (the old one stays quarantined).
+        if now < cut.hold_until_ns {
+            return Verdict::Hold;
+        }
         return open(&key, ip, tcp, cfg, now, true);
     }
     if !pure_syn {
@@ -82,6 +98,9 @@ fn forward(ip: &mut Ipv4Hdr, tcp: &mut TcpHdr, cfg: &Config, now: u64) -> Verdic
         } else {
             Verdict::Pass
         };
+    }
+    if now < cut.hold_until_ns {
+        return Verdict::Hold;
     }
     open(&key, ip, tcp, cfg, now, false)
 }
@@ -229,6 +248,13 @@ fn reply(ip: &mut Ipv4Hdr, tcp: &mut TcpHdr, now: u64) -> Verdict {
     count(Stat::ReplyTracked);
     rewrite(ip, tcp, rev.vip_addr_be, rev.client_addr_be, rev.vip_port_be, rev.client_port_be);
     Verdict::Forward
+}
+
+/// Whether the segment has a payload (IPv4 total length beyond both headers).
+#[inline(always)]
+fn carries_data(ip: &Ipv4Hdr, tcp: &TcpHdr) -> bool {
+    let headers = IP_LEN + usize::from(tcp.doff_reserved >> 4) * 4;
+    usize::from(u16::from_be(ip.tot_len_be)) > headers
 }
 
 #[inline(always)]

@@ -66,6 +66,8 @@ pub struct Connection {
     pub backend_addr: SocketAddrV4,
     pub snat: SocketAddrV4,
     pub state: ConnState,
+    /// The client tried to send data to a fenced (old) server.
+    pub fenced: bool,
     #[serde(serialize_with = "as_secs")]
     pub age: Duration,
     #[serde(serialize_with = "as_secs")]
@@ -105,6 +107,7 @@ pub fn list(maps: &Maps) -> Result<Vec<Connection>, DatapathError> {
             backend_addr,
             snat: SocketAddrV4::new(ip_from_be(e.snat_addr_be), u16::from_be(e.snat_port_be)),
             state: ConnState::of(e.flags),
+            fenced: e.flags & ct::FLAG_FENCED != 0,
             age: clock::since(e.created_ns, now),
             idle: clock::since(e.last_seen_ns, now),
         });

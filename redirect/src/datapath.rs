@@ -12,7 +12,7 @@ use std::{
 
 use aya::{
     Ebpf, EbpfLoader,
-    maps::{Array, DevMapHash, HashMap, Map, MapData, PerCpuArray},
+    maps::{Array, DevMapHash, HashMap, Map, MapData, PerCpuArray, RingBuf},
     programs::{
         Xdp, XdpMode,
         links::{FdLink, PinnedLink},
@@ -22,6 +22,7 @@ use aya::{
 use redirect_common::{
     backend::{Backend, MAX_BACKENDS, SOURCE, TARGET},
     config::{Config, FLAG_CONFIGURED},
+    cutover::{Cutover, HeldSyn},
     ct::{CtEntry, CtKey},
     map_names,
     rev::{RevEntry, RevKey},
@@ -42,7 +43,9 @@ pub const PASS_PROGRAM: &str = "xdp_pass";
 /// The default pin directory on a real proxy host.
 pub const DEFAULT_PIN_DIR: &str = "/sys/fs/bpf/redirect";
 
-const ALL_MAPS: [&str; 7] = [
+const ALL_MAPS: [&str; 9] = [
+    map_names::CUTOVER,
+    map_names::HELD,
     map_names::CONFIG,
     map_names::BACKENDS,
     map_names::ACTIVE,
@@ -115,7 +118,7 @@ impl PinDir {
 }
 
 /// Which backend: the server we migrate from, or the one we migrate to.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum, serde::Serialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Role {
     Source,
@@ -197,6 +200,7 @@ pub struct Maps {
     pub rev: HashMap<MapData, RevKey, RevEntry>,
     pub stats: PerCpuArray<MapData, u64>,
     pub tx_ports: DevMapHash<MapData>,
+    pub cutover: Array<MapData, Cutover>,
 }
 
 fn open_pinned(dir: &PinDir, name: &str) -> Result<Map, DatapathError> {
@@ -227,6 +231,7 @@ impl Maps {
             rev: typed!(&dir, map_names::REV),
             stats: typed!(&dir, map_names::STATS),
             tx_ports: typed!(&dir, map_names::TX_PORTS),
+            cutover: typed!(&dir, map_names::CUTOVER),
             dir,
         })
     }
@@ -273,6 +278,20 @@ impl Maps {
             .map_err(|source| DatapathError::Map { what: "writing ACTIVE".into(), source })
     }
 
+    pub fn cutover(&self) -> Result<Cutover, DatapathError> {
+        self.cutover.get(&0, 0).map_err(|source| DatapathError::Map { what: "reading CUTOVER".into(), source })
+    }
+
+    pub fn set_cutover(&mut self, c: Cutover) -> Result<(), DatapathError> {
+        self.cutover.set(0, c, 0).map_err(|source| DatapathError::Map { what: "writing CUTOVER".into(), source })
+    }
+
+    /// Opens the ring of parked SYNs (one reader at a time: the controller).
+    pub fn held(&self) -> Result<RingBuf<MapData>, DatapathError> {
+        let map = open_pinned(&self.dir, map_names::HELD)?;
+        map.try_into().map_err(|source| DatapathError::OpenMap { path: self.dir.map(map_names::HELD), source })
+    }
+
     /// Every counter summed over CPUs, in `Stat` order with its name.
     pub fn stats(&self) -> Result<Vec<(&'static str, u64)>, DatapathError> {
         let mut out = Vec::with_capacity(STAT_COUNT as usize);
@@ -316,8 +335,9 @@ pub struct Spec {
 }
 
 /// What [`install`] did.
-#[derive(Debug, Default)]
 pub struct InstallReport {
+    /// The loaded object; its datapath program re-injects parked SYNs.
+    pub ebpf: Ebpf,
     /// The maps already existed and were re-used (a restart).
     pub adopted_maps: bool,
     /// Interfaces whose pinned link now runs the freshly loaded program.
@@ -361,7 +381,8 @@ pub fn install(dir: &Path, ifaces: &[(String, u32)], mode: AttachMode, spec: &Sp
         .expect("the datapath program is XDP");
     prog.load().map_err(|source| DatapathError::Program { what: "loading the XDP program (verifier)".into(), source })?;
 
-    let mut report = InstallReport { adopted_maps, ..InstallReport::default() };
+    let mut upgraded = Vec::new();
+    let mut attached = Vec::new();
     for (iface, index) in ifaces {
         let index = *index;
         let link_path = pins.link(iface);
@@ -370,14 +391,14 @@ pub fn install(dir: &Path, ifaces: &[(String, u32)], mode: AttachMode, spec: &Sp
                 .map_err(|e| DatapathError::Pin { what: format!("opening {}", link_path.display()), source: Box::new(e) })?;
             let link = XdpLink::try_from(FdLink::from(pinned))
                 .map_err(|e| DatapathError::Pin { what: format!("{} is not an XDP link", link_path.display()), source: Box::new(e) })?;
-            report.upgraded.push(iface.clone());
+            upgraded.push(iface.clone());
             prog.attach_to_link(link)
                 .map_err(|source| DatapathError::Program { what: format!("upgrading the program on {iface}"), source })?
         } else {
             let id = prog
                 .attach(iface, mode.into())
                 .map_err(|source| DatapathError::Program { what: format!("attaching XDP ({mode:?} mode) to {iface}"), source })?;
-            report.attached.push(iface.clone());
+            attached.push(iface.clone());
             id
         };
         let link = prog
@@ -395,7 +416,35 @@ pub fn install(dir: &Path, ifaces: &[(String, u32)], mode: AttachMode, spec: &Sp
             .insert(index, index, None, 0)
             .map_err(|e| DatapathError::Pin { what: format!("adding {iface} to TX_PORTS"), source: Box::new(e) })?;
     }
-    Ok(report)
+    Ok(InstallReport { ebpf, adopted_maps, upgraded, attached })
+}
+
+/// Replays a parked SYN through the datapath program as if it had just arrived on its
+/// interface (`BPF_PROG_TEST_RUN` with `BPF_F_TEST_XDP_LIVE_FRAMES`): the program translates it
+/// to the now-active backend and transmits it for real.
+pub fn reinject(prog: &Xdp, held: &HeldSyn) -> Result<(), DatapathError> {
+    use aya::programs::{TestRun as _, TestRunAttrs, TestRunOptions};
+    let len = (held.len as usize).min(held.frame.len());
+    // struct xdp_md { data, data_end, data_meta, ingress_ifindex, rx_queue_index, egress_ifindex }
+    let mut ctx = [0u8; 24];
+    ctx[4..8].copy_from_slice(&u32::try_from(len).expect("small frame").to_ne_bytes());
+    ctx[12..16].copy_from_slice(&held.ifindex.to_ne_bytes());
+    let mut opts = TestRunOptions::default();
+    opts.data_in = Some(&held.frame[..len]);
+    opts.ctx_in = Some(&ctx);
+    opts.repeat = 1;
+    opts.attrs = TestRunAttrs::new().xdp_live_frames(1);
+    prog.test_run(opts)
+        .map(|_| ())
+        .map_err(|source| DatapathError::Program { what: "re-injecting a held SYN".into(), source })
+}
+
+/// The datapath program of a loaded object.
+pub fn program(ebpf: &mut Ebpf) -> &mut Xdp {
+    ebpf.program_mut(PROGRAM)
+        .expect("the object has the datapath program")
+        .try_into()
+        .expect("the datapath program is XDP")
 }
 
 /// Writes `CONFIG` and `BACKENDS`. `ACTIVE` starts at the source, and a restart keeps it.
@@ -409,6 +458,7 @@ fn configure(maps: &mut Maps, spec: &Spec, adopted: bool) -> Result<(), Datapath
     let active = maps.active_index()?;
     if !adopted || active >= MAX_BACKENDS {
         maps.active.set(0, SOURCE, 0).map_err(map_err("writing ACTIVE"))?;
+        maps.cutover.set(0, Cutover::IDLE, 0).map_err(map_err("writing CUTOVER"))?;
     }
     let mut flags = FLAG_CONFIGURED;
     if spec.drop_nonsyn_miss {

@@ -12,5 +12,9 @@
 pub mod cli;
 pub mod clock;
 pub mod conntrack;
+pub mod control;
+pub mod cutover;
 pub mod datapath;
+pub mod metrics;
 pub mod net;
+pub mod pg;

@@ -2,7 +2,7 @@
 //! Errors end the process with one line on stderr and a non-zero status.
 
 use clap::Parser as _;
-use redirect::cli::{Cli, Command, connections, detach, flip, run, status};
+use redirect::cli::{Cli, Command, connections, detach, flip, history, lag, run, status};
 
 fn main() {
     let cli = Cli::parse();
@@ -21,10 +21,12 @@ fn main() {
             .map_err(anyhow::Error::from)
             .and_then(|rt| {
                 let Command::Run(args) = cli.command else { unreachable!() };
-                rt.block_on(run::run(args, &cli.pin_dir))
+                rt.block_on(run::run(args, &cli.pin_dir, &cli.socket, &cli.journal))
             }),
-        Command::Flip(a) => flip::run(a, &cli.pin_dir),
-        Command::Status(a) => status::run(a, &cli.pin_dir),
+        Command::Flip(a) => flip::run(a, &cli.pin_dir, &cli.socket),
+        Command::Lag(a) => lag::run(a, &cli.socket),
+        Command::History(a) => history::run(a, &cli.journal),
+        Command::Status(a) => status::run(a, &cli.pin_dir, &cli.socket),
         Command::Connections(a) => connections::run(a, &cli.pin_dir),
         Command::Detach(a) => detach::run(a, &cli.pin_dir),
     };

@@ -132,6 +132,8 @@ impl Lab {
             ip(&["-n", &peer_ns, "link", "set", "eth0", "up"]);
             ip(&["-n", &proxy, "link", "set", leg, "up"]);
             ip(&["-n", &peer_ns, "route", "add", "default", "via", &format!("198.18.{net}.1")]);
+            // The servers reach each other through the proxy (replication), routed, not NATed.
+            self.exec_ok(Ns::Proxy, &["sysctl", "-qw", "net.ipv4.ip_forward=1"]);
             // Full checksums from every sender: XDP cannot see CHECKSUM_PARTIAL, so an
             // incremental update of a partial checksum would be wrong. Fail loudly if ethtool
             // is missing: a silent failure leaves ping working and TCP broken.
@@ -157,13 +159,24 @@ impl Lab {
 
     /// Runs `redirect <args>` in the proxy namespace with this lab's pin dir.
     pub fn redirect(&self, args: &[&str]) -> Output {
-        self.cmd(Ns::Proxy, &[])
-            .arg(redirect_bin())
-            .arg("--pin-dir")
-            .arg(&self.pin_dir)
+        self.redirect_cmd()
             .args(args)
             .output()
             .expect("spawning redirect")
+    }
+
+    /// `redirect` in the proxy namespace with this lab's pin dir, control socket and journal.
+    #[must_use]
+    pub fn redirect_cmd(&self) -> Command {
+        let mut c = self.cmd(Ns::Proxy, &[]);
+        c.arg(redirect_bin())
+            .arg("--pin-dir")
+            .arg(&self.pin_dir)
+            .arg("--socket")
+            .arg(self.work_dir.join("control.sock"))
+            .arg("--journal")
+            .arg(self.work_dir.join("journal.jsonl"));
+        c
     }
 
     /// `redirect <args>`, asserting success; returns stdout.
@@ -195,8 +208,8 @@ impl Lab {
         let log_path = self.work_dir.join(format!("redirect-{}.log", self.runs));
         self.runs += 1;
         let log = File::create(&log_path).expect("log file");
-        let mut cmd = self.cmd(Ns::Proxy, &[]);
-        cmd.arg(redirect_bin()).arg("--pin-dir").arg(&self.pin_dir).args(self.run_args()).args(extra);
+        let mut cmd = self.redirect_cmd();
+        cmd.args(self.run_args()).args(extra);
         cmd.stdout(Stdio::null()).stderr(log);
         let mut child = cmd.spawn().expect("spawning redirect run");
         let pid = child.id();

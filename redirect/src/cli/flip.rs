@@ -1,29 +1,60 @@
-//! `redirect flip`: send new connections to the other backend. Existing connections stay on
-//! the backend they started on.
+//! `redirect flip`: move new connections to the other backend.
+//!
+//! With a running controller that knows both databases, this is the safe cutover (hold, fence,
+//! LSN barrier, sequences, reverse replication, flip, release, drain). Without one, it is the
+//! immediate map flip: new connections move, nothing is fenced, and it says so.
 
-use std::path::Path;
+use std::{io::Write as _, path::Path, time::Duration};
 
 use serde::Serialize;
 
+use super::ByteSize;
 use crate::{
     conntrack,
+    control::{self, Request},
     datapath::{Maps, Role},
     net,
 };
 
-/// Send new connections to a backend from now on; existing connections stay where they are.
+/// Send new connections to a backend; existing connections stay where they are.
+///
+/// With a controller running (`redirect run --source-dsn … --target-dsn …`) this is a safe
+/// cutover: nothing acknowledged is lost and no connection is refused. `--to source` after a
+/// cutover is the rollback, over the reverse replication the cutover set up.
 #[derive(Debug, clap::Args)]
 pub struct Args {
     /// The backend that receives new connections.
     #[arg(long, value_enum)]
     pub to: Role,
+    /// Refuse to start while replication lag is above this.
+    #[arg(long, default_value = "1MB")]
+    pub max_lag: ByteSize,
+    /// Refuse to start while replication lag is above this long.
+    #[arg(long, value_parser = humantime::parse_duration, default_value = "5s")]
+    pub max_lag_time: Duration,
+    /// Give up (and roll back) if the new server has not caught up within this.
+    #[arg(long, value_parser = humantime::parse_duration, default_value = "10s")]
+    pub timeout: Duration,
+    /// After the flip, wait this long for the old server's connections to close, then end them.
+    #[arg(long, value_parser = humantime::parse_duration, default_value = "30s")]
+    pub drain_timeout: Duration,
+    /// Print the plan and the preflight findings; change nothing.
+    #[arg(long)]
+    pub dry_run: bool,
+    /// Skip the lag gate (and, for a rollback, the need for reverse replication).
+    #[arg(long)]
+    pub force: bool,
+    /// Only write the map: no fence, no barrier (what happens without a controller).
+    #[arg(long)]
+    pub immediate: bool,
     /// Print the result as JSON.
     #[arg(long)]
     pub json: bool,
 }
 
 #[derive(Serialize)]
-struct Flipped {
+struct Immediate {
+    mode: &'static str,
     from: Option<Role>,
     to: Role,
     addr: String,
@@ -31,13 +62,84 @@ struct Flipped {
     staying: u64,
 }
 
-pub fn run(args: &Args, pin_dir: &Path) -> anyhow::Result<()> {
+pub fn run(args: &Args, pin_dir: &Path, socket: &Path) -> anyhow::Result<()> {
     net::require_root()?;
+    if !args.immediate {
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+        let has_db = rt.block_on(control::call(socket, &Request::HasDatabases, |_| {}))?;
+        if has_db == Some(serde_json::Value::Bool(true)) {
+            return safe(args, socket, &rt);
+        }
+        if args.dry_run {
+            anyhow::bail!("--dry-run needs a running controller that knows both databases (redirect run --source-dsn … --target-dsn …)");
+        }
+    }
+    immediate(args, pin_dir, has_controller(socket))
+}
+
+fn has_controller(socket: &Path) -> bool {
+    std::os::unix::net::UnixStream::connect(socket).is_ok()
+}
+
+fn millis(d: Duration) -> u64 {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
+}
+
+fn safe(args: &Args, socket: &Path, rt: &tokio::runtime::Runtime) -> anyhow::Result<()> {
+    let req = Request::Flip {
+        to: args.to,
+        max_lag_bytes: args.max_lag.0,
+        max_lag_time_ms: millis(args.max_lag_time),
+        timeout_ms: millis(args.timeout),
+        drain_timeout_ms: millis(args.drain_timeout),
+        dry_run: args.dry_run,
+        force: args.force,
+    };
+    let report = rt
+        .block_on(control::call(socket, &req, |p| {
+            eprintln!("  {p}");
+            let _ = std::io::stderr().flush();
+        }))?
+        .ok_or_else(|| anyhow::anyhow!("the controller at {} went away", socket.display()))?;
+    if args.json {
+        return super::print_json(&report);
+    }
+    let f = |k: &str| report[k].clone();
+    if args.dry_run {
+        println!("dry run: nothing was changed");
+        println!("plan:");
+        for step in f("plan").as_array().into_iter().flatten() {
+            println!("  - {}", step.as_str().unwrap_or_default());
+        }
+        println!("findings:");
+        for x in f("findings").as_array().into_iter().flatten() {
+            println!("  - {}", x.as_str().unwrap_or_default());
+        }
+        return Ok(());
+    }
+    println!(
+        "cutover to {} done: write pause {:.1} ms, connections held {:.1} ms ({} held), barrier {:.1} ms at {}",
+        args.to,
+        f("write_pause_ms").as_f64().unwrap_or(0.0),
+        f("hold_ms").as_f64().unwrap_or(0.0),
+        f("held_syns"),
+        f("barrier_ms").as_f64().unwrap_or(0.0),
+        f("fence_lsn").as_str().unwrap_or("?"),
+    );
+    println!("reverse replication: {}", f("reverse_replication").as_str().unwrap_or(""));
+    println!(
+        "drain: {} busy session(s) ended at the fence, {} when their client used them, {} at the drain deadline",
+        f("terminated_at_fence"),
+        f("drained_on_use"),
+        f("terminated_at_drain")
+    );
+    Ok(())
+}
+
+fn immediate(args: &Args, pin_dir: &Path, controller_running: bool) -> anyhow::Result<()> {
     let mut maps = Maps::open(pin_dir)?;
     let from = maps.active()?;
-    let to_addr = maps
-        .backend(args.to)?
-        .ok_or_else(|| anyhow::anyhow!("the {} backend is not configured", args.to))?;
+    let to_addr = maps.backend(args.to)?.ok_or_else(|| anyhow::anyhow!("the {} backend is not configured", args.to))?;
     maps.set_active(args.to)?;
     let other = match args.to {
         Role::Source => Role::Target,
@@ -47,7 +149,7 @@ pub fn run(args: &Args, pin_dir: &Path) -> anyhow::Result<()> {
         Some(b) => conntrack::live_per_backend(&maps)?.get(&b.addr).copied().unwrap_or(0),
         None => 0,
     };
-    let out = Flipped { from, to: args.to, addr: to_addr.addr.to_string(), staying };
+    let out = Immediate { mode: "immediate", from, to: args.to, addr: to_addr.addr.to_string(), staying };
     if args.json {
         return super::print_json(&out);
     }
@@ -57,5 +159,11 @@ pub fn run(args: &Args, pin_dir: &Path) -> anyhow::Result<()> {
         println!("new connections now go to {} ({})", args.to, out.addr);
     }
     println!("{staying} live connection(s) stay on {other} until they close");
+    if !args.immediate {
+        eprintln!(
+            "note: immediate flip (no write fence, no LSN barrier): {}",
+            if controller_running { "the controller has no --source-dsn/--target-dsn" } else { "no controller is running" }
+        );
+    }
     Ok(())
 }

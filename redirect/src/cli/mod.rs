@@ -7,6 +7,8 @@ use clap::{Parser, Subcommand};
 pub mod connections;
 pub mod detach;
 pub mod flip;
+pub mod history;
+pub mod lag;
 pub mod run;
 pub mod status;
 
@@ -21,6 +23,14 @@ pub struct Cli {
     #[arg(long, global = true, env = "REDIRECT_PIN_DIR", default_value = crate::datapath::DEFAULT_PIN_DIR)]
     pub pin_dir: PathBuf,
 
+    /// The running controller's control socket.
+    #[arg(long, global = true, env = "REDIRECT_SOCKET", default_value = crate::control::DEFAULT_SOCKET)]
+    pub socket: PathBuf,
+
+    /// The cutover journal (append-only JSON lines).
+    #[arg(long, global = true, env = "REDIRECT_JOURNAL", default_value = "/var/lib/redirect/journal.jsonl")]
+    pub journal: PathBuf,
+
     #[command(subcommand)]
     pub command: Command,
 }
@@ -29,6 +39,8 @@ pub struct Cli {
 pub enum Command {
     Run(run::Args),
     Flip(flip::Args),
+    Lag(lag::Args),
+    History(history::Args),
     Status(status::Args),
     Connections(connections::Args),
     Detach(detach::Args),
@@ -61,6 +73,30 @@ impl std::fmt::Display for PortRange {
     }
 }
 
+/// A size in bytes: `65536`, `512kB`, `1MB`, `2GB` (1024-based, as PostgreSQL's units are).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ByteSize(pub u64);
+
+impl std::str::FromStr for ByteSize {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let s = s.trim();
+        let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
+        let (num, unit) = s.split_at(split);
+        let n: u64 = num.parse().map_err(|_| format!("{s:?} is not a size like 1MB or 65536"))?;
+        // PostgreSQL's own units (kB, MB, GB) are powers of 1024, so are these.
+        let mult: u64 = match unit.trim().to_ascii_lowercase().as_str() {
+            "" | "b" => 1,
+            "k" | "kb" | "kib" => 1 << 10,
+            "m" | "mb" | "mib" => 1 << 20,
+            "g" | "gb" | "gib" => 1 << 30,
+            other => return Err(format!("unknown size unit {other:?} (use B, kB, MB or GB)")),
+        };
+        n.checked_mul(mult).map(Self).ok_or_else(|| format!("{s:?} is too large"))
+    }
+}
+
 /// Prints `value` as pretty JSON on stdout.
 pub fn print_json<T: serde::Serialize>(value: &T) -> anyhow::Result<()> {
     println!("{}", serde_json::to_string_pretty(value)?);
@@ -78,6 +114,15 @@ mod tests {
         assert!("0-10".parse::<PortRange>().is_err());
         assert!("40000".parse::<PortRange>().is_err());
         assert!("1-70000".parse::<PortRange>().is_err());
+    }
+
+    #[test]
+    fn byte_sizes() {
+        assert_eq!("1MB".parse(), Ok(ByteSize(1 << 20)));
+        assert_eq!("512kB".parse(), Ok(ByteSize(512 << 10)));
+        assert_eq!("65536".parse(), Ok(ByteSize(65536)));
+        assert!("1XB".parse::<ByteSize>().is_err());
+        assert!("MB".parse::<ByteSize>().is_err());
     }
 
     #[test]

@@ -3,7 +3,8 @@
 
 use std::{
     net::{Ipv4Addr, SocketAddrV4},
-    path::Path,
+    path::{Path, PathBuf},
+    sync::{Arc, Mutex},
     time::Duration,
 };
 
@@ -13,8 +14,14 @@ use tracing::{info, warn};
 use super::PortRange;
 use crate::{
     conntrack::{self, Timeouts},
+    control,
+    cutover::{Controller, Databases},
     datapath::{self, AttachMode, BackendAddr, Maps, Spec},
-    net,
+    metrics, net,
+    pg::{
+        Dsn, PasswordSources,
+        lag::Replication,
+    },
 };
 
 /// Load the datapath on this host and keep its connection table clean.
@@ -68,6 +75,37 @@ pub struct Args {
     /// Load, attach and configure, then exit instead of serving (the datapath stays).
     #[arg(long)]
     pub once: bool,
+
+    /// The source server, as a libpq key=value DSN (no password: see --source-password-file).
+    #[arg(long, env = "REDIRECT_SOURCE_DSN")]
+    pub source_dsn: Option<String>,
+    /// The target server, as a libpq key=value DSN (sslmode=require/verify-full supported).
+    #[arg(long, env = "REDIRECT_TARGET_DSN")]
+    pub target_dsn: Option<String>,
+    /// File holding the source password (else REDIRECT_SOURCE_PASSWORD, else PGPASSFILE/~/.pgpass).
+    #[arg(long)]
+    pub source_password_file: Option<PathBuf>,
+    /// File holding the target password (else REDIRECT_TARGET_PASSWORD, else PGPASSFILE/~/.pgpass).
+    #[arg(long)]
+    pub target_password_file: Option<PathBuf>,
+    /// How the target is kept in sync.
+    #[arg(long, value_enum, default_value = "logical")]
+    pub replication: Replication,
+    /// The subscription on the target (logical; default: the only one there).
+    #[arg(long)]
+    pub subscription: Option<String>,
+    /// How the source server reaches the target for reverse replication (default: --target-dsn).
+    #[arg(long)]
+    pub reverse_conninfo: Option<String>,
+    /// Timeout of every database query.
+    #[arg(long, value_parser = humantime::parse_duration, default_value = "5s")]
+    pub query_timeout: Duration,
+    /// How often to measure replication lag.
+    #[arg(long, value_parser = humantime::parse_duration, default_value = "1s")]
+    pub lag_interval: Duration,
+    /// Serve Prometheus metrics at http://ADDR/metrics.
+    #[arg(long, default_value = "127.0.0.1:9187")]
+    pub metrics_addr: std::net::SocketAddr,
 }
 
 impl Args {
@@ -83,6 +121,32 @@ impl Args {
 
 /// Checks everything that can be checked before touching the kernel, so a bad argument leaves
 /// nothing half-done.
+fn databases(args: &Args) -> anyhow::Result<Option<Databases>> {
+    let (source, target) = match (&args.source_dsn, &args.target_dsn) {
+        (None, None) => return Ok(None),
+        (Some(s), Some(t)) => (s, t),
+        _ => anyhow::bail!("give both --source-dsn and --target-dsn, or neither"),
+    };
+    let source = Dsn::parse(
+        "source",
+        source,
+        &PasswordSources { file: args.source_password_file.clone(), env: Some("REDIRECT_SOURCE_PASSWORD".into()) },
+    )?;
+    let target = Dsn::parse(
+        "target",
+        target,
+        &PasswordSources { file: args.target_password_file.clone(), env: Some("REDIRECT_TARGET_PASSWORD".into()) },
+    )?;
+    Ok(Some(Databases {
+        source,
+        target,
+        replication: args.replication,
+        subscription: args.subscription.clone(),
+        reverse_conninfo: args.reverse_conninfo.clone(),
+        query_timeout: args.query_timeout,
+    }))
+}
+
 fn preflight(args: &Args, pin_dir: &Path) -> anyhow::Result<(Vec<(String, u32)>, Spec)> {
     net::require_root()?;
     let mut ifaces = Vec::new();
@@ -115,8 +179,15 @@ fn preflight(args: &Args, pin_dir: &Path) -> anyhow::Result<(Vec<(String, u32)>,
     Ok((ifaces, spec))
 }
 
-pub async fn run(args: Args, pin_dir: &Path) -> anyhow::Result<()> {
+pub async fn run(args: Args, pin_dir: &Path, socket: &Path, journal: &Path) -> anyhow::Result<()> {
     let (ifaces, spec) = preflight(&args, pin_dir)?;
+    let db = databases(&args)?;
+    if let Some(db) = &db {
+        // Fail before touching the kernel if a server cannot be reached at all.
+        for dsn in [&db.source, &db.target] {
+            drop(dsn.connect().await?);
+        }
+    }
     if !args.no_sysctl {
         let names: Vec<String> = ifaces.iter().map(|(n, _)| n.clone()).collect();
         for change in net::ensure_forwarding(&names)? {
@@ -134,12 +205,28 @@ pub async fn run(args: Args, pin_dir: &Path) -> anyhow::Result<()> {
         adopted = report.adopted_maps,
         attached = ?report.attached,
         upgraded = ?report.upgraded,
+        databases = db.as_ref().map_or("none (flips are immediate)".to_owned(), |d| format!("{:?} / {:?}", d.source, d.target)),
         "datapath ready"
     );
-    let mut maps = Maps::open(pin_dir)?;
+    let maps = Maps::open(pin_dir)?;
     info!(active = %maps.active()?.map_or("none", |r| r.name()), "new connections go to this backend");
     if args.once {
         return Ok(());
+    }
+    let ctl = Arc::new(Controller {
+        maps: Mutex::new(maps),
+        ebpf: Mutex::new(report.ebpf),
+        db,
+        journal_path: journal.to_path_buf(),
+        busy: tokio::sync::Mutex::new(()),
+        phase: Mutex::new("idle"),
+        last_lag: Mutex::new(None),
+        last_report: Mutex::new(None),
+    });
+    match ctl.recover().await {
+        Ok(Some(what)) => warn!(recovery = %what, "the previous controller stopped mid-cutover"),
+        Ok(None) => {}
+        Err(e) => warn!(error = %e, "could not check the journal for an unfinished cutover"),
     }
     let shutdown = CancellationToken::new();
     tokio::spawn({
@@ -149,13 +236,45 @@ pub async fn run(args: Args, pin_dir: &Path) -> anyhow::Result<()> {
             shutdown.cancel();
         }
     });
-    serve_gc(&mut maps, args.timeouts(), args.gc_interval, &shutdown).await;
+    let control = tokio::spawn(control::serve(socket.to_path_buf(), ctl.clone(), shutdown.clone()));
+    match tokio::net::TcpListener::bind(args.metrics_addr).await {
+        Ok(l) => {
+            info!(addr = %args.metrics_addr, "serving /metrics");
+            tokio::spawn(metrics::serve(l, ctl.clone(), shutdown.clone()));
+        }
+        Err(e) => warn!(addr = %args.metrics_addr, error = %e, "cannot serve /metrics"),
+    }
+    if ctl.db.is_some() {
+        tokio::spawn(watch_lag(ctl.clone(), args.lag_interval, shutdown.clone()));
+    }
+    serve_gc(&ctl, args.timeouts(), args.gc_interval, &shutdown).await;
+    if let Ok(Err(e)) = control.await {
+        warn!(error = %e, "control socket");
+    }
     info!("controller stopped; the datapath stays attached and pinned");
     Ok(())
 }
 
+/// Keeps `last_lag` fresh for `/metrics` and `status`.
+async fn watch_lag(ctl: Arc<Controller>, interval: Duration, shutdown: CancellationToken) {
+    let mut tick = tokio::time::interval(interval);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            () = shutdown.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        if *ctl.phase.lock().expect("phase lock") != "idle" {
+            continue;
+        }
+        if let Err(e) = ctl.measure_lag().await {
+            warn!(error = %e, "measuring replication lag");
+        }
+    }
+}
+
 /// Runs GC passes until `shutdown`.
-pub async fn serve_gc(maps: &mut Maps, timeouts: Timeouts, interval: Duration, shutdown: &CancellationToken) {
+pub async fn serve_gc(ctl: &Controller, timeouts: Timeouts, interval: Duration, shutdown: &CancellationToken) {
     let mut tick = tokio::time::interval(interval);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -165,7 +284,11 @@ pub async fn serve_gc(maps: &mut Maps, timeouts: Timeouts, interval: Duration, s
         }
         // A pass is a few map syscalls per entry; at 1M entries it takes seconds, which is
         // fine for a dedicated task (block_in_place keeps the runtime's other tasks running).
-        match tokio::task::block_in_place(|| conntrack::gc(maps, &timeouts)) {
+        let result = tokio::task::block_in_place(|| {
+            let mut maps = ctl.maps.lock().expect("maps lock");
+            conntrack::gc(&mut maps, &timeouts)
+        });
+        match result {
             Ok(r) if r.ct_expired + r.ports_quarantined + r.ports_released > 0 => {
                 info!(expired = r.ct_expired, quarantined = r.ports_quarantined, released = r.ports_released, live = r.ct_live, "conntrack gc");
             }

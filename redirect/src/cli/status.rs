@@ -38,6 +38,8 @@ pub struct Status {
     /// All tracked entries, including closing ones.
     pub tracked: u64,
     pub stats: BTreeMap<&'static str, u64>,
+    /// Replication lag from the running controller, when it knows the databases.
+    pub lag: Option<serde_json::Value>,
 }
 
 pub fn collect(maps: &Maps) -> anyhow::Result<Status> {
@@ -57,13 +59,18 @@ pub fn collect(maps: &Maps) -> anyhow::Result<Status> {
         backends,
         tracked: conns.len() as u64,
         stats: maps.stats()?.into_iter().collect(),
+        lag: None,
     })
 }
 
-pub fn run(args: &Args, pin_dir: &Path) -> anyhow::Result<()> {
+pub fn run(args: &Args, pin_dir: &Path, socket: &Path) -> anyhow::Result<()> {
     net::require_root()?;
     let maps = Maps::open(pin_dir)?;
-    let status = collect(&maps)?;
+    let mut status = collect(&maps)?;
+    if socket.exists() {
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+        status.lag = rt.block_on(crate::control::call(socket, &crate::control::Request::Lag, |_| {})).ok().flatten();
+    }
     if args.json {
         return super::print_json(&status);
     }
@@ -75,6 +82,9 @@ pub fn run(args: &Args, pin_dir: &Path) -> anyhow::Result<()> {
         println!("{marker} {name:<7} {:<21} snat {:<15} {} live connection(s)", b.addr, b.snat, b.connections);
     }
     println!("tracked entries: {}", status.tracked);
+    if let Some(lag) = &status.lag {
+        println!("lag:        {} bytes, {:.3} s", lag["bytes"], lag["seconds"].as_f64().unwrap_or(0.0));
+    }
     println!("counters:");
     for (name, v) in &status.stats {
         if *v > 0 {

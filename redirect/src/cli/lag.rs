@@ -1,0 +1,45 @@
+//! `redirect lag`: replication lag in bytes and seconds, and its health, from the controller.
+
+use std::{path::Path, time::Duration};
+
+use crate::control::{self, Request};
+
+/// Show replication lag (bytes and seconds) and health.
+#[derive(Debug, clap::Args)]
+pub struct Args {
+    /// Print the result as JSON.
+    #[arg(long)]
+    pub json: bool,
+    /// Keep printing, once per interval.
+    #[arg(long)]
+    pub watch: bool,
+    /// The interval for --watch.
+    #[arg(long, value_parser = humantime::parse_duration, default_value = "1s")]
+    pub interval: Duration,
+}
+
+pub fn run(args: &Args, socket: &Path) -> anyhow::Result<()> {
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    loop {
+        let lag = rt
+            .block_on(control::call(socket, &Request::Lag, |_| {}))?
+            .ok_or_else(|| anyhow::anyhow!("no controller at {} (start `redirect run` with --source-dsn and --target-dsn)", socket.display()))?;
+        if args.json {
+            println!("{}", serde_json::to_string(&lag)?);
+        } else {
+            let problems: Vec<&str> = lag["problems"].as_array().into_iter().flatten().filter_map(|p| p.as_str()).collect();
+            println!(
+                "{} lag: {} bytes, {:.3} s, source at {}{}",
+                lag["replication"].as_str().unwrap_or("?"),
+                lag["bytes"],
+                lag["seconds"].as_f64().unwrap_or(0.0),
+                lag["source_lsn"].as_str().unwrap_or("?"),
+                if problems.is_empty() { " (healthy)".to_owned() } else { format!(" (UNHEALTHY: {})", problems.join("; ")) }
+            );
+        }
+        if !args.watch {
+            return Ok(());
+        }
+        std::thread::sleep(args.interval);
+    }
+}

@@ -1,0 +1,154 @@
+//! The control socket: a root-only Unix socket on which the running controller serves the CLI
+//! (`flip`, `lag`, `status`). One JSON request per connection; the answer is JSON lines:
+//! `{"progress": "..."}` while a long step runs, then `{"ok": ...}` or `{"error": "..."}`.
+
+use std::{
+    os::unix::fs::PermissionsExt as _,
+    path::{Path, PathBuf},
+    sync::Arc,
+    time::Duration,
+};
+
+use serde::{Deserialize, Serialize};
+use tokio::{
+    io::{AsyncBufReadExt as _, AsyncWriteExt as _, BufReader},
+    net::{UnixListener, UnixStream},
+};
+use tokio_util::sync::CancellationToken;
+use tracing::{info, warn};
+
+use crate::{
+    cutover::{Controller, FlipRequest},
+    datapath::Role,
+};
+
+/// Where the CLI finds the controller by default.
+pub const DEFAULT_SOCKET: &str = "/run/redirect/control.sock";
+
+#[derive(Debug, Serialize, Deserialize)]
+pub enum Request {
+    Flip {
+        to: Role,
+        max_lag_bytes: u64,
+        max_lag_time_ms: u64,
+        timeout_ms: u64,
+        drain_timeout_ms: u64,
+        dry_run: bool,
+        force: bool,
+    },
+    Lag,
+    HasDatabases,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Reply {
+    Progress(String),
+    Ok(serde_json::Value),
+    Error(String),
+}
+
+/// Serves `ctl` on `path` until `shutdown`.
+pub async fn serve(path: PathBuf, ctl: Arc<Controller>, shutdown: CancellationToken) -> std::io::Result<()> {
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
+    if path.exists() {
+        if UnixStream::connect(&path).await.is_ok() {
+            return Err(std::io::Error::other(format!("another controller already serves {}", path.display())));
+        }
+        std::fs::remove_file(&path)?;
+    }
+    let listener = UnixListener::bind(&path)?;
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))?;
+    info!(socket = %path.display(), "control socket ready");
+    loop {
+        tokio::select! {
+            () = shutdown.cancelled() => break,
+            accepted = listener.accept() => {
+                let (stream, _) = accepted?;
+                let ctl = ctl.clone();
+                tokio::spawn(async move {
+                    if let Err(e) = handle(stream, ctl).await {
+                        warn!(error = %e, "control connection");
+                    }
+                });
+            }
+        }
+    }
+    let _ = std::fs::remove_file(&path);
+    Ok(())
+}
+
+async fn send(w: &mut (impl tokio::io::AsyncWrite + Unpin), reply: &Reply) -> std::io::Result<()> {
+    let mut line = serde_json::to_string(reply).expect("replies serialize");
+    line.push('\n');
+    w.write_all(line.as_bytes()).await
+}
+
+async fn handle(stream: UnixStream, ctl: Arc<Controller>) -> std::io::Result<()> {
+    let (r, mut w) = stream.into_split();
+    let mut line = String::new();
+    BufReader::new(r).read_line(&mut line).await?;
+    let request: Request = match serde_json::from_str(&line) {
+        Ok(r) => r,
+        Err(e) => return send(&mut w, &Reply::Error(format!("bad request: {e}"))).await,
+    };
+    let reply = match request {
+        Request::HasDatabases => Reply::Ok(serde_json::json!(ctl.db.is_some())),
+        Request::Lag => match ctl.measure_lag().await {
+            Ok(l) => Reply::Ok(serde_json::to_value(l).expect("lag serializes")),
+            Err(e) => Reply::Error(e.to_string()),
+        },
+        Request::Flip { to, max_lag_bytes, max_lag_time_ms, timeout_ms, drain_timeout_ms, dry_run, force } => {
+            let req = FlipRequest {
+                to,
+                max_lag_bytes,
+                max_lag_time: Duration::from_millis(max_lag_time_ms),
+                timeout: Duration::from_millis(timeout_ms),
+                drain_timeout: Duration::from_millis(drain_timeout_ms),
+                dry_run,
+                force,
+            };
+            info!(to = %to, dry_run, force, "cutover requested");
+            let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+            let task = tokio::spawn({
+                let ctl = ctl.clone();
+                async move { ctl.cutover(req, tx).await }
+            });
+            while let Some(p) = rx.recv().await {
+                info!(progress = %p, "cutover");
+                // A CLI that went away does not stop the cutover.
+                let _ = send(&mut w, &Reply::Progress(p)).await;
+            }
+            match task.await {
+                Ok(Ok(report)) => Reply::Ok(serde_json::to_value(report).expect("report serializes")),
+                Ok(Err(e)) => {
+                    warn!(error = %e, "cutover failed");
+                    Reply::Error(e.to_string())
+                }
+                Err(e) => Reply::Error(format!("cutover task failed: {e}")),
+            }
+        }
+    };
+    send(&mut w, &reply).await
+}
+
+/// Sends `request` to the controller at `path`, passing progress lines to `on_progress`.
+/// `Ok(None)` means no controller is listening there.
+pub async fn call(path: &Path, request: &Request, mut on_progress: impl FnMut(&str)) -> anyhow::Result<Option<serde_json::Value>> {
+    let Ok(stream) = UnixStream::connect(path).await else { return Ok(None) };
+    let (r, mut w) = stream.into_split();
+    let mut line = serde_json::to_string(request)?;
+    line.push('\n');
+    w.write_all(line.as_bytes()).await?;
+    let mut lines = BufReader::new(r).lines();
+    while let Some(l) = lines.next_line().await? {
+        match serde_json::from_str::<Reply>(&l)? {
+            Reply::Progress(p) => on_progress(&p),
+            Reply::Ok(v) => return Ok(Some(v)),
+            Reply::Error(e) => anyhow::bail!("{e}"),
+        }
+    }
+    anyhow::bail!("the controller closed the connection without an answer")
+}
