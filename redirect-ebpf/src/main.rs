@@ -137,12 +137,18 @@ fn hold(ctx: &XdpContext, now: u64) {
         return;
     };
     let held = slot.as_mut_ptr();
-    // SAFETY: `held` points to a reserved, writable HeldSyn; `len` is in 1..=HELD_FRAME_MAX.
+    // 1..=HELD_FRAME_MAX by construction, in a form the verifier can see: LLVM folds the range
+    // check above into one on `len - 1`, which tells the verifier nothing about `len`; the
+    // volatile read stops LLVM from folding the mask away again.
+    // SAFETY: reading a local.
+    let m = unsafe { core::ptr::read_volatile(&(len as u32 - 1)) };
+    let n = (m & (HELD_FRAME_MAX as u32 - 1)) + 1;
+    // SAFETY: `held` points to a reserved, writable HeldSyn; `n` fits its frame.
     let copied = unsafe {
         (*held).ifindex = ctx.ingress_ifindex() as u32;
-        (*held).len = len as u32;
+        (*held).len = n;
         (*held).held_ns = now;
-        bpf_xdp_load_bytes(ctx.ctx, 0, (&raw mut (*held).frame).cast(), len as u32)
+        bpf_xdp_load_bytes(ctx.ctx, 0, (&raw mut (*held).frame).cast(), n)
     };
     if copied == 0 {
         slot.submit(0);
