@@ -171,3 +171,25 @@ pub fn ensure_forwarding(ifaces: &[String]) -> Result<Vec<String>, NetError> {
     }
     Ok(changed)
 }
+
+/// Keeps the host's own ephemeral ports (the controller's database sessions, health checks)
+/// out of the SNAT range, so they can never collide with a translated connection's tuple
+/// (cilium#30858). Only sets `ip_local_reserved_ports` when it is empty or already ours.
+pub fn reserve_ports(lo: u16, hi: u16) -> Result<Option<String>, NetError> {
+    let name = "net.ipv4.ip_local_reserved_ports";
+    let path = Path::new("/proc/sys/net/ipv4/ip_local_reserved_ports");
+    let io = |source| NetError::Io { what: format!("sysctl {name}"), source };
+    let current = fs::read_to_string(path).map_err(io)?;
+    let want = if lo == hi { lo.to_string() } else { format!("{lo}-{hi}") };
+    if current.trim() == want {
+        return Ok(None);
+    }
+    if !current.trim().is_empty() {
+        return Err(NetError::Io {
+            what: format!("{name} is already {:?}; add {want} to it yourself", current.trim()),
+            source: std::io::Error::other("not changed"),
+        });
+    }
+    fs::write(path, &want).map_err(io)?;
+    Ok(Some(format!("{name}={want}")))
+}

@@ -12,6 +12,7 @@
 
 pub mod packet;
 pub mod pg;
+pub mod workload;
 
 use std::{
     fs::File,
@@ -83,6 +84,8 @@ pub struct Lab {
     children: Vec<Child>,
     /// How many times `redirect run` was started; names its log `redirect-<n>.log`.
     runs: u32,
+    /// The pid of the latest `redirect run`.
+    redirect_pid: Option<u32>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -102,7 +105,7 @@ impl Lab {
         let work_dir = std::env::temp_dir().join(format!("redirect-lab-{id}"));
         let _ = std::fs::remove_dir_all(&work_dir);
         std::fs::create_dir_all(&work_dir).expect("creating the lab work dir");
-        let lab = Self { pin_dir: Path::new(LAB_BPFFS).join(&id), id, work_dir, children: Vec::new(), runs: 0 };
+        let lab = Self { pin_dir: Path::new(LAB_BPFFS).join(&id), id, work_dir, children: Vec::new(), runs: 0, redirect_pid: None };
         lab.build();
         lab
     }
@@ -218,7 +221,8 @@ impl Lab {
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
             let log = std::fs::read_to_string(&log_path).unwrap_or_default();
-            if log.contains("datapath ready") {
+            let want_db = extra.contains(&"--source-dsn");
+            if log.contains("datapath ready") && (!want_db || log.contains("cutovers are ready") || log.contains("could not prepare")) {
                 break;
             }
             if let Ok(Some(status)) = child.try_wait() {
@@ -228,7 +232,26 @@ impl Lab {
             std::thread::sleep(Duration::from_millis(50));
         }
         self.children.push(child);
+        self.redirect_pid = Some(pid);
         pid
+    }
+
+    /// The pid of the latest `redirect run` this lab started.
+    #[must_use]
+    pub fn redirect_pid(&self) -> Option<u32> {
+        self.redirect_pid
+    }
+
+    /// The log of the latest `redirect run`.
+    #[must_use]
+    pub fn last_redirect_log(&self) -> String {
+        let n = self.runs.saturating_sub(1);
+        std::fs::read_to_string(self.work_dir.join(format!("redirect-{n}.log"))).unwrap_or_default()
+    }
+
+    /// Reaps children that have exited (after a test killed one).
+    pub fn reap_exited(&mut self) {
+        self.children.retain_mut(|c| matches!(c.try_wait(), Ok(None)));
     }
 
     /// Spawns a long-running process in a namespace; it is killed when the lab drops.

@@ -92,3 +92,45 @@ pub async fn connect(host: &str) -> tokio_postgres::Client {
 pub async fn cluster_name(client: &tokio_postgres::Client) -> String {
     client.query_one("SHOW cluster_name", &[]).await.expect("SHOW cluster_name").get(0)
 }
+
+/// Runs SQL on a lab server over its Unix socket with psql; returns the unaligned output.
+pub fn psql(lab: &Lab, ns: Ns, pg: &Pg, sql: &str) -> String {
+    let data = pg.data_dir.display().to_string();
+    let out = lab.exec_ok(ns, &["psql", "-X", "-q", "-At", "-v", "ON_ERROR_STOP=1", "-h", &data, "-U", "postgres", "-d", "postgres", "-c", sql]);
+    String::from_utf8_lossy(&out.stdout).trim().to_owned()
+}
+
+/// The workload's schema, created on both servers.
+pub const SCHEMA: &str = "CREATE TABLE acks (id bigserial PRIMARY KEY, writer int NOT NULL, seq bigint NOT NULL, \
+     at timestamptz NOT NULL DEFAULT clock_timestamp(), UNIQUE (writer, seq))";
+
+/// Logical replication source → target: a publication for all tables on the source and a
+/// subscription on the target that connects through the proxy namespace (routed, not NATed).
+pub fn setup_logical(lab: &Lab, source: &Pg, target: &Pg) {
+    psql(lab, Ns::Source, source, SCHEMA);
+    psql(lab, Ns::Target, target, SCHEMA);
+    psql(lab, Ns::Source, source, "CREATE PUBLICATION redirect_pub FOR ALL TABLES");
+    psql(
+        lab,
+        Ns::Target,
+        target,
+        &format!("CREATE SUBSCRIPTION redirect_sub CONNECTION '{}' PUBLICATION redirect_pub", dsn(crate::SOURCE_ADDR)),
+    );
+    wait_for(Duration::from_secs(60), "the subscription's initial sync", || {
+        psql(lab, Ns::Target, target, "SELECT count(*) FROM pg_subscription_rel WHERE srsubstate <> 'r'") == "0"
+            && psql(lab, Ns::Source, source, "SELECT count(*) FROM pg_replication_slots WHERE active") == "1"
+    });
+}
+
+/// The `run` flags that give the controller both databases.
+#[must_use]
+pub fn controller_flags() -> Vec<String> {
+    vec![
+        "--source-dsn".into(),
+        dsn(crate::SOURCE_ADDR),
+        "--target-dsn".into(),
+        dsn(crate::TARGET_ADDR),
+        "--subscription".into(),
+        "redirect_sub".into(),
+    ]
+}

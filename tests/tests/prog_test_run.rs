@@ -279,3 +279,47 @@ fn everything_else_passes_untouched() {
     }
     assert!(p.ct(C1, 45000).is_none());
 }
+
+#[test]
+fn a_hold_parks_new_syns_and_a_fence_drops_client_data_of_the_fenced_backend() {
+    use aya::maps::RingBuf;
+    use redirect_common::cutover::{Cutover, HeldSyn, NO_FENCE};
+    let mut p = Prog::new((40000, 59999), 0);
+    let established = p.translate(syn(C1, 45000));
+    assert_eq!(established.dst, SRC);
+    {
+        let mut cut: Array<&mut MapData, Cutover> = p.map("CUTOVER");
+        cut.set(0, Cutover { hold_until_ns: u64::MAX, fence_until_ns: u64::MAX, fenced_backend: SOURCE, _pad0: 0 }, 0).unwrap();
+    }
+    // A new connection's SYN is parked, untouched.
+    let frame = packet::tcp_frame(syn(C2, 45001), b"");
+    assert_eq!(p.run(&frame).0, XDP_DROP);
+    assert!(p.ct(C2, 45001).is_none(), "a held SYN creates no state");
+    assert_eq!(p.stat(Stat::SynHeld), 1);
+    let mut ring: RingBuf<&mut MapData> = p.map("HELD");
+    let item = ring.next().expect("the SYN is in HELD");
+    assert_eq!(item.len(), std::mem::size_of::<HeldSyn>());
+    // SAFETY: the datapath wrote a HeldSyn.
+    let held: HeldSyn = unsafe { std::ptr::read_unaligned(item.as_ptr().cast()) };
+    assert_eq!(&held.frame[..held.len as usize], &frame[..], "the frame is parked byte for byte");
+    drop(item);
+    drop(ring);
+    // Data from a client of the fenced source is dropped; a bare ACK or FIN still passes.
+    let (v, _) = p.run(&packet::tcp_frame(Tcp { flags: ACK | PSH, ..syn(C1, 45000) }, b"INSERT"));
+    assert_eq!(v, XDP_DROP, "a query to the fenced server never arrives");
+    assert_eq!(p.stat(Stat::Fenced), 1);
+    assert_ne!(p.ct(C1, 45000).unwrap().flags & redirect_common::ct::FLAG_FENCED, 0, "marked for the drain");
+    for flags in [ACK, FIN | ACK] {
+        let (v, out) = p.run(&packet::tcp_frame(Tcp { flags, ..syn(C1, 45000) }, b""));
+        assert_eq!((v, packet::parse(&out).0.dst), (XDP_PASS, SRC), "a bare {flags:#x} passes the fence");
+    }
+    // Replies from the fenced server still reach the client.
+    let reply = p.translate(Tcp { src: SRC, sport: 5432, dst: SRC_SNAT, dport: established.sport, flags: ACK | PSH });
+    assert_eq!(reply.dst, C1);
+    // Lifting the hold: new SYNs go to ACTIVE again.
+    {
+        let mut cut: Array<&mut MapData, Cutover> = p.map("CUTOVER");
+        cut.set(0, Cutover { hold_until_ns: 0, fence_until_ns: 0, fenced_backend: NO_FENCE, _pad0: 0 }, 0).unwrap();
+    }
+    assert_eq!(p.translate(syn(C2, 45001)).dst, SRC);
+}

@@ -73,6 +73,12 @@ pub fn run(args: &Args, pin_dir: &Path, socket: &Path) -> anyhow::Result<()> {
         if args.dry_run {
             anyhow::bail!("--dry-run needs a running controller that knows both databases (redirect run --source-dsn … --target-dsn …)");
         }
+        if has_db.is_none() && socket.exists() {
+            anyhow::bail!(
+                "the control socket {} exists but no controller answers; refusing to flip without the safe cutover (pass --immediate to flip the map only)",
+                socket.display()
+            );
+        }
     }
     immediate(args, pin_dir, has_controller(socket))
 }

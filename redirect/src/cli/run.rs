@@ -193,6 +193,11 @@ pub async fn run(args: Args, pin_dir: &Path, socket: &Path, journal: &Path) -> a
         for change in net::ensure_forwarding(&names)? {
             info!(sysctl = %change, "set");
         }
+        match net::reserve_ports(args.snat_ports.lo, args.snat_ports.hi) {
+            Ok(Some(change)) => info!(sysctl = %change, "set: the host's own connections stay out of the SNAT range"),
+            Ok(None) => {}
+            Err(e) => warn!(error = %e, "could not reserve the SNAT ports; the host's own connections may collide with them"),
+        }
     }
     let report = datapath::install(pin_dir, &ifaces, args.xdp_mode, &spec)?;
     info!(
@@ -223,11 +228,6 @@ pub async fn run(args: Args, pin_dir: &Path, socket: &Path, journal: &Path) -> a
         last_lag: Mutex::new(None),
         last_report: Mutex::new(None),
     });
-    match ctl.recover().await {
-        Ok(Some(what)) => warn!(recovery = %what, "the previous controller stopped mid-cutover"),
-        Ok(None) => {}
-        Err(e) => warn!(error = %e, "could not check the journal for an unfinished cutover"),
-    }
     let shutdown = CancellationToken::new();
     tokio::spawn({
         let shutdown = shutdown.clone();
@@ -237,6 +237,21 @@ pub async fn run(args: Args, pin_dir: &Path, socket: &Path, journal: &Path) -> a
         }
     });
     let control = tokio::spawn(control::serve(socket.to_path_buf(), ctl.clone(), shutdown.clone()));
+    {
+        // Under the cutover lock: a flip that arrives meanwhile waits for this to finish.
+        let _busy = ctl.busy.lock().await;
+        match ctl.recover().await {
+            Ok(Some(what)) => warn!(recovery = %what, "the previous controller stopped mid-cutover"),
+            Ok(None) => {}
+            Err(e) => warn!(error = %e, "could not check the journal for an unfinished cutover"),
+        }
+        if ctl.db.is_some() {
+            match ctl.prepare().await {
+                Ok(()) => info!(table = crate::cutover::BARRIER_TABLE, "the barrier table replicates; cutovers are ready"),
+                Err(e) => warn!(error = %e, "could not prepare the barrier table; a cutover will try again"),
+            }
+        }
+    }
     match tokio::net::TcpListener::bind(args.metrics_addr).await {
         Ok(l) => {
             info!(addr = %args.metrics_addr, "serving /metrics");

@@ -50,15 +50,25 @@ const BYPASS_SESSIONS: &str = "SELECT count(*)::int8, coalesce(string_agg(DISTIN
      AND application_name <> 'redirect' AND (client_addr IS NULL OR host(client_addr) <> $1)";
 /// Proxied sessions that may be mid-write: running a statement, or inside a transaction.
 /// Idle sessions are fenced by the network and cannot start one.
-const TERMINATE_BUSY: &str = "SELECT pid FROM pg_stat_activity WHERE backend_type = 'client backend' \
+/// The candidates are materialized first: in a single WHERE the planner may evaluate
+/// pg_terminate_backend() before the other conditions, ending sessions (a walsender!) that
+/// they would have excluded.
+const TERMINATE_BUSY: &str = "WITH busy AS MATERIALIZED (SELECT pid FROM pg_stat_activity WHERE backend_type = 'client backend' \
      AND pid <> pg_backend_pid() AND application_name <> 'redirect' AND host(client_addr) = $1 \
-     AND (state <> 'idle' OR backend_xid IS NOT NULL) AND pg_terminate_backend(pid)";
+     AND (state <> 'idle' OR backend_xid IS NOT NULL)) SELECT pid FROM busy WHERE pg_terminate_backend(pid)";
 const STILL_RUNNING: &str = "SELECT count(*)::int8 FROM pg_stat_activity WHERE pid = ANY($1)";
-const TERMINATE_TUPLES: &str = "SELECT count(*)::int8 FROM pg_stat_activity WHERE host(client_addr) = $1 \
-     AND client_port = ANY($2) AND pg_terminate_backend(pid)";
+const TERMINATE_TUPLES: &str = "WITH drained AS MATERIALIZED (SELECT pid FROM pg_stat_activity WHERE backend_type = 'client backend' \
+     AND pid <> pg_backend_pid() AND application_name <> 'redirect' AND host(client_addr) = $1 \
+     AND client_port = ANY($2)) SELECT count(*)::int8 FROM drained WHERE pg_terminate_backend(pid)";
+const SUB_SLOT: &str = "SELECT subslotname::text FROM pg_subscription WHERE subname = $1";
+const APPLY_WORKER: &str = "SELECT st.pid FROM pg_stat_subscription st JOIN pg_subscription s ON s.oid = st.subid \
+     WHERE s.subname = $1 AND st.relid IS NULL";
 const PUBLICATION_HAS_BARRIER: &str = "SELECT count(*)::int8 FROM pg_publication_tables \
      WHERE pubname = ANY($1) AND schemaname = 'public' AND tablename = 'redirect_barrier'";
 const SUB_PUBLICATIONS: &str = "SELECT subpublications::text[] FROM pg_subscription WHERE subname = $1";
+/// Whether the subscription already replicates the barrier table (a table added to a
+/// publication, even FOR ALL TABLES, needs a REFRESH PUBLICATION on the subscriber).
+const SUBSCRIPTION_HAS_BARRIER: &str = "SELECT count(*)::int8 FROM pg_subscription_rel sr JOIN pg_subscription s ON s.oid = sr.srsubid      JOIN pg_class c ON c.oid = sr.srrelid JOIN pg_namespace n ON n.oid = c.relnamespace      WHERE s.subname = $1 AND n.nspname = 'public' AND c.relname = 'redirect_barrier'";
 
 /// What the operator asked for.
 #[derive(Clone, Debug)]
@@ -227,7 +237,11 @@ impl Controller {
 
     /// Runs a safe cutover to `req.to`, reporting progress lines on `progress`.
     pub async fn cutover(self: &Arc<Self>, req: FlipRequest, progress: UnboundedSender<String>) -> Result<FlipReport, CutoverError> {
-        let _guard = self.busy.try_lock().map_err(|_| CutoverError::Busy)?;
+        // Waits briefly for start-up work (recovery, preparation); refuses a concurrent cutover.
+        let _guard = match tokio::time::timeout(Duration::from_secs(30), self.busy.lock()).await {
+            Ok(g) if *self.phase.lock().expect("phase lock") == "idle" => g,
+            _ => return Err(CutoverError::Busy),
+        };
         let db = self.db.clone().ok_or(CutoverError::NoDatabases)?;
         let qt = db.query_timeout;
         let from = self.maps.lock().expect("maps lock").active()?.unwrap_or(Role::Source);
@@ -299,11 +313,9 @@ impl Controller {
                 .await?
                 .map(|r| r.get(0));
             let pubs = pubs.unwrap_or_default();
-            let barrier_published = match from_db.query_one(PUBLICATION_HAS_BARRIER, &[&pubs]).await {
-                Ok(r) => r.get::<_, i64>(0) > 0,
-                Err(_) => false,
-            };
-            if !barrier_published {
+            let published = from_db.query_one(PUBLICATION_HAS_BARRIER, &[&pubs]).await.map_or(0, |r| r.get::<_, i64>(0)) > 0;
+            let subscribed = to_db.query_one(SUBSCRIPTION_HAS_BARRIER, &[&sub]).await.map_or(0, |r| r.get::<_, i64>(0)) > 0;
+            if !(published && subscribed) {
                 prepare.push(format!("create {BARRIER_TABLE} on both servers, add it to publication {pubs:?} and refresh subscription {sub:?}"));
             }
             report.plan.push(format!("barrier: a marker row in {BARRIER_TABLE}, written on the {from} after the fence, seen on the {to}"));
@@ -341,10 +353,37 @@ impl Controller {
 
         let mut rec = Recorder { journal: Journal::open(&self.journal_path)?, id: journal::new_id(), from, to, steps: Vec::new(), progress: progress.clone() };
         rec.log("start", t0, (None, None), format!("cutover {from} -> {to}{}", if req.force { " (FORCED)" } else { "" }))?;
-        if logical && !prepare.is_empty() {
+        if logical {
+            if !prepare.is_empty() {
+                let t = Instant::now();
+                self.prepare_barrier(&from_db, &to_db, &watch, qt).await?;
+                rec.log("prepare", t, (None, None), prepare.join("; "))?;
+            }
+            // A rehearsal of the barrier with nothing held or fenced: it proves the marker
+            // replicates (a refreshed subscription restarts its worker, which can take
+            // seconds) and shows what the real one will cost.
             let t = Instant::now();
-            self.prepare_barrier(&from_db, &to_db, &watch, qt).await?;
-            rec.log("prepare", t, (None, None), prepare.join("; "))?;
+            let token = format!("rehearsal-{}-{}", rec.id, std::process::id());
+            timed("source", "writing the rehearsal marker", qt, from_db.execute(WRITE_MARKER, &[&token])).await?;
+            // Forced, a failed rehearsal is only reported: the real barrier still guards the flip.
+            let until = Instant::now() + if req.force { Duration::from_secs(1) } else { req.timeout };
+            let mut arrived = true;
+            while timed("target", "looking for the rehearsal marker", qt, to_db.query_opt(SEE_MARKER, &[&token])).await?.is_none() {
+                if Instant::now() > until {
+                    if !req.force {
+                        return Err(CutoverError::Preflight(format!("the {to} did not apply a rehearsal marker within --timeout {:?}; nothing was changed", req.timeout)));
+                    }
+                    arrived = false;
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+            let what = if arrived {
+                format!("a marker took {:.1} ms to reach the {to}", t.elapsed().as_secs_f64() * 1000.0)
+            } else {
+                format!("FORCED: a marker did not reach the {to}; the barrier will likely time out")
+            };
+            rec.log("rehearsal", t, (None, None), what)?;
         }
         rec.log("preflight", t0, (report.lag.as_ref().map(|l| l.source_lsn.clone()), None), report.findings.join("; "))?;
 
@@ -548,12 +587,19 @@ impl Controller {
                 .map_err(abort("reverse"))?;
             undo.disabled_subscription = Some((to, sub.clone()));
             if to == Role::Target {
-                let sql = format!(
-                    "DO $$ BEGIN IF NOT EXISTS (SELECT 1 FROM pg_publication WHERE pubname = '{REVERSE}') THEN CREATE PUBLICATION {REVERSE} FOR ALL TABLES; END IF; END $$; \
-                     SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots WHERE slot_name = '{REVERSE}' AND NOT active; \
-                     SELECT pg_create_logical_replication_slot('{REVERSE}', 'pgoutput');"
-                );
-                match timed("target", "creating the reverse slot", qt, to_db.batch_execute(&sql)).await {
+                // Separate statements: a slot cannot be created in a transaction that wrote.
+                let reverse = async {
+                    to_db
+                        .batch_execute(&format!(
+                            "DO $$ BEGIN IF NOT EXISTS (SELECT 1 FROM pg_publication WHERE pubname = '{REVERSE}') THEN CREATE PUBLICATION {REVERSE} FOR ALL TABLES; END IF; END $$"
+                        ))
+                        .await?;
+                    to_db
+                        .execute(&format!("SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots WHERE slot_name = '{REVERSE}' AND NOT active"), &[])
+                        .await?;
+                    to_db.execute(&format!("SELECT pg_create_logical_replication_slot('{REVERSE}', 'pgoutput')"), &[]).await.map(|_| ())
+                };
+                match timed("target", "creating the reverse slot", qt, reverse).await {
                     Ok(()) => {
                         undo.reverse_slot = true;
                         report.reverse_replication = format!("slot {REVERSE} on the target from {}", applied.clone().unwrap_or_default());
@@ -562,7 +608,28 @@ impl Controller {
                     Err(e) => return Err(abort("reverse")(e)),
                 }
             } else {
-                report.reverse_replication = format!("stopped {REVERSE}");
+                // Rollback: retire the reverse replication, and restart the forward one from
+                // here, skipping what the source received back from the target (the target
+                // has it already), so a later cutover can run again.
+                let fwd = self.db.as_ref().and_then(|d| d.subscription.clone());
+                let rollback = async {
+                    to_db
+                        .batch_execute(&format!("ALTER SUBSCRIPTION {REVERSE} SET (slot_name = NONE); DROP SUBSCRIPTION {REVERSE}"))
+                        .await?;
+                    from_db.execute(&format!("SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots WHERE slot_name = '{REVERSE}'"), &[]).await?;
+                    let Some(fwd) = fwd else { return Ok::<_, tokio_postgres::Error>("forward subscription unknown (name it with --subscription); not restarted".to_owned()) };
+                    let slot: Option<String> = from_db.query_opt(SUB_SLOT, &[&fwd]).await?.and_then(|r| r.get(0));
+                    if let Some(slot) = slot {
+                        to_db.execute("SELECT pg_replication_slot_advance($1, pg_current_wal_lsn())", &[&slot]).await?;
+                    }
+                    from_db.batch_execute(&format!("ALTER SUBSCRIPTION {} ENABLE", quote_ident(&fwd))).await?;
+                    Ok(format!("reverse replication retired; forward subscription {fwd} restarted from the rollback point"))
+                };
+                report.reverse_replication = match timed("source", "retiring reverse replication", qt, rollback).await {
+                    Ok(s) => s,
+                    Err(e) => format!("FAILED to restart forward replication: {e}; the rollback itself is complete"),
+                };
+                undo.disabled_subscription = None;
             }
         } else {
             timed("target", "promoting", qt, to_db.query_one("SELECT pg_promote(true, 60)", &[])).await.map_err(abort("promote"))?;
@@ -658,17 +725,61 @@ impl Controller {
     }
 
     async fn prepare_barrier(&self, from_db: &Client, to_db: &Client, watch: &Watch, qt: Duration) -> Result<(), CutoverError> {
-        let sub = lag::subscription_name(to_db, watch, qt).await?;
-        let pubs: Vec<String> = timed("subscriber", "reading the subscription", qt, to_db.query_one(SUB_PUBLICATIONS, &[&sub])).await?.get(0);
         timed("publisher", "creating the barrier table", qt, from_db.batch_execute(CREATE_BARRIER)).await?;
         timed("subscriber", "creating the barrier table", qt, to_db.batch_execute(CREATE_BARRIER)).await?;
+        let sub = lag::subscription_name(to_db, watch, qt).await?;
+        let pubs: Vec<String> = timed("subscriber", "reading the subscription", qt, to_db.query_one(SUB_PUBLICATIONS, &[&sub])).await?.get(0);
         let n: i64 = timed("publisher", "checking the publication", qt, from_db.query_one(PUBLICATION_HAS_BARRIER, &[&pubs])).await?.get(0);
         if n == 0 {
             let first = pubs.first().cloned().unwrap_or_default();
             timed("publisher", "adding the barrier table", qt, from_db.batch_execute(&format!("ALTER PUBLICATION {} ADD TABLE {BARRIER_TABLE}", quote_ident(&first)))).await?;
+        }
+        let m: i64 = timed("subscriber", "checking the subscription", qt, to_db.query_one(SUBSCRIPTION_HAS_BARRIER, &[&sub])).await?.get(0);
+        if m == 0 {
             timed("subscriber", "refreshing the subscription", qt, to_db.batch_execute(&format!("ALTER SUBSCRIPTION {} REFRESH PUBLICATION WITH (copy_data = false)", quote_ident(&sub)))).await?;
         }
+        // Prove it: a marker must arrive while the same apply worker runs before and after
+        // (a refresh may restart the worker, and the launcher takes up to
+        // wal_retrieve_retry_interval, 5 s by default, to start a new one).
+        let until = Instant::now() + Duration::from_secs(15);
+        let mut n = 0u32;
+        loop {
+            n += 1;
+            let before = apply_worker(to_db, &sub).await;
+            let token = format!("prepare-{}-{n}", journal::new_id());
+            timed("publisher", "writing a test marker", qt, from_db.execute(WRITE_MARKER, &[&token])).await?;
+            let seen_by = Instant::now() + Duration::from_secs(2);
+            let mut seen = false;
+            while Instant::now() < seen_by {
+                if timed("subscriber", "looking for the test marker", qt, to_db.query_opt(SEE_MARKER, &[&token])).await?.is_some() {
+                    seen = true;
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+            if seen && before.is_some() && apply_worker(to_db, &sub).await == before {
+                break;
+            }
+            if Instant::now() > until {
+                return Err(CutoverError::Preflight(format!("{BARRIER_TABLE} does not replicate through subscription {sub:?}")));
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
         Ok(())
+    }
+
+    /// Makes the barrier table replicate from the active server to the other, off the critical
+    /// path: `run` does this at start, so a cutover finds it ready.
+    pub async fn prepare(&self) -> Result<(), CutoverError> {
+        let db = self.db.as_ref().ok_or(CutoverError::NoDatabases)?;
+        let active = self.maps.lock().expect("maps lock").active()?.unwrap_or(Role::Source);
+        let to = other(active);
+        let watch = self.watch_for(to)?;
+        if watch.replication != Replication::Logical {
+            return Ok(());
+        }
+        let (from_db, to_db) = (self.dsn(active)?.connect().await?, self.dsn(to)?.connect().await?);
+        self.prepare_barrier(&from_db, &to_db, &watch, db.query_timeout).await
     }
 
     /// After a restart: finish or undo a cutover the previous controller left unfinished.
@@ -716,6 +827,11 @@ impl Controller {
         journal.append(Entry { cutover: first.cutover.clone(), step: "recovered".into(), from: first.from, to: first.to, detail: what.clone(), ..Entry::default() })?;
         Ok(Some(what))
     }
+}
+
+/// The pid of a subscription's apply worker, if one runs.
+async fn apply_worker(c: &Client, sub: &str) -> Option<i32> {
+    c.query_opt(APPLY_WORKER, &[&sub]).await.ok().flatten().and_then(|r| r.get::<_, Option<i32>>(0))
 }
 
 /// `'text'` with quotes doubled: a SQL string literal.

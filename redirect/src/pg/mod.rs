@@ -14,13 +14,13 @@ pub enum PgError {
     #[error("{which} DSN: {reason}")]
     BadDsn { which: &'static str, reason: String },
     /// Could not connect (network, auth, TLS).
-    #[error("connecting to the {which} ({target}): {source}")]
+    #[error("connecting to the {which} ({target}): {}", describe(source))]
     Connect { which: &'static str, target: String, source: tokio_postgres::Error },
     /// Building the TLS connector failed (bad root certificate file, ...).
     #[error("{which} TLS: {reason}")]
     Tls { which: &'static str, reason: String },
     /// A query failed.
-    #[error("{which}: {what}: {source}")]
+    #[error("{which}: {what}: {}", describe(source))]
     Query { which: &'static str, what: &'static str, source: tokio_postgres::Error },
     /// A query did not answer in time.
     #[error("{which}: {what}: no answer within {timeout:?}")]
@@ -276,6 +276,23 @@ pub fn pgpass_lookup(text: &str, host: &str, port: u16, db: &str, user: &str) ->
         }
     }
     None
+}
+
+/// The server's message for a database error (tokio-postgres only says "db error"), else the
+/// error with its causes.
+#[must_use]
+pub fn describe(e: &tokio_postgres::Error) -> String {
+    if let Some(db) = e.as_db_error() {
+        return format!("{} ({})", db.message(), db.code().code());
+    }
+    let mut s = e.to_string();
+    let mut cur = std::error::Error::source(e);
+    while let Some(c) = cur {
+        s.push_str(": ");
+        s.push_str(&c.to_string());
+        cur = c.source();
+    }
+    s
 }
 
 /// Runs one query with a timeout, mapping both failure kinds to [`PgError`].

@@ -1,0 +1,131 @@
+//! A client workload that writes through the VIP and records every acknowledged commit, so a
+//! test can prove that none was lost and that no connection attempt was refused.
+
+use std::time::{Duration, Instant};
+
+use tokio_postgres::NoTls;
+
+use crate::pg::dsn;
+
+/// What one writer saw.
+#[derive(Debug, Default, Clone)]
+pub struct WriterLog {
+    /// `(writer, seq)` of every acknowledged insert.
+    pub acked: Vec<(i32, i64)>,
+    /// When each was acknowledged.
+    pub ack_times: Vec<Instant>,
+    /// Connection attempts that failed (refused, timed out, reset during the handshake).
+    pub refused: u64,
+    /// Statements that failed on an open connection (e.g. its session ended at the fence).
+    pub errors: Vec<String>,
+    /// The slowest successful connect.
+    pub max_connect: Duration,
+}
+
+/// The whole workload's result.
+#[derive(Debug, Default)]
+pub struct Verdict {
+    pub logs: Vec<WriterLog>,
+}
+
+impl Verdict {
+    pub fn acked(&self) -> impl Iterator<Item = (i32, i64)> + '_ {
+        self.logs.iter().flat_map(|l| l.acked.iter().copied())
+    }
+
+    #[must_use]
+    pub fn refused(&self) -> u64 {
+        self.logs.iter().map(|l| l.refused).sum()
+    }
+
+    /// The longest time no writer got an acknowledgement (between the first and last ack).
+    #[must_use]
+    pub fn longest_pause(&self) -> Duration {
+        let mut t: Vec<Instant> = self.logs.iter().flat_map(|l| l.ack_times.iter().copied()).collect();
+        t.sort();
+        t.windows(2).map(|w| w[1] - w[0]).max().unwrap_or_default()
+    }
+
+    #[must_use]
+    pub fn max_connect(&self) -> Duration {
+        self.logs.iter().map(|l| l.max_connect).max().unwrap_or_default()
+    }
+
+    #[must_use]
+    pub fn errors(&self) -> Vec<String> {
+        self.logs.iter().flat_map(|l| l.errors.iter().cloned()).collect()
+    }
+}
+
+/// One task per writer id in `writers` inserts through `host` for `duration`; writers with an odd id reconnect
+/// every `reconnect_every` commits (new connections), the others keep one connection
+/// (reconnecting only after an error). Bounded in time; stops by itself.
+pub async fn run(host: &str, writers: std::ops::Range<i32>, duration: Duration, reconnect_every: u32) -> Verdict {
+    let deadline = Instant::now() + duration;
+    let mut set = tokio::task::JoinSet::new();
+    for w in writers {
+        let host = host.to_owned();
+        set.spawn(async move { writer(&host, w, deadline, if w % 2 == 1 { Some(reconnect_every) } else { None }).await });
+    }
+    let mut v = Verdict::default();
+    while let Some(log) = set.join_next().await {
+        v.logs.push(log.expect("writer task"));
+    }
+    v
+}
+
+async fn writer(host: &str, id: i32, deadline: Instant, reconnect_every: Option<u32>) -> WriterLog {
+    let mut log = WriterLog::default();
+    let mut client: Option<tokio_postgres::Client> = None;
+    let mut seq: i64 = 0;
+    let mut since_connect = 0u32;
+    while Instant::now() < deadline {
+        if client.is_none() {
+            let t = Instant::now();
+            match tokio::time::timeout(Duration::from_secs(10), tokio_postgres::connect(&dsn(host), NoTls)).await {
+                Ok(Ok((c, conn))) => {
+                    tokio::spawn(async move {
+                        let _ = conn.await;
+                    });
+                    log.max_connect = log.max_connect.max(t.elapsed());
+                    client = Some(c);
+                    since_connect = 0;
+                }
+                Ok(Err(e)) => {
+                    log.refused += 1;
+                    log.errors.push(format!("connect: {e}"));
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                    continue;
+                }
+                Err(_) => {
+                    log.refused += 1;
+                    log.errors.push("connect: timed out".into());
+                    continue;
+                }
+            }
+        }
+        let c = client.as_ref().expect("connected");
+        seq += 1;
+        match tokio::time::timeout(Duration::from_secs(30), c.execute("INSERT INTO acks (writer, seq) VALUES ($1, $2)", &[&id, &seq])).await {
+            Ok(Ok(_)) => {
+                log.acked.push((id, seq));
+                log.ack_times.push(Instant::now());
+                since_connect += 1;
+                if reconnect_every.is_some_and(|n| since_connect >= n) {
+                    client = None;
+                }
+            }
+            Ok(Err(e)) => {
+                // Not acknowledged: it may or may not have committed, so it is not counted,
+                // and the next attempt uses a new seq.
+                log.errors.push(format!("insert: {e}"));
+                client = None;
+            }
+            Err(_) => {
+                log.errors.push("insert: no answer in 30 s".into());
+                client = None;
+            }
+        }
+    }
+    log
+}
