@@ -6,7 +6,8 @@ use anyhow::Context as _;
 use aya_build::{Package, Toolchain};
 
 fn main() -> anyhow::Result<()> {
-    let toolchain = std::env::var("REDIRECT_EBPF_TOOLCHAIN").unwrap_or_else(|_| "debian-web".into());
+    let toolchain =
+        std::env::var("REDIRECT_EBPF_TOOLCHAIN").unwrap_or_else(|_| "debian-web".into());
     println!("cargo:rerun-if-env-changed=REDIRECT_EBPF_TOOLCHAIN");
     let ebpf = Package {
         name: "redirect-ebpf",

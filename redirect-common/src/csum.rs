@@ -10,7 +10,10 @@
 pub const fn fold(mut sum: u32) -> u16 {
     sum = (sum & 0xffff) + (sum >> 16);
     sum = (sum & 0xffff) + (sum >> 16);
-    #[expect(clippy::cast_possible_truncation, reason = "folded twice: fits in 16 bits")]
+    #[expect(
+        clippy::cast_possible_truncation,
+        reason = "folded twice: fits in 16 bits"
+    )]
     let folded = sum as u16;
     folded
 }
@@ -27,7 +30,10 @@ pub const fn replace2(check: u16, old: u16, new: u16) -> u16 {
 #[must_use]
 #[inline(always)]
 pub const fn replace4(check: u16, old: u32, new: u32) -> u16 {
-    #[expect(clippy::cast_possible_truncation, reason = "splitting into 16-bit halves")]
+    #[expect(
+        clippy::cast_possible_truncation,
+        reason = "splitting into 16-bit halves"
+    )]
     let sum = (!check) as u32
         + (!(old as u16)) as u32
         + (!((old >> 16) as u16)) as u32

@@ -105,7 +105,12 @@ pub mod cutover {
     const _: () = assert!(core::mem::size_of::<Cutover>() == 24);
 
     impl Cutover {
-        pub const IDLE: Self = Self { hold_until_ns: 0, fence_until_ns: 0, fenced_backend: NO_FENCE, _pad0: 0 };
+        pub const IDLE: Self = Self {
+            hold_until_ns: 0,
+            fence_until_ns: 0,
+            fenced_backend: NO_FENCE,
+            _pad0: 0,
+        };
     }
 
     /// A parked SYN, as `HELD` carries it to user space.

@@ -41,7 +41,11 @@ mod tests {
     fn keeps_the_client_port_when_in_range() {
         assert_eq!(candidate(45000, 7, 0, 40000, 59999), 45000);
         assert_eq!(candidate(45000, 7, 1, 40000, 59999), 45001);
-        assert_eq!(candidate(59999, 7, 1, 40000, 59999), 40000, "wraps inside the range");
+        assert_eq!(
+            candidate(59999, 7, 1, 40000, 59999),
+            40000,
+            "wraps inside the range"
+        );
     }
 
     #[test]

@@ -67,7 +67,11 @@ mod tests {
     fn every_flag_byte_is_classified_consistently() {
         for flags in 0..=u8::MAX {
             let fwd = state_bits(flags, Direction::Forward);
-            assert_eq!(fwd & FLAG_SEEN_NON_SYN == 0, is_pure_syn(flags), "{flags:#x}");
+            assert_eq!(
+                fwd & FLAG_SEEN_NON_SYN == 0,
+                is_pure_syn(flags),
+                "{flags:#x}"
+            );
             assert_eq!(fwd & FLAG_RST != 0, flags & RST != 0);
             assert_eq!(state_bits(flags, Direction::Reply) & FLAG_FIN_CLIENT, 0);
         }

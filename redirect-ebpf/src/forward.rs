@@ -4,10 +4,10 @@
 //! to). The packet is fully rewritten before any of these, so the fallback is always correct.
 
 use aya_ebpf::{
+    EbpfContext,
     bindings::{bpf_fib_lookup as FibParams, xdp_action},
     helpers::bpf_fib_lookup,
     programs::XdpContext,
-    EbpfContext,
 };
 use redirect_common::stats::Stat;
 

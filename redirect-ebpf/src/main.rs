@@ -17,8 +17,8 @@ mod nat;
 
 use aya_ebpf::{
     bindings::xdp_action,
-    helpers::bpf_ktime_get_ns,
     btf_maps::{Array, DevMapHash, HashMap, PerCpuArray, RingBuf},
+    helpers::bpf_ktime_get_ns,
     helpers::bpf_xdp_load_bytes,
     macros::{btf_map, xdp},
     programs::XdpContext,
@@ -26,8 +26,8 @@ use aya_ebpf::{
 use redirect_common::{
     backend::{Backend, MAX_BACKENDS},
     config::{Config, FLAG_CONFIGURED},
-    cutover::{Cutover, HELD_FRAME_MAX, HeldSyn},
     ct::{CtEntry, CtKey},
+    cutover::{Cutover, HELD_FRAME_MAX, HeldSyn},
     limits,
     rev::{RevEntry, RevKey},
     stats::{STAT_COUNT, Stat},

@@ -5,9 +5,9 @@ use aya_ebpf::{bindings::BPF_NOEXIST, helpers::bpf_get_prandom_u32};
 use redirect_common::{
     backend::MAX_BACKENDS,
     config::{Config, FLAG_DROP_NONSYN_MISS},
-    cutover::Cutover,
     csum,
     ct::{CtEntry, CtKey, FLAG_FENCED, FLAG_REOPENED, is_closed},
+    cutover::Cutover,
     limits::SNAT_PROBES,
     ports,
     rev::{RevEntry, RevKey},
@@ -16,9 +16,8 @@ use redirect_common::{
 };
 
 use crate::{
-    ACTIVE, BACKENDS, CT, REV,
+    ACTIVE, BACKENDS, CT, REV, count,
     headers::{IP_LEN, Ipv4Hdr, Packet, TcpHdr},
-    count,
 };
 
 /// What to do with a packet after conntrack.
@@ -64,7 +63,10 @@ fn forward(ip: &mut Ipv4Hdr, tcp: &mut TcpHdr, cfg: &Config, cut: &Cutover, now:
         // idle timeout instead of the close timeout).
         let entry = unsafe { &mut *entry };
         if !(pure_syn && is_closed(entry.flags)) {
-            if entry.backend_id == cut.fenced_backend && now < cut.fence_until_ns && carries_data(ip, tcp) {
+            if entry.backend_id == cut.fenced_backend
+                && now < cut.fence_until_ns
+                && carries_data(ip, tcp)
+            {
                 // The write fence: nothing a client sends (a query, a COMMIT) reaches the
                 // fenced server, whatever the role. Bare ACKs, FINs and RSTs still pass, so
                 // replies are acknowledged and connections can still close.
@@ -79,7 +81,14 @@ fn forward(ip: &mut Ipv4Hdr, tcp: &mut TcpHdr, cfg: &Config, cut: &Cutover, now:
             touch(entry, tcp::state_bits(flags, Direction::Forward), now);
             count(Stat::ForwardTracked);
             let e = *entry;
-            rewrite(ip, tcp, e.snat_addr_be, e.backend_addr_be, e.snat_port_be, e.backend_port_be);
+            rewrite(
+                ip,
+                tcp,
+                e.snat_addr_be,
+                e.backend_addr_be,
+                e.snat_port_be,
+                e.backend_port_be,
+            );
             return Verdict::Forward;
         }
         // The client reused the port of a closed connection: a new connection, which goes
@@ -144,7 +153,13 @@ fn open(
     let client_port = u16::from_be(key.client_port_be);
     let mut claimed: Option<RevKey> = None;
     for attempt in 0..SNAT_PROBES {
-        let port = ports::candidate(client_port, random, attempt, cfg.snat_port_min, cfg.snat_port_max);
+        let port = ports::candidate(
+            client_port,
+            random,
+            attempt,
+            cfg.snat_port_min,
+            cfg.snat_port_max,
+        );
         let rev_key = RevKey {
             backend_addr_be: backend.addr_be,
             snat_addr_be: backend.snat_addr_be,
@@ -189,7 +204,14 @@ fn open(
                 // SAFETY: a valid map value pointer.
                 let w = unsafe { *winner };
                 count(Stat::ForwardTracked);
-                rewrite(ip, tcp, w.snat_addr_be, w.backend_addr_be, w.snat_port_be, w.backend_port_be);
+                rewrite(
+                    ip,
+                    tcp,
+                    w.snat_addr_be,
+                    w.backend_addr_be,
+                    w.snat_port_be,
+                    w.backend_port_be,
+                );
                 return Verdict::Forward;
             }
         }
@@ -203,7 +225,14 @@ fn open(
     } else {
         Stat::NewConnTarget
     });
-    rewrite(ip, tcp, entry.snat_addr_be, entry.backend_addr_be, entry.snat_port_be, entry.backend_port_be);
+    rewrite(
+        ip,
+        tcp,
+        entry.snat_addr_be,
+        entry.backend_addr_be,
+        entry.snat_port_be,
+        entry.backend_port_be,
+    );
     Verdict::Forward
 }
 
@@ -246,7 +275,14 @@ fn reply(ip: &mut Ipv4Hdr, tcp: &mut TcpHdr, now: u64) -> Verdict {
     }
     touch(entry, tcp::state_bits(tcp.flags, Direction::Reply), now);
     count(Stat::ReplyTracked);
-    rewrite(ip, tcp, rev.vip_addr_be, rev.client_addr_be, rev.vip_port_be, rev.client_port_be);
+    rewrite(
+        ip,
+        tcp,
+        rev.vip_addr_be,
+        rev.client_addr_be,
+        rev.vip_port_be,
+        rev.client_port_be,
+    );
     Verdict::Forward
 }
 
@@ -269,7 +305,11 @@ fn touch(entry: &mut CtEntry, bits: u32, now: u64) {
 /// (RFC 1624). Addresses are in the TCP pseudo-header, so they change both checksums.
 #[inline(always)]
 fn rewrite(ip: &mut Ipv4Hdr, tcp: &mut TcpHdr, saddr: u32, daddr: u32, sport: u16, dport: u16) {
-    let ip_check = csum::replace4(csum::replace4(ip.check, ip.saddr_be, saddr), ip.daddr_be, daddr);
+    let ip_check = csum::replace4(
+        csum::replace4(ip.check, ip.saddr_be, saddr),
+        ip.daddr_be,
+        daddr,
+    );
     let mut tcp_check = csum::replace4(tcp.check, ip.saddr_be, saddr);
     tcp_check = csum::replace4(tcp_check, ip.daddr_be, daddr);
     tcp_check = csum::replace2(tcp_check, tcp.sport_be, sport);

@@ -5,11 +5,7 @@
 //! the connection is gone, longer than the backend's TIME_WAIT (cilium#45863: a port reused
 //! while the server still holds the old tuple gets a challenge ACK and the connect times out).
 
-use std::{
-    collections::HashMap as StdHashMap,
-    net::SocketAddrV4,
-    time::Duration,
-};
+use std::{collections::HashMap as StdHashMap, net::SocketAddrV4, time::Duration};
 
 use redirect_common::{
     ct::{self, CtEntry, CtKey},
@@ -74,7 +70,10 @@ pub struct Connection {
     pub idle: Duration,
 }
 
-#[expect(clippy::trivially_copy_pass_by_ref, reason = "serde's serialize_with signature")]
+#[expect(
+    clippy::trivially_copy_pass_by_ref,
+    reason = "serde's serialize_with signature"
+)]
 fn as_secs<S: serde::Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
     s.serialize_f64((d.as_secs_f64() * 1000.0).round() / 1000.0)
 }
@@ -94,8 +93,14 @@ pub fn list(maps: &Maps) -> Result<Vec<Connection>, DatapathError> {
     }
     let mut out = Vec::new();
     for item in maps.ct.iter() {
-        let (k, e) = item.map_err(|source| DatapathError::Map { what: "reading CT".into(), source })?;
-        let backend_addr = SocketAddrV4::new(ip_from_be(e.backend_addr_be), u16::from_be(e.backend_port_be));
+        let (k, e) = item.map_err(|source| DatapathError::Map {
+            what: "reading CT".into(),
+            source,
+        })?;
+        let backend_addr = SocketAddrV4::new(
+            ip_from_be(e.backend_addr_be),
+            u16::from_be(e.backend_port_be),
+        );
         let backend = roles
             .iter()
             .find(|(a, _)| *a == backend_addr)
@@ -175,7 +180,12 @@ fn expired(e: &CtEntry, now: u64, t: &Timeouts) -> bool {
 /// twin is gone (or belongs to a newer connection) as orphaned, and delete them once the
 /// quarantine has passed.
 pub fn gc(maps: &mut Maps, t: &Timeouts) -> Result<GcReport, DatapathError> {
-    let map_err = |what: &'static str| move |source| DatapathError::Map { what: what.into(), source };
+    let map_err = |what: &'static str| {
+        move |source| DatapathError::Map {
+            what: what.into(),
+            source,
+        }
+    };
     let now = clock::monotonic_ns();
     let mut report = GcReport::default();
 
@@ -219,12 +229,24 @@ pub fn gc(maps: &mut Maps, t: &Timeouts) -> Result<GcReport, DatapathError> {
         if owned {
             if re.orphaned_ns != 0 {
                 // Seen between the datapath's REV and CT inserts last pass: not an orphan.
-                orphan.push((rk, RevEntry { orphaned_ns: 0, ..re }));
+                orphan.push((
+                    rk,
+                    RevEntry {
+                        orphaned_ns: 0,
+                        ..re
+                    },
+                ));
             }
             continue;
         }
         if re.orphaned_ns == 0 {
-            orphan.push((rk, RevEntry { orphaned_ns: now, ..re }));
+            orphan.push((
+                rk,
+                RevEntry {
+                    orphaned_ns: now,
+                    ..re
+                },
+            ));
         } else if clock::since(re.orphaned_ns, now) > t.port_quarantine {
             release.push(rk);
         }

@@ -49,13 +49,20 @@ pub enum Reply {
 }
 
 /// Serves `ctl` on `path` until `shutdown`.
-pub async fn serve(path: PathBuf, ctl: Arc<Controller>, shutdown: CancellationToken) -> std::io::Result<()> {
+pub async fn serve(
+    path: PathBuf,
+    ctl: Arc<Controller>,
+    shutdown: CancellationToken,
+) -> std::io::Result<()> {
     if let Some(dir) = path.parent() {
         std::fs::create_dir_all(dir)?;
     }
     if path.exists() {
         if UnixStream::connect(&path).await.is_ok() {
-            return Err(std::io::Error::other(format!("another controller already serves {}", path.display())));
+            return Err(std::io::Error::other(format!(
+                "another controller already serves {}",
+                path.display()
+            )));
         }
         std::fs::remove_file(&path)?;
     }
@@ -100,7 +107,15 @@ async fn handle(stream: UnixStream, ctl: Arc<Controller>) -> std::io::Result<()>
             Ok(l) => Reply::Ok(serde_json::to_value(l).expect("lag serializes")),
             Err(e) => Reply::Error(e.to_string()),
         },
-        Request::Flip { to, max_lag_bytes, max_lag_time_ms, timeout_ms, drain_timeout_ms, dry_run, force } => {
+        Request::Flip {
+            to,
+            max_lag_bytes,
+            max_lag_time_ms,
+            timeout_ms,
+            drain_timeout_ms,
+            dry_run,
+            force,
+        } => {
             let req = FlipRequest {
                 to,
                 max_lag_bytes,
@@ -122,7 +137,9 @@ async fn handle(stream: UnixStream, ctl: Arc<Controller>) -> std::io::Result<()>
                 let _ = send(&mut w, &Reply::Progress(p)).await;
             }
             match task.await {
-                Ok(Ok(report)) => Reply::Ok(serde_json::to_value(report).expect("report serializes")),
+                Ok(Ok(report)) => {
+                    Reply::Ok(serde_json::to_value(report).expect("report serializes"))
+                }
                 Ok(Err(e)) => {
                     warn!(error = %e, "cutover failed");
                     Reply::Error(e.to_string())
@@ -136,8 +153,14 @@ async fn handle(stream: UnixStream, ctl: Arc<Controller>) -> std::io::Result<()>
 
 /// Sends `request` to the controller at `path`, passing progress lines to `on_progress`.
 /// `Ok(None)` means no controller is listening there.
-pub async fn call(path: &Path, request: &Request, mut on_progress: impl FnMut(&str)) -> anyhow::Result<Option<serde_json::Value>> {
-    let Ok(stream) = UnixStream::connect(path).await else { return Ok(None) };
+pub async fn call(
+    path: &Path,
+    request: &Request,
+    mut on_progress: impl FnMut(&str),
+) -> anyhow::Result<Option<serde_json::Value>> {
+    let Ok(stream) = UnixStream::connect(path).await else {
+        return Ok(None);
+    };
     let (r, mut w) = stream.into_split();
     let mut line = serde_json::to_string(request)?;
     line.push('\n');

@@ -22,8 +22,8 @@ use aya::{
 use redirect_common::{
     backend::{Backend, MAX_BACKENDS, SOURCE, TARGET},
     config::{Config, FLAG_CONFIGURED},
-    cutover::{Cutover, HeldSyn},
     ct::{CtEntry, CtKey},
+    cutover::{Cutover, HeldSyn},
     map_names,
     rev::{RevEntry, RevKey},
     stats::{ALL, STAT_COUNT},
@@ -63,25 +63,44 @@ pub enum DatapathError {
     NotPinned(PathBuf),
     /// The pinned datapath was created for another VIP.
     #[error("the datapath pinned at {} serves {pinned}, not {requested}; run `redirect detach` first or use another --pin-dir", dir.display())]
-    VipMismatch { dir: PathBuf, pinned: SocketAddrV4, requested: SocketAddrV4 },
+    VipMismatch {
+        dir: PathBuf,
+        pinned: SocketAddrV4,
+        requested: SocketAddrV4,
+    },
     /// A pinned map could not be opened.
     #[error("opening pinned map {}: {source}", path.display())]
-    OpenMap { path: PathBuf, source: aya::maps::MapError },
+    OpenMap {
+        path: PathBuf,
+        source: aya::maps::MapError,
+    },
     /// The kernel refused the program.
     #[error("loading the datapath: {0}")]
     Load(#[from] aya::EbpfError),
     /// Attaching or upgrading a program failed.
     #[error("{what}: {source}")]
-    Program { what: String, source: aya::programs::ProgramError },
+    Program {
+        what: String,
+        source: aya::programs::ProgramError,
+    },
     /// Pinning or unpinning failed.
     #[error("{what}: {source}")]
-    Pin { what: String, source: Box<dyn std::error::Error + Send + Sync> },
+    Pin {
+        what: String,
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
     /// A map operation failed.
     #[error("{what}: {source}")]
-    Map { what: String, source: aya::maps::MapError },
+    Map {
+        what: String,
+        source: aya::maps::MapError,
+    },
     /// The filesystem refused an operation under the pin dir.
     #[error("{what}: {source}")]
-    Io { what: String, source: std::io::Error },
+    Io {
+        what: String,
+        source: std::io::Error,
+    },
 }
 
 /// Where a datapath's pins live.
@@ -105,7 +124,12 @@ impl PinDir {
             .into_iter()
             .flatten()
             .flatten()
-            .filter_map(|e| e.file_name().to_str()?.strip_prefix("link_").map(str::to_owned))
+            .filter_map(|e| {
+                e.file_name()
+                    .to_str()?
+                    .strip_prefix("link_")
+                    .map(str::to_owned)
+            })
             .collect();
         out.sort();
         out
@@ -118,7 +142,9 @@ impl PinDir {
 }
 
 /// Which backend: the server we migrate from, or the one we migrate to.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum, serde::Serialize, serde::Deserialize)]
+#[derive(
+    Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum, serde::Serialize, serde::Deserialize,
+)]
 #[serde(rename_all = "lowercase")]
 pub enum Role {
     Source,
@@ -205,14 +231,20 @@ pub struct Maps {
 
 fn open_pinned(dir: &PinDir, name: &str) -> Result<Map, DatapathError> {
     let path = dir.map(name);
-    let data = MapData::from_pin(&path).map_err(|source| DatapathError::OpenMap { path: path.clone(), source })?;
+    let data = MapData::from_pin(&path).map_err(|source| DatapathError::OpenMap {
+        path: path.clone(),
+        source,
+    })?;
     Map::from_map_data(data).map_err(|source| DatapathError::OpenMap { path, source })
 }
 
 macro_rules! typed {
     ($dir:expr, $name:expr) => {{
         let map = open_pinned($dir, $name)?;
-        map.try_into().map_err(|source| DatapathError::OpenMap { path: $dir.map($name), source })?
+        map.try_into().map_err(|source| DatapathError::OpenMap {
+            path: $dir.map($name),
+            source,
+        })?
     }};
 }
 
@@ -237,7 +269,10 @@ impl Maps {
     }
 
     pub fn config(&self) -> Result<Config, DatapathError> {
-        self.config.get(&0, 0).map_err(|source| DatapathError::Map { what: "reading CONFIG".into(), source })
+        self.config.get(&0, 0).map_err(|source| DatapathError::Map {
+            what: "reading CONFIG".into(),
+            source,
+        })
     }
 
     /// The VIP the datapath serves, if it is configured.
@@ -251,13 +286,19 @@ impl Maps {
         let b = self
             .backends
             .get(&role.index(), 0)
-            .map_err(|source| DatapathError::Map { what: "reading BACKENDS".into(), source })?;
+            .map_err(|source| DatapathError::Map {
+                what: "reading BACKENDS".into(),
+                source,
+            })?;
         Ok(BackendAddr::from_map(&b))
     }
 
     /// The raw `ACTIVE` value.
     pub fn active_index(&self) -> Result<u32, DatapathError> {
-        self.active.get(&0, 0).map_err(|source| DatapathError::Map { what: "reading ACTIVE".into(), source })
+        self.active.get(&0, 0).map_err(|source| DatapathError::Map {
+            what: "reading ACTIVE".into(),
+            source,
+        })
     }
 
     /// Where new connections go now.
@@ -275,31 +316,50 @@ impl Maps {
         }
         self.active
             .set(0, role.index(), 0)
-            .map_err(|source| DatapathError::Map { what: "writing ACTIVE".into(), source })
+            .map_err(|source| DatapathError::Map {
+                what: "writing ACTIVE".into(),
+                source,
+            })
     }
 
     pub fn cutover(&self) -> Result<Cutover, DatapathError> {
-        self.cutover.get(&0, 0).map_err(|source| DatapathError::Map { what: "reading CUTOVER".into(), source })
+        self.cutover
+            .get(&0, 0)
+            .map_err(|source| DatapathError::Map {
+                what: "reading CUTOVER".into(),
+                source,
+            })
     }
 
     pub fn set_cutover(&mut self, c: Cutover) -> Result<(), DatapathError> {
-        self.cutover.set(0, c, 0).map_err(|source| DatapathError::Map { what: "writing CUTOVER".into(), source })
+        self.cutover
+            .set(0, c, 0)
+            .map_err(|source| DatapathError::Map {
+                what: "writing CUTOVER".into(),
+                source,
+            })
     }
 
     /// Opens the ring of parked SYNs (one reader at a time: the controller).
     pub fn held(&self) -> Result<RingBuf<MapData>, DatapathError> {
         let map = open_pinned(&self.dir, map_names::HELD)?;
-        map.try_into().map_err(|source| DatapathError::OpenMap { path: self.dir.map(map_names::HELD), source })
+        map.try_into().map_err(|source| DatapathError::OpenMap {
+            path: self.dir.map(map_names::HELD),
+            source,
+        })
     }
 
     /// Every counter summed over CPUs, in `Stat` order with its name.
     pub fn stats(&self) -> Result<Vec<(&'static str, u64)>, DatapathError> {
         let mut out = Vec::with_capacity(STAT_COUNT as usize);
         for (stat, name) in ALL {
-            let per_cpu = self
-                .stats
-                .get(&(stat as u32), 0)
-                .map_err(|source| DatapathError::Map { what: "reading STATS".into(), source })?;
+            let per_cpu =
+                self.stats
+                    .get(&(stat as u32), 0)
+                    .map_err(|source| DatapathError::Map {
+                        what: "reading STATS".into(),
+                        source,
+                    })?;
             out.push((name, per_cpu.iter().sum()));
         }
         Ok(out)
@@ -350,7 +410,12 @@ pub struct InstallReport {
 /// configuration, and makes sure every interface in `ifaces` has a pinned XDP link running this
 /// program. A restart re-uses the maps, keeps `ACTIVE` and every tracked connection, and swaps
 /// the program of existing links atomically (`bpf_link_update`), so no packet is missed.
-pub fn install(dir: &Path, ifaces: &[(String, u32)], mode: AttachMode, spec: &Spec) -> Result<InstallReport, DatapathError> {
+pub fn install(
+    dir: &Path,
+    ifaces: &[(String, u32)],
+    mode: AttachMode,
+    spec: &Spec,
+) -> Result<InstallReport, DatapathError> {
     let pins = PinDir(dir.to_path_buf());
     let io = |what: String| move |source| DatapathError::Io { what, source };
     std::fs::create_dir_all(dir).map_err(io(format!("creating {}", dir.display())))?;
@@ -361,7 +426,11 @@ pub fn install(dir: &Path, ifaces: &[(String, u32)], mode: AttachMode, spec: &Sp
         if let Some(pinned) = maps.vip()?
             && pinned != spec.vip
         {
-            return Err(DatapathError::VipMismatch { dir: dir.into(), pinned, requested: spec.vip });
+            return Err(DatapathError::VipMismatch {
+                dir: dir.into(),
+                pinned,
+                requested: spec.vip,
+            });
         }
     }
     let mut loader = EbpfLoader::new();
@@ -379,7 +448,10 @@ pub fn install(dir: &Path, ifaces: &[(String, u32)], mode: AttachMode, spec: &Sp
         .expect("the object has the datapath program")
         .try_into()
         .expect("the datapath program is XDP");
-    prog.load().map_err(|source| DatapathError::Program { what: "loading the XDP program (verifier)".into(), source })?;
+    prog.load().map_err(|source| DatapathError::Program {
+        what: "loading the XDP program (verifier)".into(),
+        source,
+    })?;
 
     let mut upgraded = Vec::new();
     let mut attached = Vec::new();
@@ -387,36 +459,61 @@ pub fn install(dir: &Path, ifaces: &[(String, u32)], mode: AttachMode, spec: &Sp
         let index = *index;
         let link_path = pins.link(iface);
         let link_id = if link_path.exists() {
-            let pinned = PinnedLink::from_pin(&link_path)
-                .map_err(|e| DatapathError::Pin { what: format!("opening {}", link_path.display()), source: Box::new(e) })?;
-            let link = XdpLink::try_from(FdLink::from(pinned))
-                .map_err(|e| DatapathError::Pin { what: format!("{} is not an XDP link", link_path.display()), source: Box::new(e) })?;
+            let pinned = PinnedLink::from_pin(&link_path).map_err(|e| DatapathError::Pin {
+                what: format!("opening {}", link_path.display()),
+                source: Box::new(e),
+            })?;
+            let link = XdpLink::try_from(FdLink::from(pinned)).map_err(|e| DatapathError::Pin {
+                what: format!("{} is not an XDP link", link_path.display()),
+                source: Box::new(e),
+            })?;
             upgraded.push(iface.clone());
             prog.attach_to_link(link)
-                .map_err(|source| DatapathError::Program { what: format!("upgrading the program on {iface}"), source })?
+                .map_err(|source| DatapathError::Program {
+                    what: format!("upgrading the program on {iface}"),
+                    source,
+                })?
         } else {
             let id = prog
                 .attach(iface, mode.into())
-                .map_err(|source| DatapathError::Program { what: format!("attaching XDP ({mode:?} mode) to {iface}"), source })?;
+                .map_err(|source| DatapathError::Program {
+                    what: format!("attaching XDP ({mode:?} mode) to {iface}"),
+                    source,
+                })?;
             attached.push(iface.clone());
             id
         };
         let link = prog
             .take_link(link_id)
-            .map_err(|source| DatapathError::Program { what: format!("taking the link on {iface}"), source })?;
+            .map_err(|source| DatapathError::Program {
+                what: format!("taking the link on {iface}"),
+                source,
+            })?;
         let fd_link: FdLink = link
             .try_into()
-            .map_err(|e: aya::programs::links::LinkError| DatapathError::Pin { what: format!("{iface}: XDP link is not a bpf_link (kernel too old?)"), source: Box::new(e) })?;
+            .map_err(|e: aya::programs::links::LinkError| DatapathError::Pin {
+                what: format!("{iface}: XDP link is not a bpf_link (kernel too old?)"),
+                source: Box::new(e),
+            })?;
         if !link_path.exists() {
-            fd_link
-                .pin(&link_path)
-                .map_err(|e| DatapathError::Pin { what: format!("pinning {}", link_path.display()), source: Box::new(e) })?;
+            fd_link.pin(&link_path).map_err(|e| DatapathError::Pin {
+                what: format!("pinning {}", link_path.display()),
+                source: Box::new(e),
+            })?;
         }
         maps.tx_ports
             .insert(index, index, None, 0)
-            .map_err(|e| DatapathError::Pin { what: format!("adding {iface} to TX_PORTS"), source: Box::new(e) })?;
+            .map_err(|e| DatapathError::Pin {
+                what: format!("adding {iface} to TX_PORTS"),
+                source: Box::new(e),
+            })?;
     }
-    Ok(InstallReport { ebpf, adopted_maps, upgraded, attached })
+    Ok(InstallReport {
+        ebpf,
+        adopted_maps,
+        upgraded,
+        attached,
+    })
 }
 
 /// Replays a parked SYN through the datapath program as if it had just arrived on its
@@ -436,7 +533,10 @@ pub fn reinject(prog: &Xdp, held: &HeldSyn) -> Result<(), DatapathError> {
     opts.attrs = TestRunAttrs::new().xdp_live_frames(1);
     prog.test_run(opts)
         .map(|_| ())
-        .map_err(|source| DatapathError::Program { what: "re-injecting a held SYN".into(), source })
+        .map_err(|source| DatapathError::Program {
+            what: "re-injecting a held SYN".into(),
+            source,
+        })
 }
 
 /// The datapath program of a loaded object.
@@ -453,12 +553,20 @@ fn configure(maps: &mut Maps, spec: &Spec, adopted: bool) -> Result<(), Datapath
         let what = what.to_owned();
         move |source| DatapathError::Map { what, source }
     };
-    maps.backends.set(SOURCE, spec.source.to_map(), 0).map_err(map_err("writing BACKENDS"))?;
-    maps.backends.set(TARGET, spec.target.to_map(), 0).map_err(map_err("writing BACKENDS"))?;
+    maps.backends
+        .set(SOURCE, spec.source.to_map(), 0)
+        .map_err(map_err("writing BACKENDS"))?;
+    maps.backends
+        .set(TARGET, spec.target.to_map(), 0)
+        .map_err(map_err("writing BACKENDS"))?;
     let active = maps.active_index()?;
     if !adopted || active >= MAX_BACKENDS {
-        maps.active.set(0, SOURCE, 0).map_err(map_err("writing ACTIVE"))?;
-        maps.cutover.set(0, Cutover::IDLE, 0).map_err(map_err("writing CUTOVER"))?;
+        maps.active
+            .set(0, SOURCE, 0)
+            .map_err(map_err("writing ACTIVE"))?;
+        maps.cutover
+            .set(0, Cutover::IDLE, 0)
+            .map_err(map_err("writing CUTOVER"))?;
     }
     let mut flags = FLAG_CONFIGURED;
     if spec.drop_nonsyn_miss {
@@ -473,7 +581,9 @@ fn configure(maps: &mut Maps, spec: &Spec, adopted: bool) -> Result<(), Datapath
         flags,
     };
     // Written last: the datapath passes everything until CONFIGURED is set.
-    maps.config.set(0, config, 0).map_err(map_err("writing CONFIG"))
+    maps.config
+        .set(0, config, 0)
+        .map_err(map_err("writing CONFIG"))
 }
 
 /// Removes every link and map pin under `dir`, which detaches the program.
@@ -482,15 +592,23 @@ pub fn remove(dir: &Path) -> Result<Vec<String>, DatapathError> {
     let ifaces = pins.linked_ifaces();
     for iface in &ifaces {
         let path = pins.link(iface);
-        let link = PinnedLink::from_pin(&path)
-            .map_err(|e| DatapathError::Pin { what: format!("opening {}", path.display()), source: Box::new(e) })?;
+        let link = PinnedLink::from_pin(&path).map_err(|e| DatapathError::Pin {
+            what: format!("opening {}", path.display()),
+            source: Box::new(e),
+        })?;
         // Dropping the last reference (pin and fd) detaches the program from the interface.
-        drop(link.unpin().map_err(|source| DatapathError::Io { what: format!("unpinning {}", path.display()), source })?);
+        drop(link.unpin().map_err(|source| DatapathError::Io {
+            what: format!("unpinning {}", path.display()),
+            source,
+        })?);
     }
     for name in ALL_MAPS {
         let path = pins.map(name);
         if path.exists() {
-            std::fs::remove_file(&path).map_err(|source| DatapathError::Io { what: format!("removing {}", path.display()), source })?;
+            std::fs::remove_file(&path).map_err(|source| DatapathError::Io {
+                what: format!("removing {}", path.display()),
+                source,
+            })?;
         }
     }
     // Only remove the directory if nothing else lives there.

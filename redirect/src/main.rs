@@ -8,7 +8,8 @@ fn main() {
     let cli = Cli::parse();
     tracing_subscriber::fmt()
         .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("REDIRECT_LOG").unwrap_or_else(|_| "info".into()),
+            tracing_subscriber::EnvFilter::try_from_env("REDIRECT_LOG")
+                .unwrap_or_else(|_| "info".into()),
         )
         .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
@@ -20,7 +21,9 @@ fn main() {
             .build()
             .map_err(anyhow::Error::from)
             .and_then(|rt| {
-                let Command::Run(args) = cli.command else { unreachable!() };
+                let Command::Run(args) = cli.command else {
+                    unreachable!()
+                };
                 rt.block_on(run::run(args, &cli.pin_dir, &cli.socket, &cli.journal))
             }),
         Command::Flip(a) => flip::run(a, &cli.pin_dir, &cli.socket),

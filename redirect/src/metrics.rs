@@ -11,47 +11,109 @@ use tokio_util::sync::CancellationToken;
 
 use crate::{conntrack, cutover::Controller, datapath::Role};
 
-const PHASES: [&str; 10] = ["idle", "preflight", "hold", "fence", "barrier", "sequences", "reverse", "flip", "drain", "aborting"];
+const PHASES: [&str; 10] = [
+    "idle",
+    "preflight",
+    "hold",
+    "fence",
+    "barrier",
+    "sequences",
+    "reverse",
+    "flip",
+    "drain",
+    "aborting",
+];
 
 /// Renders every metric now.
 pub fn render(ctl: &Controller) -> String {
     let mut out = String::new();
     let maps = ctl.maps.lock().expect("maps lock");
-    let _ = writeln!(out, "# HELP redirect_active_backend 1 for the backend new connections go to.\n# TYPE redirect_active_backend gauge");
+    let _ = writeln!(
+        out,
+        "# HELP redirect_active_backend 1 for the backend new connections go to.\n# TYPE redirect_active_backend gauge"
+    );
     let active = maps.active().ok().flatten();
     for role in [Role::Source, Role::Target] {
-        let _ = writeln!(out, "redirect_active_backend{{backend=\"{role}\"}} {}", u8::from(active == Some(role)));
+        let _ = writeln!(
+            out,
+            "redirect_active_backend{{backend=\"{role}\"}} {}",
+            u8::from(active == Some(role))
+        );
     }
     if let Ok(per) = conntrack::live_per_backend(&maps) {
-        let _ = writeln!(out, "# HELP redirect_connections Live tracked connections per backend.\n# TYPE redirect_connections gauge");
+        let _ = writeln!(
+            out,
+            "# HELP redirect_connections Live tracked connections per backend.\n# TYPE redirect_connections gauge"
+        );
         for role in [Role::Source, Role::Target] {
-            let n = maps.backend(role).ok().flatten().and_then(|b| per.get(&b.addr).copied()).unwrap_or(0);
+            let n = maps
+                .backend(role)
+                .ok()
+                .flatten()
+                .and_then(|b| per.get(&b.addr).copied())
+                .unwrap_or(0);
             let _ = writeln!(out, "redirect_connections{{backend=\"{role}\"}} {n}");
         }
     }
     if let Ok(stats) = maps.stats() {
-        let _ = writeln!(out, "# HELP redirect_datapath_packets_total Packets by datapath decision.\n# TYPE redirect_datapath_packets_total counter");
+        let _ = writeln!(
+            out,
+            "# HELP redirect_datapath_packets_total Packets by datapath decision.\n# TYPE redirect_datapath_packets_total counter"
+        );
         for (name, v) in stats {
-            let _ = writeln!(out, "redirect_datapath_packets_total{{decision=\"{name}\"}} {v}");
+            let _ = writeln!(
+                out,
+                "redirect_datapath_packets_total{{decision=\"{name}\"}} {v}"
+            );
         }
     }
     drop(maps);
     if let Some(lag) = ctl.last_lag.lock().expect("lag lock").as_ref() {
-        let _ = writeln!(out, "# HELP redirect_lag_bytes Replication lag in bytes.\n# TYPE redirect_lag_bytes gauge\nredirect_lag_bytes {}", lag.bytes);
-        let _ = writeln!(out, "# HELP redirect_lag_seconds Replication lag in seconds.\n# TYPE redirect_lag_seconds gauge\nredirect_lag_seconds {}", lag.seconds);
-        let _ = writeln!(out, "# HELP redirect_replication_healthy 1 if replication is healthy.\n# TYPE redirect_replication_healthy gauge\nredirect_replication_healthy {}", u8::from(lag.healthy));
+        let _ = writeln!(
+            out,
+            "# HELP redirect_lag_bytes Replication lag in bytes.\n# TYPE redirect_lag_bytes gauge\nredirect_lag_bytes {}",
+            lag.bytes
+        );
+        let _ = writeln!(
+            out,
+            "# HELP redirect_lag_seconds Replication lag in seconds.\n# TYPE redirect_lag_seconds gauge\nredirect_lag_seconds {}",
+            lag.seconds
+        );
+        let _ = writeln!(
+            out,
+            "# HELP redirect_replication_healthy 1 if replication is healthy.\n# TYPE redirect_replication_healthy gauge\nredirect_replication_healthy {}",
+            u8::from(lag.healthy)
+        );
     }
     let phase = *ctl.phase.lock().expect("phase lock");
-    let _ = writeln!(out, "# HELP redirect_cutover_phase 1 for the current cutover phase.\n# TYPE redirect_cutover_phase gauge");
+    let _ = writeln!(
+        out,
+        "# HELP redirect_cutover_phase 1 for the current cutover phase.\n# TYPE redirect_cutover_phase gauge"
+    );
     for p in PHASES {
-        let _ = writeln!(out, "redirect_cutover_phase{{phase=\"{p}\"}} {}", u8::from(p == phase));
+        let _ = writeln!(
+            out,
+            "redirect_cutover_phase{{phase=\"{p}\"}} {}",
+            u8::from(p == phase)
+        );
     }
     if let Some(r) = ctl.last_report.lock().expect("report lock").as_ref() {
-        let _ = writeln!(out, "# HELP redirect_cutover_step_seconds Duration of each step of the last cutover.\n# TYPE redirect_cutover_step_seconds gauge");
+        let _ = writeln!(
+            out,
+            "# HELP redirect_cutover_step_seconds Duration of each step of the last cutover.\n# TYPE redirect_cutover_step_seconds gauge"
+        );
         for (step, ms) in &r.steps {
-            let _ = writeln!(out, "redirect_cutover_step_seconds{{step=\"{step}\"}} {}", ms / 1000.0);
+            let _ = writeln!(
+                out,
+                "redirect_cutover_step_seconds{{step=\"{step}\"}} {}",
+                ms / 1000.0
+            );
         }
-        let _ = writeln!(out, "# TYPE redirect_cutover_write_pause_seconds gauge\nredirect_cutover_write_pause_seconds {}", r.write_pause_ms / 1000.0);
+        let _ = writeln!(
+            out,
+            "# TYPE redirect_cutover_write_pause_seconds gauge\nredirect_cutover_write_pause_seconds {}",
+            r.write_pause_ms / 1000.0
+        );
     }
     out
 }

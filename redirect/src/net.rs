@@ -18,23 +18,35 @@ pub enum NetError {
     #[error("unknown interface {0:?} (see `ip link`)")]
     UnknownInterface(String),
     /// The VIP or SNAT address is not configured on any interface of this host.
-    #[error("{what} {addr} is not a local address of this host (add it with `ip addr add {addr}/32 dev <iface>`)")]
+    #[error(
+        "{what} {addr} is not a local address of this host (add it with `ip addr add {addr}/32 dev <iface>`)"
+    )]
     NotLocal { what: &'static str, addr: Ipv4Addr },
     /// The kernel has no route to a backend, so there is no source address to SNAT to.
     #[error("no route to backend {addr}: {source}")]
-    NoRoute { addr: Ipv4Addr, source: std::io::Error },
+    NoRoute {
+        addr: Ipv4Addr,
+        source: std::io::Error,
+    },
     /// The pin directory is not on a BPF filesystem.
     #[error("{} is not on a bpffs mount (mount one with `mount -t bpf bpf {}`)", path.display(), path.parent().unwrap_or(path).display())]
     NotBpffs { path: PathBuf },
     /// Reading host state failed.
     #[error("{what}: {source}")]
-    Io { what: String, source: std::io::Error },
+    Io {
+        what: String,
+        source: std::io::Error,
+    },
 }
 
 /// Fails unless the effective user is root.
 pub fn require_root() -> Result<(), NetError> {
     // SAFETY: geteuid has no preconditions.
-    if unsafe { libc::geteuid() } == 0 { Ok(()) } else { Err(NetError::NotRoot) }
+    if unsafe { libc::geteuid() } == 0 {
+        Ok(())
+    } else {
+        Err(NetError::NotRoot)
+    }
 }
 
 /// The kernel index of an interface.
@@ -66,7 +78,10 @@ pub fn local_ipv4_addrs() -> Result<Vec<Ipv4Addr>, NetError> {
     let mut head: *mut libc::ifaddrs = std::ptr::null_mut();
     // SAFETY: getifaddrs writes a list head we free below.
     if unsafe { libc::getifaddrs(&raw mut head) } != 0 {
-        return Err(NetError::Io { what: "getifaddrs".into(), source: std::io::Error::last_os_error() });
+        return Err(NetError::Io {
+            what: "getifaddrs".into(),
+            source: std::io::Error::last_os_error(),
+        });
     }
     let mut out = Vec::new();
     let mut cur = head;
@@ -91,7 +106,11 @@ pub fn local_ipv4_addrs() -> Result<Vec<Ipv4Addr>, NetError> {
 
 /// Fails unless `addr` is configured on this host.
 pub fn require_local(what: &'static str, addr: Ipv4Addr) -> Result<(), NetError> {
-    if local_ipv4_addrs()?.contains(&addr) { Ok(()) } else { Err(NetError::NotLocal { what, addr }) }
+    if local_ipv4_addrs()?.contains(&addr) {
+        Ok(())
+    } else {
+        Err(NetError::NotLocal { what, addr })
+    }
 }
 
 /// The source address the kernel picks for traffic to `dst`: the proxy's own address on the
@@ -120,7 +139,10 @@ pub fn is_bpffs(path: &Path) -> bool {
     let mut st: libc::statfs = unsafe { std::mem::zeroed() };
     // SAFETY: `c` is NUL-terminated and `st` is writable.
     let rc = unsafe { libc::statfs(c.as_ptr(), &raw mut st) };
-    #[expect(clippy::unnecessary_cast, reason = "f_type's width differs between libcs")]
+    #[expect(
+        clippy::unnecessary_cast,
+        reason = "f_type's width differs between libcs"
+    )]
     let magic = st.f_type as i64;
     rc == 0 && magic == BPF_FS_MAGIC
 }
@@ -134,13 +156,22 @@ pub fn require_bpffs(dir: &Path) -> Result<(), NetError> {
             None => break,
         }
     }
-    if is_bpffs(probe) { Ok(()) } else { Err(NetError::NotBpffs { path: dir.to_path_buf() }) }
+    if is_bpffs(probe) {
+        Ok(())
+    } else {
+        Err(NetError::NotBpffs {
+            path: dir.to_path_buf(),
+        })
+    }
 }
 
 /// Sets a sysctl under /proc/sys (dotted name) if it differs; returns whether it changed.
 pub fn ensure_sysctl(name: &str, value: &str) -> Result<bool, NetError> {
     let path = Path::new("/proc/sys").join(name.replace('.', "/"));
-    let io = |source| NetError::Io { what: format!("sysctl {name}"), source };
+    let io = |source| NetError::Io {
+        what: format!("sysctl {name}"),
+        source,
+    };
     let current = fs::read_to_string(&path).map_err(io)?;
     if current.trim() == value {
         return Ok(false);
@@ -178,15 +209,25 @@ pub fn ensure_forwarding(ifaces: &[String]) -> Result<Vec<String>, NetError> {
 pub fn reserve_ports(lo: u16, hi: u16) -> Result<Option<String>, NetError> {
     let name = "net.ipv4.ip_local_reserved_ports";
     let path = Path::new("/proc/sys/net/ipv4/ip_local_reserved_ports");
-    let io = |source| NetError::Io { what: format!("sysctl {name}"), source };
+    let io = |source| NetError::Io {
+        what: format!("sysctl {name}"),
+        source,
+    };
     let current = fs::read_to_string(path).map_err(io)?;
-    let want = if lo == hi { lo.to_string() } else { format!("{lo}-{hi}") };
+    let want = if lo == hi {
+        lo.to_string()
+    } else {
+        format!("{lo}-{hi}")
+    };
     if current.trim() == want {
         return Ok(None);
     }
     if !current.trim().is_empty() {
         return Err(NetError::Io {
-            what: format!("{name} is already {:?}; add {want} to it yourself", current.trim()),
+            what: format!(
+                "{name} is already {:?}; add {want} to it yourself",
+                current.trim()
+            ),
             source: std::io::Error::other("not changed"),
         });
     }

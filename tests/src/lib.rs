@@ -50,7 +50,9 @@ pub fn redirect_bin() -> PathBuf {
 
 /// Runs a command and panics with its output if it fails.
 pub fn sh(cmd: &mut Command) -> Output {
-    let out = cmd.output().unwrap_or_else(|e| panic!("spawning {cmd:?}: {e}"));
+    let out = cmd
+        .output()
+        .unwrap_or_else(|e| panic!("spawning {cmd:?}: {e}"));
     assert!(
         out.status.success(),
         "{cmd:?} failed ({}):\n{}{}",
@@ -68,7 +70,11 @@ fn ip(args: &[&str]) {
 /// Mounts the lab bpffs once per machine (idempotent).
 pub fn ensure_lab_bpffs() {
     std::fs::create_dir_all(LAB_BPFFS).expect("creating the lab bpffs mount point");
-    let mounted = Command::new("mountpoint").arg("-q").arg(LAB_BPFFS).status().is_ok_and(|s| s.success());
+    let mounted = Command::new("mountpoint")
+        .arg("-q")
+        .arg(LAB_BPFFS)
+        .status()
+        .is_ok_and(|s| s.success());
     if !mounted {
         sh(Command::new("mount").args(["-t", "bpf", "bpf", LAB_BPFFS]));
     }
@@ -101,11 +107,23 @@ impl Lab {
     #[must_use]
     pub fn new(name: &str) -> Self {
         ensure_lab_bpffs();
-        let id = format!("rd{}{}{}", std::process::id() % 100_000, NEXT.fetch_add(1, Ordering::Relaxed), &name[..name.len().min(4)]);
+        let id = format!(
+            "rd{}{}{}",
+            std::process::id() % 100_000,
+            NEXT.fetch_add(1, Ordering::Relaxed),
+            &name[..name.len().min(4)]
+        );
         let work_dir = std::env::temp_dir().join(format!("redirect-lab-{id}"));
         let _ = std::fs::remove_dir_all(&work_dir);
         std::fs::create_dir_all(&work_dir).expect("creating the lab work dir");
-        let lab = Self { pin_dir: Path::new(LAB_BPFFS).join(&id), id, work_dir, children: Vec::new(), runs: 0, redirect_pid: None };
+        let lab = Self {
+            pin_dir: Path::new(LAB_BPFFS).join(&id),
+            id,
+            work_dir,
+            children: Vec::new(),
+            runs: 0,
+            redirect_pid: None,
+        };
         lab.build();
         lab
     }
@@ -127,14 +145,45 @@ impl Lab {
             ip(&["-n", &self.ns(ns), "link", "set", "lo", "up"]);
         }
         let proxy = self.ns(Ns::Proxy);
-        for (ns, leg, net) in [(Ns::Client, "p-cli", 1), (Ns::Source, "p-src", 2), (Ns::Target, "p-tgt", 3)] {
+        for (ns, leg, net) in [
+            (Ns::Client, "p-cli", 1),
+            (Ns::Source, "p-src", 2),
+            (Ns::Target, "p-tgt", 3),
+        ] {
             let peer_ns = self.ns(ns);
-            ip(&["link", "add", "eth0", "netns", &peer_ns, "type", "veth", "peer", "name", leg, "netns", &proxy]);
-            ip(&["-n", &peer_ns, "addr", "add", &format!("198.18.{net}.2/24"), "dev", "eth0"]);
-            ip(&["-n", &proxy, "addr", "add", &format!("198.18.{net}.1/24"), "dev", leg]);
+            ip(&[
+                "link", "add", "eth0", "netns", &peer_ns, "type", "veth", "peer", "name", leg,
+                "netns", &proxy,
+            ]);
+            ip(&[
+                "-n",
+                &peer_ns,
+                "addr",
+                "add",
+                &format!("198.18.{net}.2/24"),
+                "dev",
+                "eth0",
+            ]);
+            ip(&[
+                "-n",
+                &proxy,
+                "addr",
+                "add",
+                &format!("198.18.{net}.1/24"),
+                "dev",
+                leg,
+            ]);
             ip(&["-n", &peer_ns, "link", "set", "eth0", "up"]);
             ip(&["-n", &proxy, "link", "set", leg, "up"]);
-            ip(&["-n", &peer_ns, "route", "add", "default", "via", &format!("198.18.{net}.1")]);
+            ip(&[
+                "-n",
+                &peer_ns,
+                "route",
+                "add",
+                "default",
+                "via",
+                &format!("198.18.{net}.1"),
+            ]);
             // The servers reach each other through the proxy (replication), routed, not NATed.
             self.exec_ok(Ns::Proxy, &["sysctl", "-qw", "net.ipv4.ip_forward=1"]);
             // Full checksums from every sender: XDP cannot see CHECKSUM_PARTIAL, so an
@@ -198,8 +247,19 @@ impl Lab {
     #[must_use]
     pub fn run_args(&self) -> Vec<String> {
         [
-            "run", "--iface", "p-cli", "--iface", "p-src", "--iface", "p-tgt", "--vip", &format!("{VIP}:{PG_PORT}"),
-            "--source", &format!("{SOURCE_ADDR}:{PG_PORT}"), "--target", &format!("{TARGET_ADDR}:{PG_PORT}"),
+            "run",
+            "--iface",
+            "p-cli",
+            "--iface",
+            "p-src",
+            "--iface",
+            "p-tgt",
+            "--vip",
+            &format!("{VIP}:{PG_PORT}"),
+            "--source",
+            &format!("{SOURCE_ADDR}:{PG_PORT}"),
+            "--target",
+            &format!("{TARGET_ADDR}:{PG_PORT}"),
         ]
         .iter()
         .map(|s| (*s).to_owned())
@@ -222,13 +282,20 @@ impl Lab {
         loop {
             let log = std::fs::read_to_string(&log_path).unwrap_or_default();
             let want_db = extra.contains(&"--source-dsn");
-            if log.contains("datapath ready") && (!want_db || log.contains("cutovers are ready") || log.contains("could not prepare")) {
+            if log.contains("datapath ready")
+                && (!want_db
+                    || log.contains("cutovers are ready")
+                    || log.contains("could not prepare"))
+            {
                 break;
             }
             if let Ok(Some(status)) = child.try_wait() {
                 panic!("redirect run exited ({status}):\n{log}");
             }
-            assert!(Instant::now() < deadline, "redirect run did not get ready:\n{log}");
+            assert!(
+                Instant::now() < deadline,
+                "redirect run did not get ready:\n{log}"
+            );
             std::thread::sleep(Duration::from_millis(50));
         }
         self.children.push(child);
@@ -251,7 +318,8 @@ impl Lab {
 
     /// Reaps children that have exited (after a test killed one).
     pub fn reap_exited(&mut self) {
-        self.children.retain_mut(|c| matches!(c.try_wait(), Ok(None)));
+        self.children
+            .retain_mut(|c| matches!(c.try_wait(), Ok(None)));
     }
 
     /// Spawns a long-running process in a namespace; it is killed when the lab drops.
@@ -290,7 +358,8 @@ impl Lab {
     /// `redirect status --json`.
     #[must_use]
     pub fn status(&self) -> serde_json::Value {
-        serde_json::from_str(&self.redirect_ok(&["status", "--json"])).expect("status --json is JSON")
+        serde_json::from_str(&self.redirect_ok(&["status", "--json"]))
+            .expect("status --json is JSON")
     }
 
     /// `nstat TcpInCsumErrors` of one namespace.
@@ -299,7 +368,15 @@ impl Lab {
         let out = self.exec_ok(ns, &["nstat", "-az", "TcpInCsumErrors"]);
         String::from_utf8_lossy(&out.stdout)
             .lines()
-            .find_map(|l| l.strip_prefix("TcpInCsumErrors").map(|r| r.split_whitespace().next().unwrap_or("0").parse().unwrap_or(0)))
+            .find_map(|l| {
+                l.strip_prefix("TcpInCsumErrors").map(|r| {
+                    r.split_whitespace()
+                        .next()
+                        .unwrap_or("0")
+                        .parse()
+                        .unwrap_or(0)
+                })
+            })
             .unwrap_or(0)
     }
 
@@ -334,11 +411,17 @@ impl Drop for Lab {
             let _ = child.wait();
         }
         if self.pin_dir.exists() {
-            let _ = Command::new(redirect_bin()).arg("--pin-dir").arg(&self.pin_dir).args(["detach", "--force"]).output();
+            let _ = Command::new(redirect_bin())
+                .arg("--pin-dir")
+                .arg(&self.pin_dir)
+                .args(["detach", "--force"])
+                .output();
             let _ = std::fs::remove_dir_all(&self.pin_dir);
         }
         for ns in [Ns::Client, Ns::Proxy, Ns::Source, Ns::Target] {
-            let _ = Command::new("ip").args(["netns", "del", &self.ns(ns)]).output();
+            let _ = Command::new("ip")
+                .args(["netns", "del", &self.ns(ns)])
+                .output();
         }
         if !std::thread::panicking() {
             let _ = std::fs::remove_dir_all(&self.work_dir);
@@ -350,7 +433,10 @@ impl Drop for Lab {
 pub fn wait_for(timeout: Duration, what: &str, mut cond: impl FnMut() -> bool) {
     let deadline = Instant::now() + timeout;
     while !cond() {
-        assert!(Instant::now() < deadline, "timed out after {timeout:?} waiting for {what}");
+        assert!(
+            Instant::now() < deadline,
+            "timed out after {timeout:?} waiting for {what}"
+        );
         std::thread::sleep(Duration::from_millis(50));
     }
 }
@@ -358,5 +444,9 @@ pub fn wait_for(timeout: Duration, what: &str, mut cond: impl FnMut() -> bool) {
 /// Skips nothing: the lab needs root, and CI runs as root. Fail with a clear message otherwise.
 pub fn require_root() {
     // SAFETY: geteuid has no preconditions.
-    assert_eq!(unsafe { libc::geteuid() }, 0, "the lab tests need root (run `cargo xtask test` as root)");
+    assert_eq!(
+        unsafe { libc::geteuid() },
+        0,
+        "the lab tests need root (run `cargo xtask test` as root)"
+    );
 }

@@ -20,11 +20,19 @@ pub struct Pg {
 pub fn start(lab: &mut Lab, ns: Ns, name: &str, extra_conf: &[&str]) -> Pg {
     let data_dir = lab.work_dir.join(format!("pg-{name}"));
     std::fs::create_dir_all(&data_dir).expect("creating the data dir");
-    sh(Command::new("chown").args(["-R", "postgres:postgres"]).arg(&data_dir));
+    sh(Command::new("chown")
+        .args(["-R", "postgres:postgres"])
+        .arg(&data_dir));
     // The work dir must be traversable by the postgres user.
     sh(Command::new("chmod").arg("755").arg(&lab.work_dir));
     sh(Command::new("setpriv")
-        .args(["--reuid", "postgres", "--regid", "postgres", "--init-groups"])
+        .args([
+            "--reuid",
+            "postgres",
+            "--regid",
+            "postgres",
+            "--init-groups",
+        ])
         .arg(format!("{PG_BIN}/initdb"))
         .args(["-A", "trust", "-U", "postgres", "--no-sync", "-D"])
         .arg(&data_dir)
@@ -44,7 +52,8 @@ pub fn start(lab: &mut Lab, ns: Ns, name: &str, extra_conf: &[&str]) -> Pg {
         "log_min_messages = warning".to_owned(),
     ];
     conf.extend(extra_conf.iter().map(|s| (*s).to_owned()));
-    let mut pg_conf = std::fs::read_to_string(data_dir.join("postgresql.conf")).expect("postgresql.conf");
+    let mut pg_conf =
+        std::fs::read_to_string(data_dir.join("postgresql.conf")).expect("postgresql.conf");
     pg_conf.push('\n');
     pg_conf.push_str(&conf.join("\n"));
     pg_conf.push('\n');
@@ -58,16 +67,44 @@ pub fn start(lab: &mut Lab, ns: Ns, name: &str, extra_conf: &[&str]) -> Pg {
     let postgres = format!("{PG_BIN}/postgres");
     let pid = lab.spawn(
         ns,
-        &["setpriv", "--reuid", "postgres", "--regid", "postgres", "--init-groups", &postgres, "-D", &data],
+        &[
+            "setpriv",
+            "--reuid",
+            "postgres",
+            "--regid",
+            "postgres",
+            "--init-groups",
+            &postgres,
+            "-D",
+            &data,
+        ],
         &format!("pg-{name}.log"),
     );
     let ready = || {
-        lab.cmd(ns, &[&format!("{PG_BIN}/pg_isready"), "-q", "-h", &data, "-p", &PG_PORT.to_string()])
-            .status()
-            .is_ok_and(|s| s.success())
+        lab.cmd(
+            ns,
+            &[
+                &format!("{PG_BIN}/pg_isready"),
+                "-q",
+                "-h",
+                &data,
+                "-p",
+                &PG_PORT.to_string(),
+            ],
+        )
+        .status()
+        .is_ok_and(|s| s.success())
     };
-    wait_for(Duration::from_secs(60), &format!("PostgreSQL {name} to accept connections"), ready);
-    Pg { name: name.to_owned(), data_dir, pid }
+    wait_for(
+        Duration::from_secs(60),
+        &format!("PostgreSQL {name} to accept connections"),
+        ready,
+    );
+    Pg {
+        name: name.to_owned(),
+        data_dir,
+        pid,
+    }
 }
 
 /// A libpq connection string to `host` on the lab port.
@@ -90,13 +127,35 @@ pub async fn connect(host: &str) -> tokio_postgres::Client {
 
 /// Which server a client is talking to.
 pub async fn cluster_name(client: &tokio_postgres::Client) -> String {
-    client.query_one("SHOW cluster_name", &[]).await.expect("SHOW cluster_name").get(0)
+    client
+        .query_one("SHOW cluster_name", &[])
+        .await
+        .expect("SHOW cluster_name")
+        .get(0)
 }
 
 /// Runs SQL on a lab server over its Unix socket with psql; returns the unaligned output.
 pub fn psql(lab: &Lab, ns: Ns, pg: &Pg, sql: &str) -> String {
     let data = pg.data_dir.display().to_string();
-    let out = lab.exec_ok(ns, &["psql", "-X", "-q", "-At", "-v", "ON_ERROR_STOP=1", "-h", &data, "-U", "postgres", "-d", "postgres", "-c", sql]);
+    let out = lab.exec_ok(
+        ns,
+        &[
+            "psql",
+            "-X",
+            "-q",
+            "-At",
+            "-v",
+            "ON_ERROR_STOP=1",
+            "-h",
+            &data,
+            "-U",
+            "postgres",
+            "-d",
+            "postgres",
+            "-c",
+            sql,
+        ],
+    );
     String::from_utf8_lossy(&out.stdout).trim().to_owned()
 }
 
@@ -109,17 +168,39 @@ pub const SCHEMA: &str = "CREATE TABLE acks (id bigserial PRIMARY KEY, writer in
 pub fn setup_logical(lab: &Lab, source: &Pg, target: &Pg) {
     psql(lab, Ns::Source, source, SCHEMA);
     psql(lab, Ns::Target, target, SCHEMA);
-    psql(lab, Ns::Source, source, "CREATE PUBLICATION redirect_pub FOR ALL TABLES");
+    psql(
+        lab,
+        Ns::Source,
+        source,
+        "CREATE PUBLICATION redirect_pub FOR ALL TABLES",
+    );
     psql(
         lab,
         Ns::Target,
         target,
-        &format!("CREATE SUBSCRIPTION redirect_sub CONNECTION '{}' PUBLICATION redirect_pub", dsn(crate::SOURCE_ADDR)),
+        &format!(
+            "CREATE SUBSCRIPTION redirect_sub CONNECTION '{}' PUBLICATION redirect_pub",
+            dsn(crate::SOURCE_ADDR)
+        ),
     );
-    wait_for(Duration::from_secs(60), "the subscription's initial sync", || {
-        psql(lab, Ns::Target, target, "SELECT count(*) FROM pg_subscription_rel WHERE srsubstate <> 'r'") == "0"
-            && psql(lab, Ns::Source, source, "SELECT count(*) FROM pg_replication_slots WHERE active") == "1"
-    });
+    wait_for(
+        Duration::from_secs(60),
+        "the subscription's initial sync",
+        || {
+            psql(
+                lab,
+                Ns::Target,
+                target,
+                "SELECT count(*) FROM pg_subscription_rel WHERE srsubstate <> 'r'",
+            ) == "0"
+                && psql(
+                    lab,
+                    Ns::Source,
+                    source,
+                    "SELECT count(*) FROM pg_replication_slots WHERE active",
+                ) == "1"
+        },
+    );
 }
 
 /// The `run` flags that give the controller both databases.

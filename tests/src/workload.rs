@@ -41,31 +41,59 @@ impl Verdict {
     /// The longest time no writer got an acknowledgement (between the first and last ack).
     #[must_use]
     pub fn longest_pause(&self) -> Duration {
-        let mut t: Vec<Instant> = self.logs.iter().flat_map(|l| l.ack_times.iter().copied()).collect();
+        let mut t: Vec<Instant> = self
+            .logs
+            .iter()
+            .flat_map(|l| l.ack_times.iter().copied())
+            .collect();
         t.sort();
         t.windows(2).map(|w| w[1] - w[0]).max().unwrap_or_default()
     }
 
     #[must_use]
     pub fn max_connect(&self) -> Duration {
-        self.logs.iter().map(|l| l.max_connect).max().unwrap_or_default()
+        self.logs
+            .iter()
+            .map(|l| l.max_connect)
+            .max()
+            .unwrap_or_default()
     }
 
     #[must_use]
     pub fn errors(&self) -> Vec<String> {
-        self.logs.iter().flat_map(|l| l.errors.iter().cloned()).collect()
+        self.logs
+            .iter()
+            .flat_map(|l| l.errors.iter().cloned())
+            .collect()
     }
 }
 
 /// One task per writer id in `writers` inserts through `host` for `duration`; writers with an odd id reconnect
 /// every `reconnect_every` commits (new connections), the others keep one connection
 /// (reconnecting only after an error). Bounded in time; stops by itself.
-pub async fn run(host: &str, writers: std::ops::Range<i32>, duration: Duration, reconnect_every: u32) -> Verdict {
+pub async fn run(
+    host: &str,
+    writers: std::ops::Range<i32>,
+    duration: Duration,
+    reconnect_every: u32,
+) -> Verdict {
     let deadline = Instant::now() + duration;
     let mut set = tokio::task::JoinSet::new();
     for w in writers {
         let host = host.to_owned();
-        set.spawn(async move { writer(&host, w, deadline, if w % 2 == 1 { Some(reconnect_every) } else { None }).await });
+        set.spawn(async move {
+            writer(
+                &host,
+                w,
+                deadline,
+                if w % 2 == 1 {
+                    Some(reconnect_every)
+                } else {
+                    None
+                },
+            )
+            .await
+        });
     }
     let mut v = Verdict::default();
     while let Some(log) = set.join_next().await {
@@ -82,7 +110,12 @@ async fn writer(host: &str, id: i32, deadline: Instant, reconnect_every: Option<
     while Instant::now() < deadline {
         if client.is_none() {
             let t = Instant::now();
-            match tokio::time::timeout(Duration::from_secs(10), tokio_postgres::connect(&dsn(host), NoTls)).await {
+            match tokio::time::timeout(
+                Duration::from_secs(10),
+                tokio_postgres::connect(&dsn(host), NoTls),
+            )
+            .await
+            {
                 Ok(Ok((c, conn))) => {
                     tokio::spawn(async move {
                         let _ = conn.await;
@@ -106,7 +139,15 @@ async fn writer(host: &str, id: i32, deadline: Instant, reconnect_every: Option<
         }
         let c = client.as_ref().expect("connected");
         seq += 1;
-        match tokio::time::timeout(Duration::from_secs(30), c.execute("INSERT INTO acks (writer, seq) VALUES ($1, $2)", &[&id, &seq])).await {
+        match tokio::time::timeout(
+            Duration::from_secs(30),
+            c.execute(
+                "INSERT INTO acks (writer, seq) VALUES ($1, $2)",
+                &[&id, &seq],
+            ),
+        )
+        .await
+        {
             Ok(Ok(_)) => {
                 log.acked.push((id, seq));
                 log.ack_times.push(Instant::now());

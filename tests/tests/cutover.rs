@@ -26,15 +26,26 @@ fn setup(name: &str, extra: &[&str]) -> Cutover {
     flags.extend(extra.iter().map(|s| (*s).to_owned()));
     let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
     lab.start_redirect(&flags);
-    Cutover { lab: Arc::new(lab), source, target }
+    Cutover {
+        lab: Arc::new(lab),
+        source,
+        target,
+    }
 }
 
 /// Runs the workload from the client namespace on a thread; join to get the verdict.
-fn workload(lab: &Arc<Lab>, writers: std::ops::Range<i32>, secs: u64) -> std::thread::JoinHandle<workload::Verdict> {
+fn workload(
+    lab: &Arc<Lab>,
+    writers: std::ops::Range<i32>,
+    secs: u64,
+) -> std::thread::JoinHandle<workload::Verdict> {
     let lab = lab.clone();
     std::thread::spawn(move || {
         lab.in_ns(Ns::Client, move || {
-            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .expect("runtime");
             rt.block_on(workload::run(VIP, writers, Duration::from_secs(secs), 20))
         })
     })
@@ -60,9 +71,24 @@ fn assert_no_loss(v: &workload::Verdict, on: &HashSet<(i32, i64)>, server: &str)
     let acked: Vec<_> = v.acked().collect();
     let lost: Vec<_> = acked.iter().filter(|a| !on.contains(a)).collect();
     assert!(!acked.is_empty(), "the workload wrote nothing");
-    assert!(lost.is_empty(), "{} of {} acknowledged writes are missing on the {server}: {:?}", lost.len(), acked.len(), &lost[..lost.len().min(10)]);
-    assert_eq!(v.refused(), 0, "connection attempts failed: {:?}", v.errors());
-    let dup: Vec<String> = v.errors().into_iter().filter(|e| e.contains("duplicate key")).collect();
+    assert!(
+        lost.is_empty(),
+        "{} of {} acknowledged writes are missing on the {server}: {:?}",
+        lost.len(),
+        acked.len(),
+        &lost[..lost.len().min(10)]
+    );
+    assert_eq!(
+        v.refused(),
+        0,
+        "connection attempts failed: {:?}",
+        v.errors()
+    );
+    let dup: Vec<String> = v
+        .errors()
+        .into_iter()
+        .filter(|e| e.contains("duplicate key"))
+        .collect();
     assert!(dup.is_empty(), "sequences were not carried over: {dup:?}");
 }
 
@@ -76,7 +102,15 @@ fn cutover_under_writes_loses_nothing_refuses_nothing_and_rolls_back_losslessly(
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "cutover failed: {stderr}");
     let report: serde_json::Value = serde_json::from_slice(&out.stdout).expect("flip --json");
-    for step in ["hold", "fence", "barrier", "sequences", "reverse", "flip", "release"] {
+    for step in [
+        "hold",
+        "fence",
+        "barrier",
+        "sequences",
+        "reverse",
+        "flip",
+        "release",
+    ] {
         assert!(stderr.contains(step), "progress shows {step}: {stderr}");
     }
     let v = load.join().expect("workload");
@@ -87,9 +121,22 @@ fn cutover_under_writes_loses_nothing_refuses_nothing_and_rolls_back_losslessly(
     assert_no_loss(&v, &on_target, "target");
     // Writes went on after the flip, through new and re-established connections, and the
     // target's sequence continued past the source's.
-    let after = psql(lab, Ns::Target, &c.target, "SELECT count(*) FROM acks WHERE id > (SELECT max(id) FROM acks WHERE at < (SELECT max(created) FROM redirect_barrier))");
-    assert!(after.parse::<u64>().unwrap() > 0, "writes continued on the target after the cutover");
-    let ids_unique = psql(lab, Ns::Target, &c.target, "SELECT count(*) = count(DISTINCT id) FROM acks");
+    let after = psql(
+        lab,
+        Ns::Target,
+        &c.target,
+        "SELECT count(*) FROM acks WHERE id > (SELECT max(id) FROM acks WHERE at < (SELECT max(created) FROM redirect_barrier))",
+    );
+    assert!(
+        after.parse::<u64>().unwrap() > 0,
+        "writes continued on the target after the cutover"
+    );
+    let ids_unique = psql(
+        lab,
+        Ns::Target,
+        &c.target,
+        "SELECT count(*) = count(DISTINCT id) FROM acks",
+    );
     assert_eq!(ids_unique, "t");
     let pause = report["write_pause_ms"].as_f64().unwrap();
     let hold = report["hold_ms"].as_f64().unwrap();
@@ -100,15 +147,43 @@ fn cutover_under_writes_loses_nothing_refuses_nothing_and_rolls_back_losslessly(
         v.max_connect(),
         v.acked().count()
     );
-    assert!(v.max_connect() < Duration::from_millis(900), "no connection waited for a SYN retransmit: {:?}", v.max_connect());
+    assert!(
+        v.max_connect() < Duration::from_millis(900),
+        "no connection waited for a SYN retransmit: {:?}",
+        v.max_connect()
+    );
 
     // The journal has every step with LSNs.
-    let history: serde_json::Value = serde_json::from_str(&lab.redirect_ok(&["history", "--json"])).unwrap();
-    let steps: Vec<&str> = history.as_array().unwrap().iter().map(|e| e["step"].as_str().unwrap()).collect();
-    for step in ["start", "hold", "fence", "barrier", "sequences", "flip", "release", "drain", "done"] {
+    let history: serde_json::Value =
+        serde_json::from_str(&lab.redirect_ok(&["history", "--json"])).unwrap();
+    let steps: Vec<&str> = history
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["step"].as_str().unwrap())
+        .collect();
+    for step in [
+        "start",
+        "hold",
+        "fence",
+        "barrier",
+        "sequences",
+        "flip",
+        "release",
+        "drain",
+        "done",
+    ] {
         assert!(steps.contains(&step), "journal has {step}: {steps:?}");
     }
-    assert!(history.as_array().unwrap().iter().any(|e| e["step"] == "barrier" && e["source_lsn"].is_string() && e["target_lsn"].is_string()));
+    assert!(
+        history
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|e| e["step"] == "barrier"
+                && e["source_lsn"].is_string()
+                && e["target_lsn"].is_string())
+    );
 
     // /metrics and lag.
     let metrics = lab.in_ns(Ns::Proxy, || {
@@ -119,17 +194,27 @@ fn cutover_under_writes_loses_nothing_refuses_nothing_and_rolls_back_losslessly(
         s.read_to_string(&mut body).unwrap();
         body
     });
-    for m in ["redirect_active_backend{backend=\"target\"} 1", "redirect_cutover_phase{phase=\"idle\"} 1", "redirect_datapath_packets_total", "redirect_cutover_write_pause_seconds"] {
+    for m in [
+        "redirect_active_backend{backend=\"target\"} 1",
+        "redirect_cutover_phase{phase=\"idle\"} 1",
+        "redirect_datapath_packets_total",
+        "redirect_cutover_write_pause_seconds",
+    ] {
         assert!(metrics.contains(m), "/metrics has {m}:\n{metrics}");
     }
-    let lag: serde_json::Value = serde_json::from_str(&lab.redirect_ok(&["lag", "--json"])).unwrap();
+    let lag: serde_json::Value =
+        serde_json::from_str(&lab.redirect_ok(&["lag", "--json"])).unwrap();
     assert!(lag["bytes"].is_u64() && lag["seconds"].is_f64(), "{lag}");
 
     // Rollback over the reverse replication: writes taken by the target come back.
     let load = workload(lab, 10..14, 7);
     std::thread::sleep(Duration::from_secs(2));
     let out = flip(lab, &["--to", "source", "--drain-timeout", "2s"]);
-    assert!(out.status.success(), "rollback failed: {}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "rollback failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let v2 = load.join().expect("workload");
     assert_eq!(lab.status()["active"], "source");
     let on_source = rows(lab, Ns::Source, &c.source);
@@ -142,13 +227,44 @@ fn dry_run_changes_nothing() {
     let c = setup("dry", &[]);
     let lab = &c.lab;
     let out = flip(lab, &["--to", "target", "--dry-run"]);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let text = String::from_utf8_lossy(&out.stdout);
-    assert!(text.contains("dry run: nothing was changed") && text.contains("barrier"), "{text}");
+    assert!(
+        text.contains("dry run: nothing was changed") && text.contains("barrier"),
+        "{text}"
+    );
     assert_eq!(lab.status()["active"], "source");
-    assert_eq!(psql(lab, Ns::Target, &c.target, "SELECT count(*) FROM pg_replication_slots WHERE slot_name = 'redirect_reverse'"), "0");
-    assert_eq!(psql(lab, Ns::Source, &c.source, "SELECT count(*) FROM pg_subscription"), "0");
-    assert_eq!(psql(lab, Ns::Target, &c.target, "SELECT subenabled FROM pg_subscription"), "t");
+    assert_eq!(
+        psql(
+            lab,
+            Ns::Target,
+            &c.target,
+            "SELECT count(*) FROM pg_replication_slots WHERE slot_name = 'redirect_reverse'"
+        ),
+        "0"
+    );
+    assert_eq!(
+        psql(
+            lab,
+            Ns::Source,
+            &c.source,
+            "SELECT count(*) FROM pg_subscription"
+        ),
+        "0"
+    );
+    assert_eq!(
+        psql(
+            lab,
+            Ns::Target,
+            &c.target,
+            "SELECT subenabled FROM pg_subscription"
+        ),
+        "t"
+    );
     assert_eq!(lab.status()["stats"]["syn_held"], 0);
     let history = lab.redirect_ok(&["history"]);
     assert!(history.contains("no cutover recorded"), "{history}");
@@ -163,25 +279,56 @@ fn assert_source_serves(c: &Cutover) {
     let v = workload(lab, 100..102, 1).join().expect("workload");
     assert_eq!(v.refused(), 0, "{:?}", v.errors());
     let on_source = rows(lab, Ns::Source, &c.source);
-    assert!(v.acked().all(|a| on_source.contains(&a)), "writes land on the source");
+    assert!(
+        v.acked().all(|a| on_source.contains(&a)),
+        "writes land on the source"
+    );
     assert!(v.acked().count() > 10);
-    assert_eq!(lab.status()["stats"]["fenced"].as_u64().unwrap_or(0), stats_before, "nothing is fenced");
+    assert_eq!(
+        lab.status()["stats"]["fenced"].as_u64().unwrap_or(0),
+        stats_before,
+        "nothing is fenced"
+    );
 }
 
 #[test]
 fn broken_replication_or_lag_is_refused_before_anything_changes() {
     let c = setup("lag", &[]);
-    psql(&c.lab, Ns::Target, &c.target, "ALTER SUBSCRIPTION redirect_sub DISABLE");
+    psql(
+        &c.lab,
+        Ns::Target,
+        &c.target,
+        "ALTER SUBSCRIPTION redirect_sub DISABLE",
+    );
     // Let the slot go inactive and writes pile up behind it.
     wait_for(Duration::from_secs(20), "the slot to go inactive", || {
-        psql(&c.lab, Ns::Source, &c.source, "SELECT count(*) FROM pg_replication_slots WHERE active") == "0"
+        psql(
+            &c.lab,
+            Ns::Source,
+            &c.source,
+            "SELECT count(*) FROM pg_replication_slots WHERE active",
+        ) == "0"
     });
-    psql(&c.lab, Ns::Source, &c.source, "INSERT INTO acks (writer, seq) SELECT -1, g FROM generate_series(1, 20000) g");
+    psql(
+        &c.lab,
+        Ns::Source,
+        &c.source,
+        "INSERT INTO acks (writer, seq) SELECT -1, g FROM generate_series(1, 20000) g",
+    );
     let out = flip(&c.lab, &["--to", "target", "--max-lag", "64kB"]);
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.contains("preflight failed") && (err.contains("not healthy") || err.contains("above --max-lag")), "{err}");
-    assert!(err.lines().last().is_some_and(|l| l.starts_with("redirect: ")), "ends with one error line: {err}");
+    assert!(
+        err.contains("preflight failed")
+            && (err.contains("not healthy") || err.contains("above --max-lag")),
+        "{err}"
+    );
+    assert!(
+        err.lines()
+            .last()
+            .is_some_and(|l| l.starts_with("redirect: ")),
+        "ends with one error line: {err}"
+    );
     assert_source_serves(&c);
 }
 
@@ -201,15 +348,28 @@ fn unreachable_target_is_refused() {
 fn barrier_timeout_rolls_back_to_a_writable_source() {
     let c = setup("bar", &[]);
     // Forced past the lag gate while the subscription is off: the marker never arrives.
-    psql(&c.lab, Ns::Target, &c.target, "ALTER SUBSCRIPTION redirect_sub DISABLE");
+    psql(
+        &c.lab,
+        Ns::Target,
+        &c.target,
+        "ALTER SUBSCRIPTION redirect_sub DISABLE",
+    );
     let load = workload(&c.lab, 20..22, 4);
     std::thread::sleep(Duration::from_millis(500));
     let out = flip(&c.lab, &["--to", "target", "--force", "--timeout", "1s"]);
     let v = load.join().expect("workload");
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.contains("did not apply the marker") && err.contains("rolled back"), "{err}");
-    assert_eq!(v.refused(), 0, "connections held during the attempt were released, not refused: {:?}", v.errors());
+    assert!(
+        err.contains("did not apply the marker") && err.contains("rolled back"),
+        "{err}"
+    );
+    assert_eq!(
+        v.refused(),
+        0,
+        "connections held during the attempt were released, not refused: {:?}",
+        v.errors()
+    );
     let on_source = rows(&c.lab, Ns::Source, &c.source);
     assert!(v.acked().all(|a| on_source.contains(&a)));
     let history = c.lab.redirect_ok(&["history"]);
@@ -220,13 +380,21 @@ fn barrier_timeout_rolls_back_to_a_writable_source() {
 #[test]
 fn a_controller_killed_mid_cutover_rolls_back_on_restart() {
     let c = setup("kill", &[]);
-    psql(&c.lab, Ns::Target, &c.target, "ALTER SUBSCRIPTION redirect_sub DISABLE");
+    psql(
+        &c.lab,
+        Ns::Target,
+        &c.target,
+        "ALTER SUBSCRIPTION redirect_sub DISABLE",
+    );
     let lab = c.lab.clone();
     // A cutover that will wait for a barrier that never comes.
-    let flipper = std::thread::spawn(move || flip(&lab, &["--to", "target", "--force", "--timeout", "30s"]));
-    wait_for(Duration::from_secs(20), "the cutover to reach the barrier", || {
-        c.lab.redirect_ok(&["history"]).contains("fence")
-    });
+    let flipper =
+        std::thread::spawn(move || flip(&lab, &["--to", "target", "--force", "--timeout", "30s"]));
+    wait_for(
+        Duration::from_secs(20),
+        "the cutover to reach the barrier",
+        || c.lab.redirect_ok(&["history"]).contains("fence"),
+    );
     let pid = c.lab.redirect_pid().expect("the controller's pid");
     // SAFETY: killing the controller this lab started.
     unsafe { libc::kill(i32::try_from(pid).unwrap(), libc::SIGKILL) };
@@ -241,7 +409,12 @@ fn a_controller_killed_mid_cutover_rolls_back_on_restart() {
     let mut c = c;
     let lab = Arc::get_mut(&mut c.lab).expect("no other owner");
     lab.reap_exited();
-    psql(lab, Ns::Target, &c.target, "ALTER SUBSCRIPTION redirect_sub ENABLE");
+    psql(
+        lab,
+        Ns::Target,
+        &c.target,
+        "ALTER SUBSCRIPTION redirect_sub ENABLE",
+    );
     lab.start_redirect(&flags);
     let log = lab.last_redirect_log();
     assert!(log.contains("rolled back: no flip had happened"), "{log}");

@@ -26,7 +26,10 @@ fn assert_no_checksum_errors(lab: &Lab) {
 }
 
 fn rt() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime")
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime")
 }
 
 #[test]
@@ -34,8 +37,14 @@ fn open_connection_stays_on_source_while_new_ones_go_to_target_and_back() {
     let lab = lab_with_servers("flip", &[]);
     let status = lab.status();
     assert_eq!(status["active"], "source");
-    assert_eq!(status["backends"]["source"]["addr"], format!("{SOURCE_ADDR}:5432"));
-    assert_eq!(status["backends"]["target"]["addr"], format!("{TARGET_ADDR}:5432"));
+    assert_eq!(
+        status["backends"]["source"]["addr"],
+        format!("{SOURCE_ADDR}:5432")
+    );
+    assert_eq!(
+        status["backends"]["target"]["addr"],
+        format!("{TARGET_ADDR}:5432")
+    );
 
     // One client thread holds every connection for the whole test, so they stay open.
     let (to_test, from_lab) = std::sync::mpsc::channel::<&'static str>();
@@ -59,14 +68,22 @@ fn open_connection_stays_on_source_while_new_ones_go_to_target_and_back() {
                     to_lab.send(cluster_name(&b).await).unwrap();
                     to_lab.send(cluster_name(&a).await).unwrap();
                     // Writes on the pinned connection keep working too.
-                    a.batch_execute("CREATE TABLE IF NOT EXISTS t(x int); INSERT INTO t VALUES (1)").await.expect("write on source");
+                    a.batch_execute(
+                        "CREATE TABLE IF NOT EXISTS t(x int); INSERT INTO t VALUES (1)",
+                    )
+                    .await
+                    .expect("write on source");
                     assert_eq!(from_lab.recv().unwrap(), "done");
                 });
             });
         })
     };
     let lab = lab_ref;
-    let next = || from_test.recv_timeout(Duration::from_secs(30)).expect("client step");
+    let next = || {
+        from_test
+            .recv_timeout(Duration::from_secs(30))
+            .expect("client step")
+    };
     assert_eq!(next(), "source", "A: before the flip");
 
     let out = lab.redirect_ok(&["flip", "--to", "target"]);
@@ -74,7 +91,11 @@ fn open_connection_stays_on_source_while_new_ones_go_to_target_and_back() {
     assert_eq!(lab.status()["active"], "target");
     to_test.send("flipped").unwrap();
     assert_eq!(next(), "target", "B: a new connection after the flip");
-    assert_eq!(next(), "source", "A: the open connection stays on the source");
+    assert_eq!(
+        next(),
+        "source",
+        "A: the open connection stays on the source"
+    );
 
     let s = lab.status();
     assert_eq!(s["backends"]["source"]["connections"], 1);
@@ -91,8 +112,12 @@ fn open_connection_stays_on_source_while_new_ones_go_to_target_and_back() {
     let s = lab.status();
     assert!(s["stats"]["new_conn_source"].as_u64().unwrap() >= 2);
     assert!(s["stats"]["new_conn_target"].as_u64().unwrap() >= 1);
-    assert_eq!(s["stats"]["nonsyn_miss"], 0, "no established packet ever missed its entry");
-    let conns: serde_json::Value = serde_json::from_str(&lab.redirect_ok(&["connections", "--json"])).unwrap();
+    assert_eq!(
+        s["stats"]["nonsyn_miss"], 0,
+        "no established packet ever missed its entry"
+    );
+    let conns: serde_json::Value =
+        serde_json::from_str(&lab.redirect_ok(&["connections", "--json"])).unwrap();
     assert!(conns.as_array().unwrap().len() >= 3);
     assert_no_checksum_errors(&lab);
 }
@@ -139,18 +164,41 @@ fn a_thousand_concurrent_connections_are_all_routed_correctly() {
             })
         })
     };
-    from_client.recv_timeout(Duration::from_secs(120)).expect("first 500 connections");
+    from_client
+        .recv_timeout(Duration::from_secs(120))
+        .expect("first 500 connections");
     lab.redirect_ok(&["flip", "--to", "target"]);
     to_client.send(()).unwrap();
-    from_client.recv_timeout(Duration::from_secs(180)).expect("second 500 connections and checks");
+    from_client
+        .recv_timeout(Duration::from_secs(180))
+        .expect("second 500 connections and checks");
 
-    let conns: serde_json::Value = serde_json::from_str(&lab.redirect_ok(&["connections", "--json"])).unwrap();
+    let conns: serde_json::Value =
+        serde_json::from_str(&lab.redirect_ok(&["connections", "--json"])).unwrap();
     let conns = conns.as_array().unwrap();
-    let live: Vec<_> = conns.iter().filter(|c| c["state"] == "established").collect();
-    assert_eq!(live.len(), 2 * PER_SIDE, "every connection is tracked and established");
-    let snat: HashSet<(String, String)> =
-        live.iter().map(|c| (c["backend_addr"].as_str().unwrap().to_owned(), c["snat"].as_str().unwrap().to_owned())).collect();
-    assert_eq!(snat.len(), 2 * PER_SIDE, "no two connections share a backend-side tuple");
+    let live: Vec<_> = conns
+        .iter()
+        .filter(|c| c["state"] == "established")
+        .collect();
+    assert_eq!(
+        live.len(),
+        2 * PER_SIDE,
+        "every connection is tracked and established"
+    );
+    let snat: HashSet<(String, String)> = live
+        .iter()
+        .map(|c| {
+            (
+                c["backend_addr"].as_str().unwrap().to_owned(),
+                c["snat"].as_str().unwrap().to_owned(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        snat.len(),
+        2 * PER_SIDE,
+        "no two connections share a backend-side tuple"
+    );
     let s = lab.status();
     assert_eq!(s["backends"]["source"]["connections"], PER_SIDE);
     assert_eq!(s["backends"]["target"]["connections"], PER_SIDE);
@@ -180,18 +228,31 @@ fn restarting_the_controller_keeps_established_connections_and_the_flip() {
         drop(guard);
         let fd = std::fs::File::open(&path).unwrap();
         // SAFETY: affects only this thread.
-        assert_eq!(unsafe { libc::setns(std::os::fd::AsRawFd::as_raw_fd(&fd), libc::CLONE_NEWNET) }, 0);
+        assert_eq!(
+            unsafe { libc::setns(std::os::fd::AsRawFd::as_raw_fd(&fd), libc::CLONE_NEWNET) },
+            0
+        );
         rt().block_on(async move {
             let a = connect(VIP).await;
             to_lab.send(cluster_name(&a).await).unwrap();
             for _ in 0..3 {
                 from_lab.recv().unwrap();
                 let fresh = connect(VIP).await;
-                to_lab.send(format!("{} {}", cluster_name(&a).await, cluster_name(&fresh).await)).unwrap();
+                to_lab
+                    .send(format!(
+                        "{} {}",
+                        cluster_name(&a).await,
+                        cluster_name(&fresh).await
+                    ))
+                    .unwrap();
             }
         });
     });
-    let next = || from_client.recv_timeout(Duration::from_secs(30)).expect("client step");
+    let next = || {
+        from_client
+            .recv_timeout(Duration::from_secs(30))
+            .expect("client step")
+    };
     assert_eq!(next(), "source");
     lab.lock().unwrap().redirect_ok(&["flip", "--to", "target"]);
 
@@ -202,7 +263,11 @@ fn restarting_the_controller_keeps_established_connections_and_the_flip() {
 
     // A restart re-adopts the pins: ACTIVE and the tracked connection survive.
     let second = lab.lock().unwrap().start_redirect(&[]);
-    assert_eq!(lab.lock().unwrap().status()["active"], "target", "the flip survives a restart");
+    assert_eq!(
+        lab.lock().unwrap().status()["active"],
+        "target",
+        "the flip survives a restart"
+    );
     to_client.send(()).unwrap();
     assert_eq!(next(), "source target", "after the restart");
 
@@ -212,15 +277,28 @@ fn restarting_the_controller_keeps_established_connections_and_the_flip() {
     to_client.send(()).unwrap();
     assert_eq!(next(), "source target", "after a SIGKILL and restart");
     client.join().expect("client thread");
-    let log = std::fs::read_to_string(lab.lock().unwrap().work_dir.join("redirect-1.log")).unwrap_or_default();
-    assert!(log.contains("adopted=true"), "the second run re-adopted the pins: {log}");
+    let log = std::fs::read_to_string(lab.lock().unwrap().work_dir.join("redirect-1.log"))
+        .unwrap_or_default();
+    assert!(
+        log.contains("adopted=true"),
+        "the second run re-adopted the pins: {log}"
+    );
 }
 
 #[test]
 fn fin_and_rst_lead_to_cleanup_after_the_timeouts() {
     let lab = lab_with_servers(
         "gc",
-        &["--gc-interval", "100ms", "--close-timeout", "1s", "--port-quarantine", "2s", "--syn-timeout", "5s"],
+        &[
+            "--gc-interval",
+            "100ms",
+            "--close-timeout",
+            "1s",
+            "--port-quarantine",
+            "2s",
+            "--syn-timeout",
+            "5s",
+        ],
     );
     // A graceful close (FIN both ways) and an abortive one (RST, SO_LINGER 0).
     lab.in_ns(Ns::Client, || {
@@ -230,7 +308,10 @@ fn fin_and_rst_lead_to_cleanup_after_the_timeouts() {
             drop(c); // sends Terminate, then FIN
         });
         let s = std::net::TcpStream::connect((VIP, 5432)).expect("raw connect");
-        let linger = libc::linger { l_onoff: 1, l_linger: 0 };
+        let linger = libc::linger {
+            l_onoff: 1,
+            l_linger: 0,
+        };
         // SAFETY: a valid socket and option struct.
         let rc = unsafe {
             libc::setsockopt(
@@ -246,19 +327,55 @@ fn fin_and_rst_lead_to_cleanup_after_the_timeouts() {
         drop(s); // RST
     });
     let states = || -> Vec<String> {
-        let v: serde_json::Value = serde_json::from_str(&lab.redirect_ok(&["connections", "--json"])).unwrap();
-        v.as_array().unwrap().iter().map(|c| c["state"].as_str().unwrap().to_owned()).collect()
+        let v: serde_json::Value =
+            serde_json::from_str(&lab.redirect_ok(&["connections", "--json"])).unwrap();
+        v.as_array()
+            .unwrap()
+            .iter()
+            .map(|c| c["state"].as_str().unwrap().to_owned())
+            .collect()
     };
     let seen = states();
-    assert!(seen.iter().all(|s| s == "closed"), "both connections are closed: {seen:?}");
-    assert_eq!(lab.status()["backends"]["source"]["connections"], 0, "closed connections do not count as live");
-    wait_for(Duration::from_secs(10), "CT entries to expire after the close timeout", || states().is_empty());
+    assert!(
+        seen.iter().all(|s| s == "closed"),
+        "both connections are closed: {seen:?}"
+    );
+    assert_eq!(
+        lab.status()["backends"]["source"]["connections"],
+        0,
+        "closed connections do not count as live"
+    );
+    wait_for(
+        Duration::from_secs(10),
+        "CT entries to expire after the close timeout",
+        || states().is_empty(),
+    );
     let rev_entries = || {
-        let out = lab.exec_ok(Ns::Proxy, &["bpftool", "-j", "map", "dump", "pinned", &lab.pin_dir.join("REV").display().to_string()]);
-        serde_json::from_slice::<serde_json::Value>(&out.stdout).unwrap().as_array().map_or(0, Vec::len)
+        let out = lab.exec_ok(
+            Ns::Proxy,
+            &[
+                "bpftool",
+                "-j",
+                "map",
+                "dump",
+                "pinned",
+                &lab.pin_dir.join("REV").display().to_string(),
+            ],
+        );
+        serde_json::from_slice::<serde_json::Value>(&out.stdout)
+            .unwrap()
+            .as_array()
+            .map_or(0, Vec::len)
     };
-    assert!(rev_entries() > 0, "the SNAT ports are still quarantined right after the close");
-    wait_for(Duration::from_secs(15), "quarantined SNAT ports to be released", || rev_entries() == 0);
+    assert!(
+        rev_entries() > 0,
+        "the SNAT ports are still quarantined right after the close"
+    );
+    wait_for(
+        Duration::from_secs(15),
+        "quarantined SNAT ports to be released",
+        || rev_entries() == 0,
+    );
     assert_no_checksum_errors(&lab);
 }
 
@@ -272,12 +389,18 @@ fn bpftool_shows_typed_maps_and_detach_guards_live_connections() {
         move || {
             let fd = std::fs::File::open(&path).unwrap();
             // SAFETY: affects only this thread.
-            assert_eq!(unsafe { libc::setns(std::os::fd::AsRawFd::as_raw_fd(&fd), libc::CLONE_NEWNET) }, 0);
+            assert_eq!(
+                unsafe { libc::setns(std::os::fd::AsRawFd::as_raw_fd(&fd), libc::CLONE_NEWNET) },
+                0
+            );
             rt().block_on(async move {
                 let c = connect(VIP).await;
                 cluster_name(&c).await;
                 opened.send(()).unwrap();
-                tokio::task::spawn_blocking(move || release.recv()).await.unwrap().ok();
+                tokio::task::spawn_blocking(move || release.recv())
+                    .await
+                    .unwrap()
+                    .ok();
                 drop(c);
             });
         }
@@ -286,16 +409,34 @@ fn bpftool_shows_typed_maps_and_detach_guards_live_connections() {
     let ct = lab.pin_dir.join("CT").display().to_string();
     let dump = lab.exec_ok(Ns::Proxy, &["bpftool", "map", "dump", "pinned", &ct]);
     let text = String::from_utf8_lossy(&dump.stdout);
-    for field in ["client_addr_be", "client_port_be", "backend_addr_be", "snat_port_be", "last_seen_ns"] {
-        assert!(text.contains(field), "bpftool shows the BTF field {field}:\n{text}");
+    for field in [
+        "client_addr_be",
+        "client_port_be",
+        "backend_addr_be",
+        "snat_port_be",
+        "last_seen_ns",
+    ] {
+        assert!(
+            text.contains(field),
+            "bpftool shows the BTF field {field}:\n{text}"
+        );
     }
     let show = lab.exec_ok(Ns::Proxy, &["bpftool", "map", "show", "pinned", &ct]);
-    assert!(String::from_utf8_lossy(&show.stdout).contains("btf_id"), "CT carries BTF");
+    assert!(
+        String::from_utf8_lossy(&show.stdout).contains("btf_id"),
+        "CT carries BTF"
+    );
 
     let refused = lab.redirect(&["detach"]);
-    assert!(!refused.status.success(), "detach refuses while a connection is live");
+    assert!(
+        !refused.status.success(),
+        "detach refuses while a connection is live"
+    );
     let err = String::from_utf8_lossy(&refused.stderr);
-    assert!(err.contains("live connection") && err.lines().count() == 1, "one clear line: {err}");
+    assert!(
+        err.contains("live connection") && err.lines().count() == 1,
+        "one clear line: {err}"
+    );
     assert!(lab.pin_dir.join("CT").exists(), "nothing was removed");
 
     keep.send(()).unwrap();
@@ -304,7 +445,10 @@ fn bpftool_shows_typed_maps_and_detach_guards_live_connections() {
     assert!(out.contains("detached from p-cli, p-src, p-tgt"), "{out}");
     assert!(!lab.pin_dir.join("CT").exists());
     let links = lab.exec_ok(Ns::Proxy, &["ip", "-d", "link", "show", "p-cli"]);
-    assert!(!String::from_utf8_lossy(&links.stdout).contains("prog/xdp"), "the program is detached");
+    assert!(
+        !String::from_utf8_lossy(&links.stdout).contains("prog/xdp"),
+        "the program is detached"
+    );
 }
 
 #[test]
@@ -320,9 +464,18 @@ fn bad_input_fails_with_one_clear_line_and_changes_nothing() {
     };
     let cases: Vec<(Vec<String>, &str)> = vec![
         (with("--iface", "nosuch0"), "unknown interface \"nosuch0\""),
-        (with("--vip", "198.18.9.9:5432"), "VIP 198.18.9.9 is not a local address"),
-        (with("--source", "198.18.2.300:5432"), "invalid value '198.18.2.300:5432' for '--source"),
-        (with("--vip", "198.18.1.1"), "invalid value '198.18.1.1' for '--vip"),
+        (
+            with("--vip", "198.18.9.9:5432"),
+            "VIP 198.18.9.9 is not a local address",
+        ),
+        (
+            with("--source", "198.18.2.300:5432"),
+            "invalid value '198.18.2.300:5432' for '--source",
+        ),
+        (
+            with("--vip", "198.18.1.1"),
+            "invalid value '198.18.1.1' for '--vip",
+        ),
     ];
     for (args, want) in cases {
         let args: Vec<&str> = args.iter().map(String::as_str).collect();
@@ -340,17 +493,36 @@ fn bad_input_fails_with_one_clear_line_and_changes_nothing() {
         .args(&base)
         .output()
         .unwrap();
-    assert!(String::from_utf8_lossy(&out.stderr).contains("is not on a bpffs mount"), "{out:?}");
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("is not on a bpffs mount"),
+        "{out:?}"
+    );
     // Not root.
     let out = lab
-        .cmd(Ns::Proxy, &["setpriv", "--reuid", "nobody", "--regid", "nogroup", "--clear-groups"])
+        .cmd(
+            Ns::Proxy,
+            &[
+                "setpriv",
+                "--reuid",
+                "nobody",
+                "--regid",
+                "nogroup",
+                "--clear-groups",
+            ],
+        )
         .arg(redirect_tests::redirect_bin())
         .args(["--pin-dir", &lab.pin_dir.display().to_string(), "status"])
         .output()
         .unwrap();
-    assert!(String::from_utf8_lossy(&out.stderr).contains("must run as root"), "{out:?}");
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("must run as root"),
+        "{out:?}"
+    );
     // Nothing pinned.
     let out = lab.redirect(&["status"]);
     assert!(!out.status.success());
-    assert!(String::from_utf8_lossy(&out.stderr).contains("no redirect datapath is pinned"), "{out:?}");
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("no redirect datapath is pinned"),
+        "{out:?}"
+    );
 }

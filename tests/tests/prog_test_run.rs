@@ -45,15 +45,33 @@ impl Prog {
     fn new(ports: (u16, u16), flags: u32) -> Self {
         redirect_tests::require_root();
         // SAFETY: affects only this test's thread.
-        assert_eq!(unsafe { libc::unshare(libc::CLONE_NEWNET) }, 0, "unshare(CLONE_NEWNET)");
-        let mut ebpf = Ebpf::load(redirect::datapath::object()).expect("loading the datapath object");
-        let prog: &mut Xdp = ebpf.program_mut("redirect_xdp").unwrap().try_into().unwrap();
+        assert_eq!(
+            unsafe { libc::unshare(libc::CLONE_NEWNET) },
+            0,
+            "unshare(CLONE_NEWNET)"
+        );
+        let mut ebpf =
+            Ebpf::load(redirect::datapath::object()).expect("loading the datapath object");
+        let prog: &mut Xdp = ebpf
+            .program_mut("redirect_xdp")
+            .unwrap()
+            .try_into()
+            .unwrap();
         prog.load().expect("the verifier accepts the datapath");
         let mut p = Self { ebpf };
         let mut backends: Array<&mut MapData, Backend> = p.map("BACKENDS");
         for (i, (ip, snat)) in [(SOURCE, (SRC, SRC_SNAT)), (TARGET, (TGT, TGT_SNAT))] {
             backends
-                .set(i, Backend { addr_be: be(ip), snat_addr_be: be(snat), port_be: 5432u16.to_be(), _pad0: 0 }, 0)
+                .set(
+                    i,
+                    Backend {
+                        addr_be: be(ip),
+                        snat_addr_be: be(snat),
+                        port_be: 5432u16.to_be(),
+                        _pad0: 0,
+                    },
+                    0,
+                )
                 .unwrap();
         }
         let mut config: Array<&mut MapData, Config> = p.map("CONFIG");
@@ -79,7 +97,11 @@ impl Prog {
     where
         T::Error: std::fmt::Debug,
     {
-        self.ebpf.map_mut(name).unwrap_or_else(|| panic!("map {name}")).try_into().unwrap()
+        self.ebpf
+            .map_mut(name)
+            .unwrap_or_else(|| panic!("map {name}"))
+            .try_into()
+            .unwrap()
     }
 
     fn flip(&mut self, to: u32) {
@@ -89,7 +111,12 @@ impl Prog {
 
     /// Runs one frame through the program; returns the verdict and the frame after it.
     fn run(&mut self, frame: &[u8]) -> (u32, Vec<u8>) {
-        let prog: &mut Xdp = self.ebpf.program_mut("redirect_xdp").unwrap().try_into().unwrap();
+        let prog: &mut Xdp = self
+            .ebpf
+            .program_mut("redirect_xdp")
+            .unwrap()
+            .try_into()
+            .unwrap();
         let mut out = vec![0u8; frame.len() + 256];
         let mut opts = TestRunOptions::default();
         opts.data_in = Some(frame);
@@ -103,9 +130,15 @@ impl Prog {
     /// Runs a TCP frame that must be translated; returns what came out, checked.
     fn translate(&mut self, t: Tcp) -> Tcp {
         let (verdict, out) = self.run(&packet::tcp_frame(t, b"payload"));
-        assert_eq!(verdict, XDP_PASS, "no route in the test netns: rewritten, then passed");
+        assert_eq!(
+            verdict, XDP_PASS,
+            "no route in the test netns: rewritten, then passed"
+        );
         let (got, csum_ok) = packet::parse(&out);
-        assert!(csum_ok, "checksums of {got:?} are valid after the incremental update");
+        assert!(
+            csum_ok,
+            "checksums of {got:?} are valid after the incremental update"
+        );
         got
     }
 
@@ -117,7 +150,12 @@ impl Prog {
     fn ct(&mut self, client: Ipv4Addr, port: u16) -> Option<CtEntry> {
         let ct: HashMap<&mut MapData, CtKey, CtEntry> = self.map("CT");
         ct.get(
-            &CtKey { client_addr_be: be(client), vip_addr_be: be(VIP), client_port_be: port.to_be(), vip_port_be: 5432u16.to_be() },
+            &CtKey {
+                client_addr_be: be(client),
+                vip_addr_be: be(VIP),
+                client_port_be: port.to_be(),
+                vip_port_be: 5432u16.to_be(),
+            },
             0,
         )
         .ok()
@@ -130,16 +168,39 @@ impl Prog {
 }
 
 fn syn(client: Ipv4Addr, port: u16) -> Tcp {
-    Tcp { src: client, sport: port, dst: VIP, dport: 5432, flags: SYN }
+    Tcp {
+        src: client,
+        sport: port,
+        dst: VIP,
+        dport: 5432,
+        flags: SYN,
+    }
 }
 
 #[test]
 fn syn_goes_to_the_active_backend_with_full_nat() {
     let mut p = Prog::new((40000, 59999), 0);
     let out = p.translate(syn(C1, 45000));
-    assert_eq!(out, Tcp { src: SRC_SNAT, sport: 45000, dst: SRC, dport: 5432, flags: SYN }, "client port kept inside the range");
+    assert_eq!(
+        out,
+        Tcp {
+            src: SRC_SNAT,
+            sport: 45000,
+            dst: SRC,
+            dport: 5432,
+            flags: SYN
+        },
+        "client port kept inside the range"
+    );
     let e = p.ct(C1, 45000).expect("the SYN created a CT entry");
-    assert_eq!((e.backend_id, e.backend_addr_be, u16::from_be(e.snat_port_be)), (SOURCE, be(SRC), 45000));
+    assert_eq!(
+        (
+            e.backend_id,
+            e.backend_addr_be,
+            u16::from_be(e.snat_port_be)
+        ),
+        (SOURCE, be(SRC), 45000)
+    );
     assert_eq!(p.rev_len(), 1);
     assert_eq!(p.stat(Stat::NewConnSource), 1);
 }
@@ -151,12 +212,33 @@ fn flip_moves_new_syns_but_not_a_retransmitted_first_syn() {
     assert_eq!(first.dst, SRC);
     p.flip(TARGET);
     let other = p.translate(syn(C2, 45001));
-    assert_eq!((other.src, other.dst), (TGT_SNAT, TGT), "a new connection after the flip goes to the target");
+    assert_eq!(
+        (other.src, other.dst),
+        (TGT_SNAT, TGT),
+        "a new connection after the flip goes to the target"
+    );
     let retransmit = p.translate(syn(C1, 45000));
-    assert_eq!(retransmit, first, "the retransmitted SYN keeps its backend and SNAT port");
-    let data = p.translate(Tcp { flags: ACK | PSH, ..syn(C1, 45000) });
-    assert_eq!((data.dst, data.sport), (SRC, 45000), "established packets stay on the source");
-    assert_eq!((p.stat(Stat::NewConnSource), p.stat(Stat::NewConnTarget), p.stat(Stat::ForwardTracked)), (1, 1, 2));
+    assert_eq!(
+        retransmit, first,
+        "the retransmitted SYN keeps its backend and SNAT port"
+    );
+    let data = p.translate(Tcp {
+        flags: ACK | PSH,
+        ..syn(C1, 45000)
+    });
+    assert_eq!(
+        (data.dst, data.sport),
+        (SRC, 45000),
+        "established packets stay on the source"
+    );
+    assert_eq!(
+        (
+            p.stat(Stat::NewConnSource),
+            p.stat(Stat::NewConnTarget),
+            p.stat(Stat::ForwardTracked)
+        ),
+        (1, 1, 2)
+    );
 }
 
 #[test]
@@ -164,8 +246,23 @@ fn reply_is_rewritten_back_to_vip_and_client() {
     let mut p = Prog::new((40000, 59999), 0);
     let fwd = p.translate(syn(C1, 1234)); // outside the range: a random SNAT port
     assert!((40000..=59999).contains(&fwd.sport));
-    let reply = p.translate(Tcp { src: SRC, sport: 5432, dst: SRC_SNAT, dport: fwd.sport, flags: SYN | ACK });
-    assert_eq!(reply, Tcp { src: VIP, sport: 5432, dst: C1, dport: 1234, flags: SYN | ACK });
+    let reply = p.translate(Tcp {
+        src: SRC,
+        sport: 5432,
+        dst: SRC_SNAT,
+        dport: fwd.sport,
+        flags: SYN | ACK,
+    });
+    assert_eq!(
+        reply,
+        Tcp {
+            src: VIP,
+            sport: 5432,
+            dst: C1,
+            dport: 1234,
+            flags: SYN | ACK
+        }
+    );
     assert_eq!(p.stat(Stat::ReplyTracked), 1);
     let e = p.ct(C1, 1234).unwrap();
     assert_ne!(e.flags & redirect_common::ct::FLAG_SEEN_NON_SYN, 0);
@@ -177,26 +274,60 @@ fn same_client_port_from_two_clients_gets_distinct_snat_ports() {
     let a = p.translate(syn(C1, 45000));
     let b = p.translate(syn(C2, 45000));
     assert_eq!(a.sport, 45000);
-    assert_ne!(a.sport, b.sport, "both map to (SNAT, source): the REV claim forces another port");
+    assert_ne!(
+        a.sport, b.sport,
+        "both map to (SNAT, source): the REV claim forces another port"
+    );
     assert_eq!(b.sport, 45001, "linear probing takes the next port");
     // Each reply finds its own client.
-    let ra = p.translate(Tcp { src: SRC, sport: 5432, dst: SRC_SNAT, dport: a.sport, flags: SYN | ACK });
-    let rb = p.translate(Tcp { src: SRC, sport: 5432, dst: SRC_SNAT, dport: b.sport, flags: SYN | ACK });
+    let ra = p.translate(Tcp {
+        src: SRC,
+        sport: 5432,
+        dst: SRC_SNAT,
+        dport: a.sport,
+        flags: SYN | ACK,
+    });
+    let rb = p.translate(Tcp {
+        src: SRC,
+        sport: 5432,
+        dst: SRC_SNAT,
+        dport: b.sport,
+        flags: SYN | ACK,
+    });
     assert_eq!((ra.dst, rb.dst), (C1, C2));
 }
 
 #[test]
 fn untracked_non_syn_is_never_forwarded() {
     let mut p = Prog::new((40000, 59999), 0);
-    let frame = packet::tcp_frame(Tcp { flags: ACK, ..syn(C1, 45000) }, b"x");
+    let frame = packet::tcp_frame(
+        Tcp {
+            flags: ACK,
+            ..syn(C1, 45000)
+        },
+        b"x",
+    );
     let (verdict, out) = p.run(&frame);
     assert_eq!(verdict, XDP_PASS);
-    assert_eq!(out, frame, "passed to the stack untouched (it answers with a RST)");
+    assert_eq!(
+        out, frame,
+        "passed to the stack untouched (it answers with a RST)"
+    );
     assert_eq!(p.stat(Stat::NonSynMiss), 1);
     assert!(p.ct(C1, 45000).is_none(), "only a pure SYN creates state");
     for flags in [SYN | ACK, FIN | ACK, packet::RST] {
-        let (_, out) = p.run(&packet::tcp_frame(Tcp { flags, ..syn(C1, 45000) }, b""));
-        assert_eq!(packet::parse(&out).0.dst, VIP, "flags {flags:#x} never open a connection");
+        let (_, out) = p.run(&packet::tcp_frame(
+            Tcp {
+                flags,
+                ..syn(C1, 45000)
+            },
+            b"",
+        ));
+        assert_eq!(
+            packet::parse(&out).0.dst,
+            VIP,
+            "flags {flags:#x} never open a connection"
+        );
     }
     assert_eq!(p.rev_len(), 0);
 
@@ -208,18 +339,43 @@ fn untracked_non_syn_is_never_forwarded() {
 fn a_syn_on_a_closed_entry_reopens_it_on_the_active_backend() {
     let mut p = Prog::new((40000, 59999), 0);
     let first = p.translate(syn(C1, 45000));
-    p.translate(Tcp { flags: FIN | ACK, ..syn(C1, 45000) });
-    p.translate(Tcp { src: SRC, sport: 5432, dst: SRC_SNAT, dport: first.sport, flags: FIN | ACK });
+    p.translate(Tcp {
+        flags: FIN | ACK,
+        ..syn(C1, 45000)
+    });
+    p.translate(Tcp {
+        src: SRC,
+        sport: 5432,
+        dst: SRC_SNAT,
+        dport: first.sport,
+        flags: FIN | ACK,
+    });
     let closed = p.ct(C1, 45000).unwrap();
-    assert_eq!(closed.flags & (FLAG_FIN_CLIENT | FLAG_FIN_BACKEND), FLAG_FIN_CLIENT | FLAG_FIN_BACKEND);
+    assert_eq!(
+        closed.flags & (FLAG_FIN_CLIENT | FLAG_FIN_BACKEND),
+        FLAG_FIN_CLIENT | FLAG_FIN_BACKEND
+    );
     p.flip(TARGET);
     let again = p.translate(syn(C1, 45000));
     assert_eq!(again.dst, TGT, "port reuse after close is a new connection");
     let e = p.ct(C1, 45000).unwrap();
     assert_eq!((e.backend_id, e.flags), (TARGET, FLAG_REOPENED));
-    assert_eq!(p.rev_len(), 2, "the old SNAT port stays claimed (quarantine)");
+    assert_eq!(
+        p.rev_len(),
+        2,
+        "the old SNAT port stays claimed (quarantine)"
+    );
     // A late packet from the old backend on the old port is not sent to the client.
-    let (verdict, late) = p.run(&packet::tcp_frame(Tcp { src: SRC, sport: 5432, dst: SRC_SNAT, dport: first.sport, flags: ACK }, b""));
+    let (verdict, late) = p.run(&packet::tcp_frame(
+        Tcp {
+            src: SRC,
+            sport: 5432,
+            dst: SRC_SNAT,
+            dport: first.sport,
+            flags: ACK,
+        },
+        b"",
+    ));
     assert_eq!((verdict, packet::parse(&late).0.dst), (XDP_PASS, SRC_SNAT));
     assert_eq!(p.stat(Stat::ReplyOrphan), 1);
 }
@@ -229,7 +385,10 @@ fn snat_exhaustion_drops_the_syn_and_counts_it() {
     let mut p = Prog::new((50000, 50000), 0);
     assert_eq!(p.translate(syn(C1, 1111)).sport, 50000);
     let (verdict, _) = p.run(&packet::tcp_frame(syn(C2, 1111), b""));
-    assert_eq!(verdict, XDP_DROP, "no port left: drop the SYN (the client retries), never evict");
+    assert_eq!(
+        verdict, XDP_DROP,
+        "no port left: drop the SYN (the client retries), never evict"
+    );
     assert_eq!(p.stat(Stat::SnatExhausted), 1);
     assert!(p.ct(C2, 1111).is_none());
 }
@@ -264,11 +423,23 @@ fn everything_else_passes_untouched() {
     ipv6[12..14].copy_from_slice(&0x86ddu16.to_be_bytes());
     cases.push(("ipv6", ipv6, Stat::PassNotIpv4));
 
-    cases.push(("truncated tcp", base[..14 + 20 + 10].to_vec(), Stat::PassTruncated));
-    cases.push(("truncated ip", base[..14 + 12].to_vec(), Stat::PassTruncated));
+    cases.push((
+        "truncated tcp",
+        base[..14 + 20 + 10].to_vec(),
+        Stat::PassTruncated,
+    ));
+    cases.push((
+        "truncated ip",
+        base[..14 + 12].to_vec(),
+        Stat::PassTruncated,
+    ));
     let mut short_total = base.clone();
     short_total[16..18].copy_from_slice(&30u16.to_be_bytes());
-    cases.push(("ip total length too short", short_total, Stat::PassTruncated));
+    cases.push((
+        "ip total length too short",
+        short_total,
+        Stat::PassTruncated,
+    ));
 
     for (name, frame, stat) in cases {
         let before = p.stat(stat);
@@ -289,7 +460,17 @@ fn a_hold_parks_new_syns_and_a_fence_drops_client_data_of_the_fenced_backend() {
     assert_eq!(established.dst, SRC);
     {
         let mut cut: Array<&mut MapData, Cutover> = p.map("CUTOVER");
-        cut.set(0, Cutover { hold_until_ns: u64::MAX, fence_until_ns: u64::MAX, fenced_backend: SOURCE, _pad0: 0 }, 0).unwrap();
+        cut.set(
+            0,
+            Cutover {
+                hold_until_ns: u64::MAX,
+                fence_until_ns: u64::MAX,
+                fenced_backend: SOURCE,
+                _pad0: 0,
+            },
+            0,
+        )
+        .unwrap();
     }
     // A new connection's SYN is parked, untouched.
     let frame = packet::tcp_frame(syn(C2, 45001), b"");
@@ -301,25 +482,65 @@ fn a_hold_parks_new_syns_and_a_fence_drops_client_data_of_the_fenced_backend() {
     assert_eq!(item.len(), std::mem::size_of::<HeldSyn>());
     // SAFETY: the datapath wrote a HeldSyn.
     let held: HeldSyn = unsafe { std::ptr::read_unaligned(item.as_ptr().cast()) };
-    assert_eq!(&held.frame[..held.len as usize], &frame[..], "the frame is parked byte for byte");
+    assert_eq!(
+        &held.frame[..held.len as usize],
+        &frame[..],
+        "the frame is parked byte for byte"
+    );
     drop(item);
     drop(ring);
     // Data from a client of the fenced source is dropped; a bare ACK or FIN still passes.
-    let (v, _) = p.run(&packet::tcp_frame(Tcp { flags: ACK | PSH, ..syn(C1, 45000) }, b"INSERT"));
+    let (v, _) = p.run(&packet::tcp_frame(
+        Tcp {
+            flags: ACK | PSH,
+            ..syn(C1, 45000)
+        },
+        b"INSERT",
+    ));
     assert_eq!(v, XDP_DROP, "a query to the fenced server never arrives");
     assert_eq!(p.stat(Stat::Fenced), 1);
-    assert_ne!(p.ct(C1, 45000).unwrap().flags & redirect_common::ct::FLAG_FENCED, 0, "marked for the drain");
+    assert_ne!(
+        p.ct(C1, 45000).unwrap().flags & redirect_common::ct::FLAG_FENCED,
+        0,
+        "marked for the drain"
+    );
     for flags in [ACK, FIN | ACK] {
-        let (v, out) = p.run(&packet::tcp_frame(Tcp { flags, ..syn(C1, 45000) }, b""));
-        assert_eq!((v, packet::parse(&out).0.dst), (XDP_PASS, SRC), "a bare {flags:#x} passes the fence");
+        let (v, out) = p.run(&packet::tcp_frame(
+            Tcp {
+                flags,
+                ..syn(C1, 45000)
+            },
+            b"",
+        ));
+        assert_eq!(
+            (v, packet::parse(&out).0.dst),
+            (XDP_PASS, SRC),
+            "a bare {flags:#x} passes the fence"
+        );
     }
     // Replies from the fenced server still reach the client.
-    let reply = p.translate(Tcp { src: SRC, sport: 5432, dst: SRC_SNAT, dport: established.sport, flags: ACK | PSH });
+    let reply = p.translate(Tcp {
+        src: SRC,
+        sport: 5432,
+        dst: SRC_SNAT,
+        dport: established.sport,
+        flags: ACK | PSH,
+    });
     assert_eq!(reply.dst, C1);
     // Lifting the hold: new SYNs go to ACTIVE again.
     {
         let mut cut: Array<&mut MapData, Cutover> = p.map("CUTOVER");
-        cut.set(0, Cutover { hold_until_ns: 0, fence_until_ns: 0, fenced_backend: NO_FENCE, _pad0: 0 }, 0).unwrap();
+        cut.set(
+            0,
+            Cutover {
+                hold_until_ns: 0,
+                fence_until_ns: 0,
+                fenced_backend: NO_FENCE,
+                _pad0: 0,
+            },
+            0,
+        )
+        .unwrap();
     }
     assert_eq!(p.translate(syn(C2, 45001)).dst, SRC);
 }

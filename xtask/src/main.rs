@@ -41,7 +41,9 @@ fn main() -> anyhow::Result<()> {
         Task::Demo => {
             setup::install()?;
             build()?;
-            let status = cargo().args(["run", "--quiet", "-p", "redirect-tests", "--bin", "demo"]).status()?;
+            let status = cargo()
+                .args(["run", "--quiet", "-p", "redirect-tests", "--bin", "demo"])
+                .status()?;
             if !status.success() {
                 bail!("the demo failed ({status})");
             }
@@ -54,7 +56,8 @@ fn main() -> anyhow::Result<()> {
 /// (aya-build then passes `-Z build-std=core` to the `debian-web` toolchain).
 fn cargo() -> Command {
     let mut c = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
-    c.env("RUSTC_BOOTSTRAP", "1").env("PATH", setup::path_with_cargo_bin());
+    c.env("RUSTC_BOOTSTRAP", "1")
+        .env("PATH", setup::path_with_cargo_bin());
     c
 }
 
@@ -81,7 +84,10 @@ fn test(filter: Option<&str>) -> anyhow::Result<()> {
     if let Some(f) = filter {
         cmd.arg(f);
     }
-    let mut child = cmd.stdout(Stdio::piped()).spawn().context("spawning cargo test")?;
+    let mut child = cmd
+        .stdout(Stdio::piped())
+        .spawn()
+        .context("spawning cargo test")?;
     let (mut passed, mut failed, mut ignored) = (0u64, 0u64, 0u64);
     for line in BufReader::new(child.stdout.take().expect("piped")).lines() {
         let line = line?;
@@ -89,7 +95,11 @@ fn test(filter: Option<&str>) -> anyhow::Result<()> {
         if let Some(rest) = line.strip_prefix("test result: ") {
             let n = |label: &str| -> u64 {
                 rest.split([';', '.'])
-                    .find_map(|part| part.trim().strip_suffix(label).and_then(|v| v.trim().parse().ok()))
+                    .find_map(|part| {
+                        part.trim()
+                            .strip_suffix(label)
+                            .and_then(|v| v.trim().parse().ok())
+                    })
                     .unwrap_or(0)
             };
             passed += n(" passed");

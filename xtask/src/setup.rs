@@ -12,7 +12,10 @@ use anyhow::{Context as _, bail};
 const PACKAGES: &[(&str, &str)] = &[
     ("rustc-web", "/usr/bin/rustc"),
     ("cargo-web", "/usr/bin/cargo"),
-    ("rust-web-src", "/usr/lib/rustlib/src/rust/library/core/Cargo.toml"),
+    (
+        "rust-web-src",
+        "/usr/lib/rustlib/src/rust/library/core/Cargo.toml",
+    ),
     ("llvm-22-dev", "/usr/lib/llvm-22/bin/llvm-config"),
     ("libpolly-22-dev", "/usr/lib/llvm-22/lib/libPolly.a"),
     ("libzstd-dev", "/usr/include/zstd.h"),
@@ -92,16 +95,41 @@ pub fn install() -> anyhow::Result<()> {
     if linker_ok {
         step("bpf-linker present");
     } else {
-        step(&format!("building bpf-linker {BPF_LINKER_VERSION} against LLVM 22 (about 2 minutes)"));
+        step(&format!(
+            "building bpf-linker {BPF_LINKER_VERSION} against LLVM 22 (about 2 minutes)"
+        ));
         // Without LLVM_PREFIX and this PATH its build script finds LLVM 14 and fails.
         run(Command::new("cargo")
-            .args(["install", "bpf-linker", "--version", BPF_LINKER_VERSION, "--no-default-features", "--features", "llvm-22", "--locked"])
-            .env("PATH", format!("/usr/lib/llvm-22/bin:{}", path_with_cargo_bin()))
+            .args([
+                "install",
+                "bpf-linker",
+                "--version",
+                BPF_LINKER_VERSION,
+                "--no-default-features",
+                "--features",
+                "llvm-22",
+                "--locked",
+            ])
+            .env(
+                "PATH",
+                format!("/usr/lib/llvm-22/bin:{}", path_with_cargo_bin()),
+            )
             .env("LLVM_PREFIX", "/usr/lib/llvm-22"))
         .or_else(|_| {
             run(Command::new("cargo")
-                .args(["install", "bpf-linker", "--version", BPF_LINKER_VERSION, "--no-default-features", "--features", "llvm-22"])
-                .env("PATH", format!("/usr/lib/llvm-22/bin:{}", path_with_cargo_bin()))
+                .args([
+                    "install",
+                    "bpf-linker",
+                    "--version",
+                    BPF_LINKER_VERSION,
+                    "--no-default-features",
+                    "--features",
+                    "llvm-22",
+                ])
+                .env(
+                    "PATH",
+                    format!("/usr/lib/llvm-22/bin:{}", path_with_cargo_bin()),
+                )
                 .env("LLVM_PREFIX", "/usr/lib/llvm-22"))
         })?;
     }

@@ -19,7 +19,10 @@ pub fn run(args: &Args, pin_dir: &Path) -> anyhow::Result<()> {
     if args.json {
         return super::print_json(&conns);
     }
-    println!("{:<21} {:<7} {:<21} {:<21} {:<11} {:>9} {:>9}", "CLIENT", "BACKEND", "BACKEND ADDR", "SNAT", "STATE", "AGE", "IDLE");
+    println!(
+        "{:<21} {:<7} {:<21} {:<21} {:<11} {:>9} {:>9}",
+        "CLIENT", "BACKEND", "BACKEND ADDR", "SNAT", "STATE", "AGE", "IDLE"
+    );
     for c in &conns {
         println!(
             "{:<21} {:<7} {:<21} {:<21} {:<11} {:>8.1}s {:>8.1}s",

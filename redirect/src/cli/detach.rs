@@ -21,14 +21,24 @@ pub fn run(args: &Args, pin_dir: &Path) -> anyhow::Result<()> {
     let live: u64 = conntrack::live_per_backend(&maps)?.values().sum();
     drop(maps);
     if live > 0 && !args.force {
-        anyhow::bail!("{live} live connection(s) are tracked and would break; drain them first, or pass --force");
+        anyhow::bail!(
+            "{live} live connection(s) are tracked and would break; drain them first, or pass --force"
+        );
     }
     let ifaces = datapath::remove(pin_dir)?;
     println!(
         "detached from {}; removed pins under {}{}",
-        if ifaces.is_empty() { "no interface".to_owned() } else { ifaces.join(", ") },
+        if ifaces.is_empty() {
+            "no interface".to_owned()
+        } else {
+            ifaces.join(", ")
+        },
         pin_dir.display(),
-        if live > 0 { format!(" ({live} live connection(s) broken, --force)") } else { String::new() }
+        if live > 0 {
+            format!(" ({live} live connection(s) broken, --force)")
+        } else {
+            String::new()
+        }
     );
     Ok(())
 }

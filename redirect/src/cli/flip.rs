@@ -65,13 +65,17 @@ struct Immediate {
 pub fn run(args: &Args, pin_dir: &Path, socket: &Path) -> anyhow::Result<()> {
     net::require_root()?;
     if !args.immediate {
-        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?;
         let has_db = rt.block_on(control::call(socket, &Request::HasDatabases, |_| {}))?;
         if has_db == Some(serde_json::Value::Bool(true)) {
             return safe(args, socket, &rt);
         }
         if args.dry_run {
-            anyhow::bail!("--dry-run needs a running controller that knows both databases (redirect run --source-dsn … --target-dsn …)");
+            anyhow::bail!(
+                "--dry-run needs a running controller that knows both databases (redirect run --source-dsn … --target-dsn …)"
+            );
         }
         if has_db.is_none() && socket.exists() {
             anyhow::bail!(
@@ -132,7 +136,10 @@ fn safe(args: &Args, socket: &Path, rt: &tokio::runtime::Runtime) -> anyhow::Res
         f("barrier_ms").as_f64().unwrap_or(0.0),
         f("fence_lsn").as_str().unwrap_or("?"),
     );
-    println!("reverse replication: {}", f("reverse_replication").as_str().unwrap_or(""));
+    println!(
+        "reverse replication: {}",
+        f("reverse_replication").as_str().unwrap_or("")
+    );
     println!(
         "drain: {} busy session(s) ended at the fence, {} when their client used them, {} at the drain deadline",
         f("terminated_at_fence"),
@@ -145,22 +152,36 @@ fn safe(args: &Args, socket: &Path, rt: &tokio::runtime::Runtime) -> anyhow::Res
 fn immediate(args: &Args, pin_dir: &Path, controller_running: bool) -> anyhow::Result<()> {
     let mut maps = Maps::open(pin_dir)?;
     let from = maps.active()?;
-    let to_addr = maps.backend(args.to)?.ok_or_else(|| anyhow::anyhow!("the {} backend is not configured", args.to))?;
+    let to_addr = maps
+        .backend(args.to)?
+        .ok_or_else(|| anyhow::anyhow!("the {} backend is not configured", args.to))?;
     maps.set_active(args.to)?;
     let other = match args.to {
         Role::Source => Role::Target,
         Role::Target => Role::Source,
     };
     let staying = match maps.backend(other)? {
-        Some(b) => conntrack::live_per_backend(&maps)?.get(&b.addr).copied().unwrap_or(0),
+        Some(b) => conntrack::live_per_backend(&maps)?
+            .get(&b.addr)
+            .copied()
+            .unwrap_or(0),
         None => 0,
     };
-    let out = Immediate { mode: "immediate", from, to: args.to, addr: to_addr.addr.to_string(), staying };
+    let out = Immediate {
+        mode: "immediate",
+        from,
+        to: args.to,
+        addr: to_addr.addr.to_string(),
+        staying,
+    };
     if args.json {
         return super::print_json(&out);
     }
     if from == Some(args.to) {
-        println!("new connections already go to {} ({}); nothing changed", args.to, out.addr);
+        println!(
+            "new connections already go to {} ({}); nothing changed",
+            args.to, out.addr
+        );
     } else {
         println!("new connections now go to {} ({})", args.to, out.addr);
     }
@@ -168,7 +189,11 @@ fn immediate(args: &Args, pin_dir: &Path, controller_running: bool) -> anyhow::R
     if !args.immediate {
         eprintln!(
             "note: immediate flip (no write fence, no LSN barrier): {}",
-            if controller_running { "the controller has no --source-dsn/--target-dsn" } else { "no controller is running" }
+            if controller_running {
+                "the controller has no --source-dsn/--target-dsn"
+            } else {
+                "no controller is running"
+            }
         );
     }
     Ok(())

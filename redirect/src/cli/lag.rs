@@ -19,22 +19,38 @@ pub struct Args {
 }
 
 pub fn run(args: &Args, socket: &Path) -> anyhow::Result<()> {
-    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
     loop {
         let lag = rt
             .block_on(control::call(socket, &Request::Lag, |_| {}))?
-            .ok_or_else(|| anyhow::anyhow!("no controller at {} (start `redirect run` with --source-dsn and --target-dsn)", socket.display()))?;
+            .ok_or_else(|| {
+                anyhow::anyhow!(
+                    "no controller at {} (start `redirect run` with --source-dsn and --target-dsn)",
+                    socket.display()
+                )
+            })?;
         if args.json {
             println!("{}", serde_json::to_string(&lag)?);
         } else {
-            let problems: Vec<&str> = lag["problems"].as_array().into_iter().flatten().filter_map(|p| p.as_str()).collect();
+            let problems: Vec<&str> = lag["problems"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter_map(|p| p.as_str())
+                .collect();
             println!(
                 "{} lag: {} bytes, {:.3} s, source at {}{}",
                 lag["replication"].as_str().unwrap_or("?"),
                 lag["bytes"],
                 lag["seconds"].as_f64().unwrap_or(0.0),
                 lag["source_lsn"].as_str().unwrap_or("?"),
-                if problems.is_empty() { " (healthy)".to_owned() } else { format!(" (UNHEALTHY: {})", problems.join("; ")) }
+                if problems.is_empty() {
+                    " (healthy)".to_owned()
+                } else {
+                    format!(" (UNHEALTHY: {})", problems.join("; "))
+                }
             );
         }
         if !args.watch {

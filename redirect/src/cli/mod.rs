@@ -28,7 +28,12 @@ pub struct Cli {
     pub socket: PathBuf,
 
     /// The cutover journal (append-only JSON lines).
-    #[arg(long, global = true, env = "REDIRECT_JOURNAL", default_value = "/var/lib/redirect/journal.jsonl")]
+    #[arg(
+        long,
+        global = true,
+        env = "REDIRECT_JOURNAL",
+        default_value = "/var/lib/redirect/journal.jsonl"
+    )]
     pub journal: PathBuf,
 
     #[command(subcommand)]
@@ -57,7 +62,9 @@ impl std::str::FromStr for PortRange {
     type Err = String;
 
     fn from_str(s: &str) -> Result<Self, Self::Err> {
-        let (lo, hi) = s.split_once('-').ok_or_else(|| format!("{s:?} is not LO-HI, e.g. 40000-59999"))?;
+        let (lo, hi) = s
+            .split_once('-')
+            .ok_or_else(|| format!("{s:?} is not LO-HI, e.g. 40000-59999"))?;
         let parse = |p: &str| p.trim().parse::<u16>().map_err(|e| format!("{p:?}: {e}"));
         let (lo, hi) = (parse(lo)?, parse(hi)?);
         if lo == 0 || lo > hi {
@@ -84,7 +91,9 @@ impl std::str::FromStr for ByteSize {
         let s = s.trim();
         let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
         let (num, unit) = s.split_at(split);
-        let n: u64 = num.parse().map_err(|_| format!("{s:?} is not a size like 1MB or 65536"))?;
+        let n: u64 = num
+            .parse()
+            .map_err(|_| format!("{s:?} is not a size like 1MB or 65536"))?;
         // PostgreSQL's own units (kB, MB, GB) are powers of 1024, so are these.
         let mult: u64 = match unit.trim().to_ascii_lowercase().as_str() {
             "" | "b" => 1,
@@ -93,7 +102,9 @@ impl std::str::FromStr for ByteSize {
             "g" | "gb" | "gib" => 1 << 30,
             other => return Err(format!("unknown size unit {other:?} (use B, kB, MB or GB)")),
         };
-        n.checked_mul(mult).map(Self).ok_or_else(|| format!("{s:?} is too large"))
+        n.checked_mul(mult)
+            .map(Self)
+            .ok_or_else(|| format!("{s:?} is too large"))
     }
 }
 
@@ -109,7 +120,13 @@ mod tests {
 
     #[test]
     fn port_ranges() {
-        assert_eq!("40000-59999".parse(), Ok(PortRange { lo: 40000, hi: 59999 }));
+        assert_eq!(
+            "40000-59999".parse(),
+            Ok(PortRange {
+                lo: 40000,
+                hi: 59999
+            })
+        );
         assert!("59999-40000".parse::<PortRange>().is_err());
         assert!("0-10".parse::<PortRange>().is_err());
         assert!("40000".parse::<PortRange>().is_err());

@@ -18,10 +18,7 @@ use crate::{
     cutover::{Controller, Databases},
     datapath::{self, AttachMode, BackendAddr, Maps, Spec},
     metrics, net,
-    pg::{
-        Dsn, PasswordSources,
-        lag::Replication,
-    },
+    pg::{Dsn, PasswordSources, lag::Replication},
 };
 
 /// Load the datapath on this host and keep its connection table clean.
@@ -130,12 +127,18 @@ fn databases(args: &Args) -> anyhow::Result<Option<Databases>> {
     let source = Dsn::parse(
         "source",
         source,
-        &PasswordSources { file: args.source_password_file.clone(), env: Some("REDIRECT_SOURCE_PASSWORD".into()) },
+        &PasswordSources {
+            file: args.source_password_file.clone(),
+            env: Some("REDIRECT_SOURCE_PASSWORD".into()),
+        },
     )?;
     let target = Dsn::parse(
         "target",
         target,
-        &PasswordSources { file: args.target_password_file.clone(), env: Some("REDIRECT_TARGET_PASSWORD".into()) },
+        &PasswordSources {
+            file: args.target_password_file.clone(),
+            env: Some("REDIRECT_TARGET_PASSWORD".into()),
+        },
     )?;
     Ok(Some(Databases {
         source,
@@ -157,9 +160,16 @@ fn preflight(args: &Args, pin_dir: &Path) -> anyhow::Result<(Vec<(String, u32)>,
     if let Some(ip) = args.snat_ip {
         net::require_local("SNAT address", ip)?;
     }
-    anyhow::ensure!(args.source != args.target, "--source and --target are the same address ({})", args.source);
+    anyhow::ensure!(
+        args.source != args.target,
+        "--source and --target are the same address ({})",
+        args.source
+    );
     for (what, b) in [("source", args.source), ("target", args.target)] {
-        anyhow::ensure!(b != args.vip, "--{what} is the VIP itself ({b}): that would loop");
+        anyhow::ensure!(
+            b != args.vip,
+            "--{what} is the VIP itself ({b}): that would loop"
+        );
     }
     let backend = |addr: SocketAddrV4| -> anyhow::Result<BackendAddr> {
         let snat = match args.snat_ip {
@@ -194,9 +204,13 @@ pub async fn run(args: Args, pin_dir: &Path, socket: &Path, journal: &Path) -> a
             info!(sysctl = %change, "set");
         }
         match net::reserve_ports(args.snat_ports.lo, args.snat_ports.hi) {
-            Ok(Some(change)) => info!(sysctl = %change, "set: the host's own connections stay out of the SNAT range"),
+            Ok(Some(change)) => {
+                info!(sysctl = %change, "set: the host's own connections stay out of the SNAT range")
+            }
             Ok(None) => {}
-            Err(e) => warn!(error = %e, "could not reserve the SNAT ports; the host's own connections may collide with them"),
+            Err(e) => {
+                warn!(error = %e, "could not reserve the SNAT ports; the host's own connections may collide with them")
+            }
         }
     }
     let report = datapath::install(pin_dir, &ifaces, args.xdp_mode, &spec)?;
@@ -236,19 +250,30 @@ pub async fn run(args: Args, pin_dir: &Path, socket: &Path, journal: &Path) -> a
             shutdown.cancel();
         }
     });
-    let control = tokio::spawn(control::serve(socket.to_path_buf(), ctl.clone(), shutdown.clone()));
+    let control = tokio::spawn(control::serve(
+        socket.to_path_buf(),
+        ctl.clone(),
+        shutdown.clone(),
+    ));
     {
         // Under the cutover lock: a flip that arrives meanwhile waits for this to finish.
         let _busy = ctl.busy.lock().await;
         match ctl.recover().await {
-            Ok(Some(what)) => warn!(recovery = %what, "the previous controller stopped mid-cutover"),
+            Ok(Some(what)) => {
+                warn!(recovery = %what, "the previous controller stopped mid-cutover")
+            }
             Ok(None) => {}
             Err(e) => warn!(error = %e, "could not check the journal for an unfinished cutover"),
         }
         if ctl.db.is_some() {
             match ctl.prepare().await {
-                Ok(()) => info!(table = crate::cutover::BARRIER_TABLE, "the barrier table replicates; cutovers are ready"),
-                Err(e) => warn!(error = %e, "could not prepare the barrier table; a cutover will try again"),
+                Ok(()) => info!(
+                    table = crate::cutover::BARRIER_TABLE,
+                    "the barrier table replicates; cutovers are ready"
+                ),
+                Err(e) => {
+                    warn!(error = %e, "could not prepare the barrier table; a cutover will try again")
+                }
             }
         }
     }
@@ -289,7 +314,12 @@ async fn watch_lag(ctl: Arc<Controller>, interval: Duration, shutdown: Cancellat
 }
 
 /// Runs GC passes until `shutdown`.
-pub async fn serve_gc(ctl: &Controller, timeouts: Timeouts, interval: Duration, shutdown: &CancellationToken) {
+pub async fn serve_gc(
+    ctl: &Controller,
+    timeouts: Timeouts,
+    interval: Duration,
+    shutdown: &CancellationToken,
+) {
     let mut tick = tokio::time::interval(interval);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -305,7 +335,13 @@ pub async fn serve_gc(ctl: &Controller, timeouts: Timeouts, interval: Duration, 
         });
         match result {
             Ok(r) if r.ct_expired + r.ports_quarantined + r.ports_released > 0 => {
-                info!(expired = r.ct_expired, quarantined = r.ports_quarantined, released = r.ports_released, live = r.ct_live, "conntrack gc");
+                info!(
+                    expired = r.ct_expired,
+                    quarantined = r.ports_quarantined,
+                    released = r.ports_released,
+                    live = r.ct_live,
+                    "conntrack gc"
+                );
             }
             Ok(_) => {}
             Err(e) => warn!(error = %e, "conntrack gc failed; retrying next interval"),

@@ -47,8 +47,18 @@ pub fn collect(maps: &Maps) -> anyhow::Result<Status> {
     let mut backends = BTreeMap::new();
     for role in [Role::Source, Role::Target] {
         if let Some(b) = maps.backend(role)? {
-            let connections = conns.iter().filter(|c| c.backend_addr == b.addr && c.state.is_live()).count() as u64;
-            backends.insert(role.name(), BackendStatus { addr: b.addr.to_string(), snat: b.snat.to_string(), connections });
+            let connections = conns
+                .iter()
+                .filter(|c| c.backend_addr == b.addr && c.state.is_live())
+                .count() as u64;
+            backends.insert(
+                role.name(),
+                BackendStatus {
+                    addr: b.addr.to_string(),
+                    snat: b.snat.to_string(),
+                    connections,
+                },
+            );
         }
     }
     Ok(Status {
@@ -68,22 +78,48 @@ pub fn run(args: &Args, pin_dir: &Path, socket: &Path) -> anyhow::Result<()> {
     let maps = Maps::open(pin_dir)?;
     let mut status = collect(&maps)?;
     if socket.exists() {
-        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
-        status.lag = rt.block_on(crate::control::call(socket, &crate::control::Request::Lag, |_| {})).ok().flatten();
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?;
+        status.lag = rt
+            .block_on(crate::control::call(
+                socket,
+                &crate::control::Request::Lag,
+                |_| {},
+            ))
+            .ok()
+            .flatten();
     }
     if args.json {
         return super::print_json(&status);
     }
-    println!("vip:        {}", status.vip.as_deref().unwrap_or("(not configured)"));
-    println!("active:     {}", status.active.map_or("(invalid)", Role::name));
+    println!(
+        "vip:        {}",
+        status.vip.as_deref().unwrap_or("(not configured)")
+    );
+    println!(
+        "active:     {}",
+        status.active.map_or("(invalid)", Role::name)
+    );
     println!("interfaces: {}", status.interfaces.join(", "));
     for (name, b) in &status.backends {
-        let marker = if status.active.map(Role::name) == Some(*name) { "*" } else { " " };
-        println!("{marker} {name:<7} {:<21} snat {:<15} {} live connection(s)", b.addr, b.snat, b.connections);
+        let marker = if status.active.map(Role::name) == Some(*name) {
+            "*"
+        } else {
+            " "
+        };
+        println!(
+            "{marker} {name:<7} {:<21} snat {:<15} {} live connection(s)",
+            b.addr, b.snat, b.connections
+        );
     }
     println!("tracked entries: {}", status.tracked);
     if let Some(lag) = &status.lag {
-        println!("lag:        {} bytes, {:.3} s", lag["bytes"], lag["seconds"].as_f64().unwrap_or(0.0));
+        println!(
+            "lag:        {} bytes, {:.3} s",
+            lag["bytes"],
+            lag["seconds"].as_f64().unwrap_or(0.0)
+        );
     }
     println!("counters:");
     for (name, v) in &status.stats {

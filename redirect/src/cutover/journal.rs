@@ -47,12 +47,22 @@ pub struct Journal {
 
 impl Journal {
     pub fn open(path: &Path) -> Result<Self, JournalError> {
-        let err = |source| JournalError { path: path.to_path_buf(), source };
+        let err = |source| JournalError {
+            path: path.to_path_buf(),
+            source,
+        };
         if let Some(dir) = path.parent() {
             std::fs::create_dir_all(dir).map_err(err)?;
         }
-        let file = OpenOptions::new().create(true).append(true).open(path).map_err(err)?;
-        Ok(Self { path: path.to_path_buf(), file })
+        let file = OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(path)
+            .map_err(err)?;
+        Ok(Self {
+            path: path.to_path_buf(),
+            file,
+        })
     }
 
     /// Appends `entry` (stamping its time) and fsyncs.
@@ -60,7 +70,10 @@ impl Journal {
         entry.time = now_rfc3339();
         let mut line = serde_json::to_string(&entry).expect("journal entries serialize");
         line.push('\n');
-        let err = |source| JournalError { path: self.path.clone(), source };
+        let err = |source| JournalError {
+            path: self.path.clone(),
+            source,
+        };
         self.file.write_all(line.as_bytes()).map_err(err)?;
         self.file.sync_data().map_err(err)
     }
@@ -71,17 +84,31 @@ pub fn read(path: &Path) -> Result<Vec<Entry>, JournalError> {
     let text = match std::fs::read_to_string(path) {
         Ok(t) => t,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
-        Err(source) => return Err(JournalError { path: path.to_path_buf(), source }),
+        Err(source) => {
+            return Err(JournalError {
+                path: path.to_path_buf(),
+                source,
+            });
+        }
     };
-    Ok(text.lines().filter_map(|l| serde_json::from_str(l).ok()).collect())
+    Ok(text
+        .lines()
+        .filter_map(|l| serde_json::from_str(l).ok())
+        .collect())
 }
 
 /// The steps of the last cutover, if it never reached `done`, `aborted` or `recovered`.
 #[must_use]
 pub fn unfinished(entries: &[Entry]) -> Option<Vec<Entry>> {
     let last = entries.last()?;
-    let steps: Vec<Entry> = entries.iter().filter(|e| e.cutover == last.cutover).cloned().collect();
-    let ended = steps.iter().any(|e| matches!(e.step.as_str(), "done" | "aborted" | "recovered"));
+    let steps: Vec<Entry> = entries
+        .iter()
+        .filter(|e| e.cutover == last.cutover)
+        .cloned()
+        .collect();
+    let ended = steps
+        .iter()
+        .any(|e| matches!(e.step.as_str(), "done" | "aborted" | "recovered"));
     (!ended).then_some(steps)
 }
 
@@ -92,7 +119,9 @@ fn now_rfc3339() -> String {
 /// A fresh cutover id.
 #[must_use]
 pub fn new_id() -> String {
-    let ms = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis());
+    let ms = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis());
     format!("{ms}")
 }
 
@@ -106,14 +135,21 @@ mod tests {
         let path = dir.join("j.jsonl");
         let _ = std::fs::remove_file(&path);
         let mut j = Journal::open(&path).unwrap();
-        let e = |id: &str, step: &str| Entry { cutover: id.into(), step: step.into(), ..Entry::default() };
+        let e = |id: &str, step: &str| Entry {
+            cutover: id.into(),
+            step: step.into(),
+            ..Entry::default()
+        };
         j.append(e("1", "start")).unwrap();
         j.append(e("1", "done")).unwrap();
         assert!(unfinished(&read(&path).unwrap()).is_none());
         j.append(e("2", "start")).unwrap();
         j.append(e("2", "flip")).unwrap();
         let open = unfinished(&read(&path).unwrap()).unwrap();
-        assert_eq!(open.iter().map(|e| e.step.as_str()).collect::<Vec<_>>(), ["start", "flip"]);
+        assert_eq!(
+            open.iter().map(|e| e.step.as_str()).collect::<Vec<_>>(),
+            ["start", "flip"]
+        );
         assert!(!open[0].time.is_empty());
         let _ = std::fs::remove_dir_all(dir);
     }

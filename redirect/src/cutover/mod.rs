@@ -27,7 +27,7 @@ use crate::{
     datapath::{self, Maps, Role},
     pg::{
         Dsn, PgError,
-        lag::{self, Replication, ReplicaLag, Watch},
+        lag::{self, ReplicaLag, Replication, Watch},
         parse_lsn, timed,
     },
 };
@@ -37,8 +37,7 @@ pub const REVERSE: &str = "redirect_reverse";
 /// The table whose marker row is the LSN barrier.
 pub const BARRIER_TABLE: &str = "public.redirect_barrier";
 
-const CREATE_BARRIER: &str =
-    "CREATE TABLE IF NOT EXISTS public.redirect_barrier (token text PRIMARY KEY, created timestamptz NOT NULL DEFAULT now())";
+const CREATE_BARRIER: &str = "CREATE TABLE IF NOT EXISTS public.redirect_barrier (token text PRIMARY KEY, created timestamptz NOT NULL DEFAULT now())";
 const WRITE_MARKER: &str = "INSERT INTO public.redirect_barrier (token) VALUES ($1)";
 const SEE_MARKER: &str = "SELECT 1 FROM public.redirect_barrier WHERE token = $1";
 const CURRENT_LSN: &str = "SELECT pg_current_wal_lsn()::text";
@@ -65,7 +64,8 @@ const APPLY_WORKER: &str = "SELECT st.pid FROM pg_stat_subscription st JOIN pg_s
      WHERE s.subname = $1 AND st.relid IS NULL";
 const PUBLICATION_HAS_BARRIER: &str = "SELECT count(*)::int8 FROM pg_publication_tables \
      WHERE pubname = ANY($1) AND schemaname = 'public' AND tablename = 'redirect_barrier'";
-const SUB_PUBLICATIONS: &str = "SELECT subpublications::text[] FROM pg_subscription WHERE subname = $1";
+const SUB_PUBLICATIONS: &str =
+    "SELECT subpublications::text[] FROM pg_subscription WHERE subname = $1";
 /// Whether the subscription already replicates the barrier table (a table added to a
 /// publication, even FOR ALL TABLES, needs a REFRESH PUBLICATION on the subscriber).
 const SUBSCRIPTION_HAS_BARRIER: &str = "SELECT count(*)::int8 FROM pg_subscription_rel sr JOIN pg_subscription s ON s.oid = sr.srsubid      JOIN pg_class c ON c.oid = sr.srrelid JOIN pg_namespace n ON n.oid = c.relnamespace      WHERE s.subname = $1 AND n.nspname = 'public' AND c.relname = 'redirect_barrier'";
@@ -121,7 +121,10 @@ pub enum CutoverError {
     #[error("{0}")]
     Refused(String),
     #[error("{step}: {source} (rolled back: the source is writable and new connections go to it)")]
-    Aborted { step: &'static str, source: Box<dyn std::error::Error + Send + Sync> },
+    Aborted {
+        step: &'static str,
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
     #[error("datapath: {0}")]
     Datapath(#[from] datapath::DatapathError),
     #[error(transparent)]
@@ -173,10 +176,18 @@ struct Recorder {
 }
 
 impl Recorder {
-    fn log(&mut self, step: &str, since: Instant, lsns: (Option<String>, Option<String>), detail: String) -> Result<(), CutoverError> {
+    fn log(
+        &mut self,
+        step: &str,
+        since: Instant,
+        lsns: (Option<String>, Option<String>),
+        detail: String,
+    ) -> Result<(), CutoverError> {
         let ms = since.elapsed().as_secs_f64() * 1000.0;
         self.steps.push((step.to_owned(), ms));
-        let _ = self.progress.send(format!("{step:<10} {ms:>8.1} ms  {detail}"));
+        let _ = self
+            .progress
+            .send(format!("{step:<10} {ms:>8.1} ms  {detail}"));
         self.journal.append(Entry {
             cutover: self.id.clone(),
             step: step.to_owned(),
@@ -219,24 +230,48 @@ impl Controller {
     fn watch_for(&self, to: Role) -> Result<Watch, CutoverError> {
         let db = self.db.as_ref().ok_or(CutoverError::NoDatabases)?;
         Ok(match to {
-            Role::Target => Watch { replication: db.replication, subscription: db.subscription.clone() },
-            Role::Source => Watch { replication: Replication::Logical, subscription: Some(REVERSE.to_owned()) },
+            Role::Target => Watch {
+                replication: db.replication,
+                subscription: db.subscription.clone(),
+            },
+            Role::Source => Watch {
+                replication: Replication::Logical,
+                subscription: Some(REVERSE.to_owned()),
+            },
         })
     }
 
     /// Lag of the replication feeding the backend that is not active now.
     pub async fn measure_lag(&self) -> Result<ReplicaLag, CutoverError> {
         let db = self.db.as_ref().ok_or(CutoverError::NoDatabases)?;
-        let active = self.maps.lock().expect("maps lock").active()?.unwrap_or(Role::Source);
+        let active = self
+            .maps
+            .lock()
+            .expect("maps lock")
+            .active()?
+            .unwrap_or(Role::Source);
         let (from, to) = (active, other(active));
-        let (publisher, subscriber) = (self.dsn(from)?.connect().await?, self.dsn(to)?.connect().await?);
-        let lag = lag::measure(&publisher, &subscriber, &self.watch_for(to)?, db.query_timeout).await?;
+        let (publisher, subscriber) = (
+            self.dsn(from)?.connect().await?,
+            self.dsn(to)?.connect().await?,
+        );
+        let lag = lag::measure(
+            &publisher,
+            &subscriber,
+            &self.watch_for(to)?,
+            db.query_timeout,
+        )
+        .await?;
         *self.last_lag.lock().expect("lag lock") = Some(lag.clone());
         Ok(lag)
     }
 
     /// Runs a safe cutover to `req.to`, reporting progress lines on `progress`.
-    pub async fn cutover(self: &Arc<Self>, req: FlipRequest, progress: UnboundedSender<String>) -> Result<FlipReport, CutoverError> {
+    pub async fn cutover(
+        self: &Arc<Self>,
+        req: FlipRequest,
+        progress: UnboundedSender<String>,
+    ) -> Result<FlipReport, CutoverError> {
         // Waits briefly for start-up work (recovery, preparation); refuses a concurrent cutover.
         let _guard = match tokio::time::timeout(Duration::from_secs(30), self.busy.lock()).await {
             Ok(g) if *self.phase.lock().expect("phase lock") == "idle" => g,
@@ -244,12 +279,25 @@ impl Controller {
         };
         let db = self.db.clone().ok_or(CutoverError::NoDatabases)?;
         let qt = db.query_timeout;
-        let from = self.maps.lock().expect("maps lock").active()?.unwrap_or(Role::Source);
+        let from = self
+            .maps
+            .lock()
+            .expect("maps lock")
+            .active()?
+            .unwrap_or(Role::Source);
         let to = req.to;
         if from == to {
-            return Err(CutoverError::Refused(format!("new connections already go to the {to}")));
+            return Err(CutoverError::Refused(format!(
+                "new connections already go to the {to}"
+            )));
         }
-        let mut report = FlipReport { from: Some(from), to: Some(to), dry_run: req.dry_run, forced: req.force, ..FlipReport::default() };
+        let mut report = FlipReport {
+            from: Some(from),
+            to: Some(to),
+            dry_run: req.dry_run,
+            forced: req.force,
+            ..FlipReport::default()
+        };
         let say = |s: String| {
             let _ = progress.send(s);
         };
@@ -257,7 +305,13 @@ impl Controller {
         let t0 = Instant::now();
         let from_db = self.dsn(from)?.connect().await?;
         let to_db = self.dsn(to)?.connect().await?;
-        let from_snat = self.maps.lock().expect("maps lock").backend(from)?.map(|b| b.snat.to_string()).unwrap_or_default();
+        let from_snat = self
+            .maps
+            .lock()
+            .expect("maps lock")
+            .backend(from)?
+            .map(|b| b.snat.to_string())
+            .unwrap_or_default();
         let watch = self.watch_for(to)?;
         let logical = watch.replication == Replication::Logical;
 
@@ -282,24 +336,71 @@ impl Controller {
             Err(e) if req.force => report.findings.push(format!("FORCED without a lag reading: {e}")),
             Err(e) => blocking.push(format!("cannot read replication lag: {e}")),
         }
-        let row = timed("target", "checking writability", qt, to_db.query_one(WRITABLE, &[])).await?;
+        let row = timed(
+            "target",
+            "checking writability",
+            qt,
+            to_db.query_one(WRITABLE, &[]),
+        )
+        .await?;
         let (in_recovery, read_only): (bool, String) = (row.get(0), row.get(1));
         if logical && (in_recovery || read_only == "on") {
-            blocking.push(format!("the {to} is not writable (in recovery: {in_recovery}, read only: {read_only})"));
+            blocking.push(format!(
+                "the {to} is not writable (in recovery: {in_recovery}, read only: {read_only})"
+            ));
         }
         if !logical && !in_recovery {
-            blocking.push(format!("the {to} is not a standby, so there is nothing to promote"));
+            blocking.push(format!(
+                "the {to} is not a standby, so there is nothing to promote"
+            ));
         }
-        let from_roles: Vec<String> = timed("source", "listing roles", qt, from_db.query(LOGIN_ROLES, &[])).await?.iter().map(|r| r.get(0)).collect();
-        let to_roles: Vec<String> = timed("target", "listing roles", qt, to_db.query(LOGIN_ROLES, &[])).await?.iter().map(|r| r.get(0)).collect();
-        let missing: Vec<&String> = from_roles.iter().filter(|r| !to_roles.contains(r)).collect();
+        let from_roles: Vec<String> = timed(
+            "source",
+            "listing roles",
+            qt,
+            from_db.query(LOGIN_ROLES, &[]),
+        )
+        .await?
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+        let to_roles: Vec<String> =
+            timed("target", "listing roles", qt, to_db.query(LOGIN_ROLES, &[]))
+                .await?
+                .iter()
+                .map(|r| r.get(0))
+                .collect();
+        let missing: Vec<&String> = from_roles
+            .iter()
+            .filter(|r| !to_roles.contains(r))
+            .collect();
         if !missing.is_empty() {
-            let why = format!("login roles missing on the {to}: {missing:?} (their new connections would fail)");
-            if req.force { report.findings.push(format!("FORCED: {why}")) } else { blocking.push(why) }
+            let why = format!(
+                "login roles missing on the {to}: {missing:?} (their new connections would fail)"
+            );
+            if req.force {
+                report.findings.push(format!("FORCED: {why}"))
+            } else {
+                blocking.push(why)
+            }
         }
-        let sequences = timed("source", "listing sequences", qt, from_db.query(SEQUENCES, &[])).await?;
-        report.findings.push(format!("{} sequence(s) to sync", sequences.len()));
-        let bypass = timed("source", "listing sessions", qt, from_db.query_one(BYPASS_SESSIONS, &[&from_snat])).await?;
+        let sequences = timed(
+            "source",
+            "listing sequences",
+            qt,
+            from_db.query(SEQUENCES, &[]),
+        )
+        .await?;
+        report
+            .findings
+            .push(format!("{} sequence(s) to sync", sequences.len()));
+        let bypass = timed(
+            "source",
+            "listing sessions",
+            qt,
+            from_db.query_one(BYPASS_SESSIONS, &[&from_snat]),
+        )
+        .await?;
         let (n_bypass, bypass_from): (i64, String) = (bypass.get(0), bypass.get(1));
         if n_bypass > 0 {
             report.findings.push(format!(
@@ -309,18 +410,33 @@ impl Controller {
         let mut prepare = Vec::new();
         if logical {
             let sub = lag::subscription_name(&to_db, &watch, qt).await?;
-            let pubs: Option<Vec<String>> = timed("subscriber", "reading the subscription", qt, to_db.query_opt(SUB_PUBLICATIONS, &[&sub]))
-                .await?
-                .map(|r| r.get(0));
+            let pubs: Option<Vec<String>> = timed(
+                "subscriber",
+                "reading the subscription",
+                qt,
+                to_db.query_opt(SUB_PUBLICATIONS, &[&sub]),
+            )
+            .await?
+            .map(|r| r.get(0));
             let pubs = pubs.unwrap_or_default();
-            let published = from_db.query_one(PUBLICATION_HAS_BARRIER, &[&pubs]).await.map_or(0, |r| r.get::<_, i64>(0)) > 0;
-            let subscribed = to_db.query_one(SUBSCRIPTION_HAS_BARRIER, &[&sub]).await.map_or(0, |r| r.get::<_, i64>(0)) > 0;
+            let published = from_db
+                .query_one(PUBLICATION_HAS_BARRIER, &[&pubs])
+                .await
+                .map_or(0, |r| r.get::<_, i64>(0))
+                > 0;
+            let subscribed = to_db
+                .query_one(SUBSCRIPTION_HAS_BARRIER, &[&sub])
+                .await
+                .map_or(0, |r| r.get::<_, i64>(0))
+                > 0;
             if !(published && subscribed) {
                 prepare.push(format!("create {BARRIER_TABLE} on both servers, add it to publication {pubs:?} and refresh subscription {sub:?}"));
             }
             report.plan.push(format!("barrier: a marker row in {BARRIER_TABLE}, written on the {from} after the fence, seen on the {to}"));
         } else {
-            report.plan.push(format!("barrier: the {to} replays up to the {from}'s LSN after the fence, then is promoted"));
+            report.plan.push(format!(
+                "barrier: the {to} replays up to the {from}'s LSN after the fence, then is promoted"
+            ));
         }
         report.plan.splice(0..0, prepare.iter().cloned());
         report.plan.extend([
@@ -337,7 +453,9 @@ impl Controller {
         ]);
         if !blocking.is_empty() {
             self.set_phase("idle");
-            report.findings.extend(blocking.iter().map(|b| format!("BLOCKING: {b}")));
+            report
+                .findings
+                .extend(blocking.iter().map(|b| format!("BLOCKING: {b}")));
             if req.dry_run {
                 return Ok(report);
             }
@@ -348,11 +466,29 @@ impl Controller {
             return Ok(report);
         }
         if req.force {
-            say("WARNING: --force: the lag gate is skipped; writes not yet replicated may be lost".into());
+            say(
+                "WARNING: --force: the lag gate is skipped; writes not yet replicated may be lost"
+                    .into(),
+            );
         }
 
-        let mut rec = Recorder { journal: Journal::open(&self.journal_path)?, id: journal::new_id(), from, to, steps: Vec::new(), progress: progress.clone() };
-        rec.log("start", t0, (None, None), format!("cutover {from} -> {to}{}", if req.force { " (FORCED)" } else { "" }))?;
+        let mut rec = Recorder {
+            journal: Journal::open(&self.journal_path)?,
+            id: journal::new_id(),
+            from,
+            to,
+            steps: Vec::new(),
+            progress: progress.clone(),
+        };
+        rec.log(
+            "start",
+            t0,
+            (None, None),
+            format!(
+                "cutover {from} -> {to}{}",
+                if req.force { " (FORCED)" } else { "" }
+            ),
+        )?;
         if logical {
             if !prepare.is_empty() {
                 let t = Instant::now();
@@ -364,14 +500,36 @@ impl Controller {
             // seconds) and shows what the real one will cost.
             let t = Instant::now();
             let token = format!("rehearsal-{}-{}", rec.id, std::process::id());
-            timed("source", "writing the rehearsal marker", qt, from_db.execute(WRITE_MARKER, &[&token])).await?;
+            timed(
+                "source",
+                "writing the rehearsal marker",
+                qt,
+                from_db.execute(WRITE_MARKER, &[&token]),
+            )
+            .await?;
             // Forced, a failed rehearsal is only reported: the real barrier still guards the flip.
-            let until = Instant::now() + if req.force { Duration::from_secs(1) } else { req.timeout };
+            let until = Instant::now()
+                + if req.force {
+                    Duration::from_secs(1)
+                } else {
+                    req.timeout
+                };
             let mut arrived = true;
-            while timed("target", "looking for the rehearsal marker", qt, to_db.query_opt(SEE_MARKER, &[&token])).await?.is_none() {
+            while timed(
+                "target",
+                "looking for the rehearsal marker",
+                qt,
+                to_db.query_opt(SEE_MARKER, &[&token]),
+            )
+            .await?
+            .is_none()
+            {
                 if Instant::now() > until {
                     if !req.force {
-                        return Err(CutoverError::Preflight(format!("the {to} did not apply a rehearsal marker within --timeout {:?}; nothing was changed", req.timeout)));
+                        return Err(CutoverError::Preflight(format!(
+                            "the {to} did not apply a rehearsal marker within --timeout {:?}; nothing was changed",
+                            req.timeout
+                        )));
                     }
                     arrived = false;
                     break;
@@ -379,16 +537,36 @@ impl Controller {
                 tokio::time::sleep(Duration::from_millis(5)).await;
             }
             let what = if arrived {
-                format!("a marker took {:.1} ms to reach the {to}", t.elapsed().as_secs_f64() * 1000.0)
+                format!(
+                    "a marker took {:.1} ms to reach the {to}",
+                    t.elapsed().as_secs_f64() * 1000.0
+                )
             } else {
                 format!("FORCED: a marker did not reach the {to}; the barrier will likely time out")
             };
             rec.log("rehearsal", t, (None, None), what)?;
         }
-        rec.log("preflight", t0, (report.lag.as_ref().map(|l| l.source_lsn.clone()), None), report.findings.join("; "))?;
+        rec.log(
+            "preflight",
+            t0,
+            (report.lag.as_ref().map(|l| l.source_lsn.clone()), None),
+            report.findings.join("; "),
+        )?;
 
         let mut undo = Undo::default();
-        let result = self.critical(&req, &mut rec, &mut report, &mut undo, &from_db, &to_db, &from_snat, &sequences, logical).await;
+        let result = self
+            .critical(
+                &req,
+                &mut rec,
+                &mut report,
+                &mut undo,
+                &from_db,
+                &to_db,
+                &from_snat,
+                &sequences,
+                logical,
+            )
+            .await;
         if let Err(e) = result {
             self.set_phase("aborting");
             let why = e.to_string();
@@ -405,7 +583,12 @@ impl Controller {
         // found by joining the conntrack SNAT tuples to the old server's pg_stat_activity.
         self.set_phase("drain");
         let t = Instant::now();
-        let from_addr = self.maps.lock().expect("maps lock").backend(from)?.map(|b| b.addr);
+        let from_addr = self
+            .maps
+            .lock()
+            .expect("maps lock")
+            .backend(from)?
+            .map(|b| b.addr);
         let deadline = Instant::now() + req.drain_timeout;
         let mut ended: std::collections::HashSet<i32> = std::collections::HashSet::new();
         let mut at_deadline = 0;
@@ -419,13 +602,26 @@ impl Controller {
                     .collect()
             };
             let past = Instant::now() >= deadline;
-            let kill: Vec<i32> = live.iter().filter(|(p, f)| (*f || past) && !ended.contains(p)).map(|(p, _)| *p).collect();
+            let kill: Vec<i32> = live
+                .iter()
+                .filter(|(p, f)| (*f || past) && !ended.contains(p))
+                .map(|(p, _)| *p)
+                .collect();
             if !kill.is_empty() {
-                let n: i64 = timed("source", "ending drained sessions", qt, from_db.query_one(TERMINATE_TUPLES, &[&from_snat, &kill]))
-                    .await
-                    .map_or(0, |r| r.get(0));
+                let n: i64 = timed(
+                    "source",
+                    "ending drained sessions",
+                    qt,
+                    from_db.query_one(TERMINATE_TUPLES, &[&from_snat, &kill]),
+                )
+                .await
+                .map_or(0, |r| r.get(0));
                 let n = u64::try_from(n).unwrap_or(0);
-                if past { at_deadline += n } else { report.drained_on_use += n }
+                if past {
+                    at_deadline += n
+                } else {
+                    report.drained_on_use += n
+                }
                 ended.extend(kill);
             }
             if past || live.iter().all(|(p, _)| ended.contains(p)) {
@@ -440,7 +636,15 @@ impl Controller {
             (None, None),
             format!("{} session(s) on the {from} ended when their client used them, {at_deadline} at the deadline", report.drained_on_use),
         )?;
-        rec.log("done", t0, (report.fence_lsn.clone(), report.applied_lsn.clone()), format!("write pause {:.1} ms, hold {:.1} ms", report.write_pause_ms, report.hold_ms))?;
+        rec.log(
+            "done",
+            t0,
+            (report.fence_lsn.clone(), report.applied_lsn.clone()),
+            format!(
+                "write pause {:.1} ms, hold {:.1} ms",
+                report.write_pause_ms, report.hold_ms
+            ),
+        )?;
         report.steps = rec.steps.clone();
         self.set_phase("idle");
         *self.last_report.lock().expect("report lock") = Some(report.clone());
@@ -462,10 +666,20 @@ impl Controller {
         logical: bool,
     ) -> Result<(), CutoverError> {
         let (from, to) = (rec.from, rec.to);
-        let qt = self.db.as_ref().ok_or(CutoverError::NoDatabases)?.query_timeout;
-        let abort = |step: &'static str| move |e: PgError| CutoverError::Aborted { step, source: Box::new(e) };
+        let qt = self
+            .db
+            .as_ref()
+            .ok_or(CutoverError::NoDatabases)?
+            .query_timeout;
+        let abort = |step: &'static str| {
+            move |e: PgError| CutoverError::Aborted {
+                step,
+                source: Box::new(e),
+            }
+        };
         let started = Instant::now();
-        let deadline_ns = clock::monotonic_ns() + u64::try_from(req.timeout.as_nanos()).unwrap_or(u64::MAX);
+        let deadline_ns =
+            clock::monotonic_ns() + u64::try_from(req.timeout.as_nanos()).unwrap_or(u64::MAX);
 
         // 2 + 3a. Hold and fence in one map write: from here no new connection starts anywhere
         // and no proxied client's query or COMMIT reaches the old server. Both expire on their
@@ -479,7 +693,15 @@ impl Controller {
             fenced_backend: from.index(),
             _pad0: 0,
         })?;
-        rec.log("hold", t, (None, None), format!("new SYNs parked until the flip (deadline {:?})", req.timeout))?;
+        rec.log(
+            "hold",
+            t,
+            (None, None),
+            format!(
+                "new SYNs parked until the flip (deadline {:?})",
+                req.timeout
+            ),
+        )?;
 
         // 3b. Fence in the database: sessions that were mid-statement or mid-transaction when
         // the fence fell are terminated (they can no longer commit anyway), and we wait for
@@ -488,27 +710,48 @@ impl Controller {
         self.set_phase("fence");
         let t = Instant::now();
         tokio::time::sleep(Duration::from_millis(5)).await;
-        let pids: Vec<i32> = timed("source", "terminating busy sessions", qt, from_db.query(TERMINATE_BUSY, &[&from_snat]))
+        let pids: Vec<i32> = timed(
+            "source",
+            "terminating busy sessions",
+            qt,
+            from_db.query(TERMINATE_BUSY, &[&from_snat]),
+        )
+        .await
+        .map_err(abort("fence"))?
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+        while !pids.is_empty() {
+            let n: i64 = timed(
+                "source",
+                "waiting for terminated sessions",
+                qt,
+                from_db.query_one(STILL_RUNNING, &[&pids]),
+            )
             .await
             .map_err(abort("fence"))?
-            .iter()
-            .map(|r| r.get(0))
-            .collect();
-        while !pids.is_empty() {
-            let n: i64 = timed("source", "waiting for terminated sessions", qt, from_db.query_one(STILL_RUNNING, &[&pids]))
-                .await
-                .map_err(abort("fence"))?
-                .get(0);
+            .get(0);
             if n == 0 {
                 break;
             }
             if clock::monotonic_ns() > deadline_ns {
-                return Err(CutoverError::Aborted { step: "fence", source: "terminated sessions did not exit before --timeout".into() });
+                return Err(CutoverError::Aborted {
+                    step: "fence",
+                    source: "terminated sessions did not exit before --timeout".into(),
+                });
             }
             tokio::time::sleep(Duration::from_millis(2)).await;
         }
         report.terminated_at_fence = pids.len() as u64;
-        rec.log("fence", t, (None, None), format!("{} busy proxied session(s) terminated on the {from}", pids.len()))?;
+        rec.log(
+            "fence",
+            t,
+            (None, None),
+            format!(
+                "{} busy proxied session(s) terminated on the {from}",
+                pids.len()
+            ),
+        )?;
 
         // 4. The LSN barrier, observed directly: a marker written after the fence; logical
         // replication applies in commit order, so once the target sees it, it has everything.
@@ -517,30 +760,82 @@ impl Controller {
         let fence_lsn;
         if logical {
             let token = format!("{}-{}", rec.id, std::process::id());
-            timed("source", "writing the barrier marker", qt, from_db.execute(WRITE_MARKER, &[&token])).await.map_err(abort("barrier"))?;
-            fence_lsn = timed("source", "reading the fence LSN", qt, from_db.query_one(CURRENT_LSN, &[])).await.map_err(abort("barrier"))?.get::<_, String>(0);
+            timed(
+                "source",
+                "writing the barrier marker",
+                qt,
+                from_db.execute(WRITE_MARKER, &[&token]),
+            )
+            .await
+            .map_err(abort("barrier"))?;
+            fence_lsn = timed(
+                "source",
+                "reading the fence LSN",
+                qt,
+                from_db.query_one(CURRENT_LSN, &[]),
+            )
+            .await
+            .map_err(abort("barrier"))?
+            .get::<_, String>(0);
             loop {
-                if timed("target", "looking for the marker", qt, to_db.query_opt(SEE_MARKER, &[&token])).await.map_err(abort("barrier"))?.is_some() {
+                if timed(
+                    "target",
+                    "looking for the marker",
+                    qt,
+                    to_db.query_opt(SEE_MARKER, &[&token]),
+                )
+                .await
+                .map_err(abort("barrier"))?
+                .is_some()
+                {
                     break;
                 }
                 if clock::monotonic_ns() > deadline_ns {
-                    return Err(CutoverError::Aborted { step: "barrier", source: format!("the {to} did not apply the marker within --timeout {:?}", req.timeout).into() });
+                    return Err(CutoverError::Aborted {
+                        step: "barrier",
+                        source: format!(
+                            "the {to} did not apply the marker within --timeout {:?}",
+                            req.timeout
+                        )
+                        .into(),
+                    });
                 }
                 tokio::time::sleep(Duration::from_millis(2)).await;
             }
         } else {
-            fence_lsn = timed("source", "reading the fence LSN", qt, from_db.query_one(CURRENT_LSN, &[])).await.map_err(abort("barrier"))?.get::<_, String>(0);
+            fence_lsn = timed(
+                "source",
+                "reading the fence LSN",
+                qt,
+                from_db.query_one(CURRENT_LSN, &[]),
+            )
+            .await
+            .map_err(abort("barrier"))?
+            .get::<_, String>(0);
             let want = parse_lsn(&fence_lsn).unwrap_or(u64::MAX);
             loop {
-                let replayed: Option<String> = timed("target", "reading the replay LSN", qt, to_db.query_one("SELECT pg_last_wal_replay_lsn()::text", &[]))
-                    .await
-                    .map_err(abort("barrier"))?
-                    .get(0);
-                if replayed.as_deref().and_then(parse_lsn).is_some_and(|r| r >= want) {
+                let replayed: Option<String> = timed(
+                    "target",
+                    "reading the replay LSN",
+                    qt,
+                    to_db.query_one("SELECT pg_last_wal_replay_lsn()::text", &[]),
+                )
+                .await
+                .map_err(abort("barrier"))?
+                .get(0);
+                if replayed
+                    .as_deref()
+                    .and_then(parse_lsn)
+                    .is_some_and(|r| r >= want)
+                {
                     break;
                 }
                 if clock::monotonic_ns() > deadline_ns {
-                    return Err(CutoverError::Aborted { step: "barrier", source: format!("the {to} did not replay {fence_lsn} within --timeout").into() });
+                    return Err(CutoverError::Aborted {
+                        step: "barrier",
+                        source: format!("the {to} did not replay {fence_lsn} within --timeout")
+                            .into(),
+                    });
                 }
                 tokio::time::sleep(Duration::from_millis(2)).await;
             }
@@ -548,13 +843,30 @@ impl Controller {
         report.barrier_ms = t.elapsed().as_secs_f64() * 1000.0;
         report.fence_lsn = Some(fence_lsn.clone());
         let applied = if logical {
-            timed("target", "reading its LSN", qt, to_db.query_one(CURRENT_LSN, &[])).await.ok().map(|r| r.get::<_, String>(0))
+            timed(
+                "target",
+                "reading its LSN",
+                qt,
+                to_db.query_one(CURRENT_LSN, &[]),
+            )
+            .await
+            .ok()
+            .map(|r| r.get::<_, String>(0))
         } else {
             None
         };
         report.applied_lsn.clone_from(&applied);
-        let lsns = if from == Role::Source { (Some(fence_lsn.clone()), applied.clone()) } else { (applied.clone(), Some(fence_lsn.clone())) };
-        rec.log("barrier", t, lsns, format!("the {to} has applied everything up to {fence_lsn}"))?;
+        let lsns = if from == Role::Source {
+            (Some(fence_lsn.clone()), applied.clone())
+        } else {
+            (applied.clone(), Some(fence_lsn.clone()))
+        };
+        rec.log(
+            "barrier",
+            t,
+            lsns,
+            format!("the {to} has applied everything up to {fence_lsn}"),
+        )?;
 
         // 5. Sequences are not replicated: carry every value over.
         self.set_phase("sequences");
@@ -569,10 +881,17 @@ impl Controller {
             .collect();
         if !calls.is_empty() {
             let sql = format!("SELECT {}", calls.join(", "));
-            timed("target", "setting sequences", qt, to_db.execute(&sql, &[])).await.map_err(abort("sequences"))?;
+            timed("target", "setting sequences", qt, to_db.execute(&sql, &[]))
+                .await
+                .map_err(abort("sequences"))?;
         }
         report.sequences_synced = calls.len() as u64;
-        rec.log("sequences", t, (None, None), format!("{} sequence value(s) set on the {to}", calls.len()))?;
+        rec.log(
+            "sequences",
+            t,
+            (None, None),
+            format!("{} sequence value(s) set on the {to}", calls.len()),
+        )?;
 
         // 6. Replication direction. Forward: stop source -> target (so target writes are not
         // looped back) and create the reverse slot on the target now, before any write is
@@ -582,9 +901,14 @@ impl Controller {
         if logical {
             let watch = self.watch_for(to)?;
             let sub = lag::subscription_name(to_db, &watch, qt).await?;
-            timed("subscriber", "disabling the subscription", qt, to_db.batch_execute(&format!("ALTER SUBSCRIPTION {} DISABLE", quote_ident(&sub))))
-                .await
-                .map_err(abort("reverse"))?;
+            timed(
+                "subscriber",
+                "disabling the subscription",
+                qt,
+                to_db.batch_execute(&format!("ALTER SUBSCRIPTION {} DISABLE", quote_ident(&sub))),
+            )
+            .await
+            .map_err(abort("reverse"))?;
             undo.disabled_subscription = Some((to, sub.clone()));
             if to == Role::Target {
                 // Separate statements: a slot cannot be created in a transaction that wrote.
@@ -597,14 +921,27 @@ impl Controller {
                     to_db
                         .execute(&format!("SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots WHERE slot_name = '{REVERSE}' AND NOT active"), &[])
                         .await?;
-                    to_db.execute(&format!("SELECT pg_create_logical_replication_slot('{REVERSE}', 'pgoutput')"), &[]).await.map(|_| ())
+                    to_db
+                        .execute(
+                            &format!(
+                                "SELECT pg_create_logical_replication_slot('{REVERSE}', 'pgoutput')"
+                            ),
+                            &[],
+                        )
+                        .await
+                        .map(|_| ())
                 };
                 match timed("target", "creating the reverse slot", qt, reverse).await {
                     Ok(()) => {
                         undo.reverse_slot = true;
-                        report.reverse_replication = format!("slot {REVERSE} on the target from {}", applied.clone().unwrap_or_default());
+                        report.reverse_replication = format!(
+                            "slot {REVERSE} on the target from {}",
+                            applied.clone().unwrap_or_default()
+                        );
                     }
-                    Err(e) if req.force => report.reverse_replication = format!("NONE (forced): {e}"),
+                    Err(e) if req.force => {
+                        report.reverse_replication = format!("NONE (forced): {e}")
+                    }
                     Err(e) => return Err(abort("reverse")(e)),
                 }
             } else {
@@ -617,25 +954,60 @@ impl Controller {
                         .batch_execute(&format!("ALTER SUBSCRIPTION {REVERSE} SET (slot_name = NONE); DROP SUBSCRIPTION {REVERSE}"))
                         .await?;
                     from_db.execute(&format!("SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots WHERE slot_name = '{REVERSE}'"), &[]).await?;
-                    let Some(fwd) = fwd else { return Ok::<_, tokio_postgres::Error>("forward subscription unknown (name it with --subscription); not restarted".to_owned()) };
-                    let slot: Option<String> = from_db.query_opt(SUB_SLOT, &[&fwd]).await?.and_then(|r| r.get(0));
+                    let Some(fwd) = fwd else {
+                        return Ok::<_, tokio_postgres::Error>("forward subscription unknown (name it with --subscription); not restarted".to_owned());
+                    };
+                    let slot: Option<String> = from_db
+                        .query_opt(SUB_SLOT, &[&fwd])
+                        .await?
+                        .and_then(|r| r.get(0));
                     if let Some(slot) = slot {
-                        to_db.execute("SELECT pg_replication_slot_advance($1, pg_current_wal_lsn())", &[&slot]).await?;
+                        to_db
+                            .execute(
+                                "SELECT pg_replication_slot_advance($1, pg_current_wal_lsn())",
+                                &[&slot],
+                            )
+                            .await?;
                     }
-                    from_db.batch_execute(&format!("ALTER SUBSCRIPTION {} ENABLE", quote_ident(&fwd))).await?;
-                    Ok(format!("reverse replication retired; forward subscription {fwd} restarted from the rollback point"))
+                    from_db
+                        .batch_execute(&format!("ALTER SUBSCRIPTION {} ENABLE", quote_ident(&fwd)))
+                        .await?;
+                    Ok(format!(
+                        "reverse replication retired; forward subscription {fwd} restarted from the rollback point"
+                    ))
                 };
-                report.reverse_replication = match timed("source", "retiring reverse replication", qt, rollback).await {
+                report.reverse_replication = match timed(
+                    "source",
+                    "retiring reverse replication",
+                    qt,
+                    rollback,
+                )
+                .await
+                {
                     Ok(s) => s,
-                    Err(e) => format!("FAILED to restart forward replication: {e}; the rollback itself is complete"),
+                    Err(e) => format!(
+                        "FAILED to restart forward replication: {e}; the rollback itself is complete"
+                    ),
                 };
                 undo.disabled_subscription = None;
             }
         } else {
-            timed("target", "promoting", qt, to_db.query_one("SELECT pg_promote(true, 60)", &[])).await.map_err(abort("promote"))?;
+            timed(
+                "target",
+                "promoting",
+                qt,
+                to_db.query_one("SELECT pg_promote(true, 60)", &[]),
+            )
+            .await
+            .map_err(abort("promote"))?;
             report.reverse_replication = "none: physical replication; the old primary must be rebuilt as a standby to roll back".into();
         }
-        rec.log("reverse", t, (None, None), report.reverse_replication.clone())?;
+        rec.log(
+            "reverse",
+            t,
+            (None, None),
+            report.reverse_replication.clone(),
+        )?;
 
         // 7. The flip: one write of ACTIVE, then lift the hold (the fence on the old server
         // stays, forever: it is stale now), then re-inject every parked SYN, which the
@@ -645,14 +1017,32 @@ impl Controller {
         {
             let mut maps = self.maps.lock().expect("maps lock");
             maps.set_active(to)?;
-            maps.set_cutover(Cutover { hold_until_ns: 0, fence_until_ns: u64::MAX, fenced_backend: from.index(), _pad0: 0 })?;
+            maps.set_cutover(Cutover {
+                hold_until_ns: 0,
+                fence_until_ns: u64::MAX,
+                fenced_backend: from.index(),
+                _pad0: 0,
+            })?;
         }
         report.write_pause_ms = started.elapsed().as_secs_f64() * 1000.0;
-        rec.log("flip", t, (report.fence_lsn.clone(), report.applied_lsn.clone()), format!("new connections go to the {to}"))?;
+        rec.log(
+            "flip",
+            t,
+            (report.fence_lsn.clone(), report.applied_lsn.clone()),
+            format!("new connections go to the {to}"),
+        )?;
         let t = Instant::now();
         report.held_syns = self.release_held()?;
         report.hold_ms = started.elapsed().as_secs_f64() * 1000.0;
-        rec.log("release", t, (None, None), format!("{} held connection(s) released to the {to}", report.held_syns))?;
+        rec.log(
+            "release",
+            t,
+            (None, None),
+            format!(
+                "{} held connection(s) released to the {to}",
+                report.held_syns
+            ),
+        )?;
 
         if logical && to == Role::Target && undo.reverse_slot {
             // The slot already holds every target write since before the release; the
@@ -661,18 +1051,40 @@ impl Controller {
                 .db
                 .as_ref()
                 .and_then(|d| d.reverse_conninfo.clone())
-                .unwrap_or_else(|| self.dsn(Role::Target).map(Dsn::conninfo).unwrap_or_default());
+                .unwrap_or_else(|| {
+                    self.dsn(Role::Target)
+                        .map(Dsn::conninfo)
+                        .unwrap_or_default()
+                });
             let sql = format!(
                 "DROP SUBSCRIPTION IF EXISTS {REVERSE}; CREATE SUBSCRIPTION {REVERSE} CONNECTION {} PUBLICATION {REVERSE} \
                  WITH (create_slot = false, slot_name = '{REVERSE}', copy_data = false, enabled = true)",
                 quote_literal(&conninfo)
             );
             let t = Instant::now();
-            match timed("source", "creating the reverse subscription", qt, from_db.batch_execute(&sql)).await {
-                Ok(()) => rec.log("reverse", t, (None, None), format!("subscription {REVERSE} on the {from}: rollback is lossless"))?,
+            match timed(
+                "source",
+                "creating the reverse subscription",
+                qt,
+                from_db.batch_execute(&sql),
+            )
+            .await
+            {
+                Ok(()) => rec.log(
+                    "reverse",
+                    t,
+                    (None, None),
+                    format!("subscription {REVERSE} on the {from}: rollback is lossless"),
+                )?,
                 Err(e) => {
-                    report.reverse_replication = format!("FAILED: {e}; `flip --to source` will need --force");
-                    rec.log("reverse", t, (None, None), report.reverse_replication.clone())?;
+                    report.reverse_replication =
+                        format!("FAILED: {e}; `flip --to source` will need --force");
+                    rec.log(
+                        "reverse",
+                        t,
+                        (None, None),
+                        report.reverse_replication.clone(),
+                    )?;
                 }
             }
         }
@@ -703,40 +1115,122 @@ impl Controller {
         if undo.datapath {
             let r = {
                 let mut maps = self.maps.lock().expect("maps lock");
-                maps.set_cutover(Cutover { hold_until_ns: 0, fence_until_ns: 0, fenced_backend: NO_FENCE, _pad0: 0 })
+                maps.set_cutover(Cutover {
+                    hold_until_ns: 0,
+                    fence_until_ns: 0,
+                    fenced_backend: NO_FENCE,
+                    _pad0: 0,
+                })
             };
-            match r.map_err(CutoverError::from).and_then(|()| self.release_held()) {
-                Ok(n) => did.push(format!("fence lifted, {n} held connection(s) released to the old server")),
-                Err(e) => did.push(format!("FAILED to lift the fence ({e}); it expires by itself at the deadline")),
+            match r
+                .map_err(CutoverError::from)
+                .and_then(|()| self.release_held())
+            {
+                Ok(n) => did.push(format!(
+                    "fence lifted, {n} held connection(s) released to the old server"
+                )),
+                Err(e) => did.push(format!(
+                    "FAILED to lift the fence ({e}); it expires by itself at the deadline"
+                )),
             }
         }
         if let Some((side, sub)) = &undo.disabled_subscription {
-            let c = if *side == Role::Target { to_db } else { from_db };
-            match c.batch_execute(&format!("ALTER SUBSCRIPTION {} ENABLE", quote_ident(sub))).await {
+            let c = if *side == Role::Target {
+                to_db
+            } else {
+                from_db
+            };
+            match c
+                .batch_execute(&format!("ALTER SUBSCRIPTION {} ENABLE", quote_ident(sub)))
+                .await
+            {
                 Ok(()) => did.push(format!("subscription {sub} re-enabled")),
                 Err(e) => did.push(format!("FAILED to re-enable subscription {sub}: {e}")),
             }
         }
         if undo.reverse_slot {
-            let _ = to_db.batch_execute(&format!("SELECT pg_drop_replication_slot('{REVERSE}')")).await;
+            let _ = to_db
+                .batch_execute(&format!("SELECT pg_drop_replication_slot('{REVERSE}')"))
+                .await;
             did.push("reverse slot dropped".into());
         }
-        if did.is_empty() { "nothing to undo".into() } else { did.join(", ") }
+        if did.is_empty() {
+            "nothing to undo".into()
+        } else {
+            did.join(", ")
+        }
     }
 
-    async fn prepare_barrier(&self, from_db: &Client, to_db: &Client, watch: &Watch, qt: Duration) -> Result<(), CutoverError> {
-        timed("publisher", "creating the barrier table", qt, from_db.batch_execute(CREATE_BARRIER)).await?;
-        timed("subscriber", "creating the barrier table", qt, to_db.batch_execute(CREATE_BARRIER)).await?;
+    async fn prepare_barrier(
+        &self,
+        from_db: &Client,
+        to_db: &Client,
+        watch: &Watch,
+        qt: Duration,
+    ) -> Result<(), CutoverError> {
+        timed(
+            "publisher",
+            "creating the barrier table",
+            qt,
+            from_db.batch_execute(CREATE_BARRIER),
+        )
+        .await?;
+        timed(
+            "subscriber",
+            "creating the barrier table",
+            qt,
+            to_db.batch_execute(CREATE_BARRIER),
+        )
+        .await?;
         let sub = lag::subscription_name(to_db, watch, qt).await?;
-        let pubs: Vec<String> = timed("subscriber", "reading the subscription", qt, to_db.query_one(SUB_PUBLICATIONS, &[&sub])).await?.get(0);
-        let n: i64 = timed("publisher", "checking the publication", qt, from_db.query_one(PUBLICATION_HAS_BARRIER, &[&pubs])).await?.get(0);
+        let pubs: Vec<String> = timed(
+            "subscriber",
+            "reading the subscription",
+            qt,
+            to_db.query_one(SUB_PUBLICATIONS, &[&sub]),
+        )
+        .await?
+        .get(0);
+        let n: i64 = timed(
+            "publisher",
+            "checking the publication",
+            qt,
+            from_db.query_one(PUBLICATION_HAS_BARRIER, &[&pubs]),
+        )
+        .await?
+        .get(0);
         if n == 0 {
             let first = pubs.first().cloned().unwrap_or_default();
-            timed("publisher", "adding the barrier table", qt, from_db.batch_execute(&format!("ALTER PUBLICATION {} ADD TABLE {BARRIER_TABLE}", quote_ident(&first)))).await?;
+            timed(
+                "publisher",
+                "adding the barrier table",
+                qt,
+                from_db.batch_execute(&format!(
+                    "ALTER PUBLICATION {} ADD TABLE {BARRIER_TABLE}",
+                    quote_ident(&first)
+                )),
+            )
+            .await?;
         }
-        let m: i64 = timed("subscriber", "checking the subscription", qt, to_db.query_one(SUBSCRIPTION_HAS_BARRIER, &[&sub])).await?.get(0);
+        let m: i64 = timed(
+            "subscriber",
+            "checking the subscription",
+            qt,
+            to_db.query_one(SUBSCRIPTION_HAS_BARRIER, &[&sub]),
+        )
+        .await?
+        .get(0);
         if m == 0 {
-            timed("subscriber", "refreshing the subscription", qt, to_db.batch_execute(&format!("ALTER SUBSCRIPTION {} REFRESH PUBLICATION WITH (copy_data = false)", quote_ident(&sub)))).await?;
+            timed(
+                "subscriber",
+                "refreshing the subscription",
+                qt,
+                to_db.batch_execute(&format!(
+                    "ALTER SUBSCRIPTION {} REFRESH PUBLICATION WITH (copy_data = false)",
+                    quote_ident(&sub)
+                )),
+            )
+            .await?;
         }
         // Prove it: a marker must arrive while the same apply worker runs before and after
         // (a refresh may restart the worker, and the launcher takes up to
@@ -747,11 +1241,25 @@ impl Controller {
             n += 1;
             let before = apply_worker(to_db, &sub).await;
             let token = format!("prepare-{}-{n}", journal::new_id());
-            timed("publisher", "writing a test marker", qt, from_db.execute(WRITE_MARKER, &[&token])).await?;
+            timed(
+                "publisher",
+                "writing a test marker",
+                qt,
+                from_db.execute(WRITE_MARKER, &[&token]),
+            )
+            .await?;
             let seen_by = Instant::now() + Duration::from_secs(2);
             let mut seen = false;
             while Instant::now() < seen_by {
-                if timed("subscriber", "looking for the test marker", qt, to_db.query_opt(SEE_MARKER, &[&token])).await?.is_some() {
+                if timed(
+                    "subscriber",
+                    "looking for the test marker",
+                    qt,
+                    to_db.query_opt(SEE_MARKER, &[&token]),
+                )
+                .await?
+                .is_some()
+                {
                     seen = true;
                     break;
                 }
@@ -761,7 +1269,9 @@ impl Controller {
                 break;
             }
             if Instant::now() > until {
-                return Err(CutoverError::Preflight(format!("{BARRIER_TABLE} does not replicate through subscription {sub:?}")));
+                return Err(CutoverError::Preflight(format!(
+                    "{BARRIER_TABLE} does not replicate through subscription {sub:?}"
+                )));
             }
             tokio::time::sleep(Duration::from_millis(200)).await;
         }
@@ -772,14 +1282,23 @@ impl Controller {
     /// path: `run` does this at start, so a cutover finds it ready.
     pub async fn prepare(&self) -> Result<(), CutoverError> {
         let db = self.db.as_ref().ok_or(CutoverError::NoDatabases)?;
-        let active = self.maps.lock().expect("maps lock").active()?.unwrap_or(Role::Source);
+        let active = self
+            .maps
+            .lock()
+            .expect("maps lock")
+            .active()?
+            .unwrap_or(Role::Source);
         let to = other(active);
         let watch = self.watch_for(to)?;
         if watch.replication != Replication::Logical {
             return Ok(());
         }
-        let (from_db, to_db) = (self.dsn(active)?.connect().await?, self.dsn(to)?.connect().await?);
-        self.prepare_barrier(&from_db, &to_db, &watch, db.query_timeout).await
+        let (from_db, to_db) = (
+            self.dsn(active)?.connect().await?,
+            self.dsn(to)?.connect().await?,
+        );
+        self.prepare_barrier(&from_db, &to_db, &watch, db.query_timeout)
+            .await
     }
 
     /// After a restart: finish or undo a cutover the previous controller left unfinished.
@@ -788,7 +1307,9 @@ impl Controller {
     /// new server has taken writes: keep the flip, lift the hold, release held SYNs to it.
     pub async fn recover(&self) -> Result<Option<String>, CutoverError> {
         let entries = journal::read(&self.journal_path)?;
-        let Some(steps) = journal::unfinished(&entries) else { return Ok(None) };
+        let Some(steps) = journal::unfinished(&entries) else {
+            return Ok(None);
+        };
         let first = steps.first().cloned().unwrap_or_default();
         let flipped = steps.iter().any(|e| e.step == "flip");
         let mut journal = Journal::open(&self.journal_path)?;
@@ -800,23 +1321,42 @@ impl Controller {
                 maps.set_cutover(c)?;
             }
             let n = self.release_held()?;
-            format!("resumed: the flip to the {} had happened; hold lifted, {n} held connection(s) released to it", first.to)
+            format!(
+                "resumed: the flip to the {} had happened; hold lifted, {n} held connection(s) released to it",
+                first.to
+            )
         } else {
             {
                 let mut maps = self.maps.lock().expect("maps lock");
                 maps.set_cutover(Cutover::IDLE)?;
             }
             let n = self.release_held()?;
-            let mut did = format!("rolled back: no flip had happened; fence lifted, {n} held connection(s) released to the {}", first.from);
+            let mut did = format!(
+                "rolled back: no flip had happened; fence lifted, {n} held connection(s) released to the {}",
+                first.from
+            );
             if steps.iter().any(|e| e.step == "reverse")
                 && let Some(db) = &self.db
             {
                 // The forward subscription may have been disabled just before the crash.
-                let to = if first.to == "target" { &db.target } else { &db.source };
+                let to = if first.to == "target" {
+                    &db.target
+                } else {
+                    &db.source
+                };
                 if let Ok(c) = to.connect().await {
-                    let watch = self.watch_for(if first.to == "target" { Role::Target } else { Role::Source })?;
+                    let watch = self.watch_for(if first.to == "target" {
+                        Role::Target
+                    } else {
+                        Role::Source
+                    })?;
                     if let Ok(sub) = lag::subscription_name(&c, &watch, db.query_timeout).await {
-                        let _ = c.batch_execute(&format!("ALTER SUBSCRIPTION {} ENABLE", quote_ident(&sub))).await;
+                        let _ = c
+                            .batch_execute(&format!(
+                                "ALTER SUBSCRIPTION {} ENABLE",
+                                quote_ident(&sub)
+                            ))
+                            .await;
                         let _ = c.batch_execute(&format!("SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots WHERE slot_name = '{REVERSE}' AND NOT active")).await;
                         did.push_str(&format!("; subscription {sub} re-enabled"));
                     }
@@ -824,14 +1364,25 @@ impl Controller {
             }
             did
         };
-        journal.append(Entry { cutover: first.cutover.clone(), step: "recovered".into(), from: first.from, to: first.to, detail: what.clone(), ..Entry::default() })?;
+        journal.append(Entry {
+            cutover: first.cutover.clone(),
+            step: "recovered".into(),
+            from: first.from,
+            to: first.to,
+            detail: what.clone(),
+            ..Entry::default()
+        })?;
         Ok(Some(what))
     }
 }
 
 /// The pid of a subscription's apply worker, if one runs.
 async fn apply_worker(c: &Client, sub: &str) -> Option<i32> {
-    c.query_opt(APPLY_WORKER, &[&sub]).await.ok().flatten().and_then(|r| r.get::<_, Option<i32>>(0))
+    c.query_opt(APPLY_WORKER, &[&sub])
+        .await
+        .ok()
+        .flatten()
+        .and_then(|r| r.get::<_, Option<i32>>(0))
 }
 
 /// `'text'` with quotes doubled: a SQL string literal.

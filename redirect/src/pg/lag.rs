@@ -22,7 +22,8 @@ pub enum Replication {
 /// The source's current WAL write position.
 pub const SOURCE_LSN: &str = "SELECT pg_current_wal_lsn()::text";
 /// The subscription's slot on the source: active, and how far the subscriber confirmed.
-pub const SLOT: &str = "SELECT active, confirmed_flush_lsn::text FROM pg_replication_slots WHERE slot_name = $1";
+pub const SLOT: &str =
+    "SELECT active, confirmed_flush_lsn::text FROM pg_replication_slots WHERE slot_name = $1";
 /// The walsender serving a subscription (its application_name is the subscription name).
 pub const SENDER: &str = "SELECT EXTRACT(epoch FROM coalesce(replay_lag, interval '0'))::float8, replay_lsn::text \
      FROM pg_stat_replication WHERE application_name = $1";
@@ -61,21 +62,40 @@ pub struct Watch {
 }
 
 /// Reads lag once over the two sessions.
-pub async fn measure(source: &Client, target: &Client, watch: &Watch, timeout: Duration) -> Result<ReplicaLag, PgError> {
-    let src_lsn: String = timed("source", "reading the WAL position", timeout, source.query_one(SOURCE_LSN, &[])).await?.get(0);
+pub async fn measure(
+    source: &Client,
+    target: &Client,
+    watch: &Watch,
+    timeout: Duration,
+) -> Result<ReplicaLag, PgError> {
+    let src_lsn: String = timed(
+        "source",
+        "reading the WAL position",
+        timeout,
+        source.query_one(SOURCE_LSN, &[]),
+    )
+    .await?
+    .get(0);
     let current = parse_lsn(&src_lsn).unwrap_or(0);
     let mut problems = Vec::new();
     let (bytes, seconds) = match watch.replication {
         Replication::Logical => {
             let sub = subscription_name(target, watch, timeout).await?;
-            let row = timed("target", "reading the subscription", timeout, target.query_opt(SUBSCRIPTION, &[&sub])).await?;
+            let row = timed(
+                "target",
+                "reading the subscription",
+                timeout,
+                target.query_opt(SUBSCRIPTION, &[&sub]),
+            )
+            .await?;
             let slot = match row {
                 None => {
                     problems.push(format!("subscription {sub:?} does not exist on the target"));
                     None
                 }
                 Some(row) => {
-                    let (enabled, running, slot): (bool, bool, Option<String>) = (row.get(0), row.get(1), row.get(2));
+                    let (enabled, running, slot): (bool, bool, Option<String>) =
+                        (row.get(0), row.get(1), row.get(2));
                     if !enabled {
                         problems.push(format!("subscription {sub:?} is disabled"));
                     }
@@ -86,9 +106,18 @@ pub async fn measure(source: &Client, target: &Client, watch: &Watch, timeout: D
                 }
             };
             let slot = slot.unwrap_or_else(|| sub.clone());
-            let confirmed = match timed("source", "reading the slot", timeout, source.query_opt(SLOT, &[&slot])).await? {
+            let confirmed = match timed(
+                "source",
+                "reading the slot",
+                timeout,
+                source.query_opt(SLOT, &[&slot]),
+            )
+            .await?
+            {
                 None => {
-                    problems.push(format!("replication slot {slot:?} does not exist on the source"));
+                    problems.push(format!(
+                        "replication slot {slot:?} does not exist on the source"
+                    ));
                     None
                 }
                 Some(row) => {
@@ -96,38 +125,85 @@ pub async fn measure(source: &Client, target: &Client, watch: &Watch, timeout: D
                     if !active {
                         problems.push(format!("replication slot {slot:?} is not active"));
                     }
-                    row.get::<_, Option<String>>(1).as_deref().and_then(parse_lsn)
+                    row.get::<_, Option<String>>(1)
+                        .as_deref()
+                        .and_then(parse_lsn)
                 }
             };
-            let secs = timed("source", "reading pg_stat_replication", timeout, source.query_opt(SENDER, &[&sub]))
-                .await?
-                .map_or(0.0, |r| r.get::<_, Option<f64>>(0).unwrap_or(0.0));
-            (confirmed.map_or(u64::MAX, |c| current.saturating_sub(c)), secs)
+            let secs = timed(
+                "source",
+                "reading pg_stat_replication",
+                timeout,
+                source.query_opt(SENDER, &[&sub]),
+            )
+            .await?
+            .map_or(0.0, |r| r.get::<_, Option<f64>>(0).unwrap_or(0.0));
+            (
+                confirmed.map_or(u64::MAX, |c| current.saturating_sub(c)),
+                secs,
+            )
         }
         Replication::Physical => {
-            let row = timed("target", "reading the standby state", timeout, target.query_one(STANDBY, &[])).await?;
+            let row = timed(
+                "target",
+                "reading the standby state",
+                timeout,
+                target.query_one(STANDBY, &[]),
+            )
+            .await?;
             let in_recovery: bool = row.get(0);
             if !in_recovery {
                 problems.push("the target is not a standby (pg_is_in_recovery() is false)".into());
             }
-            let replayed = row.get::<_, Option<String>>(1).as_deref().and_then(parse_lsn);
-            let senders = timed("source", "reading pg_stat_replication", timeout, source.query(PHYSICAL_SENDERS, &[])).await?;
+            let replayed = row
+                .get::<_, Option<String>>(1)
+                .as_deref()
+                .and_then(parse_lsn);
+            let senders = timed(
+                "source",
+                "reading pg_stat_replication",
+                timeout,
+                source.query(PHYSICAL_SENDERS, &[]),
+            )
+            .await?;
             if senders.is_empty() {
                 problems.push("no walsender on the source: the standby is not streaming".into());
             }
-            let secs = senders.first().map_or(0.0, |r| r.get::<_, Option<f64>>(2).unwrap_or(0.0));
-            (replayed.map_or(u64::MAX, |r| current.saturating_sub(r)), secs)
+            let secs = senders
+                .first()
+                .map_or(0.0, |r| r.get::<_, Option<f64>>(2).unwrap_or(0.0));
+            (
+                replayed.map_or(u64::MAX, |r| current.saturating_sub(r)),
+                secs,
+            )
         }
     };
-    Ok(ReplicaLag { replication: watch.replication, bytes, seconds, source_lsn: src_lsn, healthy: problems.is_empty(), problems })
+    Ok(ReplicaLag {
+        replication: watch.replication,
+        bytes,
+        seconds,
+        source_lsn: src_lsn,
+        healthy: problems.is_empty(),
+        problems,
+    })
 }
 
 /// The subscription to watch: the named one, or the only one on the target.
-pub async fn subscription_name(target: &Client, watch: &Watch, timeout: Duration) -> Result<String, PgError> {
+pub async fn subscription_name(
+    target: &Client,
+    watch: &Watch,
+    timeout: Duration,
+) -> Result<String, PgError> {
     if let Some(s) = &watch.subscription {
         return Ok(s.clone());
     }
-    let rows = timed("target", "listing subscriptions", timeout, target.query(SUBSCRIPTIONS, &[])).await?;
+    let rows = timed(
+        "target",
+        "listing subscriptions",
+        timeout,
+        target.query(SUBSCRIPTIONS, &[]),
+    )
+    .await?;
     Ok(match rows.as_slice() {
         [one] => one.get(0),
         _ => String::from("(name it with --subscription)"),
@@ -138,13 +214,22 @@ pub async fn subscription_name(target: &Client, watch: &Watch, timeout: Duration
 #[must_use]
 pub fn gate(lag: &ReplicaLag, max_bytes: u64, max_time: Duration) -> Result<(), String> {
     if !lag.healthy {
-        return Err(format!("replication is not healthy: {}", lag.problems.join("; ")));
+        return Err(format!(
+            "replication is not healthy: {}",
+            lag.problems.join("; ")
+        ));
     }
     if lag.bytes > max_bytes {
-        return Err(format!("lag is {} bytes, above --max-lag {max_bytes} bytes", lag.bytes));
+        return Err(format!(
+            "lag is {} bytes, above --max-lag {max_bytes} bytes",
+            lag.bytes
+        ));
     }
     if lag.seconds > max_time.as_secs_f64() {
-        return Err(format!("lag is {:.3}s, above --max-lag-time {:?}", lag.seconds, max_time));
+        return Err(format!(
+            "lag is {:.3}s, above --max-lag-time {:?}",
+            lag.seconds, max_time
+        ));
     }
     Ok(())
 }
@@ -160,7 +245,11 @@ mod tests {
             seconds,
             source_lsn: "0/0".into(),
             healthy,
-            problems: if healthy { vec![] } else { vec!["slot inactive".into()] },
+            problems: if healthy {
+                vec![]
+            } else {
+                vec!["slot inactive".into()]
+            },
         }
     }
 
@@ -168,10 +257,28 @@ mod tests {
     fn the_gate_needs_health_and_both_limits() {
         let max = Duration::from_secs(5);
         assert!(gate(&lag(100, 0.1, true), 1 << 20, max).is_ok());
-        assert!(gate(&lag(1 << 20, 0.1, true), 1 << 20, max).is_ok(), "the limit is inclusive");
-        assert!(gate(&lag((1 << 20) + 1, 0.1, true), 1 << 20, max).unwrap_err().contains("above --max-lag"));
-        assert!(gate(&lag(0, 6.0, true), 1 << 20, max).unwrap_err().contains("--max-lag-time"));
-        assert!(gate(&lag(0, 0.0, false), 1 << 20, max).unwrap_err().contains("slot inactive"));
-        assert!(gate(&lag(u64::MAX, 0.0, true), 1 << 20, max).is_err(), "unknown lag never passes");
+        assert!(
+            gate(&lag(1 << 20, 0.1, true), 1 << 20, max).is_ok(),
+            "the limit is inclusive"
+        );
+        assert!(
+            gate(&lag((1 << 20) + 1, 0.1, true), 1 << 20, max)
+                .unwrap_err()
+                .contains("above --max-lag")
+        );
+        assert!(
+            gate(&lag(0, 6.0, true), 1 << 20, max)
+                .unwrap_err()
+                .contains("--max-lag-time")
+        );
+        assert!(
+            gate(&lag(0, 0.0, false), 1 << 20, max)
+                .unwrap_err()
+                .contains("slot inactive")
+        );
+        assert!(
+            gate(&lag(u64::MAX, 0.0, true), 1 << 20, max).is_err(),
+            "unknown lag never passes"
+        );
     }
 }

@@ -15,16 +15,28 @@ pub enum PgError {
     BadDsn { which: &'static str, reason: String },
     /// Could not connect (network, auth, TLS).
     #[error("connecting to the {which} ({target}): {}", describe(source))]
-    Connect { which: &'static str, target: String, source: tokio_postgres::Error },
+    Connect {
+        which: &'static str,
+        target: String,
+        source: tokio_postgres::Error,
+    },
     /// Building the TLS connector failed (bad root certificate file, ...).
     #[error("{which} TLS: {reason}")]
     Tls { which: &'static str, reason: String },
     /// A query failed.
     #[error("{which}: {what}: {}", describe(source))]
-    Query { which: &'static str, what: &'static str, source: tokio_postgres::Error },
+    Query {
+        which: &'static str,
+        what: &'static str,
+        source: tokio_postgres::Error,
+    },
     /// A query did not answer in time.
     #[error("{which}: {what}: no answer within {timeout:?}")]
-    Timeout { which: &'static str, what: &'static str, timeout: Duration },
+    Timeout {
+        which: &'static str,
+        what: &'static str,
+        timeout: Duration,
+    },
 }
 
 /// libpq's `sslmode`, including the verifying modes tokio-postgres does not know.
@@ -82,7 +94,9 @@ fn split_pairs(s: &str) -> Result<Vec<(String, String)>, String> {
             chars.next();
         }
         if chars.next() != Some('=') {
-            return Err(format!("expected key=value, found {key:?} (URIs are not supported; use key=value pairs)"));
+            return Err(format!(
+                "expected key=value, found {key:?} (URIs are not supported; use key=value pairs)"
+            ));
         }
         while chars.peek().is_some_and(|c| c.is_whitespace()) {
             chars.next();
@@ -123,7 +137,11 @@ pub struct PasswordSources {
 impl Dsn {
     /// Parses `dsn`, refusing an inline password, and finds the password in `sources`, then
     /// in the pgpass file (`PGPASSFILE`, else `~/.pgpass`).
-    pub fn parse(which: &'static str, dsn: &str, sources: &PasswordSources) -> Result<Self, PgError> {
+    pub fn parse(
+        which: &'static str,
+        dsn: &str,
+        sources: &PasswordSources,
+    ) -> Result<Self, PgError> {
         let bad = |reason: String| PgError::BadDsn { which, reason };
         let pairs = split_pairs(dsn).map_err(bad)?;
         let mut tls = TlsMode::Prefer;
@@ -153,12 +171,16 @@ impl Dsn {
                     kept.insert(k, v);
                 }
                 _ => {
-                    passthrough.push(format!("{k}='{}'", v.replace('\\', "\\\\").replace('\'', "\\'")));
+                    passthrough.push(format!(
+                        "{k}='{}'",
+                        v.replace('\\', "\\\\").replace('\'', "\\'")
+                    ));
                     kept.insert(k, v);
                 }
             }
         }
-        let mut config = tokio_postgres::Config::from_str(&passthrough.join(" ")).map_err(|e| bad(e.to_string()))?;
+        let mut config = tokio_postgres::Config::from_str(&passthrough.join(" "))
+            .map_err(|e| bad(e.to_string()))?;
         config.ssl_mode(match tls {
             TlsMode::Disable => SslMode::Disable,
             TlsMode::Prefer => SslMode::Prefer,
@@ -168,10 +190,13 @@ impl Dsn {
             config.connect_timeout(Duration::from_secs(5));
         }
         config.application_name("redirect");
-        let host = config.get_hosts().first().map_or_else(String::new, |h| match h {
-            tokio_postgres::config::Host::Tcp(s) => s.clone(),
-            tokio_postgres::config::Host::Unix(p) => p.display().to_string(),
-        });
+        let host = config
+            .get_hosts()
+            .first()
+            .map_or_else(String::new, |h| match h {
+                tokio_postgres::config::Host::Tcp(s) => s.clone(),
+                tokio_postgres::config::Host::Unix(p) => p.display().to_string(),
+            });
         let port = config.get_ports().first().copied().unwrap_or(5432);
         let user = config.get_user().unwrap_or("postgres").to_owned();
         let dbname = config.get_dbname().unwrap_or(&user).to_owned();
@@ -179,21 +204,38 @@ impl Dsn {
             config.password(pw);
         }
         let display = format!("host={host} port={port} dbname={dbname} user={user}");
-        Ok(Self { which, config, tls, root_cert, display, pairs: kept })
+        Ok(Self {
+            which,
+            config,
+            tls,
+            root_cert,
+            display,
+            pairs: kept,
+        })
     }
 
     /// Opens a session; its connection task runs on the current runtime until the client drops.
     pub async fn connect(&self) -> Result<Client, PgError> {
-        let err = |source| PgError::Connect { which: self.which, target: self.display.clone(), source };
+        let err = |source| PgError::Connect {
+            which: self.which,
+            target: self.display.clone(),
+            source,
+        };
         if self.tls == TlsMode::Disable {
-            let (client, conn) = self.config.connect(tokio_postgres::NoTls).await.map_err(err)?;
+            let (client, conn) = self
+                .config
+                .connect(tokio_postgres::NoTls)
+                .await
+                .map_err(err)?;
             tokio::spawn(conn);
             return Ok(client);
         }
         let mut builder = native_tls::TlsConnector::builder();
         match self.tls {
             TlsMode::Prefer | TlsMode::Require => {
-                builder.danger_accept_invalid_certs(true).danger_accept_invalid_hostnames(true);
+                builder
+                    .danger_accept_invalid_certs(true)
+                    .danger_accept_invalid_hostnames(true);
             }
             TlsMode::VerifyCa => {
                 builder.danger_accept_invalid_hostnames(true);
@@ -201,12 +243,20 @@ impl Dsn {
             TlsMode::VerifyFull | TlsMode::Disable => {}
         }
         if let Some(path) = &self.root_cert {
-            let pem = std::fs::read(path).map_err(|e| PgError::Tls { which: self.which, reason: format!("{}: {e}", path.display()) })?;
-            let cert = native_tls::Certificate::from_pem(&pem)
-                .map_err(|e| PgError::Tls { which: self.which, reason: format!("{}: {e}", path.display()) })?;
+            let pem = std::fs::read(path).map_err(|e| PgError::Tls {
+                which: self.which,
+                reason: format!("{}: {e}", path.display()),
+            })?;
+            let cert = native_tls::Certificate::from_pem(&pem).map_err(|e| PgError::Tls {
+                which: self.which,
+                reason: format!("{}: {e}", path.display()),
+            })?;
             builder.add_root_certificate(cert);
         }
-        let connector = builder.build().map_err(|e| PgError::Tls { which: self.which, reason: e.to_string() })?;
+        let connector = builder.build().map_err(|e| PgError::Tls {
+            which: self.which,
+            reason: e.to_string(),
+        })?;
         let (client, conn) = self
             .config
             .connect(postgres_native_tls::MakeTlsConnector::new(connector))
@@ -229,9 +279,16 @@ impl Dsn {
     }
 }
 
-fn password(sources: &PasswordSources, host: &str, port: u16, db: &str, user: &str) -> Result<Option<String>, String> {
+fn password(
+    sources: &PasswordSources,
+    host: &str,
+    port: u16,
+    db: &str,
+    user: &str,
+) -> Result<Option<String>, String> {
     if let Some(path) = &sources.file {
-        let text = std::fs::read_to_string(path).map_err(|e| format!("password file {}: {e}", path.display()))?;
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| format!("password file {}: {e}", path.display()))?;
         return Ok(text.lines().next().map(str::to_owned));
     }
     if let Some(var) = &sources.env
@@ -242,8 +299,12 @@ fn password(sources: &PasswordSources, host: &str, port: u16, db: &str, user: &s
     let pgpass = std::env::var_os("PGPASSFILE")
         .map(PathBuf::from)
         .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".pgpass")));
-    let Some(pgpass) = pgpass else { return Ok(None) };
-    let Ok(text) = std::fs::read_to_string(&pgpass) else { return Ok(None) };
+    let Some(pgpass) = pgpass else {
+        return Ok(None);
+    };
+    let Ok(text) = std::fs::read_to_string(&pgpass) else {
+        return Ok(None);
+    };
     Ok(pgpass_lookup(&text, host, port, db, user))
 }
 
@@ -271,7 +332,11 @@ pub fn pgpass_lookup(text: &str, host: &str, port: u16, db: &str, user: &str) ->
             continue;
         }
         let want = [host, port.as_str(), db, user];
-        if fields[..4].iter().zip(want).all(|(f, w)| f == "*" || f == w) {
+        if fields[..4]
+            .iter()
+            .zip(want)
+            .all(|(f, w)| f == "*" || f == w)
+        {
             return Some(fields[4].clone());
         }
     }
@@ -304,8 +369,16 @@ pub async fn timed<T>(
 ) -> Result<T, PgError> {
     match tokio::time::timeout(timeout, fut).await {
         Ok(Ok(v)) => Ok(v),
-        Ok(Err(source)) => Err(PgError::Query { which, what, source }),
-        Err(_) => Err(PgError::Timeout { which, what, timeout }),
+        Ok(Err(source)) => Err(PgError::Query {
+            which,
+            what,
+            source,
+        }),
+        Err(_) => Err(PgError::Timeout {
+            which,
+            what,
+            timeout,
+        }),
     }
 }
 
@@ -339,10 +412,23 @@ mod tests {
     #[test]
     fn dsn_refuses_inline_passwords_and_maps_sslmodes() {
         let none = PasswordSources::default();
-        let err = Dsn::parse("source", "host=h user=u password=secret", &none).unwrap_err().to_string();
-        assert!(err.contains("contains a password") && !err.contains("secret"), "{err}");
-        let d = Dsn::parse("target", "host=h user=u sslmode=verify-full sslrootcert=/x.pem", &none).unwrap();
-        assert_eq!((d.tls, d.config.get_ssl_mode()), (TlsMode::VerifyFull, SslMode::Require));
+        let err = Dsn::parse("source", "host=h user=u password=secret", &none)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("contains a password") && !err.contains("secret"),
+            "{err}"
+        );
+        let d = Dsn::parse(
+            "target",
+            "host=h user=u sslmode=verify-full sslrootcert=/x.pem",
+            &none,
+        )
+        .unwrap();
+        assert_eq!(
+            (d.tls, d.config.get_ssl_mode()),
+            (TlsMode::VerifyFull, SslMode::Require)
+        );
         assert!(Dsn::parse("target", "host=h sslmode=bogus", &none).is_err());
         assert_eq!(format!("{d:?}"), "host=h port=5432 dbname=u user=u");
     }
@@ -350,8 +436,14 @@ mod tests {
     #[test]
     fn pgpass_matching() {
         let text = "# comment\nother:5432:*:u:no\nh:5432:*:u:pa\\:ss\n*:*:*:*:fallback\n";
-        assert_eq!(pgpass_lookup(text, "h", 5432, "db", "u").as_deref(), Some("pa:ss"));
-        assert_eq!(pgpass_lookup(text, "x", 1, "db", "v").as_deref(), Some("fallback"));
+        assert_eq!(
+            pgpass_lookup(text, "h", 5432, "db", "u").as_deref(),
+            Some("pa:ss")
+        );
+        assert_eq!(
+            pgpass_lookup(text, "x", 1, "db", "v").as_deref(),
+            Some("fallback")
+        );
         assert_eq!(pgpass_lookup("h:5432:db:u:p", "h", 5433, "db", "u"), None);
     }
 

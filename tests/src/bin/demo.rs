@@ -21,18 +21,25 @@ fn say(what: &str) {
 }
 
 fn runtime() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime")
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime")
 }
 
 fn main() {
     require_root();
     say("building the lab: namespaces cli, proxy, src, tgt joined by veth (198.18.0.0/15)");
     let mut lab = Lab::new("demo");
-    say("starting PostgreSQL 'source' (198.18.2.2) and 'target' (198.18.3.2), logical replication source -> target");
+    say(
+        "starting PostgreSQL 'source' (198.18.2.2) and 'target' (198.18.3.2), logical replication source -> target",
+    );
     let source = pg::start(&mut lab, Ns::Source, "source", &[]);
     let target = pg::start(&mut lab, Ns::Target, "target", &[]);
     pg::setup_logical(&lab, &source, &target);
-    say("redirect run: XDP on p-cli, p-src, p-tgt; VIP 198.18.1.1:5432; the controller knows both databases");
+    say(
+        "redirect run: XDP on p-cli, p-src, p-tgt; VIP 198.18.1.1:5432; the controller knows both databases",
+    );
     let flags = pg::controller_flags();
     let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
     lab.start_redirect(&flags);
@@ -55,20 +62,42 @@ fn pinning(lab: &Arc<Lab>) {
             lab.in_ns(Ns::Client, move || {
                 runtime().block_on(async move {
                     let a = connect(VIP).await;
-                    to_main.send(format!("connection A (opened before the flip) is served by: {}", cluster_name(&a).await)).unwrap();
+                    to_main
+                        .send(format!(
+                            "connection A (opened before the flip) is served by: {}",
+                            cluster_name(&a).await
+                        ))
+                        .unwrap();
                     from_main.recv().unwrap();
                     let b = connect(VIP).await;
-                    to_main.send(format!("connection B (opened after the flip) is served by:  {}", cluster_name(&b).await)).unwrap();
-                    to_main.send(format!("connection A, queried again, is served by:          {}", cluster_name(&a).await)).unwrap();
+                    to_main
+                        .send(format!(
+                            "connection B (opened after the flip) is served by:  {}",
+                            cluster_name(&b).await
+                        ))
+                        .unwrap();
+                    to_main
+                        .send(format!(
+                            "connection A, queried again, is served by:          {}",
+                            cluster_name(&a).await
+                        ))
+                        .unwrap();
                     from_main.recv().unwrap();
                 });
             });
         }
     });
-    let next = || from_client.recv_timeout(Duration::from_secs(30)).expect("client step");
+    let next = || {
+        from_client
+            .recv_timeout(Duration::from_secs(30))
+            .expect("client step")
+    };
     println!("{}", next());
     println!("$ redirect flip --to target --immediate");
-    print!("{}", lab.redirect_ok(&["flip", "--to", "target", "--immediate"]));
+    print!(
+        "{}",
+        lab.redirect_ok(&["flip", "--to", "target", "--immediate"])
+    );
     to_client.send(()).unwrap();
     println!("{}", next());
     println!("{}", next());
@@ -76,11 +105,20 @@ fn pinning(lab: &Arc<Lab>) {
     print!("{}", lab.redirect_ok(&["connections"]));
     println!("$ bpftool map dump pinned <pin-dir>/ACTIVE");
     let active = lab.pin_dir.join("ACTIVE").display().to_string();
-    print!("{}", String::from_utf8_lossy(&lab.exec_ok(Ns::Proxy, &["bpftool", "map", "dump", "pinned", &active]).stdout));
+    print!(
+        "{}",
+        String::from_utf8_lossy(
+            &lab.exec_ok(Ns::Proxy, &["bpftool", "map", "dump", "pinned", &active])
+                .stdout
+        )
+    );
     to_client.send(()).unwrap();
     client.join().expect("client thread");
     println!("$ redirect flip --to source --immediate");
-    print!("{}", lab.redirect_ok(&["flip", "--to", "source", "--immediate"]));
+    print!(
+        "{}",
+        lab.redirect_ok(&["flip", "--to", "source", "--immediate"])
+    );
 }
 
 /// Part 2: the safe cutover under load, with a verdict.
@@ -89,10 +127,17 @@ fn cutover(lab: &Arc<Lab>, target: &pg::Pg) {
     println!("$ redirect lag");
     print!("{}", lab.redirect_ok(&["lag"]));
     let writers = 0..8;
-    println!("workload: {} writers through the VIP for 12 s (half keep one connection, half reconnect every 20 commits)", writers.len());
+    println!(
+        "workload: {} writers through the VIP for 12 s (half keep one connection, half reconnect every 20 commits)",
+        writers.len()
+    );
     let load = std::thread::spawn({
         let lab = lab.clone();
-        move || lab.in_ns(Ns::Client, move || runtime().block_on(workload::run(VIP, writers, Duration::from_secs(12), 20)))
+        move || {
+            lab.in_ns(Ns::Client, move || {
+                runtime().block_on(workload::run(VIP, writers, Duration::from_secs(12), 20))
+            })
+        }
     });
     std::thread::sleep(Duration::from_secs(4));
     println!("$ redirect flip --to target --drain-timeout 3s");
@@ -105,32 +150,64 @@ fn cutover(lab: &Arc<Lab>, target: &pg::Pg) {
     assert!(out.status.success(), "the cutover failed");
     let report: serde_json::Value = serde_json::from_slice(&out.stdout).expect("flip --json");
     let v = load.join().expect("workload thread");
-    let on_target: HashSet<(i32, i64)> = psql(lab, Ns::Target, target, "SELECT writer, seq FROM acks")
-        .lines()
-        .filter_map(|l| {
-            let (w, s) = l.split_once('|')?;
-            Some((w.parse().ok()?, s.parse().ok()?))
-        })
-        .collect();
+    let on_target: HashSet<(i32, i64)> =
+        psql(lab, Ns::Target, target, "SELECT writer, seq FROM acks")
+            .lines()
+            .filter_map(|l| {
+                let (w, s) = l.split_once('|')?;
+                Some((w.parse().ok()?, s.parse().ok()?))
+            })
+            .collect();
     let acked: Vec<(i32, i64)> = v.acked().collect();
     let lost = acked.iter().filter(|a| !on_target.contains(a)).count();
-    let interrupted = v.errors().iter().filter(|e| e.starts_with("insert")).count();
+    let interrupted = v
+        .errors()
+        .iter()
+        .filter(|e| e.starts_with("insert"))
+        .count();
     say("verdict");
     println!("acknowledged writes:            {}", acked.len());
     println!("acknowledged writes on target:  {}", acked.len() - lost);
     println!("lost acknowledged writes:       {lost}");
     println!("refused connection attempts:    {}", v.refused());
     println!("statements interrupted (not acknowledged, retried by the client): {interrupted}");
-    println!("longest pause between acks:     {:.1} ms (as the clients saw it)", v.longest_pause().as_secs_f64() * 1000.0);
-    println!("write pause (fence -> flip):    {:.1} ms", report["write_pause_ms"].as_f64().unwrap_or(0.0));
-    println!("new connections held:           {:.1} ms ({} SYNs parked and re-injected)", report["hold_ms"].as_f64().unwrap_or(0.0), report["held_syns"]);
-    println!("slowest connect:                {:.1} ms", v.max_connect().as_secs_f64() * 1000.0);
-    println!("LSN barrier:                    {} in {:.1} ms", report["fence_lsn"].as_str().unwrap_or("?"), report["barrier_ms"].as_f64().unwrap_or(0.0));
+    println!(
+        "longest pause between acks:     {:.1} ms (as the clients saw it)",
+        v.longest_pause().as_secs_f64() * 1000.0
+    );
+    println!(
+        "write pause (fence -> flip):    {:.1} ms",
+        report["write_pause_ms"].as_f64().unwrap_or(0.0)
+    );
+    println!(
+        "new connections held:           {:.1} ms ({} SYNs parked and re-injected)",
+        report["hold_ms"].as_f64().unwrap_or(0.0),
+        report["held_syns"]
+    );
+    println!(
+        "slowest connect:                {:.1} ms",
+        v.max_connect().as_secs_f64() * 1000.0
+    );
+    println!(
+        "LSN barrier:                    {} in {:.1} ms",
+        report["fence_lsn"].as_str().unwrap_or("?"),
+        report["barrier_ms"].as_f64().unwrap_or(0.0)
+    );
     println!("$ redirect history");
     print!("{}", lab.redirect_ok(&["history"]));
-    let csum: u64 = [Ns::Client, Ns::Proxy, Ns::Source, Ns::Target].iter().map(|ns| lab.csum_errors(*ns)).sum();
+    let csum: u64 = [Ns::Client, Ns::Proxy, Ns::Source, Ns::Target]
+        .iter()
+        .map(|ns| lab.csum_errors(*ns))
+        .sum();
     println!("TcpInCsumErrors across the lab: {csum}");
     let ok = lost == 0 && v.refused() == 0 && csum == 0;
-    println!("\nRESULT: {}", if ok { "PASS: nothing lost, nothing refused" } else { "FAIL" });
+    println!(
+        "\nRESULT: {}",
+        if ok {
+            "PASS: nothing lost, nothing refused"
+        } else {
+            "FAIL"
+        }
+    );
     assert!(ok, "the demo's verdict failed");
 }
