@@ -224,7 +224,7 @@ pub mod rev {
         pub _pad0: u32,
         /// Written by the controller when this entry's connection is gone: the SNAT port stays
         /// claimed (quarantined) until this time plus the quarantine, longer than the
-        /// backend's TIME_WAIT, so a reused port never meets a stale server-side tuple
+        /// backend's `TIME_WAIT`, so a reused port never meets a stale server-side tuple
         /// (cilium#45863).
         pub orphaned_ns: u64,
     }
@@ -337,7 +337,7 @@ pub mod stats {
 /// Sizes of the maps. A full table drops the SYN and counts it; it never evicts.
 pub mod limits {
     /// Tracked connections. A preallocated hash of this size costs tens of MB of kernel
-    /// memory, and a PostgreSQL fleet rarely has more than tens of thousands of connections.
+    /// memory, and a `PostgreSQL` fleet rarely has more than tens of thousands of connections.
     pub const CT_ENTRIES: u32 = 1 << 20;
     /// `REV` also holds quarantined ports, so it is as large as `CT`.
     pub const REV_ENTRIES: u32 = 1 << 20;

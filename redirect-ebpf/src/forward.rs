@@ -55,18 +55,15 @@ pub fn xdp(ctx: &XdpContext, pkt: &Packet) -> u32 {
         count(Stat::FibTx);
         return xdp_action::XDP_TX;
     }
-    match TX_PORTS.redirect(params.ifindex, 0) {
-        Ok(action) => {
-            count(Stat::FibRedirect);
-            action
-        }
-        Err(_) => {
-            // Checked above; reaching this means the entry vanished meanwhile. Put the MACs
-            // back, or the stack would discard the frame as not addressed to this host.
-            eth.src = old_src;
-            eth.dst = old_dst;
-            count(Stat::FibPass);
-            xdp_action::XDP_PASS
-        }
+    if let Ok(action) = TX_PORTS.redirect(params.ifindex, 0) {
+        count(Stat::FibRedirect);
+        action
+    } else {
+        // Checked above; reaching this means the entry vanished meanwhile. Put the MACs
+        // back, or the stack would discard the frame as not addressed to this host.
+        eth.src = old_src;
+        eth.dst = old_dst;
+        count(Stat::FibPass);
+        xdp_action::XDP_PASS
     }
 }

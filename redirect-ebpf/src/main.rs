@@ -10,6 +10,12 @@
 //! which the client retries.
 #![no_std]
 #![no_main]
+#![allow(
+    clippy::cast_possible_truncation,
+    clippy::cast_possible_wrap,
+    clippy::needless_pass_by_value,
+    reason = "BPF: context fields and sizes are small values in 64-bit registers; #[xdp] entry points take their context by value"
+)]
 
 mod forward;
 mod headers;

@@ -57,7 +57,7 @@ fn forward(ip: &mut Ipv4Hdr, tcp: &mut TcpHdr, cfg: &Config, cut: &Cutover, now:
     };
     let flags = tcp.flags;
     let pure_syn = tcp::is_pure_syn(flags);
-    if let Some(entry) = CT.get_ptr_mut(&key) {
+    if let Some(entry) = CT.get_ptr_mut(key) {
         // SAFETY: a valid map value pointer; concurrent updates of `flags`/`last_seen_ns`
         // from another CPU can lose an OR (benign, as in Cilium: the GC then relies on the
         // idle timeout instead of the close timeout).
@@ -166,7 +166,7 @@ fn open(
             backend_port_be: backend.port_be,
             snat_port_be: port.to_be(),
         };
-        match REV.insert(&rev_key, &rev_value, u64::from(BPF_NOEXIST)) {
+        match REV.insert(rev_key, rev_value, u64::from(BPF_NOEXIST)) {
             Ok(()) => {
                 claimed = Some(rev_key);
                 break;
@@ -196,8 +196,8 @@ fn open(
     // A reopen overwrites the closed entry; a new one must not race a retransmitted SYN that
     // another CPU is handling at the same instant.
     let insert_flags = if reopen { 0 } else { u64::from(BPF_NOEXIST) };
-    if let Err(e) = CT.insert(key, &entry, insert_flags) {
-        let _ = REV.remove(&rev_key);
+    if let Err(e) = CT.insert(key, entry, insert_flags) {
+        let _ = REV.remove(rev_key);
         if e == -EEXIST {
             // Lost the race: use the winner's translation.
             if let Some(winner) = CT.get_ptr(key) {
@@ -245,7 +245,7 @@ fn reply(ip: &mut Ipv4Hdr, tcp: &mut TcpHdr, now: u64) -> Verdict {
         backend_port_be: tcp.sport_be,
         snat_port_be: tcp.dport_be,
     };
-    let Some(rev) = REV.get_ptr(&rev_key) else {
+    let Some(rev) = REV.get_ptr(rev_key) else {
         count(Stat::PassNotOurs);
         return Verdict::Pass;
     };
@@ -257,7 +257,7 @@ fn reply(ip: &mut Ipv4Hdr, tcp: &mut TcpHdr, now: u64) -> Verdict {
         client_port_be: rev.client_port_be,
         vip_port_be: rev.vip_port_be,
     };
-    let Some(entry) = CT.get_ptr_mut(&key) else {
+    let Some(entry) = CT.get_ptr_mut(key) else {
         count(Stat::ReplyOrphan);
         return Verdict::Pass;
     };

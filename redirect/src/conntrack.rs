@@ -2,7 +2,7 @@
 //!
 //! The datapath only ever creates entries; the controller deletes them, always the `CT` entry
 //! before its `REV` twin, and keeps the `REV` entry (the SNAT port claim) for a quarantine after
-//! the connection is gone, longer than the backend's TIME_WAIT (cilium#45863: a port reused
+//! the connection is gone, longer than the backend's `TIME_WAIT` (cilium#45863: a port reused
 //! while the server still holds the old tuple gets a challenge ACK and the connect times out).
 
 use std::{collections::HashMap as StdHashMap, net::SocketAddrV4, time::Duration};
@@ -70,10 +70,6 @@ pub struct Connection {
     pub idle: Duration,
 }
 
-#[expect(
-    clippy::trivially_copy_pass_by_ref,
-    reason = "serde's serialize_with signature"
-)]
 fn as_secs<S: serde::Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
     s.serialize_f64((d.as_secs_f64() * 1000.0).round() / 1000.0)
 }
@@ -92,7 +88,7 @@ pub fn list(maps: &Maps) -> Result<Vec<Connection>, DatapathError> {
         }
     }
     let mut out = Vec::new();
-    for item in maps.ct.iter() {
+    for item in &maps.ct {
         let (k, e) = item.map_err(|source| DatapathError::Map {
             what: "reading CT".into(),
             source,
@@ -190,7 +186,7 @@ pub fn gc(maps: &mut Maps, t: &Timeouts) -> Result<GcReport, DatapathError> {
     let mut report = GcReport::default();
 
     let mut dead = Vec::new();
-    for item in maps.ct.iter() {
+    for item in &maps.ct {
         let (k, e) = item.map_err(map_err("reading CT"))?;
         if expired(&e, now, t) {
             dead.push(k);
@@ -212,7 +208,7 @@ pub fn gc(maps: &mut Maps, t: &Timeouts) -> Result<GcReport, DatapathError> {
 
     let mut orphan = Vec::new();
     let mut release = Vec::new();
-    for item in maps.rev.iter() {
+    for item in &maps.rev {
         let (rk, re) = item.map_err(map_err("reading REV"))?;
         let key = CtKey {
             client_addr_be: re.client_addr_be,

@@ -119,6 +119,7 @@ impl PinDir {
     }
 
     /// Interfaces with a pinned link, from the pin file names.
+    #[must_use]
     pub fn linked_ifaces(&self) -> Vec<String> {
         let mut out: Vec<String> = std::fs::read_dir(&self.0)
             .into_iter()
@@ -526,11 +527,13 @@ pub fn reinject(prog: &Xdp, held: &HeldSyn) -> Result<(), DatapathError> {
     let mut ctx = [0u8; 24];
     ctx[4..8].copy_from_slice(&u32::try_from(len).expect("small frame").to_ne_bytes());
     ctx[12..16].copy_from_slice(&held.ifindex.to_ne_bytes());
-    let mut opts = TestRunOptions::default();
-    opts.data_in = Some(&held.frame[..len]);
-    opts.ctx_in = Some(&ctx);
-    opts.repeat = 1;
-    opts.attrs = TestRunAttrs::new().xdp_live_frames(1);
+    let opts = TestRunOptions {
+        data_in: Some(&held.frame[..len]),
+        ctx_in: Some(&ctx),
+        repeat: 1,
+        attrs: TestRunAttrs::new().xdp_live_frames(1),
+        ..TestRunOptions::default()
+    };
     prog.test_run(opts)
         .map(|_| ())
         .map_err(|source| DatapathError::Program {

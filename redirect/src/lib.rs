@@ -1,4 +1,4 @@
-//! `redirect`: move a live PostgreSQL database to a new server without downtime.
+//! `redirect`: move a live `PostgreSQL` database to a new server without downtime.
 //!
 //! The kernel half ([`datapath`]) is an XDP full-NAT program that sends each new TCP connection
 //! for the VIP to the active backend and keeps every established connection on the backend it

@@ -24,7 +24,7 @@ fn main() {
                 let Command::Run(args) = cli.command else {
                     unreachable!()
                 };
-                rt.block_on(run::run(args, &cli.pin_dir, &cli.socket, &cli.journal))
+                rt.block_on(run::run(*args, &cli.pin_dir, &cli.socket, &cli.journal))
             }),
         Command::Flip(a) => flip::run(a, &cli.pin_dir, &cli.socket),
         Command::Lag(a) => lag::run(a, &cli.socket),

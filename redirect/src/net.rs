@@ -11,7 +11,7 @@ use std::{
 /// Why the host cannot run the datapath as asked.
 #[derive(Debug, thiserror::Error)]
 pub enum NetError {
-    /// Loading BPF programs and pinning them needs root (CAP_BPF + CAP_NET_ADMIN).
+    /// Loading BPF programs and pinning them needs root (`CAP_BPF` + `CAP_NET_ADMIN`).
     #[error("redirect must run as root (it loads BPF programs and pins them)")]
     NotRoot,
     /// The interface name does not exist in this network namespace.
@@ -93,6 +93,10 @@ pub fn local_ipv4_addrs() -> Result<Vec<Ipv4Addr>, NetError> {
             let family = unsafe { (*ifa.ifa_addr).sa_family };
             if i32::from(family) == libc::AF_INET {
                 // SAFETY: an AF_INET sockaddr is a sockaddr_in.
+                #[expect(
+                    clippy::cast_ptr_alignment,
+                    reason = "getifaddrs returns properly aligned sockaddr_in for AF_INET"
+                )]
                 let sin = unsafe { &*ifa.ifa_addr.cast::<libc::sockaddr_in>() };
                 out.push(Ipv4Addr::from(u32::from_be(sin.sin_addr.s_addr)));
             }
@@ -139,11 +143,7 @@ pub fn is_bpffs(path: &Path) -> bool {
     let mut st: libc::statfs = unsafe { std::mem::zeroed() };
     // SAFETY: `c` is NUL-terminated and `st` is writable.
     let rc = unsafe { libc::statfs(c.as_ptr(), &raw mut st) };
-    #[expect(
-        clippy::unnecessary_cast,
-        reason = "f_type's width differs between libcs"
-    )]
-    let magic = st.f_type as i64;
+    let magic = st.f_type;
     rc == 0 && magic == BPF_FS_MAGIC
 }
 

@@ -1,5 +1,5 @@
 //! The lab: four network namespaces (client, proxy, source, target) joined by veth pairs, with
-//! addresses in 198.18.0.0/15, two real PostgreSQL servers, and the `redirect` binary running
+//! addresses in 198.18.0.0/15, two real `PostgreSQL` servers, and the `redirect` binary running
 //! on the proxy. Every name is unique per lab, and dropping a [`Lab`] stops what it started (by
 //! pid), deletes its namespaces and removes its pins, even when a test panics.
 //!
@@ -9,6 +9,11 @@
 //!                      p-src 198.18.2.1 ────────────────────────────── eth0 198.18.2.2 source
 //!                      p-tgt 198.18.3.1 ────────────────────────────── eth0 198.18.3.2 target
 //! ```
+
+#![allow(
+    clippy::must_use_candidate,
+    reason = "a test harness: callers decide what to check"
+)]
 
 pub mod packet;
 pub mod pg;
@@ -41,11 +46,11 @@ pub fn redirect_bin() -> PathBuf {
     // Tests run from target/<profile>/deps/, binaries such as the demo from target/<profile>/.
     let exe = std::env::current_exe().expect("current_exe");
     let dir = exe.parent().expect("the executable's directory");
-    let bin = [dir.join("redirect"), dir.parent().expect("target/<profile>").join("redirect")]
+
+    [dir.join("redirect"), dir.parent().expect("target/<profile>").join("redirect")]
         .into_iter()
         .find(|p| p.exists())
-        .unwrap_or_else(|| panic!("no redirect binary next to {}: build it with `cargo build -p redirect` (cargo xtask test does)", exe.display()));
-    bin
+        .unwrap_or_else(|| panic!("no redirect binary next to {}: build it with `cargo build -p redirect` (cargo xtask test does)", exe.display()))
 }
 
 /// Runs a command and panics with its output if it fails.
@@ -210,6 +215,7 @@ impl Lab {
     }
 
     /// Runs `redirect <args>` in the proxy namespace with this lab's pin dir.
+    #[must_use]
     pub fn redirect(&self, args: &[&str]) -> Output {
         self.redirect_cmd()
             .args(args)

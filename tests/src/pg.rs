@@ -1,4 +1,4 @@
-//! Real PostgreSQL servers for the lab, started from the image's binaries inside a namespace.
+//! Real `PostgreSQL` servers for the lab, started from the image's binaries inside a namespace.
 
 use std::{path::PathBuf, process::Command, time::Duration};
 
@@ -164,7 +164,7 @@ pub const SCHEMA: &str = "CREATE TABLE acks (id bigserial PRIMARY KEY, writer in
      at timestamptz NOT NULL DEFAULT clock_timestamp(), UNIQUE (writer, seq))";
 
 /// Logical replication source → target: a publication for all tables on the source and a
-/// subscription on the target that connects through the proxy namespace (routed, not NATed).
+/// subscription on the target that connects through the proxy namespace (routed, not `NATed`).
 pub fn setup_logical(lab: &Lab, source: &Pg, target: &Pg) {
     psql(lab, Ns::Source, source, SCHEMA);
     psql(lab, Ns::Target, target, SCHEMA);

@@ -1,5 +1,5 @@
 //! L2: the safe cutover in the netns lab, with logical replication between two real
-//! PostgreSQL servers and a workload that records every acknowledged commit.
+//! `PostgreSQL` servers and a workload that records every acknowledged commit.
 
 use std::{collections::HashSet, sync::Arc, time::Duration};
 

@@ -1,4 +1,4 @@
-//! L2: the datapath in a netns lab with two real PostgreSQL servers and real clients.
+//! L2: the datapath in a netns lab with two real `PostgreSQL` servers and real clients.
 //! Each test builds its own uniquely named lab and tears it down on drop, even on panic.
 
 use std::{collections::HashSet, time::Duration};

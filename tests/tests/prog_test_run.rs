@@ -118,10 +118,12 @@ impl Prog {
             .try_into()
             .unwrap();
         let mut out = vec![0u8; frame.len() + 256];
-        let mut opts = TestRunOptions::default();
-        opts.data_in = Some(frame);
-        opts.data_out = Some(&mut out);
-        opts.repeat = 1;
+        let opts = TestRunOptions {
+            data_in: Some(frame),
+            data_out: Some(&mut out),
+            repeat: 1,
+            ..TestRunOptions::default()
+        };
         let r = prog.test_run(opts).expect("BPF_PROG_TEST_RUN");
         out.truncate(r.data_size_out as usize);
         (r.return_value, out)

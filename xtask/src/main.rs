@@ -22,12 +22,12 @@ struct Cli {
 enum Task {
     /// Install what is missing on this machine (idempotent; needs root).
     Setup,
-    /// Set up, build, then run every test: unit, property, BPF_PROG_TEST_RUN and the netns lab.
+    /// Set up, build, then run every test: unit, property, `BPF_PROG_TEST_RUN` and the netns lab.
     Test {
         /// Only run tests whose name contains this.
         filter: Option<String>,
     },
-    /// Set up, build, then run the demo lab: two PostgreSQL servers, a proxy, a flip.
+    /// Set up, build, then run the demo lab: two `PostgreSQL` servers, a proxy, a flip.
     Demo,
 }
 

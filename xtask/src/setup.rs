@@ -2,7 +2,7 @@
 //! already there (see the recipe in the project's toolchain notes):
 //! Debian's rustc 1.96 with library source (tier-3 `bpfel-unknown-none` needs build-std),
 //! linked into rustup as `debian-web`; bpf-linker against LLVM 22; bpftool and the lab tools;
-//! PostgreSQL 15; and bpffs mounts.
+//! `PostgreSQL` 15; and bpffs mounts.
 
 use std::{path::PathBuf, process::Command};
 

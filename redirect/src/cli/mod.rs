@@ -12,7 +12,7 @@ pub mod lag;
 pub mod run;
 pub mod status;
 
-/// Move a live PostgreSQL database to a new server without downtime.
+/// Move a live `PostgreSQL` database to a new server without downtime.
 ///
 /// An XDP program on this proxy host sends each new TCP connection for the VIP to the active
 /// backend and keeps every existing connection on the backend it started on.
@@ -42,7 +42,7 @@ pub struct Cli {
 
 #[derive(Debug, Subcommand)]
 pub enum Command {
-    Run(run::Args),
+    Run(Box<run::Args>),
     Flip(flip::Args),
     Lag(lag::Args),
     History(history::Args),
@@ -80,7 +80,7 @@ impl std::fmt::Display for PortRange {
     }
 }
 
-/// A size in bytes: `65536`, `512kB`, `1MB`, `2GB` (1024-based, as PostgreSQL's units are).
+/// A size in bytes: `65536`, `512kB`, `1MB`, `2GB` (1024-based, as `PostgreSQL`'s units are).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct ByteSize(pub u64);
 

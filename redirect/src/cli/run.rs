@@ -42,8 +42,8 @@ pub struct Args {
     /// Source address the backends see (default: this host's address on the route to each).
     #[arg(long)]
     pub snat_ip: Option<Ipv4Addr>,
-    /// SNAT ports; keep them out of the host's ephemeral range (net.ipv4.ip_local_port_range)
-    /// or reserve them (net.ipv4.ip_local_reserved_ports).
+    /// SNAT ports; keep them out of the host's ephemeral range (`net.ipv4.ip_local_port_range`)
+    /// or reserve them (`net.ipv4.ip_local_reserved_ports`).
     #[arg(long, default_value = "40000-59999")]
     pub snat_ports: PortRange,
     #[arg(long, value_enum, default_value = "driver")]
@@ -66,7 +66,7 @@ pub struct Args {
     /// Forget a closed (both FINs, or RST) connection after this long.
     #[arg(long, value_parser = humantime::parse_duration, default_value = "10s")]
     pub close_timeout: Duration,
-    /// Keep a SNAT port unused this long after its connection is forgotten (> TIME_WAIT).
+    /// Keep a SNAT port unused this long after its connection is forgotten (> `TIME_WAIT`).
     #[arg(long, value_parser = humantime::parse_duration, default_value = "120s")]
     pub port_quarantine: Duration,
     /// Load, attach and configure, then exit instead of serving (the datapath stays).
@@ -79,10 +79,10 @@ pub struct Args {
     /// The target server, as a libpq key=value DSN (sslmode=require/verify-full supported).
     #[arg(long, env = "REDIRECT_TARGET_DSN")]
     pub target_dsn: Option<String>,
-    /// File holding the source password (else REDIRECT_SOURCE_PASSWORD, else PGPASSFILE/~/.pgpass).
+    /// File holding the source password (else `REDIRECT_SOURCE_PASSWORD`, else PGPASSFILE/~/.pgpass).
     #[arg(long)]
     pub source_password_file: Option<PathBuf>,
-    /// File holding the target password (else REDIRECT_TARGET_PASSWORD, else PGPASSFILE/~/.pgpass).
+    /// File holding the target password (else `REDIRECT_TARGET_PASSWORD`, else PGPASSFILE/~/.pgpass).
     #[arg(long)]
     pub target_password_file: Option<PathBuf>,
     /// How the target is kept in sync.
@@ -100,7 +100,7 @@ pub struct Args {
     /// How often to measure replication lag.
     #[arg(long, value_parser = humantime::parse_duration, default_value = "1s")]
     pub lag_interval: Duration,
-    /// Serve Prometheus metrics at http://ADDR/metrics.
+    /// Serve Prometheus metrics at <http://ADDR/metrics>.
     #[arg(long, default_value = "127.0.0.1:9187")]
     pub metrics_addr: std::net::SocketAddr,
 }
@@ -205,11 +205,11 @@ pub async fn run(args: Args, pin_dir: &Path, socket: &Path, journal: &Path) -> a
         }
         match net::reserve_ports(args.snat_ports.lo, args.snat_ports.hi) {
             Ok(Some(change)) => {
-                info!(sysctl = %change, "set: the host's own connections stay out of the SNAT range")
+                info!(sysctl = %change, "set: the host's own connections stay out of the SNAT range");
             }
             Ok(None) => {}
             Err(e) => {
-                warn!(error = %e, "could not reserve the SNAT ports; the host's own connections may collide with them")
+                warn!(error = %e, "could not reserve the SNAT ports; the host's own connections may collide with them");
             }
         }
     }
@@ -260,7 +260,7 @@ pub async fn run(args: Args, pin_dir: &Path, socket: &Path, journal: &Path) -> a
         let _busy = ctl.busy.lock().await;
         match ctl.recover().await {
             Ok(Some(what)) => {
-                warn!(recovery = %what, "the previous controller stopped mid-cutover")
+                warn!(recovery = %what, "the previous controller stopped mid-cutover");
             }
             Ok(None) => {}
             Err(e) => warn!(error = %e, "could not check the journal for an unfinished cutover"),
@@ -272,7 +272,7 @@ pub async fn run(args: Args, pin_dir: &Path, socket: &Path, journal: &Path) -> a
                     "the barrier table replicates; cutovers are ready"
                 ),
                 Err(e) => {
-                    warn!(error = %e, "could not prepare the barrier table; a cutover will try again")
+                    warn!(error = %e, "could not prepare the barrier table; a cutover will try again");
                 }
             }
         }

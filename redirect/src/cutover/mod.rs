@@ -10,6 +10,7 @@
 pub mod journal;
 
 use std::{
+    fmt::Write as _,
     path::PathBuf,
     sync::{Arc, Mutex},
     time::{Duration, Instant},
@@ -50,7 +51,7 @@ const BYPASS_SESSIONS: &str = "SELECT count(*)::int8, coalesce(string_agg(DISTIN
 /// Proxied sessions that may be mid-write: running a statement, or inside a transaction.
 /// Idle sessions are fenced by the network and cannot start one.
 /// The candidates are materialized first: in a single WHERE the planner may evaluate
-/// pg_terminate_backend() before the other conditions, ending sessions (a walsender!) that
+/// `pg_terminate_backend()` before the other conditions, ending sessions (a walsender!) that
 /// they would have excluded.
 const TERMINATE_BUSY: &str = "WITH busy AS MATERIALIZED (SELECT pid FROM pg_stat_activity WHERE backend_type = 'client backend' \
      AND pid <> pg_backend_pid() AND application_name <> 'redirect' AND host(client_addr) = $1 \
@@ -379,9 +380,9 @@ impl Controller {
                 "login roles missing on the {to}: {missing:?} (their new connections would fail)"
             );
             if req.force {
-                report.findings.push(format!("FORCED: {why}"))
+                report.findings.push(format!("FORCED: {why}"));
             } else {
-                blocking.push(why)
+                blocking.push(why);
             }
         }
         let sequences = timed(
@@ -618,9 +619,9 @@ impl Controller {
                 .map_or(0, |r| r.get(0));
                 let n = u64::try_from(n).unwrap_or(0);
                 if past {
-                    at_deadline += n
+                    at_deadline += n;
                 } else {
-                    report.drained_on_use += n
+                    report.drained_on_use += n;
                 }
                 ended.extend(kill);
             }
@@ -940,7 +941,7 @@ impl Controller {
                         );
                     }
                     Err(e) if req.force => {
-                        report.reverse_replication = format!("NONE (forced): {e}")
+                        report.reverse_replication = format!("NONE (forced): {e}");
                     }
                     Err(e) => return Err(abort("reverse")(e)),
                 }
@@ -1358,7 +1359,7 @@ impl Controller {
                             ))
                             .await;
                         let _ = c.batch_execute(&format!("SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots WHERE slot_name = '{REVERSE}' AND NOT active")).await;
-                        did.push_str(&format!("; subscription {sub} re-enabled"));
+                        let _ = write!(did, "; subscription {sub} re-enabled");
                     }
                 }
             }

@@ -24,7 +24,7 @@ pub const SOURCE_LSN: &str = "SELECT pg_current_wal_lsn()::text";
 /// The subscription's slot on the source: active, and how far the subscriber confirmed.
 pub const SLOT: &str =
     "SELECT active, confirmed_flush_lsn::text FROM pg_replication_slots WHERE slot_name = $1";
-/// The walsender serving a subscription (its application_name is the subscription name).
+/// The walsender serving a subscription (its `application_name` is the subscription name).
 pub const SENDER: &str = "SELECT EXTRACT(epoch FROM coalesce(replay_lag, interval '0'))::float8, replay_lsn::text \
      FROM pg_stat_replication WHERE application_name = $1";
 /// The subscription on the target: enabled, apply worker running, its slot.
@@ -45,7 +45,7 @@ pub struct ReplicaLag {
     pub replication: Replication,
     /// WAL the target has not confirmed (logical) or replayed (physical) yet.
     pub bytes: u64,
-    /// How long ago the last confirmed change was written (pg_stat_replication.replay_lag).
+    /// How long ago the last confirmed change was written (`pg_stat_replication.replay_lag`).
     pub seconds: f64,
     pub source_lsn: String,
     pub healthy: bool,
@@ -211,7 +211,6 @@ pub async fn subscription_name(
 }
 
 /// Whether a cutover may start: replication healthy and lag within both limits.
-#[must_use]
 pub fn gate(lag: &ReplicaLag, max_bytes: u64, max_time: Duration) -> Result<(), String> {
     if !lag.healthy {
         return Err(format!(

@@ -1,4 +1,4 @@
-//! PostgreSQL sessions for the controller: DSN parsing with libpq's TLS modes, passwords that
+//! `PostgreSQL` sessions for the controller: DSN parsing with libpq's TLS modes, passwords that
 //! never come from argv, and queries that always have a timeout.
 
 pub mod lag;
@@ -7,7 +7,7 @@ use std::{collections::BTreeMap, path::PathBuf, str::FromStr as _, time::Duratio
 
 use tokio_postgres::{Client, config::SslMode};
 
-/// Why a PostgreSQL operation failed.
+/// Why a `PostgreSQL` operation failed.
 #[derive(Debug, thiserror::Error)]
 pub enum PgError {
     /// The DSN is not `key=value ...` libpq syntax, or has an unsupported value.

@@ -1,5 +1,5 @@
 //! `cargo xtask demo`: the lab walk-through. Builds a four-namespace lab with two real
-//! PostgreSQL servers kept in sync by logical replication, loads redirect on the proxy, then:
+//! `PostgreSQL` servers kept in sync by logical replication, loads redirect on the proxy, then:
 //! 1. shows connection pinning with an immediate flip (an open connection keeps querying the
 //!    source while new connections land on the target), and flips back;
 //! 2. runs a safe cutover under a continuous write load and prints a verdict: acknowledged
