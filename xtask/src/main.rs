@@ -27,8 +27,10 @@ enum Task {
         /// Only run tests whose name contains this.
         filter: Option<String>,
     },
-    /// Set up, build, then run the demo lab: two `PostgreSQL` servers, a proxy, a flip.
+    /// Set up, build, then run the demo lab: two PostgreSQL servers, a proxy, a cutover.
     Demo,
+    /// rustfmt and clippy (pedantic), for the host crates and for the eBPF crate.
+    Lint,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -37,6 +39,13 @@ fn main() -> anyhow::Result<()> {
         Task::Test { filter } => {
             setup::install()?;
             test(filter.as_deref())
+        }
+        Task::Lint => {
+            let failed = lint().iter().filter(|(_, ok)| !ok).count();
+            if failed > 0 {
+                bail!("{failed} lint check(s) failed");
+            }
+            Ok(())
         }
         Task::Demo => {
             setup::install()?;
@@ -74,9 +83,43 @@ fn step(what: &str) {
     eprintln!("==> {what}");
 }
 
+/// Each lint check and whether it passed.
+fn lint() -> Vec<(&'static str, bool)> {
+    let run = |name: &'static str, cmd: &mut Command| {
+        step(name);
+        (name, cmd.status().is_ok_and(|s| s.success()))
+    };
+    vec![
+        run("lint: rustfmt", cargo().args(["fmt", "--all", "--check"])),
+        run(
+            "lint: clippy (host crates)",
+            cargo().args(["clippy", "--all-targets", "--", "-D", "warnings"]),
+        ),
+        // The eBPF crate is checked for the host with panic=abort (clippy cannot run on the
+        // debian-web toolchain that builds it for BPF), in its own target dir.
+        run(
+            "lint: clippy (eBPF crate)",
+            cargo()
+                .args([
+                    "clippy",
+                    "-p",
+                    "redirect-ebpf",
+                    "--bins",
+                    "--target-dir",
+                    "target/clippy-ebpf",
+                    "--",
+                    "-D",
+                    "warnings",
+                ])
+                .env("RUSTFLAGS", "-C panic=abort"),
+        ),
+    ]
+}
+
 /// Runs `cargo test` over the workspace, streams its output, and ends with one summary line.
 fn test(filter: Option<&str>) -> anyhow::Result<()> {
     build()?;
+    let lints = if filter.is_none() { lint() } else { Vec::new() };
     step("running every test (the lab tests need root and run one at a time)");
     let mut cmd = cargo();
     cmd.args(["test", "--no-fail-fast", "--"]);
@@ -110,6 +153,10 @@ fn test(filter: Option<&str>) -> anyhow::Result<()> {
     let status = child.wait()?;
     if !status.success() && failed == 0 {
         failed += 1; // a build or harness failure outside any test
+    }
+    for (name, ok) in lints {
+        println!("{name} ... {}", if ok { "ok" } else { "FAILED" });
+        if ok { passed += 1 } else { failed += 1 }
     }
     println!("{passed} passed, {failed} failed, {ignored} ignored");
     if failed > 0 {
