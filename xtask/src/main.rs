@@ -31,6 +31,13 @@ enum Task {
     Demo,
     /// rustfmt and clippy (pedantic), for the host crates and for the eBPF crate.
     Lint,
+    /// Benchmarks: redirect against direct, iptables, HAProxy and PgBouncer, side by side;
+    /// writes docs/benchmarks.md and SVG plots.
+    Bench {
+        /// A few minutes instead of about half an hour.
+        #[arg(long)]
+        quick: bool,
+    },
 }
 
 fn main() -> anyhow::Result<()> {
@@ -39,6 +46,29 @@ fn main() -> anyhow::Result<()> {
         Task::Test { filter } => {
             setup::install()?;
             test(filter.as_deref())
+        }
+        Task::Bench { quick } => {
+            setup::install()?;
+            setup::install_bench_tools()?;
+            build()?;
+            let mut cmd = cargo();
+            cmd.args([
+                "run",
+                "--quiet",
+                "-p",
+                "redirect-tests",
+                "--bin",
+                "bench",
+                "--",
+            ]);
+            if quick {
+                cmd.arg("--quick");
+            }
+            let status = cmd.status()?;
+            if !status.success() {
+                bail!("the benchmark failed ({status})");
+            }
+            Ok(())
         }
         Task::Lint => {
             let failed = lint().iter().filter(|(_, ok)| !ok).count();

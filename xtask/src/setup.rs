@@ -145,3 +145,27 @@ pub fn install() -> anyhow::Result<()> {
     }
     Ok(())
 }
+
+/// HAProxy, PgBouncer and iptables: the paths the benchmark compares redirect with.
+pub fn install_bench_tools() -> anyhow::Result<()> {
+    let want = [
+        ("haproxy", "/usr/sbin/haproxy"),
+        ("pgbouncer", "/usr/sbin/pgbouncer"),
+        ("iptables", "/usr/sbin/iptables"),
+    ];
+    let missing: Vec<&str> = want
+        .iter()
+        .filter(|(_, p)| !PathBuf::from(p).exists())
+        .map(|(n, _)| *n)
+        .collect();
+    if missing.is_empty() {
+        step("benchmark tools present");
+        return Ok(());
+    }
+    step(&format!("installing {}", missing.join(" ")));
+    run(Command::new("apt-get").args(["update", "-q"]))?;
+    run(Command::new("apt-get")
+        .args(["install", "-y", "-q", "--no-install-recommends"])
+        .args(&missing)
+        .env("DEBIAN_FRONTEND", "noninteractive"))
+}

@@ -1,0 +1,872 @@
+//! `cargo xtask bench [--quick]`: redirect against direct routing, iptables DNAT, HAProxy and
+//! PgBouncer, side by side in one lab and one run, interleaved round by round so machine noise
+//! hits every path alike. Writes docs/benchmarks.md and SVG plots. Every number comes from
+//! this run.
+
+use std::{
+    collections::BTreeMap,
+    fmt::Write as _,
+    path::PathBuf,
+    process::Command,
+    sync::Arc,
+    time::{Duration, Instant},
+};
+
+use redirect::datapath::{Maps, Role};
+use redirect_common::ct::{CtEntry, CtKey};
+use redirect_tests::{
+    Lab, Ns, SOURCE_ADDR, VIP,
+    pg::{self, PG_BIN, psql},
+    require_root, workload,
+};
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+enum Path_ {
+    Direct,
+    Xdp,
+    Skb,
+    Iptables,
+    Haproxy,
+    Pgbouncer,
+}
+
+impl Path_ {
+    const ALL: [Self; 6] = [
+        Self::Direct,
+        Self::Xdp,
+        Self::Skb,
+        Self::Iptables,
+        Self::Haproxy,
+        Self::Pgbouncer,
+    ];
+
+    fn name(self) -> &'static str {
+        match self {
+            Self::Direct => "direct (routed, no NAT)",
+            Self::Xdp => "redirect XDP (driver)",
+            Self::Skb => "redirect XDP (skb)",
+            Self::Iptables => "iptables DNAT+SNAT",
+            Self::Haproxy => "HAProxy mode tcp",
+            Self::Pgbouncer => "PgBouncer session",
+        }
+    }
+
+    fn host(self) -> &'static str {
+        if self == Self::Direct {
+            SOURCE_ADDR
+        } else {
+            VIP
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+struct Scenario {
+    clients: u32,
+    connect_per_tx: bool,
+}
+
+impl Scenario {
+    fn name(self) -> String {
+        format!(
+            "pgbench -S{} -c {}",
+            if self.connect_per_tx { " -C" } else { "" },
+            self.clients
+        )
+    }
+}
+
+#[derive(Clone, Debug, Default)]
+struct Sample {
+    tps: f64,
+    lat_us: Vec<f64>,
+}
+
+fn percentile(sorted: &[f64], p: f64) -> f64 {
+    if sorted.is_empty() {
+        return f64::NAN;
+    }
+    let idx = ((sorted.len() - 1) as f64 * p).round() as usize;
+    sorted[idx.min(sorted.len() - 1)]
+}
+
+fn median(v: &mut [f64]) -> f64 {
+    v.sort_by(f64::total_cmp);
+    percentile(v, 0.5)
+}
+
+struct Bench {
+    lab: Arc<Lab>,
+    out_dir: PathBuf,
+    secs: u64,
+}
+
+impl Bench {
+    fn pgbench(&self, path: Path_, s: Scenario, tag: &str) -> Sample {
+        let dir = self.lab.work_dir.join(format!("pgbench-{tag}"));
+        std::fs::create_dir_all(&dir).unwrap();
+        let prefix = dir.join("log").display().to_string();
+        let jobs = s.clients.min(2).to_string();
+        let out = self
+            .lab
+            .cmd(Ns::Client, &[&format!("{PG_BIN}/pgbench")])
+            .args([
+                "-h",
+                path.host(),
+                "-p",
+                "5432",
+                "-U",
+                "postgres",
+                "-n",
+                "-S",
+                "-c",
+                &s.clients.to_string(),
+                "-j",
+                &jobs,
+            ])
+            .args(["-T", &self.secs.to_string(), "-l", "--log-prefix", &prefix])
+            .args(if s.connect_per_tx { vec!["-C"] } else { vec![] })
+            .arg("postgres")
+            .output()
+            .expect("pgbench");
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            out.status.success(),
+            "pgbench via {} failed: {}{}",
+            path.name(),
+            text,
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let tps = text
+            .lines()
+            .find_map(|l| {
+                l.trim()
+                    .strip_prefix("tps = ")
+                    .and_then(|r| r.split_whitespace().next())
+                    .and_then(|v| v.parse().ok())
+            })
+            .unwrap_or(0.0);
+        let mut lat_us = Vec::new();
+        for e in std::fs::read_dir(&dir).unwrap().flatten() {
+            let t = std::fs::read_to_string(e.path()).unwrap_or_default();
+            lat_us.extend(
+                t.lines()
+                    .filter_map(|l| l.split_whitespace().nth(2)?.parse::<f64>().ok()),
+            );
+        }
+        let _ = std::fs::remove_dir_all(&dir);
+        lat_us.sort_by(f64::total_cmp);
+        Sample { tps, lat_us }
+    }
+
+    fn setup(&mut self, path: Path_) -> Option<u32> {
+        let lab = Arc::get_mut(&mut self.lab).expect("the bench owns the lab");
+        match path {
+            Path_::Direct => None,
+            Path_::Xdp | Path_::Skb => {
+                let mode = if path == Path_::Xdp { "driver" } else { "skb" };
+                let mut args: Vec<String> = lab.run_args();
+                args.extend(["--xdp-mode".into(), mode.into(), "--once".into()]);
+                let args: Vec<&str> = args.iter().map(String::as_str).collect();
+                lab.redirect_ok(&args);
+                None
+            }
+            Path_::Iptables => {
+                for rule in [
+                    "-t nat -A PREROUTING -d 198.18.1.1 -p tcp --dport 5432 -j DNAT --to-destination 198.18.2.2:5432",
+                    "-t nat -A POSTROUTING -d 198.18.2.2 -p tcp --dport 5432 -j MASQUERADE",
+                ] {
+                    let mut argv = vec!["iptables"];
+                    argv.extend(rule.split(' '));
+                    lab.exec_ok(Ns::Proxy, &argv);
+                }
+                None
+            }
+            Path_::Haproxy => {
+                let cfg = lab.work_dir.join("haproxy.cfg");
+                std::fs::write(
+                    &cfg,
+                    "global\n  maxconn 4096\ndefaults\n  mode tcp\n  timeout connect 5s\n  timeout client 1h\n  timeout server 1h\n\
+                     listen pg\n  bind 198.18.1.1:5432\n  server source 198.18.2.2:5432\n",
+                )
+                .unwrap();
+                let pid = lab.spawn(
+                    Ns::Proxy,
+                    &["haproxy", "-db", "-f", &cfg.display().to_string()],
+                    "haproxy.log",
+                );
+                wait_port(lab, VIP);
+                Some(pid)
+            }
+            Path_::Pgbouncer => {
+                let ini = lab.work_dir.join("pgbouncer.ini");
+                std::fs::write(
+                    &ini,
+                    format!(
+                        "[databases]\npostgres = host=198.18.2.2 port=5432\n[pgbouncer]\nlisten_addr = 198.18.1.1\nlisten_port = 5432\n\
+                         auth_type = trust\nauth_file = {}\npool_mode = session\nmax_client_conn = 2000\ndefault_pool_size = 100\n\
+                         unix_socket_dir =\nlogfile = {}\n",
+                        lab.work_dir.join("userlist.txt").display(),
+                        lab.work_dir.join("pgbouncer-own.log").display()
+                    ),
+                )
+                .unwrap();
+                std::fs::write(lab.work_dir.join("userlist.txt"), "\"postgres\" \"\"\n").unwrap();
+                for f in ["pgbouncer.ini", "userlist.txt"] {
+                    let _ = Command::new("chown")
+                        .arg("postgres")
+                        .arg(lab.work_dir.join(f))
+                        .status();
+                }
+                let _ = std::fs::File::create(lab.work_dir.join("pgbouncer-own.log"));
+                let _ = Command::new("chown")
+                    .arg("postgres")
+                    .arg(lab.work_dir.join("pgbouncer-own.log"))
+                    .status();
+                let pid = lab.spawn(
+                    Ns::Proxy,
+                    &[
+                        "setpriv",
+                        "--reuid",
+                        "postgres",
+                        "--regid",
+                        "postgres",
+                        "--init-groups",
+                        "pgbouncer",
+                        &ini.display().to_string(),
+                    ],
+                    "pgbouncer.log",
+                );
+                wait_port(lab, VIP);
+                Some(pid)
+            }
+        }
+    }
+
+    fn teardown(&mut self, path: Path_, pid: Option<u32>) {
+        let lab = Arc::get_mut(&mut self.lab).expect("the bench owns the lab");
+        match path {
+            Path_::Xdp | Path_::Skb => {
+                lab.redirect_ok(&["detach", "--force"]);
+            }
+            Path_::Iptables => {
+                lab.exec_ok(Ns::Proxy, &["iptables", "-t", "nat", "-F"]);
+            }
+            Path_::Haproxy | Path_::Pgbouncer => lab.signal(pid.expect("a pid"), libc::SIGTERM),
+            Path_::Direct => {}
+        }
+    }
+}
+
+fn wait_port(lab: &Lab, host: &str) {
+    let host = host.to_owned();
+    redirect_tests::wait_for(Duration::from_secs(10), "the proxy to listen", || {
+        let h = host.clone();
+        lab.in_ns(Ns::Client, move || {
+            std::net::TcpStream::connect_timeout(
+                &format!("{h}:5432").parse().unwrap(),
+                Duration::from_millis(200),
+            )
+            .is_ok()
+        })
+    });
+}
+
+/// A horizontal bar chart as SVG.
+fn svg_bars(title: &str, unit: &str, rows: &[(String, f64)]) -> String {
+    let max = rows.iter().map(|r| r.1).fold(0.0, f64::max).max(1e-9);
+    let h = 40 + rows.len() * 26;
+    let mut s = format!(
+        "<svg xmlns='http://www.w3.org/2000/svg' width='760' height='{h}' font-family='sans-serif' font-size='12'>\n"
+    );
+    let _ = writeln!(
+        s,
+        "<text x='10' y='20' font-size='14' font-weight='bold'>{title}</text>"
+    );
+    for (i, (label, v)) in rows.iter().enumerate() {
+        let y = 34 + i * 26;
+        let w = (v / max * 430.0).max(1.0);
+        let _ = writeln!(s, "<text x='10' y='{}'>{label}</text>", y + 14);
+        let _ = writeln!(
+            s,
+            "<rect x='250' y='{y}' width='{w:.1}' height='18' fill='#4a7ab5'/>"
+        );
+        let _ = writeln!(
+            s,
+            "<text x='{:.1}' y='{}'>{v:.1} {unit}</text>",
+            255.0 + w,
+            y + 14
+        );
+    }
+    s.push_str("</svg>\n");
+    s
+}
+
+fn main() {
+    require_root();
+    let quick = std::env::args().any(|a| a == "--quick");
+    let out_dir = PathBuf::from(std::env::var("BENCH_OUT").unwrap_or_else(|_| "docs".into()));
+    std::fs::create_dir_all(&out_dir).unwrap();
+    let (rounds, secs) = if quick { (2, 4) } else { (3, 10) };
+    let scenarios: Vec<Scenario> = if quick {
+        vec![
+            Scenario {
+                clients: 1,
+                connect_per_tx: false,
+            },
+            Scenario {
+                clients: 8,
+                connect_per_tx: false,
+            },
+            Scenario {
+                clients: 8,
+                connect_per_tx: true,
+            },
+        ]
+    } else {
+        vec![
+            Scenario {
+                clients: 1,
+                connect_per_tx: false,
+            },
+            Scenario {
+                clients: 8,
+                connect_per_tx: false,
+            },
+            Scenario {
+                clients: 32,
+                connect_per_tx: false,
+            },
+            Scenario {
+                clients: 8,
+                connect_per_tx: true,
+            },
+        ]
+    };
+    let started = Instant::now();
+    eprintln!("== lab: client, proxy, source, target; PostgreSQL on source and target");
+    let mut lab = Lab::new("bench");
+    let source = pg::start(&mut lab, Ns::Source, "source", &[]);
+    let target = pg::start(&mut lab, Ns::Target, "target", &[]);
+    lab.exec_ok(Ns::Proxy, &["sysctl", "-qw", "kernel.bpf_stats_enabled=1"]);
+    let data = source.data_dir.display().to_string();
+    lab.exec_ok(
+        Ns::Source,
+        &[
+            &format!("{PG_BIN}/pgbench"),
+            "-i",
+            "-s",
+            "1",
+            "-q",
+            "-h",
+            &data,
+            "-U",
+            "postgres",
+            "postgres",
+        ],
+    );
+    let mut b = Bench {
+        lab: Arc::new(lab),
+        out_dir: out_dir.clone(),
+        secs,
+    };
+
+    // results[(scenario, path)] = samples over rounds
+    let mut results: BTreeMap<(Scenario, Path_), Vec<Sample>> = BTreeMap::new();
+    let mut xdp_ns_per_pkt: Vec<f64> = Vec::new();
+    for round in 0..rounds {
+        // Rotate the order each round so no path always runs first or last.
+        let mut order = Path_::ALL.to_vec();
+        order.rotate_left(round % order.len());
+        for path in order {
+            let pid = b.setup(path);
+            for s in &scenarios {
+                eprintln!(
+                    "== round {}/{rounds}: {} via {}",
+                    round + 1,
+                    s.name(),
+                    path.name()
+                );
+                let sample = b.pgbench(path, *s, &format!("{round}-{path:?}-{}", s.clients));
+                results.entry((*s, path)).or_default().push(sample);
+            }
+            if path == Path_::Xdp {
+                if let Some(ns) = prog_ns_per_run(&b.lab) {
+                    xdp_ns_per_pkt.push(ns);
+                }
+            }
+            b.teardown(path, pid);
+        }
+    }
+
+    // Conntrack scale: the same scenarios through redirect XDP with the table pre-filled.
+    let fills: Vec<u32> = if quick {
+        vec![0, 10_000, 100_000]
+    } else {
+        vec![0, 10_000, 100_000, 1_000_000]
+    };
+    let mut scale: Vec<(u32, f64, f64, f64)> = Vec::new();
+    b.setup(Path_::Xdp);
+    let mut memlock = String::new();
+    {
+        let mut maps = Maps::open(&b.lab.pin_dir).expect("pinned maps");
+        let mut filled = 0u32;
+        for &n in &fills {
+            eprintln!("== conntrack scale: {n} tracked entries");
+            while filled < n {
+                let i = filled;
+                let key = CtKey {
+                    client_addr_be: u32::from(std::net::Ipv4Addr::new(
+                        198,
+                        19,
+                        (i >> 8) as u8 & 0xff,
+                        i as u8,
+                    ))
+                    .to_be(),
+                    vip_addr_be: u32::from(std::net::Ipv4Addr::new(198, 18, 1, 1)).to_be(),
+                    client_port_be: ((i >> 16) as u16 + 1024).to_be(),
+                    vip_port_be: 5432u16.to_be(),
+                };
+                let e = CtEntry {
+                    created_ns: redirect::clock::monotonic_ns(),
+                    last_seen_ns: u64::MAX / 2,
+                    backend_addr_be: 1,
+                    snat_addr_be: 1,
+                    backend_port_be: 1,
+                    snat_port_be: 1,
+                    backend_id: 0,
+                    flags: 1,
+                    _pad0: 0,
+                };
+                maps.ct.insert(key, e, 0).expect("prefill CT");
+                filled += 1;
+            }
+            let sel = b.pgbench(
+                Path_::Xdp,
+                Scenario {
+                    clients: 8,
+                    connect_per_tx: false,
+                },
+                &format!("scale-{n}"),
+            );
+            let con = b.pgbench(
+                Path_::Xdp,
+                Scenario {
+                    clients: 8,
+                    connect_per_tx: true,
+                },
+                &format!("scale-c-{n}"),
+            );
+            scale.push((
+                n,
+                percentile(&sel.lat_us, 0.5),
+                con.tps,
+                percentile(&con.lat_us, 0.5),
+            ));
+        }
+        let ct = b.lab.pin_dir.join("CT").display().to_string();
+        let rev = b.lab.pin_dir.join("REV").display().to_string();
+        for (name, p) in [("CT", ct), ("REV", rev)] {
+            let out = b
+                .lab
+                .exec_ok(Ns::Proxy, &["bpftool", "-j", "map", "show", "pinned", &p]);
+            let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+            let _ = write!(
+                memlock,
+                "{name}: {} entries max, {} bytes locked ({:.0} B per slot); ",
+                v["max_entries"],
+                v["bytes_memlock"],
+                v["bytes_memlock"].as_f64().unwrap_or(0.0)
+                    / v["max_entries"].as_f64().unwrap_or(1.0)
+            );
+        }
+        drop(maps);
+    }
+    b.teardown(Path_::Xdp, None);
+
+    // Flip latency: from the ACTIVE write to the first new connection served by the target.
+    eprintln!("== flip latency");
+    b.setup(Path_::Xdp);
+    let mut flips = Vec::new();
+    for _ in 0..if quick { 5 } else { 20 } {
+        flips.push(flip_latency(&b.lab).as_secs_f64() * 1000.0);
+    }
+    b.teardown(Path_::Xdp, None);
+
+    // Safe cutovers under writes, back and forth.
+    eprintln!("== safe cutovers under a write load");
+    let cutovers = cutover_runs(&mut b, &source, &target, if quick { 4 } else { 10 });
+
+    write_report(
+        &b,
+        &scenarios,
+        &results,
+        &xdp_ns_per_pkt,
+        &scale,
+        &memlock,
+        &flips,
+        &cutovers,
+        quick,
+        rounds,
+        started.elapsed(),
+    );
+    eprintln!(
+        "== wrote {}/benchmarks.md in {:?}",
+        b.out_dir.display(),
+        started.elapsed()
+    );
+}
+
+/// Mean ns per program run of the datapath, from kernel.bpf_stats_enabled.
+fn prog_ns_per_run(lab: &Lab) -> Option<f64> {
+    let out = lab.exec_ok(
+        Ns::Proxy,
+        &["bpftool", "-j", "prog", "show", "name", "redirect_xdp"],
+    );
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).ok()?;
+    let progs = if v.is_array() {
+        v.as_array()?.clone()
+    } else {
+        vec![v]
+    };
+    let (mut t, mut n) = (0.0, 0.0);
+    for p in progs {
+        t += p["run_time_ns"].as_f64().unwrap_or(0.0);
+        n += p["run_cnt"].as_f64().unwrap_or(0.0);
+    }
+    (n > 0.0).then(|| t / n)
+}
+
+fn flip_latency(lab: &Arc<Lab>) -> Duration {
+    let mut maps = Maps::open(&lab.pin_dir).expect("maps");
+    maps.set_active(Role::Source).unwrap();
+    let (tx, rx) = std::sync::mpsc::channel::<Instant>();
+    let (ready_tx, ready_rx) = std::sync::mpsc::channel::<()>();
+    let client = {
+        let lab = lab.clone();
+        std::thread::spawn(move || {
+            lab.in_ns(Ns::Client, move || {
+                let rt = tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                    .unwrap();
+                rt.block_on(async move {
+                    let deadline = Instant::now() + Duration::from_secs(10);
+                    let mut told = false;
+                    while Instant::now() < deadline {
+                        let c = pg::connect(VIP).await;
+                        if pg::cluster_name(&c).await == "target" {
+                            // The connect that landed started at most one loop earlier.
+                            let _ = tx.send(Instant::now());
+                            return;
+                        }
+                        if !told {
+                            told = true;
+                            let _ = ready_tx.send(());
+                        }
+                    }
+                });
+            });
+        })
+    };
+    ready_rx
+        .recv_timeout(Duration::from_secs(10))
+        .expect("client looping");
+    let t0 = Instant::now();
+    maps.set_active(Role::Target).unwrap();
+    let landed = rx
+        .recv_timeout(Duration::from_secs(10))
+        .expect("a connection landed on the target");
+    client.join().unwrap();
+    landed - t0
+}
+
+#[derive(Debug, Clone)]
+struct CutoverRun {
+    to: &'static str,
+    write_pause_ms: f64,
+    hold_ms: f64,
+    client_pause_ms: f64,
+    acked: usize,
+    lost: usize,
+    refused: u64,
+}
+
+fn cutover_runs(b: &mut Bench, source: &pg::Pg, target: &pg::Pg, n: usize) -> Vec<CutoverRun> {
+    let lab = Arc::get_mut(&mut b.lab).expect("owned");
+    pg::setup_logical(lab, source, target);
+    let flags = pg::controller_flags();
+    let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
+    let pid = lab.start_redirect(&flags);
+    let mut runs = Vec::new();
+    for i in 0..n {
+        let to = if i % 2 == 0 { "target" } else { "source" };
+        // After a rollback the forward subscription restarts (the launcher can take 5 s).
+        redirect_tests::wait_for(Duration::from_secs(30), "replication to be healthy", || {
+            lab.redirect(&["lag", "--json"]).status.success()
+                && serde_json::from_slice::<serde_json::Value>(
+                    &lab.redirect(&["lag", "--json"]).stdout,
+                )
+                .is_ok_and(|v| v["healthy"] == true)
+        });
+        let writers = (i as i32 * 100)..(i as i32 * 100 + 8);
+        let ns_path = format!("/var/run/netns/{}", lab.ns(Ns::Client));
+        let load = std::thread::spawn(move || {
+            let fd = std::fs::File::open(&ns_path).unwrap();
+            // SAFETY: affects only this thread.
+            assert_eq!(
+                unsafe { libc::setns(std::os::fd::AsRawFd::as_raw_fd(&fd), libc::CLONE_NEWNET) },
+                0
+            );
+            tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap()
+                .block_on(workload::run(VIP, writers, Duration::from_secs(5), 20))
+        });
+        std::thread::sleep(Duration::from_millis(1500));
+        let out = lab.redirect(&["flip", "--to", to, "--drain-timeout", "2s", "--json"]);
+        let v = load.join().unwrap();
+        assert!(
+            out.status.success(),
+            "cutover {i} to {to} failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let r: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        let (ns, pg) = if to == "target" {
+            (Ns::Target, target)
+        } else {
+            (Ns::Source, source)
+        };
+        let rows: std::collections::HashSet<(i32, i64)> = psql(
+            lab,
+            ns,
+            pg,
+            &format!(
+                "SELECT writer, seq FROM acks WHERE writer BETWEEN {} AND {}",
+                i * 100,
+                i * 100 + 7
+            ),
+        )
+        .lines()
+        .filter_map(|l| {
+            let (w, s) = l.split_once('|')?;
+            Some((w.parse().ok()?, s.parse().ok()?))
+        })
+        .collect();
+        let acked: Vec<(i32, i64)> = v.acked().collect();
+        runs.push(CutoverRun {
+            to,
+            write_pause_ms: r["write_pause_ms"].as_f64().unwrap_or(f64::NAN),
+            hold_ms: r["hold_ms"].as_f64().unwrap_or(f64::NAN),
+            client_pause_ms: v.longest_pause().as_secs_f64() * 1000.0,
+            acked: acked.len(),
+            lost: acked.iter().filter(|a| !rows.contains(a)).count(),
+            refused: v.refused(),
+        });
+        eprintln!("   cutover {} to {to}: {:?}", i + 1, runs.last().unwrap());
+    }
+    lab.signal(pid, libc::SIGTERM);
+    lab.redirect_ok(&["detach", "--force"]);
+    runs
+}
+
+#[expect(clippy::too_many_arguments, reason = "one report")]
+fn write_report(
+    b: &Bench,
+    scenarios: &[Scenario],
+    results: &BTreeMap<(Scenario, Path_), Vec<Sample>>,
+    xdp_ns: &[f64],
+    scale: &[(u32, f64, f64, f64)],
+    memlock: &str,
+    flips: &[f64],
+    cutovers: &[CutoverRun],
+    quick: bool,
+    rounds: usize,
+    took: Duration,
+) {
+    let mut md = String::new();
+    let kernel = String::from_utf8_lossy(&Command::new("uname").arg("-r").output().unwrap().stdout)
+        .trim()
+        .to_owned();
+    let cpu = std::fs::read_to_string("/proc/cpuinfo")
+        .unwrap_or_default()
+        .lines()
+        .find(|l| l.starts_with("model name"))
+        .map(|l| l.split(':').nth(1).unwrap_or("").trim().to_owned())
+        .unwrap_or_default();
+    let ver = |c: &str, a: &str| {
+        String::from_utf8_lossy(
+            &Command::new(c)
+                .arg(a)
+                .output()
+                .map(|o| {
+                    if o.stdout.is_empty() {
+                        o.stderr
+                    } else {
+                        o.stdout
+                    }
+                })
+                .unwrap_or_default(),
+        )
+        .lines()
+        .next()
+        .unwrap_or("")
+        .to_owned()
+    };
+    let _ = writeln!(md, "# Benchmarks\n");
+    let _ = writeln!(
+        md,
+        "Generated by `cargo xtask bench{}` in {:.0} s. Every number below comes from that run.\n",
+        if quick { " --quick" } else { "" },
+        took.as_secs_f64()
+    );
+    let _ = writeln!(
+        md,
+        "- machine: {} cores, {cpu}; kernel {kernel}",
+        std::thread::available_parallelism().map_or(0, |n| n.get())
+    );
+    let _ = writeln!(
+        md,
+        "- {}; {}; {}; {}",
+        ver(&format!("{PG_BIN}/postgres"), "--version"),
+        ver("haproxy", "-v"),
+        ver("pgbouncer", "--version"),
+        ver("iptables", "--version")
+    );
+    let _ = writeln!(
+        md,
+        "- lab: four network namespaces joined by veth (client, proxy, source, target), 198.18.0.0/15; the client runs pgbench against the VIP 198.18.1.1:5432 (direct: against the source 198.18.2.2, routed through the proxy namespace, no NAT, no XDP)."
+    );
+    let _ = writeln!(
+        md,
+        "- method: {rounds} rounds of {} s per scenario and path; each round runs every path, in a rotated order, so noise hits all alike. Tables give the median over rounds; `spread` is (max-min)/median of the TPS across rounds. Latency percentiles come from pgbench's per-transaction log (`-l`), pooled over rounds.",
+        b.secs
+    );
+    let _ = writeln!(
+        md,
+        "- veth is CPU-bound and all namespaces share 2 cores: compare paths against each other, not with NIC figures.\n"
+    );
+    let mut svgs = Vec::new();
+    for s in scenarios {
+        let direct_tps = {
+            let mut v: Vec<f64> = results[&(*s, Path_::Direct)]
+                .iter()
+                .map(|x| x.tps)
+                .collect();
+            median(&mut v)
+        };
+        let direct_p50 = {
+            let mut all: Vec<f64> = results[&(*s, Path_::Direct)]
+                .iter()
+                .flat_map(|x| x.lat_us.clone())
+                .collect();
+            all.sort_by(f64::total_cmp);
+            percentile(&all, 0.5)
+        };
+        let _ = writeln!(md, "## {}\n", s.name());
+        let _ = writeln!(
+            md,
+            "| path | TPS (median) | spread | vs direct | p50 latency µs | p99 latency µs | p50 vs direct |\n|---|---:|---:|---:|---:|---:|---:|"
+        );
+        let mut bars = Vec::new();
+        for p in Path_::ALL {
+            let samples = &results[&(*s, p)];
+            let mut tps: Vec<f64> = samples.iter().map(|x| x.tps).collect();
+            let med = median(&mut tps);
+            let spread = (tps.last().unwrap() - tps.first().unwrap()) / med * 100.0;
+            let mut all: Vec<f64> = samples.iter().flat_map(|x| x.lat_us.clone()).collect();
+            all.sort_by(f64::total_cmp);
+            let (p50, p99) = (percentile(&all, 0.5), percentile(&all, 0.99));
+            let _ = writeln!(
+                md,
+                "| {} | {med:.0} | {spread:.0}% | {:.2}× | {p50:.0} | {p99:.0} | {:.2}× |",
+                p.name(),
+                med / direct_tps,
+                p50 / direct_p50
+            );
+            bars.push((p.name().to_owned(), p50));
+        }
+        let file = format!(
+            "bench-{}{}.svg",
+            if s.connect_per_tx {
+                "connect-"
+            } else {
+                "select-"
+            },
+            s.clients
+        );
+        std::fs::write(
+            b.out_dir.join(&file),
+            svg_bars(&format!("{}: p50 latency", s.name()), "µs", &bars),
+        )
+        .unwrap();
+        svgs.push(file.clone());
+        let _ = writeln!(md, "\n![{}]({file})\n", s.name());
+    }
+    if !xdp_ns.is_empty() {
+        let mut v = xdp_ns.to_vec();
+        let _ = writeln!(
+            md,
+            "## Datapath cost\n\n`kernel.bpf_stats_enabled`, `bpftool prog show` run_time_ns / run_cnt of `redirect_xdp` over the XDP rounds: median **{:.0} ns per packet** (every packet on the proxy's legs, including replies).\n",
+            median(&mut v)
+        );
+    }
+    let _ = writeln!(
+        md,
+        "## Conntrack scale (redirect XDP)\n\nThe `CT` table pre-filled with idle entries, then the same load:\n\n| tracked entries | select p50 µs (-c 8) | connect rate TPS (-C -c 8) | connect p50 µs |\n|---:|---:|---:|---:|"
+    );
+    for (n, p50, ctps, cp50) in scale {
+        let _ = writeln!(md, "| {n} | {p50:.0} | {ctps:.0} | {cp50:.0} |");
+    }
+    let _ = writeln!(
+        md,
+        "\nKernel memory (preallocated hash maps, so it does not grow with the fill): {memlock}\n"
+    );
+    let mut f = flips.to_vec();
+    let _ = writeln!(
+        md,
+        "## Flip latency\n\nFrom the `ACTIVE` map write to the first new connection served by the target, with a client reconnecting in a loop ({} runs): median {:.2} ms, worst {:.2} ms. This includes one client connect + query round trip, which bounds the resolution.\n",
+        f.len(),
+        median(&mut f),
+        f.iter().copied().fold(0.0, f64::max)
+    );
+    if !cutovers.is_empty() {
+        let _ = writeln!(
+            md,
+            "## Safe cutover under writes\n\n8 writers through the VIP (half keep one connection, half reconnect every 20 commits), alternating cutovers to the target and rollbacks to the source.\n\n| # | to | write pause (fence→flip) ms | hold ms | longest pause seen by clients ms | acked writes | lost | refused |\n|---:|---|---:|---:|---:|---:|---:|---:|"
+        );
+        for (i, c) in cutovers.iter().enumerate() {
+            let _ = writeln!(
+                md,
+                "| {} | {} | {:.1} | {:.1} | {:.1} | {} | {} | {} |",
+                i + 1,
+                c.to,
+                c.write_pause_ms,
+                c.hold_ms,
+                c.client_pause_ms,
+                c.acked,
+                c.lost,
+                c.refused
+            );
+        }
+        let mut wp: Vec<f64> = cutovers.iter().map(|c| c.write_pause_ms).collect();
+        let mut cp: Vec<f64> = cutovers.iter().map(|c| c.client_pause_ms).collect();
+        let _ = writeln!(
+            md,
+            "\nWrite pause: median {:.1} ms, worst {:.1} ms. Longest pause seen by clients: median {:.1} ms, worst {:.1} ms. Lost: {}. Refused: {}.\n",
+            median(&mut wp),
+            wp.iter().copied().fold(0.0, f64::max),
+            median(&mut cp),
+            cp.iter().copied().fold(0.0, f64::max),
+            cutovers.iter().map(|c| c.lost).sum::<usize>(),
+            cutovers.iter().map(|c| c.refused).sum::<u64>()
+        );
+    }
+    let _ = writeln!(
+        md,
+        "## Reproduce\n\n```sh\ncargo xtask bench{}   # as root; installs HAProxy and PgBouncer if missing\n```",
+        if quick { " --quick" } else { "" }
+    );
+    std::fs::write(b.out_dir.join("benchmarks.md"), md).unwrap();
+}
