@@ -280,11 +280,14 @@ impl Lab {
         let mut cmd = self.redirect_cmd();
         cmd.args(self.run_args()).args(extra);
         cmd.stdout(Stdio::null()).stderr(log);
-        let mut child = cmd.spawn().expect("spawning redirect run");
+        let child = cmd.spawn().expect("spawning redirect run");
         let pid = child.id();
+        // Owned by the lab at once, so a failure below still stops it.
+        self.children.push(child);
+        self.redirect_pid = Some(pid);
         // Ready once it has logged that the datapath is configured (pins alone may be
         // left over from an earlier run).
-        let deadline = Instant::now() + Duration::from_secs(30);
+        let deadline = Instant::now() + Duration::from_secs(45);
         loop {
             let log = std::fs::read_to_string(&log_path).unwrap_or_default();
             let want_db = extra.contains(&"--source-dsn");
@@ -295,7 +298,11 @@ impl Lab {
             {
                 break;
             }
-            if let Ok(Some(status)) = child.try_wait() {
+            let exited = self
+                .children
+                .last_mut()
+                .and_then(|c| c.try_wait().ok().flatten());
+            if let Some(status) = exited {
                 panic!("redirect run exited ({status}):\n{log}");
             }
             assert!(
@@ -304,8 +311,6 @@ impl Lab {
             );
             std::thread::sleep(Duration::from_millis(50));
         }
-        self.children.push(child);
-        self.redirect_pid = Some(pid);
         pid
     }
 
@@ -368,6 +373,14 @@ impl Lab {
             .expect("status --json is JSON")
     }
 
+    /// Writes /etc/netns/<ns>/hosts, which `ip netns exec` mounts over /etc/hosts there.
+    pub fn set_hosts(&self, ns: Ns, hosts: &str) {
+        let dir = Path::new("/etc/netns").join(self.ns(ns));
+        std::fs::create_dir_all(&dir).expect("creating /etc/netns/<ns>");
+        std::fs::write(dir.join("hosts"), format!("127.0.0.1 localhost\n{hosts}"))
+            .expect("writing hosts");
+    }
+
     /// `nstat TcpInCsumErrors` of one namespace.
     #[must_use]
     pub fn csum_errors(&self, ns: Ns) -> u64 {
@@ -387,8 +400,20 @@ impl Lab {
     }
 
     /// Runs `f` on a thread that has entered the namespace `ns`: every socket it opens lives
-    /// there. Gives the closure a current-thread tokio runtime.
+    /// there.
     pub fn in_ns<T: Send + 'static>(&self, ns: Ns, f: impl FnOnce() -> T + Send + 'static) -> T {
+        self.spawn_in_ns(ns, f)
+            .join()
+            .unwrap_or_else(|e| std::panic::resume_unwind(e))
+    }
+
+    /// Like [`Lab::in_ns`], but returns the thread to join. The thread holds no reference to
+    /// the lab, so a failing test still tears the lab down at once.
+    pub fn spawn_in_ns<T: Send + 'static>(
+        &self,
+        ns: Ns,
+        f: impl FnOnce() -> T + Send + 'static,
+    ) -> std::thread::JoinHandle<T> {
         let path = format!("/var/run/netns/{}", self.ns(ns));
         std::thread::spawn(move || {
             let fd = File::open(&path).unwrap_or_else(|e| panic!("opening {path}: {e}"));
@@ -397,8 +422,6 @@ impl Lab {
             assert_eq!(rc, 0, "setns({path}): {}", std::io::Error::last_os_error());
             f()
         })
-        .join()
-        .unwrap_or_else(|e| std::panic::resume_unwind(e))
     }
 }
 

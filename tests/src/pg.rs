@@ -1,6 +1,6 @@
 //! Real `PostgreSQL` servers for the lab, started from the image's binaries inside a namespace.
 
-use std::{path::PathBuf, process::Command, time::Duration};
+use std::{fmt::Write as _, path::PathBuf, process::Command, time::Duration};
 
 use crate::{Lab, Ns, PG_PORT, sh, wait_for};
 
@@ -98,6 +98,90 @@ pub fn start(lab: &mut Lab, ns: Ns, name: &str, extra_conf: &[&str]) -> Pg {
     wait_for(
         Duration::from_secs(60),
         &format!("PostgreSQL {name} to accept connections"),
+        ready,
+    );
+    Pg {
+        name: name.to_owned(),
+        data_dir,
+        pid,
+    }
+}
+
+/// A streaming-replication standby of the server at `primary_addr`: `pg_basebackup -R` in
+/// namespace `ns`, then started with `cluster_name = name`.
+pub fn start_standby(lab: &mut Lab, ns: Ns, name: &str, primary_addr: &str) -> Pg {
+    let data_dir = lab.work_dir.join(format!("pg-{name}"));
+    std::fs::create_dir_all(&data_dir).expect("creating the data dir");
+    sh(Command::new("chown")
+        .args(["-R", "postgres:postgres"])
+        .arg(&data_dir));
+    sh(Command::new("chmod").arg("700").arg(&data_dir));
+    let data = data_dir.display().to_string();
+    lab.exec_ok(
+        ns,
+        &[
+            "setpriv",
+            "--reuid",
+            "postgres",
+            "--regid",
+            "postgres",
+            "--init-groups",
+            &format!("{PG_BIN}/pg_basebackup"),
+            "-h",
+            primary_addr,
+            "-U",
+            "postgres",
+            "-D",
+            &data,
+            "-R",
+            "-X",
+            "stream",
+        ],
+    );
+    // The primary keeps its Unix socket in its data dir, so the copy carries its socket lock,
+    // which names the primary's (live) postmaster.
+    let _ = std::fs::remove_file(data_dir.join(format!(".s.PGSQL.{PG_PORT}.lock")));
+    let mut conf =
+        std::fs::read_to_string(data_dir.join("postgresql.conf")).expect("postgresql.conf");
+    let _ = write!(
+        conf,
+        "\nunix_socket_directories = '{data}'\ncluster_name = '{name}'\nhot_standby = on\n"
+    );
+    std::fs::write(data_dir.join("postgresql.conf"), conf).expect("writing postgresql.conf");
+    let postgres = format!("{PG_BIN}/postgres");
+    let pid = lab.spawn(
+        ns,
+        &[
+            "setpriv",
+            "--reuid",
+            "postgres",
+            "--regid",
+            "postgres",
+            "--init-groups",
+            &postgres,
+            "-D",
+            &data,
+        ],
+        &format!("pg-{name}.log"),
+    );
+    let ready = || {
+        lab.cmd(
+            ns,
+            &[
+                &format!("{PG_BIN}/pg_isready"),
+                "-q",
+                "-h",
+                &data,
+                "-p",
+                &PG_PORT.to_string(),
+            ],
+        )
+        .status()
+        .is_ok_and(|s| s.success())
+    };
+    wait_for(
+        Duration::from_secs(60),
+        &format!("standby {name} to accept connections"),
         ready,
     );
     Pg {

@@ -132,7 +132,10 @@ async fn writer(host: &str, id: i32, deadline: Instant, reconnect_every: Option<
                 }
                 Err(_) => {
                     log.refused += 1;
-                    log.errors.push("connect: timed out".into());
+                    log.errors.push(format!(
+                        "connect: timed out (started {:?} before the deadline)",
+                        deadline.saturating_duration_since(t)
+                    ));
                     continue;
                 }
             }

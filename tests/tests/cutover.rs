@@ -420,3 +420,162 @@ fn a_controller_killed_mid_cutover_rolls_back_on_restart() {
     assert!(log.contains("rolled back: no flip had happened"), "{log}");
     assert_source_serves(&c);
 }
+
+#[test]
+fn physical_replication_cutover_promotes_the_target_and_loses_nothing() {
+    require_root();
+    let mut lab = Lab::new("phys");
+    let source = pg::start(&mut lab, Ns::Source, "source", &[]);
+    psql(&lab, Ns::Source, &source, pg::SCHEMA);
+    let target = pg::start_standby(&mut lab, Ns::Target, "target", redirect_tests::SOURCE_ADDR);
+    assert_eq!(
+        psql(&lab, Ns::Target, &target, "SELECT pg_is_in_recovery()"),
+        "t"
+    );
+    let mut flags = pg::controller_flags();
+    flags.truncate(4); // no --subscription
+    flags.extend(["--replication".to_owned(), "physical".to_owned()]);
+    let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
+    lab.start_redirect(&flags);
+    let lab = Arc::new(lab);
+    let lag: serde_json::Value =
+        serde_json::from_str(&lab.redirect_ok(&["lag", "--json"])).unwrap();
+    assert_eq!(
+        (lag["replication"].as_str(), lag["healthy"].as_bool()),
+        (Some("physical"), Some(true)),
+        "{lag}"
+    );
+    let load = workload(&lab, 0..4, 6);
+    std::thread::sleep(Duration::from_secs(2));
+    let out = flip(&lab, &["--to", "target", "--drain-timeout", "2s"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v = load.join().expect("workload");
+    assert_eq!(
+        psql(&lab, Ns::Target, &target, "SELECT pg_is_in_recovery()"),
+        "f",
+        "the target was promoted"
+    );
+    assert_no_loss(&v, &rows(&lab, Ns::Target, &target), "promoted target");
+    assert_eq!(lab.status()["active"], "target");
+    // Rolling back is not lossless with physical replication: refused without --force.
+    let out = flip(&lab, &["--to", "source"]);
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("rollback cannot be lossless"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+#[test]
+fn the_controller_talks_tls_with_verify_full_and_refuses_a_wrong_ca() {
+    require_root();
+    let mut lab = Lab::new("tls");
+    // A certificate for the name the proxy uses for the target (resolved through
+    // /etc/netns/<proxy ns>/hosts, which `ip netns exec` mounts over /etc/hosts).
+    let dir = lab.work_dir.clone();
+    for (name, cn) in [("server", "target.lab"), ("other", "target.lab")] {
+        redirect_tests::sh(
+            std::process::Command::new("openssl")
+                .args([
+                    "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
+                ])
+                .arg("-keyout")
+                .arg(dir.join(format!("{name}.key")))
+                .arg("-out")
+                .arg(dir.join(format!("{name}.crt")))
+                .args([
+                    "-subj",
+                    &format!("/CN={cn}"),
+                    "-addext",
+                    &format!("subjectAltName=DNS:{cn}"),
+                ]),
+        );
+    }
+    redirect_tests::sh(
+        std::process::Command::new("chown")
+            .arg("postgres")
+            .arg(dir.join("server.key"))
+            .arg(dir.join("server.crt")),
+    );
+    redirect_tests::sh(
+        std::process::Command::new("chmod")
+            .arg("600")
+            .arg(dir.join("server.key")),
+    );
+    let ssl = [
+        "log_connections = on".to_owned(),
+        "ssl = on".to_owned(),
+        format!("ssl_cert_file = '{}'", dir.join("server.crt").display()),
+        format!("ssl_key_file = '{}'", dir.join("server.key").display()),
+    ];
+    let ssl: Vec<&str> = ssl.iter().map(String::as_str).collect();
+    let source = pg::start(&mut lab, Ns::Source, "source", &[]);
+    let target = pg::start(&mut lab, Ns::Target, "target", &ssl);
+    pg::setup_logical(&lab, &source, &target);
+    lab.set_hosts(
+        Ns::Proxy,
+        &format!("{} target.lab\n", redirect_tests::TARGET_ADDR),
+    );
+    let dsn = |ca: &str| {
+        format!(
+            "host=target.lab port=5432 user=postgres dbname=postgres sslmode=verify-full sslrootcert={}",
+            dir.join(ca).display()
+        )
+    };
+
+    // A certificate signed by someone else: refused, with a clear error, before anything.
+    let mut bad = lab.run_args();
+    bad.extend([
+        "--source-dsn".into(),
+        pg::dsn(redirect_tests::SOURCE_ADDR),
+        "--target-dsn".into(),
+        dsn("other.crt"),
+        "--once".into(),
+    ]);
+    let bad: Vec<&str> = bad.iter().map(String::as_str).collect();
+    let out = lab.redirect(&bad);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("connecting to the target") && err.to_lowercase().contains("certificate"),
+        "{err}"
+    );
+    assert!(!lab.pin_dir.join("CT").exists(), "nothing was loaded");
+
+    let flags = [
+        "--source-dsn".to_owned(),
+        pg::dsn(redirect_tests::SOURCE_ADDR),
+        "--target-dsn".to_owned(),
+        dsn("server.crt"),
+        "--subscription".to_owned(),
+        "redirect_sub".to_owned(),
+    ];
+    let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
+    lab.start_redirect(&flags);
+    let lag: serde_json::Value =
+        serde_json::from_str(&lab.redirect_ok(&["lag", "--json"])).unwrap();
+    assert_eq!(lag["healthy"], true, "{lag}");
+    let log = std::fs::read_to_string(lab.work_dir.join("pg-target.log")).unwrap_or_default();
+    let sessions: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains("connection authorized") && l.contains("application_name=redirect"))
+        .collect();
+    assert!(
+        !sessions.is_empty(),
+        "the controller connected to the target:\n{log}"
+    );
+    assert!(
+        sessions.iter().all(|l| l.contains("SSL enabled")),
+        "every controller session to the target uses TLS: {sessions:?}"
+    );
+    let _ = &target;
+    assert!(
+        lab.status()["lag"]["bytes"].is_u64(),
+        "status --json carries the lag"
+    );
+}

@@ -17,14 +17,18 @@ use std::{
 };
 
 use aya::Ebpf;
-use redirect_common::cutover::{Cutover, HeldSyn, NO_FENCE};
+use redirect_common::{
+    ct::CtKey,
+    cutover::{Cutover, HeldSyn, NO_FENCE},
+};
 use serde::Serialize;
 use tokio::sync::mpsc::UnboundedSender;
 use tokio_postgres::Client;
 
 use self::journal::{Entry, Journal};
 use crate::{
-    clock, conntrack,
+    clock,
+    conntrack::{self, ConnState},
     datapath::{self, Maps, Role},
     pg::{
         Dsn, PgError,
@@ -106,6 +110,9 @@ pub struct FlipReport {
     pub reverse_replication: String,
     /// Old-server sessions ended right after their client tried to use them.
     pub drained_on_use: u64,
+    /// Old-server connections with no session to end (their startup packet was fenced):
+    /// forgotten, so the client gets a RST and reconnects.
+    pub reset_unknown: u64,
     pub terminated_at_drain: u64,
     pub steps: Vec<(String, f64)>,
 }
@@ -323,6 +330,14 @@ impl Controller {
             Ok(l) => {
                 say(format!("lag: {} bytes, {:.3} s ({})", l.bytes, l.seconds, if l.healthy { "healthy" } else { "UNHEALTHY" }));
                 if let Err(why) = lag::gate(l, req.max_lag_bytes, req.max_lag_time) {
+                    let why = if to == Role::Source && !l.healthy {
+                        format!(
+                            "rollback cannot be lossless: no working reverse replication from the target ({}); pass --force to flip back anyway, losing the target's writes since the cutover",
+                            l.problems.join("; ")
+                        )
+                    } else {
+                        why
+                    };
                     if req.force {
                         report.findings.push(format!("FORCED past the lag gate: {why}"));
                     } else {
@@ -591,22 +606,24 @@ impl Controller {
             .backend(from)?
             .map(|b| b.addr);
         let deadline = Instant::now() + req.drain_timeout;
-        let mut ended: std::collections::HashSet<i32> = std::collections::HashSet::new();
+        // Port -> when its session was asked to end.
+        let mut ended: std::collections::HashMap<i32, Instant> = std::collections::HashMap::new();
         let mut at_deadline = 0;
         loop {
-            let live: Vec<(i32, bool)> = {
+            let live: Vec<(i32, bool, CtKey)> = {
                 let maps = self.maps.lock().expect("maps lock");
                 conntrack::list(&maps)?
                     .into_iter()
-                    .filter(|c| Some(c.backend_addr) == from_addr && c.state.is_live())
-                    .map(|c| (i32::from(c.snat.port()), c.fenced))
+                    // Half-closed ones too: a client FIN queued behind fenced data never arrives.
+                    .filter(|c| Some(c.backend_addr) == from_addr && c.state != ConnState::Closed)
+                    .map(|c| (i32::from(c.snat.port()), c.fenced, ct_key(&c)))
                     .collect()
             };
             let past = Instant::now() >= deadline;
             let kill: Vec<i32> = live
                 .iter()
-                .filter(|(p, f)| (*f || past) && !ended.contains(p))
-                .map(|(p, _)| *p)
+                .filter(|(p, f, _)| (*f || past) && !ended.contains_key(p))
+                .map(|(p, _, _)| *p)
                 .collect();
             if !kill.is_empty() {
                 let n: i64 = timed(
@@ -623,9 +640,31 @@ impl Controller {
                 } else {
                     report.drained_on_use += n;
                 }
-                ended.extend(kill);
+                let now = Instant::now();
+                ended.extend(kill.into_iter().map(|p| (p, now)));
             }
-            if past || live.iter().all(|(p, _)| ended.contains(p)) {
+            // A connection whose session does not end is one pg_stat_activity does not show:
+            // its startup packet was dropped by the fence, so there is no session yet. Forget
+            // its entry: the client's next packet then meets this host's stack, which answers
+            // with a RST, and the client reconnects, to the new server.
+            let stuck: Vec<CtKey> = live
+                .iter()
+                .filter(|(p, _, _)| {
+                    ended
+                        .get(p)
+                        .is_some_and(|t| past || t.elapsed() > Duration::from_millis(300))
+                })
+                .map(|(_, _, k)| *k)
+                .collect();
+            if !stuck.is_empty() {
+                let mut maps = self.maps.lock().expect("maps lock");
+                for k in &stuck {
+                    if maps.ct.remove(k).is_ok() {
+                        report.reset_unknown += 1;
+                    }
+                }
+            }
+            if past || live.is_empty() {
                 break;
             }
             tokio::time::sleep(Duration::from_millis(20)).await;
@@ -635,7 +674,10 @@ impl Controller {
             "drain",
             t,
             (None, None),
-            format!("{} session(s) on the {from} ended when their client used them, {at_deadline} at the deadline", report.drained_on_use),
+            format!(
+                "{} session(s) on the {from} ended when their client used them, {at_deadline} at the deadline, {} unknown connection(s) reset",
+                report.drained_on_use, report.reset_unknown
+            ),
         )?;
         rec.log(
             "done",
@@ -880,6 +922,8 @@ impl Controller {
                 last.map(|v| format!("setval({}::regclass, {v}, true)", quote_literal(&name)))
             })
             .collect();
+        // Physical replication carries sequences itself (and a standby cannot setval).
+        let calls = if logical { calls } else { Vec::new() };
         if !calls.is_empty() {
             let sql = format!("SELECT {}", calls.join(", "));
             timed("target", "setting sequences", qt, to_db.execute(&sql, &[]))
@@ -1034,6 +1078,11 @@ impl Controller {
         )?;
         let t = Instant::now();
         report.held_syns = self.release_held()?;
+        // A CPU that read the hold just before it was lifted may submit its SYN a moment
+        // after the first pass; a second pass picks it up instead of leaving it to a 1 s
+        // client retransmit.
+        tokio::time::sleep(Duration::from_millis(2)).await;
+        report.held_syns += self.release_held()?;
         report.hold_ms = started.elapsed().as_secs_f64() * 1000.0;
         rec.log(
             "release",
@@ -1374,6 +1423,16 @@ impl Controller {
             ..Entry::default()
         })?;
         Ok(Some(what))
+    }
+}
+
+/// The datapath key of a listed connection.
+fn ct_key(c: &conntrack::Connection) -> CtKey {
+    CtKey {
+        client_addr_be: u32::from(*c.client.ip()).to_be(),
+        vip_addr_be: u32::from(*c.vip.ip()).to_be(),
+        client_port_be: c.client.port().to_be(),
+        vip_port_be: c.vip.port().to_be(),
     }
 }
 

@@ -3,6 +3,15 @@
 //! hits every path alike. Writes docs/benchmarks.md and SVG plots. Every number comes from
 //! this run.
 
+#![allow(
+    clippy::cast_possible_truncation,
+    clippy::cast_sign_loss,
+    clippy::cast_precision_loss,
+    clippy::many_single_char_names,
+    clippy::cast_possible_wrap,
+    reason = "a measurement report: counts and percentiles become floats and back"
+)]
+
 use std::{
     collections::BTreeMap,
     fmt::Write as _,
@@ -377,7 +386,8 @@ fn main() {
     for round in 0..rounds {
         // Rotate the order each round so no path always runs first or last.
         let mut order = Path_::ALL.to_vec();
-        order.rotate_left(round % order.len());
+        let n = order.len();
+        order.rotate_left(round % n);
         for path in order {
             let pid = b.setup(path);
             for s in &scenarios {
@@ -419,7 +429,7 @@ fn main() {
                     client_addr_be: u32::from(std::net::Ipv4Addr::new(
                         198,
                         19,
-                        (i >> 8) as u8 & 0xff,
+                        (i >> 8) as u8,
                         i as u8,
                     ))
                     .to_be(),
@@ -724,7 +734,7 @@ fn write_report(
     let _ = writeln!(
         md,
         "- machine: {} cores, {cpu}; kernel {kernel}",
-        std::thread::available_parallelism().map_or(0, |n| n.get())
+        std::thread::available_parallelism().map_or(0, std::num::NonZero::get)
     );
     let _ = writeln!(
         md,
