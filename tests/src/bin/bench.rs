@@ -374,6 +374,15 @@ fn main() {
             "postgres",
         ],
     );
+    // The target gets the tables only; the subscription copies the rows.
+    let tdata = target.data_dir.display().to_string();
+    let pgbench = format!("{PG_BIN}/pgbench");
+    lab.exec_ok(
+        Ns::Target,
+        &[
+            &pgbench, "-i", "-I", "dt", "-h", &tdata, "-U", "postgres", "postgres",
+        ],
+    );
     let mut b = Bench {
         lab: Arc::new(lab),
         out_dir: out_dir.clone(),
