@@ -63,43 +63,7 @@ pub fn start(lab: &mut Lab, ns: Ns, name: &str, extra_conf: &[&str]) -> Pg {
     hba.push_str("\nhost all all 198.18.0.0/15 trust\nhost replication all 198.18.0.0/15 trust\n");
     std::fs::write(data_dir.join("pg_hba.conf"), hba).expect("writing pg_hba.conf");
 
-    let data = data_dir.display().to_string();
-    let postgres = format!("{PG_BIN}/postgres");
-    let pid = lab.spawn(
-        ns,
-        &[
-            "setpriv",
-            "--reuid",
-            "postgres",
-            "--regid",
-            "postgres",
-            "--init-groups",
-            &postgres,
-            "-D",
-            &data,
-        ],
-        &format!("pg-{name}.log"),
-    );
-    let ready = || {
-        lab.cmd(
-            ns,
-            &[
-                &format!("{PG_BIN}/pg_isready"),
-                "-q",
-                "-h",
-                &data,
-                "-p",
-                &PG_PORT.to_string(),
-            ],
-        )
-        .status()
-        .is_ok_and(|s| s.success())
-    };
-    wait_for(
-        Duration::from_secs(60),
-        &format!("PostgreSQL {name} to accept connections"),
-        ready,
-    );
+    let pid = launch(lab, ns, name, &data_dir);
     Pg {
         name: name.to_owned(),
         data_dir,
@@ -148,6 +112,18 @@ pub fn start_standby(lab: &mut Lab, ns: Ns, name: &str, primary_addr: &str) -> P
         "\nunix_socket_directories = '{data}'\ncluster_name = '{name}'\nhot_standby = on\n"
     );
     std::fs::write(data_dir.join("postgresql.conf"), conf).expect("writing postgresql.conf");
+    let pid = launch(lab, ns, name, &data_dir);
+    Pg {
+        name: name.to_owned(),
+        data_dir,
+        pid,
+    }
+}
+
+/// Starts `postgres -D data_dir` as the postgres user in `ns` and waits until it accepts
+/// connections; the lab stops it.
+fn launch(lab: &mut Lab, ns: Ns, name: &str, data_dir: &std::path::Path) -> u32 {
+    let data = data_dir.display().to_string();
     let postgres = format!("{PG_BIN}/postgres");
     let pid = lab.spawn(
         ns,
@@ -164,31 +140,41 @@ pub fn start_standby(lab: &mut Lab, ns: Ns, name: &str, primary_addr: &str) -> P
         ],
         &format!("pg-{name}.log"),
     );
+    let isready = format!("{PG_BIN}/pg_isready");
+    let port = PG_PORT.to_string();
     let ready = || {
-        lab.cmd(
-            ns,
-            &[
-                &format!("{PG_BIN}/pg_isready"),
-                "-q",
-                "-h",
-                &data,
-                "-p",
-                &PG_PORT.to_string(),
-            ],
-        )
-        .status()
-        .is_ok_and(|s| s.success())
+        lab.cmd(ns, &[&isready, "-q", "-h", &data, "-p", &port])
+            .status()
+            .is_ok_and(|s| s.success())
     };
     wait_for(
         Duration::from_secs(60),
-        &format!("standby {name} to accept connections"),
+        &format!("PostgreSQL {name} to accept connections"),
         ready,
     );
-    Pg {
-        name: name.to_owned(),
-        data_dir,
-        pid,
-    }
+    pid
+}
+
+/// The `(writer, seq)` pairs of the workload's table on a server (`filter` is a WHERE clause
+/// or empty).
+pub fn acked_rows(
+    lab: &Lab,
+    ns: Ns,
+    pg: &Pg,
+    filter: &str,
+) -> std::collections::HashSet<(i32, i64)> {
+    psql(
+        lab,
+        ns,
+        pg,
+        &format!("SELECT writer, seq FROM acks {filter}"),
+    )
+    .lines()
+    .filter_map(|l| {
+        let (w, s) = l.split_once('|')?;
+        Some((w.parse().ok()?, s.parse().ok()?))
+    })
+    .collect()
 }
 
 /// A libpq connection string to `host` on the lab port.

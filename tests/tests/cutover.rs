@@ -52,13 +52,7 @@ fn workload(
 }
 
 fn rows(lab: &Lab, ns: Ns, pg: &Pg) -> HashSet<(i32, i64)> {
-    psql(lab, ns, pg, "SELECT writer, seq FROM acks")
-        .lines()
-        .filter_map(|l| {
-            let (w, s) = l.split_once('|')?;
-            Some((w.parse().ok()?, s.parse().ok()?))
-        })
-        .collect()
+    pg::acked_rows(lab, ns, pg, "")
 }
 
 fn flip(lab: &Lab, args: &[&str]) -> std::process::Output {

@@ -99,8 +99,10 @@ pub fn install() -> anyhow::Result<()> {
             "building bpf-linker {BPF_LINKER_VERSION} against LLVM 22 (about 2 minutes)"
         ));
         // Without LLVM_PREFIX and this PATH its build script finds LLVM 14 and fails.
-        run(Command::new("cargo")
-            .args([
+        // --locked first (reproducible); without it if the lock no longer resolves here.
+        let install = |locked: bool| {
+            let mut c = Command::new("cargo");
+            c.args([
                 "install",
                 "bpf-linker",
                 "--version",
@@ -108,30 +110,18 @@ pub fn install() -> anyhow::Result<()> {
                 "--no-default-features",
                 "--features",
                 "llvm-22",
-                "--locked",
             ])
             .env(
                 "PATH",
                 format!("/usr/lib/llvm-22/bin:{}", path_with_cargo_bin()),
             )
-            .env("LLVM_PREFIX", "/usr/lib/llvm-22"))
-        .or_else(|_| {
-            run(Command::new("cargo")
-                .args([
-                    "install",
-                    "bpf-linker",
-                    "--version",
-                    BPF_LINKER_VERSION,
-                    "--no-default-features",
-                    "--features",
-                    "llvm-22",
-                ])
-                .env(
-                    "PATH",
-                    format!("/usr/lib/llvm-22/bin:{}", path_with_cargo_bin()),
-                )
-                .env("LLVM_PREFIX", "/usr/lib/llvm-22"))
-        })?;
+            .env("LLVM_PREFIX", "/usr/lib/llvm-22");
+            if locked {
+                c.arg("--locked");
+            }
+            run(&mut c)
+        };
+        install(true).or_else(|_| install(false))?;
     }
 
     if root {

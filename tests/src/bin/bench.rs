@@ -657,22 +657,12 @@ fn cutover_runs(b: &mut Bench, source: &pg::Pg, target: &pg::Pg, n: usize) -> Ve
         } else {
             (Ns::Source, source)
         };
-        let rows: std::collections::HashSet<(i32, i64)> = psql(
+        let rows = pg::acked_rows(
             lab,
             ns,
             pg,
-            &format!(
-                "SELECT writer, seq FROM acks WHERE writer BETWEEN {} AND {}",
-                i * 100,
-                i * 100 + 7
-            ),
-        )
-        .lines()
-        .filter_map(|l| {
-            let (w, s) = l.split_once('|')?;
-            Some((w.parse().ok()?, s.parse().ok()?))
-        })
-        .collect();
+            &format!("WHERE writer BETWEEN {} AND {}", i * 100, i * 100 + 7),
+        );
         let acked: Vec<(i32, i64)> = v.acked().collect();
         runs.push(CutoverRun {
             to,

@@ -8,7 +8,7 @@
 //!
 //! Everything is torn down at the end, even on failure.
 
-use std::{collections::HashSet, process::Stdio, sync::Arc, time::Duration};
+use std::{process::Stdio, sync::Arc, time::Duration};
 
 use redirect_tests::{
     Lab, Ns, VIP,
@@ -150,14 +150,7 @@ fn cutover(lab: &Arc<Lab>, target: &pg::Pg) {
     assert!(out.status.success(), "the cutover failed");
     let report: serde_json::Value = serde_json::from_slice(&out.stdout).expect("flip --json");
     let v = load.join().expect("workload thread");
-    let on_target: HashSet<(i32, i64)> =
-        psql(lab, Ns::Target, target, "SELECT writer, seq FROM acks")
-            .lines()
-            .filter_map(|l| {
-                let (w, s) = l.split_once('|')?;
-                Some((w.parse().ok()?, s.parse().ok()?))
-            })
-            .collect();
+    let on_target = pg::acked_rows(lab, Ns::Target, target, "");
     let acked: Vec<(i32, i64)> = v.acked().collect();
     let lost = acked.iter().filter(|a| !on_target.contains(a)).count();
     let interrupted = v
