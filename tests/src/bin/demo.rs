@@ -12,7 +12,7 @@ use std::{process::Stdio, sync::Arc, time::Duration};
 
 use redirect_tests::{
     Lab, Ns, VIP,
-    pg::{self, cluster_name, connect, psql},
+    pg::{self, cluster_name, connect},
     require_root, workload,
 };
 
