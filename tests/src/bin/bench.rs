@@ -25,7 +25,7 @@ use redirect::datapath::{Maps, Role};
 use redirect_common::ct::{CtEntry, CtKey};
 use redirect_tests::{
     Lab, Ns, SOURCE_ADDR, VIP,
-    pg::{self, PG_BIN, psql},
+    pg::{self, PG_BIN},
     require_root, workload,
 };
 
