@@ -162,7 +162,10 @@ pub mod ct {
         pub backend_id: u32,
         /// `FLAG_*` bits, OR-accumulated.
         pub flags: u32,
-        pub _pad0: u32,
+        /// The acknowledgement number of the client's last fenced data packet: the sequence
+        /// number the client expects next from the server, which lets the controller reset
+        /// a fenced connection that has no server session to end (RFC 5961 needs it exact).
+        pub fenced_ack_be: u32,
     }
     const _: () = assert!(core::mem::size_of::<CtEntry>() == 40);
 

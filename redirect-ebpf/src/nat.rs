@@ -73,6 +73,7 @@ fn forward(ip: &mut Ipv4Hdr, tcp: &mut TcpHdr, cfg: &Config, cut: &Cutover, now:
                 if entry.flags & FLAG_FENCED == 0 {
                     entry.flags |= FLAG_FENCED;
                 }
+                entry.fenced_ack_be = tcp.ack_seq_be;
                 count(Stat::Fenced);
                 return Verdict::Drop;
             }
@@ -191,7 +192,7 @@ fn open(
         snat_port_be: rev_key.snat_port_be,
         backend_id: active,
         flags: if reopen { FLAG_REOPENED } else { 0 },
-        _pad0: 0,
+        fenced_ack_be: 0,
     };
     // A reopen overwrites the closed entry; a new one must not race a retransmitted SYN that
     // another CPU is handling at the same instant.

@@ -64,6 +64,10 @@ pub struct Connection {
     pub state: ConnState,
     /// The client tried to send data to a fenced (old) server.
     pub fenced: bool,
+    /// The next sequence number the client expects from the server, as of its last fenced
+    /// packet (for a reset).
+    #[serde(skip)]
+    pub fenced_ack: u32,
     #[serde(serialize_with = "as_secs")]
     pub age: Duration,
     #[serde(serialize_with = "as_secs")]
@@ -109,6 +113,7 @@ pub fn list(maps: &Maps) -> Result<Vec<Connection>, DatapathError> {
             snat: SocketAddrV4::new(ip_from_be(e.snat_addr_be), u16::from_be(e.snat_port_be)),
             state: ConnState::of(e.flags),
             fenced: e.flags & ct::FLAG_FENCED != 0,
+            fenced_ack: u32::from_be(e.fenced_ack_be),
             age: clock::since(e.created_ns, now),
             idle: clock::since(e.last_seen_ns, now),
         });

@@ -234,3 +234,56 @@ pub fn reserve_ports(lo: u16, hi: u16) -> Result<Option<String>, NetError> {
     fs::write(path, &want).map_err(io)?;
     Ok(Some(format!("{name}={want}")))
 }
+
+/// Sends a TCP RST from `from` to `to` with sequence number `seq` through a raw socket: the
+/// kernel routes it like any packet of this host. With `seq` equal to what the peer expects
+/// next, the peer's stack drops the connection at once (RFC 5961 §3.2).
+pub fn send_rst(from: SocketAddrV4, to: SocketAddrV4, seq: u32) -> std::io::Result<()> {
+    let mut pkt = [0u8; 40];
+    pkt[0] = 0x45;
+    pkt[2..4].copy_from_slice(&40u16.to_be_bytes());
+    pkt[6] = 0x40; // don't fragment
+    pkt[8] = 64;
+    pkt[9] = 6;
+    pkt[12..16].copy_from_slice(&from.ip().octets());
+    pkt[16..20].copy_from_slice(&to.ip().octets());
+    let ip_check = redirect_common::csum::ipv4_header(&pkt[..20]);
+    pkt[10..12].copy_from_slice(&ip_check.to_ne_bytes());
+    pkt[20..22].copy_from_slice(&from.port().to_be_bytes());
+    pkt[22..24].copy_from_slice(&to.port().to_be_bytes());
+    pkt[24..28].copy_from_slice(&seq.to_be_bytes());
+    pkt[32] = 5 << 4;
+    pkt[33] = redirect_common::tcp::RST;
+    let tcp_check =
+        redirect_common::csum::tcp_ipv4(from.ip().octets(), to.ip().octets(), &pkt[20..]);
+    pkt[36..38].copy_from_slice(&tcp_check.to_ne_bytes());
+    // SAFETY: plain socket syscalls on a descriptor this function owns and closes.
+    unsafe {
+        let fd = libc::socket(libc::AF_INET, libc::SOCK_RAW, libc::IPPROTO_RAW);
+        if fd < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        let addr = libc::sockaddr_in {
+            sin_family: libc::AF_INET as libc::sa_family_t,
+            sin_port: 0,
+            sin_addr: libc::in_addr {
+                s_addr: u32::from(*to.ip()).to_be(),
+            },
+            sin_zero: [0; 8],
+        };
+        let rc = libc::sendto(
+            fd,
+            pkt.as_ptr().cast(),
+            pkt.len(),
+            0,
+            (&raw const addr).cast(),
+            u32::try_from(std::mem::size_of::<libc::sockaddr_in>()).expect("small"),
+        );
+        let err = std::io::Error::last_os_error();
+        libc::close(fd);
+        if rc < 0 {
+            return Err(err);
+        }
+    }
+    Ok(())
+}

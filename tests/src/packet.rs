@@ -9,6 +9,8 @@ pub const ACK: u8 = 0x10;
 pub const FIN: u8 = 0x01;
 pub const RST: u8 = 0x04;
 pub const PSH: u8 = 0x08;
+/// The acknowledgement number every crafted segment carries.
+pub const ACK_NUMBER: u32 = 2000;
 
 /// A TCP segment's addressing and flags.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -43,6 +45,7 @@ pub fn tcp_frame(t: Tcp, payload: &[u8]) -> Vec<u8> {
     tcp[0..2].copy_from_slice(&t.sport.to_be_bytes());
     tcp[2..4].copy_from_slice(&t.dport.to_be_bytes());
     tcp[4..8].copy_from_slice(&1000u32.to_be_bytes());
+    tcp[8..12].copy_from_slice(&ACK_NUMBER.to_be_bytes());
     tcp[12] = 5 << 4;
     tcp[13] = t.flags;
     tcp[14..16].copy_from_slice(&64240u16.to_be_bytes());

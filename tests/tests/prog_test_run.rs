@@ -506,6 +506,11 @@ fn a_hold_parks_new_syns_and_a_fence_drops_client_data_of_the_fenced_backend() {
         0,
         "marked for the drain"
     );
+    assert_eq!(
+        u32::from_be(p.ct(C1, 45000).unwrap().fenced_ack_be),
+        packet::ACK_NUMBER,
+        "the client's ACK number is kept for a reset"
+    );
     for flags in [ACK, FIN | ACK] {
         let (v, out) = p.run(&packet::tcp_frame(
             Tcp {

@@ -63,7 +63,7 @@ const TERMINATE_BUSY: &str = "WITH busy AS MATERIALIZED (SELECT pid FROM pg_stat
 const STILL_RUNNING: &str = "SELECT count(*)::int8 FROM pg_stat_activity WHERE pid = ANY($1)";
 const TERMINATE_TUPLES: &str = "WITH drained AS MATERIALIZED (SELECT pid FROM pg_stat_activity WHERE backend_type = 'client backend' \
      AND pid <> pg_backend_pid() AND application_name <> 'redirect' AND host(client_addr) = $1 \
-     AND client_port = ANY($2)) SELECT count(*)::int8 FROM drained WHERE pg_terminate_backend(pid)";
+     AND client_port = ANY($2)) SELECT client_port FROM drained WHERE pg_terminate_backend(pid)";
 const SUB_SLOT: &str = "SELECT subslotname::text FROM pg_subscription WHERE subname = $1";
 const APPLY_WORKER: &str = "SELECT st.pid FROM pg_stat_subscription st JOIN pg_subscription s ON s.oid = st.subid \
      WHERE s.subname = $1 AND st.relid IS NULL";
@@ -111,7 +111,7 @@ pub struct FlipReport {
     /// Old-server sessions ended right after their client tried to use them.
     pub drained_on_use: u64,
     /// Old-server connections with no session to end (their startup packet was fenced):
-    /// forgotten, so the client gets a RST and reconnects.
+    /// reset by the controller and forgotten, so the client reconnects at once.
     pub reset_unknown: u64,
     pub terminated_at_drain: u64,
     pub steps: Vec<(String, f64)>,
@@ -610,58 +610,71 @@ impl Controller {
         let mut ended: std::collections::HashMap<i32, Instant> = std::collections::HashMap::new();
         let mut at_deadline = 0;
         loop {
-            let live: Vec<(i32, bool, CtKey)> = {
+            let live: Vec<conntrack::Connection> = {
                 let maps = self.maps.lock().expect("maps lock");
                 conntrack::list(&maps)?
                     .into_iter()
                     // Half-closed ones too: a client FIN queued behind fenced data never arrives.
                     .filter(|c| Some(c.backend_addr) == from_addr && c.state != ConnState::Closed)
-                    .map(|c| (i32::from(c.snat.port()), c.fenced, ct_key(&c)))
                     .collect()
             };
             let past = Instant::now() >= deadline;
-            let kill: Vec<i32> = live
+            let kill: Vec<&conntrack::Connection> = live
                 .iter()
-                .filter(|(p, f, _)| (*f || past) && !ended.contains_key(p))
-                .map(|(p, _, _)| *p)
+                .filter(|c| (c.fenced || past) && !ended.contains_key(&i32::from(c.snat.port())))
                 .collect();
             if !kill.is_empty() {
-                let n: i64 = timed(
+                let ports: Vec<i32> = kill.iter().map(|c| i32::from(c.snat.port())).collect();
+                let found: std::collections::HashSet<i32> = timed(
                     "source",
                     "ending drained sessions",
                     qt,
-                    from_db.query_one(TERMINATE_TUPLES, &[&from_snat, &kill]),
+                    from_db.query(TERMINATE_TUPLES, &[&from_snat, &ports]),
                 )
                 .await
-                .map_or(0, |r| r.get(0));
-                let n = u64::try_from(n).unwrap_or(0);
+                .map(|rows| rows.iter().map(|r| r.get::<_, i32>(0)).collect())
+                .unwrap_or_default();
+                let n = found.len() as u64;
                 if past {
                     at_deadline += n;
                 } else {
                     report.drained_on_use += n;
                 }
+                // A fenced connection with no session (its startup packet was dropped by the
+                // fence, so pg_stat_activity does not show it) cannot be ended by the server:
+                // reset it ourselves with the sequence number its client expects, and forget
+                // it, so the client reconnects at once, to the new server.
+                let mut maps = self.maps.lock().expect("maps lock");
+                for c in kill
+                    .iter()
+                    .filter(|c| c.fenced && !found.contains(&i32::from(c.snat.port())))
+                {
+                    if crate::net::send_rst(c.vip, c.client, c.fenced_ack).is_ok()
+                        && maps.ct.remove(&ct_key(c)).is_ok()
+                    {
+                        report.reset_unknown += 1;
+                    }
+                }
+                drop(maps);
                 let now = Instant::now();
-                ended.extend(kill.into_iter().map(|p| (p, now)));
+                ended.extend(ports.into_iter().map(|p| (p, now)));
             }
-            // A connection whose session does not end is one pg_stat_activity does not show:
-            // its startup packet was dropped by the fence, so there is no session yet. Forget
-            // its entry: the client's next packet then meets this host's stack, which answers
-            // with a RST, and the client reconnects, to the new server.
+            // Whatever is still there 300 ms after it was asked to end (a client FIN stuck
+            // behind fenced data, a session that would not die): forget it, so the client's
+            // next packet meets this host's stack, which answers with a RST.
             let stuck: Vec<CtKey> = live
                 .iter()
-                .filter(|(p, _, _)| {
+                .filter(|c| {
                     ended
-                        .get(p)
+                        .get(&i32::from(c.snat.port()))
                         .is_some_and(|t| past || t.elapsed() > Duration::from_millis(300))
                 })
-                .map(|(_, _, k)| *k)
+                .map(ct_key)
                 .collect();
             if !stuck.is_empty() {
                 let mut maps = self.maps.lock().expect("maps lock");
                 for k in &stuck {
-                    if maps.ct.remove(k).is_ok() {
-                        report.reset_unknown += 1;
-                    }
+                    let _ = maps.ct.remove(k);
                 }
             }
             if past || live.is_empty() {
