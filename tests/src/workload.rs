@@ -14,8 +14,12 @@ pub struct WriterLog {
     pub acked: Vec<(i32, i64)>,
     /// When each was acknowledged.
     pub ack_times: Vec<Instant>,
-    /// Connection attempts that failed (refused, timed out, reset during the handshake).
+    /// Connection attempts the network refused: no TCP connection (RST to the SYN, or no
+    /// answer within 10 s).
     pub refused: u64,
+    /// Connection attempts whose TCP connection was accepted but whose PostgreSQL startup was
+    /// cut off (e.g. it reached the old server just before the fence and was reset).
+    pub startup_interrupted: u64,
     /// Statements that failed on an open connection (e.g. its session ended at the fence).
     pub errors: Vec<String>,
     /// The slowest successful connect.
@@ -36,6 +40,11 @@ impl Verdict {
     #[must_use]
     pub fn refused(&self) -> u64 {
         self.logs.iter().map(|l| l.refused).sum()
+    }
+
+    #[must_use]
+    pub fn startup_interrupted(&self) -> u64 {
+        self.logs.iter().map(|l| l.startup_interrupted).sum()
     }
 
     /// The longest time no writer got an acknowledgement (between the first and last ack).
@@ -125,7 +134,11 @@ async fn writer(host: &str, id: i32, deadline: Instant, reconnect_every: Option<
                     since_connect = 0;
                 }
                 Ok(Err(e)) => {
-                    log.refused += 1;
+                    if tcp_refused(&e) {
+                        log.refused += 1;
+                    } else {
+                        log.startup_interrupted += 1;
+                    }
                     log.errors.push(format!("connect: {e}"));
                     tokio::time::sleep(Duration::from_millis(20)).await;
                     continue;
@@ -172,4 +185,22 @@ async fn writer(host: &str, id: i32, deadline: Instant, reconnect_every: Option<
         }
     }
     log
+}
+
+/// Whether a connect error means no TCP connection was made: refused, unreachable or timed out.
+fn tcp_refused(e: &tokio_postgres::Error) -> bool {
+    let mut cur: Option<&(dyn std::error::Error + 'static)> = Some(e);
+    while let Some(err) = cur {
+        if let Some(io) = err.downcast_ref::<std::io::Error>() {
+            return matches!(
+                io.kind(),
+                std::io::ErrorKind::ConnectionRefused
+                    | std::io::ErrorKind::TimedOut
+                    | std::io::ErrorKind::HostUnreachable
+                    | std::io::ErrorKind::NetworkUnreachable
+            );
+        }
+        cur = err.source();
+    }
+    false
 }

@@ -609,6 +609,7 @@ struct CutoverRun {
     acked: usize,
     lost: usize,
     refused: u64,
+    startup_interrupted: u64,
 }
 
 fn cutover_runs(b: &mut Bench, source: &pg::Pg, target: &pg::Pg, n: usize) -> Vec<CutoverRun> {
@@ -672,6 +673,7 @@ fn cutover_runs(b: &mut Bench, source: &pg::Pg, target: &pg::Pg, n: usize) -> Ve
             acked: acked.len(),
             lost: acked.iter().filter(|a| !rows.contains(a)).count(),
             refused: v.refused(),
+            startup_interrupted: v.startup_interrupted(),
         });
         eprintln!("   cutover {} to {to}: {:?}", i + 1, runs.last().unwrap());
     }
@@ -843,12 +845,12 @@ fn write_report(
     if !cutovers.is_empty() {
         let _ = writeln!(
             md,
-            "## Safe cutover under writes\n\n8 writers through the VIP (half keep one connection, half reconnect every 20 commits), alternating cutovers to the target and rollbacks to the source.\n\n| # | to | write pause (fence→flip) ms | hold ms | longest pause seen by clients ms | acked writes | lost | refused |\n|---:|---|---:|---:|---:|---:|---:|---:|"
+            "## Safe cutover under writes\n\n8 writers through the VIP (half keep one connection, half reconnect every 20 commits), alternating cutovers to the target and rollbacks to the source.\n\n| # | to | write pause (fence→flip) ms | hold ms | longest pause seen by clients ms | acked writes | lost | refused | startups cut off |\n|---:|---|---:|---:|---:|---:|---:|---:|---:|"
         );
         for (i, c) in cutovers.iter().enumerate() {
             let _ = writeln!(
                 md,
-                "| {} | {} | {:.1} | {:.1} | {:.1} | {} | {} | {} |",
+                "| {} | {} | {:.1} | {:.1} | {:.1} | {} | {} | {} | {} |",
                 i + 1,
                 c.to,
                 c.write_pause_ms,
@@ -856,20 +858,22 @@ fn write_report(
                 c.client_pause_ms,
                 c.acked,
                 c.lost,
-                c.refused
+                c.refused,
+                c.startup_interrupted
             );
         }
         let mut wp: Vec<f64> = cutovers.iter().map(|c| c.write_pause_ms).collect();
         let mut cp: Vec<f64> = cutovers.iter().map(|c| c.client_pause_ms).collect();
         let _ = writeln!(
             md,
-            "\nWrite pause: median {:.1} ms, worst {:.1} ms. Longest pause seen by clients: median {:.1} ms, worst {:.1} ms. Lost: {}. Refused: {}.\n",
+            "\nWrite pause: median {:.1} ms, worst {:.1} ms. Longest pause seen by clients: median {:.1} ms, worst {:.1} ms. Lost: {}. Refused: {}. Startups cut off by the fence (connected to the old server an instant before it; the client retried): {}.\n",
             median(&mut wp),
             wp.iter().copied().fold(0.0, f64::max),
             median(&mut cp),
             cp.iter().copied().fold(0.0, f64::max),
             cutovers.iter().map(|c| c.lost).sum::<usize>(),
-            cutovers.iter().map(|c| c.refused).sum::<u64>()
+            cutovers.iter().map(|c| c.refused).sum::<u64>(),
+            cutovers.iter().map(|c| c.startup_interrupted).sum::<u64>()
         );
     }
     let _ = writeln!(

@@ -163,6 +163,10 @@ fn cutover(lab: &Arc<Lab>, target: &pg::Pg) {
     println!("acknowledged writes on target:  {}", acked.len() - lost);
     println!("lost acknowledged writes:       {lost}");
     println!("refused connection attempts:    {}", v.refused());
+    println!(
+        "startups cut off by the fence:  {} (connected to the source just before it; the client retried)",
+        v.startup_interrupted()
+    );
     println!("statements interrupted (not acknowledged, retried by the client): {interrupted}");
     println!(
         "longest pause between acks:     {:.1} ms (as the clients saw it)",
