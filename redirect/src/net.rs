@@ -264,7 +264,8 @@ pub fn send_rst(from: SocketAddrV4, to: SocketAddrV4, seq: u32) -> std::io::Resu
             return Err(std::io::Error::last_os_error());
         }
         let addr = libc::sockaddr_in {
-            sin_family: libc::sa_family_t::try_from(libc::AF_INET).expect("AF_INET fits sa_family_t"),
+            sin_family: libc::sa_family_t::try_from(libc::AF_INET)
+                .expect("AF_INET fits sa_family_t"),
             sin_port: 0,
             sin_addr: libc::in_addr {
                 s_addr: u32::from(*to.ip()).to_be(),

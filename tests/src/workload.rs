@@ -175,7 +175,10 @@ async fn writer(host: &str, id: i32, deadline: Instant, reconnect_every: Option<
             Ok(Err(e)) => {
                 // Not acknowledged: it may or may not have committed, so it is not counted,
                 // and the next attempt uses a new seq.
-                log.errors.push(format!("insert: {e}"));
+                let why = e
+                    .as_db_error()
+                    .map_or_else(|| e.to_string(), |d| d.message().to_owned());
+                log.errors.push(format!("insert: {why}"));
                 client = None;
             }
             Err(_) => {

@@ -61,7 +61,7 @@ const TERMINATE_BUSY: &str = "WITH busy AS MATERIALIZED (SELECT pid FROM pg_stat
      AND pid <> pg_backend_pid() AND application_name <> 'redirect' AND host(client_addr) = $1 \
      AND (state <> 'idle' OR backend_xid IS NOT NULL)) SELECT pid FROM busy WHERE pg_terminate_backend(pid)";
 const STILL_RUNNING: &str = "SELECT count(*)::int8 FROM pg_stat_activity WHERE pid = ANY($1)";
-const TERMINATE_TUPLES: &str = "WITH drained AS MATERIALIZED (SELECT pid FROM pg_stat_activity WHERE backend_type = 'client backend' \
+const TERMINATE_TUPLES: &str = "WITH drained AS MATERIALIZED (SELECT pid, client_port FROM pg_stat_activity WHERE backend_type = 'client backend' \
      AND pid <> pg_backend_pid() AND application_name <> 'redirect' AND host(client_addr) = $1 \
      AND client_port = ANY($2)) SELECT client_port FROM drained WHERE pg_terminate_backend(pid)";
 const SUB_SLOT: &str = "SELECT subslotname::text FROM pg_subscription WHERE subname = $1";
@@ -579,7 +579,6 @@ impl Controller {
                 &from_db,
                 &to_db,
                 &from_snat,
-                &sequences,
                 logical,
             )
             .await;
@@ -718,7 +717,6 @@ impl Controller {
         from_db: &Client,
         to_db: &Client,
         from_snat: &str,
-        sequences: &[tokio_postgres::Row],
         logical: bool,
     ) -> Result<(), CutoverError> {
         let (from, to) = (rec.from, rec.to);
@@ -924,9 +922,23 @@ impl Controller {
             format!("the {to} has applied everything up to {fence_lsn}"),
         )?;
 
-        // 5. Sequences are not replicated: carry every value over.
+        // 5. Sequences are not replicated: carry every value over. Read now, behind the fence,
+        // not at preflight: writes until the fence advanced them, and a stale value makes the
+        // new server hand out ids it already has (duplicate keys).
         self.set_phase("sequences");
         let t = Instant::now();
+        let sequences = if logical {
+            timed(
+                "source",
+                "reading sequences",
+                qt,
+                from_db.query(SEQUENCES, &[]),
+            )
+            .await
+            .map_err(abort("sequences"))?
+        } else {
+            Vec::new()
+        };
         let calls: Vec<String> = sequences
             .iter()
             .filter_map(|r| {
