@@ -169,12 +169,19 @@ impl Bench {
     }
 
     fn setup(&mut self, path: Path_) -> Option<u32> {
+        self.setup_to(path, 5432)
+    }
+
+    /// Sets up `path` from the VIP (port 5432) to the source's `port`.
+    fn setup_to(&mut self, path: Path_, port: u16) -> Option<u32> {
         let lab = Arc::get_mut(&mut self.lab).expect("the bench owns the lab");
         match path {
             Path_::Direct => None,
             Path_::Xdp | Path_::Skb => {
                 let mode = if path == Path_::Xdp { "driver" } else { "skb" };
                 let mut args: Vec<String> = lab.run_args();
+                let i = args.iter().position(|a| a == "--source").expect("--source");
+                args[i + 1] = format!("{SOURCE_ADDR}:{port}");
                 args.extend(["--xdp-mode".into(), mode.into(), "--once".into()]);
                 let args: Vec<&str> = args.iter().map(String::as_str).collect();
                 lab.redirect_ok(&args);
@@ -182,8 +189,12 @@ impl Bench {
             }
             Path_::Iptables => {
                 for rule in [
-                    "-t nat -A PREROUTING -d 198.18.1.1 -p tcp --dport 5432 -j DNAT --to-destination 198.18.2.2:5432",
-                    "-t nat -A POSTROUTING -d 198.18.2.2 -p tcp --dport 5432 -j MASQUERADE",
+                    format!(
+                        "-t nat -A PREROUTING -d 198.18.1.1 -p tcp --dport 5432 -j DNAT --to-destination 198.18.2.2:{port}"
+                    ),
+                    format!(
+                        "-t nat -A POSTROUTING -d 198.18.2.2 -p tcp --dport {port} -j MASQUERADE"
+                    ),
                 ] {
                     let mut argv = vec!["iptables"];
                     argv.extend(rule.split(' '));
@@ -195,8 +206,10 @@ impl Bench {
                 let cfg = lab.work_dir.join("haproxy.cfg");
                 std::fs::write(
                     &cfg,
-                    "global\n  maxconn 4096\ndefaults\n  mode tcp\n  timeout connect 5s\n  timeout client 1h\n  timeout server 1h\n\
-                     listen pg\n  bind 198.18.1.1:5432\n  server source 198.18.2.2:5432\n",
+                    format!(
+                        "global\n  maxconn 4096\ndefaults\n  mode tcp\n  timeout connect 5s\n  timeout client 1h\n  timeout server 1h\n\
+                         listen pg\n  bind 198.18.1.1:5432\n  server source 198.18.2.2:{port}\n"
+                    ),
                 )
                 .unwrap();
                 let pid = lab.spawn(
@@ -265,6 +278,174 @@ impl Bench {
             Path_::Direct => {}
         }
     }
+}
+
+const ECHO_PORT: u16 = 7000;
+
+/// A TCP echo server in the source namespace, for `lifetime` at most; stops when dropped.
+struct Echo(std::sync::Arc<std::sync::atomic::AtomicBool>);
+
+impl Drop for Echo {
+    fn drop(&mut self) {
+        self.0.store(true, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
+fn echo_server(lab: &Lab, port: u16, lifetime: Duration) -> Echo {
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let flag = stop.clone();
+    let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+    drop(lab.spawn_in_ns(Ns::Source, move || {
+        let listener = std::net::TcpListener::bind(("0.0.0.0", port)).expect("echo bind");
+        ready_tx.send(()).unwrap();
+        let deadline = Instant::now() + lifetime;
+        let mut pfd = libc::pollfd {
+            fd: std::os::fd::AsRawFd::as_raw_fd(&listener),
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        while !flag.load(std::sync::atomic::Ordering::Relaxed) && Instant::now() < deadline {
+            // Wait for a connection without sleeping between accepts (a sleep would cap CRR).
+            // SAFETY: one valid pollfd.
+            if unsafe { libc::poll(&raw mut pfd, 1, 100) } <= 0 {
+                continue;
+            }
+            if let Ok((mut s, _)) = listener.accept() {
+                std::thread::spawn(move || {
+                    use std::io::{Read as _, Write as _};
+                    let _ = s.set_nodelay(true);
+                    let _ = s.set_read_timeout(Some(Duration::from_secs(30)));
+                    let mut buf = [0u8; 64];
+                    while let Ok(n) = s.read(&mut buf) {
+                        if n == 0 || s.write_all(&buf[..n]).is_err() {
+                            break;
+                        }
+                    }
+                });
+            }
+        }
+    }));
+    ready_rx
+        .recv_timeout(Duration::from_secs(10))
+        .expect("echo server up");
+    Echo(stop)
+}
+
+#[derive(Clone, Debug, Default)]
+struct Micro {
+    rr_per_s: f64,
+    rr_p50_us: f64,
+    rr_p99_us: f64,
+    crr_per_s: f64,
+    crr_p50_us: f64,
+}
+
+/// RR then CRR against `host:port`, `each` long; bounded in time.
+fn tcp_micro(host: &str, port: u16, each: Duration) -> Micro {
+    use std::io::{Read as _, Write as _};
+    let addr: std::net::SocketAddr = format!("{host}:{port}").parse().unwrap();
+    let msg = [7u8; 64];
+    let mut buf = [0u8; 64];
+    let rr = |s: &mut std::net::TcpStream, buf: &mut [u8; 64]| {
+        s.write_all(&msg).unwrap();
+        s.read_exact(buf).unwrap();
+    };
+    let mut lat = Vec::new();
+    let mut s =
+        std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(5)).expect("RR connect");
+    s.set_nodelay(true).unwrap();
+    let end = Instant::now() + each;
+    while Instant::now() < end {
+        let t = Instant::now();
+        rr(&mut s, &mut buf);
+        lat.push(t.elapsed().as_secs_f64() * 1e6);
+    }
+    drop(s);
+    let rr_per_s = lat.len() as f64 / each.as_secs_f64();
+    lat.sort_by(f64::total_cmp);
+    let (rr_p50_us, rr_p99_us) = (percentile(&lat, 0.5), percentile(&lat, 0.99));
+    let mut clat = Vec::new();
+    let end = Instant::now() + each;
+    while Instant::now() < end {
+        let t = Instant::now();
+        let mut c = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(5))
+            .expect("CRR connect");
+        c.set_nodelay(true).unwrap();
+        rr(&mut c, &mut buf);
+        // Close with a RST (linger 0): like a client pool under churn, and no TIME_WAIT pile-up.
+        let linger = libc::linger {
+            l_onoff: 1,
+            l_linger: 0,
+        };
+        // SAFETY: a valid socket and option struct.
+        unsafe {
+            libc::setsockopt(
+                std::os::fd::AsRawFd::as_raw_fd(&c),
+                libc::SOL_SOCKET,
+                libc::SO_LINGER,
+                (&raw const linger).cast(),
+                u32::try_from(std::mem::size_of::<libc::linger>()).unwrap(),
+            );
+        }
+        drop(c);
+        clat.push(t.elapsed().as_secs_f64() * 1e6);
+    }
+    let crr_per_s = clat.len() as f64 / each.as_secs_f64();
+    clat.sort_by(f64::total_cmp);
+    Micro {
+        rr_per_s,
+        rr_p50_us,
+        rr_p99_us,
+        crr_per_s,
+        crr_p50_us: percentile(&clat, 0.5),
+    }
+}
+
+/// The TCP microbenchmark section, written before the main report (which appends it).
+fn write_micro(b: &Bench, micro: &BTreeMap<Path_, Vec<Micro>>) {
+    let med = |p: Path_, f: fn(&Micro) -> f64| -> f64 {
+        let mut v: Vec<f64> = micro
+            .get(&p)
+            .map(|m| m.iter().map(f).collect())
+            .unwrap_or_default();
+        median(&mut v)
+    };
+    let mut md = String::from(
+        "## TCP round trip and connect rate (64-byte echo)\n\nOne connection doing request/response (RR), and a new connection per request (CRR, closed with a RST), against an echo server on the source; medians over rounds. PgBouncer is left out: it speaks only PostgreSQL.\n\n| path | RR/s | RR p50 µs | RR p99 µs | RR p50 vs direct | CRR/s | CRR vs direct | CRR p50 µs |\n|---|---:|---:|---:|---:|---:|---:|---:|\n",
+    );
+    let (direct_rr_p50, direct_crr_rate) = (
+        med(Path_::Direct, |m| m.rr_p50_us),
+        med(Path_::Direct, |m| m.crr_per_s),
+    );
+    let mut bars = Vec::new();
+    for p in Path_::ALL
+        .iter()
+        .copied()
+        .filter(|p| *p != Path_::Pgbouncer)
+    {
+        let (rr, p50, p99, crr, cp50) = (
+            med(p, |m| m.rr_per_s),
+            med(p, |m| m.rr_p50_us),
+            med(p, |m| m.rr_p99_us),
+            med(p, |m| m.crr_per_s),
+            med(p, |m| m.crr_p50_us),
+        );
+        let _ = writeln!(
+            md,
+            "| {} | {rr:.0} | {p50:.0} | {p99:.0} | {:.2}× | {crr:.0} | {:.2}× | {cp50:.0} |",
+            p.name(),
+            p50 / direct_rr_p50,
+            crr / direct_crr_rate
+        );
+        bars.push((p.name().to_owned(), crr));
+    }
+    std::fs::write(
+        b.out_dir.join("bench-tcp-crr.svg"),
+        svg_bars("TCP connect rate (CRR)", "conn/s", &bars),
+    )
+    .unwrap();
+    md.push_str("\n![TCP connect rate](bench-tcp-crr.svg)\n\n");
+    std::fs::write(b.out_dir.join("benchmarks-tcp.md.part"), md).unwrap();
 }
 
 fn wait_port(lab: &Lab, host: &str) {
@@ -418,6 +599,41 @@ fn main() {
         }
     }
 
+    // TCP microbenchmark: 64-byte request/response on one connection (RR) and a connection per
+    // request (CRR), against an echo server on the source; PgBouncer speaks only PostgreSQL.
+    let echo = echo_server(&b.lab, ECHO_PORT, Duration::from_secs(3600));
+    let mut micro: BTreeMap<Path_, Vec<Micro>> = BTreeMap::new();
+    for round in 0..rounds {
+        let mut order: Vec<Path_> = Path_::ALL
+            .iter()
+            .copied()
+            .filter(|p| *p != Path_::Pgbouncer)
+            .collect();
+        let n = order.len();
+        order.rotate_left(round % n);
+        for path in order {
+            eprintln!(
+                "== round {}/{rounds}: TCP RR/CRR via {}",
+                round + 1,
+                path.name()
+            );
+            let pid = b.setup_to(path, ECHO_PORT);
+            let port = if path == Path_::Direct {
+                ECHO_PORT
+            } else {
+                5432
+            };
+            let host = path.host().to_owned();
+            let secs_each = Duration::from_secs(b.secs.min(5));
+            let m = b
+                .lab
+                .in_ns(Ns::Client, move || tcp_micro(&host, port, secs_each));
+            micro.entry(path).or_default().push(m);
+            b.teardown(path, pid);
+        }
+    }
+    drop(echo);
+
     // Conntrack scale: the same scenarios through redirect XDP with the table pre-filled.
     let fills: Vec<u32> = if quick {
         vec![0, 10_000, 100_000]
@@ -516,6 +732,7 @@ fn main() {
     eprintln!("== safe cutovers under a write load");
     let cutovers = cutover_runs(&mut b, &source, &target, if quick { 4 } else { 10 });
 
+    write_micro(&b, &micro);
     write_report(
         &b,
         &scenarios,
@@ -814,6 +1031,10 @@ fn write_report(
         .unwrap();
         svgs.push(file.clone());
         let _ = writeln!(md, "\n![{}]({file})\n", s.name());
+    }
+    if let Ok(part) = std::fs::read_to_string(b.out_dir.join("benchmarks-tcp.md.part")) {
+        md.push_str(&part);
+        let _ = std::fs::remove_file(b.out_dir.join("benchmarks-tcp.md.part"));
     }
     if !xdp_ns.is_empty() {
         let mut v = xdp_ns.to_vec();
