@@ -281,6 +281,8 @@ impl Bench {
 }
 
 const ECHO_PORT: u16 = 7000;
+/// Connections per CRR run (see `tcp_micro`).
+const CRR_MAX: usize = 5000;
 
 /// A TCP echo server in the source namespace, for `lifetime` at most; stops when dropped.
 struct Echo(std::sync::Arc<std::sync::atomic::AtomicBool>);
@@ -366,7 +368,11 @@ fn tcp_micro(host: &str, port: u16, each: Duration) -> Micro {
     let (rr_p50_us, rr_p99_us) = (percentile(&lat, 0.5), percentile(&lat, 0.99));
     let mut clat = Vec::new();
     let end = Instant::now() + each;
-    while Instant::now() < end {
+    // Capped: each path is set up fresh per round with `redirect run --once` (no conntrack GC),
+    // so every closed connection keeps its SNAT port; 5,000 stays well inside the 20,000-port
+    // default range. (With the controller running, the GC sustains about
+    // ports / close timeout = 2,000 new connections per second per backend.)
+    while Instant::now() < end && clat.len() < CRR_MAX {
         let t = Instant::now();
         let mut c = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(5))
             .expect("CRR connect");
@@ -390,7 +396,8 @@ fn tcp_micro(host: &str, port: u16, each: Duration) -> Micro {
         drop(c);
         clat.push(t.elapsed().as_secs_f64() * 1e6);
     }
-    let crr_per_s = clat.len() as f64 / each.as_secs_f64();
+    let crr_elapsed: f64 = clat.iter().sum::<f64>() / 1e6;
+    let crr_per_s = clat.len() as f64 / crr_elapsed.max(1e-9);
     clat.sort_by(f64::total_cmp);
     Micro {
         rr_per_s,
@@ -411,7 +418,7 @@ fn write_micro(b: &Bench, micro: &BTreeMap<Path_, Vec<Micro>>) {
         median(&mut v)
     };
     let mut md = String::from(
-        "## TCP round trip and connect rate (64-byte echo)\n\nOne connection doing request/response (RR), and a new connection per request (CRR, closed with a RST), against an echo server on the source; medians over rounds. PgBouncer is left out: it speaks only PostgreSQL.\n\n| path | RR/s | RR p50 µs | RR p99 µs | RR p50 vs direct | CRR/s | CRR vs direct | CRR p50 µs |\n|---|---:|---:|---:|---:|---:|---:|---:|\n",
+        "## TCP round trip and connect rate (64-byte echo)\n\nOne connection doing request/response (RR), and a new connection per request (CRR, closed with a RST, at most 5,000 per run), against an echo server on the source; medians over rounds. PgBouncer is left out: it speaks only PostgreSQL.\n\n| path | RR/s | RR p50 µs | RR p99 µs | RR p50 vs direct | CRR/s | CRR vs direct | CRR p50 µs |\n|---|---:|---:|---:|---:|---:|---:|---:|\n",
     );
     let (direct_rr_p50, direct_crr_rate) = (
         med(Path_::Direct, |m| m.rr_p50_us),
@@ -463,6 +470,79 @@ fn wait_port(lab: &Lab, host: &str) {
 }
 
 /// A horizontal bar chart as SVG.
+const COLORS: [&str; 6] = [
+    "#222222", "#1f77b4", "#17becf", "#2ca02c", "#d62728", "#9467bd",
+];
+
+/// Line chart: one polyline per series of (x, y) points, linear axes from zero.
+fn svg_lines(
+    title: &str,
+    x_label: &str,
+    y_label: &str,
+    series: &[(String, Vec<(f64, f64)>)],
+) -> String {
+    let (w, h, left, top, pw, ph) = (760.0, 420.0, 70.0, 40.0, 470.0, 320.0);
+    let xmax = series
+        .iter()
+        .flat_map(|s| s.1.iter().map(|p| p.0))
+        .fold(0.0, f64::max)
+        .max(1e-9);
+    let ymax = series
+        .iter()
+        .flat_map(|s| s.1.iter().map(|p| p.1))
+        .fold(0.0, f64::max)
+        .max(1e-9);
+    let mut out = format!(
+        "<svg xmlns='http://www.w3.org/2000/svg' width='{w}' height='{h}' font-family='sans-serif' font-size='12'>\n"
+    );
+    let _ = writeln!(
+        out,
+        "<text x='10' y='20' font-size='14' font-weight='bold'>{title}</text>"
+    );
+    let _ = writeln!(
+        out,
+        "<rect x='{left}' y='{top}' width='{pw}' height='{ph}' fill='none' stroke='#999'/>"
+    );
+    let _ = writeln!(
+        out,
+        "<text x='{}' y='{}'>{x_label} (0 to {xmax:.0})</text>",
+        left,
+        top + ph + 30.0
+    );
+    let _ = writeln!(
+        out,
+        "<text x='10' y='{}'>{y_label}</text><text x='10' y='{}'>0 to {ymax:.0}</text>",
+        top + 10.0,
+        top + 26.0
+    );
+    for (i, (name, pts)) in series.iter().enumerate() {
+        let color = COLORS[i % COLORS.len()];
+        let points: Vec<String> = pts
+            .iter()
+            .map(|(x, y)| {
+                format!(
+                    "{:.1},{:.1}",
+                    left + x / xmax * pw,
+                    top + ph - y / ymax * ph
+                )
+            })
+            .collect();
+        let _ = writeln!(
+            out,
+            "<polyline fill='none' stroke='{color}' stroke-width='2' points='{}'/>",
+            points.join(" ")
+        );
+        let _ = writeln!(
+            out,
+            "<text x='{}' y='{}' fill='{color}'>{name}</text>",
+            left + pw + 12.0,
+            top + 14.0 + i as f64 * 18.0
+        );
+    }
+    out.push_str("</svg>\n");
+    out
+}
+
 fn svg_bars(title: &str, unit: &str, rows: &[(String, f64)]) -> String {
     let max = rows.iter().map(|r| r.1).fold(0.0, f64::max).max(1e-9);
     let h = 40 + rows.len() * 26;
@@ -1031,6 +1111,72 @@ fn write_report(
         .unwrap();
         svgs.push(file.clone());
         let _ = writeln!(md, "\n![{}]({file})\n", s.name());
+    }
+    // Throughput by client count (persistent connections), and latency distributions.
+    let persistent: Vec<&Scenario> = scenarios.iter().filter(|s| !s.connect_per_tx).collect();
+    let by_clients: Vec<(String, Vec<(f64, f64)>)> = Path_::ALL
+        .iter()
+        .map(|p| {
+            let pts = persistent
+                .iter()
+                .map(|s| {
+                    let mut v: Vec<f64> = results[&(**s, *p)].iter().map(|x| x.tps).collect();
+                    (f64::from(s.clients), median(&mut v))
+                })
+                .collect();
+            (p.name().to_owned(), pts)
+        })
+        .collect();
+    std::fs::write(
+        b.out_dir.join("bench-tps-by-clients.svg"),
+        svg_lines(
+            "pgbench -S: TPS by client count",
+            "clients",
+            "TPS",
+            &by_clients,
+        ),
+    )
+    .unwrap();
+    let _ = writeln!(
+        md,
+        "## Throughput by client count and latency distributions\n\n![TPS by clients](bench-tps-by-clients.svg)\n"
+    );
+    for s in scenarios {
+        let cdf: Vec<(String, Vec<(f64, f64)>)> = Path_::ALL
+            .iter()
+            .map(|p| {
+                let mut all: Vec<f64> = results[&(*s, *p)]
+                    .iter()
+                    .flat_map(|x| x.lat_us.clone())
+                    .collect();
+                all.sort_by(f64::total_cmp);
+                // x = latency up to the 99th percentile, y = percentile.
+                let pts = (1..=99)
+                    .map(|q| (percentile(&all, f64::from(q) / 100.0), f64::from(q)))
+                    .collect();
+                (p.name().to_owned(), pts)
+            })
+            .collect();
+        let file = format!(
+            "bench-cdf-{}{}.svg",
+            if s.connect_per_tx {
+                "connect-"
+            } else {
+                "select-"
+            },
+            s.clients
+        );
+        std::fs::write(
+            b.out_dir.join(&file),
+            svg_lines(
+                &format!("{}: latency distribution (to p99)", s.name()),
+                "latency µs",
+                "percentile",
+                &cdf,
+            ),
+        )
+        .unwrap();
+        let _ = writeln!(md, "![{} latency distribution]({file})\n", s.name());
     }
     if let Ok(part) = std::fs::read_to_string(b.out_dir.join("benchmarks-tcp.md.part")) {
         md.push_str(&part);
