@@ -25,6 +25,11 @@ const PACKAGES: &[(&str, &str)] = &[
     ("ethtool", "/usr/sbin/ethtool"),
     ("iputils-ping", "/usr/bin/ping"),
     ("util-linux", "/usr/bin/setpriv"),
+    // native-tls (the controller's TLS to managed databases) builds against OpenSSL.
+    ("libssl-dev", "/usr/include/openssl/ssl.h"),
+    ("pkg-config", "/usr/bin/pkg-config"),
+    // The TLS lab test makes its certificates with the openssl command.
+    ("openssl", "/usr/bin/openssl"),
     ("postgresql-15", "/usr/lib/postgresql/15/bin/postgres"),
     ("postgresql-client-15", "/usr/lib/postgresql/15/bin/pgbench"),
 ];
