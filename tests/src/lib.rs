@@ -451,6 +451,7 @@ impl Drop for Lab {
             let _ = Command::new("ip")
                 .args(["netns", "del", &self.ns(ns)])
                 .output();
+            let _ = std::fs::remove_dir_all(Path::new("/etc/netns").join(self.ns(ns)));
         }
         if !std::thread::panicking() {
             let _ = std::fs::remove_dir_all(&self.work_dir);
