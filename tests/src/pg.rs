@@ -4,6 +4,16 @@ use std::{fmt::Write as _, path::PathBuf, process::Command, time::Duration};
 
 use crate::{Lab, Ns, PG_PORT, sh, wait_for};
 
+/// Runs the rest of a command line as the postgres user (the server refuses to run as root).
+pub const AS_POSTGRES: [&str; 6] = [
+    "setpriv",
+    "--reuid",
+    "postgres",
+    "--regid",
+    "postgres",
+    "--init-groups",
+];
+
 /// Where Debian keeps the server binaries.
 pub const PG_BIN: &str = "/usr/lib/postgresql/15/bin";
 
@@ -84,23 +94,21 @@ pub fn start_standby(lab: &mut Lab, ns: Ns, name: &str, primary_addr: &str) -> P
     lab.exec_ok(
         ns,
         &[
-            "setpriv",
-            "--reuid",
-            "postgres",
-            "--regid",
-            "postgres",
-            "--init-groups",
-            &format!("{PG_BIN}/pg_basebackup"),
-            "-h",
-            primary_addr,
-            "-U",
-            "postgres",
-            "-D",
-            &data,
-            "-R",
-            "-X",
-            "stream",
-        ],
+            &AS_POSTGRES[..],
+            &[
+                &format!("{PG_BIN}/pg_basebackup"),
+                "-h",
+                primary_addr,
+                "-U",
+                "postgres",
+                "-D",
+                &data,
+                "-R",
+                "-X",
+                "stream",
+            ],
+        ]
+        .concat(),
     );
     // The primary keeps its Unix socket in its data dir, so the copy carries its socket lock,
     // which names the primary's (live) postmaster.
@@ -127,17 +135,7 @@ fn launch(lab: &mut Lab, ns: Ns, name: &str, data_dir: &std::path::Path) -> u32 
     let postgres = format!("{PG_BIN}/postgres");
     let pid = lab.spawn(
         ns,
-        &[
-            "setpriv",
-            "--reuid",
-            "postgres",
-            "--regid",
-            "postgres",
-            "--init-groups",
-            &postgres,
-            "-D",
-            &data,
-        ],
+        &[&AS_POSTGRES[..], &[&postgres, "-D", &data]].concat(),
         &format!("pg-{name}.log"),
     );
     let isready = format!("{PG_BIN}/pg_isready");

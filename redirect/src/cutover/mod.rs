@@ -811,9 +811,9 @@ impl Controller {
         // replication applies in commit order, so once the target sees it, it has everything.
         self.set_phase("barrier");
         let t = Instant::now();
-        let fence_lsn;
+        // Logical: the marker is written first, so the fence LSN covers it.
+        let token = format!("{}-{}", rec.id, std::process::id());
         if logical {
-            let token = format!("{}-{}", rec.id, std::process::id());
             timed(
                 "source",
                 "writing the barrier marker",
@@ -822,15 +822,17 @@ impl Controller {
             )
             .await
             .map_err(abort("barrier"))?;
-            fence_lsn = timed(
-                "source",
-                "reading the fence LSN",
-                qt,
-                from_db.query_one(CURRENT_LSN, &[]),
-            )
-            .await
-            .map_err(abort("barrier"))?
-            .get::<_, String>(0);
+        }
+        let fence_lsn: String = timed(
+            "source",
+            "reading the fence LSN",
+            qt,
+            from_db.query_one(CURRENT_LSN, &[]),
+        )
+        .await
+        .map_err(abort("barrier"))?
+        .get(0);
+        if logical {
             loop {
                 if timed(
                     "target",
@@ -857,15 +859,6 @@ impl Controller {
                 tokio::time::sleep(Duration::from_millis(2)).await;
             }
         } else {
-            fence_lsn = timed(
-                "source",
-                "reading the fence LSN",
-                qt,
-                from_db.query_one(CURRENT_LSN, &[]),
-            )
-            .await
-            .map_err(abort("barrier"))?
-            .get::<_, String>(0);
             let want = parse_lsn(&fence_lsn).unwrap_or(u64::MAX);
             loop {
                 let replayed: Option<String> = timed(

@@ -248,15 +248,10 @@ impl Bench {
                 let pid = lab.spawn(
                     Ns::Proxy,
                     &[
-                        "setpriv",
-                        "--reuid",
-                        "postgres",
-                        "--regid",
-                        "postgres",
-                        "--init-groups",
-                        "pgbouncer",
-                        &ini.display().to_string(),
-                    ],
+                        &pg::AS_POSTGRES[..],
+                        &["pgbouncer", &ini.display().to_string()],
+                    ]
+                    .concat(),
                     "pgbouncer.log",
                 );
                 wait_port(lab, VIP);
