@@ -111,6 +111,72 @@ pub mod cutover {
             fenced_backend: NO_FENCE,
             _pad0: 0,
         };
+
+        /// Whether data from a client of `backend` is dropped at `now`, given `active`.
+        ///
+        /// The flip and the fence are one atomic state: while the fenced backend is still
+        /// `ACTIVE`, the fence holds only until its deadline (a controller that dies before
+        /// the flip strands nobody: the old server simply takes writes again). Once `ACTIVE`
+        /// names another backend, the fence on the old one no longer expires: the one map
+        /// write that flips also makes the fence permanent, so no crash between two writes
+        /// can leave old and new clients both writing.
+        #[inline(always)]
+        #[must_use]
+        pub fn fences(&self, backend: u32, active: u32, now: u64) -> bool {
+            backend == self.fenced_backend && (active != backend || now < self.fence_until_ns)
+        }
+
+        /// Whether a new connection's SYN is parked at `now`, given `active`. The hold only
+        /// covers the time before the flip: once `ACTIVE` moved off the fenced backend, new
+        /// connections go to the new one at once, whatever the deadline says.
+        #[inline(always)]
+        #[must_use]
+        pub fn holds(&self, active: u32, now: u64) -> bool {
+            now < self.hold_until_ns
+                && (self.fenced_backend == NO_FENCE || self.fenced_backend == active)
+        }
+    }
+
+    #[cfg(test)]
+    mod tests {
+        use super::*;
+
+        const SRC: u32 = 0;
+        const TGT: u32 = 1;
+
+        fn pre_flip(deadline: u64) -> Cutover {
+            Cutover {
+                hold_until_ns: deadline,
+                fence_until_ns: deadline,
+                fenced_backend: SRC,
+                _pad0: 0,
+            }
+        }
+
+        #[test]
+        fn before_the_flip_hold_and_fence_lapse_at_their_deadline() {
+            let c = pre_flip(100);
+            assert!(c.fences(SRC, SRC, 99) && c.holds(SRC, 99));
+            assert!(!c.fences(SRC, SRC, 100) && !c.holds(SRC, 100));
+            assert!(!c.fences(TGT, SRC, 50), "only the fenced backend");
+        }
+
+        #[test]
+        fn the_active_write_lifts_the_hold_and_makes_the_fence_permanent() {
+            let c = pre_flip(100);
+            // The same CUTOVER value, after ACTIVE moved: no hold, a fence that never lapses.
+            assert!(!c.holds(TGT, 50));
+            assert!(c.fences(SRC, TGT, 50) && c.fences(SRC, TGT, u64::MAX - 1));
+            assert!(!c.fences(TGT, TGT, 50), "the new server is never fenced");
+        }
+
+        #[test]
+        fn flipping_back_lifts_a_stale_fence() {
+            // After a cutover to the target, `flip --immediate --to source`.
+            let c = pre_flip(100);
+            assert!(!c.fences(SRC, SRC, 200));
+            assert!(!Cutover::IDLE.fences(SRC, SRC, 0) && !Cutover::IDLE.holds(SRC, 0));
+        }
     }
 
     /// A parked SYN, as `HELD` carries it to user space.

@@ -64,8 +64,8 @@ fn forward(ip: &mut Ipv4Hdr, tcp: &mut TcpHdr, cfg: &Config, cut: &Cutover, now:
         let entry = unsafe { &mut *entry };
         if !(pure_syn && is_closed(entry.flags)) {
             if entry.backend_id == cut.fenced_backend
-                && now < cut.fence_until_ns
                 && carries_data(ip, tcp)
+                && cut.fences(entry.backend_id, active_backend(), now)
             {
                 // The write fence: nothing a client sends (a query, a COMMIT) reaches the
                 // fenced server, whatever the role. Bare ACKs, FINs and RSTs still pass, so
@@ -94,7 +94,7 @@ fn forward(ip: &mut Ipv4Hdr, tcp: &mut TcpHdr, cfg: &Config, cut: &Cutover, now:
         }
         // The client reused the port of a closed connection: a new connection, which goes
         // to the active backend with a fresh SNAT port (the old one stays quarantined).
-        if now < cut.hold_until_ns {
+        if cut.holds(active_backend(), now) {
             return Verdict::Hold;
         }
         return open(&key, ip, tcp, cfg, now, true);
@@ -109,10 +109,19 @@ fn forward(ip: &mut Ipv4Hdr, tcp: &mut TcpHdr, cfg: &Config, cut: &Cutover, now:
             Verdict::Pass
         };
     }
-    if now < cut.hold_until_ns {
+    if cut.holds(active_backend(), now) {
         return Verdict::Hold;
     }
     open(&key, ip, tcp, cfg, now, false)
+}
+
+/// The `BACKENDS` index new connections go to (`NO_FENCE`, matching nothing, if unset).
+#[inline(always)]
+fn active_backend() -> u32 {
+    ACTIVE
+        .get(0)
+        .copied()
+        .unwrap_or(redirect_common::cutover::NO_FENCE)
 }
 
 /// A pure SYN with no live entry: pick the active backend, claim a SNAT port, track it.

@@ -38,6 +38,13 @@ pub enum Request {
     },
     Lag,
     HasDatabases,
+    /// Plan (and with `execute`, carry out) the end of the migration.
+    Finish {
+        execute: bool,
+        force: bool,
+    },
+    /// What the controller is doing, and what its last recovery did.
+    State,
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -103,6 +110,16 @@ async fn handle(stream: UnixStream, ctl: Arc<Controller>) -> std::io::Result<()>
     };
     let reply = match request {
         Request::HasDatabases => Reply::Ok(serde_json::json!(ctl.db.is_some())),
+        Request::State => Reply::Ok(serde_json::json!({
+            "phase": ctl.phase(),
+            "last_recovery": *crate::sync::lock(&ctl.last_recovery),
+        })),
+        Request::Finish { execute, force } => {
+            match crate::cutover::finish::finish(&ctl, execute, force).await {
+                Ok(r) => Reply::Ok(serde_json::to_value(r).expect("report serializes")),
+                Err(e) => Reply::Error(e.to_string()),
+            }
+        }
         Request::Lag => match ctl.measure_lag().await {
             Ok(l) => Reply::Ok(serde_json::to_value(l).expect("lag serializes")),
             Err(e) => Reply::Error(e.to_string()),

@@ -18,3 +18,4 @@ pub mod datapath;
 pub mod metrics;
 pub mod net;
 pub mod pg;
+pub mod sync;

@@ -2,7 +2,7 @@
 //! Errors end the process with one line on stderr and a non-zero status.
 
 use clap::Parser as _;
-use redirect::cli::{Cli, Command, connections, detach, flip, history, lag, run, status};
+use redirect::cli::{Cli, Command, connections, detach, finish, flip, history, lag, run, status};
 
 fn main() {
     let cli = Cli::parse();
@@ -32,6 +32,7 @@ fn main() {
         Command::Status(a) => status::run(a, &cli.pin_dir, &cli.socket),
         Command::Connections(a) => connections::run(a, &cli.pin_dir),
         Command::Detach(a) => detach::run(a, &cli.pin_dir),
+        Command::Finish(a) => finish::run(a, &cli.socket),
     };
     if let Err(e) = result {
         eprintln!("redirect: {e:#}");

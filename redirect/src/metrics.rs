@@ -11,23 +11,11 @@ use tokio_util::sync::CancellationToken;
 
 use crate::{conntrack, cutover::Controller, datapath::Role};
 
-const PHASES: [&str; 10] = [
-    "idle",
-    "preflight",
-    "hold",
-    "fence",
-    "barrier",
-    "sequences",
-    "reverse",
-    "flip",
-    "drain",
-    "aborting",
-];
 
 /// Renders every metric now.
 pub fn render(ctl: &Controller) -> String {
     let mut out = String::new();
-    let maps = ctl.maps.lock().expect("maps lock");
+    let maps = crate::sync::lock(&ctl.maps);
     let _ = writeln!(
         out,
         "# HELP redirect_active_backend 1 for the backend new connections go to.\n# TYPE redirect_active_backend gauge"
@@ -68,7 +56,7 @@ pub fn render(ctl: &Controller) -> String {
         }
     }
     drop(maps);
-    if let Some(lag) = ctl.last_lag.lock().expect("lag lock").as_ref() {
+    if let Some(lag) = crate::sync::lock(&ctl.last_lag).as_ref() {
         let _ = writeln!(
             out,
             "# HELP redirect_lag_bytes Replication lag in bytes.\n# TYPE redirect_lag_bytes gauge\nredirect_lag_bytes {}",
@@ -85,19 +73,19 @@ pub fn render(ctl: &Controller) -> String {
             u8::from(lag.healthy)
         );
     }
-    let phase = *ctl.phase.lock().expect("phase lock");
+    let phase = ctl.phase();
     let _ = writeln!(
         out,
         "# HELP redirect_cutover_phase 1 for the current cutover phase.\n# TYPE redirect_cutover_phase gauge"
     );
-    for p in PHASES {
+    for p in crate::cutover::Phase::ALL {
         let _ = writeln!(
             out,
             "redirect_cutover_phase{{phase=\"{p}\"}} {}",
             u8::from(p == phase)
         );
     }
-    if let Some(r) = ctl.last_report.lock().expect("report lock").as_ref() {
+    if let Some(r) = crate::sync::lock(&ctl.last_report).as_ref() {
         let _ = writeln!(
             out,
             "# HELP redirect_cutover_step_seconds Duration of each step of the last cutover.\n# TYPE redirect_cutover_step_seconds gauge"

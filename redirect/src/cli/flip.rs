@@ -77,18 +77,18 @@ pub fn run(args: &Args, pin_dir: &Path, socket: &Path) -> anyhow::Result<()> {
                 "--dry-run needs a running controller that knows both databases (redirect run --source-dsn … --target-dsn …)"
             );
         }
-        if has_db.is_none() && socket.exists() {
-            anyhow::bail!(
-                "the control socket {} exists but no controller answers; refusing to flip without the safe cutover (pass --immediate to flip the map only)",
-                socket.display()
-            );
-        }
+        // Without the safe cutover a flip is only a map write: no fence, no barrier, so
+        // writes in flight on the old server can be lost. Never do that implicitly.
+        anyhow::bail!(
+            "{}; refusing to flip without the safe cutover (pass --immediate to only write the map: no write fence, no LSN barrier)",
+            match has_db {
+                Some(_) => "the running controller has no --source-dsn/--target-dsn".to_owned(),
+                None if socket.exists() => format!("the control socket {} exists but no controller answers", socket.display()),
+                None => format!("no controller is running (no socket at {})", socket.display()),
+            }
+        );
     }
-    immediate(args, pin_dir, has_controller(socket))
-}
-
-fn has_controller(socket: &Path) -> bool {
-    std::os::unix::net::UnixStream::connect(socket).is_ok()
+    immediate(args, pin_dir)
 }
 
 fn millis(d: Duration) -> u64 {
@@ -149,13 +149,18 @@ fn safe(args: &Args, socket: &Path, rt: &tokio::runtime::Runtime) -> anyhow::Res
     Ok(())
 }
 
-fn immediate(args: &Args, pin_dir: &Path, controller_running: bool) -> anyhow::Result<()> {
+fn immediate(args: &Args, pin_dir: &Path) -> anyhow::Result<()> {
     let mut maps = Maps::open(pin_dir)?;
     let from = maps.active()?;
     let to_addr = maps
         .backend(args.to)?
         .ok_or_else(|| anyhow::anyhow!("the {} backend is not configured", args.to))?;
     maps.set_active(args.to)?;
+    // A fence left on the backend that is active again (after a cutover away from it) would
+    // drop every new connection's data there: clear it.
+    if maps.cutover()?.fenced_backend == args.to.index() {
+        maps.set_cutover(redirect_common::cutover::Cutover::IDLE)?;
+    }
     let other = match args.to {
         Role::Source => Role::Target,
         Role::Target => Role::Source,
@@ -186,15 +191,6 @@ fn immediate(args: &Args, pin_dir: &Path, controller_running: bool) -> anyhow::R
         println!("new connections now go to {} ({})", args.to, out.addr);
     }
     println!("{staying} live connection(s) stay on {other} until they close");
-    if !args.immediate {
-        eprintln!(
-            "note: immediate flip (no write fence, no LSN barrier): {}",
-            if controller_running {
-                "the controller has no --source-dsn/--target-dsn"
-            } else {
-                "no controller is running"
-            }
-        );
-    }
+    eprintln!("note: immediate flip: no write fence, no LSN barrier");
     Ok(())
 }

@@ -22,7 +22,7 @@ pub fn run(args: &Args, path: &Path) -> anyhow::Result<()> {
     }
     for e in entries {
         println!(
-            "{} {:<13} {:<9} {:>9} {:<12} {:<12} {}",
+            "{} {:<13} {:<21} {:>9} {:<12} {:<12} {}",
             e.time,
             e.cutover,
             e.step,

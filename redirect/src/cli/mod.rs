@@ -6,6 +6,7 @@ use clap::{Parser, Subcommand};
 
 pub mod connections;
 pub mod detach;
+pub mod finish;
 pub mod flip;
 pub mod history;
 pub mod lag;
@@ -49,6 +50,7 @@ pub enum Command {
     Status(status::Args),
     Connections(connections::Args),
     Detach(detach::Args),
+    Finish(finish::Args),
 }
 
 /// An inclusive port range, written `LO-HI`.

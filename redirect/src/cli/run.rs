@@ -15,7 +15,7 @@ use super::PortRange;
 use crate::{
     conntrack::{self, Timeouts},
     control,
-    cutover::{Controller, Databases},
+    cutover::{Controller, Databases, Phase, recover},
     datapath::{self, AttachMode, BackendAddr, Maps, Spec},
     metrics, net,
     pg::{Dsn, PasswordSources, lag::Replication},
@@ -237,10 +237,11 @@ pub async fn run(args: Args, pin_dir: &Path, socket: &Path, journal: &Path) -> a
         ebpf: Mutex::new(report.ebpf),
         db,
         journal_path: journal.to_path_buf(),
-        busy: tokio::sync::Mutex::new(()),
-        phase: Mutex::new("idle"),
+        busy: Arc::new(tokio::sync::Mutex::new(())),
+        phase: Mutex::new(Phase::Idle),
         last_lag: Mutex::new(None),
         last_report: Mutex::new(None),
+        last_recovery: Mutex::new(None),
     });
     let shutdown = CancellationToken::new();
     tokio::spawn({
@@ -255,27 +256,46 @@ pub async fn run(args: Args, pin_dir: &Path, socket: &Path, journal: &Path) -> a
         ctl.clone(),
         shutdown.clone(),
     ));
-    {
-        // Under the cutover lock: a flip that arrives meanwhile waits for this to finish.
-        let _busy = ctl.busy.lock().await;
-        match ctl.recover().await {
-            Ok(Some(what)) => {
-                warn!(recovery = %what, "the previous controller stopped mid-cutover");
-            }
-            Ok(None) => {}
-            Err(e) => warn!(error = %e, "could not check the journal for an unfinished cutover"),
+    // Under the cutover lock, so a flip that arrives meanwhile is refused as busy: finish or
+    // undo what a previous controller left, prepare the barrier, then resume its drain in the
+    // background (the controller serves status, metrics and GC meanwhile).
+    let busy = ctl.busy.clone().lock_owned().await;
+    let pending = match recover::recover(&ctl).await {
+        Ok(Some((what, pending))) => {
+            warn!(recovery = %what, "the previous controller stopped mid-cutover");
+            pending
         }
-        if ctl.db.is_some() {
-            match ctl.prepare().await {
-                Ok(()) => info!(
-                    table = crate::cutover::BARRIER_TABLE,
-                    "the barrier table replicates; cutovers are ready"
-                ),
-                Err(e) => {
-                    warn!(error = %e, "could not prepare the barrier table; a cutover will try again");
+        Ok(None) => None,
+        Err(e) => {
+            warn!(error = %e, "could not check the journal for an unfinished cutover");
+            None
+        }
+    };
+    if ctl.db.is_some() {
+        match ctl.prepare().await {
+            Ok(()) => info!(
+                table = crate::cutover::BARRIER_TABLE,
+                "the barrier table replicates; cutovers are ready"
+            ),
+            Err(e) => {
+                warn!(error = %e, "could not prepare the barrier table; a cutover will try again");
+            }
+        }
+    }
+    if let Some(p) = pending {
+        tokio::spawn({
+            let ctl = ctl.clone();
+            async move {
+                let _busy = busy;
+                match recover::resume_drain(&ctl, p).await {
+                    Ok(what) => info!(recovery = %what, "the interrupted cutover is finished"),
+                    Err(e) => warn!(error = %e, "resuming the drain"),
                 }
+                ctl.set_phase(Phase::Idle);
             }
-        }
+        });
+    } else {
+        drop(busy);
     }
     match tokio::net::TcpListener::bind(args.metrics_addr).await {
         Ok(l) => {
@@ -304,7 +324,7 @@ async fn watch_lag(ctl: Arc<Controller>, interval: Duration, shutdown: Cancellat
             () = shutdown.cancelled() => return,
             _ = tick.tick() => {}
         }
-        if *ctl.phase.lock().expect("phase lock") != "idle" {
+        if ctl.phase() != Phase::Idle {
             continue;
         }
         if let Err(e) = ctl.measure_lag().await {
@@ -330,7 +350,7 @@ pub async fn serve_gc(
         // A pass is a few map syscalls per entry; at 1M entries it takes seconds, which is
         // fine for a dedicated task (block_in_place keeps the runtime's other tasks running).
         let result = tokio::task::block_in_place(|| {
-            let mut maps = ctl.maps.lock().expect("maps lock");
+            let mut maps = crate::sync::lock(&ctl.maps);
             conntrack::gc(&mut maps, &timeouts)
         });
         match result {

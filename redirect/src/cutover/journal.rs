@@ -10,24 +10,90 @@ use std::{
 
 use serde::{Deserialize, Serialize};
 
-/// One step of one cutover.
+use crate::datapath::Role;
+
+/// A step of the cutover protocol, as the journal records it. Steps ending in `-ing` are
+/// written *before* their effect (write-ahead), so a successor knows what may need undoing
+/// even if the controller died in the middle of it.
+#[derive(Clone, Copy, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "kebab-case")]
+pub enum Step {
+    /// The request, the replication it relies on (subscription, slot) and the drain budget.
+    #[default]
+    Start,
+    Prepare,
+    Rehearsal,
+    Preflight,
+    Hold,
+    Fence,
+    Barrier,
+    Sequences,
+    /// About to disable the subscription named in the entry (write-ahead).
+    Disabling,
+    /// About to create the reverse slot (write-ahead).
+    CreatingReverseSlot,
+    /// Replication turned around (forward stopped, reverse slot made) or promoted.
+    Reverse,
+    /// `ACTIVE` now names the new server; carries the drain deadline.
+    Flip,
+    Release,
+    ReverseSubscription,
+    Drain,
+    Done,
+    Aborted,
+    Recovered,
+    /// `redirect finish` retired the migration's replication.
+    Finished,
+    /// A step name this version does not know (a newer journal).
+    #[serde(other)]
+    Unknown,
+}
+
+impl std::fmt::Display for Step {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let v = serde_json::to_value(self).expect("steps serialize");
+        f.write_str(v.as_str().unwrap_or("?"))
+    }
+}
+
+impl Step {
+    /// Whether the cutover this step belongs to has ended.
+    #[must_use]
+    pub fn ends_cutover(self) -> bool {
+        matches!(self, Self::Done | Self::Aborted | Self::Recovered | Self::Finished)
+    }
+}
+
+/// One step of one cutover, with what the controller learned at it.
 #[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
 pub struct Entry {
     /// Wall-clock time, RFC 3339 (UTC).
     pub time: String,
     /// Identifies the cutover (its start time in ms since the epoch).
     pub cutover: String,
-    /// `start`, `preflight`, `hold`, `fence`, `barrier`, `sequences`, `reverse`, `flip`,
-    /// `release`, `drain`, `done`, `aborted`, `recovered`.
-    pub step: String,
-    pub from: String,
-    pub to: String,
-    #[serde(skip_serializing_if = "Option::is_none")]
+    pub step: Step,
+    pub from: Option<Role>,
+    pub to: Option<Role>,
+    #[serde(skip_serializing_if = "Option::is_none", default)]
     pub duration_ms: Option<f64>,
-    #[serde(skip_serializing_if = "Option::is_none")]
+    #[serde(skip_serializing_if = "Option::is_none", default)]
     pub source_lsn: Option<String>,
-    #[serde(skip_serializing_if = "Option::is_none")]
+    #[serde(skip_serializing_if = "Option::is_none", default)]
     pub target_lsn: Option<String>,
+    /// The subscription this step concerns (on `start`: the one carrying the old server's
+    /// writes to the new one, discovered or configured), so a rollback or a successor
+    /// finds it without `--subscription`.
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub subscription: Option<String>,
+    /// That subscription's slot on its publisher.
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub slot: Option<String>,
+    /// On `start`: the drain budget asked for.
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub drain_timeout_ms: Option<u64>,
+    /// On `flip`: when the drain ends, in ms since the Unix epoch (a successor resumes it).
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub drain_until_ms: Option<u64>,
     #[serde(skip_serializing_if = "String::is_empty", default)]
     pub detail: String,
 }
@@ -106,14 +172,30 @@ pub fn unfinished(entries: &[Entry]) -> Option<Vec<Entry>> {
         .filter(|e| e.cutover == last.cutover)
         .cloned()
         .collect();
-    let ended = steps
-        .iter()
-        .any(|e| matches!(e.step.as_str(), "done" | "aborted" | "recovered"));
+    let ended = steps.iter().any(|e| e.step.ends_cutover());
     (!ended).then_some(steps)
 }
 
 fn now_rfc3339() -> String {
     humantime::format_rfc3339_millis(SystemTime::now()).to_string()
+}
+
+/// The subscription (and its slot) that last carried `from`'s writes to `to`, as an earlier
+/// cutover in that direction discovered it.
+#[must_use]
+pub fn known_subscription(entries: &[Entry], from: Role, to: Role) -> Option<(String, Option<String>)> {
+    entries
+        .iter()
+        .rev()
+        .filter(|e| e.step == Step::Start && e.from == Some(from) && e.to == Some(to))
+        .find_map(|e| e.subscription.clone().map(|s| (s, e.slot.clone())))
+}
+
+/// Milliseconds since the Unix epoch.
+#[must_use]
+pub fn unix_ms(t: SystemTime) -> u64 {
+    t.duration_since(UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
 }
 
 /// A fresh cutover id.
@@ -135,22 +217,46 @@ mod tests {
         let path = dir.join("j.jsonl");
         let _ = std::fs::remove_file(&path);
         let mut j = Journal::open(&path).unwrap();
-        let e = |id: &str, step: &str| Entry {
+        let e = |id: &str, step: Step| Entry {
             cutover: id.into(),
-            step: step.into(),
+            step,
+            from: Some(Role::Source),
+            to: Some(Role::Target),
             ..Entry::default()
         };
-        j.append(e("1", "start")).unwrap();
-        j.append(e("1", "done")).unwrap();
+        j.append(Entry {
+            subscription: Some("fwd".into()),
+            slot: Some("fwd_slot".into()),
+            ..e("1", Step::Start)
+        })
+        .unwrap();
+        j.append(e("1", Step::Done)).unwrap();
         assert!(unfinished(&read(&path).unwrap()).is_none());
-        j.append(e("2", "start")).unwrap();
-        j.append(e("2", "flip")).unwrap();
-        let open = unfinished(&read(&path).unwrap()).unwrap();
+        j.append(e("2", Step::Start)).unwrap();
+        j.append(e("2", Step::Flip)).unwrap();
+        let all = read(&path).unwrap();
+        let open = unfinished(&all).unwrap();
         assert_eq!(
-            open.iter().map(|e| e.step.as_str()).collect::<Vec<_>>(),
-            ["start", "flip"]
+            open.iter().map(|e| e.step).collect::<Vec<_>>(),
+            [Step::Start, Step::Flip]
         );
         assert!(!open[0].time.is_empty());
+        // The forward subscription is remembered from the first cutover, not the second's
+        // (which had none), and nothing is known for the other direction.
+        assert_eq!(
+            known_subscription(&all, Role::Source, Role::Target),
+            Some(("fwd".into(), Some("fwd_slot".into())))
+        );
+        assert_eq!(known_subscription(&all, Role::Target, Role::Source), None);
         let _ = std::fs::remove_dir_all(dir);
+    }
+
+    #[test]
+    fn journals_of_the_previous_version_still_read() {
+        let old = r#"{"time":"t","cutover":"1","step":"flip","from":"source","to":"target","detail":"x"}"#;
+        let e: Entry = serde_json::from_str(old).unwrap();
+        assert_eq!((e.step, e.to), (Step::Flip, Some(Role::Target)));
+        let newer = r#"{"time":"t","cutover":"1","step":"teleport","from":"source","to":"target"}"#;
+        assert_eq!(serde_json::from_str::<Entry>(newer).unwrap().step, Step::Unknown);
     }
 }

@@ -1,0 +1,129 @@
+//! Step 4: the LSN barrier, observed directly.
+//!
+//! Logical: a marker row written on the old server after the fence; logical replication
+//! applies in commit order, so once the new server has the marker it has every earlier
+//! commit. Physical: the old server's WAL *insert* position after the fence (the write
+//! position can lag behind records already inserted), replayed by the standby.
+
+use std::time::{Duration, Instant};
+
+use super::{
+    CutoverError, Phase, Run,
+    journal::{Entry, Step},
+    preflight::{SEE_MARKER, WRITE_MARKER},
+};
+use crate::{datapath::Role, pg::parse_lsn};
+
+const CURRENT_LSN: &str = "SELECT pg_current_wal_lsn()::text";
+const INSERT_LSN: &str = "SELECT pg_current_wal_insert_lsn()::text";
+const REPLAY_LSN: &str = "SELECT pg_last_wal_replay_lsn()::text";
+
+/// Waits until the new server has applied everything the old one committed before the fence.
+pub async fn wait_for_new_server(run: &mut Run) -> Result<(), CutoverError> {
+    run.ctl.set_phase(Phase::Barrier);
+    let t = Instant::now();
+    if !run.barrier {
+        run.rec.step(
+            Step::Barrier,
+            t,
+            format!("SKIPPED (forced, no replication): the {}'s writes since the last cutover are not on the {}", run.from, run.to),
+        )?;
+        return Ok(());
+    }
+    let (fence_lsn, applied) = if run.logical {
+        logical(run).await?
+    } else {
+        physical(run).await?
+    };
+    run.report.barrier_ms = t.elapsed().as_secs_f64() * 1000.0;
+    run.report.fence_lsn = Some(fence_lsn.clone());
+    run.report.applied_lsn.clone_from(&applied);
+    let (source_lsn, target_lsn) = if run.from == Role::Source {
+        (Some(fence_lsn.clone()), applied)
+    } else {
+        (applied, Some(fence_lsn.clone()))
+    };
+    let detail = format!("the {} has applied everything up to {fence_lsn}", run.to);
+    run.rec.log(
+        t,
+        Entry {
+            step: Step::Barrier,
+            source_lsn,
+            target_lsn,
+            detail,
+            ..Entry::default()
+        },
+    )
+}
+
+async fn logical(run: &Run) -> Result<(String, Option<String>), CutoverError> {
+    let token = format!("{}-{}", run.rec.id, std::process::id());
+    run.query(
+        Phase::Barrier,
+        "old server",
+        "writing the barrier marker",
+        run.from_db.execute(WRITE_MARKER, &[&token]),
+    )
+    .await?;
+    let fence_lsn: String = run
+        .query(Phase::Barrier, "old server", "reading the fence LSN", run.from_db.query_one(CURRENT_LSN, &[]))
+        .await?
+        .get(0);
+    loop {
+        let seen = run
+            .query(
+                Phase::Barrier,
+                "new server",
+                "looking for the marker",
+                run.to_db.query_opt(SEE_MARKER, &[&token]),
+            )
+            .await?;
+        if seen.is_some() {
+            break;
+        }
+        if run.remaining().is_zero() {
+            return Err(CutoverError::abort(
+                Phase::Barrier,
+                format!("the {} did not apply the marker within --timeout {:?}", run.to, run.req.timeout),
+            ));
+        }
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    let applied = run
+        .query(Phase::Barrier, "new server", "reading its LSN", run.to_db.query_one(CURRENT_LSN, &[]))
+        .await
+        .ok()
+        .map(|r| r.get::<_, String>(0));
+    Ok((fence_lsn, applied))
+}
+
+async fn physical(run: &Run) -> Result<(String, Option<String>), CutoverError> {
+    let fence_lsn: String = run
+        .query(Phase::Barrier, "old server", "reading the WAL insert position", run.from_db.query_one(INSERT_LSN, &[]))
+        .await?
+        .get(0);
+    let want = parse_lsn(&fence_lsn).ok_or_else(|| {
+        CutoverError::abort(Phase::Barrier, format!("the old server returned an unreadable LSN {fence_lsn:?}"))
+    })?;
+    loop {
+        let replayed: Option<String> = run
+            .query(Phase::Barrier, "new server", "reading the replay LSN", run.to_db.query_one(REPLAY_LSN, &[]))
+            .await?
+            .get(0);
+        if let Some(r) = replayed.as_deref() {
+            let r = parse_lsn(r).ok_or_else(|| {
+                CutoverError::abort(Phase::Barrier, format!("the standby returned an unreadable LSN {r:?}"))
+            })?;
+            if r >= want {
+                return Ok((fence_lsn, replayed));
+            }
+        }
+        if run.remaining().is_zero() {
+            return Err(CutoverError::abort(
+                Phase::Barrier,
+                format!("the {} did not replay {fence_lsn} within --timeout {:?}", run.to, run.req.timeout),
+            ));
+        }
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+}

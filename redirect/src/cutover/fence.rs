@@ -1,0 +1,87 @@
+//! Step 3: the fence in the database.
+//!
+//! The datapath already drops every data packet a proxied client sends to the old server.
+//! What it cannot stop is a query that arrived *before* the fence and still sits unread in a
+//! backend's socket (the backend was not scheduled, or looked idle in `pg_stat_activity` a
+//! moment before reading it). So every proxied session on the old server is ended, busy or
+//! idle, whatever `pg_stat_activity` says its state is, and the cutover waits until each
+//! one has exited. After that, no commit on the old server can happen that is not already in
+//! its WAL before the barrier's marker. Idle pooled clients lose a connection they could no
+//! longer use anyway (the fence drops their data) and learn it now, from the server's FATAL,
+//! instead of at the drain.
+
+use std::time::{Duration, Instant};
+
+use super::{CutoverError, Phase, Run, journal::Step};
+
+/// Every proxied session: it comes from the SNAT address and a port in the SNAT range
+/// (`run` reserves that range from the host's own ephemeral ports, so the controller's own
+/// sessions are never in it). The candidates are materialized first: in a single WHERE the
+/// planner may evaluate `pg_terminate_backend()` before the other conditions.
+const END_PROXIED: &str = "WITH proxied AS MATERIALIZED (SELECT pid FROM pg_stat_activity \
+     WHERE backend_type = 'client backend' AND pid <> pg_backend_pid() \
+     AND host(client_addr) = $1 AND client_port BETWEEN $2 AND $3) \
+     SELECT pid FROM proxied WHERE pg_terminate_backend(pid)";
+const STILL_RUNNING: &str =
+    "SELECT coalesce(array_agg(pid), '{}') FROM pg_stat_activity WHERE pid = ANY($1)";
+
+/// Ends every proxied session on the old server and waits for each to exit.
+pub async fn end_old_sessions(run: &mut Run) -> Result<(), CutoverError> {
+    run.ctl.set_phase(Phase::Fence);
+    let t = Instant::now();
+    // Packets already past the datapath get a moment to reach their sockets.
+    tokio::time::sleep(Duration::from_millis(5)).await;
+    let (lo, hi) = (i32::from(run.snat_ports.0), i32::from(run.snat_ports.1));
+    let pids: Vec<i32> = run
+        .query(
+            Phase::Fence,
+            "old server",
+            "ending proxied sessions",
+            run.from_db.query(END_PROXIED, &[&run.from_snat, &lo, &hi]),
+        )
+        .await?
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    let mut waited_for = Vec::new();
+    while !pids.is_empty() {
+        let left: Vec<i32> = run
+            .query(
+                Phase::Fence,
+                "old server",
+                "waiting for ended sessions to exit",
+                run.from_db.query_one(STILL_RUNNING, &[&pids]),
+            )
+            .await?
+            .get(0);
+        if left.is_empty() {
+            break;
+        }
+        if run.remaining().is_zero() {
+            return Err(CutoverError::abort(
+                Phase::Fence,
+                format!(
+                    "session(s) {left:?} on the {} did not exit before --timeout {:?} (a backend that is not being scheduled?); every one must exit before the barrier",
+                    run.from, run.req.timeout
+                ),
+            ));
+        }
+        waited_for = left;
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    run.report.terminated_at_fence = pids.len() as u64;
+    run.rec.step(
+        Step::Fence,
+        t,
+        format!(
+            "{} proxied session(s) on the {} ended and exited{}",
+            pids.len(),
+            run.from,
+            if waited_for.is_empty() {
+                String::new()
+            } else {
+                format!(" (waited for {waited_for:?})")
+            }
+        ),
+    )
+}

@@ -1,0 +1,155 @@
+//! `redirect finish`: end a completed migration. It retires the replication the migration no
+//! longer needs (the forward subscription and its slot on the old primary, the reverse
+//! subscription, slot and publication) and lifts the stale fence, after showing what it will
+//! do. Slots left behind retain WAL without bound, so this is the last step of a migration.
+
+use std::time::Instant;
+
+use serde::Serialize;
+use tokio_postgres::Client;
+
+use super::{
+    Controller, CutoverError, Phase, PhaseGuard, REVERSE,
+    journal::{self, Entry, Journal, Step},
+    quote_ident,
+};
+use crate::{conntrack, datapath::Role, pg::lag::Replication, sync::lock};
+
+/// What `finish` will do (or did).
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct FinishReport {
+    pub executed: bool,
+    pub plan: Vec<String>,
+    pub done: Vec<String>,
+    pub left_alone: Vec<String>,
+}
+
+/// One thing to retire: where, what to run, and how to describe it.
+struct Action {
+    on: Role,
+    sql: String,
+    what: String,
+}
+
+const SUB_SLOT: &str = "SELECT subslotname::text FROM pg_subscription WHERE subname = $1";
+const SUB_EXISTS: &str = "SELECT count(*)::int8 FROM pg_subscription WHERE subname = $1";
+const SLOT_EXISTS: &str = "SELECT count(*)::int8 FROM pg_replication_slots WHERE slot_name = $1";
+const PUB_EXISTS: &str = "SELECT count(*)::int8 FROM pg_publication WHERE pubname = $1";
+
+async fn count(db: &Client, sql: &str, name: &str) -> Result<bool, CutoverError> {
+    Ok(db.query_one(sql, &[&name]).await.map_err(|e| CutoverError::Refused(format!("{e}")))?.get::<_, i64>(0) > 0)
+}
+
+fn drop_sub(name: &str) -> String {
+    let n = quote_ident(name);
+    format!("ALTER SUBSCRIPTION {n} DISABLE; ALTER SUBSCRIPTION {n} SET (slot_name = NONE); DROP SUBSCRIPTION {n}")
+}
+
+fn drop_slot(name: &str) -> String {
+    format!(
+        "SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots WHERE slot_name = {} AND NOT active",
+        super::quote_literal(name)
+    )
+}
+
+/// Plans, and with `execute` carries out, the end of the migration.
+pub async fn finish(ctl: &Controller, execute: bool, force: bool) -> Result<FinishReport, CutoverError> {
+    let Ok(_busy) = ctl.busy.try_lock() else {
+        return Err(CutoverError::Busy(ctl.phase()));
+    };
+    let db = ctl.db.clone().ok_or(CutoverError::NoDatabases)?;
+    if ctl.active()? != Role::Target {
+        return Err(CutoverError::Refused(
+            "new connections go to the source: there is no completed cutover to finish (finish ends a migration after `flip --to target`)".into(),
+        ));
+    }
+    let pinned_to_source = {
+        let maps = lock(&ctl.maps);
+        let src = maps.backend(Role::Source)?.map(|b| b.addr);
+        conntrack::list(&maps)?
+            .iter()
+            .filter(|c| Some(c.backend_addr) == src && c.state.is_live())
+            .count()
+    };
+    if pinned_to_source > 0 && !force {
+        return Err(CutoverError::Refused(format!(
+            "{pinned_to_source} connection(s) are still pinned to the source; let the drain end them, or pass --force"
+        )));
+    }
+    let (source, target) = (db.source.connect().await?, db.target.connect().await?);
+    let mut actions = Vec::new();
+    let mut report = FinishReport::default();
+    if db.replication == Replication::Logical {
+        let entries = journal::read(&ctl.journal_path)?;
+        let known = journal::known_subscription(&entries, Role::Source, Role::Target);
+        let fwd = db.subscription.clone().or(known.as_ref().map(|(s, _)| s.clone()));
+        if let Some(fwd) = fwd {
+            let slot = target
+                .query_opt(SUB_SLOT, &[&fwd])
+                .await
+                .ok()
+                .flatten()
+                .and_then(|r| r.get::<_, Option<String>>(0))
+                .or(known.and_then(|(_, slot)| slot));
+            if count(&target, SUB_EXISTS, &fwd).await? {
+                actions.push(Action { on: Role::Target, sql: drop_sub(&fwd), what: format!("drop the forward subscription {fwd} on the target") });
+            }
+            if let Some(slot) = slot
+                && count(&source, SLOT_EXISTS, &slot).await?
+            {
+                actions.push(Action { on: Role::Source, sql: drop_slot(&slot), what: format!("drop the forward slot {slot} on the source (it retains the source's WAL)") });
+            }
+        } else {
+            report.left_alone.push("the forward subscription is unknown (no --subscription and none journaled): drop it and its slot by hand".into());
+        }
+        if count(&source, SUB_EXISTS, REVERSE).await? {
+            actions.push(Action { on: Role::Source, sql: drop_sub(REVERSE), what: format!("drop the reverse subscription {REVERSE} on the source (rollback will no longer be possible)") });
+        }
+        if count(&target, SLOT_EXISTS, REVERSE).await? {
+            actions.push(Action { on: Role::Target, sql: drop_slot(REVERSE), what: format!("drop the reverse slot {REVERSE} on the target (it retains the target's WAL)") });
+        }
+        if count(&target, PUB_EXISTS, REVERSE).await? {
+            actions.push(Action { on: Role::Target, sql: format!("DROP PUBLICATION {REVERSE}"), what: format!("drop the reverse publication {REVERSE} on the target") });
+        }
+        report.left_alone.push(format!(
+            "{} and the source's own publication(s): drop them when you like",
+            super::BARRIER_TABLE
+        ));
+    } else {
+        report.left_alone.push("physical replication: the old primary is no longer followed; decommission or rebuild it".into());
+    }
+    let fence = lock(&ctl.maps).cutover()?;
+    let stale_fence = fence.fenced_backend != redirect_common::cutover::NO_FENCE;
+    report.plan = actions.iter().map(|a| a.what.clone()).collect();
+    if stale_fence {
+        report.plan.push("lift the datapath's stale fence on the source".into());
+    }
+    if !execute {
+        return Ok(report);
+    }
+    let _idle_after = PhaseGuard(ctl);
+    ctl.set_phase(Phase::Finishing);
+    let t = Instant::now();
+    for a in &actions {
+        let c = if a.on == Role::Source { &source } else { &target };
+        match c.batch_execute(&a.sql).await {
+            Ok(()) => report.done.push(a.what.clone()),
+            Err(e) => report.done.push(format!("FAILED to {}: {e}", a.what)),
+        }
+    }
+    if stale_fence {
+        lock(&ctl.maps).set_cutover(redirect_common::cutover::Cutover::IDLE)?;
+        report.done.push("stale fence lifted".into());
+    }
+    report.executed = true;
+    Journal::open(&ctl.journal_path)?.append(Entry {
+        cutover: journal::new_id(),
+        step: Step::Finished,
+        from: Some(Role::Source),
+        to: Some(Role::Target),
+        duration_ms: Some(t.elapsed().as_secs_f64() * 1000.0),
+        detail: report.done.join("; "),
+        ..Entry::default()
+    })?;
+    Ok(report)
+}

@@ -1,0 +1,91 @@
+//! Step 7: the flip, the cutover's one commit point, and the release of held connections.
+
+use std::time::{Duration, Instant, SystemTime};
+
+use redirect_common::cutover::Cutover;
+
+use super::{
+    CutoverError, Phase, Run,
+    journal::{self, Entry, Step},
+};
+use crate::sync::lock;
+
+/// Writes `ACTIVE`, if and only if the fence has held without a gap since the barrier.
+///
+/// That one write moves new connections, lifts the hold and makes the old server's fence
+/// permanent (`Cutover::fences`/`holds` read `ACTIVE`), so a crash right after it leaves a
+/// consistent state. Before it, any error is undone; after it, nothing is.
+pub fn commit(run: &mut Run) -> Result<(), CutoverError> {
+    run.ctl.set_phase(Phase::Flip);
+    run.check_deadline(Phase::Flip)?;
+    let t = Instant::now();
+    {
+        let mut maps = lock(&run.ctl.maps);
+        let lease = run
+            .lease
+            .as_ref()
+            .ok_or_else(|| CutoverError::abort(Phase::Flip, "no hold was taken"))?;
+        if !lease.unbroken(&maps)? {
+            return Err(CutoverError::abort(
+                Phase::Flip,
+                "the fence lapsed before the flip (the controller stalled longer than its lease), so a client may have written to the old server after the barrier",
+            ));
+        }
+        maps.set_active(run.to)?;
+        lease.stop();
+        // Tidy only: with ACTIVE moved, the hold no longer applies and the fence no longer
+        // expires, whatever these deadlines say.
+        let _ = maps.set_cutover(Cutover {
+            hold_until_ns: 0,
+            fence_until_ns: 0,
+            fenced_backend: run.from.index(),
+            _pad0: 0,
+        });
+    }
+    run.undo = super::Undo::default();
+    run.report.write_pause_ms = run.held_at.elapsed().as_secs_f64() * 1000.0;
+    let drain_until = SystemTime::now() + run.req.drain_timeout;
+    let detail = format!("new connections go to the {}", run.to);
+    run.rec.note(
+        t,
+        Entry {
+            step: Step::Flip,
+            source_lsn: run.report.fence_lsn.clone(),
+            target_lsn: run.report.applied_lsn.clone(),
+            drain_until_ms: Some(journal::unix_ms(drain_until)),
+            detail,
+            ..Entry::default()
+        },
+    );
+    Ok(())
+}
+
+/// Re-injects every parked SYN, which the datapath now sends to the new server.
+pub fn release(run: &mut Run) {
+    run.ctl.set_phase(Phase::Release);
+    let t = Instant::now();
+    let released = release_twice(&run.ctl);
+    run.report.held_syns = released.as_ref().map_or(0, |n| *n);
+    run.report.hold_ms = run.held_at.elapsed().as_secs_f64() * 1000.0;
+    let detail = match released {
+        Ok(n) => format!("{n} held connection(s) released to the {}", run.to),
+        Err(e) => format!("releasing held connections failed ({e}); their clients retransmit to the {}", run.to),
+    };
+    run.rec.note(
+        t,
+        Entry {
+            step: Step::Release,
+            detail,
+            ..Entry::default()
+        },
+    );
+}
+
+/// Two passes: a CPU that read the hold just before it was lifted may park its SYN a moment
+/// after the first; the second picks it up instead of leaving it to a 1 s client retransmit.
+pub fn release_twice(ctl: &super::Controller) -> Result<u64, CutoverError> {
+    let mut n = ctl.release_held()?;
+    std::thread::sleep(Duration::from_millis(2));
+    n += ctl.release_held()?;
+    Ok(n)
+}

@@ -1,0 +1,134 @@
+//! Step 2: hold new connections and fence the old server, under a lease.
+//!
+//! The kernel enforces the hold and the fence only until a deadline [`LEASE`] ahead, and a
+//! task renews it every [`RENEW_EVERY`] while the cutover lives. A controller that dies (or
+//! stalls) therefore strands nobody for longer than the lease: the hold lapses, held clients
+//! retransmit to the old server, which is still `ACTIVE` and still the truth. A step that is
+//! merely slow never lets the fence lapse, because the lease is renewed, and `--timeout` is
+//! enforced by the controller. If the lease ever did lapse (the whole process stalled past
+//! it), the flip refuses: a client may have written to the old server after the barrier.
+
+use std::{
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
+    time::{Duration, Instant},
+};
+
+use redirect_common::cutover::Cutover;
+use tracing::warn;
+
+use super::{CutoverError, Phase, Run, journal::Step};
+use crate::{clock, datapath::Maps, sync::lock};
+
+/// How long the kernel keeps a hold and a fence without a renewal.
+pub const LEASE: Duration = Duration::from_millis(1500);
+/// How often the lease is renewed.
+pub const RENEW_EVERY: Duration = Duration::from_millis(200);
+/// The flip only happens with at least this much of the lease left.
+const FLIP_MARGIN: Duration = Duration::from_millis(200);
+
+/// A renewed hold and fence on one backend.
+pub struct Lease {
+    state: Arc<State>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+struct State {
+    /// Set under the maps lock: no renewal is written after it.
+    stopped: AtomicBool,
+    /// The deadline passed before a renewal: the fence had a gap.
+    lapsed: AtomicBool,
+}
+
+fn ns(d: Duration) -> u64 {
+    u64::try_from(d.as_nanos()).unwrap_or(u64::MAX)
+}
+
+fn leased(fenced: u32, now_ns: u64) -> Cutover {
+    let until = now_ns + ns(LEASE);
+    Cutover {
+        hold_until_ns: until,
+        fence_until_ns: until,
+        fenced_backend: fenced,
+        _pad0: 0,
+    }
+}
+
+/// Hold and fence in one map write: from here no new connection starts anywhere and no
+/// proxied client's query or COMMIT reaches the old server.
+pub fn hold_and_fence(run: &mut Run) -> Result<(), CutoverError> {
+    run.ctl.set_phase(Phase::Hold);
+    let t = Instant::now();
+    run.held_at = t;
+    run.deadline = t + run.req.timeout;
+    run.undo.datapath = true;
+    let fenced = run.from.index();
+    lock(&run.ctl.maps).set_cutover(leased(fenced, clock::monotonic_ns()))?;
+    let state = Arc::new(State {
+        stopped: AtomicBool::new(false),
+        lapsed: AtomicBool::new(false),
+    });
+    // The renewer stops by itself a little after --timeout: by then the cutover has either
+    // flipped or is undoing, and a stuck controller must not hold clients for ever.
+    let give_up = run.deadline + LEASE;
+    let task = tokio::spawn(renew(run.ctl.clone(), state.clone(), fenced, give_up));
+    run.lease = Some(Lease { state, task });
+    run.rec.step(
+        Step::Hold,
+        t,
+        format!(
+            "new SYNs parked and the {} fenced (kernel lease {:?}, renewed; --timeout {:?})",
+            run.from, LEASE, run.req.timeout
+        ),
+    )
+}
+
+async fn renew(
+    ctl: Arc<super::Controller>,
+    state: Arc<State>,
+    fenced: u32,
+    give_up: Instant,
+) {
+    let mut tick = tokio::time::interval(RENEW_EVERY);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    tick.tick().await;
+    loop {
+        tick.tick().await;
+        if Instant::now() > give_up {
+            return;
+        }
+        let mut maps = lock(&ctl.maps);
+        if state.stopped.load(Ordering::SeqCst) {
+            return;
+        }
+        let now = clock::monotonic_ns();
+        match maps.cutover() {
+            Ok(c) if c.fenced_backend == fenced && now < c.fence_until_ns => {
+                if let Err(e) = maps.set_cutover(leased(fenced, now)) {
+                    warn!(error = %e, "renewing the cutover lease");
+                }
+            }
+            _ => {
+                state.lapsed.store(true, Ordering::SeqCst);
+                return;
+            }
+        }
+    }
+}
+
+impl Lease {
+    /// With the maps locked: the fence has held without a gap and holds for a while yet.
+    pub fn unbroken(&self, maps: &Maps) -> Result<bool, CutoverError> {
+        let c = maps.cutover()?;
+        Ok(!self.state.lapsed.load(Ordering::SeqCst)
+            && clock::monotonic_ns() + ns(FLIP_MARGIN) < c.fence_until_ns)
+    }
+
+    /// Stops renewing; call with the maps locked, before the write that replaces the lease.
+    pub fn stop(&self) {
+        self.state.stopped.store(true, Ordering::SeqCst);
+        self.task.abort();
+    }
+}

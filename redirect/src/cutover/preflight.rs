@@ -1,0 +1,470 @@
+//! Step 1: preflight. Everything that can be checked is checked before anything changes;
+//! then the barrier is rehearsed with nothing held, to prove the marker replicates.
+
+use std::time::{Duration, Instant};
+
+use tokio::sync::mpsc::UnboundedSender;
+use tokio_postgres::Client;
+
+use super::{
+    BARRIER_TABLE, Controller, CutoverError, FlipReport, FlipRequest, Recorder, Run, Undo,
+    journal::{self, Entry, Step},
+    quote_ident,
+};
+use crate::{
+    datapath::Role,
+    pg::{
+        lag::{self, Replication, Watch},
+        timed,
+    },
+    sync::lock,
+};
+
+pub const CREATE_BARRIER: &str = "CREATE TABLE IF NOT EXISTS public.redirect_barrier (token text PRIMARY KEY, created timestamptz NOT NULL DEFAULT now())";
+pub const WRITE_MARKER: &str = "INSERT INTO public.redirect_barrier (token) VALUES ($1)";
+pub const SEE_MARKER: &str = "SELECT 1 FROM public.redirect_barrier WHERE token = $1";
+const WRITABLE: &str = "SELECT pg_is_in_recovery(), current_setting('transaction_read_only')";
+const LOGIN_ROLES: &str = "SELECT rolname::text FROM pg_roles WHERE rolcanlogin ORDER BY 1";
+const BYPASS_SESSIONS: &str = "SELECT count(*)::int8, coalesce(string_agg(DISTINCT coalesce(host(client_addr), 'local socket'), ', '), '') \
+     FROM pg_stat_activity WHERE backend_type = 'client backend' AND pid <> pg_backend_pid() \
+     AND application_name <> 'redirect' AND (client_addr IS NULL OR host(client_addr) <> $1)";
+const SUB_SLOT: &str = "SELECT subslotname::text FROM pg_subscription WHERE subname = $1";
+const APPLY_WORKER: &str = "SELECT st.pid FROM pg_stat_subscription st JOIN pg_subscription s ON s.oid = st.subid \
+     WHERE s.subname = $1 AND st.relid IS NULL";
+const PUBLICATION_HAS_BARRIER: &str = "SELECT count(*)::int8 FROM pg_publication_tables \
+     WHERE pubname = ANY($1) AND schemaname = 'public' AND tablename = 'redirect_barrier'";
+const SUB_PUBLICATIONS: &str =
+    "SELECT subpublications::text[] FROM pg_subscription WHERE subname = $1";
+/// Whether the subscription already replicates the barrier table (a table added to a
+/// publication, even FOR ALL TABLES, needs a REFRESH PUBLICATION on the subscriber).
+const SUBSCRIPTION_HAS_BARRIER: &str = "SELECT count(*)::int8 FROM pg_subscription_rel sr JOIN pg_subscription s ON s.oid = sr.srsubid \
+     JOIN pg_class c ON c.oid = sr.srrelid JOIN pg_namespace n ON n.oid = c.relnamespace \
+     WHERE s.subname = $1 AND n.nspname = 'public' AND c.relname = 'redirect_barrier'";
+/// Tables of the subscription still in their initial copy (or not yet started): their rows
+/// are not all on the new server, whatever the lag says.
+const NOT_READY_TABLES: &str = "SELECT format('%I.%I', n.nspname, c.relname) || ' (' || sr.srsubstate || ')' \
+     FROM pg_subscription_rel sr JOIN pg_subscription s ON s.oid = sr.srsubid \
+     JOIN pg_class c ON c.oid = sr.srrelid JOIN pg_namespace n ON n.oid = c.relnamespace \
+     WHERE s.subname = $1 AND sr.srsubstate <> 'r' ORDER BY 1";
+/// Published tables (other than the barrier) the subscription does not know yet, as
+/// `schema.table` (publisher side).
+const PUBLISHED_TABLES: &str = "SELECT format('%I.%I', schemaname, tablename) FROM pg_publication_tables \
+     WHERE pubname = ANY($1) AND NOT (schemaname = 'public' AND tablename = 'redirect_barrier')";
+const SUBSCRIBED_TABLES: &str = "SELECT format('%I.%I', n.nspname, c.relname) FROM pg_subscription_rel sr \
+     JOIN pg_subscription s ON s.oid = sr.srsubid JOIN pg_class c ON c.oid = sr.srrelid \
+     JOIN pg_namespace n ON n.oid = c.relnamespace WHERE s.subname = $1";
+
+/// What preflight decided.
+pub enum Outcome {
+    /// A dry run, or nothing to do: the report is the answer.
+    Report(FlipReport),
+    /// Go: the cutover's state, journaled as started.
+    Go(Box<Run>),
+}
+
+/// Checks everything, journals the start (with the subscription and slot relied on), and
+/// hands back the cutover's state. Nothing is changed on any server or in the datapath.
+pub async fn check(
+    ctl: &std::sync::Arc<Controller>,
+    req: FlipRequest,
+    progress: UnboundedSender<String>,
+) -> Result<Outcome, CutoverError> {
+    let db = ctl.db.clone().ok_or(CutoverError::NoDatabases)?;
+    let qt = db.query_timeout;
+    let from = ctl.active()?;
+    let to = req.to;
+    if from == to {
+        return Err(CutoverError::Refused(format!(
+            "new connections already go to the {to}"
+        )));
+    }
+    let say = |s: String| {
+        let _ = progress.send(s);
+    };
+    let mut report = FlipReport {
+        from: Some(from),
+        to: Some(to),
+        dry_run: req.dry_run,
+        forced: req.force,
+        ..FlipReport::default()
+    };
+    let t0 = Instant::now();
+    let from_db = ctl.dsn(from)?.connect().await?;
+    let to_db = ctl.dsn(to)?.connect().await?;
+    let (from_snat, snat_ports) = {
+        let maps = lock(&ctl.maps);
+        let cfg = maps.config()?;
+        (
+            maps.backend(from)?
+                .map(|b| b.snat.to_string())
+                .unwrap_or_default(),
+            (cfg.snat_port_min, cfg.snat_port_max),
+        )
+    };
+    let mut watch = ctl.watch_for(to)?;
+    let logical = watch.replication == Replication::Logical;
+    let mut blocking = Vec::new();
+    // With --force, what would block is only reported.
+    let force_or_block = |why: String, report: &mut FlipReport, blocking: &mut Vec<String>| {
+        if req.force {
+            report.findings.push(format!("FORCED: {why}"));
+        } else {
+            blocking.push(why);
+        }
+    };
+
+    // Replication health and lag. A rollback without working reverse replication cannot be
+    // lossless; with --force it goes ahead without a barrier, and says so.
+    let mut no_replication = false;
+    match lag::measure(&from_db, &to_db, &watch, qt).await {
+        Ok(l) => {
+            say(format!(
+                "lag: {} bytes, {:.3} s ({})",
+                l.bytes,
+                l.seconds,
+                if l.healthy { "healthy" } else { "UNHEALTHY" }
+            ));
+            if let Err(why) = lag::gate(&l, req.max_lag_bytes, req.max_lag_time) {
+                no_replication = !l.healthy;
+                let why = if to == Role::Source && !l.healthy {
+                    format!(
+                        "rollback cannot be lossless: no working reverse replication from the target ({}); pass --force to flip back anyway, losing the target's writes since the cutover",
+                        l.problems.join("; ")
+                    )
+                } else {
+                    why
+                };
+                force_or_block(why, &mut report, &mut blocking);
+            }
+            report.lag = Some(l);
+        }
+        Err(e) => {
+            no_replication = true;
+            let why = if to == Role::Source {
+                format!(
+                    "rollback cannot be lossless: no reverse replication from the target ({e}); pass --force to flip back anyway, losing the target's writes since the cutover"
+                )
+            } else {
+                format!("cannot read replication lag: {e}")
+            };
+            force_or_block(why, &mut report, &mut blocking);
+        }
+    }
+    let row = timed("new server", "checking writability", qt, to_db.query_one(WRITABLE, &[])).await?;
+    let (in_recovery, read_only): (bool, String) = (row.get(0), row.get(1));
+    if logical && (in_recovery || read_only == "on") {
+        blocking.push(format!(
+            "the {to} is not writable (in recovery: {in_recovery}, read only: {read_only})"
+        ));
+    }
+    if !logical && !in_recovery {
+        blocking.push(format!("the {to} is not a standby, so there is nothing to promote"));
+    }
+    let from_roles: Vec<String> = timed("old server", "listing roles", qt, from_db.query(LOGIN_ROLES, &[]))
+        .await?
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    let to_roles: Vec<String> = timed("new server", "listing roles", qt, to_db.query(LOGIN_ROLES, &[]))
+        .await?
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    let missing: Vec<&String> = from_roles.iter().filter(|r| !to_roles.contains(r)).collect();
+    if !missing.is_empty() {
+        force_or_block(
+            format!("login roles missing on the {to}: {missing:?} (their new connections would fail)"),
+            &mut report,
+            &mut blocking,
+        );
+    }
+    if logical {
+        match super::sequences::read(&from_db, qt).await {
+            Ok(seqs) => report.findings.push(format!("{} sequence(s) to sync", seqs.len())),
+            Err(e) => blocking.push(e.to_string()),
+        }
+    }
+    let bypass = timed("old server", "listing sessions", qt, from_db.query_one(BYPASS_SESSIONS, &[&from_snat])).await?;
+    let (n_bypass, bypass_from): (i64, String) = (bypass.get(0), bypass.get(1));
+    if n_bypass > 0 {
+        report.findings.push(format!(
+            "WARNING: {n_bypass} session(s) on the {from} bypass the proxy (from {bypass_from}); the fence cannot stop their writes"
+        ));
+    }
+
+    // The subscription the barrier relies on, and its slot: journaled at start, so a
+    // rollback or a successor finds them without --subscription.
+    let mut slot = None;
+    let mut prepare = Vec::new();
+    if logical && !(no_replication && req.force) {
+        let sub = lag::subscription_name(&to_db, &watch, qt).await?;
+        watch.subscription = Some(sub.clone());
+        slot = timed("new server", "reading the subscription", qt, to_db.query_opt(SUB_SLOT, &[&sub]))
+            .await?
+            .and_then(|r| r.get::<_, Option<String>>(0));
+        let not_ready: Vec<String> = timed("new server", "checking table sync states", qt, to_db.query(NOT_READY_TABLES, &[&sub]))
+            .await?
+            .iter()
+            .map(|r| r.get(0))
+            .collect();
+        if !not_ready.is_empty() {
+            blocking.push(format!(
+                "subscription {sub:?} is still copying (or has not started copying) {} table(s): {} — their rows are not all on the {to} yet; wait until pg_subscription_rel shows every table 'r'",
+                not_ready.len(),
+                not_ready.join(", ")
+            ));
+        }
+        let pubs: Vec<String> = timed("new server", "reading the subscription", qt, to_db.query_opt(SUB_PUBLICATIONS, &[&sub]))
+            .await?
+            .map(|r| r.get(0))
+            .unwrap_or_default();
+        let published = from_db
+            .query_one(PUBLICATION_HAS_BARRIER, &[&pubs])
+            .await
+            .map_or(0, |r| r.get::<_, i64>(0))
+            > 0;
+        let subscribed = to_db
+            .query_one(SUBSCRIPTION_HAS_BARRIER, &[&sub])
+            .await
+            .map_or(0, |r| r.get::<_, i64>(0))
+            > 0;
+        if !(published && subscribed) {
+            prepare.push(format!("create {BARRIER_TABLE} on both servers, add it to publication {pubs:?} and refresh subscription {sub:?}"));
+        }
+        report.plan.push(format!("barrier: a marker row in {BARRIER_TABLE}, written on the {from} after the fence, seen on the {to}"));
+    } else if logical {
+        report.plan.push(format!(
+            "NO barrier (forced, no replication): the {to} will not have the {from}'s writes since the last cutover"
+        ));
+    } else {
+        report.plan.push(format!(
+            "barrier: the {to} replays up to the {from}'s WAL insert position after the fence, then is promoted"
+        ));
+    }
+    report.plan.splice(0..0, prepare.iter().cloned());
+    report.plan.extend([
+        format!("hold new connections (SYNs parked in the kernel; lease renewed, at most {:?})", req.timeout),
+        format!("fence: drop every data packet of proxied connections to the {from}; end every proxied session there (busy or idle) and wait for them to exit"),
+        "sync sequences".to_owned(),
+        if to == Role::Target && logical {
+            format!("reverse replication {to} -> {from} ({}) for a lossless rollback", super::REVERSE)
+        } else if logical {
+            format!("stop the reverse replication {from} -> {to}; restart the forward one")
+        } else {
+            format!("promote the {to}")
+        },
+        format!("flip: new connections go to the {to}; release the held ones to it"),
+        format!("drain the {from}'s connections for {:?}, then end the rest (their clients are told)", req.drain_timeout),
+    ]);
+    if !blocking.is_empty() {
+        report.findings.extend(blocking.iter().map(|b| format!("BLOCKING: {b}")));
+        if req.dry_run {
+            return Ok(Outcome::Report(report));
+        }
+        return Err(CutoverError::Preflight(blocking.join("; ")));
+    }
+    if req.dry_run {
+        return Ok(Outcome::Report(report));
+    }
+    if req.force {
+        say("WARNING: --force: the lag gate is skipped; writes not yet replicated may be lost".into());
+    }
+
+    let mut rec = Recorder::new(&ctl.journal_path, journal::new_id(), from, to, progress.clone())?;
+    rec.log(
+        t0,
+        Entry {
+            step: Step::Start,
+            subscription: watch.subscription.clone().filter(|_| logical),
+            slot: slot.clone(),
+            drain_timeout_ms: Some(u64::try_from(req.drain_timeout.as_millis()).unwrap_or(u64::MAX)),
+            detail: format!("cutover {from} -> {to}{}", if req.force { " (FORCED)" } else { "" }),
+            ..Entry::default()
+        },
+    )?;
+    if logical && !prepare.is_empty() && !(no_replication && req.force) {
+        let t = Instant::now();
+        prepare_barrier(&from_db, &to_db, &watch, qt).await?;
+        rec.step(Step::Prepare, t, prepare.join("; "))?;
+    }
+    let now = Instant::now();
+    let subscription = watch.subscription.clone();
+    Ok(Outcome::Go(Box::new(Run {
+        ctl: ctl.clone(),
+        from,
+        to,
+        from_db,
+        to_db,
+        from_snat,
+        snat_ports,
+        logical,
+        qt,
+        watch,
+        subscription,
+        slot,
+        held_at: now,
+        deadline: now + req.timeout,
+        rec,
+        report,
+        undo: Undo::default(),
+        lease: None,
+        rollback_point: None,
+        reverse_slot_made: false,
+        barrier: !(no_replication && req.force),
+        req,
+    })))
+}
+
+/// A rehearsal of the barrier with nothing held or fenced: it proves the marker replicates
+/// (a refreshed subscription restarts its worker, which can take seconds) and shows what the
+/// real one will cost. Then the preflight is journaled.
+pub async fn rehearse(run: &mut Run) -> Result<(), CutoverError> {
+    let t0 = Instant::now();
+    if run.logical && run.barrier {
+        let t = Instant::now();
+        let token = format!("rehearsal-{}-{}", run.rec.id, std::process::id());
+        timed("old server", "writing the rehearsal marker", run.qt, run.from_db.execute(WRITE_MARKER, &[&token])).await?;
+        let until = Instant::now() + if run.req.force { Duration::from_secs(1) } else { run.req.timeout };
+        let mut arrived = true;
+        while timed("new server", "looking for the rehearsal marker", run.qt, run.to_db.query_opt(SEE_MARKER, &[&token]))
+            .await?
+            .is_none()
+        {
+            if Instant::now() > until {
+                if !run.req.force {
+                    return Err(CutoverError::Preflight(format!(
+                        "the {} did not apply a rehearsal marker within --timeout {:?}; nothing was changed",
+                        run.to, run.req.timeout
+                    )));
+                }
+                arrived = false;
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        let what = if arrived {
+            format!("a marker took {:.1} ms to reach the {}", t.elapsed().as_secs_f64() * 1000.0, run.to)
+        } else {
+            format!("FORCED: a marker did not reach the {}; the barrier will likely time out", run.to)
+        };
+        run.rec.step(Step::Rehearsal, t, what)?;
+    }
+    let findings = run.report.findings.join("; ");
+    let lsn = run.report.lag.as_ref().map(|l| l.source_lsn.clone());
+    run.rec.log(
+        t0,
+        Entry {
+            step: Step::Preflight,
+            source_lsn: lsn,
+            detail: findings,
+            ..Entry::default()
+        },
+    )
+}
+
+/// The pid of a subscription's apply worker, if one runs.
+async fn apply_worker(c: &Client, sub: &str) -> Option<i32> {
+    c.query_opt(APPLY_WORKER, &[&sub])
+        .await
+        .ok()
+        .flatten()
+        .and_then(|r| r.get::<_, Option<i32>>(0))
+}
+
+/// Makes the barrier table replicate through the subscription, and proves it.
+///
+/// The subscription is refreshed with `copy_data = false` only when the barrier table is the
+/// only table it does not know yet: refreshing that way would otherwise mark the user's newly
+/// published tables as synced without copying them.
+pub async fn prepare_barrier(
+    from_db: &Client,
+    to_db: &Client,
+    watch: &Watch,
+    qt: Duration,
+) -> Result<(), CutoverError> {
+    timed("publisher", "creating the barrier table", qt, from_db.batch_execute(CREATE_BARRIER)).await?;
+    timed("subscriber", "creating the barrier table", qt, to_db.batch_execute(CREATE_BARRIER)).await?;
+    let sub = lag::subscription_name(to_db, watch, qt).await?;
+    let pubs: Vec<String> = timed("subscriber", "reading the subscription", qt, to_db.query_one(SUB_PUBLICATIONS, &[&sub]))
+        .await?
+        .get(0);
+    let n: i64 = timed("publisher", "checking the publication", qt, from_db.query_one(PUBLICATION_HAS_BARRIER, &[&pubs]))
+        .await?
+        .get(0);
+    if n == 0 {
+        let first = pubs.first().cloned().unwrap_or_default();
+        timed(
+            "publisher",
+            "adding the barrier table",
+            qt,
+            from_db.batch_execute(&format!("ALTER PUBLICATION {} ADD TABLE {BARRIER_TABLE}", quote_ident(&first))),
+        )
+        .await?;
+    }
+    let m: i64 = timed("subscriber", "checking the subscription", qt, to_db.query_one(SUBSCRIPTION_HAS_BARRIER, &[&sub]))
+        .await?
+        .get(0);
+    if m == 0 {
+        let published: Vec<String> = timed("publisher", "listing published tables", qt, from_db.query(PUBLISHED_TABLES, &[&pubs]))
+            .await?
+            .iter()
+            .map(|r| r.get(0))
+            .collect();
+        let subscribed: Vec<String> = timed("subscriber", "listing subscribed tables", qt, to_db.query(SUBSCRIBED_TABLES, &[&sub]))
+            .await?
+            .iter()
+            .map(|r| r.get(0))
+            .collect();
+        let unsynced: Vec<&String> = published.iter().filter(|t| !subscribed.contains(t)).collect();
+        if !unsynced.is_empty() {
+            return Err(CutoverError::Preflight(format!(
+                "publication {pubs:?} has {} table(s) subscription {sub:?} has never copied: {unsynced:?}; run `ALTER SUBSCRIPTION {} REFRESH PUBLICATION` on the subscriber (it copies them), wait until they are synced, then retry",
+                unsynced.len(),
+                quote_ident(&sub)
+            )));
+        }
+        timed(
+            "subscriber",
+            "refreshing the subscription",
+            qt,
+            to_db.batch_execute(&format!(
+                "ALTER SUBSCRIPTION {} REFRESH PUBLICATION WITH (copy_data = false)",
+                quote_ident(&sub)
+            )),
+        )
+        .await?;
+    }
+    // Prove it: a marker must arrive while the same apply worker runs before and after
+    // (a refresh may restart the worker, and the launcher takes up to
+    // wal_retrieve_retry_interval, 5 s by default, to start a new one).
+    let until = Instant::now() + Duration::from_secs(15);
+    let mut n = 0u32;
+    loop {
+        n += 1;
+        let before = apply_worker(to_db, &sub).await;
+        let token = format!("prepare-{}-{n}", journal::new_id());
+        timed("publisher", "writing a test marker", qt, from_db.execute(WRITE_MARKER, &[&token])).await?;
+        let seen_by = Instant::now() + Duration::from_secs(2);
+        let mut seen = false;
+        while Instant::now() < seen_by {
+            if timed("subscriber", "looking for the test marker", qt, to_db.query_opt(SEE_MARKER, &[&token]))
+                .await?
+                .is_some()
+            {
+                seen = true;
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        if seen && before.is_some() && apply_worker(to_db, &sub).await == before {
+            return Ok(());
+        }
+        if Instant::now() > until {
+            return Err(CutoverError::Preflight(format!(
+                "{BARRIER_TABLE} does not replicate through subscription {sub:?}"
+            )));
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+

@@ -1,0 +1,220 @@
+//! After a restart: finish or undo a cutover the previous controller left unfinished.
+//!
+//! `ACTIVE` decides, not the journal: it is written before the journal's `flip` entry, so a
+//! crash between the two must count as flipped.
+//! - Not flipped: the old server never stopped being the truth. Undo: lift the fence (it
+//!   lapses by itself within the lease anyway), release held SYNs to it, re-enable the
+//!   subscription and drop the reverse slot if the journal shows they were being changed.
+//! - Flipped: the new server has taken writes. Finish: release held SYNs, do the replication
+//!   step after the flip if it is not journaled, and resume the drain until its journaled
+//!   deadline, so old connections are ended and their clients told.
+//!
+//! Every action is idempotent, so a controller that dies while recovering is recovered again.
+
+use std::{
+    sync::Arc,
+    time::{Duration, SystemTime, UNIX_EPOCH},
+};
+
+use redirect_common::cutover::Cutover;
+use tokio_postgres::Client;
+
+use super::{
+    Controller, CutoverError, Phase, REVERSE, drain, flip,
+    journal::{self, Entry, Journal, Step},
+    quote_ident, replication,
+};
+use crate::{datapath::Role, sync::lock};
+
+/// A drain to resume in the background (the controller serves meanwhile).
+pub struct PendingDrain {
+    pub cutover: String,
+    pub from: Role,
+    pub to: Role,
+    pub until: SystemTime,
+    done_so_far: String,
+}
+
+/// Recovers an interrupted cutover, up to (not including) its drain. Returns what was done
+/// and, for a flipped cutover, the drain still to run.
+pub async fn recover(ctl: &Arc<Controller>) -> Result<Option<(String, Option<PendingDrain>)>, CutoverError> {
+    let entries = journal::read(&ctl.journal_path)?;
+    let Some(steps) = journal::unfinished(&entries) else {
+        return Ok(None);
+    };
+    let first = steps.first().cloned().unwrap_or_default();
+    let (Some(from), Some(to)) = (first.from, first.to) else {
+        return Ok(None);
+    };
+    ctl.set_phase(Phase::Recovering);
+    let flipped = ctl.active()? == to;
+    let has = |s: Step| steps.iter().any(|e| e.step == s);
+    if !flipped {
+        let what = roll_back(ctl, from, to, &steps).await;
+        journal_recovered(ctl, &first, &what)?;
+        return Ok(Some((what, None)));
+    }
+    let mut did = Vec::new();
+    {
+        let mut maps = lock(&ctl.maps);
+        let mut c = maps.cutover()?;
+        if c.fenced_backend != from.index() {
+            // Cannot happen (the fence is set before the flip), but never leave the old
+            // server unfenced next to a flipped ACTIVE.
+            c = Cutover { fenced_backend: from.index(), ..Cutover::IDLE };
+        }
+        c.hold_until_ns = 0;
+        maps.set_cutover(c)?;
+    }
+    match flip::release_twice(ctl) {
+        Ok(n) => did.push(format!("the flip to the {to} had happened; {n} held connection(s) released to it")),
+        Err(e) => did.push(format!("the flip to the {to} had happened; releasing held connections failed ({e})")),
+    }
+    let logical = ctl.db.as_ref().is_some_and(|d| to == Role::Source || d.replication == crate::pg::lag::Replication::Logical);
+    if logical && !has(Step::ReverseSubscription) && ctl.db.is_some() {
+        did.push(after_flip_replication(ctl, to, &steps).await);
+    }
+    let until = steps
+        .iter()
+        .find_map(|e| e.drain_until_ms)
+        .map(|ms| UNIX_EPOCH + Duration::from_millis(ms))
+        .unwrap_or_else(|| SystemTime::now() + Duration::from_millis(first.drain_timeout_ms.unwrap_or(30_000)));
+    if has(Step::Drain) {
+        let what = did.join("; ");
+        journal_recovered(ctl, &first, &what)?;
+        return Ok(Some((what, None)));
+    }
+    let left = until.duration_since(SystemTime::now()).unwrap_or_default();
+    did.push(format!("resuming the drain of the {from} ({left:?} left)"));
+    Ok(Some((
+        did.join("; "),
+        Some(PendingDrain {
+            cutover: first.cutover.clone(),
+            from,
+            to,
+            until,
+            done_so_far: did.join("; "),
+        }),
+    )))
+}
+
+/// Runs a resumed drain to its end and journals the recovery.
+pub async fn resume_drain(ctl: &Arc<Controller>, p: PendingDrain) -> Result<String, CutoverError> {
+    ctl.set_phase(Phase::Drain);
+    let from_db = match ctl.dsn(p.from) {
+        Ok(dsn) => dsn.connect().await.ok(),
+        Err(_) => None,
+    };
+    let d = drain::drain(ctl, p.from, from_db.as_ref(), p.until).await;
+    ctl.set_phase(Phase::Idle);
+    let what = format!(
+        "{}; drain: {}",
+        p.done_so_far,
+        d.as_ref().map_or_else(|e| format!("FAILED: {e}"), |d| drain::describe(p.from, d))
+    );
+    journal_recovered(
+        ctl,
+        &Entry {
+            cutover: p.cutover,
+            from: Some(p.from),
+            to: Some(p.to),
+            ..Entry::default()
+        },
+        &what,
+    )?;
+    *lock(&ctl.last_recovery) = Some(what.clone());
+    Ok(what)
+}
+
+fn journal_recovered(ctl: &Controller, first: &Entry, what: &str) -> Result<(), CutoverError> {
+    *lock(&ctl.last_recovery) = Some(what.to_owned());
+    Journal::open(&ctl.journal_path)?.append(Entry {
+        cutover: first.cutover.clone(),
+        step: Step::Recovered,
+        from: first.from,
+        to: first.to,
+        detail: what.to_owned(),
+        ..Entry::default()
+    })?;
+    Ok(())
+}
+
+async fn connect(ctl: &Controller, role: Role) -> Option<Client> {
+    let dsn = ctl.dsn(role).ok()?;
+    tokio::time::timeout(Duration::from_secs(10), dsn.connect()).await.ok()?.ok()
+}
+
+async fn roll_back(ctl: &Arc<Controller>, from: Role, to: Role, steps: &[Entry]) -> String {
+    let mut did = Vec::new();
+    let lifted = lock(&ctl.maps).set_cutover(Cutover::IDLE);
+    match lifted.map_err(CutoverError::from).and_then(|()| flip::release_twice(ctl)) {
+        Ok(n) => did.push(format!("rolled back: no flip had happened; fence lifted, {n} held connection(s) released to the {from}")),
+        Err(e) => did.push(format!("rolled back: no flip had happened; lifting the fence failed ({e}), it lapses by itself")),
+    }
+    let disabled: Vec<String> = steps
+        .iter()
+        .filter(|e| e.step == Step::Disabling)
+        .filter_map(|e| e.subscription.clone())
+        .collect();
+    let slot = steps.iter().any(|e| e.step == Step::CreatingReverseSlot);
+    if disabled.is_empty() && !slot {
+        return did.join("; ");
+    }
+    let Some(db) = connect(ctl, to).await else {
+        did.push(format!("the {to} is unreachable: re-enable subscription(s) {disabled:?} there by hand"));
+        return did.join("; ");
+    };
+    for sub in disabled {
+        match db.batch_execute(&format!("ALTER SUBSCRIPTION {} ENABLE", quote_ident(&sub))).await {
+            Ok(()) => did.push(format!("subscription {sub} re-enabled")),
+            Err(e) => did.push(format!("FAILED to re-enable subscription {sub}: {e}")),
+        }
+    }
+    if slot {
+        let r = db
+            .execute(
+                "SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots WHERE slot_name = $1 AND NOT active",
+                &[&REVERSE],
+            )
+            .await;
+        did.push(match r {
+            Ok(_) => "reverse slot dropped".into(),
+            Err(e) => format!("FAILED to drop the reverse slot: {e}"),
+        });
+    }
+    did.join("; ")
+}
+
+/// The replication step after a flip, if the interrupted controller did not journal it.
+async fn after_flip_replication(ctl: &Arc<Controller>, to: Role, steps: &[Entry]) -> String {
+    let (Some(source), Some(target)) = (connect(ctl, Role::Source).await, connect(ctl, Role::Target).await) else {
+        return "a server is unreachable: the replication step after the flip was not finished; restart the controller when both are reachable".into();
+    };
+    let qt = ctl.db.as_ref().map_or(Duration::from_secs(5), |d| d.query_timeout);
+    let result = if to == Role::Target {
+        if !steps.iter().any(|e| e.step == Step::Reverse) {
+            return "no reverse slot had been made: rollback will need --force".into();
+        }
+        replication::start_reverse(ctl, &source, &target, qt).await
+    } else {
+        let point = steps
+            .iter()
+            .rev()
+            .find(|e| e.step == Step::Reverse)
+            .and_then(|e| e.source_lsn.clone())
+            .unwrap_or_default();
+        replication::restart_forward(ctl, &source, &target, &point, qt).await
+    };
+    let what = result.unwrap_or_else(|e| format!("FAILED: {e}"));
+    let _ = Journal::open(&ctl.journal_path).and_then(|mut j| {
+        j.append(Entry {
+            cutover: steps.first().map(|e| e.cutover.clone()).unwrap_or_default(),
+            step: Step::ReverseSubscription,
+            from: steps.first().and_then(|e| e.from),
+            to: Some(to),
+            detail: what.clone(),
+            ..Entry::default()
+        })
+    });
+    what
+}

@@ -1,0 +1,338 @@
+//! Step 6 (before the flip) and step 9 (after it): turning replication around.
+//!
+//! Forward cutover (logical): stop source → target, so target writes are not looped back,
+//! and create the reverse slot on the target now, before any write is released there, so a
+//! rollback can replay every one of them; after the flip, the source subscribes to it.
+//! Rollback: stop the reverse apply and note the source's LSN (the rollback point); after the
+//! flip, retire the reverse replication and restart the forward subscription from that point,
+//! skipping what the source received back from the target (the target has it).
+//! Physical: promote the standby. Each change is journaled before it is made, so a successor
+//! can undo or finish it.
+
+use std::time::{Duration, Instant};
+
+use tokio_postgres::Client;
+
+use super::{
+    CutoverError, Phase, REVERSE, Run,
+    journal::{Entry, Step},
+    quote_ident, quote_literal,
+};
+use crate::{
+    datapath::Role,
+    pg::{Dsn, PgError, timed},
+};
+
+const CURRENT_LSN: &str = "SELECT pg_current_wal_lsn()::text";
+const SUB_SLOT: &str = "SELECT subslotname::text FROM pg_subscription WHERE subname = $1";
+const SUB_EXISTS: &str = "SELECT count(*)::int8 FROM pg_subscription WHERE subname = $1";
+const SLOT_EXISTS: &str = "SELECT count(*)::int8 FROM pg_replication_slots WHERE slot_name = $1";
+const IN_RECOVERY: &str = "SELECT pg_is_in_recovery()";
+/// How long a requested promotion may take. Once asked for it cannot be taken back, so the
+/// cutover waits for it past `--timeout` (keeping the fence) rather than leave two primaries.
+const PROMOTION_WAIT: Duration = Duration::from_secs(60);
+
+/// Before the flip: stop the replication into the new server, prepare the way back.
+pub async fn turn_around(run: &mut Run) -> Result<(), CutoverError> {
+    run.ctl.set_phase(Phase::Reverse);
+    let t = Instant::now();
+    if !run.logical {
+        return promote(run).await;
+    }
+    if !run.barrier {
+        // Forced rollback with no working replication: nothing to stop.
+        run.report.reverse_replication = "none (forced)".into();
+        return run.rec.step(Step::Reverse, t, "no replication to turn around (forced)");
+    }
+    let sub = run
+        .subscription
+        .clone()
+        .ok_or_else(|| CutoverError::abort(Phase::Reverse, "the subscription to stop is unknown"))?;
+    // Write-ahead: a successor re-enables it if we die from here on before the flip.
+    run.rec.log(
+        Instant::now(),
+        Entry {
+            step: Step::Disabling,
+            subscription: Some(sub.clone()),
+            slot: run.slot.clone(),
+            detail: format!("disabling subscription {sub} on the {}", run.to),
+            ..Entry::default()
+        },
+    )?;
+    run.undo.disabled_subscription = Some((run.to, sub.clone()));
+    run.query(
+        Phase::Reverse,
+        "new server",
+        "disabling the subscription",
+        run.to_db.batch_execute(&format!("ALTER SUBSCRIPTION {} DISABLE", quote_ident(&sub))),
+    )
+    .await?;
+    if run.to == Role::Target {
+        run.rec.step(Step::CreatingReverseSlot, Instant::now(), format!("creating slot {REVERSE} on the target"))?;
+        run.undo.reverse_slot = true;
+        match create_reverse_slot(run).await {
+            Ok(()) => {
+                run.reverse_slot_made = true;
+                run.report.reverse_replication = format!(
+                    "slot {REVERSE} on the target from {}",
+                    run.report.applied_lsn.clone().unwrap_or_default()
+                );
+            }
+            Err(e) if run.req.force => {
+                run.report.reverse_replication = format!("NONE (forced): {e}");
+            }
+            Err(e) => return Err(e),
+        }
+    } else {
+        // Rollback: the reverse apply is stopped; everything it brought is before this LSN.
+        let lsn: String = run
+            .query(Phase::Reverse, "source", "reading the rollback point", run.to_db.query_one(CURRENT_LSN, &[]))
+            .await?
+            .get(0);
+        run.rollback_point = Some(lsn);
+        run.report.reverse_replication = format!("reverse subscription {REVERSE} stopped");
+    }
+    let detail = run.report.reverse_replication.clone();
+    let (source_lsn, target_lsn) = (run.rollback_point.clone(), None);
+    run.rec.log(
+        t,
+        Entry {
+            step: Step::Reverse,
+            subscription: Some(sub),
+            source_lsn,
+            target_lsn,
+            detail,
+            ..Entry::default()
+        },
+    )
+}
+
+async fn create_reverse_slot(run: &Run) -> Result<(), CutoverError> {
+    run.query(
+        Phase::Reverse,
+        "target",
+        "creating the reverse publication",
+        run.to_db.batch_execute(&format!(
+            "DO $$ BEGIN IF NOT EXISTS (SELECT 1 FROM pg_publication WHERE pubname = '{REVERSE}') THEN CREATE PUBLICATION {REVERSE} FOR ALL TABLES; END IF; END $$"
+        )),
+    )
+    .await?;
+    // A slot left by an earlier, interrupted attempt starts at the wrong point.
+    run.query(
+        Phase::Reverse,
+        "target",
+        "dropping a stale reverse slot",
+        run.to_db.execute(
+            "SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots WHERE slot_name = $1 AND NOT active",
+            &[&REVERSE],
+        ),
+    )
+    .await?;
+    // Its own statement: a slot cannot be created in a transaction that wrote.
+    run.query(
+        Phase::Reverse,
+        "target",
+        "creating the reverse slot",
+        run.to_db.execute("SELECT pg_create_logical_replication_slot($1, 'pgoutput')", &[&REVERSE]),
+    )
+    .await?;
+    Ok(())
+}
+
+/// Physical: promote the standby. `pg_promote` is asked not to wait, so no query timeout can
+/// abort the cutover while the promotion goes on; then the controller waits for it to end.
+async fn promote(run: &mut Run) -> Result<(), CutoverError> {
+    run.ctl.set_phase(Phase::Promote);
+    let t = Instant::now();
+    run.query(
+        Phase::Promote,
+        "target",
+        "asking for promotion",
+        run.to_db.query_one("SELECT pg_promote(false)", &[]),
+    )
+    .await?;
+    // The point of no return for the target: from here, wait for it rather than undo (an
+    // undo would leave the old primary and a promoted standby both writable).
+    run.deadline = run.deadline.max(Instant::now() + PROMOTION_WAIT);
+    loop {
+        let in_recovery: bool = run
+            .query(Phase::Promote, "target", "waiting for the promotion", run.to_db.query_one(IN_RECOVERY, &[]))
+            .await?
+            .get(0);
+        if !in_recovery {
+            break;
+        }
+        if run.remaining().is_zero() {
+            return Err(CutoverError::abort(
+                Phase::Promote,
+                "the target was asked to promote but is still in recovery; check it before retrying",
+            ));
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    run.report.reverse_replication =
+        "none: physical replication; the old primary must be rebuilt as a standby to roll back".into();
+    let detail = run.report.reverse_replication.clone();
+    run.rec.step(Step::Reverse, t, detail)
+}
+
+/// After the flip: start the reverse subscription (forward cutover), or retire the reverse
+/// replication and restart the forward one (rollback). Failures are reported, never undone.
+pub async fn after_flip(run: &mut Run) {
+    if !run.logical || !run.barrier {
+        return;
+    }
+    let t = Instant::now();
+    let ctl = run.ctl.clone();
+    let result = if run.to == Role::Target {
+        if !run.reverse_slot_made {
+            return;
+        }
+        start_reverse(&ctl, &run.from_db, &run.to_db, run.qt).await
+    } else {
+        let point = run.rollback_point.clone().unwrap_or_default();
+        restart_forward(&ctl, &run.to_db, &run.from_db, &point, run.qt).await
+    };
+    let detail = match result {
+        Ok(s) => s,
+        Err(e) => format!("FAILED: {e}"),
+    };
+    run.report.reverse_replication.clone_from(&detail);
+    run.rec.note(
+        t,
+        Entry {
+            step: Step::ReverseSubscription,
+            detail,
+            ..Entry::default()
+        },
+    );
+}
+
+/// Creates the reverse subscription on the source (over the slot made before the flip). If
+/// it cannot, after a few tries, the slot is dropped: an unused slot retains WAL on the new
+/// primary without bound.
+pub async fn start_reverse(
+    ctl: &super::Controller,
+    source: &Client,
+    target: &Client,
+    qt: Duration,
+) -> Result<String, PgError> {
+    let conninfo = ctl
+        .db
+        .as_ref()
+        .and_then(|d| d.reverse_conninfo.clone())
+        .unwrap_or_else(|| ctl.dsn(Role::Target).map(Dsn::conninfo).unwrap_or_default());
+    let sql = format!(
+        "CREATE SUBSCRIPTION {REVERSE} CONNECTION {} PUBLICATION {REVERSE} \
+         WITH (create_slot = false, slot_name = '{REVERSE}', copy_data = false, enabled = true)",
+        quote_literal(&conninfo)
+    );
+    let mut last = None;
+    for attempt in 0..3 {
+        if attempt > 0 {
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+        let exists: i64 = timed("source", "checking the reverse subscription", qt, source.query_one(SUB_EXISTS, &[&REVERSE]))
+            .await?
+            .get(0);
+        if exists > 0 {
+            return Ok(format!("subscription {REVERSE} on the source: rollback is lossless"));
+        }
+        match timed("source", "creating the reverse subscription", qt, source.batch_execute(&sql)).await {
+            Ok(()) => return Ok(format!("subscription {REVERSE} on the source: rollback is lossless")),
+            Err(e) => last = Some(e),
+        }
+    }
+    let dropped = timed(
+        "target",
+        "dropping the unused reverse slot",
+        qt,
+        target.execute(
+            "SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots WHERE slot_name = $1 AND NOT active",
+            &[&REVERSE],
+        ),
+    )
+    .await
+    .map_or_else(|e| format!("and could not drop slot {REVERSE} on the target ({e}): drop it by hand, it retains WAL"), |_| format!("slot {REVERSE} dropped on the target so it retains no WAL"));
+    Ok(format!(
+        "FAILED to create the reverse subscription ({}); {dropped}; `flip --to source` will need --force",
+        last.map_or_else(String::new, |e| e.to_string())
+    ))
+}
+
+/// Rollback, after the flip: retire the reverse replication and restart the forward
+/// subscription from `point`, so a later cutover can run again.
+pub async fn restart_forward(
+    ctl: &super::Controller,
+    source: &Client,
+    target: &Client,
+    point: &str,
+    qt: Duration,
+) -> Result<String, PgError> {
+    let exists: i64 = timed("source", "checking the reverse subscription", qt, source.query_one(SUB_EXISTS, &[&REVERSE]))
+        .await?
+        .get(0);
+    if exists > 0 {
+        timed(
+            "source",
+            "dropping the reverse subscription",
+            qt,
+            source.batch_execute(&format!(
+                "ALTER SUBSCRIPTION {REVERSE} DISABLE; ALTER SUBSCRIPTION {REVERSE} SET (slot_name = NONE); DROP SUBSCRIPTION {REVERSE}"
+            )),
+        )
+        .await?;
+    }
+    timed(
+        "target",
+        "dropping the reverse slot",
+        qt,
+        target.execute(
+            "SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots WHERE slot_name = $1 AND NOT active",
+            &[&REVERSE],
+        ),
+    )
+    .await?;
+    let Some(fwd) = ctl.forward_subscription().or(lone_subscription(target, qt).await?) else {
+        return Ok("reverse replication retired; the forward subscription is unknown (no --subscription, none journaled, not exactly one on the target): not restarted".into());
+    };
+    let slot: Option<String> = timed("target", "reading the forward subscription", qt, target.query_opt(SUB_SLOT, &[&fwd]))
+        .await?
+        .and_then(|r| r.get(0));
+    if let Some(slot) = &slot {
+        let n: i64 = timed("source", "finding the forward slot", qt, source.query_one(SLOT_EXISTS, &[slot])).await?.get(0);
+        if n > 0 && !point.is_empty() {
+            // Only forward: advancing to a point the slot already passed is an error.
+            timed(
+                "source",
+                "advancing the forward slot",
+                qt,
+                source.execute(
+                    "SELECT pg_replication_slot_advance(slot_name, $2::text::pg_lsn) FROM pg_replication_slots \
+                     WHERE slot_name = $1 AND confirmed_flush_lsn < $2::text::pg_lsn",
+                    &[slot, &point],
+                ),
+            )
+            .await?;
+        }
+    }
+    timed(
+        "target",
+        "enabling the forward subscription",
+        qt,
+        target.batch_execute(&format!("ALTER SUBSCRIPTION {} ENABLE", quote_ident(&fwd))),
+    )
+    .await?;
+    Ok(format!(
+        "reverse replication retired; forward subscription {fwd} restarted from {point}"
+    ))
+}
+
+/// The only subscription on `db`, if there is exactly one.
+async fn lone_subscription(db: &Client, qt: Duration) -> Result<Option<String>, PgError> {
+    let rows = timed("target", "listing subscriptions", qt, db.query("SELECT subname::text FROM pg_subscription WHERE subname <> $1", &[&REVERSE])).await?;
+    Ok(match rows.as_slice() {
+        [one] => Some(one.get(0)),
+        _ => None,
+    })
+}

@@ -1,0 +1,50 @@
+//! Undoing a cutover stopped before the flip: the old server was the truth all along.
+
+use redirect_common::cutover::Cutover;
+
+use super::{REVERSE, Run, quote_ident};
+use crate::{datapath::Role, sync::lock};
+
+/// Lifts the fence and releases held connections to the old server, re-enables the stopped
+/// subscription and drops the reverse slot. Returns what it did.
+pub async fn undo(run: &mut Run) -> String {
+    let mut did = Vec::new();
+    if run.undo.datapath {
+        let r = {
+            let mut maps = lock(&run.ctl.maps);
+            if let Some(lease) = &run.lease {
+                lease.stop();
+            }
+            maps.set_cutover(Cutover::IDLE)
+        };
+        match r.map_err(super::CutoverError::from).and_then(|()| super::flip::release_twice(&run.ctl)) {
+            Ok(n) => did.push(format!("fence lifted, {n} held connection(s) released to the {}", run.from)),
+            Err(e) => did.push(format!("FAILED to lift the fence ({e}); it lapses by itself within {:?}", super::lease::LEASE)),
+        }
+    }
+    if let Some((side, sub)) = run.undo.disabled_subscription.clone() {
+        match run.db(side).batch_execute(&format!("ALTER SUBSCRIPTION {} ENABLE", quote_ident(&sub))).await {
+            Ok(()) => did.push(format!("subscription {sub} re-enabled")),
+            Err(e) => did.push(format!("FAILED to re-enable subscription {sub}: {e}")),
+        }
+    }
+    if run.undo.reverse_slot {
+        match run
+            .db(Role::Target)
+            .execute(
+                "SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots WHERE slot_name = $1 AND NOT active",
+                &[&REVERSE],
+            )
+            .await
+        {
+            Ok(_) => did.push("reverse slot dropped".into()),
+            Err(e) => did.push(format!("FAILED to drop the reverse slot {REVERSE}: {e}")),
+        }
+    }
+    run.undo = super::Undo::default();
+    if did.is_empty() {
+        "nothing to undo".into()
+    } else {
+        did.join(", ")
+    }
+}
