@@ -271,7 +271,8 @@ pub fn setup_logical(lab: &Lab, source: &Pg, target: &Pg) {
     );
 }
 
-/// The `run` flags that give the controller both databases.
+/// The `run` flags that give the controller both databases, as the README's `run` line does:
+/// no `--subscription` (the controller discovers it, and remembers it in its journal).
 #[must_use]
 pub fn controller_flags() -> Vec<String> {
     vec![
@@ -279,7 +280,5 @@ pub fn controller_flags() -> Vec<String> {
         dsn(crate::SOURCE_ADDR),
         "--target-dsn".into(),
         dsn(crate::TARGET_ADDR),
-        "--subscription".into(),
-        "redirect_sub".into(),
     ]
 }

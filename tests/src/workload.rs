@@ -24,6 +24,8 @@ pub struct WriterLog {
     pub errors: Vec<String>,
     /// The slowest successful connect.
     pub max_connect: Duration,
+    /// The longest any statement waited for an answer (an acknowledgement or an error).
+    pub max_wait: Duration,
 }
 
 /// The whole workload's result.
@@ -68,6 +70,12 @@ impl Verdict {
             .unwrap_or_default()
     }
 
+    /// The longest any client waited for an answer to a statement.
+    #[must_use]
+    pub fn max_wait(&self) -> Duration {
+        self.logs.iter().map(|l| l.max_wait).max().unwrap_or_default()
+    }
+
     #[must_use]
     pub fn errors(&self) -> Vec<String> {
         self.logs
@@ -77,9 +85,33 @@ impl Verdict {
     }
 }
 
-/// One task per writer id in `writers` inserts through `host` for `duration`; writers with an odd id reconnect
-/// every `reconnect_every` commits (new connections), the others keep one connection
-/// (reconnecting only after an error). Bounded in time; stops by itself.
+/// How a writer talks to the database, by its id modulo 4: the shapes of real applications.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Shape {
+    /// One connection, a named prepared statement.
+    Prepared,
+    /// A new connection every `reconnect_every` commits.
+    Reconnecting,
+    /// Explicit multi-statement transactions: BEGIN; two INSERTs; COMMIT.
+    Transaction,
+    /// A pooled connection that sits idle between writes.
+    IdlePooled,
+}
+
+impl Shape {
+    fn of(id: i32) -> Self {
+        match id.rem_euclid(4) {
+            0 => Self::Prepared,
+            1 => Self::Reconnecting,
+            2 => Self::Transaction,
+            _ => Self::IdlePooled,
+        }
+    }
+}
+
+/// One task per writer id in `writers` inserts through `host` for `duration`, in the shape
+/// its id gives ([`Shape`]); every shape reconnects after an error. Bounded in time; stops by
+/// itself.
 pub async fn run(
     host: &str,
     writers: std::ops::Range<i32>,
@@ -95,11 +127,7 @@ pub async fn run(
                 &host,
                 w,
                 deadline,
-                if w % 2 == 1 {
-                    Some(reconnect_every)
-                } else {
-                    None
-                },
+                reconnect_every,
             )
             .await
         });
@@ -111,8 +139,10 @@ pub async fn run(
     v
 }
 
-async fn writer(host: &str, id: i32, deadline: Instant, reconnect_every: Option<u32>) -> WriterLog {
+async fn writer(host: &str, id: i32, deadline: Instant, reconnect_every: u32) -> WriterLog {
+    let shape = Shape::of(id);
     let mut log = WriterLog::default();
+    let mut prepared: Option<tokio_postgres::Statement> = None;
     let mut client: Option<tokio_postgres::Client> = None;
     let mut seq: i64 = 0;
     let mut since_connect = 0u32;
@@ -131,6 +161,7 @@ async fn writer(host: &str, id: i32, deadline: Instant, reconnect_every: Option<
                     });
                     log.max_connect = log.max_connect.max(t.elapsed());
                     client = Some(c);
+                    prepared = None;
                     since_connect = 0;
                 }
                 Ok(Err(e)) => {
@@ -154,21 +185,45 @@ async fn writer(host: &str, id: i32, deadline: Instant, reconnect_every: Option<
             }
         }
         let c = client.as_ref().expect("connected");
+        if shape == Shape::IdlePooled {
+            tokio::time::sleep(Duration::from_millis(300)).await;
+        }
         seq += 1;
-        match tokio::time::timeout(
-            Duration::from_secs(30),
-            c.execute(
-                "INSERT INTO acks (writer, seq) VALUES ($1, $2)",
-                &[&id, &seq],
-            ),
-        )
-        .await
-        {
-            Ok(Ok(_)) => {
-                log.acked.push((id, seq));
-                log.ack_times.push(Instant::now());
+        let first = seq;
+        let t = Instant::now();
+        let answer = tokio::time::timeout(Duration::from_secs(30), async {
+            match shape {
+                Shape::Prepared => {
+                    if prepared.is_none() {
+                        prepared = Some(c.prepare("INSERT INTO acks (writer, seq) VALUES ($1, $2)").await?);
+                    }
+                    let st = prepared.as_ref().expect("prepared");
+                    c.execute(st, &[&id, &seq]).await.map(|_| ())
+                }
+                Shape::Transaction => {
+                    seq += 1;
+                    c.batch_execute(&format!(
+                        "BEGIN; INSERT INTO acks (writer, seq) VALUES ({id}, {first}); \
+                         INSERT INTO acks (writer, seq) VALUES ({id}, {seq}); COMMIT"
+                    ))
+                    .await
+                }
+                Shape::Reconnecting | Shape::IdlePooled => c
+                    .execute("INSERT INTO acks (writer, seq) VALUES ($1, $2)", &[&id, &seq])
+                    .await
+                    .map(|_| ()),
+            }
+        })
+        .await;
+        log.max_wait = log.max_wait.max(t.elapsed());
+        match answer {
+            Ok(Ok(())) => {
+                for s in first..=seq {
+                    log.acked.push((id, s));
+                    log.ack_times.push(Instant::now());
+                }
                 since_connect += 1;
-                if reconnect_every.is_some_and(|n| since_connect >= n) {
+                if shape == Shape::Reconnecting && since_connect >= reconnect_every {
                     client = None;
                 }
             }

@@ -86,7 +86,7 @@ fn open_connection_stays_on_source_while_new_ones_go_to_target_and_back() {
     };
     assert_eq!(next(), "source", "A: before the flip");
 
-    let out = lab.redirect_ok(&["flip", "--to", "target"]);
+    let out = lab.redirect_ok(&["flip", "--to", "target", "--immediate"]);
     assert!(out.contains("new connections now go to target"), "{out}");
     assert_eq!(lab.status()["active"], "target");
     to_test.send("flipped").unwrap();
@@ -101,7 +101,7 @@ fn open_connection_stays_on_source_while_new_ones_go_to_target_and_back() {
     assert_eq!(s["backends"]["source"]["connections"], 1);
     assert_eq!(s["backends"]["target"]["connections"], 1);
 
-    lab.redirect_ok(&["flip", "--to", "source"]);
+    lab.redirect_ok(&["flip", "--to", "source", "--immediate"]);
     to_test.send("flipped back").unwrap();
     assert_eq!(next(), "source", "C: after flipping back");
     assert_eq!(next(), "target", "B stays on the target");
@@ -167,7 +167,7 @@ fn a_thousand_concurrent_connections_are_all_routed_correctly() {
     from_client
         .recv_timeout(Duration::from_secs(120))
         .expect("first 500 connections");
-    lab.redirect_ok(&["flip", "--to", "target"]);
+    lab.redirect_ok(&["flip", "--to", "target", "--immediate"]);
     to_client.send(()).unwrap();
     from_client
         .recv_timeout(Duration::from_secs(180))
@@ -254,7 +254,7 @@ fn restarting_the_controller_keeps_established_connections_and_the_flip() {
             .expect("client step")
     };
     assert_eq!(next(), "source");
-    lab.lock().unwrap().redirect_ok(&["flip", "--to", "target"]);
+    lab.lock().unwrap().redirect_ok(&["flip", "--to", "target", "--immediate"]);
 
     // Controller gone: the pinned datapath keeps serving old and new connections.
     lab.lock().unwrap().signal(first, libc::SIGTERM);

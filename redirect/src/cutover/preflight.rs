@@ -42,7 +42,7 @@ const SUBSCRIPTION_HAS_BARRIER: &str = "SELECT count(*)::int8 FROM pg_subscripti
      WHERE s.subname = $1 AND n.nspname = 'public' AND c.relname = 'redirect_barrier'";
 /// Tables of the subscription still in their initial copy (or not yet started): their rows
 /// are not all on the new server, whatever the lag says.
-const NOT_READY_TABLES: &str = "SELECT format('%I.%I', n.nspname, c.relname) || ' (' || sr.srsubstate || ')' \
+const NOT_READY_TABLES: &str = "SELECT format('%I.%I', n.nspname, c.relname) || ' (' || sr.srsubstate::text || ')' \
      FROM pg_subscription_rel sr JOIN pg_subscription s ON s.oid = sr.srsubid \
      JOIN pg_class c ON c.oid = sr.srrelid JOIN pg_namespace n ON n.oid = c.relnamespace \
      WHERE s.subname = $1 AND sr.srsubstate <> 'r' ORDER BY 1";
@@ -125,7 +125,9 @@ pub async fn check(
                 if l.healthy { "healthy" } else { "UNHEALTHY" }
             ));
             if let Err(why) = lag::gate(&l, req.max_lag_bytes, req.max_lag_time) {
-                no_replication = !l.healthy;
+                // Only a rollback may go ahead with no barrier: forced forward, the barrier
+                // still guards the flip (and times out if replication is broken).
+                no_replication = to == Role::Source && !l.healthy;
                 let why = if to == Role::Source && !l.healthy {
                     format!(
                         "rollback cannot be lossless: no working reverse replication from the target ({}); pass --force to flip back anyway, losing the target's writes since the cutover",
@@ -139,7 +141,7 @@ pub async fn check(
             report.lag = Some(l);
         }
         Err(e) => {
-            no_replication = true;
+            no_replication = to == Role::Source;
             let why = if to == Role::Source {
                 format!(
                     "rollback cannot be lossless: no reverse replication from the target ({e}); pass --force to flip back anyway, losing the target's writes since the cutover"
