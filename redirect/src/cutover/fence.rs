@@ -13,6 +13,7 @@
 use std::time::{Duration, Instant};
 
 use super::{CutoverError, Phase, Run, journal::Step};
+use crate::{conntrack, sync::lock};
 
 /// Every proxied session: it comes from the SNAT address and a port in the SNAT range
 /// (`run` reserves that range from the host's own ephemeral ports, so the controller's own
@@ -24,6 +25,40 @@ const END_PROXIED: &str = "WITH proxied AS MATERIALIZED (SELECT pid FROM pg_stat
      SELECT pid FROM proxied WHERE pg_terminate_backend(pid)";
 const STILL_RUNNING: &str =
     "SELECT coalesce(array_agg(pid), '{}') FROM pg_stat_activity WHERE pid = ANY($1)";
+
+/// The longest the fence waits for short-lived connections to finish.
+const SETTLE_MAX: Duration = Duration::from_millis(250);
+/// A connection this young that saw a packet this recently is mid-startup or mid-work.
+const YOUNG: Duration = Duration::from_secs(2);
+const ACTIVE: Duration = Duration::from_millis(25);
+
+/// Between the hold and the fence: no new connection starts, and connections that began
+/// moments ago and are still exchanging packets (a connection-per-request client in its
+/// startup or its one transaction) get a short, bounded moment to finish on the old server.
+/// Their writes commit before the fence, so the barrier covers them; without this they
+/// would be cut mid-startup. Long-lived (pooled) connections do not wait.
+pub async fn let_short_connections_finish(run: &mut Run) -> Result<(), CutoverError> {
+    let t = Instant::now();
+    let from_addr = lock(&run.ctl.maps).backend(run.from)?.map(|b| b.addr);
+    let mut busy = 0;
+    while t.elapsed() < SETTLE_MAX {
+        let conns = conntrack::list(&lock(&run.ctl.maps))?;
+        busy = conns
+            .iter()
+            .filter(|c| Some(c.backend_addr) == from_addr && c.state.is_live() && c.age < YOUNG && c.idle < ACTIVE)
+            .count();
+        if busy == 0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    run.rec.say(format!(
+        "settle   {:>8.1} ms  {}",
+        t.elapsed().as_secs_f64() * 1000.0,
+        if busy == 0 { "no short-lived connection in progress".to_owned() } else { format!("{busy} short-lived connection(s) still busy; fencing anyway") }
+    ));
+    Ok(())
+}
 
 /// Ends every proxied session on the old server and waits for each to exit.
 pub async fn end_old_sessions(run: &mut Run) -> Result<(), CutoverError> {

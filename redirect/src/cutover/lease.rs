@@ -1,4 +1,4 @@
-//! Step 2: hold new connections and fence the old server, under a lease.
+//! Steps 2 and 3: hold new connections, then fence the old server, under a lease.
 //!
 //! The kernel enforces the hold and the fence only until a deadline [`LEASE`] ahead, and a
 //! task renews it every [`RENEW_EVERY`] while the cutover lives. A controller that dies (or
@@ -38,6 +38,8 @@ pub struct Lease {
 struct State {
     /// Set under the maps lock: no renewal is written after it.
     stopped: AtomicBool,
+    /// The fence is up (before it, only the hold is).
+    fencing: AtomicBool,
     /// The deadline passed before a renewal: the fence had a gap.
     lapsed: AtomicBool,
 }
@@ -46,28 +48,39 @@ fn ns(d: Duration) -> u64 {
     u64::try_from(d.as_nanos()).unwrap_or(u64::MAX)
 }
 
-fn leased(fenced: u32, now_ns: u64) -> Cutover {
+fn leased(fenced: u32, fencing: bool, now_ns: u64) -> Cutover {
     let until = now_ns + ns(LEASE);
     Cutover {
         hold_until_ns: until,
-        fence_until_ns: until,
+        fence_until_ns: if fencing { until } else { 0 },
         fenced_backend: fenced,
         _pad0: 0,
     }
 }
 
-/// Hold and fence in one map write: from here no new connection starts anywhere and no
-/// proxied client's query or COMMIT reaches the old server.
-pub fn hold_and_fence(run: &mut Run) -> Result<(), CutoverError> {
+/// Raises the fence under the running lease: from here no proxied client's query or COMMIT
+/// reaches the old server.
+pub fn fence(run: &mut Run) -> Result<(), CutoverError> {
+    let lease = run.lease.as_ref().ok_or_else(|| CutoverError::abort(Phase::Fence, "no hold was taken"))?;
+    let mut maps = lock(&run.ctl.maps);
+    lease.state.fencing.store(true, Ordering::SeqCst);
+    maps.set_cutover(leased(run.from.index(), true, clock::monotonic_ns()))?;
+    Ok(())
+}
+
+/// Holds new connections: from here no new connection starts anywhere (SYNs are parked).
+/// The fence follows once short-lived connections have finished ([`fence`]).
+pub fn hold(run: &mut Run) -> Result<(), CutoverError> {
     run.ctl.set_phase(Phase::Hold);
     let t = Instant::now();
     run.held_at = t;
     run.deadline = t + run.req.timeout;
     run.undo.datapath = true;
     let fenced = run.from.index();
-    lock(&run.ctl.maps).set_cutover(leased(fenced, clock::monotonic_ns()))?;
+    lock(&run.ctl.maps).set_cutover(leased(fenced, false, clock::monotonic_ns()))?;
     let state = Arc::new(State {
         stopped: AtomicBool::new(false),
+        fencing: AtomicBool::new(false),
         lapsed: AtomicBool::new(false),
     });
     // The renewer stops by itself a little after --timeout: by then the cutover has either
@@ -79,7 +92,7 @@ pub fn hold_and_fence(run: &mut Run) -> Result<(), CutoverError> {
         Step::Hold,
         t,
         format!(
-            "new SYNs parked and the {} fenced (kernel lease {:?}, renewed; --timeout {:?})",
+            "new SYNs parked; the {} is fenced next (kernel lease {:?}, renewed; --timeout {:?})",
             run.from, LEASE, run.req.timeout
         ),
     )
@@ -104,9 +117,13 @@ async fn renew(
             return;
         }
         let now = clock::monotonic_ns();
+        let fencing = state.fencing.load(Ordering::SeqCst);
         match maps.cutover() {
-            Ok(c) if c.fenced_backend == fenced && now < c.fence_until_ns => {
-                if let Err(e) = maps.set_cutover(leased(fenced, now)) {
+            Ok(c)
+                if c.fenced_backend == fenced
+                    && now < if fencing { c.fence_until_ns } else { c.hold_until_ns } =>
+            {
+                if let Err(e) = maps.set_cutover(leased(fenced, fencing, now)) {
                     warn!(error = %e, "renewing the cutover lease");
                 }
             }
@@ -123,6 +140,7 @@ impl Lease {
     pub fn unbroken(&self, maps: &Maps) -> Result<bool, CutoverError> {
         let c = maps.cutover()?;
         Ok(!self.state.lapsed.load(Ordering::SeqCst)
+            && self.state.fencing.load(Ordering::SeqCst)
             && clock::monotonic_ns() + ns(FLIP_MARGIN) < c.fence_until_ns)
     }
 

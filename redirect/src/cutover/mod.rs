@@ -524,7 +524,9 @@ impl Controller {
 
     /// Steps 2–7: everything up to and including the flip. An error here is undone.
     async fn before_flip(run: &mut Run) -> Result<(), CutoverError> {
-        lease::hold_and_fence(run)?;
+        lease::hold(run)?;
+        fence::let_short_connections_finish(run).await?;
+        lease::fence(run)?;
         fence::end_old_sessions(run).await?;
         barrier::wait_for_new_server(run).await?;
         sequences::carry_over(run).await?;
