@@ -11,7 +11,6 @@ use tokio_util::sync::CancellationToken;
 
 use crate::{conntrack, cutover::Controller, datapath::Role};
 
-
 /// Renders every metric now.
 pub fn render(ctl: &Controller) -> String {
     let mut out = String::new();

@@ -73,7 +73,11 @@ impl Verdict {
     /// The longest any client waited for an answer to a statement.
     #[must_use]
     pub fn max_wait(&self) -> Duration {
-        self.logs.iter().map(|l| l.max_wait).max().unwrap_or_default()
+        self.logs
+            .iter()
+            .map(|l| l.max_wait)
+            .max()
+            .unwrap_or_default()
     }
 
     #[must_use]
@@ -122,15 +126,7 @@ pub async fn run(
     let mut set = tokio::task::JoinSet::new();
     for w in writers {
         let host = host.to_owned();
-        set.spawn(async move {
-            writer(
-                &host,
-                w,
-                deadline,
-                reconnect_every,
-            )
-            .await
-        });
+        set.spawn(async move { writer(&host, w, deadline, reconnect_every).await });
     }
     let mut v = Verdict::default();
     while let Some(log) = set.join_next().await {
@@ -195,7 +191,10 @@ async fn writer(host: &str, id: i32, deadline: Instant, reconnect_every: u32) ->
             match shape {
                 Shape::Prepared => {
                     if prepared.is_none() {
-                        prepared = Some(c.prepare("INSERT INTO acks (writer, seq) VALUES ($1, $2)").await?);
+                        prepared = Some(
+                            c.prepare("INSERT INTO acks (writer, seq) VALUES ($1, $2)")
+                                .await?,
+                        );
                     }
                     let st = prepared.as_ref().expect("prepared");
                     c.execute(st, &[&id, &seq]).await.map(|_| ())
@@ -209,7 +208,10 @@ async fn writer(host: &str, id: i32, deadline: Instant, reconnect_every: u32) ->
                     .await
                 }
                 Shape::Reconnecting | Shape::IdlePooled => c
-                    .execute("INSERT INTO acks (writer, seq) VALUES ($1, $2)", &[&id, &seq])
+                    .execute(
+                        "INSERT INTO acks (writer, seq) VALUES ($1, $2)",
+                        &[&id, &seq],
+                    )
                     .await
                     .map(|_| ()),
             }

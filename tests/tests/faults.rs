@@ -42,11 +42,18 @@ fn start(lab: &mut Lab, extra: &[&str]) -> u32 {
     lab.start_redirect(&flags)
 }
 
-fn workload(lab: &Arc<Lab>, writers: std::ops::Range<i32>, secs: u64) -> std::thread::JoinHandle<workload::Verdict> {
+fn workload(
+    lab: &Arc<Lab>,
+    writers: std::ops::Range<i32>,
+    secs: u64,
+) -> std::thread::JoinHandle<workload::Verdict> {
     let lab = lab.clone();
     std::thread::spawn(move || {
         lab.in_ns(Ns::Client, move || {
-            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .expect("runtime");
             rt.block_on(workload::run(VIP, writers, Duration::from_secs(secs), 20))
         })
     })
@@ -70,9 +77,24 @@ fn assert_all_on(v: &workload::Verdict, lab: &Lab, ns: Ns, pg: &Pg, server: &str
     let acked: Vec<_> = v.acked().collect();
     assert!(!acked.is_empty(), "the workload wrote nothing");
     let lost: Vec<_> = acked.iter().filter(|a| !on.contains(a)).collect();
-    assert!(lost.is_empty(), "{} of {} acknowledged writes missing on the {server}: {:?}", lost.len(), acked.len(), &lost[..lost.len().min(10)]);
-    assert_eq!(v.refused(), 0, "connection attempts were refused: {:?}", v.errors());
-    let dup: Vec<String> = v.errors().into_iter().filter(|e| e.contains("duplicate key")).collect();
+    assert!(
+        lost.is_empty(),
+        "{} of {} acknowledged writes missing on the {server}: {:?}",
+        lost.len(),
+        acked.len(),
+        &lost[..lost.len().min(10)]
+    );
+    assert_eq!(
+        v.refused(),
+        0,
+        "connection attempts were refused: {:?}",
+        v.errors()
+    );
+    let dup: Vec<String> = v
+        .errors()
+        .into_iter()
+        .filter(|e| e.contains("duplicate key"))
+        .collect();
     assert!(dup.is_empty(), "sequences were not carried over: {dup:?}");
 }
 
@@ -100,15 +122,25 @@ fn five_cutovers_in_a_row_under_writes_and_connection_churn() {
     let port = PG_PORT.to_string();
     let pgbench = lab_mut.spawn(
         Ns::Client,
-        &["pgbench", "-n", "-C", "-c", "4", "-T", "40", "-f", &script, "-h", VIP, "-p", &port, "-U", "postgres", "postgres"],
+        &[
+            "pgbench", "-n", "-C", "-c", "4", "-T", "40", "-f", &script, "-h", VIP, "-p", &port,
+            "-U", "postgres", "postgres",
+        ],
         "pgbench.log",
     );
     let lab = &c.lab;
     let load = workload(lab, 0..8, 40);
     std::thread::sleep(Duration::from_secs(2));
-    for (i, to) in ["target", "source", "target", "source", "target"].iter().enumerate() {
+    for (i, to) in ["target", "source", "target", "source", "target"]
+        .iter()
+        .enumerate()
+    {
         let err = flip_ok(lab, &["--to", to, "--drain-timeout", "2s"]);
-        assert_eq!(lab.status()["active"], *to, "cutover {i} to the {to}: {err}");
+        assert_eq!(
+            lab.status()["active"],
+            *to,
+            "cutover {i} to the {to}: {err}"
+        );
         std::thread::sleep(Duration::from_secs(2));
     }
     let v = load.join().expect("workload");
@@ -121,17 +153,28 @@ fn five_cutovers_in_a_row_under_writes_and_connection_churn() {
     );
     // pgbench -C: every connection attempt through five cutovers succeeded.
     wait_for(Duration::from_secs(60), "pgbench to finish", || {
-        std::fs::read_to_string(lab.work_dir.join("pgbench.log")).unwrap_or_default().contains("tps =")
+        std::fs::read_to_string(lab.work_dir.join("pgbench.log"))
+            .unwrap_or_default()
+            .contains("tps =")
     });
     let out = std::fs::read_to_string(lab.work_dir.join("pgbench.log")).unwrap();
-    assert!(!out.contains("error") && !out.contains("aborted"), "pgbench -C saw failures:\n{out}");
+    assert!(
+        !out.contains("error") && !out.contains("aborted"),
+        "pgbench -C saw failures:\n{out}"
+    );
     assert!(out.contains("number of failed transactions: 0"), "{out}");
     let _ = pgbench;
     // The forward subscription was found without --subscription, remembered, and restarted
     // after each rollback.
-    let starts: Vec<_> = history(lab).into_iter().filter(|e| e["step"] == "start" && e["to"] == "target").collect();
+    let starts: Vec<_> = history(lab)
+        .into_iter()
+        .filter(|e| e["step"] == "start" && e["to"] == "target")
+        .collect();
     assert_eq!(starts.len(), 3);
-    assert!(starts.iter().all(|e| e["subscription"] == "redirect_sub"), "{starts:?}");
+    assert!(
+        starts.iter().all(|e| e["subscription"] == "redirect_sub"),
+        "{starts:?}"
+    );
 }
 
 /// Reproduced failure 2: a preflight that fails (target unreachable: its link is down) does
@@ -144,12 +187,24 @@ fn a_failed_preflight_does_not_wedge_the_controller() {
     let t = Instant::now();
     let out = flip(lab, &["--to", "target"]);
     assert!(!out.status.success());
-    assert!(t.elapsed() < Duration::from_secs(30), "the refusal took {:?}", t.elapsed());
+    assert!(
+        t.elapsed() < Duration::from_secs(30),
+        "the refusal took {:?}",
+        t.elapsed()
+    );
     assert_eq!(lab.status()["active"], "source");
     lab.exec_ok(Ns::Target, &["ip", "link", "set", "eth0", "up"]);
-    lab.exec_ok(Ns::Target, &["ip", "route", "replace", "default", "via", "198.18.3.1"]);
+    lab.exec_ok(
+        Ns::Target,
+        &["ip", "route", "replace", "default", "via", "198.18.3.1"],
+    );
     wait_for(Duration::from_secs(30), "replication to recover", || {
-        psql(lab, Ns::Source, &c.source, "SELECT count(*) FROM pg_replication_slots WHERE active") == "1"
+        psql(
+            lab,
+            Ns::Source,
+            &c.source,
+            "SELECT count(*) FROM pg_replication_slots WHERE active",
+        ) == "1"
     });
     let err = flip_ok(lab, &["--to", "target", "--drain-timeout", "1s"]);
     assert!(!err.contains("another cutover"), "{err}");
@@ -158,9 +213,14 @@ fn a_failed_preflight_does_not_wedge_the_controller() {
 
 /// The pid of the source backend serving the proxied connection from SNAT port `port`.
 fn source_backend(lab: &Lab, source: &Pg, port: u16) -> i32 {
-    psql(lab, Ns::Source, source, &format!("SELECT pid FROM pg_stat_activity WHERE client_port = {port}"))
-        .parse()
-        .expect("the proxied session's pid")
+    psql(
+        lab,
+        Ns::Source,
+        source,
+        &format!("SELECT pid FROM pg_stat_activity WHERE client_port = {port}"),
+    )
+    .parse()
+    .expect("the proxied session's pid")
 }
 
 /// Reproduced failure 3: an INSERT reaches an idle proxied backend's socket just before the
@@ -173,20 +233,37 @@ fn a_write_queued_behind_a_stopped_backend_is_not_lost() {
     let (to_test, from_client) = std::sync::mpsc::channel::<String>();
     let (to_client, from_test) = std::sync::mpsc::channel::<()>();
     let client = lab.spawn_in_ns(Ns::Client, move || {
-        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
         rt.block_on(async move {
             let db = pg::connect(VIP).await;
-            let port: i32 = db.query_one("SELECT inet_client_port()", &[]).await.unwrap().get(0);
+            let port: i32 = db
+                .query_one("SELECT inet_client_port()", &[])
+                .await
+                .unwrap()
+                .get(0);
             to_test.send(port.to_string()).unwrap();
             // The test stops our backend, then lets us write into its socket.
-            tokio::task::spawn_blocking(move || from_test.recv().unwrap()).await.unwrap();
+            tokio::task::spawn_blocking(move || from_test.recv().unwrap())
+                .await
+                .unwrap();
             let t = Instant::now();
-            let r = tokio::time::timeout(Duration::from_secs(20), db.execute("INSERT INTO acks (writer, seq) VALUES (777, 1)", &[])).await;
+            let r = tokio::time::timeout(
+                Duration::from_secs(20),
+                db.execute("INSERT INTO acks (writer, seq) VALUES (777, 1)", &[]),
+            )
+            .await;
             (r.map(|r| r.map_err(|e| e.to_string())), t.elapsed())
         })
     });
     // inet_client_port() on the server is the SNAT port.
-    let snat_port: u16 = from_client.recv_timeout(Duration::from_secs(20)).unwrap().parse().unwrap();
+    let snat_port: u16 = from_client
+        .recv_timeout(Duration::from_secs(20))
+        .unwrap()
+        .parse()
+        .unwrap();
     let backend = source_backend(&lab, &c.source, snat_port);
     // SAFETY: stopping a backend of this lab's own PostgreSQL server.
     unsafe { libc::kill(backend, libc::SIGSTOP) };
@@ -196,21 +273,43 @@ fn a_write_queued_behind_a_stopped_backend_is_not_lost() {
         let lab = lab.clone();
         std::thread::spawn(move || flip(&lab, &["--to", "target", "--drain-timeout", "1s"]))
     };
-    wait_for(Duration::from_secs(20), "the hold and fence", || journaled(&lab, "hold"));
+    wait_for(Duration::from_secs(20), "the hold and fence", || {
+        journaled(&lab, "hold")
+    });
     std::thread::sleep(Duration::from_millis(500));
     // SAFETY: as above.
     unsafe { libc::kill(backend, libc::SIGCONT) };
     let out = flipper.join().unwrap();
     let (answer, waited) = client.join().unwrap();
     let answer = answer.expect("the client got an answer within 20 s");
-    eprintln!("stopped backend: flip ok={} answer={answer:?} after {waited:?}", out.status.success());
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    let on_target = psql(&lab, Ns::Target, &c.target, "SELECT count(*) FROM acks WHERE writer = 777");
-    let on_source = psql(&lab, Ns::Source, &c.source, "SELECT count(*) FROM acks WHERE writer = 777");
+    eprintln!(
+        "stopped backend: flip ok={} answer={answer:?} after {waited:?}",
+        out.status.success()
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let on_target = psql(
+        &lab,
+        Ns::Target,
+        &c.target,
+        "SELECT count(*) FROM acks WHERE writer = 777",
+    );
+    let on_source = psql(
+        &lab,
+        Ns::Source,
+        &c.source,
+        "SELECT count(*) FROM acks WHERE writer = 777",
+    );
     if answer.is_ok() {
         assert_eq!(on_target, "1", "an acknowledged write is on the new server");
     } else {
-        assert_eq!(on_source, on_target, "an unacknowledged write is on both or neither");
+        assert_eq!(
+            on_source, on_target,
+            "an unacknowledged write is on both or neither"
+        );
     }
 }
 
@@ -226,21 +325,35 @@ fn a_controller_restarted_during_the_drain_resumes_it() {
     let (to_client, from_test) = std::sync::mpsc::channel::<()>();
     let client = lab.spawn_in_ns(Ns::Client, move || {
         let mut raw = std::net::TcpStream::connect((VIP, PG_PORT)).unwrap();
-        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
         rt.block_on(async move {
             let idle = pg::connect(VIP).await;
             to_test.send(()).unwrap();
-            tokio::task::spawn_blocking(move || from_test.recv().unwrap()).await.unwrap();
+            tokio::task::spawn_blocking(move || from_test.recv().unwrap())
+                .await
+                .unwrap();
             // The raw connection's first bytes (a startup packet), after the flip.
             let t = Instant::now();
             raw.set_read_timeout(Some(Duration::from_secs(15))).unwrap();
             let _ = raw.write_all(&[0, 0, 0, 8, 4, 210, 22, 47]);
             let mut buf = [0u8; 64];
-            let raw_answer = raw.read(&mut buf).map(|n| n.to_string()).map_err(|e| e.kind());
+            let raw_answer = raw
+                .read(&mut buf)
+                .map(|n| n.to_string())
+                .map_err(|e| e.kind());
             let raw_wait = t.elapsed();
             let t = Instant::now();
-            let idle_answer = tokio::time::timeout(Duration::from_secs(15), idle.simple_query("SELECT 1")).await;
-            (raw_answer, raw_wait, idle_answer.map(|r| r.is_ok()), t.elapsed())
+            let idle_answer =
+                tokio::time::timeout(Duration::from_secs(15), idle.simple_query("SELECT 1")).await;
+            (
+                raw_answer,
+                raw_wait,
+                idle_answer.map(|r| r.is_ok()),
+                t.elapsed(),
+            )
         })
     });
     from_client.recv_timeout(Duration::from_secs(20)).unwrap();
@@ -248,7 +361,9 @@ fn a_controller_restarted_during_the_drain_resumes_it() {
         let lab = lab.clone();
         std::thread::spawn(move || flip(&lab, &["--to", "target", "--drain-timeout", "60s"]))
     };
-    wait_for(Duration::from_secs(30), "the flip", || journaled(&lab, "flip"));
+    wait_for(Duration::from_secs(30), "the flip", || {
+        journaled(&lab, "flip")
+    });
     let pid = lab.redirect_pid().unwrap();
     // SAFETY: stopping the controller this lab started, as `systemctl restart` would.
     unsafe { libc::kill(i32::try_from(pid).unwrap(), libc::SIGTERM) };
@@ -263,13 +378,31 @@ fn a_controller_restarted_during_the_drain_resumes_it() {
     start(lab, &[]);
     to_client.send(()).unwrap();
     let (raw_answer, raw_wait, idle_answer, idle_wait) = client.join().unwrap();
-    eprintln!("after restart: raw {raw_answer:?} in {raw_wait:?}, idle {idle_answer:?} in {idle_wait:?}");
-    assert!(raw_wait < Duration::from_secs(5), "the raw client waited {raw_wait:?} ({raw_answer:?})");
-    assert!(idle_answer.is_ok() && idle_wait < Duration::from_secs(5), "the idle client waited {idle_wait:?}");
-    assert!(lab.last_redirect_log().contains("resuming the drain"), "{}", lab.last_redirect_log());
-    wait_for(Duration::from_secs(70), "the resumed drain to be journaled", || {
-        history(lab).iter().any(|e| e["step"] == "recovered" && e["detail"].as_str().unwrap_or("").contains("drain"))
-    });
+    eprintln!(
+        "after restart: raw {raw_answer:?} in {raw_wait:?}, idle {idle_answer:?} in {idle_wait:?}"
+    );
+    assert!(
+        raw_wait < Duration::from_secs(5),
+        "the raw client waited {raw_wait:?} ({raw_answer:?})"
+    );
+    assert!(
+        idle_answer.is_ok() && idle_wait < Duration::from_secs(5),
+        "the idle client waited {idle_wait:?}"
+    );
+    assert!(
+        lab.last_redirect_log().contains("resuming the drain"),
+        "{}",
+        lab.last_redirect_log()
+    );
+    wait_for(
+        Duration::from_secs(70),
+        "the resumed drain to be journaled",
+        || {
+            history(lab).iter().any(|e| {
+                e["step"] == "recovered" && e["detail"].as_str().unwrap_or("").contains("drain")
+            })
+        },
+    );
     assert_eq!(lab.status()["active"], "target");
 }
 
@@ -281,13 +414,28 @@ fn a_lock_on_the_target_past_timeout_rolls_back() {
     let data = c.target.data_dir.display().to_string();
     let locker = Arc::get_mut(&mut c.lab).expect("sole owner").spawn(
         Ns::Target,
-        &["psql", "-X", "-h", &data, "-U", "postgres", "-d", "postgres", "-c",
-          "BEGIN; ALTER SEQUENCE acks_id_seq CACHE 1; SELECT pg_sleep(25); COMMIT"],
+        &[
+            "psql",
+            "-X",
+            "-h",
+            &data,
+            "-U",
+            "postgres",
+            "-d",
+            "postgres",
+            "-c",
+            "BEGIN; ALTER SEQUENCE acks_id_seq CACHE 1; SELECT pg_sleep(25); COMMIT",
+        ],
         "locker.log",
     );
     let lab = &c.lab;
     wait_for(Duration::from_secs(10), "the lock", || {
-        psql(lab, Ns::Target, &c.target, "SELECT count(*) FROM pg_locks l JOIN pg_class c ON c.oid = l.relation WHERE c.relname = 'acks_id_seq' AND l.granted AND l.mode <> 'AccessShareLock'") != "0"
+        psql(
+            lab,
+            Ns::Target,
+            &c.target,
+            "SELECT count(*) FROM pg_locks l JOIN pg_class c ON c.oid = l.relation WHERE c.relname = 'acks_id_seq' AND l.granted AND l.mode <> 'AccessShareLock'",
+        ) != "0"
     });
     let load = workload(lab, 30..34, 8);
     std::thread::sleep(Duration::from_secs(1));
@@ -296,12 +444,19 @@ fn a_lock_on_the_target_past_timeout_rolls_back() {
     let took = t.elapsed();
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success(), "{err}");
-    assert!(err.contains("sequences") && err.contains("rolled back"), "{err}");
+    assert!(
+        err.contains("sequences") && err.contains("rolled back"),
+        "{err}"
+    );
     assert!(took < Duration::from_secs(8), "the abort took {took:?}");
     let v = load.join().unwrap();
     assert_eq!(lab.status()["active"], "source");
     assert_all_on(&v, lab, Ns::Source, &c.source, "source");
-    assert!(v.max_wait() < Duration::from_secs(5), "a client waited {:?}", v.max_wait());
+    assert!(
+        v.max_wait() < Duration::from_secs(5),
+        "a client waited {:?}",
+        v.max_wait()
+    );
     let _ = locker;
 }
 
@@ -315,19 +470,45 @@ fn rollback_escape_hatches_work() {
     flip_ok(&lab, &["--to", "target", "--drain-timeout", "1s"]);
     flip_ok(&lab, &["--to", "source", "--immediate"]);
     let v = workload(&lab, 40..42, 2).join().unwrap();
-    assert!(v.acked().count() > 5 && v.errors().is_empty(), "new source connections can write: {:?}", v.errors());
+    assert!(
+        v.acked().count() > 5 && v.errors().is_empty(),
+        "new source connections can write: {:?}",
+        v.errors()
+    );
     flip_ok(&lab, &["--to", "target", "--immediate"]);
     // No reverse replication any more: a lossless rollback is refused, a forced one goes
     // ahead at once, without waiting for a marker that can never arrive.
-    psql(&lab, Ns::Source, &c.source, "ALTER SUBSCRIPTION redirect_reverse DISABLE");
-    psql(&lab, Ns::Source, &c.source, "ALTER SUBSCRIPTION redirect_reverse SET (slot_name = NONE)");
-    psql(&lab, Ns::Source, &c.source, "DROP SUBSCRIPTION redirect_reverse");
+    psql(
+        &lab,
+        Ns::Source,
+        &c.source,
+        "ALTER SUBSCRIPTION redirect_reverse DISABLE",
+    );
+    psql(
+        &lab,
+        Ns::Source,
+        &c.source,
+        "ALTER SUBSCRIPTION redirect_reverse SET (slot_name = NONE)",
+    );
+    psql(
+        &lab,
+        Ns::Source,
+        &c.source,
+        "DROP SUBSCRIPTION redirect_reverse",
+    );
     let out = flip(&lab, &["--to", "source"]);
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("--force"));
     let t = Instant::now();
-    flip_ok(&lab, &["--to", "source", "--force", "--drain-timeout", "1s"]);
-    assert!(t.elapsed() < Duration::from_secs(8), "forced rollback took {:?}", t.elapsed());
+    flip_ok(
+        &lab,
+        &["--to", "source", "--force", "--drain-timeout", "1s"],
+    );
+    assert!(
+        t.elapsed() < Duration::from_secs(8),
+        "forced rollback took {:?}",
+        t.elapsed()
+    );
     assert_eq!(lab.status()["active"], "source");
     drop(lab);
     let lab = Arc::get_mut(&mut c.lab).expect("sole owner");
@@ -352,23 +533,57 @@ fn tables_not_yet_copied_block_the_cutover() {
     for (ns, pg) in [(Ns::Source, &source), (Ns::Target, &target)] {
         psql(&lab, ns, pg, "CREATE TABLE late (id int PRIMARY KEY)");
     }
-    psql(&lab, Ns::Source, &source, "INSERT INTO late SELECT generate_series(1, 100)");
+    psql(
+        &lab,
+        Ns::Source,
+        &source,
+        "INSERT INTO late SELECT generate_series(1, 100)",
+    );
     start(&mut lab, &[]);
     let log = lab.last_redirect_log();
     assert!(log.contains("never copied"), "{log}");
-    assert_eq!(psql(&lab, Ns::Target, &target, "SELECT count(*) FROM pg_subscription_rel r JOIN pg_class c ON c.oid = r.srrelid WHERE c.relname = 'late'"), "0", "not marked synced");
+    assert_eq!(
+        psql(
+            &lab,
+            Ns::Target,
+            &target,
+            "SELECT count(*) FROM pg_subscription_rel r JOIN pg_class c ON c.oid = r.srrelid WHERE c.relname = 'late'"
+        ),
+        "0",
+        "not marked synced"
+    );
     // Now refreshed properly, but the copy is stuck behind a lock: the cutover must wait.
     let data = target.data_dir.display().to_string();
     lab.spawn(
         Ns::Target,
-        &["psql", "-X", "-h", &data, "-U", "postgres", "-d", "postgres", "-c", "BEGIN; LOCK TABLE late IN ACCESS EXCLUSIVE MODE; SELECT pg_sleep(30); COMMIT"],
+        &[
+            "psql",
+            "-X",
+            "-h",
+            &data,
+            "-U",
+            "postgres",
+            "-d",
+            "postgres",
+            "-c",
+            "BEGIN; LOCK TABLE late IN ACCESS EXCLUSIVE MODE; SELECT pg_sleep(30); COMMIT",
+        ],
         "locker.log",
     );
     std::thread::sleep(Duration::from_millis(500));
-    psql(&lab, Ns::Target, &target, "ALTER SUBSCRIPTION redirect_sub REFRESH PUBLICATION");
+    psql(
+        &lab,
+        Ns::Target,
+        &target,
+        "ALTER SUBSCRIPTION redirect_sub REFRESH PUBLICATION",
+    );
     let out = flip(&lab, &["--to", "target", "--dry-run"]);
     let text = String::from_utf8_lossy(&out.stdout);
-    assert!(text.contains("BLOCKING") && text.contains("late"), "{text}{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        text.contains("BLOCKING") && text.contains("late"),
+        "{text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let out = flip(&lab, &["--to", "target"]);
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("still copying"));
@@ -379,20 +594,55 @@ fn tables_not_yet_copied_block_the_cutover() {
 /// plan, changes nothing without --yes, and retires the migration's replication with it.
 #[test]
 fn a_failed_reverse_subscription_drops_its_slot_and_finish_retires_replication() {
-    let c = setup("fin", &["--reverse-conninfo", "host=198.18.9.9 port=5432 user=postgres dbname=postgres connect_timeout=1"]);
+    let c = setup(
+        "fin",
+        &[
+            "--reverse-conninfo",
+            "host=198.18.9.9 port=5432 user=postgres dbname=postgres connect_timeout=1",
+        ],
+    );
     let lab = &c.lab;
     let out = flip(lab, &["--to", "target", "--drain-timeout", "1s", "--json"]);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-    assert!(report["reverse_replication"].as_str().unwrap().contains("FAILED"), "{report}");
+    assert!(
+        report["reverse_replication"]
+            .as_str()
+            .unwrap()
+            .contains("FAILED"),
+        "{report}"
+    );
     let slots = |ns, pg| psql(lab, ns, pg, "SELECT count(*) FROM pg_replication_slots");
-    assert_eq!(slots(Ns::Target, &c.target), "0", "no reverse slot left retaining WAL");
+    assert_eq!(
+        slots(Ns::Target, &c.target),
+        "0",
+        "no reverse slot left retaining WAL"
+    );
     let plan = lab.redirect_ok(&["finish"]);
-    assert!(plan.contains("nothing was changed") && plan.contains("redirect_sub"), "{plan}");
+    assert!(
+        plan.contains("nothing was changed") && plan.contains("redirect_sub"),
+        "{plan}"
+    );
     assert_eq!(slots(Ns::Source, &c.source), "1", "a plan changes nothing");
     let done = lab.redirect_ok(&["finish", "--yes"]);
     assert!(!done.contains("FAILED"), "{done}");
-    assert_eq!(slots(Ns::Source, &c.source), "0", "the forward slot is dropped");
-    assert_eq!(psql(lab, Ns::Target, &c.target, "SELECT count(*) FROM pg_subscription"), "0");
+    assert_eq!(
+        slots(Ns::Source, &c.source),
+        "0",
+        "the forward slot is dropped"
+    );
+    assert_eq!(
+        psql(
+            lab,
+            Ns::Target,
+            &c.target,
+            "SELECT count(*) FROM pg_subscription"
+        ),
+        "0"
+    );
     assert!(journaled(lab, "finished"));
 }

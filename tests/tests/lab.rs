@@ -254,7 +254,9 @@ fn restarting_the_controller_keeps_established_connections_and_the_flip() {
             .expect("client step")
     };
     assert_eq!(next(), "source");
-    lab.lock().unwrap().redirect_ok(&["flip", "--to", "target", "--immediate"]);
+    lab.lock()
+        .unwrap()
+        .redirect_ok(&["flip", "--to", "target", "--immediate"]);
 
     // Controller gone: the pinned datapath keeps serving old and new connections.
     lab.lock().unwrap().signal(first, libc::SIGTERM);

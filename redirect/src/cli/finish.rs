@@ -23,7 +23,9 @@ pub struct Args {
 }
 
 pub fn run(args: &Args, socket: &Path) -> anyhow::Result<()> {
-    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
     let req = Request::Finish {
         execute: args.yes,
         force: args.force,

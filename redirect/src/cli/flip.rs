@@ -83,8 +83,14 @@ pub fn run(args: &Args, pin_dir: &Path, socket: &Path) -> anyhow::Result<()> {
             "{}; refusing to flip without the safe cutover (pass --immediate to only write the map: no write fence, no LSN barrier)",
             match has_db {
                 Some(_) => "the running controller has no --source-dsn/--target-dsn".to_owned(),
-                None if socket.exists() => format!("the control socket {} exists but no controller answers", socket.display()),
-                None => format!("no controller is running (no socket at {})", socket.display()),
+                None if socket.exists() => format!(
+                    "the control socket {} exists but no controller answers",
+                    socket.display()
+                ),
+                None => format!(
+                    "no controller is running (no socket at {})",
+                    socket.display()
+                ),
             }
         );
     }

@@ -66,7 +66,12 @@ async fn logical(run: &Run) -> Result<(String, Option<String>), CutoverError> {
     )
     .await?;
     let fence_lsn: String = run
-        .query(Phase::Barrier, "old server", "reading the fence LSN", run.from_db.query_one(CURRENT_LSN, &[]))
+        .query(
+            Phase::Barrier,
+            "old server",
+            "reading the fence LSN",
+            run.from_db.query_one(CURRENT_LSN, &[]),
+        )
         .await?
         .get(0);
     loop {
@@ -84,13 +89,21 @@ async fn logical(run: &Run) -> Result<(String, Option<String>), CutoverError> {
         if run.remaining().is_zero() {
             return Err(CutoverError::abort(
                 Phase::Barrier,
-                format!("the {} did not apply the marker within --timeout {:?}", run.to, run.req.timeout),
+                format!(
+                    "the {} did not apply the marker within --timeout {:?}",
+                    run.to, run.req.timeout
+                ),
             ));
         }
         tokio::time::sleep(Duration::from_millis(2)).await;
     }
     let applied = run
-        .query(Phase::Barrier, "new server", "reading its LSN", run.to_db.query_one(CURRENT_LSN, &[]))
+        .query(
+            Phase::Barrier,
+            "new server",
+            "reading its LSN",
+            run.to_db.query_one(CURRENT_LSN, &[]),
+        )
         .await
         .ok()
         .map(|r| r.get::<_, String>(0));
@@ -99,20 +112,36 @@ async fn logical(run: &Run) -> Result<(String, Option<String>), CutoverError> {
 
 async fn physical(run: &Run) -> Result<(String, Option<String>), CutoverError> {
     let fence_lsn: String = run
-        .query(Phase::Barrier, "old server", "reading the WAL insert position", run.from_db.query_one(INSERT_LSN, &[]))
+        .query(
+            Phase::Barrier,
+            "old server",
+            "reading the WAL insert position",
+            run.from_db.query_one(INSERT_LSN, &[]),
+        )
         .await?
         .get(0);
     let want = parse_lsn(&fence_lsn).ok_or_else(|| {
-        CutoverError::abort(Phase::Barrier, format!("the old server returned an unreadable LSN {fence_lsn:?}"))
+        CutoverError::abort(
+            Phase::Barrier,
+            format!("the old server returned an unreadable LSN {fence_lsn:?}"),
+        )
     })?;
     loop {
         let replayed: Option<String> = run
-            .query(Phase::Barrier, "new server", "reading the replay LSN", run.to_db.query_one(REPLAY_LSN, &[]))
+            .query(
+                Phase::Barrier,
+                "new server",
+                "reading the replay LSN",
+                run.to_db.query_one(REPLAY_LSN, &[]),
+            )
             .await?
             .get(0);
         if let Some(r) = replayed.as_deref() {
             let r = parse_lsn(r).ok_or_else(|| {
-                CutoverError::abort(Phase::Barrier, format!("the standby returned an unreadable LSN {r:?}"))
+                CutoverError::abort(
+                    Phase::Barrier,
+                    format!("the standby returned an unreadable LSN {r:?}"),
+                )
             })?;
             if r >= want {
                 return Ok((fence_lsn, replayed));
@@ -121,7 +150,10 @@ async fn physical(run: &Run) -> Result<(String, Option<String>), CutoverError> {
         if run.remaining().is_zero() {
             return Err(CutoverError::abort(
                 Phase::Barrier,
-                format!("the {} did not replay {fence_lsn} within --timeout {:?}", run.to, run.req.timeout),
+                format!(
+                    "the {} did not replay {fence_lsn} within --timeout {:?}",
+                    run.to, run.req.timeout
+                ),
             ));
         }
         tokio::time::sleep(Duration::from_millis(2)).await;

@@ -92,9 +92,15 @@ pub async fn drain(
     let (from_addr, from_snat) = {
         let maps = lock(&ctl.maps);
         let b = maps.backend(from)?;
-        (b.map(|b| b.addr), b.map(|b| b.snat.to_string()).unwrap_or_default())
+        (
+            b.map(|b| b.addr),
+            b.map(|b| b.snat.to_string()).unwrap_or_default(),
+        )
     };
-    let qt = ctl.db.as_ref().map_or(Duration::from_secs(5), |d| d.query_timeout);
+    let qt = ctl
+        .db
+        .as_ref()
+        .map_or(Duration::from_secs(5), |d| d.query_timeout);
     let mut d = Drained::default();
     // SNAT port -> when its session was asked to end.
     let mut ended: HashMap<u16, Instant> = HashMap::new();
@@ -115,13 +121,24 @@ pub async fn drain(
         if !kill.is_empty() {
             let ports: Vec<i32> = kill.iter().map(|c| i32::from(c.snat.port())).collect();
             let found: HashSet<u16> = match from_db {
-                Some(db) => timed("old server", "ending drained sessions", qt, db.query(END_BY_PORT, &[&from_snat, &ports]))
-                    .await
-                    .map(|rows| rows.iter().filter_map(|r| u16::try_from(r.get::<_, i32>(0)).ok()).collect())
-                    .unwrap_or_else(|e| {
+                Some(db) => timed(
+                    "old server",
+                    "ending drained sessions",
+                    qt,
+                    db.query(END_BY_PORT, &[&from_snat, &ports]),
+                )
+                .await
+                .map_or_else(
+                    |e| {
                         warn!(error = %e, "drain: ending sessions on the old server");
                         HashSet::new()
-                    }),
+                    },
+                    |rows| {
+                        rows.iter()
+                            .filter_map(|r| u16::try_from(r.get::<_, i32>(0)).ok())
+                            .collect()
+                    },
+                ),
                 None => HashSet::new(),
             };
             if past {
@@ -133,8 +150,13 @@ pub async fn drain(
             // the old server is unreachable): reset it with the sequence number its client
             // expects, and forget it, so the client reconnects at once, to the new server.
             let mut maps = lock(&ctl.maps);
-            for c in kill.iter().filter(|c| c.fenced && !found.contains(&c.snat.port())) {
-                if crate::net::send_rst(c.vip, c.client, c.fenced_ack).is_ok() && maps.ct.remove(&ct_key(c)).is_ok() {
+            for c in kill
+                .iter()
+                .filter(|c| c.fenced && !found.contains(&c.snat.port()))
+            {
+                if crate::net::send_rst(c.vip, c.client, c.fenced_ack).is_ok()
+                    && maps.ct.remove(&ct_key(c)).is_ok()
+                {
                     d.reset_unknown += 1;
                 }
             }
@@ -147,7 +169,11 @@ pub async fn drain(
         // client's next packet meets this host's stack.
         let stale: Vec<CtKey> = live
             .iter()
-            .filter(|c| ended.get(&c.snat.port()).is_some_and(|t| t.elapsed() >= GRACE))
+            .filter(|c| {
+                ended
+                    .get(&c.snat.port())
+                    .is_some_and(|t| t.elapsed() >= GRACE)
+            })
             .map(ct_key)
             .collect();
         if !stale.is_empty() {
@@ -158,9 +184,7 @@ pub async fn drain(
                 }
             }
         }
-        let waiting = live
-            .iter()
-            .any(|c| !stale.iter().any(|k| *k == ct_key(c)));
+        let waiting = live.iter().any(|c| !stale.iter().any(|k| *k == ct_key(c)));
         if !waiting || (past && live.is_empty()) {
             return Ok(d);
         }

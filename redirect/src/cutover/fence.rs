@@ -45,7 +45,12 @@ pub async fn let_short_connections_finish(run: &mut Run) -> Result<(), CutoverEr
         let conns = conntrack::list(&lock(&run.ctl.maps))?;
         busy = conns
             .iter()
-            .filter(|c| Some(c.backend_addr) == from_addr && c.state.is_live() && c.age < YOUNG && c.idle < ACTIVE)
+            .filter(|c| {
+                Some(c.backend_addr) == from_addr
+                    && c.state.is_live()
+                    && c.age < YOUNG
+                    && c.idle < ACTIVE
+            })
             .count();
         if busy == 0 {
             break;
@@ -55,7 +60,11 @@ pub async fn let_short_connections_finish(run: &mut Run) -> Result<(), CutoverEr
     run.rec.say(format!(
         "settle   {:>8.1} ms  {}",
         t.elapsed().as_secs_f64() * 1000.0,
-        if busy == 0 { "no short-lived connection in progress".to_owned() } else { format!("{busy} short-lived connection(s) still busy; fencing anyway") }
+        if busy == 0 {
+            "no short-lived connection in progress".to_owned()
+        } else {
+            format!("{busy} short-lived connection(s) still busy; fencing anyway")
+        }
     ));
     Ok(())
 }

@@ -37,12 +37,19 @@ const SLOT_EXISTS: &str = "SELECT count(*)::int8 FROM pg_replication_slots WHERE
 const PUB_EXISTS: &str = "SELECT count(*)::int8 FROM pg_publication WHERE pubname = $1";
 
 async fn count(db: &Client, sql: &str, name: &str) -> Result<bool, CutoverError> {
-    Ok(db.query_one(sql, &[&name]).await.map_err(|e| CutoverError::Refused(format!("{e}")))?.get::<_, i64>(0) > 0)
+    Ok(db
+        .query_one(sql, &[&name])
+        .await
+        .map_err(|e| CutoverError::Refused(format!("{e}")))?
+        .get::<_, i64>(0)
+        > 0)
 }
 
 fn drop_sub(name: &str) -> String {
     let n = quote_ident(name);
-    format!("ALTER SUBSCRIPTION {n} DISABLE; ALTER SUBSCRIPTION {n} SET (slot_name = NONE); DROP SUBSCRIPTION {n}")
+    format!(
+        "ALTER SUBSCRIPTION {n} DISABLE; ALTER SUBSCRIPTION {n} SET (slot_name = NONE); DROP SUBSCRIPTION {n}"
+    )
 }
 
 fn drop_slot(name: &str) -> String {
@@ -53,7 +60,11 @@ fn drop_slot(name: &str) -> String {
 }
 
 /// Plans, and with `execute` carries out, the end of the migration.
-pub async fn finish(ctl: &Controller, execute: bool, force: bool) -> Result<FinishReport, CutoverError> {
+pub async fn finish(
+    ctl: &Controller,
+    execute: bool,
+    force: bool,
+) -> Result<FinishReport, CutoverError> {
     let Ok(_busy) = ctl.busy.try_lock() else {
         return Err(CutoverError::Busy(ctl.phase()));
     };
@@ -82,7 +93,10 @@ pub async fn finish(ctl: &Controller, execute: bool, force: bool) -> Result<Fini
     if db.replication == Replication::Logical {
         let entries = journal::read(&ctl.journal_path)?;
         let known = journal::known_subscription(&entries, Role::Source, Role::Target);
-        let fwd = db.subscription.clone().or(known.as_ref().map(|(s, _)| s.clone()));
+        let fwd = db
+            .subscription
+            .clone()
+            .or(known.as_ref().map(|(s, _)| s.clone()));
         if let Some(fwd) = fwd {
             let slot = target
                 .query_opt(SUB_SLOT, &[&fwd])
@@ -92,12 +106,22 @@ pub async fn finish(ctl: &Controller, execute: bool, force: bool) -> Result<Fini
                 .and_then(|r| r.get::<_, Option<String>>(0))
                 .or(known.and_then(|(_, slot)| slot));
             if count(&target, SUB_EXISTS, &fwd).await? {
-                actions.push(Action { on: Role::Target, sql: drop_sub(&fwd), what: format!("drop the forward subscription {fwd} on the target") });
+                actions.push(Action {
+                    on: Role::Target,
+                    sql: drop_sub(&fwd),
+                    what: format!("drop the forward subscription {fwd} on the target"),
+                });
             }
             if let Some(slot) = slot
                 && count(&source, SLOT_EXISTS, &slot).await?
             {
-                actions.push(Action { on: Role::Source, sql: drop_slot(&slot), what: format!("drop the forward slot {slot} on the source (it retains the source's WAL)") });
+                actions.push(Action {
+                    on: Role::Source,
+                    sql: drop_slot(&slot),
+                    what: format!(
+                        "drop the forward slot {slot} on the source (it retains the source's WAL)"
+                    ),
+                });
             }
         } else {
             report.left_alone.push("the forward subscription is unknown (no --subscription and none journaled): drop it and its slot by hand".into());
@@ -106,10 +130,20 @@ pub async fn finish(ctl: &Controller, execute: bool, force: bool) -> Result<Fini
             actions.push(Action { on: Role::Source, sql: drop_sub(REVERSE), what: format!("drop the reverse subscription {REVERSE} on the source (rollback will no longer be possible)") });
         }
         if count(&target, SLOT_EXISTS, REVERSE).await? {
-            actions.push(Action { on: Role::Target, sql: drop_slot(REVERSE), what: format!("drop the reverse slot {REVERSE} on the target (it retains the target's WAL)") });
+            actions.push(Action {
+                on: Role::Target,
+                sql: drop_slot(REVERSE),
+                what: format!(
+                    "drop the reverse slot {REVERSE} on the target (it retains the target's WAL)"
+                ),
+            });
         }
         if count(&target, PUB_EXISTS, REVERSE).await? {
-            actions.push(Action { on: Role::Target, sql: format!("DROP PUBLICATION {REVERSE}"), what: format!("drop the reverse publication {REVERSE} on the target") });
+            actions.push(Action {
+                on: Role::Target,
+                sql: format!("DROP PUBLICATION {REVERSE}"),
+                what: format!("drop the reverse publication {REVERSE} on the target"),
+            });
         }
         report.left_alone.push(format!(
             "{} and the source's own publication(s): drop them when you like",
@@ -122,7 +156,9 @@ pub async fn finish(ctl: &Controller, execute: bool, force: bool) -> Result<Fini
     let stale_fence = fence.fenced_backend != redirect_common::cutover::NO_FENCE;
     report.plan = actions.iter().map(|a| a.what.clone()).collect();
     if stale_fence {
-        report.plan.push("lift the datapath's stale fence on the source".into());
+        report
+            .plan
+            .push("lift the datapath's stale fence on the source".into());
     }
     if !execute {
         return Ok(report);
@@ -131,7 +167,11 @@ pub async fn finish(ctl: &Controller, execute: bool, force: bool) -> Result<Fini
     ctl.set_phase(Phase::Finishing);
     let t = Instant::now();
     for a in &actions {
-        let c = if a.on == Role::Source { &source } else { &target };
+        let c = if a.on == Role::Source {
+            &source
+        } else {
+            &target
+        };
         match c.batch_execute(&a.sql).await {
             Ok(()) => report.done.push(a.what.clone()),
             Err(e) => report.done.push(format!("FAILED to {}: {e}", a.what)),

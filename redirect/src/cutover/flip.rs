@@ -69,7 +69,10 @@ pub fn release(run: &mut Run) {
     run.report.hold_ms = run.held_at.elapsed().as_secs_f64() * 1000.0;
     let detail = match released {
         Ok(n) => format!("{n} held connection(s) released to the {}", run.to),
-        Err(e) => format!("releasing held connections failed ({e}); their clients retransmit to the {}", run.to),
+        Err(e) => format!(
+            "releasing held connections failed ({e}); their clients retransmit to the {}",
+            run.to
+        ),
     };
     run.rec.note(
         t,

@@ -60,7 +60,10 @@ impl Step {
     /// Whether the cutover this step belongs to has ended.
     #[must_use]
     pub fn ends_cutover(self) -> bool {
-        matches!(self, Self::Done | Self::Aborted | Self::Recovered | Self::Finished)
+        matches!(
+            self,
+            Self::Done | Self::Aborted | Self::Recovered | Self::Finished
+        )
     }
 }
 
@@ -183,7 +186,11 @@ fn now_rfc3339() -> String {
 /// The subscription (and its slot) that last carried `from`'s writes to `to`, as an earlier
 /// cutover in that direction discovered it.
 #[must_use]
-pub fn known_subscription(entries: &[Entry], from: Role, to: Role) -> Option<(String, Option<String>)> {
+pub fn known_subscription(
+    entries: &[Entry],
+    from: Role,
+    to: Role,
+) -> Option<(String, Option<String>)> {
     entries
         .iter()
         .rev()
@@ -257,6 +264,9 @@ mod tests {
         let e: Entry = serde_json::from_str(old).unwrap();
         assert_eq!((e.step, e.to), (Step::Flip, Some(Role::Target)));
         let newer = r#"{"time":"t","cutover":"1","step":"teleport","from":"source","to":"target"}"#;
-        assert_eq!(serde_json::from_str::<Entry>(newer).unwrap().step, Step::Unknown);
+        assert_eq!(
+            serde_json::from_str::<Entry>(newer).unwrap().step,
+            Step::Unknown
+        );
     }
 }

@@ -61,7 +61,10 @@ fn leased(fenced: u32, fencing: bool, now_ns: u64) -> Cutover {
 /// Raises the fence under the running lease: from here no proxied client's query or COMMIT
 /// reaches the old server.
 pub fn fence(run: &mut Run) -> Result<(), CutoverError> {
-    let lease = run.lease.as_ref().ok_or_else(|| CutoverError::abort(Phase::Fence, "no hold was taken"))?;
+    let lease = run
+        .lease
+        .as_ref()
+        .ok_or_else(|| CutoverError::abort(Phase::Fence, "no hold was taken"))?;
     let mut maps = lock(&run.ctl.maps);
     lease.state.fencing.store(true, Ordering::SeqCst);
     maps.set_cutover(leased(run.from.index(), true, clock::monotonic_ns()))?;
@@ -98,12 +101,7 @@ pub fn hold(run: &mut Run) -> Result<(), CutoverError> {
     )
 }
 
-async fn renew(
-    ctl: Arc<super::Controller>,
-    state: Arc<State>,
-    fenced: u32,
-    give_up: Instant,
-) {
+async fn renew(ctl: Arc<super::Controller>, state: Arc<State>, fenced: u32, give_up: Instant) {
     let mut tick = tokio::time::interval(RENEW_EVERY);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     tick.tick().await;
@@ -121,7 +119,12 @@ async fn renew(
         match maps.cutover() {
             Ok(c)
                 if c.fenced_backend == fenced
-                    && now < if fencing { c.fence_until_ns } else { c.hold_until_ns } =>
+                    && now
+                        < if fencing {
+                            c.fence_until_ns
+                        } else {
+                            c.hold_until_ns
+                        } =>
             {
                 if let Err(e) = maps.set_cutover(leased(fenced, fencing, now)) {
                     warn!(error = %e, "renewing the cutover lease");

@@ -174,7 +174,9 @@ pub enum CutoverError {
     Preflight(String),
     #[error("{0}")]
     Refused(String),
-    #[error("{step}: {source} (rolled back: the old server is writable and new connections go to it)")]
+    #[error(
+        "{step}: {source} (rolled back: the old server is writable and new connections go to it)"
+    )]
     Aborted {
         step: Phase,
         source: Box<dyn std::error::Error + Send + Sync>,
@@ -504,7 +506,7 @@ impl Controller {
         let _idle_after = PhaseGuard(self);
         self.set_phase(Phase::Preflight);
         let mut run = match preflight::check(self, req, progress).await? {
-            preflight::Outcome::Report(report) => return Ok(report),
+            preflight::Outcome::Report(report) => return Ok(*report),
             preflight::Outcome::Go(run) => *run,
         };
         preflight::rehearse(&mut run).await?;
@@ -513,7 +515,9 @@ impl Controller {
             self.set_phase(Phase::Aborting);
             let t = Instant::now();
             let undone = undo::undo(&mut run).await;
-            let _ = run.rec.step(Step::Aborted, t, format!("{e}; undo: {undone}"));
+            let _ = run
+                .rec
+                .step(Step::Aborted, t, format!("{e}; undo: {undone}"));
             return Err(e);
         }
         Self::after_flip(&mut run).await;

@@ -57,7 +57,7 @@ const SUBSCRIBED_TABLES: &str = "SELECT format('%I.%I', n.nspname, c.relname) FR
 /// What preflight decided.
 pub enum Outcome {
     /// A dry run, or nothing to do: the report is the answer.
-    Report(FlipReport),
+    Report(Box<FlipReport>),
     /// Go: the cutover's state, journaled as started.
     Go(Box<Run>),
 }
@@ -152,7 +152,13 @@ pub async fn check(
             force_or_block(why, &mut report, &mut blocking);
         }
     }
-    let row = timed("new server", "checking writability", qt, to_db.query_one(WRITABLE, &[])).await?;
+    let row = timed(
+        "new server",
+        "checking writability",
+        qt,
+        to_db.query_one(WRITABLE, &[]),
+    )
+    .await?;
     let (in_recovery, read_only): (bool, String) = (row.get(0), row.get(1));
     if logical && (in_recovery || read_only == "on") {
         blocking.push(format!(
@@ -160,33 +166,58 @@ pub async fn check(
         ));
     }
     if !logical && !in_recovery {
-        blocking.push(format!("the {to} is not a standby, so there is nothing to promote"));
+        blocking.push(format!(
+            "the {to} is not a standby, so there is nothing to promote"
+        ));
     }
-    let from_roles: Vec<String> = timed("old server", "listing roles", qt, from_db.query(LOGIN_ROLES, &[]))
-        .await?
+    let from_roles: Vec<String> = timed(
+        "old server",
+        "listing roles",
+        qt,
+        from_db.query(LOGIN_ROLES, &[]),
+    )
+    .await?
+    .iter()
+    .map(|r| r.get(0))
+    .collect();
+    let to_roles: Vec<String> = timed(
+        "new server",
+        "listing roles",
+        qt,
+        to_db.query(LOGIN_ROLES, &[]),
+    )
+    .await?
+    .iter()
+    .map(|r| r.get(0))
+    .collect();
+    let missing: Vec<&String> = from_roles
         .iter()
-        .map(|r| r.get(0))
+        .filter(|r| !to_roles.contains(r))
         .collect();
-    let to_roles: Vec<String> = timed("new server", "listing roles", qt, to_db.query(LOGIN_ROLES, &[]))
-        .await?
-        .iter()
-        .map(|r| r.get(0))
-        .collect();
-    let missing: Vec<&String> = from_roles.iter().filter(|r| !to_roles.contains(r)).collect();
     if !missing.is_empty() {
         force_or_block(
-            format!("login roles missing on the {to}: {missing:?} (their new connections would fail)"),
+            format!(
+                "login roles missing on the {to}: {missing:?} (their new connections would fail)"
+            ),
             &mut report,
             &mut blocking,
         );
     }
     if logical {
         match super::sequences::read(&from_db, qt).await {
-            Ok(seqs) => report.findings.push(format!("{} sequence(s) to sync", seqs.len())),
+            Ok(seqs) => report
+                .findings
+                .push(format!("{} sequence(s) to sync", seqs.len())),
             Err(e) => blocking.push(e.to_string()),
         }
     }
-    let bypass = timed("old server", "listing sessions", qt, from_db.query_one(BYPASS_SESSIONS, &[&from_snat])).await?;
+    let bypass = timed(
+        "old server",
+        "listing sessions",
+        qt,
+        from_db.query_one(BYPASS_SESSIONS, &[&from_snat]),
+    )
+    .await?;
     let (n_bypass, bypass_from): (i64, String) = (bypass.get(0), bypass.get(1));
     if n_bypass > 0 {
         report.findings.push(format!(
@@ -201,14 +232,24 @@ pub async fn check(
     if logical && !(no_replication && req.force) {
         let sub = lag::subscription_name(&to_db, &watch, qt).await?;
         watch.subscription = Some(sub.clone());
-        slot = timed("new server", "reading the subscription", qt, to_db.query_opt(SUB_SLOT, &[&sub]))
-            .await?
-            .and_then(|r| r.get::<_, Option<String>>(0));
-        let not_ready: Vec<String> = timed("new server", "checking table sync states", qt, to_db.query(NOT_READY_TABLES, &[&sub]))
-            .await?
-            .iter()
-            .map(|r| r.get(0))
-            .collect();
+        slot = timed(
+            "new server",
+            "reading the subscription",
+            qt,
+            to_db.query_opt(SUB_SLOT, &[&sub]),
+        )
+        .await?
+        .and_then(|r| r.get::<_, Option<String>>(0));
+        let not_ready: Vec<String> = timed(
+            "new server",
+            "checking table sync states",
+            qt,
+            to_db.query(NOT_READY_TABLES, &[&sub]),
+        )
+        .await?
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
         if !not_ready.is_empty() {
             blocking.push(format!(
                 "subscription {sub:?} is still copying (or has not started copying) {} table(s): {} — their rows are not all on the {to} yet; wait until pg_subscription_rel shows every table 'r'",
@@ -216,10 +257,15 @@ pub async fn check(
                 not_ready.join(", ")
             ));
         }
-        let pubs: Vec<String> = timed("new server", "reading the subscription", qt, to_db.query_opt(SUB_PUBLICATIONS, &[&sub]))
-            .await?
-            .map(|r| r.get(0))
-            .unwrap_or_default();
+        let pubs: Vec<String> = timed(
+            "new server",
+            "reading the subscription",
+            qt,
+            to_db.query_opt(SUB_PUBLICATIONS, &[&sub]),
+        )
+        .await?
+        .map(|r| r.get(0))
+        .unwrap_or_default();
         let published = from_db
             .query_one(PUBLICATION_HAS_BARRIER, &[&pubs])
             .await
@@ -259,28 +305,44 @@ pub async fn check(
         format!("drain the {from}'s connections for {:?}, then end the rest (their clients are told)", req.drain_timeout),
     ]);
     if !blocking.is_empty() {
-        report.findings.extend(blocking.iter().map(|b| format!("BLOCKING: {b}")));
+        report
+            .findings
+            .extend(blocking.iter().map(|b| format!("BLOCKING: {b}")));
         if req.dry_run {
-            return Ok(Outcome::Report(report));
+            return Ok(Outcome::Report(Box::new(report)));
         }
         return Err(CutoverError::Preflight(blocking.join("; ")));
     }
     if req.dry_run {
-        return Ok(Outcome::Report(report));
+        return Ok(Outcome::Report(Box::new(report)));
     }
     if req.force {
-        say("WARNING: --force: the lag gate is skipped; writes not yet replicated may be lost".into());
+        say(
+            "WARNING: --force: the lag gate is skipped; writes not yet replicated may be lost"
+                .into(),
+        );
     }
 
-    let mut rec = Recorder::new(&ctl.journal_path, journal::new_id(), from, to, progress.clone())?;
+    let mut rec = Recorder::new(
+        &ctl.journal_path,
+        journal::new_id(),
+        from,
+        to,
+        progress.clone(),
+    )?;
     rec.log(
         t0,
         Entry {
             step: Step::Start,
             subscription: watch.subscription.clone().filter(|_| logical),
             slot: slot.clone(),
-            drain_timeout_ms: Some(u64::try_from(req.drain_timeout.as_millis()).unwrap_or(u64::MAX)),
-            detail: format!("cutover {from} -> {to}{}", if req.force { " (FORCED)" } else { "" }),
+            drain_timeout_ms: Some(
+                u64::try_from(req.drain_timeout.as_millis()).unwrap_or(u64::MAX),
+            ),
+            detail: format!(
+                "cutover {from} -> {to}{}",
+                if req.force { " (FORCED)" } else { "" }
+            ),
             ..Entry::default()
         },
     )?;
@@ -325,12 +387,28 @@ pub async fn rehearse(run: &mut Run) -> Result<(), CutoverError> {
     if run.logical && run.barrier {
         let t = Instant::now();
         let token = format!("rehearsal-{}-{}", run.rec.id, std::process::id());
-        timed("old server", "writing the rehearsal marker", run.qt, run.from_db.execute(WRITE_MARKER, &[&token])).await?;
-        let until = Instant::now() + if run.req.force { Duration::from_secs(1) } else { run.req.timeout };
+        timed(
+            "old server",
+            "writing the rehearsal marker",
+            run.qt,
+            run.from_db.execute(WRITE_MARKER, &[&token]),
+        )
+        .await?;
+        let until = Instant::now()
+            + if run.req.force {
+                Duration::from_secs(1)
+            } else {
+                run.req.timeout
+            };
         let mut arrived = true;
-        while timed("new server", "looking for the rehearsal marker", run.qt, run.to_db.query_opt(SEE_MARKER, &[&token]))
-            .await?
-            .is_none()
+        while timed(
+            "new server",
+            "looking for the rehearsal marker",
+            run.qt,
+            run.to_db.query_opt(SEE_MARKER, &[&token]),
+        )
+        .await?
+        .is_none()
         {
             if Instant::now() > until {
                 if !run.req.force {
@@ -345,9 +423,16 @@ pub async fn rehearse(run: &mut Run) -> Result<(), CutoverError> {
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
         let what = if arrived {
-            format!("a marker took {:.1} ms to reach the {}", t.elapsed().as_secs_f64() * 1000.0, run.to)
+            format!(
+                "a marker took {:.1} ms to reach the {}",
+                t.elapsed().as_secs_f64() * 1000.0,
+                run.to
+            )
         } else {
-            format!("FORCED: a marker did not reach the {}; the barrier will likely time out", run.to)
+            format!(
+                "FORCED: a marker did not reach the {}; the barrier will likely time out",
+                run.to
+            )
         };
         run.rec.step(Step::Rehearsal, t, what)?;
     }
@@ -384,40 +469,83 @@ pub async fn prepare_barrier(
     watch: &Watch,
     qt: Duration,
 ) -> Result<(), CutoverError> {
-    timed("publisher", "creating the barrier table", qt, from_db.batch_execute(CREATE_BARRIER)).await?;
-    timed("subscriber", "creating the barrier table", qt, to_db.batch_execute(CREATE_BARRIER)).await?;
+    timed(
+        "publisher",
+        "creating the barrier table",
+        qt,
+        from_db.batch_execute(CREATE_BARRIER),
+    )
+    .await?;
+    timed(
+        "subscriber",
+        "creating the barrier table",
+        qt,
+        to_db.batch_execute(CREATE_BARRIER),
+    )
+    .await?;
     let sub = lag::subscription_name(to_db, watch, qt).await?;
-    let pubs: Vec<String> = timed("subscriber", "reading the subscription", qt, to_db.query_one(SUB_PUBLICATIONS, &[&sub]))
-        .await?
-        .get(0);
-    let n: i64 = timed("publisher", "checking the publication", qt, from_db.query_one(PUBLICATION_HAS_BARRIER, &[&pubs]))
-        .await?
-        .get(0);
+    let pubs: Vec<String> = timed(
+        "subscriber",
+        "reading the subscription",
+        qt,
+        to_db.query_one(SUB_PUBLICATIONS, &[&sub]),
+    )
+    .await?
+    .get(0);
+    let n: i64 = timed(
+        "publisher",
+        "checking the publication",
+        qt,
+        from_db.query_one(PUBLICATION_HAS_BARRIER, &[&pubs]),
+    )
+    .await?
+    .get(0);
     if n == 0 {
         let first = pubs.first().cloned().unwrap_or_default();
         timed(
             "publisher",
             "adding the barrier table",
             qt,
-            from_db.batch_execute(&format!("ALTER PUBLICATION {} ADD TABLE {BARRIER_TABLE}", quote_ident(&first))),
+            from_db.batch_execute(&format!(
+                "ALTER PUBLICATION {} ADD TABLE {BARRIER_TABLE}",
+                quote_ident(&first)
+            )),
         )
         .await?;
     }
-    let m: i64 = timed("subscriber", "checking the subscription", qt, to_db.query_one(SUBSCRIPTION_HAS_BARRIER, &[&sub]))
-        .await?
-        .get(0);
+    let m: i64 = timed(
+        "subscriber",
+        "checking the subscription",
+        qt,
+        to_db.query_one(SUBSCRIPTION_HAS_BARRIER, &[&sub]),
+    )
+    .await?
+    .get(0);
     if m == 0 {
-        let published: Vec<String> = timed("publisher", "listing published tables", qt, from_db.query(PUBLISHED_TABLES, &[&pubs]))
-            .await?
+        let published: Vec<String> = timed(
+            "publisher",
+            "listing published tables",
+            qt,
+            from_db.query(PUBLISHED_TABLES, &[&pubs]),
+        )
+        .await?
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+        let subscribed: Vec<String> = timed(
+            "subscriber",
+            "listing subscribed tables",
+            qt,
+            to_db.query(SUBSCRIBED_TABLES, &[&sub]),
+        )
+        .await?
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+        let unsynced: Vec<&String> = published
             .iter()
-            .map(|r| r.get(0))
+            .filter(|t| !subscribed.contains(t))
             .collect();
-        let subscribed: Vec<String> = timed("subscriber", "listing subscribed tables", qt, to_db.query(SUBSCRIBED_TABLES, &[&sub]))
-            .await?
-            .iter()
-            .map(|r| r.get(0))
-            .collect();
-        let unsynced: Vec<&String> = published.iter().filter(|t| !subscribed.contains(t)).collect();
         if !unsynced.is_empty() {
             return Err(CutoverError::Preflight(format!(
                 "publication {pubs:?} has {} table(s) subscription {sub:?} has never copied: {unsynced:?}; run `ALTER SUBSCRIPTION {} REFRESH PUBLICATION` on the subscriber (it copies them), wait until they are synced, then retry",
@@ -445,13 +573,24 @@ pub async fn prepare_barrier(
         n += 1;
         let before = apply_worker(to_db, &sub).await;
         let token = format!("prepare-{}-{n}", journal::new_id());
-        timed("publisher", "writing a test marker", qt, from_db.execute(WRITE_MARKER, &[&token])).await?;
+        timed(
+            "publisher",
+            "writing a test marker",
+            qt,
+            from_db.execute(WRITE_MARKER, &[&token]),
+        )
+        .await?;
         let seen_by = Instant::now() + Duration::from_secs(2);
         let mut seen = false;
         while Instant::now() < seen_by {
-            if timed("subscriber", "looking for the test marker", qt, to_db.query_opt(SEE_MARKER, &[&token]))
-                .await?
-                .is_some()
+            if timed(
+                "subscriber",
+                "looking for the test marker",
+                qt,
+                to_db.query_opt(SEE_MARKER, &[&token]),
+            )
+            .await?
+            .is_some()
             {
                 seen = true;
                 break;
@@ -469,4 +608,3 @@ pub async fn prepare_barrier(
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
 }
-

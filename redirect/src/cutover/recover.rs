@@ -37,7 +37,9 @@ pub struct PendingDrain {
 
 /// Recovers an interrupted cutover, up to (not including) its drain. Returns what was done
 /// and, for a flipped cutover, the drain still to run.
-pub async fn recover(ctl: &Arc<Controller>) -> Result<Option<(String, Option<PendingDrain>)>, CutoverError> {
+pub async fn recover(
+    ctl: &Arc<Controller>,
+) -> Result<Option<(String, Option<PendingDrain>)>, CutoverError> {
     let entries = journal::read(&ctl.journal_path)?;
     let Some(steps) = journal::unfinished(&entries) else {
         return Ok(None);
@@ -61,24 +63,32 @@ pub async fn recover(ctl: &Arc<Controller>) -> Result<Option<(String, Option<Pen
         if c.fenced_backend != from.index() {
             // Cannot happen (the fence is set before the flip), but never leave the old
             // server unfenced next to a flipped ACTIVE.
-            c = Cutover { fenced_backend: from.index(), ..Cutover::IDLE };
+            c = Cutover {
+                fenced_backend: from.index(),
+                ..Cutover::IDLE
+            };
         }
         c.hold_until_ns = 0;
         maps.set_cutover(c)?;
     }
     match flip::release_twice(ctl) {
-        Ok(n) => did.push(format!("the flip to the {to} had happened; {n} held connection(s) released to it")),
-        Err(e) => did.push(format!("the flip to the {to} had happened; releasing held connections failed ({e})")),
+        Ok(n) => did.push(format!(
+            "the flip to the {to} had happened; {n} held connection(s) released to it"
+        )),
+        Err(e) => did.push(format!(
+            "the flip to the {to} had happened; releasing held connections failed ({e})"
+        )),
     }
-    let logical = ctl.db.as_ref().is_some_and(|d| to == Role::Source || d.replication == crate::pg::lag::Replication::Logical);
+    let logical = ctl.db.as_ref().is_some_and(|d| {
+        to == Role::Source || d.replication == crate::pg::lag::Replication::Logical
+    });
     if logical && !has(Step::ReverseSubscription) && ctl.db.is_some() {
         did.push(after_flip_replication(ctl, to, &steps).await);
     }
-    let until = steps
-        .iter()
-        .find_map(|e| e.drain_until_ms)
-        .map(|ms| UNIX_EPOCH + Duration::from_millis(ms))
-        .unwrap_or_else(|| SystemTime::now() + Duration::from_millis(first.drain_timeout_ms.unwrap_or(30_000)));
+    let until = steps.iter().find_map(|e| e.drain_until_ms).map_or_else(
+        || SystemTime::now() + Duration::from_millis(first.drain_timeout_ms.unwrap_or(30_000)),
+        |ms| UNIX_EPOCH + Duration::from_millis(ms),
+    );
     if has(Step::Drain) {
         let what = did.join("; ");
         journal_recovered(ctl, &first, &what)?;
@@ -110,7 +120,8 @@ pub async fn resume_drain(ctl: &Arc<Controller>, p: PendingDrain) -> Result<Stri
     let what = format!(
         "{}; drain: {}",
         p.done_so_far,
-        d.as_ref().map_or_else(|e| format!("FAILED: {e}"), |d| drain::describe(p.from, d))
+        d.as_ref()
+            .map_or_else(|e| format!("FAILED: {e}"), |d| drain::describe(p.from, d))
     );
     journal_recovered(
         ctl,
@@ -141,7 +152,10 @@ fn journal_recovered(ctl: &Controller, first: &Entry, what: &str) -> Result<(), 
 
 async fn connect(ctl: &Controller, role: Role) -> Option<Client> {
     let dsn = ctl.dsn(role).ok()?;
-    tokio::time::timeout(Duration::from_secs(10), dsn.connect()).await.ok()?.ok()
+    tokio::time::timeout(Duration::from_secs(10), dsn.connect())
+        .await
+        .ok()?
+        .ok()
 }
 
 async fn roll_back(ctl: &Arc<Controller>, from: Role, to: Role, steps: &[Entry]) -> String {
@@ -161,11 +175,16 @@ async fn roll_back(ctl: &Arc<Controller>, from: Role, to: Role, steps: &[Entry])
         return did.join("; ");
     }
     let Some(db) = connect(ctl, to).await else {
-        did.push(format!("the {to} is unreachable: re-enable subscription(s) {disabled:?} there by hand"));
+        did.push(format!(
+            "the {to} is unreachable: re-enable subscription(s) {disabled:?} there by hand"
+        ));
         return did.join("; ");
     };
     for sub in disabled {
-        match db.batch_execute(&format!("ALTER SUBSCRIPTION {} ENABLE", quote_ident(&sub))).await {
+        match db
+            .batch_execute(&format!("ALTER SUBSCRIPTION {} ENABLE", quote_ident(&sub)))
+            .await
+        {
             Ok(()) => did.push(format!("subscription {sub} re-enabled")),
             Err(e) => did.push(format!("FAILED to re-enable subscription {sub}: {e}")),
         }
@@ -187,10 +206,16 @@ async fn roll_back(ctl: &Arc<Controller>, from: Role, to: Role, steps: &[Entry])
 
 /// The replication step after a flip, if the interrupted controller did not journal it.
 async fn after_flip_replication(ctl: &Arc<Controller>, to: Role, steps: &[Entry]) -> String {
-    let (Some(source), Some(target)) = (connect(ctl, Role::Source).await, connect(ctl, Role::Target).await) else {
+    let (Some(source), Some(target)) = (
+        connect(ctl, Role::Source).await,
+        connect(ctl, Role::Target).await,
+    ) else {
         return "a server is unreachable: the replication step after the flip was not finished; restart the controller when both are reachable".into();
     };
-    let qt = ctl.db.as_ref().map_or(Duration::from_secs(5), |d| d.query_timeout);
+    let qt = ctl
+        .db
+        .as_ref()
+        .map_or(Duration::from_secs(5), |d| d.query_timeout);
     let result = if to == Role::Target {
         if !steps.iter().any(|e| e.step == Step::Reverse) {
             return "no reverse slot had been made: rollback will need --force".into();

@@ -42,12 +42,13 @@ pub async fn turn_around(run: &mut Run) -> Result<(), CutoverError> {
     if !run.barrier {
         // Forced rollback with no working replication: nothing to stop.
         run.report.reverse_replication = "none (forced)".into();
-        return run.rec.step(Step::Reverse, t, "no replication to turn around (forced)");
+        return run
+            .rec
+            .step(Step::Reverse, t, "no replication to turn around (forced)");
     }
-    let sub = run
-        .subscription
-        .clone()
-        .ok_or_else(|| CutoverError::abort(Phase::Reverse, "the subscription to stop is unknown"))?;
+    let sub = run.subscription.clone().ok_or_else(|| {
+        CutoverError::abort(Phase::Reverse, "the subscription to stop is unknown")
+    })?;
     // Write-ahead: a successor re-enables it if we die from here on before the flip.
     run.rec.log(
         Instant::now(),
@@ -64,11 +65,16 @@ pub async fn turn_around(run: &mut Run) -> Result<(), CutoverError> {
         Phase::Reverse,
         "new server",
         "disabling the subscription",
-        run.to_db.batch_execute(&format!("ALTER SUBSCRIPTION {} DISABLE", quote_ident(&sub))),
+        run.to_db
+            .batch_execute(&format!("ALTER SUBSCRIPTION {} DISABLE", quote_ident(&sub))),
     )
     .await?;
     if run.to == Role::Target {
-        run.rec.step(Step::CreatingReverseSlot, Instant::now(), format!("creating slot {REVERSE} on the target"))?;
+        run.rec.step(
+            Step::CreatingReverseSlot,
+            Instant::now(),
+            format!("creating slot {REVERSE} on the target"),
+        )?;
         run.undo.reverse_slot = true;
         match create_reverse_slot(run).await {
             Ok(()) => {
@@ -86,7 +92,12 @@ pub async fn turn_around(run: &mut Run) -> Result<(), CutoverError> {
     } else {
         // Rollback: the reverse apply is stopped; everything it brought is before this LSN.
         let lsn: String = run
-            .query(Phase::Reverse, "source", "reading the rollback point", run.to_db.query_one(CURRENT_LSN, &[]))
+            .query(
+                Phase::Reverse,
+                "source",
+                "reading the rollback point",
+                run.to_db.query_one(CURRENT_LSN, &[]),
+            )
             .await?
             .get(0);
         run.rollback_point = Some(lsn);
@@ -133,7 +144,10 @@ async fn create_reverse_slot(run: &Run) -> Result<(), CutoverError> {
         Phase::Reverse,
         "target",
         "creating the reverse slot",
-        run.to_db.execute("SELECT pg_create_logical_replication_slot($1, 'pgoutput')", &[&REVERSE]),
+        run.to_db.execute(
+            "SELECT pg_create_logical_replication_slot($1, 'pgoutput')",
+            &[&REVERSE],
+        ),
     )
     .await?;
     Ok(())
@@ -156,7 +170,12 @@ async fn promote(run: &mut Run) -> Result<(), CutoverError> {
     run.deadline = run.deadline.max(Instant::now() + PROMOTION_WAIT);
     loop {
         let in_recovery: bool = run
-            .query(Phase::Promote, "target", "waiting for the promotion", run.to_db.query_one(IN_RECOVERY, &[]))
+            .query(
+                Phase::Promote,
+                "target",
+                "waiting for the promotion",
+                run.to_db.query_one(IN_RECOVERY, &[]),
+            )
             .await?
             .get(0);
         if !in_recovery {
@@ -171,7 +190,8 @@ async fn promote(run: &mut Run) -> Result<(), CutoverError> {
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
     run.report.reverse_replication =
-        "none: physical replication; the old primary must be rebuilt as a standby to roll back".into();
+        "none: physical replication; the old primary must be rebuilt as a standby to roll back"
+            .into();
     let detail = run.report.reverse_replication.clone();
     run.rec.step(Step::Reverse, t, detail)
 }
@@ -232,14 +252,32 @@ pub async fn start_reverse(
         if attempt > 0 {
             tokio::time::sleep(Duration::from_millis(500)).await;
         }
-        let exists: i64 = timed("source", "checking the reverse subscription", qt, source.query_one(SUB_EXISTS, &[&REVERSE]))
-            .await?
-            .get(0);
+        let exists: i64 = timed(
+            "source",
+            "checking the reverse subscription",
+            qt,
+            source.query_one(SUB_EXISTS, &[&REVERSE]),
+        )
+        .await?
+        .get(0);
         if exists > 0 {
-            return Ok(format!("subscription {REVERSE} on the source: rollback is lossless"));
+            return Ok(format!(
+                "subscription {REVERSE} on the source: rollback is lossless"
+            ));
         }
-        match timed("source", "creating the reverse subscription", qt, source.batch_execute(&sql)).await {
-            Ok(()) => return Ok(format!("subscription {REVERSE} on the source: rollback is lossless")),
+        match timed(
+            "source",
+            "creating the reverse subscription",
+            qt,
+            source.batch_execute(&sql),
+        )
+        .await
+        {
+            Ok(()) => {
+                return Ok(format!(
+                    "subscription {REVERSE} on the source: rollback is lossless"
+                ));
+            }
             Err(e) => last = Some(e),
         }
     }
@@ -269,9 +307,14 @@ pub async fn restart_forward(
     point: &str,
     qt: Duration,
 ) -> Result<String, PgError> {
-    let exists: i64 = timed("source", "checking the reverse subscription", qt, source.query_one(SUB_EXISTS, &[&REVERSE]))
-        .await?
-        .get(0);
+    let exists: i64 = timed(
+        "source",
+        "checking the reverse subscription",
+        qt,
+        source.query_one(SUB_EXISTS, &[&REVERSE]),
+    )
+    .await?
+    .get(0);
     if exists > 0 {
         timed(
             "source",
@@ -293,14 +336,29 @@ pub async fn restart_forward(
         ),
     )
     .await?;
-    let Some(fwd) = ctl.forward_subscription().or(lone_subscription(target, qt).await?) else {
+    let Some(fwd) = ctl
+        .forward_subscription()
+        .or(lone_subscription(target, qt).await?)
+    else {
         return Ok("reverse replication retired; the forward subscription is unknown (no --subscription, none journaled, not exactly one on the target): not restarted".into());
     };
-    let slot: Option<String> = timed("target", "reading the forward subscription", qt, target.query_opt(SUB_SLOT, &[&fwd]))
-        .await?
-        .and_then(|r| r.get(0));
+    let slot: Option<String> = timed(
+        "target",
+        "reading the forward subscription",
+        qt,
+        target.query_opt(SUB_SLOT, &[&fwd]),
+    )
+    .await?
+    .and_then(|r| r.get(0));
     if let Some(slot) = &slot {
-        let n: i64 = timed("source", "finding the forward slot", qt, source.query_one(SLOT_EXISTS, &[slot])).await?.get(0);
+        let n: i64 = timed(
+            "source",
+            "finding the forward slot",
+            qt,
+            source.query_one(SLOT_EXISTS, &[slot]),
+        )
+        .await?
+        .get(0);
         if n > 0 && !point.is_empty() {
             // Only forward: advancing to a point the slot already passed is an error.
             timed(
@@ -330,7 +388,16 @@ pub async fn restart_forward(
 
 /// The only subscription on `db`, if there is exactly one.
 async fn lone_subscription(db: &Client, qt: Duration) -> Result<Option<String>, PgError> {
-    let rows = timed("target", "listing subscriptions", qt, db.query("SELECT subname::text FROM pg_subscription WHERE subname <> $1", &[&REVERSE])).await?;
+    let rows = timed(
+        "target",
+        "listing subscriptions",
+        qt,
+        db.query(
+            "SELECT subname::text FROM pg_subscription WHERE subname <> $1",
+            &[&REVERSE],
+        ),
+    )
+    .await?;
     Ok(match rows.as_slice() {
         [one] => Some(one.get(0)),
         _ => None,

@@ -35,7 +35,13 @@ pub enum SequenceError {
 
 /// Reads every sequence on `db`; an unreadable one is an error.
 pub async fn read(db: &Client, qt: Duration) -> Result<Vec<Sequence>, SequenceError> {
-    let rows = timed("old server", "reading sequences", qt, db.query(SEQUENCES, &[])).await?;
+    let rows = timed(
+        "old server",
+        "reading sequences",
+        qt,
+        db.query(SEQUENCES, &[]),
+    )
+    .await?;
     let unreadable: Vec<String> = rows
         .iter()
         .filter(|r| !r.get::<_, bool>(2))
@@ -78,8 +84,13 @@ pub async fn carry_over(run: &mut Run) -> Result<(), CutoverError> {
     };
     if !calls.is_empty() {
         let sql = format!("SELECT {}", calls.join(", "));
-        run.query(Phase::Sequences, "new server", "setting sequences", run.to_db.execute(&sql, &[]))
-            .await?;
+        run.query(
+            Phase::Sequences,
+            "new server",
+            "setting sequences",
+            run.to_db.execute(&sql, &[]),
+        )
+        .await?;
     }
     run.report.sequences_synced = calls.len() as u64;
     run.rec.step(

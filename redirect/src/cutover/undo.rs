@@ -17,13 +17,26 @@ pub async fn undo(run: &mut Run) -> String {
             }
             maps.set_cutover(Cutover::IDLE)
         };
-        match r.map_err(super::CutoverError::from).and_then(|()| super::flip::release_twice(&run.ctl)) {
-            Ok(n) => did.push(format!("fence lifted, {n} held connection(s) released to the {}", run.from)),
-            Err(e) => did.push(format!("FAILED to lift the fence ({e}); it lapses by itself within {:?}", super::lease::LEASE)),
+        match r
+            .map_err(super::CutoverError::from)
+            .and_then(|()| super::flip::release_twice(&run.ctl))
+        {
+            Ok(n) => did.push(format!(
+                "fence lifted, {n} held connection(s) released to the {}",
+                run.from
+            )),
+            Err(e) => did.push(format!(
+                "FAILED to lift the fence ({e}); it lapses by itself within {:?}",
+                super::lease::LEASE
+            )),
         }
     }
     if let Some((side, sub)) = run.undo.disabled_subscription.clone() {
-        match run.db(side).batch_execute(&format!("ALTER SUBSCRIPTION {} ENABLE", quote_ident(&sub))).await {
+        match run
+            .db(side)
+            .batch_execute(&format!("ALTER SUBSCRIPTION {} ENABLE", quote_ident(&sub)))
+            .await
+        {
             Ok(()) => did.push(format!("subscription {sub} re-enabled")),
             Err(e) => did.push(format!("FAILED to re-enable subscription {sub}: {e}")),
         }
