@@ -2,6 +2,9 @@
 //! never come from argv, and queries that always have a timeout.
 
 pub mod lag;
+pub mod lsn;
+
+pub use lsn::{Lsn, LsnError};
 
 use std::{collections::BTreeMap, path::PathBuf, str::FromStr as _, time::Duration};
 
@@ -29,6 +32,14 @@ pub enum PgError {
         which: &'static str,
         what: &'static str,
         source: tokio_postgres::Error,
+    },
+    /// A query answered with a WAL position that is not `pg_lsn` text: never read as zero.
+    #[error("{which}: {what}: {value:?} is not a pg_lsn (X/Y in hex)")]
+    BadLsn {
+        which: &'static str,
+        /// The query, as `what` in [`PgError::Query`].
+        what: &'static str,
+        value: String,
     },
     /// A query did not answer in time.
     #[error("{which}: {what}: no answer within {timeout:?}")]
@@ -382,17 +393,24 @@ pub async fn timed<T>(
     }
 }
 
-/// Parses a `pg_lsn` text (`16/B374D848`) into its 64-bit position.
+/// Parses a `pg_lsn` text (`16/B374D848`) into its 64-bit position. Prefer [`Lsn`] and
+/// [`parse_lsn_of`], which keep the bad value for the error instead of `None`.
 #[must_use]
 pub fn parse_lsn(s: &str) -> Option<u64> {
-    let (hi, lo) = s.split_once('/')?;
-    Some((u64::from_str_radix(hi, 16).ok()? << 32) | u64::from_str_radix(lo, 16).ok()?)
+    s.parse::<Lsn>().ok().map(u64::from)
+}
+
+/// Parses the `pg_lsn` text a query (`which`, `what`) returned; a value that is not one is a
+/// [`PgError::BadLsn`] naming the query and the value.
+pub fn parse_lsn_of(which: &'static str, what: &'static str, s: &str) -> Result<Lsn, PgError> {
+    s.parse()
+        .map_err(|LsnError(value)| PgError::BadLsn { which, what, value })
 }
 
 /// Formats a 64-bit WAL position as `pg_lsn` text.
 #[must_use]
 pub fn format_lsn(lsn: u64) -> String {
-    format!("{:X}/{:X}", lsn >> 32, lsn & 0xffff_ffff)
+    Lsn(lsn).to_string()
 }
 
 #[cfg(test)]
@@ -452,5 +470,13 @@ mod tests {
         assert_eq!(parse_lsn("16/B374D848"), Some(0x16_B374_D848));
         assert_eq!(format_lsn(0x16_B374_D848), "16/B374D848");
         assert_eq!(parse_lsn("nope"), None);
+        assert_eq!(parse_lsn("0/0"), Some(0));
+        let e = parse_lsn_of("source", "pg_current_wal_lsn()", "nope")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.starts_with("source: pg_current_wal_lsn(): \"nope\" is not a pg_lsn"),
+            "{e}"
+        );
     }
 }
