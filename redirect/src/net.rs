@@ -14,6 +14,16 @@ pub enum NetError {
     /// Loading BPF programs and pinning them needs root (`CAP_BPF` + `CAP_NET_ADMIN`).
     #[error("redirect must run as root (it loads BPF programs and pins them)")]
     NotRoot,
+    /// The kernel lacks what the datapath needs.
+    #[error(
+        "kernel {release} is too old: redirect needs {}.{} or newer (bpf_xdp_load_bytes to park SYNs, BPF_PROG_TEST_RUN live frames to re-inject them)",
+        MIN_KERNEL.0,
+        MIN_KERNEL.1
+    )]
+    KernelTooOld { release: String },
+    /// The kernel release string has no `major.minor` version.
+    #[error("cannot tell the kernel version from {release:?} (/proc/sys/kernel/osrelease)")]
+    KernelVersion { release: String },
     /// The interface name does not exist in this network namespace.
     #[error("unknown interface {0:?} (see `ip link`)")]
     UnknownInterface(String),
@@ -46,6 +56,37 @@ pub fn require_root() -> Result<(), NetError> {
         Ok(())
     } else {
         Err(NetError::NotRoot)
+    }
+}
+
+/// The oldest kernel the datapath runs on: `bpf_xdp_load_bytes` (parking held SYNs) and
+/// `BPF_PROG_TEST_RUN` with `BPF_F_TEST_XDP_LIVE_FRAMES` (re-injecting them) came in 5.18.
+pub const MIN_KERNEL: (u32, u32) = (5, 18);
+
+/// `major.minor` of a kernel release string such as `6.8.0-45-generic` or `5.18`.
+#[must_use]
+pub fn kernel_version(release: &str) -> Option<(u32, u32)> {
+    let mut parts = release.trim().splitn(3, '.');
+    let major = parts.next()?.parse().ok()?;
+    let minor = parts.next()?;
+    let digits = minor
+        .find(|c: char| !c.is_ascii_digit())
+        .unwrap_or(minor.len());
+    Some((major, minor[..digits].parse().ok()?))
+}
+
+/// Fails unless the running kernel is [`MIN_KERNEL`] or newer.
+pub fn require_kernel() -> Result<(), NetError> {
+    let release =
+        fs::read_to_string("/proc/sys/kernel/osrelease").map_err(|source| NetError::Io {
+            what: "reading /proc/sys/kernel/osrelease".into(),
+            source,
+        })?;
+    let release = release.trim().to_owned();
+    match kernel_version(&release) {
+        Some(v) if v >= MIN_KERNEL => Ok(()),
+        Some(_) => Err(NetError::KernelTooOld { release }),
+        None => Err(NetError::KernelVersion { release }),
     }
 }
 
@@ -287,4 +328,32 @@ pub fn send_rst(from: SocketAddrV4, to: SocketAddrV4, seq: u32) -> std::io::Resu
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn kernel_versions() {
+        assert_eq!(kernel_version("6.18.44-fc-v669\n"), Some((6, 18)));
+        assert_eq!(kernel_version("5.15.0-1034-aws"), Some((5, 15)));
+        assert_eq!(kernel_version("5.18"), Some((5, 18)));
+        assert_eq!(kernel_version("6.1-rc3"), Some((6, 1)));
+        assert_eq!(kernel_version("6"), None);
+        assert_eq!(kernel_version("linux"), None);
+        assert_eq!(kernel_version("6.x"), None);
+        assert!(kernel_version("5.15.0").unwrap() < MIN_KERNEL);
+        assert!(kernel_version("5.18.0").unwrap() >= MIN_KERNEL);
+        assert!(kernel_version("6.0.0").unwrap() >= MIN_KERNEL);
+        let e = NetError::KernelTooOld {
+            release: "5.15.0".into(),
+        }
+        .to_string();
+        assert!(
+            e.starts_with("kernel 5.15.0 is too old: redirect needs 5.18 or newer")
+                && !e.contains('\n'),
+            "{e}"
+        );
+    }
 }

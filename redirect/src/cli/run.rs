@@ -152,6 +152,7 @@ fn databases(args: &Args) -> anyhow::Result<Option<Databases>> {
 
 fn preflight(args: &Args, pin_dir: &Path) -> anyhow::Result<(Vec<(String, u32)>, Spec)> {
     net::require_root()?;
+    net::require_kernel()?;
     let mut ifaces = Vec::new();
     for name in &args.ifaces {
         ifaces.push((name.clone(), net::ifindex(name)?));
