@@ -51,6 +51,11 @@ pub struct Args {
     /// Drop (instead of answering with a RST) packets of connections that are not tracked.
     #[arg(long)]
     pub drop_untracked: bool,
+    /// Let a restart change --source or --target from what the pinned datapath holds (refused
+    /// otherwise). ACTIVE is kept by role, so new connections for that role go to the new
+    /// address at once; live connections stay on the old address until they close.
+    #[arg(long)]
+    pub replace_backends: bool,
     /// Leave the forwarding sysctls alone (otherwise they are set, and each change is logged).
     #[arg(long)]
     pub no_sysctl: bool,
@@ -186,7 +191,17 @@ fn preflight(args: &Args, pin_dir: &Path) -> anyhow::Result<(Vec<(String, u32)>,
         target: backend(args.target)?,
         snat_ports: (args.snat_ports.lo, args.snat_ports.hi),
         drop_nonsyn_miss: args.drop_untracked,
+        replace_backends: args.replace_backends,
     };
+    // Refuse a different VIP or backends now, before sysctls or the kernel are touched.
+    for c in datapath::check_adoption(pin_dir, &spec)? {
+        warn!(
+            role = %c.role,
+            old = %c.pinned,
+            new = %c.requested,
+            "--replace-backends: new connections for this role go to the new address; live ones stay on the old one"
+        );
+    }
     Ok((ifaces, spec))
 }
 
