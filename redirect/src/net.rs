@@ -206,9 +206,22 @@ pub fn require_bpffs(dir: &Path) -> Result<(), NetError> {
     }
 }
 
+/// The /proc/sys file of a dotted sysctl name. An interface name may itself contain dots
+/// (`eth0.100`, a VLAN), so under `net.ipv4.conf.` only the last dot separates the key.
+#[must_use]
+pub fn sysctl_path(name: &str) -> PathBuf {
+    let root = Path::new("/proc/sys");
+    if let Some(rest) = name.strip_prefix("net.ipv4.conf.")
+        && let Some((iface, key)) = rest.rsplit_once('.')
+    {
+        return root.join("net/ipv4/conf").join(iface).join(key);
+    }
+    root.join(name.replace('.', "/"))
+}
+
 /// Sets a sysctl under /proc/sys (dotted name) if it differs; returns whether it changed.
 pub fn ensure_sysctl(name: &str, value: &str) -> Result<bool, NetError> {
-    let path = Path::new("/proc/sys").join(name.replace('.', "/"));
+    let path = sysctl_path(name);
     let io = |source| NetError::Io {
         what: format!("sysctl {name}"),
         source,
@@ -333,6 +346,22 @@ pub fn send_rst(from: SocketAddrV4, to: SocketAddrV4, seq: u32) -> std::io::Resu
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn sysctl_paths() {
+        assert_eq!(
+            sysctl_path("net.ipv4.ip_forward"),
+            Path::new("/proc/sys/net/ipv4/ip_forward")
+        );
+        assert_eq!(
+            sysctl_path("net.ipv4.conf.all.rp_filter"),
+            Path::new("/proc/sys/net/ipv4/conf/all/rp_filter")
+        );
+        assert_eq!(
+            sysctl_path("net.ipv4.conf.eth0.100.accept_local"),
+            Path::new("/proc/sys/net/ipv4/conf/eth0.100/accept_local")
+        );
+    }
 
     #[test]
     fn kernel_versions() {
