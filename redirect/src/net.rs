@@ -1,6 +1,8 @@
 //! Facts about the host the controller needs before it touches the datapath: privileges,
 //! interfaces, local addresses, routes, bpffs and the forwarding sysctls.
 
+pub mod host_settings;
+
 use std::{
     ffi::CString,
     fs,
@@ -41,6 +43,9 @@ pub enum NetError {
     /// The pin directory is not on a BPF filesystem.
     #[error("{} is not on a bpffs mount (mount one with `mount -t bpf bpf {}`)", path.display(), path.parent().unwrap_or(path).display())]
     NotBpffs { path: PathBuf },
+    /// The record of the host settings `run` changed cannot be used.
+    #[error("host settings record {}: {reason}", path.display())]
+    HostSettings { path: PathBuf, reason: String },
     /// Reading host state failed.
     #[error("{what}: {source}")]
     Io {
@@ -219,8 +224,13 @@ pub fn sysctl_path(name: &str) -> PathBuf {
     root.join(name.replace('.', "/"))
 }
 
-/// Sets a sysctl under /proc/sys (dotted name) if it differs; returns whether it changed.
-pub fn ensure_sysctl(name: &str, value: &str) -> Result<bool, NetError> {
+/// Sets a sysctl under /proc/sys (dotted name) if it differs, recording its value before the
+/// first change in `record` (for `detach`); returns whether it changed.
+pub fn ensure_sysctl(
+    name: &str,
+    value: &str,
+    record: &host_settings::HostSettings,
+) -> Result<bool, NetError> {
     let path = sysctl_path(name);
     let io = |source| NetError::Io {
         what: format!("sysctl {name}"),
@@ -230,6 +240,7 @@ pub fn ensure_sysctl(name: &str, value: &str) -> Result<bool, NetError> {
     if current.trim() == value {
         return Ok(false);
     }
+    record.remember(name, &current)?;
     fs::write(&path, value).map_err(io)?;
     Ok(true)
 }
@@ -237,7 +248,11 @@ pub fn ensure_sysctl(name: &str, value: &str) -> Result<bool, NetError> {
 /// What the `XDP_PASS` fallback needs: forwarding on (also what `bpf_fib_lookup` honours),
 /// rewritten packets whose source is a local address accepted (`accept_local`), and no strict
 /// reverse-path filter (the effective value is the maximum of `all` and the interface's).
-pub fn ensure_forwarding(ifaces: &[String]) -> Result<Vec<String>, NetError> {
+/// The value each had before is kept in `record`, for `detach` to restore.
+pub fn ensure_forwarding(
+    ifaces: &[String],
+    record: &host_settings::HostSettings,
+) -> Result<Vec<String>, NetError> {
     let mut wanted = vec![
         ("net.ipv4.ip_forward".to_owned(), "1"),
         ("net.ipv4.conf.all.accept_local".to_owned(), "1"),
@@ -250,7 +265,7 @@ pub fn ensure_forwarding(ifaces: &[String]) -> Result<Vec<String>, NetError> {
     }
     let mut changed = Vec::new();
     for (name, value) in wanted {
-        if ensure_sysctl(&name, value)? {
+        if ensure_sysctl(&name, value, record)? {
             changed.push(format!("{name}={value}"));
         }
     }
@@ -259,8 +274,13 @@ pub fn ensure_forwarding(ifaces: &[String]) -> Result<Vec<String>, NetError> {
 
 /// Keeps the host's own ephemeral ports (the controller's database sessions, health checks)
 /// out of the SNAT range, so they can never collide with a translated connection's tuple
-/// (cilium#30858). Only sets `ip_local_reserved_ports` when it is empty or already ours.
-pub fn reserve_ports(lo: u16, hi: u16) -> Result<Option<String>, NetError> {
+/// (cilium#30858). Only sets `ip_local_reserved_ports` when it is empty or already ours; the
+/// empty value is kept in `record`, for `detach` to restore.
+pub fn reserve_ports(
+    lo: u16,
+    hi: u16,
+    record: &host_settings::HostSettings,
+) -> Result<Option<String>, NetError> {
     let name = "net.ipv4.ip_local_reserved_ports";
     let path = Path::new("/proc/sys/net/ipv4/ip_local_reserved_ports");
     let io = |source| NetError::Io {
@@ -285,6 +305,7 @@ pub fn reserve_ports(lo: u16, hi: u16) -> Result<Option<String>, NetError> {
             source: std::io::Error::other("not changed"),
         });
     }
+    record.remember(name, &current)?;
     fs::write(path, &want).map_err(io)?;
     Ok(Some(format!("{name}={want}")))
 }

@@ -216,10 +216,12 @@ pub async fn run(args: Args, pin_dir: &Path, socket: &Path, journal: &Path) -> a
     }
     if !args.no_sysctl {
         let names: Vec<String> = ifaces.iter().map(|(n, _)| n.clone()).collect();
-        for change in net::ensure_forwarding(&names)? {
-            info!(sysctl = %change, "set");
+        // The values before the first change, for `detach` to restore.
+        let record = net::host_settings::HostSettings::new(journal, pin_dir)?;
+        for change in net::ensure_forwarding(&names, &record)? {
+            info!(sysctl = %change, record = %record.path().display(), "set");
         }
-        match net::reserve_ports(args.snat_ports.lo, args.snat_ports.hi) {
+        match net::reserve_ports(args.snat_ports.lo, args.snat_ports.hi, &record) {
             Ok(Some(change)) => {
                 info!(sysctl = %change, "set: the host's own connections stay out of the SNAT range");
             }
