@@ -68,6 +68,17 @@ pub enum DatapathError {
         pinned: SocketAddrV4,
         requested: SocketAddrV4,
     },
+    /// The pinned datapath was created for other backends. `ACTIVE` is kept by role index, so
+    /// adopting it with new addresses would silently send new connections to another server.
+    #[error(
+        "the datapath pinned at {} has {}; ACTIVE is kept by role, so new connections would silently go to the new server while live ones stay on the old one: run `redirect detach` first, use another --pin-dir, or pass --replace-backends",
+        dir.display(),
+        changes.iter().map(ToString::to_string).collect::<Vec<_>>().join(", and ")
+    )]
+    BackendMismatch {
+        dir: PathBuf,
+        changes: Vec<BackendChange>,
+    },
     /// A pinned map could not be opened.
     #[error("opening pinned map {}: {source}", path.display())]
     OpenMap {
@@ -215,6 +226,48 @@ impl BackendAddr {
 #[must_use]
 pub fn ip_from_be(be: u32) -> Ipv4Addr {
     Ipv4Addr::from(u32::from_be(be))
+}
+
+/// A backend address a restart asks to change.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct BackendChange {
+    pub role: Role,
+    pub pinned: SocketAddrV4,
+    pub requested: SocketAddrV4,
+}
+
+impl std::fmt::Display for BackendChange {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{} {} where --{} is {}",
+            self.role, self.pinned, self.role, self.requested
+        )
+    }
+}
+
+/// The backends whose pinned address differs from what `spec` asks for (a role with nothing
+/// pinned is not a change). Only the address counts: a new SNAT address moves no connection.
+#[must_use]
+pub fn backend_changes(
+    pinned_source: Option<BackendAddr>,
+    pinned_target: Option<BackendAddr>,
+    spec: &Spec,
+) -> Vec<BackendChange> {
+    [
+        (Role::Source, pinned_source, spec.source),
+        (Role::Target, pinned_target, spec.target),
+    ]
+    .into_iter()
+    .filter_map(|(role, pinned, wanted)| {
+        let pinned = pinned?.addr;
+        (pinned != wanted.addr).then_some(BackendChange {
+            role,
+            pinned,
+            requested: wanted.addr,
+        })
+    })
+    .collect()
 }
 
 /// Typed handles on every pinned map of one datapath.
@@ -393,6 +446,40 @@ pub struct Spec {
     pub target: BackendAddr,
     pub snat_ports: (u16, u16),
     pub drop_nonsyn_miss: bool,
+    /// Adopt pins whose backends differ from `source`/`target` (`run --replace-backends`).
+    pub replace_backends: bool,
+}
+
+/// Checks a restart against the datapath pinned at `dir`, reading only: the VIP must be the
+/// same, and so must the backend addresses unless `spec.replace_backends`. Returns the
+/// backends that will be replaced (empty when nothing is pinned). Call it before changing
+/// anything, so a refusal leaves nothing half-done.
+pub fn check_adoption(dir: &Path, spec: &Spec) -> Result<Vec<BackendChange>, DatapathError> {
+    if !PinDir(dir.to_path_buf()).is_pinned() {
+        return Ok(Vec::new());
+    }
+    let maps = Maps::open(dir)?;
+    if let Some(pinned) = maps.vip()?
+        && pinned != spec.vip
+    {
+        return Err(DatapathError::VipMismatch {
+            dir: dir.into(),
+            pinned,
+            requested: spec.vip,
+        });
+    }
+    let changes = backend_changes(
+        maps.backend(Role::Source)?,
+        maps.backend(Role::Target)?,
+        spec,
+    );
+    if !changes.is_empty() && !spec.replace_backends {
+        return Err(DatapathError::BackendMismatch {
+            dir: dir.into(),
+            changes,
+        });
+    }
+    Ok(changes)
 }
 
 /// What [`install`] did.
@@ -422,17 +509,9 @@ pub fn install(
     std::fs::create_dir_all(dir).map_err(io(format!("creating {}", dir.display())))?;
     let adopted_maps = pins.is_pinned();
     if adopted_maps {
-        // Refuse before loading anything: nothing is half-done on a mismatch.
-        let maps = Maps::open(dir)?;
-        if let Some(pinned) = maps.vip()?
-            && pinned != spec.vip
-        {
-            return Err(DatapathError::VipMismatch {
-                dir: dir.into(),
-                pinned,
-                requested: spec.vip,
-            });
-        }
+        // Refuse before loading anything: nothing is half-done on a mismatch. (`run` checks
+        // this earlier too, before it touches sysctls.)
+        check_adoption(dir, spec)?;
     }
     let mut loader = EbpfLoader::new();
     let paths: Vec<(&str, PathBuf)> = ALL_MAPS.iter().map(|n| (*n, pins.map(n))).collect();
@@ -617,4 +696,73 @@ pub fn remove(dir: &Path) -> Result<Vec<String>, DatapathError> {
     // Only remove the directory if nothing else lives there.
     let _ = std::fs::remove_dir(dir);
     Ok(ifaces)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn backend(addr: &str, snat: &str) -> BackendAddr {
+        BackendAddr {
+            addr: addr.parse().unwrap(),
+            snat: snat.parse().unwrap(),
+        }
+    }
+
+    fn spec(source: &str, target: &str, replace_backends: bool) -> Spec {
+        Spec {
+            vip: "10.0.0.10:5432".parse().unwrap(),
+            source: backend(source, "10.0.0.1"),
+            target: backend(target, "10.0.0.1"),
+            snat_ports: (40000, 59999),
+            drop_nonsyn_miss: false,
+            replace_backends,
+        }
+    }
+
+    #[test]
+    fn a_restart_with_other_backends_is_a_change() {
+        let src = backend("10.0.1.5:5432", "10.0.0.1");
+        let tgt = backend("10.0.2.7:5432", "10.0.0.1");
+        let same = spec("10.0.1.5:5432", "10.0.2.7:5432", false);
+        assert_eq!(backend_changes(Some(src), Some(tgt), &same), vec![]);
+        assert_eq!(
+            backend_changes(None, None, &same),
+            vec![],
+            "nothing pinned yet"
+        );
+        let other_snat = backend("10.0.2.7:5432", "10.0.0.2");
+        assert_eq!(
+            backend_changes(Some(src), Some(other_snat), &same),
+            vec![],
+            "a new SNAT address moves no connection"
+        );
+
+        let new_target = spec("10.0.1.5:5432", "10.0.3.9:5432", false);
+        let changes = backend_changes(Some(src), Some(tgt), &new_target);
+        assert_eq!(
+            changes,
+            vec![BackendChange {
+                role: Role::Target,
+                pinned: "10.0.2.7:5432".parse().unwrap(),
+                requested: "10.0.3.9:5432".parse().unwrap(),
+            }]
+        );
+        let other_port = spec("10.0.1.5:5433", "10.0.2.7:5432", false);
+        assert_eq!(backend_changes(Some(src), Some(tgt), &other_port).len(), 1);
+
+        let swapped = spec("10.0.2.7:5432", "10.0.1.5:5432", false);
+        let changes = backend_changes(Some(src), Some(tgt), &swapped);
+        assert_eq!(changes.len(), 2);
+        let e = DatapathError::BackendMismatch {
+            dir: "/sys/fs/bpf/redirect".into(),
+            changes,
+        }
+        .to_string();
+        assert!(
+            e.starts_with("the datapath pinned at /sys/fs/bpf/redirect has source 10.0.1.5:5432 where --source is 10.0.2.7:5432, and target 10.0.2.7:5432 where --target is 10.0.1.5:5432;")
+                && e.contains("--replace-backends"),
+            "{e}"
+        );
+    }
 }

@@ -31,7 +31,7 @@ fn main() {
         Command::History(a) => history::run(a, &cli.journal),
         Command::Status(a) => status::run(a, &cli.pin_dir, &cli.socket),
         Command::Connections(a) => connections::run(a, &cli.pin_dir),
-        Command::Detach(a) => detach::run(a, &cli.pin_dir),
+        Command::Detach(a) => detach::run(a, &cli.pin_dir, &cli.journal),
         Command::Finish(a) => finish::run(a, &cli.socket),
     };
     if let Err(e) = result {

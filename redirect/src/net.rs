@@ -1,6 +1,8 @@
 //! Facts about the host the controller needs before it touches the datapath: privileges,
 //! interfaces, local addresses, routes, bpffs and the forwarding sysctls.
 
+pub mod host_settings;
+
 use std::{
     ffi::CString,
     fs,
@@ -14,6 +16,16 @@ pub enum NetError {
     /// Loading BPF programs and pinning them needs root (`CAP_BPF` + `CAP_NET_ADMIN`).
     #[error("redirect must run as root (it loads BPF programs and pins them)")]
     NotRoot,
+    /// The kernel lacks what the datapath needs.
+    #[error(
+        "kernel {release} is too old: redirect needs {}.{} or newer (bpf_xdp_load_bytes to park SYNs, BPF_PROG_TEST_RUN live frames to re-inject them)",
+        MIN_KERNEL.0,
+        MIN_KERNEL.1
+    )]
+    KernelTooOld { release: String },
+    /// The kernel release string has no `major.minor` version.
+    #[error("cannot tell the kernel version from {release:?} (/proc/sys/kernel/osrelease)")]
+    KernelVersion { release: String },
     /// The interface name does not exist in this network namespace.
     #[error("unknown interface {0:?} (see `ip link`)")]
     UnknownInterface(String),
@@ -31,6 +43,9 @@ pub enum NetError {
     /// The pin directory is not on a BPF filesystem.
     #[error("{} is not on a bpffs mount (mount one with `mount -t bpf bpf {}`)", path.display(), path.parent().unwrap_or(path).display())]
     NotBpffs { path: PathBuf },
+    /// The record of the host settings `run` changed cannot be used.
+    #[error("host settings record {}: {reason}", path.display())]
+    HostSettings { path: PathBuf, reason: String },
     /// Reading host state failed.
     #[error("{what}: {source}")]
     Io {
@@ -46,6 +61,37 @@ pub fn require_root() -> Result<(), NetError> {
         Ok(())
     } else {
         Err(NetError::NotRoot)
+    }
+}
+
+/// The oldest kernel the datapath runs on: `bpf_xdp_load_bytes` (parking held SYNs) and
+/// `BPF_PROG_TEST_RUN` with `BPF_F_TEST_XDP_LIVE_FRAMES` (re-injecting them) came in 5.18.
+pub const MIN_KERNEL: (u32, u32) = (5, 18);
+
+/// `major.minor` of a kernel release string such as `6.8.0-45-generic` or `5.18`.
+#[must_use]
+pub fn kernel_version(release: &str) -> Option<(u32, u32)> {
+    let mut parts = release.trim().splitn(3, '.');
+    let major = parts.next()?.parse().ok()?;
+    let minor = parts.next()?;
+    let digits = minor
+        .find(|c: char| !c.is_ascii_digit())
+        .unwrap_or(minor.len());
+    Some((major, minor[..digits].parse().ok()?))
+}
+
+/// Fails unless the running kernel is [`MIN_KERNEL`] or newer.
+pub fn require_kernel() -> Result<(), NetError> {
+    let release =
+        fs::read_to_string("/proc/sys/kernel/osrelease").map_err(|source| NetError::Io {
+            what: "reading /proc/sys/kernel/osrelease".into(),
+            source,
+        })?;
+    let release = release.trim().to_owned();
+    match kernel_version(&release) {
+        Some(v) if v >= MIN_KERNEL => Ok(()),
+        Some(_) => Err(NetError::KernelTooOld { release }),
+        None => Err(NetError::KernelVersion { release }),
     }
 }
 
@@ -165,9 +211,27 @@ pub fn require_bpffs(dir: &Path) -> Result<(), NetError> {
     }
 }
 
-/// Sets a sysctl under /proc/sys (dotted name) if it differs; returns whether it changed.
-pub fn ensure_sysctl(name: &str, value: &str) -> Result<bool, NetError> {
-    let path = Path::new("/proc/sys").join(name.replace('.', "/"));
+/// The /proc/sys file of a dotted sysctl name. An interface name may itself contain dots
+/// (`eth0.100`, a VLAN), so under `net.ipv4.conf.` only the last dot separates the key.
+#[must_use]
+pub fn sysctl_path(name: &str) -> PathBuf {
+    let root = Path::new("/proc/sys");
+    if let Some(rest) = name.strip_prefix("net.ipv4.conf.")
+        && let Some((iface, key)) = rest.rsplit_once('.')
+    {
+        return root.join("net/ipv4/conf").join(iface).join(key);
+    }
+    root.join(name.replace('.', "/"))
+}
+
+/// Sets a sysctl under /proc/sys (dotted name) if it differs, recording its value before the
+/// first change in `record` (for `detach`); returns whether it changed.
+pub fn ensure_sysctl(
+    name: &str,
+    value: &str,
+    record: &host_settings::HostSettings,
+) -> Result<bool, NetError> {
+    let path = sysctl_path(name);
     let io = |source| NetError::Io {
         what: format!("sysctl {name}"),
         source,
@@ -176,6 +240,7 @@ pub fn ensure_sysctl(name: &str, value: &str) -> Result<bool, NetError> {
     if current.trim() == value {
         return Ok(false);
     }
+    record.remember(name, &current)?;
     fs::write(&path, value).map_err(io)?;
     Ok(true)
 }
@@ -183,7 +248,11 @@ pub fn ensure_sysctl(name: &str, value: &str) -> Result<bool, NetError> {
 /// What the `XDP_PASS` fallback needs: forwarding on (also what `bpf_fib_lookup` honours),
 /// rewritten packets whose source is a local address accepted (`accept_local`), and no strict
 /// reverse-path filter (the effective value is the maximum of `all` and the interface's).
-pub fn ensure_forwarding(ifaces: &[String]) -> Result<Vec<String>, NetError> {
+/// The value each had before is kept in `record`, for `detach` to restore.
+pub fn ensure_forwarding(
+    ifaces: &[String],
+    record: &host_settings::HostSettings,
+) -> Result<Vec<String>, NetError> {
     let mut wanted = vec![
         ("net.ipv4.ip_forward".to_owned(), "1"),
         ("net.ipv4.conf.all.accept_local".to_owned(), "1"),
@@ -196,7 +265,7 @@ pub fn ensure_forwarding(ifaces: &[String]) -> Result<Vec<String>, NetError> {
     }
     let mut changed = Vec::new();
     for (name, value) in wanted {
-        if ensure_sysctl(&name, value)? {
+        if ensure_sysctl(&name, value, record)? {
             changed.push(format!("{name}={value}"));
         }
     }
@@ -205,8 +274,13 @@ pub fn ensure_forwarding(ifaces: &[String]) -> Result<Vec<String>, NetError> {
 
 /// Keeps the host's own ephemeral ports (the controller's database sessions, health checks)
 /// out of the SNAT range, so they can never collide with a translated connection's tuple
-/// (cilium#30858). Only sets `ip_local_reserved_ports` when it is empty or already ours.
-pub fn reserve_ports(lo: u16, hi: u16) -> Result<Option<String>, NetError> {
+/// (cilium#30858). Only sets `ip_local_reserved_ports` when it is empty or already ours; the
+/// empty value is kept in `record`, for `detach` to restore.
+pub fn reserve_ports(
+    lo: u16,
+    hi: u16,
+    record: &host_settings::HostSettings,
+) -> Result<Option<String>, NetError> {
     let name = "net.ipv4.ip_local_reserved_ports";
     let path = Path::new("/proc/sys/net/ipv4/ip_local_reserved_ports");
     let io = |source| NetError::Io {
@@ -231,6 +305,7 @@ pub fn reserve_ports(lo: u16, hi: u16) -> Result<Option<String>, NetError> {
             source: std::io::Error::other("not changed"),
         });
     }
+    record.remember(name, &current)?;
     fs::write(path, &want).map_err(io)?;
     Ok(Some(format!("{name}={want}")))
 }
@@ -287,4 +362,48 @@ pub fn send_rst(from: SocketAddrV4, to: SocketAddrV4, seq: u32) -> std::io::Resu
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sysctl_paths() {
+        assert_eq!(
+            sysctl_path("net.ipv4.ip_forward"),
+            Path::new("/proc/sys/net/ipv4/ip_forward")
+        );
+        assert_eq!(
+            sysctl_path("net.ipv4.conf.all.rp_filter"),
+            Path::new("/proc/sys/net/ipv4/conf/all/rp_filter")
+        );
+        assert_eq!(
+            sysctl_path("net.ipv4.conf.eth0.100.accept_local"),
+            Path::new("/proc/sys/net/ipv4/conf/eth0.100/accept_local")
+        );
+    }
+
+    #[test]
+    fn kernel_versions() {
+        assert_eq!(kernel_version("6.18.44-fc-v669\n"), Some((6, 18)));
+        assert_eq!(kernel_version("5.15.0-1034-aws"), Some((5, 15)));
+        assert_eq!(kernel_version("5.18"), Some((5, 18)));
+        assert_eq!(kernel_version("6.1-rc3"), Some((6, 1)));
+        assert_eq!(kernel_version("6"), None);
+        assert_eq!(kernel_version("linux"), None);
+        assert_eq!(kernel_version("6.x"), None);
+        assert!(kernel_version("5.15.0").unwrap() < MIN_KERNEL);
+        assert!(kernel_version("5.18.0").unwrap() >= MIN_KERNEL);
+        assert!(kernel_version("6.0.0").unwrap() >= MIN_KERNEL);
+        let e = NetError::KernelTooOld {
+            release: "5.15.0".into(),
+        }
+        .to_string();
+        assert!(
+            e.starts_with("kernel 5.15.0 is too old: redirect needs 5.18 or newer")
+                && !e.contains('\n'),
+            "{e}"
+        );
+    }
 }

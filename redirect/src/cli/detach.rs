@@ -1,10 +1,18 @@
-//! `redirect detach`: remove the programs and every pin.
+//! `redirect detach`: remove the programs and every pin, and restore the host settings `run`
+//! changed.
 
 use std::path::Path;
 
-use crate::{conntrack, datapath, net};
+use crate::{
+    conntrack, datapath,
+    net::{
+        self,
+        host_settings::{HostSettings, Outcome, write_sysctl},
+    },
+};
 
-/// Detach the XDP program from every interface and remove the pinned maps.
+/// Detach the XDP program from every interface, remove the pinned maps, and put back the
+/// sysctls `run` changed (recorded next to the journal).
 ///
 /// Refuses while live connections are tracked: detaching breaks them (their packets would
 /// no longer be translated).
@@ -15,8 +23,22 @@ pub struct Args {
     pub force: bool,
 }
 
-pub fn run(args: &Args, pin_dir: &Path) -> anyhow::Result<()> {
+pub fn run(args: &Args, pin_dir: &Path, journal: &Path) -> anyhow::Result<()> {
     net::require_root()?;
+    let record = HostSettings::new(journal, pin_dir)?;
+    let pinned = datapath::PinDir(pin_dir.to_path_buf()).is_pinned();
+    if pinned || !record.path().exists() {
+        detach(args, pin_dir)?;
+    } else {
+        println!(
+            "no datapath is pinned at {}; restoring the host settings recorded for it",
+            pin_dir.display()
+        );
+    }
+    restore(&record)
+}
+
+fn detach(args: &Args, pin_dir: &Path) -> anyhow::Result<()> {
     let maps = datapath::Maps::open(pin_dir)?;
     let live: u64 = conntrack::live_per_backend(&maps)?.values().sum();
     drop(maps);
@@ -39,6 +61,33 @@ pub fn run(args: &Args, pin_dir: &Path) -> anyhow::Result<()> {
         } else {
             String::new()
         }
+    );
+    Ok(())
+}
+
+/// Puts back every sysctl `run` recorded, and says what it did.
+fn restore(record: &HostSettings) -> anyhow::Result<()> {
+    let mut failed = Vec::new();
+    for (original, outcome) in record.restore(write_sysctl)? {
+        let setting = if original.value.is_empty() {
+            format!("{}=\"\"", original.sysctl)
+        } else {
+            format!("{}={}", original.sysctl, original.value)
+        };
+        match outcome {
+            Outcome::Restored => println!("restored {setting}"),
+            Outcome::Gone => println!("skipped {setting}: the setting no longer exists"),
+            Outcome::Failed(e) => {
+                eprintln!("could not restore {setting}: {e}");
+                failed.push(setting);
+            }
+        }
+    }
+    anyhow::ensure!(
+        failed.is_empty(),
+        "could not restore {}; they stay recorded in {}",
+        failed.join(" "),
+        record.path().display()
     );
     Ok(())
 }

@@ -28,7 +28,8 @@ pub struct Cli {
     #[arg(long, global = true, env = "REDIRECT_SOCKET", default_value = crate::control::DEFAULT_SOCKET)]
     pub socket: PathBuf,
 
-    /// The cutover journal (append-only JSON lines).
+    /// The cutover journal (append-only JSON lines). The sysctls `run` changed are recorded
+    /// next to it (`host-settings-<pin dir>.json`), for `detach` to restore.
     #[arg(
         long,
         global = true,

@@ -51,6 +51,11 @@ pub struct Args {
     /// Drop (instead of answering with a RST) packets of connections that are not tracked.
     #[arg(long)]
     pub drop_untracked: bool,
+    /// Let a restart change --source or --target from what the pinned datapath holds (refused
+    /// otherwise). ACTIVE is kept by role, so new connections for that role go to the new
+    /// address at once; live connections stay on the old address until they close.
+    #[arg(long)]
+    pub replace_backends: bool,
     /// Leave the forwarding sysctls alone (otherwise they are set, and each change is logged).
     #[arg(long)]
     pub no_sysctl: bool,
@@ -152,6 +157,7 @@ fn databases(args: &Args) -> anyhow::Result<Option<Databases>> {
 
 fn preflight(args: &Args, pin_dir: &Path) -> anyhow::Result<(Vec<(String, u32)>, Spec)> {
     net::require_root()?;
+    net::require_kernel()?;
     let mut ifaces = Vec::new();
     for name in &args.ifaces {
         ifaces.push((name.clone(), net::ifindex(name)?));
@@ -185,7 +191,17 @@ fn preflight(args: &Args, pin_dir: &Path) -> anyhow::Result<(Vec<(String, u32)>,
         target: backend(args.target)?,
         snat_ports: (args.snat_ports.lo, args.snat_ports.hi),
         drop_nonsyn_miss: args.drop_untracked,
+        replace_backends: args.replace_backends,
     };
+    // Refuse a different VIP or backends now, before sysctls or the kernel are touched.
+    for c in datapath::check_adoption(pin_dir, &spec)? {
+        warn!(
+            role = %c.role,
+            old = %c.pinned,
+            new = %c.requested,
+            "--replace-backends: new connections for this role go to the new address; live ones stay on the old one"
+        );
+    }
     Ok((ifaces, spec))
 }
 
@@ -200,10 +216,12 @@ pub async fn run(args: Args, pin_dir: &Path, socket: &Path, journal: &Path) -> a
     }
     if !args.no_sysctl {
         let names: Vec<String> = ifaces.iter().map(|(n, _)| n.clone()).collect();
-        for change in net::ensure_forwarding(&names)? {
-            info!(sysctl = %change, "set");
+        // The values before the first change, for `detach` to restore.
+        let record = net::host_settings::HostSettings::new(journal, pin_dir)?;
+        for change in net::ensure_forwarding(&names, &record)? {
+            info!(sysctl = %change, record = %record.path().display(), "set");
         }
-        match net::reserve_ports(args.snat_ports.lo, args.snat_ports.hi) {
+        match net::reserve_ports(args.snat_ports.lo, args.snat_ports.hi, &record) {
             Ok(Some(change)) => {
                 info!(sysctl = %change, "set: the host's own connections stay out of the SNAT range");
             }

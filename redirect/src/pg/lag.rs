@@ -7,7 +7,7 @@ use std::time::Duration;
 use serde::Serialize;
 use tokio_postgres::Client;
 
-use super::{PgError, parse_lsn, timed};
+use super::{Lsn, PgError, parse_lsn_of, timed};
 
 /// How the target is kept in sync.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum, Serialize)]
@@ -76,7 +76,7 @@ pub async fn measure(
     )
     .await?
     .get(0);
-    let current = parse_lsn(&src_lsn).unwrap_or(0);
+    let current = parse_lsn_of("source", "pg_current_wal_lsn()", &src_lsn)?;
     let mut problems = Vec::new();
     let (bytes, seconds) = match watch.replication {
         Replication::Logical => {
@@ -125,9 +125,13 @@ pub async fn measure(
                     if !active {
                         problems.push(format!("replication slot {slot:?} is not active"));
                     }
+                    // NULL (the slot never confirmed anything) is an unknown lag; text that
+                    // is not an LSN is an error, never a zero.
                     row.get::<_, Option<String>>(1)
-                        .as_deref()
-                        .and_then(parse_lsn)
+                        .map(|s| {
+                            parse_lsn_of("source", "pg_replication_slots.confirmed_flush_lsn", &s)
+                        })
+                        .transpose()?
                 }
             };
             let secs = timed(
@@ -138,10 +142,7 @@ pub async fn measure(
             )
             .await?
             .map_or(0.0, |r| r.get::<_, Option<f64>>(0).unwrap_or(0.0));
-            (
-                confirmed.map_or(u64::MAX, |c| current.saturating_sub(c)),
-                secs,
-            )
+            (lag_bytes(current, confirmed), secs)
         }
         Replication::Physical => {
             let row = timed(
@@ -157,8 +158,8 @@ pub async fn measure(
             }
             let replayed = row
                 .get::<_, Option<String>>(1)
-                .as_deref()
-                .and_then(parse_lsn);
+                .map(|s| parse_lsn_of("target", "pg_last_wal_replay_lsn()", &s))
+                .transpose()?;
             let senders = timed(
                 "source",
                 "reading pg_stat_replication",
@@ -172,10 +173,7 @@ pub async fn measure(
             let secs = senders
                 .first()
                 .map_or(0.0, |r| r.get::<_, Option<f64>>(2).unwrap_or(0.0));
-            (
-                replayed.map_or(u64::MAX, |r| current.saturating_sub(r)),
-                secs,
-            )
+            (lag_bytes(current, replayed), secs)
         }
     };
     Ok(ReplicaLag {
@@ -186,6 +184,13 @@ pub async fn measure(
         healthy: problems.is_empty(),
         problems,
     })
+}
+
+/// WAL the replica has not reached: `u64::MAX` (never passes the gate) when its position is
+/// unknown, 0 when it was read after `current` and has passed it.
+#[must_use]
+pub fn lag_bytes(current: Lsn, replica: Option<Lsn>) -> u64 {
+    replica.map_or(u64::MAX, |r| current.saturating_sub(r))
 }
 
 /// The subscription to watch: the named one, or the only one on the target.
@@ -250,6 +255,19 @@ mod tests {
                 vec!["slot inactive".into()]
             },
         }
+    }
+
+    #[test]
+    fn lag_bytes_from_lsns() {
+        let at = |s: &str| s.parse::<Lsn>().unwrap();
+        assert_eq!(lag_bytes(at("1/0"), Some(at("0/FFFFFF00"))), 0x100);
+        assert_eq!(lag_bytes(at("16/B374D848"), Some(at("16/B374D848"))), 0);
+        assert_eq!(
+            lag_bytes(at("0/10"), Some(at("0/20"))),
+            0,
+            "a replica position read later may be ahead"
+        );
+        assert_eq!(lag_bytes(at("0/0"), None), u64::MAX, "unknown is not zero");
     }
 
     #[test]

@@ -2,8 +2,16 @@
 //! never come from argv, and queries that always have a timeout.
 
 pub mod lag;
+pub mod lsn;
 
-use std::{collections::BTreeMap, path::PathBuf, str::FromStr as _, time::Duration};
+pub use lsn::{Lsn, LsnError};
+
+use std::{
+    collections::BTreeMap,
+    path::{Path, PathBuf},
+    str::FromStr as _,
+    time::Duration,
+};
 
 use tokio_postgres::{Client, config::SslMode};
 
@@ -30,6 +38,14 @@ pub enum PgError {
         what: &'static str,
         source: tokio_postgres::Error,
     },
+    /// A query answered with a WAL position that is not `pg_lsn` text: never read as zero.
+    #[error("{which}: {what}: {value:?} is not a pg_lsn (X/Y in hex)")]
+    BadLsn {
+        which: &'static str,
+        /// The query, as `what` in [`PgError::Query`].
+        what: &'static str,
+        value: String,
+    },
     /// A query did not answer in time.
     #[error("{which}: {what}: no answer within {timeout:?}")]
     Timeout {
@@ -39,17 +55,147 @@ pub enum PgError {
     },
 }
 
-/// libpq's `sslmode`, including the verifying modes tokio-postgres does not know.
+/// libpq's `sslmode`, including the modes tokio-postgres does not know.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum TlsMode {
+    /// Plaintext only.
     Disable,
+    /// libpq tries plaintext first, then TLS. tokio-postgres cannot start in plaintext and
+    /// upgrade, so this connects as [`TlsMode::Prefer`] does: equally unverified, and it only
+    /// differs in which one is tried first.
+    Allow,
+    /// TLS if the server offers it, else plaintext; nothing is verified (libpq's default).
     Prefer,
     /// Encrypt, but verify nothing (libpq's `require` without a root certificate).
     Require,
-    /// Verify the certificate chain, not the host name.
+    /// Verify the certificate chain against the root certificate(s), not the host name.
     VerifyCa,
     /// Verify the chain and that the certificate names the host.
     VerifyFull,
+}
+
+impl TlsMode {
+    /// The mode a libpq `sslmode` value names.
+    #[must_use]
+    pub fn from_libpq(s: &str) -> Option<Self> {
+        Some(match s {
+            "disable" => Self::Disable,
+            "allow" => Self::Allow,
+            "prefer" => Self::Prefer,
+            "require" => Self::Require,
+            "verify-ca" => Self::VerifyCa,
+            "verify-full" => Self::VerifyFull,
+            _ => return None,
+        })
+    }
+
+    /// The libpq `sslmode` value.
+    #[must_use]
+    pub const fn as_libpq(self) -> &'static str {
+        match self {
+            Self::Disable => "disable",
+            Self::Allow => "allow",
+            Self::Prefer => "prefer",
+            Self::Require => "require",
+            Self::VerifyCa => "verify-ca",
+            Self::VerifyFull => "verify-full",
+        }
+    }
+
+    /// Whether the server's certificate is checked (against [`RootCerts`]).
+    #[must_use]
+    pub const fn verifies(self) -> bool {
+        matches!(self, Self::VerifyCa | Self::VerifyFull)
+    }
+}
+
+/// What a verifying [`TlsMode`] trusts.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum RootCerts {
+    /// Only the certificate(s) in this PEM file: `sslrootcert`, else libpq's default
+    /// `~/.postgresql/root.crt`. The system's roots are not trusted.
+    File(PathBuf),
+    /// The system's trust store (`sslrootcert=system`, as in libpq 16 and later).
+    System,
+}
+
+/// libpq's default root certificate file, under `$HOME`.
+const DEFAULT_ROOT_CERT: &str = ".postgresql/root.crt";
+
+/// What libpq makes of `sslmode` and `sslrootcert`: the mode the connection really has, and
+/// what it trusts when it verifies. `default_root` is libpq's `~/.postgresql/root.crt` (if
+/// there is a home directory); `exists` tells whether a file exists.
+///
+/// - No `sslmode` is `prefer`, or `verify-full` with `sslrootcert=system` (libpq 16).
+/// - `require` with a root certificate file present (given, or the default one) is
+///   `verify-ca`, for compatibility, as libpq documents.
+/// - `verify-ca`/`verify-full` need the file; a missing one is an error, as in libpq.
+/// - `allow`/`prefer` verify nothing even with a root certificate: libpq would then fall back
+///   to plaintext on a failed verification, which tokio-postgres cannot do, and a server (or
+///   an attacker) can always answer "no TLS" to those modes anyway.
+fn resolve_tls(
+    sslmode: Option<&str>,
+    sslrootcert: Option<&str>,
+    default_root: Option<&Path>,
+    exists: impl Fn(&Path) -> bool,
+) -> Result<(TlsMode, Option<RootCerts>), String> {
+    let system = sslrootcert == Some("system");
+    let mode = match sslmode {
+        None if system => TlsMode::VerifyFull,
+        None => TlsMode::Prefer,
+        Some(v) => TlsMode::from_libpq(v).ok_or_else(|| {
+            format!(
+                "unknown sslmode {v:?} (use disable, allow, prefer, require, verify-ca or verify-full)"
+            )
+        })?,
+    };
+    if system {
+        if mode != TlsMode::VerifyFull {
+            return Err(format!(
+                "sslrootcert=system needs sslmode=verify-full, not {} (libpq refuses weaker modes with the system's roots)",
+                mode.as_libpq()
+            ));
+        }
+        return Ok((mode, Some(RootCerts::System)));
+    }
+    let file = match sslrootcert.filter(|s| !s.is_empty()) {
+        Some(s) => Some(PathBuf::from(s)),
+        None => default_root.map(Path::to_path_buf),
+    };
+    let present = file.clone().filter(|f| exists(f)).map(RootCerts::File);
+    match (mode, present) {
+        (TlsMode::Disable | TlsMode::Allow | TlsMode::Prefer, _) | (TlsMode::Require, None) => {
+            Ok((mode, None))
+        }
+        (TlsMode::Require, Some(roots)) => Ok((TlsMode::VerifyCa, Some(roots))),
+        (TlsMode::VerifyCa | TlsMode::VerifyFull, Some(roots)) => Ok((mode, Some(roots))),
+        (TlsMode::VerifyCa | TlsMode::VerifyFull, None) => Err(match file {
+            Some(f) => format!(
+                "sslmode={} needs a root certificate, and {} does not exist (give the CA's certificate with sslrootcert=FILE)",
+                mode.as_libpq(),
+                f.display()
+            ),
+            None => format!(
+                "sslmode={} needs a root certificate: give the CA's certificate with sslrootcert=FILE (there is no home directory for ~/{DEFAULT_ROOT_CERT})",
+                mode.as_libpq()
+            ),
+        }),
+    }
+}
+
+/// Every certificate in a PEM file; an unreadable file, or one with none, is an error.
+fn load_root_certs(path: &Path) -> Result<Vec<native_tls::Certificate>, String> {
+    let pem =
+        std::fs::read(path).map_err(|e| format!("root certificate {}: {e}", path.display()))?;
+    let certs = native_tls::Certificate::stack_from_pem(&pem)
+        .map_err(|e| format!("root certificate {}: {e}", path.display()))?;
+    if certs.is_empty() {
+        return Err(format!(
+            "root certificate {}: no PEM certificate in it",
+            path.display()
+        ));
+    }
+    Ok(certs)
 }
 
 /// A parsed connection string for one server, without any password in it.
@@ -57,9 +203,11 @@ pub enum TlsMode {
 pub struct Dsn {
     pub which: &'static str,
     pub config: tokio_postgres::Config,
+    /// The mode the connection really has (`require` with a root certificate is `verify-ca`).
     pub tls: TlsMode,
-    pub root_cert: Option<PathBuf>,
-    /// `host=… port=… dbname=… user=…`: what logs and errors show.
+    /// What [`TlsMode::VerifyCa`]/[`TlsMode::VerifyFull`] trust; `None` for the other modes.
+    pub root_cert: Option<RootCerts>,
+    /// `host=… port=… dbname=… user=… sslmode=…`: what logs and errors show.
     pub display: String,
     /// The original key/value pairs minus secrets, e.g. to hand to `CREATE SUBSCRIPTION`.
     pub pairs: BTreeMap<String, String>,
@@ -144,8 +292,8 @@ impl Dsn {
     ) -> Result<Self, PgError> {
         let bad = |reason: String| PgError::BadDsn { which, reason };
         let pairs = split_pairs(dsn).map_err(bad)?;
-        let mut tls = TlsMode::Prefer;
-        let mut root_cert = None;
+        let mut sslmode = None;
+        let mut sslrootcert = None;
         let mut passthrough = Vec::new();
         let mut kept = BTreeMap::new();
         for (k, v) in pairs {
@@ -156,18 +304,11 @@ impl Dsn {
                     ));
                 }
                 "sslmode" => {
-                    tls = match v.as_str() {
-                        "disable" => TlsMode::Disable,
-                        "allow" | "prefer" => TlsMode::Prefer,
-                        "require" => TlsMode::Require,
-                        "verify-ca" => TlsMode::VerifyCa,
-                        "verify-full" => TlsMode::VerifyFull,
-                        other => return Err(bad(format!("unknown sslmode {other:?}"))),
-                    };
+                    sslmode = Some(v.clone());
                     kept.insert(k, v);
                 }
                 "sslrootcert" => {
-                    root_cert = Some(PathBuf::from(&v));
+                    sslrootcert = Some(v.clone());
                     kept.insert(k, v);
                 }
                 _ => {
@@ -179,11 +320,20 @@ impl Dsn {
                 }
             }
         }
+        let default_root =
+            std::env::var_os("HOME").map(|h| PathBuf::from(h).join(DEFAULT_ROOT_CERT));
+        let (tls, root_cert) = resolve_tls(
+            sslmode.as_deref(),
+            sslrootcert.as_deref(),
+            default_root.as_deref(),
+            Path::is_file,
+        )
+        .map_err(bad)?;
         let mut config = tokio_postgres::Config::from_str(&passthrough.join(" "))
             .map_err(|e| bad(e.to_string()))?;
         config.ssl_mode(match tls {
             TlsMode::Disable => SslMode::Disable,
-            TlsMode::Prefer => SslMode::Prefer,
+            TlsMode::Allow | TlsMode::Prefer => SslMode::Prefer,
             TlsMode::Require | TlsMode::VerifyCa | TlsMode::VerifyFull => SslMode::Require,
         });
         if config.get_connect_timeout().is_none() {
@@ -203,7 +353,10 @@ impl Dsn {
         if let Some(pw) = password(sources, &host, port, &dbname, &user).map_err(bad)? {
             config.password(pw);
         }
-        let display = format!("host={host} port={port} dbname={dbname} user={user}");
+        let display = format!(
+            "host={host} port={port} dbname={dbname} user={user} sslmode={}",
+            tls.as_libpq()
+        );
         Ok(Self {
             which,
             config,
@@ -230,32 +383,9 @@ impl Dsn {
             tokio::spawn(conn);
             return Ok(client);
         }
-        let mut builder = native_tls::TlsConnector::builder();
-        match self.tls {
-            TlsMode::Prefer | TlsMode::Require => {
-                builder
-                    .danger_accept_invalid_certs(true)
-                    .danger_accept_invalid_hostnames(true);
-            }
-            TlsMode::VerifyCa => {
-                builder.danger_accept_invalid_hostnames(true);
-            }
-            TlsMode::VerifyFull | TlsMode::Disable => {}
-        }
-        if let Some(path) = &self.root_cert {
-            let pem = std::fs::read(path).map_err(|e| PgError::Tls {
-                which: self.which,
-                reason: format!("{}: {e}", path.display()),
-            })?;
-            let cert = native_tls::Certificate::from_pem(&pem).map_err(|e| PgError::Tls {
-                which: self.which,
-                reason: format!("{}: {e}", path.display()),
-            })?;
-            builder.add_root_certificate(cert);
-        }
-        let connector = builder.build().map_err(|e| PgError::Tls {
+        let connector = self.tls_connector().map_err(|reason| PgError::Tls {
             which: self.which,
-            reason: e.to_string(),
+            reason,
         })?;
         let (client, conn) = self
             .config
@@ -264,6 +394,37 @@ impl Dsn {
             .map_err(err)?;
         tokio::spawn(conn);
         Ok(client)
+    }
+
+    /// The TLS connector for this DSN's mode, as libpq would verify (see [`resolve_tls`]).
+    fn tls_connector(&self) -> Result<native_tls::TlsConnector, String> {
+        let mut builder = native_tls::TlsConnector::builder();
+        if self.tls.verifies() {
+            match &self.root_cert {
+                // Trust only the given file, as libpq does: not the system's roots.
+                Some(RootCerts::File(path)) => {
+                    builder.disable_built_in_roots(true);
+                    for cert in load_root_certs(path)? {
+                        builder.add_root_certificate(cert);
+                    }
+                }
+                Some(RootCerts::System) => {}
+                None => {
+                    return Err(format!(
+                        "sslmode={} without a root certificate",
+                        self.tls.as_libpq()
+                    ));
+                }
+            }
+            // verify-ca checks the chain only; verify-full also the host name.
+            builder.danger_accept_invalid_hostnames(self.tls == TlsMode::VerifyCa);
+        } else {
+            // allow, prefer, require: encrypt, verify nothing (libpq without a root file).
+            builder
+                .danger_accept_invalid_certs(true)
+                .danger_accept_invalid_hostnames(true);
+        }
+        builder.build().map_err(|e| e.to_string())
     }
 
     /// A libpq connection string for this server without secrets (for `CREATE SUBSCRIPTION`,
@@ -382,17 +543,24 @@ pub async fn timed<T>(
     }
 }
 
-/// Parses a `pg_lsn` text (`16/B374D848`) into its 64-bit position.
+/// Parses a `pg_lsn` text (`16/B374D848`) into its 64-bit position. Prefer [`Lsn`] and
+/// [`parse_lsn_of`], which keep the bad value for the error instead of `None`.
 #[must_use]
 pub fn parse_lsn(s: &str) -> Option<u64> {
-    let (hi, lo) = s.split_once('/')?;
-    Some((u64::from_str_radix(hi, 16).ok()? << 32) | u64::from_str_radix(lo, 16).ok()?)
+    s.parse::<Lsn>().ok().map(u64::from)
+}
+
+/// Parses the `pg_lsn` text a query (`which`, `what`) returned; a value that is not one is a
+/// [`PgError::BadLsn`] naming the query and the value.
+pub fn parse_lsn_of(which: &'static str, what: &'static str, s: &str) -> Result<Lsn, PgError> {
+    s.parse()
+        .map_err(|LsnError(value)| PgError::BadLsn { which, what, value })
 }
 
 /// Formats a 64-bit WAL position as `pg_lsn` text.
 #[must_use]
 pub fn format_lsn(lsn: u64) -> String {
-    format!("{:X}/{:X}", lsn >> 32, lsn & 0xffff_ffff)
+    Lsn(lsn).to_string()
 }
 
 #[cfg(test)]
@@ -409,8 +577,22 @@ mod tests {
         assert!(split_pairs("host='x").is_err());
     }
 
+    /// A test CA (valid 2000-2099), the CA of no server, and a server certificate for
+    /// `db.test` issued by the first, with its key. Only for these tests.
+    const TEST_ROOT: &str = include_str!("testdata/ca.pem");
+    const OTHER_ROOT: &str = include_str!("testdata/other-ca.pem");
+    const SERVER_CERT: &str = include_str!("testdata/server.pem");
+    const SERVER_KEY: &str = include_str!("testdata/server.key");
+
+    /// A file under the temp dir, unique to this test process.
+    fn temp_file(name: &str, contents: &str) -> PathBuf {
+        let path = std::env::temp_dir().join(format!("redirect-pg-{}-{name}", std::process::id()));
+        std::fs::write(&path, contents).unwrap();
+        path
+    }
+
     #[test]
-    fn dsn_refuses_inline_passwords_and_maps_sslmodes() {
+    fn dsn_refuses_inline_passwords() {
         let none = PasswordSources::default();
         let err = Dsn::parse("source", "host=h user=u password=secret", &none)
             .unwrap_err()
@@ -419,9 +601,126 @@ mod tests {
             err.contains("contains a password") && !err.contains("secret"),
             "{err}"
         );
+    }
+
+    #[test]
+    fn sslmodes_resolve_like_libpq() {
+        use TlsMode::{Allow, Disable, Prefer, Require, VerifyCa, VerifyFull};
+        let home = Path::new("/home/u/.postgresql/root.crt");
+        let file = |p: &str| Some(RootCerts::File(p.into()));
+        let nothing = |_: &Path| false;
+        let everything = |_: &Path| true;
+        let only_ca = |p: &Path| p == Path::new("/ca.pem");
+
+        // No sslmode is libpq's prefer: unverified, even with a root certificate around.
+        assert_eq!(
+            resolve_tls(None, None, Some(home), nothing),
+            Ok((Prefer, None))
+        );
+        assert_eq!(
+            resolve_tls(None, Some("/ca.pem"), Some(home), everything),
+            Ok((Prefer, None))
+        );
+        for (mode, want) in [
+            ("disable", Disable),
+            ("allow", Allow),
+            ("prefer", Prefer),
+            ("require", Require),
+        ] {
+            assert_eq!(
+                resolve_tls(Some(mode), None, Some(home), nothing),
+                Ok((want, None)),
+                "{mode}"
+            );
+            assert_eq!(
+                resolve_tls(Some(mode), None, None, nothing),
+                Ok((want, None)),
+                "{mode}"
+            );
+        }
+        for mode in ["allow", "prefer"] {
+            assert_eq!(
+                resolve_tls(Some(mode), Some("/ca.pem"), Some(home), everything),
+                Ok((TlsMode::from_libpq(mode).unwrap(), None)),
+                "{mode} never verifies"
+            );
+        }
+
+        // require with a root certificate file present is verify-ca.
+        assert_eq!(
+            resolve_tls(Some("require"), Some("/ca.pem"), Some(home), only_ca),
+            Ok((VerifyCa, file("/ca.pem")))
+        );
+        assert_eq!(
+            resolve_tls(Some("require"), None, Some(home), everything),
+            Ok((VerifyCa, file("/home/u/.postgresql/root.crt"))),
+            "libpq's default root.crt counts too"
+        );
+        assert_eq!(
+            resolve_tls(Some("require"), Some("/missing.pem"), Some(home), only_ca),
+            Ok((Require, None)),
+            "a named file that does not exist leaves require unverified, as in libpq"
+        );
+
+        // The verifying modes trust sslrootcert, else the default root.crt, and need one.
+        for (mode, want) in [("verify-ca", VerifyCa), ("verify-full", VerifyFull)] {
+            assert_eq!(
+                resolve_tls(Some(mode), Some("/ca.pem"), Some(home), only_ca),
+                Ok((want, file("/ca.pem")))
+            );
+            assert_eq!(
+                resolve_tls(Some(mode), None, Some(home), everything),
+                Ok((want, file("/home/u/.postgresql/root.crt")))
+            );
+            let e = resolve_tls(Some(mode), None, Some(home), nothing).unwrap_err();
+            assert!(
+                e.contains("/home/u/.postgresql/root.crt does not exist") && e.contains(mode),
+                "{e}"
+            );
+            let e = resolve_tls(Some(mode), Some("/missing.pem"), Some(home), only_ca).unwrap_err();
+            assert!(e.contains("/missing.pem does not exist"), "{e}");
+            let e = resolve_tls(Some(mode), None, None, nothing).unwrap_err();
+            assert!(e.contains("sslrootcert=FILE"), "{e}");
+        }
+
+        // sslrootcert=system: the system's roots, verify-full only (libpq 16).
+        assert_eq!(
+            resolve_tls(None, Some("system"), Some(home), nothing),
+            Ok((VerifyFull, Some(RootCerts::System)))
+        );
+        assert_eq!(
+            resolve_tls(Some("verify-full"), Some("system"), None, nothing),
+            Ok((VerifyFull, Some(RootCerts::System)))
+        );
+        assert!(resolve_tls(Some("verify-ca"), Some("system"), None, nothing).is_err());
+        assert!(resolve_tls(Some("require"), Some("system"), None, nothing).is_err());
+
+        for bad in ["bogus", "", "Require", "verify_full"] {
+            let e = resolve_tls(Some(bad), None, None, nothing).unwrap_err();
+            assert!(e.starts_with("unknown sslmode"), "{e}");
+        }
+    }
+
+    #[test]
+    fn dsn_parse_maps_sslmodes() {
+        let none = PasswordSources::default();
+        let ca = temp_file("ca.pem", TEST_ROOT);
+        let ca_s = ca.display().to_string();
+
+        let d = Dsn::parse("target", "host=h user=u sslmode=disable", &none).unwrap();
+        assert_eq!(
+            (d.tls, d.config.get_ssl_mode()),
+            (TlsMode::Disable, SslMode::Disable)
+        );
+        let d = Dsn::parse("target", "host=h user=u sslmode=allow", &none).unwrap();
+        assert_eq!(
+            (d.tls, d.config.get_ssl_mode()),
+            (TlsMode::Allow, SslMode::Prefer)
+        );
+
         let d = Dsn::parse(
             "target",
-            "host=h user=u sslmode=verify-full sslrootcert=/x.pem",
+            &format!("host=h user=u sslmode=verify-full sslrootcert={ca_s}"),
             &none,
         )
         .unwrap();
@@ -429,8 +728,148 @@ mod tests {
             (d.tls, d.config.get_ssl_mode()),
             (TlsMode::VerifyFull, SslMode::Require)
         );
-        assert!(Dsn::parse("target", "host=h sslmode=bogus", &none).is_err());
-        assert_eq!(format!("{d:?}"), "host=h port=5432 dbname=u user=u");
+        assert_eq!(d.root_cert, Some(RootCerts::File(ca.clone())));
+        assert_eq!(
+            format!("{d:?}"),
+            "host=h port=5432 dbname=u user=u sslmode=verify-full"
+        );
+
+        let d = Dsn::parse(
+            "target",
+            &format!("host=h user=u sslmode=require sslrootcert={ca_s}"),
+            &none,
+        )
+        .unwrap();
+        assert_eq!(
+            (d.tls, d.config.get_ssl_mode()),
+            (TlsMode::VerifyCa, SslMode::Require)
+        );
+        assert!(format!("{d:?}").ends_with("sslmode=verify-ca"), "{d:?}");
+        assert!(
+            d.conninfo().contains("sslmode=require"),
+            "conninfo keeps what was written"
+        );
+
+        let e = Dsn::parse(
+            "target",
+            "host=h sslmode=verify-ca sslrootcert=/nonexistent/ca.pem",
+            &none,
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            e.starts_with("target DSN: sslmode=verify-ca needs a root certificate"),
+            "{e}"
+        );
+        let e = Dsn::parse("target", "host=h sslmode=bogus", &none)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("unknown sslmode \"bogus\""), "{e}");
+        std::fs::remove_file(ca).unwrap();
+    }
+
+    #[test]
+    fn verifying_connectors_load_every_root_certificate() {
+        let none = PasswordSources::default();
+        let two = temp_file("two.pem", &format!("{TEST_ROOT}{TEST_ROOT}"));
+        assert_eq!(load_root_certs(&two).unwrap().len(), 2);
+        for mode in ["verify-ca", "verify-full", "require"] {
+            let d = Dsn::parse(
+                "target",
+                &format!("host=h sslmode={mode} sslrootcert={}", two.display()),
+                &none,
+            )
+            .unwrap();
+            assert!(d.tls_connector().is_ok(), "{mode}");
+        }
+        let d = Dsn::parse("target", "host=h sslmode=require", &none).unwrap();
+        if d.tls == TlsMode::Require {
+            assert!(d.tls_connector().is_ok());
+        }
+
+        let junk = temp_file("junk.pem", "not a certificate\n");
+        let Err(e) = load_root_certs(&junk) else {
+            panic!("a file without certificates loads")
+        };
+        assert!(e.contains("no PEM certificate"), "{e}");
+        let d = Dsn::parse(
+            "target",
+            &format!("host=h sslmode=verify-full sslrootcert={}", junk.display()),
+            &none,
+        )
+        .unwrap();
+        assert!(
+            d.tls_connector()
+                .unwrap_err()
+                .contains("no PEM certificate")
+        );
+        for f in [two, junk] {
+            std::fs::remove_file(f).unwrap();
+        }
+    }
+
+    /// A TLS handshake of `dsn`'s connector, as host `name`, with a local server presenting
+    /// the `db.test` certificate.
+    fn handshake(dsn: &Dsn, name: &str) -> Result<(), String> {
+        let identity =
+            native_tls::Identity::from_pkcs8(SERVER_CERT.as_bytes(), SERVER_KEY.as_bytes())
+                .unwrap();
+        let acceptor = native_tls::TlsAcceptor::new(identity).unwrap();
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        let server = std::thread::spawn(move || {
+            let (stream, _) = listener.accept().unwrap();
+            drop(acceptor.accept(stream));
+        });
+        let connector = dsn.tls_connector()?;
+        let stream = std::net::TcpStream::connect(addr).unwrap();
+        let result = connector
+            .connect(name, stream)
+            .map(drop)
+            .map_err(|e| e.to_string());
+        server.join().unwrap();
+        result
+    }
+
+    #[test]
+    fn verification_trusts_only_sslrootcert_and_checks_names_in_verify_full() {
+        let none = PasswordSources::default();
+        let ca = temp_file("hs-ca.pem", TEST_ROOT);
+        let other = temp_file("hs-other.pem", OTHER_ROOT);
+        let dsn = |mode: &str, root: &Path| {
+            Dsn::parse(
+                "target",
+                &format!("host=db.test sslmode={mode} sslrootcert={}", root.display()),
+                &none,
+            )
+            .unwrap()
+        };
+        let missing = Path::new("/nonexistent/root.crt");
+        for (mode, root, name, ok) in [
+            ("verify-full", ca.as_path(), "db.test", true),
+            ("verify-full", &ca, "wrong.test", false),
+            ("verify-full", &other, "db.test", false),
+            ("verify-ca", &ca, "wrong.test", true),
+            ("verify-ca", &other, "db.test", false),
+            // require with a root certificate is verify-ca; without one it verifies nothing.
+            ("require", &other, "db.test", false),
+            ("require", &ca, "wrong.test", true),
+            ("require", missing, "wrong.test", true),
+            ("prefer", &other, "wrong.test", true),
+            ("allow", &other, "wrong.test", true),
+        ] {
+            let d = dsn(mode, root);
+            let result = handshake(&d, name);
+            assert_eq!(
+                result.is_ok(),
+                ok,
+                "sslmode={mode} sslrootcert={} as {name}: {result:?}",
+                root.display()
+            );
+        }
+        for f in [ca, other] {
+            std::fs::remove_file(f).unwrap();
+        }
     }
 
     #[test]
@@ -452,5 +891,13 @@ mod tests {
         assert_eq!(parse_lsn("16/B374D848"), Some(0x16_B374_D848));
         assert_eq!(format_lsn(0x16_B374_D848), "16/B374D848");
         assert_eq!(parse_lsn("nope"), None);
+        assert_eq!(parse_lsn("0/0"), Some(0));
+        let e = parse_lsn_of("source", "pg_current_wal_lsn()", "nope")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.starts_with("source: pg_current_wal_lsn(): \"nope\" is not a pg_lsn"),
+            "{e}"
+        );
     }
 }
