@@ -29,7 +29,7 @@ fn main() {
         Command::Flip(a) => flip::run(a, &cli.pin_dir, &cli.socket),
         Command::Lag(a) => lag::run(a, &cli.socket),
         Command::History(a) => history::run(a, &cli.journal),
-        Command::Status(a) => status::run(a, &cli.pin_dir, &cli.socket),
+        Command::Status(a) => status::run(a, &cli.pin_dir, &cli.socket, &cli.journal),
         Command::Connections(a) => connections::run(a, &cli.pin_dir),
         Command::Detach(a) => detach::run(a, &cli.pin_dir, &cli.journal),
         Command::Finish(a) => finish::run(a, &cli.socket),

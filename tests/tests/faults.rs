@@ -403,7 +403,16 @@ fn a_controller_restarted_during_the_drain_resumes_it() {
             })
         },
     );
-    assert_eq!(lab.status()["active"], "target");
+    let status = lab.status();
+    assert_eq!(status["active"], "target");
+    assert!(
+        status["controller"]["last_recovery"]
+            .as_str()
+            .unwrap_or("")
+            .contains("drain"),
+        "{status}"
+    );
+    assert!(status["interrupted"].is_null(), "{status}");
 }
 
 /// `--timeout` is enforced by the controller after the barrier too: a lock on a sequence on

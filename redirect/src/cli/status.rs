@@ -40,6 +40,11 @@ pub struct Status {
     pub stats: BTreeMap<&'static str, u64>,
     /// Replication lag from the running controller, when it knows the databases.
     pub lag: Option<serde_json::Value>,
+    /// The controller's cutover phase and what its last recovery of an interrupted cutover did.
+    pub controller: Option<serde_json::Value>,
+    /// A cutover the journal shows as started and not ended (a controller resumes or undoes
+    /// it when it starts).
+    pub interrupted: Option<String>,
 }
 
 pub fn collect(maps: &Maps) -> anyhow::Result<Status> {
@@ -70,13 +75,32 @@ pub fn collect(maps: &Maps) -> anyhow::Result<Status> {
         tracked: conns.len() as u64,
         stats: maps.stats()?.into_iter().collect(),
         lag: None,
+        controller: None,
+        interrupted: None,
     })
 }
 
-pub fn run(args: &Args, pin_dir: &Path, socket: &Path) -> anyhow::Result<()> {
+/// The journal's unfinished cutover, described.
+fn interrupted(journal: &Path) -> Option<String> {
+    let entries = crate::cutover::journal::read(journal).ok()?;
+    let steps = crate::cutover::journal::unfinished(&entries)?;
+    let first = steps.first()?;
+    let last = steps.last()?;
+    Some(format!(
+        "cutover {} ({} -> {}) stopped after step {} at {}",
+        first.cutover,
+        first.from.map_or("?", Role::name),
+        first.to.map_or("?", Role::name),
+        last.step,
+        last.time
+    ))
+}
+
+pub fn run(args: &Args, pin_dir: &Path, socket: &Path, journal: &Path) -> anyhow::Result<()> {
     net::require_root()?;
     let maps = Maps::open(pin_dir)?;
     let mut status = collect(&maps)?;
+    status.interrupted = interrupted(journal);
     if socket.exists() {
         let rt = tokio::runtime::Builder::new_current_thread()
             .enable_all()
@@ -85,6 +109,14 @@ pub fn run(args: &Args, pin_dir: &Path, socket: &Path) -> anyhow::Result<()> {
             .block_on(crate::control::call(
                 socket,
                 &crate::control::Request::Lag,
+                |_| {},
+            ))
+            .ok()
+            .flatten();
+        status.controller = rt
+            .block_on(crate::control::call(
+                socket,
+                &crate::control::Request::State,
                 |_| {},
             ))
             .ok()
@@ -114,6 +146,15 @@ pub fn run(args: &Args, pin_dir: &Path, socket: &Path) -> anyhow::Result<()> {
         );
     }
     println!("tracked entries: {}", status.tracked);
+    if let Some(c) = &status.controller {
+        println!("cutover:    {}", c["phase"].as_str().unwrap_or("?"));
+        if let Some(r) = c["last_recovery"].as_str() {
+            println!("recovered:  {r}");
+        }
+    }
+    if let Some(i) = &status.interrupted {
+        println!("INTERRUPTED: {i}");
+    }
     if let Some(lag) = &status.lag {
         println!(
             "lag:        {} bytes, {:.3} s",
