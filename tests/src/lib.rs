@@ -15,6 +15,7 @@
     reason = "a test harness: callers decide what to check"
 )]
 
+pub mod faults;
 pub mod packet;
 pub mod pg;
 pub mod workload;
@@ -97,6 +98,10 @@ pub struct Lab {
     runs: u32,
     /// The pid of the latest `redirect run`.
     redirect_pid: Option<u32>,
+    /// Extra environment for every `redirect` command (fault points).
+    pub redirect_env: Vec<(String, String)>,
+    /// The journal every `redirect` command of this lab uses.
+    pub journal: PathBuf,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -124,6 +129,8 @@ impl Lab {
         let lab = Self {
             pin_dir: Path::new(LAB_BPFFS).join(&id),
             id,
+            journal: work_dir.join("journal.jsonl"),
+            redirect_env: Vec::new(),
             work_dir,
             children: Vec::new(),
             runs: 0,
@@ -233,7 +240,8 @@ impl Lab {
             .arg("--socket")
             .arg(self.work_dir.join("control.sock"))
             .arg("--journal")
-            .arg(self.work_dir.join("journal.jsonl"));
+            .arg(&self.journal);
+        c.envs(self.redirect_env.iter().map(|(k, v)| (k, v)));
         c
     }
 

@@ -551,3 +551,58 @@ fn a_hold_parks_new_syns_and_a_fence_drops_client_data_of_the_fenced_backend() {
     }
     assert_eq!(p.translate(syn(C2, 45001)).dst, SRC);
 }
+
+/// The flip and the fence are one atomic datapath state: the `ACTIVE` write alone lifts the
+/// hold and makes the old server's fence permanent, so a controller that dies right after it
+/// (before any other write), and whose lease then lapses, leaves no moment when clients of
+/// the old server and of the new one can both write. Flipping back lifts the stale fence.
+#[test]
+fn the_active_write_alone_flips_lifts_the_hold_and_makes_the_fence_permanent() {
+    use redirect_common::cutover::Cutover;
+    let mut p = Prog::new((40000, 59999), 0);
+    assert_eq!(p.translate(syn(C1, 45000)).dst, SRC);
+    let set_cutover = |p: &mut Prog, until: u64| {
+        let mut cut: Array<&mut MapData, Cutover> = p.map("CUTOVER");
+        cut.set(
+            0,
+            Cutover {
+                hold_until_ns: until,
+                fence_until_ns: until,
+                fenced_backend: SOURCE,
+                _pad0: 0,
+            },
+            0,
+        )
+        .unwrap();
+    };
+    let query = |p: &mut Prog| {
+        p.run(&packet::tcp_frame(
+            Tcp {
+                flags: ACK | PSH,
+                ..syn(C1, 45000)
+            },
+            b"INSERT",
+        ))
+        .0
+    };
+    // Before the flip, under a live lease: new SYNs held, the source fenced.
+    set_cutover(&mut p, u64::MAX);
+    assert_eq!(p.run(&packet::tcp_frame(syn(C2, 45001), b"")).0, XDP_DROP);
+    assert_eq!(query(&mut p), XDP_DROP);
+    // Only ACTIVE is written: new connections go to the target at once, the hold no longer
+    // applies, and the source stays fenced.
+    p.flip(TARGET);
+    assert_eq!(p.translate(syn(C2, 45002)).dst, TGT);
+    assert_eq!(query(&mut p), XDP_DROP);
+    // The controller died there and its lease lapsed: the fence on the old server holds.
+    set_cutover(&mut p, 1);
+    assert_eq!(query(&mut p), XDP_DROP, "no split after a lapsed lease");
+    // A lapsed lease before the flip (ACTIVE still the source) lifts the fence instead.
+    p.flip(SOURCE);
+    assert_ne!(
+        query(&mut p),
+        XDP_DROP,
+        "the stale fence on an active backend is lifted"
+    );
+    assert_eq!(p.translate(syn(C2, 45003)).dst, SRC, "and nothing is held");
+}

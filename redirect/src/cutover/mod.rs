@@ -530,19 +530,26 @@ impl Controller {
     async fn before_flip(run: &mut Run) -> Result<(), CutoverError> {
         lease::hold(run)?;
         fence::let_short_connections_finish(run).await?;
+        fault_point("fence").await;
         lease::fence(run)?;
         fence::end_old_sessions(run).await?;
+        fault_point("barrier").await;
         barrier::wait_for_new_server(run).await?;
+        fault_point("sequences").await;
         sequences::carry_over(run).await?;
+        fault_point("reverse").await;
         replication::turn_around(run).await?;
+        fault_point("flip").await;
         flip::commit(run)
     }
 
     /// Steps 8–10: after the flip nothing is undone; each step is finished, here or by a
     /// successor that finds it missing from the journal.
     async fn after_flip(run: &mut Run) {
+        fault_point("release").await;
         flip::release(run);
         replication::after_flip(run).await;
+        fault_point("drain").await;
         drain::after_cutover(run).await;
         let t = run.held_at;
         let detail = format!(
@@ -595,6 +602,21 @@ impl Controller {
             self.dsn(to)?.connect().await?,
         );
         preflight::prepare_barrier(&from_db, &to_db, &watch, db.query_timeout).await
+    }
+}
+
+/// A fault-injection point for the fault-matrix tests: with `REDIRECT_FAULT_PAUSE=<step>`
+/// the cutover pauses (`REDIRECT_FAULT_PAUSE_MS`, default 3000) just before that step, so a
+/// test can kill the controller, cut a link or fill a disk at exactly that moment. The lease
+/// keeps being renewed meanwhile, as it would during any slow step. Unset, it costs nothing.
+async fn fault_point(step: &str) {
+    if std::env::var("REDIRECT_FAULT_PAUSE").is_ok_and(|s| s == step) {
+        let ms = std::env::var("REDIRECT_FAULT_PAUSE_MS")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(3000);
+        warn!(step, ms, "fault point: pausing before this step");
+        tokio::time::sleep(Duration::from_millis(ms)).await;
     }
 }
 

@@ -180,22 +180,35 @@ async fn roll_back(ctl: &Arc<Controller>, from: Role, to: Role, steps: &[Entry])
         ));
         return did.join("; ");
     };
+    let qt = ctl
+        .db
+        .as_ref()
+        .map_or(Duration::from_secs(5), |d| d.query_timeout);
     for sub in disabled {
-        match db
-            .batch_execute(&format!("ALTER SUBSCRIPTION {} ENABLE", quote_ident(&sub)))
-            .await
+        let sql = format!("ALTER SUBSCRIPTION {} ENABLE", quote_ident(&sub));
+        match crate::pg::timed(
+            "subscriber",
+            "re-enabling the subscription",
+            qt,
+            db.batch_execute(&sql),
+        )
+        .await
         {
             Ok(()) => did.push(format!("subscription {sub} re-enabled")),
             Err(e) => did.push(format!("FAILED to re-enable subscription {sub}: {e}")),
         }
     }
     if slot {
-        let r = db
-            .execute(
+        let r = crate::pg::timed(
+            "target",
+            "dropping the reverse slot",
+            qt,
+            db.execute(
                 "SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots WHERE slot_name = $1 AND NOT active",
                 &[&REVERSE],
-            )
-            .await;
+            ),
+        )
+        .await;
         did.push(match r {
             Ok(_) => "reverse slot dropped".into(),
             Err(e) => format!("FAILED to drop the reverse slot: {e}"),

@@ -3,7 +3,7 @@
 use redirect_common::cutover::Cutover;
 
 use super::{REVERSE, Run, quote_ident};
-use crate::{datapath::Role, sync::lock};
+use crate::{datapath::Role, pg::timed, sync::lock};
 
 /// Lifts the fence and releases held connections to the old server, re-enables the stopped
 /// subscription and drops the reverse slot. Returns what it did.
@@ -32,24 +32,19 @@ pub async fn undo(run: &mut Run) -> String {
         }
     }
     if let Some((side, sub)) = run.undo.disabled_subscription.clone() {
-        match run
-            .db(side)
-            .batch_execute(&format!("ALTER SUBSCRIPTION {} ENABLE", quote_ident(&sub)))
-            .await
-        {
+        let sql = format!("ALTER SUBSCRIPTION {} ENABLE", quote_ident(&sub));
+        let enable = run.db(side).batch_execute(&sql);
+        match timed("subscriber", "re-enabling the subscription", run.qt, enable).await {
             Ok(()) => did.push(format!("subscription {sub} re-enabled")),
             Err(e) => did.push(format!("FAILED to re-enable subscription {sub}: {e}")),
         }
     }
     if run.undo.reverse_slot {
-        match run
-            .db(Role::Target)
-            .execute(
-                "SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots WHERE slot_name = $1 AND NOT active",
-                &[&REVERSE],
-            )
-            .await
-        {
+        let drop_slot = run.db(Role::Target).execute(
+            "SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots WHERE slot_name = $1 AND NOT active",
+            &[&REVERSE],
+        );
+        match timed("target", "dropping the reverse slot", run.qt, drop_slot).await {
             Ok(_) => did.push("reverse slot dropped".into()),
             Err(e) => did.push(format!("FAILED to drop the reverse slot {REVERSE}: {e}")),
         }
