@@ -98,7 +98,8 @@ pub mod cutover {
         /// `fenced_backend` are dropped: no query or COMMIT of a proxied client reaches that
         /// server, whatever its role. Replies, bare ACKs, FINs and RSTs still flow.
         pub fence_until_ns: u64,
-        /// Index in `BACKENDS`, or [`NO_FENCE`].
+        /// Index in `BACKENDS`, or [`NO_FENCE`]. The map must be initialised (`install`
+        /// writes [`Cutover::IDLE`]): all zeros would name backend 0.
         pub fenced_backend: u32,
         pub _pad0: u32,
     }

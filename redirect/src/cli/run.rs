@@ -313,6 +313,7 @@ pub async fn run(args: Args, pin_dir: &Path, socket: &Path, journal: &Path) -> a
             }
         });
     } else {
+        ctl.set_phase(Phase::Idle);
         drop(busy);
     }
     match tokio::net::TcpListener::bind(args.metrics_addr).await {
