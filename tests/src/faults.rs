@@ -216,6 +216,21 @@ pub fn run_case(fault: Fault, step: &'static str) -> Outcome {
             ));
         }
         Fault::JournalFull => {
+            // Small appends land in the journal's last, already allocated page: pad it to a
+            // page boundary first, so the very next append needs a page the full disk
+            // cannot give (ENOSPC), as on a real full disk.
+            use std::io::Write as _;
+            let len = std::fs::metadata(&lab.journal).map_or(0, |m| m.len());
+            let pad = usize::try_from((4096 - len % 4096) % 4096).unwrap_or(0);
+            if pad > 0 {
+                let mut f = std::fs::OpenOptions::new()
+                    .append(true)
+                    .open(&lab.journal)
+                    .expect("journal");
+                let mut line = vec![b' '; pad - 1];
+                line.push(b'\n');
+                f.write_all(&line).expect("padding the journal");
+            }
             let fill = lab.journal.with_file_name("fill");
             let _ = Command::new("dd")
                 .arg("if=/dev/zero")

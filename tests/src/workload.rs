@@ -24,7 +24,8 @@ pub struct WriterLog {
     pub errors: Vec<String>,
     /// The slowest successful connect.
     pub max_connect: Duration,
-    /// The longest any statement waited for an answer (an acknowledgement or an error).
+    /// The longest any statement or connection attempt waited for an answer (an
+    /// acknowledgement, a connection, or an error).
     pub max_wait: Duration,
 }
 
@@ -145,12 +146,13 @@ async fn writer(host: &str, id: i32, deadline: Instant, reconnect_every: u32) ->
     while Instant::now() < deadline {
         if client.is_none() {
             let t = Instant::now();
-            match tokio::time::timeout(
+            let connected = tokio::time::timeout(
                 Duration::from_secs(10),
                 tokio_postgres::connect(&dsn(host), NoTls),
             )
-            .await
-            {
+            .await;
+            log.max_wait = log.max_wait.max(t.elapsed());
+            match connected {
                 Ok(Ok((c, conn))) => {
                     tokio::spawn(async move {
                         let _ = conn.await;

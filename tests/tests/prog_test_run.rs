@@ -92,7 +92,8 @@ impl Prog {
         p.flip(SOURCE);
         // As `install` does: an all-zero CUTOVER would name backend 0 as fenced.
         let mut cut: Array<&mut MapData, redirect_common::cutover::Cutover> = p.map("CUTOVER");
-        cut.set(0, redirect_common::cutover::Cutover::IDLE, 0).unwrap();
+        cut.set(0, redirect_common::cutover::Cutover::IDLE, 0)
+            .unwrap();
         p
     }
 
