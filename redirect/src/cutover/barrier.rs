@@ -17,6 +17,12 @@ use crate::{datapath::Role, pg::parse_lsn};
 const CURRENT_LSN: &str = "SELECT pg_current_wal_lsn()::text";
 const INSERT_LSN: &str = "SELECT pg_current_wal_insert_lsn()::text";
 const REPLAY_LSN: &str = "SELECT pg_last_wal_replay_lsn()::text";
+/// Whether the subscription can still deliver the marker: enabled, with an apply worker.
+const APPLYING: &str = "SELECT s.subenabled AND st.pid IS NOT NULL FROM pg_subscription s \
+     LEFT JOIN pg_stat_subscription st ON st.subid = s.oid AND st.relid IS NULL WHERE s.subname = $1";
+/// How long replication may look stopped before the barrier gives up without waiting for
+/// `--timeout` (an apply worker restarting is briefly absent).
+const STOPPED_FOR: Duration = Duration::from_secs(1);
 
 /// Waits until the new server has applied everything the old one committed before the fence.
 pub async fn wait_for_new_server(run: &mut Run) -> Result<(), CutoverError> {
@@ -74,6 +80,10 @@ async fn logical(run: &Run) -> Result<(String, Option<String>), CutoverError> {
         )
         .await?
         .get(0);
+    // Held clients wait for as long as the barrier does: if replication has stopped, the
+    // marker can never arrive, so give up as soon as that is clear, not at --timeout.
+    let mut checked = Instant::now();
+    let mut stopped_since: Option<Instant> = None;
     loop {
         let seen = run
             .query(
@@ -85,6 +95,31 @@ async fn logical(run: &Run) -> Result<(String, Option<String>), CutoverError> {
             .await?;
         if seen.is_some() {
             break;
+        }
+        if checked.elapsed() > Duration::from_millis(200)
+            && let Some(sub) = &run.subscription
+        {
+            checked = Instant::now();
+            let applying: Option<bool> = run
+                .query(
+                    Phase::Barrier,
+                    "new server",
+                    "checking the apply worker",
+                    run.to_db.query_opt(APPLYING, &[sub]),
+                )
+                .await?
+                .and_then(|r| r.get(0));
+            if applying == Some(true) {
+                stopped_since = None;
+            } else if stopped_since.get_or_insert_with(Instant::now).elapsed() > STOPPED_FOR {
+                return Err(CutoverError::abort(
+                    Phase::Barrier,
+                    format!(
+                        "replication into the {} stopped (subscription {sub} disabled or its apply worker gone); the marker cannot arrive",
+                        run.to
+                    ),
+                ));
+            }
         }
         if run.remaining().is_zero() {
             return Err(CutoverError::abort(
