@@ -38,6 +38,12 @@ enum Task {
         #[arg(long)]
         quick: bool,
     },
+    /// The cutover's full fault matrix (every fault at every step boundary, under load);
+    /// writes docs/reliability.md. About 20 minutes. CI runs a subset (tests/tests/fault_matrix.rs).
+    Faults {
+        /// Only faults whose name contains this (prints the table instead of writing the doc).
+        only: Option<String>,
+    },
 }
 
 fn main() -> anyhow::Result<()> {
@@ -67,6 +73,26 @@ fn main() -> anyhow::Result<()> {
             let status = cmd.status()?;
             if !status.success() {
                 bail!("the benchmark failed ({status})");
+            }
+            Ok(())
+        }
+        Task::Faults { only } => {
+            setup::install()?;
+            build()?;
+            let mut cmd = cargo();
+            cmd.args([
+                "run",
+                "--quiet",
+                "-p",
+                "redirect-tests",
+                "--bin",
+                "fault_matrix",
+                "--",
+            ]);
+            cmd.args(only);
+            let status = cmd.status()?;
+            if !status.success() {
+                bail!("the fault matrix failed ({status})");
             }
             Ok(())
         }
