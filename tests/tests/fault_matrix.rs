@@ -44,7 +44,8 @@ fn controller_killed_at_every_step_boundary() {
 #[test]
 fn other_faults_where_they_bite() {
     require_root();
-    check(Fault::Term, "flip", Some("rolled back"));
+    // SIGTERM lets a cutover in progress flip or undo itself before the controller exits.
+    check(Fault::Term, "flip", Some("finished"));
     check(Fault::ReplicationStopped, "barrier", Some("rolled back"));
     check(Fault::TargetLock, "sequences", Some("rolled back"));
     check(Fault::JournalFull, "barrier", Some("rolled back"));

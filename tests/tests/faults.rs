@@ -611,7 +611,25 @@ fn a_failed_reverse_subscription_drops_its_slot_and_finish_retires_replication()
         ],
     );
     let lab = &c.lab;
-    let out = flip(lab, &["--to", "target", "--drain-timeout", "1s", "--json"]);
+    // Preflight proves the way back first: without it, a rollback could not be lossless.
+    let out = flip(lab, &["--to", "target"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && err.contains("reverse replication"),
+        "{err}"
+    );
+    assert_eq!(lab.status()["active"], "source");
+    let out = flip(
+        lab,
+        &[
+            "--to",
+            "target",
+            "--force",
+            "--drain-timeout",
+            "1s",
+            "--json",
+        ],
+    );
     assert!(
         out.status.success(),
         "{}",
@@ -654,4 +672,71 @@ fn a_failed_reverse_subscription_drops_its_slot_and_finish_retires_replication()
         "0"
     );
     assert!(journaled(lab, "finished"));
+}
+
+/// Restarting `run` with a different `--target` would keep `ACTIVE` by index and move live
+/// traffic to the new server: refused before anything changes, unless asked for.
+#[test]
+fn restarting_run_with_a_different_target_is_refused() {
+    let mut c = setup("rtgt", &[]);
+    let lab = Arc::get_mut(&mut c.lab).expect("sole owner");
+    let pid = lab.redirect_pid().unwrap();
+    lab.signal(pid, libc::SIGTERM);
+    let mut args = lab.run_args();
+    let t = args.iter().position(|a| a == "--target").unwrap();
+    args[t + 1] = "198.18.3.9:5432".into();
+    args.push("--once".into());
+    let out = lab.redirect_cmd().args(&args).output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{err}");
+    assert!(
+        err.contains("198.18.3.9") && err.contains("--replace-backends"),
+        "{err}"
+    );
+    let status = lab.status();
+    assert_eq!(
+        status["backends"]["target"]["addr"], "198.18.3.2:5432",
+        "nothing changed: {status}"
+    );
+}
+
+/// A sequence the controller's role cannot read is a blocking finding, never skipped (the
+/// target would hand out ids the source already gave).
+#[test]
+fn an_unreadable_sequence_blocks_the_cutover() {
+    require_root();
+    let mut lab = Lab::new("seq");
+    let source = pg::start(&mut lab, Ns::Source, "source", &[]);
+    let target = pg::start(&mut lab, Ns::Target, "target", &[]);
+    pg::setup_logical(&lab, &source, &target);
+    for (ns, pg) in [(Ns::Source, &source), (Ns::Target, &target)] {
+        psql(
+            &lab,
+            ns,
+            pg,
+            "CREATE ROLE migrator LOGIN; GRANT pg_read_all_stats TO migrator",
+        );
+    }
+    psql(
+        &lab,
+        Ns::Source,
+        &source,
+        "CREATE SEQUENCE private_seq; SELECT nextval('private_seq')",
+    );
+    let dsn = |host: &str| {
+        format!("host={host} port={PG_PORT} user=migrator dbname=postgres connect_timeout=10")
+    };
+    let (s, t) = (
+        dsn(redirect_tests::SOURCE_ADDR),
+        dsn(redirect_tests::TARGET_ADDR),
+    );
+    lab.start_redirect(&["--source-dsn", &s, "--target-dsn", &t]);
+    let out = flip(&lab, &["--to", "target", "--dry-run"]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains("BLOCKING") && text.contains("private_seq") && text.contains("GRANT"),
+        "{text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(lab.status()["active"], "source");
 }

@@ -94,6 +94,21 @@ pub fn run(args: &Args, pin_dir: &Path, socket: &Path) -> anyhow::Result<()> {
             }
         );
     }
+    // Even an explicit immediate flip must not cut through a safe cutover in progress: it
+    // would send held clients to a server that has not passed the barrier.
+    if socket.exists() {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?;
+        if let Ok(Some(state)) = rt.block_on(control::call(socket, &Request::State, |_| {})) {
+            let phase = state["phase"].as_str().unwrap_or("idle");
+            if phase != "idle" {
+                anyhow::bail!(
+                    "a cutover is in progress (phase: {phase}); wait for it to finish or fail before an immediate flip"
+                );
+            }
+        }
+    }
     immediate(args, pin_dir)
 }
 

@@ -97,7 +97,8 @@ pub struct Args {
     #[arg(long)]
     pub subscription: Option<String>,
     /// How the source server reaches the target for reverse replication (default: --target-dsn).
-    #[arg(long)]
+    /// Its password, if any, belongs in the source server's ~/.pgpass, not here.
+    #[arg(long, env = "REDIRECT_REVERSE_CONNINFO")]
     pub reverse_conninfo: Option<String>,
     /// Timeout of every database query.
     #[arg(long, value_parser = humantime::parse_duration, default_value = "5s")]
@@ -207,11 +208,36 @@ fn preflight(args: &Args, pin_dir: &Path) -> anyhow::Result<(Vec<(String, u32)>,
 
 pub async fn run(args: Args, pin_dir: &Path, socket: &Path, journal: &Path) -> anyhow::Result<()> {
     let (ifaces, spec) = preflight(&args, pin_dir)?;
+    // Two controllers on one datapath would drain, GC and recover against each other.
+    if tokio::net::UnixStream::connect(socket).await.is_ok() {
+        anyhow::bail!(
+            "another controller already serves {} (stop it first)",
+            socket.display()
+        );
+    }
     let db = databases(&args)?;
+    let interrupted = crate::cutover::journal::read(journal)
+        .ok()
+        .and_then(|e| crate::cutover::journal::unfinished(&e))
+        .is_some();
     if let Some(db) = &db {
-        // Fail before touching the kernel if a server cannot be reached at all.
+        // Fail before touching the kernel if a server cannot be reached at all; but never
+        // refuse to start when a cutover was interrupted: recovery must run, and it copes
+        // with an unreachable server.
         for dsn in [&db.source, &db.target] {
-            drop(dsn.connect().await?);
+            match tokio::time::timeout(db.query_timeout * 2, dsn.connect()).await {
+                Ok(Ok(c)) => drop(c),
+                Ok(Err(e)) if !interrupted => return Err(e.into()),
+                Err(_) if !interrupted => {
+                    anyhow::bail!("{dsn:?} did not answer within {:?}", db.query_timeout * 2)
+                }
+                Ok(Err(e)) => {
+                    warn!(error = %e, "a server is unreachable; recovering the interrupted cutover anyway");
+                }
+                Err(_) => {
+                    warn!(server = ?dsn, "a server does not answer; recovering the interrupted cutover anyway");
+                }
+            }
         }
     }
     if !args.no_sysctl {
@@ -290,13 +316,18 @@ pub async fn run(args: Args, pin_dir: &Path, socket: &Path, journal: &Path) -> a
         }
     };
     if ctl.db.is_some() {
-        match ctl.prepare().await {
-            Ok(()) => info!(
+        // Bounded: a server that accepts but never answers must not keep the controller
+        // (and a resumed drain) waiting.
+        match tokio::time::timeout(Duration::from_secs(30), ctl.prepare()).await {
+            Ok(Ok(())) => info!(
                 table = crate::cutover::BARRIER_TABLE,
                 "the barrier table replicates; cutovers are ready"
             ),
-            Err(e) => {
+            Ok(Err(e)) => {
                 warn!(error = %e, "could not prepare the barrier table; a cutover will try again");
+            }
+            Err(_) => {
+                warn!("could not prepare the barrier table within 30 s; a cutover will try again");
             }
         }
     }
@@ -327,6 +358,19 @@ pub async fn run(args: Args, pin_dir: &Path, socket: &Path, journal: &Path) -> a
         tokio::spawn(watch_lag(ctl.clone(), args.lag_interval, shutdown.clone()));
     }
     serve_gc(&ctl, args.timeouts(), args.gc_interval, &shutdown).await;
+    // SIGTERM (`systemctl stop/restart`) in the middle of a cutover: let it reach the flip
+    // or undo itself rather than drop it mid-step. The drain is not waited for: it can be
+    // long, and a restarted controller resumes it from the journal. Bounded, for a cutover
+    // that cannot end.
+    let stop_by = std::time::Instant::now() + Duration::from_secs(120);
+    if !matches!(ctl.phase(), Phase::Idle | Phase::Drain) {
+        warn!(phase = %ctl.phase(), "stopping: waiting for the cutover in progress to flip or undo itself");
+        while !matches!(ctl.phase(), Phase::Idle | Phase::Drain)
+            && std::time::Instant::now() < stop_by
+        {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
     if let Ok(Err(e)) = control.await {
         warn!(error = %e, "control socket");
     }

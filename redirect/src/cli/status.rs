@@ -122,6 +122,14 @@ pub fn run(args: &Args, pin_dir: &Path, socket: &Path, journal: &Path) -> anyhow
             .ok()
             .flatten();
     }
+    // An unfinished cutover is "interrupted" only if no controller is working on it.
+    if status
+        .controller
+        .as_ref()
+        .is_some_and(|c| c["phase"] != "idle")
+    {
+        status.interrupted = None;
+    }
     if args.json {
         return super::print_json(&status);
     }

@@ -23,8 +23,10 @@ const END_PROXIED: &str = "WITH proxied AS MATERIALIZED (SELECT pid FROM pg_stat
      WHERE backend_type = 'client backend' AND pid <> pg_backend_pid() \
      AND host(client_addr) = $1 AND client_port BETWEEN $2 AND $3) \
      SELECT pid FROM proxied WHERE pg_terminate_backend(pid)";
-const STILL_RUNNING: &str =
-    "SELECT coalesce(array_agg(pid), '{}') FROM pg_stat_activity WHERE pid = ANY($1)";
+/// Every proxied session still there, whoever ended it or not.
+const PROXIED_LEFT: &str = "SELECT coalesce(array_agg(pid), '{}') FROM pg_stat_activity \
+     WHERE backend_type = 'client backend' AND pid <> pg_backend_pid() \
+     AND host(client_addr) = $1 AND client_port BETWEEN $2 AND $3";
 
 /// The longest the fence waits for short-lived connections to finish.
 const SETTLE_MAX: Duration = Duration::from_millis(250);
@@ -69,32 +71,42 @@ pub async fn let_short_connections_finish(run: &mut Run) -> Result<(), CutoverEr
     Ok(())
 }
 
-/// Ends every proxied session on the old server and waits for each to exit.
+/// Ends every proxied session on the old server and waits until none is left.
+///
+/// "None left" is checked over every proxied session, not only the ones this call signalled:
+/// a session the role could not end (another superuser's) or one that was not being scheduled
+/// still counts, and the cutover aborts rather than put a barrier in front of it.
 pub async fn end_old_sessions(run: &mut Run) -> Result<(), CutoverError> {
     run.ctl.set_phase(Phase::Fence);
     let t = Instant::now();
     // Packets already past the datapath get a moment to reach their sockets.
     tokio::time::sleep(Duration::from_millis(5)).await;
     let (lo, hi) = (i32::from(run.snat_ports.0), i32::from(run.snat_ports.1));
-    let pids: Vec<i32> = run
-        .query(
-            Phase::Fence,
-            "old server",
-            "ending proxied sessions",
-            run.from_db.query(END_PROXIED, &[&run.from_snat, &lo, &hi]),
-        )
-        .await?
-        .iter()
-        .map(|r| r.get(0))
-        .collect();
-    let mut waited_for = Vec::new();
-    while !pids.is_empty() {
+    let mut ended: Vec<i32> = Vec::new();
+    loop {
+        let pids: Vec<i32> = run
+            .query(
+                Phase::Fence,
+                "old server",
+                "ending proxied sessions",
+                run.from_db.query(END_PROXIED, &[&run.from_snat, &lo, &hi]),
+            )
+            .await?
+            .iter()
+            .map(|r| r.get(0))
+            .collect();
+        for p in pids {
+            if !ended.contains(&p) {
+                ended.push(p);
+            }
+        }
         let left: Vec<i32> = run
             .query(
                 Phase::Fence,
                 "old server",
-                "waiting for ended sessions to exit",
-                run.from_db.query_one(STILL_RUNNING, &[&pids]),
+                "waiting for proxied sessions to exit",
+                run.from_db
+                    .query_one(PROXIED_LEFT, &[&run.from_snat, &lo, &hi]),
             )
             .await?
             .get(0);
@@ -105,27 +117,21 @@ pub async fn end_old_sessions(run: &mut Run) -> Result<(), CutoverError> {
             return Err(CutoverError::abort(
                 Phase::Fence,
                 format!(
-                    "session(s) {left:?} on the {} did not exit before --timeout {:?} (a backend that is not being scheduled?); every one must exit before the barrier",
+                    "proxied session(s) {left:?} on the {} did not exit before --timeout {:?} (not being scheduled, or not ours to end); every one must be gone before the barrier",
                     run.from, run.req.timeout
                 ),
             ));
         }
-        waited_for = left;
         tokio::time::sleep(Duration::from_millis(2)).await;
     }
-    run.report.terminated_at_fence = pids.len() as u64;
+    run.report.terminated_at_fence = ended.len() as u64;
     run.rec.step(
         Step::Fence,
         t,
         format!(
-            "{} proxied session(s) on the {} ended and exited{}",
-            pids.len(),
-            run.from,
-            if waited_for.is_empty() {
-                String::new()
-            } else {
-                format!(" (waited for {waited_for:?})")
-            }
+            "{} proxied session(s) on the {} ended; none left",
+            ended.len(),
+            run.from
         ),
     )
 }

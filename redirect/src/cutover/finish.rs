@@ -3,7 +3,7 @@
 //! subscription, slot and publication) and lifts the stale fence, after showing what it will
 //! do. Slots left behind retain WAL without bound, so this is the last step of a migration.
 
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use serde::Serialize;
 use tokio_postgres::Client;
@@ -13,7 +13,12 @@ use super::{
     journal::{self, Entry, Journal, Step},
     quote_ident,
 };
-use crate::{conntrack, datapath::Role, pg::lag::Replication, sync::lock};
+use crate::{
+    conntrack,
+    datapath::Role,
+    pg::{lag::Replication, timed},
+    sync::lock,
+};
 
 /// What `finish` will do (or did).
 #[derive(Clone, Debug, Default, Serialize)]
@@ -36,13 +41,15 @@ const SUB_EXISTS: &str = "SELECT count(*)::int8 FROM pg_subscription WHERE subna
 const SLOT_EXISTS: &str = "SELECT count(*)::int8 FROM pg_replication_slots WHERE slot_name = $1";
 const PUB_EXISTS: &str = "SELECT count(*)::int8 FROM pg_publication WHERE pubname = $1";
 
-async fn count(db: &Client, sql: &str, name: &str) -> Result<bool, CutoverError> {
-    Ok(db
-        .query_one(sql, &[&name])
-        .await
-        .map_err(|e| CutoverError::Refused(format!("{e}")))?
-        .get::<_, i64>(0)
-        > 0)
+async fn count(db: &Client, sql: &str, name: &str, qt: Duration) -> Result<bool, CutoverError> {
+    let row = timed(
+        "server",
+        "finding what to retire",
+        qt,
+        db.query_one(sql, &[&name]),
+    )
+    .await?;
+    Ok(row.get::<_, i64>(0) > 0)
 }
 
 fn drop_sub(name: &str) -> String {
@@ -87,7 +94,17 @@ pub async fn finish(
             "{pinned_to_source} connection(s) are still pinned to the source; let the drain end them, or pass --force"
         )));
     }
-    let (source, target) = (db.source.connect().await?, db.target.connect().await?);
+    let qt = db.query_timeout;
+    let (Ok(source), Ok(target)) = (
+        tokio::time::timeout(qt * 2, db.source.connect()).await,
+        tokio::time::timeout(qt * 2, db.target.connect()).await,
+    ) else {
+        return Err(CutoverError::Refused(format!(
+            "a server did not answer within {:?}",
+            qt * 2
+        )));
+    };
+    let (source, target) = (source?, target?);
     let mut actions = Vec::new();
     let mut report = FinishReport::default();
     if db.replication == Replication::Logical {
@@ -98,14 +115,18 @@ pub async fn finish(
             .clone()
             .or(known.as_ref().map(|(s, _)| s.clone()));
         if let Some(fwd) = fwd {
-            let slot = target
-                .query_opt(SUB_SLOT, &[&fwd])
-                .await
-                .ok()
-                .flatten()
-                .and_then(|r| r.get::<_, Option<String>>(0))
-                .or(known.and_then(|(_, slot)| slot));
-            if count(&target, SUB_EXISTS, &fwd).await? {
+            let slot = timed(
+                "target",
+                "reading the subscription",
+                qt,
+                target.query_opt(SUB_SLOT, &[&fwd]),
+            )
+            .await
+            .ok()
+            .flatten()
+            .and_then(|r| r.get::<_, Option<String>>(0))
+            .or(known.and_then(|(_, slot)| slot));
+            if count(&target, SUB_EXISTS, &fwd, qt).await? {
                 actions.push(Action {
                     on: Role::Target,
                     sql: drop_sub(&fwd),
@@ -113,7 +134,7 @@ pub async fn finish(
                 });
             }
             if let Some(slot) = slot
-                && count(&source, SLOT_EXISTS, &slot).await?
+                && count(&source, SLOT_EXISTS, &slot, qt).await?
             {
                 actions.push(Action {
                     on: Role::Source,
@@ -126,10 +147,10 @@ pub async fn finish(
         } else {
             report.left_alone.push("the forward subscription is unknown (no --subscription and none journaled): drop it and its slot by hand".into());
         }
-        if count(&source, SUB_EXISTS, REVERSE).await? {
+        if count(&source, SUB_EXISTS, REVERSE, qt).await? {
             actions.push(Action { on: Role::Source, sql: drop_sub(REVERSE), what: format!("drop the reverse subscription {REVERSE} on the source (rollback will no longer be possible)") });
         }
-        if count(&target, SLOT_EXISTS, REVERSE).await? {
+        if count(&target, SLOT_EXISTS, REVERSE, qt).await? {
             actions.push(Action {
                 on: Role::Target,
                 sql: drop_slot(REVERSE),
@@ -138,7 +159,7 @@ pub async fn finish(
                 ),
             });
         }
-        if count(&target, PUB_EXISTS, REVERSE).await? {
+        if count(&target, PUB_EXISTS, REVERSE, qt).await? {
             actions.push(Action {
                 on: Role::Target,
                 sql: format!("DROP PUBLICATION {REVERSE}"),
@@ -153,7 +174,15 @@ pub async fn finish(
         report.left_alone.push("physical replication: the old primary is no longer followed; decommission or rebuild it".into());
     }
     let fence = lock(&ctl.maps).cutover()?;
-    let stale_fence = fence.fenced_backend != redirect_common::cutover::NO_FENCE;
+    // Never while connections are still pinned to the source (even with --force): lifting
+    // the fence would let them write to a server nothing replicates from any more.
+    let stale_fence =
+        fence.fenced_backend != redirect_common::cutover::NO_FENCE && pinned_to_source == 0;
+    if pinned_to_source > 0 {
+        report.left_alone.push(format!(
+            "the fence on the source stays: {pinned_to_source} connection(s) are still pinned to it"
+        ));
+    }
     report.plan = actions.iter().map(|a| a.what.clone()).collect();
     if stale_fence {
         report
@@ -172,7 +201,14 @@ pub async fn finish(
         } else {
             &target
         };
-        match c.batch_execute(&a.sql).await {
+        match timed(
+            "server",
+            "retiring replication",
+            qt,
+            c.batch_execute(&a.sql),
+        )
+        .await
+        {
             Ok(()) => report.done.push(a.what.clone()),
             Err(e) => report.done.push(format!("FAILED to {}: {e}", a.what)),
         }

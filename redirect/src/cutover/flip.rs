@@ -25,7 +25,14 @@ pub fn commit(run: &mut Run) -> Result<(), CutoverError> {
             .lease
             .as_ref()
             .ok_or_else(|| CutoverError::abort(Phase::Flip, "no hold was taken"))?;
-        if !lease.unbroken(&maps)? {
+        let own = lease.locked();
+        if maps.active()? != Some(run.from) {
+            return Err(CutoverError::abort(
+                Phase::Flip,
+                "ACTIVE was changed behind the cutover's back (flip --immediate?); not flipping",
+            ));
+        }
+        if !lease.unbroken(&own)? {
             return Err(CutoverError::abort(
                 Phase::Flip,
                 "the fence lapsed before the flip (the controller stalled longer than its lease), so a client may have written to the old server after the barrier",
@@ -33,6 +40,7 @@ pub fn commit(run: &mut Run) -> Result<(), CutoverError> {
         }
         maps.set_active(run.to)?;
         lease.stop();
+        drop(own);
         // Tidy only: with ACTIVE moved, the hold no longer applies and the fence no longer
         // expires, whatever these deadlines say.
         let _ = maps.set_cutover(Cutover {

@@ -30,9 +30,22 @@ pub const RENEW_EVERY: Duration = Duration::from_millis(200);
 const FLIP_MARGIN: Duration = Duration::from_millis(200);
 
 /// A renewed hold and fence on one backend.
+///
+/// The lease has its own handle on the pinned `CUTOVER` map, behind its own lock: a GC pass
+/// over a million connections holds the shared maps lock for seconds, and must never delay a
+/// renewal past the lease.
 pub struct Lease {
     state: Arc<State>,
+    maps: Arc<std::sync::Mutex<Maps>>,
     task: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for Lease {
+    /// A cutover that ends in any way (an error, a panic, a dropped task) stops renewing,
+    /// so the kernel lifts the hold and the fence within [`LEASE`].
+    fn drop(&mut self) {
+        self.task.abort();
+    }
 }
 
 struct State {
@@ -80,7 +93,9 @@ pub fn hold(run: &mut Run) -> Result<(), CutoverError> {
     run.deadline = t + run.req.timeout;
     run.undo.datapath = true;
     let fenced = run.from.index();
-    lock(&run.ctl.maps).set_cutover(leased(fenced, false, clock::monotonic_ns()))?;
+    let own = Maps::open(&lock(&run.ctl.maps).dir.0)?;
+    let maps = Arc::new(std::sync::Mutex::new(own));
+    lock(&maps).set_cutover(leased(fenced, false, clock::monotonic_ns()))?;
     let state = Arc::new(State {
         stopped: AtomicBool::new(false),
         fencing: AtomicBool::new(false),
@@ -88,9 +103,15 @@ pub fn hold(run: &mut Run) -> Result<(), CutoverError> {
     });
     // The renewer stops by itself a little after --timeout: by then the cutover has either
     // flipped or is undoing, and a stuck controller must not hold clients for ever.
-    let give_up = run.deadline + LEASE;
-    let task = tokio::spawn(renew(run.ctl.clone(), state.clone(), fenced, give_up));
-    run.lease = Some(Lease { state, task });
+    // A promotion may outlast --timeout (it cannot be taken back): keep the fence for it.
+    let extra = if run.logical {
+        Duration::ZERO
+    } else {
+        super::replication::PROMOTION_WAIT
+    };
+    let give_up = run.deadline + LEASE + extra;
+    let task = tokio::spawn(renew(maps.clone(), state.clone(), fenced, give_up));
+    run.lease = Some(Lease { state, maps, task });
     run.rec.step(
         Step::Hold,
         t,
@@ -101,7 +122,12 @@ pub fn hold(run: &mut Run) -> Result<(), CutoverError> {
     )
 }
 
-async fn renew(ctl: Arc<super::Controller>, state: Arc<State>, fenced: u32, give_up: Instant) {
+async fn renew(
+    shared: Arc<std::sync::Mutex<Maps>>,
+    state: Arc<State>,
+    fenced: u32,
+    give_up: Instant,
+) {
     let mut tick = tokio::time::interval(RENEW_EVERY);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     tick.tick().await;
@@ -110,7 +136,7 @@ async fn renew(ctl: Arc<super::Controller>, state: Arc<State>, fenced: u32, give
         if Instant::now() > give_up {
             return;
         }
-        let mut maps = lock(&ctl.maps);
+        let mut maps = lock(&shared);
         if state.stopped.load(Ordering::SeqCst) {
             return;
         }
@@ -139,7 +165,7 @@ async fn renew(ctl: Arc<super::Controller>, state: Arc<State>, fenced: u32, give
 }
 
 impl Lease {
-    /// With the maps locked: the fence has held without a gap and holds for a while yet.
+    /// The fence has held without a gap and holds for a while yet. Call under [`Lease::locked`].
     pub fn unbroken(&self, maps: &Maps) -> Result<bool, CutoverError> {
         let c = maps.cutover()?;
         Ok(!self.state.lapsed.load(Ordering::SeqCst)
@@ -147,7 +173,12 @@ impl Lease {
             && clock::monotonic_ns() + ns(FLIP_MARGIN) < c.fence_until_ns)
     }
 
-    /// Stops renewing; call with the maps locked, before the write that replaces the lease.
+    /// The lease's own map handle, locked: no renewal happens while it is held.
+    pub fn locked(&self) -> std::sync::MutexGuard<'_, Maps> {
+        lock(&self.maps)
+    }
+
+    /// Stops renewing; call under [`Lease::locked`], before the write that replaces the lease.
     pub fn stop(&self) {
         self.state.stopped.store(true, Ordering::SeqCst);
         self.task.abort();

@@ -509,7 +509,14 @@ impl Controller {
             preflight::Outcome::Report(report) => return Ok(*report),
             preflight::Outcome::Go(run) => *run,
         };
-        preflight::rehearse(&mut run).await?;
+        if let Err(e) = preflight::rehearse(&mut run).await {
+            let _ = run.rec.step(
+                Step::Aborted,
+                Instant::now(),
+                format!("{e}; nothing was changed"),
+            );
+            return Err(e);
+        }
 
         if let Err(e) = Self::before_flip(&mut run).await {
             self.set_phase(Phase::Aborting);
@@ -548,9 +555,11 @@ impl Controller {
     async fn after_flip(run: &mut Run) {
         fault_point("release").await;
         flip::release(run);
-        replication::after_flip(run).await;
+        // The drain first: old connections whose clients try them are told at once. The
+        // reverse slot already keeps every new-server write, so its subscription can follow.
         fault_point("drain").await;
         drain::after_cutover(run).await;
+        replication::after_flip(run).await;
         let t = run.held_at;
         let detail = format!(
             "write pause {:.1} ms, hold {:.1} ms",

@@ -24,6 +24,10 @@ pub const CREATE_BARRIER: &str = "CREATE TABLE IF NOT EXISTS public.redirect_bar
 pub const WRITE_MARKER: &str = "INSERT INTO public.redirect_barrier (token) VALUES ($1)";
 pub const SEE_MARKER: &str = "SELECT 1 FROM public.redirect_barrier WHERE token = $1";
 const WRITABLE: &str = "SELECT pg_is_in_recovery(), current_setting('transaction_read_only')";
+/// The fence must see every proxied session (other roles' client addresses are hidden
+/// without pg_read_all_stats) and end it (pg_signal_backend; superusers' need a superuser).
+const CAN_FENCE: &str = "SELECT rolsuper OR (pg_has_role(current_user, 'pg_read_all_stats', 'MEMBER') \
+     AND pg_has_role(current_user, 'pg_signal_backend', 'MEMBER')) FROM pg_roles WHERE rolname = current_user";
 const LOGIN_ROLES: &str = "SELECT rolname::text FROM pg_roles WHERE rolcanlogin ORDER BY 1";
 const BYPASS_SESSIONS: &str = "SELECT count(*)::int8, coalesce(string_agg(DISTINCT coalesce(host(client_addr), 'local socket'), ', '), '') \
      FROM pg_stat_activity WHERE backend_type = 'client backend' AND pid <> pg_backend_pid() \
@@ -91,6 +95,12 @@ pub async fn check(
     let t0 = Instant::now();
     let from_db = ctl.dsn(from)?.connect().await?;
     let to_db = ctl.dsn(to)?.connect().await?;
+    // The server gives up on a statement when the controller does: a timed-out query must not
+    // keep running (holding locks, or queueing the undo behind it on the same session).
+    let bound = format!("SET statement_timeout = {}", qt.as_millis().max(1));
+    for (which, c) in [("old server", &from_db), ("new server", &to_db)] {
+        timed(which, "bounding statements", qt, c.batch_execute(&bound)).await?;
+    }
     let (from_snat, snat_ports) = {
         let maps = lock(&ctl.maps);
         let cfg = maps.config()?;
@@ -210,6 +220,32 @@ pub async fn check(
                 .push(format!("{} sequence(s) to sync", seqs.len())),
             Err(e) => blocking.push(e.to_string()),
         }
+    }
+    if logical && to == Role::Target {
+        // Rollback is only lossless if the source can subscribe to the target after the
+        // flip: prove now that it can connect with the conninfo it will be given.
+        if let Err(why) = probe_reverse(ctl, &from_db, qt).await {
+            force_or_block(
+                format!(
+                    "the source cannot connect to the target for reverse replication ({why}), so a rollback would not be lossless; set --reverse-conninfo (or REDIRECT_REVERSE_CONNINFO) to what the source server can use, with its password in the source server's ~/.pgpass"
+                ),
+                &mut report,
+                &mut blocking,
+            );
+        }
+    }
+    let can_fence: bool = timed(
+        "old server",
+        "checking the role's privileges",
+        qt,
+        from_db.query_one(CAN_FENCE, &[]),
+    )
+    .await?
+    .get(0);
+    if !can_fence {
+        blocking.push(format!(
+            "the controller's role on the {from} cannot see and end other roles' sessions: make it a superuser, or a member of pg_read_all_stats and pg_signal_backend (the fence must end every proxied session)"
+        ));
     }
     let bypass = timed(
         "old server",
@@ -348,7 +384,10 @@ pub async fn check(
     )?;
     if logical && !prepare.is_empty() && !(no_replication && req.force) {
         let t = Instant::now();
-        prepare_barrier(&from_db, &to_db, &watch, qt).await?;
+        if let Err(e) = prepare_barrier(&from_db, &to_db, &watch, qt).await {
+            let _ = rec.step(Step::Aborted, t, format!("{e}; nothing was changed"));
+            return Err(e);
+        }
         rec.step(Step::Prepare, t, prepare.join("; "))?;
     }
     let now = Instant::now();
@@ -447,6 +486,38 @@ pub async fn rehearse(run: &mut Run) -> Result<(), CutoverError> {
             ..Entry::default()
         },
     )
+}
+
+/// Has the source open a connection to the target with the reverse conninfo, through a
+/// subscription that is created disabled, with no slot, and dropped at once.
+async fn probe_reverse(ctl: &Controller, from_db: &Client, qt: Duration) -> Result<(), String> {
+    let conninfo = super::replication::reverse_conninfo(ctl);
+    let probe = "redirect_probe";
+    let _ = timed("source", "dropping a stale probe", qt, from_db.batch_execute(&format!(
+        "DO $$ BEGIN IF EXISTS (SELECT 1 FROM pg_subscription WHERE subname = '{probe}') THEN \
+         ALTER SUBSCRIPTION {probe} SET (slot_name = NONE); DROP SUBSCRIPTION {probe}; END IF; END $$"
+    )))
+    .await;
+    let created = timed(
+        "source",
+        "probing the way back to the target",
+        qt,
+        from_db.batch_execute(&format!(
+            "CREATE SUBSCRIPTION {probe} CONNECTION {} PUBLICATION {} \
+             WITH (connect = true, enabled = false, create_slot = false, slot_name = NONE, copy_data = false)",
+            super::quote_literal(&conninfo),
+            super::REVERSE
+        )),
+    )
+    .await;
+    let _ = timed(
+        "source",
+        "dropping the probe",
+        qt,
+        from_db.batch_execute(&format!("DROP SUBSCRIPTION IF EXISTS {probe}")),
+    )
+    .await;
+    created.map_err(|e| e.to_string())
 }
 
 /// The pid of a subscription's apply worker, if one runs.

@@ -235,12 +235,17 @@ async fn after_flip_replication(ctl: &Arc<Controller>, to: Role, steps: &[Entry]
         }
         replication::start_reverse(ctl, &source, &target, qt).await
     } else {
-        let point = steps
+        let Some(point) = steps
             .iter()
             .rev()
             .find(|e| e.step == Step::Reverse)
             .and_then(|e| e.source_lsn.clone())
-            .unwrap_or_default();
+        else {
+            // A forced rollback with no replication, or no readable rollback point:
+            // restarting the forward subscription unadvanced would replay the target's own
+            // writes back into it. The live path skips it too.
+            return "no rollback point journaled (forced rollback?): the forward subscription is left disabled; re-sync the target before another cutover".into();
+        };
         replication::restart_forward(ctl, &source, &target, &point, qt).await
     };
     let what = result.unwrap_or_else(|e| format!("FAILED: {e}"));

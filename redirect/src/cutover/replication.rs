@@ -26,11 +26,17 @@ use crate::{
 const CURRENT_LSN: &str = "SELECT pg_current_wal_lsn()::text";
 const SUB_SLOT: &str = "SELECT subslotname::text FROM pg_subscription WHERE subname = $1";
 const SUB_EXISTS: &str = "SELECT count(*)::int8 FROM pg_subscription WHERE subname = $1";
+const SUB_PUBLICATIONS: &str =
+    "SELECT subpublications::text[] FROM pg_subscription WHERE subname = $1";
+const PUB_ALL_TABLES: &str =
+    "SELECT bool_or(puballtables) FROM pg_publication WHERE pubname = ANY($1)";
+const PUB_TABLES: &str = "SELECT DISTINCT format('%I.%I', schemaname, tablename) FROM pg_publication_tables WHERE pubname = ANY($1)";
+const SUB_ENABLED: &str = "SELECT subenabled FROM pg_subscription WHERE subname = $1";
 const SLOT_EXISTS: &str = "SELECT count(*)::int8 FROM pg_replication_slots WHERE slot_name = $1";
 const IN_RECOVERY: &str = "SELECT pg_is_in_recovery()";
 /// How long a requested promotion may take. Once asked for it cannot be taken back, so the
 /// cutover waits for it past `--timeout` (keeping the fence) rather than leave two primaries.
-const PROMOTION_WAIT: Duration = Duration::from_secs(60);
+pub const PROMOTION_WAIT: Duration = Duration::from_secs(60);
 
 /// Before the flip: stop the replication into the new server, prepare the way back.
 pub async fn turn_around(run: &mut Run) -> Result<(), CutoverError> {
@@ -119,12 +125,57 @@ pub async fn turn_around(run: &mut Run) -> Result<(), CutoverError> {
 }
 
 async fn create_reverse_slot(run: &Run) -> Result<(), CutoverError> {
+    // The reverse publication carries exactly what the forward one carried: publishing more
+    // (FOR ALL TABLES) would make UPDATE and DELETE fail on the new primary for every table
+    // without a replica identity that the forward publication never included.
+    let sub = run.subscription.clone().unwrap_or_default();
+    let pubs: Vec<String> = run
+        .query(
+            Phase::Reverse,
+            "target",
+            "reading the forward publications",
+            run.to_db.query_one(SUB_PUBLICATIONS, &[&sub]),
+        )
+        .await?
+        .get(0);
+    let all: Option<bool> = run
+        .query(
+            Phase::Reverse,
+            "source",
+            "reading the forward publications",
+            run.from_db.query_one(PUB_ALL_TABLES, &[&pubs]),
+        )
+        .await?
+        .get(0);
+    let what = if all == Some(true) {
+        "FOR ALL TABLES".to_owned()
+    } else {
+        let tables: Vec<String> = run
+            .query(
+                Phase::Reverse,
+                "source",
+                "listing the forward publications' tables",
+                run.from_db.query(PUB_TABLES, &[&pubs]),
+            )
+            .await?
+            .iter()
+            .map(|r| r.get(0))
+            .collect();
+        if tables.is_empty() {
+            return Err(CutoverError::abort(
+                Phase::Reverse,
+                format!("the forward publication(s) {pubs:?} publish no table"),
+            ));
+        }
+        // Names come back from format('%I.%I'): already quoted identifiers.
+        format!("FOR TABLE {}", tables.join(", "))
+    };
     run.query(
         Phase::Reverse,
         "target",
         "creating the reverse publication",
         run.to_db.batch_execute(&format!(
-            "DO $$ BEGIN IF NOT EXISTS (SELECT 1 FROM pg_publication WHERE pubname = '{REVERSE}') THEN CREATE PUBLICATION {REVERSE} FOR ALL TABLES; END IF; END $$"
+            "DROP PUBLICATION IF EXISTS {REVERSE}; CREATE PUBLICATION {REVERSE} {what}"
         )),
     )
     .await?;
@@ -237,48 +288,65 @@ pub async fn start_reverse(
     target: &Client,
     qt: Duration,
 ) -> Result<String, PgError> {
-    let conninfo = ctl
-        .db
-        .as_ref()
-        .and_then(|d| d.reverse_conninfo.clone())
-        .unwrap_or_else(|| ctl.dsn(Role::Target).map(Dsn::conninfo).unwrap_or_default());
+    let conninfo = reverse_conninfo(ctl);
     let sql = format!(
         "CREATE SUBSCRIPTION {REVERSE} CONNECTION {} PUBLICATION {REVERSE} \
          WITH (create_slot = false, slot_name = '{REVERSE}', copy_data = false, enabled = true)",
         quote_literal(&conninfo)
     );
-    let mut last = None;
+    let slot: i64 = timed(
+        "target",
+        "finding the reverse slot",
+        qt,
+        target.query_one(SLOT_EXISTS, &[&REVERSE]),
+    )
+    .await?
+    .get(0);
+    if slot == 0 {
+        return Ok(format!(
+            "no reverse slot {REVERSE} on the target: rollback will need --force"
+        ));
+    }
+    let mut last = String::new();
     for attempt in 0..3 {
         if attempt > 0 {
             tokio::time::sleep(Duration::from_millis(500)).await;
         }
-        let exists: i64 = timed(
-            "source",
-            "checking the reverse subscription",
-            qt,
-            source.query_one(SUB_EXISTS, &[&REVERSE]),
-        )
-        .await?
-        .get(0);
-        if exists > 0 {
-            return Ok(format!(
-                "subscription {REVERSE} on the source: rollback is lossless"
-            ));
-        }
-        match timed(
-            "source",
-            "creating the reverse subscription",
-            qt,
-            source.batch_execute(&sql),
-        )
-        .await
-        {
+        let attempt = async {
+            // A subscription left by an earlier cutover (possibly disabled) is replaced.
+            let enabled: Option<bool> = timed(
+                "source",
+                "checking the reverse subscription",
+                qt,
+                source.query_opt(SUB_ENABLED, &[&REVERSE]),
+            )
+            .await?
+            .map(|r| r.get(0));
+            match enabled {
+                Some(true) => return Ok(()),
+                Some(false) => {
+                    timed("source", "dropping a stale reverse subscription", qt, source.batch_execute(&format!(
+                        "ALTER SUBSCRIPTION {REVERSE} SET (slot_name = NONE); DROP SUBSCRIPTION {REVERSE}"
+                    )))
+                    .await?;
+                }
+                None => {}
+            }
+            timed(
+                "source",
+                "creating the reverse subscription",
+                qt,
+                source.batch_execute(&sql),
+            )
+            .await
+        };
+        match attempt.await {
             Ok(()) => {
                 return Ok(format!(
                     "subscription {REVERSE} on the source: rollback is lossless"
                 ));
             }
-            Err(e) => last = Some(e),
+            Err(e) => last = e.to_string(),
         }
     }
     let dropped = timed(
@@ -293,9 +361,17 @@ pub async fn start_reverse(
     .await
     .map_or_else(|e| format!("and could not drop slot {REVERSE} on the target ({e}): drop it by hand, it retains WAL"), |_| format!("slot {REVERSE} dropped on the target so it retains no WAL"));
     Ok(format!(
-        "FAILED to create the reverse subscription ({}); {dropped}; `flip --to source` will need --force",
-        last.map_or_else(String::new, |e| e.to_string())
+        "FAILED to create the reverse subscription ({last}); {dropped}; `flip --to source` will need --force"
     ))
+}
+
+/// How the source reaches the target: `--reverse-conninfo`, else the target DSN's.
+#[must_use]
+pub fn reverse_conninfo(ctl: &super::Controller) -> String {
+    ctl.db
+        .as_ref()
+        .and_then(|d| d.reverse_conninfo.clone())
+        .unwrap_or_else(|| ctl.dsn(Role::Target).map(Dsn::conninfo).unwrap_or_default())
 }
 
 /// Rollback, after the flip: retire the reverse replication and restart the forward

@@ -10,25 +10,42 @@ use crate::{datapath::Role, pg::timed, sync::lock};
 pub async fn undo(run: &mut Run) -> String {
     let mut did = Vec::new();
     if run.undo.datapath {
-        let r = {
+        let moved = {
             let mut maps = lock(&run.ctl.maps);
             if let Some(lease) = &run.lease {
+                let _own = lease.locked();
                 lease.stop();
             }
-            maps.set_cutover(Cutover::IDLE)
+            match maps.active() {
+                // Someone flipped behind the cutover's back (`flip --immediate`): lifting the
+                // fence now would let both servers take writes. Leave it, and say so.
+                Ok(Some(a)) if a != run.from => Some(a),
+                _ => {
+                    if let Err(e) = maps.set_cutover(Cutover::IDLE) {
+                        did.push(format!(
+                            "FAILED to lift the fence ({e}); it lapses by itself within {:?}",
+                            super::lease::LEASE
+                        ));
+                    }
+                    None
+                }
+            }
         };
-        match r
-            .map_err(super::CutoverError::from)
-            .and_then(|()| super::flip::release_twice(&run.ctl))
-        {
-            Ok(n) => did.push(format!(
-                "fence lifted, {n} held connection(s) released to the {}",
-                run.from
-            )),
-            Err(e) => did.push(format!(
-                "FAILED to lift the fence ({e}); it lapses by itself within {:?}",
-                super::lease::LEASE
-            )),
+        if let Some(a) = moved {
+            did.push(format!(
+                "ACTIVE now names the {a}, not the {}: the fence on the {} is LEFT IN PLACE (both would take writes); check the servers before lifting it",
+                run.from, run.from
+            ));
+        } else {
+            match super::flip::release_twice(&run.ctl) {
+                Ok(n) => did.push(format!(
+                    "fence lifted, {n} held connection(s) released to the {}",
+                    run.from
+                )),
+                Err(e) => did.push(format!(
+                    "fence lifted; releasing held connections failed ({e}): they retransmit"
+                )),
+            }
         }
     }
     if let Some((side, sub)) = run.undo.disabled_subscription.clone() {

@@ -128,7 +128,7 @@ fn cutover(lab: &Arc<Lab>, target: &pg::Pg) {
     print!("{}", lab.redirect_ok(&["lag"]));
     let writers = 0..8;
     println!(
-        "workload: {} writers through the VIP for 12 s (half keep one connection, half reconnect every 20 commits)",
+        "workload: {} writers through the VIP for 12 s (prepared statements, a new connection every 20 commits, explicit transactions, idle pooled connections)",
         writers.len()
     );
     let load = std::thread::spawn({
