@@ -84,15 +84,31 @@ async fn logical(run: &Run) -> Result<(String, Option<String>), CutoverError> {
     // marker can never arrive, so give up as soon as that is clear, not at --timeout.
     let mut checked = Instant::now();
     let mut stopped_since: Option<Instant> = None;
+    let too_late = || {
+        CutoverError::abort(
+            Phase::Barrier,
+            format!(
+                "the {} did not apply the marker within --timeout {:?}",
+                run.to, run.req.timeout
+            ),
+        )
+    };
     loop {
-        let seen = run
+        if run.remaining().is_zero() {
+            return Err(too_late());
+        }
+        let seen = match run
             .query(
                 Phase::Barrier,
                 "new server",
                 "looking for the marker",
                 run.to_db.query_opt(SEE_MARKER, &[&token]),
             )
-            .await?;
+            .await
+        {
+            Err(_) if run.remaining().is_zero() => return Err(too_late()),
+            other => other?,
+        };
         if seen.is_some() {
             break;
         }
