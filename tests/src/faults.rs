@@ -197,21 +197,11 @@ pub fn run_case(fault: Fault, step: &'static str) -> Outcome {
             );
         }
         Fault::TargetLock => {
-            let data = target.data_dir.display().to_string();
-            locker = Some(lab.spawn(
+            locker = Some(pg::spawn_psql(
+                &mut lab,
                 Ns::Target,
-                &[
-                    "psql",
-                    "-X",
-                    "-h",
-                    &data,
-                    "-U",
-                    "postgres",
-                    "-d",
-                    "postgres",
-                    "-c",
-                    "BEGIN; ALTER SEQUENCE acks_id_seq CACHE 1; SELECT pg_sleep(8); COMMIT",
-                ],
+                &target,
+                "BEGIN; ALTER SEQUENCE acks_id_seq CACHE 1; SELECT pg_sleep(8); COMMIT",
                 "locker.log",
             ));
         }

@@ -227,6 +227,19 @@ pub fn psql(lab: &Lab, ns: Ns, pg: &Pg, sql: &str) -> String {
     String::from_utf8_lossy(&out.stdout).trim().to_owned()
 }
 
+/// Starts psql running `sql` in the background (a session that holds a lock, say); it is
+/// stopped when the lab drops. Returns its pid.
+pub fn spawn_psql(lab: &mut Lab, ns: Ns, pg: &Pg, sql: &str, log_name: &str) -> u32 {
+    let data = pg.data_dir.display().to_string();
+    lab.spawn(
+        ns,
+        &[
+            "psql", "-X", "-h", &data, "-U", "postgres", "-d", "postgres", "-c", sql,
+        ],
+        log_name,
+    )
+}
+
 /// The workload's schema, created on both servers.
 pub const SCHEMA: &str = "CREATE TABLE acks (id bigserial PRIMARY KEY, writer int NOT NULL, seq bigint NOT NULL, \
      at timestamptz NOT NULL DEFAULT clock_timestamp(), UNIQUE (writer, seq))";

@@ -10,60 +10,10 @@ use std::{
 
 use redirect_tests::{
     Lab, Ns, PG_PORT, VIP,
+    cutover_lab::{assert_no_loss, flip, setup, start, workload},
     pg::{self, Pg, psql},
     require_root, wait_for, workload,
 };
-
-struct Cutover {
-    lab: Arc<Lab>,
-    source: Pg,
-    target: Pg,
-}
-
-/// A lab with logical replication and a controller started as the README's `run` line does.
-fn setup(name: &str, extra: &[&str]) -> Cutover {
-    require_root();
-    let mut lab = Lab::new(name);
-    let source = pg::start(&mut lab, Ns::Source, "source", &[]);
-    let target = pg::start(&mut lab, Ns::Target, "target", &[]);
-    pg::setup_logical(&lab, &source, &target);
-    start(&mut lab, extra);
-    Cutover {
-        lab: Arc::new(lab),
-        source,
-        target,
-    }
-}
-
-fn start(lab: &mut Lab, extra: &[&str]) -> u32 {
-    let mut flags = pg::controller_flags();
-    flags.extend(extra.iter().map(|s| (*s).to_owned()));
-    let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
-    lab.start_redirect(&flags)
-}
-
-fn workload(
-    lab: &Arc<Lab>,
-    writers: std::ops::Range<i32>,
-    secs: u64,
-) -> std::thread::JoinHandle<workload::Verdict> {
-    let lab = lab.clone();
-    std::thread::spawn(move || {
-        lab.in_ns(Ns::Client, move || {
-            let rt = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .expect("runtime");
-            rt.block_on(workload::run(VIP, writers, Duration::from_secs(secs), 20))
-        })
-    })
-}
-
-fn flip(lab: &Lab, args: &[&str]) -> std::process::Output {
-    let mut a = vec!["flip"];
-    a.extend_from_slice(args);
-    lab.redirect(&a)
-}
 
 fn flip_ok(lab: &Lab, args: &[&str]) -> String {
     let out = flip(lab, args);
@@ -73,29 +23,7 @@ fn flip_ok(lab: &Lab, args: &[&str]) -> String {
 }
 
 fn assert_all_on(v: &workload::Verdict, lab: &Lab, ns: Ns, pg: &Pg, server: &str) {
-    let on = pg::acked_rows(lab, ns, pg, "");
-    let acked: Vec<_> = v.acked().collect();
-    assert!(!acked.is_empty(), "the workload wrote nothing");
-    let lost: Vec<_> = acked.iter().filter(|a| !on.contains(a)).collect();
-    assert!(
-        lost.is_empty(),
-        "{} of {} acknowledged writes missing on the {server}: {:?}",
-        lost.len(),
-        acked.len(),
-        &lost[..lost.len().min(10)]
-    );
-    assert_eq!(
-        v.refused(),
-        0,
-        "connection attempts were refused: {:?}",
-        v.errors()
-    );
-    let dup: Vec<String> = v
-        .errors()
-        .into_iter()
-        .filter(|e| e.contains("duplicate key"))
-        .collect();
-    assert!(dup.is_empty(), "sequences were not carried over: {dup:?}");
+    assert_no_loss(v, &pg::acked_rows(lab, ns, pg, ""), server);
 }
 
 fn history(lab: &Lab) -> Vec<serde_json::Value> {
@@ -420,21 +348,11 @@ fn a_controller_restarted_during_the_drain_resumes_it() {
 #[test]
 fn a_lock_on_the_target_past_timeout_rolls_back() {
     let mut c = setup("lock", &[]);
-    let data = c.target.data_dir.display().to_string();
-    let locker = Arc::get_mut(&mut c.lab).expect("sole owner").spawn(
+    let locker = pg::spawn_psql(
+        Arc::get_mut(&mut c.lab).expect("sole owner"),
         Ns::Target,
-        &[
-            "psql",
-            "-X",
-            "-h",
-            &data,
-            "-U",
-            "postgres",
-            "-d",
-            "postgres",
-            "-c",
-            "BEGIN; ALTER SEQUENCE acks_id_seq CACHE 1; SELECT pg_sleep(25); COMMIT",
-        ],
+        &c.target,
+        "BEGIN; ALTER SEQUENCE acks_id_seq CACHE 1; SELECT pg_sleep(25); COMMIT",
         "locker.log",
     );
     let lab = &c.lab;

@@ -46,7 +46,7 @@ fn main() {
         "**Acknowledged writes lost across the matrix: {lost}.**\n"
     );
     doc.push_str(&faults::table(&outcomes));
-    doc.push_str("\nReading it: before `release` and `drain` the flip has not happened, so a fault ends in a rollback (the source never stopped being the truth) unless the step could still finish; from `release` on, the flip has happened and every fault ends with the cutover finished by the controller or its successor. A server's own outage (link down) makes its clients wait for it whatever the proxy does; those waits are the server's, and are shown as measured.\n");
+    doc.push_str("\nReading it: before `release` and `drain` the flip has not happened, so a fault ends in a rollback (the source never stopped being the truth) unless the step could still finish; from `release` on, the flip has happened and every fault ends with the cutover finished by the controller or its successor. SIGTERM (`systemctl stop`) lets a cutover in progress flip or undo itself before the controller exits, so it ends finished; SIGKILL leaves it to the restarted controller, which rolls back before the flip and finishes after it. A server's own outage (link down) makes its clients wait for it whatever the proxy does; those waits are the server's, and are shown as measured. Every wait above 1.5 s includes the 3 s pause of the fault point itself, during which new connections are held.\n");
     if only.is_none() {
         std::fs::write("docs/reliability.md", doc).expect("writing docs/reliability.md");
         eprintln!("wrote docs/reliability.md");

@@ -1,0 +1,96 @@
+//! A lab ready for cutovers: two PostgreSQL servers with logical replication, a controller
+//! started as the README's `run` line does, and helpers to load it and flip it.
+
+use std::{sync::Arc, time::Duration};
+
+use crate::{
+    Lab, Ns, VIP,
+    pg::{self, Pg},
+    require_root, workload,
+};
+
+/// The lab and its two servers.
+pub struct Cutover {
+    pub lab: Arc<Lab>,
+    pub source: Pg,
+    pub target: Pg,
+}
+
+/// A lab with logical replication and a controller that knows both databases.
+pub fn setup(name: &str, extra: &[&str]) -> Cutover {
+    require_root();
+    let mut lab = Lab::new(name);
+    let source = pg::start(&mut lab, Ns::Source, "source", &[]);
+    let target = pg::start(&mut lab, Ns::Target, "target", &[]);
+    pg::setup_logical(&lab, &source, &target);
+    start(&mut lab, extra);
+    Cutover {
+        lab: Arc::new(lab),
+        source,
+        target,
+    }
+}
+
+/// Starts (or restarts) the controller with both databases and `extra` flags.
+pub fn start(lab: &mut Lab, extra: &[&str]) -> u32 {
+    let mut flags = pg::controller_flags();
+    flags.extend(extra.iter().map(|s| (*s).to_owned()));
+    let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
+    lab.start_redirect(&flags)
+}
+
+/// Runs the workload from the client namespace on a thread; join to get the verdict.
+pub fn workload(
+    lab: &Arc<Lab>,
+    writers: std::ops::Range<i32>,
+    secs: u64,
+) -> std::thread::JoinHandle<workload::Verdict> {
+    let lab = lab.clone();
+    std::thread::spawn(move || {
+        lab.in_ns(Ns::Client, move || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .expect("runtime");
+            rt.block_on(workload::run(VIP, writers, Duration::from_secs(secs), 20))
+        })
+    })
+}
+
+/// `redirect flip <args>`.
+pub fn flip(lab: &Lab, args: &[&str]) -> std::process::Output {
+    let mut a = vec!["flip"];
+    a.extend_from_slice(args);
+    lab.redirect(&a)
+}
+
+/// Every acknowledged write of `v` is in `on` (a server's rows), no connection attempt was
+/// refused, and no id was handed out twice (sequences carried over).
+pub fn assert_no_loss<S: std::hash::BuildHasher>(
+    v: &workload::Verdict,
+    on: &std::collections::HashSet<(i32, i64), S>,
+    server: &str,
+) {
+    let acked: Vec<_> = v.acked().collect();
+    let lost: Vec<_> = acked.iter().filter(|a| !on.contains(a)).collect();
+    assert!(!acked.is_empty(), "the workload wrote nothing");
+    assert!(
+        lost.is_empty(),
+        "{} of {} acknowledged writes are missing on the {server}: {:?}",
+        lost.len(),
+        acked.len(),
+        &lost[..lost.len().min(10)]
+    );
+    assert_eq!(
+        v.refused(),
+        0,
+        "connection attempts were refused: {:?}",
+        v.errors()
+    );
+    let dup: Vec<String> = v
+        .errors()
+        .into_iter()
+        .filter(|e| e.contains("duplicate key"))
+        .collect();
+    assert!(dup.is_empty(), "sequences were not carried over: {dup:?}");
+}
