@@ -51,7 +51,10 @@ pub fn commit(run: &mut Run) -> Result<(), CutoverError> {
         });
     }
     run.undo = super::Undo::default();
-    run.report.write_pause_ms = run.held_at.elapsed().as_secs_f64() * 1000.0;
+    // Writes pause from the fence (not the hold: short-lived connections still write
+    // between the two) to the flip.
+    run.report.write_pause_ms =
+        run.fenced_at.unwrap_or(run.held_at).elapsed().as_secs_f64() * 1000.0;
     let drain_until = SystemTime::now() + run.req.drain_timeout;
     let detail = format!("new connections go to the {}", run.to);
     run.rec.note(

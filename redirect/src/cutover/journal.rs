@@ -52,7 +52,7 @@ pub enum Step {
 impl std::fmt::Display for Step {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         let v = serde_json::to_value(self).expect("steps serialize");
-        f.write_str(v.as_str().unwrap_or("?"))
+        f.pad(v.as_str().unwrap_or("?"))
     }
 }
 

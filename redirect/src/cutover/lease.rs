@@ -81,6 +81,7 @@ pub fn fence(run: &mut Run) -> Result<(), CutoverError> {
     let mut maps = lock(&run.ctl.maps);
     lease.state.fencing.store(true, Ordering::SeqCst);
     maps.set_cutover(leased(run.from.index(), true, clock::monotonic_ns()))?;
+    run.fenced_at = Some(Instant::now());
     Ok(())
 }
 

@@ -353,8 +353,9 @@ pub struct Run {
     /// Its subscription (on the new server) and slot (on the old one), once known.
     pub subscription: Option<String>,
     pub slot: Option<String>,
-    /// When the hold began, and when `--timeout` runs out.
+    /// When the hold began, when the fence went up, and when `--timeout` runs out.
     pub held_at: Instant,
+    pub fenced_at: Option<Instant>,
     pub deadline: Instant,
     pub rec: Recorder,
     pub report: FlipReport,

@@ -406,6 +406,7 @@ pub async fn check(
         subscription,
         slot,
         held_at: now,
+        fenced_at: None,
         deadline: now + req.timeout,
         rec,
         report,
