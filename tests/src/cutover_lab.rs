@@ -39,22 +39,31 @@ pub fn start(lab: &mut Lab, extra: &[&str]) -> u32 {
     lab.start_redirect(&flags)
 }
 
-/// Runs the workload from the client namespace on a thread; join to get the verdict.
+/// Runs the workload from the client namespace on a thread; join to get the verdict. The
+/// thread holds no reference to the lab, so a test that fails while it runs still tears the
+/// lab down.
 pub fn workload(
-    lab: &Arc<Lab>,
+    lab: &Lab,
     writers: std::ops::Range<i32>,
     secs: u64,
 ) -> std::thread::JoinHandle<workload::Verdict> {
-    let lab = lab.clone();
-    std::thread::spawn(move || {
-        lab.in_ns(Ns::Client, move || {
-            let rt = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .expect("runtime");
-            rt.block_on(workload::run(VIP, writers, Duration::from_secs(secs), 20))
-        })
+    lab.spawn_in_ns(Ns::Client, move || {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("runtime");
+        rt.block_on(workload::run(VIP, writers, Duration::from_secs(secs), 20))
     })
+}
+
+/// `redirect flip <args>` on a thread (holding no reference to the lab); join for its output.
+pub fn flip_in_background(
+    lab: &Lab,
+    args: &[&str],
+) -> std::thread::JoinHandle<std::process::Output> {
+    let mut cmd = lab.redirect_cmd();
+    cmd.arg("flip").args(args);
+    std::thread::spawn(move || cmd.output().expect("spawning redirect flip"))
 }
 
 /// `redirect flip <args>`.

@@ -5,7 +5,7 @@ use std::{collections::HashSet, sync::Arc, time::Duration};
 
 use redirect_tests::{
     Lab, Ns,
-    cutover_lab::{self, Cutover, flip, setup, workload},
+    cutover_lab::{self, Cutover, flip, flip_in_background, setup, workload},
     pg::{self, Pg, psql},
     require_root, wait_for, workload,
 };
@@ -319,10 +319,8 @@ fn a_controller_killed_mid_cutover_rolls_back_on_restart() {
         &c.target,
         "ALTER SUBSCRIPTION redirect_sub DISABLE",
     );
-    let lab = c.lab.clone();
     // A cutover that will wait for a barrier that never comes.
-    let flipper =
-        std::thread::spawn(move || flip(&lab, &["--to", "target", "--force", "--timeout", "30s"]));
+    let flipper = flip_in_background(&c.lab, &["--to", "target", "--force", "--timeout", "30s"]);
     wait_for(
         Duration::from_secs(20),
         "the cutover to reach the barrier",

@@ -10,7 +10,7 @@ use std::{
 
 use redirect_tests::{
     Lab, Ns, PG_PORT, VIP,
-    cutover_lab::{assert_no_loss, flip, setup, start, workload},
+    cutover_lab::{assert_no_loss, flip, flip_in_background, setup, start, workload},
     pg::{self, Pg, psql},
     require_root, wait_for, workload,
 };
@@ -197,10 +197,7 @@ fn a_write_queued_behind_a_stopped_backend_is_not_lost() {
     unsafe { libc::kill(backend, libc::SIGSTOP) };
     to_client.send(()).unwrap();
     std::thread::sleep(Duration::from_millis(300));
-    let flipper = {
-        let lab = lab.clone();
-        std::thread::spawn(move || flip(&lab, &["--to", "target", "--drain-timeout", "1s"]))
-    };
+    let flipper = flip_in_background(&lab, &["--to", "target", "--drain-timeout", "1s"]);
     wait_for(Duration::from_secs(20), "the hold and fence", || {
         journaled(&lab, "hold")
     });
@@ -285,10 +282,7 @@ fn a_controller_restarted_during_the_drain_resumes_it() {
         })
     });
     from_client.recv_timeout(Duration::from_secs(20)).unwrap();
-    let flipper = {
-        let lab = lab.clone();
-        std::thread::spawn(move || flip(&lab, &["--to", "target", "--drain-timeout", "60s"]))
-    };
+    let flipper = flip_in_background(&lab, &["--to", "target", "--drain-timeout", "60s"]);
     wait_for(Duration::from_secs(30), "the flip", || {
         journaled(&lab, "flip")
     });
