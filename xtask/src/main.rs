@@ -57,44 +57,12 @@ fn main() -> anyhow::Result<()> {
             setup::install()?;
             setup::install_bench_tools()?;
             build()?;
-            let mut cmd = cargo();
-            cmd.args([
-                "run",
-                "--quiet",
-                "-p",
-                "redirect-tests",
-                "--bin",
-                "bench",
-                "--",
-            ]);
-            if quick {
-                cmd.arg("--quick");
-            }
-            let status = cmd.status()?;
-            if !status.success() {
-                bail!("the benchmark failed ({status})");
-            }
-            Ok(())
+            run_lab_bin("bench", quick.then_some("--quick"), "the benchmark")
         }
         Task::Faults { only } => {
             setup::install()?;
             build()?;
-            let mut cmd = cargo();
-            cmd.args([
-                "run",
-                "--quiet",
-                "-p",
-                "redirect-tests",
-                "--bin",
-                "fault_matrix",
-                "--",
-            ]);
-            cmd.args(only);
-            let status = cmd.status()?;
-            if !status.success() {
-                bail!("the fault matrix failed ({status})");
-            }
-            Ok(())
+            run_lab_bin("fault_matrix", only.as_deref(), "the fault matrix")
         }
         Task::Lint => {
             let failed = lint().iter().filter(|(_, ok)| !ok).count();
@@ -106,13 +74,7 @@ fn main() -> anyhow::Result<()> {
         Task::Demo => {
             setup::install()?;
             build()?;
-            let status = cargo()
-                .args(["run", "--quiet", "-p", "redirect-tests", "--bin", "demo"])
-                .status()?;
-            if !status.success() {
-                bail!("the demo failed ({status})");
-            }
-            Ok(())
+            run_lab_bin("demo", None, "the demo")
         }
     }
 }
@@ -124,6 +86,18 @@ fn cargo() -> Command {
     c.env("RUSTC_BOOTSTRAP", "1")
         .env("PATH", setup::path_with_cargo_bin());
     c
+}
+
+/// Runs one of the lab binaries of `redirect-tests` (bench, fault matrix) with `arg`.
+fn run_lab_bin(bin: &str, arg: Option<&str>, what: &str) -> anyhow::Result<()> {
+    let mut cmd = cargo();
+    cmd.args(["run", "--quiet", "-p", "redirect-tests", "--bin", bin, "--"]);
+    cmd.args(arg);
+    let status = cmd.status()?;
+    if !status.success() {
+        bail!("{what} failed ({status})");
+    }
+    Ok(())
 }
 
 fn build() -> anyhow::Result<()> {

@@ -7,6 +7,7 @@
 
 use std::time::{Duration, Instant};
 
+use super::catalog::CURRENT_LSN;
 use super::{
     CutoverError, Phase, Run,
     journal::{Entry, Step},
@@ -14,7 +15,6 @@ use super::{
 };
 use crate::{datapath::Role, pg::parse_lsn};
 
-const CURRENT_LSN: &str = "SELECT pg_current_wal_lsn()::text";
 const INSERT_LSN: &str = "SELECT pg_current_wal_insert_lsn()::text";
 const REPLAY_LSN: &str = "SELECT pg_last_wal_replay_lsn()::text";
 /// Whether the subscription can still deliver the marker: enabled, with an apply worker.

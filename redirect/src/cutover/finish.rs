@@ -8,6 +8,7 @@ use std::time::{Duration, Instant};
 use serde::Serialize;
 use tokio_postgres::Client;
 
+use super::catalog::{SLOT_EXISTS, SUB_EXISTS, SUB_SLOT};
 use super::{
     Controller, CutoverError, Phase, PhaseGuard, REVERSE,
     journal::{self, Entry, Journal, Step},
@@ -36,9 +37,6 @@ struct Action {
     what: String,
 }
 
-const SUB_SLOT: &str = "SELECT subslotname::text FROM pg_subscription WHERE subname = $1";
-const SUB_EXISTS: &str = "SELECT count(*)::int8 FROM pg_subscription WHERE subname = $1";
-const SLOT_EXISTS: &str = "SELECT count(*)::int8 FROM pg_replication_slots WHERE slot_name = $1";
 const PUB_EXISTS: &str = "SELECT count(*)::int8 FROM pg_publication WHERE pubname = $1";
 
 async fn count(db: &Client, sql: &str, name: &str, qt: Duration) -> Result<bool, CutoverError> {

@@ -14,6 +14,7 @@
 //!   is no moment when old and new clients can both write.
 
 pub mod barrier;
+pub mod catalog;
 pub mod drain;
 pub mod fence;
 pub mod finish;

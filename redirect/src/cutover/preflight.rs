@@ -6,6 +6,7 @@ use std::time::{Duration, Instant};
 use tokio::sync::mpsc::UnboundedSender;
 use tokio_postgres::Client;
 
+use super::catalog::{SUB_PUBLICATIONS, SUB_SLOT};
 use super::{
     BARRIER_TABLE, Controller, CutoverError, FlipReport, FlipRequest, Recorder, Run, Undo,
     journal::{self, Entry, Step},
@@ -32,13 +33,10 @@ const LOGIN_ROLES: &str = "SELECT rolname::text FROM pg_roles WHERE rolcanlogin 
 const BYPASS_SESSIONS: &str = "SELECT count(*)::int8, coalesce(string_agg(DISTINCT coalesce(host(client_addr), 'local socket'), ', '), '') \
      FROM pg_stat_activity WHERE backend_type = 'client backend' AND pid <> pg_backend_pid() \
      AND application_name <> 'redirect' AND (client_addr IS NULL OR host(client_addr) <> $1)";
-const SUB_SLOT: &str = "SELECT subslotname::text FROM pg_subscription WHERE subname = $1";
 const APPLY_WORKER: &str = "SELECT st.pid FROM pg_stat_subscription st JOIN pg_subscription s ON s.oid = st.subid \
      WHERE s.subname = $1 AND st.relid IS NULL";
 const PUBLICATION_HAS_BARRIER: &str = "SELECT count(*)::int8 FROM pg_publication_tables \
      WHERE pubname = ANY($1) AND schemaname = 'public' AND tablename = 'redirect_barrier'";
-const SUB_PUBLICATIONS: &str =
-    "SELECT subpublications::text[] FROM pg_subscription WHERE subname = $1";
 /// Whether the subscription already replicates the barrier table (a table added to a
 /// publication, even FOR ALL TABLES, needs a REFRESH PUBLICATION on the subscriber).
 const SUBSCRIPTION_HAS_BARRIER: &str = "SELECT count(*)::int8 FROM pg_subscription_rel sr JOIN pg_subscription s ON s.oid = sr.srsubid \

@@ -19,6 +19,7 @@ use std::{
 use redirect_common::cutover::Cutover;
 use tokio_postgres::Client;
 
+use super::catalog::DROP_IDLE_SLOT;
 use super::{
     Controller, CutoverError, Phase, REVERSE, drain, flip,
     journal::{self, Entry, Journal, Step},
@@ -203,10 +204,7 @@ async fn roll_back(ctl: &Arc<Controller>, from: Role, to: Role, steps: &[Entry])
             "target",
             "dropping the reverse slot",
             qt,
-            db.execute(
-                "SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots WHERE slot_name = $1 AND NOT active",
-                &[&REVERSE],
-            ),
+            db.execute(DROP_IDLE_SLOT, &[&REVERSE]),
         )
         .await;
         did.push(match r {

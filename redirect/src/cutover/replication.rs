@@ -13,6 +13,9 @@ use std::time::{Duration, Instant};
 
 use tokio_postgres::Client;
 
+use super::catalog::{
+    CURRENT_LSN, DROP_IDLE_SLOT, SLOT_EXISTS, SUB_EXISTS, SUB_PUBLICATIONS, SUB_SLOT,
+};
 use super::{
     CutoverError, Phase, REVERSE, Run,
     journal::{Entry, Step},
@@ -23,16 +26,10 @@ use crate::{
     pg::{Dsn, PgError, timed},
 };
 
-const CURRENT_LSN: &str = "SELECT pg_current_wal_lsn()::text";
-const SUB_SLOT: &str = "SELECT subslotname::text FROM pg_subscription WHERE subname = $1";
-const SUB_EXISTS: &str = "SELECT count(*)::int8 FROM pg_subscription WHERE subname = $1";
-const SUB_PUBLICATIONS: &str =
-    "SELECT subpublications::text[] FROM pg_subscription WHERE subname = $1";
 const PUB_ALL_TABLES: &str =
     "SELECT bool_or(puballtables) FROM pg_publication WHERE pubname = ANY($1)";
 const PUB_TABLES: &str = "SELECT DISTINCT format('%I.%I', schemaname, tablename) FROM pg_publication_tables WHERE pubname = ANY($1)";
 const SUB_ENABLED: &str = "SELECT subenabled FROM pg_subscription WHERE subname = $1";
-const SLOT_EXISTS: &str = "SELECT count(*)::int8 FROM pg_replication_slots WHERE slot_name = $1";
 const IN_RECOVERY: &str = "SELECT pg_is_in_recovery()";
 /// How long a requested promotion may take. Once asked for it cannot be taken back, so the
 /// cutover waits for it past `--timeout` (keeping the fence) rather than leave two primaries.
@@ -184,10 +181,7 @@ async fn create_reverse_slot(run: &Run) -> Result<(), CutoverError> {
         Phase::Reverse,
         "target",
         "dropping a stale reverse slot",
-        run.to_db.execute(
-            "SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots WHERE slot_name = $1 AND NOT active",
-            &[&REVERSE],
-        ),
+        run.to_db.execute(DROP_IDLE_SLOT, &[&REVERSE]),
     )
     .await?;
     // Its own statement: a slot cannot be created in a transaction that wrote.
@@ -354,7 +348,7 @@ pub async fn start_reverse(
         "dropping the unused reverse slot",
         qt,
         target.execute(
-            "SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots WHERE slot_name = $1 AND NOT active",
+            DROP_IDLE_SLOT,
             &[&REVERSE],
         ),
     )
@@ -406,10 +400,7 @@ pub async fn restart_forward(
         "target",
         "dropping the reverse slot",
         qt,
-        target.execute(
-            "SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots WHERE slot_name = $1 AND NOT active",
-            &[&REVERSE],
-        ),
+        target.execute(DROP_IDLE_SLOT, &[&REVERSE]),
     )
     .await?;
     let Some(fwd) = ctl

@@ -2,6 +2,7 @@
 
 use redirect_common::cutover::Cutover;
 
+use super::catalog::DROP_IDLE_SLOT;
 use super::{REVERSE, Run, quote_ident};
 use crate::{datapath::Role, pg::timed, sync::lock};
 
@@ -57,10 +58,7 @@ pub async fn undo(run: &mut Run) -> String {
         }
     }
     if run.undo.reverse_slot {
-        let drop_slot = run.db(Role::Target).execute(
-            "SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots WHERE slot_name = $1 AND NOT active",
-            &[&REVERSE],
-        );
+        let drop_slot = run.db(Role::Target).execute(DROP_IDLE_SLOT, &[&REVERSE]);
         match timed("target", "dropping the reverse slot", run.qt, drop_slot).await {
             Ok(_) => did.push("reverse slot dropped".into()),
             Err(e) => did.push(format!("FAILED to drop the reverse slot {REVERSE}: {e}")),

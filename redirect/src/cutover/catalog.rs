@@ -1,0 +1,17 @@
+//! Catalog queries several steps share, written once.
+
+/// The server's current WAL write position.
+pub const CURRENT_LSN: &str = "SELECT pg_current_wal_lsn()::text";
+/// A subscription's slot on its publisher.
+pub const SUB_SLOT: &str = "SELECT subslotname::text FROM pg_subscription WHERE subname = $1";
+/// Whether a subscription exists (as a count).
+pub const SUB_EXISTS: &str = "SELECT count(*)::int8 FROM pg_subscription WHERE subname = $1";
+/// The publications a subscription subscribes to.
+pub const SUB_PUBLICATIONS: &str =
+    "SELECT subpublications::text[] FROM pg_subscription WHERE subname = $1";
+/// Whether a replication slot exists (as a count).
+pub const SLOT_EXISTS: &str =
+    "SELECT count(*)::int8 FROM pg_replication_slots WHERE slot_name = $1";
+/// Drops a slot if it exists and nothing streams from it (an active one is left alone).
+pub const DROP_IDLE_SLOT: &str = "SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots \
+     WHERE slot_name = $1 AND NOT active";
