@@ -233,8 +233,23 @@ pub mod ct {
         /// number the client expects next from the server, which lets the controller reset
         /// a fenced connection that has no server session to end (RFC 5961 needs it exact).
         pub fenced_ack_be: u32,
+        /// Each side's sequence space, as far as this host has seen it (host byte order: it is
+        /// arithmetic). A RST counts only if its sequence number lies between what the peer has
+        /// acknowledged and what the sender has sent (`crate::tcp::observe`).
+        pub client_seq: SeqSpace,
+        pub backend_seq: SeqSpace,
     }
-    const _: () = assert!(core::mem::size_of::<CtEntry>() == 40);
+    const _: () = assert!(core::mem::size_of::<CtEntry>() == 56);
+
+    /// One direction's sequence numbers.
+    #[repr(C)]
+    #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+    pub struct SeqSpace {
+        /// The sequence number after the sender's latest segment (`SND.NXT` as seen here).
+        pub next: u32,
+        /// The highest acknowledgement the peer has sent for it (the peer's `RCV.NXT`).
+        pub acked: u32,
+    }
 
     /// A packet other than the first SYN was seen: the connection is past its handshake.
     pub const FLAG_SEEN_NON_SYN: u32 = 1 << 0;
@@ -250,11 +265,29 @@ pub mod ct {
     /// old server, so the controller ends that session at once (the client reconnects to the
     /// new one) instead of letting it hang until the drain deadline.
     pub const FLAG_FENCED: u32 = 1 << 5;
+    /// The backend sent its FIN before the client: the backend, not the client, holds the
+    /// tuple in `TIME_WAIT`, so the SNAT port must be quarantined before it is reused. When the
+    /// client closes first (`PostgreSQL`'s Terminate) or a RST ends the connection, the port is
+    /// released right after the close timeout.
+    pub const FLAG_BACKEND_CLOSED_FIRST: u32 = 1 << 6;
+    /// The backend's SYN-ACK was seen (`backend_seq` is valid). It does not make the entry
+    /// established: only the client's ACK completing the handshake does.
+    pub const FLAG_SYNACK_SEEN: u32 = 1 << 7;
 
     /// Closed from both ends, or reset: only the close timeout keeps the entry alive.
     #[must_use]
     pub const fn is_closed(flags: u32) -> bool {
         flags & FLAG_RST != 0 || (flags & FLAG_FIN_CLIENT != 0 && flags & FLAG_FIN_BACKEND != 0)
+    }
+
+    /// Whether a forgotten entry's SNAT port can be reused at once: nobody holds the tuple in
+    /// `TIME_WAIT` on the backend (a handshake that never completed, a reset, or a close the
+    /// client started). Otherwise the port is quarantined (cilium#45863).
+    #[must_use]
+    pub const fn port_reusable_at_once(flags: u32) -> bool {
+        flags & FLAG_SEEN_NON_SYN == 0
+            || flags & FLAG_RST != 0
+            || (is_closed(flags) && flags & FLAG_BACKEND_CLOSED_FIRST == 0)
     }
 
     /// Either side has started to close: the connection no longer counts as live.
@@ -269,6 +302,9 @@ pub mod ct {
     #[cfg(feature = "user")]
     // SAFETY: plain old data, every bit pattern is valid, no implicit padding.
     unsafe impl aya::Pod for CtEntry {}
+    #[cfg(feature = "user")]
+    // SAFETY: plain old data, every bit pattern is valid, no implicit padding.
+    unsafe impl aya::Pod for SeqSpace {}
 }
 
 /// The `REV` hash map: backend-side (post-SNAT) tuple → the client-side tuple.
@@ -360,9 +396,20 @@ pub mod stats {
         FibPass,
         /// The `ACTIVE` entry named a backend that is not configured: the SYN was dropped.
         BadActive,
+        /// A RST whose sequence number is outside the tracked window (blind or stale): dropped,
+        /// the connection stays tracked.
+        RstOutOfWindow,
+        /// A SYN on a live (not closed) connection: sent to the backend it is pinned to (whose
+        /// challenge ACK sorts it out), never treated as a new connection.
+        SynOnLive,
+        /// The client's ACK that completed a handshake (half-open → established).
+        HandshakeCompleted,
+        /// A new connection reused the client port of one that closed without the backend
+        /// holding `TIME_WAIT`: the old SNAT port was released at once.
+        PortReleasedOnReopen,
     }
 
-    pub const STAT_COUNT: u32 = Stat::BadActive as u32 + 1;
+    pub const STAT_COUNT: u32 = Stat::PortReleasedOnReopen as u32 + 1;
 
     /// Every counter, in index order, with the name `redirect status` and `/metrics` show.
     pub const ALL: [(Stat, &str); STAT_COUNT as usize] = [
@@ -389,6 +436,10 @@ pub mod stats {
         (Stat::FibRedirect, "fib_redirect"),
         (Stat::FibPass, "fib_pass"),
         (Stat::BadActive, "bad_active"),
+        (Stat::RstOutOfWindow, "rst_out_of_window"),
+        (Stat::SynOnLive, "syn_on_live"),
+        (Stat::HandshakeCompleted, "handshake_completed"),
+        (Stat::PortReleasedOnReopen, "port_released_on_reopen"),
     ];
 
     #[cfg(test)]

@@ -1,6 +1,9 @@
 //! TCP flag handling: which packets may create state, and how flags move a connection.
 
-use crate::ct::{FLAG_FIN_BACKEND, FLAG_FIN_CLIENT, FLAG_RST, FLAG_SEEN_NON_SYN};
+use crate::ct::{
+    CtEntry, FLAG_BACKEND_CLOSED_FIRST, FLAG_FIN_BACKEND, FLAG_FIN_CLIENT, FLAG_RST,
+    FLAG_SEEN_NON_SYN, FLAG_SYNACK_SEEN, SeqSpace,
+};
 
 pub const FIN: u8 = 0x01;
 pub const SYN: u8 = 0x02;
@@ -25,32 +28,219 @@ pub enum Direction {
     Reply,
 }
 
-/// The connection-state bits a packet with TCP `flags` adds (Cilium's closing semantics:
-/// FIN closes one direction, RST both; the entry lives on for the close timeout so final ACKs
-/// and retransmitted FINs are still translated).
+/// A TCP segment as conntrack sees it (numbers in host byte order).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Segment {
+    pub flags: u8,
+    pub seq: u32,
+    pub ack: u32,
+    /// Payload bytes.
+    pub len: u32,
+}
+
+impl Segment {
+    /// The sequence number after this segment (SYN and FIN take one each).
+    #[must_use]
+    #[inline(always)]
+    pub const fn end(&self) -> u32 {
+        self.seq
+            .wrapping_add(self.len)
+            .wrapping_add((self.flags & SYN != 0) as u32)
+            .wrapping_add((self.flags & FIN != 0) as u32)
+    }
+}
+
+/// What conntrack made of a segment on a tracked connection.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Observed {
+    /// Translate and forward it.
+    Tracked,
+    /// Forward it: the client's ACK of the backend's SYN-ACK made the entry established.
+    HandshakeCompleted,
+    /// Forward it to the pinned backend: a SYN on a live connection never opens a new one
+    /// (a real client that lost its state answers the backend's challenge ACK with a RST).
+    SynOnLive,
+    /// Drop it: a RST whose sequence number is outside the window (RFC 5961's blind reset).
+    RstOutOfWindow,
+}
+
+/// `a` is later than `b` in sequence space (RFC 1982 arithmetic).
 #[must_use]
 #[inline(always)]
-pub const fn state_bits(flags: u8, dir: Direction) -> u32 {
+pub const fn seq_after(a: u32, b: u32) -> bool {
+    (a.wrapping_sub(b) as i32) > 0
+}
+
+/// `lo <= x <= hi` in sequence space.
+#[must_use]
+#[inline(always)]
+pub const fn seq_within(x: u32, lo: u32, hi: u32) -> bool {
+    x.wrapping_sub(lo) <= hi.wrapping_sub(lo)
+}
+
+#[inline(always)]
+fn advance(field: &mut u32, to: u32) {
+    if seq_after(to, *field) {
+        *field = to;
+    }
+}
+
+/// Where a RST from the sender of `space` may land and still be genuine: from what the peer
+/// has acknowledged (its `RCV.NXT`, which RFC 5961 requires exactly) up to what the sender has
+/// sent (the peer may have acknowledged more than this host has seen yet). A blind attacker has
+/// to guess a range as wide as the unacknowledged bytes, usually zero on an idle connection.
+#[must_use]
+#[inline(always)]
+pub const fn rst_in_window(seq: u32, space: &SeqSpace) -> bool {
+    seq_within(seq, space.acked, space.next)
+}
+
+/// Applies a segment seen in direction `dir` to a tracked entry: its state flags and both
+/// sequence spaces. Writes only what changes (the entry is shared by every CPU).
+///
+/// - A SYN-ACK records the backend's sequence space but does not make the entry established:
+///   only the client's ACK of it does, so SYNs whose SYN-ACKs never reach the client stay
+///   half-open and expire at the SYN timeout.
+/// - A RST closes the entry only inside the window; otherwise it is dropped.
+/// - A FIN from the backend before the client's records who holds `TIME_WAIT`.
+#[inline(always)]
+pub fn observe(e: &mut CtEntry, dir: Direction, seg: Segment) -> Observed {
+    let flags = seg.flags;
+    let established = e.flags & FLAG_SEEN_NON_SYN != 0;
+    let synack_seen = e.flags & FLAG_SYNACK_SEEN != 0;
     let mut bits = 0;
-    if !is_pure_syn(flags) {
-        bits |= FLAG_SEEN_NON_SYN;
+    let mut observed = Observed::Tracked;
+    match dir {
+        Direction::Forward => {
+            if is_pure_syn(flags) {
+                if established {
+                    return Observed::SynOnLive;
+                }
+                // A retransmitted opener, or a new one after the client gave up: it defines
+                // the client's sequence space.
+                let opened = SeqSpace {
+                    next: seg.end(),
+                    acked: seg.end(),
+                };
+                if e.client_seq != opened {
+                    e.client_seq = opened;
+                }
+                return Observed::Tracked;
+            }
+            if flags & RST != 0 {
+                if !rst_in_window(seg.seq, &e.client_seq) {
+                    return Observed::RstOutOfWindow;
+                }
+                bits |= FLAG_RST;
+            } else if !established
+                && flags & ACK != 0
+                && synack_seen
+                && seq_within(seg.ack, e.backend_seq.acked, e.backend_seq.next)
+            {
+                bits |= FLAG_SEEN_NON_SYN;
+                observed = Observed::HandshakeCompleted;
+            } else if established {
+                bits |= FLAG_SEEN_NON_SYN;
+            }
+            advance(&mut e.client_seq.next, seg.end());
+            if flags & ACK != 0 && synack_seen {
+                advance(&mut e.backend_seq.acked, seg.ack);
+            }
+            if flags & FIN != 0 {
+                bits |= FLAG_FIN_CLIENT;
+            }
+        }
+        Direction::Reply => {
+            if flags & RST != 0 {
+                let genuine = if synack_seen {
+                    rst_in_window(seg.seq, &e.backend_seq)
+                } else {
+                    // A refused connection: RFC 793's <SEQ=0><ACK=SYN+1><CTL=RST,ACK>.
+                    flags & ACK != 0 && seg.ack == e.client_seq.next
+                };
+                if !genuine {
+                    return Observed::RstOutOfWindow;
+                }
+                bits |= FLAG_RST;
+            }
+            if flags & SYN != 0 {
+                if !established && flags & RST == 0 {
+                    let opened = SeqSpace {
+                        next: seg.end(),
+                        acked: seg.end(),
+                    };
+                    if !synack_seen || e.backend_seq != opened {
+                        e.backend_seq = opened;
+                    }
+                    bits |= FLAG_SYNACK_SEEN;
+                }
+            } else if synack_seen {
+                advance(&mut e.backend_seq.next, seg.end());
+            }
+            if flags & ACK != 0 {
+                advance(&mut e.client_seq.acked, seg.ack);
+            }
+            if flags & FIN != 0 {
+                bits |= FLAG_FIN_BACKEND;
+                if e.flags & FLAG_FIN_CLIENT == 0 {
+                    bits |= FLAG_BACKEND_CLOSED_FIRST;
+                }
+            }
+        }
     }
-    if flags & FIN != 0 {
-        bits |= match dir {
-            Direction::Forward => FLAG_FIN_CLIENT,
-            Direction::Reply => FLAG_FIN_BACKEND,
-        };
+    if e.flags & bits != bits {
+        e.flags |= bits;
     }
-    if flags & RST != 0 {
-        bits |= FLAG_RST;
-    }
-    bits
+    observed
 }
 
 #[cfg(test)]
 mod tests {
+    extern crate std;
+    use proptest::prelude::*;
+
     use super::*;
-    use crate::ct::{is_closed, is_closing};
+    use crate::ct::{is_closed, is_closing, port_reusable_at_once};
+
+    const CLIENT_ISN: u32 = 1000;
+    const BACKEND_ISN: u32 = 9000;
+
+    fn seg(flags: u8, seq: u32, ack: u32, len: u32) -> Segment {
+        Segment {
+            flags,
+            seq,
+            ack,
+            len,
+        }
+    }
+
+    /// An entry as `open` creates it, after the client's SYN.
+    fn opened() -> CtEntry {
+        let mut e = CtEntry::default();
+        assert_eq!(
+            observe(&mut e, Direction::Forward, seg(SYN, CLIENT_ISN, 0, 0)),
+            Observed::Tracked
+        );
+        e
+    }
+
+    fn established() -> CtEntry {
+        let mut e = opened();
+        observe(
+            &mut e,
+            Direction::Reply,
+            seg(SYN | ACK, BACKEND_ISN, CLIENT_ISN + 1, 0),
+        );
+        assert_eq!(
+            observe(
+                &mut e,
+                Direction::Forward,
+                seg(ACK, CLIENT_ISN + 1, BACKEND_ISN + 1, 0)
+            ),
+            Observed::HandshakeCompleted
+        );
+        e
+    }
 
     #[test]
     fn only_a_bare_syn_opens() {
@@ -64,26 +254,162 @@ mod tests {
     }
 
     #[test]
-    fn every_flag_byte_is_classified_consistently() {
-        for flags in 0..=u8::MAX {
-            let fwd = state_bits(flags, Direction::Forward);
-            assert_eq!(
-                fwd & FLAG_SEEN_NON_SYN == 0,
-                is_pure_syn(flags),
-                "{flags:#x}"
-            );
-            assert_eq!(fwd & FLAG_RST != 0, flags & RST != 0);
-            assert_eq!(state_bits(flags, Direction::Reply) & FLAG_FIN_CLIENT, 0);
-        }
+    fn a_synack_alone_leaves_the_entry_half_open() {
+        let mut e = opened();
+        observe(
+            &mut e,
+            Direction::Reply,
+            seg(SYN | ACK, BACKEND_ISN, CLIENT_ISN + 1, 0),
+        );
+        assert_eq!(e.flags & FLAG_SEEN_NON_SYN, 0, "not established by the backend");
+        assert!(port_reusable_at_once(e.flags), "a half-open port frees at once");
+        // A blind ACK that does not acknowledge the SYN-ACK does not complete it either.
+        observe(&mut e, Direction::Forward, seg(ACK, CLIENT_ISN + 1, 5, 0));
+        assert_eq!(e.flags & FLAG_SEEN_NON_SYN, 0);
+        let e = established();
+        assert_ne!(e.flags & FLAG_SEEN_NON_SYN, 0);
     }
 
     #[test]
-    fn close_needs_both_fins_or_a_reset() {
-        let one = state_bits(FIN | ACK, Direction::Forward);
-        assert!(is_closing(one) && !is_closed(one));
-        let both = one | state_bits(FIN | ACK, Direction::Reply);
-        assert!(is_closed(both));
-        assert!(is_closed(state_bits(RST, Direction::Reply)));
-        assert!(!is_closing(state_bits(ACK | PSH, Direction::Forward)));
+    fn an_ack_without_a_synack_never_establishes() {
+        let mut e = opened();
+        observe(&mut e, Direction::Forward, seg(ACK, CLIENT_ISN + 1, 1, 0));
+        assert_eq!(e.flags & FLAG_SEEN_NON_SYN, 0);
+    }
+
+    #[test]
+    fn a_rst_counts_only_inside_the_window() {
+        let mut e = established();
+        // The client sent 100 bytes the backend has acknowledged 40 of.
+        observe(
+            &mut e,
+            Direction::Forward,
+            seg(ACK | PSH, CLIENT_ISN + 1, BACKEND_ISN + 1, 100),
+        );
+        observe(
+            &mut e,
+            Direction::Reply,
+            seg(ACK, BACKEND_ISN + 1, CLIENT_ISN + 41, 0),
+        );
+        for bad in [CLIENT_ISN + 40, CLIENT_ISN + 102, 0, CLIENT_ISN + 70_000] {
+            let mut copy = e;
+            assert_eq!(
+                observe(&mut copy, Direction::Forward, seg(RST, bad, 0, 0)),
+                Observed::RstOutOfWindow,
+                "seq {bad}"
+            );
+            assert_eq!(copy, e, "a rejected RST changes nothing");
+        }
+        for good in [CLIENT_ISN + 41, CLIENT_ISN + 101] {
+            let mut copy = e;
+            assert_eq!(
+                observe(&mut copy, Direction::Forward, seg(RST, good, 0, 0)),
+                Observed::Tracked
+            );
+            assert!(is_closed(copy.flags));
+        }
+        // From the backend: exactly its RCV.NXT as the client acknowledged it.
+        let mut copy = e;
+        assert_eq!(
+            observe(&mut copy, Direction::Reply, seg(RST, BACKEND_ISN + 2, 0, 0)),
+            Observed::RstOutOfWindow
+        );
+        assert_eq!(
+            observe(&mut copy, Direction::Reply, seg(RST | ACK, BACKEND_ISN + 1, 0, 0)),
+            Observed::Tracked
+        );
+        assert!(is_closed(copy.flags) && port_reusable_at_once(copy.flags));
+    }
+
+    #[test]
+    fn a_refused_connection_is_reset_only_by_an_ack_of_the_syn() {
+        let mut e = opened();
+        assert_eq!(
+            observe(&mut e, Direction::Reply, seg(RST | ACK, 0, 77, 0)),
+            Observed::RstOutOfWindow
+        );
+        assert_eq!(
+            observe(&mut e, Direction::Reply, seg(RST | ACK, 0, CLIENT_ISN + 1, 0)),
+            Observed::Tracked
+        );
+        assert!(is_closed(e.flags));
+    }
+
+    #[test]
+    fn a_syn_on_a_live_connection_changes_nothing() {
+        let e = established();
+        let mut copy = e;
+        assert_eq!(
+            observe(&mut copy, Direction::Forward, seg(SYN, 123_456, 0, 0)),
+            Observed::SynOnLive
+        );
+        assert_eq!(copy, e);
+    }
+
+    #[test]
+    fn who_closed_first_decides_the_quarantine() {
+        // PostgreSQL's usual close: Terminate, the client's FIN, then the backend's.
+        let mut e = established();
+        observe(
+            &mut e,
+            Direction::Forward,
+            seg(FIN | ACK, CLIENT_ISN + 1, BACKEND_ISN + 1, 0),
+        );
+        assert!(is_closing(e.flags) && !is_closed(e.flags));
+        observe(
+            &mut e,
+            Direction::Reply,
+            seg(FIN | ACK, BACKEND_ISN + 1, CLIENT_ISN + 2, 0),
+        );
+        assert!(is_closed(e.flags));
+        assert!(port_reusable_at_once(e.flags), "the client holds TIME_WAIT");
+
+        // The server ended the session (pg_terminate_backend, idle timeout).
+        let mut e = established();
+        observe(
+            &mut e,
+            Direction::Reply,
+            seg(FIN | ACK, BACKEND_ISN + 1, CLIENT_ISN + 1, 0),
+        );
+        observe(
+            &mut e,
+            Direction::Forward,
+            seg(FIN | ACK, CLIENT_ISN + 1, BACKEND_ISN + 2, 0),
+        );
+        assert!(is_closed(e.flags));
+        assert!(!port_reusable_at_once(e.flags), "the backend holds TIME_WAIT");
+    }
+
+    #[test]
+    fn sequence_arithmetic_wraps() {
+        assert!(seq_after(5, u32::MAX - 5));
+        assert!(!seq_after(u32::MAX - 5, 5));
+        assert!(seq_within(2, u32::MAX - 1, 3));
+        assert!(!seq_within(4, u32::MAX - 1, 3));
+    }
+
+    proptest! {
+        /// Whatever arrives, in any order: a RST outside [acked, next] of its sender never
+        /// closes, and a rejected segment never changes the entry.
+        #[test]
+        fn random_segments_never_close_without_an_in_window_rst(
+            segs in proptest::collection::vec(
+                (any::<bool>(), any::<u8>(), any::<u32>(), any::<u32>(), 0u32..3000), 0..24)
+        ) {
+            let mut e = established();
+            for (fwd, flags, seq, ack, len) in segs {
+                let dir = if fwd { Direction::Forward } else { Direction::Reply };
+                let before = e;
+                let space = if fwd { before.client_seq } else { before.backend_seq };
+                let s = seg(flags, seq, ack, len);
+                match observe(&mut e, dir, s) {
+                    Observed::RstOutOfWindow | Observed::SynOnLive => prop_assert_eq!(e, before),
+                    _ => {}
+                }
+                if flags & RST != 0 && before.flags & FLAG_RST == 0 && e.flags & FLAG_RST != 0 {
+                    prop_assert!(rst_in_window(seq, &space));
+                }
+            }
+        }
     }
 }

@@ -6,13 +6,13 @@ use redirect_common::{
     backend::MAX_BACKENDS,
     config::{Config, FLAG_DROP_NONSYN_MISS},
     csum,
-    ct::{CtEntry, CtKey, FLAG_FENCED, FLAG_REOPENED, is_closed},
+    ct::{CtEntry, CtKey, FLAG_FENCED, FLAG_REOPENED, SeqSpace, is_closed, port_reusable_at_once},
     cutover::Cutover,
     limits::SNAT_PROBES,
     ports,
     rev::{RevEntry, RevKey},
     stats::Stat,
-    tcp::{self, Direction},
+    tcp::{self, Direction, Observed, Segment},
 };
 
 use crate::{
@@ -79,7 +79,9 @@ fn forward(ip: &mut Ipv4Hdr, tcp: &mut TcpHdr, cfg: &Config, cut: &Cutover, now:
             }
             // Established packets and retransmitted SYNs keep the backend they started with,
             // whatever ACTIVE says now.
-            touch(entry, tcp::state_bits(flags, Direction::Forward), now);
+            if !observed(entry, Direction::Forward, segment(ip, tcp), now) {
+                return Verdict::Drop;
+            }
             count(Stat::ForwardTracked);
             let e = *entry;
             rewrite(
@@ -93,10 +95,12 @@ fn forward(ip: &mut Ipv4Hdr, tcp: &mut TcpHdr, cfg: &Config, cut: &Cutover, now:
             return Verdict::Forward;
         }
         // The client reused the port of a closed connection: a new connection, which goes
-        // to the active backend with a fresh SNAT port (the old one stays quarantined).
+        // to the active backend with a fresh SNAT port.
         if cut.holds(active_backend(), now) {
             return Verdict::Hold;
         }
+        let closed = *entry;
+        release_port_of_closed(&key, &closed);
         return open(&key, ip, tcp, cfg, now, true);
     }
     if !pure_syn {
@@ -192,7 +196,13 @@ fn open(
         count(Stat::SnatExhausted);
         return Verdict::Drop;
     };
+    let client_next = u32::from_be(tcp.seq_be).wrapping_add(1);
     let entry = CtEntry {
+        client_seq: SeqSpace {
+            next: client_next,
+            acked: client_next,
+        },
+        backend_seq: SeqSpace::default(),
         created_ns: now,
         last_seen_ns: now,
         backend_addr_be: backend.addr_be,
@@ -283,7 +293,9 @@ fn reply(ip: &mut Ipv4Hdr, tcp: &mut TcpHdr, now: u64) -> Verdict {
         count(Stat::ReplyOrphan);
         return Verdict::Pass;
     }
-    touch(entry, tcp::state_bits(tcp.flags, Direction::Reply), now);
+    if !observed(entry, Direction::Reply, segment(ip, tcp), now) {
+        return Verdict::Drop;
+    }
     count(Stat::ReplyTracked);
     rewrite(
         ip,
@@ -303,11 +315,62 @@ fn carries_data(ip: &Ipv4Hdr, tcp: &TcpHdr) -> bool {
     usize::from(u16::from_be(ip.tot_len_be)) > headers
 }
 
+/// The segment's sequence numbers and payload length, for conntrack.
 #[inline(always)]
-fn touch(entry: &mut CtEntry, bits: u32, now: u64) {
+fn segment(ip: &Ipv4Hdr, tcp: &TcpHdr) -> Segment {
+    let headers = (IP_LEN + usize::from(tcp.doff_reserved >> 4) * 4) as u32;
+    Segment {
+        flags: tcp.flags,
+        seq: u32::from_be(tcp.seq_be),
+        ack: u32::from_be(tcp.ack_seq_be),
+        len: u32::from(u16::from_be(ip.tot_len_be)).saturating_sub(headers),
+    }
+}
+
+/// Runs conntrack on a tracked connection's segment; `false` means drop it (counted).
+#[inline(always)]
+fn observed(entry: &mut CtEntry, dir: Direction, seg: Segment, now: u64) -> bool {
+    match tcp::observe(entry, dir, seg) {
+        Observed::RstOutOfWindow => {
+            count(Stat::RstOutOfWindow);
+            return false;
+        }
+        Observed::SynOnLive => count(Stat::SynOnLive),
+        Observed::HandshakeCompleted => count(Stat::HandshakeCompleted),
+        Observed::Tracked => {}
+    }
     entry.last_seen_ns = now;
-    if entry.flags & bits != bits {
-        entry.flags |= bits;
+    true
+}
+
+/// A client reopens the tuple of a closed connection: if the backend holds no `TIME_WAIT` for
+/// the old SNAT port (the client closed first, or a RST ended it), free that port now instead
+/// of after the garbage collector's quarantine. The client's new connection, keeping its
+/// port, usually takes the very same one.
+#[inline(always)]
+fn release_port_of_closed(key: &CtKey, old: &CtEntry) {
+    if !port_reusable_at_once(old.flags) {
+        return;
+    }
+    let rev_key = RevKey {
+        backend_addr_be: old.backend_addr_be,
+        snat_addr_be: old.snat_addr_be,
+        backend_port_be: old.backend_port_be,
+        snat_port_be: old.snat_port_be,
+    };
+    // Only if the port is still this connection's: never free another connection's claim.
+    let Some(rev) = REV.get_ptr(rev_key) else {
+        return;
+    };
+    // SAFETY: a valid map value pointer.
+    let rev = unsafe { *rev };
+    if rev.client_addr_be == key.client_addr_be
+        && rev.client_port_be == key.client_port_be
+        && rev.vip_addr_be == key.vip_addr_be
+        && rev.vip_port_be == key.vip_port_be
+        && REV.remove(rev_key).is_ok()
+    {
+        count(Stat::PortReleasedOnReopen);
     }
 }
 

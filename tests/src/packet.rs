@@ -22,9 +22,15 @@ pub struct Tcp {
     pub flags: u8,
 }
 
-/// Builds a frame with valid IPv4 and TCP checksums.
+/// Builds a frame with valid IPv4 and TCP checksums (sequence number 1000, [`ACK_NUMBER`]).
 #[must_use]
 pub fn tcp_frame(t: Tcp, payload: &[u8]) -> Vec<u8> {
+    tcp_frame_at(t, 1000, ACK_NUMBER, payload)
+}
+
+/// Like [`tcp_frame`], with the given sequence and acknowledgement numbers.
+#[must_use]
+pub fn tcp_frame_at(t: Tcp, seq: u32, ack: u32, payload: &[u8]) -> Vec<u8> {
     let mut f = vec![0u8; 14];
     f[0..6].copy_from_slice(&[0x02, 0, 0, 0, 0, 1]);
     f[6..12].copy_from_slice(&[0x02, 0, 0, 0, 0, 2]);
@@ -44,8 +50,8 @@ pub fn tcp_frame(t: Tcp, payload: &[u8]) -> Vec<u8> {
     let mut tcp = vec![0u8; 20];
     tcp[0..2].copy_from_slice(&t.sport.to_be_bytes());
     tcp[2..4].copy_from_slice(&t.dport.to_be_bytes());
-    tcp[4..8].copy_from_slice(&1000u32.to_be_bytes());
-    tcp[8..12].copy_from_slice(&ACK_NUMBER.to_be_bytes());
+    tcp[4..8].copy_from_slice(&seq.to_be_bytes());
+    tcp[8..12].copy_from_slice(&ack.to_be_bytes());
     tcp[12] = 5 << 4;
     tcp[13] = t.flags;
     tcp[14..16].copy_from_slice(&64240u16.to_be_bytes());

@@ -15,11 +15,14 @@ use aya::{
 use redirect_common::{
     backend::{Backend, SOURCE, TARGET},
     config::{Config, FLAG_CONFIGURED, FLAG_DROP_NONSYN_MISS},
-    ct::{CtEntry, CtKey, FLAG_FIN_BACKEND, FLAG_FIN_CLIENT, FLAG_REOPENED},
+    ct::{
+        CtEntry, CtKey, FLAG_BACKEND_CLOSED_FIRST, FLAG_FIN_BACKEND, FLAG_FIN_CLIENT, FLAG_REOPENED,
+        FLAG_RST, FLAG_SEEN_NON_SYN, FLAG_SYNACK_SEEN,
+    },
     rev::{RevEntry, RevKey},
     stats::Stat,
 };
-use redirect_tests::packet::{self, ACK, FIN, PSH, SYN, Tcp};
+use redirect_tests::packet::{self, ACK, FIN, PSH, RST, SYN, Tcp};
 
 const XDP_DROP: u32 = 1;
 const XDP_PASS: u32 = 2;
@@ -135,7 +138,16 @@ impl Prog {
 
     /// Runs a TCP frame that must be translated; returns what came out, checked.
     fn translate(&mut self, t: Tcp) -> Tcp {
-        let (verdict, out) = self.run(&packet::tcp_frame(t, b"payload"));
+        self.translate_with(t, 1000, packet::ACK_NUMBER, b"payload")
+    }
+
+    /// [`Self::translate`] with given sequence and acknowledgement numbers, and no payload.
+    fn translate_at(&mut self, t: Tcp, seq: u32, ack: u32) -> Tcp {
+        self.translate_with(t, seq, ack, b"")
+    }
+
+    fn translate_with(&mut self, t: Tcp, seq: u32, ack: u32, payload: &[u8]) -> Tcp {
+        let (verdict, out) = self.run(&packet::tcp_frame_at(t, seq, ack, payload));
         assert_eq!(
             verdict, XDP_PASS,
             "no route in the test netns: rewritten, then passed"
@@ -271,7 +283,11 @@ fn reply_is_rewritten_back_to_vip_and_client() {
     );
     assert_eq!(p.stat(Stat::ReplyTracked), 1);
     let e = p.ct(C1, 1234).unwrap();
-    assert_ne!(e.flags & redirect_common::ct::FLAG_SEEN_NON_SYN, 0);
+    assert_eq!(
+        e.flags & (FLAG_SEEN_NON_SYN | FLAG_SYNACK_SEEN),
+        FLAG_SYNACK_SEEN,
+        "a SYN-ACK alone leaves the entry half-open"
+    );
 }
 
 #[test]
@@ -341,49 +357,165 @@ fn untracked_non_syn_is_never_forwarded() {
     assert_eq!(strict.run(&frame).0, XDP_DROP);
 }
 
-#[test]
-fn a_syn_on_a_closed_entry_reopens_it_on_the_active_backend() {
-    let mut p = Prog::new((40000, 59999), 0);
-    let first = p.translate(syn(C1, 45000));
-    p.translate(Tcp {
-        flags: FIN | ACK,
-        ..syn(C1, 45000)
-    });
-    p.translate(Tcp {
+/// The backend's side of `syn(client, port)` through SNAT port `snat_port` of the source.
+fn from_source(snat_port: u16, flags: u8) -> Tcp {
+    Tcp {
         src: SRC,
         sport: 5432,
         dst: SRC_SNAT,
-        dport: first.sport,
-        flags: FIN | ACK,
-    });
-    let closed = p.ct(C1, 45000).unwrap();
-    assert_eq!(
-        closed.flags & (FLAG_FIN_CLIENT | FLAG_FIN_BACKEND),
-        FLAG_FIN_CLIENT | FLAG_FIN_BACKEND
+        dport: snat_port,
+        flags,
+    }
+}
+
+/// Client ISN 1000 and backend ISN 5000: SYN, SYN-ACK, ACK. Returns the SNAT port.
+fn handshake(p: &mut Prog, client: Ipv4Addr, port: u16) -> u16 {
+    let snat = p.translate_at(syn(client, port), 1000, 0).sport;
+    p.translate_at(from_source(snat, SYN | ACK), 5000, 1001);
+    p.translate_at(
+        Tcp {
+            flags: ACK,
+            ..syn(client, port)
+        },
+        1001,
+        5001,
     );
+    snat
+}
+
+/// Closes a connection set up by [`handshake`], `client_first` or not.
+fn close(p: &mut Prog, client: Ipv4Addr, port: u16, snat: u16, client_first: bool) {
+    let client_fin = Tcp {
+        flags: FIN | ACK,
+        ..syn(client, port)
+    };
+    if client_first {
+        p.translate_at(client_fin, 1001, 5001);
+        p.translate_at(from_source(snat, FIN | ACK), 5001, 1002);
+    } else {
+        p.translate_at(from_source(snat, FIN | ACK), 5001, 1001);
+        p.translate_at(client_fin, 1001, 5002);
+    }
+    let closed = p.ct(client, port).unwrap();
+    assert_eq!(
+        closed.flags & (FLAG_FIN_CLIENT | FLAG_FIN_BACKEND | FLAG_BACKEND_CLOSED_FIRST),
+        FLAG_FIN_CLIENT
+            | FLAG_FIN_BACKEND
+            | if client_first {
+                0
+            } else {
+                FLAG_BACKEND_CLOSED_FIRST
+            }
+    );
+}
+
+#[test]
+fn a_syn_after_a_close_the_client_started_reopens_with_the_port_released_at_once() {
+    let mut p = Prog::new((40000, 59999), 0);
+    let first = handshake(&mut p, C1, 45000);
+    close(&mut p, C1, 45000, first, true);
     p.flip(TARGET);
-    let again = p.translate(syn(C1, 45000));
+    let again = p.translate_at(syn(C1, 45000), 90_000, 0);
     assert_eq!(again.dst, TGT, "port reuse after close is a new connection");
     let e = p.ct(C1, 45000).unwrap();
     assert_eq!((e.backend_id, e.flags), (TARGET, FLAG_REOPENED));
+    assert_eq!(p.rev_len(), 1, "the old SNAT port was freed, not quarantined");
+    assert_eq!(p.stat(Stat::PortReleasedOnReopen), 1);
+    // A late packet from the old backend on the old port is not sent to the client.
+    let (verdict, late) = p.run(&packet::tcp_frame(from_source(first, ACK), b""));
+    assert_eq!((verdict, packet::parse(&late).0.dst), (XDP_PASS, SRC_SNAT));
+    assert_eq!(p.stat(Stat::PassNotOurs), 1);
+}
+
+#[test]
+fn a_syn_after_a_close_the_backend_started_leaves_the_old_port_quarantined() {
+    let mut p = Prog::new((40000, 59999), 0);
+    let first = handshake(&mut p, C1, 45000);
+    close(&mut p, C1, 45000, first, false);
+    p.flip(TARGET);
+    let again = p.translate_at(syn(C1, 45000), 90_000, 0);
+    assert_eq!(again.dst, TGT);
     assert_eq!(
         p.rev_len(),
         2,
-        "the old SNAT port stays claimed (quarantine)"
+        "the backend holds TIME_WAIT on the old port: it stays claimed"
     );
-    // A late packet from the old backend on the old port is not sent to the client.
-    let (verdict, late) = p.run(&packet::tcp_frame(
-        Tcp {
-            src: SRC,
-            sport: 5432,
-            dst: SRC_SNAT,
-            dport: first.sport,
-            flags: ACK,
-        },
-        b"",
-    ));
+    assert_eq!(p.stat(Stat::PortReleasedOnReopen), 0);
+    let (verdict, late) = p.run(&packet::tcp_frame(from_source(first, ACK), b""));
     assert_eq!((verdict, packet::parse(&late).0.dst), (XDP_PASS, SRC_SNAT));
     assert_eq!(p.stat(Stat::ReplyOrphan), 1);
+}
+
+#[test]
+fn only_the_clients_ack_of_the_synack_establishes() {
+    let mut p = Prog::new((40000, 59999), 0);
+    let snat = p.translate_at(syn(C1, 45000), 1000, 0).sport;
+    p.translate_at(from_source(snat, SYN | ACK), 5000, 1001);
+    // A blind ACK (a flood's third packet) that does not acknowledge the SYN-ACK.
+    p.translate_at(
+        Tcp {
+            flags: ACK,
+            ..syn(C1, 45000)
+        },
+        1001,
+        777,
+    );
+    assert_eq!(p.ct(C1, 45000).unwrap().flags & FLAG_SEEN_NON_SYN, 0);
+    assert_eq!(p.stat(Stat::HandshakeCompleted), 0);
+    p.translate_at(
+        Tcp {
+            flags: ACK,
+            ..syn(C1, 45000)
+        },
+        1001,
+        5001,
+    );
+    assert_ne!(p.ct(C1, 45000).unwrap().flags & FLAG_SEEN_NON_SYN, 0);
+    assert_eq!(p.stat(Stat::HandshakeCompleted), 1);
+}
+
+#[test]
+fn a_blind_rst_then_syn_cannot_detach_a_live_connection() {
+    let mut p = Prog::new((40000, 59999), 0);
+    let snat = handshake(&mut p, C1, 45000);
+    p.flip(TARGET);
+    // An attacker spoofing the client: a RST with a guessed sequence number, then a SYN.
+    for seq in [0, 1000, 1002, 70_000, u32::MAX] {
+        let (verdict, _) = p.run(&packet::tcp_frame_at(
+            Tcp {
+                flags: RST,
+                ..syn(C1, 45000)
+            },
+            seq,
+            0,
+            b"",
+        ));
+        assert_eq!(verdict, XDP_DROP, "out-of-window RST (seq {seq}) is dropped");
+    }
+    // And spoofing the backend.
+    let (verdict, _) = p.run(&packet::tcp_frame_at(from_source(snat, RST | ACK), 9, 0, b""));
+    assert_eq!(verdict, XDP_DROP);
+    assert_eq!(p.stat(Stat::RstOutOfWindow), 6);
+    assert_eq!(p.ct(C1, 45000).unwrap().flags & FLAG_RST, 0);
+    let out = p.translate_at(syn(C1, 45000), 123_456, 0);
+    assert_eq!(
+        (out.dst, out.sport),
+        (SRC, snat),
+        "a SYN on a live connection stays on its backend, never reopens"
+    );
+    assert_eq!(p.stat(Stat::SynOnLive), 1);
+    assert_eq!(p.stat(Stat::ConnReopened), 0);
+    // The client's own RST, at the sequence number the backend expects, does close it.
+    p.translate_at(
+        Tcp {
+            flags: RST,
+            ..syn(C1, 45000)
+        },
+        1001,
+        0,
+    );
+    assert_ne!(p.ct(C1, 45000).unwrap().flags & FLAG_RST, 0);
+    assert_eq!(p.translate_at(syn(C1, 45000), 200_000, 0).dst, TGT);
 }
 
 #[test]

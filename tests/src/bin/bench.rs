@@ -746,7 +746,7 @@ fn main() {
                     snat_port_be: 1,
                     backend_id: 0,
                     flags: 1,
-                    fenced_ack_be: 0,
+                    ..CtEntry::default()
                 };
                 maps.ct.insert(key, e, 0).expect("prefill CT");
                 filled += 1;
