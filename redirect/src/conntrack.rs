@@ -5,11 +5,15 @@
 //! the connection is gone, longer than the backend's `TIME_WAIT` (cilium#45863: a port reused
 //! while the server still holds the old tuple gets a challenge ACK and the connect times out).
 
-use std::{collections::HashMap as StdHashMap, net::SocketAddrV4, time::Duration};
+use std::{
+    collections::HashMap as StdHashMap,
+    net::{Ipv4Addr, SocketAddrV4},
+    time::Duration,
+};
 
 use redirect_common::{
     ct::{self, CtEntry, CtKey},
-    rev::RevEntry,
+    rev::{RevEntry, RevKey},
 };
 use serde::Serialize;
 
@@ -143,7 +147,8 @@ pub struct Timeouts {
     pub established: Duration,
     /// After both FINs or a RST: time for the last ACKs and retransmitted FINs.
     pub close: Duration,
-    /// How long a SNAT port stays claimed after its connection is gone.
+    /// How long a SNAT port stays claimed after its connection is gone, when the backend
+    /// closed first and so holds the tuple in `TIME_WAIT`.
     pub port_quarantine: Duration,
 }
 
@@ -152,65 +157,231 @@ impl Default for Timeouts {
         Self {
             syn: Duration::from_secs(60),
             established: Duration::from_secs(6 * 3600),
-            close: Duration::from_secs(10),
+            close: Duration::from_secs(2),
             port_quarantine: Duration::from_secs(120),
         }
     }
 }
 
-/// What one GC pass did.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
-pub struct GcReport {
-    pub ct_expired: u64,
-    pub ports_quarantined: u64,
-    pub ports_released: u64,
-    pub ct_live: u64,
+/// Port pressure at or above which the GC runs more often and forgets half-open handshakes
+/// sooner (a SYN flood, or a backend that stopped answering).
+pub const PRESSURE_HIGH: f64 = 0.5;
+/// The SYN timeout under high pressure. Forgetting a half-open entry is harmless: the client's
+/// next SYN retransmit (1, 3, 7, 15 s after the first) simply opens it again.
+pub const PRESSURED_SYN_TIMEOUT: Duration = Duration::from_secs(3);
+
+/// When the next GC pass runs, given the highest port pressure the last one measured: the
+/// configured interval while ports are plentiful, down to 250 ms as a range fills, so the
+/// time a closed connection's port stays claimed shrinks when it matters.
+#[must_use]
+pub fn next_gc_interval(configured: Duration, pressure: f64) -> Duration {
+    let cap = if pressure >= PRESSURE_HIGH {
+        Duration::from_millis(250)
+    } else if pressure >= 0.1 {
+        Duration::from_secs(1)
+    } else {
+        configured
+    };
+    configured.min(cap)
 }
 
-fn expired(e: &CtEntry, now: u64, t: &Timeouts) -> bool {
+/// SNAT ports claimed for one backend through one SNAT address.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct PortUse {
+    pub backend: SocketAddrV4,
+    pub snat: Ipv4Addr,
+    /// Ports of live, closing and quarantined connections.
+    pub claimed: u64,
+    /// Ports in the SNAT range.
+    pub capacity: u64,
+}
+
+impl PortUse {
+    /// Claimed share of the range, 0.0 to 1.0.
+    #[must_use]
+    pub fn pressure(&self) -> f64 {
+        if self.capacity == 0 {
+            return 1.0;
+        }
+        #[expect(clippy::cast_precision_loss, reason = "at most 65,536 ports")]
+        let p = self.claimed as f64 / self.capacity as f64;
+        p
+    }
+}
+
+/// Forgotten connections by how they ended: who closed first decides whether a SNAT port
+/// needs a quarantine, so this is what the port budget depends on.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct Forgotten {
+    /// Both FINs, the client's first (`PostgreSQL`'s Terminate): port freed at once.
+    pub client_closed_first: u64,
+    /// Both FINs, the backend's first: port quarantined.
+    pub backend_closed_first: u64,
+    /// Ended by a RST: port freed at once.
+    pub reset: u64,
+    /// A handshake that never completed: port freed at once.
+    pub half_open: u64,
+    /// Idle past the established timeout, or half-closed: port quarantined.
+    pub idle: u64,
+}
+
+impl Forgotten {
+    fn count(&mut self, flags: u32) {
+        let slot = match ConnState::of(flags) {
+            ConnState::SynSent => &mut self.half_open,
+            _ if flags & ct::FLAG_RST != 0 => &mut self.reset,
+            ConnState::Closed if flags & ct::FLAG_BACKEND_CLOSED_FIRST != 0 => {
+                &mut self.backend_closed_first
+            }
+            ConnState::Closed => &mut self.client_closed_first,
+            ConnState::Established | ConnState::Closing => &mut self.idle,
+        };
+        *slot += 1;
+    }
+
+    /// Adds another tally to this one.
+    pub fn add(&mut self, other: &Self) {
+        self.client_closed_first += other.client_closed_first;
+        self.backend_closed_first += other.backend_closed_first;
+        self.reset += other.reset;
+        self.half_open += other.half_open;
+        self.idle += other.idle;
+    }
+
+    /// Each tally with its metric label.
+    #[must_use]
+    pub const fn labelled(&self) -> [(&'static str, u64); 5] {
+        [
+            ("client_closed_first", self.client_closed_first),
+            ("backend_closed_first", self.backend_closed_first),
+            ("reset", self.reset),
+            ("half_open", self.half_open),
+            ("idle", self.idle),
+        ]
+    }
+}
+
+/// What one GC pass did.
+#[derive(Clone, Debug, Default, PartialEq, Serialize)]
+pub struct GcReport {
+    pub ct_expired: u64,
+    /// How the connections this pass forgot had ended.
+    pub forgotten: Forgotten,
+    /// The same, summed over every pass of this controller (filled in by the GC task).
+    pub forgotten_total: Forgotten,
+    /// Ports freed with their connection: nobody holds `TIME_WAIT` for them.
+    pub ports_released_at_once: u64,
+    pub ports_quarantined: u64,
+    /// Ports freed at the end of their quarantine.
+    pub ports_released: u64,
+    pub ct_live: u64,
+    /// Port use per backend and SNAT address, after the pass.
+    pub ports: Vec<PortUse>,
+    /// How long the pass took.
+    pub took_ms: u64,
+}
+
+impl GcReport {
+    /// The highest port pressure of any backend.
+    #[must_use]
+    pub fn max_pressure(&self) -> f64 {
+        self.ports.iter().map(PortUse::pressure).fold(0.0, f64::max)
+    }
+}
+
+/// What to do with an entry.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Fate {
+    Keep,
+    /// Delete it; free its port now, or leave it to the quarantine.
+    Forget { release_port: bool },
+}
+
+fn fate(e: &CtEntry, now: u64, t: &Timeouts, pressured: bool) -> Fate {
     let idle = clock::since(e.last_seen_ns, now);
     let limit = match ConnState::of(e.flags) {
         ConnState::Closed => t.close,
+        ConnState::SynSent if pressured => t.syn.min(PRESSURED_SYN_TIMEOUT),
         ConnState::SynSent => t.syn,
         ConnState::Established | ConnState::Closing => t.established,
     };
-    idle > limit
+    if idle > limit {
+        Fate::Forget {
+            release_port: ct::port_reusable_at_once(e.flags),
+        }
+    } else {
+        Fate::Keep
+    }
 }
 
-/// One pass: expire `CT` entries by state and idle time; then mark `REV` entries whose `CT`
-/// twin is gone (or belongs to a newer connection) as orphaned, and delete them once the
-/// quarantine has passed.
-pub fn gc(maps: &mut Maps, t: &Timeouts) -> Result<GcReport, DatapathError> {
+fn rev_key_of(e: &CtEntry) -> RevKey {
+    RevKey {
+        backend_addr_be: e.backend_addr_be,
+        snat_addr_be: e.snat_addr_be,
+        backend_port_be: e.backend_port_be,
+        snat_port_be: e.snat_port_be,
+    }
+}
+
+fn points_to(re: &RevEntry, k: &CtKey) -> bool {
+    re.client_addr_be == k.client_addr_be
+        && re.client_port_be == k.client_port_be
+        && re.vip_addr_be == k.vip_addr_be
+        && re.vip_port_be == k.vip_port_be
+}
+
+/// One pass: forget `CT` entries by state and idle time, freeing the SNAT port of those whose
+/// backend holds no `TIME_WAIT` at once; then mark `REV` entries whose `CT` twin is gone (or
+/// belongs to a newer connection) as orphaned, and delete them once the quarantine has
+/// passed. `pressured` (the last pass measured high port pressure) shortens the SYN timeout.
+pub fn gc(maps: &mut Maps, t: &Timeouts, pressured: bool) -> Result<GcReport, DatapathError> {
     let map_err = |what: &'static str| {
         move |source| DatapathError::Map {
             what: what.into(),
             source,
         }
     };
+    let started = std::time::Instant::now();
     let now = clock::monotonic_ns();
     let mut report = GcReport::default();
 
     let mut dead = Vec::new();
     for item in &maps.ct {
         let (k, e) = item.map_err(map_err("reading CT"))?;
-        if expired(&e, now, t) {
-            dead.push(k);
-        } else {
+        if fate(&e, now, t, pressured) == Fate::Keep {
             report.ct_live += 1;
+        } else {
+            dead.push(k);
         }
     }
     for k in &dead {
         // Re-check: the entry may have been refreshed or reopened since the scan.
-        if let Ok(e) = maps.ct.get(k, 0)
-            && expired(&e, clock::monotonic_ns(), t)
-        {
-            match maps.ct.remove(k) {
-                Ok(()) | Err(aya::maps::MapError::KeyNotFound) => report.ct_expired += 1,
-                Err(e) => return Err(map_err("deleting from CT")(e)),
+        let Ok(e) = maps.ct.get(k, 0) else { continue };
+        let Fate::Forget { release_port } = fate(&e, clock::monotonic_ns(), t, pressured) else {
+            continue;
+        };
+        match maps.ct.remove(k) {
+            Ok(()) | Err(aya::maps::MapError::KeyNotFound) => {
+                report.ct_expired += 1;
+                report.forgotten.count(e.flags);
+            }
+            Err(e) => return Err(map_err("deleting from CT")(e)),
+        }
+        if release_port {
+            // The CT entry is gone, so no packet refers to this claim any more; free it
+            // unless a reopen already did (and someone else claimed the port since).
+            let rk = rev_key_of(&e);
+            if maps.rev.get(&rk, 0).is_ok_and(|re| points_to(&re, k)) {
+                match maps.rev.remove(&rk) {
+                    Ok(()) => report.ports_released_at_once += 1,
+                    Err(aya::maps::MapError::KeyNotFound) => {}
+                    Err(e) => return Err(map_err("deleting from REV")(e)),
+                }
             }
         }
     }
 
+    let mut claimed: StdHashMap<(u32, u16, u32), u64> = StdHashMap::new();
     let mut orphan = Vec::new();
     let mut release = Vec::new();
     for item in &maps.rev {
@@ -221,13 +392,11 @@ pub fn gc(maps: &mut Maps, t: &Timeouts) -> Result<GcReport, DatapathError> {
             client_port_be: re.client_port_be,
             vip_port_be: re.vip_port_be,
         };
-        let owned = maps.ct.get(&key, 0).is_ok_and(|e| {
-            e.snat_port_be == rk.snat_port_be
-                && e.snat_addr_be == rk.snat_addr_be
-                && e.backend_addr_be == rk.backend_addr_be
-                && e.backend_port_be == rk.backend_port_be
-        });
+        let owned = maps.ct.get(&key, 0).is_ok_and(|e| rev_key_of(&e) == rk);
         if owned {
+            *claimed
+                .entry((rk.backend_addr_be, rk.backend_port_be, rk.snat_addr_be))
+                .or_default() += 1;
             if re.orphaned_ns != 0 {
                 // Seen between the datapath's REV and CT inserts last pass: not an orphan.
                 orphan.push((
@@ -250,7 +419,11 @@ pub fn gc(maps: &mut Maps, t: &Timeouts) -> Result<GcReport, DatapathError> {
             ));
         } else if clock::since(re.orphaned_ns, now) > t.port_quarantine {
             release.push(rk);
+            continue;
         }
+        *claimed
+            .entry((rk.backend_addr_be, rk.backend_port_be, rk.snat_addr_be))
+            .or_default() += 1;
     }
     for (rk, re) in orphan {
         // BPF_EXIST: never resurrect an entry deleted meanwhile.
@@ -264,8 +437,116 @@ pub fn gc(maps: &mut Maps, t: &Timeouts) -> Result<GcReport, DatapathError> {
             Err(e) => return Err(map_err("deleting from REV")(e)),
         }
     }
+    report.ports = port_use_of(maps, &claimed)?;
+    report.took_ms = u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX);
     Ok(report)
+}
+
+/// Port use of each configured backend, from claim counts keyed by (backend address, backend
+/// port, SNAT address), all in network byte order.
+fn port_use_of(
+    maps: &Maps,
+    claimed: &StdHashMap<(u32, u16, u32), u64>,
+) -> Result<Vec<PortUse>, DatapathError> {
+    let cfg = maps.config()?;
+    let capacity = u64::from(cfg.snat_port_max.saturating_sub(cfg.snat_port_min)) + 1;
+    let mut out = Vec::new();
+    for role in [Role::Source, Role::Target] {
+        if let Some(b) = maps.backend(role)? {
+            let key = (
+                u32::from(*b.addr.ip()).to_be(),
+                b.addr.port().to_be(),
+                u32::from(b.snat).to_be(),
+            );
+            out.push(PortUse {
+                backend: b.addr,
+                snat: b.snat,
+                claimed: claimed.get(&key).copied().unwrap_or(0),
+                capacity,
+            });
+        }
+    }
+    Ok(out)
+}
+
+/// Port use per backend now (one pass over `REV`; `status` uses it without a controller).
+pub fn port_use(maps: &Maps) -> Result<Vec<PortUse>, DatapathError> {
+    let mut claimed: StdHashMap<(u32, u16, u32), u64> = StdHashMap::new();
+    for item in &maps.rev {
+        let (rk, _) = item.map_err(|source| DatapathError::Map {
+            what: "reading REV".into(),
+            source,
+        })?;
+        *claimed
+            .entry((rk.backend_addr_be, rk.backend_port_be, rk.snat_addr_be))
+            .or_default() += 1;
+    }
+    port_use_of(maps, &claimed)
 }
 
 /// `BPF_EXIST` from `linux/bpf.h`: update only an element that exists.
 const BPF_EXIST: u64 = 2;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_gc_speeds_up_as_the_port_range_fills() {
+        let base = Duration::from_secs(5);
+        assert_eq!(next_gc_interval(base, 0.0), base);
+        assert_eq!(next_gc_interval(base, 0.2), Duration::from_secs(1));
+        assert_eq!(next_gc_interval(base, 0.9), Duration::from_millis(250));
+        let fast = Duration::from_millis(100);
+        assert_eq!(next_gc_interval(fast, 0.9), fast, "never slower than configured");
+    }
+
+    #[test]
+    fn half_open_entries_go_sooner_under_pressure_and_free_their_port() {
+        let t = Timeouts::default();
+        let now = 100_000_000_000;
+        let half_open = CtEntry {
+            last_seen_ns: now - 5_000_000_000,
+            flags: ct::FLAG_SYNACK_SEEN,
+            ..CtEntry::default()
+        };
+        assert_eq!(fate(&half_open, now, &t, false), Fate::Keep);
+        assert_eq!(
+            fate(&half_open, now, &t, true),
+            Fate::Forget { release_port: true }
+        );
+    }
+
+    #[test]
+    fn only_a_backend_that_closed_first_quarantines_its_port() {
+        let t = Timeouts::default();
+        let now = 100_000_000_000;
+        let closed = |extra| CtEntry {
+            last_seen_ns: now - 3_000_000_000,
+            flags: ct::FLAG_SEEN_NON_SYN | ct::FLAG_FIN_CLIENT | ct::FLAG_FIN_BACKEND | extra,
+            ..CtEntry::default()
+        };
+        assert_eq!(
+            fate(&closed(0), now, &t, false),
+            Fate::Forget { release_port: true }
+        );
+        assert_eq!(
+            fate(&closed(ct::FLAG_BACKEND_CLOSED_FIRST), now, &t, false),
+            Fate::Forget {
+                release_port: false
+            }
+        );
+        let idle = CtEntry {
+            last_seen_ns: 0,
+            flags: ct::FLAG_SEEN_NON_SYN,
+            ..CtEntry::default()
+        };
+        assert_eq!(
+            fate(&idle, 7 * 3600 * 1_000_000_000, &t, false),
+            Fate::Forget {
+                release_port: false
+            },
+            "an idle-expired connection may still be open on the backend"
+        );
+    }
+}

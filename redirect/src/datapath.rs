@@ -24,7 +24,7 @@ use redirect_common::{
     config::{Config, FLAG_CONFIGURED},
     ct::{CtEntry, CtKey},
     cutover::{Cutover, HeldSyn},
-    map_names,
+    limits, map_names,
     rev::{RevEntry, RevKey},
     stats::{ALL, STAT_COUNT},
 };
@@ -78,6 +78,17 @@ pub enum DatapathError {
     BackendMismatch {
         dir: PathBuf,
         changes: Vec<BackendChange>,
+    },
+    /// The pinned maps were made by a version of redirect with another map layout.
+    #[error(
+        "the datapath pinned at {} was made by another version of redirect: map {map} has {pinned}, this version needs {wanted}. Its tracked connections cannot be carried over. Let the proxy drain (or accept that live connections through it break), run `redirect detach`, then start this version",
+        dir.display()
+    )]
+    LayoutChanged {
+        dir: PathBuf,
+        map: &'static str,
+        pinned: String,
+        wanted: String,
     },
     /// A pinned map could not be opened.
     #[error("opening pinned map {}: {source}", path.display())]
@@ -458,6 +469,7 @@ pub fn check_adoption(dir: &Path, spec: &Spec) -> Result<Vec<BackendChange>, Dat
     if !PinDir(dir.to_path_buf()).is_pinned() {
         return Ok(Vec::new());
     }
+    check_layout(&PinDir(dir.to_path_buf()))?;
     let maps = Maps::open(dir)?;
     if let Some(pinned) = maps.vip()?
         && pinned != spec.vip
@@ -480,6 +492,56 @@ pub fn check_adoption(dir: &Path, spec: &Spec) -> Result<Vec<BackendChange>, Dat
         });
     }
     Ok(changes)
+}
+
+/// Key size, value size and entries of every map whose layout `redirect-common` defines.
+fn expected_layouts() -> [(&'static str, u32, u32, u32); 7] {
+    use std::mem::size_of;
+    let size = |n: usize| u32::try_from(n).expect("small");
+    [
+        (map_names::CONFIG, 4, size(size_of::<Config>()), 1),
+        (map_names::BACKENDS, 4, size(size_of::<Backend>()), MAX_BACKENDS),
+        (map_names::ACTIVE, 4, 4, 1),
+        (
+            map_names::CT,
+            size(size_of::<CtKey>()),
+            size(size_of::<CtEntry>()),
+            limits::CT_ENTRIES,
+        ),
+        (
+            map_names::REV,
+            size(size_of::<RevKey>()),
+            size(size_of::<RevEntry>()),
+            limits::REV_ENTRIES,
+        ),
+        (map_names::STATS, 4, 8, STAT_COUNT),
+        (map_names::CUTOVER, 4, size(size_of::<Cutover>()), 1),
+    ]
+}
+
+/// Refuses pins whose maps another version laid out differently: the kernel would re-use
+/// them as they are, and the new program would misread every entry (or never count a new
+/// statistic).
+fn check_layout(dir: &PinDir) -> Result<(), DatapathError> {
+    for (map, key, value, entries) in expected_layouts() {
+        let path = dir.map(map);
+        let data = MapData::from_pin(&path).map_err(|source| DatapathError::OpenMap {
+            path: path.clone(),
+            source,
+        })?;
+        let info = data.info().map_err(|source| DatapathError::OpenMap { path, source })?;
+        let pinned = (info.key_size(), info.value_size(), info.max_entries());
+        if pinned != (key, value, entries) {
+            let show = |(k, v, n): (u32, u32, u32)| format!("{k}-byte keys, {v}-byte values, {n} entries");
+            return Err(DatapathError::LayoutChanged {
+                dir: dir.0.clone(),
+                map,
+                pinned: show(pinned),
+                wanted: show((key, value, entries)),
+            });
+        }
+    }
+    Ok(())
 }
 
 /// What [`install`] did.

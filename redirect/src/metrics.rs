@@ -55,6 +55,42 @@ pub fn render(ctl: &Controller) -> String {
         }
     }
     drop(maps);
+    if let Some(gc) = crate::sync::lock(&ctl.last_gc).as_ref() {
+        let _ = writeln!(
+            out,
+            "# HELP redirect_snat_ports_claimed SNAT ports claimed (live, closing and quarantined connections), as of the last GC pass.\n# TYPE redirect_snat_ports_claimed gauge"
+        );
+        for p in &gc.ports {
+            let _ = writeln!(
+                out,
+                "redirect_snat_ports_claimed{{backend=\"{}\",snat=\"{}\"}} {}",
+                p.backend, p.snat, p.claimed
+            );
+        }
+        let _ = writeln!(
+            out,
+            "# HELP redirect_snat_ports_capacity Ports in the SNAT range.\n# TYPE redirect_snat_ports_capacity gauge"
+        );
+        for p in &gc.ports {
+            let _ = writeln!(
+                out,
+                "redirect_snat_ports_capacity{{backend=\"{}\",snat=\"{}\"}} {}",
+                p.backend, p.snat, p.capacity
+            );
+        }
+        let _ = writeln!(
+            out,
+            "# HELP redirect_conntrack_forgotten_total Connections the GC forgot, by how they ended (who closed first decides the port quarantine).\n# TYPE redirect_conntrack_forgotten_total counter"
+        );
+        for (how, n) in gc.forgotten_total.labelled() {
+            let _ = writeln!(out, "redirect_conntrack_forgotten_total{{how=\"{how}\"}} {n}");
+        }
+        let _ = writeln!(
+            out,
+            "# HELP redirect_gc_pass_seconds Duration of the last conntrack GC pass.\n# TYPE redirect_gc_pass_seconds gauge\nredirect_gc_pass_seconds {}",
+            gc.took_ms as f64 / 1000.0
+        );
+    }
     if let Some(lag) = crate::sync::lock(&ctl.last_lag).as_ref() {
         let _ = writeln!(
             out,

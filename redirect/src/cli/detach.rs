@@ -39,9 +39,18 @@ pub fn run(args: &Args, pin_dir: &Path, journal: &Path) -> anyhow::Result<()> {
 }
 
 fn detach(args: &Args, pin_dir: &Path) -> anyhow::Result<()> {
-    let maps = datapath::Maps::open(pin_dir)?;
-    let live: u64 = conntrack::live_per_backend(&maps)?.values().sum();
-    drop(maps);
+    // Pins left by another version may not be readable by this one; detaching them is how an
+    // upgrade across a map-layout change proceeds, so that needs --force, not a dead end.
+    let live: u64 = match datapath::Maps::open(pin_dir) {
+        Ok(maps) => conntrack::live_per_backend(&maps)?.values().sum(),
+        Err(e) if args.force => {
+            println!("cannot count tracked connections ({e}); detaching anyway (--force)");
+            0
+        }
+        Err(e) => anyhow::bail!(
+            "cannot count the tracked connections that detaching would break: {e}\nPass --force to detach anyway."
+        ),
+    };
     if live > 0 && !args.force {
         anyhow::bail!(
             "{live} live connection(s) are tracked and would break; drain them first, or pass --force"

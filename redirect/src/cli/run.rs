@@ -9,7 +9,7 @@ use std::{
 };
 
 use tokio_util::sync::CancellationToken;
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
 use super::PortRange;
 use crate::{
@@ -68,10 +68,12 @@ pub struct Args {
     /// Forget an established connection idle this long; keep it above your pools' idle time.
     #[arg(long, value_parser = humantime::parse_duration, default_value = "6h")]
     pub established_timeout: Duration,
-    /// Forget a closed (both FINs, or RST) connection after this long.
-    #[arg(long, value_parser = humantime::parse_duration, default_value = "10s")]
+    /// Forget a closed (both FINs, or RST) connection after this long: time for the last ACK
+    /// and a retransmitted FIN. A stray packet after it gets a RST from this host, harmlessly.
+    #[arg(long, value_parser = humantime::parse_duration, default_value = "2s")]
     pub close_timeout: Duration,
-    /// Keep a SNAT port unused this long after its connection is forgotten (> `TIME_WAIT`).
+    /// Keep a SNAT port unused this long after its connection is forgotten, when the backend
+    /// closed first and holds `TIME_WAIT` (> the backend's `TIME_WAIT`, 60 s on Linux).
     #[arg(long, value_parser = humantime::parse_duration, default_value = "120s")]
     pub port_quarantine: Duration,
     /// Load, attach and configure, then exit instead of serving (the datapath stays).
@@ -286,6 +288,7 @@ pub async fn run(args: Args, pin_dir: &Path, socket: &Path, journal: &Path) -> a
         last_lag: Mutex::new(None),
         last_report: Mutex::new(None),
         last_recovery: Mutex::new(None),
+        last_gc: Mutex::new(None),
     });
     let shutdown = CancellationToken::new();
     tokio::spawn({
@@ -396,37 +399,60 @@ async fn watch_lag(ctl: Arc<Controller>, interval: Duration, shutdown: Cancellat
     }
 }
 
-/// Runs GC passes until `shutdown`.
+/// Runs GC passes until `shutdown`, more often while a SNAT port range fills up.
 pub async fn serve_gc(
     ctl: &Controller,
     timeouts: Timeouts,
     interval: Duration,
     shutdown: &CancellationToken,
 ) {
-    let mut tick = tokio::time::interval(interval);
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut wait = interval;
+    let mut pressured = false;
+    let mut forgotten_total = conntrack::Forgotten::default();
     loop {
         tokio::select! {
             () = shutdown.cancelled() => return,
-            _ = tick.tick() => {}
+            () = tokio::time::sleep(wait) => {}
         }
         // A pass is a few map syscalls per entry; at 1M entries it takes seconds, which is
         // fine for a dedicated task (block_in_place keeps the runtime's other tasks running).
         let result = tokio::task::block_in_place(|| {
             let mut maps = crate::sync::lock(&ctl.maps);
-            conntrack::gc(&mut maps, &timeouts)
+            conntrack::gc(&mut maps, &timeouts, pressured)
         });
         match result {
-            Ok(r) if r.ct_expired + r.ports_quarantined + r.ports_released > 0 => {
-                info!(
-                    expired = r.ct_expired,
-                    quarantined = r.ports_quarantined,
-                    released = r.ports_released,
-                    live = r.ct_live,
-                    "conntrack gc"
-                );
+            Ok(mut r) => {
+                forgotten_total.add(&r.forgotten);
+                r.forgotten_total = forgotten_total;
+                let pressure = r.max_pressure();
+                if r.ct_expired + r.ports_quarantined + r.ports_released > 0 {
+                    debug!(
+                        expired = r.ct_expired,
+                        released_at_once = r.ports_released_at_once,
+                        quarantined = r.ports_quarantined,
+                        released = r.ports_released,
+                        live = r.ct_live,
+                        pressure = format!("{:.0}%", pressure * 100.0),
+                        took_ms = r.took_ms,
+                        "conntrack gc"
+                    );
+                }
+                let now_pressured = pressure >= conntrack::PRESSURE_HIGH;
+                if now_pressured != pressured {
+                    if now_pressured {
+                        warn!(
+                            pressure = format!("{:.0}%", pressure * 100.0),
+                            "SNAT ports are running short: collecting every 250 ms and forgetting unanswered SYNs after {:?}; add --snat-ip addresses or widen --snat-ports",
+                            conntrack::PRESSURED_SYN_TIMEOUT
+                        );
+                    } else {
+                        info!(pressure = format!("{:.0}%", pressure * 100.0), "SNAT port pressure back to normal");
+                    }
+                }
+                pressured = now_pressured;
+                wait = conntrack::next_gc_interval(interval, pressure);
+                *crate::sync::lock(&ctl.last_gc) = Some(r);
             }
-            Ok(_) => {}
             Err(e) => warn!(error = %e, "conntrack gc failed; retrying next interval"),
         }
     }

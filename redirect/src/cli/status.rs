@@ -25,6 +25,9 @@ pub struct BackendStatus {
     pub snat: String,
     /// Live (not closing) tracked connections.
     pub connections: u64,
+    /// SNAT ports claimed for this backend (live, closing and quarantined), and the range.
+    pub snat_ports_claimed: u64,
+    pub snat_ports_capacity: u64,
 }
 
 #[derive(Serialize)]
@@ -49,6 +52,7 @@ pub struct Status {
 
 pub fn collect(maps: &Maps) -> anyhow::Result<Status> {
     let conns = conntrack::list(maps)?;
+    let ports = conntrack::port_use(maps)?;
     let mut backends = BTreeMap::new();
     for role in [Role::Source, Role::Target] {
         if let Some(b) = maps.backend(role)? {
@@ -56,12 +60,15 @@ pub fn collect(maps: &Maps) -> anyhow::Result<Status> {
                 .iter()
                 .filter(|c| c.backend_addr == b.addr && c.state.is_live())
                 .count() as u64;
+            let port_use = ports.iter().find(|p| p.backend == b.addr && p.snat == b.snat);
             backends.insert(
                 role.name(),
                 BackendStatus {
                     addr: b.addr.to_string(),
                     snat: b.snat.to_string(),
                     connections,
+                    snat_ports_claimed: port_use.map_or(0, |p| p.claimed),
+                    snat_ports_capacity: port_use.map_or(0, |p| p.capacity),
                 },
             );
         }
@@ -78,6 +85,13 @@ pub fn collect(maps: &Maps) -> anyhow::Result<Status> {
         controller: None,
         interrupted: None,
     })
+}
+
+fn percent(part: u64, whole: u64) -> String {
+    if whole == 0 {
+        return "-".into();
+    }
+    format!("{}%", part * 100 / whole)
 }
 
 /// The journal's unfinished cutover, described.
@@ -149,8 +163,20 @@ pub fn run(args: &Args, pin_dir: &Path, socket: &Path, journal: &Path) -> anyhow
             " "
         };
         println!(
-            "{marker} {name:<7} {:<21} snat {:<15} {} live connection(s)",
-            b.addr, b.snat, b.connections
+            "{marker} {name:<7} {:<21} snat {:<15} {} live connection(s), SNAT ports {}/{} ({}){}",
+            b.addr,
+            b.snat,
+            b.connections,
+            b.snat_ports_claimed,
+            b.snat_ports_capacity,
+            percent(b.snat_ports_claimed, b.snat_ports_capacity),
+            if b.snat_ports_capacity > 0
+                && b.snat_ports_claimed * 2 >= b.snat_ports_capacity
+            {
+                "  <- running short: add --snat-ip addresses or widen --snat-ports"
+            } else {
+                ""
+            }
         );
     }
     println!("tracked entries: {}", status.tracked);

@@ -226,6 +226,8 @@ pub struct Controller {
     pub last_report: Mutex<Option<FlipReport>>,
     /// What the last recovery of an interrupted cutover did.
     pub last_recovery: Mutex<Option<String>>,
+    /// The last conntrack GC pass: `/metrics` reads port use from it instead of walking maps.
+    pub last_gc: Mutex<Option<crate::conntrack::GcReport>>,
 }
 
 /// The other backend.
