@@ -404,12 +404,12 @@ pub mod stats {
         SynOnLive,
         /// The client's ACK that completed a handshake (half-open → established).
         HandshakeCompleted,
-        /// A new connection reused the client port of one that closed without the backend
-        /// holding `TIME_WAIT`: the old SNAT port was released at once.
-        PortReleasedOnReopen,
+        /// A connection closed without the backend holding `TIME_WAIT` (the client closed
+        /// first, or a RST): its SNAT port was freed in the datapath, at once.
+        PortReleased,
     }
 
-    pub const STAT_COUNT: u32 = Stat::PortReleasedOnReopen as u32 + 1;
+    pub const STAT_COUNT: u32 = Stat::PortReleased as u32 + 1;
 
     /// Every counter, in index order, with the name `redirect status` and `/metrics` show.
     pub const ALL: [(Stat, &str); STAT_COUNT as usize] = [
@@ -439,7 +439,7 @@ pub mod stats {
         (Stat::RstOutOfWindow, "rst_out_of_window"),
         (Stat::SynOnLive, "syn_on_live"),
         (Stat::HandshakeCompleted, "handshake_completed"),
-        (Stat::PortReleasedOnReopen, "port_released_on_reopen"),
+        (Stat::PortReleased, "port_released"),
     ];
 
     #[cfg(test)]

@@ -79,7 +79,7 @@ fn forward(ip: &mut Ipv4Hdr, tcp: &mut TcpHdr, cfg: &Config, cut: &Cutover, now:
             }
             // Established packets and retransmitted SYNs keep the backend they started with,
             // whatever ACTIVE says now.
-            if !observed(entry, Direction::Forward, segment(ip, tcp), now) {
+            if !observed(&key, entry, Direction::Forward, segment(ip, tcp), now) {
                 return Verdict::Drop;
             }
             count(Stat::ForwardTracked);
@@ -99,8 +99,9 @@ fn forward(ip: &mut Ipv4Hdr, tcp: &mut TcpHdr, cfg: &Config, cut: &Cutover, now:
         if cut.holds(active_backend(), now) {
             return Verdict::Hold;
         }
+        // Usually freed already when it closed; this covers a close seen out of order.
         let closed = *entry;
-        release_port_of_closed(&key, &closed);
+        release_port(&key, &closed);
         return open(&key, ip, tcp, cfg, now, true);
     }
     if !pure_syn {
@@ -162,11 +163,11 @@ fn open(
         _pad0: 0,
         orphaned_ns: 0,
     };
-    // SAFETY: a helper with no preconditions.
-    let random = unsafe { bpf_get_prandom_u32() };
     let client_port = u16::from_be(key.client_port_be);
     let mut claimed: Option<RevKey> = None;
     for attempt in 0..SNAT_PROBES {
+        // SAFETY: a helper with no preconditions.
+        let random = unsafe { bpf_get_prandom_u32() };
         let port = ports::candidate(
             client_port,
             random,
@@ -293,7 +294,7 @@ fn reply(ip: &mut Ipv4Hdr, tcp: &mut TcpHdr, now: u64) -> Verdict {
         count(Stat::ReplyOrphan);
         return Verdict::Pass;
     }
-    if !observed(entry, Direction::Reply, segment(ip, tcp), now) {
+    if !observed(&key, entry, Direction::Reply, segment(ip, tcp), now) {
         return Verdict::Drop;
     }
     count(Stat::ReplyTracked);
@@ -327,9 +328,11 @@ fn segment(ip: &Ipv4Hdr, tcp: &TcpHdr) -> Segment {
     }
 }
 
-/// Runs conntrack on a tracked connection's segment; `false` means drop it (counted).
+/// Runs conntrack on a tracked connection's segment; `false` means drop it (counted). The
+/// segment that closes a connection whose backend holds no `TIME_WAIT` frees its SNAT port.
 #[inline(always)]
-fn observed(entry: &mut CtEntry, dir: Direction, seg: Segment, now: u64) -> bool {
+fn observed(key: &CtKey, entry: &mut CtEntry, dir: Direction, seg: Segment, now: u64) -> bool {
+    let was_closed = is_closed(entry.flags);
     match tcp::observe(entry, dir, seg) {
         Observed::RstOutOfWindow => {
             count(Stat::RstOutOfWindow);
@@ -340,15 +343,23 @@ fn observed(entry: &mut CtEntry, dir: Direction, seg: Segment, now: u64) -> bool
         Observed::Tracked => {}
     }
     entry.last_seen_ns = now;
+    if !was_closed && is_closed(entry.flags) {
+        let closed = *entry;
+        release_port(key, &closed);
+    }
     true
 }
 
-/// A client reopens the tuple of a closed connection: if the backend holds no `TIME_WAIT` for
-/// the old SNAT port (the client closed first, or a RST ended it), free that port now instead
-/// of after the garbage collector's quarantine. The client's new connection, keeping its
-/// port, usually takes the very same one.
+/// Frees the SNAT port of a closed connection if the backend holds no `TIME_WAIT` for it (the
+/// client closed first, or a RST ended it), instead of leaving it to the garbage collector:
+/// the port budget then no longer depends on how often the GC runs.
+///
+/// Only replies need the port's `REV` entry, and the only reply still possible is a FIN the
+/// backend retransmits because the client's last ACK was lost; without the entry the proxy's
+/// stack answers it with a RST, which ends the backend's `LAST_ACK` just as well. The `CT`
+/// entry stays for the close timeout, so the client's last ACK is still translated.
 #[inline(always)]
-fn release_port_of_closed(key: &CtKey, old: &CtEntry) {
+fn release_port(key: &CtKey, old: &CtEntry) {
     if !port_reusable_at_once(old.flags) {
         return;
     }
@@ -370,7 +381,7 @@ fn release_port_of_closed(key: &CtKey, old: &CtEntry) {
         && rev.vip_port_be == key.vip_port_be
         && REV.remove(rev_key).is_ok()
     {
-        count(Stat::PortReleasedOnReopen);
+        count(Stat::PortReleased);
     }
 }
 

@@ -169,6 +169,9 @@ pub const PRESSURE_HIGH: f64 = 0.5;
 /// The SYN timeout under high pressure. Forgetting a half-open entry is harmless: the client's
 /// next SYN retransmit (1, 3, 7, 15 s after the first) simply opens it again.
 pub const PRESSURED_SYN_TIMEOUT: Duration = Duration::from_secs(3);
+/// The close timeout under high pressure: still several round trips and a retransmitted FIN
+/// (200 ms minimum RTO) for the last packets of a closed connection.
+pub const PRESSURED_CLOSE_TIMEOUT: Duration = Duration::from_millis(500);
 
 /// When the next GC pass runs, given the highest port pressure the last one measured: the
 /// configured interval while ports are plentiful, down to 250 ms as a range fills, so the
@@ -300,6 +303,7 @@ enum Fate {
 fn fate(e: &CtEntry, now: u64, t: &Timeouts, pressured: bool) -> Fate {
     let idle = clock::since(e.last_seen_ns, now);
     let limit = match ConnState::of(e.flags) {
+        ConnState::Closed if pressured => t.close.min(PRESSURED_CLOSE_TIMEOUT),
         ConnState::Closed => t.close,
         ConnState::SynSent if pressured => t.syn.min(PRESSURED_SYN_TIMEOUT),
         ConnState::SynSent => t.syn,

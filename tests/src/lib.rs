@@ -15,6 +15,7 @@
     reason = "a test harness: callers decide what to check"
 )]
 
+pub mod churn;
 pub mod cutover_lab;
 pub mod faults;
 pub mod packet;

@@ -300,7 +300,10 @@ fn same_client_port_from_two_clients_gets_distinct_snat_ports() {
         a.sport, b.sport,
         "both map to (SNAT, source): the REV claim forces another port"
     );
-    assert_eq!(b.sport, 45001, "linear probing takes the next port");
+    assert!(
+        (40000..=59999).contains(&b.sport),
+        "a random probe inside the range"
+    );
     // Each reply finds its own client.
     let ra = p.translate(Tcp {
         src: SRC,
@@ -420,7 +423,7 @@ fn a_syn_after_a_close_the_client_started_reopens_with_the_port_released_at_once
     let e = p.ct(C1, 45000).unwrap();
     assert_eq!((e.backend_id, e.flags), (TARGET, FLAG_REOPENED));
     assert_eq!(p.rev_len(), 1, "the old SNAT port was freed, not quarantined");
-    assert_eq!(p.stat(Stat::PortReleasedOnReopen), 1);
+    assert_eq!(p.stat(Stat::PortReleased), 1);
     // A late packet from the old backend on the old port is not sent to the client.
     let (verdict, late) = p.run(&packet::tcp_frame(from_source(first, ACK), b""));
     assert_eq!((verdict, packet::parse(&late).0.dst), (XDP_PASS, SRC_SNAT));
@@ -440,7 +443,7 @@ fn a_syn_after_a_close_the_backend_started_leaves_the_old_port_quarantined() {
         2,
         "the backend holds TIME_WAIT on the old port: it stays claimed"
     );
-    assert_eq!(p.stat(Stat::PortReleasedOnReopen), 0);
+    assert_eq!(p.stat(Stat::PortReleased), 0);
     let (verdict, late) = p.run(&packet::tcp_frame(from_source(first, ACK), b""));
     assert_eq!((verdict, packet::parse(&late).0.dst), (XDP_PASS, SRC_SNAT));
     assert_eq!(p.stat(Stat::ReplyOrphan), 1);

@@ -59,8 +59,9 @@ pub struct Args {
     /// Leave the forwarding sysctls alone (otherwise they are set, and each change is logged).
     #[arg(long)]
     pub no_sysctl: bool,
-    /// How often to garbage-collect the connection table.
-    #[arg(long, value_parser = humantime::parse_duration, default_value = "5s")]
+    /// How often to garbage-collect the connection table while SNAT ports are plentiful (the
+    /// GC runs every 250 ms to 1 s as a port range fills).
+    #[arg(long, value_parser = humantime::parse_duration, default_value = "1s")]
     pub gc_interval: Duration,
     /// Forget a SYN that got no answer after this long.
     #[arg(long, value_parser = humantime::parse_duration, default_value = "60s")]
@@ -442,7 +443,8 @@ pub async fn serve_gc(
                     if now_pressured {
                         warn!(
                             pressure = format!("{:.0}%", pressure * 100.0),
-                            "SNAT ports are running short: collecting every 250 ms and forgetting unanswered SYNs after {:?}; add --snat-ip addresses or widen --snat-ports",
+                            "SNAT ports are running short: collecting every 250 ms, forgetting closed connections after {:?} and unanswered SYNs after {:?}; widen --snat-ports or add SNAT addresses",
+                            conntrack::PRESSURED_CLOSE_TIMEOUT,
                             conntrack::PRESSURED_SYN_TIMEOUT
                         );
                     } else {
