@@ -15,9 +15,9 @@ use std::{
 
 use crate::{Lab, Ns, PG_PORT, VIP};
 
-/// A server in the source namespace on the `PostgreSQL` port that answers each connection's
-/// 64 bytes, waits for the client to close, then closes: the client closes first, as a
-/// `PostgreSQL` client's Terminate makes it. Stops when dropped (or after `lifetime`).
+/// An echo server on the `PostgreSQL` port that echoes until the client closes, then closes:
+/// the client closes first, as a `PostgreSQL` client's Terminate makes it. Each acceptor serves
+/// one connection at a time. Stops when dropped (or after `lifetime`).
 pub struct EchoServer {
     stop: Arc<AtomicBool>,
     threads: Vec<JoinHandle<()>>,
@@ -69,10 +69,12 @@ fn serve(listener: &TcpListener, stop: &AtomicBool, deadline: Instant) {
         let _ = s.set_nonblocking(false);
         let _ = s.set_nodelay(true);
         let _ = s.set_read_timeout(Some(Duration::from_secs(5)));
+        // Echo until the client's FIN, then close.
         let mut buf = [0u8; 64];
-        if s.read_exact(&mut buf).is_ok() && s.write_all(&buf).is_ok() {
-            // Wait for the client's FIN before closing.
-            let _ = s.read(&mut buf);
+        while let Ok(n) = s.read(&mut buf) {
+            if n == 0 || s.write_all(&buf[..n]).is_err() {
+                break;
+            }
         }
     }
 }

@@ -89,3 +89,45 @@ pub fn parse(frame: &[u8]) -> (Tcp, bool) {
     let tcp_ok = csum::fold(csum::sum_words(seg, csum::sum_words(&pseudo, 0))) == 0xffff;
     (t, ip_ok && tcp_ok)
 }
+
+/// Sends crafted IPv4 packets (the frames of [`tcp_frame_at`] without their Ethernet header)
+/// through a raw socket of the calling thread's namespace: the kernel routes them as they are,
+/// spoofed source and all. Returns how many were sent.
+///
+/// # Panics
+/// If the raw socket cannot be opened (needs `CAP_NET_RAW`).
+pub fn send_raw(frames: impl IntoIterator<Item = Vec<u8>>) -> usize {
+    // SAFETY: plain socket(2); the fd is closed below.
+    let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_RAW, libc::IPPROTO_RAW) };
+    assert!(fd >= 0, "raw socket: {}", std::io::Error::last_os_error());
+    let mut sent = 0;
+    for frame in frames {
+        let ip = &frame[14..];
+        let dst = [ip[16], ip[17], ip[18], ip[19]];
+        let addr = libc::sockaddr_in {
+            sin_family: libc::AF_INET as libc::sa_family_t,
+            sin_port: 0,
+            sin_addr: libc::in_addr {
+                s_addr: u32::from_ne_bytes(dst),
+            },
+            sin_zero: [0; 8],
+        };
+        // SAFETY: a valid buffer and address for the socket's lifetime.
+        let rc = unsafe {
+            libc::sendto(
+                fd,
+                ip.as_ptr().cast(),
+                ip.len(),
+                0,
+                (&raw const addr).cast(),
+                u32::try_from(std::mem::size_of::<libc::sockaddr_in>()).expect("small"),
+            )
+        };
+        if rc >= 0 {
+            sent += 1;
+        }
+    }
+    // SAFETY: closing the fd opened above.
+    unsafe { libc::close(fd) };
+    sent
+}
