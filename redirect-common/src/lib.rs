@@ -407,9 +407,15 @@ pub mod stats {
         /// A connection closed without the backend holding `TIME_WAIT` (the client closed
         /// first, or a RST): its SNAT port was freed in the datapath, at once.
         PortReleased,
+        /// A connection closed: both FINs, the client's first.
+        ClosedClientFirst,
+        /// A connection closed: both FINs, the backend's first (its port is quarantined).
+        ClosedBackendFirst,
+        /// A connection closed by a RST (in the window).
+        ClosedByReset,
     }
 
-    pub const STAT_COUNT: u32 = Stat::PortReleased as u32 + 1;
+    pub const STAT_COUNT: u32 = Stat::ClosedByReset as u32 + 1;
 
     /// Every counter, in index order, with the name `redirect status` and `/metrics` show.
     pub const ALL: [(Stat, &str); STAT_COUNT as usize] = [
@@ -440,6 +446,9 @@ pub mod stats {
         (Stat::SynOnLive, "syn_on_live"),
         (Stat::HandshakeCompleted, "handshake_completed"),
         (Stat::PortReleased, "port_released"),
+        (Stat::ClosedClientFirst, "closed_client_first"),
+        (Stat::ClosedBackendFirst, "closed_backend_first"),
+        (Stat::ClosedByReset, "closed_by_reset"),
     ];
 
     #[cfg(test)]

@@ -6,7 +6,10 @@ use redirect_common::{
     backend::MAX_BACKENDS,
     config::{Config, FLAG_DROP_NONSYN_MISS},
     csum,
-    ct::{CtEntry, CtKey, FLAG_FENCED, FLAG_REOPENED, SeqSpace, is_closed, port_reusable_at_once},
+    ct::{
+        CtEntry, CtKey, FLAG_BACKEND_CLOSED_FIRST, FLAG_FENCED, FLAG_REOPENED, FLAG_RST, SeqSpace,
+        is_closed, port_reusable_at_once,
+    },
     cutover::Cutover,
     limits::SNAT_PROBES,
     ports,
@@ -345,6 +348,13 @@ fn observed(key: &CtKey, entry: &mut CtEntry, dir: Direction, seg: Segment, now:
     entry.last_seen_ns = now;
     if !was_closed && is_closed(entry.flags) {
         let closed = *entry;
+        count(if closed.flags & FLAG_RST != 0 {
+            Stat::ClosedByReset
+        } else if closed.flags & FLAG_BACKEND_CLOSED_FIRST != 0 {
+            Stat::ClosedBackendFirst
+        } else {
+            Stat::ClosedClientFirst
+        });
         release_port(key, &closed);
     }
     true

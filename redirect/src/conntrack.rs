@@ -268,6 +268,8 @@ impl Forgotten {
 #[derive(Clone, Debug, Default, PartialEq, Serialize)]
 pub struct GcReport {
     pub ct_expired: u64,
+    /// Entries found alive when taken out (a reopen or a packet raced the pass), put back.
+    pub ct_restored: u64,
     /// How the connections this pass forgot had ended.
     pub forgotten: Forgotten,
     /// The same, summed over every pass of this controller (filled in by the GC task).
@@ -359,21 +361,21 @@ pub fn gc(maps: &mut Maps, t: &Timeouts, pressured: bool) -> Result<GcReport, Da
         }
     }
     for k in &dead {
-        // Re-check: the entry may have been refreshed or reopened since the scan.
-        let Ok(e) = maps.ct.get(k, 0) else { continue };
+        // Take the entry out and look at what was really removed: the datapath may have
+        // refreshed it, or a client reopened the tuple, since the scan.
+        let Some(e) = maps.take_ct(k)? else { continue };
         let Fate::Forget { release_port } = fate(&e, clock::monotonic_ns(), t, pressured) else {
+            // Alive after all: put it back, unless the datapath already made a newer one.
+            let _ = maps.ct.insert(k, e, BPF_NOEXIST);
+            report.ct_restored += 1;
+            report.ct_live += 1;
             continue;
         };
-        match maps.ct.remove(k) {
-            Ok(()) | Err(aya::maps::MapError::KeyNotFound) => {
-                report.ct_expired += 1;
-                report.forgotten.count(e.flags);
-            }
-            Err(e) => return Err(map_err("deleting from CT")(e)),
-        }
+        report.ct_expired += 1;
+        report.forgotten.count(e.flags);
         if release_port {
             // The CT entry is gone, so no packet refers to this claim any more; free it
-            // unless a reopen already did (and someone else claimed the port since).
+            // unless the datapath already did (and someone else claimed the port since).
             let rk = rev_key_of(&e);
             if maps.rev.get(&rk, 0).is_ok_and(|re| points_to(&re, k)) {
                 match maps.rev.remove(&rk) {
@@ -490,6 +492,8 @@ pub fn port_use(maps: &Maps) -> Result<Vec<PortUse>, DatapathError> {
 
 /// `BPF_EXIST` from `linux/bpf.h`: update only an element that exists.
 const BPF_EXIST: u64 = 2;
+/// `BPF_NOEXIST`: create only an element that does not exist.
+const BPF_NOEXIST: u64 = 1;
 
 #[cfg(test)]
 mod tests {

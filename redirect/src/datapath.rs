@@ -292,6 +292,8 @@ pub struct Maps {
     pub stats: PerCpuArray<MapData, u64>,
     pub tx_ports: DevMapHash<MapData>,
     pub cutover: Array<MapData, Cutover>,
+    /// `CT` once more, untyped, for the one operation aya does not offer on hash maps.
+    ct_raw: MapData,
 }
 
 fn open_pinned(dir: &PinDir, name: &str) -> Result<Map, DatapathError> {
@@ -329,7 +331,57 @@ impl Maps {
             stats: typed!(&dir, map_names::STATS),
             tx_ports: typed!(&dir, map_names::TX_PORTS),
             cutover: typed!(&dir, map_names::CUTOVER),
+            ct_raw: {
+                let path = dir.map(map_names::CT);
+                MapData::from_pin(&path).map_err(|source| DatapathError::OpenMap { path, source })?
+            },
             dir,
+        })
+    }
+
+    /// Deletes a `CT` entry and returns the value that was deleted, in one step
+    /// (`BPF_MAP_LOOKUP_AND_DELETE_ELEM`, hash maps since Linux 5.14): the garbage collector
+    /// then knows exactly what it removed, even if the datapath rewrote the entry (a client
+    /// reopening the tuple) between its check and the delete. `None` if there was no entry.
+    pub fn take_ct(&self, key: &CtKey) -> Result<Option<CtEntry>, DatapathError> {
+        use std::os::fd::{AsFd as _, AsRawFd as _};
+        #[repr(C)]
+        struct Attr {
+            map_fd: u32,
+            _pad: u32,
+            key: u64,
+            value: u64,
+            flags: u64,
+        }
+        const BPF_MAP_LOOKUP_AND_DELETE_ELEM: libc::c_long = 21;
+        let mut value = CtEntry::default();
+        let attr = Attr {
+            map_fd: u32::try_from(self.ct_raw.fd().as_fd().as_raw_fd()).expect("an open fd"),
+            _pad: 0,
+            key: std::ptr::from_ref(key) as u64,
+            value: std::ptr::from_mut(&mut value) as u64,
+            flags: 0,
+        };
+        // SAFETY: `attr` points to a live key and a value buffer of the map's sizes (checked
+        // by `check_layout` at adoption and by the typed open above).
+        let rc = unsafe {
+            libc::syscall(
+                libc::SYS_bpf,
+                BPF_MAP_LOOKUP_AND_DELETE_ELEM,
+                &raw const attr,
+                std::mem::size_of::<Attr>(),
+            )
+        };
+        if rc == 0 {
+            return Ok(Some(value));
+        }
+        let err = std::io::Error::last_os_error();
+        if err.raw_os_error() == Some(libc::ENOENT) {
+            return Ok(None);
+        }
+        Err(DatapathError::Io {
+            what: "deleting from CT".into(),
+            source: err,
         })
     }
 

@@ -20,6 +20,7 @@ pub mod cutover_lab;
 pub mod faults;
 pub mod packet;
 pub mod pg;
+pub mod plot;
 pub mod workload;
 
 use std::{

@@ -44,6 +44,13 @@ enum Task {
         /// Only faults whose name contains this (prints the table instead of writing the doc).
         only: Option<String>,
     },
+    /// Sustained connection churn (TCP CRR, then `pgbench -C`) with default settings and the GC
+    /// running, 3 minutes each; writes docs/churn.md.
+    Churn {
+        /// 30 seconds per phase instead of 3 minutes.
+        #[arg(long)]
+        quick: bool,
+    },
 }
 
 fn main() -> anyhow::Result<()> {
@@ -58,6 +65,11 @@ fn main() -> anyhow::Result<()> {
             setup::install_bench_tools()?;
             build()?;
             run_lab_bin("bench", quick.then_some("--quick"), "the benchmark")
+        }
+        Task::Churn { quick } => {
+            setup::install()?;
+            build()?;
+            run_lab_bin("churn", quick.then_some("--quick"), "the churn benchmark")
         }
         Task::Faults { only } => {
             setup::install()?;
