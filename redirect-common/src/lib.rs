@@ -413,9 +413,17 @@ pub mod stats {
         ClosedBackendFirst,
         /// A connection closed by a RST (in the window).
         ClosedByReset,
+        /// An ICMP error (unreachable, fragmentation needed, time exceeded) about a tracked
+        /// connection, translated toward the sender of the packet it quotes.
+        IcmpTranslated,
+        /// An ICMP error quoting a TCP packet of no tracked connection: passed untouched.
+        IcmpUntracked,
+        /// A packet too big for the next hop (DF set): a fragmentation-needed error went back
+        /// to its sender, so PMTU discovery works through the proxy.
+        FragNeededSent,
     }
 
-    pub const STAT_COUNT: u32 = Stat::ClosedByReset as u32 + 1;
+    pub const STAT_COUNT: u32 = Stat::FragNeededSent as u32 + 1;
 
     /// Every counter, in index order, with the name `redirect status` and `/metrics` show.
     pub const ALL: [(Stat, &str); STAT_COUNT as usize] = [
@@ -449,6 +457,9 @@ pub mod stats {
         (Stat::ClosedClientFirst, "closed_client_first"),
         (Stat::ClosedBackendFirst, "closed_backend_first"),
         (Stat::ClosedByReset, "closed_by_reset"),
+        (Stat::IcmpTranslated, "icmp_translated"),
+        (Stat::IcmpUntracked, "icmp_untracked"),
+        (Stat::FragNeededSent, "frag_needed_sent"),
     ];
 
     #[cfg(test)]

@@ -40,8 +40,31 @@ pub struct TcpHdr {
     pub urg_ptr_be: u16,
 }
 
+/// ICMP header; `rest_be` is "unused" plus, for fragmentation-needed, the next-hop MTU.
+#[repr(C)]
+pub struct IcmpHdr {
+    pub kind: u8,
+    pub code: u8,
+    pub check: u16,
+    pub rest_be: u32,
+}
+
+/// The first 8 bytes of the TCP header an ICMP error quotes (all RFC 792 guarantees).
+#[repr(C)]
+pub struct QuotedTcp {
+    pub sport_be: u16,
+    pub dport_be: u16,
+    pub seq_be: u32,
+}
+
 const ETH_P_IPV4_BE: u16 = 0x0800u16.to_be();
-const IPPROTO_TCP: u8 = 6;
+pub const IPPROTO_TCP: u8 = 6;
+pub const IPPROTO_ICMP: u8 = 1;
+pub const ICMP_DEST_UNREACH: u8 = 3;
+pub const ICMP_TIME_EXCEEDED: u8 = 11;
+pub const ICMP_FRAG_NEEDED: u8 = 4;
+pub const ICMP_LEN: usize = core::mem::size_of::<IcmpHdr>();
+pub const QUOTED_LEN: usize = core::mem::size_of::<QuotedTcp>();
 /// More-fragments flag and fragment offset: either set means a fragment.
 const IP_MF_OFFSET_MASK_BE: u16 = 0x3fffu16.to_be();
 
@@ -56,9 +79,25 @@ pub struct Packet {
     pub tcp: *mut TcpHdr,
 }
 
+/// An ICMP error (destination unreachable, time exceeded) quoting a TCP/IPv4 packet: what
+/// PMTU discovery runs on. Pointers bounds-checked against `data_end`.
+pub struct IcmpError {
+    pub eth: *mut EthHdr,
+    pub ip: *mut Ipv4Hdr,
+    pub icmp: *mut IcmpHdr,
+    pub inner_ip: *mut Ipv4Hdr,
+    pub inner_tcp: *mut QuotedTcp,
+}
+
+/// What the datapath handles.
+pub enum Parsed {
+    Tcp(Packet),
+    IcmpError(IcmpError),
+}
+
 /// Parses `[data, data_end)`. `Err` carries why the packet is not ours to touch.
 #[inline(always)]
-pub fn parse(data: usize, data_end: usize) -> Result<Packet, Stat> {
+pub fn parse(data: usize, data_end: usize) -> Result<Parsed, Stat> {
     if data + ETH_LEN > data_end {
         return Err(Stat::PassTruncated);
     }
@@ -92,6 +131,9 @@ pub fn parse(data: usize, data_end: usize) -> Result<Packet, Stat> {
     if frag & IP_MF_OFFSET_MASK_BE != 0 {
         return Err(Stat::PassFragment);
     }
+    if proto == IPPROTO_ICMP {
+        return parse_icmp_error(eth, ip, ip_start + IP_LEN, data_end).map(Parsed::IcmpError);
+    }
     if proto != IPPROTO_TCP {
         return Err(Stat::PassNotTcp);
     }
@@ -105,5 +147,45 @@ pub fn parse(data: usize, data_end: usize) -> Result<Packet, Stat> {
     if unsafe { (*tcp).doff_reserved } >> 4 < 5 {
         return Err(Stat::PassTruncated);
     }
-    Ok(Packet { eth, ip, tcp })
+    Ok(Parsed::Tcp(Packet { eth, ip, tcp }))
+}
+
+/// An ICMP error quoting an unfragmented TCP/IPv4 packet without IP options; anything else
+/// (echo, other types, quotes we cannot read) passes untouched.
+#[inline(always)]
+fn parse_icmp_error(
+    eth: *mut EthHdr,
+    ip: *mut Ipv4Hdr,
+    icmp_start: usize,
+    data_end: usize,
+) -> Result<IcmpError, Stat> {
+    let inner_start = icmp_start + ICMP_LEN;
+    let quoted_start = inner_start + IP_LEN;
+    if quoted_start + QUOTED_LEN > data_end {
+        return Err(Stat::PassNotTcp);
+    }
+    let icmp = icmp_start as *mut IcmpHdr;
+    let inner_ip = inner_start as *mut Ipv4Hdr;
+    // SAFETY: bounds checked above.
+    let (kind, version_ihl, frag, proto) = unsafe {
+        (
+            (*icmp).kind,
+            (*inner_ip).version_ihl,
+            (*inner_ip).frag_off_be,
+            (*inner_ip).protocol,
+        )
+    };
+    if kind != ICMP_DEST_UNREACH && kind != ICMP_TIME_EXCEEDED {
+        return Err(Stat::PassNotTcp);
+    }
+    if version_ihl != 0x45 || frag & IP_MF_OFFSET_MASK_BE != 0 || proto != IPPROTO_TCP {
+        return Err(Stat::PassNotTcp);
+    }
+    Ok(IcmpError {
+        eth,
+        ip,
+        icmp,
+        inner_ip,
+        inner_tcp: quoted_start as *mut QuotedTcp,
+    })
 }

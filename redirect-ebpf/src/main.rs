@@ -108,7 +108,7 @@ pub fn redirect_xdp(ctx: XdpContext) -> u32 {
 
 #[inline(always)]
 fn try_redirect_xdp(ctx: &XdpContext) -> Result<u32, Stat> {
-    let pkt = headers::parse(ctx.data(), ctx.data_end())?;
+    let parsed = headers::parse(ctx.data(), ctx.data_end())?;
     let Some(cfg) = CONFIG.get(0) else {
         return Err(Stat::PassUnconfigured);
     };
@@ -118,8 +118,17 @@ fn try_redirect_xdp(ctx: &XdpContext) -> Result<u32, Stat> {
     // SAFETY: a helper with no preconditions.
     let now = unsafe { bpf_ktime_get_ns() };
     let cut = CUTOVER.get(0).copied().unwrap_or(Cutover::IDLE);
+    let pkt = match parsed {
+        headers::Parsed::Tcp(pkt) => pkt,
+        headers::Parsed::IcmpError(err) => {
+            return Ok(match nat::icmp_error(&err, cfg) {
+                nat::Verdict::Forward(_) => forward::xdp(ctx, err.eth, err.ip, None),
+                _ => xdp_action::XDP_PASS,
+            });
+        }
+    };
     Ok(match nat::process(&pkt, cfg, &cut, now) {
-        nat::Verdict::Forward => forward::xdp(ctx, &pkt),
+        nat::Verdict::Forward(sent) => forward::xdp(ctx, pkt.eth, pkt.ip, sent),
         nat::Verdict::Pass => xdp_action::XDP_PASS,
         nat::Verdict::Drop => xdp_action::XDP_DROP,
         nat::Verdict::Hold => {

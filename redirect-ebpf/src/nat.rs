@@ -20,19 +20,30 @@ use redirect_common::{
 
 use crate::{
     ACTIVE, BACKENDS, CT, REV, count,
-    headers::{IP_LEN, Ipv4Hdr, Packet, TcpHdr},
+    headers::{IP_LEN, IcmpError, IcmpHdr, Ipv4Hdr, Packet, QuotedTcp, TcpHdr},
 };
 
 /// What to do with a packet after conntrack.
 pub enum Verdict {
-    /// The headers were rewritten: forward the packet toward its new destination.
-    Forward,
+    /// The headers were rewritten: forward the packet toward its new destination. Carries the
+    /// addresses and ports as the sender sent them, for a fragmentation-needed error back to
+    /// it (none for an ICMP error itself: no error about an error).
+    Forward(Option<Sent>),
     /// Not ours or not translatable: hand it to the stack untouched.
     Pass,
     /// Drop it (the reason is already counted).
     Drop,
     /// A new connection's SYN while new connections are held: park it (untouched).
     Hold,
+}
+
+/// A TCP packet's addresses and ports as its sender sent them (before translation).
+#[derive(Clone, Copy)]
+pub struct Sent {
+    pub saddr_be: u32,
+    pub daddr_be: u32,
+    pub sport_be: u16,
+    pub dport_be: u16,
 }
 
 const EEXIST: i32 = 17;
@@ -87,7 +98,7 @@ fn forward(ip: &mut Ipv4Hdr, tcp: &mut TcpHdr, cfg: &Config, cut: &Cutover, now:
             }
             count(Stat::ForwardTracked);
             let e = *entry;
-            rewrite(
+            let sent = rewrite(
                 ip,
                 tcp,
                 e.snat_addr_be,
@@ -95,7 +106,7 @@ fn forward(ip: &mut Ipv4Hdr, tcp: &mut TcpHdr, cfg: &Config, cut: &Cutover, now:
                 e.snat_port_be,
                 e.backend_port_be,
             );
-            return Verdict::Forward;
+            return Verdict::Forward(Some(sent));
         }
         // The client reused the port of a closed connection: a new connection, which goes
         // to the active backend with a fresh SNAT port.
@@ -228,7 +239,7 @@ fn open(
                 // SAFETY: a valid map value pointer.
                 let w = unsafe { *winner };
                 count(Stat::ForwardTracked);
-                rewrite(
+                let sent = rewrite(
                     ip,
                     tcp,
                     w.snat_addr_be,
@@ -236,7 +247,7 @@ fn open(
                     w.snat_port_be,
                     w.backend_port_be,
                 );
-                return Verdict::Forward;
+                return Verdict::Forward(Some(sent));
             }
         }
         count(Stat::CtFull);
@@ -249,7 +260,7 @@ fn open(
     } else {
         Stat::NewConnTarget
     });
-    rewrite(
+    let sent = rewrite(
         ip,
         tcp,
         entry.snat_addr_be,
@@ -257,7 +268,7 @@ fn open(
         entry.snat_port_be,
         entry.backend_port_be,
     );
-    Verdict::Forward
+    Verdict::Forward(Some(sent))
 }
 
 /// Backend → SNAT address: translate back to VIP → client.
@@ -301,7 +312,7 @@ fn reply(ip: &mut Ipv4Hdr, tcp: &mut TcpHdr, now: u64) -> Verdict {
         return Verdict::Drop;
     }
     count(Stat::ReplyTracked);
-    rewrite(
+    let sent = rewrite(
         ip,
         tcp,
         rev.vip_addr_be,
@@ -309,7 +320,106 @@ fn reply(ip: &mut Ipv4Hdr, tcp: &mut TcpHdr, now: u64) -> Verdict {
         rev.vip_port_be,
         rev.client_port_be,
     );
-    Verdict::Forward
+    Verdict::Forward(Some(sent))
+}
+
+/// An ICMP error about a tracked connection, from a router on either side: translated like
+/// the connection's own packets, outer destination and quoted packet alike, so the sender of
+/// the quoted packet (the client, or the backend) learns the path MTU or the failure.
+#[inline(always)]
+pub fn icmp_error(err: &IcmpError, cfg: &Config) -> Verdict {
+    // SAFETY: `parse` bounds-checked every header.
+    let (ip, icmp, inner, quoted) =
+        unsafe { (&mut *err.ip, &mut *err.icmp, &mut *err.inner_ip, &mut *err.inner_tcp) };
+    if inner.saddr_be == cfg.vip_addr_be && quoted.sport_be == cfg.vip_port_be {
+        // About a packet the VIP sent to a client: it was the backend's, sent to the SNAT port.
+        if ip.daddr_be != cfg.vip_addr_be {
+            return Verdict::Pass;
+        }
+        let key = CtKey {
+            client_addr_be: inner.daddr_be,
+            vip_addr_be: inner.saddr_be,
+            client_port_be: quoted.dport_be,
+            vip_port_be: quoted.sport_be,
+        };
+        let Some(e) = CT.get_ptr(key) else {
+            count(Stat::IcmpUntracked);
+            return Verdict::Pass;
+        };
+        // SAFETY: a valid map value pointer.
+        let e = unsafe { *e };
+        translate_icmp(
+            ip,
+            icmp,
+            inner,
+            quoted,
+            e.backend_addr_be,
+            (e.backend_addr_be, e.backend_port_be),
+            (e.snat_addr_be, e.snat_port_be),
+        );
+    } else {
+        // About a packet this host sent to a backend from a SNAT port: it was the client's.
+        if ip.daddr_be != inner.saddr_be {
+            return Verdict::Pass;
+        }
+        let rev_key = RevKey {
+            backend_addr_be: inner.daddr_be,
+            snat_addr_be: inner.saddr_be,
+            backend_port_be: quoted.dport_be,
+            snat_port_be: quoted.sport_be,
+        };
+        let Some(rev) = REV.get_ptr(rev_key) else {
+            count(Stat::IcmpUntracked);
+            return Verdict::Pass;
+        };
+        // SAFETY: a valid map value pointer.
+        let rev = unsafe { *rev };
+        translate_icmp(
+            ip,
+            icmp,
+            inner,
+            quoted,
+            rev.client_addr_be,
+            (rev.client_addr_be, rev.client_port_be),
+            (rev.vip_addr_be, rev.vip_port_be),
+        );
+    }
+    count(Stat::IcmpTranslated);
+    Verdict::Forward(None)
+}
+
+/// Rewrites an ICMP error's outer destination and its quoted packet's addresses and ports.
+/// The ICMP checksum covers the quote, so every quoted word that changes (including the quoted
+/// IP header's own checksum) is folded into it. The quoted TCP checksum is left alone: a quote
+/// rarely holds it, and no receiver checks it.
+#[inline(always)]
+fn translate_icmp(
+    ip: &mut Ipv4Hdr,
+    icmp: &mut IcmpHdr,
+    inner: &mut Ipv4Hdr,
+    quoted: &mut QuotedTcp,
+    outer_dst: u32,
+    src: (u32, u16),
+    dst: (u32, u16),
+) {
+    ip.check = csum::replace4(ip.check, ip.daddr_be, outer_dst);
+    ip.daddr_be = outer_dst;
+    let inner_check = csum::replace4(
+        csum::replace4(inner.check, inner.saddr_be, src.0),
+        inner.daddr_be,
+        dst.0,
+    );
+    let mut c = csum::replace4(icmp.check, inner.saddr_be, src.0);
+    c = csum::replace4(c, inner.daddr_be, dst.0);
+    c = csum::replace2(c, quoted.sport_be, src.1);
+    c = csum::replace2(c, quoted.dport_be, dst.1);
+    c = csum::replace2(c, inner.check, inner_check);
+    icmp.check = c;
+    inner.check = inner_check;
+    inner.saddr_be = src.0;
+    inner.daddr_be = dst.0;
+    quoted.sport_be = src.1;
+    quoted.dport_be = dst.1;
 }
 
 /// Whether the segment has a payload (IPv4 total length beyond both headers).
@@ -396,9 +506,23 @@ fn release_port(key: &CtKey, old: &CtEntry) {
 }
 
 /// Rewrites both addresses and both ports, updating the IPv4 and TCP checksums incrementally
-/// (RFC 1624). Addresses are in the TCP pseudo-header, so they change both checksums.
+/// (RFC 1624). Addresses are in the TCP pseudo-header, so they change both checksums. Returns
+/// what the sender had sent.
 #[inline(always)]
-fn rewrite(ip: &mut Ipv4Hdr, tcp: &mut TcpHdr, saddr: u32, daddr: u32, sport: u16, dport: u16) {
+fn rewrite(
+    ip: &mut Ipv4Hdr,
+    tcp: &mut TcpHdr,
+    saddr: u32,
+    daddr: u32,
+    sport: u16,
+    dport: u16,
+) -> Sent {
+    let sent = Sent {
+        saddr_be: ip.saddr_be,
+        daddr_be: ip.daddr_be,
+        sport_be: tcp.sport_be,
+        dport_be: tcp.dport_be,
+    };
     let ip_check = csum::replace4(
         csum::replace4(ip.check, ip.saddr_be, saddr),
         ip.daddr_be,
@@ -414,4 +538,5 @@ fn rewrite(ip: &mut Ipv4Hdr, tcp: &mut TcpHdr, saddr: u32, daddr: u32, sport: u1
     tcp.check = tcp_check;
     tcp.sport_be = sport;
     tcp.dport_be = dport;
+    sent
 }

@@ -131,3 +131,72 @@ pub fn send_raw(frames: impl IntoIterator<Item = Vec<u8>>) -> usize {
     unsafe { libc::close(fd) };
     sent
 }
+
+/// An ICMP error as a router sends it: from `router` to `to`, quoting the first 28 bytes of
+/// the TCP packet `quoted` (as [`tcp_frame_at`] builds it), with valid checksums throughout.
+#[must_use]
+pub fn icmp_error_frame(router: Ipv4Addr, to: Ipv4Addr, kind: u8, code: u8, mtu: u16, quoted: Tcp) -> Vec<u8> {
+    let q = tcp_frame_at(quoted, 777, 0, b"");
+    let quote = &q[14..14 + 28];
+    let mut icmp = vec![kind, code, 0, 0, 0, 0];
+    icmp.extend_from_slice(&mtu.to_be_bytes());
+    icmp.extend_from_slice(quote);
+    let c = !csum::fold(csum::sum_words(&icmp, 0));
+    icmp[2..4].copy_from_slice(&c.to_ne_bytes());
+    let mut f = vec![0u8; 14];
+    f[0..6].copy_from_slice(&[0x02, 0, 0, 0, 0, 1]);
+    f[6..12].copy_from_slice(&[0x02, 0, 0, 0, 0, 2]);
+    f[12..14].copy_from_slice(&0x0800u16.to_be_bytes());
+    let mut ip = [0u8; 20];
+    ip[0] = 0x45;
+    let total = u16::try_from(20 + icmp.len()).expect("small");
+    ip[2..4].copy_from_slice(&total.to_be_bytes());
+    ip[8] = 64;
+    ip[9] = 1;
+    ip[12..16].copy_from_slice(&router.octets());
+    ip[16..20].copy_from_slice(&to.octets());
+    let c = csum::ipv4_header(&ip);
+    ip[10..12].copy_from_slice(&c.to_ne_bytes());
+    f.extend_from_slice(&ip);
+    f.extend_from_slice(&icmp);
+    f
+}
+
+/// An ICMP error frame taken apart: outer source and destination, type, code, MTU, the quoted
+/// packet's addressing, and whether the outer IP, ICMP and quoted IP checksums all hold.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct IcmpSeen {
+    pub src: Ipv4Addr,
+    pub dst: Ipv4Addr,
+    pub kind: u8,
+    pub code: u8,
+    pub mtu: u16,
+    pub quoted: Tcp,
+    pub checksums_ok: bool,
+}
+
+/// Parses what [`icmp_error_frame`] builds (or the datapath's own fragmentation-needed).
+#[must_use]
+pub fn parse_icmp(frame: &[u8]) -> IcmpSeen {
+    let ip = &frame[14..34];
+    let total = usize::from(u16::from_be_bytes([ip[2], ip[3]]));
+    let icmp = &frame[34..14 + total];
+    let inner = &icmp[8..28];
+    let ports = &icmp[28..32];
+    let ok = |b: &[u8]| csum::fold(csum::sum_words(b, 0)) == 0xffff;
+    IcmpSeen {
+        src: Ipv4Addr::new(ip[12], ip[13], ip[14], ip[15]),
+        dst: Ipv4Addr::new(ip[16], ip[17], ip[18], ip[19]),
+        kind: icmp[0],
+        code: icmp[1],
+        mtu: u16::from_be_bytes([icmp[6], icmp[7]]),
+        quoted: Tcp {
+            src: Ipv4Addr::new(inner[12], inner[13], inner[14], inner[15]),
+            sport: u16::from_be_bytes([ports[0], ports[1]]),
+            dst: Ipv4Addr::new(inner[16], inner[17], inner[18], inner[19]),
+            dport: u16::from_be_bytes([ports[2], ports[3]]),
+            flags: 0,
+        },
+        checksums_ok: ok(ip) && ok(icmp) && ok(inner),
+    }
+}

@@ -834,3 +834,96 @@ fn random_frames_never_reach_a_backend_without_a_tracked_syn() {
     }
     assert!(!opened.is_empty());
 }
+
+const ROUTER: Ipv4Addr = Ipv4Addr::new(198, 18, 9, 9);
+
+#[test]
+fn icmp_errors_about_a_tracked_connection_are_translated_both_ways() {
+    let mut p = Prog::new((40000, 59999), 0);
+    let snat = handshake(&mut p, C1, 45000);
+    // A router between the proxy and the source: fragmentation needed for a packet this host
+    // sent to the source from the SNAT port. It belongs to the client, as the client sent it.
+    let frame = packet::icmp_error_frame(
+        ROUTER,
+        SRC_SNAT,
+        3,
+        4,
+        1280,
+        Tcp {
+            src: SRC_SNAT,
+            sport: snat,
+            dst: SRC,
+            dport: 5432,
+            flags: ACK,
+        },
+    );
+    let (verdict, out) = p.run(&frame);
+    assert_eq!(verdict, XDP_PASS, "rewritten, then no route in the test netns");
+    let seen = packet::parse_icmp(&out);
+    assert_eq!(
+        seen,
+        packet::IcmpSeen {
+            src: ROUTER,
+            dst: C1,
+            kind: 3,
+            code: 4,
+            mtu: 1280,
+            quoted: Tcp {
+                src: C1,
+                sport: 45000,
+                dst: VIP,
+                dport: 5432,
+                flags: 0
+            },
+            checksums_ok: true,
+        }
+    );
+    // A router on the client's side: time exceeded for a packet the VIP sent to the client.
+    // It belongs to the source, which sent it to the SNAT port.
+    let frame = packet::icmp_error_frame(
+        ROUTER,
+        VIP,
+        11,
+        0,
+        0,
+        Tcp {
+            src: VIP,
+            sport: 5432,
+            dst: C1,
+            dport: 45000,
+            flags: ACK,
+        },
+    );
+    let seen = packet::parse_icmp(&p.run(&frame).1);
+    assert_eq!((seen.dst, seen.kind), (SRC, 11));
+    assert_eq!(
+        seen.quoted,
+        Tcp {
+            src: SRC,
+            sport: 5432,
+            dst: SRC_SNAT,
+            dport: snat,
+            flags: 0
+        }
+    );
+    assert!(seen.checksums_ok);
+    assert_eq!(p.stat(Stat::IcmpTranslated), 2);
+    // About a connection nobody tracks: untouched.
+    let stray = packet::icmp_error_frame(
+        ROUTER,
+        VIP,
+        3,
+        4,
+        1280,
+        Tcp {
+            src: VIP,
+            sport: 5432,
+            dst: C2,
+            dport: 1,
+            flags: ACK,
+        },
+    );
+    let (verdict, out) = p.run(&stray);
+    assert_eq!((verdict, out), (XDP_PASS, stray));
+    assert_eq!(p.stat(Stat::IcmpUntracked), 1);
+}
