@@ -273,6 +273,11 @@ pub mod ct {
     /// The backend's SYN-ACK was seen (`backend_seq` is valid). It does not make the entry
     /// established: only the client's ACK completing the handshake does.
     pub const FLAG_SYNACK_SEEN: u32 = 1 << 7;
+    /// Before any SYN-ACK, the backend answered the SYN with a bare ACK: a socket of an older
+    /// connection on the same backend-side tuple (`TIME_WAIT`, `LAST_ACK`) is still there.
+    /// `backend_seq.acked` then holds that ACK's acknowledgement number, which the client's
+    /// RFC 793 reset of the stale connection carries as its sequence number.
+    pub const FLAG_STALE_ACK: u32 = 1 << 8;
 
     /// Closed from both ends, or reset: only the close timeout keeps the entry alive.
     #[must_use]
@@ -327,7 +332,11 @@ pub mod rev {
         pub vip_addr_be: u32,
         pub client_port_be: u16,
         pub vip_port_be: u16,
-        pub _pad0: u32,
+        /// Which connection of that client tuple claimed the port: [`conn_id`] of its `CT`
+        /// entry. A client that reopens its tuple makes a new connection with the same key,
+        /// often on the same port; only this tells the new claim from the old one, so nothing
+        /// frees the new connection's port while cleaning up after the old.
+        pub conn_id: u32,
         /// Written by the controller when this entry's connection is gone: the SNAT port stays
         /// claimed (quarantined) until this time plus the quarantine, longer than the
         /// backend's `TIME_WAIT`, so a reused port never meets a stale server-side tuple
@@ -335,6 +344,42 @@ pub mod rev {
         pub orphaned_ns: u64,
     }
     const _: () = assert!(core::mem::size_of::<RevEntry>() == 24);
+
+    /// A connection's identity among the connections of one client tuple: the low bits of the
+    /// `bpf_ktime_get_ns` at which its entry was created.
+    #[must_use]
+    pub const fn conn_id(created_ns: u64) -> u32 {
+        #[expect(clippy::cast_possible_truncation, reason = "the low bits are the point")]
+        let id = created_ns as u32;
+        id
+    }
+
+    impl RevEntry {
+        /// Whether this port claim is the one of connection `entry`, tracked under `key`.
+        #[must_use]
+        #[inline(always)]
+        pub const fn belongs_to(&self, key: &crate::ct::CtKey, entry: &crate::ct::CtEntry) -> bool {
+            self.client_addr_be == key.client_addr_be
+                && self.client_port_be == key.client_port_be
+                && self.vip_addr_be == key.vip_addr_be
+                && self.vip_port_be == key.vip_port_be
+                && self.conn_id == conn_id(entry.created_ns)
+        }
+    }
+
+    impl crate::ct::CtEntry {
+        /// The `REV` key of this connection's SNAT port.
+        #[must_use]
+        #[inline(always)]
+        pub const fn rev_key(&self) -> RevKey {
+            RevKey {
+                backend_addr_be: self.backend_addr_be,
+                snat_addr_be: self.snat_addr_be,
+                backend_port_be: self.backend_port_be,
+                snat_port_be: self.snat_port_be,
+            }
+        }
+    }
 
     #[cfg(feature = "user")]
     // SAFETY: plain old data, every bit pattern is valid, no implicit padding.

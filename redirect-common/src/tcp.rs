@@ -2,7 +2,7 @@
 
 use crate::ct::{
     CtEntry, FLAG_BACKEND_CLOSED_FIRST, FLAG_FIN_BACKEND, FLAG_FIN_CLIENT, FLAG_RST,
-    FLAG_SEEN_NON_SYN, FLAG_SYNACK_SEEN, SeqSpace,
+    FLAG_SEEN_NON_SYN, FLAG_STALE_ACK, FLAG_SYNACK_SEEN, SeqSpace,
 };
 
 pub const FIN: u8 = 0x01;
@@ -85,6 +85,15 @@ fn advance(field: &mut u32, to: u32) {
     }
 }
 
+/// Moves `space.acked` up to `ack`, but never past what the sender has sent: a bogus or stale
+/// acknowledgement must not widen the window a RST is checked against.
+#[inline(always)]
+fn advance_acked(space: &mut SeqSpace, ack: u32) {
+    if seq_after(ack, space.acked) && !seq_after(ack, space.next) {
+        space.acked = ack;
+    }
+}
+
 /// Where a RST from the sender of `space` may land and still be genuine: from what the peer
 /// has acknowledged (its `RCV.NXT`, which RFC 5961 requires exactly) up to what the sender has
 /// sent (the peer may have acknowledged more than this host has seen yet). A blind attacker has
@@ -128,10 +137,19 @@ pub fn observe(e: &mut CtEntry, dir: Direction, seg: Segment) -> Observed {
                 return Observed::Tracked;
             }
             if flags & RST != 0 {
-                if !rst_in_window(seg.seq, &e.client_seq) {
+                if rst_in_window(seg.seq, &e.client_seq) {
+                    bits |= FLAG_RST;
+                } else if !established
+                    && e.flags & FLAG_STALE_ACK != 0
+                    && seg.seq == e.backend_seq.acked
+                {
+                    // RFC 793's reset of a half-open connection: the client, in SYN-SENT, answers
+                    // a stale socket's ACK so the backend drops it; the client's own attempt goes
+                    // on (its next SYN finds the tuple free), so the entry stays open.
+                    return Observed::Tracked;
+                } else {
                     return Observed::RstOutOfWindow;
                 }
-                bits |= FLAG_RST;
             } else if !established
                 && flags & ACK != 0
                 && synack_seen
@@ -144,7 +162,7 @@ pub fn observe(e: &mut CtEntry, dir: Direction, seg: Segment) -> Observed {
             }
             advance(&mut e.client_seq.next, seg.end());
             if flags & ACK != 0 && synack_seen {
-                advance(&mut e.backend_seq.acked, seg.ack);
+                advance_acked(&mut e.backend_seq, seg.ack);
             }
             if flags & FIN != 0 {
                 bits |= FLAG_FIN_CLIENT;
@@ -176,9 +194,16 @@ pub fn observe(e: &mut CtEntry, dir: Direction, seg: Segment) -> Observed {
                 }
             } else if synack_seen {
                 advance(&mut e.backend_seq.next, seg.end());
+            } else if !established && flags & (ACK | RST) == ACK {
+                // No SYN-ACK yet, but an ACK: a stale socket answering the SYN (see
+                // FLAG_STALE_ACK). Remember what the client's reset of it will carry.
+                if e.backend_seq.acked != seg.ack {
+                    e.backend_seq.acked = seg.ack;
+                }
+                bits |= FLAG_STALE_ACK;
             }
             if flags & ACK != 0 {
-                advance(&mut e.client_seq.acked, seg.ack);
+                advance_acked(&mut e.client_seq, seg.ack);
             }
             if flags & FIN != 0 {
                 bits |= FLAG_FIN_BACKEND;
@@ -333,6 +358,56 @@ mod tests {
             Observed::Tracked
         );
         assert!(is_closed(e.flags));
+    }
+
+    #[test]
+    fn a_stale_backend_socket_is_reset_without_closing_the_new_attempt() {
+        // The SYN lands on a backend tuple still in LAST_ACK or TIME_WAIT: a bare ACK comes
+        // back, the client in SYN-SENT answers with <SEQ=SEG.ACK><CTL=RST> (RFC 793).
+        let mut e = opened();
+        let stale_ack = CLIENT_ISN.wrapping_sub(123_456_789);
+        observe(&mut e, Direction::Reply, seg(ACK, 42, stale_ack, 0));
+        assert_eq!(e.client_seq.acked, CLIENT_ISN + 1, "a stale ACK widens nothing");
+        assert_eq!(
+            observe(&mut e, Direction::Forward, seg(RST, stale_ack.wrapping_add(1), 0, 0)),
+            Observed::RstOutOfWindow,
+            "only the exact stale acknowledgement"
+        );
+        assert_eq!(
+            observe(&mut e, Direction::Forward, seg(RST, stale_ack, 0, 0)),
+            Observed::Tracked
+        );
+        assert!(!is_closing(e.flags), "the client's attempt goes on");
+        // Its retransmitted SYN then completes normally.
+        observe(&mut e, Direction::Forward, seg(SYN, CLIENT_ISN, 0, 0));
+        observe(
+            &mut e,
+            Direction::Reply,
+            seg(SYN | ACK, BACKEND_ISN, CLIENT_ISN + 1, 0),
+        );
+        assert_eq!(
+            observe(
+                &mut e,
+                Direction::Forward,
+                seg(ACK, CLIENT_ISN + 1, BACKEND_ISN + 1, 0)
+            ),
+            Observed::HandshakeCompleted
+        );
+    }
+
+    #[test]
+    fn an_ack_beyond_what_was_sent_never_widens_the_window() {
+        let mut e = established();
+        observe(
+            &mut e,
+            Direction::Reply,
+            seg(ACK, BACKEND_ISN + 1, CLIENT_ISN + 1_000_000, 0),
+        );
+        assert_eq!(e.client_seq.acked, CLIENT_ISN + 1);
+        assert_eq!(
+            observe(&mut e, Direction::Forward, seg(RST, CLIENT_ISN + 500_000, 0, 0)),
+            Observed::RstOutOfWindow
+        );
     }
 
     #[test]

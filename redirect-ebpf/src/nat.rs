@@ -13,7 +13,7 @@ use redirect_common::{
     cutover::Cutover,
     limits::SNAT_PROBES,
     ports,
-    rev::{RevEntry, RevKey},
+    rev::{self, RevEntry, RevKey},
     stats::Stat,
     tcp::{self, Direction, Observed, Segment},
 };
@@ -174,7 +174,7 @@ fn open(
         vip_addr_be: key.vip_addr_be,
         client_port_be: key.client_port_be,
         vip_port_be: key.vip_port_be,
-        _pad0: 0,
+        conn_id: rev::conn_id(now),
         orphaned_ns: 0,
     };
     let client_port = u16::from_be(key.client_port_be);
@@ -483,24 +483,15 @@ fn release_port(key: &CtKey, old: &CtEntry) {
     if !port_reusable_at_once(old.flags) {
         return;
     }
-    let rev_key = RevKey {
-        backend_addr_be: old.backend_addr_be,
-        snat_addr_be: old.snat_addr_be,
-        backend_port_be: old.backend_port_be,
-        snat_port_be: old.snat_port_be,
-    };
-    // Only if the port is still this connection's: never free another connection's claim.
+    let rev_key = old.rev_key();
+    // Only if the port is still this connection's: never free another connection's claim,
+    // nor a newer connection's of the same client tuple.
     let Some(rev) = REV.get_ptr(rev_key) else {
         return;
     };
     // SAFETY: a valid map value pointer.
     let rev = unsafe { *rev };
-    if rev.client_addr_be == key.client_addr_be
-        && rev.client_port_be == key.client_port_be
-        && rev.vip_addr_be == key.vip_addr_be
-        && rev.vip_port_be == key.vip_port_be
-        && REV.remove(rev_key).is_ok()
-    {
+    if rev.belongs_to(key, old) && REV.remove(rev_key).is_ok() {
         count(Stat::PortReleased);
     }
 }

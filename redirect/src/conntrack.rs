@@ -13,7 +13,7 @@ use std::{
 
 use redirect_common::{
     ct::{self, CtEntry, CtKey},
-    rev::{RevEntry, RevKey},
+    rev::RevEntry,
 };
 use serde::Serialize;
 
@@ -320,22 +320,6 @@ fn fate(e: &CtEntry, now: u64, t: &Timeouts, pressured: bool) -> Fate {
     }
 }
 
-fn rev_key_of(e: &CtEntry) -> RevKey {
-    RevKey {
-        backend_addr_be: e.backend_addr_be,
-        snat_addr_be: e.snat_addr_be,
-        backend_port_be: e.backend_port_be,
-        snat_port_be: e.snat_port_be,
-    }
-}
-
-fn points_to(re: &RevEntry, k: &CtKey) -> bool {
-    re.client_addr_be == k.client_addr_be
-        && re.client_port_be == k.client_port_be
-        && re.vip_addr_be == k.vip_addr_be
-        && re.vip_port_be == k.vip_port_be
-}
-
 /// One pass: forget `CT` entries by state and idle time, freeing the SNAT port of those whose
 /// backend holds no `TIME_WAIT` at once; then mark `REV` entries whose `CT` twin is gone (or
 /// belongs to a newer connection) as orphaned, and delete them once the quarantine has
@@ -376,8 +360,8 @@ pub fn gc(maps: &mut Maps, t: &Timeouts, pressured: bool) -> Result<GcReport, Da
         if release_port {
             // The CT entry is gone, so no packet refers to this claim any more; free it
             // unless the datapath already did (and someone else claimed the port since).
-            let rk = rev_key_of(&e);
-            if maps.rev.get(&rk, 0).is_ok_and(|re| points_to(&re, k)) {
+            let rk = e.rev_key();
+            if maps.rev.get(&rk, 0).is_ok_and(|re| re.belongs_to(k, &e)) {
                 match maps.rev.remove(&rk) {
                     Ok(()) => report.ports_released_at_once += 1,
                     Err(aya::maps::MapError::KeyNotFound) => {}
@@ -398,7 +382,10 @@ pub fn gc(maps: &mut Maps, t: &Timeouts, pressured: bool) -> Result<GcReport, Da
             client_port_be: re.client_port_be,
             vip_port_be: re.vip_port_be,
         };
-        let owned = maps.ct.get(&key, 0).is_ok_and(|e| rev_key_of(&e) == rk);
+        let owned = maps
+            .ct
+            .get(&key, 0)
+            .is_ok_and(|e| e.rev_key() == rk && re.belongs_to(&key, &e));
         if owned {
             *claimed
                 .entry((rk.backend_addr_be, rk.backend_port_be, rk.snat_addr_be))

@@ -28,6 +28,19 @@ fn sustained_churn_never_runs_out_of_snat_ports() {
         run.exhausted(),
         run.max_claimed()
     );
+    eprintln!("counters: {}", lab.status()["stats"]);
+    eprintln!(
+        "client: {}",
+        String::from_utf8_lossy(
+            &lab.exec_ok(Ns::Client, &["nstat", "-az", "TcpExtTCPSynRetrans", "TcpExtTCPTimeouts", "TcpAttemptFails", "TcpEstabResets", "TcpOutRsts", "TcpExtTCPChallengeACK"]).stdout
+        )
+    );
+    eprintln!(
+        "server: {}",
+        String::from_utf8_lossy(
+            &lab.exec_ok(Ns::Source, &["nstat", "-az", "TcpExtTCPChallengeACK", "TcpOutRsts", "TcpExtTW", "TcpExtTWRecycled", "TcpExtTCPTimeWaitOverflow", "TcpExtListenDrops", "TcpExtTCPAbortOnData", "TcpExtTCPSYNChallenge"]).stdout
+        )
+    );
     for s in &run.samples {
         eprintln!(
             "  t={:>5.1}s {:>6.0}/s claimed {:>5}/{}",
