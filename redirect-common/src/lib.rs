@@ -520,6 +520,68 @@ pub mod stats {
     }
 }
 
+/// The `EVENTS` ring buffer: rare, actionable datapath events for the controller's log, with
+/// the flow's addresses. Counters stay the hot path's only output; the datapath sends each kind
+/// at most once a second per CPU.
+pub mod events {
+    /// What happened.
+    #[repr(u32)]
+    #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+    pub enum EventKind {
+        /// A SYN was dropped: no free SNAT port toward the backend.
+        SnatExhausted = 0,
+        /// A SYN was dropped: the connection table is full.
+        CtFull,
+        /// The cutover lease ran out in the kernel while its fenced backend was still active:
+        /// hold and fence were lifted without the controller (which is then stuck, or gone).
+        LeaseExpired,
+        /// A SYN was dropped during a hold: the parked-SYN ring was full.
+        HoldRingFull,
+        /// A SYN was dropped: `ACTIVE` names a backend that is not configured (`detail`).
+        BadActive,
+    }
+
+    /// How many kinds there are.
+    pub const EVENT_KINDS: u32 = EventKind::BadActive as u32 + 1;
+
+    impl EventKind {
+        /// The kind with this discriminant.
+        #[must_use]
+        pub const fn from_u32(v: u32) -> Option<Self> {
+            Some(match v {
+                0 => Self::SnatExhausted,
+                1 => Self::CtFull,
+                2 => Self::LeaseExpired,
+                3 => Self::HoldRingFull,
+                4 => Self::BadActive,
+                _ => return None,
+            })
+        }
+    }
+
+    /// One event, as `EVENTS` carries it.
+    #[repr(C)]
+    #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+    pub struct DatapathEvent {
+        /// An [`EventKind`] discriminant.
+        pub kind: u32,
+        /// Kind-specific: the bad `ACTIVE` value.
+        pub detail: u32,
+        /// `bpf_ktime_get_ns` when it happened.
+        pub at_ns: u64,
+        pub client_addr_be: u32,
+        pub backend_addr_be: u32,
+        pub client_port_be: u16,
+        pub backend_port_be: u16,
+        pub _pad0: u32,
+    }
+    const _: () = assert!(core::mem::size_of::<DatapathEvent>() == 32);
+
+    #[cfg(feature = "user")]
+    // SAFETY: plain old data, every bit pattern is valid, no implicit padding.
+    unsafe impl aya::Pod for DatapathEvent {}
+}
+
 /// Sizes of the maps. A full table drops the SYN and counts it; it never evicts.
 pub mod limits {
     /// Tracked connections. A preallocated hash of this size costs tens of MB of kernel

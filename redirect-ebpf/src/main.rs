@@ -17,6 +17,7 @@
     reason = "BPF: context fields and sizes are small values in 64-bit registers; #[xdp] entry points take their context by value"
 )]
 
+mod events;
 mod forward;
 mod headers;
 mod nat;
@@ -132,7 +133,16 @@ fn try_redirect_xdp(ctx: &XdpContext) -> Result<u32, Stat> {
         nat::Verdict::Pass => xdp_action::XDP_PASS,
         nat::Verdict::Drop => xdp_action::XDP_DROP,
         nat::Verdict::Hold => {
-            hold(ctx, now);
+            // SAFETY: `parse` bounds-checked the headers; read before the frame is copied.
+            let flow = unsafe {
+                events::Flow {
+                    client_addr_be: (*pkt.ip).saddr_be,
+                    client_port_be: (*pkt.tcp).sport_be,
+                    backend_addr_be: (*pkt.ip).daddr_be,
+                    backend_port_be: (*pkt.tcp).dport_be,
+                }
+            };
+            hold(ctx, now, &flow);
             xdp_action::XDP_DROP
         }
     })
@@ -141,7 +151,7 @@ fn try_redirect_xdp(ctx: &XdpContext) -> Result<u32, Stat> {
 /// Copies the untouched SYN frame into `HELD`. If it cannot (ring full, frame too long), the
 /// SYN is dropped all the same and the client's retransmit arrives after the hold.
 #[inline(always)]
-fn hold(ctx: &XdpContext, now: u64) {
+fn hold(ctx: &XdpContext, now: u64, flow: &events::Flow) {
     let len = ctx.data_end() - ctx.data();
     if len == 0 || len > HELD_FRAME_MAX {
         count(Stat::SynHoldFailed);
@@ -149,6 +159,7 @@ fn hold(ctx: &XdpContext, now: u64) {
     }
     let Some(mut slot) = HELD.reserve(0) else {
         count(Stat::SynHoldFailed);
+        events::send(redirect_common::events::EventKind::HoldRingFull, flow, 0, now);
         return;
     };
     let held = slot.as_mut_ptr();

@@ -3,14 +3,15 @@
 
 use aya_ebpf::{bindings::BPF_NOEXIST, helpers::bpf_get_prandom_u32};
 use redirect_common::{
-    backend::MAX_BACKENDS,
+    backend::{Backend, MAX_BACKENDS},
     config::{Config, FLAG_DROP_NONSYN_MISS},
     csum,
     ct::{
         CtEntry, CtKey, FLAG_BACKEND_CLOSED_FIRST, FLAG_FENCED, FLAG_REOPENED, FLAG_RST, SeqSpace,
         is_closed, port_reusable_at_once,
     },
-    cutover::Cutover,
+    cutover::{Cutover, NO_FENCE},
+    events::EventKind,
     limits::SNAT_PROBES,
     ports,
     rev::{self, RevEntry, RevKey},
@@ -20,6 +21,7 @@ use redirect_common::{
 
 use crate::{
     ACTIVE, BACKENDS, CT, REV, count,
+    events::{self, Flow},
     headers::{IP_LEN, IcmpError, IcmpHdr, Ipv4Hdr, Packet, QuotedTcp, TcpHdr},
 };
 
@@ -50,7 +52,12 @@ const EEXIST: i32 = 17;
 
 /// Runs conntrack for one parsed TCP/IPv4 packet and rewrites it in place.
 #[inline(always)]
-pub fn process(pkt: &Packet, cfg: &Config, cut: &Cutover, now: u64) -> Verdict {
+pub fn process(
+    pkt: &Packet,
+    cfg: &Config,
+    cut: &Cutover,
+    now: u64,
+) -> Verdict {
     // SAFETY: `parse` bounds-checked every header.
     let (ip, tcp) = unsafe { (&mut *pkt.ip, &mut *pkt.tcp) };
     if ip.daddr_be == cfg.vip_addr_be && tcp.dport_be == cfg.vip_port_be {
@@ -62,7 +69,13 @@ pub fn process(pkt: &Packet, cfg: &Config, cut: &Cutover, now: u64) -> Verdict {
 
 /// Client → VIP.
 #[inline(always)]
-fn forward(ip: &mut Ipv4Hdr, tcp: &mut TcpHdr, cfg: &Config, cut: &Cutover, now: u64) -> Verdict {
+fn forward(
+    ip: &mut Ipv4Hdr,
+    tcp: &mut TcpHdr,
+    cfg: &Config,
+    cut: &Cutover,
+    now: u64,
+) -> Verdict {
     let key = CtKey {
         client_addr_be: ip.saddr_be,
         vip_addr_be: ip.daddr_be,
@@ -71,6 +84,9 @@ fn forward(ip: &mut Ipv4Hdr, tcp: &mut TcpHdr, cfg: &Config, cut: &Cutover, now:
     };
     let flags = tcp.flags;
     let pure_syn = tcp::is_pure_syn(flags);
+    if cut.fenced_backend != NO_FENCE && now >= cut.fence_until_ns {
+        report_if_lease_expired(&key, cut, now);
+    }
     if let Some(entry) = CT.get_ptr_mut(key) {
         // SAFETY: a valid map value pointer; concurrent updates of `flags`/`last_seen_ns`
         // from another CPU can lose an OR (benign, as in Cilium: the GC then relies on the
@@ -134,13 +150,38 @@ fn forward(ip: &mut Ipv4Hdr, tcp: &mut TcpHdr, cfg: &Config, cut: &Cutover, now:
     open(&key, ip, tcp, cfg, now, false)
 }
 
+/// The cutover lease ran out while its fenced backend is still active: the kernel lifted the
+/// hold and the fence on its own, as designed for a dead controller. Worth a line if a
+/// controller is alive to read it (it is then stuck).
+#[inline(always)]
+fn report_if_lease_expired(key: &CtKey, cut: &Cutover, now: u64) {
+    if active_backend() != cut.fenced_backend {
+        return;
+    }
+    let backend = BACKENDS.get(cut.fenced_backend).copied().unwrap_or_default();
+    events::send(
+        EventKind::LeaseExpired,
+        &flow_of(key, backend.addr_be, backend.port_be),
+        0,
+        now,
+    );
+}
+
+/// A flow for an event's log line.
+#[inline(always)]
+fn flow_of(key: &CtKey, backend_addr_be: u32, backend_port_be: u16) -> Flow {
+    Flow {
+        client_addr_be: key.client_addr_be,
+        client_port_be: key.client_port_be,
+        backend_addr_be,
+        backend_port_be,
+    }
+}
+
 /// The `BACKENDS` index new connections go to (`NO_FENCE`, matching nothing, if unset).
 #[inline(always)]
 fn active_backend() -> u32 {
-    ACTIVE
-        .get(0)
-        .copied()
-        .unwrap_or(redirect_common::cutover::NO_FENCE)
+    ACTIVE.get(0).copied().unwrap_or(NO_FENCE)
 }
 
 /// A pure SYN with no live entry: pick the active backend, claim a SNAT port, track it.
@@ -153,20 +194,15 @@ fn open(
     now: u64,
     reopen: bool,
 ) -> Verdict {
-    let Some(&active) = ACTIVE.get(0) else {
-        count(Stat::BadActive);
-        return Verdict::Drop;
-    };
-    if active >= MAX_BACKENDS {
-        count(Stat::BadActive);
-        return Verdict::Drop;
-    }
-    let Some(&backend) = BACKENDS.get(active) else {
-        count(Stat::BadActive);
-        return Verdict::Drop;
+    let active = ACTIVE.get(0).copied().unwrap_or(NO_FENCE);
+    let backend = if active < MAX_BACKENDS {
+        BACKENDS.get(active).copied().unwrap_or_default()
+    } else {
+        Backend::default()
     };
     if backend.addr_be == 0 {
         count(Stat::BadActive);
+        events::send(EventKind::BadActive, &flow_of(key, 0, 0), active, now);
         return Verdict::Drop;
     }
     let rev_value = RevEntry {
@@ -203,12 +239,24 @@ fn open(
             Err(e) if e == -EEXIST => {}
             Err(_) => {
                 count(Stat::CtFull);
+                events::send(
+                    EventKind::CtFull,
+                    &flow_of(key, backend.addr_be, backend.port_be),
+                    0,
+                    now,
+                );
                 return Verdict::Drop;
             }
         }
     }
     let Some(rev_key) = claimed else {
         count(Stat::SnatExhausted);
+        events::send(
+            EventKind::SnatExhausted,
+            &flow_of(key, backend.addr_be, backend.port_be),
+            0,
+            now,
+        );
         return Verdict::Drop;
     };
     let client_next = u32::from_be(tcp.seq_be).wrapping_add(1);
@@ -251,6 +299,12 @@ fn open(
             }
         }
         count(Stat::CtFull);
+        events::send(
+            EventKind::CtFull,
+            &flow_of(key, backend.addr_be, backend.port_be),
+            0,
+            now,
+        );
         return Verdict::Drop;
     }
     count(if reopen {

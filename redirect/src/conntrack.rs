@@ -345,8 +345,17 @@ pub fn gc(maps: &mut Maps, t: &Timeouts, pressured: bool) -> Result<GcReport, Da
         }
     }
     for k in &dead {
-        // Take the entry out and look at what was really removed: the datapath may have
-        // refreshed it, or a client reopened the tuple, since the scan.
+        // Re-check first: most entries that changed since the scan (a client reopening its
+        // tuple) are skipped here without ever leaving the table.
+        if !maps
+            .ct
+            .get(k, 0)
+            .is_ok_and(|e| fate(&e, clock::monotonic_ns(), t, pressured) != Fate::Keep)
+        {
+            continue;
+        }
+        // Take the entry out and look at what was really removed: the datapath may still have
+        // refreshed it, or reopened the tuple, between the check and the delete.
         let Some(e) = maps.take_ct(k)? else { continue };
         let Fate::Forget { release_port } = fate(&e, clock::monotonic_ns(), t, pressured) else {
             // Alive after all: put it back, unless the datapath already made a newer one.

@@ -15,6 +15,7 @@ pub mod conntrack;
 pub mod control;
 pub mod cutover;
 pub mod datapath;
+pub mod events;
 pub mod metrics;
 pub mod net;
 pub mod pg;

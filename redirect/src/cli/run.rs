@@ -260,7 +260,7 @@ pub async fn run(args: Args, pin_dir: &Path, socket: &Path, journal: &Path) -> a
             }
         }
     }
-    let report = datapath::install(pin_dir, &ifaces, args.xdp_mode, &spec)?;
+    let mut report = datapath::install(pin_dir, &ifaces, args.xdp_mode, &spec)?;
     info!(
         pin_dir = %pin_dir.display(),
         vip = %spec.vip,
@@ -279,6 +279,10 @@ pub async fn run(args: Args, pin_dir: &Path, socket: &Path, journal: &Path) -> a
     if args.once {
         return Ok(());
     }
+    let events = report
+        .ebpf
+        .take_map("EVENTS")
+        .and_then(|m| aya::maps::RingBuf::try_from(m).ok());
     let ctl = Arc::new(Controller {
         maps: Mutex::new(maps),
         ebpf: Mutex::new(report.ebpf),
@@ -350,6 +354,10 @@ pub async fn run(args: Args, pin_dir: &Path, socket: &Path, journal: &Path) -> a
     } else {
         ctl.set_phase(Phase::Idle);
         drop(busy);
+    }
+    match events {
+        Some(ring) => drop(tokio::spawn(crate::events::log(ring, shutdown.clone()))),
+        None => warn!("the datapath has no event ring; its events are only counted"),
     }
     match tokio::net::TcpListener::bind(args.metrics_addr).await {
         Ok(l) => {
