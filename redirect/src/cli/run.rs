@@ -460,7 +460,10 @@ pub async fn serve_gc(
                     }
                 }
                 pressured = now_pressured;
-                wait = conntrack::next_gc_interval(interval, pressure);
+                // A pass over a million entries takes seconds: never let the GC take more than
+                // a third of a core, whatever the interval asks for.
+                wait = conntrack::next_gc_interval(interval, pressure)
+                    .max(Duration::from_millis(r.took_ms.saturating_mul(2)));
                 *crate::sync::lock(&ctl.last_gc) = Some(r);
             }
             Err(e) => warn!(error = %e, "conntrack gc failed; retrying next interval"),

@@ -1168,6 +1168,10 @@ fn write_report(
     }
     let _ = writeln!(
         md,
+        "## Sustained connection churn\n\nMeasured separately, for 3 minutes per load with the controller's GC running: [churn.md](churn.md), written by `cargo xtask churn`.\n"
+    );
+    let _ = writeln!(
+        md,
         "## Reproduce\n\n```sh\ncargo xtask bench{}   # as root; installs HAProxy and PgBouncer if missing\n```",
         if quick { " --quick" } else { "" }
     );
