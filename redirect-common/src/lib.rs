@@ -349,7 +349,10 @@ pub mod rev {
     /// `bpf_ktime_get_ns` at which its entry was created.
     #[must_use]
     pub const fn conn_id(created_ns: u64) -> u32 {
-        #[expect(clippy::cast_possible_truncation, reason = "the low bits are the point")]
+        #[expect(
+            clippy::cast_possible_truncation,
+            reason = "the low bits are the point"
+        )]
         let id = created_ns as u32;
         id
     }
@@ -466,9 +469,12 @@ pub mod stats {
         /// A packet too big for the next hop (DF set): a fragmentation-needed error went back
         /// to its sender, so PMTU discovery works through the proxy.
         FragNeededSent,
+        /// A RST inside the window but not at the exact sequence number: forwarded without
+        /// changing state; the peer answers it with a challenge ACK (RFC 5961).
+        RstChallenged,
     }
 
-    pub const STAT_COUNT: u32 = Stat::FragNeededSent as u32 + 1;
+    pub const STAT_COUNT: u32 = Stat::RstChallenged as u32 + 1;
 
     /// Every counter, in index order, with the name `redirect status` and `/metrics` show.
     pub const ALL: [(Stat, &str); STAT_COUNT as usize] = [
@@ -505,6 +511,7 @@ pub mod stats {
         (Stat::IcmpTranslated, "icmp_translated"),
         (Stat::IcmpUntracked, "icmp_untracked"),
         (Stat::FragNeededSent, "frag_needed_sent"),
+        (Stat::RstChallenged, "rst_challenged"),
     ];
 
     #[cfg(test)]

@@ -84,7 +84,7 @@ mod tests {
                 prop_assert!((min..=max).contains(&p));
                 seen.insert(p);
             }
-            prop_assert!(seen.len() as u32 >= span * 9 / 10, "{} of {} ports reached", seen.len(), span);
+            prop_assert!(u32::try_from(seen.len()).unwrap() >= span * 9 / 10, "{} of {} ports reached", seen.len(), span);
         }
     }
 }

@@ -60,6 +60,9 @@ pub enum Observed {
     /// Forward it to the pinned backend: a SYN on a live connection never opens a new one
     /// (a real client that lost its state answers the backend's challenge ACK with a RST).
     SynOnLive,
+    /// Forward it, change nothing: a RST inside the window but not exact, which the peer
+    /// answers with a challenge ACK (RFC 5961).
+    RstChallenged,
     /// Drop it: a RST whose sequence number is outside the window (RFC 5961's blind reset).
     RstOutOfWindow,
 }
@@ -68,7 +71,7 @@ pub enum Observed {
 #[must_use]
 #[inline(always)]
 pub const fn seq_after(a: u32, b: u32) -> bool {
-    (a.wrapping_sub(b) as i32) > 0
+    a.wrapping_sub(b).cast_signed() > 0
 }
 
 /// `lo <= x <= hi` in sequence space.
@@ -94,13 +97,31 @@ fn advance_acked(space: &mut SeqSpace, ack: u32) {
     }
 }
 
-/// Where a RST from the sender of `space` may land and still be genuine: from what the peer
-/// has acknowledged (its `RCV.NXT`, which RFC 5961 requires exactly) up to what the sender has
-/// sent (the peer may have acknowledged more than this host has seen yet). A blind attacker has
-/// to guess a range as wide as the unacknowledged bytes, usually zero on an idle connection.
+/// Whether a RST from the sender of `space` is one its peer will accept. RFC 5961: only a RST
+/// at exactly the peer's `RCV.NXT` resets a connection; anywhere else in the window the peer
+/// answers with a challenge ACK, to which a genuine sender replies with an exact RST. The
+/// peer's `RCV.NXT` is what it last acknowledged (`acked`), or everything sent (`next`) if its
+/// acknowledgement has not passed this host yet. A blind attacker has two values in 2^32.
+#[must_use]
+#[inline(always)]
+pub const fn rst_exact(seq: u32, space: &SeqSpace) -> bool {
+    seq == space.acked || seq == space.next
+}
+
+/// Whether a RST lies inside the window (`acked..=next`): not exact, so the peer will challenge
+/// it; forwarded without changing any state.
 #[must_use]
 #[inline(always)]
 pub const fn rst_in_window(seq: u32, space: &SeqSpace) -> bool {
+    seq_within(seq, space.acked, space.next)
+}
+
+/// Whether a FIN from the sender of `space` belongs to the connection: it starts inside what
+/// the peer acknowledged and what the sender sent (a FIN carries the sender's `SND.NXT`; a
+/// blind one, or one of an older connection on the tuple, does not).
+#[must_use]
+#[inline(always)]
+pub const fn fin_in_window(seq: u32, space: &SeqSpace) -> bool {
     seq_within(seq, space.acked, space.next)
 }
 
@@ -121,24 +142,30 @@ pub fn observe(e: &mut CtEntry, dir: Direction, seg: Segment) -> Observed {
     let mut observed = Observed::Tracked;
     match dir {
         Direction::Forward => {
+            let client_before = e.client_seq;
             if is_pure_syn(flags) {
                 if established {
                     return Observed::SynOnLive;
                 }
                 // A retransmitted opener, or a new one after the client gave up: it defines
-                // the client's sequence space.
+                // the client's sequence space. A new ISN also voids what the backend said to
+                // the old one.
                 let opened = SeqSpace {
                     next: seg.end(),
                     acked: seg.end(),
                 };
                 if e.client_seq != opened {
                     e.client_seq = opened;
+                    e.flags &= !(FLAG_SYNACK_SEEN | FLAG_STALE_ACK);
+                    e.backend_seq = SeqSpace::default();
                 }
                 return Observed::Tracked;
             }
             if flags & RST != 0 {
-                if rst_in_window(seg.seq, &e.client_seq) {
+                if rst_exact(seg.seq, &e.client_seq) {
                     bits |= FLAG_RST;
+                } else if rst_in_window(seg.seq, &e.client_seq) {
+                    return Observed::RstChallenged;
                 } else if !established
                     && e.flags & FLAG_STALE_ACK != 0
                     && seg.seq == e.backend_seq.acked
@@ -164,24 +191,37 @@ pub fn observe(e: &mut CtEntry, dir: Direction, seg: Segment) -> Observed {
             if flags & ACK != 0 && synack_seen {
                 advance_acked(&mut e.backend_seq, seg.ack);
             }
-            if flags & FIN != 0 {
+            if flags & FIN != 0 && fin_in_window(seg.seq, &client_before) {
                 bits |= FLAG_FIN_CLIENT;
             }
         }
         Direction::Reply => {
+            let backend_before = e.backend_seq;
             if flags & RST != 0 {
-                let genuine = if synack_seen {
-                    rst_in_window(seg.seq, &e.backend_seq)
-                } else {
-                    // A refused connection: RFC 793's <SEQ=0><ACK=SYN+1><CTL=RST,ACK>.
-                    flags & ACK != 0 && seg.ack == e.client_seq.next
-                };
-                if !genuine {
+                if synack_seen && !rst_exact(seg.seq, &e.backend_seq) {
+                    return if rst_in_window(seg.seq, &e.backend_seq) {
+                        Observed::RstChallenged
+                    } else {
+                        Observed::RstOutOfWindow
+                    };
+                }
+                // Before a SYN-ACK, a refused connection: <SEQ=0><ACK=SYN+1><CTL=RST,ACK>.
+                let refusal = flags & ACK != 0 && seg.ack == e.client_seq.next;
+                if !synack_seen && !refusal {
                     return Observed::RstOutOfWindow;
                 }
                 bits |= FLAG_RST;
             }
-            if flags & SYN != 0 {
+            // A SYN-ACK is this attempt's only if it acknowledges this attempt's SYN; one that
+            // does not comes from an older attempt on the same backend-side tuple (SYN_RECV
+            // retransmitting), and is handled like a stale ACK.
+            let synack_of_this_attempt = flags & ACK != 0 && seg.ack == e.client_seq.next;
+            if flags & SYN != 0 && !synack_of_this_attempt && !established && flags & RST == 0 {
+                if e.backend_seq.acked != seg.ack {
+                    e.backend_seq.acked = seg.ack;
+                }
+                bits |= FLAG_STALE_ACK;
+            } else if flags & SYN != 0 {
                 if !established && flags & RST == 0 {
                     let opened = SeqSpace {
                         next: seg.end(),
@@ -205,9 +245,15 @@ pub fn observe(e: &mut CtEntry, dir: Direction, seg: Segment) -> Observed {
             if flags & ACK != 0 {
                 advance_acked(&mut e.client_seq, seg.ack);
             }
-            if flags & FIN != 0 {
+            if flags & FIN != 0 && synack_seen && fin_in_window(seg.seq, &backend_before) {
                 bits |= FLAG_FIN_BACKEND;
-                if e.flags & FLAG_FIN_CLIENT == 0 {
+                // The backend holds TIME_WAIT unless its FIN acknowledges the client's: if it
+                // sent its FIN before the client's arrived (FINs crossing), it goes through
+                // CLOSING to TIME_WAIT as well.
+                let acks_client_fin = e.flags & FLAG_FIN_CLIENT != 0
+                    && flags & ACK != 0
+                    && seg.ack == e.client_seq.next;
+                if !acks_client_fin {
                     bits |= FLAG_BACKEND_CLOSED_FIRST;
                 }
             }
@@ -286,8 +332,15 @@ mod tests {
             Direction::Reply,
             seg(SYN | ACK, BACKEND_ISN, CLIENT_ISN + 1, 0),
         );
-        assert_eq!(e.flags & FLAG_SEEN_NON_SYN, 0, "not established by the backend");
-        assert!(port_reusable_at_once(e.flags), "a half-open port frees at once");
+        assert_eq!(
+            e.flags & FLAG_SEEN_NON_SYN,
+            0,
+            "not established by the backend"
+        );
+        assert!(
+            port_reusable_at_once(e.flags),
+            "a half-open port frees at once"
+        );
         // A blind ACK that does not acknowledge the SYN-ACK does not complete it either.
         observe(&mut e, Direction::Forward, seg(ACK, CLIENT_ISN + 1, 5, 0));
         assert_eq!(e.flags & FLAG_SEEN_NON_SYN, 0);
@@ -316,6 +369,17 @@ mod tests {
             Direction::Reply,
             seg(ACK, BACKEND_ISN + 1, CLIENT_ISN + 41, 0),
         );
+        let mut copy = e;
+        assert_eq!(
+            observe(
+                &mut copy,
+                Direction::Forward,
+                seg(RST, CLIENT_ISN + 70, 0, 0)
+            ),
+            Observed::RstChallenged,
+            "in the window but not exact: the peer challenges it"
+        );
+        assert_eq!(copy, e);
         for bad in [CLIENT_ISN + 40, CLIENT_ISN + 102, 0, CLIENT_ISN + 70_000] {
             let mut copy = e;
             assert_eq!(
@@ -340,7 +404,11 @@ mod tests {
             Observed::RstOutOfWindow
         );
         assert_eq!(
-            observe(&mut copy, Direction::Reply, seg(RST | ACK, BACKEND_ISN + 1, 0, 0)),
+            observe(
+                &mut copy,
+                Direction::Reply,
+                seg(RST | ACK, BACKEND_ISN + 1, 0, 0)
+            ),
             Observed::Tracked
         );
         assert!(is_closed(copy.flags) && port_reusable_at_once(copy.flags));
@@ -354,7 +422,11 @@ mod tests {
             Observed::RstOutOfWindow
         );
         assert_eq!(
-            observe(&mut e, Direction::Reply, seg(RST | ACK, 0, CLIENT_ISN + 1, 0)),
+            observe(
+                &mut e,
+                Direction::Reply,
+                seg(RST | ACK, 0, CLIENT_ISN + 1, 0)
+            ),
             Observed::Tracked
         );
         assert!(is_closed(e.flags));
@@ -367,9 +439,17 @@ mod tests {
         let mut e = opened();
         let stale_ack = CLIENT_ISN.wrapping_sub(123_456_789);
         observe(&mut e, Direction::Reply, seg(ACK, 42, stale_ack, 0));
-        assert_eq!(e.client_seq.acked, CLIENT_ISN + 1, "a stale ACK widens nothing");
         assert_eq!(
-            observe(&mut e, Direction::Forward, seg(RST, stale_ack.wrapping_add(1), 0, 0)),
+            e.client_seq.acked,
+            CLIENT_ISN + 1,
+            "a stale ACK widens nothing"
+        );
+        assert_eq!(
+            observe(
+                &mut e,
+                Direction::Forward,
+                seg(RST, stale_ack.wrapping_add(1), 0, 0)
+            ),
             Observed::RstOutOfWindow,
             "only the exact stale acknowledgement"
         );
@@ -405,7 +485,11 @@ mod tests {
         );
         assert_eq!(e.client_seq.acked, CLIENT_ISN + 1);
         assert_eq!(
-            observe(&mut e, Direction::Forward, seg(RST, CLIENT_ISN + 500_000, 0, 0)),
+            observe(
+                &mut e,
+                Direction::Forward,
+                seg(RST, CLIENT_ISN + 500_000, 0, 0)
+            ),
             Observed::RstOutOfWindow
         );
     }
@@ -452,7 +536,59 @@ mod tests {
             seg(FIN | ACK, CLIENT_ISN + 1, BACKEND_ISN + 2, 0),
         );
         assert!(is_closed(e.flags));
-        assert!(!port_reusable_at_once(e.flags), "the backend holds TIME_WAIT");
+        assert!(
+            !port_reusable_at_once(e.flags),
+            "the backend holds TIME_WAIT"
+        );
+    }
+
+    #[test]
+    fn crossing_fins_leave_the_backend_in_time_wait() {
+        // Both sent their FIN before seeing the other's: the backend's does not acknowledge
+        // the client's, so the backend goes through CLOSING to TIME_WAIT.
+        let mut e = established();
+        observe(
+            &mut e,
+            Direction::Forward,
+            seg(FIN | ACK, CLIENT_ISN + 1, BACKEND_ISN + 1, 0),
+        );
+        observe(
+            &mut e,
+            Direction::Reply,
+            seg(FIN | ACK, BACKEND_ISN + 1, CLIENT_ISN + 1, 0),
+        );
+        assert!(is_closed(e.flags));
+        assert!(!port_reusable_at_once(e.flags));
+    }
+
+    #[test]
+    fn a_fin_outside_the_window_changes_nothing() {
+        let mut e = established();
+        observe(
+            &mut e,
+            Direction::Forward,
+            seg(FIN | ACK, 5, BACKEND_ISN + 1, 0),
+        );
+        observe(
+            &mut e,
+            Direction::Reply,
+            seg(FIN | ACK, 5, CLIENT_ISN + 1, 0),
+        );
+        assert!(!is_closing(e.flags), "blind FINs close nothing");
+    }
+
+    #[test]
+    fn a_synack_of_an_older_attempt_is_a_stale_ack() {
+        let mut e = opened();
+        let stale = 777_777;
+        observe(&mut e, Direction::Reply, seg(SYN | ACK, 4242, stale, 0));
+        assert_eq!(e.flags & FLAG_SYNACK_SEEN, 0);
+        assert_eq!(
+            observe(&mut e, Direction::Forward, seg(RST, stale, 0, 0)),
+            Observed::Tracked,
+            "the client's reset of the old attempt passes"
+        );
+        assert!(!is_closing(e.flags));
     }
 
     #[test]
@@ -478,11 +614,13 @@ mod tests {
                 let space = if fwd { before.client_seq } else { before.backend_seq };
                 let s = seg(flags, seq, ack, len);
                 match observe(&mut e, dir, s) {
-                    Observed::RstOutOfWindow | Observed::SynOnLive => prop_assert_eq!(e, before),
+                    Observed::RstOutOfWindow | Observed::RstChallenged | Observed::SynOnLive => {
+                        prop_assert_eq!(e, before);
+                    }
                     _ => {}
                 }
                 if flags & RST != 0 && before.flags & FLAG_RST == 0 && e.flags & FLAG_RST != 0 {
-                    prop_assert!(rst_in_window(seq, &space));
+                    prop_assert!(rst_exact(seq, &space));
                 }
             }
         }

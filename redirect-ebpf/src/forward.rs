@@ -11,7 +11,7 @@
 use aya_ebpf::{
     EbpfContext,
     bindings::{bpf_fib_lookup as FibParams, xdp_action},
-    helpers::{bpf_fib_lookup, bpf_xdp_adjust_tail},
+    helpers::{bpf_check_mtu, bpf_fib_lookup, bpf_xdp_adjust_tail},
     programs::XdpContext,
 };
 use redirect_common::{csum, stats::Stat};
@@ -59,6 +59,7 @@ pub fn xdp(ctx: &XdpContext, eth: *mut EthHdr, ip: *mut Ipv4Hdr, sent: Option<Se
     if rc == BPF_FIB_LKUP_RET_FRAG_NEEDED
         && let Some(sent) = sent
         && ip.frag_off_be & IP_DF_BE != 0
+        && fits_ingress_mtu(ctx, ingress)
     {
         // SAFETY: reading a union field the kernel wrote for this return code.
         let mtu = unsafe { params.__bindgen_anon_1.mtu_result };
@@ -161,6 +162,16 @@ fn frag_needed(ctx: &XdpContext, sent: &Sent, mtu: u16) -> u32 {
     }
     count(Stat::FragNeededSent);
     xdp_action::XDP_TX
+}
+
+/// Whether the frame fits the MTU of the interface it arrived on. One that does not was merged
+/// by GRO before generic (skb-mode) XDP saw it; the stack re-segments it on the way out, so it
+/// goes there instead of being answered as too big.
+#[inline(always)]
+fn fits_ingress_mtu(ctx: &XdpContext, ingress: u32) -> bool {
+    let mut mtu_len = 0u32;
+    // SAFETY: a valid XDP context and a writable u32.
+    unsafe { bpf_check_mtu(ctx.as_ptr(), ingress, &raw mut mtu_len, 0, 0) == 0 }
 }
 
 /// The one's complement sum of `words` 16-bit words at `p`.

@@ -51,6 +51,10 @@ pub struct IcmpHdr {
 
 /// The first 8 bytes of the TCP header an ICMP error quotes (all RFC 792 guarantees).
 #[repr(C)]
+#[expect(
+    clippy::struct_field_names,
+    reason = "every field is in network byte order, and says so"
+)]
 pub struct QuotedTcp {
     pub sport_be: u16,
     pub dport_be: u16,

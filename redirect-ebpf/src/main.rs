@@ -159,7 +159,12 @@ fn hold(ctx: &XdpContext, now: u64, flow: &events::Flow) {
     }
     let Some(mut slot) = HELD.reserve(0) else {
         count(Stat::SynHoldFailed);
-        events::send(redirect_common::events::EventKind::HoldRingFull, flow, 0, now);
+        events::send(
+            redirect_common::events::EventKind::HoldRingFull,
+            flow,
+            0,
+            now,
+        );
         return;
     };
     let held = slot.as_mut_ptr();

@@ -41,6 +41,10 @@ pub enum Verdict {
 
 /// A TCP packet's addresses and ports as its sender sent them (before translation).
 #[derive(Clone, Copy)]
+#[expect(
+    clippy::struct_field_names,
+    reason = "every field is in network byte order, and says so"
+)]
 pub struct Sent {
     pub saddr_be: u32,
     pub daddr_be: u32,
@@ -52,12 +56,7 @@ const EEXIST: i32 = 17;
 
 /// Runs conntrack for one parsed TCP/IPv4 packet and rewrites it in place.
 #[inline(always)]
-pub fn process(
-    pkt: &Packet,
-    cfg: &Config,
-    cut: &Cutover,
-    now: u64,
-) -> Verdict {
+pub fn process(pkt: &Packet, cfg: &Config, cut: &Cutover, now: u64) -> Verdict {
     // SAFETY: `parse` bounds-checked every header.
     let (ip, tcp) = unsafe { (&mut *pkt.ip, &mut *pkt.tcp) };
     if ip.daddr_be == cfg.vip_addr_be && tcp.dport_be == cfg.vip_port_be {
@@ -69,13 +68,7 @@ pub fn process(
 
 /// Client → VIP.
 #[inline(always)]
-fn forward(
-    ip: &mut Ipv4Hdr,
-    tcp: &mut TcpHdr,
-    cfg: &Config,
-    cut: &Cutover,
-    now: u64,
-) -> Verdict {
+fn forward(ip: &mut Ipv4Hdr, tcp: &mut TcpHdr, cfg: &Config, cut: &Cutover, now: u64) -> Verdict {
     let key = CtKey {
         client_addr_be: ip.saddr_be,
         vip_addr_be: ip.daddr_be,
@@ -84,7 +77,7 @@ fn forward(
     };
     let flags = tcp.flags;
     let pure_syn = tcp::is_pure_syn(flags);
-    if cut.fenced_backend != NO_FENCE && now >= cut.fence_until_ns {
+    if cut.fenced_backend != NO_FENCE {
         report_if_lease_expired(&key, cut, now);
     }
     if let Some(entry) = CT.get_ptr_mut(key) {
@@ -155,10 +148,20 @@ fn forward(
 /// controller is alive to read it (it is then stuck).
 #[inline(always)]
 fn report_if_lease_expired(key: &CtKey, cut: &Cutover, now: u64) {
-    if active_backend() != cut.fenced_backend {
+    // During a hold the fence deadline is still 0, and after the flip the fence is permanent:
+    // only both deadlines past, with the fenced backend still active, is a lapse.
+    let deadline = if cut.hold_until_ns > cut.fence_until_ns {
+        cut.hold_until_ns
+    } else {
+        cut.fence_until_ns
+    };
+    if deadline == 0 || now < deadline || active_backend() != cut.fenced_backend {
         return;
     }
-    let backend = BACKENDS.get(cut.fenced_backend).copied().unwrap_or_default();
+    let backend = BACKENDS
+        .get(cut.fenced_backend)
+        .copied()
+        .unwrap_or_default();
     events::send(
         EventKind::LeaseExpired,
         &flow_of(key, backend.addr_be, backend.port_be),
@@ -259,7 +262,8 @@ fn open(
         );
         return Verdict::Drop;
     };
-    let client_next = u32::from_be(tcp.seq_be).wrapping_add(1);
+    // A SYN may carry data (TCP Fast Open): the client's sequence space starts after it.
+    let client_next = segment(ip, tcp).end();
     let entry = CtEntry {
         client_seq: SeqSpace {
             next: client_next,
@@ -383,8 +387,14 @@ fn reply(ip: &mut Ipv4Hdr, tcp: &mut TcpHdr, now: u64) -> Verdict {
 #[inline(always)]
 pub fn icmp_error(err: &IcmpError, cfg: &Config) -> Verdict {
     // SAFETY: `parse` bounds-checked every header.
-    let (ip, icmp, inner, quoted) =
-        unsafe { (&mut *err.ip, &mut *err.icmp, &mut *err.inner_ip, &mut *err.inner_tcp) };
+    let (ip, icmp, inner, quoted) = unsafe {
+        (
+            &mut *err.ip,
+            &mut *err.icmp,
+            &mut *err.inner_ip,
+            &mut *err.inner_tcp,
+        )
+    };
     if inner.saddr_be == cfg.vip_addr_be && quoted.sport_be == cfg.vip_port_be {
         // About a packet the VIP sent to a client: it was the backend's, sent to the SNAT port.
         if ip.daddr_be != cfg.vip_addr_be {
@@ -495,8 +505,9 @@ fn segment(ip: &Ipv4Hdr, tcp: &TcpHdr) -> Segment {
     }
 }
 
-/// Runs conntrack on a tracked connection's segment; `false` means drop it (counted). The
-/// segment that closes a connection whose backend holds no `TIME_WAIT` frees its SNAT port.
+/// Runs conntrack on a tracked connection's segment; `false` means drop it (counted). A
+/// connection whose backend will hold no `TIME_WAIT` frees its SNAT port once nothing more can
+/// come back on it: at a RST, or when the client acknowledges the backend's FIN.
 #[inline(always)]
 fn observed(key: &CtKey, entry: &mut CtEntry, dir: Direction, seg: Segment, now: u64) -> bool {
     let was_closed = is_closed(entry.flags);
@@ -505,20 +516,30 @@ fn observed(key: &CtKey, entry: &mut CtEntry, dir: Direction, seg: Segment, now:
             count(Stat::RstOutOfWindow);
             return false;
         }
+        Observed::RstChallenged => count(Stat::RstChallenged),
         Observed::SynOnLive => count(Stat::SynOnLive),
         Observed::HandshakeCompleted => count(Stat::HandshakeCompleted),
         Observed::Tracked => {}
     }
     entry.last_seen_ns = now;
-    if !was_closed && is_closed(entry.flags) {
-        let closed = *entry;
-        count(if closed.flags & FLAG_RST != 0 {
+    let flags = entry.flags;
+    if !is_closed(flags) {
+        return true;
+    }
+    if !was_closed {
+        count(if flags & FLAG_RST != 0 {
             Stat::ClosedByReset
-        } else if closed.flags & FLAG_BACKEND_CLOSED_FIRST != 0 {
+        } else if flags & FLAG_BACKEND_CLOSED_FIRST != 0 {
             Stat::ClosedBackendFirst
         } else {
             Stat::ClosedClientFirst
         });
+    }
+    let last_ack_of_client = dir == Direction::Forward
+        && seg.flags & tcp::ACK != 0
+        && !tcp::seq_after(entry.backend_seq.next, seg.ack);
+    if (!was_closed && flags & FLAG_RST != 0) || last_ack_of_client {
+        let closed = *entry;
         release_port(key, &closed);
     }
     true
@@ -528,10 +549,10 @@ fn observed(key: &CtKey, entry: &mut CtEntry, dir: Direction, seg: Segment, now:
 /// client closed first, or a RST ended it), instead of leaving it to the garbage collector:
 /// the port budget then no longer depends on how often the GC runs.
 ///
-/// Only replies need the port's `REV` entry, and the only reply still possible is a FIN the
-/// backend retransmits because the client's last ACK was lost; without the entry the proxy's
-/// stack answers it with a RST, which ends the backend's `LAST_ACK` just as well. The `CT`
-/// entry stays for the close timeout, so the client's last ACK is still translated.
+/// Only replies need the port's `REV` entry. It goes once the client has acknowledged all the
+/// backend sent, FIN included, so no data can still need retransmitting; if that last ACK is
+/// lost on the way to the backend, the backend's retransmitted FIN gets a RST from the proxy's
+/// stack, which ends its `LAST_ACK` just as well. The `CT` entry stays for the close timeout.
 #[inline(always)]
 fn release_port(key: &CtKey, old: &CtEntry) {
     if !port_reusable_at_once(old.flags) {

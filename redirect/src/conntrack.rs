@@ -299,7 +299,9 @@ impl GcReport {
 enum Fate {
     Keep,
     /// Delete it; free its port now, or leave it to the quarantine.
-    Forget { release_port: bool },
+    Forget {
+        release_port: bool,
+    },
 }
 
 fn fate(e: &CtEntry, now: u64, t: &Timeouts, pressured: bool) -> Fate {
@@ -502,7 +504,11 @@ mod tests {
         assert_eq!(next_gc_interval(base, 0.2), Duration::from_secs(1));
         assert_eq!(next_gc_interval(base, 0.9), Duration::from_millis(250));
         let fast = Duration::from_millis(100);
-        assert_eq!(next_gc_interval(fast, 0.9), fast, "never slower than configured");
+        assert_eq!(
+            next_gc_interval(fast, 0.9),
+            fast,
+            "never slower than configured"
+        );
     }
 
     #[test]

@@ -333,7 +333,8 @@ impl Maps {
             cutover: typed!(&dir, map_names::CUTOVER),
             ct_raw: {
                 let path = dir.map(map_names::CT);
-                MapData::from_pin(&path).map_err(|source| DatapathError::OpenMap { path, source })?
+                MapData::from_pin(&path)
+                    .map_err(|source| DatapathError::OpenMap { path, source })?
             },
             dir,
         })
@@ -552,7 +553,12 @@ fn expected_layouts() -> [(&'static str, u32, u32, u32); 7] {
     let size = |n: usize| u32::try_from(n).expect("small");
     [
         (map_names::CONFIG, 4, size(size_of::<Config>()), 1),
-        (map_names::BACKENDS, 4, size(size_of::<Backend>()), MAX_BACKENDS),
+        (
+            map_names::BACKENDS,
+            4,
+            size(size_of::<Backend>()),
+            MAX_BACKENDS,
+        ),
         (map_names::ACTIVE, 4, 4, 1),
         (
             map_names::CT,
@@ -581,10 +587,13 @@ fn check_layout(dir: &PinDir) -> Result<(), DatapathError> {
             path: path.clone(),
             source,
         })?;
-        let info = data.info().map_err(|source| DatapathError::OpenMap { path, source })?;
+        let info = data
+            .info()
+            .map_err(|source| DatapathError::OpenMap { path, source })?;
         let pinned = (info.key_size(), info.value_size(), info.max_entries());
         if pinned != (key, value, entries) {
-            let show = |(k, v, n): (u32, u32, u32)| format!("{k}-byte keys, {v}-byte values, {n} entries");
+            let show =
+                |(k, v, n): (u32, u32, u32)| format!("{k}-byte keys, {v}-byte values, {n} entries");
             return Err(DatapathError::LayoutChanged {
                 dir: dir.0.clone(),
                 map,

@@ -37,7 +37,8 @@ pub async fn log(ring: RingBuf<MapData>, shutdown: CancellationToken) {
         while let Some(item) = ring.next() {
             if item.len() >= std::mem::size_of::<DatapathEvent>() {
                 // SAFETY: the datapath writes whole `DatapathEvent`s; read unaligned.
-                let event: DatapathEvent = unsafe { std::ptr::read_unaligned(item.as_ptr().cast()) };
+                let event: DatapathEvent =
+                    unsafe { std::ptr::read_unaligned(item.as_ptr().cast()) };
                 report(&event);
             }
         }
@@ -47,7 +48,10 @@ pub async fn log(ring: RingBuf<MapData>, shutdown: CancellationToken) {
 
 fn report(e: &DatapathEvent) {
     let client = SocketAddrV4::new(ip_from_be(e.client_addr_be), u16::from_be(e.client_port_be));
-    let backend = SocketAddrV4::new(ip_from_be(e.backend_addr_be), u16::from_be(e.backend_port_be));
+    let backend = SocketAddrV4::new(
+        ip_from_be(e.backend_addr_be),
+        u16::from_be(e.backend_port_be),
+    );
     match EventKind::from_u32(e.kind) {
         Some(EventKind::SnatExhausted) => warn!(
             %client, %backend,

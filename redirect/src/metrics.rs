@@ -83,12 +83,16 @@ pub fn render(ctl: &Controller) -> String {
             "# HELP redirect_conntrack_forgotten_total Connections the GC forgot, by how they ended (who closed first decides the port quarantine).\n# TYPE redirect_conntrack_forgotten_total counter"
         );
         for (how, n) in gc.forgotten_total.labelled() {
-            let _ = writeln!(out, "redirect_conntrack_forgotten_total{{how=\"{how}\"}} {n}");
+            let _ = writeln!(
+                out,
+                "redirect_conntrack_forgotten_total{{how=\"{how}\"}} {n}"
+            );
         }
         let _ = writeln!(
             out,
-            "# HELP redirect_gc_pass_seconds Duration of the last conntrack GC pass.\n# TYPE redirect_gc_pass_seconds gauge\nredirect_gc_pass_seconds {}",
-            gc.took_ms as f64 / 1000.0
+            "# HELP redirect_gc_pass_seconds Duration of the last conntrack GC pass.\n# TYPE redirect_gc_pass_seconds gauge\nredirect_gc_pass_seconds {}.{:03}",
+            gc.took_ms / 1000,
+            gc.took_ms % 1000
         );
     }
     if let Some(lag) = crate::sync::lock(&ctl.last_lag).as_ref() {

@@ -184,7 +184,11 @@ impl ChurnRun {
 
     #[must_use]
     pub fn max_claimed(&self) -> u64 {
-        self.samples.iter().map(|s| s.ports_claimed).max().unwrap_or(0)
+        self.samples
+            .iter()
+            .map(|s| s.ports_claimed)
+            .max()
+            .unwrap_or(0)
     }
 
     /// `snat_exhausted` counted during the run.

@@ -105,7 +105,7 @@ pub fn send_raw(frames: impl IntoIterator<Item = Vec<u8>>) -> usize {
         let ip = &frame[14..];
         let dst = [ip[16], ip[17], ip[18], ip[19]];
         let addr = libc::sockaddr_in {
-            sin_family: libc::AF_INET as libc::sa_family_t,
+            sin_family: libc::sa_family_t::try_from(libc::AF_INET).expect("AF_INET fits"),
             sin_port: 0,
             sin_addr: libc::in_addr {
                 s_addr: u32::from_ne_bytes(dst),
@@ -135,7 +135,14 @@ pub fn send_raw(frames: impl IntoIterator<Item = Vec<u8>>) -> usize {
 /// An ICMP error as a router sends it: from `router` to `to`, quoting the first 28 bytes of
 /// the TCP packet `quoted` (as [`tcp_frame_at`] builds it), with valid checksums throughout.
 #[must_use]
-pub fn icmp_error_frame(router: Ipv4Addr, to: Ipv4Addr, kind: u8, code: u8, mtu: u16, quoted: Tcp) -> Vec<u8> {
+pub fn icmp_error_frame(
+    router: Ipv4Addr,
+    to: Ipv4Addr,
+    kind: u8,
+    code: u8,
+    mtu: u16,
+    quoted: Tcp,
+) -> Vec<u8> {
     let q = tcp_frame_at(quoted, 777, 0, b"");
     let quote = &q[14..14 + 28];
     let mut icmp = vec![kind, code, 0, 0, 0, 0];

@@ -1,9 +1,6 @@
 //! SVG plots for the benchmark pages, written by hand (no plotting dependency).
 
-#![allow(
-    clippy::cast_precision_loss,
-    reason = "plot coordinates are floats"
-)]
+#![allow(clippy::cast_precision_loss, reason = "plot coordinates are floats")]
 
 use std::fmt::Write as _;
 
@@ -81,4 +78,3 @@ pub fn svg_lines(
     out.push_str("</svg>\n");
     out
 }
-

@@ -32,13 +32,41 @@ fn sustained_churn_never_runs_out_of_snat_ports() {
     eprintln!(
         "client: {}",
         String::from_utf8_lossy(
-            &lab.exec_ok(Ns::Client, &["nstat", "-az", "TcpExtTCPSynRetrans", "TcpExtTCPTimeouts", "TcpAttemptFails", "TcpEstabResets", "TcpOutRsts", "TcpExtTCPChallengeACK"]).stdout
+            &lab.exec_ok(
+                Ns::Client,
+                &[
+                    "nstat",
+                    "-az",
+                    "TcpExtTCPSynRetrans",
+                    "TcpExtTCPTimeouts",
+                    "TcpAttemptFails",
+                    "TcpEstabResets",
+                    "TcpOutRsts",
+                    "TcpExtTCPChallengeACK"
+                ]
+            )
+            .stdout
         )
     );
     eprintln!(
         "server: {}",
         String::from_utf8_lossy(
-            &lab.exec_ok(Ns::Source, &["nstat", "-az", "TcpExtTCPChallengeACK", "TcpOutRsts", "TcpExtTW", "TcpExtTWRecycled", "TcpExtTCPTimeWaitOverflow", "TcpExtListenDrops", "TcpExtTCPAbortOnData", "TcpExtTCPSYNChallenge"]).stdout
+            &lab.exec_ok(
+                Ns::Source,
+                &[
+                    "nstat",
+                    "-az",
+                    "TcpExtTCPChallengeACK",
+                    "TcpOutRsts",
+                    "TcpExtTW",
+                    "TcpExtTWRecycled",
+                    "TcpExtTCPTimeWaitOverflow",
+                    "TcpExtListenDrops",
+                    "TcpExtTCPAbortOnData",
+                    "TcpExtTCPSYNChallenge"
+                ]
+            )
+            .stdout
         )
     );
     for s in &run.samples {

@@ -72,14 +72,15 @@ fn every_rare_datapath_event_reaches_the_controller_log() {
     expect_logged(&lab, "lease expired in the kernel");
 
     // A hold nobody drains: more SYNs than the parked-SYN ring holds.
-    let hold = Cutover {
+    let parked_forever = Cutover {
         hold_until_ns: u64::MAX,
         fence_until_ns: u64::MAX,
         fenced_backend: 0,
         _pad0: 0,
     };
-    maps.cutover.set(0, hold, 0).unwrap();
-    let (client, vip_ip): (Ipv4Addr, Ipv4Addr) = (CLIENT_ADDR.parse().unwrap(), VIP.parse().unwrap());
+    maps.cutover.set(0, parked_forever, 0).unwrap();
+    let (client, vip_ip): (Ipv4Addr, Ipv4Addr) =
+        (CLIENT_ADDR.parse().unwrap(), VIP.parse().unwrap());
     lab.in_ns(Ns::Client, move || {
         packet::send_raw((0..2500u16).map(|i| {
             packet::tcp_frame_at(

@@ -369,13 +369,58 @@ fn fin_and_rst_lead_to_cleanup_after_the_timeouts() {
             .as_array()
             .map_or(0, Vec::len)
     };
+    assert_eq!(
+        rev_entries(),
+        0,
+        "the client closed first and a RST ended the other: nobody holds TIME_WAIT, both ports are free at once"
+    );
+    // The server ends the session: its FIN comes first, so it holds TIME_WAIT, and the port
+    // stays quarantined after the entry is gone.
+    let (opened, wait_open) = std::sync::mpsc::channel::<()>();
+    let (ended, wait_end) = std::sync::mpsc::channel::<()>();
+    let session = lab.spawn_in_ns(Ns::Client, move || {
+        rt().block_on(async {
+            let c = connect(VIP).await;
+            opened.send(()).unwrap();
+            // Idle until the server has ended the session, then close our side.
+            let _ =
+                tokio::task::spawn_blocking(move || wait_end.recv_timeout(Duration::from_secs(30)))
+                    .await;
+            drop(c);
+        });
+    });
+    wait_open.recv_timeout(Duration::from_secs(30)).unwrap();
+    // The server ends the idle session (as an administrator or a timeout would): FATAL, FIN.
+    lab.exec_ok(
+        Ns::Source,
+        &[
+            "psql", "-X", "-h", "198.18.2.2", "-U", "postgres", "-d", "postgres", "-c",
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE backend_type = 'client backend' AND pid <> pg_backend_pid() AND client_addr <> '198.18.2.2'",
+        ],
+    );
+    std::thread::sleep(Duration::from_millis(300));
+    ended.send(()).unwrap();
+    session.join().unwrap();
+    wait_for(
+        Duration::from_secs(10),
+        "the server-closed entry to expire after the close timeout",
+        || states().is_empty(),
+    );
+    assert_eq!(
+        rev_entries(),
+        1,
+        "the port of the connection the server closed is quarantined: {}",
+        lab.status()["stats"]
+    );
     assert!(
-        rev_entries() > 0,
-        "the SNAT ports are still quarantined right after the close"
+        lab.status()["stats"]["closed_backend_first"]
+            .as_u64()
+            .unwrap()
+            >= 1
     );
     wait_for(
         Duration::from_secs(15),
-        "quarantined SNAT ports to be released",
+        "the quarantined SNAT port to be released",
         || rev_entries() == 0,
     );
     assert_no_checksum_errors(&lab);

@@ -10,8 +10,20 @@ fn psql_via_vip(lab: &Lab, args: &[&str]) -> std::process::Output {
     let mut cmd = lab.cmd(
         Ns::Client,
         &[
-            "timeout", "60", "psql", "-X", "-q", "-At", "-v", "ON_ERROR_STOP=1", "-h", VIP,
-            "-U", "postgres", "-d", "postgres",
+            "timeout",
+            "60",
+            "psql",
+            "-X",
+            "-q",
+            "-At",
+            "-v",
+            "ON_ERROR_STOP=1",
+            "-h",
+            VIP,
+            "-U",
+            "postgres",
+            "-d",
+            "postgres",
         ],
     );
     cmd.args(args);
@@ -67,7 +79,10 @@ fn large_results_and_large_writes_cross_a_1280_byte_hop() {
     );
     assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "2000000");
     let sent = lab.status()["stats"]["frag_needed_sent"].as_u64().unwrap();
-    assert!(sent >= 2, "fragmentation-needed went to both senders ({sent})");
+    assert!(
+        sent >= 2,
+        "fragmentation-needed went to both senders ({sent})"
+    );
     assert_eq!(lab.csum_errors(Ns::Client), 0);
     assert_eq!(lab.csum_errors(Ns::Source), 0);
 }

@@ -64,9 +64,11 @@ fn a_syn_flood_without_synacks_neither_pins_the_range_nor_locks_out_a_client() {
     });
     assert_eq!(sent, 25_000);
     let flooded = Instant::now();
-    wait_for(Duration::from_secs(10), "the flood to fill the range", || {
-        claimed(&lab) > 15_000
-    });
+    wait_for(
+        Duration::from_secs(10),
+        "the flood to fill the range",
+        || claimed(&lab) > 15_000,
+    );
     eprintln!(
         "after the flood: {} ports claimed, {} SYNs without a port, {} handshakes completed",
         claimed(&lab),
@@ -136,7 +138,8 @@ fn blind_rsts_and_syns_do_not_detach_a_live_connection() {
     };
 
     // Spoofing the client: RSTs at guessed sequence numbers, then a SYN on the same tuple.
-    let (client, vip_ip): (Ipv4Addr, Ipv4Addr) = (CLIENT_ADDR.parse().unwrap(), VIP.parse().unwrap());
+    let (client, vip_ip): (Ipv4Addr, Ipv4Addr) =
+        (CLIENT_ADDR.parse().unwrap(), VIP.parse().unwrap());
     let as_client = move |flags, seq| {
         packet::tcp_frame_at(
             Tcp {
@@ -174,9 +177,11 @@ fn blind_rsts_and_syns_do_not_detach_a_live_connection() {
             )
         }))
     });
-    wait_for(Duration::from_secs(5), "the spoofed packets to be counted", || {
-        stat(&lab, "rst_out_of_window") >= 10 && stat(&lab, "syn_on_live") >= 1
-    });
+    wait_for(
+        Duration::from_secs(5),
+        "the spoofed packets to be counted",
+        || stat(&lab, "rst_out_of_window") >= 10 && stat(&lab, "syn_on_live") >= 1,
+    );
     // (A guess can land in the window only with odds of about 1 in 2^32 on an idle connection.)
     std::thread::sleep(Duration::from_secs(3)); // past the close timeout, had it been closed
     round_trip(&mut s).expect("the live connection survived every spoofed packet");

@@ -355,9 +355,10 @@ pub async fn run(args: Args, pin_dir: &Path, socket: &Path, journal: &Path) -> a
         ctl.set_phase(Phase::Idle);
         drop(busy);
     }
-    match events {
-        Some(ring) => drop(tokio::spawn(crate::events::log(ring, shutdown.clone()))),
-        None => warn!("the datapath has no event ring; its events are only counted"),
+    if let Some(ring) = events {
+        drop(tokio::spawn(crate::events::log(ring, shutdown.clone())));
+    } else {
+        warn!("the datapath has no event ring; its events are only counted");
     }
     match tokio::net::TcpListener::bind(args.metrics_addr).await {
         Ok(l) => {
@@ -456,7 +457,10 @@ pub async fn serve_gc(
                             conntrack::PRESSURED_SYN_TIMEOUT
                         );
                     } else {
-                        info!(pressure = format!("{:.0}%", pressure * 100.0), "SNAT port pressure back to normal");
+                        info!(
+                            pressure = format!("{:.0}%", pressure * 100.0),
+                            "SNAT port pressure back to normal"
+                        );
                     }
                 }
                 pressured = now_pressured;

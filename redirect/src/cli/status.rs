@@ -60,7 +60,9 @@ pub fn collect(maps: &Maps) -> anyhow::Result<Status> {
                 .iter()
                 .filter(|c| c.backend_addr == b.addr && c.state.is_live())
                 .count() as u64;
-            let port_use = ports.iter().find(|p| p.backend == b.addr && p.snat == b.snat);
+            let port_use = ports
+                .iter()
+                .find(|p| p.backend == b.addr && p.snat == b.snat);
             backends.insert(
                 role.name(),
                 BackendStatus {
@@ -170,9 +172,7 @@ pub fn run(args: &Args, pin_dir: &Path, socket: &Path, journal: &Path) -> anyhow
             b.snat_ports_claimed,
             b.snat_ports_capacity,
             percent(b.snat_ports_claimed, b.snat_ports_capacity),
-            if b.snat_ports_capacity > 0
-                && b.snat_ports_claimed * 2 >= b.snat_ports_capacity
-            {
+            if b.snat_ports_capacity > 0 && b.snat_ports_claimed * 2 >= b.snat_ports_capacity {
                 "  <- running short: add --snat-ip addresses or widen --snat-ports"
             } else {
                 ""

@@ -58,8 +58,7 @@ fn pgbench_churn(lab: &Lab, secs: u64) -> (ChurnRun, String) {
     let mut child = lab
         .cmd(Ns::Client, &[&format!("{PG_BIN}/pgbench")])
         .args([
-            "-h", VIP, "-p", "5432", "-U", "postgres", "-n", "-S", "-C", "-c", "8", "-j", "2",
-            "-T",
+            "-h", VIP, "-p", "5432", "-U", "postgres", "-n", "-S", "-C", "-c", "8", "-j", "2", "-T",
         ])
         .arg(secs.to_string())
         .arg("postgres")
@@ -79,7 +78,9 @@ fn pgbench_churn(lab: &Lab, secs: u64) -> (ChurnRun, String) {
         }
         std::thread::sleep(Duration::from_secs(1));
         let mut s = churn::sample(lab, "target", started.elapsed().as_secs_f64(), 0.0);
-        let opened = lab.status()["stats"]["new_conn_target"].as_u64().unwrap_or(0);
+        let opened = lab.status()["stats"]["new_conn_target"]
+            .as_u64()
+            .unwrap_or(0);
         if last.1 > 0 {
             s.conns_per_s = (opened - last.1) as f64 / last.0.elapsed().as_secs_f64();
         }
@@ -128,7 +129,10 @@ fn row(name: &str, r: &ChurnRun) -> String {
 }
 
 fn series(name: &str, samples: &[Sample], f: fn(&Sample) -> f64) -> (String, Vec<(f64, f64)>) {
-    (name.to_owned(), samples.iter().map(|s| (s.at_s, f(s))).collect())
+    (
+        name.to_owned(),
+        samples.iter().map(|s| (s.at_s, f(s))).collect(),
+    )
 }
 
 fn main() {
@@ -138,14 +142,24 @@ fn main() {
     let out_dir = PathBuf::from(std::env::var("BENCH_OUT").unwrap_or_else(|_| "docs".into()));
     std::fs::create_dir_all(&out_dir).unwrap();
 
-    eprintln!("== lab: echo server on the source, PostgreSQL on the target, redirect with defaults");
+    eprintln!(
+        "== lab: echo server on the source, PostgreSQL on the target, redirect with defaults"
+    );
     let mut lab = Lab::new("churn");
     let target = pg::start(&mut lab, Ns::Target, "target", &["max_connections = 200"]);
     let data = target.data_dir.display().to_string();
     lab.exec_ok(
         Ns::Target,
         &[
-            &format!("{PG_BIN}/pgbench"), "-i", "-s", "1", "-q", "-h", &data, "-U", "postgres",
+            &format!("{PG_BIN}/pgbench"),
+            "-i",
+            "-s",
+            "1",
+            "-q",
+            "-h",
+            &data,
+            "-U",
+            "postgres",
             "postgres",
         ],
     );
@@ -225,9 +239,13 @@ fn main() {
         "seconds",
         "count",
         &[
-            series("CRR: ports claimed", &crr.samples, |s| s.ports_claimed as f64),
+            series("CRR: ports claimed", &crr.samples, |s| {
+                s.ports_claimed as f64
+            }),
             series("CRR: connections/s", &crr.samples, |s| s.conns_per_s),
-            series("pgbench -C: ports claimed", &pgb.samples, |s| s.ports_claimed as f64),
+            series("pgbench -C: ports claimed", &pgb.samples, |s| {
+                s.ports_claimed as f64
+            }),
             series("pgbench -C: connections/s", &pgb.samples, |s| s.conns_per_s),
         ],
     );
