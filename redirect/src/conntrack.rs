@@ -284,6 +284,8 @@ pub struct GcReport {
     pub ports: Vec<PortUse>,
     /// How long the pass took.
     pub took_ms: u64,
+    /// Entries a map operation failed on (skipped; the next pass retries them).
+    pub errors: u64,
 }
 
 impl GcReport {
@@ -358,7 +360,16 @@ pub fn gc(maps: &mut Maps, t: &Timeouts, pressured: bool) -> Result<GcReport, Da
         }
         // Take the entry out and look at what was really removed: the datapath may still have
         // refreshed it, or reopened the tuple, between the check and the delete.
-        let Some(e) = maps.take_ct(k)? else { continue };
+        // A failure on one entry skips that entry, not the pass: a pass that stopped at the
+        // first error would let the table fill up while the error lasts.
+        let e = match maps.take_ct(k) {
+            Ok(Some(e)) => e,
+            Ok(None) => continue,
+            Err(_) => {
+                report.errors += 1;
+                continue;
+            }
+        };
         let Fate::Forget { release_port } = fate(&e, clock::monotonic_ns(), t, pressured) else {
             // Alive after all: put it back, unless the datapath already made a newer one.
             let _ = maps.ct.insert(k, e, BPF_NOEXIST);
@@ -376,7 +387,7 @@ pub fn gc(maps: &mut Maps, t: &Timeouts, pressured: bool) -> Result<GcReport, Da
                 match maps.rev.remove(&rk) {
                     Ok(()) => report.ports_released_at_once += 1,
                     Err(aya::maps::MapError::KeyNotFound) => {}
-                    Err(e) => return Err(map_err("deleting from REV")(e)),
+                    Err(_) => report.errors += 1,
                 }
             }
         }
@@ -438,7 +449,7 @@ pub fn gc(maps: &mut Maps, t: &Timeouts, pressured: bool) -> Result<GcReport, Da
     for rk in release {
         match maps.rev.remove(&rk) {
             Ok(()) | Err(aya::maps::MapError::KeyNotFound) => report.ports_released += 1,
-            Err(e) => return Err(map_err("deleting from REV")(e)),
+            Err(_) => report.errors += 1,
         }
     }
     report.ports = port_use_of(maps, &claimed)?;

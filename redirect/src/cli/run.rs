@@ -432,6 +432,12 @@ pub async fn serve_gc(
         });
         match result {
             Ok(mut r) => {
+                if r.errors > 0 {
+                    warn!(
+                        entries = r.errors,
+                        "conntrack gc: map operations failed on some entries; retrying them next pass"
+                    );
+                }
                 forgotten_total.add(&r.forgotten);
                 r.forgotten_total = forgotten_total;
                 let pressure = r.max_pressure();
