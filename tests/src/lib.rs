@@ -9,6 +9,10 @@
 //!                      p-src 198.18.2.1 ────────────────────────────── eth0 198.18.2.2 source
 //!                      p-tgt 198.18.3.1 ────────────────────────────── eth0 198.18.3.2 target
 //! ```
+//!
+//! [`Lab::new_one_nic`] builds the other common shape, a cloud VM with one NIC: the four hosts on
+//! one L2 segment (a bridge in a fifth namespace), the proxy with a single `eth0` holding
+//! 198.18.{1,2,3}.1, so every translated packet leaves by `XDP_TX`.
 
 #![allow(
     clippy::must_use_candidate,
@@ -105,6 +109,11 @@ pub struct Lab {
     pub redirect_env: Vec<(String, String)>,
     /// The journal every `redirect` command of this lab uses.
     pub journal: PathBuf,
+    /// One NIC on a bridge instead of three routed legs.
+    pub one_nic: bool,
+    /// The `xdp_pass` program on the bridge's port facing the proxy, which gives that veth the
+    /// NAPI context `XDP_TX`ed frames need (without GRO, which would merge them); detached on drop.
+    bridge_port_pass: Option<aya::Ebpf>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -113,12 +122,24 @@ pub enum Ns {
     Proxy,
     Source,
     Target,
+    /// The L2 segment of a one-NIC lab.
+    Bridge,
 }
 
 impl Lab {
     /// Builds the four namespaces and links. `name` makes the namespaces recognizable.
     #[must_use]
     pub fn new(name: &str) -> Self {
+        Self::with_topology(name, false)
+    }
+
+    /// The one-NIC lab (see the module docs).
+    #[must_use]
+    pub fn new_one_nic(name: &str) -> Self {
+        Self::with_topology(name, true)
+    }
+
+    fn with_topology(name: &str, one_nic: bool) -> Self {
         ensure_lab_bpffs();
         let id = format!(
             "rd{}{}{}",
@@ -129,7 +150,9 @@ impl Lab {
         let work_dir = std::env::temp_dir().join(format!("redirect-lab-{id}"));
         let _ = std::fs::remove_dir_all(&work_dir);
         std::fs::create_dir_all(&work_dir).expect("creating the lab work dir");
-        let lab = Self {
+        let mut lab = Self {
+            one_nic,
+            bridge_port_pass: None,
             pin_dir: Path::new(LAB_BPFFS).join(&id),
             id,
             journal: work_dir.join("journal.jsonl"),
@@ -139,8 +162,87 @@ impl Lab {
             runs: 0,
             redirect_pid: None,
         };
-        lab.build();
+        if one_nic {
+            lab.build_one_nic();
+        } else {
+            lab.build();
+        }
         lab
+    }
+
+    fn namespaces(&self) -> Vec<Ns> {
+        let mut all = vec![Ns::Client, Ns::Proxy, Ns::Source, Ns::Target];
+        if self.one_nic {
+            all.push(Ns::Bridge);
+        }
+        all
+    }
+
+    fn build_one_nic(&mut self) {
+        for ns in self.namespaces() {
+            ip(&["netns", "add", &self.ns(ns)]);
+            ip(&["-n", &self.ns(ns), "link", "set", "lo", "up"]);
+        }
+        let br = self.ns(Ns::Bridge);
+        ip(&["-n", &br, "link", "add", "br0", "type", "bridge"]);
+        ip(&["-n", &br, "link", "set", "br0", "up"]);
+        let hosts: [(Ns, &str, &[&str], Option<&str>); 4] = [
+            (
+                Ns::Proxy,
+                "b-prx",
+                &["198.18.1.1/24", "198.18.2.1/24", "198.18.3.1/24"],
+                None,
+            ),
+            (Ns::Client, "b-cli", &["198.18.1.2/24"], Some("198.18.1.1")),
+            (Ns::Source, "b-src", &["198.18.2.2/24"], Some("198.18.2.1")),
+            (Ns::Target, "b-tgt", &["198.18.3.2/24"], Some("198.18.3.1")),
+        ];
+        for (ns, port, addrs, gateway) in hosts {
+            let host = self.ns(ns);
+            ip(&[
+                "link", "add", "eth0", "netns", &host, "type", "veth", "peer", "name", port,
+                "netns", &br,
+            ]);
+            ip(&["-n", &br, "link", "set", port, "master", "br0"]);
+            ip(&["-n", &br, "link", "set", port, "up"]);
+            for addr in addrs {
+                ip(&["-n", &host, "addr", "add", addr, "dev", "eth0"]);
+            }
+            ip(&["-n", &host, "link", "set", "eth0", "up"]);
+            if let Some(gw) = gateway {
+                ip(&["-n", &host, "route", "add", "default", "via", gw]);
+            }
+            // Full checksums from every sender, as from a wire (see `build`).
+            self.exec_ok(ns, &["ethtool", "-K", "eth0", "tx", "off"]);
+        }
+        self.exec_ok(Ns::Proxy, &["sysctl", "-qw", "net.ipv4.ip_forward=1"]);
+        // Routed traffic (replication between the servers) leaves by the interface it came in
+        // on, which is the point of this topology: no ICMP redirects.
+        self.exec_ok(
+            Ns::Proxy,
+            &[
+                "sysctl",
+                "-qw",
+                "net.ipv4.conf.all.send_redirects=0",
+                "net.ipv4.conf.eth0.send_redirects=0",
+            ],
+        );
+        // The bridge port facing the proxy receives its XDP_TX frames: give it NAPI with an
+        // XDP_PASS program, as on a wire-like segment (GRO there would merge the frames).
+        let ebpf = self.in_ns(Ns::Bridge, || {
+            let mut ebpf =
+                aya::Ebpf::load(redirect::datapath::object()).expect("loading the object");
+            let prog: &mut aya::programs::Xdp = ebpf
+                .program_mut("xdp_pass")
+                .expect("xdp_pass")
+                .try_into()
+                .expect("XDP");
+            prog.load().expect("xdp_pass loads");
+            prog.attach("b-prx", aya::programs::XdpMode::Driver)
+                .expect("attaching xdp_pass to the bridge port");
+            ebpf
+        });
+        self.bridge_port_pass = Some(ebpf);
     }
 
     #[must_use]
@@ -150,6 +252,7 @@ impl Lab {
             Ns::Proxy => "prx",
             Ns::Source => "src",
             Ns::Target => "tgt",
+            Ns::Bridge => "br",
         };
         format!("{}{suffix}", self.id)
     }
@@ -263,24 +366,26 @@ impl Lab {
     /// The standard `run` arguments for this lab.
     #[must_use]
     pub fn run_args(&self) -> Vec<String> {
-        [
-            "run",
-            "--iface",
-            "p-cli",
-            "--iface",
-            "p-src",
-            "--iface",
-            "p-tgt",
-            "--vip",
-            &format!("{VIP}:{PG_PORT}"),
-            "--source",
-            &format!("{SOURCE_ADDR}:{PG_PORT}"),
-            "--target",
-            &format!("{TARGET_ADDR}:{PG_PORT}"),
-        ]
-        .iter()
-        .map(|s| (*s).to_owned())
-        .collect()
+        let ifaces: &[&str] = if self.one_nic {
+            &["--iface", "eth0"]
+        } else {
+            &["--iface", "p-cli", "--iface", "p-src", "--iface", "p-tgt"]
+        };
+        let mut args = vec!["run".to_owned()];
+        args.extend(ifaces.iter().map(|s| (*s).to_owned()));
+        args.extend(
+            [
+                "--vip",
+                &format!("{VIP}:{PG_PORT}"),
+                "--source",
+                &format!("{SOURCE_ADDR}:{PG_PORT}"),
+                "--target",
+                &format!("{TARGET_ADDR}:{PG_PORT}"),
+            ]
+            .iter()
+            .map(|s| (*s).to_owned()),
+        );
+        args
     }
 
     /// Starts `redirect run` in the proxy namespace and waits until the datapath is pinned.
@@ -458,7 +563,8 @@ impl Drop for Lab {
                 .output();
             let _ = std::fs::remove_dir_all(&self.pin_dir);
         }
-        for ns in [Ns::Client, Ns::Proxy, Ns::Source, Ns::Target] {
+        drop(self.bridge_port_pass.take());
+        for ns in self.namespaces() {
             let _ = Command::new("ip")
                 .args(["netns", "del", &self.ns(ns)])
                 .output();

@@ -100,8 +100,15 @@ fn every_rare_datapath_event_reaches_the_controller_log() {
     expect_logged(&lab, "parked-SYN ring is full");
     maps.cutover.set(0, Cutover::IDLE, 0).unwrap();
 
-    // A full connection table: fill CT from here, then one more SYN.
+    // A full connection table: fill CT from here with established, fresh entries (which the
+    // controller's GC leaves alone), then one more SYN.
     let vip_be = u32::from(vip_ip).to_be();
+    let live = CtEntry {
+        created_ns: redirect::clock::monotonic_ns(),
+        last_seen_ns: redirect::clock::monotonic_ns() + 3_600_000_000_000,
+        flags: redirect_common::ct::FLAG_SEEN_NON_SYN,
+        ..CtEntry::default()
+    };
     for i in 0..limits::CT_ENTRIES {
         let key = CtKey {
             client_addr_be: (0xc613_0000u32 + (i >> 12)).to_be(),
@@ -109,7 +116,7 @@ fn every_rare_datapath_event_reaches_the_controller_log() {
             client_port_be: u16::try_from(i & 0xfff).unwrap().to_be(),
             vip_port_be: PG_PORT.to_be(),
         };
-        if maps.ct.insert(key, CtEntry::default(), 0).is_err() {
+        if maps.ct.insert(key, live, 0).is_err() {
             break; // full
         }
     }
