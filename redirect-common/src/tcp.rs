@@ -67,6 +67,17 @@ pub enum Observed {
     RstOutOfWindow,
 }
 
+/// The client's sequence space as its SYN opens it: acknowledged up to the SYN, sent up to
+/// the end of any Fast Open data it carries.
+#[must_use]
+#[inline(always)]
+pub const fn opened_by(syn: &Segment) -> SeqSpace {
+    SeqSpace {
+        next: syn.end(),
+        acked: syn.seq.wrapping_add(1),
+    }
+}
+
 /// `a` is later than `b` in sequence space (RFC 1982 arithmetic).
 #[must_use]
 #[inline(always)]
@@ -85,6 +96,24 @@ pub const fn seq_within(x: u32, lo: u32, hi: u32) -> bool {
 fn advance(field: &mut u32, to: u32) {
     if seq_after(to, *field) {
         *field = to;
+    }
+}
+
+/// How far a segment may start beyond what this host has seen of its sender and still count:
+/// data lost before this host leaves a gap, and a segment after the gap is still genuine. One
+/// that starts farther off is ignored for the sequence state (it is still forwarded, and the
+/// endpoint judges it), so a blind segment cannot drag `next` anywhere it likes.
+pub const SEQ_SLACK: u32 = 1 << 20;
+
+/// Moves `space.next` to the end of `seg` if the segment starts where it plausibly can.
+#[inline(always)]
+fn advance_next(space: &mut SeqSpace, seg: &Segment) {
+    if seq_within(
+        seg.seq,
+        space.acked.wrapping_sub(SEQ_SLACK),
+        space.next.wrapping_add(SEQ_SLACK),
+    ) {
+        advance(&mut space.next, seg.end());
     }
 }
 
@@ -116,13 +145,19 @@ pub const fn rst_in_window(seq: u32, space: &SeqSpace) -> bool {
     seq_within(seq, space.acked, space.next)
 }
 
-/// Whether a FIN from the sender of `space` belongs to the connection: it starts inside what
-/// the peer acknowledged and what the sender sent (a FIN carries the sender's `SND.NXT`; a
-/// blind one, or one of an older connection on the tuple, does not).
+/// Whether the FIN of `seg` (its own sequence number, after the segment's data) belongs to the
+/// connection of `space`, as it was before the segment: at or after what the peer
+/// acknowledged, and at most [`SEQ_SLACK`] beyond what this host saw sent (data lost before
+/// this host leaves a gap; a retransmission may start before `acked` and end with the FIN).
+/// A FIN of an older connection on the tuple lies elsewhere in sequence space.
 #[must_use]
 #[inline(always)]
-pub const fn fin_in_window(seq: u32, space: &SeqSpace) -> bool {
-    seq_within(seq, space.acked, space.next)
+pub const fn fin_in_window(seg: &Segment, space: &SeqSpace) -> bool {
+    seq_within(
+        seg.seq.wrapping_add(seg.len),
+        space.acked,
+        space.next.wrapping_add(SEQ_SLACK),
+    )
 }
 
 /// Applies a segment seen in direction `dir` to a tracked entry: its state flags and both
@@ -147,15 +182,17 @@ pub fn observe(e: &mut CtEntry, dir: Direction, seg: Segment) -> Observed {
                 if established {
                     return Observed::SynOnLive;
                 }
-                // A retransmitted opener, or a new one after the client gave up: it defines
-                // the client's sequence space. A new ISN also voids what the backend said to
-                // the old one.
-                let opened = SeqSpace {
-                    next: seg.end(),
-                    acked: seg.end(),
-                };
-                if e.client_seq != opened {
-                    e.client_seq = opened;
+                // A retransmitted opener changes nothing (Linux may resend a Fast Open SYN
+                // without its data). A new ISN, after the client gave up, defines the client's
+                // sequence space afresh and voids what the backend said to the old one.
+                let isn_next = seg.seq.wrapping_add(1);
+                let same_attempt = seq_within(
+                    isn_next,
+                    e.client_seq.next.wrapping_sub(SEQ_SLACK),
+                    e.client_seq.next,
+                );
+                if !same_attempt {
+                    e.client_seq = opened_by(&seg);
                     e.flags &= !(FLAG_SYNACK_SEEN | FLAG_STALE_ACK);
                     e.backend_seq = SeqSpace::default();
                 }
@@ -187,11 +224,11 @@ pub fn observe(e: &mut CtEntry, dir: Direction, seg: Segment) -> Observed {
             } else if established {
                 bits |= FLAG_SEEN_NON_SYN;
             }
-            advance(&mut e.client_seq.next, seg.end());
+            advance_next(&mut e.client_seq, &seg);
             if flags & ACK != 0 && synack_seen {
                 advance_acked(&mut e.backend_seq, seg.ack);
             }
-            if flags & FIN != 0 && fin_in_window(seg.seq, &client_before) {
+            if flags & FIN != 0 && fin_in_window(&seg, &client_before) {
                 bits |= FLAG_FIN_CLIENT;
             }
         }
@@ -205,8 +242,10 @@ pub fn observe(e: &mut CtEntry, dir: Direction, seg: Segment) -> Observed {
                         Observed::RstOutOfWindow
                     };
                 }
-                // Before a SYN-ACK, a refused connection: <SEQ=0><ACK=SYN+1><CTL=RST,ACK>.
-                let refusal = flags & ACK != 0 && seg.ack == e.client_seq.next;
+                // Before a SYN-ACK, a refused connection: <SEQ=0><ACK=SYN+1><CTL=RST,ACK>
+                // (SYN+1+len if the SYN's Fast Open data was taken).
+                let refusal =
+                    flags & ACK != 0 && seq_within(seg.ack, e.client_seq.acked, e.client_seq.next);
                 if !synack_seen && !refusal {
                     return Observed::RstOutOfWindow;
                 }
@@ -215,25 +254,31 @@ pub fn observe(e: &mut CtEntry, dir: Direction, seg: Segment) -> Observed {
             // A SYN-ACK is this attempt's only if it acknowledges this attempt's SYN; one that
             // does not comes from an older attempt on the same backend-side tuple (SYN_RECV
             // retransmitting), and is handled like a stale ACK.
-            let synack_of_this_attempt = flags & ACK != 0 && seg.ack == e.client_seq.next;
-            if flags & SYN != 0 && !synack_of_this_attempt && !established && flags & RST == 0 {
+            // (Fast Open: a server that did not take the SYN's data acknowledges only ISN+1.)
+            let synack_of_this_attempt =
+                flags & ACK != 0 && seq_within(seg.ack, e.client_seq.acked, e.client_seq.next);
+            if flags & SYN != 0
+                && !synack_of_this_attempt
+                && !established
+                && !synack_seen
+                && flags & RST == 0
+            {
                 if e.backend_seq.acked != seg.ack {
                     e.backend_seq.acked = seg.ack;
                 }
                 bits |= FLAG_STALE_ACK;
             } else if flags & SYN != 0 {
-                if !established && flags & RST == 0 {
-                    let opened = SeqSpace {
+                // This attempt's SYN-ACK (or its retransmission) defines the backend's space
+                // once; after that, and after the handshake, a SYN-ACK changes nothing.
+                if !established && !synack_seen && synack_of_this_attempt && flags & RST == 0 {
+                    e.backend_seq = SeqSpace {
                         next: seg.end(),
                         acked: seg.end(),
                     };
-                    if !synack_seen || e.backend_seq != opened {
-                        e.backend_seq = opened;
-                    }
                     bits |= FLAG_SYNACK_SEEN;
                 }
             } else if synack_seen {
-                advance(&mut e.backend_seq.next, seg.end());
+                advance_next(&mut e.backend_seq, &seg);
             } else if !established && flags & (ACK | RST) == ACK {
                 // No SYN-ACK yet, but an ACK: a stale socket answering the SYN (see
                 // FLAG_STALE_ACK). Remember what the client's reset of it will carry.
@@ -245,7 +290,7 @@ pub fn observe(e: &mut CtEntry, dir: Direction, seg: Segment) -> Observed {
             if flags & ACK != 0 {
                 advance_acked(&mut e.client_seq, seg.ack);
             }
-            if flags & FIN != 0 && synack_seen && fin_in_window(seg.seq, &backend_before) {
+            if flags & FIN != 0 && synack_seen && fin_in_window(&seg, &backend_before) {
                 bits |= FLAG_FIN_BACKEND;
                 // The backend holds TIME_WAIT unless its FIN acknowledges the client's: if it
                 // sent its FIN before the client's arrived (FINs crossing), it goes through
@@ -589,6 +634,93 @@ mod tests {
             "the client's reset of the old attempt passes"
         );
         assert!(!is_closing(e.flags));
+    }
+
+    #[test]
+    fn a_fin_after_a_gap_still_counts() {
+        // The client's 5-byte Terminate was lost before this host; its bare FIN passes.
+        let mut e = established();
+        observe(
+            &mut e,
+            Direction::Forward,
+            seg(FIN | ACK, CLIENT_ISN + 6, BACKEND_ISN + 1, 0),
+        );
+        assert_ne!(e.flags & FLAG_FIN_CLIENT, 0);
+        // The retransmission of a lost FIN that starts before `acked` and ends with the FIN.
+        let mut e = established();
+        observe(
+            &mut e,
+            Direction::Forward,
+            seg(ACK | PSH, CLIENT_ISN + 1, BACKEND_ISN + 1, 100),
+        );
+        observe(
+            &mut e,
+            Direction::Reply,
+            seg(ACK, BACKEND_ISN + 1, CLIENT_ISN + 51, 0),
+        );
+        observe(
+            &mut e,
+            Direction::Forward,
+            seg(FIN | ACK, CLIENT_ISN + 1, BACKEND_ISN + 1, 100),
+        );
+        assert_ne!(e.flags & FLAG_FIN_CLIENT, 0);
+    }
+
+    #[test]
+    fn fast_open_data_the_server_did_not_take_still_completes_the_handshake() {
+        let mut e = CtEntry {
+            client_seq: opened_by(&seg(SYN, CLIENT_ISN, 0, 20)),
+            ..CtEntry::default()
+        };
+        // The server acknowledges only the SYN, not its 20 bytes.
+        observe(
+            &mut e,
+            Direction::Reply,
+            seg(SYN | ACK, BACKEND_ISN, CLIENT_ISN + 1, 0),
+        );
+        assert_ne!(e.flags & FLAG_SYNACK_SEEN, 0);
+        // Linux resends the SYN without its data: the same attempt.
+        observe(&mut e, Direction::Forward, seg(SYN, CLIENT_ISN, 0, 0));
+        assert_ne!(e.flags & FLAG_SYNACK_SEEN, 0);
+        assert_eq!(
+            observe(
+                &mut e,
+                Direction::Forward,
+                seg(ACK, CLIENT_ISN + 1, BACKEND_ISN + 1, 20)
+            ),
+            Observed::HandshakeCompleted
+        );
+    }
+
+    #[test]
+    fn a_stale_synack_after_the_real_one_changes_nothing() {
+        let mut e = opened();
+        observe(
+            &mut e,
+            Direction::Reply,
+            seg(SYN | ACK, BACKEND_ISN, CLIENT_ISN + 1, 0),
+        );
+        let before = e;
+        observe(&mut e, Direction::Reply, seg(SYN | ACK, 4242, 999_999, 0));
+        assert_eq!(e.backend_seq, before.backend_seq);
+        assert_eq!(e.flags & FLAG_STALE_ACK, 0);
+    }
+
+    #[test]
+    fn a_far_off_segment_does_not_move_the_window() {
+        let mut e = established();
+        let before = e.client_seq;
+        observe(
+            &mut e,
+            Direction::Forward,
+            seg(
+                ACK,
+                CLIENT_ISN.wrapping_add(0x8000_0000),
+                BACKEND_ISN + 1,
+                10,
+            ),
+        );
+        assert_eq!(e.client_seq, before);
     }
 
     #[test]

@@ -59,11 +59,17 @@ pub fn xdp(ctx: &XdpContext, eth: *mut EthHdr, ip: *mut Ipv4Hdr, sent: Option<Se
     if rc == BPF_FIB_LKUP_RET_FRAG_NEEDED
         && let Some(sent) = sent
         && ip.frag_off_be & IP_DF_BE != 0
-        && fits_ingress_mtu(ctx, ingress)
     {
         // SAFETY: reading a union field the kernel wrote for this return code.
         let mtu = unsafe { params.__bindgen_anon_1.mtu_result };
-        return frag_needed(ctx, &sent, mtu);
+        // A frame larger than its ingress MTU was merged by GRO before generic (skb-mode) XDP
+        // saw it; its segments may fit, and the stack re-segments it. It is answered only if
+        // the next hop's MTU is below the ingress MTU too (a sender told an MTU at or above its
+        // segment size ignores it, so that is harmless).
+        let (fits, ingress_mtu) = ingress_mtu(ctx, ingress);
+        if fits || u32::from(mtu) < ingress_mtu {
+            return frag_needed(ctx, &sent, mtu);
+        }
     }
     if rc != BPF_FIB_LKUP_RET_SUCCESS {
         count(Stat::FibPass);
@@ -164,14 +170,13 @@ fn frag_needed(ctx: &XdpContext, sent: &Sent, mtu: u16) -> u32 {
     xdp_action::XDP_TX
 }
 
-/// Whether the frame fits the MTU of the interface it arrived on. One that does not was merged
-/// by GRO before generic (skb-mode) XDP saw it; the stack re-segments it on the way out, so it
-/// goes there instead of being answered as too big.
+/// Whether the frame fits the MTU of the interface it arrived on, and that MTU.
 #[inline(always)]
-fn fits_ingress_mtu(ctx: &XdpContext, ingress: u32) -> bool {
+fn ingress_mtu(ctx: &XdpContext, ingress: u32) -> (bool, u32) {
     let mut mtu_len = 0u32;
     // SAFETY: a valid XDP context and a writable u32.
-    unsafe { bpf_check_mtu(ctx.as_ptr(), ingress, &raw mut mtu_len, 0, 0) == 0 }
+    let fits = unsafe { bpf_check_mtu(ctx.as_ptr(), ingress, &raw mut mtu_len, 0, 0) == 0 };
+    (fits, mtu_len)
 }
 
 /// The one's complement sum of `words` 16-bit words at `p`.

@@ -7,8 +7,8 @@ use redirect_common::{
     config::{Config, FLAG_DROP_NONSYN_MISS},
     csum,
     ct::{
-        CtEntry, CtKey, FLAG_BACKEND_CLOSED_FIRST, FLAG_FENCED, FLAG_REOPENED, FLAG_RST, SeqSpace,
-        is_closed, port_reusable_at_once,
+        CtEntry, CtKey, FLAG_BACKEND_CLOSED_FIRST, FLAG_FENCED, FLAG_FIN_CLIENT, FLAG_REOPENED,
+        FLAG_RST, SeqSpace, is_closed, port_reusable_at_once,
     },
     cutover::{Cutover, NO_FENCE},
     events::EventKind,
@@ -85,7 +85,8 @@ fn forward(ip: &mut Ipv4Hdr, tcp: &mut TcpHdr, cfg: &Config, cut: &Cutover, now:
         // from another CPU can lose an OR (benign, as in Cilium: the GC then relies on the
         // idle timeout instead of the close timeout).
         let entry = unsafe { &mut *entry };
-        if !(pure_syn && is_closed(entry.flags)) {
+        // A SYN after the client's own FIN is a new connection: the old one can send no SYN.
+        if !(pure_syn && (is_closed(entry.flags) || entry.flags & FLAG_FIN_CLIENT != 0)) {
             if entry.backend_id == cut.fenced_backend
                 && carries_data(ip, tcp)
                 && cut.fences(entry.backend_id, active_backend(), now)
@@ -262,13 +263,9 @@ fn open(
         );
         return Verdict::Drop;
     };
-    // A SYN may carry data (TCP Fast Open): the client's sequence space starts after it.
-    let client_next = segment(ip, tcp).end();
     let entry = CtEntry {
-        client_seq: SeqSpace {
-            next: client_next,
-            acked: client_next,
-        },
+        // A SYN may carry data (TCP Fast Open): sent up to its end, acknowledged up to the SYN.
+        client_seq: tcp::opened_by(&segment(ip, tcp)),
         backend_seq: SeqSpace::default(),
         created_ns: now,
         last_seen_ns: now,

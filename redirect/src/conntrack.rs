@@ -371,8 +371,11 @@ pub fn gc(maps: &mut Maps, t: &Timeouts, pressured: bool) -> Result<GcReport, Da
             }
         };
         let Fate::Forget { release_port } = fate(&e, clock::monotonic_ns(), t, pressured) else {
-            // Alive after all: put it back, unless the datapath already made a newer one.
-            let _ = maps.ct.insert(k, e, BPF_NOEXIST);
+            // Alive after all: put it back, unless the datapath already made a newer one (then
+            // the newer one wins and this one is gone: counted).
+            if maps.ct.insert(k, e, BPF_NOEXIST).is_err() {
+                report.errors += 1;
+            }
             report.ct_restored += 1;
             report.ct_live += 1;
             continue;
