@@ -166,6 +166,20 @@ impl Default for Timeouts {
 /// Port pressure at or above which the GC runs more often and forgets half-open handshakes
 /// sooner (a SYN flood, or a backend that stopped answering).
 pub const PRESSURE_HIGH: f64 = 0.5;
+/// Pressure below which that stops again. The gap keeps the short timeouts on until a flood's
+/// leftovers are gone: leaving at 50% stranded the rest of them for the full 60 s.
+pub const PRESSURE_RELIEVED: f64 = 0.1;
+
+/// Whether the GC runs pressured after a pass that measured `pressure`, given whether it was.
+#[must_use]
+pub fn pressured(was: bool, pressure: f64) -> bool {
+    pressure
+        >= if was {
+            PRESSURE_RELIEVED
+        } else {
+            PRESSURE_HIGH
+        }
+}
 /// The SYN timeout under high pressure. Forgetting a half-open entry is harmless: the client's
 /// next SYN retransmit (1, 3, 7, 15 s after the first) simply opens it again.
 pub const PRESSURED_SYN_TIMEOUT: Duration = Duration::from_secs(3);
@@ -510,6 +524,14 @@ const BPF_NOEXIST: u64 = 1;
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn pressure_starts_at_half_full_and_ends_below_a_tenth() {
+        assert!(!pressured(false, 0.3));
+        assert!(pressured(false, 0.5));
+        assert!(pressured(true, 0.3), "still draining a flood");
+        assert!(!pressured(true, 0.05));
+    }
 
     #[test]
     fn the_gc_speeds_up_as_the_port_range_fills() {

@@ -453,7 +453,7 @@ pub async fn serve_gc(
                         "conntrack gc"
                     );
                 }
-                let now_pressured = pressure >= conntrack::PRESSURE_HIGH;
+                let now_pressured = conntrack::pressured(pressured, pressure);
                 if now_pressured != pressured {
                     if now_pressured {
                         warn!(
