@@ -340,21 +340,26 @@ mod tests {
         e
     }
 
-    fn established() -> CtEntry {
-        let mut e = opened();
+    /// The SYN-ACK, then the client's ACK of it.
+    fn complete_handshake(e: &mut CtEntry) {
         observe(
-            &mut e,
+            e,
             Direction::Reply,
             seg(SYN | ACK, BACKEND_ISN, CLIENT_ISN + 1, 0),
         );
         assert_eq!(
             observe(
-                &mut e,
+                e,
                 Direction::Forward,
                 seg(ACK, CLIENT_ISN + 1, BACKEND_ISN + 1, 0)
             ),
             Observed::HandshakeCompleted
         );
+    }
+
+    fn established() -> CtEntry {
+        let mut e = opened();
+        complete_handshake(&mut e);
         e
     }
 
@@ -505,19 +510,7 @@ mod tests {
         assert!(!is_closing(e.flags), "the client's attempt goes on");
         // Its retransmitted SYN then completes normally.
         observe(&mut e, Direction::Forward, seg(SYN, CLIENT_ISN, 0, 0));
-        observe(
-            &mut e,
-            Direction::Reply,
-            seg(SYN | ACK, BACKEND_ISN, CLIENT_ISN + 1, 0),
-        );
-        assert_eq!(
-            observe(
-                &mut e,
-                Direction::Forward,
-                seg(ACK, CLIENT_ISN + 1, BACKEND_ISN + 1, 0)
-            ),
-            Observed::HandshakeCompleted
-        );
+        complete_handshake(&mut e);
     }
 
     #[test]

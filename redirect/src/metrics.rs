@@ -11,6 +11,9 @@ use tokio_util::sync::CancellationToken;
 
 use crate::{conntrack, cutover::Controller, datapath::Role};
 
+/// Reads one per-port gauge from a GC report's port use.
+type PortGauge = fn(&crate::conntrack::PortUse) -> u64;
+
 /// Renders every metric now.
 pub fn render(ctl: &Controller) -> String {
     let mut out = String::new();
@@ -56,27 +59,29 @@ pub fn render(ctl: &Controller) -> String {
     }
     drop(maps);
     if let Some(gc) = crate::sync::lock(&ctl.last_gc).as_ref() {
-        let _ = writeln!(
-            out,
-            "# HELP redirect_snat_ports_claimed SNAT ports claimed (live, closing and quarantined connections), as of the last GC pass.\n# TYPE redirect_snat_ports_claimed gauge"
-        );
-        for p in &gc.ports {
-            let _ = writeln!(
-                out,
-                "redirect_snat_ports_claimed{{backend=\"{}\",snat=\"{}\"}} {}",
-                p.backend, p.snat, p.claimed
-            );
-        }
-        let _ = writeln!(
-            out,
-            "# HELP redirect_snat_ports_capacity Ports in the SNAT range.\n# TYPE redirect_snat_ports_capacity gauge"
-        );
-        for p in &gc.ports {
-            let _ = writeln!(
-                out,
-                "redirect_snat_ports_capacity{{backend=\"{}\",snat=\"{}\"}} {}",
-                p.backend, p.snat, p.capacity
-            );
+        let per_port: [(&str, &str, PortGauge); 2] = [
+            (
+                "redirect_snat_ports_claimed",
+                "SNAT ports claimed (live, closing and quarantined connections), as of the last GC pass.",
+                |p| p.claimed,
+            ),
+            (
+                "redirect_snat_ports_capacity",
+                "Ports in the SNAT range.",
+                |p| p.capacity,
+            ),
+        ];
+        for (name, help, value) in per_port {
+            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} gauge");
+            for p in &gc.ports {
+                let _ = writeln!(
+                    out,
+                    "{name}{{backend=\"{}\",snat=\"{}\"}} {}",
+                    p.backend,
+                    p.snat,
+                    value(p)
+                );
+            }
         }
         let _ = writeln!(
             out,

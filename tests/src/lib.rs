@@ -482,6 +482,12 @@ impl Lab {
         let _ = child.wait();
     }
 
+    /// One datapath counter from `redirect status --json` (0 if absent).
+    #[must_use]
+    pub fn stat(&self, name: &str) -> u64 {
+        self.status()["stats"][name].as_u64().unwrap_or(0)
+    }
+
     /// `redirect status --json`.
     #[must_use]
     pub fn status(&self) -> serde_json::Value {

@@ -16,10 +16,6 @@ fn rt() -> tokio::runtime::Runtime {
         .expect("runtime")
 }
 
-fn stat(lab: &Lab, name: &str) -> u64 {
-    lab.status()["stats"][name].as_u64().unwrap_or(0)
-}
-
 /// md5 of a bulk `COPY ... TO STDOUT` read by psql over TCP from `host` in `ns`.
 fn copy_md5(lab: &Lab, ns: Ns, host: &str) -> String {
     let out = lab.exec_ok(
@@ -79,12 +75,12 @@ fn a_one_nic_proxy_pins_flips_and_moves_bulk_data_over_xdp_tx() {
     let direct = copy_md5(&lab, Ns::Target, redirect_tests::TARGET_ADDR);
     assert_eq!(through_vip, direct, "the same bytes through the VIP");
     assert!(
-        stat(&lab, "fib_tx") > 10_000,
+        lab.stat("fib_tx") > 10_000,
         "translated packets left by XDP_TX ({})",
-        stat(&lab, "fib_tx")
+        lab.stat("fib_tx")
     );
     assert_eq!(
-        stat(&lab, "fib_redirect"),
+        lab.stat("fib_redirect"),
         0,
         "one interface: nothing to redirect to"
     );

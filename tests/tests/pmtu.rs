@@ -78,7 +78,7 @@ fn large_results_and_large_writes_cross_a_1280_byte_hop() {
         String::from_utf8_lossy(&out.stderr)
     );
     assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "2000000");
-    let sent = lab.status()["stats"]["frag_needed_sent"].as_u64().unwrap();
+    let sent = lab.stat("frag_needed_sent");
     assert!(
         sent >= 2,
         "fragmentation-needed went to both senders ({sent})"

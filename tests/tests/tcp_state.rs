@@ -32,10 +32,6 @@ fn claimed(lab: &Lab) -> u64 {
         .unwrap()
 }
 
-fn stat(lab: &Lab, name: &str) -> u64 {
-    lab.status()["stats"][name].as_u64().unwrap_or(0)
-}
-
 #[test]
 fn a_syn_flood_without_synacks_neither_pins_the_range_nor_locks_out_a_client() {
     require_root();
@@ -72,11 +68,11 @@ fn a_syn_flood_without_synacks_neither_pins_the_range_nor_locks_out_a_client() {
     eprintln!(
         "after the flood: {} ports claimed, {} SYNs without a port, {} handshakes completed",
         claimed(&lab),
-        stat(&lab, "snat_exhausted"),
-        stat(&lab, "handshake_completed")
+        lab.stat("snat_exhausted"),
+        lab.stat("handshake_completed")
     );
     assert_eq!(
-        stat(&lab, "handshake_completed"),
+        lab.stat("handshake_completed"),
         0,
         "a SYN-ACK alone never makes an entry established"
     );
@@ -180,7 +176,7 @@ fn blind_rsts_and_syns_do_not_detach_a_live_connection() {
     wait_for(
         Duration::from_secs(5),
         "the spoofed packets to be counted",
-        || stat(&lab, "rst_out_of_window") >= 10 && stat(&lab, "syn_on_live") >= 1,
+        || lab.stat("rst_out_of_window") >= 10 && lab.stat("syn_on_live") >= 1,
     );
     // (A guess can land in the window only with odds of about 1 in 2^32 on an idle connection.)
     std::thread::sleep(Duration::from_secs(3)); // past the close timeout, had it been closed
