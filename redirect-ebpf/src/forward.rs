@@ -1,7 +1,8 @@
-//! Sends a rewritten packet on its way: `bpf_fib_lookup`, then `XDP_TX` out of the same
-//! interface, `XDP_REDIRECT` to another attached interface, or `XDP_PASS` to let the kernel
-//! route it (no neighbour entry yet, forwarding disabled, an interface we may not redirect
-//! to). The packet is fully rewritten before any of these, so the fallback is always correct.
+//! Sends a rewritten packet on its way: `bpf_fib_lookup`, then out of the same interface
+//! (`XDP_TX`), to another attached interface (`XDP_REDIRECT`; under TC both are
+//! `bpf_redirect` to an egress), or to the stack to route it (no neighbour entry yet,
+//! forwarding disabled, an interface we may not redirect to). The packet is fully rewritten
+//! before any of these, so the fallback is always correct.
 //!
 //! A packet too big for the next hop (the lookup's MTU check) cannot go to the stack: it would
 //! send its fragmentation-needed error to the translated source, an address of this host. So
@@ -10,9 +11,11 @@
 
 use aya_ebpf::{
     EbpfContext,
-    bindings::{bpf_fib_lookup as FibParams, xdp_action},
-    helpers::{bpf_check_mtu, bpf_fib_lookup, bpf_xdp_adjust_tail},
-    programs::XdpContext,
+    bindings::{TC_ACT_OK, TC_ACT_SHOT, bpf_fib_lookup as FibParams, xdp_action},
+    helpers::{
+        bpf_check_mtu, bpf_fib_lookup, bpf_redirect, bpf_skb_change_tail, bpf_xdp_adjust_tail,
+    },
+    programs::{TcContext, XdpContext},
 };
 use redirect_common::{csum, stats::Stat};
 
@@ -32,62 +35,102 @@ const IP_DF_BE: u16 = 0x4000u16.to_be();
 /// A fragmentation-needed error: headers, ICMP header, quoted IP header and 8 bytes of TCP.
 const ERROR_FRAME_LEN: usize = ETH_LEN + IP_LEN + ICMP_LEN + IP_LEN + QUOTED_LEN;
 
-/// Forwards the rewritten packet whose headers are at `eth` and `ip`. `sent` is what its
-/// sender sent (for an error back to it); `None` for an ICMP error.
+/// Where the kernel's FIB sends a rewritten packet.
+enum Hop {
+    /// Out of `ifindex` (the ingress interface, or another attached one), with these MACs.
+    Next {
+        ifindex: u32,
+        smac: [u8; 6],
+        dmac: [u8; 6],
+    },
+    /// The next hop's MTU is below the packet's size, and the packet says Don't Fragment.
+    TooBig { mtu: u16 },
+    /// Anything else (no neighbour entry yet, forwarding disabled, an interface we may not
+    /// send to): the stack routes the packet, which is fully rewritten, so that is correct.
+    Stack,
+}
+
+/// Looks up the next hop of the packet whose IPv4 header is `ip`. `tot_len` 0 lets the kernel
+/// check the socket buffer's own length against the MTU, segment by segment for GSO (TC).
 #[inline(always)]
-pub fn xdp(ctx: &XdpContext, eth: *mut EthHdr, ip: *mut Ipv4Hdr, sent: Option<Sent>) -> u32 {
-    // SAFETY: headers were bounds-checked by `parse`.
-    let (ip, eth) = unsafe { (&*ip, &mut *eth) };
-    let ingress = ctx.ingress_ifindex() as u32;
+fn lookup(ctx: *mut core::ffi::c_void, ip: &Ipv4Hdr, ingress: u32, tot_len: u16) -> Hop {
     // SAFETY: an all-zero `bpf_fib_lookup` is a valid (empty) request.
     let mut params: FibParams = unsafe { core::mem::zeroed() };
     params.family = AF_INET;
     params.l4_protocol = ip.protocol;
-    params.__bindgen_anon_1.tot_len = u16::from_be(ip.tot_len_be);
+    params.__bindgen_anon_1.tot_len = tot_len;
     params.ifindex = ingress;
     params.__bindgen_anon_3.ipv4_src = ip.saddr_be;
     params.__bindgen_anon_4.ipv4_dst = ip.daddr_be;
     // SAFETY: `params` is a live, correctly sized `bpf_fib_lookup`.
     let rc = unsafe {
         bpf_fib_lookup(
-            ctx.as_ptr(),
+            ctx,
             &raw mut params,
             core::mem::size_of::<FibParams>() as i32,
             0,
         )
     };
-    if rc == BPF_FIB_LKUP_RET_FRAG_NEEDED
-        && let Some(sent) = sent
-        && ip.frag_off_be & IP_DF_BE != 0
-    {
+    if rc == BPF_FIB_LKUP_RET_FRAG_NEEDED && ip.frag_off_be & IP_DF_BE != 0 {
         // SAFETY: reading a union field the kernel wrote for this return code.
         let mtu = unsafe { params.__bindgen_anon_1.mtu_result };
-        // A frame larger than its ingress MTU was merged by GRO before generic (skb-mode) XDP
-        // saw it; its segments may fit, and the stack re-segments it. It is answered only if
-        // the next hop's MTU is below the ingress MTU too (a sender told an MTU at or above its
-        // segment size ignores it, so that is harmless).
-        let (fits, ingress_mtu) = ingress_mtu(ctx, ingress);
-        if fits || u32::from(mtu) < ingress_mtu {
-            return frag_needed(ctx, &sent, mtu);
-        }
+        return Hop::TooBig { mtu };
     }
     if rc != BPF_FIB_LKUP_RET_SUCCESS {
-        count(Stat::FibPass);
-        return xdp_action::XDP_PASS;
+        return Hop::Stack;
     }
     if params.ifindex != ingress && TX_PORTS.get(params.ifindex).is_none() {
         // Not an interface we own: the MACs would be wrong for the stack, so leave them.
-        count(Stat::FibPass);
-        return xdp_action::XDP_PASS;
+        return Hop::Stack;
     }
+    Hop::Next {
+        ifindex: params.ifindex,
+        smac: params.smac,
+        dmac: params.dmac,
+    }
+}
+
+/// Forwards the rewritten frame whose headers are at `eth` and `ip` (XDP). `sent` is what its
+/// sender sent (for an error back to it); `None` for an ICMP error.
+#[inline(always)]
+pub fn xdp(ctx: &XdpContext, eth: *mut EthHdr, ip: *mut Ipv4Hdr, sent: Option<Sent>) -> u32 {
+    // SAFETY: headers were bounds-checked by `parse`.
+    let (ip, eth) = unsafe { (&*ip, &mut *eth) };
+    let ingress = ctx.ingress_ifindex() as u32;
+    let (ifindex, smac, dmac) = match lookup(ctx.as_ptr(), ip, ingress, u16::from_be(ip.tot_len_be))
+    {
+        Hop::Next {
+            ifindex,
+            smac,
+            dmac,
+        } => (ifindex, smac, dmac),
+        Hop::TooBig { mtu } => {
+            // A frame larger than its ingress MTU was merged by GRO before generic
+            // (skb-mode) XDP saw it; its segments may fit, and the stack re-segments it. It
+            // is answered only if the next hop's MTU is below the ingress MTU too (a sender
+            // told an MTU at or above its segment size ignores it, so that is harmless).
+            let (fits, ingress_mtu) = ingress_mtu(ctx, ingress);
+            if let Some(sent) = sent
+                && (fits || u32::from(mtu) < ingress_mtu)
+            {
+                return frag_needed_xdp(ctx, &sent, mtu);
+            }
+            count(Stat::FibPass);
+            return xdp_action::XDP_PASS;
+        }
+        Hop::Stack => {
+            count(Stat::FibPass);
+            return xdp_action::XDP_PASS;
+        }
+    };
     let (old_src, old_dst) = (eth.src, eth.dst);
-    eth.src = params.smac;
-    eth.dst = params.dmac;
-    if params.ifindex == ingress {
+    eth.src = smac;
+    eth.dst = dmac;
+    if ifindex == ingress {
         count(Stat::FibTx);
         return xdp_action::XDP_TX;
     }
-    if let Ok(action) = TX_PORTS.redirect(params.ifindex, 0) {
+    if let Ok(action) = TX_PORTS.redirect(ifindex, 0) {
         count(Stat::FibRedirect);
         action
     } else {
@@ -100,15 +143,91 @@ pub fn xdp(ctx: &XdpContext, eth: *mut EthHdr, ip: *mut Ipv4Hdr, sent: Option<Se
     }
 }
 
-/// Turns the too-big packet into an ICMP fragmentation-needed error to its sender and sends it
-/// back out of the interface it came in on: the packet's own first 28 bytes, restored to what
-/// the sender sent, become the quote; then the frame is cut to size.
+/// Forwards the rewritten socket buffer (TC ingress): `bpf_redirect` to the egress of the
+/// next hop's interface, where a GSO buffer is segmented and a partial checksum completed.
 #[inline(always)]
-fn frag_needed(ctx: &XdpContext, sent: &Sent, mtu: u16) -> u32 {
+pub fn tc(ctx: &TcContext, sent: Option<Sent>) -> i32 {
     let data = ctx.data();
-    if data + ERROR_FRAME_LEN > ctx.data_end() {
+    if data + ETH_LEN + IP_LEN > ctx.data_end() {
+        count(Stat::FibPass);
+        return TC_ACT_OK;
+    }
+    // SAFETY: bounds checked above (the checksum helpers invalidated the parser's pointers).
+    let (eth, ip) = unsafe {
+        (
+            &mut *(data as *mut EthHdr),
+            &*((data + ETH_LEN) as *const Ipv4Hdr),
+        )
+    };
+    // SAFETY: reading a field of the context the kernel passed.
+    let ingress = unsafe { (*ctx.skb.skb).ifindex };
+    match lookup(ctx.as_ptr(), ip, ingress, 0) {
+        Hop::Next {
+            ifindex,
+            smac,
+            dmac,
+        } => {
+            eth.src = smac;
+            eth.dst = dmac;
+            count(if ifindex == ingress {
+                Stat::FibTx
+            } else {
+                Stat::FibRedirect
+            });
+            // SAFETY: a helper with no preconditions; it returns TC_ACT_REDIRECT.
+            unsafe { bpf_redirect(ifindex, 0) as i32 }
+        }
+        Hop::TooBig { mtu } if let Some(sent) = sent => frag_needed_tc(ctx, ingress, &sent, mtu),
+        Hop::TooBig { .. } | Hop::Stack => {
+            count(Stat::FibPass);
+            TC_ACT_OK
+        }
+    }
+}
+
+/// Turns the too-big frame into an ICMP fragmentation-needed error and sends it back out of
+/// the interface it came in on (XDP).
+#[inline(always)]
+fn frag_needed_xdp(ctx: &XdpContext, sent: &Sent, mtu: u16) -> u32 {
+    if !write_frag_needed(ctx.data(), ctx.data_end(), sent, mtu) {
         count(Stat::FibPass);
         return xdp_action::XDP_PASS;
+    }
+    let len = ctx.data_end() - ctx.data();
+    // SAFETY: shrinking the frame to the error's length, which `len` exceeds.
+    if unsafe { bpf_xdp_adjust_tail(ctx.ctx, ERROR_FRAME_LEN as i32 - len as i32) } != 0 {
+        count(Stat::FibPass);
+        return xdp_action::XDP_DROP;
+    }
+    count(Stat::FragNeededSent);
+    xdp_action::XDP_TX
+}
+
+/// [`frag_needed_xdp`] for TC. Only a buffer that is not GSO can get here (the kernel checks
+/// GSO buffers segment by segment), so its headers are in the linear part `tc.rs` pulled.
+#[inline(always)]
+fn frag_needed_tc(ctx: &TcContext, ingress: u32, sent: &Sent, mtu: u16) -> i32 {
+    if !write_frag_needed(ctx.data(), ctx.data_end(), sent, mtu) {
+        count(Stat::FibPass);
+        return TC_ACT_OK;
+    }
+    // SAFETY: trimming the buffer to the error's length.
+    if unsafe { bpf_skb_change_tail(ctx.skb.skb, ERROR_FRAME_LEN as u32, 0) } != 0 {
+        count(Stat::FibPass);
+        return TC_ACT_SHOT;
+    }
+    count(Stat::FragNeededSent);
+    // SAFETY: a helper with no preconditions; it returns TC_ACT_REDIRECT.
+    unsafe { bpf_redirect(ingress, 0) as i32 }
+}
+
+/// Rewrites the first [`ERROR_FRAME_LEN`] bytes at `data` into an ICMP fragmentation-needed
+/// error to the packet's sender: the packet's own first 28 bytes, restored to what the sender
+/// sent, become the quote. `false` if the frame is too short (nothing was written).
+#[inline(always)]
+fn write_frag_needed(data: usize, data_end: usize, sent: &Sent, mtu: u16) -> bool {
+    if data + ERROR_FRAME_LEN > data_end {
+        return false;
     }
     let eth = data as *mut EthHdr;
     let ip = (data + ETH_LEN) as *mut Ipv4Hdr;
@@ -160,14 +279,7 @@ fn frag_needed(ctx: &XdpContext, sent: &Sent, mtu: u16) -> u32 {
             (ICMP_LEN + IP_LEN + QUOTED_LEN) / 2,
         ));
     }
-    let len = ctx.data_end() - ctx.data();
-    // SAFETY: shrinking the frame to the error's length, which `len` exceeds.
-    if unsafe { bpf_xdp_adjust_tail(ctx.ctx, ERROR_FRAME_LEN as i32 - len as i32) } != 0 {
-        count(Stat::FibPass);
-        return xdp_action::XDP_DROP;
-    }
-    count(Stat::FragNeededSent);
-    xdp_action::XDP_TX
+    true
 }
 
 /// Whether the frame fits the MTU of the interface it arrived on, and that MTU.

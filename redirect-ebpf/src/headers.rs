@@ -99,9 +99,11 @@ pub enum Parsed {
     IcmpError(IcmpError),
 }
 
-/// Parses `[data, data_end)`. `Err` carries why the packet is not ours to touch.
+/// Parses the headers in `[data, data_end)`, of a frame `frame_len` bytes long (beyond
+/// `data_end` when a socket buffer keeps its payload in pages). `Err` carries why the packet
+/// is not ours to touch.
 #[inline(always)]
-pub fn parse(data: usize, data_end: usize) -> Result<Parsed, Stat> {
+pub fn parse(data: usize, data_end: usize, frame_len: usize) -> Result<Parsed, Stat> {
     if data + ETH_LEN > data_end {
         return Err(Stat::PassTruncated);
     }
@@ -142,7 +144,7 @@ pub fn parse(data: usize, data_end: usize) -> Result<Parsed, Stat> {
         return Err(Stat::PassNotTcp);
     }
     let tcp_start = ip_start + IP_LEN;
-    if tcp_start + TCP_LEN > data_end || tot_len < IP_LEN + TCP_LEN || ip_start + tot_len > data_end
+    if tcp_start + TCP_LEN > data_end || tot_len < IP_LEN + TCP_LEN || ETH_LEN + tot_len > frame_len
     {
         return Err(Stat::PassTruncated);
     }

@@ -1,6 +1,8 @@
-//! The redirect datapath: an XDP program that sends each new TCP connection for the VIP to
-//! the active backend (full NAT: DNAT + SNAT) and keeps every tracked connection on the
-//! backend it started on.
+//! The redirect datapath: a program that sends each new TCP connection for the VIP to the
+//! active backend (full NAT: DNAT + SNAT) and keeps every tracked connection on the backend it
+//! started on. One NAT core (`nat.rs`), two hooks: XDP (`xdp.rs`) for NICs, where frames come
+//! off a wire, and TC (`tc.rs`) for virtual interfaces and drivers without native XDP, where
+//! socket buffers may be GRO-merged or carry partial checksums.
 //!
 //! What happens to traffic when the controller exits: nothing. Every map and the XDP link are
 //! pinned, so the program keeps translating established and new connections with the last
@@ -20,13 +22,14 @@
 mod events;
 mod forward;
 mod headers;
+mod hold;
 mod nat;
+mod tc;
+mod xdp;
 
 use aya_ebpf::{
     bindings::xdp_action,
     btf_maps::{Array, DevMapHash, HashMap, PerCpuArray, RingBuf},
-    helpers::bpf_ktime_get_ns,
-    helpers::bpf_xdp_load_bytes,
     macros::{btf_map, xdp},
     programs::XdpContext,
 };
@@ -34,7 +37,7 @@ use redirect_common::{
     backend::{Backend, MAX_BACKENDS},
     config::{Config, FLAG_CONFIGURED},
     ct::{CtEntry, CtKey},
-    cutover::{Cutover, HELD_FRAME_MAX, HeldSyn},
+    cutover::{Cutover, HeldSyn},
     limits,
     rev::{RevEntry, RevKey},
     stats::{STAT_COUNT, Stat},
@@ -95,21 +98,10 @@ fn count(stat: Stat) {
     }
 }
 
-/// The datapath. Attach it to every interface that receives client or backend traffic.
-#[xdp]
-pub fn redirect_xdp(ctx: XdpContext) -> u32 {
-    match try_redirect_xdp(&ctx) {
-        Ok(action) => action,
-        Err(stat) => {
-            count(stat);
-            xdp_action::XDP_PASS
-        }
-    }
-}
-
+/// What every packet's processing starts from: the configuration (or why there is none to
+/// act on), the time, and the cutover levers.
 #[inline(always)]
-fn try_redirect_xdp(ctx: &XdpContext) -> Result<u32, Stat> {
-    let parsed = headers::parse(ctx.data(), ctx.data_end())?;
+fn packet_context() -> Result<(&'static Config, u64, Cutover), Stat> {
     let Some(cfg) = CONFIG.get(0) else {
         return Err(Stat::PassUnconfigured);
     };
@@ -117,77 +109,9 @@ fn try_redirect_xdp(ctx: &XdpContext) -> Result<u32, Stat> {
         return Err(Stat::PassUnconfigured);
     }
     // SAFETY: a helper with no preconditions.
-    let now = unsafe { bpf_ktime_get_ns() };
+    let now = unsafe { aya_ebpf::helpers::bpf_ktime_get_ns() };
     let cut = CUTOVER.get(0).copied().unwrap_or(Cutover::IDLE);
-    let pkt = match parsed {
-        headers::Parsed::Tcp(pkt) => pkt,
-        headers::Parsed::IcmpError(err) => {
-            return Ok(match nat::icmp_error(&err, cfg) {
-                nat::Verdict::Forward(_) => forward::xdp(ctx, err.eth, err.ip, None),
-                _ => xdp_action::XDP_PASS,
-            });
-        }
-    };
-    Ok(match nat::process(&pkt, cfg, &cut, now) {
-        nat::Verdict::Forward(sent) => forward::xdp(ctx, pkt.eth, pkt.ip, sent),
-        nat::Verdict::Pass => xdp_action::XDP_PASS,
-        nat::Verdict::Drop => xdp_action::XDP_DROP,
-        nat::Verdict::Hold => {
-            // SAFETY: `parse` bounds-checked the headers; read before the frame is copied.
-            let flow = unsafe {
-                events::Flow {
-                    client_addr_be: (*pkt.ip).saddr_be,
-                    client_port_be: (*pkt.tcp).sport_be,
-                    backend_addr_be: (*pkt.ip).daddr_be,
-                    backend_port_be: (*pkt.tcp).dport_be,
-                }
-            };
-            hold(ctx, now, &flow);
-            xdp_action::XDP_DROP
-        }
-    })
-}
-
-/// Copies the untouched SYN frame into `HELD`. If it cannot (ring full, frame too long), the
-/// SYN is dropped all the same and the client's retransmit arrives after the hold.
-#[inline(always)]
-fn hold(ctx: &XdpContext, now: u64, flow: &events::Flow) {
-    let len = ctx.data_end() - ctx.data();
-    if len == 0 || len > HELD_FRAME_MAX {
-        count(Stat::SynHoldFailed);
-        return;
-    }
-    let Some(mut slot) = HELD.reserve(0) else {
-        count(Stat::SynHoldFailed);
-        events::send(
-            redirect_common::events::EventKind::HoldRingFull,
-            flow,
-            0,
-            now,
-        );
-        return;
-    };
-    let held = slot.as_mut_ptr();
-    // 1..=HELD_FRAME_MAX by construction, in a form the verifier can see: LLVM folds the range
-    // check above into one on `len - 1`, which tells the verifier nothing about `len`; the
-    // volatile read stops LLVM from folding the mask away again.
-    // SAFETY: reading a local.
-    let m = unsafe { core::ptr::read_volatile(&(len as u32 - 1)) };
-    let n = (m & (HELD_FRAME_MAX as u32 - 1)) + 1;
-    // SAFETY: `held` points to a reserved, writable HeldSyn; `n` fits its frame.
-    let copied = unsafe {
-        (*held).ifindex = ctx.ingress_ifindex() as u32;
-        (*held).len = n;
-        (*held).held_ns = now;
-        bpf_xdp_load_bytes(ctx.ctx, 0, (&raw mut (*held).frame).cast(), n)
-    };
-    if copied == 0 {
-        slot.submit(0);
-        count(Stat::SynHeld);
-    } else {
-        slot.discard(0);
-        count(Stat::SynHoldFailed);
-    }
+    Ok((cfg, now, cut))
 }
 
 /// Returns `XDP_PASS`. Tests attach it to namespace-side veth peers, which then have the

@@ -1,5 +1,12 @@
 //! Connection tracking and the full-NAT rewrite. Independent of the hook: it works on parsed
-//! header pointers and returns a verdict, so the same logic can back an XDP or a TC program.
+//! header pointers and returns a verdict, so the same logic backs the XDP and the TC program.
+//!
+//! `KERNEL_L4: bool` says who updates the TCP checksum. XDP updates it here, incrementally: a
+//! frame from a wire always carries a full checksum. A TC hook sees socket buffers, which may
+//! carry `CHECKSUM_PARTIAL` (GRO-merged frames, local senders with TX offload): their checksum
+//! field holds only the pseudo-header sum, which a port change must not touch at all. Only the
+//! kernel knows which, so under TC the field is left alone here and the hook fixes it with
+//! `bpf_l4_csum_replace` (see `tc.rs`).
 
 use aya_ebpf::{bindings::BPF_NOEXIST, helpers::bpf_get_prandom_u32};
 use redirect_common::{
@@ -56,19 +63,30 @@ const EEXIST: i32 = 17;
 
 /// Runs conntrack for one parsed TCP/IPv4 packet and rewrites it in place.
 #[inline(always)]
-pub fn process(pkt: &Packet, cfg: &Config, cut: &Cutover, now: u64) -> Verdict {
+pub fn process<const KERNEL_L4: bool>(
+    pkt: &Packet,
+    cfg: &Config,
+    cut: &Cutover,
+    now: u64,
+) -> Verdict {
     // SAFETY: `parse` bounds-checked every header.
     let (ip, tcp) = unsafe { (&mut *pkt.ip, &mut *pkt.tcp) };
     if ip.daddr_be == cfg.vip_addr_be && tcp.dport_be == cfg.vip_port_be {
-        forward(ip, tcp, cfg, cut, now)
+        forward::<KERNEL_L4>(ip, tcp, cfg, cut, now)
     } else {
-        reply(ip, tcp, now)
+        reply::<KERNEL_L4>(ip, tcp, now)
     }
 }
 
 /// Client → VIP.
 #[inline(always)]
-fn forward(ip: &mut Ipv4Hdr, tcp: &mut TcpHdr, cfg: &Config, cut: &Cutover, now: u64) -> Verdict {
+fn forward<const KERNEL_L4: bool>(
+    ip: &mut Ipv4Hdr,
+    tcp: &mut TcpHdr,
+    cfg: &Config,
+    cut: &Cutover,
+    now: u64,
+) -> Verdict {
     let key = CtKey {
         client_addr_be: ip.saddr_be,
         vip_addr_be: ip.daddr_be,
@@ -108,7 +126,7 @@ fn forward(ip: &mut Ipv4Hdr, tcp: &mut TcpHdr, cfg: &Config, cut: &Cutover, now:
             }
             count(Stat::ForwardTracked);
             let e = *entry;
-            let sent = rewrite(
+            let sent = rewrite::<KERNEL_L4>(
                 ip,
                 tcp,
                 e.snat_addr_be,
@@ -126,7 +144,7 @@ fn forward(ip: &mut Ipv4Hdr, tcp: &mut TcpHdr, cfg: &Config, cut: &Cutover, now:
         // Usually freed already when it closed; this covers a close seen out of order.
         let closed = *entry;
         release_port(&key, &closed);
-        return open(&key, ip, tcp, cfg, now, true);
+        return open::<KERNEL_L4>(&key, ip, tcp, cfg, now, true);
     }
     if !pure_syn {
         // Never load balance a mid-stream packet: after a flip it would land on the other
@@ -141,7 +159,7 @@ fn forward(ip: &mut Ipv4Hdr, tcp: &mut TcpHdr, cfg: &Config, cut: &Cutover, now:
     if cut.holds(active_backend(), now) {
         return Verdict::Hold;
     }
-    open(&key, ip, tcp, cfg, now, false)
+    open::<KERNEL_L4>(&key, ip, tcp, cfg, now, false)
 }
 
 /// The cutover lease ran out while its fenced backend is still active: the kernel lifted the
@@ -190,7 +208,7 @@ fn active_backend() -> u32 {
 
 /// A pure SYN with no live entry: pick the active backend, claim a SNAT port, track it.
 #[inline(always)]
-fn open(
+fn open<const KERNEL_L4: bool>(
     key: &CtKey,
     ip: &mut Ipv4Hdr,
     tcp: &mut TcpHdr,
@@ -288,7 +306,7 @@ fn open(
                 // SAFETY: a valid map value pointer.
                 let w = unsafe { *winner };
                 count(Stat::ForwardTracked);
-                let sent = rewrite(
+                let sent = rewrite::<KERNEL_L4>(
                     ip,
                     tcp,
                     w.snat_addr_be,
@@ -315,7 +333,7 @@ fn open(
     } else {
         Stat::NewConnTarget
     });
-    let sent = rewrite(
+    let sent = rewrite::<KERNEL_L4>(
         ip,
         tcp,
         entry.snat_addr_be,
@@ -328,7 +346,7 @@ fn open(
 
 /// Backend → SNAT address: translate back to VIP → client.
 #[inline(always)]
-fn reply(ip: &mut Ipv4Hdr, tcp: &mut TcpHdr, now: u64) -> Verdict {
+fn reply<const KERNEL_L4: bool>(ip: &mut Ipv4Hdr, tcp: &mut TcpHdr, now: u64) -> Verdict {
     let rev_key = RevKey {
         backend_addr_be: ip.saddr_be,
         snat_addr_be: ip.daddr_be,
@@ -367,7 +385,7 @@ fn reply(ip: &mut Ipv4Hdr, tcp: &mut TcpHdr, now: u64) -> Verdict {
         return Verdict::Drop;
     }
     count(Stat::ReplyTracked);
-    let sent = rewrite(
+    let sent = rewrite::<KERNEL_L4>(
         ip,
         tcp,
         rev.vip_addr_be,
@@ -568,11 +586,11 @@ fn release_port(key: &CtKey, old: &CtEntry) {
     }
 }
 
-/// Rewrites both addresses and both ports, updating the IPv4 and TCP checksums incrementally
-/// (RFC 1624). Addresses are in the TCP pseudo-header, so they change both checksums. Returns
-/// what the sender had sent.
+/// Rewrites both addresses and both ports, updating the IPv4 and (unless `KERNEL_L4`) the TCP
+/// checksum incrementally (RFC 1624). Addresses are in the TCP pseudo-header, so they change
+/// both checksums. Returns what the sender had sent.
 #[inline(always)]
-fn rewrite(
+fn rewrite<const KERNEL_L4: bool>(
     ip: &mut Ipv4Hdr,
     tcp: &mut TcpHdr,
     saddr: u32,
@@ -591,14 +609,16 @@ fn rewrite(
         ip.daddr_be,
         daddr,
     );
-    let mut tcp_check = csum::replace4(tcp.check, ip.saddr_be, saddr);
-    tcp_check = csum::replace4(tcp_check, ip.daddr_be, daddr);
-    tcp_check = csum::replace2(tcp_check, tcp.sport_be, sport);
-    tcp_check = csum::replace2(tcp_check, tcp.dport_be, dport);
+    if !KERNEL_L4 {
+        let mut tcp_check = csum::replace4(tcp.check, ip.saddr_be, saddr);
+        tcp_check = csum::replace4(tcp_check, ip.daddr_be, daddr);
+        tcp_check = csum::replace2(tcp_check, tcp.sport_be, sport);
+        tcp_check = csum::replace2(tcp_check, tcp.dport_be, dport);
+        tcp.check = tcp_check;
+    }
     ip.check = ip_check;
     ip.saddr_be = saddr;
     ip.daddr_be = daddr;
-    tcp.check = tcp_check;
     tcp.sport_be = sport;
     tcp.dport_be = dport;
     sent

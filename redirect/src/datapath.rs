@@ -2,7 +2,7 @@
 //!
 //! Everything lives under one bpffs directory (the pin dir):
 //! `CONFIG BACKENDS ACTIVE CT REV STATS TX_PORTS` (maps, by name) and `link_<iface>` (one XDP
-//! link per interface). The maps are BTF-defined, so `bpftool map dump pinned <dir>/CT` shows
+//! or TCX link per interface, whichever hook runs the datapath there). The maps are BTF-defined, so `bpftool map dump pinned <dir>/CT` shows
 //! typed keys and values.
 
 use std::{
@@ -14,8 +14,9 @@ use aya::{
     Ebpf, EbpfLoader,
     maps::{Array, DevMapHash, HashMap, Map, MapData, PerCpuArray, RingBuf},
     programs::{
-        Xdp, XdpMode,
-        links::{FdLink, PinnedLink},
+        LinkOrder, SchedClassifier, TcAttachType, Xdp, XdpMode,
+        links::{FdLink, LinkType, PinnedLink},
+        tc::{SchedClassifierLink, TcAttachOptions},
         xdp::XdpLink,
     },
 };
@@ -35,8 +36,10 @@ pub fn object() -> &'static [u8] {
     aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/redirect-datapath"))
 }
 
-/// Name of the datapath program in the object.
+/// Name of the datapath's XDP program in the object (it also re-injects parked SYNs).
 pub const PROGRAM: &str = "redirect_xdp";
+/// Name of the datapath's TC (clsact ingress) program in the object: the same NAT core.
+pub const TC_PROGRAM: &str = "redirect_tc";
 /// Name of the `XDP_PASS` helper program in the object (for veth peers in labs).
 pub const PASS_PROGRAM: &str = "xdp_pass";
 
@@ -156,6 +159,17 @@ impl PinDir {
             .collect();
         out.sort();
         out
+    }
+
+    /// The hook of the link pinned for `iface` (XDP driver and generic both read as XDP).
+    #[must_use]
+    pub fn link_hook(&self, iface: &str) -> Option<Hook> {
+        let link = FdLink::from(PinnedLink::from_pin(self.link(iface)).ok()?);
+        match link.info().ok()?.link_type().ok()? {
+            LinkType::Tcx => Some(Hook::Tc),
+            LinkType::Xdp => Some(Hook::Xdp),
+            _ => None,
+        }
     }
 
     #[must_use]
@@ -484,22 +498,43 @@ impl Maps {
     }
 }
 
-/// How to attach.
+/// Which kernel hook runs the datapath on an interface.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
-pub enum AttachMode {
-    /// Native XDP, run by the driver (veth and most physical NICs support it).
-    Driver,
-    /// Generic XDP, run by the stack: for interfaces without native XDP; slower.
-    Skb,
+pub enum Hook {
+    /// XDP on NICs, whose frames come off a wire; TC on virtual interfaces (veth, bridges:
+    /// containers on this host send GRO-merged frames and partial checksums) and on NICs whose
+    /// driver has no native XDP.
+    Auto,
+    /// Native XDP, run by the driver: the fastest. Only for frames from a wire: on a veth whose
+    /// sender has TX checksum offload on, translated segments leave with bad checksums.
+    #[value(alias = "driver")]
+    Xdp,
+    /// Generic XDP, run by the stack. Kept for comparison: it cannot see a buffer's checksum
+    /// state, so GRO-merged frames and partial checksums leave corrupted. Use `tc` instead.
+    #[value(alias = "skb")]
+    XdpGeneric,
+    /// TC (a clsact ingress TCX link, kernel 6.6+): socket buffers, whose GRO-merged payloads
+    /// and partial checksums the kernel's checksum helpers handle correctly.
+    Tc,
 }
 
-impl From<AttachMode> for XdpMode {
-    fn from(m: AttachMode) -> Self {
-        match m {
-            AttachMode::Driver => Self::Driver,
-            AttachMode::Skb => Self::Skb,
+impl Hook {
+    #[must_use]
+    pub const fn name(self) -> &'static str {
+        match self {
+            Self::Auto => "auto",
+            Self::Xdp => "xdp",
+            Self::XdpGeneric => "xdp-generic",
+            Self::Tc => "tc",
         }
     }
+}
+
+/// Whether `iface` is virtual (veth, bridge, bond, vlan...): no device behind it in sysfs.
+/// Unknown (no sysfs for this namespace) counts as a NIC.
+fn is_virtual(iface: &str) -> bool {
+    let class = Path::new("/sys/class/net").join(iface);
+    class.exists() && !class.join("device").exists()
 }
 
 /// What `redirect run` asks of the datapath.
@@ -607,24 +642,25 @@ fn check_layout(dir: &PinDir) -> Result<(), DatapathError> {
 
 /// What [`install`] did.
 pub struct InstallReport {
-    /// The loaded object; its datapath program re-injects parked SYNs.
+    /// The loaded object; its XDP program re-injects parked SYNs.
     pub ebpf: Ebpf,
     /// The maps already existed and were re-used (a restart).
     pub adopted_maps: bool,
-    /// Interfaces whose pinned link now runs the freshly loaded program.
-    pub upgraded: Vec<String>,
-    /// Interfaces newly attached.
-    pub attached: Vec<String>,
+    /// Interfaces whose pinned link now runs the freshly loaded program, and its hook.
+    pub upgraded: Vec<(String, Hook)>,
+    /// Interfaces newly attached, and the hook chosen for each.
+    pub attached: Vec<(String, Hook)>,
 }
 
 /// Loads the datapath with its maps pinned under `dir` (re-using pins that exist), writes the
-/// configuration, and makes sure every interface in `ifaces` has a pinned XDP link running this
-/// program. A restart re-uses the maps, keeps `ACTIVE` and every tracked connection, and swaps
-/// the program of existing links atomically (`bpf_link_update`), so no packet is missed.
+/// configuration, and makes sure every interface in `ifaces` has a pinned link running this
+/// program, on the hook `hook` asks for (see [`Hook::Auto`]). A restart re-uses the maps,
+/// keeps `ACTIVE` and every tracked connection, and swaps the program of existing links
+/// atomically (`bpf_link_update`), so no packet is missed; an existing link keeps its hook.
 pub fn install(
     dir: &Path,
     ifaces: &[(String, u32)],
-    mode: AttachMode,
+    hook: Hook,
     spec: &Spec,
 ) -> Result<InstallReport, DatapathError> {
     let pins = PinDir(dir.to_path_buf());
@@ -646,66 +682,39 @@ pub fn install(
     let mut maps = Maps::open(dir)?;
     configure(&mut maps, spec, adopted_maps)?;
 
-    let prog: &mut Xdp = ebpf
-        .program_mut(PROGRAM)
-        .expect("the object has the datapath program")
-        .try_into()
-        .expect("the datapath program is XDP");
-    prog.load().map_err(|source| DatapathError::Program {
-        what: "loading the XDP program (verifier)".into(),
-        source,
-    })?;
+    program(&mut ebpf)
+        .load()
+        .map_err(|source| DatapathError::Program {
+            what: "loading the XDP program (verifier)".into(),
+            source,
+        })?;
+    tc_program(&mut ebpf)
+        .load()
+        .map_err(|source| DatapathError::Program {
+            what: "loading the TC program (verifier)".into(),
+            source,
+        })?;
 
     let mut upgraded = Vec::new();
     let mut attached = Vec::new();
     for (iface, index) in ifaces {
-        let index = *index;
         let link_path = pins.link(iface);
-        let link_id = if link_path.exists() {
-            let pinned = PinnedLink::from_pin(&link_path).map_err(|e| DatapathError::Pin {
-                what: format!("opening {}", link_path.display()),
-                source: Box::new(e),
-            })?;
-            let link = XdpLink::try_from(FdLink::from(pinned)).map_err(|e| DatapathError::Pin {
-                what: format!("{} is not an XDP link", link_path.display()),
-                source: Box::new(e),
-            })?;
-            upgraded.push(iface.clone());
-            prog.attach_to_link(link)
-                .map_err(|source| DatapathError::Program {
-                    what: format!("upgrading the program on {iface}"),
-                    source,
-                })?
+        if link_path.exists() {
+            let used = upgrade(&mut ebpf, iface, &link_path)?;
+            if hook != Hook::Auto && hook != used {
+                tracing::warn!(%iface, pinned = used.name(), requested = hook.name(), "the pinned link keeps its hook; run `redirect detach` and start again to change it");
+            }
+            upgraded.push((iface.clone(), used));
         } else {
-            let id = prog
-                .attach(iface, mode.into())
-                .map_err(|source| DatapathError::Program {
-                    what: format!("attaching XDP ({mode:?} mode) to {iface}"),
-                    source,
-                })?;
-            attached.push(iface.clone());
-            id
-        };
-        let link = prog
-            .take_link(link_id)
-            .map_err(|source| DatapathError::Program {
-                what: format!("taking the link on {iface}"),
-                source,
-            })?;
-        let fd_link: FdLink = link
-            .try_into()
-            .map_err(|e: aya::programs::links::LinkError| DatapathError::Pin {
-                what: format!("{iface}: XDP link is not a bpf_link (kernel too old?)"),
-                source: Box::new(e),
-            })?;
-        if !link_path.exists() {
-            fd_link.pin(&link_path).map_err(|e| DatapathError::Pin {
+            let (used, link) = attach(&mut ebpf, iface, hook)?;
+            link.pin(&link_path).map_err(|e| DatapathError::Pin {
                 what: format!("pinning {}", link_path.display()),
                 source: Box::new(e),
             })?;
+            attached.push((iface.clone(), used));
         }
         maps.tx_ports
-            .insert(index, index, None, 0)
+            .insert(*index, *index, None, 0)
             .map_err(|e| DatapathError::Pin {
                 what: format!("adding {iface} to TX_PORTS"),
                 source: Box::new(e),
@@ -719,18 +728,133 @@ pub fn install(
     })
 }
 
+/// Swaps the freshly loaded program into the link pinned at `path`, on whichever hook that
+/// link is. Returns the hook.
+fn upgrade(ebpf: &mut Ebpf, iface: &str, path: &Path) -> Result<Hook, DatapathError> {
+    let pin_err = |what: String| {
+        move |e: aya::programs::links::LinkError| DatapathError::Pin {
+            what,
+            source: Box::new(e),
+        }
+    };
+    let pinned = PinnedLink::from_pin(path).map_err(|e| DatapathError::Pin {
+        what: format!("opening {}", path.display()),
+        source: Box::new(e),
+    })?;
+    let link = FdLink::from(pinned);
+    let kind = link
+        .info()
+        .and_then(|info| info.link_type())
+        .map_err(pin_err(format!("reading {}", path.display())))?;
+    let upgrade_err = |source| DatapathError::Program {
+        what: format!("upgrading the program on {iface}"),
+        source,
+    };
+    if kind == LinkType::Tcx {
+        let link = SchedClassifierLink::try_from(link)
+            .map_err(pin_err(format!("{} is not a TCX link", path.display())))?;
+        tc_program(ebpf).attach_to_link(link).map_err(upgrade_err)?;
+        return Ok(Hook::Tc);
+    }
+    let link = XdpLink::try_from(link)
+        .map_err(pin_err(format!("{} is not an XDP link", path.display())))?;
+    program(ebpf).attach_to_link(link).map_err(upgrade_err)?;
+    // Driver or generic: the link does not say, and both are XDP to an upgrade.
+    Ok(Hook::Xdp)
+}
+
+/// Attaches the datapath to `iface` on the hook `hook` resolves to there, and returns that
+/// hook and the link (to pin).
+fn attach(ebpf: &mut Ebpf, iface: &str, hook: Hook) -> Result<(Hook, FdLink), DatapathError> {
+    match hook {
+        Hook::Xdp | Hook::XdpGeneric => Ok((hook, attach_xdp(ebpf, iface, hook)?)),
+        Hook::Tc => Ok((hook, attach_tc(ebpf, iface)?)),
+        Hook::Auto if is_virtual(iface) => match attach_tc(ebpf, iface) {
+            Ok(link) => Ok((Hook::Tc, link)),
+            Err(e) => {
+                tracing::warn!(%iface, error = %e, "TC is the right hook for a virtual interface, but it failed (TCX needs kernel 6.6); using native XDP, which corrupts checksums of local senders with TX offload on");
+                Ok((Hook::Xdp, attach_xdp(ebpf, iface, Hook::Xdp)?))
+            }
+        },
+        Hook::Auto => match attach_xdp(ebpf, iface, Hook::Xdp) {
+            Ok(link) => Ok((Hook::Xdp, link)),
+            Err(e) => {
+                tracing::info!(%iface, error = %e, "no native XDP on this interface; using TC");
+                Ok((Hook::Tc, attach_tc(ebpf, iface)?))
+            }
+        },
+    }
+}
+
+fn attach_xdp(ebpf: &mut Ebpf, iface: &str, hook: Hook) -> Result<FdLink, DatapathError> {
+    let mode = if hook == Hook::XdpGeneric {
+        XdpMode::Skb
+    } else {
+        XdpMode::Driver
+    };
+    let prog = program(ebpf);
+    let id = prog
+        .attach(iface, mode)
+        .map_err(|source| DatapathError::Program {
+            what: format!("attaching XDP ({}) to {iface}", hook.name()),
+            source,
+        })?;
+    let link = prog
+        .take_link(id)
+        .map_err(|source| DatapathError::Program {
+            what: format!("taking the link on {iface}"),
+            source,
+        })?;
+    link.try_into()
+        .map_err(|e: aya::programs::links::LinkError| DatapathError::Pin {
+            what: format!("{iface}: XDP link is not a bpf_link (kernel too old?)"),
+            source: Box::new(e),
+        })
+}
+
+fn attach_tc(ebpf: &mut Ebpf, iface: &str) -> Result<FdLink, DatapathError> {
+    let prog = tc_program(ebpf);
+    let id = prog
+        .attach_with_options(
+            iface,
+            TcAttachType::Ingress,
+            TcAttachOptions::TcxOrder(LinkOrder::default()),
+        )
+        .map_err(|source| DatapathError::Program {
+            what: format!("attaching TC (a TCX ingress link) to {iface}"),
+            source,
+        })?;
+    let link = prog
+        .take_link(id)
+        .map_err(|source| DatapathError::Program {
+            what: format!("taking the link on {iface}"),
+            source,
+        })?;
+    link.try_into()
+        .map_err(|e: aya::programs::links::LinkError| DatapathError::Pin {
+            what: format!("{iface}: TC link is not a bpf_link"),
+            source: Box::new(e),
+        })
+}
+
 /// Replays a parked SYN through the datapath program as if it had just arrived on its
 /// interface (`BPF_PROG_TEST_RUN` with `BPF_F_TEST_XDP_LIVE_FRAMES`): the program translates it
 /// to the now-active backend and transmits it for real.
+///
+/// The frame's TCP checksum is recomputed first: a SYN parked by the TC hook from a local
+/// sender with TX offload carries only the pseudo-header sum, which its `CHECKSUM_PARTIAL`
+/// buffer would have completed on the way out, and a replayed frame has no such buffer.
 pub fn reinject(prog: &Xdp, held: &HeldSyn) -> Result<(), DatapathError> {
     use aya::programs::{TestRun as _, TestRunAttrs, TestRunOptions};
     let len = (held.len as usize).min(held.frame.len());
+    let mut frame = held.frame;
+    complete_tcp_checksum(&mut frame[..len]);
     // struct xdp_md { data, data_end, data_meta, ingress_ifindex, rx_queue_index, egress_ifindex }
     let mut ctx = [0u8; 24];
     ctx[4..8].copy_from_slice(&u32::try_from(len).expect("small frame").to_ne_bytes());
     ctx[12..16].copy_from_slice(&held.ifindex.to_ne_bytes());
     let opts = TestRunOptions {
-        data_in: Some(&held.frame[..len]),
+        data_in: Some(&frame[..len]),
         ctx_in: Some(&ctx),
         repeat: 1,
         attrs: TestRunAttrs::new().xdp_live_frames(1),
@@ -744,12 +868,42 @@ pub fn reinject(prog: &Xdp, held: &HeldSyn) -> Result<(), DatapathError> {
         })
 }
 
-/// The datapath program of a loaded object.
+/// Recomputes the TCP checksum of an Ethernet/IPv4 (no options)/TCP frame in place; leaves
+/// anything else alone.
+fn complete_tcp_checksum(frame: &mut [u8]) {
+    const ETH: usize = 14;
+    const IP: usize = 20;
+    if frame.len() < ETH + IP + 20 || frame[12..14] != [0x08, 0x00] || frame[ETH] != 0x45 {
+        return;
+    }
+    let tot_len = usize::from(u16::from_be_bytes([frame[ETH + 2], frame[ETH + 3]]));
+    if frame[ETH + 9] != 6 || tot_len < IP + 20 || ETH + tot_len > frame.len() {
+        return;
+    }
+    let (src, dst): ([u8; 4], [u8; 4]) = (
+        frame[ETH + 12..ETH + 16].try_into().expect("4 bytes"),
+        frame[ETH + 16..ETH + 20].try_into().expect("4 bytes"),
+    );
+    let segment = &mut frame[ETH + IP..ETH + tot_len];
+    segment[16..18].fill(0);
+    let check = redirect_common::csum::tcp_ipv4(src, dst, segment);
+    segment[16..18].copy_from_slice(&check.to_ne_bytes());
+}
+
+/// The datapath's XDP program in a loaded object.
 pub fn program(ebpf: &mut Ebpf) -> &mut Xdp {
     ebpf.program_mut(PROGRAM)
         .expect("the object has the datapath program")
         .try_into()
         .expect("the datapath program is XDP")
+}
+
+/// The datapath's TC program in a loaded object.
+pub fn tc_program(ebpf: &mut Ebpf) -> &mut SchedClassifier {
+    ebpf.program_mut(TC_PROGRAM)
+        .expect("the object has the TC program")
+        .try_into()
+        .expect("the TC program is a classifier")
 }
 
 /// Writes `CONFIG` and `BACKENDS`. `ACTIVE` starts at the source, and a restart keeps it.

@@ -13,6 +13,10 @@
 //! [`Lab::new_one_nic`] builds the other common shape, a cloud VM with one NIC: the four hosts on
 //! one L2 segment (a bridge in a fifth namespace), the proxy with a single `eth0` holding
 //! 198.18.{1,2,3}.1, so every translated packet leaves by `XDP_TX`.
+//!
+//! [`Lab::new_host_bridge`] is containers on the proxy host: the bridge `br0` is the proxy's own
+//! interface (holding 198.18.{1,2,3}.1), and client and servers are containers on its ports,
+//! sending with TX offload on (GSO buffers with partial checksums), as Docker's do.
 
 #![allow(
     clippy::must_use_candidate,
@@ -109,11 +113,24 @@ pub struct Lab {
     pub redirect_env: Vec<(String, String)>,
     /// The journal every `redirect` command of this lab uses.
     pub journal: PathBuf,
-    /// One NIC on a bridge instead of three routed legs.
-    pub one_nic: bool,
+    /// How the hosts are wired.
+    pub topology: Topology,
+    /// `--hook` for `redirect run` (default: none, so `auto`).
+    pub hook: Option<&'static str>,
     /// The `xdp_pass` program on the bridge's port facing the proxy, which gives that veth the
     /// NAPI context `XDP_TX`ed frames need (without GRO, which would merge them); detached on drop.
     bridge_port_pass: Option<aya::Ebpf>,
+}
+
+/// How a lab's hosts are wired (see the module docs).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Topology {
+    /// Three veth legs on the proxy, routed.
+    Routed,
+    /// One NIC on a wire-like L2 segment (a bridge in its own namespace).
+    OneNic,
+    /// The proxy's own bridge, with the other hosts as containers on its ports.
+    HostBridge,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -130,16 +147,22 @@ impl Lab {
     /// Builds the four namespaces and links. `name` makes the namespaces recognizable.
     #[must_use]
     pub fn new(name: &str) -> Self {
-        Self::with_topology(name, false)
+        Self::with_topology(name, Topology::Routed)
     }
 
     /// The one-NIC lab (see the module docs).
     #[must_use]
     pub fn new_one_nic(name: &str) -> Self {
-        Self::with_topology(name, true)
+        Self::with_topology(name, Topology::OneNic)
     }
 
-    fn with_topology(name: &str, one_nic: bool) -> Self {
+    /// Containers on the proxy's own bridge (see the module docs).
+    #[must_use]
+    pub fn new_host_bridge(name: &str) -> Self {
+        Self::with_topology(name, Topology::HostBridge)
+    }
+
+    fn with_topology(name: &str, topology: Topology) -> Self {
         ensure_lab_bpffs();
         let id = format!(
             "rd{}{}{}",
@@ -151,7 +174,8 @@ impl Lab {
         let _ = std::fs::remove_dir_all(&work_dir);
         std::fs::create_dir_all(&work_dir).expect("creating the lab work dir");
         let mut lab = Self {
-            one_nic,
+            topology,
+            hook: None,
             bridge_port_pass: None,
             pin_dir: Path::new(LAB_BPFFS).join(&id),
             id,
@@ -162,17 +186,17 @@ impl Lab {
             runs: 0,
             redirect_pid: None,
         };
-        if one_nic {
-            lab.build_one_nic();
-        } else {
-            lab.build();
+        match topology {
+            Topology::Routed => lab.build(),
+            Topology::OneNic => lab.build_one_nic(),
+            Topology::HostBridge => lab.build_host_bridge(),
         }
         lab
     }
 
     fn namespaces(&self) -> Vec<Ns> {
         let mut all = vec![Ns::Client, Ns::Proxy, Ns::Source, Ns::Target];
-        if self.one_nic {
+        if self.topology == Topology::OneNic {
             all.push(Ns::Bridge);
         }
         all
@@ -243,6 +267,68 @@ impl Lab {
             ebpf
         });
         self.bridge_port_pass = Some(ebpf);
+    }
+
+    fn build_host_bridge(&self) {
+        for ns in self.namespaces() {
+            ip(&["netns", "add", &self.ns(ns)]);
+            ip(&["-n", &self.ns(ns), "link", "set", "lo", "up"]);
+        }
+        let proxy = self.ns(Ns::Proxy);
+        ip(&["-n", &proxy, "link", "add", "br0", "type", "bridge"]);
+        for addr in ["198.18.1.1/24", "198.18.2.1/24", "198.18.3.1/24"] {
+            ip(&["-n", &proxy, "addr", "add", addr, "dev", "br0"]);
+        }
+        ip(&["-n", &proxy, "link", "set", "br0", "up"]);
+        for (ns, port, addr, gateway) in [
+            (Ns::Client, "c-cli", "198.18.1.2/24", "198.18.1.1"),
+            (Ns::Source, "c-src", "198.18.2.2/24", "198.18.2.1"),
+            (Ns::Target, "c-tgt", "198.18.3.2/24", "198.18.3.1"),
+        ] {
+            let host = self.ns(ns);
+            ip(&[
+                "link", "add", "eth0", "netns", &host, "type", "veth", "peer", "name", port,
+                "netns", &proxy,
+            ]);
+            ip(&["-n", &proxy, "link", "set", port, "master", "br0"]);
+            ip(&["-n", &proxy, "link", "set", port, "up"]);
+            ip(&["-n", &host, "addr", "add", addr, "dev", "eth0"]);
+            ip(&["-n", &host, "link", "set", "eth0", "up"]);
+            ip(&["-n", &host, "route", "add", "default", "via", gateway]);
+            // Containers send as Docker's do: TX checksum offload and TSO on (the veth
+            // default, set anyway), so the proxy sees GSO buffers with partial checksums.
+            self.exec_ok(ns, &["ethtool", "-K", "eth0", "tx", "on", "tso", "on"]);
+            // The bridge ports complete checksums in software on the way to each container,
+            // so the container's stack verifies every segment the proxy translated: a wrong
+            // checksum shows as TcpInCsumErrors instead of being trusted as "partial".
+            self.exec_ok(Ns::Proxy, &["ethtool", "-K", port, "tx", "off"]);
+        }
+        self.exec_ok(Ns::Proxy, &["sysctl", "-qw", "net.ipv4.ip_forward=1"]);
+        self.exec_ok(
+            Ns::Proxy,
+            &[
+                "sysctl",
+                "-qw",
+                "net.ipv4.conf.all.send_redirects=0",
+                "net.ipv4.conf.br0.send_redirects=0",
+            ],
+        );
+    }
+
+    /// Turns the routed lab's senders into local senders with offloads (TX checksum offload,
+    /// TSO) and lets the proxy's legs merge frames (GRO), while the proxy's legs complete
+    /// checksums in software on the way out, so every receiver verifies what the proxy
+    /// translated. That is what containers behind veths on the proxy host look like.
+    pub fn enable_sender_offloads(&self) {
+        assert_eq!(self.topology, Topology::Routed);
+        for (ns, leg) in [
+            (Ns::Client, "p-cli"),
+            (Ns::Source, "p-src"),
+            (Ns::Target, "p-tgt"),
+        ] {
+            self.exec_ok(ns, &["ethtool", "-K", "eth0", "tx", "on", "tso", "on"]);
+            self.exec_ok(Ns::Proxy, &["ethtool", "-K", leg, "gro", "on", "tx", "off"]);
+        }
     }
 
     #[must_use]
@@ -366,13 +452,16 @@ impl Lab {
     /// The standard `run` arguments for this lab.
     #[must_use]
     pub fn run_args(&self) -> Vec<String> {
-        let ifaces: &[&str] = if self.one_nic {
-            &["--iface", "eth0"]
-        } else {
-            &["--iface", "p-cli", "--iface", "p-src", "--iface", "p-tgt"]
+        let ifaces: &[&str] = match self.topology {
+            Topology::Routed => &["--iface", "p-cli", "--iface", "p-src", "--iface", "p-tgt"],
+            Topology::OneNic => &["--iface", "eth0"],
+            Topology::HostBridge => &["--iface", "br0"],
         };
         let mut args = vec!["run".to_owned()];
         args.extend(ifaces.iter().map(|s| (*s).to_owned()));
+        if let Some(hook) = self.hook {
+            args.extend(["--hook".to_owned(), hook.to_owned()]);
+        }
         args.extend(
             [
                 "--vip",

@@ -295,3 +295,48 @@ pub fn controller_flags() -> Vec<String> {
         dsn(crate::TARGET_ADDR),
     ]
 }
+
+/// md5 of a bulk `COPY ... TO STDOUT` of `rows` rows of about 1 KB, read by psql over TCP
+/// from `host` in `ns`: the same bytes whichever server and path serve it.
+pub fn copy_out_md5(lab: &Lab, ns: Ns, host: &str, rows: u32) -> String {
+    let out = lab.exec_ok(
+        ns,
+        &[
+            "bash",
+            "-o",
+            "pipefail",
+            "-c",
+            &format!(
+                "timeout 300 psql -X -h {host} -U postgres -d postgres -c \"COPY (SELECT i, repeat(md5(i::text), 30) FROM generate_series(1, {rows}) i) TO STDOUT\" | md5sum"
+            ),
+        ],
+    );
+    String::from_utf8_lossy(&out.stdout).trim().to_owned()
+}
+
+/// Sends the numbers 1..=`n` with `COPY ... FROM STDIN` over TCP to `host` from `ns` and
+/// returns the server's sum of what arrived (`n (n + 1) / 2` when every byte did).
+pub fn copy_in_sum(lab: &Lab, ns: Ns, host: &str, n: u32) -> u64 {
+    let out = lab.exec_ok(
+        ns,
+        &[
+            "bash",
+            "-o",
+            "pipefail",
+            "-c",
+            &format!(
+                "seq 1 {n} | timeout 300 psql -X -q -t -A -h {host} -U postgres -d postgres -c 'CREATE TEMP TABLE upload (i bigint)' -c 'COPY upload FROM STDIN' -c 'SELECT sum(i) FROM upload'"
+            ),
+        ],
+    );
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .rev()
+        .find_map(|l| l.trim().parse().ok())
+        .unwrap_or_else(|| {
+            panic!(
+                "no sum in psql's output: {}",
+                String::from_utf8_lossy(&out.stdout)
+            )
+        })
+}

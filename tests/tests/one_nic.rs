@@ -16,27 +16,12 @@ fn rt() -> tokio::runtime::Runtime {
         .expect("runtime")
 }
 
-/// md5 of a bulk `COPY ... TO STDOUT` read by psql over TCP from `host` in `ns`.
-fn copy_md5(lab: &Lab, ns: Ns, host: &str) -> String {
-    let out = lab.exec_ok(
-        ns,
-        &[
-            "bash",
-            "-o",
-            "pipefail",
-            "-c",
-            &format!(
-                "timeout 120 psql -X -h {host} -U postgres -d postgres -c \"COPY (SELECT i, repeat(md5(i::text), 30) FROM generate_series(1, 50000) i) TO STDOUT\" | md5sum"
-            ),
-        ],
-    );
-    String::from_utf8_lossy(&out.stdout).trim().to_owned()
-}
-
 #[test]
 fn a_one_nic_proxy_pins_flips_and_moves_bulk_data_over_xdp_tx() {
     redirect_tests::require_root();
     let mut lab = Lab::new_one_nic("onenic");
+    // A wire-like segment, as a cloud VM's NIC: XDP, explicitly (`auto` picks TC on a veth).
+    lab.hook = Some("xdp");
     let _source = pg::start(&mut lab, Ns::Source, "source", &[]);
     let _target = pg::start(&mut lab, Ns::Target, "target", &[]);
     lab.start_redirect(&[]);
@@ -71,8 +56,8 @@ fn a_one_nic_proxy_pins_flips_and_moves_bulk_data_over_xdp_tx() {
     assert_eq!(new_one, "target");
 
     // Bulk data out through the VIP, byte-identical to reading the target directly.
-    let through_vip = copy_md5(&lab, Ns::Client, VIP);
-    let direct = copy_md5(&lab, Ns::Target, redirect_tests::TARGET_ADDR);
+    let through_vip = pg::copy_out_md5(&lab, Ns::Client, VIP, 50_000);
+    let direct = pg::copy_out_md5(&lab, Ns::Target, redirect_tests::TARGET_ADDR, 50_000);
     assert_eq!(through_vip, direct, "the same bytes through the VIP");
     assert!(
         lab.stat("fib_tx") > 10_000,

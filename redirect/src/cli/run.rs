@@ -16,7 +16,7 @@ use crate::{
     conntrack::{self, Timeouts},
     control,
     cutover::{Controller, Databases, Phase, recover},
-    datapath::{self, AttachMode, BackendAddr, Maps, Spec},
+    datapath::{self, BackendAddr, Hook, Maps, Spec},
     metrics, net,
     pg::{Dsn, PasswordSources, lag::Replication},
 };
@@ -46,8 +46,11 @@ pub struct Args {
     /// or reserve them (`net.ipv4.ip_local_reserved_ports`).
     #[arg(long, default_value = "40000-59999")]
     pub snat_ports: PortRange,
-    #[arg(long, value_enum, default_value = "driver")]
-    pub xdp_mode: AttachMode,
+    /// Kernel hook per interface: `auto` runs XDP on NICs and TC on virtual interfaces
+    /// (containers' veths and bridges, whose GRO-merged frames and partial checksums XDP cannot
+    /// handle) and on NICs without native XDP.
+    #[arg(long, alias = "xdp-mode", value_enum, default_value = "auto")]
+    pub hook: Hook,
     /// Drop (instead of answering with a RST) packets of connections that are not tracked.
     #[arg(long)]
     pub drop_untracked: bool,
@@ -260,7 +263,7 @@ pub async fn run(args: Args, pin_dir: &Path, socket: &Path, journal: &Path) -> a
             }
         }
     }
-    let mut report = datapath::install(pin_dir, &ifaces, args.xdp_mode, &spec)?;
+    let mut report = datapath::install(pin_dir, &ifaces, args.hook, &spec)?;
     info!(
         pin_dir = %pin_dir.display(),
         vip = %spec.vip,

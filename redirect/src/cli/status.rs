@@ -37,6 +37,8 @@ pub struct Status {
     /// "source" or "target".
     pub active: Option<Role>,
     pub interfaces: Vec<String>,
+    /// Interface → the hook its pinned link is on ("xdp" or "tc").
+    pub hooks: BTreeMap<String, &'static str>,
     pub backends: BTreeMap<&'static str, BackendStatus>,
     /// All tracked entries, including closing ones.
     pub tracked: u64,
@@ -80,6 +82,15 @@ pub fn collect(maps: &Maps) -> anyhow::Result<Status> {
         vip: maps.vip()?.map(|v| v.to_string()),
         active: maps.active()?,
         interfaces: maps.dir.linked_ifaces(),
+        hooks: maps
+            .dir
+            .linked_ifaces()
+            .into_iter()
+            .map(|iface| {
+                let hook = maps.dir.link_hook(&iface).map_or("unknown", |h| h.name());
+                (iface, hook)
+            })
+            .collect(),
         backends,
         tracked: conns.len() as u64,
         stats: maps.stats()?.into_iter().collect(),
@@ -157,7 +168,17 @@ pub fn run(args: &Args, pin_dir: &Path, socket: &Path, journal: &Path) -> anyhow
         "active:     {}",
         status.active.map_or("(invalid)", Role::name)
     );
-    println!("interfaces: {}", status.interfaces.join(", "));
+    let interfaces: Vec<String> = status
+        .interfaces
+        .iter()
+        .map(|i| {
+            format!(
+                "{i} ({})",
+                status.hooks.get(i).copied().unwrap_or("unknown")
+            )
+        })
+        .collect();
+    println!("interfaces: {}", interfaces.join(", "));
     for (name, b) in &status.backends {
         let marker = if status.active.map(Role::name) == Some(*name) {
             "*"

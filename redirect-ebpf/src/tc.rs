@@ -1,0 +1,139 @@
+//! The TC (clsact ingress) hook, for virtual interfaces (veth, bridges: containers on this
+//! host) and for drivers without native XDP. It sees socket buffers, not raw frames:
+//! - GRO may have merged many segments into one buffer whose payload sits in pages; only the
+//!   headers need to be linear, and the egress device re-segments it;
+//! - a buffer may carry `CHECKSUM_PARTIAL` (GRO-merged, or from a local sender with TX
+//!   offload on): its TCP checksum field holds only the pseudo-header sum, to be completed on
+//!   the way out. An incremental update as XDP does it corrupts that (generic XDP cannot see
+//!   the buffer's checksum state), so here the kernel's `bpf_l4_csum_replace` updates the
+//!   field, knowing which kind it is.
+
+use aya_ebpf::{
+    EbpfContext,
+    bindings::{BPF_F_PSEUDO_HDR, TC_ACT_OK, TC_ACT_SHOT},
+    macros::classifier,
+    programs::TcContext,
+};
+use redirect_common::stats::Stat;
+
+use crate::{
+    count, forward,
+    headers::{self, ETH_LEN, ICMP_LEN, IP_LEN, QUOTED_LEN},
+    hold, nat, packet_context,
+};
+
+/// The most the parser reads: an ICMP error quoting a TCP header (more than a bare TCP header).
+const HEADERS_LEN: u32 = (ETH_LEN + IP_LEN + ICMP_LEN + IP_LEN + QUOTED_LEN) as u32;
+/// Where the TCP checksum field is (IPv4 without options, which is all `parse` accepts).
+const TCP_CHECK_OFFSET: usize = ETH_LEN + IP_LEN + 16;
+
+/// The datapath on a TC ingress hook (`redirect run --hook tc`, or `auto` on a virtual
+/// interface).
+#[classifier]
+pub fn redirect_tc(ctx: TcContext) -> i32 {
+    match try_redirect_tc(&ctx) {
+        Ok(action) => action,
+        Err(stat) => {
+            count(stat);
+            TC_ACT_OK
+        }
+    }
+}
+
+#[inline(always)]
+fn try_redirect_tc(ctx: &TcContext) -> Result<i32, Stat> {
+    let frame_len = ctx.len();
+    let want = if frame_len < HEADERS_LEN {
+        frame_len
+    } else {
+        HEADERS_LEN
+    };
+    if ((ctx.data_end() - ctx.data()) as u32) < want && ctx.pull_data(want).is_err() {
+        return Err(Stat::PassTruncated);
+    }
+    let parsed = headers::parse(ctx.data(), ctx.data_end(), frame_len as usize)?;
+    let (cfg, now, cut) = packet_context()?;
+    let pkt = match parsed {
+        headers::Parsed::Tcp(pkt) => pkt,
+        headers::Parsed::IcmpError(err) => {
+            return Ok(match nat::icmp_error(&err, cfg) {
+                nat::Verdict::Forward(_) => forward::tc(ctx, None),
+                _ => TC_ACT_OK,
+            });
+        }
+    };
+    Ok(match nat::process::<true>(&pkt, cfg, &cut, now) {
+        nat::Verdict::Forward(sent) => {
+            if let Some(sent) = sent {
+                // SAFETY: `parse` bounds-checked the headers; read before any helper that may
+                // move the buffer's data invalidates the pointers.
+                let now_in_packet = unsafe {
+                    nat::Sent {
+                        saddr_be: (*pkt.ip).saddr_be,
+                        daddr_be: (*pkt.ip).daddr_be,
+                        sport_be: (*pkt.tcp).sport_be,
+                        dport_be: (*pkt.tcp).dport_be,
+                    }
+                };
+                if !fix_tcp_checksum(ctx, &sent, &now_in_packet) {
+                    // Cannot happen for a buffer we just wrote to; a corrupt segment must
+                    // not go out.
+                    count(Stat::PassTruncated);
+                    return Ok(TC_ACT_SHOT);
+                }
+            }
+            forward::tc(ctx, sent)
+        }
+        nat::Verdict::Pass => TC_ACT_OK,
+        nat::Verdict::Drop => TC_ACT_SHOT,
+        nat::Verdict::Hold => {
+            let flow = hold::flow_of(&pkt);
+            // SAFETY: reading a field of the context the kernel passed.
+            let ifindex = unsafe { (*ctx.skb.skb).ifindex };
+            hold::park(frame_len as usize, ifindex, now, &flow, |dst, n| {
+                // SAFETY: `dst` has room for `n` bytes, and `n` is at most the buffer's length.
+                unsafe { aya_ebpf::helpers::bpf_skb_load_bytes(ctx.as_ptr(), 0, dst.cast(), n) }
+            });
+            TC_ACT_SHOT
+        }
+    })
+}
+
+/// Moves the TCP checksum from the tuple `old` to `new`: addresses as part of the
+/// pseudo-header (which is all a partial checksum holds), ports as payload (which a partial
+/// checksum does not cover yet, so the kernel leaves it alone for them).
+#[inline(always)]
+fn fix_tcp_checksum(ctx: &TcContext, old: &nat::Sent, new: &nat::Sent) -> bool {
+    let pseudo = u64::from(BPF_F_PSEUDO_HDR) | 4;
+    ctx.l4_csum_replace(
+        TCP_CHECK_OFFSET,
+        u64::from(old.saddr_be),
+        u64::from(new.saddr_be),
+        pseudo,
+    )
+    .is_ok()
+        && ctx
+            .l4_csum_replace(
+                TCP_CHECK_OFFSET,
+                u64::from(old.daddr_be),
+                u64::from(new.daddr_be),
+                pseudo,
+            )
+            .is_ok()
+        && ctx
+            .l4_csum_replace(
+                TCP_CHECK_OFFSET,
+                u64::from(old.sport_be),
+                u64::from(new.sport_be),
+                2,
+            )
+            .is_ok()
+        && ctx
+            .l4_csum_replace(
+                TCP_CHECK_OFFSET,
+                u64::from(old.dport_be),
+                u64::from(new.dport_be),
+                2,
+            )
+            .is_ok()
+}
