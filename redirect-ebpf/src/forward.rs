@@ -11,7 +11,7 @@
 
 use aya_ebpf::{
     EbpfContext,
-    bindings::{TC_ACT_OK, TC_ACT_SHOT, bpf_fib_lookup as FibParams, xdp_action},
+    bindings::{TC_ACT_SHOT, TC_ACT_UNSPEC, bpf_fib_lookup as FibParams, xdp_action},
     helpers::{
         bpf_check_mtu, bpf_fib_lookup, bpf_redirect, bpf_skb_change_tail, bpf_xdp_adjust_tail,
     },
@@ -23,7 +23,7 @@ use crate::{
     TX_PORTS, count,
     headers::{
         ETH_LEN, EthHdr, ICMP_DEST_UNREACH, ICMP_FRAG_NEEDED, ICMP_LEN, IP_LEN, IPPROTO_ICMP,
-        IcmpHdr, Ipv4Hdr, QUOTED_LEN, QuotedTcp,
+        IcmpHdr, Ipv4Hdr, QUOTED_LEN, QuotedTcp, TCP_LEN,
     },
     nat::Sent,
 };
@@ -50,10 +50,18 @@ enum Hop {
     Stack,
 }
 
-/// Looks up the next hop of the packet whose IPv4 header is `ip`. `tot_len` 0 lets the kernel
-/// check the socket buffer's own length against the MTU, segment by segment for GSO (TC).
+/// Looks up the next hop of the packet whose IPv4 header is `ip`, checking `tot_len` bytes
+/// against the route's MTU.
+/// `check_owned`: whether to check here that the interface is one we may send to (XDP leaves
+/// that to `bpf_redirect_map`, whose miss is the same answer without a second lookup).
 #[inline(always)]
-fn lookup(ctx: *mut core::ffi::c_void, ip: &Ipv4Hdr, ingress: u32, tot_len: u16) -> Hop {
+fn lookup(
+    ctx: *mut core::ffi::c_void,
+    ip: &Ipv4Hdr,
+    ingress: u32,
+    tot_len: u16,
+    check_owned: bool,
+) -> Hop {
     // SAFETY: an all-zero `bpf_fib_lookup` is a valid (empty) request.
     let mut params: FibParams = unsafe { core::mem::zeroed() };
     params.family = AF_INET;
@@ -79,7 +87,7 @@ fn lookup(ctx: *mut core::ffi::c_void, ip: &Ipv4Hdr, ingress: u32, tot_len: u16)
     if rc != BPF_FIB_LKUP_RET_SUCCESS {
         return Hop::Stack;
     }
-    if params.ifindex != ingress && TX_PORTS.get(params.ifindex).is_none() {
+    if check_owned && params.ifindex != ingress && TX_PORTS.get(params.ifindex).is_none() {
         // Not an interface we own: the MACs would be wrong for the stack, so leave them.
         return Hop::Stack;
     }
@@ -97,8 +105,13 @@ pub fn xdp(ctx: &XdpContext, eth: *mut EthHdr, ip: *mut Ipv4Hdr, sent: Option<Se
     // SAFETY: headers were bounds-checked by `parse`.
     let (ip, eth) = unsafe { (&*ip, &mut *eth) };
     let ingress = ctx.ingress_ifindex() as u32;
-    let (ifindex, smac, dmac) = match lookup(ctx.as_ptr(), ip, ingress, u16::from_be(ip.tot_len_be))
-    {
+    let (ifindex, smac, dmac) = match lookup(
+        ctx.as_ptr(),
+        ip,
+        ingress,
+        u16::from_be(ip.tot_len_be),
+        false,
+    ) {
         Hop::Next {
             ifindex,
             smac,
@@ -123,21 +136,21 @@ pub fn xdp(ctx: &XdpContext, eth: *mut EthHdr, ip: *mut Ipv4Hdr, sent: Option<Se
             return xdp_action::XDP_PASS;
         }
     };
-    let (old_src, old_dst) = (eth.src, eth.dst);
-    eth.src = smac;
-    eth.dst = dmac;
     if ifindex == ingress {
+        eth.src = smac;
+        eth.dst = dmac;
         count(Stat::FibTx);
         return xdp_action::XDP_TX;
     }
-    if let Ok(action) = TX_PORTS.redirect(ifindex, 0) {
+    // Only records where the frame goes; it leaves after the program returns, so the MACs
+    // are written after a success. A miss (an interface we do not own: the MACs would be
+    // wrong for the stack) leaves the frame untouched for the stack.
+    if let Ok(action) = TX_PORTS.redirect(ifindex, u64::from(xdp_action::XDP_PASS)) {
+        eth.src = smac;
+        eth.dst = dmac;
         count(Stat::FibRedirect);
         action
     } else {
-        // Checked above; reaching this means the entry vanished meanwhile. Put the MACs
-        // back, or the stack would discard the frame as not addressed to this host.
-        eth.src = old_src;
-        eth.dst = old_dst;
         count(Stat::FibPass);
         xdp_action::XDP_PASS
     }
@@ -150,7 +163,7 @@ pub fn tc(ctx: &TcContext, sent: Option<Sent>) -> i32 {
     let data = ctx.data();
     if data + ETH_LEN + IP_LEN > ctx.data_end() {
         count(Stat::FibPass);
-        return TC_ACT_OK;
+        return TC_ACT_UNSPEC;
     }
     // SAFETY: bounds checked above (the checksum helpers invalidated the parser's pointers).
     let (eth, ip) = unsafe {
@@ -159,9 +172,18 @@ pub fn tc(ctx: &TcContext, sent: Option<Sent>) -> i32 {
             &*((data + ETH_LEN) as *const Ipv4Hdr),
         )
     };
-    // SAFETY: reading a field of the context the kernel passed.
-    let ingress = unsafe { (*ctx.skb.skb).ifindex };
-    match lookup(ctx.as_ptr(), ip, ingress, 0) {
+    // SAFETY: reading fields of the context the kernel passed.
+    let (ingress, gso_size) = unsafe { ((*ctx.skb.skb).ifindex, (*ctx.skb.skb).gso_size) };
+    // The route's MTU applies to each segment: the whole buffer, or for a GSO buffer (merged
+    // by GRO, or from a local sender with TSO) its segment size plus headers. A TCP header's
+    // length is at most 60 bytes; the kernel's own check uses the exact one, which the
+    // segment size already leaves room for when the sender chose it from this route.
+    let tot_len = if gso_size == 0 {
+        u16::from_be(ip.tot_len_be)
+    } else {
+        (gso_size as u16).saturating_add((IP_LEN + TCP_LEN) as u16)
+    };
+    match lookup(ctx.as_ptr(), ip, ingress, tot_len, true) {
         Hop::Next {
             ifindex,
             smac,
@@ -180,7 +202,7 @@ pub fn tc(ctx: &TcContext, sent: Option<Sent>) -> i32 {
         Hop::TooBig { mtu } if let Some(sent) = sent => frag_needed_tc(ctx, ingress, &sent, mtu),
         Hop::TooBig { .. } | Hop::Stack => {
             count(Stat::FibPass);
-            TC_ACT_OK
+            TC_ACT_UNSPEC
         }
     }
 }
@@ -203,13 +225,13 @@ fn frag_needed_xdp(ctx: &XdpContext, sent: &Sent, mtu: u16) -> u32 {
     xdp_action::XDP_TX
 }
 
-/// [`frag_needed_xdp`] for TC. Only a buffer that is not GSO can get here (the kernel checks
-/// GSO buffers segment by segment), so its headers are in the linear part `tc.rs` pulled.
+/// [`frag_needed_xdp`] for TC. The headers are in the linear part `tc.rs` pulled; trimming
+/// the buffer also ends its GSO state (`bpf_skb_change_tail` resets it).
 #[inline(always)]
 fn frag_needed_tc(ctx: &TcContext, ingress: u32, sent: &Sent, mtu: u16) -> i32 {
     if !write_frag_needed(ctx.data(), ctx.data_end(), sent, mtu) {
         count(Stat::FibPass);
-        return TC_ACT_OK;
+        return TC_ACT_UNSPEC;
     }
     // SAFETY: trimming the buffer to the error's length.
     if unsafe { bpf_skb_change_tail(ctx.skb.skb, ERROR_FRAME_LEN as u32, 0) } != 0 {

@@ -7,10 +7,13 @@
 //!   the way out. An incremental update as XDP does it corrupts that (generic XDP cannot see
 //!   the buffer's checksum state), so here the kernel's `bpf_l4_csum_replace` updates the
 //!   field, knowing which kind it is.
+//!
+//! A packet that is not ours gets `TC_ACT_UNSPEC` (TCX "next"), not `TC_ACT_OK`: other TCX
+//! programs and classic tc filters on the interface (Docker's, a CNI's, shaping) still see it.
 
 use aya_ebpf::{
     EbpfContext,
-    bindings::{BPF_F_PSEUDO_HDR, TC_ACT_OK, TC_ACT_SHOT},
+    bindings::{BPF_F_INGRESS, BPF_F_PSEUDO_HDR, TC_ACT_SHOT, TC_ACT_UNSPEC},
     macros::classifier,
     programs::TcContext,
 };
@@ -35,7 +38,7 @@ pub fn redirect_tc(ctx: TcContext) -> i32 {
         Ok(action) => action,
         Err(stat) => {
             count(stat);
-            TC_ACT_OK
+            TC_ACT_UNSPEC
         }
     }
 }
@@ -58,7 +61,7 @@ fn try_redirect_tc(ctx: &TcContext) -> Result<i32, Stat> {
         headers::Parsed::IcmpError(err) => {
             return Ok(match nat::icmp_error(&err, cfg) {
                 nat::Verdict::Forward(_) => forward::tc(ctx, None),
-                _ => TC_ACT_OK,
+                _ => TC_ACT_UNSPEC,
             });
         }
     };
@@ -84,7 +87,7 @@ fn try_redirect_tc(ctx: &TcContext) -> Result<i32, Stat> {
             }
             forward::tc(ctx, sent)
         }
-        nat::Verdict::Pass => TC_ACT_OK,
+        nat::Verdict::Pass => TC_ACT_UNSPEC,
         nat::Verdict::Drop => TC_ACT_SHOT,
         nat::Verdict::Hold => {
             let flow = hold::flow_of(&pkt);
@@ -136,4 +139,22 @@ fn fix_tcp_checksum(ctx: &TcContext, old: &nat::Sent, new: &nat::Sent) -> bool {
                 2,
             )
             .is_ok()
+}
+
+/// Re-injects a SYN parked by [`redirect_tc`] (the controller runs it with
+/// `BPF_PROG_TEST_RUN` after a flip): a copy of the frame is received on the interface
+/// `cb[0]` names, as if it had just arrived there, and passes that interface's TC hook again,
+/// which now translates it to the new backend. (The XDP program's live-frame re-injection
+/// cannot serve TC interfaces: a bridge, or a veth whose peer has no NAPI, has no
+/// `ndo_xdp_xmit`.)
+#[classifier]
+pub fn reinject_tc(ctx: TcContext) -> i32 {
+    let ifindex = ctx.cb()[0];
+    if ctx
+        .clone_redirect(ifindex, u64::from(BPF_F_INGRESS))
+        .is_err()
+    {
+        count(Stat::SynHoldFailed);
+    }
+    TC_ACT_SHOT
 }

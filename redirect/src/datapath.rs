@@ -40,6 +40,8 @@ pub fn object() -> &'static [u8] {
 pub const PROGRAM: &str = "redirect_xdp";
 /// Name of the datapath's TC (clsact ingress) program in the object: the same NAT core.
 pub const TC_PROGRAM: &str = "redirect_tc";
+/// Name of the program that re-injects SYNs parked on a TC interface.
+pub const TC_REINJECT_PROGRAM: &str = "reinject_tc";
 /// Name of the `XDP_PASS` helper program in the object (for veth peers in labs).
 pub const PASS_PROGRAM: &str = "xdp_pass";
 
@@ -501,9 +503,9 @@ impl Maps {
 /// Which kernel hook runs the datapath on an interface.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
 pub enum Hook {
-    /// XDP on NICs, whose frames come off a wire; TC on virtual interfaces (veth, bridges:
-    /// containers on this host send GRO-merged frames and partial checksums) and on NICs whose
-    /// driver has no native XDP.
+    /// One hook for all the interfaces: native XDP when they are all NICs, whose frames come
+    /// off a wire; TC if any is virtual (veth, bridges: containers on this host send
+    /// GRO-merged frames and partial checksums). A restart keeps the pinned links' hook.
     Auto,
     /// Native XDP, run by the driver: the fastest. Only for frames from a wire: on a veth whose
     /// sender has TX checksum offload on, translated segments leave with bad checksums.
@@ -688,12 +690,15 @@ pub fn install(
             what: "loading the XDP program (verifier)".into(),
             source,
         })?;
-    tc_program(&mut ebpf)
-        .load()
-        .map_err(|source| DatapathError::Program {
-            what: "loading the TC program (verifier)".into(),
-            source,
-        })?;
+    for name in [TC_PROGRAM, TC_REINJECT_PROGRAM] {
+        classifier(&mut ebpf, name)
+            .load()
+            .map_err(|source| DatapathError::Program {
+                what: format!("loading the TC program {name} (verifier)"),
+                source,
+            })?;
+    }
+    let hook = resolve_auto(&pins, ifaces, hook);
 
     let mut upgraded = Vec::new();
     let mut attached = Vec::new();
@@ -753,7 +758,9 @@ fn upgrade(ebpf: &mut Ebpf, iface: &str, path: &Path) -> Result<Hook, DatapathEr
     if kind == LinkType::Tcx {
         let link = SchedClassifierLink::try_from(link)
             .map_err(pin_err(format!("{} is not a TCX link", path.display())))?;
-        tc_program(ebpf).attach_to_link(link).map_err(upgrade_err)?;
+        classifier(ebpf, TC_PROGRAM)
+            .attach_to_link(link)
+            .map_err(upgrade_err)?;
         return Ok(Hook::Tc);
     }
     let link = XdpLink::try_from(link)
@@ -763,26 +770,34 @@ fn upgrade(ebpf: &mut Ebpf, iface: &str, path: &Path) -> Result<Hook, DatapathEr
     Ok(Hook::Xdp)
 }
 
-/// Attaches the datapath to `iface` on the hook `hook` resolves to there, and returns that
-/// hook and the link (to pin).
+/// One hook for the whole interface set: a frame redirected from an XDP interface to a TC
+/// one needs `ndo_xdp_xmit` there, which bridges never have (and veths only with a NAPI peer).
+/// `auto` follows the links already pinned (a restart), else picks TC if any interface is
+/// virtual (see [`Hook::Auto`]), else native XDP.
+fn resolve_auto(pins: &PinDir, ifaces: &[(String, u32)], hook: Hook) -> Hook {
+    if hook != Hook::Auto {
+        return hook;
+    }
+    if let Some(pinned) = pins.linked_ifaces().iter().find_map(|i| pins.link_hook(i)) {
+        return pinned;
+    }
+    if ifaces.iter().any(|(iface, _)| is_virtual(iface)) {
+        Hook::Tc
+    } else {
+        Hook::Xdp
+    }
+}
+
+/// Attaches the datapath to `iface` on `hook`; native XDP that the driver refuses falls back
+/// to TC (on a NIC, where nothing else is XDP then either: see [`resolve_auto`]). Returns the
+/// hook used and the link (to pin).
 fn attach(ebpf: &mut Ebpf, iface: &str, hook: Hook) -> Result<(Hook, FdLink), DatapathError> {
     match hook {
-        Hook::Xdp | Hook::XdpGeneric => Ok((hook, attach_xdp(ebpf, iface, hook)?)),
         Hook::Tc => Ok((hook, attach_tc(ebpf, iface)?)),
-        Hook::Auto if is_virtual(iface) => match attach_tc(ebpf, iface) {
-            Ok(link) => Ok((Hook::Tc, link)),
-            Err(e) => {
-                tracing::warn!(%iface, error = %e, "TC is the right hook for a virtual interface, but it failed (TCX needs kernel 6.6); using native XDP, which corrupts checksums of local senders with TX offload on");
-                Ok((Hook::Xdp, attach_xdp(ebpf, iface, Hook::Xdp)?))
-            }
-        },
-        Hook::Auto => match attach_xdp(ebpf, iface, Hook::Xdp) {
-            Ok(link) => Ok((Hook::Xdp, link)),
-            Err(e) => {
-                tracing::info!(%iface, error = %e, "no native XDP on this interface; using TC");
-                Ok((Hook::Tc, attach_tc(ebpf, iface)?))
-            }
-        },
+        Hook::Xdp | Hook::XdpGeneric | Hook::Auto => {
+            let hook = if hook == Hook::Auto { Hook::Xdp } else { hook };
+            Ok((hook, attach_xdp(ebpf, iface, hook)?))
+        }
     }
 }
 
@@ -796,7 +811,10 @@ fn attach_xdp(ebpf: &mut Ebpf, iface: &str, hook: Hook) -> Result<FdLink, Datapa
     let id = prog
         .attach(iface, mode)
         .map_err(|source| DatapathError::Program {
-            what: format!("attaching XDP ({}) to {iface}", hook.name()),
+            what: format!(
+                "attaching XDP ({}) to {iface} (without native XDP in its driver, use --hook tc)",
+                hook.name()
+            ),
             source,
         })?;
     let link = prog
@@ -813,7 +831,7 @@ fn attach_xdp(ebpf: &mut Ebpf, iface: &str, hook: Hook) -> Result<FdLink, Datapa
 }
 
 fn attach_tc(ebpf: &mut Ebpf, iface: &str) -> Result<FdLink, DatapathError> {
-    let prog = tc_program(ebpf);
+    let prog = classifier(ebpf, TC_PROGRAM);
     let id = prog
         .attach_with_options(
             iface,
@@ -837,35 +855,53 @@ fn attach_tc(ebpf: &mut Ebpf, iface: &str) -> Result<FdLink, DatapathError> {
         })
 }
 
-/// Replays a parked SYN through the datapath program as if it had just arrived on its
-/// interface (`BPF_PROG_TEST_RUN` with `BPF_F_TEST_XDP_LIVE_FRAMES`): the program translates it
-/// to the now-active backend and transmits it for real.
-///
-/// The frame's TCP checksum is recomputed first: a SYN parked by the TC hook from a local
-/// sender with TX offload carries only the pseudo-header sum, which its `CHECKSUM_PARTIAL`
-/// buffer would have completed on the way out, and a replayed frame has no such buffer.
-pub fn reinject(prog: &Xdp, held: &HeldSyn) -> Result<(), DatapathError> {
+/// Replays a parked SYN through the datapath as if it had just arrived on its interface:
+/// - parked by XDP: the XDP program runs on it (`BPF_PROG_TEST_RUN` with
+///   `BPF_F_TEST_XDP_LIVE_FRAMES`), translates it to the now-active backend and transmits it;
+/// - parked by TC: `reinject_tc` has a copy received on the interface again
+///   (`bpf_clone_redirect` to its ingress), where the TC hook translates it. Its TCP checksum
+///   is completed first: a local sender with TX offload left only the pseudo-header sum, which
+///   its `CHECKSUM_PARTIAL` buffer would have completed on the way out, and the copy is a
+///   fresh buffer with no such state.
+pub fn reinject(ebpf: &mut Ebpf, pins: &PinDir, held: &HeldSyn) -> Result<(), DatapathError> {
     use aya::programs::{TestRun as _, TestRunAttrs, TestRunOptions};
     let len = (held.len as usize).min(held.frame.len());
-    let mut frame = held.frame;
-    complete_tcp_checksum(&mut frame[..len]);
+    let parked_by_tc =
+        crate::net::ifname(held.ifindex).and_then(|iface| pins.link_hook(&iface)) == Some(Hook::Tc);
+    let err = |source| DatapathError::Program {
+        what: "re-injecting a held SYN".into(),
+        source,
+    };
+    if parked_by_tc {
+        let mut frame = held.frame;
+        complete_tcp_checksum(&mut frame[..len]);
+        // struct __sk_buff up to cb[0]: ifindex at 40, cb[0] at 48 (the rest stays zero).
+        let mut ctx = [0u8; 52];
+        ctx[40..44].copy_from_slice(&held.ifindex.to_ne_bytes());
+        ctx[48..52].copy_from_slice(&held.ifindex.to_ne_bytes());
+        let opts = TestRunOptions {
+            data_in: Some(&frame[..len]),
+            ctx_in: Some(&ctx),
+            repeat: 1,
+            ..TestRunOptions::default()
+        };
+        return classifier(ebpf, TC_REINJECT_PROGRAM)
+            .test_run(opts)
+            .map(|_| ())
+            .map_err(err);
+    }
     // struct xdp_md { data, data_end, data_meta, ingress_ifindex, rx_queue_index, egress_ifindex }
     let mut ctx = [0u8; 24];
     ctx[4..8].copy_from_slice(&u32::try_from(len).expect("small frame").to_ne_bytes());
     ctx[12..16].copy_from_slice(&held.ifindex.to_ne_bytes());
     let opts = TestRunOptions {
-        data_in: Some(&frame[..len]),
+        data_in: Some(&held.frame[..len]),
         ctx_in: Some(&ctx),
         repeat: 1,
         attrs: TestRunAttrs::new().xdp_live_frames(1),
         ..TestRunOptions::default()
     };
-    prog.test_run(opts)
-        .map(|_| ())
-        .map_err(|source| DatapathError::Program {
-            what: "re-injecting a held SYN".into(),
-            source,
-        })
+    program(ebpf).test_run(opts).map(|_| ()).map_err(err)
 }
 
 /// Recomputes the TCP checksum of an Ethernet/IPv4 (no options)/TCP frame in place; leaves
@@ -898,12 +934,12 @@ pub fn program(ebpf: &mut Ebpf) -> &mut Xdp {
         .expect("the datapath program is XDP")
 }
 
-/// The datapath's TC program in a loaded object.
-pub fn tc_program(ebpf: &mut Ebpf) -> &mut SchedClassifier {
-    ebpf.program_mut(TC_PROGRAM)
-        .expect("the object has the TC program")
+/// A TC program of a loaded object, by name.
+fn classifier<'a>(ebpf: &'a mut Ebpf, name: &str) -> &'a mut SchedClassifier {
+    ebpf.program_mut(name)
+        .expect("the object has its TC programs")
         .try_into()
-        .expect("the TC program is a classifier")
+        .expect("a TC program is a classifier")
 }
 
 /// Writes `CONFIG` and `BACKENDS`. `ACTIVE` starts at the source, and a restart keeps it.

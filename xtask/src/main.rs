@@ -37,6 +37,9 @@ enum Task {
         /// A few minutes instead of about half an hour.
         #[arg(long)]
         quick: bool,
+        /// Only profile the datapath under load (perf), and print where its time goes.
+        #[arg(long, conflicts_with = "quick")]
+        profile: bool,
     },
     /// The cutover's full fault matrix (every fault at every step boundary, under load);
     /// writes docs/reliability.md. About 20 minutes. CI runs a subset (tests/tests/fault_matrix.rs).
@@ -60,11 +63,16 @@ fn main() -> anyhow::Result<()> {
             setup::install()?;
             test(filter.as_deref())
         }
-        Task::Bench { quick } => {
+        Task::Bench { quick, profile } => {
             setup::install()?;
             setup::install_bench_tools()?;
             build()?;
-            run_lab_bin("bench", quick.then_some("--quick"), "the benchmark")
+            let mode = if profile {
+                Some("--profile")
+            } else {
+                quick.then_some("--quick")
+            };
+            run_lab_bin("bench", mode, "the benchmark")
         }
         Task::Churn { quick } => {
             setup::install()?;

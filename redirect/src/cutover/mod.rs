@@ -583,9 +583,11 @@ impl Controller {
 
     /// Re-injects every parked SYN through the datapath; returns how many.
     pub fn release_held(&self) -> Result<u64, CutoverError> {
-        let mut ring = lock(&self.maps).held()?;
+        let (mut ring, pins) = {
+            let maps = lock(&self.maps);
+            (maps.held()?, maps.dir.clone())
+        };
         let mut ebpf = lock(&self.ebpf);
-        let prog = datapath::program(&mut ebpf);
         let mut n = 0;
         while let Some(item) = ring.next() {
             if item.len() < std::mem::size_of::<redirect_common::cutover::HeldSyn>() {
@@ -594,7 +596,7 @@ impl Controller {
             // SAFETY: the datapath wrote a HeldSyn into this record; read it unaligned.
             let held: redirect_common::cutover::HeldSyn =
                 unsafe { std::ptr::read_unaligned(item.as_ptr().cast()) };
-            datapath::reinject(prog, &held)?;
+            datapath::reinject(&mut ebpf, &pins, &held)?;
             n += 1;
         }
         Ok(n)

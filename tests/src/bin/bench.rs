@@ -2,6 +2,10 @@
 //! PgBouncer, side by side in one lab and one run, interleaved round by round so machine noise
 //! hits every path alike. Writes docs/benchmarks.md and SVG plots. Every number comes from
 //! this run.
+//!
+//! `cargo xtask bench --profile`: where the datapath's time goes. `perf record` (cpu-clock,
+//! system-wide) over `pgbench -S -c 8` through redirect XDP, then the kernel symbols by self
+//! time: the program itself (`bpf_prog_*_redirect_xdp`) and each helper it calls.
 
 #![allow(
     clippy::cast_possible_truncation,
@@ -536,6 +540,7 @@ fn main() {
             },
         ]
     };
+    let profile_only = std::env::args().any(|a| a == "--profile");
     let started = Instant::now();
     eprintln!("== lab: client, proxy, source, target; PostgreSQL on source and target");
     let mut lab = Lab::new("bench");
@@ -572,6 +577,11 @@ fn main() {
         out_dir: out_dir.clone(),
         secs,
     };
+
+    if profile_only {
+        profile(&mut b);
+        return;
+    }
 
     // results[(scenario, path)] = samples over rounds
     let mut results: BTreeMap<(Scenario, Path_), Vec<Sample>> = BTreeMap::new();
@@ -754,6 +764,55 @@ fn main() {
         b.out_dir.display(),
         started.elapsed()
     );
+}
+
+/// `perf record` over `pgbench -S -c 8` through redirect XDP; prints the kernel symbols with
+/// at least 0.3% self time, and the program's ns per run over the same load.
+fn profile(b: &mut Bench) {
+    let secs = 20;
+    b.setup(Path_::Xdp);
+    let data = b.lab.work_dir.join("perf.data").display().to_string();
+    let mut perf = Command::new("perf")
+        .args([
+            "record",
+            "-q",
+            "-a",
+            "-e",
+            "cpu-clock",
+            "-F",
+            "4999",
+            "-o",
+            &data,
+        ])
+        .args(["--", "sleep", &(secs + 2).to_string()])
+        .spawn()
+        .expect("perf record");
+    let b2 = Bench {
+        lab: b.lab.clone(),
+        out_dir: b.out_dir.clone(),
+        secs,
+    };
+    let sample = b2.pgbench(
+        Path_::Xdp,
+        Scenario {
+            clients: 8,
+            connect_per_tx: false,
+        },
+        "profile",
+    );
+    let _ = perf.wait();
+    let report = Command::new("perf")
+        .args(["report", "-i", &data, "--no-children", "--sort", "sym"])
+        .args(["--stdio", "--percent-limit", "0.3", "-q"])
+        .output()
+        .expect("perf report");
+    println!("{}", String::from_utf8_lossy(&report.stdout));
+    println!(
+        "pgbench -S -c 8 via redirect XDP: {:.0} tps; redirect_xdp: {:.0} ns per run",
+        sample.tps,
+        prog_ns_per_run(&b.lab).unwrap_or(f64::NAN)
+    );
+    b.teardown(Path_::Xdp, None);
 }
 
 /// Mean ns per program run of the datapath, from kernel.bpf_stats_enabled.

@@ -38,8 +38,9 @@ fn main() {
     let target = pg::start(&mut lab, Ns::Target, "target", &[]);
     pg::setup_logical(&lab, &source, &target);
     say(
-        "redirect run: XDP on p-cli, p-src, p-tgt; VIP 198.18.1.1:5432; the controller knows both databases",
+        "redirect run: native XDP on p-cli, p-src, p-tgt (the lab's veths stand in for NICs: --hook xdp; on a veth `auto` picks TC); VIP 198.18.1.1:5432; the controller knows both databases",
     );
+    lab.hook = Some("xdp");
     let flags = pg::controller_flags();
     let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
     lab.start_redirect(&flags);
