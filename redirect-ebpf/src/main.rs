@@ -20,6 +20,7 @@
 )]
 
 mod events;
+mod floor;
 mod forward;
 mod headers;
 mod hold;

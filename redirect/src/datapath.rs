@@ -690,15 +690,18 @@ pub fn install(
             what: "loading the XDP program (verifier)".into(),
             source,
         })?;
-    for name in [TC_PROGRAM, TC_REINJECT_PROGRAM] {
-        classifier(&mut ebpf, name)
-            .load()
-            .map_err(|source| DatapathError::Program {
-                what: format!("loading the TC program {name} (verifier)"),
-                source,
-            })?;
+    let hook = one_hook(&pins, ifaces, hook);
+    // Only what the chosen hook needs: a TC verifier failure must not block an XDP restart.
+    if hook == Hook::Tc {
+        for name in [TC_PROGRAM, TC_REINJECT_PROGRAM] {
+            classifier(&mut ebpf, name)
+                .load()
+                .map_err(|source| DatapathError::Program {
+                    what: format!("loading the TC program {name} (verifier)"),
+                    source,
+                })?;
+        }
     }
-    let hook = resolve_auto(&pins, ifaces, hook);
 
     let mut upgraded = Vec::new();
     let mut attached = Vec::new();
@@ -706,9 +709,6 @@ pub fn install(
         let link_path = pins.link(iface);
         if link_path.exists() {
             let used = upgrade(&mut ebpf, iface, &link_path)?;
-            if hook != Hook::Auto && hook != used {
-                tracing::warn!(%iface, pinned = used.name(), requested = hook.name(), "the pinned link keeps its hook; run `redirect detach` and start again to change it");
-            }
             upgraded.push((iface.clone(), used));
         } else {
             let (used, link) = attach(&mut ebpf, iface, hook)?;
@@ -772,20 +772,31 @@ fn upgrade(ebpf: &mut Ebpf, iface: &str, path: &Path) -> Result<Hook, DatapathEr
 
 /// One hook for the whole interface set: a frame redirected from an XDP interface to a TC
 /// one needs `ndo_xdp_xmit` there, which bridges never have (and veths only with a NAPI peer).
-/// `auto` follows the links already pinned (a restart), else picks TC if any interface is
-/// virtual (see [`Hook::Auto`]), else native XDP.
-fn resolve_auto(pins: &PinDir, ifaces: &[(String, u32)], hook: Hook) -> Hook {
-    if hook != Hook::Auto {
-        return hook;
+/// Links already pinned (a restart) decide, whatever was asked, with a warning if that differs;
+/// otherwise `auto` picks TC if any interface is virtual (see [`Hook::Auto`]), else native XDP.
+fn one_hook(pins: &PinDir, ifaces: &[(String, u32)], requested: Hook) -> Hook {
+    let any_virtual = ifaces.iter().any(|(iface, _)| is_virtual(iface));
+    let chosen = match requested {
+        Hook::Auto if any_virtual => Hook::Tc,
+        Hook::Auto => Hook::Xdp,
+        explicit => explicit,
+    };
+    let Some(pinned) = pins.linked_ifaces().iter().find_map(|i| pins.link_hook(i)) else {
+        return chosen;
+    };
+    if (pinned == Hook::Tc) != (chosen == Hook::Tc) {
+        tracing::warn!(
+            pinned = pinned.name(),
+            wanted = chosen.name(),
+            requested = requested.name(),
+            "the pinned links keep their hook, and new interfaces join them on it; to change hooks, let the proxy drain, run `redirect detach`, and start again"
+        );
     }
-    if let Some(pinned) = pins.linked_ifaces().iter().find_map(|i| pins.link_hook(i)) {
-        return pinned;
+    if pinned == Hook::Xdp && requested == Hook::XdpGeneric {
+        // The link does not say which XDP mode; new interfaces get the one asked for.
+        return Hook::XdpGeneric;
     }
-    if ifaces.iter().any(|(iface, _)| is_virtual(iface)) {
-        Hook::Tc
-    } else {
-        Hook::Xdp
-    }
+    pinned
 }
 
 /// Attaches the datapath to `iface` on `hook`; native XDP that the driver refuses falls back

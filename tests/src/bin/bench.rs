@@ -37,7 +37,9 @@ use redirect_tests::{
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
 enum Path_ {
     Direct,
+    Floor,
     Xdp,
+    Tc,
     Skb,
     Iptables,
     Haproxy,
@@ -45,9 +47,11 @@ enum Path_ {
 }
 
 impl Path_ {
-    const ALL: [Self; 6] = [
+    const ALL: [Self; 8] = [
         Self::Direct,
+        Self::Floor,
         Self::Xdp,
+        Self::Tc,
         Self::Skb,
         Self::Iptables,
         Self::Haproxy,
@@ -57,8 +61,10 @@ impl Path_ {
     fn name(self) -> &'static str {
         match self {
             Self::Direct => "direct (routed, no NAT)",
+            Self::Floor => "XDP floor (fib_lookup + redirect, no NAT)",
             Self::Xdp => "redirect XDP (driver)",
-            Self::Skb => "redirect XDP (skb)",
+            Self::Tc => "redirect TC",
+            Self::Skb => "redirect XDP (generic)",
             Self::Iptables => "iptables DNAT+SNAT",
             Self::Haproxy => "HAProxy mode tcp",
             Self::Pgbouncer => "PgBouncer session",
@@ -66,10 +72,21 @@ impl Path_ {
     }
 
     fn host(self) -> &'static str {
-        if self == Self::Direct {
-            SOURCE_ADDR
-        } else {
-            VIP
+        if self.routed() { SOURCE_ADDR } else { VIP }
+    }
+
+    /// Routed straight to the source (no VIP, no NAT).
+    fn routed(self) -> bool {
+        matches!(self, Self::Direct | Self::Floor)
+    }
+
+    /// The program whose `bpf_stats` give this path's cost per packet.
+    fn program(self) -> Option<&'static str> {
+        match self {
+            Self::Floor => Some("xdp_floor"),
+            Self::Xdp => Some("redirect_xdp"),
+            Self::Tc => Some("redirect_tc"),
+            _ => None,
         }
     }
 }
@@ -113,6 +130,8 @@ struct Bench {
     lab: Arc<Lab>,
     out_dir: PathBuf,
     secs: u64,
+    /// The floor forwarder while its path is set up (dropping it detaches it).
+    floor: Option<aya::Ebpf>,
 }
 
 impl Bench {
@@ -182,12 +201,20 @@ impl Bench {
         let lab = Arc::get_mut(&mut self.lab).expect("the bench owns the lab");
         match path {
             Path_::Direct => None,
-            Path_::Xdp | Path_::Skb => {
-                let mode = if path == Path_::Xdp { "driver" } else { "skb" };
+            Path_::Floor => {
+                self.floor = Some(attach_floor(lab));
+                None
+            }
+            Path_::Xdp | Path_::Tc | Path_::Skb => {
+                let hook = match path {
+                    Path_::Xdp => "xdp",
+                    Path_::Tc => "tc",
+                    _ => "xdp-generic",
+                };
                 let mut args: Vec<String> = lab.run_args();
                 let i = args.iter().position(|a| a == "--source").expect("--source");
                 args[i + 1] = format!("{SOURCE_ADDR}:{port}");
-                args.extend(["--xdp-mode".into(), mode.into(), "--once".into()]);
+                args.extend(["--hook".into(), hook.into(), "--once".into()]);
                 let args: Vec<&str> = args.iter().map(String::as_str).collect();
                 lab.redirect_ok(&args);
                 None
@@ -268,9 +295,10 @@ impl Bench {
     fn teardown(&mut self, path: Path_, pid: Option<u32>) {
         let lab = Arc::get_mut(&mut self.lab).expect("the bench owns the lab");
         match path {
-            Path_::Xdp | Path_::Skb => {
+            Path_::Xdp | Path_::Tc | Path_::Skb => {
                 lab.redirect_ok(&["detach", "--force"]);
             }
+            Path_::Floor => drop(self.floor.take()),
             Path_::Iptables => {
                 lab.exec_ok(Ns::Proxy, &["iptables", "-t", "nat", "-F"]);
             }
@@ -576,6 +604,7 @@ fn main() {
         lab: Arc::new(lab),
         out_dir: out_dir.clone(),
         secs,
+        floor: None,
     };
 
     if profile_only {
@@ -585,7 +614,7 @@ fn main() {
 
     // results[(scenario, path)] = samples over rounds
     let mut results: BTreeMap<(Scenario, Path_), Vec<Sample>> = BTreeMap::new();
-    let mut xdp_ns_per_pkt: Vec<f64> = Vec::new();
+    let mut ns_per_pkt: BTreeMap<Path_, Vec<f64>> = BTreeMap::new();
     for round in 0..rounds {
         // Rotate the order each round so no path always runs first or last.
         let mut order = Path_::ALL.to_vec();
@@ -603,10 +632,8 @@ fn main() {
                 let sample = b.pgbench(path, *s, &format!("{round}-{path:?}-{}", s.clients));
                 results.entry((*s, path)).or_default().push(sample);
             }
-            if path == Path_::Xdp {
-                if let Some(ns) = prog_ns_per_run(&b.lab) {
-                    xdp_ns_per_pkt.push(ns);
-                }
+            if let Some(ns) = path.program().and_then(|p| prog_ns_per_run(&b.lab, p)) {
+                ns_per_pkt.entry(path).or_default().push(ns);
             }
             b.teardown(path, pid);
         }
@@ -631,11 +658,7 @@ fn main() {
                 path.name()
             );
             let pid = b.setup_to(path, ECHO_PORT);
-            let port = if path == Path_::Direct {
-                ECHO_PORT
-            } else {
-                5432
-            };
+            let port = if path.routed() { ECHO_PORT } else { 5432 };
             let host = path.host().to_owned();
             let secs_each = Duration::from_secs(b.secs.min(5));
             let m = b
@@ -750,7 +773,7 @@ fn main() {
         &b,
         &scenarios,
         &results,
-        &xdp_ns_per_pkt,
+        &ns_per_pkt,
         &scale,
         &memlock,
         &flips,
@@ -791,6 +814,7 @@ fn profile(b: &mut Bench) {
         lab: b.lab.clone(),
         out_dir: b.out_dir.clone(),
         secs,
+        floor: None,
     };
     let sample = b2.pgbench(
         Path_::Xdp,
@@ -810,17 +834,47 @@ fn profile(b: &mut Bench) {
     println!(
         "pgbench -S -c 8 via redirect XDP: {:.0} tps; redirect_xdp: {:.0} ns per run",
         sample.tps,
-        prog_ns_per_run(&b.lab).unwrap_or(f64::NAN)
+        prog_ns_per_run(&b.lab, "redirect_xdp").unwrap_or(f64::NAN)
     );
     b.teardown(Path_::Xdp, None);
 }
 
-/// Mean ns per program run of the datapath, from kernel.bpf_stats_enabled.
-fn prog_ns_per_run(lab: &Lab) -> Option<f64> {
-    let out = lab.exec_ok(
-        Ns::Proxy,
-        &["bpftool", "-j", "prog", "show", "name", "redirect_xdp"],
-    );
+/// Attaches the floor forwarder (`xdp_floor`) to the proxy's legs, native XDP, and lets it
+/// redirect between them.
+fn attach_floor(lab: &Lab) -> aya::Ebpf {
+    lab.in_ns(Ns::Proxy, || {
+        let mut ebpf = aya::Ebpf::load(redirect::datapath::object()).expect("loading the object");
+        let legs: Vec<u32> = ["p-cli", "p-src", "p-tgt"]
+            .iter()
+            .map(|l| redirect::net::ifindex(l).expect("a leg"))
+            .collect();
+        {
+            let mut ports: aya::maps::DevMapHash<_> = ebpf
+                .map_mut("TX_PORTS")
+                .expect("TX_PORTS")
+                .try_into()
+                .expect("a devmap");
+            for i in &legs {
+                ports.insert(*i, *i, None, 0).expect("TX_PORTS entry");
+            }
+        }
+        let prog: &mut aya::programs::Xdp = ebpf
+            .program_mut("xdp_floor")
+            .expect("xdp_floor")
+            .try_into()
+            .expect("XDP");
+        prog.load().expect("xdp_floor loads");
+        for leg in ["p-cli", "p-src", "p-tgt"] {
+            prog.attach(leg, aya::programs::XdpMode::Driver)
+                .expect("attaching xdp_floor");
+        }
+        ebpf
+    })
+}
+
+/// Mean ns per run of the program `name`, from kernel.bpf_stats_enabled.
+fn prog_ns_per_run(lab: &Lab, name: &str) -> Option<f64> {
+    let out = lab.exec_ok(Ns::Proxy, &["bpftool", "-j", "prog", "show", "name", name]);
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).ok()?;
     let progs = if v.is_array() {
         v.as_array()?.clone()
@@ -966,7 +1020,7 @@ fn write_report(
     b: &Bench,
     scenarios: &[Scenario],
     results: &BTreeMap<(Scenario, Path_), Vec<Sample>>,
-    xdp_ns: &[f64],
+    ns_per_pkt: &BTreeMap<Path_, Vec<f64>>,
     scale: &[(u32, f64, f64, f64)],
     memlock: &str,
     flips: &[f64],
@@ -1164,13 +1218,22 @@ fn write_report(
         md.push_str(&part);
         let _ = std::fs::remove_file(b.out_dir.join("benchmarks-tcp.md.part"));
     }
-    if !xdp_ns.is_empty() {
-        let mut v = xdp_ns.to_vec();
+    if !ns_per_pkt.is_empty() {
         let _ = writeln!(
             md,
-            "## Datapath cost\n\n`kernel.bpf_stats_enabled`, `bpftool prog show` run_time_ns / run_cnt of `redirect_xdp` over the XDP rounds: median **{:.0} ns per packet** (every packet on the proxy's legs, including replies).\n",
-            median(&mut v)
+            "## Datapath cost\n\n`kernel.bpf_stats_enabled`, `bpftool prog show` run_time_ns / run_cnt of each program over its rounds (every packet on the proxy's legs, including replies), median over rounds:\n\n| path | program | ns per packet |\n|---|---|---:|"
         );
+        for (path, v) in ns_per_pkt {
+            let mut v = v.clone();
+            let _ = writeln!(
+                md,
+                "| {} | `{}` | {:.0} |",
+                path.name(),
+                path.program().unwrap_or("-"),
+                median(&mut v)
+            );
+        }
+        let _ = writeln!(md);
     }
     let _ = writeln!(
         md,
