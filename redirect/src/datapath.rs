@@ -1026,6 +1026,63 @@ pub fn remove(dir: &Path) -> Result<Vec<String>, DatapathError> {
 mod tests {
     use super::*;
 
+    /// A SYN frame (Ethernet, IPv4, 24-byte TCP header with an MSS option) whose TCP checksum
+    /// field holds `check`.
+    fn syn_frame(check: [u8; 2]) -> Vec<u8> {
+        let mut f = vec![0u8; 14 + 20 + 24];
+        f[12..14].copy_from_slice(&[0x08, 0x00]);
+        f[14] = 0x45;
+        f[16..18].copy_from_slice(&44u16.to_be_bytes());
+        f[23] = 6;
+        f[26..30].copy_from_slice(&[198, 18, 1, 2]);
+        f[30..34].copy_from_slice(&[198, 18, 1, 1]);
+        f[34..36].copy_from_slice(&40000u16.to_be_bytes());
+        f[36..38].copy_from_slice(&5432u16.to_be_bytes());
+        f[38..42].copy_from_slice(&7u32.to_be_bytes());
+        f[46] = 6 << 4;
+        f[47] = 0x02;
+        f[48..50].copy_from_slice(&64240u16.to_be_bytes());
+        f[50..52].copy_from_slice(&check);
+        f[54..58].copy_from_slice(&[2, 4, 0x05, 0xb4]);
+        f
+    }
+
+    #[test]
+    fn a_partial_checksum_of_a_held_syn_is_completed() {
+        // What a sender with TX offload leaves: the pseudo-header sum only.
+        let mut frame = syn_frame([0x12, 0x34]);
+        complete_tcp_checksum(&mut frame);
+        let (src, dst) = ([198, 18, 1, 2], [198, 18, 1, 1]);
+        let mut zeroed = frame[34..].to_vec();
+        zeroed[16..18].fill(0);
+        let want = redirect_common::csum::tcp_ipv4(src, dst, &zeroed);
+        assert_eq!(frame[50..52], want.to_ne_bytes());
+        // A full checksum verifies: the sum over the segment with it is all ones.
+        let sum = redirect_common::csum::sum_words(&frame[34..], 0);
+        let pseudo = [198, 18, 1, 2, 198, 18, 1, 1, 0, 6, 0, 24];
+        assert_eq!(
+            redirect_common::csum::fold(redirect_common::csum::sum_words(&pseudo, sum)),
+            0xffff
+        );
+    }
+
+    #[test]
+    fn anything_but_a_well_formed_tcp_frame_is_left_alone() {
+        for corrupt in [
+            |f: &mut Vec<u8>| f[12] = 0x86, // not IPv4
+            |f: &mut Vec<u8>| f[14] = 0x46, // IP options
+            |f: &mut Vec<u8>| f[23] = 17,   // UDP
+            |f: &mut Vec<u8>| f[16..18].copy_from_slice(&400u16.to_be_bytes()), // too long
+            |f: &mut Vec<u8>| f.truncate(40), // truncated
+        ] {
+            let mut frame = syn_frame([0x12, 0x34]);
+            corrupt(&mut frame);
+            let before = frame.clone();
+            complete_tcp_checksum(&mut frame);
+            assert_eq!(frame, before);
+        }
+    }
+
     fn backend(addr: &str, snat: &str) -> BackendAddr {
         BackendAddr {
             addr: addr.parse().unwrap(),
