@@ -789,16 +789,22 @@ fn main() {
     );
 }
 
-/// `perf record` over `pgbench -S -c 8` through redirect XDP; prints the kernel symbols with
-/// at least 0.3% self time, and the program's ns per run over the same load.
+/// `perf record -g` over `pgbench -S -c 8` through redirect XDP. Prints, by self time: the
+/// whole system's top symbols, then only what runs inside the program (the program itself and
+/// the helpers it calls), and what that comes to per packet next to `bpf_stats`' figure.
 fn profile(b: &mut Bench) {
     let secs = 20;
     b.setup(Path_::Xdp);
-    let data = b.lab.work_dir.join("perf.data").display().to_string();
+    let data = std::env::temp_dir()
+        .join("redirect-profile.data")
+        .display()
+        .to_string();
+    let stats_before = prog_stats(&b.lab, "redirect_xdp");
     let mut perf = Command::new("perf")
         .args([
             "record",
             "-q",
+            "-g",
             "-a",
             "-e",
             "cpu-clock",
@@ -807,13 +813,13 @@ fn profile(b: &mut Bench) {
             "-o",
             &data,
         ])
-        .args(["--", "sleep", &(secs + 2).to_string()])
+        .args(["--", "sleep", &secs.to_string()])
         .spawn()
         .expect("perf record");
     let b2 = Bench {
         lab: b.lab.clone(),
         out_dir: b.out_dir.clone(),
-        secs,
+        secs: secs - 2,
         floor: None,
     };
     let sample = b2.pgbench(
@@ -825,18 +831,55 @@ fn profile(b: &mut Bench) {
         "profile",
     );
     let _ = perf.wait();
-    let report = Command::new("perf")
-        .args(["report", "-i", &data, "--no-children", "--sort", "sym"])
-        .args(["--stdio", "--percent-limit", "0.3", "-q"])
-        .output()
-        .expect("perf report");
-    println!("{}", String::from_utf8_lossy(&report.stdout));
+    let stats_after = prog_stats(&b.lab, "redirect_xdp");
+    let report = |extra: &[&str]| {
+        let out = Command::new("perf")
+            .args(["report", "-i", &data, "--no-children", "--sort", "sym"])
+            .args(["--stdio", "-g", "none", "-q"])
+            .args(extra)
+            .output()
+            .expect("perf report");
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
     println!(
-        "pgbench -S -c 8 via redirect XDP: {:.0} tps; redirect_xdp: {:.0} ns per run",
+        "== the whole system, by self time\n{}",
+        report(&["--percent-limit", "0.3"])
+    );
+    let inside = report(&[
+        "--parent",
+        "bpf_prog_.*_redirect_xdp",
+        "-x",
+        "--percent-limit",
+        "0.5",
+    ]);
+    println!(
+        "== inside redirect_xdp (the program and its helpers), share of those samples\n{inside}"
+    );
+    let total = report(&["--sort", "parent", "--parent", "bpf_prog_.*_redirect_xdp"]);
+    println!("== samples in redirect_xdp vs the rest\n{total}");
+    let (t, n) = (
+        stats_after.0 - stats_before.0,
+        stats_after.1 - stats_before.1,
+    );
+    println!(
+        "pgbench -S -c 8 via redirect XDP: {:.0} tps; {n:.0} program runs in {secs} s; bpf_stats: {:.0} ns per run",
         sample.tps,
-        prog_ns_per_run(&b.lab, "redirect_xdp").unwrap_or(f64::NAN)
+        t / n.max(1.0)
     );
     b.teardown(Path_::Xdp, None);
+}
+
+/// (run_time_ns, run_cnt) summed over the programs named `name`.
+fn prog_stats(lab: &Lab, name: &str) -> (f64, f64) {
+    let out = lab.exec_ok(Ns::Proxy, &["bpftool", "-j", "prog", "show", "name", name]);
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
+    let progs = v.as_array().cloned().unwrap_or_else(|| vec![v]);
+    progs.iter().fold((0.0, 0.0), |(t, n), p| {
+        (
+            t + p["run_time_ns"].as_f64().unwrap_or(0.0),
+            n + p["run_cnt"].as_f64().unwrap_or(0.0),
+        )
+    })
 }
 
 /// Attaches the floor forwarder (`xdp_floor`) to the proxy's legs, native XDP, and lets it
@@ -874,18 +917,7 @@ fn attach_floor(lab: &Lab) -> aya::Ebpf {
 
 /// Mean ns per run of the program `name`, from kernel.bpf_stats_enabled.
 fn prog_ns_per_run(lab: &Lab, name: &str) -> Option<f64> {
-    let out = lab.exec_ok(Ns::Proxy, &["bpftool", "-j", "prog", "show", "name", name]);
-    let v: serde_json::Value = serde_json::from_slice(&out.stdout).ok()?;
-    let progs = if v.is_array() {
-        v.as_array()?.clone()
-    } else {
-        vec![v]
-    };
-    let (mut t, mut n) = (0.0, 0.0);
-    for p in progs {
-        t += p["run_time_ns"].as_f64().unwrap_or(0.0);
-        n += p["run_cnt"].as_f64().unwrap_or(0.0);
-    }
+    let (t, n) = prog_stats(lab, name);
     (n > 0.0).then(|| t / n)
 }
 
