@@ -47,6 +47,9 @@ pub mod config {
     /// A non-SYN packet with no tracked connection is dropped instead of handed to the
     /// stack (which would answer it with a RST from the VIP).
     pub const FLAG_DROP_NONSYN_MISS: u32 = 1 << 0;
+    /// Ask the FIB for every packet instead of caching next hops for 100 ms (for hosts whose
+    /// routes or neighbours change faster than that; and the benchmark's "before").
+    pub const FLAG_FIB_EVERY_PACKET: u32 = 1 << 1;
     /// Set by the controller once it has written the config; a zeroed entry means "not
     /// configured yet" and the datapath passes everything.
     pub const FLAG_CONFIGURED: u32 = 1 << 31;

@@ -19,7 +19,7 @@ use aya_ebpf::{
     macros::btf_map,
     programs::{TcContext, XdpContext},
 };
-use redirect_common::{csum, stats::Stat};
+use redirect_common::{config::FLAG_FIB_EVERY_PACKET, csum, stats::Stat};
 
 use crate::{
     TX_PORTS, count,
@@ -123,19 +123,29 @@ pub struct NextHop {
     _pad: [u8; 4],
 }
 
-/// Per-CPU, direct-mapped next-hop cache for XDP. `bpf_fib_lookup` was 40% of the program's
+/// Per-CPU, direct-mapped next-hop cache (both hooks). `bpf_fib_lookup` was 40% of the program's
 /// time (`cargo xtask bench --profile`): a full FIB walk, a neighbour lookup and a uid mapping
 /// for every packet, for the same few destinations. Per CPU, so nothing bounces between
 /// cores; a collision only costs a lookup. Not pinned: a fresh program starts empty.
 #[btf_map(name = "NEXTHOPS")]
 static NEXTHOPS: PerCpuArray<NextHop, { NEXT_HOP_SLOTS as usize }> = PerCpuArray::new();
 
-/// The next hop for `daddr_be` from `ingress`: the cache's if still fresh and the packet fits
-/// its MTU (a packet that does not goes to the FIB, which answers `TooBig`), else the FIB's,
-/// which is then cached.
+/// The next hop for `daddr_be` from `ingress` for `tot_len` bytes (see [`lookup`]): the
+/// cache's if still fresh and the packet fits its MTU (a packet that does not goes to the FIB,
+/// which answers `TooBig`), else the FIB's, which is then cached. `cfg_flags` may ask for the
+/// FIB every time (`FLAG_FIB_EVERY_PACKET`).
 #[inline(always)]
-fn cached_lookup(ctx: &XdpContext, ip: &Ipv4Hdr, ingress: u32, now: u64) -> Hop {
-    let tot_len = u16::from_be(ip.tot_len_be);
+fn cached_lookup(
+    ctx: *mut core::ffi::c_void,
+    ip: &Ipv4Hdr,
+    ingress: u32,
+    tot_len: u16,
+    check_owned: bool,
+    (now, cfg_flags): (u64, u32),
+) -> Hop {
+    if cfg_flags & FLAG_FIB_EVERY_PACKET != 0 {
+        return lookup(ctx, ip, ingress, tot_len, check_owned);
+    }
     let daddr = ip.daddr_be;
     let slot = (daddr ^ (daddr >> 16) ^ ingress) & (NEXT_HOP_SLOTS - 1);
     let entry = NEXTHOPS.get_ptr_mut(slot);
@@ -155,7 +165,7 @@ fn cached_lookup(ctx: &XdpContext, ip: &Ipv4Hdr, ingress: u32, now: u64) -> Hop 
             };
         }
     }
-    let hop = lookup(ctx.as_ptr(), ip, ingress, tot_len, false);
+    let hop = lookup(ctx, ip, ingress, tot_len, check_owned);
     if let (
         Some(e),
         Hop::Next {
@@ -192,11 +202,20 @@ pub fn xdp(
     ip: *mut Ipv4Hdr,
     sent: Option<Sent>,
     now: u64,
+    cfg_flags: u32,
 ) -> u32 {
     // SAFETY: headers were bounds-checked by `parse`.
     let (ip, eth) = unsafe { (&*ip, &mut *eth) };
     let ingress = ctx.ingress_ifindex() as u32;
-    let (ifindex, smac, dmac) = match cached_lookup(ctx, ip, ingress, now) {
+    let hop = cached_lookup(
+        ctx.as_ptr(),
+        ip,
+        ingress,
+        u16::from_be(ip.tot_len_be),
+        false,
+        (now, cfg_flags),
+    );
+    let (ifindex, smac, dmac) = match hop {
         Hop::Next {
             ifindex,
             smac,
@@ -245,7 +264,7 @@ pub fn xdp(
 /// Forwards the rewritten socket buffer (TC ingress): `bpf_redirect` to the egress of the
 /// next hop's interface, where a GSO buffer is segmented and a partial checksum completed.
 #[inline(always)]
-pub fn tc(ctx: &TcContext, sent: Option<Sent>) -> i32 {
+pub fn tc(ctx: &TcContext, sent: Option<Sent>, now: u64, cfg_flags: u32) -> i32 {
     let data = ctx.data();
     if data + ETH_LEN + IP_LEN > ctx.data_end() {
         count(Stat::FibPass);
@@ -269,7 +288,7 @@ pub fn tc(ctx: &TcContext, sent: Option<Sent>) -> i32 {
     } else {
         (gso_size as u16).saturating_add((IP_LEN + TCP_LEN) as u16)
     };
-    match lookup(ctx.as_ptr(), ip, ingress, tot_len, true) {
+    match cached_lookup(ctx.as_ptr(), ip, ingress, tot_len, true, (now, cfg_flags)) {
         Hop::Next {
             ifindex,
             smac,

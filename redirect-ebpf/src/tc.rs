@@ -60,7 +60,7 @@ fn try_redirect_tc(ctx: &TcContext) -> Result<i32, Stat> {
         headers::Parsed::Tcp(pkt) => pkt,
         headers::Parsed::IcmpError(err) => {
             return Ok(match nat::icmp_error(&err, cfg) {
-                nat::Verdict::Forward(_) => forward::tc(ctx, None),
+                nat::Verdict::Forward(_) => forward::tc(ctx, None, now, cfg.flags),
                 _ => TC_ACT_UNSPEC,
             });
         }
@@ -85,7 +85,7 @@ fn try_redirect_tc(ctx: &TcContext) -> Result<i32, Stat> {
                     return Ok(TC_ACT_SHOT);
                 }
             }
-            forward::tc(ctx, sent)
+            forward::tc(ctx, sent, now, cfg.flags)
         }
         nat::Verdict::Pass => TC_ACT_UNSPEC,
         nat::Verdict::Drop => TC_ACT_SHOT,

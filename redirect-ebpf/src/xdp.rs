@@ -28,13 +28,15 @@ fn try_redirect_xdp(ctx: &XdpContext) -> Result<u32, Stat> {
         headers::Parsed::Tcp(pkt) => pkt,
         headers::Parsed::IcmpError(err) => {
             return Ok(match nat::icmp_error(&err, cfg) {
-                nat::Verdict::Forward(_) => forward::xdp(ctx, err.eth, err.ip, None, now),
+                nat::Verdict::Forward(_) => {
+                    forward::xdp(ctx, err.eth, err.ip, None, now, cfg.flags)
+                }
                 _ => xdp_action::XDP_PASS,
             });
         }
     };
     Ok(match nat::process::<false>(&pkt, cfg, &cut, now) {
-        nat::Verdict::Forward(sent) => forward::xdp(ctx, pkt.eth, pkt.ip, sent, now),
+        nat::Verdict::Forward(sent) => forward::xdp(ctx, pkt.eth, pkt.ip, sent, now, cfg.flags),
         nat::Verdict::Pass => xdp_action::XDP_PASS,
         nat::Verdict::Drop => xdp_action::XDP_DROP,
         nat::Verdict::Hold => {

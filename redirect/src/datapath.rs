@@ -547,6 +547,8 @@ pub struct Spec {
     pub target: BackendAddr,
     pub snat_ports: (u16, u16),
     pub drop_nonsyn_miss: bool,
+    /// Ask the FIB for every packet (`run --fib-every-packet`).
+    pub fib_every_packet: bool,
     /// Adopt pins whose backends differ from `source`/`target` (`run --replace-backends`).
     pub replace_backends: bool,
 }
@@ -978,6 +980,9 @@ fn configure(maps: &mut Maps, spec: &Spec, adopted: bool) -> Result<(), Datapath
     if spec.drop_nonsyn_miss {
         flags |= redirect_common::config::FLAG_DROP_NONSYN_MISS;
     }
+    if spec.fib_every_packet {
+        flags |= redirect_common::config::FLAG_FIB_EVERY_PACKET;
+    }
     let config = Config {
         vip_addr_be: u32::from(*spec.vip.ip()).to_be(),
         vip_port_be: spec.vip.port().to_be(),
@@ -1097,6 +1102,7 @@ mod tests {
             target: backend(target, "10.0.0.1"),
             snat_ports: (40000, 59999),
             drop_nonsyn_miss: false,
+            fib_every_packet: false,
             replace_backends,
         }
     }

@@ -54,6 +54,10 @@ pub struct Args {
     /// Drop (instead of answering with a RST) packets of connections that are not tracked.
     #[arg(long)]
     pub drop_untracked: bool,
+    /// Ask the kernel's FIB for every packet instead of caching each destination's next hop
+    /// for 100 ms: for hosts whose routes or neighbours change faster than that.
+    #[arg(long)]
+    pub fib_every_packet: bool,
     /// Let a restart change --source or --target from what the pinned datapath holds (refused
     /// otherwise). ACTIVE is kept by role, so new connections for that role go to the new
     /// address at once; live connections stay on the old address until they close.
@@ -198,6 +202,7 @@ fn preflight(args: &Args, pin_dir: &Path) -> anyhow::Result<(Vec<(String, u32)>,
         target: backend(args.target)?,
         snat_ports: (args.snat_ports.lo, args.snat_ports.hi),
         drop_nonsyn_miss: args.drop_untracked,
+        fib_every_packet: args.fib_every_packet,
         replace_backends: args.replace_backends,
     };
     // Refuse a different VIP or backends now, before sysctls or the kernel are touched.

@@ -39,6 +39,7 @@ enum Path_ {
     Direct,
     Floor,
     Xdp,
+    XdpFibEveryPacket,
     Tc,
     Skb,
     Iptables,
@@ -47,10 +48,11 @@ enum Path_ {
 }
 
 impl Path_ {
-    const ALL: [Self; 8] = [
+    const ALL: [Self; 9] = [
         Self::Direct,
         Self::Floor,
         Self::Xdp,
+        Self::XdpFibEveryPacket,
         Self::Tc,
         Self::Skb,
         Self::Iptables,
@@ -63,6 +65,7 @@ impl Path_ {
             Self::Direct => "direct (routed, no NAT)",
             Self::Floor => "XDP floor (fib_lookup + redirect, no NAT)",
             Self::Xdp => "redirect XDP (driver)",
+            Self::XdpFibEveryPacket => "redirect XDP, FIB every packet (no next-hop cache)",
             Self::Tc => "redirect TC",
             Self::Skb => "redirect XDP (generic)",
             Self::Iptables => "iptables DNAT+SNAT",
@@ -84,7 +87,7 @@ impl Path_ {
     fn program(self) -> Option<&'static str> {
         match self {
             Self::Floor => Some("xdp_floor"),
-            Self::Xdp => Some("redirect_xdp"),
+            Self::Xdp | Self::XdpFibEveryPacket => Some("redirect_xdp"),
             Self::Tc => Some("redirect_tc"),
             _ => None,
         }
@@ -205,9 +208,9 @@ impl Bench {
                 self.floor = Some(attach_floor(lab));
                 None
             }
-            Path_::Xdp | Path_::Tc | Path_::Skb => {
+            Path_::Xdp | Path_::XdpFibEveryPacket | Path_::Tc | Path_::Skb => {
                 let hook = match path {
-                    Path_::Xdp => "xdp",
+                    Path_::Xdp | Path_::XdpFibEveryPacket => "xdp",
                     Path_::Tc => "tc",
                     _ => "xdp-generic",
                 };
@@ -215,6 +218,9 @@ impl Bench {
                 let i = args.iter().position(|a| a == "--source").expect("--source");
                 args[i + 1] = format!("{SOURCE_ADDR}:{port}");
                 args.extend(["--hook".into(), hook.into(), "--once".into()]);
+                if path == Path_::XdpFibEveryPacket {
+                    args.push("--fib-every-packet".into());
+                }
                 let args: Vec<&str> = args.iter().map(String::as_str).collect();
                 lab.redirect_ok(&args);
                 None
@@ -295,7 +301,7 @@ impl Bench {
     fn teardown(&mut self, path: Path_, pid: Option<u32>) {
         let lab = Arc::get_mut(&mut self.lab).expect("the bench owns the lab");
         match path {
-            Path_::Xdp | Path_::Tc | Path_::Skb => {
+            Path_::Xdp | Path_::XdpFibEveryPacket | Path_::Tc | Path_::Skb => {
                 lab.redirect_ok(&["detach", "--force"]);
             }
             Path_::Floor => drop(self.floor.take()),
@@ -541,6 +547,10 @@ fn main() {
             },
             Scenario {
                 clients: 8,
+                connect_per_tx: false,
+            },
+            Scenario {
+                clients: 32,
                 connect_per_tx: false,
             },
             Scenario {
