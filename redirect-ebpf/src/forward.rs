@@ -107,6 +107,7 @@ fn lookup(
 /// How long a cached next hop is used before the FIB is asked again: a route or neighbour
 /// change (a new MAC after a failover) reaches the datapath within this.
 const NEXT_HOP_TTL_NS: u64 = 100_000_000;
+/// 2^8: the slot is a hash's top 8 bits.
 const NEXT_HOP_SLOTS: u32 = 256;
 
 /// One cached FIB answer for a destination reached from an ingress interface.
@@ -127,6 +128,10 @@ pub struct NextHop {
 /// time (`cargo xtask bench --profile`): a full FIB walk, a neighbour lookup and a uid mapping
 /// for every packet, for the same few destinations. Per CPU, so nothing bounces between
 /// cores; a collision only costs a lookup. Not pinned: a fresh program starts empty.
+///
+/// Keyed by destination and ingress only, not source: `ip rule from ...` policy routing by
+/// source is not followed for up to the TTL. Nor is an interface leaving `TX_PORTS` (TC checks
+/// ownership on a miss only); the TTL bounds both.
 #[btf_map(name = "NEXTHOPS")]
 static NEXTHOPS: PerCpuArray<NextHop, { NEXT_HOP_SLOTS as usize }> = PerCpuArray::new();
 
@@ -147,7 +152,10 @@ fn cached_lookup(
         return lookup(ctx, ip, ingress, tot_len, check_owned);
     }
     let daddr = ip.daddr_be;
-    let slot = (daddr ^ (daddr >> 16) ^ ingress) & (NEXT_HOP_SLOTS - 1);
+    // Every bit of the address counts (clients in one /24 must not share a slot): a
+    // multiplicative hash, its top 8 bits.
+    let mixed = u32::from_be(daddr).wrapping_mul(0x9E37_79B1) ^ ingress.wrapping_mul(0x85EB_CA6B);
+    let slot = mixed.wrapping_mul(0x9E37_79B1) >> 24;
     let entry = NEXTHOPS.get_ptr_mut(slot);
     if let Some(e) = entry {
         // SAFETY: a per-CPU value: no other writer.

@@ -112,8 +112,8 @@ fn packet_context() -> Result<(&'static Config, u64, Cutover), Stat> {
     // CLOCK_MONOTONIC at jiffy resolution (1-4 ms): the precise clock cost about 70 ns per
     // packet (`cargo xtask bench --profile`), and every use tolerates a clock a jiffy behind:
     // idle and close timeouts of half a second and more; hold and fence deadlines, which then
-    // end up to a jiffy late (the safe side); and `created_ns` as a connection's identity on
-    // its client tuple, which the client cannot reuse within a jiffy (its own TIME_WAIT).
+    // end up to a jiffy late (the safe side). (A connection's `created_ns`, its identity, still
+    // comes from the precise clock: see `nat::open`.)
     // SAFETY: a helper with no preconditions.
     let now = unsafe { aya_ebpf::helpers::bpf_ktime_get_coarse_ns() };
     let cut = CUTOVER.get(0).copied().unwrap_or(Cutover::IDLE);

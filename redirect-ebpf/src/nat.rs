@@ -8,7 +8,10 @@
 //! kernel knows which, so under TC the field is left alone here and the hook fixes it with
 //! `bpf_l4_csum_replace` (see `tc.rs`).
 
-use aya_ebpf::{bindings::BPF_NOEXIST, helpers::bpf_get_prandom_u32};
+use aya_ebpf::{
+    bindings::BPF_NOEXIST,
+    helpers::{bpf_get_prandom_u32, bpf_ktime_get_ns},
+};
 use redirect_common::{
     backend::{Backend, MAX_BACKENDS},
     config::{Config, FLAG_DROP_NONSYN_MISS},
@@ -216,6 +219,11 @@ fn open<const KERNEL_L4: bool>(
     now: u64,
     reopen: bool,
 ) -> Verdict {
+    // The precise clock, once per connection: `created_ns` is the connection's identity on its
+    // client tuple (`conn_id`), which the coarse per-packet clock would give every SYN of one
+    // jiffy, and a tuple can come back that fast (after a RST, or behind a NAT).
+    // SAFETY: a helper with no preconditions.
+    let created = unsafe { bpf_ktime_get_ns() };
     let active = ACTIVE.get(0).copied().unwrap_or(NO_FENCE);
     let backend = if active < MAX_BACKENDS {
         BACKENDS.get(active).copied().unwrap_or_default()
@@ -232,7 +240,7 @@ fn open<const KERNEL_L4: bool>(
         vip_addr_be: key.vip_addr_be,
         client_port_be: key.client_port_be,
         vip_port_be: key.vip_port_be,
-        conn_id: rev::conn_id(now),
+        conn_id: rev::conn_id(created),
         orphaned_ns: 0,
     };
     let client_port = u16::from_be(key.client_port_be);
@@ -285,7 +293,7 @@ fn open<const KERNEL_L4: bool>(
         // A SYN may carry data (TCP Fast Open): sent up to its end, acknowledged up to the SYN.
         client_seq: tcp::opened_by(&segment(ip, tcp)),
         backend_seq: SeqSpace::default(),
-        created_ns: now,
+        created_ns: created,
         last_seen_ns: now,
         backend_addr_be: backend.addr_be,
         snat_addr_be: backend.snat_addr_be,

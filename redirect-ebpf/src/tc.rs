@@ -13,7 +13,7 @@
 
 use aya_ebpf::{
     EbpfContext,
-    bindings::{BPF_F_INGRESS, BPF_F_PSEUDO_HDR, TC_ACT_SHOT, TC_ACT_UNSPEC},
+    bindings::{BPF_F_INGRESS, BPF_F_PSEUDO_HDR, TC_ACT_OK, TC_ACT_SHOT, TC_ACT_UNSPEC},
     macros::classifier,
     programs::TcContext,
 };
@@ -148,6 +148,9 @@ fn fix_tcp_checksum(ctx: &TcContext, old: &nat::Sent, new: &nat::Sent) -> bool {
 /// cannot serve TC interfaces: a bridge, or a veth whose peer has no NAPI, has no
 /// `ndo_xdp_xmit`.)
 #[classifier]
+///
+/// Returns `TC_ACT_OK` once the copy is on its way, `TC_ACT_SHOT` if it could not be made (the
+/// controller reports that SYN as lost: its client retries).
 pub fn reinject_tc(ctx: TcContext) -> i32 {
     let ifindex = ctx.cb()[0];
     if ctx
@@ -155,6 +158,7 @@ pub fn reinject_tc(ctx: TcContext) -> i32 {
         .is_err()
     {
         count(Stat::SynHoldFailed);
+        return TC_ACT_SHOT;
     }
-    TC_ACT_SHOT
+    TC_ACT_OK
 }

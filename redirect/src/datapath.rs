@@ -122,6 +122,18 @@ pub enum DatapathError {
         what: String,
         source: aya::maps::MapError,
     },
+    /// A restart would put new interfaces on another hook family than the pinned links.
+    #[error(
+        "the pinned links are on {pinned}, and {new} would go on {wanted}: one hook serves all the interfaces (a frame redirected between XDP and TC interfaces is dropped). Pass --hook {pinned}, or let the proxy drain, run `redirect detach`, and start again"
+    )]
+    MixedHooks {
+        pinned: &'static str,
+        wanted: &'static str,
+        new: String,
+    },
+    /// `bpf_clone_redirect` could not re-inject a held SYN on its interface.
+    #[error("re-injecting a held SYN on interface #{ifindex} failed; its client retries")]
+    Reinject { ifindex: u32 },
     /// The filesystem refused an operation under the pin dir.
     #[error("{what}: {source}")]
     Io {
@@ -676,6 +688,7 @@ pub fn install(
         // this earlier too, before it touches sysctls.)
         check_adoption(dir, spec)?;
     }
+    let hook = one_hook(&pins, ifaces, hook)?;
     let mut loader = EbpfLoader::new();
     let paths: Vec<(&str, PathBuf)> = ALL_MAPS.iter().map(|n| (*n, pins.map(n))).collect();
     for (name, path) in &paths {
@@ -692,9 +705,13 @@ pub fn install(
             what: "loading the XDP program (verifier)".into(),
             source,
         })?;
-    let hook = one_hook(&pins, ifaces, hook);
-    // Only what the chosen hook needs: a TC verifier failure must not block an XDP restart.
-    if hook == Hook::Tc {
+    // Only what the hooks need: a TC verifier failure must not block an XDP restart. (The
+    // choice was checked before anything changed: see `install`'s start.)
+    let any_tcx_pin = pins
+        .linked_ifaces()
+        .iter()
+        .any(|i| pins.link_hook(i) == Some(Hook::Tc));
+    if hook == Hook::Tc || any_tcx_pin {
         for name in [TC_PROGRAM, TC_REINJECT_PROGRAM] {
             classifier(&mut ebpf, name)
                 .load()
@@ -774,36 +791,64 @@ fn upgrade(ebpf: &mut Ebpf, iface: &str, path: &Path) -> Result<Hook, DatapathEr
 
 /// One hook for the whole interface set: a frame redirected from an XDP interface to a TC
 /// one needs `ndo_xdp_xmit` there, which bridges never have (and veths only with a NAPI peer).
-/// Links already pinned (a restart) decide, whatever was asked, with a warning if that differs;
-/// otherwise `auto` picks TC if any interface is virtual (see [`Hook::Auto`]), else native XDP.
-fn one_hook(pins: &PinDir, ifaces: &[(String, u32)], requested: Hook) -> Hook {
+/// `auto` picks TC if any interface is virtual (see [`Hook::Auto`]), else native XDP. Links
+/// already pinned (a restart) keep their hook, with a warning if another was asked for; but a
+/// new interface on a different hook family from the pinned links is refused, before anything
+/// changes: it would mix the families.
+pub fn one_hook(
+    pins: &PinDir,
+    ifaces: &[(String, u32)],
+    requested: Hook,
+) -> Result<Hook, DatapathError> {
     let any_virtual = ifaces.iter().any(|(iface, _)| is_virtual(iface));
     let chosen = match requested {
         Hook::Auto if any_virtual => Hook::Tc,
         Hook::Auto => Hook::Xdp,
         explicit => explicit,
     };
-    let Some(pinned) = pins.linked_ifaces().iter().find_map(|i| pins.link_hook(i)) else {
-        return chosen;
+    let pinned: Vec<(String, Hook)> = pins
+        .linked_ifaces()
+        .into_iter()
+        .filter_map(|i| pins.link_hook(&i).map(|h| (i, h)))
+        .collect();
+    let Some((_, first)) = pinned.first() else {
+        return Ok(chosen);
     };
-    if (pinned == Hook::Tc) != (chosen == Hook::Tc) {
+    let is_tc = |h: Hook| h == Hook::Tc;
+    if pinned.iter().any(|(_, h)| is_tc(*h) != is_tc(*first)) {
+        // Left by a version that allowed it; upgrading each link on its own hook still works.
         tracing::warn!(
-            pinned = pinned.name(),
-            wanted = chosen.name(),
-            requested = requested.name(),
-            "the pinned links keep their hook, and new interfaces join them on it; to change hooks, let the proxy drain, run `redirect detach`, and start again"
+            "the pinned links are on both XDP and TC; run `redirect detach` when the proxy is drained, and start again"
         );
     }
-    if pinned == Hook::Xdp && requested == Hook::XdpGeneric {
-        // The link does not say which XDP mode; new interfaces get the one asked for.
-        return Hook::XdpGeneric;
+    if is_tc(*first) != is_tc(chosen) {
+        let new: Vec<&str> = ifaces
+            .iter()
+            .map(|(i, _)| i.as_str())
+            .filter(|i| !pinned.iter().any(|(p, _)| p == i))
+            .collect();
+        if !new.is_empty() {
+            return Err(DatapathError::MixedHooks {
+                pinned: first.name(),
+                wanted: chosen.name(),
+                new: new.join(", "),
+            });
+        }
+        tracing::warn!(
+            pinned = first.name(),
+            wanted = chosen.name(),
+            "the pinned links keep their hook; to change hooks, let the proxy drain, run `redirect detach`, and start again"
+        );
     }
-    pinned
+    if *first == Hook::Xdp && requested == Hook::XdpGeneric {
+        // The link does not say which XDP mode; new interfaces get the one asked for.
+        return Ok(Hook::XdpGeneric);
+    }
+    Ok(*first)
 }
 
-/// Attaches the datapath to `iface` on `hook`; native XDP that the driver refuses falls back
-/// to TC (on a NIC, where nothing else is XDP then either: see [`resolve_auto`]). Returns the
-/// hook used and the link (to pin).
+/// Attaches the datapath to `iface` on `hook` and returns the hook used and the link (to pin).
+/// A driver without native XDP makes this fail with a pointer to `--hook tc`.
 fn attach(ebpf: &mut Ebpf, iface: &str, hook: Hook) -> Result<(Hook, FdLink), DatapathError> {
     match hook {
         Hook::Tc => Ok((hook, attach_tc(ebpf, iface)?)),
@@ -898,10 +943,17 @@ pub fn reinject(ebpf: &mut Ebpf, pins: &PinDir, held: &HeldSyn) -> Result<(), Da
             repeat: 1,
             ..TestRunOptions::default()
         };
-        return classifier(ebpf, TC_REINJECT_PROGRAM)
+        let result = classifier(ebpf, TC_REINJECT_PROGRAM)
             .test_run(opts)
-            .map(|_| ())
-            .map_err(err);
+            .map_err(err)?;
+        // TC_ACT_OK (0): the copy is on its way; anything else: it could not be made.
+        return if result.return_value == 0 {
+            Ok(())
+        } else {
+            Err(DatapathError::Reinject {
+                ifindex: held.ifindex,
+            })
+        };
     }
     // struct xdp_md { data, data_end, data_meta, ingress_ifindex, rx_queue_index, egress_ifindex }
     let mut ctx = [0u8; 24];

@@ -587,3 +587,39 @@ fn bad_input_fails_with_one_clear_line_and_changes_nothing() {
         "{out:?}"
     );
 }
+
+#[test]
+fn a_restart_that_would_mix_xdp_and_tc_is_refused_and_changes_nothing() {
+    require_root();
+    let lab = Lab::new("mix");
+    let vip = format!("{VIP}:5432");
+    let source = format!("{SOURCE_ADDR}:5432");
+    let target = format!("{TARGET_ADDR}:5432");
+    let run = |ifaces: &[&str], hook: &str| {
+        let mut args = vec!["run"];
+        for i in ifaces {
+            args.extend(["--iface", i]);
+        }
+        args.extend([
+            "--vip", &vip, "--source", &source, "--target", &target, "--hook", hook, "--once",
+        ]);
+        lab.redirect(&args)
+    };
+    assert!(run(&["p-cli", "p-src"], "xdp").status.success());
+    // `auto` on veths means TC: p-tgt would be on TC next to XDP links, whose redirects into
+    // it would be dropped.
+    let out = run(&["p-cli", "p-src", "p-tgt"], "auto");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "mixing hooks must fail");
+    assert!(
+        err.contains("the pinned links are on xdp, and p-tgt would go on tc"),
+        "{err}"
+    );
+    assert!(
+        !lab.pin_dir.join("link_p-tgt").exists(),
+        "nothing was attached"
+    );
+    // Asking for the pinned hook adds the interface.
+    assert!(run(&["p-cli", "p-src", "p-tgt"], "xdp").status.success());
+    assert_eq!(lab.status()["hooks"]["p-tgt"], "xdp");
+}

@@ -205,7 +205,9 @@ fn preflight(args: &Args, pin_dir: &Path) -> anyhow::Result<(Vec<(String, u32)>,
         fib_every_packet: args.fib_every_packet,
         replace_backends: args.replace_backends,
     };
-    // Refuse a different VIP or backends now, before sysctls or the kernel are touched.
+    // Refuse a different VIP or backends, or a mix of hooks, now, before sysctls or the kernel
+    // are touched.
+    datapath::one_hook(&datapath::PinDir(pin_dir.to_path_buf()), &ifaces, args.hook)?;
     for c in datapath::check_adoption(pin_dir, &spec)? {
         warn!(
             role = %c.role,

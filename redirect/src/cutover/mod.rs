@@ -596,8 +596,12 @@ impl Controller {
             // SAFETY: the datapath wrote a HeldSyn into this record; read it unaligned.
             let held: redirect_common::cutover::HeldSyn =
                 unsafe { std::ptr::read_unaligned(item.as_ptr().cast()) };
-            datapath::reinject(&mut ebpf, &pins, &held)?;
-            n += 1;
+            // One SYN that cannot be re-injected must not strand the rest in the ring (its
+            // client retransmits); the count says how many went.
+            match datapath::reinject(&mut ebpf, &pins, &held) {
+                Ok(()) => n += 1,
+                Err(e) => tracing::warn!(error = %e, "a held SYN was not re-injected"),
+            }
         }
         Ok(n)
     }
