@@ -897,7 +897,9 @@ fn attach_tc(ebpf: &mut Ebpf, iface: &str) -> Result<FdLink, DatapathError> {
             TcAttachOptions::TcxOrder(LinkOrder::default()),
         )
         .map_err(|source| DatapathError::Program {
-            what: format!("attaching TC (a TCX ingress link) to {iface}"),
+            what: format!(
+                "attaching TC (a TCX ingress link, kernel 6.6+) to {iface}; on an older kernel use --hook xdp, with TX checksum offload off on local senders"
+            ),
             source,
         })?;
     let link = prog
