@@ -299,44 +299,71 @@ pub fn controller_flags() -> Vec<String> {
 /// md5 of a bulk `COPY ... TO STDOUT` of `rows` rows of about 1 KB, read by psql over TCP
 /// from `host` in `ns`: the same bytes whichever server and path serve it.
 pub fn copy_out_md5(lab: &Lab, ns: Ns, host: &str, rows: u32) -> String {
-    let out = lab.exec_ok(
+    shell_pipeline(
+        lab,
         ns,
-        &[
-            "bash",
-            "-o",
-            "pipefail",
-            "-c",
-            &format!(
-                "timeout 300 psql -X -h {host} -U postgres -d postgres -c \"COPY (SELECT i, repeat(md5(i::text), 30) FROM generate_series(1, {rows}) i) TO STDOUT\" | md5sum"
-            ),
-        ],
-    );
-    String::from_utf8_lossy(&out.stdout).trim().to_owned()
+        &format!(
+            "timeout 300 psql -X -h {host} -U postgres -d postgres -c \"COPY (SELECT i, repeat(md5(i::text), 30) FROM generate_series(1, {rows}) i) TO STDOUT\" | md5sum"
+        ),
+    )
+    .trim()
+    .to_owned()
 }
 
 /// Sends the numbers 1..=`n` with `COPY ... FROM STDIN` over TCP to `host` from `ns` and
 /// returns the server's sum of what arrived (`n (n + 1) / 2` when every byte did).
 pub fn copy_in_sum(lab: &Lab, ns: Ns, host: &str, n: u32) -> u64 {
-    let out = lab.exec_ok(
+    let out = shell_pipeline(
+        lab,
         ns,
-        &[
-            "bash",
-            "-o",
-            "pipefail",
-            "-c",
-            &format!(
-                "seq 1 {n} | timeout 300 psql -X -q -t -A -h {host} -U postgres -d postgres -c 'CREATE TEMP TABLE upload (i bigint)' -c 'COPY upload FROM STDIN' -c 'SELECT sum(i) FROM upload'"
-            ),
-        ],
+        &format!(
+            "seq 1 {n} | timeout 300 psql -X -q -t -A -h {host} -U postgres -d postgres -c 'CREATE TEMP TABLE upload (i bigint)' -c 'COPY upload FROM STDIN' -c 'SELECT sum(i) FROM upload'"
+        ),
     );
-    String::from_utf8_lossy(&out.stdout)
-        .lines()
+    out.lines()
         .rev()
         .find_map(|l| l.trim().parse().ok())
-        .unwrap_or_else(|| {
-            panic!(
-                "no sum in psql's output: {}",
-                String::from_utf8_lossy(&out.stdout)
-            )
+        .unwrap_or_else(|| panic!("no sum in psql's output: {out}"))
+}
+
+/// Runs a shell pipeline in `ns` (failing if any stage fails) and returns its stdout.
+fn shell_pipeline(lab: &Lab, ns: Ns, script: &str) -> String {
+    let out = lab.exec_ok(ns, &["bash", "-o", "pipefail", "-c", script]);
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// Opens a session through the VIP, flips to the target with `--immediate`, opens another,
+/// and returns which server each reached: the first before and after the flip, the new one.
+/// A pinned datapath answers `("source", "source", "target")`.
+pub fn sessions_across_an_immediate_flip(lab: &Lab) -> (String, String, String) {
+    let rt = || {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("runtime")
+    };
+    let (flipped, wait_flip) = std::sync::mpsc::channel::<()>();
+    let (opened, wait_open) = std::sync::mpsc::channel::<()>();
+    let session = lab.spawn_in_ns(Ns::Client, move || {
+        rt().block_on(async move {
+            let c = connect(crate::VIP).await;
+            let before = cluster_name(&c).await;
+            opened.send(()).unwrap();
+            let _ = tokio::task::spawn_blocking(move || {
+                wait_flip.recv_timeout(std::time::Duration::from_secs(60))
+            })
+            .await;
+            (before, cluster_name(&c).await)
         })
+    });
+    wait_open
+        .recv_timeout(std::time::Duration::from_secs(30))
+        .unwrap();
+    lab.redirect_ok(&["flip", "--to", "target", "--immediate"]);
+    let new_one = lab.in_ns(Ns::Client, move || {
+        rt().block_on(async { cluster_name(&connect(crate::VIP).await).await })
+    });
+    flipped.send(()).unwrap();
+    let (before, after) = session.join().unwrap();
+    (before, after, new_one)
 }

@@ -5,17 +5,7 @@
 //! receiver verifies each segment (the proxy's egress completes checksums in software), so a
 //! wrong checksum shows as `TcpInCsumErrors`, and the bytes are compared end to end.
 
-use redirect_tests::{
-    Lab, Ns, SOURCE_ADDR, TARGET_ADDR, VIP,
-    pg::{self, cluster_name, connect},
-};
-
-fn rt() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .expect("runtime")
-}
+use redirect_tests::{Lab, Ns, SOURCE_ADDR, TARGET_ADDR, VIP, pg};
 
 /// About 200 MB of `COPY ... TO STDOUT` (rows of ~1 KB).
 const COPY_ROWS: u32 = 205_000;
@@ -86,30 +76,12 @@ fn containers_on_the_proxy_bridge_pin_flip_and_move_bulk_data_intact() {
     );
 
     // A session opened before the flip stays on the source; new ones go to the target.
-    let (flipped, wait_flip) = std::sync::mpsc::channel::<()>();
-    let (opened, wait_open) = std::sync::mpsc::channel::<()>();
-    let session = lab.spawn_in_ns(Ns::Client, move || {
-        rt().block_on(async move {
-            let c = connect(VIP).await;
-            let before = cluster_name(&c).await;
-            opened.send(()).unwrap();
-            let _ = tokio::task::spawn_blocking(move || {
-                wait_flip.recv_timeout(std::time::Duration::from_secs(60))
-            })
-            .await;
-            (before, cluster_name(&c).await)
-        })
-    });
-    wait_open
-        .recv_timeout(std::time::Duration::from_secs(30))
-        .unwrap();
-    lab.redirect_ok(&["flip", "--to", "target", "--immediate"]);
-    let new_one = lab.in_ns(Ns::Client, || {
-        rt().block_on(async { cluster_name(&connect(VIP).await).await })
-    });
-    flipped.send(()).unwrap();
-    let (before, after) = session.join().unwrap();
-    assert_eq!((before.as_str(), after.as_str()), ("source", "source"));
+    let (before, after, new_one) = pg::sessions_across_an_immediate_flip(&lab);
+    assert_eq!(
+        (before.as_str(), after.as_str()),
+        ("source", "source"),
+        "pinned"
+    );
     assert_eq!(new_one, "target");
 
     assert_bulk_both_ways(&lab, Ns::Target, TARGET_ADDR, COPY_ROWS / 4);

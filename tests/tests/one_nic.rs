@@ -2,19 +2,7 @@
 //! proxy with a single interface, so every translated packet leaves by `XDP_TX`. Pinning, the
 //! flip, and a bulk transfer with checksums checked at every host.
 
-use std::time::Duration;
-
-use redirect_tests::{
-    Lab, Ns, VIP,
-    pg::{self, cluster_name, connect},
-};
-
-fn rt() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .expect("runtime")
-}
+use redirect_tests::{Lab, Ns, VIP, pg};
 
 #[test]
 fn a_one_nic_proxy_pins_flips_and_moves_bulk_data_over_xdp_tx() {
@@ -27,27 +15,7 @@ fn a_one_nic_proxy_pins_flips_and_moves_bulk_data_over_xdp_tx() {
     lab.start_redirect(&[]);
 
     // A session opened before the flip stays on the source; new ones go to the target.
-    let (flipped, wait_flip) = std::sync::mpsc::channel::<()>();
-    let (opened, wait_open) = std::sync::mpsc::channel::<()>();
-    let session = lab.spawn_in_ns(Ns::Client, move || {
-        rt().block_on(async move {
-            let c = connect(VIP).await;
-            let before = cluster_name(&c).await;
-            opened.send(()).unwrap();
-            let _ = tokio::task::spawn_blocking(move || {
-                wait_flip.recv_timeout(Duration::from_secs(60))
-            })
-            .await;
-            (before, cluster_name(&c).await)
-        })
-    });
-    wait_open.recv_timeout(Duration::from_secs(30)).unwrap();
-    lab.redirect_ok(&["flip", "--to", "target", "--immediate"]);
-    let new_one = lab.in_ns(Ns::Client, || {
-        rt().block_on(async { cluster_name(&connect(VIP).await).await })
-    });
-    flipped.send(()).unwrap();
-    let (before, after) = session.join().unwrap();
+    let (before, after, new_one) = pg::sessions_across_an_immediate_flip(&lab);
     assert_eq!(
         (before.as_str(), after.as_str()),
         ("source", "source"),
