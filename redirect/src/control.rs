@@ -18,9 +18,16 @@ use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
 use crate::{
-    cutover::{Controller, FlipRequest},
+    cutover::{
+        Controller, FlipRequest,
+        guardrails::{Guardrail, fix::Identity},
+    },
     datapath::Role,
 };
+
+/// A transaction open longer than this on the old server blocks a cutover (`long-transaction`):
+/// long enough that no OLTP transaction trips it, short enough that a batch job does.
+pub const DEFAULT_MAX_TRANSACTION_AGE: Duration = Duration::from_secs(300);
 
 /// Where the CLI finds the controller by default.
 pub const DEFAULT_SOCKET: &str = "/run/redirect/control.sock";
@@ -35,6 +42,18 @@ pub enum Request {
         drain_timeout_ms: u64,
         dry_run: bool,
         force: bool,
+        /// Guardrails allowed for this cutover (`--allow`).
+        #[serde(default)]
+        allow: Vec<Guardrail>,
+        /// `--max-transaction-age`; absent: the default.
+        #[serde(default)]
+        max_transaction_age_ms: Option<u64>,
+    },
+    /// A mechanical fix for a guardrail finding: printed, and applied only with `apply`.
+    FixReplicaIdentity {
+        table: String,
+        identity: Identity,
+        apply: bool,
     },
     Lag,
     HasDatabases,
@@ -120,6 +139,19 @@ async fn handle(stream: UnixStream, ctl: Arc<Controller>) -> std::io::Result<()>
                 Err(e) => Reply::Error(e.to_string()),
             }
         }
+        Request::FixReplicaIdentity {
+            table,
+            identity,
+            apply,
+        } => {
+            info!(%table, ?identity, apply, "fix replica-identity requested");
+            match crate::cutover::guardrails::fix::replica_identity(&ctl, &table, &identity, apply)
+                .await
+            {
+                Ok(r) => Reply::Ok(serde_json::to_value(r).expect("report serializes")),
+                Err(e) => Reply::Error(e.to_string()),
+            }
+        }
         Request::Lag => match ctl.measure_lag().await {
             Ok(l) => Reply::Ok(serde_json::to_value(l).expect("lag serializes")),
             Err(e) => Reply::Error(e.to_string()),
@@ -132,8 +164,13 @@ async fn handle(stream: UnixStream, ctl: Arc<Controller>) -> std::io::Result<()>
             drain_timeout_ms,
             dry_run,
             force,
+            allow,
+            max_transaction_age_ms,
         } => {
             let req = FlipRequest {
+                allow,
+                max_transaction_age: max_transaction_age_ms
+                    .map_or(DEFAULT_MAX_TRANSACTION_AGE, Duration::from_millis),
                 to,
                 max_lag_bytes,
                 max_lag_time: Duration::from_millis(max_lag_time_ms),

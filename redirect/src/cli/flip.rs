@@ -12,6 +12,7 @@ use super::ByteSize;
 use crate::{
     conntrack,
     control::{self, Request},
+    cutover::guardrails::{Finding, Guardrail},
     datapath::{Maps, Role},
     net,
 };
@@ -41,9 +42,18 @@ pub struct Args {
     /// Print the plan and the preflight findings; change nothing.
     #[arg(long)]
     pub dry_run: bool,
-    /// Skip the lag gate (and, for a rollback, the need for reverse replication).
+    /// Skip the lag gate (and, for a rollback, the need for reverse replication). It does not
+    /// pass guardrails: each needs its own --allow.
     #[arg(long)]
     pub force: bool,
+    /// Go ahead despite this guardrail's findings (repeatable). A guardrail finds what
+    /// logical replication will not carry; `--dry-run` lists them with the name to allow.
+    #[arg(long, value_enum, value_name = "GUARDRAIL")]
+    pub allow: Vec<Guardrail>,
+    /// A transaction open longer than this on the old server blocks the cutover
+    /// (guardrail long-transaction).
+    #[arg(long, value_parser = humantime::parse_duration, default_value = "5m")]
+    pub max_transaction_age: Duration,
     /// Only write the map: no fence, no barrier (what happens without a controller).
     #[arg(long)]
     pub immediate: bool,
@@ -125,6 +135,8 @@ fn safe(args: &Args, socket: &Path, rt: &tokio::runtime::Runtime) -> anyhow::Res
         drain_timeout_ms: millis(args.drain_timeout),
         dry_run: args.dry_run,
         force: args.force,
+        allow: args.allow.clone(),
+        max_transaction_age_ms: Some(millis(args.max_transaction_age)),
     };
     let report = rt
         .block_on(control::call(socket, &req, |p| {
@@ -146,6 +158,7 @@ fn safe(args: &Args, socket: &Path, rt: &tokio::runtime::Runtime) -> anyhow::Res
         for x in f("findings").as_array().into_iter().flatten() {
             println!("  - {}", x.as_str().unwrap_or_default());
         }
+        print_guardrails(&report);
         return Ok(());
     }
     println!(
@@ -157,6 +170,7 @@ fn safe(args: &Args, socket: &Path, rt: &tokio::runtime::Runtime) -> anyhow::Res
         f("barrier_ms").as_f64().unwrap_or(0.0),
         f("fence_lsn").as_str().unwrap_or("?"),
     );
+    print_guardrails(&report);
     println!(
         "reverse replication: {}",
         f("reverse_replication").as_str().unwrap_or("")
@@ -168,6 +182,20 @@ fn safe(args: &Args, socket: &Path, rt: &tokio::runtime::Runtime) -> anyhow::Res
         f("terminated_at_drain")
     );
     Ok(())
+}
+
+/// The guardrail findings of a report, blocking first.
+fn print_guardrails(report: &serde_json::Value) {
+    let mut found: Vec<Finding> =
+        serde_json::from_value(report["guardrails"].clone()).unwrap_or_default();
+    if found.is_empty() {
+        return;
+    }
+    found.sort_by_key(|f| (!f.stops(), !f.blocks, f.guardrail));
+    println!("guardrails (what logical replication will not carry):");
+    for f in &found {
+        println!("  - {}", f.render().replace('\n', "\n    "));
+    }
 }
 
 fn immediate(args: &Args, pin_dir: &Path) -> anyhow::Result<()> {

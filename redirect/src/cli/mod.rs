@@ -7,6 +7,7 @@ use clap::{Parser, Subcommand};
 pub mod connections;
 pub mod detach;
 pub mod finish;
+pub mod fix;
 pub mod flip;
 pub mod history;
 pub mod lag;
@@ -52,6 +53,7 @@ pub enum Command {
     Connections(connections::Args),
     Detach(detach::Args),
     Finish(finish::Args),
+    Fix(fix::Args),
 }
 
 /// An inclusive port range, written `LO-HI`.

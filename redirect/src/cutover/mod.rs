@@ -19,6 +19,7 @@ pub mod drain;
 pub mod fence;
 pub mod finish;
 pub mod flip;
+pub mod guardrails;
 pub mod journal;
 pub mod lease;
 pub mod preflight;
@@ -65,6 +66,10 @@ pub struct FlipRequest {
     pub drain_timeout: Duration,
     pub dry_run: bool,
     pub force: bool,
+    /// Guardrails whose findings may not stop this cutover (`--allow`).
+    pub allow: Vec<guardrails::Guardrail>,
+    /// A transaction open longer than this on the old server is a finding.
+    pub max_transaction_age: Duration,
 }
 
 /// What a cutover did.
@@ -75,6 +80,9 @@ pub struct FlipReport {
     pub dry_run: bool,
     pub forced: bool,
     pub findings: Vec<String>,
+    /// What logical replication will not carry: every guardrail finding, blocking,
+    /// allowed (with `--allow`) or a note.
+    pub guardrails: Vec<guardrails::Finding>,
     pub plan: Vec<String>,
     pub lag: Option<ReplicaLag>,
     pub fence_lsn: Option<String>,

@@ -9,6 +9,7 @@ use tokio_postgres::Client;
 use super::catalog::{SUB_PUBLICATIONS, SUB_SLOT};
 use super::{
     BARRIER_TABLE, Controller, CutoverError, FlipReport, FlipRequest, Recorder, Run, Undo,
+    guardrails,
     journal::{self, Entry, Step},
     quote_ident,
 };
@@ -42,12 +43,6 @@ const PUBLICATION_HAS_BARRIER: &str = "SELECT count(*)::int8 FROM pg_publication
 const SUBSCRIPTION_HAS_BARRIER: &str = "SELECT count(*)::int8 FROM pg_subscription_rel sr JOIN pg_subscription s ON s.oid = sr.srsubid \
      JOIN pg_class c ON c.oid = sr.srrelid JOIN pg_namespace n ON n.oid = c.relnamespace \
      WHERE s.subname = $1 AND n.nspname = 'public' AND c.relname = 'redirect_barrier'";
-/// Tables of the subscription still in their initial copy (or not yet started): their rows
-/// are not all on the new server, whatever the lag says.
-const NOT_READY_TABLES: &str = "SELECT format('%I.%I', n.nspname, c.relname) || ' (' || sr.srsubstate::text || ')' \
-     FROM pg_subscription_rel sr JOIN pg_subscription s ON s.oid = sr.srsubid \
-     JOIN pg_class c ON c.oid = sr.srrelid JOIN pg_namespace n ON n.oid = c.relnamespace \
-     WHERE s.subname = $1 AND sr.srsubstate <> 'r' ORDER BY 1";
 /// Published tables (other than the barrier) the subscription does not know yet, as
 /// `schema.table` (publisher side).
 const PUBLISHED_TABLES: &str = "SELECT format('%I.%I', schemaname, tablename) FROM pg_publication_tables \
@@ -263,6 +258,8 @@ pub async fn check(
     // rollback or a successor finds them without --subscription.
     let mut slot = None;
     let mut prepare = Vec::new();
+    // Guardrail findings that stop the cutover: only --allow passes them, never --force.
+    let mut stopped_by: Vec<guardrails::Finding> = Vec::new();
     if logical && !(no_replication && req.force) {
         let sub = lag::subscription_name(&to_db, &watch, qt).await?;
         watch.subscription = Some(sub.clone());
@@ -274,23 +271,6 @@ pub async fn check(
         )
         .await?
         .and_then(|r| r.get::<_, Option<String>>(0));
-        let not_ready: Vec<String> = timed(
-            "new server",
-            "checking table sync states",
-            qt,
-            to_db.query(NOT_READY_TABLES, &[&sub]),
-        )
-        .await?
-        .iter()
-        .map(|r| r.get(0))
-        .collect();
-        if !not_ready.is_empty() {
-            blocking.push(format!(
-                "subscription {sub:?} is still copying (or has not started copying) {} table(s): {} — their rows are not all on the {to} yet; wait until pg_subscription_rel shows every table 'r'",
-                not_ready.len(),
-                not_ready.join(", ")
-            ));
-        }
         let pubs: Vec<String> = timed(
             "new server",
             "reading the subscription",
@@ -300,6 +280,36 @@ pub async fn check(
         .await?
         .map(|r| r.get(0))
         .unwrap_or_default();
+        if pubs.is_empty() {
+            report.findings.push(format!(
+                "guardrails skipped: subscription {sub:?} subscribes to no publication the {to} can read"
+            ));
+        } else {
+            let found = guardrails::check(
+                &guardrails::Replication {
+                    old: &from_db,
+                    new: &to_db,
+                    old_role: from,
+                    new_role: to,
+                    subscription: &sub,
+                    publications: &pubs,
+                    slot: slot.as_deref(),
+                    qt,
+                    max_transaction_age: req.max_transaction_age,
+                },
+                &req.allow,
+            )
+            .await?;
+            let count = |p: fn(&guardrails::Finding) -> bool| found.iter().filter(|f| p(f)).count();
+            say(format!(
+                "guardrails: {} blocking, {} allowed, {} note(s)",
+                count(guardrails::Finding::stops),
+                count(|f| f.allowed),
+                count(|f| !f.blocks)
+            ));
+            stopped_by.extend(found.iter().filter(|f| f.stops()).cloned());
+            report.guardrails = found;
+        }
         let published = from_db
             .query_one(PUBLICATION_HAS_BARRIER, &[&pubs])
             .await
@@ -315,10 +325,14 @@ pub async fn check(
         }
         report.plan.push(format!("barrier: a marker row in {BARRIER_TABLE}, written on the {from} after the fence, seen on the {to}"));
     } else if logical {
+        report.findings.push(
+            "guardrails skipped: there is no replication to check (forced rollback)".to_owned(),
+        );
         report.plan.push(format!(
             "NO barrier (forced, no replication): the {to} will not have the {from}'s writes since the last cutover"
         ));
     } else {
+        report.findings.push(guardrails::PHYSICAL.to_owned());
         report.plan.push(format!(
             "barrier: the {to} replays up to the {from}'s WAL insert position after the fence, then is promoted"
         ));
@@ -338,14 +352,27 @@ pub async fn check(
         format!("flip: new connections go to the {to}; release the held ones to it"),
         format!("drain the {from}'s connections for {:?}, then end the rest (their clients are told)", req.drain_timeout),
     ]);
-    if !blocking.is_empty() {
+    if !blocking.is_empty() || !stopped_by.is_empty() {
         report
             .findings
             .extend(blocking.iter().map(|b| format!("BLOCKING: {b}")));
         if req.dry_run {
             return Ok(Outcome::Report(Box::new(report)));
         }
-        return Err(CutoverError::Preflight(blocking.join("; ")));
+        let mut why = blocking.join("; ");
+        if !stopped_by.is_empty() {
+            why.push_str(&format!(
+                "{}{} guardrail(s) found what logical replication will not carry (nothing was changed):\n{}",
+                if why.is_empty() { "" } else { "\n" },
+                stopped_by.len(),
+                stopped_by
+                    .iter()
+                    .map(guardrails::Finding::render)
+                    .collect::<Vec<_>>()
+                    .join("\n")
+            ));
+        }
+        return Err(CutoverError::Preflight(why));
     }
     if req.dry_run {
         return Ok(Outcome::Report(Box::new(report)));
