@@ -1,0 +1,467 @@
+//! Guardrails: preflight finds what logical replication will not carry, names the objects,
+//! says why and how to fix it, and blocks the cutover until `--allow NAME`. Each guardrail's
+//! condition is created on real servers, seen blocking (dry run, and a real flip refused),
+//! seen allowed, then removed; a clean lab has no blocking finding.
+
+use std::{sync::Arc, time::Duration};
+
+use redirect_tests::{
+    Lab, Ns,
+    cutover_lab::{self, Cutover, flip, setup, workload},
+    pg::{self, psql},
+    require_root, wait_for,
+};
+use serde_json::Value;
+
+/// A lab whose publication lists its tables (so a table can be left out of it), with
+/// prepared transactions enabled on the source.
+fn listed_publication_lab(name: &str) -> Cutover {
+    require_root();
+    let mut lab = Lab::new(name);
+    let source = pg::start(
+        &mut lab,
+        Ns::Source,
+        "source",
+        &["max_prepared_transactions = 4"],
+    );
+    let target = pg::start(&mut lab, Ns::Target, "target", &[]);
+    psql(&lab, Ns::Source, &source, pg::SCHEMA);
+    psql(&lab, Ns::Target, &target, pg::SCHEMA);
+    psql(
+        &lab,
+        Ns::Source,
+        &source,
+        "CREATE PUBLICATION redirect_pub FOR TABLE acks",
+    );
+    psql(
+        &lab,
+        Ns::Target,
+        &target,
+        &format!(
+            "CREATE SUBSCRIPTION redirect_sub CONNECTION '{}' PUBLICATION redirect_pub",
+            pg::dsn(redirect_tests::SOURCE_ADDR)
+        ),
+    );
+    wait_for(Duration::from_secs(60), "the initial copy", || {
+        psql(
+            &lab,
+            Ns::Target,
+            &target,
+            "SELECT count(*) FROM pg_subscription_rel WHERE srsubstate <> 'r'",
+        ) == "0"
+    });
+    cutover_lab::start(&mut lab, &[]);
+    Cutover {
+        lab: Arc::new(lab),
+        source,
+        target,
+    }
+}
+
+fn on_source(c: &Cutover, sql: &str) -> String {
+    psql(&c.lab, Ns::Source, &c.source, sql)
+}
+
+fn on_target(c: &Cutover, sql: &str) -> String {
+    psql(&c.lab, Ns::Target, &c.target, sql)
+}
+
+fn on_both(c: &Cutover, sql: &str) {
+    on_source(c, sql);
+    on_target(c, sql);
+}
+
+/// Every table of the subscription copied, and its worker streaming.
+fn wait_synced(c: &Cutover) {
+    wait_for(Duration::from_secs(60), "every table copied", || {
+        on_target(
+            c,
+            "SELECT count(*) FROM pg_subscription_rel WHERE srsubstate <> 'r'",
+        ) == "0"
+    });
+}
+
+/// The subscription picks up the publication's new tables and copies them.
+fn refresh(c: &Cutover) {
+    on_target(c, "ALTER SUBSCRIPTION redirect_sub REFRESH PUBLICATION");
+    wait_synced(c);
+}
+
+/// `flip --to <to> --dry-run --json` with `extra`: the report's guardrail findings.
+fn findings(c: &Cutover, to: &str, extra: &[&str]) -> Vec<Value> {
+    let mut args = vec!["--to", to, "--dry-run", "--json"];
+    args.extend_from_slice(extra);
+    let out = flip(&c.lab, &args);
+    assert!(
+        out.status.success(),
+        "dry run failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let report: Value = serde_json::from_slice(&out.stdout).expect("flip --dry-run --json");
+    report["guardrails"].as_array().cloned().unwrap_or_default()
+}
+
+fn stops(f: &Value) -> bool {
+    f["blocks"] == true && f["allowed"] == false
+}
+
+fn named<'a>(found: &'a [Value], guardrail: &str) -> Option<&'a Value> {
+    found.iter().find(|f| f["guardrail"] == guardrail)
+}
+
+/// Nothing stops a cutover to `to`.
+fn assert_clear(c: &Cutover, to: &str, extra: &[&str]) {
+    let found = findings(c, to, extra);
+    let stopping: Vec<&Value> = found.iter().filter(|f| stops(f)).collect();
+    assert!(stopping.is_empty(), "blocking findings: {stopping:#?}");
+}
+
+/// `guardrail` blocks a cutover to `to`, naming `object`: in the dry run's text (with why,
+/// fix and how to go ahead) and typed in its JSON; with `--allow guardrail` it is reported
+/// as allowed and stops nothing. `extra` flags go to every run.
+fn assert_blocks_until_allowed(c: &Cutover, to: &str, guardrail: &str, object: &str, extra: &[&str]) {
+    let mut args = vec!["--to", to, "--dry-run"];
+    args.extend_from_slice(extra);
+    let out = flip(&c.lab, &args);
+    let text = String::from_utf8_lossy(&out.stdout);
+    let head = format!("BLOCKING {guardrail}: ");
+    let line = text
+        .lines()
+        .find(|l| l.contains(&head))
+        .unwrap_or_else(|| panic!("no {head:?} in the dry run:\n{text}"));
+    assert!(line.contains(object), "{line:?} names {object:?}");
+    let block = &text[text.find(&head).unwrap()..];
+    eprintln!("{}", block.lines().take(4).collect::<Vec<_>>().join("\n"));
+    assert!(
+        block.contains("why: ")
+            && block.contains("fix: ")
+            && block.contains(&format!("pass --allow {guardrail} to go ahead anyway")),
+        "{block}"
+    );
+    let found = findings(c, to, extra);
+    let f = named(&found, guardrail).expect("the finding in --json");
+    assert!(stops(f), "{f}");
+    assert!(
+        f["objects"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|o| o.as_str().unwrap().contains(object)),
+        "{f}"
+    );
+    assert!(!f["why"].as_str().unwrap().is_empty() && !f["fix"].as_str().unwrap().is_empty());
+
+    let mut allowed = extra.to_vec();
+    allowed.extend(["--allow", guardrail]);
+    let found = findings(c, to, &allowed);
+    let f = named(&found, guardrail).expect("an allowed finding is still reported");
+    assert!(f["allowed"] == true && !stops(f), "{f}");
+    let out = flip(&c.lab, &[&["--to", to, "--dry-run"][..], &allowed].concat());
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains(&format!("ALLOWED {guardrail}: ")), "{text}");
+}
+
+/// A real `flip` refused by `guardrail`, with the message naming `object`; nothing changed.
+fn assert_flip_refused(c: &Cutover, guardrail: &str, object: &str) {
+    let out = flip(&c.lab, &["--to", "target", "--drain-timeout", "1s"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "the flip went ahead: {err}");
+    assert!(
+        err.contains(&format!("BLOCKING {guardrail}: "))
+            && err.contains(object)
+            && err.contains(&format!("pass --allow {guardrail} to go ahead anyway"))
+            && err.contains("nothing was changed"),
+        "{err}"
+    );
+    assert_eq!(c.lab.status()["active"], "source");
+}
+
+fn fix(c: &Cutover, args: &[&str]) -> std::process::Output {
+    c.lab
+        .redirect(&[&["fix", "replica-identity"][..], args].concat())
+}
+
+fn replica_identity(c: &Cutover, table: &str) -> (String, String) {
+    let q = format!("SELECT relreplident FROM pg_class WHERE oid = '{table}'::regclass");
+    (on_source(c, &q), on_target(c, &q))
+}
+
+#[test]
+fn each_guardrail_blocks_until_allowed_and_a_clean_lab_has_none() {
+    let c = listed_publication_lab("guard");
+    let lab = &c.lab;
+    assert_clear(&c, "target", &[]);
+    assert!(
+        findings(&c, "target", &[]).is_empty(),
+        "a clean lab has no finding at all"
+    );
+
+    // unpublished-table, then initial-copy: published but never copied.
+    on_both(&c, "CREATE TABLE extra (id int PRIMARY KEY)");
+    assert_blocks_until_allowed(&c, "target", "unpublished-table", "public.extra", &[]);
+    on_source(&c, "ALTER PUBLICATION redirect_pub ADD TABLE extra");
+    assert_blocks_until_allowed(&c, "target", "initial-copy", "public.extra (never copied", &[]);
+    refresh(&c);
+    assert_clear(&c, "target", &[]);
+
+    // missing-on-target: a published table and a used sequence only the source has.
+    on_source(
+        &c,
+        "CREATE TABLE lonely (id int PRIMARY KEY); ALTER PUBLICATION redirect_pub ADD TABLE lonely; \
+         CREATE SEQUENCE only_here; SELECT nextval('only_here')",
+    );
+    assert_blocks_until_allowed(&c, "target", "missing-on-target", "table public.lonely", &[]);
+    assert_blocks_until_allowed(&c, "target", "missing-on-target", "sequence public.only_here", &[]);
+    on_source(
+        &c,
+        "ALTER PUBLICATION redirect_pub DROP TABLE lonely; DROP TABLE lonely; DROP SEQUENCE only_here",
+    );
+    assert_clear(&c, "target", &[]);
+
+    // no-replica-identity: UPDATE fails on the source; a real flip is refused; the fix
+    // validates both servers, prints, then applies on both.
+    on_both(&c, "CREATE TABLE nokey (k int, v text)");
+    on_source(&c, "ALTER PUBLICATION redirect_pub ADD TABLE nokey");
+    refresh(&c);
+    on_source(&c, "INSERT INTO nokey VALUES (1, 'a'), (2, 'b')");
+    let data = c.source.data_dir.display().to_string();
+    let update = lab
+        .cmd(
+            Ns::Source,
+            &["psql", "-X", "-h", &data, "-U", "postgres", "-c", "UPDATE nokey SET v = 'z' WHERE k = 1"],
+        )
+        .output()
+        .unwrap();
+    assert!(
+        String::from_utf8_lossy(&update.stderr).contains("does not have a replica identity"),
+        "{update:?}"
+    );
+    assert_blocks_until_allowed(&c, "target", "no-replica-identity", "public.nokey", &[]);
+    assert_flip_refused(&c, "no-replica-identity", "public.nokey");
+
+    let out = fix(&c, &["--table", "public.nokey", "--using-index", "nokey_k"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && err.contains("has no index \"nokey_k\"") && err.contains("no usable index"),
+        "{err}"
+    );
+    let out = fix(&c, &["--table", "public.nope", "--full"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && err.contains("has no table \"public.nope\""), "{err}");
+    let out = fix(&c, &["--table", "public.nokey"]);
+    assert!(!out.status.success(), "needs --using-index or --full");
+    // An index on the source only, on a nullable column: both problems named, nothing changed.
+    on_source(&c, "CREATE UNIQUE INDEX nokey_k ON nokey (k)");
+    let out = fix(&c, &["--table", "public.nokey", "--using-index", "nokey_k", "--apply"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success()
+            && err.contains("nothing was changed")
+            && err.contains("nullable column(s) k")
+            && err.contains("target has no index"),
+        "{err}"
+    );
+    assert_eq!(replica_identity(&c, "nokey"), ("d".into(), "d".into()));
+    on_source(&c, "ALTER TABLE nokey ALTER k SET NOT NULL");
+    on_target(
+        &c,
+        "ALTER TABLE nokey ALTER k SET NOT NULL; CREATE UNIQUE INDEX nokey_k ON nokey (k)",
+    );
+    let out = fix(&c, &["--table", "public.nokey", "--using-index", "nokey_k"]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success()
+            && text.contains("on the source and the target:")
+            && text.contains("ALTER TABLE public.nokey REPLICA IDENTITY USING INDEX nokey_k;")
+            && text.contains("nothing was changed"),
+        "{text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(replica_identity(&c, "nokey"), ("d".into(), "d".into()), "print only");
+    let text = lab.redirect_ok(&["fix", "replica-identity", "--table", "public.nokey", "--using-index", "nokey_k", "--apply"]);
+    assert!(text.contains("applied on the source and the target"), "{text}");
+    assert_eq!(replica_identity(&c, "nokey"), ("i".into(), "i".into()));
+    assert!(named(&findings(&c, "target", &[]), "no-replica-identity").is_none());
+    on_source(&c, "UPDATE nokey SET v = 'z' WHERE k = 1");
+    wait_for(Duration::from_secs(10), "the UPDATE to replicate", || {
+        on_target(&c, "SELECT v FROM nokey WHERE k = 1") == "z"
+    });
+    assert_clear(&c, "target", &[]);
+
+    // filtered-publication: operations left out, then a row filter.
+    on_source(&c, "ALTER PUBLICATION redirect_pub SET (publish = 'insert')");
+    assert_blocks_until_allowed(
+        &c,
+        "target",
+        "filtered-publication",
+        "publication redirect_pub (does not publish UPDATE, DELETE, TRUNCATE)",
+        &[],
+    );
+    on_source(
+        &c,
+        "ALTER PUBLICATION redirect_pub SET (publish = 'insert, update, delete, truncate')",
+    );
+    on_both(&c, "CREATE TABLE filt (id int PRIMARY KEY)");
+    on_source(&c, "ALTER PUBLICATION redirect_pub ADD TABLE filt WHERE (id > 10)");
+    refresh(&c);
+    assert_blocks_until_allowed(&c, "target", "filtered-publication", "public.filt in redirect_pub (rows WHERE (id > 10))", &[]);
+    on_source(&c, "ALTER PUBLICATION redirect_pub DROP TABLE filt");
+    refresh(&c);
+    on_both(&c, "DROP TABLE filt");
+    assert_clear(&c, "target", &[]);
+
+    // large-objects.
+    on_source(&c, "SELECT lo_create(4242)");
+    assert_blocks_until_allowed(&c, "target", "large-objects", "oid 4242", &[]);
+    on_source(&c, "SELECT lo_unlink(4242)");
+
+    // unlogged-table.
+    on_source(&c, "CREATE UNLOGGED TABLE scratch (id int)");
+    assert_blocks_until_allowed(&c, "target", "unlogged-table", "public.scratch", &[]);
+    on_source(&c, "DROP TABLE scratch");
+
+    // prepared-transactions.
+    on_source(
+        &c,
+        "BEGIN; INSERT INTO extra VALUES (7); PREPARE TRANSACTION 'pt_guard'",
+    );
+    assert_blocks_until_allowed(&c, "target", "prepared-transactions", "'pt_guard'", &[]);
+    on_source(&c, "COMMIT PREPARED 'pt_guard'");
+    assert_clear(&c, "target", &[]);
+
+    // long-transaction: a session that bypasses the proxy with a transaction open.
+    let mut long = lab.cmd(
+        Ns::Source,
+        &[
+            "psql", "-X", "-h", &data, "-U", "postgres", "-c",
+            "BEGIN; SELECT txid_current(); SELECT pg_sleep(60); COMMIT",
+        ],
+    );
+    let long = std::thread::spawn(move || long.output());
+    wait_for(Duration::from_secs(10), "the long transaction", || {
+        on_source(&c, "SELECT count(*) FROM pg_stat_activity WHERE query LIKE '%pg_sleep(60)%' AND xact_start < now() - interval '1 s' AND pid <> pg_backend_pid()") == "1"
+    });
+    assert!(
+        named(&findings(&c, "target", &[]), "long-transaction").is_none(),
+        "under the default --max-transaction-age (5 min)"
+    );
+    assert_blocks_until_allowed(&c, "target", "long-transaction", "pid ", &["--max-transaction-age", "1s"]);
+    on_source(
+        &c,
+        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE query LIKE '%pg_sleep(60)%' AND pid <> pg_backend_pid()",
+    );
+    let _ = long.join();
+
+    // schema-drift: a column only the source has; a constraint only the target has.
+    on_source(&c, "ALTER TABLE extra ADD COLUMN note text");
+    assert_blocks_until_allowed(&c, "target", "schema-drift", "public.extra column note text: only on the source", &[]);
+    on_target(&c, "ALTER TABLE extra ADD COLUMN note text");
+    assert_clear(&c, "target", &[]);
+    on_target(&c, "ALTER TABLE extra ADD CONSTRAINT positive CHECK (id > 0)");
+    assert_blocks_until_allowed(&c, "target", "schema-drift", "CHECK ((id > 0)) (positive): only on the target", &[]);
+    on_target(&c, "ALTER TABLE extra DROP CONSTRAINT positive");
+
+    // generated-column: generated on the source, a plain column on the target.
+    on_source(&c, "CREATE TABLE gen (id int PRIMARY KEY, a int, b int GENERATED ALWAYS AS (a * 2) STORED)");
+    on_target(&c, "CREATE TABLE gen (id int PRIMARY KEY, a int, b int)");
+    on_source(&c, "ALTER PUBLICATION redirect_pub ADD TABLE gen");
+    refresh(&c);
+    assert_blocks_until_allowed(&c, "target", "generated-column", "public.gen column b", &[]);
+    assert!(
+        named(&findings(&c, "target", &[]), "schema-drift").is_none(),
+        "a generated column's difference is generated-column's alone"
+    );
+    on_source(&c, "ALTER PUBLICATION redirect_pub DROP TABLE gen");
+    refresh(&c);
+    on_both(&c, "DROP TABLE gen");
+
+    // missing-extension.
+    on_source(&c, "CREATE EXTENSION citext");
+    assert_blocks_until_allowed(&c, "target", "missing-extension", "citext", &[]);
+    on_source(&c, "DROP EXTENSION citext");
+
+    // Notes, not blocks: the sequence sync carries unowned sequences and identity columns.
+    on_both(&c, "CREATE SEQUENCE free_seq; CREATE TABLE ident (id int GENERATED ALWAYS AS IDENTITY PRIMARY KEY, v int)");
+    on_source(&c, "ALTER PUBLICATION redirect_pub ADD TABLE ident");
+    refresh(&c);
+    let found = findings(&c, "target", &[]);
+    for (g, object) in [
+        ("unowned-sequence", "public.free_seq"),
+        ("identity-column", "public.ident.id"),
+    ] {
+        let f = named(&found, g).unwrap_or_else(|| panic!("{g} reported: {found:#?}"));
+        assert!(f["blocks"] == false, "{f}");
+        assert!(f["why"].as_str().unwrap().contains("sequence sync"), "{f}");
+        assert!(f.to_string().contains(object), "{f}");
+    }
+    assert_clear(&c, "target", &[]);
+    // A typo is a clear error listing the names.
+    let out = flip(lab, &["--to", "target", "--dry-run", "--allow", "no-replica-identiy"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && err.contains("no-replica-identity") && err.contains("slot-wal-limit"),
+        "{err}"
+    );
+}
+
+/// A real cutover goes ahead with `--allow` under writes and loses nothing; the sequence
+/// sync carries an unowned sequence and an identity column, as their notes say; and the
+/// rollback's checks look at the reverse replication (the slot on the target).
+#[test]
+fn an_allowed_cutover_loses_nothing_and_rollback_checks_the_reverse_slot() {
+    let c = setup("guardcut", &[]);
+    let lab = &c.lab;
+    assert_clear(&c, "target", &[]);
+    on_source(&c, "CREATE UNLOGGED TABLE scratch (id int); INSERT INTO scratch VALUES (1)");
+    on_both(&c, "CREATE SEQUENCE free_seq; CREATE TABLE ident (id int GENERATED ALWAYS AS IDENTITY PRIMARY KEY, v int)");
+    refresh(&c);
+    on_source(
+        &c,
+        "SELECT nextval('free_seq') FROM generate_series(1, 3); INSERT INTO ident (v) SELECT generate_series(1, 5)",
+    );
+    assert_flip_refused(&c, "unlogged-table", "public.scratch");
+
+    let load = workload(lab, 0..4, 8);
+    std::thread::sleep(Duration::from_secs(2));
+    let out = flip(
+        lab,
+        &["--to", "target", "--allow", "unlogged-table", "--drain-timeout", "2s", "--json"],
+    );
+    assert!(
+        out.status.success(),
+        "the allowed cutover failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let report: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let f = named(report["guardrails"].as_array().unwrap(), "unlogged-table").unwrap();
+    assert!(f["allowed"] == true, "{f}");
+    let v = load.join().expect("workload");
+    assert_eq!(lab.status()["active"], "target");
+    cutover_lab::assert_no_loss(
+        &v,
+        &pg::acked_rows(lab, Ns::Target, &c.target, ""),
+        "target",
+    );
+    assert_eq!(on_target(&c, "SELECT nextval('free_seq')"), "4");
+    assert_eq!(
+        on_target(&c, "INSERT INTO ident (v) VALUES (99) RETURNING id"),
+        "6"
+    );
+
+    // Rollback: the reverse slot on the target, capped by max_slot_wal_keep_size and held
+    // back while the reverse subscription is off, two WAL segments behind.
+    on_target(&c, "ALTER SYSTEM SET max_slot_wal_keep_size = '1MB'");
+    on_target(&c, "SELECT pg_reload_conf()");
+    on_source(&c, "ALTER SUBSCRIPTION redirect_reverse DISABLE");
+    for _ in 0..3 {
+        on_target(
+            &c,
+            "SELECT pg_logical_emit_message(false, 'fill', 'x'); SELECT pg_switch_wal()",
+        );
+    }
+    assert_blocks_until_allowed(&c, "source", "slot-wal-limit", "slot redirect_reverse on the target", &[]);
+    on_target(&c, "ALTER SYSTEM RESET max_slot_wal_keep_size");
+    on_target(&c, "SELECT pg_reload_conf()");
+    on_source(&c, "ALTER SUBSCRIPTION redirect_reverse ENABLE");
+    assert!(named(&findings(&c, "source", &[]), "slot-wal-limit").is_none());
+}
