@@ -2,7 +2,9 @@
 //! Errors end the process with one line on stderr and a non-zero status.
 
 use clap::Parser as _;
-use redirect::cli::{Cli, Command, connections, detach, finish, fix, flip, history, lag, run, status};
+use redirect::cli::{
+    Cli, Command, connections, detach, finish, fix, flip, history, lag, run, status,
+};
 
 fn main() {
     let cli = Cli::parse();

@@ -119,7 +119,13 @@ fn assert_clear(c: &Cutover, to: &str, extra: &[&str]) {
 /// `guardrail` blocks a cutover to `to`, naming `object`: in the dry run's text (with why,
 /// fix and how to go ahead) and typed in its JSON; with `--allow guardrail` it is reported
 /// as allowed and stops nothing. `extra` flags go to every run.
-fn assert_blocks_until_allowed(c: &Cutover, to: &str, guardrail: &str, object: &str, extra: &[&str]) {
+fn assert_blocks_until_allowed(
+    c: &Cutover,
+    to: &str,
+    guardrail: &str,
+    object: &str,
+    extra: &[&str],
+) {
     let mut args = vec!["--to", to, "--dry-run"];
     args.extend_from_slice(extra);
     let out = flip(&c.lab, &args);
@@ -200,7 +206,13 @@ fn each_guardrail_blocks_until_allowed_and_a_clean_lab_has_none() {
     on_both(&c, "CREATE TABLE extra (id int PRIMARY KEY)");
     assert_blocks_until_allowed(&c, "target", "unpublished-table", "public.extra", &[]);
     on_source(&c, "ALTER PUBLICATION redirect_pub ADD TABLE extra");
-    assert_blocks_until_allowed(&c, "target", "initial-copy", "public.extra (never copied", &[]);
+    assert_blocks_until_allowed(
+        &c,
+        "target",
+        "initial-copy",
+        "public.extra (never copied",
+        &[],
+    );
     refresh(&c);
     assert_clear(&c, "target", &[]);
 
@@ -210,8 +222,20 @@ fn each_guardrail_blocks_until_allowed_and_a_clean_lab_has_none() {
         "CREATE TABLE lonely (id int PRIMARY KEY); ALTER PUBLICATION redirect_pub ADD TABLE lonely; \
          CREATE SEQUENCE only_here; SELECT nextval('only_here')",
     );
-    assert_blocks_until_allowed(&c, "target", "missing-on-target", "table public.lonely", &[]);
-    assert_blocks_until_allowed(&c, "target", "missing-on-target", "sequence public.only_here", &[]);
+    assert_blocks_until_allowed(
+        &c,
+        "target",
+        "missing-on-target",
+        "table public.lonely",
+        &[],
+    );
+    assert_blocks_until_allowed(
+        &c,
+        "target",
+        "missing-on-target",
+        "sequence public.only_here",
+        &[],
+    );
     on_source(
         &c,
         "ALTER PUBLICATION redirect_pub DROP TABLE lonely; DROP TABLE lonely; DROP SEQUENCE only_here",
@@ -228,7 +252,16 @@ fn each_guardrail_blocks_until_allowed_and_a_clean_lab_has_none() {
     let update = lab
         .cmd(
             Ns::Source,
-            &["psql", "-X", "-h", &data, "-U", "postgres", "-c", "UPDATE nokey SET v = 'z' WHERE k = 1"],
+            &[
+                "psql",
+                "-X",
+                "-h",
+                &data,
+                "-U",
+                "postgres",
+                "-c",
+                "UPDATE nokey SET v = 'z' WHERE k = 1",
+            ],
         )
         .output()
         .unwrap();
@@ -242,17 +275,31 @@ fn each_guardrail_blocks_until_allowed_and_a_clean_lab_has_none() {
     let out = fix(&c, &["--table", "public.nokey", "--using-index", "nokey_k"]);
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(
-        !out.status.success() && err.contains("has no index \"nokey_k\"") && err.contains("no usable index"),
+        !out.status.success()
+            && err.contains("has no index \"nokey_k\"")
+            && err.contains("no usable index"),
         "{err}"
     );
     let out = fix(&c, &["--table", "public.nope", "--full"]);
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success() && err.contains("has no table \"public.nope\""), "{err}");
+    assert!(
+        !out.status.success() && err.contains("has no table \"public.nope\""),
+        "{err}"
+    );
     let out = fix(&c, &["--table", "public.nokey"]);
     assert!(!out.status.success(), "needs --using-index or --full");
     // An index on the source only, on a nullable column: both problems named, nothing changed.
     on_source(&c, "CREATE UNIQUE INDEX nokey_k ON nokey (k)");
-    let out = fix(&c, &["--table", "public.nokey", "--using-index", "nokey_k", "--apply"]);
+    let out = fix(
+        &c,
+        &[
+            "--table",
+            "public.nokey",
+            "--using-index",
+            "nokey_k",
+            "--apply",
+        ],
+    );
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(
         !out.status.success()
@@ -277,9 +324,24 @@ fn each_guardrail_blocks_until_allowed_and_a_clean_lab_has_none() {
         "{text}{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    assert_eq!(replica_identity(&c, "nokey"), ("d".into(), "d".into()), "print only");
-    let text = lab.redirect_ok(&["fix", "replica-identity", "--table", "public.nokey", "--using-index", "nokey_k", "--apply"]);
-    assert!(text.contains("applied on the source and the target"), "{text}");
+    assert_eq!(
+        replica_identity(&c, "nokey"),
+        ("d".into(), "d".into()),
+        "print only"
+    );
+    let text = lab.redirect_ok(&[
+        "fix",
+        "replica-identity",
+        "--table",
+        "public.nokey",
+        "--using-index",
+        "nokey_k",
+        "--apply",
+    ]);
+    assert!(
+        text.contains("applied on the source and the target"),
+        "{text}"
+    );
     assert_eq!(replica_identity(&c, "nokey"), ("i".into(), "i".into()));
     assert!(named(&findings(&c, "target", &[]), "no-replica-identity").is_none());
     on_source(&c, "UPDATE nokey SET v = 'z' WHERE k = 1");
@@ -289,7 +351,10 @@ fn each_guardrail_blocks_until_allowed_and_a_clean_lab_has_none() {
     assert_clear(&c, "target", &[]);
 
     // filtered-publication: operations left out, then a row filter.
-    on_source(&c, "ALTER PUBLICATION redirect_pub SET (publish = 'insert')");
+    on_source(
+        &c,
+        "ALTER PUBLICATION redirect_pub SET (publish = 'insert')",
+    );
     assert_blocks_until_allowed(
         &c,
         "target",
@@ -302,9 +367,18 @@ fn each_guardrail_blocks_until_allowed_and_a_clean_lab_has_none() {
         "ALTER PUBLICATION redirect_pub SET (publish = 'insert, update, delete, truncate')",
     );
     on_both(&c, "CREATE TABLE filt (id int PRIMARY KEY)");
-    on_source(&c, "ALTER PUBLICATION redirect_pub ADD TABLE filt WHERE (id > 10)");
+    on_source(
+        &c,
+        "ALTER PUBLICATION redirect_pub ADD TABLE filt WHERE (id > 10)",
+    );
     refresh(&c);
-    assert_blocks_until_allowed(&c, "target", "filtered-publication", "public.filt in redirect_pub (rows WHERE (id > 10))", &[]);
+    assert_blocks_until_allowed(
+        &c,
+        "target",
+        "filtered-publication",
+        "public.filt in redirect_pub (rows WHERE (id > 10))",
+        &[],
+    );
     on_source(&c, "ALTER PUBLICATION redirect_pub DROP TABLE filt");
     refresh(&c);
     on_both(&c, "DROP TABLE filt");
@@ -333,19 +407,34 @@ fn each_guardrail_blocks_until_allowed_and_a_clean_lab_has_none() {
     let mut long = lab.cmd(
         Ns::Source,
         &[
-            "psql", "-X", "-h", &data, "-U", "postgres", "-c",
+            "psql",
+            "-X",
+            "-h",
+            &data,
+            "-U",
+            "postgres",
+            "-c",
             "BEGIN; SELECT txid_current(); SELECT pg_sleep(60); COMMIT",
         ],
     );
     let long = std::thread::spawn(move || long.output());
     wait_for(Duration::from_secs(10), "the long transaction", || {
-        on_source(&c, "SELECT count(*) FROM pg_stat_activity WHERE query LIKE '%pg_sleep(60)%' AND xact_start < now() - interval '1 s' AND pid <> pg_backend_pid()") == "1"
+        on_source(
+            &c,
+            "SELECT count(*) FROM pg_stat_activity WHERE query LIKE '%pg_sleep(60)%' AND xact_start < now() - interval '1 s' AND pid <> pg_backend_pid()",
+        ) == "1"
     });
     assert!(
         named(&findings(&c, "target", &[]), "long-transaction").is_none(),
         "under the default --max-transaction-age (5 min)"
     );
-    assert_blocks_until_allowed(&c, "target", "long-transaction", "pid ", &["--max-transaction-age", "1s"]);
+    assert_blocks_until_allowed(
+        &c,
+        "target",
+        "long-transaction",
+        "pid ",
+        &["--max-transaction-age", "1s"],
+    );
     on_source(
         &c,
         "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE query LIKE '%pg_sleep(60)%' AND pid <> pg_backend_pid()",
@@ -354,15 +443,33 @@ fn each_guardrail_blocks_until_allowed_and_a_clean_lab_has_none() {
 
     // schema-drift: a column only the source has; a constraint only the target has.
     on_source(&c, "ALTER TABLE extra ADD COLUMN note text");
-    assert_blocks_until_allowed(&c, "target", "schema-drift", "public.extra column note text: only on the source", &[]);
+    assert_blocks_until_allowed(
+        &c,
+        "target",
+        "schema-drift",
+        "public.extra column note text: only on the source",
+        &[],
+    );
     on_target(&c, "ALTER TABLE extra ADD COLUMN note text");
     assert_clear(&c, "target", &[]);
-    on_target(&c, "ALTER TABLE extra ADD CONSTRAINT positive CHECK (id > 0)");
-    assert_blocks_until_allowed(&c, "target", "schema-drift", "CHECK ((id > 0)) (positive): only on the target", &[]);
+    on_target(
+        &c,
+        "ALTER TABLE extra ADD CONSTRAINT positive CHECK (id > 0)",
+    );
+    assert_blocks_until_allowed(
+        &c,
+        "target",
+        "schema-drift",
+        "CHECK ((id > 0)) (positive): only on the target",
+        &[],
+    );
     on_target(&c, "ALTER TABLE extra DROP CONSTRAINT positive");
 
     // generated-column: generated on the source, a plain column on the target.
-    on_source(&c, "CREATE TABLE gen (id int PRIMARY KEY, a int, b int GENERATED ALWAYS AS (a * 2) STORED)");
+    on_source(
+        &c,
+        "CREATE TABLE gen (id int PRIMARY KEY, a int, b int GENERATED ALWAYS AS (a * 2) STORED)",
+    );
     on_target(&c, "CREATE TABLE gen (id int PRIMARY KEY, a int, b int)");
     on_source(&c, "ALTER PUBLICATION redirect_pub ADD TABLE gen");
     refresh(&c);
@@ -381,7 +488,10 @@ fn each_guardrail_blocks_until_allowed_and_a_clean_lab_has_none() {
     on_source(&c, "DROP EXTENSION citext");
 
     // Notes, not blocks: the sequence sync carries unowned sequences and identity columns.
-    on_both(&c, "CREATE SEQUENCE free_seq; CREATE TABLE ident (id int GENERATED ALWAYS AS IDENTITY PRIMARY KEY, v int)");
+    on_both(
+        &c,
+        "CREATE SEQUENCE free_seq; CREATE TABLE ident (id int GENERATED ALWAYS AS IDENTITY PRIMARY KEY, v int)",
+    );
     on_source(&c, "ALTER PUBLICATION redirect_pub ADD TABLE ident");
     refresh(&c);
     let found = findings(&c, "target", &[]);
@@ -396,10 +506,21 @@ fn each_guardrail_blocks_until_allowed_and_a_clean_lab_has_none() {
     }
     assert_clear(&c, "target", &[]);
     // A typo is a clear error listing the names.
-    let out = flip(lab, &["--to", "target", "--dry-run", "--allow", "no-replica-identiy"]);
+    let out = flip(
+        lab,
+        &[
+            "--to",
+            "target",
+            "--dry-run",
+            "--allow",
+            "no-replica-identiy",
+        ],
+    );
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(
-        !out.status.success() && err.contains("no-replica-identity") && err.contains("slot-wal-limit"),
+        !out.status.success()
+            && err.contains("no-replica-identity")
+            && err.contains("slot-wal-limit"),
         "{err}"
     );
 }
@@ -412,8 +533,14 @@ fn an_allowed_cutover_loses_nothing_and_rollback_checks_the_reverse_slot() {
     let c = setup("guardcut", &[]);
     let lab = &c.lab;
     assert_clear(&c, "target", &[]);
-    on_source(&c, "CREATE UNLOGGED TABLE scratch (id int); INSERT INTO scratch VALUES (1)");
-    on_both(&c, "CREATE SEQUENCE free_seq; CREATE TABLE ident (id int GENERATED ALWAYS AS IDENTITY PRIMARY KEY, v int)");
+    on_source(
+        &c,
+        "CREATE UNLOGGED TABLE scratch (id int); INSERT INTO scratch VALUES (1)",
+    );
+    on_both(
+        &c,
+        "CREATE SEQUENCE free_seq; CREATE TABLE ident (id int GENERATED ALWAYS AS IDENTITY PRIMARY KEY, v int)",
+    );
     refresh(&c);
     on_source(
         &c,
@@ -425,7 +552,15 @@ fn an_allowed_cutover_loses_nothing_and_rollback_checks_the_reverse_slot() {
     std::thread::sleep(Duration::from_secs(2));
     let out = flip(
         lab,
-        &["--to", "target", "--allow", "unlogged-table", "--drain-timeout", "2s", "--json"],
+        &[
+            "--to",
+            "target",
+            "--allow",
+            "unlogged-table",
+            "--drain-timeout",
+            "2s",
+            "--json",
+        ],
     );
     assert!(
         out.status.success(),
@@ -459,7 +594,13 @@ fn an_allowed_cutover_loses_nothing_and_rollback_checks_the_reverse_slot() {
             "SELECT pg_logical_emit_message(false, 'fill', 'x'); SELECT pg_switch_wal()",
         );
     }
-    assert_blocks_until_allowed(&c, "source", "slot-wal-limit", "slot redirect_reverse on the target", &[]);
+    assert_blocks_until_allowed(
+        &c,
+        "source",
+        "slot-wal-limit",
+        "slot redirect_reverse on the target",
+        &[],
+    );
     on_target(&c, "ALTER SYSTEM RESET max_slot_wal_keep_size");
     on_target(&c, "SELECT pg_reload_conf()");
     on_source(&c, "ALTER SUBSCRIPTION redirect_reverse ENABLE");

@@ -34,7 +34,12 @@ pub struct ReplicaIdentity {
     #[arg(long)]
     pub table: String,
     /// A unique, non-partial, non-deferrable index on NOT NULL columns of the table.
-    #[arg(long, value_name = "INDEX", required_unless_present = "full", conflicts_with = "full")]
+    #[arg(
+        long,
+        value_name = "INDEX",
+        required_unless_present = "full",
+        conflicts_with = "full"
+    )]
     pub using_index: Option<String>,
     /// The whole old row identifies it: works for any table, but each replicated UPDATE or
     /// DELETE of a big table without a usable index scans it on the subscriber.

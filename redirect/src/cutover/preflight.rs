@@ -361,16 +361,10 @@ pub async fn check(
         }
         let mut why = blocking.join("; ");
         if !stopped_by.is_empty() {
-            why.push_str(&format!(
-                "{}{} guardrail(s) found what logical replication will not carry (nothing was changed):\n{}",
-                if why.is_empty() { "" } else { "\n" },
-                stopped_by.len(),
-                stopped_by
-                    .iter()
-                    .map(guardrails::Finding::render)
-                    .collect::<Vec<_>>()
-                    .join("\n")
-            ));
+            if !why.is_empty() {
+                why.push('\n');
+            }
+            why += &guardrails::refusal(&stopped_by);
         }
         return Err(CutoverError::Preflight(why));
     }

@@ -18,7 +18,9 @@ const LONG: &str = "SELECT format('pid %s (%s from %s, open %s, %s): %s', pid, u
 
 /// large-objects: `pg_largeobject` is a system catalog, never published.
 pub async fn large_objects(r: &Replication<'_>) -> Result<Vec<Finding>, PgError> {
-    let rows = r.on_old("counting large objects", LARGE_OBJECTS, &[]).await?;
+    let rows = r
+        .on_old("counting large objects", LARGE_OBJECTS, &[])
+        .await?;
     let Some(row) = rows.first() else {
         return Ok(Vec::new());
     };

@@ -78,7 +78,13 @@ async fn validate(
     identity: &Identity,
     qt: Duration,
 ) -> Result<Result<Checked, Vec<String>>, CutoverError> {
-    let Some(row) = timed(role.name(), "looking up the table", qt, db.query_opt(TABLE, &[&table])).await?
+    let Some(row) = timed(
+        role.name(),
+        "looking up the table",
+        qt,
+        db.query_opt(TABLE, &[&table]),
+    )
+    .await?
     else {
         return Ok(Err(vec![format!(
             "the {role} has no table {table:?} (name it as schema.table; quote mixed-case names: '\"MyTable\"')"
@@ -102,11 +108,19 @@ async fn validate(
         .await?
         .get(0);
         let usable = if candidates.is_empty() {
-            "it has no usable index: create a unique index on NOT NULL columns first, or use --full".to_owned()
+            "it has no usable index: create a unique index on NOT NULL columns first, or use --full"
+                .to_owned()
         } else {
             format!("usable indexes: {candidates}")
         };
-        match timed(role.name(), "looking up the index", qt, db.query_opt(INDEX, &[&table, index])).await? {
+        match timed(
+            role.name(),
+            "looking up the index",
+            qt,
+            db.query_opt(INDEX, &[&table, index]),
+        )
+        .await?
+        {
             None => problems.push(format!(
                 "{name} on the {role} has no index {index:?} ({usable})"
             )),
@@ -181,7 +195,13 @@ pub async fn replica_identity(
             "SET statement_timeout = {ms}; SET lock_timeout = {ms}",
             ms = qt.as_millis().max(1)
         );
-        timed(role.name(), "bounding statements", qt, client.batch_execute(&bound)).await?;
+        timed(
+            role.name(),
+            "bounding statements",
+            qt,
+            client.batch_execute(&bound),
+        )
+        .await?;
         match validate(role, client, table, identity, qt).await? {
             Ok(c) => checked.push(c),
             Err(p) => problems.extend(p),
@@ -216,10 +236,19 @@ pub async fn replica_identity(
         {
             let mut undone = Vec::new();
             for d in &done {
-                let back = timed(d.role.name(), "putting the replica identity back", qt, d.db.batch_execute(&d.before)).await;
+                let back = timed(
+                    d.role.name(),
+                    "putting the replica identity back",
+                    qt,
+                    d.db.batch_execute(&d.before),
+                )
+                .await;
                 undone.push(match back {
                     Ok(()) => format!("the {} was put back ({})", d.role, d.before),
-                    Err(b) => format!("the {} could NOT be put back ({b}): run {} there", d.role, d.before),
+                    Err(b) => format!(
+                        "the {} could NOT be put back ({b}): run {} there",
+                        d.role, d.before
+                    ),
                 });
             }
             return Err(CutoverError::Refused(format!(

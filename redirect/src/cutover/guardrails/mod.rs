@@ -16,7 +16,7 @@ mod schema;
 mod sequences;
 mod slot;
 
-use std::time::Duration;
+use std::{fmt::Write as _, time::Duration};
 
 use serde::{Deserialize, Serialize};
 use tokio_postgres::{Client, Row, types::ToSql};
@@ -28,7 +28,17 @@ use crate::{
 
 /// One kind of thing logical replication does not carry; its name is what `--allow` takes.
 #[derive(
-    Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, clap::ValueEnum, Serialize, Deserialize,
+    Clone,
+    Copy,
+    Debug,
+    PartialEq,
+    Eq,
+    PartialOrd,
+    Ord,
+    Hash,
+    clap::ValueEnum,
+    Serialize,
+    Deserialize,
 )]
 #[serde(rename_all = "kebab-case")]
 pub enum Guardrail {
@@ -139,15 +149,17 @@ impl Finding {
             self.fix
         );
         if self.stops() {
-            s.push_str(&format!(
+            let _ = write!(
+                s,
                 "\n    pass --allow {} to go ahead anyway",
                 self.guardrail
-            ));
+            );
         } else if self.allowed {
-            s.push_str(&format!(
+            let _ = write!(
+                s,
                 "\n    allowed with --allow {}: the cutover goes ahead",
                 self.guardrail
-            ));
+            );
         }
         s
     }
@@ -197,7 +209,11 @@ const PUBLISHED_TABLES: &str = "SELECT DISTINCT format('%I.%I', schemaname, tabl
 /// Runs every guardrail against `r`, marking the findings `allow` names as allowed.
 pub async fn check(r: &Replication<'_>, allow: &[Guardrail]) -> Result<Vec<Finding>, PgError> {
     let published: Vec<String> = r
-        .on_old("listing published tables", PUBLISHED_TABLES, &[&r.publications])
+        .on_old(
+            "listing published tables",
+            PUBLISHED_TABLES,
+            &[&r.publications],
+        )
         .await?
         .iter()
         .map(|row| row.get(0))
@@ -230,6 +246,20 @@ pub async fn check(r: &Replication<'_>, allow: &[Guardrail]) -> Result<Vec<Findi
     Ok(found)
 }
 
+/// Why a cutover is refused: every finding that stops it, rendered.
+#[must_use]
+pub fn refusal(stopping: &[Finding]) -> String {
+    format!(
+        "{} guardrail(s) found what logical replication will not carry (nothing was changed):\n{}",
+        stopping.len(),
+        stopping
+            .iter()
+            .map(Finding::render)
+            .collect::<Vec<_>>()
+            .join("\n")
+    )
+}
+
 /// What the dry run says instead of the findings when the replication is physical.
 pub const PHYSICAL: &str = "guardrails skipped: physical replication carries everything (every table, sequence, large object, unlogged table's definition and DDL), so the logical-replication guardrails do not apply";
 
@@ -260,6 +290,9 @@ mod tests {
         assert!(f.render().contains("pass --allow unlogged-table"));
         f.allowed = true;
         assert!(!f.stops());
-        assert!(f.render().starts_with("ALLOWED unlogged-table: public.scratch"));
+        assert!(
+            f.render()
+                .starts_with("ALLOWED unlogged-table: public.scratch")
+        );
     }
 }

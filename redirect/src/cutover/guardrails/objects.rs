@@ -41,8 +41,7 @@ const NO_IDENTITY: &str = "SELECT format('%I.%I', n.nspname, c.relname), coalesc
        OR (c.relreplident = 'i' AND NOT EXISTS (SELECT 1 FROM pg_index i WHERE i.indrelid = c.oid AND i.indisreplident))) \
      ORDER BY 1";
 /// Whether any of the publications publishes UPDATE or DELETE.
-const PUBLISHES_CHANGES: &str =
-    "SELECT coalesce(bool_or(pubupdate OR pubdelete), false) FROM pg_publication WHERE pubname = ANY($1)";
+const PUBLISHES_CHANGES: &str = "SELECT coalesce(bool_or(pubupdate OR pubdelete), false) FROM pg_publication WHERE pubname = ANY($1)";
 /// Publications that leave out an operation.
 const PARTIAL_OPERATIONS: &str = "SELECT format('publication %I (does not publish %s)', pubname, \
      concat_ws(', ', CASE WHEN NOT pubinsert THEN 'INSERT' END, CASE WHEN NOT pubupdate THEN 'UPDATE' END, \
@@ -74,8 +73,12 @@ fn names(rows: &[tokio_postgres::Row]) -> Vec<String> {
 /// unpublished-table: its writes never reach the new server.
 pub async fn unpublished_tables(r: &Replication<'_>) -> Result<Vec<Finding>, PgError> {
     let tables = names(
-        &r.on_old("listing unpublished tables", UNPUBLISHED, &[&r.publications])
-            .await?,
+        &r.on_old(
+            "listing unpublished tables",
+            UNPUBLISHED,
+            &[&r.publications],
+        )
+        .await?,
     );
     Ok((!tables.is_empty())
         .then(|| {
@@ -119,10 +122,7 @@ pub async fn missing_finding(
     r: &Replication<'_>,
     tables: Vec<String>,
 ) -> Result<Vec<Finding>, PgError> {
-    let sequences = names(
-        &r.on_old("listing sequences", USED_SEQUENCES, &[])
-            .await?,
-    );
+    let sequences = names(&r.on_old("listing sequences", USED_SEQUENCES, &[]).await?);
     let absent_sequences = names(
         &r.on_new("looking for the sequences", ABSENT, &[&sequences])
             .await?,

@@ -60,9 +60,15 @@ fn differences(old: &Shape, new: &Shape, old_role: &str, new_role: &str) -> Vec<
         let constraint = what.starts_with("constraint ");
         let text = match (o, n) {
             (Some(o), Some(n)) if constraint || o == n => continue,
-            (Some(o), Some(n)) => format!("{table} {what}: {o} on the {old_role}, {n} on the {new_role}"),
-            (Some(o), None) if constraint => format!("{table} {what} ({o}): only on the {old_role}"),
-            (None, Some(n)) if constraint => format!("{table} {what} ({n}): only on the {new_role}"),
+            (Some(o), Some(n)) => {
+                format!("{table} {what}: {o} on the {old_role}, {n} on the {new_role}")
+            }
+            (Some(o), None) if constraint => {
+                format!("{table} {what} ({o}): only on the {old_role}")
+            }
+            (None, Some(n)) if constraint => {
+                format!("{table} {what} ({n}): only on the {new_role}")
+            }
             (Some(o), None) => format!("{table} {what} {o}: only on the {old_role}"),
             (None, Some(n)) => format!("{table} {what} {n}: only on the {new_role}"),
             (None, None) => continue,
@@ -136,9 +142,12 @@ pub async fn missing_extensions(r: &Replication<'_>) -> Result<Vec<Finding>, PgE
     let other_version: Vec<String> = old
         .iter()
         .filter_map(|(name, v)| {
-            new.get(name)
-                .filter(|nv| *nv != v)
-                .map(|nv| format!("{name} ({v} on the {}, {nv} on the {})", r.old_role, r.new_role))
+            new.get(name).filter(|nv| *nv != v).map(|nv| {
+                format!(
+                    "{name} ({v} on the {}, {nv} on the {})",
+                    r.old_role, r.new_role
+                )
+            })
         })
         .collect();
     let mut found = Vec::new();
@@ -176,8 +185,8 @@ pub async fn versions(r: &Replication<'_>) -> Result<Vec<Finding>, PgError> {
         "PostgreSQL {old} on the {}, {new} on the {}",
         r.old_role, r.new_role
     )];
-    Ok(if new < old {
-        vec![Finding::blocking(
+    Ok(match new.cmp(&old) {
+        std::cmp::Ordering::Less => vec![Finding::blocking(
             Guardrail::VersionIncompatibility,
             objects,
             &format!(
@@ -185,16 +194,14 @@ pub async fn versions(r: &Replication<'_>) -> Result<Vec<Finding>, PgError> {
                 r.new_role
             ),
             "move to the same or a newer major version; if the application was tested against the older one, pass --allow version-incompatibility",
-        )]
-    } else if new > old {
-        vec![Finding::note(
+        )],
+        std::cmp::Ordering::Greater => vec![Finding::note(
             Guardrail::VersionIncompatibility,
             objects,
             "logical replication works from an older to a newer major version; the checks above compare the schema, but not query plans or behaviour changed by the upgrade (see the release notes)",
             "test the application against the new major version before the cutover",
-        )]
-    } else {
-        Vec::new()
+        )],
+        std::cmp::Ordering::Equal => Vec::new(),
     })
 }
 
@@ -215,7 +222,11 @@ mod tests {
             ("public.t", "column id", "bigint NOT NULL"),
             ("public.t", "column note", "text"),
             ("public.t", "constraint PRIMARY KEY (id)", "t_pkey"),
-            ("public.t", "column total", "numeric GENERATED ALWAYS AS (a + b) STORED"),
+            (
+                "public.t",
+                "column total",
+                "numeric GENERATED ALWAYS AS (a + b) STORED",
+            ),
         ]);
         let new = shape(&[
             ("public.t", "column id", "integer NOT NULL"),
@@ -224,11 +235,17 @@ mod tests {
         ]);
         let d = differences(&old, &new, "source", "target");
         assert_eq!(d.len(), 3, "{d:?}");
+        assert!(
+            d.contains(&(
+                false,
+                "public.t column id: bigint NOT NULL on the source, integer NOT NULL on the target"
+                    .into()
+            ))
+        );
         assert!(d.contains(&(
             false,
-            "public.t column id: bigint NOT NULL on the source, integer NOT NULL on the target".into()
+            "public.t column note text: only on the source".into()
         )));
-        assert!(d.contains(&(false, "public.t column note text: only on the source".into())));
         assert!(d.iter().any(|(g, s)| *g && s.contains("column total")));
     }
 }

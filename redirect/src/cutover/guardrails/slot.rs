@@ -25,7 +25,9 @@ pub async fn wal_limit(r: &Replication<'_>) -> Result<Vec<Finding>, PgError> {
         (row.get(0), row.get(1), row.get(2), row.get(3));
     let held = held.unwrap_or(0);
     let problem = match (status.as_deref(), safe) {
-        (Some("lost"), _) => Some("it has been invalidated (wal_status lost): the WAL it needed is gone".to_owned()),
+        (Some("lost"), _) => {
+            Some("it has been invalidated (wal_status lost): the WAL it needed is gone".to_owned())
+        }
         (Some("unreserved"), _) => Some(format!(
             "it holds more WAL ({held} bytes) than max_slot_wal_keep_size ({limit}) allows (wal_status unreserved): the next checkpoint invalidates it"
         )),
