@@ -2,7 +2,9 @@
 //! `PostgreSQL` servers kept in sync by logical replication, loads redirect on the proxy, then:
 //! 1. shows connection pinning with an immediate flip (an open connection keeps querying the
 //!    source while new connections land on the target), and flips back;
-//! 2. runs a safe cutover under a continuous write load and prints a verdict: acknowledged
+//! 2. shows a guardrail firing: a table without a replica identity blocks the cutover until
+//!    `redirect fix replica-identity` gives it one;
+//! 3. runs a safe cutover under a continuous write load and prints a verdict: acknowledged
 //!    writes, writes found on the target, lost writes, refused connections, the longest write
 //!    pause and how long new connections were held.
 //!
@@ -48,6 +50,7 @@ fn main() {
 
     let lab = Arc::new(lab);
     pinning(&lab);
+    guardrail(&lab, &source, &target);
     cutover(&lab, &target);
     say("tearing the lab down");
 }
@@ -122,9 +125,95 @@ fn pinning(lab: &Arc<Lab>) {
     );
 }
 
-/// Part 2: the safe cutover under load, with a verdict.
+/// Part 2: a guardrail. A table without a replica identity cannot have its UPDATEs
+/// replicated; preflight names it, says why and how to fix it, and blocks the cutover.
+fn guardrail(lab: &Arc<Lab>, source: &pg::Pg, target: &pg::Pg) {
+    say("part 2: a guardrail (what logical replication will not carry)");
+    let notes =
+        "CREATE TABLE notes (k int NOT NULL, body text); CREATE UNIQUE INDEX notes_k ON notes (k)";
+    println!("on both servers: {notes}");
+    pg::psql(lab, Ns::Source, source, notes);
+    pg::psql(lab, Ns::Target, target, notes);
+    pg::psql(
+        lab,
+        Ns::Target,
+        target,
+        "ALTER SUBSCRIPTION redirect_sub REFRESH PUBLICATION",
+    );
+    redirect_tests::wait_for(Duration::from_secs(30), "notes to be copied", || {
+        pg::psql(
+            lab,
+            Ns::Target,
+            target,
+            "SELECT count(*) FROM pg_subscription_rel WHERE srsubstate <> 'r'",
+        ) == "0"
+    });
+    pg::psql(
+        lab,
+        Ns::Source,
+        source,
+        "INSERT INTO notes VALUES (1, 'draft')",
+    );
+    let update = "UPDATE notes SET body = 'final' WHERE k = 1";
+    println!("on the source: {update}");
+    let data = source.data_dir.display().to_string();
+    let out = lab
+        .cmd(
+            Ns::Source,
+            &["psql", "-X", "-h", &data, "-U", "postgres", "-c", update],
+        )
+        .output()
+        .expect("psql");
+    print!("{}", String::from_utf8_lossy(&out.stderr));
+    println!("$ redirect flip --to target --dry-run");
+    print!(
+        "{}",
+        String::from_utf8_lossy(
+            &lab.redirect(&["flip", "--to", "target", "--dry-run"])
+                .stdout
+        )
+    );
+    let fix = [
+        "fix",
+        "replica-identity",
+        "--table",
+        "public.notes",
+        "--using-index",
+        "notes_k",
+    ];
+    println!("$ redirect {}", fix.join(" "));
+    print!("{}", lab.redirect_ok(&fix));
+    println!("$ redirect {} --apply", fix.join(" "));
+    print!("{}", lab.redirect_ok(&[&fix[..], &["--apply"]].concat()));
+    println!("on the source: {update}");
+    pg::psql(lab, Ns::Source, source, update);
+    redirect_tests::wait_for(Duration::from_secs(10), "the UPDATE on the target", || {
+        pg::psql(
+            lab,
+            Ns::Target,
+            target,
+            "SELECT body FROM notes WHERE k = 1",
+        ) == "final"
+    });
+    println!("the target has it: body = 'final'");
+    let report: serde_json::Value =
+        serde_json::from_str(&lab.redirect_ok(&["flip", "--to", "target", "--dry-run", "--json"]))
+            .expect("flip --dry-run --json");
+    let blocking = report["guardrails"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|f| f["blocks"] == true && f["allowed"] == false)
+        .count();
+    println!(
+        "$ redirect flip --to target --dry-run --json: {blocking} blocking guardrail finding(s)"
+    );
+    assert_eq!(blocking, 0, "the fix cleared the guardrail");
+}
+
+/// Part 3: the safe cutover under load, with a verdict.
 fn cutover(lab: &Arc<Lab>, target: &pg::Pg) {
-    say("part 2: a safe cutover under a continuous write load");
+    say("part 3: a safe cutover under a continuous write load");
     println!("$ redirect lag");
     print!("{}", lab.redirect_ok(&["lag"]));
     let writers = 0..8;
