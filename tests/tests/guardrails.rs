@@ -606,3 +606,68 @@ fn an_allowed_cutover_loses_nothing_and_rollback_checks_the_reverse_slot() {
     on_source(&c, "ALTER SUBSCRIPTION redirect_reverse ENABLE");
     assert!(named(&findings(&c, "source", &[]), "slot-wal-limit").is_none());
 }
+
+/// With physical replication the standby replays every byte of WAL, so only the guardrails
+/// about what is not in the WAL (or not yet) apply: an unlogged table blocks, a large object
+/// does not. Allowed, the cutover promotes the target, and the unlogged table's rows are
+/// indeed not there: the finding was true.
+#[test]
+fn physical_replication_checks_only_what_is_not_in_the_wal() {
+    require_root();
+    let mut lab = Lab::new("guardphys");
+    let source = pg::start(&mut lab, Ns::Source, "source", &[]);
+    psql(&lab, Ns::Source, &source, pg::SCHEMA);
+    let target = pg::start_standby(&mut lab, Ns::Target, "target", redirect_tests::SOURCE_ADDR);
+    let mut flags = pg::controller_flags();
+    flags.extend(["--replication".to_owned(), "physical".to_owned()]);
+    let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
+    lab.start_redirect(&flags);
+    let c = Cutover {
+        lab: Arc::new(lab),
+        source,
+        target,
+    };
+    on_source(
+        &c,
+        "CREATE UNLOGGED TABLE scratch (id int); INSERT INTO scratch VALUES (1); SELECT lo_create(4243)",
+    );
+    let out = flip(&c.lab, &["--to", "target", "--dry-run"]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains("only the unlogged-table and long-transaction guardrails apply"),
+        "{text}"
+    );
+    let found = findings(&c, "target", &[]);
+    assert!(named(&found, "large-objects").is_none(), "{found:#?}");
+    assert_blocks_until_allowed(&c, "target", "unlogged-table", "public.scratch", &[]);
+    assert_flip_refused(&c, "unlogged-table", "public.scratch");
+    let out = flip(
+        &c.lab,
+        &[
+            "--to",
+            "target",
+            "--allow",
+            "unlogged-table",
+            "--drain-timeout",
+            "1s",
+        ],
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(on_target(&c, "SELECT pg_is_in_recovery()"), "f");
+    assert_eq!(
+        on_target(&c, "SELECT count(*) FROM scratch"),
+        "0",
+        "unlogged rows are not replicated"
+    );
+    assert_eq!(
+        on_target(
+            &c,
+            "SELECT count(*) FROM pg_largeobject_metadata WHERE oid = 4243"
+        ),
+        "1"
+    );
+}

@@ -333,6 +333,23 @@ pub async fn check(
         ));
     } else {
         report.findings.push(guardrails::PHYSICAL.to_owned());
+        let found = guardrails::check_physical(
+            &guardrails::Replication {
+                old: &from_db,
+                new: &to_db,
+                old_role: from,
+                new_role: to,
+                subscription: "",
+                publications: &[],
+                slot: None,
+                qt,
+                max_transaction_age: req.max_transaction_age,
+            },
+            &req.allow,
+        )
+        .await?;
+        stopped_by.extend(found.iter().filter(|f| f.stops()).cloned());
+        report.guardrails = found;
         report.plan.push(format!(
             "barrier: the {to} replays up to the {from}'s WAL insert position after the fence, then is promoted"
         ));

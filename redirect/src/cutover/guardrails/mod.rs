@@ -260,8 +260,24 @@ pub fn refusal(stopping: &[Finding]) -> String {
     )
 }
 
-/// What the dry run says instead of the findings when the replication is physical.
-pub const PHYSICAL: &str = "guardrails skipped: physical replication carries everything (every table, sequence, large object, unlogged table's definition and DDL), so the logical-replication guardrails do not apply";
+/// The guardrails that still apply to physical replication: it replays every byte of WAL
+/// (every table, sequence, large object, prepared transaction and DDL), but unlogged tables
+/// are not in the WAL, and a long transaction that bypasses the proxy still commits on the
+/// old server after the barrier. `r` needs no subscription or publication.
+pub async fn check_physical(
+    r: &Replication<'_>,
+    allow: &[Guardrail],
+) -> Result<Vec<Finding>, PgError> {
+    let mut found = objects::unlogged_tables(r).await?;
+    found.extend(activity::long_transactions(r).await?);
+    for f in &mut found {
+        f.allowed = f.blocks && allow.contains(&f.guardrail);
+    }
+    Ok(found)
+}
+
+/// What the dry run says about the guardrails physical replication makes moot.
+pub const PHYSICAL: &str = "physical replication carries every table, sequence, large object, prepared transaction and DDL, so only the unlogged-table and long-transaction guardrails apply; the others (publications, replica identity, schema drift, extensions, slots) are skipped";
 
 #[cfg(test)]
 mod tests {

@@ -271,21 +271,29 @@ pub async fn filtered_publication(r: &Replication<'_>) -> Result<Vec<Finding>, P
         .collect())
 }
 
-/// unlogged-table: not in the WAL, so never replicated.
+/// unlogged-table: not in the WAL, so never replicated (logically or physically).
 pub async fn unlogged_tables(r: &Replication<'_>) -> Result<Vec<Finding>, PgError> {
     let tables = names(&r.on_old("listing unlogged tables", UNLOGGED, &[]).await?);
+    let then = if r.subscription.is_empty() {
+        String::new()
+    } else {
+        format!(
+            ", make sure the publication carries it, and ALTER SUBSCRIPTION {} REFRESH PUBLICATION on the {}",
+            r.subscription, r.new_role
+        )
+    };
     Ok((!tables.is_empty())
         .then(|| {
             Finding::blocking(
                 Guardrail::UnloggedTable,
                 tables,
                 &format!(
-                    "unlogged tables are not written to the WAL, so logical replication never carries their rows: they are empty (or stale) on the {}",
+                    "unlogged tables are not written to the WAL, so replication (logical or physical) never carries their rows: they are empty (or stale) on the {}",
                     r.new_role
                 ),
                 &format!(
-                    "if their rows matter: ALTER TABLE <table> SET LOGGED on the {} (it rewrites the table), make sure the publication carries it, and ALTER SUBSCRIPTION {} REFRESH PUBLICATION on the {}; if they are scratch data, pass --allow unlogged-table",
-                    r.old_role, r.subscription, r.new_role
+                    "if their rows matter: ALTER TABLE <table> SET LOGGED on the {} (it rewrites the table){then}; if they are scratch data, pass --allow unlogged-table",
+                    r.old_role
                 ),
             )
         })
