@@ -55,6 +55,11 @@ pub enum Request {
         identity: Identity,
         apply: bool,
     },
+    /// Add a table to the publication feeding the new server, and have it copied.
+    FixPublication {
+        table: String,
+        apply: bool,
+    },
     Lag,
     HasDatabases,
     /// Plan (and with `execute`, carry out) the end of the migration.
@@ -148,6 +153,13 @@ async fn handle(stream: UnixStream, ctl: Arc<Controller>) -> std::io::Result<()>
             match crate::cutover::guardrails::fix::replica_identity(&ctl, &table, &identity, apply)
                 .await
             {
+                Ok(r) => Reply::Ok(serde_json::to_value(r).expect("report serializes")),
+                Err(e) => Reply::Error(e.to_string()),
+            }
+        }
+        Request::FixPublication { table, apply } => {
+            info!(%table, apply, "fix publication requested");
+            match crate::cutover::guardrails::fix::publish_table(&ctl, &table, apply).await {
                 Ok(r) => Reply::Ok(serde_json::to_value(r).expect("report serializes")),
                 Err(e) => Reply::Error(e.to_string()),
             }

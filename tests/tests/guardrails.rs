@@ -216,6 +216,56 @@ fn each_guardrail_blocks_until_allowed_and_a_clean_lab_has_none() {
     refresh(&c);
     assert_clear(&c, "target", &[]);
 
+    // The mechanical fix for unpublished-table: printed, refused on bad input, applied.
+    on_both(&c, "CREATE TABLE more (id int PRIMARY KEY)");
+    on_source(&c, "INSERT INTO more VALUES (1), (2)");
+    let publish = |args: &[&str]| lab.redirect(&[&["fix", "publication"][..], args].concat());
+    let out = publish(&["--add-table", "public.nothere"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && err.contains("the source has no table \"public.nothere\""),
+        "{err}"
+    );
+    on_source(&c, "CREATE TABLE source_only (id int PRIMARY KEY)");
+    let out = publish(&["--add-table", "public.source_only", "--apply"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success()
+            && err.contains("nothing was changed")
+            && err.contains("the target has no table public.source_only"),
+        "{err}"
+    );
+    on_source(&c, "DROP TABLE source_only");
+    let text = lab.redirect_ok(&["fix", "publication", "--add-table", "public.more"]);
+    assert!(
+        text.contains(
+            "on the source:\n  ALTER PUBLICATION \"redirect_pub\" ADD TABLE public.more;"
+        ) && text
+            .contains("on the target:\n  ALTER SUBSCRIPTION \"redirect_sub\" REFRESH PUBLICATION;")
+            && text.contains("nothing was changed"),
+        "{text}"
+    );
+    assert_blocks_until_allowed(&c, "target", "unpublished-table", "public.more", &[]);
+    let text = lab.redirect_ok(&[
+        "fix",
+        "publication",
+        "--add-table",
+        "public.more",
+        "--apply",
+    ]);
+    assert!(
+        text.contains("applied on the source and the target"),
+        "{text}"
+    );
+    wait_synced(&c);
+    assert_eq!(on_target(&c, "SELECT count(*) FROM more"), "2", "copied");
+    assert_clear(&c, "target", &[]);
+    let out = publish(&["--add-table", "public.more"]);
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("already published by redirect_pub"),
+        "{out:?}"
+    );
+
     // missing-on-target: a published table and a used sequence only the source has.
     on_source(
         &c,

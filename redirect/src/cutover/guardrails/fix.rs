@@ -11,9 +11,12 @@ use serde::{Deserialize, Serialize};
 use tokio_postgres::Client;
 
 use crate::{
-    cutover::{Controller, CutoverError},
+    cutover::{Controller, CutoverError, catalog::SUB_PUBLICATIONS, quote_ident},
     datapath::Role,
-    pg::timed,
+    pg::{
+        lag::{self, Replication},
+        timed,
+    },
 };
 
 /// What identifies a row.
@@ -27,16 +30,103 @@ pub enum Identity {
     Full,
 }
 
-/// What `fix replica-identity` did or would do.
+/// What a fix did or would do.
 #[derive(Clone, Debug, Serialize)]
 pub struct FixReport {
-    /// The statement, with the table and index as the servers name them.
-    pub sql: String,
-    /// Where it runs, in order.
-    pub servers: Vec<Role>,
-    /// Each server's replica identity before, as SQL that would put it back.
-    pub before: Vec<(Role, String)>,
+    /// The statements in order, each with the server it runs on (names as the servers
+    /// spell them).
+    pub steps: Vec<(Role, String)>,
+    /// What puts each server back as it was, if needed.
+    pub undo: Vec<(Role, String)>,
     pub applied: bool,
+    /// What happens next, if anything.
+    pub next: Option<String>,
+}
+
+/// One statement of a fix, on one server, with what undoes it.
+struct Step {
+    role: Role,
+    db: Client,
+    sql: String,
+    undo: String,
+}
+
+/// Runs `steps` in order; if one fails, undoes those done (newest first) and says so.
+async fn run_steps(steps: &[Step], qt: Duration) -> Result<(), CutoverError> {
+    for (i, step) in steps.iter().enumerate() {
+        let Err(e) = timed(
+            step.role.name(),
+            "applying the fix",
+            qt,
+            step.db.batch_execute(&step.sql),
+        )
+        .await
+        else {
+            continue;
+        };
+        let mut undone = Vec::new();
+        for d in steps[..i].iter().rev() {
+            undone.push(
+                match timed(
+                    d.role.name(),
+                    "undoing the fix",
+                    qt,
+                    d.db.batch_execute(&d.undo),
+                )
+                .await
+                {
+                    Ok(()) => format!("the {} was put back ({})", d.role, d.undo),
+                    Err(b) => format!(
+                        "the {} could NOT be put back ({b}): run {} there",
+                        d.role, d.undo
+                    ),
+                },
+            );
+        }
+        return Err(CutoverError::Refused(format!(
+            "the {} refused {}: {e}; {}",
+            step.role,
+            step.sql,
+            if undone.is_empty() {
+                "nothing was changed".to_owned()
+            } else {
+                undone.join("; ")
+            }
+        )));
+    }
+    Ok(())
+}
+
+/// A session to `role` whose statements and lock waits are bounded by `qt`: a fix must not
+/// queue behind a long transaction, holding every other query on the table behind it.
+async fn connect(ctl: &Controller, role: Role, qt: Duration) -> Result<Client, CutoverError> {
+    let client = ctl.dsn(role)?.connect().await?;
+    let bound = format!(
+        "SET statement_timeout = {ms}; SET lock_timeout = {ms}",
+        ms = qt.as_millis().max(1)
+    );
+    timed(
+        role.name(),
+        "bounding statements",
+        qt,
+        client.batch_execute(&bound),
+    )
+    .await?;
+    Ok(client)
+}
+
+/// Holds off cutovers while a fix is applied (they read what it changes).
+fn not_during_a_cutover(
+    ctl: &Controller,
+    apply: bool,
+) -> Result<Option<tokio::sync::MutexGuard<'_, ()>>, CutoverError> {
+    if !apply {
+        return Ok(None);
+    }
+    ctl.busy
+        .try_lock()
+        .map(Some)
+        .map_err(|_| CutoverError::Busy(ctl.phase()))
 }
 
 /// The table as the server names it, its kind, and its replica identity as SQL.
@@ -177,33 +267,18 @@ pub async fn replica_identity(
 ) -> Result<FixReport, CutoverError> {
     let db = ctl.db.as_ref().ok_or(CutoverError::NoDatabases)?;
     let qt = db.query_timeout;
-    // Not while a cutover runs: it reads the identities it relies on.
-    let _busy = if apply {
-        Some(
-            ctl.busy
-                .try_lock()
-                .map_err(|_| CutoverError::Busy(ctl.phase()))?,
-        )
-    } else {
-        None
-    };
-    let mut checked = Vec::new();
+    let _busy = not_during_a_cutover(ctl, apply)?;
+    let mut steps = Vec::new();
     let mut problems = Vec::new();
     for role in [Role::Source, Role::Target] {
-        let client = ctl.dsn(role)?.connect().await?;
-        let bound = format!(
-            "SET statement_timeout = {ms}; SET lock_timeout = {ms}",
-            ms = qt.as_millis().max(1)
-        );
-        timed(
-            role.name(),
-            "bounding statements",
-            qt,
-            client.batch_execute(&bound),
-        )
-        .await?;
+        let client = connect(ctl, role, qt).await?;
         match validate(role, client, table, identity, qt).await? {
-            Ok(c) => checked.push(c),
+            Ok(c) => steps.push(Step {
+                role: c.role,
+                db: c.db,
+                sql: c.set,
+                undo: c.before,
+            }),
             Err(p) => problems.extend(p),
         }
     }
@@ -213,56 +288,156 @@ pub async fn replica_identity(
             problems.join("; ")
         )));
     }
-    let sql = checked[0].set.clone();
-    let mut report = FixReport {
-        sql: sql.clone(),
-        servers: checked.iter().map(|c| c.role).collect(),
-        before: checked.iter().map(|c| (c.role, c.before.clone())).collect(),
-        applied: false,
+    report(&steps, apply, None, qt).await
+}
+
+async fn report(
+    steps: &[Step],
+    apply: bool,
+    next: Option<String>,
+    qt: Duration,
+) -> Result<FixReport, CutoverError> {
+    if apply {
+        run_steps(steps, qt).await?;
+    }
+    Ok(FixReport {
+        steps: steps.iter().map(|s| (s.role, s.sql.clone())).collect(),
+        undo: steps
+            .iter()
+            .filter(|s| !s.undo.is_empty())
+            .map(|s| (s.role, s.undo.clone()))
+            .collect(),
+        applied: apply,
+        next: next.filter(|_| apply),
+    })
+}
+
+/// The table on the old server: its name as the server spells it, kind and persistence.
+const TABLE_KIND: &str = "SELECT format('%I.%I', n.nspname, c.relname), c.relkind::text, c.relpersistence::text \
+     FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace WHERE c.oid = to_regclass($1)";
+/// The publications of $1 that already carry table $2.
+const PUBLISHED_BY: &str = "SELECT coalesce(string_agg(DISTINCT pubname::text, ', '), '') FROM pg_publication_tables \
+     WHERE pubname = ANY($1) AND format('%I.%I', schemaname, tablename) = $2";
+/// Whether a name is a relation here.
+const EXISTS: &str = "SELECT to_regclass($1) IS NOT NULL";
+
+/// `redirect fix publication --add-table`: adds a table to the publication of the
+/// replication that feeds the new server, and has the subscription copy it. Both are
+/// checked first; if the refresh is refused, the table leaves the publication again.
+pub async fn publish_table(
+    ctl: &Arc<Controller>,
+    table: &str,
+    apply: bool,
+) -> Result<FixReport, CutoverError> {
+    let db = ctl.db.as_ref().ok_or(CutoverError::NoDatabases)?;
+    let qt = db.query_timeout;
+    let _busy = not_during_a_cutover(ctl, apply)?;
+    let old = ctl.active()?;
+    let new = crate::cutover::other(old);
+    let watch = ctl.watch_for(new)?;
+    if watch.replication != Replication::Logical {
+        return Err(CutoverError::Refused(
+            "physical replication carries every table: there is no publication to add to".into(),
+        ));
+    }
+    let old_db = connect(ctl, old, qt).await?;
+    let new_db = connect(ctl, new, qt).await?;
+    let sub = lag::subscription_name(&new_db, &watch, qt).await?;
+    let pubs: Vec<String> = timed(
+        new.name(),
+        "reading the subscription",
+        qt,
+        new_db.query_opt(SUB_PUBLICATIONS, &[&sub]),
+    )
+    .await?
+    .map(|r| r.get(0))
+    .unwrap_or_default();
+    let Some(publication) = pubs.first().cloned() else {
+        return Err(CutoverError::Refused(format!(
+            "the {new} has no subscription {sub:?} with a publication (name it with run --subscription)"
+        )));
     };
-    if !apply {
-        return Ok(report);
+    let Some(row) = timed(
+        old.name(),
+        "looking up the table",
+        qt,
+        old_db.query_opt(TABLE_KIND, &[&table]),
+    )
+    .await?
+    else {
+        return Err(CutoverError::Refused(format!(
+            "nothing was changed: the {old} has no table {table:?} (name it as schema.table; quote mixed-case names: '\"MyTable\"')"
+        )));
+    };
+    let (name, kind, persistence): (String, String, String) = (row.get(0), row.get(1), row.get(2));
+    let mut problems = Vec::new();
+    if kind != "r" && kind != "p" {
+        problems.push(format!(
+            "{name} on the {old} is not a table (relkind {kind})"
+        ));
     }
-    let mut done: Vec<&Checked> = Vec::new();
-    for c in &checked {
-        let sql = &c.set;
-        if let Err(e) = timed(
-            c.role.name(),
-            "setting the replica identity",
-            qt,
-            c.db.batch_execute(sql),
-        )
-        .await
-        {
-            let mut undone = Vec::new();
-            for d in &done {
-                let back = timed(
-                    d.role.name(),
-                    "putting the replica identity back",
-                    qt,
-                    d.db.batch_execute(&d.before),
-                )
-                .await;
-                undone.push(match back {
-                    Ok(()) => format!("the {} was put back ({})", d.role, d.before),
-                    Err(b) => format!(
-                        "the {} could NOT be put back ({b}): run {} there",
-                        d.role, d.before
-                    ),
-                });
-            }
-            return Err(CutoverError::Refused(format!(
-                "the {} refused {sql}: {e}; {}",
-                c.role,
-                if undone.is_empty() {
-                    "nothing was changed".to_owned()
-                } else {
-                    undone.join("; ")
-                }
-            )));
-        }
-        done.push(c);
+    match persistence.as_str() {
+        "u" => problems.push(format!(
+            "{name} is unlogged, so it cannot be replicated: ALTER TABLE {name} SET LOGGED on the {old} first"
+        )),
+        "t" => problems.push(format!("{name} is a temporary table")),
+        _ => {}
     }
-    report.applied = true;
-    Ok(report)
+    let by: String = timed(
+        old.name(),
+        "reading the publications",
+        qt,
+        old_db.query_one(PUBLISHED_BY, &[&pubs, &name]),
+    )
+    .await?
+    .get(0);
+    if !by.is_empty() {
+        problems.push(format!(
+            "{name} is already published by {by}; if the subscription has not copied it, run ALTER SUBSCRIPTION {} REFRESH PUBLICATION on the {new}",
+            quote_ident(&sub)
+        ));
+    }
+    let on_new: bool = timed(
+        new.name(),
+        "looking up the table",
+        qt,
+        new_db.query_one(EXISTS, &[&name]),
+    )
+    .await?
+    .get(0);
+    if !on_new {
+        problems.push(format!(
+            "the {new} has no table {name}: create it there first with the {old}'s definition (pg_dump --schema-only -t {name} on the {old} | psql on the {new})"
+        ));
+    }
+    if !problems.is_empty() {
+        return Err(CutoverError::Refused(format!(
+            "nothing was changed: {}",
+            problems.join("; ")
+        )));
+    }
+    let (publication, sub) = (quote_ident(&publication), quote_ident(&sub));
+    let steps = [
+        Step {
+            role: old,
+            db: old_db,
+            sql: format!("ALTER PUBLICATION {publication} ADD TABLE {name}"),
+            undo: format!("ALTER PUBLICATION {publication} DROP TABLE {name}"),
+        },
+        Step {
+            role: new,
+            db: new_db,
+            sql: format!("ALTER SUBSCRIPTION {sub} REFRESH PUBLICATION"),
+            undo: String::new(),
+        },
+    ];
+    report(
+        &steps,
+        apply,
+        Some(format!(
+            "the {new} copies {name} now; `redirect flip --dry-run` shows it under initial-copy until the copy is done"
+        )),
+        qt,
+    )
+    .await
 }
