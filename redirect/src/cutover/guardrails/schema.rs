@@ -7,7 +7,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 
 use super::{Finding, Guardrail, Replication};
-use crate::pg::PgError;
+use crate::{datapath::Role, pg::PgError};
 
 /// One line per column, constraint and replica identity of each table in $1:
 /// `(table, what, definition)`. A generated column's definition says `GENERATED`.
@@ -186,6 +186,16 @@ pub async fn versions(r: &Replication<'_>) -> Result<Vec<Finding>, PgError> {
         r.old_role, r.new_role
     )];
     Ok(match new.cmp(&old) {
+        // A rollback goes back to the server the applications ran on before the cutover: its
+        // older major is where they came from, not a risk to block on.
+        std::cmp::Ordering::Less if r.new_role == Role::Source => vec![Finding::note(
+            Guardrail::VersionIncompatibility,
+            objects,
+            &format!(
+                "a rollback to the older major version the applications ran on before the cutover; anything written since that only {old} accepts fails on the reverse replication, which the lag check then shows"
+            ),
+            "nothing, if the applications have not started using features of the newer version",
+        )],
         std::cmp::Ordering::Less => vec![Finding::blocking(
             Guardrail::VersionIncompatibility,
             objects,
