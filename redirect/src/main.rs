@@ -2,7 +2,7 @@
 //! Errors end the process with one line on stderr and a non-zero status.
 
 use clap::Parser as _;
-use redirect::cli::{Cli, Command, connections, detach, finish, flip, history, lag, run, status};
+use redirect::cli::{Cli, Command, connections, detach, finish, flip, history, lag, run, status, verify};
 
 fn main() {
     let cli = Cli::parse();
@@ -33,6 +33,7 @@ fn main() {
         Command::Connections(a) => connections::run(a, &cli.pin_dir),
         Command::Detach(a) => detach::run(a, &cli.pin_dir, &cli.journal),
         Command::Finish(a) => finish::run(a, &cli.socket),
+        Command::Verify(a) => verify::run(a, &cli.socket),
     };
     if let Err(e) = result {
         eprintln!("redirect: {e:#}");

@@ -12,6 +12,7 @@ pub mod history;
 pub mod lag;
 pub mod run;
 pub mod status;
+pub mod verify;
 
 /// Move a live `PostgreSQL` database to a new server without downtime.
 ///
@@ -52,6 +53,7 @@ pub enum Command {
     Connections(connections::Args),
     Detach(detach::Args),
     Finish(finish::Args),
+    Verify(verify::Args),
 }
 
 /// An inclusive port range, written `LO-HI`.
