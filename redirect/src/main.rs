@@ -2,7 +2,9 @@
 //! Errors end the process with one line on stderr and a non-zero status.
 
 use clap::Parser as _;
-use redirect::cli::{Cli, Command, connections, detach, finish, flip, history, lag, run, status, verify};
+use redirect::cli::{
+    Cli, Command, connections, detach, finish, flip, history, lag, run, status, verify,
+};
 
 fn main() {
     let cli = Cli::parse();

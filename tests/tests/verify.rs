@@ -102,7 +102,10 @@ fn verify_is_equal_under_live_writes_and_after_a_clean_cutover() {
     let lab = &c.lab;
     let (report, out) = verify(lab, &[]);
     assert_all_equal(&report, &out, "right after setup");
-    assert_eq!(table(&report, "public.acks")["method"], "chunked_by_primary_key");
+    assert_eq!(
+        table(&report, "public.acks")["method"],
+        "chunked_by_primary_key"
+    );
 
     let load = workload(lab, 0..6, 16);
     std::thread::sleep(Duration::from_secs(2));
@@ -112,7 +115,10 @@ fn verify_is_equal_under_live_writes_and_after_a_clean_cutover() {
         let (report, out) = verify(lab, &["--chunk-rows", "200"]);
         assert_all_equal(&report, &out, &format!("under live writes (round {round})"));
         assert!(
-            table(&report, "public.acks")["source_rows"].as_u64().unwrap() > 0,
+            table(&report, "public.acks")["source_rows"]
+                .as_u64()
+                .unwrap()
+                > 0,
             "the workload wrote: {report:#}"
         );
         assert!(
@@ -149,7 +155,10 @@ fn verify_is_equal_under_live_writes_and_after_a_clean_cutover() {
     );
     // The human form ends with the summary line.
     let human = lab.redirect_ok(&["verify"]);
-    assert!(human.contains("verify: 1 tables equal, 0 differ"), "{human}");
+    assert!(
+        human.contains("verify: 1 tables equal, 0 differ"),
+        "{human}"
+    );
 }
 
 /// Rows deleted and changed directly on the target, a composite-key table changed in a
@@ -157,9 +166,9 @@ fn verify_is_equal_under_live_writes_and_after_a_clean_cutover() {
 /// target at all: each reported, with its keys.
 #[test]
 fn verify_names_every_kind_of_difference() {
-    let c = setup("verify-diff", &[]);
-    let lab = &c.lab;
-    let (src, tgt) = (&c.source, &c.target);
+    let lab_ = setup("verify-diff", &[]);
+    let lab = &lab_.lab;
+    let (src, tgt) = (&lab_.source, &lab_.target);
     // A composite key (integer, text) with 25,000 rows, replicated.
     let pairs = "CREATE TABLE pairs (a int, b text, v text NOT NULL, PRIMARY KEY (a, b))";
     psql(lab, Ns::Source, src, pairs);
@@ -195,14 +204,29 @@ fn verify_names_every_kind_of_difference() {
     assert_eq!(table(&report, "public.pairs")["chunks"], 26, "{report:#}");
 
     // --rate bounds the load: 25,000 rows at 10,000 rows/s take at least 2 s.
-    let t = Instant::now();
+    let started = Instant::now();
     let (report, out) = verify(
         lab,
-        &["--table", "public.pairs", "--chunk-rows", "1000", "--rate", "10000"],
+        &[
+            "--table",
+            "public.pairs",
+            "--chunk-rows",
+            "1000",
+            "--rate",
+            "10000",
+        ],
     );
     assert_all_equal(&report, &out, "rate-limited");
-    assert_eq!(report["tables"].as_array().unwrap().len(), 1, "only --table");
-    assert!(t.elapsed() >= Duration::from_secs(2), "{:?}", t.elapsed());
+    assert_eq!(
+        report["tables"].as_array().unwrap().len(),
+        1,
+        "only --table"
+    );
+    assert!(
+        started.elapsed() >= Duration::from_secs(2),
+        "{:?}",
+        started.elapsed()
+    );
 
     // Break things.
     let (deleted, changed): (i64, i64) = (1234, 2345);
@@ -233,7 +257,12 @@ fn verify_names_every_kind_of_difference() {
             "SELECT count(*) FROM pg_subscription_rel WHERE srsubstate <> 'r'",
         ) == "0"
     });
-    psql(lab, Ns::Source, src, "INSERT INTO bag VALUES ('a'), ('b'), ('b')");
+    psql(
+        lab,
+        Ns::Source,
+        src,
+        "INSERT INTO bag VALUES ('a'), ('b'), ('b')",
+    );
     wait_for(Duration::from_secs(30), "bag to replicate", || {
         count(lab, Ns::Target, tgt, "bag") == 3
     });
@@ -262,7 +291,10 @@ fn verify_names_every_kind_of_difference() {
         "CREATE UNLOGGED TABLE source_only (id int PRIMARY KEY); INSERT INTO source_only VALUES (1)",
     );
     let (report, out) = verify(lab, &["--chunk-rows", "1000"]);
-    assert!(!out.status.success(), "differences exit non-zero: {report:#}");
+    assert!(
+        !out.status.success(),
+        "differences exit non-zero: {report:#}"
+    );
     assert!(
         String::from_utf8_lossy(&out.stderr).contains("table(s) differ"),
         "{}",
@@ -280,27 +312,39 @@ fn verify_names_every_kind_of_difference() {
     );
     assert_eq!(acks["source_rows"], 3000);
     assert_eq!(acks["target_rows"], 2999);
-    let p = table(&report, "public.pairs");
-    assert_eq!(p["verdict"], "differs", "{p:#}");
-    assert_eq!(p["key_columns"], serde_json::json!(["a", "b"]));
+    let pairs_t = table(&report, "public.pairs");
+    assert_eq!(pairs_t["verdict"], "differs", "{pairs_t:#}");
+    assert_eq!(pairs_t["key_columns"], serde_json::json!(["a", "b"]));
     assert_eq!(
-        named_keys(p),
-        [(vec!["120".to_owned(), "k050".to_owned()], "changed".to_owned())]
+        named_keys(pairs_t),
+        [(
+            vec!["120".to_owned(), "k050".to_owned()],
+            "changed".to_owned()
+        )]
     );
-    assert_eq!(p["differing_rows"], 1);
-    let n = table(&report, "public.not_subscribed");
-    assert_eq!(n["verdict"], "differs", "{n:#}");
-    assert_eq!((n["source_rows"].as_u64(), n["target_rows"].as_u64()), (Some(5), Some(0)));
-    assert_eq!(n["differing_rows"], 5);
+    assert_eq!(pairs_t["differing_rows"], 1);
+    let unsub = table(&report, "public.not_subscribed");
+    assert_eq!(unsub["verdict"], "differs", "{unsub:#}");
     assert_eq!(
-        named_keys(n)[0],
+        (unsub["source_rows"].as_u64(), unsub["target_rows"].as_u64()),
+        (Some(5), Some(0))
+    );
+    assert_eq!(unsub["differing_rows"], 5);
+    assert_eq!(
+        named_keys(unsub)[0],
         (vec!["1".to_owned()], "missing_on_target".to_owned())
     );
-    assert_eq!(table(&report, "public.source_only")["verdict"], "missing_on_target");
-    let b = table(&report, "public.bag");
-    assert_eq!(b["verdict"], "differs", "{b:#}");
-    assert_eq!(b["method"], "whole_table");
-    assert_eq!((b["source_rows"].as_u64(), b["target_rows"].as_u64()), (Some(3), Some(2)));
+    assert_eq!(
+        table(&report, "public.source_only")["verdict"],
+        "missing_on_target"
+    );
+    let bag_t = table(&report, "public.bag");
+    assert_eq!(bag_t["verdict"], "differs", "{bag_t:#}");
+    assert_eq!(bag_t["method"], "whole_table");
+    assert_eq!(
+        (bag_t["source_rows"].as_u64(), bag_t["target_rows"].as_u64()),
+        (Some(3), Some(2))
+    );
     assert_eq!(report["equal"], 0, "{report:#}");
     assert_eq!(report["differ"], 5, "{report:#}");
 
@@ -309,12 +353,21 @@ fn verify_names_every_kind_of_difference() {
     let human = String::from_utf8_lossy(&out.stdout);
     assert!(!out.status.success());
     assert!(human.contains("(a, b)=(120, k050) (changed)"), "{human}");
-    assert!(human.contains(&format!("id={deleted} (missing on target)")), "{human}");
-    assert!(human.contains("verify: 0 tables equal, 2 differ"), "{human}");
+    assert!(
+        human.contains(&format!("id={deleted} (missing on target)")),
+        "{human}"
+    );
+    assert!(
+        human.contains("verify: 0 tables equal, 2 differ"),
+        "{human}"
+    );
 
     // A table that is not anywhere is a clear error.
     let out = lab.redirect(&["verify", "--table", "public.nope"]);
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success());
-    assert!(err.contains("no table public.nope") && err.contains("public.acks"), "{err}");
+    assert!(
+        err.contains("no table public.nope") && err.contains("public.acks"),
+        "{err}"
+    );
 }

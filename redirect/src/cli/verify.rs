@@ -113,10 +113,7 @@ fn print_human(report: &Report) {
                 if keys.is_empty() {
                     format!("{differing_rows} row(s) differ (no primary key to name them)")
                 } else {
-                    format!(
-                        "{differing_rows} row(s) differ, first: {}",
-                        keys.join(", ")
-                    )
+                    format!("{differing_rows} row(s) differ, first: {}", keys.join(", "))
                 }
             }
             TableVerdict::MissingOnTarget => "never replicated: not on the target".to_owned(),

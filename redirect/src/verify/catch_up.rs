@@ -12,9 +12,9 @@ use crate::{
     cutover::{Controller, other},
     datapath::Role,
     pg::{
-        Lsn, PgError, parse_lsn_of,
+        Lsn, PgError,
         lag::{self, Replication},
-        timed,
+        parse_lsn_of, timed,
     },
 };
 
@@ -73,9 +73,7 @@ impl CatchUp {
                 )
                 .await?;
                 match row {
-                    None => Applied::Nothing(format!(
-                        "no subscription {sub} on the {replica}"
-                    )),
+                    None => Applied::Nothing(format!("no subscription {sub} on the {replica}")),
                     Some(row) if !row.get::<_, bool>(0) => {
                         Applied::Nothing(format!("subscription {sub} on the {replica} is disabled"))
                     }
@@ -120,9 +118,9 @@ impl CatchUp {
                 "writes go to the {}: each chunk is read on the {replica} once it has replayed the {}'s WAL position",
                 self.primary, self.primary
             ),
-            Applied::Nothing(why) => format!(
-                "{why}: no replication to wait for, the servers are compared as they are"
-            ),
+            Applied::Nothing(why) => {
+                format!("{why}: no replication to wait for, the servers are compared as they are")
+            }
         }
     }
 
@@ -207,9 +205,14 @@ impl CatchUp {
                 ),
                 Applied::Nothing(_) => return Ok(None),
             };
-        let text: Option<String> = timed(which, "reading the replay position", timeout, db.query_one(sql, &[]))
-            .await?
-            .get(0);
+        let text: Option<String> = timed(
+            which,
+            "reading the replay position",
+            timeout,
+            db.query_one(sql, &[]),
+        )
+        .await?
+        .get(0);
         text.map(|s| parse_lsn_of(which, what, &s)).transpose()
     }
 }

@@ -93,10 +93,7 @@ impl ChunkSql {
             params.extend(lo.iter().cloned());
         }
         if let Some(hi) = hi {
-            clauses.push(format!(
-                "{cols} <= ({})",
-                self.key_params(params.len() + 1)
-            ));
+            clauses.push(format!("{cols} <= ({})", self.key_params(params.len() + 1)));
             params.extend(hi.iter().cloned());
         }
         let clause = if clauses.is_empty() {
@@ -269,7 +266,10 @@ mod tests {
                 || s.contains(r#"(redirect_verify_row."a", redirect_verify_row."b") > (($1::text)::integer, ($2::text)::text)"#),
             "{s}"
         );
-        assert!(s.contains("<= (($3::text)::integer, ($4::text)::text)"), "{s}");
+        assert!(
+            s.contains("<= (($3::text)::integer, ($4::text)::text)"),
+            "{s}"
+        );
         assert_eq!(p, ["1", "x", "2", "y"]);
         let (s, p) = sql.aggregate(None, None, Some(10));
         assert!(!s.contains("WHERE") && s.contains("LIMIT 10"), "{s}");

@@ -429,16 +429,20 @@ impl Verify<'_> {
         let Some(rate) = self.req.rate else { return };
         #[allow(clippy::cast_precision_loss)]
         let due = Duration::from_secs_f64(self.rows_read as f64 / rate as f64);
-        let elapsed = self.started.elapsed();
-        if due > elapsed {
-            tokio::time::sleep(due - elapsed).await;
+        let wait = due.saturating_sub(self.started.elapsed());
+        if !wait.is_zero() {
+            tokio::time::sleep(wait).await;
         }
     }
 
     /// The primary's aggregate of the chunk after `lo`, then (once the replica has caught up
     /// with it) the replica's over the same key range. A difference is re-read a few times,
     /// then settled row by row.
-    async fn chunk(&mut self, sql: &ChunkSql, lo: Option<&Key>) -> Result<ChunkOutcome, VerifyError> {
+    async fn chunk(
+        &mut self,
+        sql: &ChunkSql,
+        lo: Option<&Key>,
+    ) -> Result<ChunkOutcome, VerifyError> {
         let timeout = self.db.timeout();
         let mut last = None;
         for attempt in 0..CHUNK_ATTEMPTS {
@@ -549,7 +553,10 @@ impl Verify<'_> {
         for k in order {
             match seen.get(&k) {
                 Some((diff, n)) if *n >= SETTLED_AFTER => {
-                    settled.diffs.push(KeyDiff { key: k, diff: *diff });
+                    settled.diffs.push(KeyDiff {
+                        key: k,
+                        diff: *diff,
+                    });
                 }
                 Some(_) => settled.unsettled.push(k),
                 None => {}
@@ -613,10 +620,17 @@ impl Verify<'_> {
             .active()
             .map_err(|e| VerifyError::BadRequest(e.to_string()))?;
         if primary != self.catch_up.primary {
-            self.catch_up =
-                CatchUp::discover(self.ctl, &self.db.source, &self.db.target, self.db.timeout())
-                    .await?;
-            let line = format!("writes now go to the {primary}: {}", self.catch_up.describe());
+            self.catch_up = CatchUp::discover(
+                self.ctl,
+                &self.db.source,
+                &self.db.target,
+                self.db.timeout(),
+            )
+            .await?;
+            let line = format!(
+                "writes now go to the {primary}: {}",
+                self.catch_up.describe()
+            );
             self.say(line);
         }
         Ok((primary, crate::cutover::other(primary)))
@@ -629,14 +643,19 @@ impl Verify<'_> {
         let mut said = false;
         let progress = self.progress.clone();
         self.catch_up
-            .wait(pdb, rdb, self.req.catch_up_timeout, self.db.timeout(), |lsn, at| {
-                if !said {
-                    said = true;
-                    let _ = progress.send(format!(
-                        "waiting for replication to reach {lsn} (at {at})"
-                    ));
-                }
-            })
+            .wait(
+                pdb,
+                rdb,
+                self.req.catch_up_timeout,
+                self.db.timeout(),
+                |lsn, at| {
+                    if !said {
+                        said = true;
+                        let _ = progress
+                            .send(format!("waiting for replication to reach {lsn} (at {at})"));
+                    }
+                },
+            )
             .await
     }
 }

@@ -123,7 +123,13 @@ pub struct Report {
 
 impl Report {
     #[must_use]
-    pub fn new(tables: Vec<TableReport>, consistency: String, chunk_rows: u64, rate: Option<u64>, elapsed_ms: f64) -> Self {
+    pub fn new(
+        tables: Vec<TableReport>,
+        consistency: String,
+        chunk_rows: u64,
+        rate: Option<u64>,
+        elapsed_ms: f64,
+    ) -> Self {
         let equal = tables.iter().filter(|t| t.verdict.is_equal()).count();
         Self {
             differ: tables.len() - equal,

@@ -175,29 +175,37 @@ mod tests {
 
     #[test]
     fn selection_and_schema_checks() {
-        let s: BTreeMap<_, _> = [table("a", &[]), table("b", &[])]
+        let on_source: BTreeMap<_, _> = [table("a", &[]), table("b", &[])]
             .into_iter()
             .map(|t| (t.display(), t))
             .collect();
-        let t: BTreeMap<_, _> = [table("c", &[])]
+        let on_target: BTreeMap<_, _> = [table("c", &[])]
             .into_iter()
             .map(|t| (t.display(), t))
             .collect();
         assert_eq!(
-            select(&s, &t, &[]).unwrap(),
+            select(&on_source, &on_target, &[]).unwrap(),
             ["public.a", "public.b", "public.c"]
         );
         assert_eq!(
-            select(&s, &t, &["b".into(), "public.c".into(), "b".into()]).unwrap(),
+            select(
+                &on_source,
+                &on_target,
+                &["b".into(), "public.c".into(), "b".into()]
+            )
+            .unwrap(),
             ["public.b", "public.c"]
         );
-        let e = select(&s, &t, &["x.y".into()]).unwrap_err();
-        assert!(e.contains("no table x.y") && e.contains("public.a"), "{e}");
-        let a = table("a", &[("id", "integer"), ("v", "text")]);
-        assert_eq!(schema_difference(&a, &a.clone()), None);
-        let b = table("a", &[("id", "integer")]);
+        let err = select(&on_source, &on_target, &["x.y".into()]).unwrap_err();
+        assert!(
+            err.contains("no table x.y") && err.contains("public.a"),
+            "{err}"
+        );
+        let wide = table("a", &[("id", "integer"), ("v", "text")]);
+        assert_eq!(schema_difference(&wide, &wide.clone()), None);
+        let narrow = table("a", &[("id", "integer")]);
         assert_eq!(
-            schema_difference(&a, &b).unwrap(),
+            schema_difference(&wide, &narrow).unwrap(),
             "columns differ: source (id integer, v text), target (id integer)"
         );
     }

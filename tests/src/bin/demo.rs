@@ -2,9 +2,10 @@
 //! `PostgreSQL` servers kept in sync by logical replication, loads redirect on the proxy, then:
 //! 1. shows connection pinning with an immediate flip (an open connection keeps querying the
 //!    source while new connections land on the target), and flips back;
-//! 2. runs a safe cutover under a continuous write load and prints a verdict: acknowledged
-//!    writes, writes found on the target, lost writes, refused connections, the longest write
-//!    pause and how long new connections were held.
+//! 2. runs `redirect verify` (source and target hold the same rows), then a safe cutover under
+//!    a continuous write load, and prints a verdict: acknowledged writes, writes found on the
+//!    target, lost writes, refused connections, the longest write pause and how long new
+//!    connections were held; then `redirect verify` again, after the cutover.
 //!
 //! Everything is torn down at the end, even on failure.
 
@@ -122,11 +123,28 @@ fn pinning(lab: &Arc<Lab>) {
     );
 }
 
+/// `redirect verify`, shown as an operator would see it; the demo fails if anything differs.
+fn verify(lab: &Lab, when: &str) -> bool {
+    println!("$ redirect verify");
+    let out = lab
+        .redirect_cmd()
+        .arg("verify")
+        .stderr(Stdio::inherit())
+        .output()
+        .expect("running redirect verify");
+    print!("{}", String::from_utf8_lossy(&out.stdout));
+    if !out.status.success() {
+        println!("verify {when}: the servers DIFFER");
+    }
+    out.status.success()
+}
+
 /// Part 2: the safe cutover under load, with a verdict.
 fn cutover(lab: &Arc<Lab>, target: &pg::Pg) {
     say("part 2: a safe cutover under a continuous write load");
     println!("$ redirect lag");
     print!("{}", lab.redirect_ok(&["lag"]));
+    let equal_before = verify(lab, "before the cutover");
     let writers = 0..8;
     println!(
         "workload: {} writers through the VIP for 12 s (prepared statements, a new connection every 20 commits, explicit transactions, idle pooled connections)",
@@ -193,16 +211,18 @@ fn cutover(lab: &Arc<Lab>, target: &pg::Pg) {
     );
     println!("$ redirect history");
     print!("{}", lab.redirect_ok(&["history"]));
+    say("after the cutover: writes go to the target and replicate back to the source");
+    let equal_after = verify(lab, "after the cutover");
     let csum: u64 = [Ns::Client, Ns::Proxy, Ns::Source, Ns::Target]
         .iter()
         .map(|ns| lab.csum_errors(*ns))
         .sum();
     println!("TcpInCsumErrors across the lab: {csum}");
-    let ok = lost == 0 && v.refused() == 0 && csum == 0;
+    let ok = lost == 0 && v.refused() == 0 && csum == 0 && equal_before && equal_after;
     println!(
         "\nRESULT: {}",
         if ok {
-            "PASS: nothing lost, nothing refused"
+            "PASS: nothing lost, nothing refused, source and target verified equal before and after"
         } else {
             "FAIL"
         }
