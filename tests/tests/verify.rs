@@ -222,6 +222,12 @@ fn verify_names_every_kind_of_difference() {
         1,
         "only --table"
     );
+    // Progress while it runs: the chunk it is at, of how many, and the pace.
+    let progress = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        progress.contains("public.pairs: chunk ") && progress.contains(" rows/s"),
+        "{progress}"
+    );
     assert!(
         started.elapsed() >= Duration::from_secs(2),
         "{:?}",

@@ -125,13 +125,14 @@ fn print_human(report: &Report) {
             ),
             TableVerdict::Failed { error } => error.clone(),
         };
-        println!(
+        let line = format!(
             "{:<width$}  {:<18} {:>12} {:>12}  {detail}",
             t.table,
             t.verdict.word(),
             rows(t.source_rows),
             rows(t.target_rows)
         );
+        println!("{}", line.trim_end());
     }
     println!("consistency: {}", report.consistency);
     println!(

@@ -144,7 +144,7 @@ fn cutover(lab: &Arc<Lab>, target: &pg::Pg) {
     say("part 2: a safe cutover under a continuous write load");
     println!("$ redirect lag");
     print!("{}", lab.redirect_ok(&["lag"]));
-    let equal_before = verify(lab, "before the cutover");
+
     let writers = 0..8;
     println!(
         "workload: {} writers through the VIP for 12 s (prepared statements, a new connection every 20 commits, explicit transactions, idle pooled connections)",
@@ -158,7 +158,10 @@ fn cutover(lab: &Arc<Lab>, target: &pg::Pg) {
             })
         }
     });
-    std::thread::sleep(Duration::from_secs(4));
+    std::thread::sleep(Duration::from_secs(2));
+    say("before the cutover, under the live writes: do source and target hold the same rows?");
+    let equal_before = verify(lab, "before the cutover");
+    std::thread::sleep(Duration::from_secs(2));
     println!("$ redirect flip --to target --drain-timeout 3s");
     let out = lab
         .redirect_cmd()
