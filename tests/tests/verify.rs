@@ -289,6 +289,16 @@ fn verify_names_every_kind_of_difference() {
         src,
         "INSERT INTO not_subscribed SELECT g, 'x' FROM generate_series(1, 5) g",
     );
+    // Rows only on the target, more than a chunk of them, after an empty source.
+    let extra = "CREATE TABLE target_extra (id int PRIMARY KEY)";
+    psql(lab, Ns::Source, src, extra);
+    psql(lab, Ns::Target, tgt, extra);
+    psql(
+        lab,
+        Ns::Target,
+        tgt,
+        "INSERT INTO target_extra SELECT generate_series(1, 2500)",
+    );
     // Unlogged: never published, and not on the target at all.
     psql(
         lab,
@@ -351,8 +361,23 @@ fn verify_names_every_kind_of_difference() {
         (bag_t["source_rows"].as_u64(), bag_t["target_rows"].as_u64()),
         (Some(3), Some(2))
     );
+    let extra = table(&report, "public.target_extra");
+    assert_eq!(extra["verdict"], "differs", "{extra:#}");
+    assert_eq!(extra["differing_rows"], 2500, "{extra:#}");
+    assert_eq!(
+        (extra["source_rows"].as_u64(), extra["target_rows"].as_u64()),
+        (Some(0), Some(2500))
+    );
+    assert_eq!(
+        named_keys(extra)[0],
+        (vec!["1".to_owned()], "missing_on_source".to_owned())
+    );
+    assert!(
+        extra["chunks"].as_u64().unwrap() >= 3,
+        "a chunk at a time: {extra:#}"
+    );
     assert_eq!(report["equal"], 0, "{report:#}");
-    assert_eq!(report["differ"], 5, "{report:#}");
+    assert_eq!(report["differ"], 6, "{report:#}");
 
     // The human form names the keys and ends with the summary.
     let out = lab.redirect(&["verify", "--table", "pairs", "--table", "acks"]);

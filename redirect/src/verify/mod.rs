@@ -481,7 +481,10 @@ impl Verify<'_> {
                 break;
             }
         }
-        let hi = last.expect("at least one attempt").last;
+        let mut hi = last.expect("at least one attempt").last;
+        if hi.is_none() {
+            hi = self.bound_the_tail(sql, lo).await?;
+        }
         let settled = self.settle(sql, lo, hi.as_ref()).await?;
         let (primary, _) = self.roles().await?;
         Ok(ChunkOutcome {
@@ -491,6 +494,29 @@ impl Verify<'_> {
             hi,
             diffs: settled.diffs,
             unsettled: settled.unsettled,
+        })
+    }
+
+    /// The primary has no rows after `lo` but the replica does: compare at most a chunk of
+    /// them at a time (the replica's first `--chunk-rows` keys), not all at once.
+    async fn bound_the_tail(
+        &mut self,
+        sql: &ChunkSql,
+        lo: Option<&Key>,
+    ) -> Result<Option<Key>, VerifyError> {
+        let (_, replica) = self.roles().await?;
+        let (rw, rdb) = self.db.of(replica);
+        let r = chunk::read_aggregate(
+            rw,
+            rdb,
+            &sql.aggregate(lo, None, Some(self.req.chunk_rows)),
+            self.db.timeout(),
+        )
+        .await?;
+        Ok(if r.rows >= self.req.chunk_rows {
+            r.last
+        } else {
+            None
         })
     }
 
