@@ -166,7 +166,7 @@ fn verify_is_equal_under_live_writes_and_after_a_clean_cutover() {
 /// target at all: each reported, with its keys.
 #[test]
 fn verify_names_every_kind_of_difference() {
-    let lab_ = setup("verify-diff", &[]);
+    let mut lab_ = setup("verify-diff", &[]);
     let lab = &lab_.lab;
     let (src, tgt) = (&lab_.source, &lab_.target);
     // A composite key (integer, text) with 25,000 rows, replicated.
@@ -400,5 +400,37 @@ fn verify_names_every_kind_of_difference() {
     assert!(
         err.contains("no table public.nope") && err.contains("public.acks"),
         "{err}"
+    );
+
+    // Replication that cannot apply (a lock on the target holds the apply worker): verify
+    // does not compare against a stale target; it says so within --catch-up-timeout.
+    let lab = std::sync::Arc::get_mut(&mut lab_.lab).expect("no other handle on the lab");
+    redirect_tests::pg::spawn_psql(
+        lab,
+        Ns::Target,
+        &lab_.target,
+        "BEGIN; LOCK TABLE acks IN ACCESS EXCLUSIVE MODE; SELECT pg_sleep(60)",
+        "locker",
+    );
+    std::thread::sleep(Duration::from_secs(1));
+    psql(
+        lab,
+        Ns::Source,
+        &lab_.source,
+        "INSERT INTO acks (writer, seq) VALUES (9, 10)",
+    );
+    let started = Instant::now();
+    let out = lab.redirect(&["verify", "--table", "acks", "--catch-up-timeout", "2s"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{err}");
+    assert!(
+        err.contains("the target did not reach the source's WAL position")
+            && err.contains("redirect lag"),
+        "{err}"
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(20),
+        "{:?}",
+        started.elapsed()
     );
 }
