@@ -1,7 +1,8 @@
 //! The consistent point of a chunk: after reading it on the primary (the server that takes
 //! the writes), wait until the replica has applied everything the primary had written, then
-//! read it there. Logical replication: the subscription's slot on the primary has confirmed
-//! that position (the subscriber applies commits in order). Physical: the standby replayed it.
+//! read it there. Logical replication: the subscription's walsender on the primary reports
+//! that the subscriber has applied (committed) that position, or its slot has confirmed it;
+//! the subscriber applies commits in order. Physical: the standby replayed it.
 
 use std::time::{Duration, Instant};
 
@@ -22,6 +23,14 @@ use crate::{
 /// visible (the write position can lag behind records already inserted).
 const INSERT_LSN: &str = "SELECT pg_current_wal_insert_lsn()::text";
 const REPLAY_LSN: &str = "SELECT pg_last_wal_replay_lsn()::text";
+/// What a logical subscriber has applied: its walsender's `replay_lsn` is the end of the last
+/// transaction it committed (the slot's `confirmed_flush_lsn` waits for the subscriber's own
+/// WAL flush, up to `wal_writer_delay` later with its asynchronous commits), whichever is
+/// further.
+const APPLIED_LSN: &str = "SELECT greatest( \
+     (SELECT confirmed_flush_lsn FROM pg_replication_slots WHERE slot_name = $1), \
+     (SELECT replay_lsn FROM pg_stat_replication WHERE application_name = $2 \
+      ORDER BY replay_lsn DESC NULLS LAST LIMIT 1))::text";
 
 /// How to tell what the replica has applied.
 #[derive(Clone, Debug)]
@@ -149,6 +158,9 @@ impl CatchUp {
         let want = parse_lsn_of(p, "pg_current_wal_insert_lsn()", &text)?;
         let started = Instant::now();
         let mut told = false;
+        // Poll fast at first (a busy replica is usually a few milliseconds behind), then back
+        // off so a long wait does not load the primary.
+        let mut poll = Duration::from_millis(5);
         loop {
             let applied = self.applied(primary, replica, timeout).await?;
             if applied.is_some_and(|a| a >= want) {
@@ -166,7 +178,8 @@ impl CatchUp {
                 told = true;
                 waiting(want, at);
             }
-            tokio::time::sleep(Duration::from_millis(50)).await;
+            tokio::time::sleep(poll).await;
+            poll = (poll * 2).min(Duration::from_millis(100));
         }
     }
 
@@ -176,35 +189,32 @@ impl CatchUp {
         replica: &Client,
         timeout: Duration,
     ) -> Result<Option<Lsn>, PgError> {
-        let (which, db, sql, what): (&'static str, &Client, &str, &'static str) =
-            match &self.applied {
-                Applied::Slot { slot, .. } => {
-                    let row = timed(
-                        self.primary.name(),
-                        "reading the slot",
-                        timeout,
-                        primary.query_opt(lag::SLOT, &[slot]),
-                    )
-                    .await?;
-                    return row
-                        .and_then(|r| r.get::<_, Option<String>>(1))
-                        .map(|s| {
-                            parse_lsn_of(
-                                self.primary.name(),
-                                "pg_replication_slots.confirmed_flush_lsn",
-                                &s,
-                            )
-                        })
-                        .transpose();
-                }
-                Applied::Replay => (
-                    other(self.primary).name(),
-                    replica,
-                    REPLAY_LSN,
-                    "pg_last_wal_replay_lsn()",
-                ),
-                Applied::Nothing(_) => return Ok(None),
-            };
+        let (which, db, sql, what): (&'static str, &Client, &str, &'static str) = match &self
+            .applied
+        {
+            Applied::Slot { slot, subscription } => {
+                let row = timed(
+                    self.primary.name(),
+                    "reading what the subscriber applied",
+                    timeout,
+                    primary.query_one(APPLIED_LSN, &[slot, subscription]),
+                )
+                .await?;
+                return row
+                    .get::<_, Option<String>>(0)
+                    .map(|s| {
+                        parse_lsn_of(self.primary.name(), "the subscriber's applied position", &s)
+                    })
+                    .transpose();
+            }
+            Applied::Replay => (
+                other(self.primary).name(),
+                replica,
+                REPLAY_LSN,
+                "pg_last_wal_replay_lsn()",
+            ),
+            Applied::Nothing(_) => return Ok(None),
+        };
         let text: Option<String> = timed(
             which,
             "reading the replay position",

@@ -155,6 +155,31 @@ impl ChunkSql {
         (sql, params)
     }
 
+    /// The table's last key.
+    #[must_use]
+    pub fn last_key(&self) -> String {
+        format!(
+            "SELECT {} FROM {} {ROW} ORDER BY {} LIMIT 1",
+            self.key_json(),
+            self.table,
+            self.key
+                .iter()
+                .map(|(n, _)| format!("{ROW}.{n} DESC"))
+                .collect::<Vec<_>>()
+                .join(", ")
+        )
+    }
+
+    /// Whether key `$1..` sorts after key `$k+1..` (the server orders keys, as its index does).
+    #[must_use]
+    pub fn after(&self) -> String {
+        format!(
+            "SELECT ({}) > ({})",
+            self.key_params(1),
+            self.key_params(self.key.len() + 1)
+        )
+    }
+
     /// Every row of `(lo, hi]`: key, row hash, `xmin`.
     #[must_use]
     pub fn rows(&self, lo: Option<&Key>, hi: Option<&Key>) -> (String, Vec<String>) {
@@ -208,6 +233,43 @@ pub async fn read_aggregate(
         version: row.get(2),
         last: last.map(|j| parse_key(&j)),
     })
+}
+
+/// The table's last key on one server (`None`: empty).
+pub async fn read_last_key(
+    which: &'static str,
+    db: &Client,
+    sql: &ChunkSql,
+    timeout: Duration,
+) -> Result<Option<Key>, PgError> {
+    let row = timed(
+        which,
+        "reading the table's last key",
+        timeout,
+        db.query_opt(sql.last_key().as_str(), &[]),
+    )
+    .await?;
+    Ok(row.map(|r| parse_key(&r.get::<_, String>(0))))
+}
+
+/// Whether key `a` sorts after key `b`, asked of one server.
+pub async fn key_after(
+    which: &'static str,
+    db: &Client,
+    sql: &ChunkSql,
+    a: &Key,
+    b: &Key,
+    timeout: Duration,
+) -> Result<bool, PgError> {
+    let args: Vec<String> = a.iter().chain(b).cloned().collect();
+    let row = timed(
+        which,
+        "ordering two keys",
+        timeout,
+        db.query_one(sql.after().as_str(), &params(&args)),
+    )
+    .await?;
+    Ok(row.get(0))
 }
 
 /// Runs a rows statement (from [`ChunkSql::rows`]).
@@ -275,5 +337,16 @@ mod tests {
         assert!(!s.contains("WHERE") && s.contains("LIMIT 10"), "{s}");
         assert!(p.is_empty());
         assert_eq!(parse_key(r#"["1","a,b"]"#), ["1", "a,b"]);
+        assert_eq!(
+            sql.after(),
+            "SELECT (($1::text)::integer, ($2::text)::text) > (($3::text)::integer, ($4::text)::text)"
+        );
+        assert!(
+            sql.last_key().ends_with(
+                r#"ORDER BY redirect_verify_row."a" DESC, redirect_verify_row."b" DESC LIMIT 1"#
+            ),
+            "{}",
+            sql.last_key()
+        );
     }
 }

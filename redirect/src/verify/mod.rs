@@ -265,8 +265,10 @@ struct ChunkOutcome {
     primary: Role,
     primary_rows: u64,
     replica_rows: u64,
-    /// The chunk's upper key; `None`: the chunk ran to the end of the table.
-    hi: Option<Key>,
+    /// The chunk's upper key (inclusive).
+    hi: Key,
+    /// The table's last chunk.
+    last: bool,
     diffs: Vec<KeyDiff>,
     unsettled: Vec<Key>,
 }
@@ -392,22 +394,28 @@ impl Verify<'_> {
         })
     }
 
-    /// Keyset pagination: each chunk starts after the previous one's last key.
+    /// Keyset pagination: each chunk starts after the previous one's last key, up to the
+    /// table's end as it was when its comparison began. Rows appended after that are left
+    /// for the next verify: a table that grows at its end is not chased forever.
     async fn chunked(&mut self, t: &Table) -> Result<Tally, VerifyError> {
         let sql = ChunkSql::new(t);
         let estimated_chunks = t.estimated_rows / self.req.chunk_rows + 1;
         let mut tally = Tally::default();
+        let Some(end) = self.end_of_table(&sql).await? else {
+            // Empty on both sides when the comparison began.
+            tally.chunks = 1;
+            return Ok(tally);
+        };
         let mut lo: Option<Key> = None;
         loop {
-            let c = self.chunk(&sql, lo.as_ref()).await?;
-            let done = c.hi.is_none();
-            let hi = c.hi.clone();
+            let c = self.chunk(&sql, lo.as_ref(), &end).await?;
+            let (done, hi) = (c.last, c.hi.clone());
             self.rows_read += c.primary_rows.max(c.replica_rows);
             tally.add(c, self.req.max_keys);
             if done {
                 return Ok(tally);
             }
-            lo = hi;
+            lo = Some(hi);
             if self.last_progress.elapsed() >= Duration::from_secs(1) {
                 let secs = self.started.elapsed().as_secs_f64().max(0.001);
                 #[allow(clippy::cast_precision_loss)]
@@ -424,6 +432,61 @@ impl Verify<'_> {
         }
     }
 
+    /// The larger of the two servers' last keys (so rows only on the replica count too), or
+    /// `None` if both are empty.
+    async fn end_of_table(&mut self, sql: &ChunkSql) -> Result<Option<Key>, VerifyError> {
+        let timeout = self.db.timeout();
+        let (primary, replica) = self.roles().await?;
+        let (pw, pdb) = self.db.of(primary);
+        let (rw, rdb) = self.db.of(replica);
+        let ours = chunk::read_last_key(pw, pdb, sql, timeout).await?;
+        self.consistent_point(primary).await?;
+        let theirs = chunk::read_last_key(rw, rdb, sql, timeout).await?;
+        Ok(match (ours, theirs) {
+            (Some(a), Some(b)) => {
+                if chunk::key_after(pw, pdb, sql, &b, &a, timeout).await? {
+                    Some(b)
+                } else {
+                    Some(a)
+                }
+            }
+            (a, b) => a.or(b),
+        })
+    }
+
+    /// The key range of the chunk after `lo`: the primary's next `--chunk-rows` keys; where
+    /// the primary runs out before `end`, the replica's (it may hold rows the primary does
+    /// not), or `end` itself. Returns `(hi, last chunk, the primary's aggregate of it if read)`.
+    async fn next_range(
+        &mut self,
+        sql: &ChunkSql,
+        lo: Option<&Key>,
+        end: &Key,
+    ) -> Result<(Key, bool, Option<Aggregate>), VerifyError> {
+        let timeout = self.db.timeout();
+        let n = self.req.chunk_rows;
+        let (primary, replica) = self.roles().await?;
+        let (pw, pdb) = self.db.of(primary);
+        let p =
+            chunk::read_aggregate(pw, pdb, &sql.aggregate(lo, Some(end), Some(n)), timeout).await?;
+        if p.rows >= n
+            && let Some(hi) = p.last.clone()
+        {
+            let last = &hi == end;
+            return Ok((hi, last, Some(p)));
+        }
+        let (rw, rdb) = self.db.of(replica);
+        let r =
+            chunk::read_aggregate(rw, rdb, &sql.aggregate(lo, Some(end), Some(n)), timeout).await?;
+        if r.rows >= n
+            && let Some(hi) = r.last
+        {
+            let last = &hi == end;
+            return Ok((hi, last, None));
+        }
+        Ok((end.clone(), true, None))
+    }
+
     /// `--rate`: sleep until the rows read so far are within the budget.
     async fn throttle(&self) {
         let Some(rate) = self.req.rate else { return };
@@ -435,30 +498,28 @@ impl Verify<'_> {
         }
     }
 
-    /// The primary's aggregate of the chunk after `lo`, then (once the replica has caught up
-    /// with it) the replica's over the same key range. A difference is re-read a few times,
-    /// then settled row by row.
+    /// The chunk after `lo`, compared: the primary's aggregate, then (once the replica has
+    /// caught up with it) the replica's over the same key range. A difference is re-read a
+    /// few times, then settled row by row.
     async fn chunk(
         &mut self,
         sql: &ChunkSql,
         lo: Option<&Key>,
+        end: &Key,
     ) -> Result<ChunkOutcome, VerifyError> {
         let timeout = self.db.timeout();
-        let mut last = None;
+        let (hi, last, mut first_read) = self.next_range(sql, lo, end).await?;
+        let range = sql.aggregate(lo, Some(&hi), None);
         for attempt in 0..CHUNK_ATTEMPTS {
             if attempt > 0 {
                 tokio::time::sleep(Duration::from_millis(50 << attempt)).await;
             }
             let (primary, replica) = self.roles().await?;
             let (pw, pdb) = self.db.of(primary);
-            let p = chunk::read_aggregate(
-                pw,
-                pdb,
-                &sql.aggregate(lo, None, Some(self.req.chunk_rows)),
-                timeout,
-            )
-            .await?;
-            let range = sql.aggregate(lo, p.last.as_ref(), None);
+            let p = match first_read.take() {
+                Some(p) => p,
+                None => chunk::read_aggregate(pw, pdb, &range, timeout).await?,
+            };
             self.consistent_point(primary).await?;
             let (rw, rdb) = self.db.of(replica);
             let r = chunk::read_aggregate(rw, rdb, &range, timeout).await?;
@@ -467,7 +528,8 @@ impl Verify<'_> {
                     primary,
                     primary_rows: p.rows,
                     replica_rows: r.rows,
-                    hi: p.last,
+                    hi,
+                    last,
                     diffs: vec![],
                     unsettled: vec![],
                 });
@@ -475,48 +537,20 @@ impl Verify<'_> {
             // Did the primary's range change while the replica was read? Then the difference
             // may be a write in flight: read again at a fresh point.
             let again = chunk::read_aggregate(pw, pdb, &range, timeout).await?;
-            let still = again.version == p.version && again.rows == p.rows;
-            last = Some(p);
-            if still {
+            if again.version == p.version && again.rows == p.rows {
                 break;
             }
         }
-        let mut hi = last.expect("at least one attempt").last;
-        if hi.is_none() {
-            hi = self.bound_the_tail(sql, lo).await?;
-        }
-        let settled = self.settle(sql, lo, hi.as_ref()).await?;
+        let settled = self.settle(sql, lo, Some(&hi)).await?;
         let (primary, _) = self.roles().await?;
         Ok(ChunkOutcome {
             primary,
             primary_rows: settled.primary_rows,
             replica_rows: settled.replica_rows,
             hi,
+            last,
             diffs: settled.diffs,
             unsettled: settled.unsettled,
-        })
-    }
-
-    /// The primary has no rows after `lo` but the replica does: compare at most a chunk of
-    /// them at a time (the replica's first `--chunk-rows` keys), not all at once.
-    async fn bound_the_tail(
-        &mut self,
-        sql: &ChunkSql,
-        lo: Option<&Key>,
-    ) -> Result<Option<Key>, VerifyError> {
-        let (_, replica) = self.roles().await?;
-        let (rw, rdb) = self.db.of(replica);
-        let r = chunk::read_aggregate(
-            rw,
-            rdb,
-            &sql.aggregate(lo, None, Some(self.req.chunk_rows)),
-            self.db.timeout(),
-        )
-        .await?;
-        Ok(if r.rows >= self.req.chunk_rows {
-            r.last
-        } else {
-            None
         })
     }
 
@@ -620,7 +654,8 @@ impl Verify<'_> {
                     primary,
                     primary_rows: p.rows,
                     replica_rows: r.rows,
-                    hi: None,
+                    hi: Vec::new(),
+                    last: true,
                     diffs: vec![],
                     unsettled: vec![],
                 },
