@@ -1,5 +1,5 @@
 //! The control socket: a root-only Unix socket on which the running controller serves the CLI
-//! (`flip`, `lag`, `status`). One JSON request per connection; the answer is JSON lines:
+//! (`flip`, `lag`, `status`, `verify`). One JSON request per connection; the answer is JSON lines:
 //! `{"progress": "..."}` while a long step runs, then `{"ok": ...}` or `{"error": "..."}`.
 
 use std::{
@@ -69,6 +69,15 @@ pub enum Request {
     },
     /// What the controller is doing, and what its last recovery did.
     State,
+    /// Compare the two databases (`redirect verify`); streams progress, answers the report.
+    Verify {
+        tables: Vec<String>,
+        chunk_rows: u64,
+        rate: Option<u64>,
+        catch_up_timeout_ms: u64,
+        statement_timeout_ms: u64,
+        max_keys: usize,
+    },
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -162,6 +171,45 @@ async fn handle(stream: UnixStream, ctl: Arc<Controller>) -> std::io::Result<()>
             match crate::cutover::guardrails::fix::publish_table(&ctl, &table, apply).await {
                 Ok(r) => Reply::Ok(serde_json::to_value(r).expect("report serializes")),
                 Err(e) => Reply::Error(e.to_string()),
+            }
+        }
+        Request::Verify {
+            tables,
+            chunk_rows,
+            rate,
+            catch_up_timeout_ms,
+            statement_timeout_ms,
+            max_keys,
+        } => {
+            let req = crate::verify::VerifyRequest {
+                tables,
+                chunk_rows,
+                rate,
+                catch_up_timeout: Duration::from_millis(catch_up_timeout_ms),
+                statement_timeout: Duration::from_millis(statement_timeout_ms),
+                max_keys,
+            };
+            info!(tables = ?req.tables, chunk_rows, rate, "verify requested");
+            let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+            let task = tokio::spawn({
+                let ctl = ctl.clone();
+                async move { crate::verify::verify(&ctl, req, tx).await }
+            });
+            while let Some(p) = rx.recv().await {
+                // A CLI that went away stops the verify: nobody reads its report.
+                if send(&mut w, &Reply::Progress(p)).await.is_err() {
+                    task.abort();
+                    break;
+                }
+            }
+            match task.await {
+                Ok(Ok(report)) => {
+                    info!(equal = report.equal, differ = report.differ, "verify done");
+                    Reply::Ok(serde_json::to_value(report).expect("report serializes"))
+                }
+                Ok(Err(e)) => Reply::Error(e.to_string()),
+                Err(e) if e.is_cancelled() => return Ok(()),
+                Err(e) => Reply::Error(format!("verify task failed: {e}")),
             }
         }
         Request::Lag => match ctl.measure_lag().await {

@@ -20,3 +20,4 @@ pub mod metrics;
 pub mod net;
 pub mod pg;
 pub mod sync;
+pub mod verify;

@@ -3,7 +3,7 @@
 
 use clap::Parser as _;
 use redirect::cli::{
-    Cli, Command, connections, detach, finish, fix, flip, history, lag, run, status,
+    Cli, Command, connections, detach, finish, fix, flip, history, lag, run, status, verify,
 };
 
 fn main() {
@@ -36,6 +36,7 @@ fn main() {
         Command::Detach(a) => detach::run(a, &cli.pin_dir, &cli.journal),
         Command::Finish(a) => finish::run(a, &cli.socket),
         Command::Fix(a) => fix::run(a, &cli.socket),
+        Command::Verify(a) => verify::run(a, &cli.socket),
     };
     if let Err(e) = result {
         eprintln!("redirect: {e:#}");

@@ -13,6 +13,7 @@ pub mod history;
 pub mod lag;
 pub mod run;
 pub mod status;
+pub mod verify;
 
 /// Move a live `PostgreSQL` database to a new server without downtime.
 ///
@@ -54,6 +55,7 @@ pub enum Command {
     Detach(detach::Args),
     Finish(finish::Args),
     Fix(fix::Args),
+    Verify(verify::Args),
 }
 
 /// An inclusive port range, written `LO-HI`.

@@ -4,9 +4,10 @@
 //!    source while new connections land on the target), and flips back;
 //! 2. shows a guardrail firing: a table without a replica identity blocks the cutover until
 //!    `redirect fix replica-identity` gives it one;
-//! 3. runs a safe cutover under a continuous write load and prints a verdict: acknowledged
-//!    writes, writes found on the target, lost writes, refused connections, the longest write
-//!    pause and how long new connections were held.
+//! 3. runs `redirect verify` (source and target hold the same rows), then a safe cutover under
+//!    a continuous write load, and prints a verdict: acknowledged writes, writes found on the
+//!    target, lost writes, refused connections, the longest write pause and how long new
+//!    connections were held; then `redirect verify` again, after the cutover.
 //!
 //! Everything is torn down at the end, even on failure.
 
@@ -211,11 +212,28 @@ fn guardrail(lab: &Arc<Lab>, source: &pg::Pg, target: &pg::Pg) {
     assert_eq!(blocking, 0, "the fix cleared the guardrail");
 }
 
+/// `redirect verify`, shown as an operator would see it; the demo fails if anything differs.
+fn verify(lab: &Lab, when: &str) -> bool {
+    println!("$ redirect verify");
+    let out = lab
+        .redirect_cmd()
+        .arg("verify")
+        .stderr(Stdio::inherit())
+        .output()
+        .expect("running redirect verify");
+    print!("{}", String::from_utf8_lossy(&out.stdout));
+    if !out.status.success() {
+        println!("verify {when}: the servers DIFFER");
+    }
+    out.status.success()
+}
+
 /// Part 3: the safe cutover under load, with a verdict.
 fn cutover(lab: &Arc<Lab>, target: &pg::Pg) {
     say("part 3: a safe cutover under a continuous write load");
     println!("$ redirect lag");
     print!("{}", lab.redirect_ok(&["lag"]));
+
     let writers = 0..8;
     println!(
         "workload: {} writers through the VIP for 12 s (prepared statements, a new connection every 20 commits, explicit transactions, idle pooled connections)",
@@ -229,7 +247,10 @@ fn cutover(lab: &Arc<Lab>, target: &pg::Pg) {
             })
         }
     });
-    std::thread::sleep(Duration::from_secs(4));
+    std::thread::sleep(Duration::from_secs(2));
+    say("before the cutover, under the live writes: do source and target hold the same rows?");
+    let equal_before = verify(lab, "before the cutover");
+    std::thread::sleep(Duration::from_secs(2));
     println!("$ redirect flip --to target --drain-timeout 3s");
     let out = lab
         .redirect_cmd()
@@ -282,16 +303,18 @@ fn cutover(lab: &Arc<Lab>, target: &pg::Pg) {
     );
     println!("$ redirect history");
     print!("{}", lab.redirect_ok(&["history"]));
+    say("after the cutover: writes go to the target and replicate back to the source");
+    let equal_after = verify(lab, "after the cutover");
     let csum: u64 = [Ns::Client, Ns::Proxy, Ns::Source, Ns::Target]
         .iter()
         .map(|ns| lab.csum_errors(*ns))
         .sum();
     println!("TcpInCsumErrors across the lab: {csum}");
-    let ok = lost == 0 && v.refused() == 0 && csum == 0;
+    let ok = lost == 0 && v.refused() == 0 && csum == 0 && equal_before && equal_after;
     println!(
         "\nRESULT: {}",
         if ok {
-            "PASS: nothing lost, nothing refused"
+            "PASS: nothing lost, nothing refused, source and target verified equal before and after"
         } else {
             "FAIL"
         }
