@@ -236,6 +236,58 @@ fn each_guardrail_blocks_until_allowed_and_a_clean_lab_has_none() {
         "{err}"
     );
     on_source(&c, "DROP TABLE source_only");
+    // Publishing a keyless table would make every UPDATE/DELETE on it fail on the source.
+    on_both(&c, "CREATE TABLE keyless (v text)");
+    let out = publish(&["--add-table", "public.keyless", "--apply"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success()
+            && err.contains("nothing was changed")
+            && err.contains("public.keyless has no replica identity")
+            && err.contains("fix replica-identity"),
+        "{err}"
+    );
+    assert_eq!(
+        on_source(
+            &c,
+            "SELECT count(*) FROM pg_publication_tables WHERE tablename = 'keyless'"
+        ),
+        "0",
+        "nothing was published"
+    );
+    on_source(&c, "UPDATE keyless SET v = 'still works'");
+    // Rows already on the target would be doubled (or stop the copy) by the initial copy.
+    on_both(&c, "CREATE TABLE filled (id int PRIMARY KEY)");
+    on_target(&c, "INSERT INTO filled VALUES (1)");
+    let out = publish(&["--add-table", "public.filled", "--apply"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success()
+            && err.contains("nothing was changed")
+            && err.contains("public.filled on the target already has rows"),
+        "{err}"
+    );
+    on_both(&c, "DROP TABLE keyless; DROP TABLE filled");
+    // A partitioned table's identity would not reach its partitions: refused, not "applied".
+    on_both(
+        &c,
+        "CREATE TABLE parted (k int NOT NULL) PARTITION BY RANGE (k); \
+         CREATE TABLE parted_1 PARTITION OF parted FOR VALUES FROM (0) TO (10)",
+    );
+    let out = lab.redirect(&[
+        "fix",
+        "replica-identity",
+        "--table",
+        "public.parted",
+        "--full",
+        "--apply",
+    ]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && err.contains("public.parted on the target is partitioned"),
+        "{err}"
+    );
+    on_both(&c, "DROP TABLE parted");
     let text = lab.redirect_ok(&["fix", "publication", "--add-table", "public.more"]);
     assert!(
         text.contains(

@@ -299,7 +299,8 @@ pub async fn check(
                 },
                 &req.allow,
             )
-            .await?;
+            .await
+            .unwrap_or_else(|e| vec![guardrails::check_failed(&e, &req.allow)]);
             let count = |p: fn(&guardrails::Finding) -> bool| found.iter().filter(|f| p(f)).count();
             say(format!(
                 "guardrails: {} blocking, {} allowed, {} note(s)",
@@ -347,7 +348,8 @@ pub async fn check(
             },
             &req.allow,
         )
-        .await?;
+        .await
+        .unwrap_or_else(|e| vec![guardrails::check_failed(&e, &req.allow)]);
         stopped_by.extend(found.iter().filter(|f| f.stops()).cloned());
         report.guardrails = found;
         report.plan.push(format!(

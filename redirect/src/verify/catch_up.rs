@@ -27,10 +27,11 @@ const REPLAY_LSN: &str = "SELECT pg_last_wal_replay_lsn()::text";
 /// transaction it committed (the slot's `confirmed_flush_lsn` waits for the subscriber's own
 /// WAL flush, up to `wal_writer_delay` later with its asynchronous commits), whichever is
 /// further.
-const APPLIED_LSN: &str = "SELECT greatest( \
-     (SELECT confirmed_flush_lsn FROM pg_replication_slots WHERE slot_name = $1), \
-     (SELECT replay_lsn FROM pg_stat_replication WHERE application_name = $2 \
-      ORDER BY replay_lsn DESC NULLS LAST LIMIT 1))::text";
+/// The walsender is the one serving the slot (`active_pid`), not any with the subscription's
+/// `application_name`: another subscriber of that name would report its own progress.
+const APPLIED_LSN: &str = "SELECT greatest(s.confirmed_flush_lsn, r.replay_lsn)::text \
+     FROM pg_replication_slots s LEFT JOIN pg_stat_replication r ON r.pid = s.active_pid \
+     WHERE s.slot_name = $1";
 
 /// How to tell what the replica has applied.
 #[derive(Clone, Debug)]
@@ -192,16 +193,16 @@ impl CatchUp {
         let (which, db, sql, what): (&'static str, &Client, &str, &'static str) = match &self
             .applied
         {
-            Applied::Slot { slot, subscription } => {
+            Applied::Slot { slot, .. } => {
                 let row = timed(
                     self.primary.name(),
                     "reading what the subscriber applied",
                     timeout,
-                    primary.query_one(APPLIED_LSN, &[slot, subscription]),
+                    primary.query_opt(APPLIED_LSN, &[slot]),
                 )
                 .await?;
                 return row
-                    .get::<_, Option<String>>(0)
+                    .and_then(|r| r.get::<_, Option<String>>(0))
                     .map(|s| {
                         parse_lsn_of(self.primary.name(), "the subscriber's applied position", &s)
                     })

@@ -146,7 +146,7 @@ impl ChunkSql {
                     coalesce(md5(string_agg(c.h, '' ORDER BY {inner_keys})), ''), \
                     coalesce(md5(string_agg(c.v, ',' ORDER BY {inner_keys})), ''), \
                     (array_agg(c.kj ORDER BY {inner_keys_desc}))[1] \
-             FROM (SELECT md5(ROW({ROW}.*)::text) AS h, {ROW}.xmin::text AS v, {} AS kj, {key_aliases} \
+             FROM (SELECT md5(convert_to(ROW({ROW}.*)::text, 'UTF8')) AS h, {ROW}.xmin::text AS v, {} AS kj, {key_aliases} \
                    FROM {} {ROW}{clause} ORDER BY {}{limit}) c",
             self.key_json(),
             self.table,
@@ -185,7 +185,7 @@ impl ChunkSql {
     pub fn rows(&self, lo: Option<&Key>, hi: Option<&Key>) -> (String, Vec<String>) {
         let (clause, params) = self.range(lo, hi);
         let sql = format!(
-            "SELECT {}, md5(ROW({ROW}.*)::text), {ROW}.xmin::text FROM {} {ROW}{clause} ORDER BY {}",
+            "SELECT {}, md5(convert_to(ROW({ROW}.*)::text, 'UTF8')), {ROW}.xmin::text FROM {} {ROW}{clause} ORDER BY {}",
             self.key_json(),
             self.table,
             self.key_columns(&format!("{ROW}.")),
@@ -200,8 +200,8 @@ impl ChunkSql {
 pub fn whole_table(t: &Table) -> String {
     format!(
         "SELECT count(*)::int8, \
-                coalesce(sum(('x' || substr(md5(ROW({ROW}.*)::text), 1, 15))::bit(60)::int8)::text || '/' || \
-                         sum(('x' || substr(md5(ROW({ROW}.*)::text), 16, 15))::bit(60)::int8)::text, ''), \
+                coalesce(sum(('x' || substr(md5(convert_to(ROW({ROW}.*)::text, 'UTF8')), 1, 15))::bit(60)::int8)::text || '/' || \
+                         sum(('x' || substr(md5(convert_to(ROW({ROW}.*)::text, 'UTF8')), 16, 15))::bit(60)::int8)::text, ''), \
                 coalesce(sum({ROW}.xmin::text::int8)::text, ''), NULL::text \
          FROM {} {ROW}",
         t.sql_name()

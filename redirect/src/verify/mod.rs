@@ -111,6 +111,11 @@ struct Verify<'a> {
     started: Instant,
     /// Rows read so far (the larger side of each chunk), for `--rate` and progress.
     rows_read: u64,
+    /// `--rate`'s window: rows read since `window_start`. Time spent waiting elsewhere (a
+    /// replication catch-up, a slow scan) must not bank credit that later chunks then spend
+    /// at full speed, so the window restarts whenever the reads fall behind the budget.
+    window_start: Instant,
+    window_rows: u64,
     last_progress: Instant,
 }
 
@@ -151,6 +156,8 @@ pub async fn verify(
         progress,
         started,
         rows_read: 0,
+        window_start: Instant::now(),
+        window_rows: 0,
         last_progress: Instant::now(),
     };
     let mut reports = Vec::new();
@@ -197,7 +204,8 @@ async fn open_sessions(
     let settings = format!(
         "SET statement_timeout = {}; SET default_transaction_read_only = on; \
          SET TimeZone = 'UTC'; SET DateStyle = 'ISO, YMD'; SET IntervalStyle = 'postgres'; \
-         SET extra_float_digits = 3; SET bytea_output = 'hex'",
+         SET extra_float_digits = 3; SET bytea_output = 'hex'; SET lc_monetary = 'C'; \
+         SET lock_timeout = '5s'",
         statement_timeout.as_millis().max(1)
     );
     let source = dbs.source.connect().await?;
@@ -359,7 +367,8 @@ impl Verify<'_> {
         loop {
             let c = self.chunk(&sql, lo.as_ref(), &end).await?;
             let (done, hi) = (c.last, c.hi.clone());
-            self.rows_read += c.primary_rows.max(c.replica_rows);
+            let read = c.primary_rows.max(c.replica_rows);
+            self.rows_read += read;
             tally.add(c, self.req.max_keys);
             if done {
                 return Ok(tally);
@@ -377,7 +386,7 @@ impl Verify<'_> {
                     tally.source_rows.max(tally.target_rows),
                 ));
             }
-            self.throttle().await;
+            self.throttle(read).await;
         }
     }
 
@@ -437,13 +446,17 @@ impl Verify<'_> {
     }
 
     /// `--rate`: sleep until the rows read so far are within the budget.
-    async fn throttle(&self) {
+    async fn throttle(&mut self, rows: u64) {
         let Some(rate) = self.req.rate else { return };
+        self.window_rows += rows;
         #[allow(clippy::cast_precision_loss)]
-        let due = Duration::from_secs_f64(self.rows_read as f64 / rate as f64);
-        let wait = due.saturating_sub(self.started.elapsed());
-        if !wait.is_zero() {
-            tokio::time::sleep(wait).await;
+        let due = Duration::from_secs_f64(self.window_rows as f64 / rate as f64);
+        let elapsed = self.window_start.elapsed();
+        if elapsed >= due {
+            self.window_start = Instant::now();
+            self.window_rows = 0;
+        } else {
+            tokio::time::sleep(due.saturating_sub(elapsed)).await;
         }
     }
 
@@ -520,6 +533,9 @@ impl Verify<'_> {
             let (rw, rdb) = self.db.of(replica);
             let r = chunk::read_aggregate(rw, rdb, &stmt, timeout).await?;
             let again = chunk::read_aggregate(pw, pdb, &stmt, timeout).await?;
+            // Full scans (the primary twice): --rate holds for keyless tables too.
+            self.rows_read += p.rows.max(r.rows);
+            self.throttle(p.rows.max(r.rows) + again.rows).await;
             let equal = p.rows == r.rows && p.hash == r.hash;
             let still = again == p;
             tally = Tally::default();

@@ -11,8 +11,10 @@ const LARGE_OBJECTS: &str = "SELECT (SELECT count(*) FROM pg_largeobject_metadat
 const PREPARED: &str = "SELECT format('%L (prepared %s ago by %s)', gid, date_trunc('second', now() - prepared), owner) \
      FROM pg_prepared_xacts WHERE database = current_database() ORDER BY prepared";
 /// Sessions in this database whose transaction has been open longer than $1 seconds.
-const LONG: &str = "SELECT format('pid %s (%s from %s, open %s, %s): %s', pid, usename, \
-     coalesce(host(client_addr), 'local socket'), date_trunc('second', now() - xact_start), state, left(query, 80)) \
+/// The query text is left out: it can hold passwords or personal data, and the finding goes
+/// to the terminal, the JSON report and the controller's log.
+const LONG: &str = "SELECT format('pid %s (%s from %s, application %L, open %s, %s)', pid, usename, \
+     coalesce(host(client_addr), 'local socket'), application_name, date_trunc('second', now() - xact_start), state) \
      FROM pg_stat_activity WHERE datname = current_database() AND backend_type = 'client backend' \
      AND pid <> pg_backend_pid() AND xact_start < now() - make_interval(secs => $1) ORDER BY xact_start";
 

@@ -181,7 +181,14 @@ async fn validate(
         )]));
     };
     let (name, kind, before): (String, String, String) = (row.get(0), row.get(1), row.get(2));
-    if kind != "r" && kind != "p" {
+    if kind == "p" {
+        // ALTER TABLE ... REPLICA IDENTITY on a partitioned table does not reach its
+        // partitions, which are what replication sends: "applied" would be a lie.
+        return Ok(Err(vec![format!(
+            "{name} on the {role} is partitioned: a replica identity is set per partition (run this for each partition)"
+        )]));
+    }
+    if kind != "r" {
         return Ok(Err(vec![format!(
             "{name} on the {role} is not a table (relkind {kind})"
         )]));
@@ -270,7 +277,12 @@ pub async fn replica_identity(
     let _busy = not_during_a_cutover(ctl, apply)?;
     let mut steps = Vec::new();
     let mut problems = Vec::new();
-    for role in [Role::Source, Role::Target] {
+    // The subscriber (the server not taking writes) first: with a key there and none yet on
+    // the publisher, nothing changes; the other way round, the publisher would start sending
+    // UPDATEs/DELETEs keyed by an identity the subscriber lacks, and its apply worker would
+    // fail on them and stop replicating every table until the second change lands.
+    let publisher = ctl.active()?;
+    for role in [crate::cutover::other(publisher), publisher] {
         let client = connect(ctl, role, qt).await?;
         match validate(role, client, table, identity, qt).await? {
             Ok(c) => steps.push(Step {
@@ -318,6 +330,12 @@ const TABLE_KIND: &str = "SELECT format('%I.%I', n.nspname, c.relname), c.relkin
 /// The publications of $1 that already carry table $2.
 const PUBLISHED_BY: &str = "SELECT coalesce(string_agg(DISTINCT pubname::text, ', '), '') FROM pg_publication_tables \
      WHERE pubname = ANY($1) AND format('%I.%I', schemaname, tablename) = $2";
+/// Whether table $1 has no usable replica identity while publication $2 publishes UPDATE or
+/// DELETE (then publishing it makes those fail on the publisher).
+const KEYLESS_UNDER_PUBLICATION: &str = "SELECT coalesce((SELECT pubupdate OR pubdelete FROM pg_publication WHERE pubname = $2), false) \
+     AND NOT EXISTS (SELECT 1 FROM pg_class c WHERE c.oid = to_regclass($1) AND (c.relreplident = 'f' \
+       OR (c.relreplident = 'd' AND EXISTS (SELECT 1 FROM pg_index i WHERE i.indrelid = c.oid AND i.indisprimary)) \
+       OR (c.relreplident = 'i' AND EXISTS (SELECT 1 FROM pg_index i WHERE i.indrelid = c.oid AND i.indisreplident))))";
 /// Whether a name is a relation here.
 const EXISTS: &str = "SELECT to_regclass($1) IS NOT NULL";
 
@@ -405,9 +423,40 @@ pub async fn publish_table(
     )
     .await?
     .get(0);
-    if !on_new {
+    if on_new {
+        // The refresh copies every row: rows already there would be duplicated (no key) or
+        // stop the copy on a duplicate key, retried for ever.
+        let has_rows: bool = timed(
+            new.name(),
+            "looking for rows",
+            qt,
+            new_db.query_one(&format!("SELECT EXISTS (SELECT 1 FROM {name})"), &[]),
+        )
+        .await?
+        .get(0);
+        if has_rows {
+            problems.push(format!(
+                "{name} on the {new} already has rows, and the subscription's initial copy would add the {old}'s on top: empty it there first (TRUNCATE {name}, if nothing on the {new} needs them)"
+            ));
+        }
+    } else {
         problems.push(format!(
             "the {new} has no table {name}: create it there first with the {old}'s definition (pg_dump --schema-only -t {name} on the {old} | psql on the {new})"
+        ));
+    }
+    // Once published with UPDATE/DELETE, a table with no replica identity fails every UPDATE
+    // and DELETE on the server taking the writes: an outage, not a fix.
+    let keyless: bool = timed(
+        old.name(),
+        "reading the replica identity",
+        qt,
+        old_db.query_one(KEYLESS_UNDER_PUBLICATION, &[&name, &publication]),
+    )
+    .await?
+    .get(0);
+    if keyless {
+        problems.push(format!(
+            "{name} has no replica identity and publication {publication} publishes UPDATE/DELETE: once published, every UPDATE and DELETE on it would fail on the {old}; give it one first (redirect fix replica-identity --table {name} --using-index <index> or --full)"
         ));
     }
     if !problems.is_empty() {

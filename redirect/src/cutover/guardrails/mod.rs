@@ -74,6 +74,9 @@ pub enum Guardrail {
     SlotWalLimit,
     /// Different major versions, where the new server is older.
     VersionIncompatibility,
+    /// A guardrail query failed (a timeout on a huge catalog, a table dropped under it): what
+    /// it would have found is unknown.
+    CheckFailed,
 }
 
 impl Guardrail {
@@ -244,6 +247,23 @@ pub async fn check(r: &Replication<'_>, allow: &[Guardrail]) -> Result<Vec<Findi
         f.allowed = f.blocks && allow.contains(&f.guardrail);
     }
     Ok(found)
+}
+
+/// The guardrails could not all run: unknown is not safe, so it blocks like a finding (and can
+/// be allowed like one) instead of failing the whole preflight, which would leave a rollback
+/// with no way through at 2 a.m.
+#[must_use]
+pub fn check_failed(error: &PgError, allow: &[Guardrail]) -> Finding {
+    let mut f = Finding::blocking(
+        Guardrail::CheckFailed,
+        Vec::new(),
+        &format!(
+            "the guardrail checks could not finish ({error}), so what they look for is unknown"
+        ),
+        "fix what the error names and run the dry run again (a timeout: raise run --query-timeout); or pass --allow check-failed to go ahead without them",
+    );
+    f.allowed = allow.contains(&Guardrail::CheckFailed);
+    f
 }
 
 /// Why a cutover is refused: every finding that stops it, rendered.
