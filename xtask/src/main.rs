@@ -1,6 +1,7 @@
 //! Runs the project's jobs: `setup` (install what a fresh machine lacks), `test` (every test),
 //! `demo` (the lab walk-through). It does not build the eBPF object: `redirect/build.rs` does.
 
+mod postgres;
 mod setup;
 
 use std::{
