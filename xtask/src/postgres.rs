@@ -136,9 +136,10 @@ fn unpack(major: u32, version: &str, dir: &Path) -> anyhow::Result<()> {
 /// fails with "libicui18n.so.60: cannot open shared object file".
 fn link_libraries(package: &Path) -> anyhow::Result<()> {
     let list = package.join("native/pg-symlinks.json");
-    let text = std::fs::read_to_string(&list).with_context(|| format!("reading {}", list.display()))?;
-    let links: Vec<serde_json::Value> = serde_json::from_str(&text)
-        .with_context(|| format!("parsing {}", list.display()))?;
+    let text =
+        std::fs::read_to_string(&list).with_context(|| format!("reading {}", list.display()))?;
+    let links: Vec<serde_json::Value> =
+        serde_json::from_str(&text).with_context(|| format!("parsing {}", list.display()))?;
     for link in links {
         let (Some(source), Some(target)) = (link["source"].as_str(), link["target"].as_str())
         else {
