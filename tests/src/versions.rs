@@ -30,10 +30,11 @@ impl Replication {
 
 /// A step of a scenario that passed, reported as soon as it did (the matrix records which step
 /// a failure came after).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq)]
 pub enum Passed {
-    /// Writes moved to the target, every acknowledged one on it.
-    Cutover,
+    /// Writes moved to the target, every acknowledged one on it; how long writes paused
+    /// (the controller's `write_pause_ms`).
+    Cutover { write_pause_ms: f64 },
     /// Writes moved back to the source, every acknowledged one on it (logical); or, physical,
     /// `flip --to source` was refused and changed nothing.
     Rollback,
@@ -68,14 +69,28 @@ fn assert_answers_as(lab: &Lab, ns: Ns, pg: &Pg, want: Major) {
     );
 }
 
-fn flip_ok(lab: &Lab, to: &str) {
-    let out = flip(lab, &["--to", to, "--drain-timeout", "2s"]);
+/// `flip --to <to> --json`; returns its report.
+fn flip_ok(lab: &Lab, to: &str) -> serde_json::Value {
+    let out = flip(lab, &["--to", to, "--drain-timeout", "2s", "--json"]);
     assert!(
         out.status.success(),
         "flip --to {to} failed: {}",
         String::from_utf8_lossy(&out.stderr)
     );
     assert_eq!(lab.status()["active"], to);
+    serde_json::from_slice(&out.stdout).expect("flip --json")
+}
+
+/// The controller sets up the reverse replication before the hold exactly when both servers
+/// are 16 or newer (`origin = none`); older ones get the reverse slot during the pause.
+fn assert_reverse_timing(report: &serde_json::Value, source: Major, target: Major) {
+    let reverse = report["reverse_replication"].as_str().unwrap_or_default();
+    let early = reverse.contains("before the hold");
+    assert_eq!(
+        early,
+        source >= Major(16) && target >= Major(16),
+        "{source} -> {target}: reverse replication {reverse:?}"
+    );
 }
 
 /// Logical replication `source` → `target`: a cutover under the ledger workload, then a
@@ -88,10 +103,13 @@ pub fn logical(lab_name: &str, source: Major, target: Major, passed: &mut dyn Fn
 
     let load = workload(lab, 0..6, 10);
     std::thread::sleep(Duration::from_secs(3));
-    flip_ok(lab, "target");
+    let report = flip_ok(lab, "target");
     let v = load.join().expect("workload");
     assert_no_loss(&v, &rows(lab, Ns::Target, &c.target), "target");
-    passed(Passed::Cutover);
+    assert_reverse_timing(&report, source, target);
+    passed(Passed::Cutover {
+        write_pause_ms: report["write_pause_ms"].as_f64().unwrap_or(f64::NAN),
+    });
 
     let load = workload(lab, 10..14, 7);
     std::thread::sleep(Duration::from_secs(2));
@@ -137,7 +155,7 @@ pub fn physical(lab_name: &str, major: Major, passed: &mut dyn FnMut(Passed)) {
 
     let load = workload(&lab, 0..6, 10);
     std::thread::sleep(Duration::from_secs(3));
-    flip_ok(&lab, "target");
+    let report = flip_ok(&lab, "target");
     let v = load.join().expect("workload");
     assert_eq!(
         psql(&lab, Ns::Target, &target, "SELECT pg_is_in_recovery()"),
@@ -145,7 +163,9 @@ pub fn physical(lab_name: &str, major: Major, passed: &mut dyn FnMut(Passed)) {
         "the target was promoted"
     );
     assert_no_loss(&v, &rows(&lab, Ns::Target, &target), "promoted target");
-    passed(Passed::Cutover);
+    passed(Passed::Cutover {
+        write_pause_ms: report["write_pause_ms"].as_f64().unwrap_or(f64::NAN),
+    });
 
     let before = rows(&lab, Ns::Target, &target);
     let out = flip(&lab, &["--to", "source", "--drain-timeout", "2s"]);

