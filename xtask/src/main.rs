@@ -28,7 +28,7 @@ enum Task {
         /// Only run tests whose name contains this.
         filter: Option<String>,
         /// Instead of the tests: cutover and rollback between every pair of PostgreSQL majors
-        /// (13, 15, 16, 17, 18; logical and physical), about 7 minutes; writes
+        /// (13, 15, 16, 17, 18; logical and physical), about 10 minutes; writes
         /// docs/compatibility.md.
         #[arg(long, conflicts_with = "filter")]
         matrix: bool,

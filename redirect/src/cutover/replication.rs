@@ -40,6 +40,9 @@ const VERSION_NUM: &str = "SELECT current_setting('server_version_num')::int4";
 /// The reverse subscription as [`reverse_before_hold`] makes it (`suborigin` is 16+).
 const REVERSE_SUB_READY: &str =
     "SELECT subenabled AND suborigin = 'none' FROM pg_subscription WHERE subname = $1";
+/// `=off` makes the reverse slot during the pause even on 16+, as on older servers: only to
+/// measure the difference.
+pub const REVERSE_EARLY_ENV: &str = "REDIRECT_REVERSE_EARLY";
 /// `origin = none` (and so a reverse subscription made before the cutover) needs 16 on both.
 const ORIGIN_NONE_SINCE: i32 = 160_000;
 /// How long a requested promotion may take. Once asked for it cannot be taken back, so the
@@ -167,6 +170,10 @@ pub async fn reverse_before_hold(run: &mut Run) {
         _ => return, // The steps that follow report an unreachable server.
     };
     if source < ORIGIN_NONE_SINCE || target < ORIGIN_NONE_SINCE {
+        return;
+    }
+    // For measuring what this saves (docs/compatibility.md): the pre-16 path on any server.
+    if std::env::var(REVERSE_EARLY_ENV).is_ok_and(|v| v == "off") {
         return;
     }
     let detail = match make_reverse_early(run).await {

@@ -1,7 +1,9 @@
 //! `cargo xtask test --matrix`: cutover and rollback under the ledger workload between every
 //! pair of `PostgreSQL` majors the lab has (13, 15, 16, 17, 18): logical from each major to
 //! itself and to each newer one, physical between two servers of each major. Writes
-//! docs/compatibility.md. About 20 s per case, 20 cases. `version_matrix 13` runs only the
+//! docs/compatibility.md, with the write pause of 17 -> 17 cutovers with the reverse replication
+//! made before the hold and during the pause, side by side. About 20 s per case, 26 cases
+//! (about 10 minutes). `version_matrix 13` runs only the
 //! cases with a 13 and prints the table instead of writing the doc.
 
 use std::{
@@ -110,6 +112,71 @@ fn cell(ran: bool, ok: bool, failed_here: bool) -> &'static str {
     }
 }
 
+/// How many cutovers of each kind [`compare_write_pauses`] runs.
+const PAUSE_ROUNDS: usize = 3;
+
+/// 17 → 17 logical cutovers, alternating the reverse replication made before the hold (the
+/// default on 16+) and made during the pause (`REDIRECT_REVERSE_EARLY=off`, the pre-16 path):
+/// the write pause of each, as a markdown section.
+fn compare_write_pauses() -> String {
+    let mut early = Vec::new();
+    let mut late = Vec::new();
+    for round in 0..PAUSE_ROUNDS * 2 {
+        let before_hold = round % 2 == 0;
+        // SAFETY: no other thread runs between cases (each lab and its threads are gone);
+        // the controller the case starts inherits the environment.
+        unsafe {
+            if before_hold {
+                std::env::remove_var("REDIRECT_REVERSE_EARLY");
+            } else {
+                std::env::set_var("REDIRECT_REVERSE_EARLY", "off");
+            }
+        }
+        let o = run(&Case {
+            source: Major(17),
+            target: Major(17),
+            replication: Replication::Logical,
+        });
+        eprintln!(
+            "17 -> 17 reverse {}: write pause {:?} ms{}",
+            if before_hold {
+                "before the hold"
+            } else {
+                "during the pause"
+            },
+            o.write_pause_ms,
+            o.failure
+                .as_deref()
+                .map(|f| format!(": {f}"))
+                .unwrap_or_default()
+        );
+        let into = if before_hold { &mut early } else { &mut late };
+        into.push(o.write_pause_ms.unwrap_or(f64::NAN));
+    }
+    // SAFETY: as above.
+    unsafe { std::env::remove_var("REDIRECT_REVERSE_EARLY") };
+    let show = |v: &[f64]| {
+        let mut sorted = v.to_vec();
+        sorted.sort_by(f64::total_cmp);
+        format!(
+            "{} (median {:.1} ms)",
+            v.iter()
+                .map(|ms| format!("{ms:.1}"))
+                .collect::<Vec<_>>()
+                .join(", "),
+            sorted[sorted.len() / 2]
+        )
+    };
+    format!(
+        "\n## Write pause: reverse replication before the hold (16+) or during the pause\n\n\
+         {PAUSE_ROUNDS} logical 17 → 17 cutovers of each kind, alternating, under the same workload. \
+         Before the hold (the default when both servers are 16 or newer: subscription with `origin = none` made first): {}. \
+         During the pause (`REDIRECT_REVERSE_EARLY=off`, what older servers get: publication and slot made while writes wait): {}.\n",
+        show(&early),
+        show(&late)
+    )
+}
+
 fn main() {
     redirect_tests::require_root();
     let only: Option<Major> = std::env::args()
@@ -139,12 +206,23 @@ fn main() {
         rows.push((case, o));
     }
 
+    let pauses = if only.is_none() {
+        compare_write_pauses()
+    } else {
+        String::new()
+    };
+
     let mut doc = String::from("# Compatibility: PostgreSQL versions\n\n");
     let _ = writeln!(
         doc,
-        "Produced by `cargo xtask test --matrix` on {} ({} cases in {:.0} s). Each case is a fresh lab: two real PostgreSQL servers of the majors shown, the controller as the README's `run` line starts it, and the ledger workload (six writers, every acknowledged write recorded) writing through the VIP during `redirect flip --to target --drain-timeout 2s`, then four more writers during `redirect flip --to source`. A cell passes when every acknowledged write is on the server that took over, no connection was refused and no id was handed out twice. The servers' `server_version_num` is checked, so a case cannot silently run another major.\n",
+        "Produced by `cargo xtask test --matrix` on {} ({} cases, and {} more for the write-pause comparison below, in {:.0} s). Each case is a fresh lab: two real PostgreSQL servers of the majors shown, the controller as the README's `run` line starts it, and the ledger workload (six writers, every acknowledged write recorded) writing through the VIP during `redirect flip --to target --drain-timeout 2s`, then four more writers during `redirect flip --to source`. A cell passes when every acknowledged write is on the server that took over, no connection was refused and no id was handed out twice. The servers' `server_version_num` is checked, so a case cannot silently run another major.\n",
         today(),
         rows.len(),
+        if pauses.is_empty() {
+            0
+        } else {
+            PAUSE_ROUNDS * 2
+        },
         started.elapsed().as_secs_f64()
     );
     doc.push_str("Binaries: ");
@@ -192,6 +270,7 @@ fn main() {
             );
         }
     }
+    doc.push_str(&pauses);
     doc.push_str("\nReading it: a logical rollback runs over the reverse replication the cutover set up (target → source), so each logical row also covers replicating from the newer major back to the older one. A physical cutover promotes the standby; the old primary cannot follow it without being rebuilt (a new base backup, or `pg_rewind`), so `flip --to source` after it is refused with \"rollback cannot be lossless\" and changes nothing; the physical rollback cell checks exactly that: the refusal, the target still active and writable, and every row still there. Physical replication needs the same major on both sides. CI runs three of these cases on every change (tests/tests/versions.rs): 13 → 17 logical, 15 → 18 logical, 17 → 17 physical.\n");
     if only.is_none() {
         std::fs::write("docs/compatibility.md", &doc).expect("writing docs/compatibility.md");
