@@ -18,10 +18,20 @@ pub struct Cutover {
 
 /// A lab with logical replication and a controller that knows both databases.
 pub fn setup(name: &str, extra: &[&str]) -> Cutover {
+    setup_versions(name, pg::Major::DEBIAN, pg::Major::DEBIAN, extra)
+}
+
+/// [`setup`] with a `PostgreSQL` major per server.
+pub fn setup_versions(
+    name: &str,
+    source_major: pg::Major,
+    target_major: pg::Major,
+    extra: &[&str],
+) -> Cutover {
     require_root();
     let mut lab = Lab::new(name);
-    let source = pg::start(&mut lab, Ns::Source, "source", &[]);
-    let target = pg::start(&mut lab, Ns::Target, "target", &[]);
+    let source = pg::start_version(&mut lab, Ns::Source, "source", source_major, &[]);
+    let target = pg::start_version(&mut lab, Ns::Target, "target", target_major, &[]);
     pg::setup_logical(&lab, &source, &target);
     start(&mut lab, extra);
     Cutover {

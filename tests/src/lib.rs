@@ -29,6 +29,7 @@ pub mod faults;
 pub mod packet;
 pub mod pg;
 pub mod plot;
+pub mod versions;
 pub mod workload;
 
 use std::{

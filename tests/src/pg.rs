@@ -14,20 +14,89 @@ pub const AS_POSTGRES: [&str; 6] = [
     "--init-groups",
 ];
 
-/// Where Debian keeps the server binaries.
+/// Where Debian keeps the server binaries (15) and the client tools every lab uses with any
+/// server: psql, pgbench, `pg_isready`.
 pub const PG_BIN: &str = "/usr/lib/postgresql/15/bin";
+
+/// Where `cargo xtask setup` unpacks the other majors' server binaries: `<major>/{bin,lib}`.
+pub const OTHER_MAJORS_DIR: &str = "/opt/redirect-pg";
+
+/// A `PostgreSQL` major version a lab server runs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Major(pub u32);
+
+impl Major {
+    /// Debian's, the one [`start`] runs.
+    pub const DEBIAN: Major = Major(15);
+
+    /// The directory of `initdb` and `postgres`.
+    #[must_use]
+    pub fn bin_dir(self) -> PathBuf {
+        if self == Self::DEBIAN {
+            PathBuf::from(PG_BIN)
+        } else {
+            PathBuf::from(format!("{OTHER_MAJORS_DIR}/{}/bin", self.0))
+        }
+    }
+
+    /// What the npm-packaged binaries need in `LD_LIBRARY_PATH` (their own libpq, ICU and
+    /// OpenSSL 1.1); nothing for Debian's.
+    #[must_use]
+    pub fn lib_dir(self) -> Option<PathBuf> {
+        (self != Self::DEBIAN).then(|| PathBuf::from(format!("{OTHER_MAJORS_DIR}/{}/lib", self.0)))
+    }
+
+    /// The argv prefix that runs `program` (`initdb`, `postgres`) of this major as the
+    /// postgres user, with its libraries.
+    fn as_postgres(self, program: &str) -> Vec<String> {
+        let bin = self.bin_dir().join(program);
+        assert!(
+            bin.exists(),
+            "{} is missing: run `cargo xtask setup` to install PostgreSQL {}",
+            bin.display(),
+            self.0
+        );
+        let mut argv: Vec<String> = AS_POSTGRES.iter().map(|s| (*s).to_owned()).collect();
+        if let Some(lib) = self.lib_dir() {
+            argv.extend([
+                "env".to_owned(),
+                format!("LD_LIBRARY_PATH={}", lib.display()),
+            ]);
+        }
+        argv.push(bin.display().to_string());
+        argv
+    }
+
+    /// `server_version_num`'s major: 170010 → 17, 130023 → 13.
+    #[must_use]
+    pub fn of_version_num(num: &str) -> Option<Major> {
+        num.trim().parse::<u32>().ok().map(|n| Major(n / 10_000))
+    }
+}
+
+impl std::fmt::Display for Major {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}", self.0)
+    }
+}
 
 /// A server started by [`start`]; it stops when its lab drops.
 pub struct Pg {
     pub name: String,
     pub data_dir: PathBuf,
     pub pid: u32,
+    pub major: Major,
 }
 
 /// `initdb` + `postgres` in namespace `ns`, listening on every address of that namespace on
 /// port 5432, with `cluster_name = name` so a client can tell which server answered.
-/// `extra_conf` lines are appended to postgresql.conf.
+/// `extra_conf` lines are appended to postgresql.conf. Debian's `PostgreSQL` 15.
 pub fn start(lab: &mut Lab, ns: Ns, name: &str, extra_conf: &[&str]) -> Pg {
+    start_version(lab, ns, name, Major::DEBIAN, extra_conf)
+}
+
+/// [`start`] with `PostgreSQL` `major` (15 from Debian, the others from `cargo xtask setup`).
+pub fn start_version(lab: &mut Lab, ns: Ns, name: &str, major: Major, extra_conf: &[&str]) -> Pg {
     let data_dir = lab.work_dir.join(format!("pg-{name}"));
     std::fs::create_dir_all(&data_dir).expect("creating the data dir");
     sh(Command::new("chown")
@@ -35,15 +104,9 @@ pub fn start(lab: &mut Lab, ns: Ns, name: &str, extra_conf: &[&str]) -> Pg {
         .arg(&data_dir));
     // The work dir must be traversable by the postgres user.
     sh(Command::new("chmod").arg("755").arg(&lab.work_dir));
-    sh(Command::new("setpriv")
-        .args([
-            "--reuid",
-            "postgres",
-            "--regid",
-            "postgres",
-            "--init-groups",
-        ])
-        .arg(format!("{PG_BIN}/initdb"))
+    let initdb = major.as_postgres("initdb");
+    sh(Command::new(&initdb[0])
+        .args(&initdb[1..])
         .args(["-A", "trust", "-U", "postgres", "--no-sync", "-D"])
         .arg(&data_dir)
         .env("LC_ALL", "C"));
@@ -73,11 +136,12 @@ pub fn start(lab: &mut Lab, ns: Ns, name: &str, extra_conf: &[&str]) -> Pg {
     hba.push_str("\nhost all all 198.18.0.0/15 trust\nhost replication all 198.18.0.0/15 trust\n");
     std::fs::write(data_dir.join("pg_hba.conf"), hba).expect("writing pg_hba.conf");
 
-    let pid = launch(lab, ns, name, &data_dir);
+    let pid = launch(lab, ns, name, major, &data_dir);
     Pg {
         name: name.to_owned(),
         data_dir,
         pid,
+        major,
     }
 }
 
@@ -120,24 +184,135 @@ pub fn start_standby(lab: &mut Lab, ns: Ns, name: &str, primary_addr: &str) -> P
         "\nunix_socket_directories = '{data}'\ncluster_name = '{name}'\nhot_standby = on\n"
     );
     std::fs::write(data_dir.join("postgresql.conf"), conf).expect("writing postgresql.conf");
-    let pid = launch(lab, ns, name, &data_dir);
+    let pid = launch(lab, ns, name, Major::DEBIAN, &data_dir);
     Pg {
         name: name.to_owned(),
         data_dir,
         pid,
+        major: Major::DEBIAN,
     }
+}
+
+/// A streaming-replication standby of `primary` (any major) at `primary_addr`, in namespace
+/// `ns`, started with `cluster_name = name`. Debian's `pg_basebackup` (15) refuses other
+/// servers and the other majors' packages ship none, so this is the documented low-level
+/// base backup: `pg_backup_start`, a file copy of the primary's data directory (both are on
+/// this machine), `pg_backup_stop`'s backup label, then `standby.signal` and
+/// `primary_conninfo`. A physical slot made before the backup keeps the WAL the standby needs.
+pub fn start_standby_of(lab: &mut Lab, ns: Ns, name: &str, primary: &Pg, primary_addr: &str) -> Pg {
+    let data_dir = lab.work_dir.join(format!("pg-{name}"));
+    std::fs::create_dir_all(&data_dir).expect("creating the data dir");
+    sh(Command::new("chown")
+        .args(["-R", "postgres:postgres"])
+        .arg(&data_dir));
+    sh(Command::new("chmod").arg("700").arg(&data_dir));
+    let slot = format!("standby_{name}");
+    psql(
+        lab,
+        ns,
+        primary,
+        &format!("SELECT pg_create_physical_replication_slot('{slot}', true)"),
+    );
+    // 15 renamed the non-exclusive backup functions.
+    let (backup_start, backup_stop) = if primary.major >= Major(15) {
+        ("pg_backup_start('lab', true)", "pg_backup_stop()")
+    } else {
+        (
+            "pg_start_backup('lab', true, false)",
+            "pg_stop_backup(false)",
+        )
+    };
+    let (from, to) = (primary.data_dir.display(), data_dir.display());
+    // The copy leaves out what belongs to the running primary (pid file, socket, WAL, slots);
+    // tar's status 1 means "a file changed as we read it", which the WAL replay repairs.
+    // The marker is in the new data dir: the postgres user running the copy may not write the
+    // lab's work dir.
+    let copied = data_dir.join("redirect-lab-copied");
+    let copy = lab.work_dir.join(format!("{name}-copy.sh"));
+    std::fs::write(
+        &copy,
+        format!(
+            "tar -C {from} --exclude=./postmaster.pid --exclude=./postmaster.opts \\\n  \
+             --exclude='./.s.PGSQL.*' --exclude='./pg_wal/*' --exclude='./pg_replslot/*' -cf - . \\\n  \
+             | tar -C {to} -xf -\n\
+             status=(\"${{PIPESTATUS[@]}}\")\n\
+             [ \"${{status[0]}}\" -le 1 ] && [ \"${{status[1]}}\" -eq 0 ] && touch {copied}\n",
+            copied = copied.display()
+        ),
+    )
+    .expect("writing the copy script");
+    // One psql session: a non-exclusive backup belongs to the session that started it.
+    let sql = lab.work_dir.join(format!("{name}-backup.sql"));
+    std::fs::write(
+        &sql,
+        format!(
+            "SELECT {backup_start};\n\\! bash {copy}\n\\o {to}/backup_label\n\
+             SELECT labelfile FROM {backup_stop};\n",
+            copy = copy.display()
+        ),
+    )
+    .expect("writing the backup script");
+    let sql = sql.display().to_string();
+    let data = from.to_string();
+    let mut argv: Vec<&str> = AS_POSTGRES.to_vec();
+    argv.extend([
+        "psql",
+        "-X",
+        "-q",
+        "-At",
+        "-v",
+        "ON_ERROR_STOP=1",
+        "-h",
+        &data,
+        "-U",
+        "postgres",
+        "-d",
+        "postgres",
+        "-f",
+        &sql,
+    ]);
+    lab.exec_ok(ns, &argv);
+    assert!(
+        copied.exists(),
+        "copying {from} to {to} for the base backup failed (see the test's output)"
+    );
+    std::fs::remove_file(&copied).expect("removing the copy marker");
+    std::fs::write(data_dir.join("standby.signal"), "").expect("standby.signal");
+    let mut conf =
+        std::fs::read_to_string(data_dir.join("postgresql.conf")).expect("postgresql.conf");
+    let _ = write!(
+        conf,
+        "\nunix_socket_directories = '{to}'\ncluster_name = '{name}'\nhot_standby = on\n\
+         primary_conninfo = 'host={primary_addr} port={PG_PORT} user=postgres application_name={name}'\n\
+         primary_slot_name = '{slot}'\n"
+    );
+    std::fs::write(data_dir.join("postgresql.conf"), conf).expect("writing postgresql.conf");
+    sh(Command::new("chown")
+        .args(["-R", "postgres:postgres"])
+        .arg(&data_dir));
+    let pid = launch(lab, ns, name, primary.major, &data_dir);
+    Pg {
+        name: name.to_owned(),
+        data_dir,
+        pid,
+        major: primary.major,
+    }
+}
+
+/// The server's `server_version_num` major, as it answers (not as the lab meant it).
+pub fn answering_major(lab: &Lab, ns: Ns, pg: &Pg) -> Major {
+    let num = psql(lab, ns, pg, "SHOW server_version_num");
+    Major::of_version_num(&num).unwrap_or_else(|| panic!("server_version_num {num:?}"))
 }
 
 /// Starts `postgres -D data_dir` as the postgres user in `ns` and waits until it accepts
 /// connections; the lab stops it.
-fn launch(lab: &mut Lab, ns: Ns, name: &str, data_dir: &std::path::Path) -> u32 {
+fn launch(lab: &mut Lab, ns: Ns, name: &str, major: Major, data_dir: &std::path::Path) -> u32 {
     let data = data_dir.display().to_string();
-    let postgres = format!("{PG_BIN}/postgres");
-    let pid = lab.spawn(
-        ns,
-        &[&AS_POSTGRES[..], &[&postgres, "-D", &data]].concat(),
-        &format!("pg-{name}.log"),
-    );
+    let mut argv = major.as_postgres("postgres");
+    argv.extend(["-D".to_owned(), data.clone()]);
+    let argv: Vec<&str> = argv.iter().map(String::as_str).collect();
+    let pid = lab.spawn(ns, &argv, &format!("pg-{name}.log"));
     let isready = format!("{PG_BIN}/pg_isready");
     let port = PG_PORT.to_string();
     let ready = || {

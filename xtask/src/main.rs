@@ -1,6 +1,7 @@
 //! Runs the project's jobs: `setup` (install what a fresh machine lacks), `test` (every test),
 //! `demo` (the lab walk-through). It does not build the eBPF object: `redirect/build.rs` does.
 
+mod postgres;
 mod setup;
 
 use std::{
@@ -26,6 +27,11 @@ enum Task {
     Test {
         /// Only run tests whose name contains this.
         filter: Option<String>,
+        /// Instead of the tests: cutover and rollback between every pair of PostgreSQL majors
+        /// (13, 15, 16, 17, 18; logical and physical), about 10 minutes; writes
+        /// docs/compatibility.md.
+        #[arg(long, conflicts_with = "filter")]
+        matrix: bool,
     },
     /// Set up, build, then run the demo lab: two PostgreSQL servers, a proxy, a cutover.
     Demo,
@@ -59,7 +65,13 @@ enum Task {
 fn main() -> anyhow::Result<()> {
     match Cli::parse().command {
         Task::Setup => setup::install(),
-        Task::Test { filter } => {
+        Task::Test { matrix: true, .. } => {
+            setup::install()?;
+            postgres::install(postgres::FOR_MATRIX)?;
+            build()?;
+            run_lab_bin("version_matrix", None, "the version matrix")
+        }
+        Task::Test { filter, .. } => {
             setup::install()?;
             test(filter.as_deref())
         }

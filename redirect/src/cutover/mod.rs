@@ -377,6 +377,9 @@ pub struct Run {
     pub rollback_point: Option<String>,
     /// The reverse slot exists on the new server (forward cutover).
     pub reverse_slot_made: bool,
+    /// The reverse subscription was set up before the hold (both servers 16 or newer), so
+    /// turning replication around only stops the forward one.
+    pub reverse_ready: bool,
     /// Whether an LSN barrier guards the flip (not for a forced flip with no replication).
     pub barrier: bool,
 }
@@ -547,6 +550,7 @@ impl Controller {
 
     /// Steps 2–7: everything up to and including the flip. An error here is undone.
     async fn before_flip(run: &mut Run) -> Result<(), CutoverError> {
+        replication::reverse_before_hold(run).await;
         lease::hold(run)?;
         fence::let_short_connections_finish(run).await?;
         fault_point("fence").await;

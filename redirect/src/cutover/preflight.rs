@@ -452,6 +452,7 @@ pub async fn check(
         lease: None,
         rollback_point: None,
         reverse_slot_made: false,
+        reverse_ready: false,
         barrier: !(no_replication && req.force),
         req,
     })))

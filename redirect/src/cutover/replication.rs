@@ -8,6 +8,11 @@
 //! skipping what the source received back from the target (the target has it).
 //! Physical: promote the standby. Each change is journaled before it is made, so a successor
 //! can undo or finish it.
+//! Both servers 16 or newer: the reverse subscription is made before the hold, with
+//! `origin = none` (the source then receives only the target's own writes, never the forward
+//! replication's changes coming back), so rollback is ready at once and the write pause only
+//! stops the forward subscription. It is standing replication, like the barrier table: an
+//! aborted cutover leaves it in place for the next attempt; a rollback or `finish` retires it.
 
 use std::time::{Duration, Instant};
 
@@ -31,6 +36,15 @@ const PUB_ALL_TABLES: &str =
 const PUB_TABLES: &str = "SELECT DISTINCT format('%I.%I', schemaname, tablename) FROM pg_publication_tables WHERE pubname = ANY($1)";
 const SUB_ENABLED: &str = "SELECT subenabled FROM pg_subscription WHERE subname = $1";
 const IN_RECOVERY: &str = "SELECT pg_is_in_recovery()";
+const VERSION_NUM: &str = "SELECT current_setting('server_version_num')::int4";
+/// The reverse subscription as [`reverse_before_hold`] makes it (`suborigin` is 16+).
+const REVERSE_SUB_READY: &str =
+    "SELECT subenabled AND suborigin = 'none' FROM pg_subscription WHERE subname = $1";
+/// `=off` makes the reverse slot during the pause even on 16+, as on older servers: only to
+/// measure the difference.
+pub const REVERSE_EARLY_ENV: &str = "REDIRECT_REVERSE_EARLY";
+/// `origin = none` (and so a reverse subscription made before the cutover) needs 16 on both.
+const ORIGIN_NONE_SINCE: i32 = 160_000;
 /// How long a requested promotion may take. Once asked for it cannot be taken back, so the
 /// cutover waits for it past `--timeout` (keeping the fence) rather than leave two primaries.
 pub const PROMOTION_WAIT: Duration = Duration::from_secs(60);
@@ -72,7 +86,13 @@ pub async fn turn_around(run: &mut Run) -> Result<(), CutoverError> {
             .batch_execute(&format!("ALTER SUBSCRIPTION {} DISABLE", quote_ident(&sub))),
     )
     .await?;
-    if run.to == Role::Target {
+    if run.to == Role::Target && run.reverse_ready {
+        // Made before the hold; its slot has kept every target write since.
+        run.reverse_slot_made = true;
+        run.report.reverse_replication = format!(
+            "subscription {REVERSE} on the source, made before the hold (origin = none): rollback is lossless"
+        );
+    } else if run.to == Role::Target {
         run.rec.step(
             Step::CreatingReverseSlot,
             Instant::now(),
@@ -119,6 +139,139 @@ pub async fn turn_around(run: &mut Run) -> Result<(), CutoverError> {
             ..Entry::default()
         },
     )
+}
+
+/// Forward logical cutover with both servers 16 or newer: sets up the reverse replication
+/// (publication and slot on the target, subscription with `origin = none` on the source) now,
+/// before anything is held. Never fails the cutover: if it cannot, it takes back what it made
+/// and the reverse slot is made during the pause as on older servers.
+pub async fn reverse_before_hold(run: &mut Run) {
+    if !run.logical || !run.barrier || run.to != Role::Target {
+        return;
+    }
+    let t = Instant::now();
+    let (source, target) = match (
+        timed(
+            "source",
+            "reading the version",
+            run.qt,
+            run.from_db.query_one(VERSION_NUM, &[]),
+        )
+        .await,
+        timed(
+            "target",
+            "reading the version",
+            run.qt,
+            run.to_db.query_one(VERSION_NUM, &[]),
+        )
+        .await,
+    ) {
+        (Ok(s), Ok(t)) => (s.get::<_, i32>(0), t.get::<_, i32>(0)),
+        _ => return, // The steps that follow report an unreachable server.
+    };
+    if source < ORIGIN_NONE_SINCE || target < ORIGIN_NONE_SINCE {
+        return;
+    }
+    // For measuring what this saves (docs/compatibility.md): the pre-16 path on any server.
+    if std::env::var(REVERSE_EARLY_ENV).is_ok_and(|v| v == "off") {
+        return;
+    }
+    let detail = match make_reverse_early(run).await {
+        Ok(()) => {
+            run.reverse_ready = true;
+            format!(
+                "subscription {REVERSE} on the source (origin = none) over slot {REVERSE} on the target: rollback ready before the hold"
+            )
+        }
+        Err(e) => {
+            let cleaned = drop_reverse_subscription(&run.from_db, run.qt).await.and(
+                timed(
+                    "target",
+                    "dropping the reverse slot",
+                    run.qt,
+                    run.to_db.execute(DROP_IDLE_SLOT, &[&REVERSE]),
+                )
+                .await
+                .map(|_| ()),
+            );
+            format!(
+                "could not set up the reverse replication before the hold ({e}){}; the reverse slot is made during the pause instead",
+                cleaned
+                    .err()
+                    .map(|e| format!(" nor take it back ({e})"))
+                    .unwrap_or_default()
+            )
+        }
+    };
+    // Standing replication, not a change to undo: journaled for the record only.
+    let _ = run.rec.step(Step::ReverseReady, t, detail);
+}
+
+async fn make_reverse_early(run: &Run) -> Result<(), CutoverError> {
+    let ready: Option<bool> = run
+        .query(
+            Phase::Reverse,
+            "source",
+            "checking the reverse subscription",
+            run.from_db.query_opt(REVERSE_SUB_READY, &[&REVERSE]),
+        )
+        .await?
+        .map(|r| r.get(0));
+    let slot: i64 = run
+        .query(
+            Phase::Reverse,
+            "target",
+            "finding the reverse slot",
+            run.to_db.query_one(SLOT_EXISTS, &[&REVERSE]),
+        )
+        .await?
+        .get(0);
+    if ready == Some(true) && slot > 0 {
+        return Ok(()); // Left by an earlier attempt that stopped before the flip.
+    }
+    if ready.is_some() {
+        drop_reverse_subscription(&run.from_db, run.qt)
+            .await
+            .map_err(|e| CutoverError::abort(Phase::Reverse, e.to_string()))?;
+    }
+    create_reverse_slot(run).await?;
+    let sql = format!(
+        "CREATE SUBSCRIPTION {REVERSE} CONNECTION {} PUBLICATION {REVERSE} \
+         WITH (create_slot = false, slot_name = '{REVERSE}', copy_data = false, enabled = true, origin = none)",
+        quote_literal(&reverse_conninfo(&run.ctl))
+    );
+    run.query(
+        Phase::Reverse,
+        "source",
+        "creating the reverse subscription",
+        run.from_db.batch_execute(&sql),
+    )
+    .await
+}
+
+/// Drops the reverse subscription on the source if there is one, keeping its slot (on the
+/// target) for the caller to drop: the slot outlives a subscription whose `slot_name` is NONE.
+async fn drop_reverse_subscription(source: &Client, qt: Duration) -> Result<(), PgError> {
+    let exists: i64 = timed(
+        "source",
+        "checking the reverse subscription",
+        qt,
+        source.query_one(SUB_EXISTS, &[&REVERSE]),
+    )
+    .await?
+    .get(0);
+    if exists == 0 {
+        return Ok(());
+    }
+    timed(
+        "source",
+        "dropping the reverse subscription",
+        qt,
+        source.batch_execute(&format!(
+            "ALTER SUBSCRIPTION {REVERSE} DISABLE; ALTER SUBSCRIPTION {REVERSE} SET (slot_name = NONE); DROP SUBSCRIPTION {REVERSE}"
+        )),
+    )
+    .await
 }
 
 async fn create_reverse_slot(run: &Run) -> Result<(), CutoverError> {
@@ -253,7 +406,12 @@ pub async fn after_flip(run: &mut Run) {
         if !run.reverse_slot_made {
             return;
         }
-        start_reverse(&ctl, &run.from_db, &run.to_db, run.qt).await
+        if run.reverse_ready {
+            // Running since before the hold: nothing to start.
+            Ok(run.report.reverse_replication.clone())
+        } else {
+            start_reverse(&ctl, &run.from_db, &run.to_db, run.qt).await
+        }
     } else {
         let point = run.rollback_point.clone().unwrap_or_default();
         restart_forward(&ctl, &run.to_db, &run.from_db, &point, run.qt).await

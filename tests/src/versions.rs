@@ -1,0 +1,188 @@
+//! Cutovers between servers of different `PostgreSQL` majors, under the ledger workload: the
+//! scenarios behind tests/tests/versions.rs (CI's three pairs) and `cargo xtask test --matrix`
+//! (every pair, written to docs/compatibility.md).
+
+use std::{collections::HashSet, sync::Arc, time::Duration};
+
+use crate::{
+    Lab, Ns, SOURCE_ADDR,
+    cutover_lab::{self, flip, workload},
+    pg::{self, Major, Pg, psql},
+    require_root, workload as ledger,
+};
+
+/// How a server pair replicates.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Replication {
+    Logical,
+    Physical,
+}
+
+impl Replication {
+    #[must_use]
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Replication::Logical => "logical",
+            Replication::Physical => "physical",
+        }
+    }
+}
+
+/// A step of a scenario that passed, reported as soon as it did (the matrix records which step
+/// a failure came after).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum Passed {
+    /// Writes moved to the target, every acknowledged one on it; how long writes paused
+    /// (the controller's `write_pause_ms`).
+    Cutover { write_pause_ms: f64 },
+    /// Writes moved back to the source, every acknowledged one on it (logical); or, physical,
+    /// `flip --to source` was refused and changed nothing.
+    Rollback,
+}
+
+/// What [`PHYSICAL_ROLLBACK_REFUSAL`] the controller prints when asked to roll back a physical
+/// cutover: the old primary must be rebuilt as a standby of the new one first.
+pub const PHYSICAL_ROLLBACK_REFUSAL: &str = "rollback cannot be lossless";
+
+fn rows(lab: &Lab, ns: Ns, pg: &Pg) -> HashSet<(i32, i64)> {
+    pg::acked_rows(lab, ns, pg, "")
+}
+
+fn assert_no_loss(v: &ledger::Verdict, on: &HashSet<(i32, i64)>, server: &str) {
+    cutover_lab::assert_no_loss(v, on, server);
+    // A connection that reached the old server just before the fence, before its startup
+    // finished, is an existing connection cut off like any other, not a refused one.
+    assert!(
+        v.startup_interrupted() <= 2,
+        "too many startups interrupted: {:?}",
+        v.errors()
+    );
+}
+
+/// The server answers as `want`, so a scenario cannot silently run Debian's 15.
+fn assert_answers_as(lab: &Lab, ns: Ns, pg: &Pg, want: Major) {
+    assert_eq!(
+        pg::answering_major(lab, ns, pg),
+        want,
+        "the {} server runs another major than asked",
+        pg.name
+    );
+}
+
+/// `flip --to <to> --json`; returns its report.
+fn flip_ok(lab: &Lab, to: &str) -> serde_json::Value {
+    let out = flip(lab, &["--to", to, "--drain-timeout", "2s", "--json"]);
+    assert!(
+        out.status.success(),
+        "flip --to {to} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(lab.status()["active"], to);
+    serde_json::from_slice(&out.stdout).expect("flip --json")
+}
+
+/// The controller sets up the reverse replication before the hold exactly when both servers
+/// are 16 or newer (`origin = none`); older ones get the reverse slot during the pause.
+fn assert_reverse_timing(report: &serde_json::Value, source: Major, target: Major) {
+    let reverse = report["reverse_replication"].as_str().unwrap_or_default();
+    let early = reverse.contains("before the hold");
+    let turned_off = std::env::var("REDIRECT_REVERSE_EARLY").is_ok_and(|v| v == "off");
+    assert_eq!(
+        early,
+        source >= Major(16) && target >= Major(16) && !turned_off,
+        "{source} -> {target}: reverse replication {reverse:?}"
+    );
+}
+
+/// Logical replication `source` → `target`: a cutover under the ledger workload, then a
+/// rollback over the reverse replication under more writes; 0 lost, 0 refused each way.
+pub fn logical(lab_name: &str, source: Major, target: Major, passed: &mut dyn FnMut(Passed)) {
+    let c = cutover_lab::setup_versions(lab_name, source, target, &[]);
+    let lab = &c.lab;
+    assert_answers_as(lab, Ns::Source, &c.source, source);
+    assert_answers_as(lab, Ns::Target, &c.target, target);
+
+    let load = workload(lab, 0..6, 10);
+    std::thread::sleep(Duration::from_secs(3));
+    let report = flip_ok(lab, "target");
+    let v = load.join().expect("workload");
+    assert_no_loss(&v, &rows(lab, Ns::Target, &c.target), "target");
+    assert_reverse_timing(&report, source, target);
+    passed(Passed::Cutover {
+        write_pause_ms: report["write_pause_ms"].as_f64().unwrap_or(f64::NAN),
+    });
+
+    let load = workload(lab, 10..14, 7);
+    std::thread::sleep(Duration::from_secs(2));
+    flip_ok(lab, "source");
+    let v2 = load.join().expect("workload");
+    let on_source = rows(lab, Ns::Source, &c.source);
+    assert_no_loss(&v2, &on_source, "source");
+    assert_no_loss(&v, &on_source, "source (writes before the cutover)");
+    passed(Passed::Rollback);
+}
+
+/// Physical streaming replication between two servers of `major`: the standby is promoted
+/// under the ledger workload with 0 lost, 0 refused; then `flip --to source` is refused (the
+/// old primary must be rebuilt as a standby of the new one) and changes nothing.
+pub fn physical(lab_name: &str, major: Major, passed: &mut dyn FnMut(Passed)) {
+    require_root();
+    let mut lab = Lab::new(lab_name);
+    let source = pg::start_version(&mut lab, Ns::Source, "source", major, &[]);
+    psql(&lab, Ns::Source, &source, pg::SCHEMA);
+    let target = if major == Major::DEBIAN {
+        pg::start_standby(&mut lab, Ns::Target, "target", SOURCE_ADDR)
+    } else {
+        pg::start_standby_of(&mut lab, Ns::Target, "target", &source, SOURCE_ADDR)
+    };
+    assert_answers_as(&lab, Ns::Source, &source, major);
+    assert_answers_as(&lab, Ns::Target, &target, major);
+    assert_eq!(
+        psql(&lab, Ns::Target, &target, "SELECT pg_is_in_recovery()"),
+        "t"
+    );
+    let mut flags = pg::controller_flags();
+    flags.extend(["--replication".to_owned(), "physical".to_owned()]);
+    let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
+    lab.start_redirect(&flags);
+    let lab = Arc::new(lab);
+    let lag: serde_json::Value =
+        serde_json::from_str(&lab.redirect_ok(&["lag", "--json"])).expect("lag --json");
+    assert_eq!(
+        (lag["replication"].as_str(), lag["healthy"].as_bool()),
+        (Some("physical"), Some(true)),
+        "{lag}"
+    );
+
+    let load = workload(&lab, 0..6, 10);
+    std::thread::sleep(Duration::from_secs(3));
+    let report = flip_ok(&lab, "target");
+    let v = load.join().expect("workload");
+    assert_eq!(
+        psql(&lab, Ns::Target, &target, "SELECT pg_is_in_recovery()"),
+        "f",
+        "the target was promoted"
+    );
+    assert_no_loss(&v, &rows(&lab, Ns::Target, &target), "promoted target");
+    passed(Passed::Cutover {
+        write_pause_ms: report["write_pause_ms"].as_f64().unwrap_or(f64::NAN),
+    });
+
+    let before = rows(&lab, Ns::Target, &target);
+    let out = flip(&lab, &["--to", "source", "--drain-timeout", "2s"]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "a physical rollback was not refused");
+    assert!(stderr.contains(PHYSICAL_ROLLBACK_REFUSAL), "{stderr}");
+    // Nothing changed: the target still serves, writable, with every row.
+    assert_eq!(lab.status()["active"], "target");
+    assert_eq!(
+        psql(&lab, Ns::Target, &target, "SELECT pg_is_in_recovery()"),
+        "f"
+    );
+    let load = workload(&lab, 10..12, 2);
+    let v2 = load.join().expect("workload");
+    let after = rows(&lab, Ns::Target, &target);
+    assert!(before.is_subset(&after), "rows vanished from the target");
+    assert_no_loss(&v2, &after, "target, after the refused rollback");
+    passed(Passed::Rollback);
+}
