@@ -420,7 +420,7 @@ fn each_guardrail_blocks_until_allowed_and_a_clean_lab_has_none() {
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(
         out.status.success()
-            && text.contains("on the source and the target:")
+            && text.contains("on the target and the source:")
             && text.contains("ALTER TABLE public.nokey REPLICA IDENTITY USING INDEX nokey_k;")
             && text.contains("nothing was changed"),
         "{text}{}",
@@ -441,7 +441,7 @@ fn each_guardrail_blocks_until_allowed_and_a_clean_lab_has_none() {
         "--apply",
     ]);
     assert!(
-        text.contains("applied on the source and the target"),
+        text.contains("applied on the target and the source"),
         "{text}"
     );
     assert_eq!(replica_identity(&c, "nokey"), ("i".into(), "i".into()));
