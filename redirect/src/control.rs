@@ -69,6 +69,8 @@ pub enum Request {
     },
     /// What the controller is doing, and what its last recovery did.
     State,
+    /// The fleet this controller is a member of (`null` without `--etcd`).
+    Fleet,
     /// Compare the two databases (`redirect verify`); streams progress, answers the report.
     Verify {
         tables: Vec<String>,
@@ -147,6 +149,18 @@ async fn handle(stream: UnixStream, ctl: Arc<Controller>) -> std::io::Result<()>
             "phase": ctl.phase(),
             "last_recovery": *crate::sync::lock(&ctl.last_recovery),
         })),
+        Request::Fleet => match &ctl.fleet {
+            Some(fleet) => {
+                Reply::Ok(serde_json::to_value(fleet.view().await).expect("the view serializes"))
+            }
+            None => Reply::Ok(serde_json::Value::Null),
+        },
+        // A member flipping on its own would send new connections to a backend the fleet has
+        // not committed (docs/fleet.md, invariant 1). The leader-driven cutover is not built.
+        Request::Flip { .. } if ctl.fleet.is_some() => Reply::Error(
+            "this host is a fleet member (run --etcd): a flip on one member alone would split the fleet, and fleet-wide cutovers are not built yet (docs/fleet.md). Run the cutover on a host without --etcd"
+                .into(),
+        ),
         Request::Finish { execute, force } => {
             match crate::cutover::finish::finish(&ctl, execute, force).await {
                 Ok(r) => Reply::Ok(serde_json::to_value(r).expect("report serializes")),

@@ -2,7 +2,7 @@
 //! already there (see the recipe in the project's toolchain notes):
 //! Debian's rustc 1.96 with library source (tier-3 `bpfel-unknown-none` needs build-std),
 //! linked into rustup as `debian-web`; bpf-linker against LLVM 22; bpftool and the lab tools;
-//! `PostgreSQL` 15; and bpffs mounts.
+//! `PostgreSQL` 15; etcd and protoc (fleets); and bpffs mounts.
 
 use std::{path::PathBuf, process::Command};
 
@@ -32,6 +32,11 @@ const PACKAGES: &[(&str, &str)] = &[
     ("openssl", "/usr/bin/openssl"),
     ("postgresql-15", "/usr/lib/postgresql/15/bin/postgres"),
     ("postgresql-client-15", "/usr/lib/postgresql/15/bin/pgbench"),
+    // Fleets (issue 10): the fleet lab runs a 3-node etcd cluster, and the etcd-client
+    // crate generates its gRPC code with protoc at build time.
+    ("etcd-server", "/usr/bin/etcd"),
+    ("etcd-client", "/usr/bin/etcdctl"),
+    ("protobuf-compiler", "/usr/bin/protoc"),
 ];
 
 const BPF_LINKER_VERSION: &str = "0.10.0";
