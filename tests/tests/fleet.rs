@@ -154,7 +154,7 @@ fn a_restarting_member_applies_the_committed_target_before_it_attaches() {
     let out = lab.redirect(&["flip", "--to", "source", "--immediate"]);
     assert!(!out.status.success(), "a member's local flip is refused");
     assert!(
-        String::from_utf8_lossy(&out.stderr).contains("fleet member"),
+        String::from_utf8_lossy(&out.stderr).contains("member of fleet"),
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );

@@ -118,6 +118,16 @@ pub fn run(args: &Args, pin_dir: &Path, socket: &Path) -> anyhow::Result<()> {
                 );
             }
         }
+        // A fleet member follows the fleet's committed state (docs/fleet.md, invariant 1):
+        // flipping one member alone would split the fleet.
+        if let Ok(Some(fleet)) = rt.block_on(control::call(socket, &Request::Fleet, |_| {}))
+            && !fleet.is_null()
+        {
+            anyhow::bail!(
+                "this host is a member of fleet {} (run --etcd): flipping one member alone would send its new connections elsewhere than the others'. Fleet-wide cutovers are not built yet (docs/fleet.md); in an emergency, stop the controller on every host and flip each with --immediate",
+                fleet["fleet"].as_str().unwrap_or("?")
+            );
+        }
     }
     immediate(args, pin_dir)
 }
