@@ -12,6 +12,7 @@
 //! (by pid), deletes its namespaces and its data, even when a test panics.
 
 use std::{
+    fmt::Write as _,
     path::PathBuf,
     process::{Child, Command, Output, Stdio},
     sync::atomic::{AtomicU32, Ordering},
@@ -98,7 +99,10 @@ impl Etcd {
         let ipn = |ns: &str, args: &[&str]| sh(Command::new("ip").arg("-n").arg(ns).args(args));
         ipn(&br, &["link", "set", "lo", "up"]);
         ipn(&br, &["link", "add", "br0", "type", "bridge"]);
-        ipn(&br, &["addr", "add", &format!("{ETCD_NET}.1/24"), "dev", "br0"]);
+        ipn(
+            &br,
+            &["addr", "add", &format!("{ETCD_NET}.1/24"), "dev", "br0"],
+        );
         ipn(&br, &["link", "set", "br0", "up"]);
         for (i, node) in self.nodes.iter().enumerate() {
             sh(Command::new("ip").args(["netns", "add", &node.ns]));
@@ -108,7 +112,10 @@ impl Etcd {
                 "link", "add", "eth0", "netns", &node.ns, "type", "veth", "peer", "name", &port,
                 "netns", &br,
             ]));
-            ipn(&node.ns, &["addr", "add", &format!("{}/24", node.addr), "dev", "eth0"]);
+            ipn(
+                &node.ns,
+                &["addr", "add", &format!("{}/24", node.addr), "dev", "eth0"],
+            );
             ipn(&node.ns, &["link", "set", "eth0", "up"]);
             ipn(&br, &["link", "set", &port, "master", "br0"]);
             ipn(&br, &["link", "set", &port, "up"]);
@@ -271,7 +278,16 @@ impl Etcd {
             &br,
         ]));
         let ipn = |ns: &str, args: &[&str]| sh(Command::new("ip").arg("-n").arg(ns).args(args));
-        ipn(&proxy, &["addr", "add", &format!("{addr}/24"), "dev", PROXY_ETCD_IFACE]);
+        ipn(
+            &proxy,
+            &[
+                "addr",
+                "add",
+                &format!("{addr}/24"),
+                "dev",
+                PROXY_ETCD_IFACE,
+            ],
+        );
         ipn(&proxy, &["link", "set", PROXY_ETCD_IFACE, "up"]);
         ipn(&br, &["link", "set", &port, "master", "br0"]);
         ipn(&br, &["link", "set", &port, "up"]);
@@ -296,7 +312,7 @@ impl Etcd {
                 if entry.path().extension().is_some_and(|e| e == "log") {
                     let text = std::fs::read_to_string(entry.path()).unwrap_or_default();
                     let tail: Vec<&str> = text.lines().rev().take(20).collect();
-                    all.push_str(&format!("== {}\n", entry.path().display()));
+                    let _ = writeln!(all, "== {}", entry.path().display());
                     for line in tail.into_iter().rev() {
                         all.push_str(line);
                         all.push('\n');

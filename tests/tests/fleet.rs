@@ -110,9 +110,11 @@ fn members_register_under_leases_and_a_killed_member_leaves() {
 
     // A clean stop (SIGTERM) leaves at once: the lease is revoked.
     labs[1].signal(pids[1], libc::SIGTERM);
-    wait_for(Duration::from_secs(3), "a stopped member to leave at once", || {
-        members(&labs[0]) == ["proxy-a"]
-    });
+    wait_for(
+        Duration::from_secs(3),
+        "a stopped member to leave at once",
+        || members(&labs[0]) == ["proxy-a"],
+    );
 }
 
 #[test]
@@ -138,7 +140,10 @@ fn a_restarting_member_applies_the_committed_target_before_it_attaches() {
         .find("joined the fleet")
         .unwrap_or_else(|| panic!("no join in the log:\n{log}"));
     let ready = log.find("datapath ready").expect("datapath ready");
-    assert!(joined < ready, "the fleet state is read before the datapath is ready:\n{log}");
+    assert!(
+        joined < ready,
+        "the fleet state is read before the datapath is ready:\n{log}"
+    );
 
     assert_eq!(
         new_connection_lands_on(&lab),
@@ -196,7 +201,10 @@ fn losing_etcd_quorum_outside_a_cutover_changes_nothing_on_the_datapath() {
     etcd.kill(leader);
     etcd.kill(others[0]);
     assert!(
-        !etcd.etcdctl(&["get", "--consistency=l", "/x"]).status.success(),
+        !etcd
+            .etcdctl(&["get", "--consistency=l", "/x"])
+            .status
+            .success(),
         "the cluster has lost quorum"
     );
 
@@ -230,9 +238,11 @@ fn losing_etcd_quorum_outside_a_cutover_changes_nothing_on_the_datapath() {
     // Quorum back: the member is listed again (re-registered if its lease expired).
     etcd.start(leader);
     etcd.wait_healthy(Duration::from_secs(30));
-    wait_for(Duration::from_secs(20), "the member to be listed again", || {
-        members(&lab) == ["proxy-a"]
-    });
+    wait_for(
+        Duration::from_secs(20),
+        "the member to be listed again",
+        || members(&lab) == ["proxy-a"],
+    );
     assert_eq!(lab.status()["fleet"]["in_sync"], true);
     lab.signal(pid, libc::SIGTERM);
 }
@@ -266,7 +276,19 @@ fn run_refuses_to_start_when_etcd_is_unreachable_and_changes_nothing() {
     assert!(pinned.is_empty(), "nothing was pinned: {pinned:?}");
 
     // Bad input is named: --etcd without --fleet, and a password on argv is not an option.
-    let out = lab.redirect(&["run", "--iface", "p-cli", "--vip", "198.18.1.1:5432", "--source", "198.18.2.2:5432", "--target", "198.18.3.2:5432", "--etcd", "http://198.19.0.11:2379"]);
+    let out = lab.redirect(&[
+        "run",
+        "--iface",
+        "p-cli",
+        "--vip",
+        "198.18.1.1:5432",
+        "--source",
+        "198.18.2.2:5432",
+        "--target",
+        "198.18.3.2:5432",
+        "--etcd",
+        "http://198.19.0.11:2379",
+    ]);
     assert!(!out.status.success());
     assert!(
         String::from_utf8_lossy(&out.stderr).contains("--fleet"),

@@ -326,8 +326,8 @@ pub async fn run(args: Args, pin_dir: &Path, socket: &Path, journal: &Path) -> a
     let shutdown = CancellationToken::new();
     let fleet = match joined {
         Some((settings, client, state)) => {
-            let fleet = crate::fleet::Fleet::register(settings, client, state, shutdown.clone())
-                .await?;
+            let fleet =
+                crate::fleet::Fleet::register(settings, client, state, shutdown.clone()).await?;
             info!(fleet = %fleet.settings.fleet, member = %fleet.settings.member, "registered as a fleet member");
             Some(fleet)
         }

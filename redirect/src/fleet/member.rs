@@ -29,7 +29,11 @@ pub struct Member {
 }
 
 /// Grants a lease and puts `member` under it. Returns the lease id.
-pub async fn register(client: &mut Client, fleet: &str, member: &Member) -> Result<i64, FleetError> {
+pub async fn register(
+    client: &mut Client,
+    fleet: &str,
+    member: &Member,
+) -> Result<i64, FleetError> {
     let ttl = i64::try_from(LEASE_TTL.as_secs()).expect("small");
     let lease = client.lease_grant(ttl, None).await?.id();
     let value = serde_json::to_vec(member).expect("a member serializes");
@@ -113,7 +117,9 @@ pub async fn list(client: &mut Client, fleet: &str) -> Result<Vec<Member>, Fleet
     for kv in resp.kvs() {
         match serde_json::from_slice(kv.value()) {
             Ok(m) => members.push(m),
-            Err(e) => warn!(key = %String::from_utf8_lossy(kv.key()), error = %e, "skipping an unreadable member record"),
+            Err(e) => {
+                warn!(key = %String::from_utf8_lossy(kv.key()), error = %e, "skipping an unreadable member record");
+            }
         }
     }
     Ok(members)

@@ -165,8 +165,7 @@ pub fn settings(opts: &Options, vip: std::net::SocketAddrV4) -> anyhow::Result<O
 
 fn hostname() -> String {
     std::fs::read_to_string("/proc/sys/kernel/hostname")
-        .map(|h| h.trim().to_owned())
-        .unwrap_or_else(|_| "host".into())
+        .map_or_else(|_| "host".into(), |h| h.trim().to_owned())
 }
 
 /// Checked fleet options.
@@ -193,7 +192,10 @@ impl std::fmt::Debug for Settings {
 /// Connects and reads (or founds) the committed state: step 1 of a member's start, before the
 /// datapath is attached. `pinned` is what the local datapath holds, if anything: it founds a
 /// fleet that has no state yet, and is overruled by one that has.
-pub async fn join(settings: &Settings, pinned: Option<Role>) -> anyhow::Result<(Client, Committed)> {
+pub async fn join(
+    settings: &Settings,
+    pinned: Option<Role>,
+) -> anyhow::Result<(Client, Committed)> {
     let unreachable = |e: &dyn std::fmt::Display| {
         anyhow::anyhow!(
             "cannot reach etcd at {} ({e}): a fleet member must read the fleet's committed state before it attaches, so nothing was changed on this host. Check the endpoints and that etcd has quorum (etcdctl endpoint health), then start again",

@@ -58,10 +58,8 @@ pub async fn read(client: &mut Client, fleet: &str) -> Result<Option<Committed>,
     let Some(kv) = resp.kvs().first() else {
         return Ok(None);
     };
-    let state = serde_json::from_slice(kv.value()).map_err(|source| FleetError::BadRecord {
-        key,
-        source,
-    })?;
+    let state = serde_json::from_slice(kv.value())
+        .map_err(|source| FleetError::BadRecord { key, source })?;
     Ok(Some(Committed {
         state,
         mod_revision: kv.mod_revision(),
