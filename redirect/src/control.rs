@@ -71,6 +71,12 @@ pub enum Request {
     State,
     /// The fleet this controller is a member of (`null` without `--etcd`).
     Fleet,
+    /// A fleet-wide immediate flip (`flip --immediate` on a fleet member): commit the next
+    /// epoch in etcd and wait for every live member to apply it.
+    FleetFlip {
+        to: Role,
+        ack_timeout_ms: u64,
+    },
     /// Compare the two databases (`redirect verify`); streams progress, answers the report.
     Verify {
         tables: Vec<String>,
@@ -155,10 +161,22 @@ async fn handle(stream: UnixStream, ctl: Arc<Controller>) -> std::io::Result<()>
             }
             None => Reply::Ok(serde_json::Value::Null),
         },
-        // A member flipping on its own would send new connections to a backend the fleet has
-        // not committed (docs/fleet.md, invariant 1). The leader-driven cutover is not built.
+        Request::FleetFlip { to, ack_timeout_ms } => match &ctl.fleet {
+            Some(fleet) => {
+                match crate::fleet::commit::flip(fleet, to, Duration::from_millis(ack_timeout_ms))
+                    .await
+                {
+                    Ok(r) => Reply::Ok(serde_json::to_value(r).expect("the report serializes")),
+                    Err(e) => Reply::Error(e.to_string()),
+                }
+            }
+            None => Reply::Error("this controller is not a fleet member (run --etcd)".into()),
+        },
+        // A member running the safe cutover on its own would send new connections to a
+        // backend the fleet has not committed (docs/fleet.md, invariant 1). The leader-driven
+        // safe cutover is not built yet.
         Request::Flip { .. } if ctl.fleet.is_some() => Reply::Error(
-            "this host is a fleet member (run --etcd): a flip on one member alone would split the fleet, and fleet-wide cutovers are not built yet (docs/fleet.md). Run the cutover on a host without --etcd"
+            "this host is a fleet member (run --etcd): the safe cutover across a fleet is not built yet (docs/fleet.md); `redirect flip --immediate` flips the whole fleet at once (no fence, no barrier)"
                 .into(),
         ),
         Request::Finish { execute, force } => {

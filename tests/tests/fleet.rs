@@ -296,3 +296,59 @@ fn run_refuses_to_start_when_etcd_is_unreachable_and_changes_nothing() {
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+#[test]
+fn an_immediate_flip_on_one_member_moves_the_whole_fleet() {
+    let mut etcd = Etcd::new("flp");
+    let (mut a, _a_source, _a_target) = lab_with_servers("ffla");
+    let (mut b, _b_source, _b_target) = lab_with_servers("fflb");
+    etcd.join(&a);
+    etcd.join(&b);
+    start_member(&mut a, &etcd, "proxy-a");
+    start_member(&mut b, &etcd, "proxy-b");
+    wait_for(Duration::from_secs(10), "two members", || {
+        members(&a).len() == 2
+    });
+    assert_eq!(new_connection_lands_on(&b), "source");
+
+    // Flipped on A: committed in etcd, applied by B too (the standby the VIP may move to).
+    let out = a.redirect_ok(&["flip", "--to", "target", "--immediate"]);
+    assert!(out.contains("epoch 1 committed"), "{out}");
+    assert!(
+        out.contains("proxy-a, proxy-b"),
+        "both members applied it: {out}"
+    );
+    assert_eq!(new_connection_lands_on(&b), "target");
+    assert_eq!(new_connection_lands_on(&a), "target");
+    for lab in [&a, &b] {
+        let status = lab.status();
+        assert_eq!(status["active"], "target", "{status:#}");
+        assert_eq!(status["fleet"]["applied_epoch"], 1);
+        assert_eq!(status["fleet"]["in_sync"], true);
+    }
+    let again = a.redirect(&["flip", "--to", "target", "--immediate"]);
+    assert!(!again.status.success());
+    assert!(String::from_utf8_lossy(&again.stderr).contains("already"));
+
+    // B cut off from etcd: the flip is committed, the operator is told B did not apply it,
+    // and B catches up once it reaches etcd again.
+    Etcd::disconnect(&b);
+    let out = a.redirect(&["flip", "--to", "source", "--immediate"]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "a missing member fails the command");
+    assert!(stderr.contains("proxy-b did not apply it"), "{stderr}");
+    assert_eq!(new_connection_lands_on(&a), "source");
+    Etcd::reconnect(&b);
+    wait_for(
+        Duration::from_secs(30),
+        "B to apply epoch 2 after reconnecting",
+        || b.status()["fleet"]["applied_epoch"] == 2,
+    );
+    assert_eq!(new_connection_lands_on(&b), "source");
+    assert!(
+        b.last_redirect_log()
+            .contains("applied the fleet's committed epoch"),
+        "{}",
+        b.last_redirect_log()
+    );
+}

@@ -294,11 +294,11 @@ pub async fn run(args: Args, pin_dir: &Path, socket: &Path, journal: &Path) -> a
                 pinned = pinned.map_or("none", |r| r.name()),
                 "joined the fleet: applying its committed backend before attaching"
             );
-            Some((settings.clone(), client, committed.state))
+            Some((settings.clone(), client, committed))
         }
         None => None,
     };
-    let committed_active = joined.as_ref().map(|(_, _, state)| state.active);
+    let committed_active = joined.as_ref().map(|(_, _, c)| c.state.active);
     let mut report =
         datapath::install_with_active(pin_dir, &ifaces, args.hook, &spec, committed_active)?;
     info!(
@@ -325,9 +325,10 @@ pub async fn run(args: Args, pin_dir: &Path, socket: &Path, journal: &Path) -> a
         .and_then(|m| aya::maps::RingBuf::try_from(m).ok());
     let shutdown = CancellationToken::new();
     let fleet = match joined {
-        Some((settings, client, state)) => {
+        Some((settings, client, committed)) => {
             let fleet =
-                crate::fleet::Fleet::register(settings, client, state, shutdown.clone()).await?;
+                crate::fleet::Fleet::register(settings, client, committed, shutdown.clone())
+                    .await?;
             info!(fleet = %fleet.settings.fleet, member = %fleet.settings.member, "registered as a fleet member");
             Some(fleet)
         }
@@ -353,6 +354,9 @@ pub async fn run(args: Args, pin_dir: &Path, socket: &Path, journal: &Path) -> a
             shutdown.cancel();
         }
     });
+    if ctl.fleet.is_some() {
+        tokio::spawn(crate::fleet::follow::follow(ctl.clone(), shutdown.clone()));
+    }
     let control = tokio::spawn(control::serve(
         socket.to_path_buf(),
         ctl.clone(),

@@ -2,7 +2,13 @@
 //! own lease and kept alive, so a member that dies (or is cut off from etcd) disappears from
 //! the fleet within the lease's TTL.
 
-use std::time::Duration;
+use std::{
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicI64, Ordering},
+    },
+    time::Duration,
+};
 
 use etcd_client::{Client, GetOptions, PutOptions};
 use serde::{Deserialize, Serialize};
@@ -10,7 +16,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
 use super::{FleetError, keys, state::Epoch};
-use crate::datapath::Role;
+use crate::{datapath::Role, sync::lock};
 
 /// How long a member survives without a keep-alive.
 pub const LEASE_TTL: Duration = Duration::from_secs(10);
@@ -53,8 +59,8 @@ pub async fn register(
 pub async fn keep_alive(
     mut client: Client,
     fleet: String,
-    member: Member,
-    mut lease: i64,
+    member: Arc<Mutex<Member>>,
+    lease: Arc<AtomicI64>,
     shutdown: CancellationToken,
 ) {
     let mut healthy = true;
@@ -63,7 +69,11 @@ pub async fn keep_alive(
             () = shutdown.cancelled() => break,
             () = tokio::time::sleep(LEASE_TTL / 3) => {}
         }
-        let renewed = tokio::time::timeout(LEASE_TTL / 3, renew(&mut client, lease)).await;
+        let renewed = tokio::time::timeout(
+            LEASE_TTL / 3,
+            renew(&mut client, lease.load(Ordering::Relaxed)),
+        )
+        .await;
         match renewed {
             Ok(Ok(true)) => {
                 if !healthy {
@@ -72,10 +82,10 @@ pub async fn keep_alive(
                 healthy = true;
             }
             // The lease expired while etcd was away: join again under a new one.
-            Ok(Ok(false)) => match register(&mut client, &fleet, &member).await {
+            Ok(Ok(false)) => match register(&mut client, &fleet, &current(&member)).await {
                 Ok(new) => {
                     info!(fleet = %fleet, "membership lease had expired; registered again");
-                    lease = new;
+                    lease.store(new, Ordering::Relaxed);
                     healthy = true;
                 }
                 Err(e) => warn!(fleet = %fleet, error = %e, "registering again"),
@@ -95,7 +105,11 @@ pub async fn keep_alive(
         }
     }
     // A clean stop leaves the fleet at once instead of after the TTL.
-    let _ = tokio::time::timeout(Duration::from_secs(2), client.lease_revoke(lease)).await;
+    let _ = tokio::time::timeout(
+        Duration::from_secs(2),
+        client.lease_revoke(lease.load(Ordering::Relaxed)),
+    )
+    .await;
 }
 
 /// One keep-alive round trip. `false`: the lease no longer exists.
@@ -123,4 +137,27 @@ pub async fn list(client: &mut Client, fleet: &str) -> Result<Vec<Member>, Fleet
         }
     }
     Ok(members)
+}
+
+/// Rewrites this member's record (under its current lease) after it applied a new epoch.
+pub async fn publish(
+    client: &mut Client,
+    fleet: &str,
+    member: &Member,
+    lease: i64,
+) -> Result<(), FleetError> {
+    let value = serde_json::to_vec(member).expect("a member serializes");
+    client
+        .put(
+            keys::member(fleet, &member.id),
+            value,
+            Some(PutOptions::new().with_lease(lease)),
+        )
+        .await?;
+    Ok(())
+}
+
+/// A copy of the member record (the lock is not held across an await).
+fn current(member: &Mutex<Member>) -> Member {
+    lock(member).clone()
 }

@@ -10,6 +10,8 @@
 //!
 //! Nothing on the packet path depends on etcd: losing it changes nothing on the datapath.
 
+pub mod commit;
+pub mod follow;
 pub mod member;
 pub mod state;
 
@@ -71,6 +73,8 @@ pub enum FleetError {
     },
     #[error("{0} disappeared from etcd right after it was written")]
     Vanished(String),
+    #[error("{0}")]
+    Refused(String),
 }
 
 /// The etcd keys of a fleet (docs/fleet.md has the whole layout).
@@ -90,6 +94,14 @@ pub mod keys {
     #[must_use]
     pub fn member(fleet: &str, id: &str) -> String {
         format!("{}{id}", members(fleet))
+    }
+    #[must_use]
+    pub fn acks(fleet: &str, epoch: super::state::Epoch) -> String {
+        format!("{}acks/{epoch}/", root(fleet))
+    }
+    #[must_use]
+    pub fn ack(fleet: &str, epoch: super::state::Epoch, member: &str) -> String {
+        format!("{}{member}", acks(fleet, epoch))
     }
 }
 
@@ -121,7 +133,12 @@ pub fn settings(opts: &Options, vip: std::net::SocketAddrV4) -> anyhow::Result<O
         None => format!("{}-{vip}", hostname()),
     };
     check_name("fleet-member", &member)?;
-    let mut connect = ConnectOptions::new().with_connect_timeout(CONNECT_TIMEOUT);
+    // HTTP/2 keep-alives notice a dead path in seconds, so the state watch breaks and is
+    // re-established (catching up on missed epochs) instead of hanging on a dead connection.
+    let mut connect = ConnectOptions::new()
+        .with_connect_timeout(CONNECT_TIMEOUT)
+        .with_keep_alive(Duration::from_secs(2), Duration::from_secs(2))
+        .with_keep_alive_while_idle(true);
     if let Some(user) = &opts.etcd_user {
         let password = match &opts.etcd_password_file {
             Some(path) => std::fs::read_to_string(path)
@@ -224,12 +241,16 @@ pub async fn join(
     }
 }
 
-/// A joined member, kept by the controller for `status`.
+/// A joined member, kept by the controller: for `status`, for following the committed
+/// state ([`follow`]) and for committing a fleet flip ([`commit`]).
 pub struct Fleet {
     pub settings: Settings,
     client: Client,
-    /// The committed state this member's datapath applied.
-    pub applied: FleetState,
+    /// The committed state this member's datapath applied, and the etcd revision it came at.
+    applied: std::sync::Mutex<(FleetState, i64)>,
+    /// This member's record and its current lease (the keep-alive renews or replaces it).
+    me: std::sync::Arc<std::sync::Mutex<Member>>,
+    lease: std::sync::Arc<std::sync::atomic::AtomicI64>,
     /// The keep-alive task: it revokes the lease when `shutdown` fires (see [`Fleet::leave`]).
     keep_alive: std::sync::Mutex<Option<tokio::task::JoinHandle<()>>>,
 }
@@ -256,14 +277,14 @@ impl Fleet {
     pub async fn register(
         settings: Settings,
         mut client: Client,
-        applied: FleetState,
+        applied: Committed,
         shutdown: CancellationToken,
     ) -> anyhow::Result<Self> {
         let me = Member {
             id: settings.member.clone(),
             vip: settings.vip.clone(),
-            applied_epoch: applied.epoch,
-            applied_active: applied.active,
+            applied_epoch: applied.state.epoch,
+            applied_active: applied.state.active,
             joined_at: std::time::SystemTime::now()
                 .duration_since(std::time::UNIX_EPOCH)
                 .map_or(0, |d| d.as_secs()),
@@ -274,19 +295,44 @@ impl Fleet {
         )
         .await
         .map_err(|_| anyhow::anyhow!("etcd did not answer the member registration"))??;
+        let me = std::sync::Arc::new(std::sync::Mutex::new(me));
+        let lease = std::sync::Arc::new(std::sync::atomic::AtomicI64::new(lease));
         let keep_alive = tokio::spawn(member::keep_alive(
             client.clone(),
             settings.fleet.clone(),
-            me,
-            lease,
+            me.clone(),
+            lease.clone(),
             shutdown,
         ));
         Ok(Self {
             settings,
             client,
-            applied,
+            applied: std::sync::Mutex::new((applied.state, applied.mod_revision)),
+            me,
+            lease,
             keep_alive: std::sync::Mutex::new(Some(keep_alive)),
         })
+    }
+
+    /// The committed state this member's datapath applies.
+    pub fn applied(&self) -> FleetState {
+        crate::sync::lock(&self.applied).0.clone()
+    }
+
+    /// The etcd revision of [`Fleet::applied`].
+    pub fn applied_revision(&self) -> i64 {
+        crate::sync::lock(&self.applied).1
+    }
+
+    /// A handle on etcd (cheap: clients share one channel).
+    #[must_use]
+    pub fn client(&self) -> Client {
+        self.client.clone()
+    }
+
+    /// The lease this member's keys live under now.
+    pub fn lease(&self) -> i64 {
+        self.lease.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// After `shutdown`: waits (bounded) for the keep-alive task to revoke the lease, so a
@@ -317,15 +363,16 @@ impl Fleet {
                     Some(format!("no answer within {STATUS_TIMEOUT:?}")),
                 ),
             };
+        let applied = self.applied();
         View {
             fleet: fleet.clone(),
             member: self.settings.member.clone(),
             endpoints: self.settings.endpoints.clone(),
-            applied_epoch: self.applied.epoch,
-            applied_active: self.applied.active,
+            applied_epoch: applied.epoch,
+            applied_active: applied.active,
             in_sync: committed
                 .as_ref()
-                .is_some_and(|c| c.epoch == self.applied.epoch && c.active == self.applied.active),
+                .is_some_and(|c| c.epoch == applied.epoch && c.active == applied.active),
             committed,
             members,
             etcd_error,
