@@ -127,12 +127,16 @@ async fn acknowledge(fleet: &Fleet, ack: &Ack) -> Result<(), FleetError> {
     let lease = fleet.lease();
     let me = lock(&fleet.me).clone();
     super::member::publish(&mut client, &fleet.settings.fleet, &me, lease).await?;
-    client
-        .put(
-            keys::ack(&fleet.settings.fleet, ack.epoch, &ack.member),
-            serde_json::to_vec(ack).expect("an ack serializes"),
-            Some(PutOptions::new().with_lease(lease)),
-        )
-        .await?;
+    let key = keys::ack(&fleet.settings.fleet, ack.epoch, &ack.member);
+    let value = serde_json::to_vec(ack).expect("an ack serializes");
+    super::retry(|| {
+        let (mut client, key, value) = (client.clone(), key.clone(), value.clone());
+        async move {
+            client
+                .put(key, value, Some(PutOptions::new().with_lease(lease)))
+                .await
+        }
+    })
+    .await?;
     Ok(())
 }

@@ -41,15 +41,13 @@ pub async fn register(
     member: &Member,
 ) -> Result<i64, FleetError> {
     let ttl = i64::try_from(LEASE_TTL.as_secs()).expect("small");
-    let lease = client.lease_grant(ttl, None).await?.id();
-    let value = serde_json::to_vec(member).expect("a member serializes");
-    client
-        .put(
-            keys::member(fleet, &member.id),
-            value,
-            Some(PutOptions::new().with_lease(lease)),
-        )
-        .await?;
+    let lease = super::retry(|| {
+        let mut client = client.clone();
+        async move { client.lease_grant(ttl, None).await }
+    })
+    .await?
+    .id();
+    publish(client, fleet, member, lease).await?;
     Ok(lease)
 }
 
@@ -113,20 +111,29 @@ pub async fn keep_alive(
 }
 
 /// One keep-alive round trip. `false`: the lease no longer exists.
-async fn renew(client: &mut Client, lease: i64) -> Result<bool, FleetError> {
-    let (mut keeper, mut stream) = client.lease_keep_alive(lease).await?;
-    keeper.keep_alive().await?;
-    match stream.message().await? {
-        Some(r) => Ok(r.ttl() > 0),
-        None => Ok(false),
-    }
+async fn renew(client: &mut Client, lease: i64) -> Result<bool, etcd_client::Error> {
+    super::retry(|| {
+        let mut client = client.clone();
+        async move {
+            let (mut keeper, mut stream) = client.lease_keep_alive(lease).await?;
+            keeper.keep_alive().await?;
+            Ok(stream.message().await?.is_some_and(|r| r.ttl() > 0))
+        }
+    })
+    .await
 }
 
 /// Every live member (those whose lease has not expired).
 pub async fn list(client: &mut Client, fleet: &str) -> Result<Vec<Member>, FleetError> {
-    let resp = client
-        .get(keys::members(fleet), Some(GetOptions::new().with_prefix()))
-        .await?;
+    let resp = super::retry(|| {
+        let mut client = client.clone();
+        async move {
+            client
+                .get(keys::members(fleet), Some(GetOptions::new().with_prefix()))
+                .await
+        }
+    })
+    .await?;
     let mut members = Vec::new();
     for kv in resp.kvs() {
         match serde_json::from_slice(kv.value()) {
@@ -147,13 +154,16 @@ pub async fn publish(
     lease: i64,
 ) -> Result<(), FleetError> {
     let value = serde_json::to_vec(member).expect("a member serializes");
-    client
-        .put(
-            keys::member(fleet, &member.id),
-            value,
-            Some(PutOptions::new().with_lease(lease)),
-        )
-        .await?;
+    let key = keys::member(fleet, &member.id);
+    super::retry(|| {
+        let (mut client, key, value) = (client.clone(), key.clone(), value.clone());
+        async move {
+            client
+                .put(key, value, Some(PutOptions::new().with_lease(lease)))
+                .await
+        }
+    })
+    .await?;
     Ok(())
 }
 

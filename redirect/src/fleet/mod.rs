@@ -77,6 +77,41 @@ pub enum FleetError {
     Refused(String),
 }
 
+/// Runs one etcd request, again (up to 5 times) when it never reached a server.
+/// etcd-client's balanced channel sends each request to one endpoint and fails it when that
+/// endpoint is down instead of trying another, so with one node of three down, a third of all
+/// requests would fail. Retrying is safe: reads and puts are idempotent, and state changes are
+/// compare-and-swap transactions.
+pub async fn retry<T, F, Fut>(mut op: F) -> Result<T, etcd_client::Error>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T, etcd_client::Error>>,
+{
+    let mut attempt = 0;
+    loop {
+        attempt += 1;
+        match op().await {
+            Err(e) if attempt < 5 && unreached(&e) => {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            other => return other,
+        }
+    }
+}
+
+/// The request did not reach a server that could answer it (connection refused or reset,
+/// endpoint unavailable).
+fn unreached(e: &etcd_client::Error) -> bool {
+    match e {
+        etcd_client::Error::TransportError(_) => true,
+        // gRPC's UNAVAILABLE (14); etcd-client does not re-export tonic's `Code`.
+        etcd_client::Error::GRpcStatus(s) => s.code() as i32 == GRPC_UNAVAILABLE,
+        _ => false,
+    }
+}
+
+const GRPC_UNAVAILABLE: i32 = 14;
+
 /// The etcd keys of a fleet (docs/fleet.md has the whole layout).
 pub mod keys {
     #[must_use]

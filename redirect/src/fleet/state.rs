@@ -54,7 +54,11 @@ pub struct Committed {
 /// fails when etcd has no quorum).
 pub async fn read(client: &mut Client, fleet: &str) -> Result<Option<Committed>, FleetError> {
     let key = keys::state(fleet);
-    let resp = client.get(key.clone(), None).await?;
+    let resp = super::retry(|| {
+        let (mut client, key) = (client.clone(), key.clone());
+        async move { client.get(key, None).await }
+    })
+    .await?;
     let Some(kv) = resp.kvs().first() else {
         return Ok(None);
     };
@@ -86,7 +90,11 @@ pub async fn found_or_read(
     let txn = Txn::new()
         .when([Compare::create_revision(key.clone(), CompareOp::Equal, 0)])
         .and_then([TxnOp::put(key, value, None)]);
-    client.txn(txn).await?;
+    super::retry(|| {
+        let (mut client, txn) = (client.clone(), txn.clone());
+        async move { client.txn(txn).await }
+    })
+    .await?;
     read(client, fleet)
         .await?
         .ok_or_else(|| FleetError::Vanished(keys::state(fleet)))
