@@ -330,6 +330,20 @@ fn an_immediate_flip_on_one_member_moves_the_whole_fleet() {
         assert_eq!(status["fleet"]["applied_epoch"], 1);
         assert_eq!(status["fleet"]["in_sync"], true);
     }
+    let metrics = b.in_ns(Ns::Proxy, || {
+        use std::io::{Read as _, Write as _};
+        let mut s = std::net::TcpStream::connect("127.0.0.1:9187").expect("metrics port");
+        s.write_all(b"GET /metrics HTTP/1.0\r\n\r\n").unwrap();
+        let mut body = String::new();
+        s.read_to_string(&mut body).unwrap();
+        body
+    });
+    assert!(
+        metrics.contains(
+            r#"redirect_fleet_applied_epoch{fleet="lab",member="proxy-b",active="target"} 1"#
+        ),
+        "{metrics}"
+    );
     let again = a.redirect(&["flip", "--to", "target", "--immediate"]);
     assert!(!again.status.success());
     assert!(String::from_utf8_lossy(&again.stderr).contains("already"));
