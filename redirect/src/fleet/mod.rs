@@ -414,3 +414,83 @@ impl Fleet {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn opts(etcd: &[&str]) -> Options {
+        Options {
+            etcd: etcd.iter().map(|s| (*s).to_owned()).collect(),
+            fleet: Some("prod-db".into()),
+            fleet_member: None,
+            etcd_user: None,
+            etcd_password_file: None,
+            etcd_ca: None,
+            etcd_cert: None,
+            etcd_key: None,
+        }
+    }
+
+    fn vip() -> std::net::SocketAddrV4 {
+        "10.0.0.5:5432".parse().unwrap()
+    }
+
+    #[test]
+    fn without_etcd_nothing_changes() {
+        assert!(settings(&opts(&[]), vip()).unwrap().is_none());
+    }
+
+    #[test]
+    fn names_that_would_change_the_keys_are_refused() {
+        let mut o = opts(&["http://e1:2379"]);
+        o.fleet = Some("a/b".into());
+        let e = settings(&o, vip()).unwrap_err().to_string();
+        assert!(e.contains("--fleet \"a/b\""), "{e}");
+        o.fleet = Some("prod-db".into());
+        o.fleet_member = Some(String::new());
+        assert!(settings(&o, vip()).is_err());
+    }
+
+    #[test]
+    fn the_password_comes_from_a_file_or_the_environment_never_argv() {
+        let mut o = opts(&["http://e1:2379"]);
+        o.etcd_user = Some("redirect".into());
+        // SAFETY: this test alone reads or writes this variable.
+        unsafe { std::env::remove_var("REDIRECT_ETCD_PASSWORD") };
+        let e = settings(&o, vip()).unwrap_err().to_string();
+        assert!(e.contains("--etcd-password-file"), "{e}");
+        let file = std::env::temp_dir().join(format!("etcd-pw-{}", std::process::id()));
+        std::fs::write(&file, "s3cret\n").unwrap();
+        o.etcd_password_file = Some(file.clone());
+        let s = settings(&o, vip()).unwrap().unwrap();
+        assert!(
+            !format!("{s:?}").contains("s3cret"),
+            "the password is never printed"
+        );
+        std::fs::remove_file(&file).unwrap();
+        let e = settings(&o, vip()).unwrap_err().to_string();
+        assert!(e.contains("reading --etcd-password-file"), "{e}");
+    }
+
+    #[test]
+    fn tls_needs_https_endpoints() {
+        let mut o = opts(&["http://e1:2379"]);
+        let ca = std::env::temp_dir().join(format!("etcd-ca-{}", std::process::id()));
+        std::fs::write(&ca, "-----BEGIN CERTIFICATE-----\n").unwrap();
+        o.etcd_ca = Some(ca.clone());
+        let e = settings(&o, vip()).unwrap_err().to_string();
+        assert!(e.contains("not https://"), "{e}");
+        o.etcd = vec!["https://e1:2379".into()];
+        assert!(settings(&o, vip()).is_ok());
+        std::fs::remove_file(&ca).unwrap();
+    }
+
+    #[test]
+    fn the_default_member_name_is_the_host_and_the_vip() {
+        let s = settings(&opts(&["http://e1:2379"]), vip())
+            .unwrap()
+            .unwrap();
+        assert!(s.member.ends_with("-10.0.0.5:5432"), "{}", s.member);
+    }
+}
