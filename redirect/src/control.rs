@@ -69,6 +69,14 @@ pub enum Request {
     },
     /// What the controller is doing, and what its last recovery did.
     State,
+    /// The fleet this controller is a member of (`null` without `--etcd`).
+    Fleet,
+    /// A fleet-wide immediate flip (`flip --immediate` on a fleet member): commit the next
+    /// epoch in etcd and wait for every live member to apply it.
+    FleetFlip {
+        to: Role,
+        ack_timeout_ms: u64,
+    },
     /// Compare the two databases (`redirect verify`); streams progress, answers the report.
     Verify {
         tables: Vec<String>,
@@ -147,6 +155,30 @@ async fn handle(stream: UnixStream, ctl: Arc<Controller>) -> std::io::Result<()>
             "phase": ctl.phase(),
             "last_recovery": *crate::sync::lock(&ctl.last_recovery),
         })),
+        Request::Fleet => match &ctl.fleet {
+            Some(fleet) => {
+                Reply::Ok(serde_json::to_value(fleet.view().await).expect("the view serializes"))
+            }
+            None => Reply::Ok(serde_json::Value::Null),
+        },
+        Request::FleetFlip { to, ack_timeout_ms } => match &ctl.fleet {
+            Some(fleet) => {
+                match crate::fleet::commit::flip(fleet, to, Duration::from_millis(ack_timeout_ms))
+                    .await
+                {
+                    Ok(r) => Reply::Ok(serde_json::to_value(r).expect("the report serializes")),
+                    Err(e) => Reply::Error(e.to_string()),
+                }
+            }
+            None => Reply::Error("this controller is not a fleet member (run --etcd)".into()),
+        },
+        // A member running the safe cutover on its own would send new connections to a
+        // backend the fleet has not committed (docs/fleet.md, invariant 1). The leader-driven
+        // safe cutover is not built yet.
+        Request::Flip { .. } if ctl.fleet.is_some() => Reply::Error(
+            "this host is a fleet member (run --etcd): the safe cutover across a fleet is not built yet (docs/fleet.md); `redirect flip --immediate` flips the whole fleet at once (no fence, no barrier)"
+                .into(),
+        ),
         Request::Finish { execute, force } => {
             match crate::cutover::finish::finish(&ctl, execute, force).await {
                 Ok(r) => Reply::Ok(serde_json::to_value(r).expect("report serializes")),

@@ -679,6 +679,19 @@ pub fn install(
     hook: Hook,
     spec: &Spec,
 ) -> Result<InstallReport, DatapathError> {
+    install_with_active(dir, ifaces, hook, spec, None)
+}
+
+/// [`install`], with `ACTIVE` set to `active` (when given) before any program is attached or
+/// swapped: a fleet member applies the fleet's committed backend first (docs/fleet.md,
+/// the joining-host invariant), whatever the pins or the defaults say.
+pub fn install_with_active(
+    dir: &Path,
+    ifaces: &[(String, u32)],
+    hook: Hook,
+    spec: &Spec,
+    active: Option<Role>,
+) -> Result<InstallReport, DatapathError> {
     let pins = PinDir(dir.to_path_buf());
     let io = |what: String| move |source| DatapathError::Io { what, source };
     std::fs::create_dir_all(dir).map_err(io(format!("creating {}", dir.display())))?;
@@ -698,6 +711,9 @@ pub fn install(
 
     let mut maps = Maps::open(dir)?;
     configure(&mut maps, spec, adopted_maps)?;
+    if let Some(role) = active {
+        maps.set_active(role)?;
+    }
 
     program(&mut ebpf)
         .load()

@@ -16,6 +16,7 @@ pub mod control;
 pub mod cutover;
 pub mod datapath;
 pub mod events;
+pub mod fleet;
 pub mod metrics;
 pub mod net;
 pub mod pg;

@@ -117,6 +117,14 @@ pub fn render(ctl: &Controller) -> String {
             u8::from(lag.healthy)
         );
     }
+    if let Some(fleet) = &ctl.fleet {
+        let applied = fleet.applied();
+        let _ = writeln!(
+            out,
+            "# HELP redirect_fleet_applied_epoch The fleet's committed epoch this host applies.\n# TYPE redirect_fleet_applied_epoch gauge\nredirect_fleet_applied_epoch{{fleet=\"{}\",member=\"{}\",active=\"{}\"}} {}",
+            fleet.settings.fleet, fleet.settings.member, applied.active, applied.epoch
+        );
+    }
     let phase = ctl.phase();
     let _ = writeln!(
         out,

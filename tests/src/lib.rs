@@ -26,6 +26,7 @@
 pub mod churn;
 pub mod cutover_lab;
 pub mod faults;
+pub mod fleet;
 pub mod packet;
 pub mod pg;
 pub mod plot;

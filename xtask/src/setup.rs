@@ -3,7 +3,7 @@
 //! Debian's rustc 1.96 with library source (tier-3 `bpfel-unknown-none` needs build-std),
 //! linked into rustup as `debian-web`; bpf-linker against LLVM 22; bpftool and the lab tools;
 //! `PostgreSQL` 15 from Debian and the other majors the tests use (13, 17, 18) from the npm
-//! registry (see `postgres.rs`); and bpffs mounts.
+//! registry (see `postgres.rs`); etcd and protoc (fleets); and bpffs mounts.
 
 use std::{path::PathBuf, process::Command};
 
@@ -35,6 +35,11 @@ const PACKAGES: &[(&str, &str)] = &[
     ("postgresql-client-15", "/usr/lib/postgresql/15/bin/pgbench"),
     // Fetches the other PostgreSQL majors' server binaries (postgres.rs).
     ("npm", "/usr/bin/npm"),
+    // Fleets (issue 10): the fleet lab runs a 3-node etcd cluster, and the etcd-client
+    // crate generates its gRPC code with protoc at build time.
+    ("etcd-server", "/usr/bin/etcd"),
+    ("etcd-client", "/usr/bin/etcdctl"),
+    ("protobuf-compiler", "/usr/bin/protoc"),
 ];
 
 const BPF_LINKER_VERSION: &str = "0.10.0";

@@ -118,6 +118,14 @@ pub fn run(args: &Args, pin_dir: &Path, socket: &Path) -> anyhow::Result<()> {
                 );
             }
         }
+        // A fleet member follows the fleet's committed state (docs/fleet.md, invariant 1):
+        // the immediate flip becomes a fleet-wide one, committed in etcd and applied by
+        // every member.
+        if let Ok(Some(fleet)) = rt.block_on(control::call(socket, &Request::Fleet, |_| {}))
+            && !fleet.is_null()
+        {
+            return fleet_flip(args, socket, &rt);
+        }
     }
     immediate(args, pin_dir)
 }
@@ -241,5 +249,49 @@ fn immediate(args: &Args, pin_dir: &Path) -> anyhow::Result<()> {
     }
     println!("{staying} live connection(s) stay on {other} until they close");
     eprintln!("note: immediate flip: no write fence, no LSN barrier");
+    Ok(())
+}
+
+/// How long a fleet flip waits for every live member to apply the new epoch.
+const FLEET_ACK_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// `flip --immediate` on a fleet member: commit the new epoch, wait for every member.
+fn fleet_flip(args: &Args, socket: &Path, rt: &tokio::runtime::Runtime) -> anyhow::Result<()> {
+    let request = Request::FleetFlip {
+        to: args.to,
+        ack_timeout_ms: u64::try_from(FLEET_ACK_TIMEOUT.as_millis()).expect("small"),
+    };
+    let report = rt
+        .block_on(control::call(socket, &request, |_| {}))?
+        .ok_or_else(|| anyhow::anyhow!("the controller did not answer the fleet flip"))?;
+    if args.json {
+        return super::print_json(&report);
+    }
+    let list = |v: &serde_json::Value| {
+        v.as_array()
+            .map(|a| {
+                a.iter()
+                    .filter_map(serde_json::Value::as_str)
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            })
+            .unwrap_or_default()
+    };
+    println!(
+        "fleet {}: epoch {} committed, new connections go to {} (was {}); applied by {} in {} ms",
+        report["fleet"].as_str().unwrap_or("?"),
+        report["epoch"],
+        report["to"].as_str().unwrap_or("?"),
+        report["from"].as_str().unwrap_or("?"),
+        list(&report["acked"]),
+        report["took_ms"]
+    );
+    let missing = list(&report["missing"]);
+    if !missing.is_empty() {
+        anyhow::bail!(
+            "epoch {} is committed, but {missing} did not apply it within {FLEET_ACK_TIMEOUT:?}: check those hosts (`redirect status` there); they apply it as soon as they reach etcd",
+            report["epoch"]
+        );
+    }
     Ok(())
 }

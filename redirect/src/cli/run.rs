@@ -119,6 +119,10 @@ pub struct Args {
     /// Serve Prometheus metrics at <http://ADDR/metrics>.
     #[arg(long, default_value = "127.0.0.1:9187")]
     pub metrics_addr: std::net::SocketAddr,
+
+    /// Fleet membership through etcd (see docs/fleet.md).
+    #[command(flatten)]
+    pub fleet: crate::fleet::Options,
 }
 
 impl Args {
@@ -221,6 +225,7 @@ fn preflight(args: &Args, pin_dir: &Path) -> anyhow::Result<(Vec<(String, u32)>,
 
 pub async fn run(args: Args, pin_dir: &Path, socket: &Path, journal: &Path) -> anyhow::Result<()> {
     let (ifaces, spec) = preflight(&args, pin_dir)?;
+    let fleet_settings = crate::fleet::settings(&args.fleet, args.vip)?;
     // Two controllers on one datapath would drain, GC and recover against each other.
     if tokio::net::UnixStream::connect(socket).await.is_ok() {
         anyhow::bail!(
@@ -270,7 +275,32 @@ pub async fn run(args: Args, pin_dir: &Path, socket: &Path, journal: &Path) -> a
             }
         }
     }
-    let mut report = datapath::install(pin_dir, &ifaces, args.hook, &spec)?;
+    // A fleet member reads the committed state before anything is attached, and applies it
+    // whatever its pins say (the joining-host invariant). etcd unreachable: fail here, having
+    // changed nothing; a datapath pinned by an earlier run keeps serving as it was.
+    let joined = match &fleet_settings {
+        Some(settings) => {
+            let pinned = if datapath::PinDir(pin_dir.to_path_buf()).is_pinned() {
+                Maps::open(pin_dir)?.active()?
+            } else {
+                None
+            };
+            let (client, committed) = crate::fleet::join(settings, pinned).await?;
+            info!(
+                fleet = %settings.fleet,
+                member = %settings.member,
+                epoch = %committed.state.epoch,
+                active = %committed.state.active,
+                pinned = pinned.map_or("none", |r| r.name()),
+                "joined the fleet: applying its committed backend before attaching"
+            );
+            Some((settings.clone(), client, committed))
+        }
+        None => None,
+    };
+    let committed_active = joined.as_ref().map(|(_, _, c)| c.state.active);
+    let mut report =
+        datapath::install_with_active(pin_dir, &ifaces, args.hook, &spec, committed_active)?;
     info!(
         pin_dir = %pin_dir.display(),
         vip = %spec.vip,
@@ -293,6 +323,17 @@ pub async fn run(args: Args, pin_dir: &Path, socket: &Path, journal: &Path) -> a
         .ebpf
         .take_map("EVENTS")
         .and_then(|m| aya::maps::RingBuf::try_from(m).ok());
+    let shutdown = CancellationToken::new();
+    let fleet = match joined {
+        Some((settings, client, committed)) => {
+            let fleet =
+                crate::fleet::Fleet::register(settings, client, committed, shutdown.clone())
+                    .await?;
+            info!(fleet = %fleet.settings.fleet, member = %fleet.settings.member, "registered as a fleet member");
+            Some(fleet)
+        }
+        None => None,
+    };
     let ctl = Arc::new(Controller {
         maps: Mutex::new(maps),
         ebpf: Mutex::new(report.ebpf),
@@ -304,8 +345,8 @@ pub async fn run(args: Args, pin_dir: &Path, socket: &Path, journal: &Path) -> a
         last_report: Mutex::new(None),
         last_recovery: Mutex::new(None),
         last_gc: Mutex::new(None),
+        fleet,
     });
-    let shutdown = CancellationToken::new();
     tokio::spawn({
         let shutdown = shutdown.clone();
         async move {
@@ -313,6 +354,9 @@ pub async fn run(args: Args, pin_dir: &Path, socket: &Path, journal: &Path) -> a
             shutdown.cancel();
         }
     });
+    if ctl.fleet.is_some() {
+        tokio::spawn(crate::fleet::follow::follow(ctl.clone(), shutdown.clone()));
+    }
     let control = tokio::spawn(control::serve(
         socket.to_path_buf(),
         ctl.clone(),
@@ -396,6 +440,10 @@ pub async fn run(args: Args, pin_dir: &Path, socket: &Path, journal: &Path) -> a
     }
     if let Ok(Err(e)) = control.await {
         warn!(error = %e, "control socket");
+    }
+    if let Some(fleet) = &ctl.fleet {
+        fleet.leave().await;
+        info!(fleet = %fleet.settings.fleet, "left the fleet");
     }
     info!("controller stopped; the datapath stays attached and pinned");
     Ok(())

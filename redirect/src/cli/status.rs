@@ -50,6 +50,9 @@ pub struct Status {
     /// A cutover the journal shows as started and not ended (a controller resumes or undoes
     /// it when it starts).
     pub interrupted: Option<String>,
+    /// The fleet, from the running controller, when it is a member of one (`run --etcd`):
+    /// members, the committed epoch and backend, and the epoch this host applied.
+    pub fleet: Option<serde_json::Value>,
 }
 
 pub fn collect(maps: &Maps) -> anyhow::Result<Status> {
@@ -97,6 +100,7 @@ pub fn collect(maps: &Maps) -> anyhow::Result<Status> {
         lag: None,
         controller: None,
         interrupted: None,
+        fleet: None,
     })
 }
 
@@ -148,6 +152,15 @@ pub fn run(args: &Args, pin_dir: &Path, socket: &Path, journal: &Path) -> anyhow
             ))
             .ok()
             .flatten();
+        status.fleet = rt
+            .block_on(crate::control::call(
+                socket,
+                &crate::control::Request::Fleet,
+                |_| {},
+            ))
+            .ok()
+            .flatten()
+            .filter(|f| !f.is_null());
     }
     // An unfinished cutover is "interrupted" only if no controller is working on it.
     if status
@@ -210,6 +223,9 @@ pub fn run(args: &Args, pin_dir: &Path, socket: &Path, journal: &Path) -> anyhow
     if let Some(i) = &status.interrupted {
         println!("INTERRUPTED: {i}");
     }
+    if let Some(f) = &status.fleet {
+        print_fleet(f);
+    }
     if let Some(lag) = &status.lag {
         println!(
             "lag:        {} bytes, {:.3} s",
@@ -224,4 +240,41 @@ pub fn run(args: &Args, pin_dir: &Path, socket: &Path, journal: &Path) -> anyhow
         }
     }
     Ok(())
+}
+
+/// The fleet part of `status`, from the controller's [`crate::fleet::View`].
+fn print_fleet(f: &serde_json::Value) {
+    let text = |v: &serde_json::Value| v.as_str().map_or_else(|| v.to_string(), str::to_owned);
+    println!(
+        "fleet:      {} (member {}, applied epoch {} -> {})",
+        text(&f["fleet"]),
+        text(&f["member"]),
+        f["applied_epoch"],
+        text(&f["applied_active"])
+    );
+    if let Some(e) = f["etcd_error"].as_str() {
+        println!("  etcd unreachable: {e} (the datapath keeps its committed state)");
+        return;
+    }
+    let c = &f["committed"];
+    println!(
+        "  committed: epoch {} -> {} ({}){}",
+        c["epoch"],
+        text(&c["active"]),
+        text(&c["phase"]),
+        if f["in_sync"].as_bool() == Some(true) {
+            ""
+        } else {
+            "  <- this host does not apply it"
+        }
+    );
+    for m in f["members"].as_array().into_iter().flatten() {
+        println!(
+            "  member {:<24} vip {:<21} epoch {} -> {}",
+            text(&m["id"]),
+            text(&m["vip"]),
+            m["applied_epoch"],
+            text(&m["applied_active"])
+        );
+    }
 }

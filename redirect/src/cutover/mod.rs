@@ -236,6 +236,8 @@ pub struct Controller {
     pub last_recovery: Mutex<Option<String>>,
     /// The last conntrack GC pass: `/metrics` reads port use from it instead of walking maps.
     pub last_gc: Mutex<Option<crate::conntrack::GcReport>>,
+    /// The fleet this host is a member of (`run --etcd`); `None`: a host on its own.
+    pub fleet: Option<crate::fleet::Fleet>,
 }
 
 /// The other backend.

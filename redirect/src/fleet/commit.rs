@@ -1,0 +1,119 @@
+//! Committing a fleet-wide immediate flip: the new epoch is written by a compare-and-swap on
+//! the state's revision (two members flipping at once: one wins, the other is refused), then
+//! every live member's acknowledgement is awaited, within a deadline.
+//!
+//! This is the `flip --immediate` of a fleet: no hold, no fence, no barrier, as on one host.
+//! The leader-driven safe cutover (hold+fence, flip+release, drain, rollback as epochs) is
+//! the next step (docs/fleet.md).
+
+use std::{
+    collections::BTreeSet,
+    time::{Duration, Instant},
+};
+
+use etcd_client::{Compare, CompareOp, GetOptions, Txn, TxnOp};
+use serde::Serialize;
+
+use super::{
+    Fleet, FleetError, keys, member,
+    state::{self, Epoch, FleetPhase, FleetState},
+};
+use crate::datapath::Role;
+
+/// What a fleet flip did.
+#[derive(Debug, Serialize)]
+pub struct FleetFlip {
+    pub fleet: String,
+    pub epoch: Epoch,
+    pub from: Role,
+    pub to: Role,
+    /// Members that applied the new epoch in time.
+    pub acked: Vec<String>,
+    /// Live members that did not acknowledge within the deadline (they apply it when they
+    /// reach etcd again).
+    pub missing: Vec<String>,
+    pub took_ms: u64,
+}
+
+/// Commits `to` as the fleet's active backend and waits up to `ack_timeout` for every live
+/// member to apply it.
+pub async fn flip(fleet: &Fleet, to: Role, ack_timeout: Duration) -> Result<FleetFlip, FleetError> {
+    let started = Instant::now();
+    let mut client = fleet.client();
+    let name = &fleet.settings.fleet;
+    let current = state::read(&mut client, name)
+        .await?
+        .ok_or_else(|| FleetError::Refused(format!("fleet {name} has no committed state")))?;
+    if current.state.active == to {
+        return Err(FleetError::Refused(format!(
+            "fleet {name} already sends new connections to {to} (epoch {})",
+            current.state.epoch
+        )));
+    }
+    let next = FleetState {
+        epoch: Epoch(current.state.epoch.0 + 1),
+        active: to,
+        phase: FleetPhase::Idle,
+        written_by: fleet.settings.member.clone(),
+    };
+    let key = keys::state(name);
+    let txn = Txn::new()
+        .when([Compare::mod_revision(
+            key.clone(),
+            CompareOp::Equal,
+            current.mod_revision,
+        )])
+        .and_then([TxnOp::put(
+            key,
+            serde_json::to_vec(&next).expect("the state serializes"),
+            None,
+        )]);
+    if !client.txn(txn).await?.succeeded() {
+        return Err(FleetError::Refused(format!(
+            "another member committed a new epoch of fleet {name} meanwhile; check `redirect status` and retry"
+        )));
+    }
+    let deadline = Instant::now() + ack_timeout;
+    loop {
+        let live: BTreeSet<String> = member::list(&mut client, name)
+            .await?
+            .into_iter()
+            .map(|m| m.id)
+            .collect();
+        let acked = acked(&mut client, name, next.epoch).await?;
+        let missing: Vec<String> = live.difference(&acked).cloned().collect();
+        if missing.is_empty() || Instant::now() >= deadline {
+            return Ok(FleetFlip {
+                fleet: name.clone(),
+                epoch: next.epoch,
+                from: current.state.active,
+                to,
+                acked: acked.into_iter().collect(),
+                missing,
+                took_ms: u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX),
+            });
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Members whose acknowledgement of `epoch` says they applied it.
+async fn acked(
+    client: &mut etcd_client::Client,
+    fleet: &str,
+    epoch: Epoch,
+) -> Result<BTreeSet<String>, FleetError> {
+    let resp = client
+        .get(
+            keys::acks(fleet, epoch),
+            Some(GetOptions::new().with_prefix()),
+        )
+        .await?;
+    Ok(resp
+        .kvs()
+        .iter()
+        .filter_map(|kv| serde_json::from_slice::<super::follow::Ack>(kv.value()).ok())
+        .filter(|a| a.applied.is_some())
+        .map(|a| a.member)
+        .collect())
+}

@@ -1,0 +1,372 @@
+//! Fleets (issue 10, docs/fleet.md) with a real 3-node etcd cluster and the real datapath:
+//! membership under leases, the joining-host invariant, and quorum loss outside a cutover.
+//! Root only; run under `flock /tmp/redirect-lab.lock`.
+
+use std::time::{Duration, Instant};
+
+use redirect_tests::{
+    Lab, Ns, VIP,
+    fleet::Etcd,
+    pg::{self, Pg},
+    wait_for,
+};
+
+const FLEET: &str = "lab";
+
+fn fleet_flags(etcd: &Etcd, member: &str) -> Vec<String> {
+    [
+        "--etcd",
+        &etcd.endpoints(),
+        "--fleet",
+        FLEET,
+        "--fleet-member",
+        member,
+    ]
+    .iter()
+    .map(|s| (*s).to_owned())
+    .collect()
+}
+
+fn start_member(lab: &mut Lab, etcd: &Etcd, member: &str) -> u32 {
+    let flags = fleet_flags(etcd, member);
+    let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
+    lab.start_redirect(&flags)
+}
+
+/// The member ids `status --json` on `lab` lists.
+fn members(lab: &Lab) -> Vec<String> {
+    let status = lab.status();
+    let mut ids: Vec<String> = status["fleet"]["members"]
+        .as_array()
+        .unwrap_or_else(|| panic!("status shows no fleet members: {status:#}"))
+        .iter()
+        .map(|m| m["id"].as_str().expect("a member id").to_owned())
+        .collect();
+    ids.sort();
+    ids
+}
+
+/// Which server a new connection through `lab`'s VIP reaches (its `cluster_name`).
+fn new_connection_lands_on(lab: &Lab) -> String {
+    lab.in_ns(Ns::Client, || {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("runtime")
+            .block_on(async { pg::cluster_name(&pg::connect(VIP).await).await })
+    })
+}
+
+/// A lab with both servers up (no replication: these tests only ask which server answers).
+fn lab_with_servers(name: &str) -> (Lab, Pg, Pg) {
+    let mut lab = Lab::new(name);
+    let source = pg::start(&mut lab, Ns::Source, "source", &[]);
+    let target = pg::start(&mut lab, Ns::Target, "target", &[]);
+    (lab, source, target)
+}
+
+#[test]
+fn members_register_under_leases_and_a_killed_member_leaves() {
+    let mut etcd = Etcd::new("mem");
+    let mut labs: Vec<Lab> = ["fla", "flb", "flc"].iter().map(|n| Lab::new(n)).collect();
+    let ids = ["proxy-a", "proxy-b", "proxy-c"];
+    let mut pids = Vec::new();
+    for (lab, id) in labs.iter_mut().zip(ids) {
+        etcd.join(lab);
+        pids.push(start_member(lab, &etcd, id));
+    }
+    wait_for(Duration::from_secs(10), "three members", || {
+        members(&labs[0]).len() == 3
+    });
+    assert_eq!(members(&labs[1]), ids, "every member sees the same fleet");
+
+    // The first member founded the fleet at epoch 0 with its (fresh) datapath's source.
+    let status = labs[0].status();
+    assert_eq!(status["fleet"]["committed"]["epoch"], 0, "{status:#}");
+    assert_eq!(status["fleet"]["committed"]["active"], "source");
+    assert_eq!(status["fleet"]["in_sync"], true);
+    let text = labs[0].redirect_ok(&["status"]);
+    assert!(
+        text.contains("fleet:") && text.contains("member proxy-c"),
+        "status shows the fleet:\n{text}"
+    );
+
+    // SIGKILL: no clean leave, so the member stays until its lease expires, then goes.
+    let killed_at = Instant::now();
+    labs[2].signal(pids[2], libc::SIGKILL);
+    assert!(
+        members(&labs[0]).contains(&"proxy-c".to_owned()),
+        "a killed member stays until its lease expires"
+    );
+    wait_for(
+        redirect::fleet::member::LEASE_TTL + Duration::from_secs(5),
+        "the killed member to leave when its lease expires",
+        || members(&labs[0]) == ["proxy-a", "proxy-b"],
+    );
+    assert!(
+        killed_at.elapsed() >= redirect::fleet::member::LEASE_TTL / 2,
+        "it left by its lease, not at once"
+    );
+
+    // A clean stop (SIGTERM) leaves at once: the lease is revoked.
+    labs[1].signal(pids[1], libc::SIGTERM);
+    wait_for(
+        Duration::from_secs(3),
+        "a stopped member to leave at once",
+        || members(&labs[0]) == ["proxy-a"],
+    );
+}
+
+#[test]
+fn a_restarting_member_applies_the_committed_target_before_it_attaches() {
+    let mut etcd = Etcd::new("join");
+    let (mut lab, _source, _target) = lab_with_servers("fjoin");
+    etcd.join(&lab);
+
+    // A host on its own first: its pinned datapath says source.
+    let alone = lab.start_redirect(&[]);
+    assert_eq!(new_connection_lands_on(&lab), "source");
+    lab.signal(alone, libc::SIGTERM);
+    assert_eq!(lab.status()["active"], "source", "the pins say source");
+
+    // Meanwhile the fleet committed the target (as a fleet cutover will).
+    etcd.put(
+        &format!("/redirect/{FLEET}/state"),
+        r#"{"epoch":3,"active":"target","phase":"idle","written_by":"another-proxy"}"#,
+    );
+    start_member(&mut lab, &etcd, "proxy-a");
+    let log = lab.last_redirect_log();
+    let joined = log
+        .find("joined the fleet")
+        .unwrap_or_else(|| panic!("no join in the log:\n{log}"));
+    let ready = log.find("datapath ready").expect("datapath ready");
+    assert!(
+        joined < ready,
+        "the fleet state is read before the datapath is ready:\n{log}"
+    );
+
+    assert_eq!(
+        new_connection_lands_on(&lab),
+        "target",
+        "new connections follow the committed state, not the pins"
+    );
+    let status = lab.status();
+    assert_eq!(status["active"], "target", "{status:#}");
+    assert_eq!(status["fleet"]["applied_epoch"], 3);
+    assert_eq!(status["fleet"]["in_sync"], true);
+
+    // On a member, an immediate flip is the fleet's: committed in etcd as the next epoch.
+    let out = lab.redirect_ok(&["flip", "--to", "source", "--immediate"]);
+    assert!(out.contains("epoch 4 committed"), "{out}");
+    let state = etcd
+        .get(&format!("/redirect/{FLEET}/state"))
+        .expect("the state");
+    assert!(state.contains(r#""epoch":4,"active":"source""#), "{state}");
+    assert_eq!(new_connection_lands_on(&lab), "source");
+}
+
+#[test]
+fn losing_etcd_quorum_outside_a_cutover_changes_nothing_on_the_datapath() {
+    let mut etcd = Etcd::new("quo");
+    let (mut lab, _source, _target) = lab_with_servers("fquo");
+    etcd.join(&lab);
+    let pid = start_member(&mut lab, &etcd, "proxy-a");
+    assert_eq!(new_connection_lands_on(&lab), "source");
+
+    // A session opened before the loss, used after it.
+    let (used, use_it) = std::sync::mpsc::channel::<()>();
+    let (opened, wait_open) = std::sync::mpsc::channel::<()>();
+    let session = lab.spawn_in_ns(Ns::Client, move || {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("runtime")
+            .block_on(async move {
+                let c = pg::connect(VIP).await;
+                let before = pg::cluster_name(&c).await;
+                opened.send(()).unwrap();
+                let _ = tokio::task::spawn_blocking(move || {
+                    use_it.recv_timeout(Duration::from_secs(90))
+                })
+                .await;
+                (before, pg::cluster_name(&c).await)
+            })
+    });
+    wait_open.recv_timeout(Duration::from_secs(30)).unwrap();
+
+    // Two of three nodes gone: no quorum, no reads, no keep-alives.
+    let leader = etcd.leader().expect("a leader");
+    let others: Vec<usize> = (0..3).filter(|i| *i != leader).collect();
+    etcd.kill(leader);
+    etcd.kill(others[0]);
+    assert!(
+        !etcd
+            .etcdctl(&["get", "--consistency=l", "/x"])
+            .status
+            .success(),
+        "the cluster has lost quorum"
+    );
+
+    // Past the lease's TTL, new connections keep landing where the committed state says.
+    let until = Instant::now() + redirect::fleet::member::LEASE_TTL + Duration::from_secs(3);
+    let mut opened_count = 0;
+    while Instant::now() < until {
+        assert_eq!(new_connection_lands_on(&lab), "source");
+        opened_count += 1;
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    assert!(opened_count >= 10, "{opened_count} connections opened");
+    used.send(()).unwrap();
+    assert_eq!(
+        session.join().unwrap(),
+        ("source".to_owned(), "source".to_owned())
+    );
+
+    // The controller lives on, and status says etcd is away.
+    assert!(
+        lab.status()["fleet"]["etcd_error"].is_string(),
+        "{:#}",
+        lab.status()
+    );
+    let log = lab.last_redirect_log();
+    assert!(
+        log.contains("the datapath keeps its committed state"),
+        "the lost keep-alive is logged:\n{log}"
+    );
+
+    // Quorum back: the member is listed again (re-registered if its lease expired).
+    etcd.start(leader);
+    etcd.wait_healthy(Duration::from_secs(30));
+    wait_for(
+        Duration::from_secs(20),
+        "the member to be listed again",
+        || members(&lab) == ["proxy-a"],
+    );
+    // One node of three is still down: every read must still succeed (requests that hit the
+    // dead endpoint are retried on another).
+    for _ in 0..6 {
+        let status = lab.status();
+        assert_eq!(status["fleet"]["in_sync"], true, "{}", status["fleet"]);
+    }
+    lab.signal(pid, libc::SIGTERM);
+}
+
+#[test]
+fn run_refuses_to_start_when_etcd_is_unreachable_and_changes_nothing() {
+    let lab = Lab::new("fnoe");
+    // No etcd segment joined: nothing answers at this address.
+    let mut args = lab.run_args();
+    args.extend(
+        [
+            "--etcd",
+            "http://198.19.0.11:2379",
+            "--fleet",
+            FLEET,
+            "--no-sysctl",
+        ]
+        .iter()
+        .map(|s| (*s).to_owned()),
+    );
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let started = Instant::now();
+    let out = lab.redirect(&args);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "run must fail: {stderr}");
+    assert!(stderr.contains("cannot reach etcd"), "{stderr}");
+    assert!(started.elapsed() < Duration::from_secs(30));
+    let pinned: Vec<_> = std::fs::read_dir(&lab.pin_dir)
+        .map(|d| d.flatten().map(|e| e.file_name()).collect())
+        .unwrap_or_default();
+    assert!(pinned.is_empty(), "nothing was pinned: {pinned:?}");
+
+    // Bad input is named: --etcd without --fleet, and a password on argv is not an option.
+    let out = lab.redirect(&[
+        "run",
+        "--iface",
+        "p-cli",
+        "--vip",
+        "198.18.1.1:5432",
+        "--source",
+        "198.18.2.2:5432",
+        "--target",
+        "198.18.3.2:5432",
+        "--etcd",
+        "http://198.19.0.11:2379",
+    ]);
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("--fleet"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+#[test]
+fn an_immediate_flip_on_one_member_moves_the_whole_fleet() {
+    let mut etcd = Etcd::new("flp");
+    let (mut a, _a_source, _a_target) = lab_with_servers("ffla");
+    let (mut b, _b_source, _b_target) = lab_with_servers("fflb");
+    etcd.join(&a);
+    etcd.join(&b);
+    start_member(&mut a, &etcd, "proxy-a");
+    start_member(&mut b, &etcd, "proxy-b");
+    wait_for(Duration::from_secs(10), "two members", || {
+        members(&a).len() == 2
+    });
+    assert_eq!(new_connection_lands_on(&b), "source");
+
+    // Flipped on A: committed in etcd, applied by B too (the standby the VIP may move to).
+    let out = a.redirect_ok(&["flip", "--to", "target", "--immediate"]);
+    assert!(out.contains("epoch 1 committed"), "{out}");
+    assert!(
+        out.contains("proxy-a, proxy-b"),
+        "both members applied it: {out}"
+    );
+    assert_eq!(new_connection_lands_on(&b), "target");
+    assert_eq!(new_connection_lands_on(&a), "target");
+    for lab in [&a, &b] {
+        let status = lab.status();
+        assert_eq!(status["active"], "target", "{status:#}");
+        assert_eq!(status["fleet"]["applied_epoch"], 1);
+        assert_eq!(status["fleet"]["in_sync"], true);
+    }
+    let metrics = b.in_ns(Ns::Proxy, || {
+        use std::io::{Read as _, Write as _};
+        let mut s = std::net::TcpStream::connect("127.0.0.1:9187").expect("metrics port");
+        s.write_all(b"GET /metrics HTTP/1.0\r\n\r\n").unwrap();
+        let mut body = String::new();
+        s.read_to_string(&mut body).unwrap();
+        body
+    });
+    assert!(
+        metrics.contains(
+            r#"redirect_fleet_applied_epoch{fleet="lab",member="proxy-b",active="target"} 1"#
+        ),
+        "{metrics}"
+    );
+    let again = a.redirect(&["flip", "--to", "target", "--immediate"]);
+    assert!(!again.status.success());
+    assert!(String::from_utf8_lossy(&again.stderr).contains("already"));
+
+    // B cut off from etcd: the flip is committed, the operator is told B did not apply it,
+    // and B catches up once it reaches etcd again.
+    Etcd::disconnect(&b);
+    let out = a.redirect(&["flip", "--to", "source", "--immediate"]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "a missing member fails the command");
+    assert!(stderr.contains("proxy-b did not apply it"), "{stderr}");
+    assert_eq!(new_connection_lands_on(&a), "source");
+    Etcd::reconnect(&b);
+    wait_for(
+        Duration::from_secs(30),
+        "B to apply epoch 2 after reconnecting",
+        || b.status()["fleet"]["applied_epoch"] == 2,
+    );
+    assert_eq!(new_connection_lands_on(&b), "source");
+    assert!(
+        b.last_redirect_log()
+            .contains("applied the fleet's committed epoch"),
+        "{}",
+        b.last_redirect_log()
+    );
+}
