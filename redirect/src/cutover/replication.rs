@@ -37,9 +37,10 @@ const PUB_TABLES: &str = "SELECT DISTINCT format('%I.%I', schemaname, tablename)
 const SUB_ENABLED: &str = "SELECT subenabled FROM pg_subscription WHERE subname = $1";
 const IN_RECOVERY: &str = "SELECT pg_is_in_recovery()";
 const VERSION_NUM: &str = "SELECT current_setting('server_version_num')::int4";
-/// The reverse subscription as [`reverse_before_hold`] makes it (`suborigin` is 16+).
-const REVERSE_SUB_READY: &str =
-    "SELECT subenabled AND suborigin = 'none' FROM pg_subscription WHERE subname = $1";
+/// Whether the reverse subscription is the one [`reverse_before_hold`] makes: disabled, with
+/// `origin = none` (`suborigin` is 16+, so read as JSON to stay valid on older servers).
+const REVERSE_SUB_EARLY: &str = "SELECT NOT s.subenabled AND coalesce(to_jsonb(s) ->> 'suborigin', '') = 'none' \
+     FROM pg_subscription s WHERE s.subname = $1";
 /// `=off` makes the reverse slot during the pause even on 16+, as on older servers: only to
 /// measure the difference.
 pub const REVERSE_EARLY_ENV: &str = "REDIRECT_REVERSE_EARLY";
@@ -176,11 +177,25 @@ pub async fn reverse_before_hold(run: &mut Run) {
     if std::env::var(REVERSE_EARLY_ENV).is_ok_and(|v| v == "off") {
         return;
     }
+    // Write-ahead, as on the old path: an undo, or the successor of a controller that dies
+    // from here on before the flip, drops the slot (an unused slot retains WAL for ever).
+    if run
+        .rec
+        .step(
+            Step::CreatingReverseSlot,
+            Instant::now(),
+            format!("creating slot {REVERSE} on the target, before the hold"),
+        )
+        .is_err()
+    {
+        return;
+    }
+    run.undo.reverse_slot = true;
     let detail = match make_reverse_early(run).await {
         Ok(()) => {
             run.reverse_ready = true;
             format!(
-                "subscription {REVERSE} on the source (origin = none) over slot {REVERSE} on the target: rollback ready before the hold"
+                "slot {REVERSE} on the target and subscription {REVERSE} on the source (origin = none, enabled after the forward subscription stops): rollback ready before the hold"
             )
         }
         Err(e) => {
@@ -207,43 +222,36 @@ pub async fn reverse_before_hold(run: &mut Run) {
     let _ = run.rec.step(Step::ReverseReady, t, detail);
 }
 
+/// Fresh every time: a reverse replication left by an earlier attempt may be stale (its
+/// publication missing tables added since, its slot invalidated), so it is replaced.
+///
+/// The subscription is made **disabled**. Enabled now, anything written directly on the
+/// target would reach the source and then come back to the target over the forward
+/// subscription (which the user made with `origin = any`): a unique violation that stalls the
+/// forward apply, or duplicate rows. It is enabled after the flip ([`start_reverse`]), once the
+/// forward subscription is off. Until then the slot keeps every target change; `origin = none`
+/// then skips the ones that came from the source.
 async fn make_reverse_early(run: &Run) -> Result<(), CutoverError> {
-    let ready: Option<bool> = run
-        .query(
-            Phase::Reverse,
-            "source",
-            "checking the reverse subscription",
-            run.from_db.query_opt(REVERSE_SUB_READY, &[&REVERSE]),
-        )
-        .await?
-        .map(|r| r.get(0));
-    let slot: i64 = run
-        .query(
-            Phase::Reverse,
-            "target",
-            "finding the reverse slot",
-            run.to_db.query_one(SLOT_EXISTS, &[&REVERSE]),
-        )
-        .await?
-        .get(0);
-    if ready == Some(true) && slot > 0 {
-        return Ok(()); // Left by an earlier attempt that stopped before the flip.
-    }
-    if ready.is_some() {
-        drop_reverse_subscription(&run.from_db, run.qt)
-            .await
-            .map_err(|e| CutoverError::abort(Phase::Reverse, e.to_string()))?;
-    }
+    drop_reverse_subscription(&run.from_db, run.qt)
+        .await
+        .map_err(|e| CutoverError::abort(Phase::Reverse, e.to_string()))?;
+    run.query(
+        Phase::Reverse,
+        "target",
+        "dropping an earlier reverse slot",
+        run.to_db.execute(DROP_IDLE_SLOT, &[&REVERSE]),
+    )
+    .await?;
     create_reverse_slot(run).await?;
     let sql = format!(
         "CREATE SUBSCRIPTION {REVERSE} CONNECTION {} PUBLICATION {REVERSE} \
-         WITH (create_slot = false, slot_name = '{REVERSE}', copy_data = false, enabled = true, origin = none)",
+         WITH (create_slot = false, slot_name = '{REVERSE}', copy_data = false, enabled = false, origin = none)",
         quote_literal(&reverse_conninfo(&run.ctl))
     );
     run.query(
         Phase::Reverse,
         "source",
-        "creating the reverse subscription",
+        "creating the reverse subscription (disabled)",
         run.from_db.batch_execute(&sql),
     )
     .await
@@ -441,10 +449,31 @@ pub async fn start_reverse(
     qt: Duration,
 ) -> Result<String, PgError> {
     let conninfo = reverse_conninfo(ctl);
+    // On 16+ always `origin = none`: the reverse slot may hold changes the forward
+    // subscription applied (made before the hold), which must not go back to the source.
+    let both_16: bool = timed(
+        "source",
+        "reading the versions",
+        qt,
+        source.query_one(VERSION_NUM, &[]),
+    )
+    .await?
+    .get::<_, i32>(0)
+        >= ORIGIN_NONE_SINCE
+        && timed(
+            "target",
+            "reading the versions",
+            qt,
+            target.query_one(VERSION_NUM, &[]),
+        )
+        .await?
+        .get::<_, i32>(0)
+            >= ORIGIN_NONE_SINCE;
     let sql = format!(
         "CREATE SUBSCRIPTION {REVERSE} CONNECTION {} PUBLICATION {REVERSE} \
-         WITH (create_slot = false, slot_name = '{REVERSE}', copy_data = false, enabled = true)",
-        quote_literal(&conninfo)
+         WITH (create_slot = false, slot_name = '{REVERSE}', copy_data = false, enabled = true{})",
+        quote_literal(&conninfo),
+        if both_16 { ", origin = none" } else { "" }
     );
     let slot: i64 = timed(
         "target",
@@ -474,8 +503,27 @@ pub async fn start_reverse(
             )
             .await?
             .map(|r| r.get(0));
+            let ours: bool = timed(
+                "source",
+                "checking the reverse subscription",
+                qt,
+                source.query_opt(REVERSE_SUB_EARLY, &[&REVERSE]),
+            )
+            .await?
+            .is_some_and(|r| r.get(0));
             match enabled {
                 Some(true) => return Ok(()),
+                // Made disabled before the hold ([`make_reverse_early`]): its slot holds every
+                // target write since, so it is only switched on.
+                Some(false) if ours => {
+                    return timed(
+                        "source",
+                        "enabling the reverse subscription",
+                        qt,
+                        source.batch_execute(&format!("ALTER SUBSCRIPTION {REVERSE} ENABLE")),
+                    )
+                    .await;
+                }
                 Some(false) => {
                     timed("source", "dropping a stale reverse subscription", qt, source.batch_execute(&format!(
                         "ALTER SUBSCRIPTION {REVERSE} SET (slot_name = NONE); DROP SUBSCRIPTION {REVERSE}"
