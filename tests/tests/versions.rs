@@ -24,3 +24,10 @@ fn physical_17_to_17_promotes_losing_nothing_and_refuses_a_rollback() {
     versions::physical("p17", Major(17), &mut |p| steps.push(p));
     assert_eq!(steps.len(), 2);
 }
+
+#[test]
+fn logical_17_with_standbys_uses_failover_slots_and_rolls_back_losing_nothing() {
+    let mut steps = Vec::new();
+    versions::logical_with_standbys("v17fo", Major(17), &mut |p| steps.push(p));
+    assert_eq!(steps.len(), 2);
+}
