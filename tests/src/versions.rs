@@ -154,7 +154,11 @@ fn standby_for_failover(lab: &mut Lab, ns: Ns, name: &str, primary: &Pg, addr: &
         name,
         primary,
         addr,
-        &["listen_addresses = ''", "hot_standby_feedback = on", &conninfo],
+        &[
+            "listen_addresses = ''",
+            "hot_standby_feedback = on",
+            &conninfo,
+        ],
     );
     crate::wait_for(Duration::from_secs(30), "the standby to stream", || {
         psql(
@@ -196,7 +200,11 @@ pub fn logical_with_standbys(lab_name: &str, major: Major, passed: &mut dyn FnMu
     let lab = Arc::new(lab);
 
     let out = flip(&lab, &["--to", "target", "--dry-run", "--json"]);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let plan: serde_json::Value = serde_json::from_slice(&out.stdout).expect("dry run --json");
     let note = plan["guardrails"]
         .as_array()
@@ -207,11 +215,14 @@ pub fn logical_with_standbys(lab_name: &str, major: Major, passed: &mut dyn FnMu
     assert!(objects.contains("standby_srcstandby"), "{note}");
     let fix = note["fix"].as_str().unwrap_or_default();
     assert!(fix.contains("SET (failover = true)"), "{note}");
-    assert!(fix.contains("synchronized_standby_slots = 'standby_srcstandby'"), "{note}");
     assert!(
-        plan["plan"]
-            .as_array()
-            .is_some_and(|p| p.iter().any(|l| l.as_str().is_some_and(|l| l.contains("as a failover slot")))),
+        fix.contains("synchronized_standby_slots = 'standby_srcstandby'"),
+        "{note}"
+    );
+    assert!(
+        plan["plan"].as_array().is_some_and(|p| p
+            .iter()
+            .any(|l| l.as_str().is_some_and(|l| l.contains("as a failover slot")))),
         "the plan does not say the reverse slot is a failover slot: {plan}"
     );
 
@@ -228,15 +239,24 @@ pub fn logical_with_standbys(lab_name: &str, major: Major, passed: &mut dyn FnMu
     );
     assert_eq!(reverse_slot_failover(&lab, &target), "t");
     // What failover = true is for: the target's standby can take a copy of the slot.
-    crate::wait_for(Duration::from_secs(20), "the standby to sync the reverse slot", || {
-        psql(&lab, Ns::Target, &target_standby, "SELECT pg_sync_replication_slots()");
-        psql(
-            &lab,
-            Ns::Target,
-            &target_standby,
-            "SELECT count(*) FROM pg_replication_slots WHERE slot_name = 'redirect_reverse' AND synced",
-        ) == "1"
-    });
+    crate::wait_for(
+        Duration::from_secs(20),
+        "the standby to sync the reverse slot",
+        || {
+            psql(
+                &lab,
+                Ns::Target,
+                &target_standby,
+                "SELECT pg_sync_replication_slots()",
+            );
+            psql(
+                &lab,
+                Ns::Target,
+                &target_standby,
+                "SELECT count(*) FROM pg_replication_slots WHERE slot_name = 'redirect_reverse' AND synced",
+            ) == "1"
+        },
+    );
     passed(Passed::Cutover {
         write_pause_ms: report["write_pause_ms"].as_f64().unwrap_or(f64::NAN),
     });

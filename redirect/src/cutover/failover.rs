@@ -9,7 +9,6 @@
 
 use tokio_postgres::Client;
 
-
 /// `pg_create_logical_replication_slot(..., failover)` and `pg_replication_slots.failover`.
 pub const FAILOVER_SLOTS_SINCE: i32 = 170_000;
 
@@ -22,8 +21,7 @@ const STANDBYS: &str = "SELECT current_setting('server_version_num')::int4, \
      FROM pg_replication_slots";
 
 /// `pg_replication_slots.failover` (17+; only ever sent to a 17+ server).
-const SLOT_IS_FAILOVER: &str =
-    "SELECT failover FROM pg_replication_slots WHERE slot_name = $1";
+const SLOT_IS_FAILOVER: &str = "SELECT failover FROM pg_replication_slots WHERE slot_name = $1";
 
 /// A server's standbys, as far as failover slots care.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -58,7 +56,10 @@ pub async fn standbys(db: &Client) -> Result<Standbys, tokio_postgres::Error> {
 
 /// Whether `slot` on `db` is a failover slot; `None` when the slot is not there. Call only on
 /// a 17+ server (older ones have no `failover` column).
-pub async fn slot_is_failover(db: &Client, slot: &str) -> Result<Option<bool>, tokio_postgres::Error> {
+pub async fn slot_is_failover(
+    db: &Client,
+    slot: &str,
+) -> Result<Option<bool>, tokio_postgres::Error> {
     Ok(db
         .query_opt(SLOT_IS_FAILOVER, &[&slot])
         .await?

@@ -359,12 +359,22 @@ pub async fn check(
     report.plan.splice(0..0, prepare.iter().cloned());
     // The reverse slot becomes a failover slot when the target (17+) has a standby.
     let reverse_failover = if to == Role::Target && logical {
-        timed("target", "looking for standbys", qt, super::failover::standbys(&to_db))
-            .await
-            .ok()
-            .filter(super::failover::Standbys::failover_slots)
-            .map(|s| format!(", as a failover slot: the target is 17+ and standby slot(s) {} stream from it", s.slots.join(", ")))
-            .unwrap_or_default()
+        timed(
+            "target",
+            "looking for standbys",
+            qt,
+            super::failover::standbys(&to_db),
+        )
+        .await
+        .ok()
+        .filter(super::failover::Standbys::failover_slots)
+        .map(|s| {
+            format!(
+                ", as a failover slot: the target is 17+ and standby slot(s) {} stream from it",
+                s.slots.join(", ")
+            )
+        })
+        .unwrap_or_default()
     } else {
         String::new()
     };

@@ -16,10 +16,7 @@ use std::time::{Duration, Instant};
 use tokio_postgres::Client;
 
 use super::{
-    CutoverError, Phase, Run,
-    catalog::SUB_PUBLICATIONS,
-    journal::Step,
-    quote_ident, quote_literal,
+    CutoverError, Phase, Run, catalog::SUB_PUBLICATIONS, journal::Step, quote_ident, quote_literal,
 };
 use crate::datapath::Role;
 use crate::pg::{PgError, timed};
@@ -194,7 +191,7 @@ async fn native_sync_first(run: &mut Run) -> Result<bool, CutoverError> {
         )
         .await?
         .get(0);
-    let publishes = if has_column {
+    let sequences_published = if has_column {
         let pubs: Vec<String> = run
             .query(
                 Phase::Sequences,
@@ -217,7 +214,7 @@ async fn native_sync_first(run: &mut Run) -> Result<bool, CutoverError> {
     } else {
         None
     };
-    if !native_sync(publisher, subscriber, publishes) {
+    if !native_sync(publisher, subscriber, sequences_published) {
         return Ok(false);
     }
     run.query(
@@ -256,8 +253,14 @@ mod tests {
         assert!(native_sync(190_000, 190_002, Some(true)));
         assert!(!native_sync(180_004, 190_000, Some(true)), "publisher 18");
         assert!(!native_sync(190_000, 180_004, Some(true)), "subscriber 18");
-        assert!(!native_sync(190_000, 190_000, Some(false)), "no FOR ALL SEQUENCES");
-        assert!(!native_sync(190_000, 190_000, None), "no puballsequences column");
+        assert!(
+            !native_sync(190_000, 190_000, Some(false)),
+            "no FOR ALL SEQUENCES"
+        );
+        assert!(
+            !native_sync(190_000, 190_000, None),
+            "no puballsequences column"
+        );
     }
 
     #[test]
