@@ -200,6 +200,20 @@ pub fn start_standby(lab: &mut Lab, ns: Ns, name: &str, primary_addr: &str) -> P
 /// this machine), `pg_backup_stop`'s backup label, then `standby.signal` and
 /// `primary_conninfo`. A physical slot made before the backup keeps the WAL the standby needs.
 pub fn start_standby_of(lab: &mut Lab, ns: Ns, name: &str, primary: &Pg, primary_addr: &str) -> Pg {
+    start_standby_of_with(lab, ns, name, primary, primary_addr, &[])
+}
+
+/// [`start_standby_of`] with `extra_conf` lines appended to the standby's postgresql.conf
+/// (`listen_addresses = ''` lets it share its primary's namespace: its socket is in its own
+/// data dir, so only TCP port 5432 would collide).
+pub fn start_standby_of_with(
+    lab: &mut Lab,
+    ns: Ns,
+    name: &str,
+    primary: &Pg,
+    primary_addr: &str,
+    extra_conf: &[&str],
+) -> Pg {
     let data_dir = lab.work_dir.join(format!("pg-{name}"));
     std::fs::create_dir_all(&data_dir).expect("creating the data dir");
     sh(Command::new("chown")
@@ -286,6 +300,9 @@ pub fn start_standby_of(lab: &mut Lab, ns: Ns, name: &str, primary: &Pg, primary
          primary_conninfo = 'host={primary_addr} port={PG_PORT} user=postgres application_name={name}'\n\
          primary_slot_name = '{slot}'\n"
     );
+    for line in extra_conf {
+        let _ = writeln!(conf, "{line}");
+    }
     std::fs::write(data_dir.join("postgresql.conf"), conf).expect("writing postgresql.conf");
     sh(Command::new("chown")
         .args(["-R", "postgres:postgres"])

@@ -5,7 +5,7 @@
 use std::{collections::HashSet, sync::Arc, time::Duration};
 
 use crate::{
-    Lab, Ns, SOURCE_ADDR,
+    Lab, Ns, SOURCE_ADDR, TARGET_ADDR,
     cutover_lab::{self, flip, workload},
     pg::{self, Major, Pg, psql},
     require_root, workload as ledger,
@@ -108,6 +108,15 @@ pub fn logical(lab_name: &str, source: Major, target: Major, passed: &mut dyn Fn
     let v = load.join().expect("workload");
     assert_no_loss(&v, &rows(lab, Ns::Target, &c.target), "target");
     assert_reverse_timing(&report, source, target);
+    // No standby on the target: a failover slot would only stall decoding if someone named a
+    // standby in synchronized_standby_slots, so the reverse slot must be a plain one.
+    if target >= Major(17) {
+        assert_eq!(
+            reverse_slot_failover(lab, &c.target),
+            "f",
+            "{source} -> {target}: a failover reverse slot without a standby"
+        );
+    }
     passed(Passed::Cutover {
         write_pause_ms: report["write_pause_ms"].as_f64().unwrap_or(f64::NAN),
     });
@@ -117,6 +126,146 @@ pub fn logical(lab_name: &str, source: Major, target: Major, passed: &mut dyn Fn
     flip_ok(lab, "source");
     let v2 = load.join().expect("workload");
     let on_source = rows(lab, Ns::Source, &c.source);
+    assert_no_loss(&v2, &on_source, "source");
+    assert_no_loss(&v, &on_source, "source (writes before the cutover)");
+    passed(Passed::Rollback);
+}
+
+/// `pg_replication_slots.failover` of the reverse slot on the target (17+).
+fn reverse_slot_failover(lab: &Lab, target: &Pg) -> String {
+    psql(
+        lab,
+        Ns::Target,
+        target,
+        "SELECT failover FROM pg_replication_slots WHERE slot_name = 'redirect_reverse'",
+    )
+}
+
+/// A physical standby of `primary` in its own namespace (socket only), ready for slot
+/// synchronization: `hot_standby_feedback` and a `dbname` in its `primary_conninfo`. Its slot
+/// on the primary is `standby_<name>`.
+fn standby_for_failover(lab: &mut Lab, ns: Ns, name: &str, primary: &Pg, addr: &str) -> Pg {
+    let conninfo = format!(
+        "primary_conninfo = 'host={addr} port=5432 user=postgres application_name={name} dbname=postgres'"
+    );
+    let standby = pg::start_standby_of_with(
+        lab,
+        ns,
+        name,
+        primary,
+        addr,
+        &[
+            "listen_addresses = ''",
+            "hot_standby_feedback = on",
+            &conninfo,
+        ],
+    );
+    crate::wait_for(Duration::from_secs(30), "the standby to stream", || {
+        psql(
+            lab,
+            ns,
+            primary,
+            &format!(
+                "SELECT count(*) FROM pg_replication_slots WHERE slot_name = 'standby_{name}' AND active"
+            ),
+        ) == "1"
+    });
+    standby
+}
+
+/// Logical replication between two servers of `major` (17+), each with a physical standby:
+/// the dry run notes that the forward slot is not a failover slot (a failover of the source
+/// would lose it); the cutover makes the reverse slot a failover slot (the target has a
+/// standby, named in its `synchronized_standby_slots`), which the target's standby can
+/// synchronize; and the rollback over it loses nothing under the workload.
+pub fn logical_with_standbys(lab_name: &str, major: Major, passed: &mut dyn FnMut(Passed)) {
+    require_root();
+    let mut lab = Lab::new(lab_name);
+    let source = pg::start_version(&mut lab, Ns::Source, "source", major, &[]);
+    let target = pg::start_version(&mut lab, Ns::Target, "target", major, &[]);
+    // Before the standbys: it waits for exactly one active slot on the source.
+    pg::setup_logical(&lab, &source, &target);
+    let _source_standby =
+        standby_for_failover(&mut lab, Ns::Source, "srcstandby", &source, SOURCE_ADDR);
+    let target_standby =
+        standby_for_failover(&mut lab, Ns::Target, "tgtstandby", &target, TARGET_ADDR);
+    psql(
+        &lab,
+        Ns::Target,
+        &target,
+        "ALTER SYSTEM SET synchronized_standby_slots = 'standby_tgtstandby'",
+    );
+    psql(&lab, Ns::Target, &target, "SELECT pg_reload_conf()");
+    cutover_lab::start(&mut lab, &[]);
+    let lab = Arc::new(lab);
+
+    let out = flip(&lab, &["--to", "target", "--dry-run", "--json"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let plan: serde_json::Value = serde_json::from_slice(&out.stdout).expect("dry run --json");
+    let note = plan["guardrails"]
+        .as_array()
+        .and_then(|g| g.iter().find(|f| f["guardrail"] == "failover-slot"))
+        .unwrap_or_else(|| panic!("no failover-slot note: {plan}"));
+    assert_eq!(note["blocks"], false, "{note}");
+    let objects = note["objects"].to_string();
+    assert!(objects.contains("standby_srcstandby"), "{note}");
+    let fix = note["fix"].as_str().unwrap_or_default();
+    assert!(fix.contains("SET (failover = true)"), "{note}");
+    assert!(
+        fix.contains("synchronized_standby_slots = 'standby_srcstandby'"),
+        "{note}"
+    );
+    assert!(
+        plan["plan"].as_array().is_some_and(|p| p
+            .iter()
+            .any(|l| l.as_str().is_some_and(|l| l.contains("as a failover slot")))),
+        "the plan does not say the reverse slot is a failover slot: {plan}"
+    );
+
+    let load = workload(&lab, 0..6, 8);
+    std::thread::sleep(Duration::from_secs(2));
+    let report = flip_ok(&lab, "target");
+    let v = load.join().expect("workload");
+    assert_no_loss(&v, &rows(&lab, Ns::Target, &target), "target");
+    assert!(
+        report["reverse_replication"]
+            .as_str()
+            .is_some_and(|r| r.contains("a failover slot")),
+        "{report}"
+    );
+    assert_eq!(reverse_slot_failover(&lab, &target), "t");
+    // What failover = true is for: the target's standby can take a copy of the slot.
+    crate::wait_for(
+        Duration::from_secs(20),
+        "the standby to sync the reverse slot",
+        || {
+            psql(
+                &lab,
+                Ns::Target,
+                &target_standby,
+                "SELECT pg_sync_replication_slots()",
+            );
+            psql(
+                &lab,
+                Ns::Target,
+                &target_standby,
+                "SELECT count(*) FROM pg_replication_slots WHERE slot_name = 'redirect_reverse' AND synced",
+            ) == "1"
+        },
+    );
+    passed(Passed::Cutover {
+        write_pause_ms: report["write_pause_ms"].as_f64().unwrap_or(f64::NAN),
+    });
+
+    let load = workload(&lab, 10..14, 6);
+    std::thread::sleep(Duration::from_secs(2));
+    flip_ok(&lab, "source");
+    let v2 = load.join().expect("workload");
+    let on_source = rows(&lab, Ns::Source, &source);
     assert_no_loss(&v2, &on_source, "source");
     assert_no_loss(&v, &on_source, "source (writes before the cutover)");
     passed(Passed::Rollback);

@@ -145,3 +145,10 @@ fn an_aborted_cutover_on_16_plus_takes_its_reverse_replication_back() {
     );
     assert_no_loss(&v, &acked_rows(lab, Ns::Target, target, ""), "target");
 }
+
+#[test]
+fn logical_17_with_standbys_uses_failover_slots_and_rolls_back_losing_nothing() {
+    let mut steps = Vec::new();
+    versions::logical_with_standbys("v17fo", Major(17), &mut |p| steps.push(p));
+    assert_eq!(steps.len(), 2);
+}

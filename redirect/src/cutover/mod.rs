@@ -16,6 +16,7 @@
 pub mod barrier;
 pub mod catalog;
 pub mod drain;
+pub mod failover;
 pub mod fence;
 pub mod finish;
 pub mod flip;
@@ -382,6 +383,9 @@ pub struct Run {
     /// The reverse subscription was set up before the hold (both servers 16 or newer), so
     /// turning replication around only stops the forward one.
     pub reverse_ready: bool,
+    /// The reverse slot is a failover slot (the target is 17+ with a standby): what the
+    /// report and the journal say about it.
+    pub reverse_failover: Option<String>,
     /// Whether an LSN barrier guards the flip (not for a forced flip with no replication).
     pub barrier: bool,
 }

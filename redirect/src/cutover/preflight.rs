@@ -357,12 +357,33 @@ pub async fn check(
         ));
     }
     report.plan.splice(0..0, prepare.iter().cloned());
+    // The reverse slot becomes a failover slot when the target (17+) has a standby.
+    let reverse_failover = if to == Role::Target && logical {
+        timed(
+            "target",
+            "looking for standbys",
+            qt,
+            super::failover::standbys(&to_db),
+        )
+        .await
+        .ok()
+        .filter(super::failover::Standbys::failover_slots)
+        .map(|s| {
+            format!(
+                ", as a failover slot: the target is 17+ and standby slot(s) {} stream from it",
+                s.slots.join(", ")
+            )
+        })
+        .unwrap_or_default()
+    } else {
+        String::new()
+    };
     report.plan.extend([
         format!("hold new connections (SYNs parked in the kernel; lease renewed, at most {:?})", req.timeout),
         format!("fence: drop every data packet of proxied connections to the {from}; end every proxied session there (busy or idle) and wait for them to exit"),
         "sync sequences".to_owned(),
         if to == Role::Target && logical {
-            format!("reverse replication {to} -> {from} ({}) for a lossless rollback", super::REVERSE)
+            format!("reverse replication {to} -> {from} ({}{reverse_failover}) for a lossless rollback", super::REVERSE)
         } else if logical {
             format!("stop the reverse replication {from} -> {to}; restart the forward one")
         } else {
@@ -453,6 +474,7 @@ pub async fn check(
         rollback_point: None,
         reverse_slot_made: false,
         reverse_ready: false,
+        reverse_failover: None,
         barrier: !(no_replication && req.force),
         req,
     })))

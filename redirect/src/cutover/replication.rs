@@ -22,7 +22,7 @@ use super::catalog::{
     CURRENT_LSN, DROP_IDLE_SLOT, SLOT_EXISTS, SUB_EXISTS, SUB_PUBLICATIONS, SUB_SLOT,
 };
 use super::{
-    CutoverError, Phase, REVERSE, Run,
+    CutoverError, Phase, REVERSE, Run, failover,
     journal::{Entry, Step},
     quote_ident, quote_literal,
 };
@@ -91,7 +91,8 @@ pub async fn turn_around(run: &mut Run) -> Result<(), CutoverError> {
         // Made before the hold; its slot has kept every target write since.
         run.reverse_slot_made = true;
         run.report.reverse_replication = format!(
-            "subscription {REVERSE} on the source, made before the hold (origin = none): rollback is lossless"
+            "subscription {REVERSE} on the source, made before the hold (origin = none): rollback is lossless{}",
+            failover_suffix(run)
         );
     } else if run.to == Role::Target {
         run.rec.step(
@@ -104,8 +105,9 @@ pub async fn turn_around(run: &mut Run) -> Result<(), CutoverError> {
             Ok(()) => {
                 run.reverse_slot_made = true;
                 run.report.reverse_replication = format!(
-                    "slot {REVERSE} on the target from {}",
-                    run.report.applied_lsn.clone().unwrap_or_default()
+                    "slot {REVERSE} on the target from {}{}",
+                    run.report.applied_lsn.clone().unwrap_or_default(),
+                    failover_suffix(run)
                 );
             }
             Err(e) if run.req.force => {
@@ -195,7 +197,8 @@ pub async fn reverse_before_hold(run: &mut Run) {
         Ok(()) => {
             run.reverse_ready = true;
             format!(
-                "slot {REVERSE} on the target and subscription {REVERSE} on the source (origin = none, enabled after the forward subscription stops): rollback ready before the hold"
+                "slot {REVERSE} on the target and subscription {REVERSE} on the source (origin = none, enabled after the forward subscription stops): rollback ready before the hold{}",
+                failover_suffix(run)
             )
         }
         Err(e) => {
@@ -222,6 +225,34 @@ pub async fn reverse_before_hold(run: &mut Run) {
     let _ = run.rec.step(Step::ReverseReady, t, detail);
 }
 
+/// What the report and journal add when the reverse slot is a failover slot.
+fn failover_suffix(run: &Run) -> String {
+    run.reverse_failover
+        .as_ref()
+        .map(|f| format!("; {f}"))
+        .unwrap_or_default()
+}
+
+/// The target's standbys decide whether the reverse slot is a failover slot (17+ with a
+/// standby streaming from a physical slot); what to say about it when it is.
+async fn reverse_slot_failover(run: &Run) -> Result<Option<String>, CutoverError> {
+    let standbys = run
+        .query(
+            Phase::Reverse,
+            "target",
+            "looking for the target's standbys",
+            failover::standbys(&run.to_db),
+        )
+        .await?;
+    Ok(standbys.failover_slots().then(|| {
+        format!(
+            "a failover slot (the target has standby slot(s) {}): a failover of the target to a standby with sync_replication_slots = on keeps the rollback path, once the target's synchronized_standby_slots names {}",
+            standbys.slots.join(", "),
+            standbys.setting()
+        )
+    }))
+}
+
 /// Fresh every time: a reverse replication left by an earlier attempt may be stale (its
 /// publication missing tables added since, its slot invalidated), so it is replaced.
 ///
@@ -231,7 +262,7 @@ pub async fn reverse_before_hold(run: &mut Run) {
 /// forward apply, or duplicate rows. It is enabled after the flip ([`start_reverse`]), once the
 /// forward subscription is off. Until then the slot keeps every target change; `origin = none`
 /// then skips the ones that came from the source.
-async fn make_reverse_early(run: &Run) -> Result<(), CutoverError> {
+async fn make_reverse_early(run: &mut Run) -> Result<(), CutoverError> {
     drop_reverse_subscription(&run.from_db, run.qt)
         .await
         .map_err(|e| CutoverError::abort(Phase::Reverse, e.to_string()))?;
@@ -282,7 +313,7 @@ async fn drop_reverse_subscription(source: &Client, qt: Duration) -> Result<(), 
     .await
 }
 
-async fn create_reverse_slot(run: &Run) -> Result<(), CutoverError> {
+async fn create_reverse_slot(run: &mut Run) -> Result<(), CutoverError> {
     // The reverse publication carries exactly what the forward one carried: publishing more
     // (FOR ALL TABLES) would make UPDATE and DELETE fail on the new primary for every table
     // without a replica identity that the forward publication never included.
@@ -345,17 +376,19 @@ async fn create_reverse_slot(run: &Run) -> Result<(), CutoverError> {
         run.to_db.execute(DROP_IDLE_SLOT, &[&REVERSE]),
     )
     .await?;
+    // The target is the primary after the cutover: with a standby (17+), the rollback path
+    // must survive its failover too.
+    let failover = reverse_slot_failover(run).await?;
     // Its own statement: a slot cannot be created in a transaction that wrote.
     run.query(
         Phase::Reverse,
         "target",
         "creating the reverse slot",
-        run.to_db.execute(
-            "SELECT pg_create_logical_replication_slot($1, 'pgoutput')",
-            &[&REVERSE],
-        ),
+        run.to_db
+            .execute(failover::create_slot_sql(failover.is_some()), &[&REVERSE]),
     )
     .await?;
+    run.reverse_failover = failover;
     Ok(())
 }
 

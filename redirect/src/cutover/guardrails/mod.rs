@@ -72,6 +72,9 @@ pub enum Guardrail {
     MissingExtension,
     /// A `max_slot_wal_keep_size` that could invalidate the slot at the current lag.
     SlotWalLimit,
+    /// The old server is 17+ with a standby, and the subscription's slot is not a failover
+    /// slot (a note: a failover of the old server loses the slot).
+    FailoverSlot,
     /// Different major versions, where the new server is older.
     VersionIncompatibility,
     /// A guardrail query failed (a timeout on a huge catalog, a table dropped under it): what
@@ -242,6 +245,7 @@ pub async fn check(r: &Replication<'_>, allow: &[Guardrail]) -> Result<Vec<Findi
     found.extend(sequences::identity_columns(r, &published).await?);
     found.extend(schema::missing_extensions(r).await?);
     found.extend(slot::wal_limit(r).await?);
+    found.extend(slot::not_failover(r).await?);
     found.extend(schema::versions(r).await?);
     for f in &mut found {
         f.allowed = f.blocks && allow.contains(&f.guardrail);

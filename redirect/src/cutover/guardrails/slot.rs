@@ -3,7 +3,10 @@
 //! invalidated slot can never be resumed: the new server would never get the rest.
 
 use super::{Finding, Guardrail, Replication};
-use crate::pg::PgError;
+use crate::{
+    cutover::{failover, quote_ident},
+    pg::{PgError, timed},
+};
 
 /// The cap, the slot's WAL status, how much more it may fall behind before it is lost, and
 /// how much it holds now.
@@ -53,4 +56,57 @@ pub async fn wal_limit(r: &Replication<'_>) -> Result<Vec<Finding>, PgError> {
         })
         .into_iter()
         .collect())
+}
+
+/// failover-slot (a note): the old server is 17+ and a standby streams from it, but the
+/// subscription's slot is not a failover slot, so a failover to that standby loses it.
+pub async fn not_failover(r: &Replication<'_>) -> Result<Vec<Finding>, PgError> {
+    let Some(slot) = r.slot else {
+        return Ok(Vec::new());
+    };
+    let standbys = timed(
+        "old server",
+        "looking for standbys",
+        r.qt,
+        failover::standbys(r.old),
+    )
+    .await?;
+    if !standbys.failover_slots() {
+        return Ok(Vec::new());
+    }
+    // Only now, on 17+, is there a failover column to read.
+    let is_failover = timed(
+        "old server",
+        "reading the slot",
+        r.qt,
+        failover::slot_is_failover(r.old, slot),
+    )
+    .await?;
+    if is_failover != Some(false) {
+        return Ok(Vec::new()); // A failover slot, or none at all (the lag gate's).
+    }
+    Ok(vec![Finding::note(
+        Guardrail::FailoverSlot,
+        vec![format!(
+            "slot {slot} on the {} (standby slot(s) {})",
+            r.old_role,
+            standbys.slots.join(", ")
+        )],
+        &format!(
+            "a failover of the {} to its standby loses this slot: the {} stops receiving changes and the cutover's lag check then refuses",
+            r.old_role, r.new_role
+        ),
+        &failover_fix(r, &standbys.setting()),
+    )])
+}
+
+fn failover_fix(r: &Replication<'_>, standby_slots: &str) -> String {
+    let sub = quote_ident(r.subscription);
+    format!(
+        "on the {new}: ALTER SUBSCRIPTION {sub} DISABLE; ALTER SUBSCRIPTION {sub} SET (failover = true); ALTER SUBSCRIPTION {sub} ENABLE; \
+         on the {old}'s standby: sync_replication_slots = on, hot_standby_feedback = on (and dbname in its primary_conninfo); \
+         on the {old}: ALTER SYSTEM SET synchronized_standby_slots = '{standby_slots}'; SELECT pg_reload_conf()",
+        new = r.new_role,
+        old = r.old_role,
+    )
 }
