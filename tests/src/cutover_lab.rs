@@ -113,3 +113,19 @@ pub fn assert_no_loss<S: std::hash::BuildHasher>(
         .collect();
     assert!(dup.is_empty(), "sequences were not carried over: {dup:?}");
 }
+
+/// [`assert_no_loss`] for a cutover's workload: also, at most two connection startups cut off.
+/// A connection that reached the old server just before the fence, before its startup
+/// finished, is an existing connection cut off like any other, not a refused one.
+pub fn assert_no_loss_through_a_cutover<S: std::hash::BuildHasher>(
+    v: &workload::Verdict,
+    on: &std::collections::HashSet<(i32, i64), S>,
+    server: &str,
+) {
+    assert_no_loss(v, on, server);
+    assert!(
+        v.startup_interrupted() <= 2,
+        "too many startups interrupted: {:?}",
+        v.errors()
+    );
+}

@@ -8,7 +8,7 @@ use crate::{
     Lab, Ns, SOURCE_ADDR, TARGET_ADDR,
     cutover_lab::{self, flip, workload},
     pg::{self, Major, Pg, psql},
-    require_root, workload as ledger,
+    require_root,
 };
 
 /// How a server pair replicates.
@@ -46,17 +46,6 @@ pub const PHYSICAL_ROLLBACK_REFUSAL: &str = "rollback cannot be lossless";
 
 fn rows(lab: &Lab, ns: Ns, pg: &Pg) -> HashSet<(i32, i64)> {
     pg::acked_rows(lab, ns, pg, "")
-}
-
-fn assert_no_loss(v: &ledger::Verdict, on: &HashSet<(i32, i64)>, server: &str) {
-    cutover_lab::assert_no_loss(v, on, server);
-    // A connection that reached the old server just before the fence, before its startup
-    // finished, is an existing connection cut off like any other, not a refused one.
-    assert!(
-        v.startup_interrupted() <= 2,
-        "too many startups interrupted: {:?}",
-        v.errors()
-    );
 }
 
 /// The server answers as `want`, so a scenario cannot silently run Debian's 15.
@@ -106,7 +95,7 @@ pub fn logical(lab_name: &str, source: Major, target: Major, passed: &mut dyn Fn
     std::thread::sleep(Duration::from_secs(3));
     let report = flip_ok(lab, "target");
     let v = load.join().expect("workload");
-    assert_no_loss(&v, &rows(lab, Ns::Target, &c.target), "target");
+    cutover_lab::assert_no_loss_through_a_cutover(&v, &rows(lab, Ns::Target, &c.target), "target");
     assert_reverse_timing(&report, source, target);
     // No standby on the target: a failover slot would only stall decoding if someone named a
     // standby in synchronized_standby_slots, so the reverse slot must be a plain one.
@@ -126,8 +115,12 @@ pub fn logical(lab_name: &str, source: Major, target: Major, passed: &mut dyn Fn
     flip_ok(lab, "source");
     let v2 = load.join().expect("workload");
     let on_source = rows(lab, Ns::Source, &c.source);
-    assert_no_loss(&v2, &on_source, "source");
-    assert_no_loss(&v, &on_source, "source (writes before the cutover)");
+    cutover_lab::assert_no_loss_through_a_cutover(&v2, &on_source, "source");
+    cutover_lab::assert_no_loss_through_a_cutover(
+        &v,
+        &on_source,
+        "source (writes before the cutover)",
+    );
     passed(Passed::Rollback);
 }
 
@@ -230,7 +223,7 @@ pub fn logical_with_standbys(lab_name: &str, major: Major, passed: &mut dyn FnMu
     std::thread::sleep(Duration::from_secs(2));
     let report = flip_ok(&lab, "target");
     let v = load.join().expect("workload");
-    assert_no_loss(&v, &rows(&lab, Ns::Target, &target), "target");
+    cutover_lab::assert_no_loss_through_a_cutover(&v, &rows(&lab, Ns::Target, &target), "target");
     assert!(
         report["reverse_replication"]
             .as_str()
@@ -266,8 +259,12 @@ pub fn logical_with_standbys(lab_name: &str, major: Major, passed: &mut dyn FnMu
     flip_ok(&lab, "source");
     let v2 = load.join().expect("workload");
     let on_source = rows(&lab, Ns::Source, &source);
-    assert_no_loss(&v2, &on_source, "source");
-    assert_no_loss(&v, &on_source, "source (writes before the cutover)");
+    cutover_lab::assert_no_loss_through_a_cutover(&v2, &on_source, "source");
+    cutover_lab::assert_no_loss_through_a_cutover(
+        &v,
+        &on_source,
+        "source (writes before the cutover)",
+    );
     passed(Passed::Rollback);
 }
 
@@ -312,7 +309,11 @@ pub fn physical(lab_name: &str, major: Major, passed: &mut dyn FnMut(Passed)) {
         "f",
         "the target was promoted"
     );
-    assert_no_loss(&v, &rows(&lab, Ns::Target, &target), "promoted target");
+    cutover_lab::assert_no_loss_through_a_cutover(
+        &v,
+        &rows(&lab, Ns::Target, &target),
+        "promoted target",
+    );
     passed(Passed::Cutover {
         write_pause_ms: report["write_pause_ms"].as_f64().unwrap_or(f64::NAN),
     });
@@ -332,6 +333,10 @@ pub fn physical(lab_name: &str, major: Major, passed: &mut dyn FnMut(Passed)) {
     let v2 = load.join().expect("workload");
     let after = rows(&lab, Ns::Target, &target);
     assert!(before.is_subset(&after), "rows vanished from the target");
-    assert_no_loss(&v2, &after, "target, after the refused rollback");
+    cutover_lab::assert_no_loss_through_a_cutover(
+        &v2,
+        &after,
+        "target, after the refused rollback",
+    );
     passed(Passed::Rollback);
 }
