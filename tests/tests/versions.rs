@@ -147,7 +147,6 @@ fn an_aborted_cutover_on_16_plus_takes_its_reverse_replication_back() {
 }
 
 #[test]
-#[ignore = "fails on main after the merge: the dry run shows no failover-slot note (passed on its branch); under investigation, see the closing note of issue 9"]
 fn logical_17_with_standbys_uses_failover_slots_and_rolls_back_losing_nothing() {
     let mut steps = Vec::new();
     versions::logical_with_standbys("v17fo", Major(17), &mut |p| steps.push(p));

@@ -447,11 +447,15 @@ pub async fn after_flip(run: &mut Run) {
         if !run.reverse_slot_made {
             return;
         }
-        if run.reverse_ready {
-            // Running since before the hold: nothing to start.
-            Ok(run.report.reverse_replication.clone())
-        } else {
-            start_reverse(&ctl, &run.from_db, &run.to_db, run.qt).await
+        // Made before the hold, it is disabled until now (live, a row written on the target
+        // would travel back over the forward subscription): `start_reverse` switches it on.
+        // Otherwise it is created here, over the slot made during the pause.
+        match start_reverse(&ctl, &run.from_db, &run.to_db, run.qt).await {
+            Ok(ReverseStart::Running) if run.reverse_ready => Ok(format!(
+                "{}; enabled after the flip",
+                run.report.reverse_replication
+            )),
+            started => started.map(|s| s.to_string()),
         }
     } else {
         let point = run.rollback_point.clone().unwrap_or_default();
@@ -472,15 +476,43 @@ pub async fn after_flip(run: &mut Run) {
     );
 }
 
-/// Creates the reverse subscription on the source (over the slot made before the flip). If
-/// it cannot, after a few tries, the slot is dropped: an unused slot retains WAL on the new
+/// What [`start_reverse`] left behind.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ReverseStart {
+    /// The reverse subscription is enabled: rollback is lossless.
+    Running,
+    /// No reverse slot on the target, so nothing to subscribe to.
+    NoSlot,
+    /// It could not be started; `slot` says whether the slot was dropped.
+    Failed { error: String, slot: String },
+}
+
+impl std::fmt::Display for ReverseStart {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Running => write!(f, "subscription {REVERSE} on the source: rollback is lossless"),
+            Self::NoSlot => write!(
+                f,
+                "no reverse slot {REVERSE} on the target: rollback will need --force"
+            ),
+            Self::Failed { error, slot } => write!(
+                f,
+                "FAILED to start the reverse subscription ({error}); {slot}; `flip --to source` will need --force"
+            ),
+        }
+    }
+}
+
+/// Starts the reverse subscription on the source: enables the one made disabled before the
+/// hold ([`make_reverse_early`]), or creates it over the slot made during the pause. If it
+/// cannot, after a few tries, the slot is dropped: an unused slot retains WAL on the new
 /// primary without bound.
 pub async fn start_reverse(
     ctl: &super::Controller,
     source: &Client,
     target: &Client,
     qt: Duration,
-) -> Result<String, PgError> {
+) -> Result<ReverseStart, PgError> {
     let conninfo = reverse_conninfo(ctl);
     // On 16+ always `origin = none`: the reverse slot may hold changes the forward
     // subscription applied (made before the hold), which must not go back to the source.
@@ -517,9 +549,7 @@ pub async fn start_reverse(
     .await?
     .get(0);
     if slot == 0 {
-        return Ok(format!(
-            "no reverse slot {REVERSE} on the target: rollback will need --force"
-        ));
+        return Ok(ReverseStart::NoSlot);
     }
     let mut last = String::new();
     for attempt in 0..3 {
@@ -574,11 +604,7 @@ pub async fn start_reverse(
             .await
         };
         match attempt.await {
-            Ok(()) => {
-                return Ok(format!(
-                    "subscription {REVERSE} on the source: rollback is lossless"
-                ));
-            }
+            Ok(()) => return Ok(ReverseStart::Running),
             Err(e) => last = e.to_string(),
         }
     }
@@ -593,9 +619,10 @@ pub async fn start_reverse(
     )
     .await
     .map_or_else(|e| format!("and could not drop slot {REVERSE} on the target ({e}): drop it by hand, it retains WAL"), |_| format!("slot {REVERSE} dropped on the target so it retains no WAL"));
-    Ok(format!(
-        "FAILED to create the reverse subscription ({last}); {dropped}; `flip --to source` will need --force"
-    ))
+    Ok(ReverseStart::Failed {
+        error: last,
+        slot: dropped,
+    })
 }
 
 /// How the source reaches the target: `--reverse-conninfo`, else the target DSN's.
