@@ -1,7 +1,9 @@
 //! Catalog queries several steps share, written once.
 
-/// The server's current WAL write position.
-pub const CURRENT_LSN: &str = "SELECT pg_current_wal_lsn()::text";
+/// The server's current WAL insert position: past every record inserted so far, including
+/// commits not yet written out (an apply worker commits with `synchronous_commit = off`, so
+/// its last commits can sit in WAL buffers beyond `pg_current_wal_lsn()`).
+pub const CURRENT_LSN: &str = "SELECT pg_current_wal_insert_lsn()::text";
 /// A subscription's slot on its publisher.
 pub const SUB_SLOT: &str = "SELECT subslotname::text FROM pg_subscription WHERE subname = $1";
 /// Whether a subscription exists (as a count).

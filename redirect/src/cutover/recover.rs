@@ -231,7 +231,9 @@ async fn after_flip_replication(ctl: &Arc<Controller>, to: Role, steps: &[Entry]
         if !steps.iter().any(|e| e.step == Step::Reverse) {
             return "no reverse slot had been made: rollback will need --force".into();
         }
-        replication::start_reverse(ctl, &source, &target, qt)
+        // Made disabled before the hold by this attempt: its ReverseReady is journaled.
+        let made_before_hold = steps.iter().any(|e| e.step == Step::ReverseReady);
+        replication::start_reverse(ctl, &source, &target, qt, made_before_hold)
             .await
             .map(|s| s.to_string())
     } else {

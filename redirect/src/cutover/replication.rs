@@ -221,8 +221,13 @@ pub async fn reverse_before_hold(run: &mut Run) {
             )
         }
     };
-    // Standing replication, not a change to undo: journaled for the record only.
-    let _ = run.rec.step(Step::ReverseReady, t, detail);
+    // Journaled only when made: a successor enables the disabled subscription only if this
+    // attempt made it (see `start_reverse`); otherwise it is said, not journaled.
+    if run.reverse_ready {
+        let _ = run.rec.step(Step::ReverseReady, t, detail);
+    } else {
+        run.rec.say(format!("reverse   {detail}"));
+    }
 }
 
 /// What the report and journal add when the reverse slot is a failover slot.
@@ -450,7 +455,7 @@ pub async fn after_flip(run: &mut Run) {
         // Made before the hold, it is disabled until now (live, a row written on the target
         // would travel back over the forward subscription): `start_reverse` switches it on.
         // Otherwise it is created here, over the slot made during the pause.
-        match start_reverse(&ctl, &run.from_db, &run.to_db, run.qt).await {
+        match start_reverse(&ctl, &run.from_db, &run.to_db, run.qt, run.reverse_ready).await {
             Ok(ReverseStart::Running) if run.reverse_ready => Ok(format!(
                 "{}; enabled after the flip",
                 run.report.reverse_replication
@@ -483,7 +488,7 @@ pub enum ReverseStart {
     Running,
     /// No reverse slot on the target, so nothing to subscribe to.
     NoSlot,
-    /// It could not be started; `slot` says whether the slot was dropped.
+    /// It could not be started; `slot` says what is left and how to finish by hand.
     Failed { error: String, slot: String },
 }
 
@@ -497,7 +502,7 @@ impl std::fmt::Display for ReverseStart {
             ),
             Self::Failed { error, slot } => write!(
                 f,
-                "FAILED to start the reverse subscription ({error}); {slot}; `flip --to source` will need --force"
+                "FAILED to start the reverse subscription ({error}); {slot}; until then `flip --to source` refuses (or loses the target's writes with --force)"
             ),
         }
     }
@@ -505,13 +510,14 @@ impl std::fmt::Display for ReverseStart {
 
 /// Starts the reverse subscription on the source: enables the one made disabled before the
 /// hold ([`make_reverse_early`]), or creates it over the slot made during the pause. If it
-/// cannot, after a few tries, the slot is dropped: an unused slot retains WAL on the new
-/// primary without bound.
+/// cannot, after a few tries, the slot is kept (it retains WAL) and the report says how to
+/// finish by hand or give rollback up (`redirect finish`).
 pub async fn start_reverse(
     ctl: &super::Controller,
     source: &Client,
     target: &Client,
     qt: Duration,
+    made_before_hold: bool,
 ) -> Result<ReverseStart, PgError> {
     let conninfo = reverse_conninfo(ctl);
     // On 16+ always `origin = none`: the reverse slot may hold changes the forward
@@ -578,7 +584,9 @@ pub async fn start_reverse(
                 Some(true) => return Ok(()),
                 // Made disabled before the hold ([`make_reverse_early`]): its slot holds every
                 // target write since, so it is only switched on.
-                Some(false) if ours => {
+                // Only the one this attempt made: a disabled one left by an aborted attempt
+                // lacks the tables added since (its apply would skip their changes).
+                Some(false) if ours && made_before_hold => {
                     return timed(
                         "source",
                         "enabling the reverse subscription",
@@ -608,21 +616,14 @@ pub async fn start_reverse(
             Err(e) => last = e.to_string(),
         }
     }
-    let dropped = timed(
-        "target",
-        "dropping the unused reverse slot",
-        qt,
-        target.execute(
-            DROP_IDLE_SLOT,
-            &[&REVERSE],
-        ),
-    )
-    .await
-    .map_or_else(|e| format!("and could not drop slot {REVERSE} on the target ({e}): drop it by hand, it retains WAL"), |_| format!("slot {REVERSE} dropped on the target so it retains no WAL"));
-    Ok(ReverseStart::Failed {
-        error: last,
-        slot: dropped,
-    })
+    // The slot is kept: dropped, it would end lossless rollback for good over what may be a
+    // short outage of the source. It retains WAL on the target meanwhile, so say how to
+    // finish by hand, or give it up.
+    let slot = format!(
+        "slot {REVERSE} KEPT on the target (it retains WAL until used): on the source run `ALTER SUBSCRIPTION {REVERSE} ENABLE` if it exists, else `CREATE SUBSCRIPTION {REVERSE} CONNECTION '<target conninfo>' PUBLICATION {REVERSE} WITH (create_slot = false, slot_name = '{REVERSE}', copy_data = false{})`; to give rollback up instead, `redirect finish`",
+        if sql.contains("origin = none") { ", origin = none" } else { "" }
+    );
+    Ok(ReverseStart::Failed { error: last, slot })
 }
 
 /// How the source reaches the target: `--reverse-conninfo`, else the target DSN's.
