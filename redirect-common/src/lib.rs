@@ -104,16 +104,25 @@ pub mod cutover {
         /// Index in `BACKENDS`, or [`NO_FENCE`]. The map must be initialised (`install`
         /// writes [`Cutover::IDLE`]): all zeros would name backend 0.
         pub fenced_backend: u32,
-        pub _pad0: u32,
+        /// [`LAPSE_CLOSED`] or 0.
+        pub flags: u32,
     }
     const _: () = assert!(core::mem::size_of::<Cutover>() == 24);
+
+    /// A fleet member's cutover: when its deadlines pass without a renewal (the member lost
+    /// etcd, or its controller died), it does not guess. A raised fence stays up while the
+    /// fenced backend is still `ACTIVE`, and new connections to it are dropped (their clients
+    /// retry) instead of being sent there: the fleet may have committed the other backend.
+    /// Only the controller, reading the committed state, lifts it. Without this flag (one
+    /// host alone), a lapse lifts both, because that host's old server is still the truth.
+    pub const LAPSE_CLOSED: u32 = 1;
 
     impl Cutover {
         pub const IDLE: Self = Self {
             hold_until_ns: 0,
             fence_until_ns: 0,
             fenced_backend: NO_FENCE,
-            _pad0: 0,
+            flags: 0,
         };
 
         /// Whether data from a client of `backend` is dropped at `now`, given `active`.
@@ -127,7 +136,22 @@ pub mod cutover {
         #[inline(always)]
         #[must_use]
         pub fn fences(&self, backend: u32, active: u32, now: u64) -> bool {
-            backend == self.fenced_backend && (active != backend || now < self.fence_until_ns)
+            backend == self.fenced_backend
+                && (active != backend
+                    || now < self.fence_until_ns
+                    || (self.flags & LAPSE_CLOSED != 0 && self.fence_until_ns != 0))
+        }
+
+        /// Whether a new connection's SYN is dropped at `now`, given `active`: a fleet
+        /// member's hold ran out before it could confirm the fleet's state (see
+        /// [`LAPSE_CLOSED`]). Never while the hold runs, nor once `ACTIVE` moved on.
+        #[inline(always)]
+        #[must_use]
+        pub fn refuses(&self, active: u32, now: u64) -> bool {
+            self.flags & LAPSE_CLOSED != 0
+                && self.hold_until_ns != 0
+                && now >= self.hold_until_ns
+                && (self.fenced_backend == NO_FENCE || self.fenced_backend == active)
         }
 
         /// Whether a new connection's SYN is parked at `now`, given `active`. The hold only
@@ -153,7 +177,7 @@ pub mod cutover {
                 hold_until_ns: deadline,
                 fence_until_ns: deadline,
                 fenced_backend: SRC,
-                _pad0: 0,
+                flags: 0,
             }
         }
 
@@ -180,6 +204,30 @@ pub mod cutover {
             let c = pre_flip(100);
             assert!(!c.fences(SRC, SRC, 200));
             assert!(!Cutover::IDLE.fences(SRC, SRC, 0) && !Cutover::IDLE.holds(SRC, 0));
+        }
+
+        #[test]
+        fn a_fleet_member_that_cannot_confirm_drops_instead_of_guessing() {
+            let closed = Cutover {
+                flags: LAPSE_CLOSED,
+                ..pre_flip(100)
+            };
+            // While the hold runs it parks, as on one host.
+            assert!(closed.holds(SRC, 99) && !closed.refuses(SRC, 99));
+            // Past it: SYNs dropped, never sent to the old server; the fence stays up.
+            assert!(!closed.holds(SRC, 100) && closed.refuses(SRC, 100));
+            assert!(closed.fences(SRC, SRC, u64::MAX - 1));
+            // Once ACTIVE moved (the member applied the committed flip): no drop.
+            assert!(!closed.refuses(TGT, 200) && !closed.fences(TGT, TGT, 200));
+            // A hold alone (no fence raised yet) never fences, lapsed or not.
+            let held = Cutover {
+                fence_until_ns: 0,
+                ..closed
+            };
+            assert!(!held.fences(SRC, SRC, 200) && held.refuses(SRC, 200));
+            // One host alone: a lapse lifts both.
+            assert!(!pre_flip(100).refuses(SRC, 200));
+            assert!(!Cutover::IDLE.refuses(SRC, 0));
         }
     }
 
@@ -475,9 +523,12 @@ pub mod stats {
         /// A RST inside the window but not at the exact sequence number: forwarded without
         /// changing state; the peer answers it with a challenge ACK (RFC 5961).
         RstChallenged,
+        /// A SYN dropped because this fleet member's hold ran out before it could confirm
+        /// the fleet's committed state (`LAPSE_CLOSED`): its client retries.
+        SynUnconfirmed,
     }
 
-    pub const STAT_COUNT: u32 = Stat::RstChallenged as u32 + 1;
+    pub const STAT_COUNT: u32 = Stat::SynUnconfirmed as u32 + 1;
 
     /// Every counter, in index order, with the name `redirect status` and `/metrics` show.
     pub const ALL: [(Stat, &str); STAT_COUNT as usize] = [
@@ -515,6 +566,7 @@ pub mod stats {
         (Stat::IcmpUntracked, "icmp_untracked"),
         (Stat::FragNeededSent, "frag_needed_sent"),
         (Stat::RstChallenged, "rst_challenged"),
+        (Stat::SynUnconfirmed, "syn_unconfirmed"),
     ];
 
     #[cfg(test)]

@@ -144,6 +144,10 @@ fn forward<const KERNEL_L4: bool>(
         if cut.holds(active_backend(), now) {
             return Verdict::Hold;
         }
+        if cut.refuses(active_backend(), now) {
+            count(Stat::SynUnconfirmed);
+            return Verdict::Drop;
+        }
         // Usually freed already when it closed; this covers a close seen out of order.
         let closed = *entry;
         release_port(&key, &closed);
@@ -161,6 +165,10 @@ fn forward<const KERNEL_L4: bool>(
     }
     if cut.holds(active_backend(), now) {
         return Verdict::Hold;
+    }
+    if cut.refuses(active_backend(), now) {
+        count(Stat::SynUnconfirmed);
+        return Verdict::Drop;
     }
     open::<KERNEL_L4>(&key, ip, tcp, cfg, now, false)
 }

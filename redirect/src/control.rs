@@ -172,13 +172,6 @@ async fn handle(stream: UnixStream, ctl: Arc<Controller>) -> std::io::Result<()>
             }
             None => Reply::Error("this controller is not a fleet member (run --etcd)".into()),
         },
-        // A member running the safe cutover on its own would send new connections to a
-        // backend the fleet has not committed (docs/fleet.md, invariant 1). The leader-driven
-        // safe cutover is not built yet.
-        Request::Flip { .. } if ctl.fleet.is_some() => Reply::Error(
-            "this host is a fleet member (run --etcd): the safe cutover across a fleet is not built yet (docs/fleet.md); `redirect flip --immediate` flips the whole fleet at once (no fence, no barrier)"
-                .into(),
-        ),
         Request::Finish { execute, force } => {
             match crate::cutover::finish::finish(&ctl, execute, force).await {
                 Ok(r) => Reply::Ok(serde_json::to_value(r).expect("report serializes")),

@@ -65,7 +65,7 @@ fn every_rare_datapath_event_reaches_the_controller_log() {
         hold_until_ns: 1,
         fence_until_ns: 1,
         fenced_backend: 0,
-        _pad0: 0,
+        flags: 0,
     };
     maps.cutover.set(0, lapsed, 0).unwrap();
     let _ = knock(&lab);
@@ -76,7 +76,7 @@ fn every_rare_datapath_event_reaches_the_controller_log() {
         hold_until_ns: u64::MAX,
         fence_until_ns: u64::MAX,
         fenced_backend: 0,
-        _pad0: 0,
+        flags: 0,
     };
     maps.cutover.set(0, parked_forever, 0).unwrap();
     let (client, vip_ip): (Ipv4Addr, Ipv4Addr) =

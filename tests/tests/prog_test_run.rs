@@ -623,7 +623,7 @@ fn a_hold_parks_new_syns_and_a_fence_drops_client_data_of_the_fenced_backend() {
                 hold_until_ns: u64::MAX,
                 fence_until_ns: u64::MAX,
                 fenced_backend: SOURCE,
-                _pad0: 0,
+                flags: 0,
             },
             0,
         )
@@ -698,7 +698,7 @@ fn a_hold_parks_new_syns_and_a_fence_drops_client_data_of_the_fenced_backend() {
                 hold_until_ns: 0,
                 fence_until_ns: 0,
                 fenced_backend: NO_FENCE,
-                _pad0: 0,
+                flags: 0,
             },
             0,
         )
@@ -724,7 +724,7 @@ fn the_active_write_alone_flips_lifts_the_hold_and_makes_the_fence_permanent() {
                 hold_until_ns: until,
                 fence_until_ns: until,
                 fenced_backend: SOURCE,
-                _pad0: 0,
+                flags: 0,
             },
             0,
         )

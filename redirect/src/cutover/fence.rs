@@ -12,21 +12,25 @@
 
 use std::time::{Duration, Instant};
 
-use super::{CutoverError, Phase, Run, journal::Step};
+use super::{Controller, CutoverError, Phase, Run, journal::Step};
+use crate::datapath::Role;
 use crate::{conntrack, sync::lock};
 
-/// Every proxied session: it comes from the SNAT address and a port in the SNAT range
+/// Every proxied session: it comes from a proxy's SNAT address and a port in its SNAT range
 /// (`run` reserves that range from the host's own ephemeral ports, so the controller's own
-/// sessions are never in it). The candidates are materialized first: in a single WHERE the
-/// planner may evaluate `pg_terminate_backend()` before the other conditions.
-const END_PROXIED: &str = "WITH proxied AS MATERIALIZED (SELECT pid FROM pg_stat_activity \
+/// sessions are never in it). One (address, range) per proxy: this host's, and in a fleet
+/// every member's. The candidates are materialized first: in a single WHERE the planner may
+/// evaluate `pg_terminate_backend()` before the other conditions.
+const END_PROXIED: &str = "WITH proxied AS MATERIALIZED (SELECT pid FROM pg_stat_activity a \
      WHERE backend_type = 'client backend' AND pid <> pg_backend_pid() \
-     AND host(client_addr) = $1 AND client_port BETWEEN $2 AND $3) \
+     AND EXISTS (SELECT 1 FROM unnest($1::text[], $2::int4[], $3::int4[]) p(addr, lo, hi) \
+     WHERE host(a.client_addr) = p.addr AND a.client_port BETWEEN p.lo AND p.hi)) \
      SELECT pid FROM proxied WHERE pg_terminate_backend(pid)";
 /// Every proxied session still there, whoever ended it or not.
-const PROXIED_LEFT: &str = "SELECT coalesce(array_agg(pid), '{}') FROM pg_stat_activity \
+const PROXIED_LEFT: &str = "SELECT coalesce(array_agg(pid), '{}') FROM pg_stat_activity a \
      WHERE backend_type = 'client backend' AND pid <> pg_backend_pid() \
-     AND host(client_addr) = $1 AND client_port BETWEEN $2 AND $3";
+     AND EXISTS (SELECT 1 FROM unnest($1::text[], $2::int4[], $3::int4[]) p(addr, lo, hi) \
+     WHERE host(a.client_addr) = p.addr AND a.client_port BETWEEN p.lo AND p.hi)";
 
 /// The longest the fence waits for short-lived connections to finish.
 const SETTLE_MAX: Duration = Duration::from_millis(250);
@@ -41,10 +45,27 @@ const ACTIVE: Duration = Duration::from_millis(25);
 /// would be cut mid-startup. Long-lived (pooled) connections do not wait.
 pub async fn let_short_connections_finish(run: &mut Run) -> Result<(), CutoverError> {
     let t = Instant::now();
-    let from_addr = lock(&run.ctl.maps).backend(run.from)?.map(|b| b.addr);
+    let busy = settle(&run.ctl, run.from).await?;
+    run.rec.say(format!(
+        "settle   {:>8.1} ms  {}",
+        t.elapsed().as_secs_f64() * 1000.0,
+        if busy == 0 {
+            "no short-lived connection in progress".to_owned()
+        } else {
+            format!("{busy} short-lived connection(s) still busy; fencing anyway")
+        }
+    ));
+    Ok(())
+}
+
+/// Waits (at most [`SETTLE_MAX`]) until no young, busy connection to `from` is left; returns
+/// how many still are. Shared with fleet members, which settle their own connections.
+pub async fn settle(ctl: &Controller, from: Role) -> Result<usize, CutoverError> {
+    let t = Instant::now();
+    let from_addr = lock(&ctl.maps).backend(from)?.map(|b| b.addr);
     let mut busy = 0;
     while t.elapsed() < SETTLE_MAX {
-        let conns = conntrack::list(&lock(&run.ctl.maps))?;
+        let conns = conntrack::list(&lock(&ctl.maps))?;
         busy = conns
             .iter()
             .filter(|c| {
@@ -59,16 +80,7 @@ pub async fn let_short_connections_finish(run: &mut Run) -> Result<(), CutoverEr
         }
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
-    run.rec.say(format!(
-        "settle   {:>8.1} ms  {}",
-        t.elapsed().as_secs_f64() * 1000.0,
-        if busy == 0 {
-            "no short-lived connection in progress".to_owned()
-        } else {
-            format!("{busy} short-lived connection(s) still busy; fencing anyway")
-        }
-    ));
-    Ok(())
+    Ok(busy)
 }
 
 /// Ends every proxied session on the old server and waits until none is left.
@@ -81,7 +93,15 @@ pub async fn end_old_sessions(run: &mut Run) -> Result<(), CutoverError> {
     let t = Instant::now();
     // Packets already past the datapath get a moment to reach their sockets.
     tokio::time::sleep(Duration::from_millis(5)).await;
-    let (lo, hi) = (i32::from(run.snat_ports.0), i32::from(run.snat_ports.1));
+    // This host's proxied sessions, and every other fleet member's.
+    let mut addrs = vec![run.from_snat.clone()];
+    let mut los = vec![i32::from(run.snat_ports.0)];
+    let mut his = vec![i32::from(run.snat_ports.1)];
+    for p in &run.members_proxied {
+        addrs.push(p.snat.clone());
+        los.push(i32::from(p.ports.0));
+        his.push(i32::from(p.ports.1));
+    }
     let mut ended: Vec<i32> = Vec::new();
     loop {
         let pids: Vec<i32> = run
@@ -89,7 +109,7 @@ pub async fn end_old_sessions(run: &mut Run) -> Result<(), CutoverError> {
                 Phase::Fence,
                 "old server",
                 "ending proxied sessions",
-                run.from_db.query(END_PROXIED, &[&run.from_snat, &lo, &hi]),
+                run.from_db.query(END_PROXIED, &[&addrs, &los, &his]),
             )
             .await?
             .iter()
@@ -105,8 +125,7 @@ pub async fn end_old_sessions(run: &mut Run) -> Result<(), CutoverError> {
                 Phase::Fence,
                 "old server",
                 "waiting for proxied sessions to exit",
-                run.from_db
-                    .query_one(PROXIED_LEFT, &[&run.from_snat, &lo, &hi]),
+                run.from_db.query_one(PROXIED_LEFT, &[&addrs, &los, &his]),
             )
             .await?
             .get(0);

@@ -47,7 +47,7 @@ pub fn commit(run: &mut Run) -> Result<(), CutoverError> {
             hold_until_ns: 0,
             fence_until_ns: 0,
             fenced_backend: run.from.index(),
-            _pad0: 0,
+            flags: 0,
         });
     }
     run.undo = super::Undo::default();

@@ -67,7 +67,7 @@ fn leased(fenced: u32, fencing: bool, now_ns: u64) -> Cutover {
         hold_until_ns: until,
         fence_until_ns: if fencing { until } else { 0 },
         fenced_backend: fenced,
-        _pad0: 0,
+        flags: 0,
     }
 }
 

@@ -19,6 +19,7 @@ pub mod drain;
 pub mod failover;
 pub mod fence;
 pub mod finish;
+pub mod fleet_steps;
 pub mod flip;
 pub mod guardrails;
 pub mod journal;
@@ -388,6 +389,11 @@ pub struct Run {
     pub reverse_failover: Option<String>,
     /// Whether an LSN barrier guards the flip (not for a forced flip with no replication).
     pub barrier: bool,
+    /// A fleet cutover: the other members' proxied sessions, from their acks of the hold
+    /// (the fence step ends them too).
+    pub members_proxied: Vec<crate::fleet::hold::Proxied>,
+    /// A fleet cutover: the committed `Hold` epoch this leader wrote (undo aborts it).
+    pub fleet_hold: Option<crate::fleet::state::Committed>,
 }
 
 impl Run {
@@ -539,16 +545,38 @@ impl Controller {
             return Err(e);
         }
 
-        if let Err(e) = Self::before_flip(&mut run).await {
+        // A fleet member leads the whole fleet through this cutover (docs/fleet.md).
+        let leadership = match &self.fleet {
+            Some(fleet) => Some(
+                crate::fleet::lead::lead(fleet)
+                    .await
+                    .map_err(|e| CutoverError::abort(Phase::Hold, e.to_string()))?,
+            ),
+            None => None,
+        };
+        let result = match &self.fleet {
+            Some(fleet) => Self::before_flip_fleet(&mut run, fleet).await,
+            None => Self::before_flip(&mut run).await,
+        };
+        if let Err(e) = result {
             self.set_phase(Phase::Aborting);
             let t = Instant::now();
             let undone = undo::undo(&mut run).await;
             let _ = run
                 .rec
                 .step(Step::Aborted, t, format!("{e}; undo: {undone}"));
+            if let Some(l) = leadership {
+                l.resign().await;
+            }
             return Err(e);
         }
-        Self::after_flip(&mut run).await;
+        match &self.fleet {
+            Some(fleet) => Self::after_flip_fleet(&mut run, fleet).await,
+            None => Self::after_flip(&mut run).await,
+        }
+        if let Some(l) = leadership {
+            l.resign().await;
+        }
         run.report.steps.clone_from(&run.rec.steps);
         *lock(&self.last_report) = Some(run.report.clone());
         Ok(run.report)
@@ -570,6 +598,48 @@ impl Controller {
         replication::turn_around(run).await?;
         fault_point("flip").await;
         flip::commit(run)
+    }
+
+    /// A fleet's steps 2–7: the kernel-side steps become committed epochs that every member
+    /// applies to its own datapath ([`crate::fleet::hold`]); the database side stays here.
+    async fn before_flip_fleet(
+        run: &mut Run,
+        fleet: &crate::fleet::Fleet,
+    ) -> Result<(), CutoverError> {
+        replication::reverse_before_hold(run).await;
+        fleet_steps::hold(run, fleet).await?;
+        fence::end_old_sessions(run).await?;
+        fault_point("barrier").await;
+        barrier::wait_for_new_server(run).await?;
+        fault_point("sequences").await;
+        sequences::carry_over(run).await?;
+        fault_point("reverse").await;
+        replication::turn_around(run).await?;
+        fault_point("flip").await;
+        fleet_steps::commit(run, fleet).await
+    }
+
+    /// A fleet's steps 8–10: every member releases and drains its own connections when it
+    /// applies the committed epoch; here, wait for their acks, then the replication.
+    async fn after_flip_fleet(run: &mut Run, fleet: &crate::fleet::Fleet) {
+        fleet_steps::await_members(run, fleet).await;
+        replication::after_flip(run).await;
+        let detail = format!(
+            "write pause {:.1} ms, hold {:.1} ms (fleet of {} member(s))",
+            run.report.write_pause_ms,
+            run.report.hold_ms,
+            run.members_proxied.len() + 1
+        );
+        run.rec.note(
+            run.held_at,
+            Entry {
+                step: Step::Done,
+                source_lsn: run.report.fence_lsn.clone(),
+                target_lsn: run.report.applied_lsn.clone(),
+                detail,
+                ..Entry::default()
+            },
+        );
     }
 
     /// Steps 8–10: after the flip nothing is undone; each step is finished, here or by a

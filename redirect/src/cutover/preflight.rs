@@ -476,6 +476,8 @@ pub async fn check(
         reverse_ready: false,
         reverse_failover: None,
         barrier: !(no_replication && req.force),
+        members_proxied: Vec::new(),
+        fleet_hold: None,
         req,
     })))
 }

@@ -495,7 +495,10 @@ pub enum ReverseStart {
 impl std::fmt::Display for ReverseStart {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
-            Self::Running => write!(f, "subscription {REVERSE} on the source: rollback is lossless"),
+            Self::Running => write!(
+                f,
+                "subscription {REVERSE} on the source: rollback is lossless"
+            ),
             Self::NoSlot => write!(
                 f,
                 "no reverse slot {REVERSE} on the target: rollback will need --force"
@@ -621,7 +624,11 @@ pub async fn start_reverse(
     // finish by hand, or give it up.
     let slot = format!(
         "slot {REVERSE} KEPT on the target (it retains WAL until used): on the source run `ALTER SUBSCRIPTION {REVERSE} ENABLE` if it exists, else `CREATE SUBSCRIPTION {REVERSE} CONNECTION '<target conninfo>' PUBLICATION {REVERSE} WITH (create_slot = false, slot_name = '{REVERSE}', copy_data = false{})`; to give rollback up instead, `redirect finish`",
-        if sql.contains("origin = none") { ", origin = none" } else { "" }
+        if sql.contains("origin = none") {
+            ", origin = none"
+        } else {
+            ""
+        }
     );
     Ok(ReverseStart::Failed { error: last, slot })
 }

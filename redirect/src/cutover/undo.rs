@@ -10,6 +10,10 @@ use crate::{datapath::Role, pg::timed, sync::lock};
 /// subscription and drops the reverse slot. Returns what it did.
 pub async fn undo(run: &mut Run) -> String {
     let mut did = Vec::new();
+    // A fleet's members first: they hold clients until the abort is committed.
+    if let Some(aborted) = super::fleet_steps::abort(run).await {
+        did.push(aborted);
+    }
     if run.undo.datapath {
         let moved = {
             let mut maps = lock(&run.ctl.maps);

@@ -11,12 +11,12 @@ use std::{
     time::{Duration, Instant},
 };
 
-use etcd_client::{Compare, CompareOp, GetOptions, Txn, TxnOp};
+use etcd_client::GetOptions;
 use serde::Serialize;
 
 use super::{
     Fleet, FleetError, keys, member,
-    state::{self, Epoch, FleetPhase, FleetState},
+    state::{self, Epoch, FleetPhase},
 };
 use crate::datapath::Role;
 
@@ -50,25 +50,19 @@ pub async fn flip(fleet: &Fleet, to: Role, ack_timeout: Duration) -> Result<Flee
             current.state.epoch
         )));
     }
-    let next = FleetState {
-        epoch: Epoch(current.state.epoch.0 + 1),
-        active: to,
-        phase: FleetPhase::Idle,
-        written_by: fleet.settings.member.clone(),
-    };
-    let key = keys::state(name);
-    let txn = Txn::new()
-        .when([Compare::mod_revision(
-            key.clone(),
-            CompareOp::Equal,
-            current.mod_revision,
-        )])
-        .and_then([TxnOp::put(
-            key,
-            serde_json::to_vec(&next).expect("the state serializes"),
-            None,
-        )]);
-    if !client.txn(txn).await?.succeeded() {
+    let next = current
+        .state
+        .next(FleetPhase::Idle, to, &fleet.settings.member);
+    if current.state.phase != FleetPhase::Idle {
+        return Err(FleetError::Refused(format!(
+            "fleet {name} is in a cutover (epoch {} by {}); wait for it to end, or see `redirect status`",
+            current.state.epoch, current.state.written_by
+        )));
+    }
+    if state::compare_and_swap(&mut client, name, current.mod_revision, &next)
+        .await?
+        .is_none()
+    {
         return Err(FleetError::Refused(format!(
             "another member committed a new epoch of fleet {name} meanwhile; check `redirect status` and retry"
         )));

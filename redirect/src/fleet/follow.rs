@@ -14,8 +14,10 @@ use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
 use super::{
-    Fleet, FleetError, keys,
-    state::{self, Epoch, FleetState},
+    Fleet, FleetError,
+    hold::{self, Proxied},
+    keys,
+    state::{self, Epoch, FleetPhase, FleetState},
 };
 use crate::{cutover::Controller, datapath::Role, sync::lock};
 
@@ -30,6 +32,10 @@ pub struct Ack {
     /// The backend it applied (`None`: applying failed, see `error`).
     pub applied: Option<Role>,
     pub error: Option<String>,
+    /// For a `Hold`: where this member's sessions on the old backend come from, so the
+    /// leader's fence ends them too.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub proxied: Option<Proxied>,
 }
 
 /// Follows the committed state until `shutdown`. `ctl.fleet` must be set.
@@ -39,6 +45,17 @@ pub async fn follow(ctl: Arc<Controller>, shutdown: CancellationToken) {
     };
     let mut client = fleet.client();
     let key = keys::state(&fleet.settings.fleet);
+    // Joined (or restarted) in the middle of a fleet cutover: hold like every other member,
+    // so the leader's ack wait counts this member too. Otherwise lift a hold a dead
+    // controller left closed in the kernel: the committed state was just applied.
+    let joined = fleet.applied();
+    if joined.phase == FleetPhase::Hold {
+        let revision = fleet.applied_revision();
+        lock(&fleet.applied).0.epoch = Epoch(joined.epoch.0.saturating_sub(1));
+        apply(&ctl, fleet, joined, revision).await;
+    } else if let Err(e) = hold::clear_stale(&ctl, joined.active) {
+        warn!(error = %e, "could not lift a fleet hold left by an earlier controller");
+    }
     loop {
         let from = fleet.applied_revision() + 1;
         let options = WatchOptions::new().with_start_revision(from);
@@ -89,8 +106,9 @@ pub async fn follow(ctl: Arc<Controller>, shutdown: CancellationToken) {
 }
 
 /// Applies one committed state if it is newer than what this member applied, then
-/// acknowledges it.
-async fn apply(ctl: &Controller, fleet: &Fleet, committed: FleetState, revision: i64) {
+/// acknowledges it: a `Hold` holds and fences ([`hold::hold`]); the epoch after it lifts the
+/// hold towards whichever backend it names ([`hold::release`]); any other writes `ACTIVE`.
+async fn apply(ctl: &Arc<Controller>, fleet: &Fleet, committed: FleetState, revision: i64) {
     {
         let mut applied = lock(&fleet.applied);
         if committed.epoch <= applied.0.epoch {
@@ -98,16 +116,44 @@ async fn apply(ctl: &Controller, fleet: &Fleet, committed: FleetState, revision:
             return;
         }
     }
-    let result = lock(&ctl.maps).set_active(committed.active);
+    let mut proxied = None;
+    let result: Result<(), String> = match committed.phase {
+        FleetPhase::Hold => match hold::hold(ctl, fleet, &committed).await {
+            Ok((held, p)) => {
+                *lock(&fleet.holding) = Some(held);
+                proxied = Some(p);
+                Ok(())
+            }
+            Err(e) => Err(e.to_string()),
+        },
+        FleetPhase::Idle => {
+            let held = lock(&fleet.holding).take();
+            if let Some(held) = held {
+                hold::release(ctl, held, &committed)
+                    .map(|r| {
+                        info!(epoch = %committed.epoch, active = %r.active, held_syns = r.held_syns, "fleet hold lifted");
+                    })
+                    .map_err(|e| e.to_string())
+            } else {
+                // Its own statement: the maps lock is released before `clear_stale` takes
+                // it again (a std mutex is not reentrant).
+                let set = lock(&ctl.maps).set_active(committed.active);
+                set.map_err(|e| e.to_string()).and_then(|()| {
+                    hold::clear_stale(ctl, committed.active).map_err(|e| e.to_string())
+                })
+            }
+        }
+    };
     let ack = Ack {
         epoch: committed.epoch,
         member: fleet.settings.member.clone(),
         applied: result.is_ok().then_some(committed.active),
-        error: result.as_ref().err().map(ToString::to_string),
+        error: result.as_ref().err().cloned(),
+        proxied,
     };
     match &result {
         Ok(()) => {
-            info!(epoch = %committed.epoch, active = %committed.active, by = %committed.written_by, "applied the fleet's committed epoch: new connections go to this backend");
+            info!(epoch = %committed.epoch, phase = ?committed.phase, active = %committed.active, by = %committed.written_by, "applied the fleet's committed epoch");
             *lock(&fleet.applied) = (committed.clone(), revision);
             let mut me = lock(&fleet.me);
             me.applied_epoch = committed.epoch;

@@ -12,6 +12,8 @@
 
 pub mod commit;
 pub mod follow;
+pub mod hold;
+pub mod lead;
 pub mod member;
 pub mod state;
 
@@ -129,6 +131,11 @@ pub mod keys {
     #[must_use]
     pub fn member(fleet: &str, id: &str) -> String {
         format!("{}{id}", members(fleet))
+    }
+    /// The etcd election whose leader runs the fleet's cutovers.
+    #[must_use]
+    pub fn election(fleet: &str) -> String {
+        format!("{}leader/", root(fleet))
     }
     #[must_use]
     pub fn acks(fleet: &str, epoch: super::state::Epoch) -> String {
@@ -282,12 +289,14 @@ pub struct Fleet {
     pub settings: Settings,
     client: Client,
     /// The committed state this member's datapath applied, and the etcd revision it came at.
-    applied: std::sync::Mutex<(FleetState, i64)>,
+    pub applied: std::sync::Mutex<(FleetState, i64)>,
     /// This member's record and its current lease (the keep-alive renews or replaces it).
-    me: std::sync::Arc<std::sync::Mutex<Member>>,
+    pub me: std::sync::Arc<std::sync::Mutex<Member>>,
     lease: std::sync::Arc<std::sync::atomic::AtomicI64>,
     /// The keep-alive task: it revokes the lease when `shutdown` fires (see [`Fleet::leave`]).
     keep_alive: std::sync::Mutex<Option<tokio::task::JoinHandle<()>>>,
+    /// The hold of a fleet cutover this member applied, until the next epoch lifts it.
+    pub holding: std::sync::Mutex<Option<hold::MemberHold>>,
 }
 
 /// What `status` shows about the fleet.
@@ -346,6 +355,7 @@ impl Fleet {
             me,
             lease,
             keep_alive: std::sync::Mutex::new(Some(keep_alive)),
+            holding: std::sync::Mutex::new(None),
         })
     }
 

@@ -8,17 +8,16 @@ use serde::{Deserialize, Serialize};
 use super::{FleetError, keys};
 use crate::datapath::Role;
 
-/// Which step of a fleet cutover the committed epoch is in. Only `Idle` is written by this
-/// foundation; the leader-driven phases are the next step (docs/fleet.md).
+/// Where the fleet is in a cutover. A safe fleet cutover is two committed epochs after the
+/// idle one it starts from: `Hold` (every member parks new SYNs and fences the old backend,
+/// which is still `active`), then `Idle` again with the new `active` (the commit point) or
+/// with the old one (an abort).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum FleetPhase {
     #[default]
     Idle,
     Hold,
-    Flip,
-    Drain,
-    Rollback,
 }
 
 /// An epoch number: grows by one at every committed transition.
@@ -40,6 +39,57 @@ pub struct FleetState {
     pub phase: FleetPhase,
     /// The member that wrote this epoch.
     pub written_by: String,
+    /// In a `Hold`: the backend the cutover goes to.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub to: Option<Role>,
+    /// In a `Hold`: how long a member holds at most (the cutover's `--timeout`); past it, a
+    /// member that has heard nothing more drops new connections rather than guess.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hold_ms: Option<u64>,
+    /// In a `Hold`: how long members drain the old backend's connections after the commit.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub drain_ms: Option<u64>,
+}
+
+impl FleetState {
+    /// The next epoch after this one: `phase` with `active`, written by `member`.
+    #[must_use]
+    pub fn next(&self, phase: FleetPhase, active: Role, member: &str) -> Self {
+        Self {
+            epoch: Epoch(self.epoch.0 + 1),
+            active,
+            phase,
+            written_by: member.to_owned(),
+            to: None,
+            hold_ms: None,
+            drain_ms: None,
+        }
+    }
+}
+
+/// Writes `next` only if the state is still at `seen` (its mod revision): of two writers,
+/// one wins. Returns the new revision, or `None` when someone else wrote first.
+pub async fn compare_and_swap(
+    client: &mut Client,
+    fleet: &str,
+    seen: i64,
+    next: &FleetState,
+) -> Result<Option<i64>, FleetError> {
+    let key = keys::state(fleet);
+    let txn = Txn::new()
+        .when([Compare::mod_revision(key.clone(), CompareOp::Equal, seen)])
+        .and_then([TxnOp::put(
+            key,
+            serde_json::to_vec(next).expect("the state serializes"),
+            None,
+        )]);
+    // Not retried: a transaction whose answer was lost may have been applied, and a retry
+    // would then report a conflict with itself.
+    let resp = client.txn(txn).await?;
+    Ok(resp.succeeded().then(|| {
+        resp.header()
+            .map_or(0, etcd_client::ResponseHeader::revision)
+    }))
 }
 
 /// A committed state as read, with the etcd revision that last changed it (the compare of
@@ -84,6 +134,9 @@ pub async fn found_or_read(
         active,
         phase: FleetPhase::Idle,
         written_by: member.to_owned(),
+        to: None,
+        hold_ms: None,
+        drain_ms: None,
     };
     let value = serde_json::to_vec(&founding).expect("the state serializes");
     // Create only if absent: of two members founding at once, one wins and both read it.
@@ -111,6 +164,9 @@ mod tests {
             active: Role::Target,
             phase: FleetPhase::Idle,
             written_by: "proxy-a".into(),
+            to: None,
+            hold_ms: None,
+            drain_ms: None,
         };
         let json = serde_json::to_string(&s).unwrap();
         assert_eq!(
