@@ -158,8 +158,8 @@ impl SharedServers {
         format!("px{}", self.k)
     }
 
-    /// The /24 of this proxy's link to the source (`net` 0) or the target (`net` 1):
-    /// 198.19.{10+2k}.0 and 198.19.{11+2k}.0, clear of the etcd segment (198.19.0.0/24).
+    /// The /24 (its first three octets) of this proxy's link to `server`: 198.19.{10+2k} for
+    /// the source, 198.19.{11+2k} for the target, clear of the etcd segment (198.19.0.0/24).
     #[must_use]
     pub fn subnet(&self, server: Ns) -> String {
         let offset = match server {
@@ -219,8 +219,10 @@ impl Lab {
     ///
     /// `redirect run` takes the usual `--source`/`--target` ([`SOURCE_ADDR`], [`TARGET_ADDR`]),
     /// and the servers see this proxy's own SNAT address (198.19.{10+2k}.1 and
-    /// 198.19.{11+2k}.1). Dropping this lab removes its links and namespaces only: the servers,
-    /// their namespaces and `servers`' processes are left alone.
+    /// 198.19.{11+2k}.1). `ns(Ns::Source)` and `ns(Ns::Target)` name `servers`' namespaces, so
+    /// `exec_ok` and `pg::psql` reach the shared servers. Dropping this lab removes its links
+    /// and namespaces only: the servers, their namespaces and `servers`' processes are left
+    /// alone.
     #[must_use]
     pub fn new_sharing_servers(name: &str, servers: &Lab, k: u8) -> Self {
         assert!(
