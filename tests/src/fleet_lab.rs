@@ -124,6 +124,17 @@ impl FleetLab {
         pids
     }
 
+    /// Sends `signal` to proxy `i`'s latest controller (`libc::SIGKILL` as a crash,
+    /// `libc::SIGTERM` as a clean stop that leaves the fleet at once) and reaps it; its pinned
+    /// datapath stays. [`FleetLab::start_member`] restarts it.
+    pub fn stop_member(&mut self, i: usize, signal: i32) {
+        let lab = &mut self.proxies[i];
+        let pid = lab
+            .redirect_pid()
+            .unwrap_or_else(|| panic!("{} has no controller to stop", Self::member_id(i)));
+        lab.signal(pid, signal);
+    }
+
     /// The writer ids of the workload behind proxy `i`: disjoint per proxy, one of each shape.
     #[must_use]
     pub fn writers(i: usize) -> Range<i32> {

@@ -499,5 +499,11 @@ fn three_proxies_in_front_of_the_same_servers_flip_together_under_writes() {
             through(&written_on_target) > 0,
             "{proxy}'s new connections after the flip wrote on the target"
         );
+        eprintln!(
+            "{proxy}: {} acked ({} before the flip), {} written on the target",
+            v.acked().count(),
+            before.len(),
+            through(&written_on_target)
+        );
     }
 }
