@@ -17,6 +17,21 @@
 //! [`Lab::new_host_bridge`] is containers on the proxy host: the bridge `br0` is the proxy's own
 //! interface (holding 198.18.{1,2,3}.1), and client and servers are containers on its ports,
 //! sending with TX offload on (GSO buffers with partial checksums), as Docker's do.
+//!
+//! [`Lab::new_sharing_servers`] is one more proxy host in front of *another* lab's servers, as
+//! in a fleet (issue 10): its own client and proxy namespaces, and links of its own into the
+//! servers lab's source and target namespaces. Every proxy reaches the servers at the same
+//! addresses (198.18.2.2, 198.18.3.2), as hosts in front of one database do, by a host route
+//! over its own link; the servers see each proxy's own SNAT address.
+//!
+//! ```text
+//!  ns cli (k)           ns proxy (k)                                    servers lab's ns src / ns tgt
+//!  eth0 198.18.1.2 ─── p-cli 198.18.1.1 (VIP :5432)
+//!                      p-src 198.19.{10+2k}.1 ──────────────────────── px<k> 198.19.{10+2k}.2 (source)
+//!                        route 198.18.2.2 via 198.19.{10+2k}.2
+//!                      p-tgt 198.19.{11+2k}.1 ──────────────────────── px<k> 198.19.{11+2k}.2 (target)
+//!                        route 198.18.3.2 via 198.19.{11+2k}.2
+//! ```
 
 #![allow(
     clippy::must_use_candidate,
@@ -27,6 +42,7 @@ pub mod churn;
 pub mod cutover_lab;
 pub mod faults;
 pub mod fleet;
+pub mod fleet_lab;
 pub mod packet;
 pub mod pg;
 pub mod plot;
@@ -122,6 +138,37 @@ pub struct Lab {
     /// The `xdp_pass` program on the bridge's port facing the proxy, which gives that veth the
     /// NAPI context `XDP_TX`ed frames need (without GRO, which would merge them); detached on drop.
     bridge_port_pass: Option<aya::Ebpf>,
+    /// Set when this lab's proxy fronts another lab's servers ([`Lab::new_sharing_servers`]).
+    shared: Option<SharedServers>,
+}
+
+/// Whose servers a sharing lab's proxy reaches, and by which links.
+#[derive(Clone, Debug)]
+pub struct SharedServers {
+    /// The id of the lab that owns the source and target namespaces (and their servers).
+    pub servers_lab: String,
+    /// This proxy's number among the servers' proxies (the servers lab's own proxy is 0).
+    pub k: u8,
+}
+
+impl SharedServers {
+    /// The name of this proxy's link inside the servers' namespaces (one per server).
+    #[must_use]
+    pub fn server_side_link(&self) -> String {
+        format!("px{}", self.k)
+    }
+
+    /// The /24 (its first three octets) of this proxy's link to `server`: 198.19.{10+2k} for
+    /// the source, 198.19.{11+2k} for the target, clear of the etcd segment (198.19.0.0/24).
+    #[must_use]
+    pub fn subnet(&self, server: Ns) -> String {
+        let offset = match server {
+            Ns::Source => 0,
+            Ns::Target => 1,
+            other => panic!("{other:?} is not a server namespace"),
+        };
+        format!("198.19.{}", 10 + 2 * u32::from(self.k) + offset)
+    }
 }
 
 /// How a lab's hosts are wired (see the module docs).
@@ -164,7 +211,51 @@ impl Lab {
         Self::with_topology(name, Topology::HostBridge)
     }
 
+    /// One more proxy host in front of `servers`' source and target (see the module docs):
+    /// its own client and proxy namespaces, with the usual client addressing and VIP, and links
+    /// of its own into `servers`' source and target namespaces. `k` (1 to 100) numbers this
+    /// proxy among the servers' proxies (the servers lab's own proxy is 0): it names the links
+    /// and picks their subnets, so every sharing lab of one servers lab needs its own `k`.
+    ///
+    /// `redirect run` takes the usual `--source`/`--target` ([`SOURCE_ADDR`], [`TARGET_ADDR`]),
+    /// and the servers see this proxy's own SNAT address (198.19.{10+2k}.1 and
+    /// 198.19.{11+2k}.1). `ns(Ns::Source)` and `ns(Ns::Target)` name `servers`' namespaces, so
+    /// `exec_ok` and `pg::psql` reach the shared servers. Dropping this lab removes its links
+    /// and namespaces only: the servers, their namespaces and `servers`' processes are left
+    /// alone.
+    #[must_use]
+    pub fn new_sharing_servers(name: &str, servers: &Lab, k: u8) -> Self {
+        assert!(
+            servers.topology == Topology::Routed && servers.shared.is_none(),
+            "a lab can share the servers of a routed lab that owns them (Lab::new), not of {}",
+            servers.id
+        );
+        assert!(
+            (1..=100).contains(&k),
+            "k numbers the sharing proxies from 1 to 100 (0 is the servers lab's own proxy)"
+        );
+        let mut lab = Self::empty(name, Topology::Routed);
+        let shared = SharedServers {
+            servers_lab: servers.id.clone(),
+            k,
+        };
+        lab.shared = Some(shared.clone());
+        lab.build_sharing(&shared);
+        lab
+    }
+
     fn with_topology(name: &str, topology: Topology) -> Self {
+        let mut lab = Self::empty(name, topology);
+        match topology {
+            Topology::Routed => lab.build(),
+            Topology::OneNic => lab.build_one_nic(),
+            Topology::HostBridge => lab.build_host_bridge(),
+        }
+        lab
+    }
+
+    /// A lab with its names and work dir, and nothing built yet.
+    fn empty(name: &str, topology: Topology) -> Self {
         ensure_lab_bpffs();
         let id = format!(
             "rd{}{}{}",
@@ -175,7 +266,7 @@ impl Lab {
         let work_dir = std::env::temp_dir().join(format!("redirect-lab-{id}"));
         let _ = std::fs::remove_dir_all(&work_dir);
         std::fs::create_dir_all(&work_dir).expect("creating the lab work dir");
-        let mut lab = Self {
+        Self {
             topology,
             hook: None,
             bridge_port_pass: None,
@@ -187,16 +278,16 @@ impl Lab {
             children: Vec::new(),
             runs: 0,
             redirect_pid: None,
-        };
-        match topology {
-            Topology::Routed => lab.build(),
-            Topology::OneNic => lab.build_one_nic(),
-            Topology::HostBridge => lab.build_host_bridge(),
+            shared: None,
         }
-        lab
     }
 
+    /// The namespaces this lab created, and deletes on drop: a sharing lab's servers belong to
+    /// the servers lab.
     fn namespaces(&self) -> Vec<Ns> {
+        if self.shared.is_some() {
+            return vec![Ns::Client, Ns::Proxy];
+        }
         let mut all = vec![Ns::Client, Ns::Proxy, Ns::Source, Ns::Target];
         if self.topology == Topology::OneNic {
             all.push(Ns::Bridge);
@@ -323,6 +414,10 @@ impl Lab {
     /// translated. That is what containers behind veths on the proxy host look like.
     pub fn enable_sender_offloads(&self) {
         assert_eq!(self.topology, Topology::Routed);
+        assert!(
+            self.shared.is_none(),
+            "the servers' senders belong to the servers lab"
+        );
         for (ns, leg) in [
             (Ns::Client, "p-cli"),
             (Ns::Source, "p-src"),
@@ -342,7 +437,17 @@ impl Lab {
             Ns::Target => "tgt",
             Ns::Bridge => "br",
         };
-        format!("{}{suffix}", self.id)
+        let owner = match (ns, &self.shared) {
+            (Ns::Source | Ns::Target, Some(shared)) => &shared.servers_lab,
+            _ => &self.id,
+        };
+        format!("{owner}{suffix}")
+    }
+
+    /// Whose servers this lab's proxy fronts, if they belong to another lab.
+    #[must_use]
+    pub fn shared_servers(&self) -> Option<&SharedServers> {
+        self.shared.as_ref()
     }
 
     fn build(&self) {
@@ -350,56 +455,102 @@ impl Lab {
             ip(&["netns", "add", &self.ns(ns)]);
             ip(&["-n", &self.ns(ns), "link", "set", "lo", "up"]);
         }
-        let proxy = self.ns(Ns::Proxy);
         for (ns, leg, net) in [
             (Ns::Client, "p-cli", 1),
             (Ns::Source, "p-src", 2),
             (Ns::Target, "p-tgt", 3),
         ] {
-            let peer_ns = self.ns(ns);
-            ip(&[
-                "link", "add", "eth0", "netns", &peer_ns, "type", "veth", "peer", "name", leg,
-                "netns", &proxy,
-            ]);
+            let net = format!("198.18.{net}");
+            self.add_leg(ns, "eth0", leg, &net);
             ip(&[
                 "-n",
-                &peer_ns,
-                "addr",
-                "add",
-                &format!("198.18.{net}.2/24"),
-                "dev",
-                "eth0",
-            ]);
-            ip(&[
-                "-n",
-                &proxy,
-                "addr",
-                "add",
-                &format!("198.18.{net}.1/24"),
-                "dev",
-                leg,
-            ]);
-            ip(&["-n", &peer_ns, "link", "set", "eth0", "up"]);
-            ip(&["-n", &proxy, "link", "set", leg, "up"]);
-            ip(&[
-                "-n",
-                &peer_ns,
+                &self.ns(ns),
                 "route",
                 "add",
                 "default",
                 "via",
-                &format!("198.18.{net}.1"),
+                &format!("{net}.1"),
             ]);
-            // The servers reach each other through the proxy (replication), routed, not NATed.
-            self.exec_ok(Ns::Proxy, &["sysctl", "-qw", "net.ipv4.ip_forward=1"]);
-            // Full checksums from every sender: XDP cannot see CHECKSUM_PARTIAL, so an
-            // incremental update of a partial checksum would be wrong. Fail loudly if ethtool
-            // is missing: a silent failure leaves ping working and TCP broken.
-            self.exec_ok(ns, &["ethtool", "-K", "eth0", "tx", "off"]);
-            // Frames XDP_REDIRECTed into a veth are only received if the peer has NAPI
-            // (kernel veth_xdp_xmit); GRO on gives it one.
-            self.exec_ok(ns, &["ethtool", "-K", "eth0", "gro", "on"]);
         }
+    }
+
+    /// A sharing lab (see [`Lab::new_sharing_servers`]): the client leg as in [`Lab::build`],
+    /// and a leg into each of the servers lab's server namespaces, with a host route to that
+    /// server's usual address over it. The servers keep their default route (to their own
+    /// lab's proxy): they answer this proxy over the connected route of its link.
+    fn build_sharing(&self, shared: &SharedServers) {
+        for ns in [Ns::Client, Ns::Proxy] {
+            ip(&["netns", "add", &self.ns(ns)]);
+            ip(&["-n", &self.ns(ns), "link", "set", "lo", "up"]);
+        }
+        self.add_leg(Ns::Client, "eth0", "p-cli", "198.18.1");
+        ip(&[
+            "-n",
+            &self.ns(Ns::Client),
+            "route",
+            "add",
+            "default",
+            "via",
+            "198.18.1.1",
+        ]);
+        for (server, leg, addr) in [
+            (Ns::Source, "p-src", SOURCE_ADDR),
+            (Ns::Target, "p-tgt", TARGET_ADDR),
+        ] {
+            let net = shared.subnet(server);
+            self.add_leg(server, &shared.server_side_link(), leg, &net);
+            ip(&[
+                "-n",
+                &self.ns(Ns::Proxy),
+                "route",
+                "add",
+                &format!("{addr}/32"),
+                "via",
+                &format!("{net}.2"),
+                "dev",
+                leg,
+            ]);
+        }
+    }
+
+    /// One routed leg of the proxy: a veth from `leg` (`<net>.1/24`, in the proxy) to
+    /// `peer_link` (`<net>.2/24`, in `peer`), with the settings the datapath needs.
+    fn add_leg(&self, peer: Ns, peer_link: &str, leg: &str, net: &str) {
+        let peer_ns = self.ns(peer);
+        let proxy = self.ns(Ns::Proxy);
+        ip(&[
+            "link", "add", peer_link, "netns", &peer_ns, "type", "veth", "peer", "name", leg,
+            "netns", &proxy,
+        ]);
+        ip(&[
+            "-n",
+            &peer_ns,
+            "addr",
+            "add",
+            &format!("{net}.2/24"),
+            "dev",
+            peer_link,
+        ]);
+        ip(&[
+            "-n",
+            &proxy,
+            "addr",
+            "add",
+            &format!("{net}.1/24"),
+            "dev",
+            leg,
+        ]);
+        ip(&["-n", &peer_ns, "link", "set", peer_link, "up"]);
+        ip(&["-n", &proxy, "link", "set", leg, "up"]);
+        // The servers reach each other through the proxy (replication), routed, not NATed.
+        self.exec_ok(Ns::Proxy, &["sysctl", "-qw", "net.ipv4.ip_forward=1"]);
+        // Full checksums from every sender: XDP cannot see CHECKSUM_PARTIAL, so an
+        // incremental update of a partial checksum would be wrong. Fail loudly if ethtool
+        // is missing: a silent failure leaves ping working and TCP broken.
+        self.exec_ok(peer, &["ethtool", "-K", peer_link, "tx", "off"]);
+        // Frames XDP_REDIRECTed into a veth are only received if the peer has NAPI
+        // (kernel veth_xdp_xmit); GRO on gives it one.
+        self.exec_ok(peer, &["ethtool", "-K", peer_link, "gro", "on"]);
     }
 
     /// `ip netns exec <ns> <argv>` as a Command.
@@ -661,6 +812,16 @@ impl Drop for Lab {
             let _ = std::fs::remove_dir_all(&self.pin_dir);
         }
         drop(self.bridge_port_pass.take());
+        // A sharing lab's links end in the servers lab's namespaces: delete them there (a veth
+        // goes with its peer), so the servers lab is left as it was, whichever drops first.
+        if let Some(shared) = &self.shared {
+            for server in [Ns::Source, Ns::Target] {
+                let _ = Command::new("ip")
+                    .args(["-n", &self.ns(server), "link", "del"])
+                    .arg(shared.server_side_link())
+                    .output();
+            }
+        }
         for ns in self.namespaces() {
             let _ = Command::new("ip")
                 .args(["netns", "del", &self.ns(ns)])

@@ -40,6 +40,17 @@ impl Verdict {
         self.logs.iter().flat_map(|l| l.acked.iter().copied())
     }
 
+    /// The writes acknowledged before `t`.
+    pub fn acked_before(&self, t: Instant) -> impl Iterator<Item = (i32, i64)> + '_ {
+        self.logs.iter().flat_map(move |l| {
+            l.acked
+                .iter()
+                .zip(&l.ack_times)
+                .filter(move |(_, at)| **at < t)
+                .map(|(a, _)| *a)
+        })
+    }
+
     #[must_use]
     pub fn refused(&self) -> u64 {
         self.logs.iter().map(|l| l.refused).sum()

@@ -2,16 +2,19 @@
 //! membership under leases, the joining-host invariant, and quorum loss outside a cutover.
 //! Root only; run under `flock /tmp/redirect-lab.lock`.
 
-use std::time::{Duration, Instant};
-
-use redirect_tests::{
-    Lab, Ns, VIP,
-    fleet::Etcd,
-    pg::{self, Pg},
-    wait_for,
+use std::{
+    collections::HashSet,
+    time::{Duration, Instant},
 };
 
-const FLEET: &str = "lab";
+use redirect_tests::{
+    Lab, Ns, VIP, cutover_lab,
+    fleet::Etcd,
+    fleet_lab::{FLEET, FleetLab, members, new_connection_lands_on},
+    pg::{self, Pg},
+    wait_for,
+    workload::Verdict,
+};
 
 fn fleet_flags(etcd: &Etcd, member: &str) -> Vec<String> {
     [
@@ -31,30 +34,6 @@ fn start_member(lab: &mut Lab, etcd: &Etcd, member: &str) -> u32 {
     let flags = fleet_flags(etcd, member);
     let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
     lab.start_redirect(&flags)
-}
-
-/// The member ids `status --json` on `lab` lists.
-fn members(lab: &Lab) -> Vec<String> {
-    let status = lab.status();
-    let mut ids: Vec<String> = status["fleet"]["members"]
-        .as_array()
-        .unwrap_or_else(|| panic!("status shows no fleet members: {status:#}"))
-        .iter()
-        .map(|m| m["id"].as_str().expect("a member id").to_owned())
-        .collect();
-    ids.sort();
-    ids
-}
-
-/// Which server a new connection through `lab`'s VIP reaches (its `cluster_name`).
-fn new_connection_lands_on(lab: &Lab) -> String {
-    lab.in_ns(Ns::Client, || {
-        tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .expect("runtime")
-            .block_on(async { pg::cluster_name(&pg::connect(VIP).await).await })
-    })
 }
 
 /// A lab with both servers up (no replication: these tests only ask which server answers).
@@ -438,4 +417,162 @@ fn a_fleet_cutover_and_rollback_commit_epochs_and_lose_nothing() {
         .get(&format!("/redirect/{FLEET}/state"))
         .expect("state");
     assert!(state.contains(r#""epoch":4,"active":"source""#), "{state}");
+}
+
+/// The server a new connection through `lab`'s VIP reaches, and the client address that
+/// server sees (the proxy's SNAT address on its link to it).
+fn new_connection_seen_as(lab: &Lab) -> (String, String) {
+    lab.in_ns(Ns::Client, || {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("runtime")
+            .block_on(async {
+                let row = pg::connect(VIP)
+                    .await
+                    .query_one(
+                        "SELECT current_setting('cluster_name'), host(inet_client_addr())",
+                        &[],
+                    )
+                    .await
+                    .expect("who am I");
+                (row.get(0), row.get(1))
+            })
+    })
+}
+
+#[test]
+fn a_sharing_lab_fronts_the_same_servers_and_leaves_them_alone_when_dropped() {
+    redirect_tests::require_root();
+    let (mut servers, source, _target) = lab_with_servers("fsrv");
+    let mut sharing = Lab::new_sharing_servers("fshr", &servers, 1);
+    servers.start_redirect(&[]);
+    sharing.start_redirect(&[]);
+
+    // Both proxies reach the one source, each seen at its own SNAT address.
+    assert_eq!(
+        new_connection_seen_as(&servers),
+        ("source".to_owned(), "198.18.2.1".to_owned())
+    );
+    assert_eq!(
+        new_connection_seen_as(&sharing),
+        ("source".to_owned(), "198.19.12.1".to_owned())
+    );
+    // Flipping one proxy alone (no fleet) moves only its own new connections.
+    sharing.redirect_ok(&["flip", "--to", "target", "--immediate"]);
+    assert_eq!(
+        new_connection_seen_as(&sharing),
+        ("target".to_owned(), "198.19.13.1".to_owned())
+    );
+    assert_eq!(new_connection_lands_on(&servers), "source");
+    // The sharing lab's controller reaches the databases at their usual addresses too.
+    let out = sharing.exec_ok(
+        Ns::Proxy,
+        &[
+            "psql",
+            "-X",
+            "-At",
+            "-h",
+            redirect_tests::SOURCE_ADDR,
+            "-U",
+            "postgres",
+            "-c",
+            "SHOW cluster_name",
+        ],
+    );
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "source");
+
+    // Dropped: its links are gone from the servers' namespaces, the servers still serve
+    // through their own lab's proxy, and their processes were not touched.
+    let link = sharing
+        .shared_servers()
+        .expect("a sharing lab")
+        .server_side_link();
+    drop(sharing);
+    for server in [Ns::Source, Ns::Target] {
+        let links = servers.exec_ok(server, &["ip", "-br", "link"]);
+        let links = String::from_utf8_lossy(&links.stdout);
+        assert!(
+            !links.contains(&link),
+            "{link} is left in {server:?}:\n{links}"
+        );
+    }
+    assert_eq!(new_connection_lands_on(&servers), "source");
+    // SAFETY: signal 0 only checks that the process exists.
+    let alive = unsafe { libc::kill(i32::try_from(source.pid).unwrap(), 0) } == 0;
+    assert!(alive, "the source server still runs");
+}
+
+/// Where the target's ids start in tests that write on it after an immediate flip (which
+/// carries no sequences): far above the source's, so they never collide with the rows
+/// replicated from it.
+const TARGET_IDS_FROM: i64 = 1_000_000_000;
+
+#[test]
+fn three_proxies_in_front_of_the_same_servers_flip_together_under_writes() {
+    let mut fleet = FleetLab::new("fsh", 3);
+    fleet.start_members(&[]);
+    for lab in &fleet.proxies {
+        assert_eq!(new_connection_lands_on(lab), "source");
+    }
+    fleet.psql(
+        Ns::Target,
+        &format!("SELECT setval('acks_id_seq', {TARGET_IDS_FROM})"),
+    );
+
+    let load = fleet.workload(8);
+    std::thread::sleep(Duration::from_secs(3));
+    let flipped_at = Instant::now();
+    let out = fleet.proxies[1].redirect_ok(&["flip", "--to", "target", "--immediate"]);
+    assert!(out.contains("epoch 1 committed"), "{out}");
+    assert!(
+        out.contains("proxy-0, proxy-1, proxy-2"),
+        "every member applied it: {out}"
+    );
+    for lab in &fleet.proxies {
+        assert_eq!(new_connection_lands_on(lab), "target");
+        assert_eq!(lab.status()["fleet"]["applied_epoch"], 1);
+    }
+    let verdicts: Vec<Verdict> = load
+        .into_iter()
+        .map(|h| h.join().expect("workload"))
+        .collect();
+
+    let on_source = fleet.rows(Ns::Source, "");
+    let written_on_target = fleet.rows(Ns::Target, &format!("WHERE id > {TARGET_IDS_FROM}"));
+    let anywhere: HashSet<(i32, i64)> = on_source.union(&written_on_target).copied().collect();
+    for (i, v) in verdicts.iter().enumerate() {
+        let proxy = FleetLab::member_id(i);
+        // Acknowledged before the flip: on the source, whichever proxy carried it.
+        let before: Vec<(i32, i64)> = v.acked_before(flipped_at).collect();
+        assert!(
+            !before.is_empty(),
+            "{proxy}'s writers wrote before the flip"
+        );
+        let lost: Vec<_> = before.iter().filter(|a| !on_source.contains(a)).collect();
+        assert!(
+            lost.is_empty(),
+            "{} writes acknowledged through {proxy} before the flip are missing on the source: {:?}",
+            lost.len(),
+            &lost[..lost.len().min(10)]
+        );
+        // Every acknowledged write is on the server that took it; nothing was refused.
+        cutover_lab::assert_no_loss(v, &anywhere, "source or the target");
+        // Through every proxy, the writers reached the source, and their new connections
+        // after the flip reached the target.
+        let writers = FleetLab::writers(i);
+        let through =
+            |rows: &HashSet<(i32, i64)>| rows.iter().filter(|(w, _)| writers.contains(w)).count();
+        assert!(through(&on_source) > 0, "{proxy} reached the source");
+        assert!(
+            through(&written_on_target) > 0,
+            "{proxy}'s new connections after the flip wrote on the target"
+        );
+        eprintln!(
+            "{proxy}: {} acked ({} before the flip), {} written on the target",
+            v.acked().count(),
+            before.len(),
+            through(&written_on_target)
+        );
+    }
 }
