@@ -146,10 +146,21 @@ impl FleetLab {
     /// order) for its verdict.
     #[must_use]
     pub fn workload(&self, secs: u64) -> Vec<JoinHandle<workload::Verdict>> {
+        self.workload_round(0, secs)
+    }
+
+    /// [`FleetLab::workload`] for a later round of the same test: its writers are new ids
+    /// (a writer's `seq` restarts at 1, so reusing an id would collide with its own rows).
+    #[must_use]
+    pub fn workload_round(&self, round: i32, secs: u64) -> Vec<JoinHandle<workload::Verdict>> {
         self.proxies
             .iter()
             .enumerate()
-            .map(|(i, lab)| cutover_lab::workload(lab, Self::writers(i), secs))
+            .map(|(i, lab)| {
+                let w = Self::writers(i);
+                let shift = round * 10;
+                cutover_lab::workload(lab, w.start + shift..w.end + shift, secs)
+            })
             .collect()
     }
 

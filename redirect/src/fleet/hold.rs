@@ -40,8 +40,9 @@ use crate::{
     sync::lock,
 };
 
-/// How long a member keeps holding past the leader's `--timeout` before it stops renewing
-/// (its hold then turns into dropping new SYNs until an epoch is committed).
+/// How long a member keeps holding past the leader's `--timeout` before it aborts the `Hold`
+/// itself (the leader checks its deadline before it commits, and both writes are
+/// compare-and-swaps on the `Hold`, so only one of them can land).
 const HOLD_GRACE: Duration = Duration::from_secs(2);
 /// How often the renewer checks that the cutover's leader is still there.
 const LEADER_CHECK_EVERY: Duration = Duration::from_secs(1);
@@ -170,10 +171,7 @@ async fn renew(r: Renewal, mut client: etcd_client::Client, fleet: String, membe
         if r.stopped.load(Ordering::SeqCst) {
             return;
         }
-        if Instant::now() > r.give_up {
-            warn!(epoch = %r.epoch, "the fleet's hold outlasted the cutover's timeout with no new epoch: new connections are dropped until one is committed");
-            return;
-        }
+        let timed_out = Instant::now() > r.give_up;
         let confirmed =
             match tokio::time::timeout(CONFIRM_TIMEOUT, state::read(&mut client, &fleet)).await {
                 Ok(Ok(Some(c))) if c.state.epoch == r.epoch => Some(c),
@@ -184,6 +182,19 @@ async fn renew(r: Renewal, mut client: etcd_client::Client, fleet: String, membe
             // the kernel's closed lapse takes over if this lasts.
             continue;
         };
+        if timed_out {
+            // The leader's --timeout has passed (it no longer commits), yet the Hold is
+            // still the committed epoch: abort it, by the same compare-and-swap.
+            abort_hold(
+                &mut client,
+                &fleet,
+                &member,
+                &current,
+                "outlasted the cutover's --timeout",
+            )
+            .await;
+            continue;
+        }
         {
             let mut maps = lock(&r.maps);
             if r.stopped.load(Ordering::SeqCst) {
@@ -219,15 +230,26 @@ async fn abort_if_leaderless(
     if !matches!(leaders, Ok(ref r) if r.count() == 0) {
         return;
     }
+    abort_hold(client, fleet, member, current, "its leader is gone").await;
+}
+
+/// Commits the epoch after `current` (a `Hold`) with the old backend still active.
+async fn abort_hold(
+    client: &mut etcd_client::Client,
+    fleet: &str,
+    member: &str,
+    current: &state::Committed,
+    why: &str,
+) {
     let abort = current
         .state
         .next(FleetPhase::Idle, current.state.active, member);
     match state::compare_and_swap(client, fleet, current.mod_revision, &abort).await {
         Ok(Some(_)) => {
-            warn!(epoch = %abort.epoch, "the fleet cutover's leader is gone: aborted it (epoch {} keeps the {})", abort.epoch, abort.active);
+            warn!(epoch = %abort.epoch, "the fleet cutover {why}: aborted it (epoch {} keeps the {})", abort.epoch, abort.active);
         }
         Ok(None) => {}
-        Err(e) => warn!(error = %e, "could not abort a leaderless fleet cutover"),
+        Err(e) => warn!(error = %e, "could not abort a fleet cutover that {why}"),
     }
 }
 

@@ -128,27 +128,58 @@ pub async fn commit_next(
     let next = hold
         .state
         .next(FleetPhase::Idle, active, &fleet.settings.member);
-    let revision = match state::compare_and_swap(&mut client, name, hold.mod_revision, &next)
-        .await
-    {
-        Ok(r) => r,
-        // The answer was lost, not necessarily the write: what etcd holds now decides.
-        Err(e) => match state::read(&mut client, name).await {
-            Ok(Some(now)) if now.state == next => Some(now.mod_revision),
-            _ => return Err(e),
+    // A lost answer (or a retry after one) cannot tell "written" from "refused": what etcd
+    // holds now decides.
+    let written = super::retry(|| {
+        let mut client = client.clone();
+        let next = next.clone();
+        async move {
+            state::compare_and_swap(&mut client, name, hold.mod_revision, &next)
+                .await
+                .map_err(|e| match e {
+                    FleetError::Etcd(e) => e,
+                    other => etcd_client::Error::InvalidArgs(other.to_string()),
+                })
+        }
+    })
+    .await;
+    let revision = match written {
+        Ok(Some(r)) => r,
+        _ => match read_back(&mut client, name).await? {
+            Some(now) if now.state == next => now.mod_revision,
+            _ => {
+                return Err(FleetError::Refused(format!(
+                    "the fleet's state moved past epoch {} (a member aborted the cutover: its leader seemed gone, or its --timeout passed)",
+                    hold.state.epoch
+                )));
+            }
         },
-    }
-    .ok_or_else(|| {
-            FleetError::Refused(format!(
-                "the fleet's state moved past epoch {} (a member aborted the cutover, finding no leader?)",
-                hold.state.epoch
-            ))
-        })?;
+    };
     Ok(Committed {
         state: next,
         mod_revision: revision,
     })
 }
+
+/// Reads the committed state after a write whose outcome is unknown, for up to
+/// [`READ_BACK`]: etcd electing a new leader takes a second or two, and giving up sooner
+/// would undo a cutover etcd may have committed.
+async fn read_back(
+    client: &mut etcd_client::Client,
+    name: &str,
+) -> Result<Option<Committed>, FleetError> {
+    let until = Instant::now() + READ_BACK;
+    loop {
+        match state::read(client, name).await {
+            Ok(c) => return Ok(c),
+            Err(e) if Instant::now() >= until => return Err(e),
+            Err(_) => tokio::time::sleep(Duration::from_millis(200)).await,
+        }
+    }
+}
+
+/// How long [`read_back`] keeps trying.
+const READ_BACK: Duration = Duration::from_secs(6);
 
 /// The acknowledgements of one epoch.
 #[derive(Debug, Default)]
