@@ -496,10 +496,12 @@ fn tables_not_yet_copied_block_the_cutover() {
     assert_eq!(lab.status()["active"], "source");
 }
 
-/// A reverse subscription that cannot be created does not leak its slot; `finish` shows its
-/// plan, changes nothing without --yes, and retires the migration's replication with it.
+/// A reverse subscription that cannot be created keeps its slot (dropped, it would end
+/// lossless rollback for good over what may be a short outage) and the report says how to
+/// finish by hand or give rollback up; `finish` shows its plan, changes nothing without
+/// --yes, and retires the migration's replication, that slot included.
 #[test]
-fn a_failed_reverse_subscription_drops_its_slot_and_finish_retires_replication() {
+fn a_failed_reverse_subscription_keeps_its_slot_and_finish_retires_replication() {
     let c = setup(
         "fin",
         &[
@@ -533,18 +535,19 @@ fn a_failed_reverse_subscription_drops_its_slot_and_finish_retires_replication()
         String::from_utf8_lossy(&out.stderr)
     );
     let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let reverse = report["reverse_replication"].as_str().unwrap();
     assert!(
-        report["reverse_replication"]
-            .as_str()
-            .unwrap()
-            .contains("FAILED"),
+        reverse.contains("FAILED")
+            && reverse.contains("KEPT on the target")
+            && reverse.contains("ALTER SUBSCRIPTION redirect_reverse ENABLE")
+            && reverse.contains("redirect finish"),
         "{report}"
     );
     let slots = |ns, pg| psql(lab, ns, pg, "SELECT count(*) FROM pg_replication_slots");
     assert_eq!(
         slots(Ns::Target, &c.target),
-        "0",
-        "no reverse slot left retaining WAL"
+        "1",
+        "the reverse slot is kept for a retry by hand"
     );
     let plan = lab.redirect_ok(&["finish"]);
     assert!(
@@ -558,6 +561,11 @@ fn a_failed_reverse_subscription_drops_its_slot_and_finish_retires_replication()
         slots(Ns::Source, &c.source),
         "0",
         "the forward slot is dropped"
+    );
+    assert_eq!(
+        slots(Ns::Target, &c.target),
+        "0",
+        "the kept reverse slot is dropped"
     );
     assert_eq!(
         psql(

@@ -129,9 +129,11 @@ fn a_restarting_member_applies_the_committed_target_before_it_attaches() {
         "target",
         "new connections follow the committed state, not the pins"
     );
+    wait_for(Duration::from_secs(10), "status to show the fleet", || {
+        lab.status()["fleet"]["applied_epoch"] == 3
+    });
     let status = lab.status();
     assert_eq!(status["active"], "target", "{status:#}");
-    assert_eq!(status["fleet"]["applied_epoch"], 3);
     assert_eq!(status["fleet"]["in_sync"], true);
 
     // On a member, an immediate flip is the fleet's: committed in etcd as the next epoch.
@@ -777,6 +779,13 @@ fn a_member_killed_mid_cutover_comes_back_with_the_committed_state() {
     let load = fl.workload(8);
     std::thread::sleep(Duration::from_secs(1));
     let leader = cutover_paused_after_the_hold(&fl, 2);
+    // After its acknowledgement reached etcd (killed before it, the leader aborts the
+    // cutover everywhere instead, which is as safe: see the etcd-leader test).
+    wait_for(Duration::from_secs(5), "proxy-2's ack of the hold", || {
+        fl.etcd
+            .get(&format!("/redirect/{FLEET}/acks/1/proxy-2"))
+            .is_some()
+    });
     fl.stop_member(2, libc::SIGKILL);
     let out = leader.wait_with_output().expect("the flip");
     assert!(
@@ -794,7 +803,10 @@ fn a_member_killed_mid_cutover_comes_back_with_the_committed_state() {
     );
     // Dead controller, closed lapse: nothing through proxy-2 reaches the old server.
     assert_eq!(within(&fl.proxies[2], 3), None);
-    let verdicts: Vec<Verdict> = load.into_iter().map(|h| h.join().expect("workload")).collect();
+    let verdicts: Vec<Verdict> = load
+        .into_iter()
+        .map(|h| h.join().expect("workload"))
+        .collect();
     let on_target = fl.rows(Ns::Target, "");
     for (i, v) in verdicts.iter().enumerate() {
         let lost: Vec<_> = v.acked().filter(|a| !on_target.contains(a)).collect();
@@ -829,9 +841,19 @@ fn the_etcd_leader_killed_mid_cutover_leaves_one_backend_everywhere() {
     let etcd_leader = fl.etcd.leader().expect("an etcd leader");
     fl.etcd.kill(etcd_leader);
     let out = leader.wait_with_output().expect("the flip");
-    let verdicts: Vec<Verdict> = load.into_iter().map(|h| h.join().expect("workload")).collect();
+    let verdicts: Vec<Verdict> = load
+        .into_iter()
+        .map(|h| h.join().expect("workload"))
+        .collect();
     let active = assert_one_backend_everywhere(&fl);
-    let rows = fl.rows(if active == "target" { Ns::Target } else { Ns::Source }, "");
+    let rows = fl.rows(
+        if active == "target" {
+            Ns::Target
+        } else {
+            Ns::Source
+        },
+        "",
+    );
     for (i, v) in verdicts.iter().enumerate() {
         let lost: Vec<_> = v.acked().filter(|a| !rows.contains(a)).collect();
         assert!(
@@ -846,4 +868,84 @@ fn the_etcd_leader_killed_mid_cutover_leaves_one_backend_everywhere() {
         "the flip's verdict and the committed backend disagree: {}",
         String::from_utf8_lossy(&out.stderr)
     );
+}
+
+/// An active/standby pair as keepalived runs it: the standby member starts without the VIP
+/// (run accepts that in a fleet), follows the fleet through a cutover it takes part in, and
+/// once the VIP moves to it, its new connections go to the target: no split brain.
+#[test]
+fn after_a_cutover_the_vip_moves_to_the_standby_and_new_connections_go_to_the_target() {
+    let mut fl = FleetLab::new("fvip", 2);
+    // The standby does not hold the VIP: its client link keeps an address of its own, so
+    // only the VIP is missing (as before keepalived adds it).
+    let standby = &fl.proxies[1];
+    standby.exec_ok(
+        Ns::Proxy,
+        &["ip", "addr", "add", "198.18.1.3/24", "dev", "p-cli"],
+    );
+    standby.exec_ok(
+        Ns::Proxy,
+        &["ip", "addr", "del", "198.18.1.1/24", "dev", "p-cli"],
+    );
+    fl.start_members(&[]);
+    assert!(
+        fl.proxies[1]
+            .last_redirect_log()
+            .contains("the VIP is not on this host (yet)"),
+        "{}",
+        fl.proxies[1].last_redirect_log()
+    );
+    assert_eq!(
+        within(&fl.proxies[1], 2),
+        None,
+        "the standby has no VIP yet"
+    );
+
+    let load = fl.workload(6);
+    std::thread::sleep(Duration::from_secs(2));
+    let out = fl.proxies[0].redirect(&["flip", "--to", "target"]);
+    let verdicts: Vec<Verdict> = load
+        .into_iter()
+        .map(|h| h.join().expect("workload"))
+        .collect();
+    assert!(
+        out.status.success(),
+        "{}\n{}",
+        String::from_utf8_lossy(&out.stderr),
+        fl.proxies[0].last_redirect_log()
+    );
+    cutover_lab::assert_no_loss_through_a_cutover(&verdicts[0], &fl.rows(Ns::Target, ""), "target");
+    assert!(
+        fl.proxies[0]
+            .last_redirect_log()
+            .contains("every member (proxy-0, proxy-1) parks new SYNs"),
+        "the standby took part in the hold: {}",
+        fl.proxies[0].last_redirect_log()
+    );
+
+    // keepalived moves the VIP: the active host loses it, the standby gains it.
+    fl.proxies[0].exec_ok(
+        Ns::Proxy,
+        &["ip", "addr", "add", "198.18.1.3/24", "dev", "p-cli"],
+    );
+    fl.proxies[0].exec_ok(
+        Ns::Proxy,
+        &["ip", "addr", "del", "198.18.1.1/24", "dev", "p-cli"],
+    );
+    fl.proxies[1].exec_ok(
+        Ns::Proxy,
+        &["ip", "addr", "add", "198.18.1.1/24", "dev", "p-cli"],
+    );
+    assert_eq!(
+        within(&fl.proxies[0], 2),
+        None,
+        "the old active host gave the VIP up"
+    );
+    wait_for(
+        Duration::from_secs(10),
+        "the standby to answer on the VIP",
+        || within(&fl.proxies[1], 2).is_some(),
+    );
+    assert_eq!(within(&fl.proxies[1], 3).as_deref(), Some("target"));
+    assert_eq!(fl.proxies[1].status()["fleet"]["applied_epoch"], 2);
 }

@@ -46,6 +46,10 @@ enum Task {
         /// Only profile the datapath under load (perf), and print where its time goes.
         #[arg(long, conflicts_with = "quick")]
         profile: bool,
+        /// Only the fleet cutover: write pause with 1, 2 and 3 proxy hosts, side by side
+        /// (about 5 minutes); writes docs/benchmarks-fleet.md.
+        #[arg(long, conflicts_with_all = ["quick", "profile"])]
+        fleet: bool,
     },
     /// The cutover's full fault matrix (every fault at every step boundary, under load);
     /// writes docs/reliability.md. About 20 minutes. CI runs a subset (tests/tests/fault_matrix.rs).
@@ -75,7 +79,12 @@ fn main() -> anyhow::Result<()> {
             setup::install()?;
             test(filter.as_deref())
         }
-        Task::Bench { quick, profile } => {
+        Task::Bench { fleet: true, .. } => {
+            setup::install()?;
+            build()?;
+            run_lab_bin("fleet_bench", None, "the fleet benchmark")
+        }
+        Task::Bench { quick, profile, .. } => {
             setup::install()?;
             setup::install_bench_tools()?;
             build()?;

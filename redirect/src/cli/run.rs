@@ -177,7 +177,13 @@ fn preflight(args: &Args, pin_dir: &Path) -> anyhow::Result<(Vec<(String, u32)>,
     for name in &args.ifaces {
         ifaces.push((name.clone(), net::ifindex(name)?));
     }
-    net::require_local("VIP", *args.vip.ip())?;
+    // A fleet member may be a keepalived standby: the VIP arrives when keepalived moves it,
+    // and the datapath (already following the committed state) serves it from then on.
+    if args.fleet.etcd.is_empty() {
+        net::require_local("VIP", *args.vip.ip())?;
+    } else if net::require_local("VIP", *args.vip.ip()).is_err() {
+        tracing::warn!(vip = %args.vip, "the VIP is not on this host (yet): a standby member serves it once keepalived (or an operator) moves it here");
+    }
     if let Some(ip) = args.snat_ip {
         net::require_local("SNAT address", ip)?;
     }

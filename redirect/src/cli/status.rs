@@ -268,9 +268,19 @@ fn print_fleet(f: &serde_json::Value) {
             "  <- this host does not apply it"
         }
     );
+    let now_ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX));
     for m in f["members"].as_array().into_iter().flatten() {
+        let acked = match m["applied_at_ms"].as_u64() {
+            Some(at) if at > 0 => format!(
+                ", acknowledged {:.1} s ago",
+                std::time::Duration::from_millis(now_ms.saturating_sub(at)).as_secs_f64()
+            ),
+            _ => String::new(),
+        };
         println!(
-            "  member {:<24} vip {:<21} epoch {} -> {}",
+            "  member {:<24} vip {:<21} epoch {} -> {}{acked}",
             text(&m["id"]),
             text(&m["vip"]),
             m["applied_epoch"],

@@ -158,6 +158,9 @@ async fn apply(ctl: &Arc<Controller>, fleet: &Fleet, committed: FleetState, revi
             let mut me = lock(&fleet.me);
             me.applied_epoch = committed.epoch;
             me.applied_active = committed.active;
+            me.applied_at_ms = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX));
         }
         Err(e) => {
             warn!(epoch = %committed.epoch, error = %e, "could not apply the fleet's committed epoch");

@@ -32,6 +32,9 @@ pub struct Member {
     pub applied_active: Role,
     /// Seconds since the Unix epoch when it joined.
     pub joined_at: u64,
+    /// Milliseconds since the Unix epoch when it applied (and acknowledged) its epoch.
+    #[serde(default)]
+    pub applied_at_ms: u64,
 }
 
 /// Grants a lease and puts `member` under it. Returns the lease id.

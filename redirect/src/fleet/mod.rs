@@ -332,6 +332,7 @@ impl Fleet {
             joined_at: std::time::SystemTime::now()
                 .duration_since(std::time::UNIX_EPOCH)
                 .map_or(0, |d| d.as_secs()),
+            applied_at_ms: 0,
         };
         let lease = tokio::time::timeout(
             CONNECT_TIMEOUT,
