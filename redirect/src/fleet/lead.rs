@@ -21,7 +21,7 @@ use super::{
     follow::Ack,
     hold::Proxied,
     keys, member,
-    state::{self, Committed, Epoch, FleetPhase},
+    state::{self, Committed, Epoch, FleetPhase, FleetState},
 };
 use crate::datapath::Role;
 
@@ -103,7 +103,7 @@ pub async fn commit_hold(
     next.to = Some(to);
     next.hold_ms = Some(u64::try_from(hold.as_millis()).unwrap_or(u64::MAX));
     next.drain_ms = Some(u64::try_from(drain.as_millis()).unwrap_or(u64::MAX));
-    let revision = state::compare_and_swap(&mut client, name, current.mod_revision, &next)
+    let revision = write_or_read_back(&mut client, name, current.mod_revision, &next)
         .await?
         .ok_or_else(|| {
             FleetError::Refused(format!(
@@ -128,13 +128,34 @@ pub async fn commit_next(
     let next = hold
         .state
         .next(FleetPhase::Idle, active, &fleet.settings.member);
-    // A lost answer (or a retry after one) cannot tell "written" from "refused": what etcd
-    // holds now decides.
+    let revision = write_or_read_back(&mut client, name, hold.mod_revision, &next)
+        .await?
+        .ok_or_else(|| {
+            FleetError::Refused(format!(
+                "the fleet's state moved past epoch {} (a member aborted the cutover: its leader seemed gone, or its --timeout passed)",
+                hold.state.epoch
+            ))
+        })?;
+    Ok(Committed {
+        state: next,
+        mod_revision: revision,
+    })
+}
+
+/// Writes `next` by compare-and-swap on `seen`; `Some(revision)` if it is committed, `None`
+/// if someone else wrote first. A request that never reached etcd is retried, and an answer
+/// that was lost (or a retry refused because the first try did land) is settled by reading
+/// what etcd holds now: a lost answer cannot tell "written" from "refused".
+async fn write_or_read_back(
+    client: &mut etcd_client::Client,
+    name: &str,
+    seen: i64,
+    next: &FleetState,
+) -> Result<Option<i64>, FleetError> {
     let written = super::retry(|| {
         let mut client = client.clone();
-        let next = next.clone();
         async move {
-            state::compare_and_swap(&mut client, name, hold.mod_revision, &next)
+            state::compare_and_swap(&mut client, name, seen, next)
                 .await
                 .map_err(|e| match e {
                     FleetError::Etcd(e) => e,
@@ -143,22 +164,13 @@ pub async fn commit_next(
         }
     })
     .await;
-    let revision = match written {
-        Ok(Some(r)) => r,
-        _ => match read_back(&mut client, name).await? {
-            Some(now) if now.state == next => now.mod_revision,
-            _ => {
-                return Err(FleetError::Refused(format!(
-                    "the fleet's state moved past epoch {} (a member aborted the cutover: its leader seemed gone, or its --timeout passed)",
-                    hold.state.epoch
-                )));
-            }
-        },
-    };
-    Ok(Committed {
-        state: next,
-        mod_revision: revision,
-    })
+    match written {
+        Ok(Some(r)) => Ok(Some(r)),
+        _ => Ok(read_back(client, name)
+            .await?
+            .filter(|now| now.state == *next)
+            .map(|now| now.mod_revision)),
+    }
 }
 
 /// Reads the committed state after a write whose outcome is unknown, for up to
