@@ -27,6 +27,10 @@ use crate::{
 /// the program on each existing link is swapped atomically.
 #[derive(Debug, clap::Args)]
 pub struct Args {
+    /// Read the settings from this TOML file (see packaging/redirect.toml); flags given here
+    /// override it. Its keys are these flags' long names.
+    #[arg(long, value_name = "FILE")]
+    pub config: Option<PathBuf>,
     /// Interface that receives client or backend traffic (repeat for each).
     #[arg(long = "iface", required = true)]
     pub ifaces: Vec<String>,
@@ -170,17 +174,7 @@ fn databases(args: &Args) -> anyhow::Result<Option<Databases>> {
     }))
 }
 
-fn preflight(args: &Args, pin_dir: &Path) -> anyhow::Result<(Vec<(String, u32)>, Spec)> {
-    net::require_root()?;
-    net::require_kernel()?;
-    let mut ifaces = Vec::new();
-    for name in &args.ifaces {
-        ifaces.push((name.clone(), net::ifindex(name)?));
-    }
-    net::require_local("VIP", *args.vip.ip())?;
-    if let Some(ip) = args.snat_ip {
-        net::require_local("SNAT address", ip)?;
-    }
+fn check_addresses(args: &Args) -> anyhow::Result<()> {
     anyhow::ensure!(
         args.source != args.target,
         "--source and --target are the same address ({})",
@@ -192,6 +186,31 @@ fn preflight(args: &Args, pin_dir: &Path) -> anyhow::Result<(Vec<(String, u32)>,
             "--{what} is the VIP itself ({b}): that would loop"
         );
     }
+    Ok(())
+}
+
+/// The checks of `run` that need neither root, the kernel, the databases nor etcd (what
+/// `redirect config check` runs): the addresses, the DSNs and password sources, the fleet
+/// options.
+pub fn check_settings(args: &Args) -> anyhow::Result<()> {
+    check_addresses(args)?;
+    databases(args)?;
+    crate::fleet::settings(&args.fleet, args.vip)?;
+    Ok(())
+}
+
+fn preflight(args: &Args, pin_dir: &Path) -> anyhow::Result<(Vec<(String, u32)>, Spec)> {
+    net::require_root()?;
+    net::require_kernel()?;
+    let mut ifaces = Vec::new();
+    for name in &args.ifaces {
+        ifaces.push((name.clone(), net::ifindex(name)?));
+    }
+    net::require_local("VIP", *args.vip.ip())?;
+    if let Some(ip) = args.snat_ip {
+        net::require_local("SNAT address", ip)?;
+    }
+    check_addresses(args)?;
     let backend = |addr: SocketAddrV4| -> anyhow::Result<BackendAddr> {
         let snat = match args.snat_ip {
             Some(ip) => ip,

@@ -490,7 +490,10 @@ pub enum ReverseStart {
 impl std::fmt::Display for ReverseStart {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
-            Self::Running => write!(f, "subscription {REVERSE} on the source: rollback is lossless"),
+            Self::Running => write!(
+                f,
+                "subscription {REVERSE} on the source: rollback is lossless"
+            ),
             Self::NoSlot => write!(
                 f,
                 "no reverse slot {REVERSE} on the target: rollback will need --force"
