@@ -16,12 +16,10 @@ pub struct Args {
 }
 
 pub fn run(args: &Args) -> anyhow::Result<()> {
-    clap_complete::generate(
-        args.shell,
-        &mut Cli::command(),
-        "redirect",
-        &mut std::io::stdout(),
-    );
+    // Into a buffer first: clap_complete panics on a write error (`| head`).
+    let mut script = Vec::new();
+    clap_complete::generate(args.shell, &mut Cli::command(), "redirect", &mut script);
+    std::io::Write::write_all(&mut std::io::stdout(), &script)?;
     Ok(())
 }
 

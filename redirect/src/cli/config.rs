@@ -33,7 +33,7 @@ use super::Cli;
 /// Arguments of `run` that are not settings: they cannot appear in a file.
 const NOT_KEYS: &[&str] = &["config", "help", "version"];
 
-/// `redirect config`: work with the configuration file.
+/// Work with the configuration file that `run --config FILE` reads.
 #[derive(Debug, clap::Args)]
 pub struct Args {
     #[command(subcommand)]

@@ -381,6 +381,17 @@ pub async fn run(args: Args, pin_dir: &Path, socket: &Path, journal: &Path) -> a
         ctl.clone(),
         shutdown.clone(),
     ));
+    // systemd (Type=notify) starts the units ordered after this one once the datapath is
+    // attached (above) and the control socket answers: `redirect status` works from then on.
+    if wait_for_control(socket, &control).await {
+        crate::notify::ready(&format!(
+            "serving {} -> {}",
+            spec.vip,
+            crate::sync::lock(&ctl.maps)
+                .active()?
+                .map_or("none", |r| r.name())
+        ));
+    }
     // Under the cutover lock, so a flip that arrives meanwhile is refused as busy: finish or
     // undo what a previous controller left, prepare the barrier, then resume its drain in the
     // background (the controller serves status, metrics and GC meanwhile).
@@ -448,6 +459,7 @@ pub async fn run(args: Args, pin_dir: &Path, socket: &Path, journal: &Path) -> a
     // or undo itself rather than drop it mid-step. The drain is not waited for: it can be
     // long, and a restarted controller resumes it from the journal. Bounded, for a cutover
     // that cannot end.
+    crate::notify::stopping();
     let stop_by = std::time::Instant::now() + Duration::from_secs(120);
     if !matches!(ctl.phase(), Phase::Idle | Phase::Drain) {
         warn!(phase = %ctl.phase(), "stopping: waiting for the cutover in progress to flip or undo itself");
@@ -466,6 +478,23 @@ pub async fn run(args: Args, pin_dir: &Path, socket: &Path, journal: &Path) -> a
     }
     info!("controller stopped; the datapath stays attached and pinned");
     Ok(())
+}
+
+/// Waits (up to 10 s) until the control socket accepts connections; false if its task ended
+/// (it logs why when awaited) or it never did.
+async fn wait_for_control(
+    socket: &Path,
+    control: &tokio::task::JoinHandle<std::io::Result<()>>,
+) -> bool {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while tokio::time::Instant::now() < deadline && !control.is_finished() {
+        if tokio::net::UnixStream::connect(socket).await.is_ok() {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    warn!(socket = %socket.display(), "the control socket does not answer; not telling systemd the controller is ready");
+    false
 }
 
 /// Keeps `last_lag` fresh for `/metrics` and `status`.
