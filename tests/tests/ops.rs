@@ -179,7 +179,7 @@ fn lab_config(lab: &Lab) -> PathBuf {
         &file,
         format!(
             "iface = [\"no-such-if0\"]\nvip = \"{VIP}:{PG_PORT}\"\nsource = \"{SOURCE_ADDR}:{PG_PORT}\"\n\
-             target = \"{TARGET_ADDR}:{PG_PORT}\"\ngc-interval = \"2s\"\nmetrics-addr = \"127.0.0.1:0\"\n\
+             target = \"{TARGET_ADDR}:{PG_PORT}\"\ngc-interval = \"500ms\"\nmetrics-addr = \"127.0.0.1:9187\"\n\
              pin-dir = \"/nonexistent/overridden/by/the/lab\"\n"
         ),
     )
@@ -262,6 +262,31 @@ fn run_from_a_config_file_tells_systemd_when_it_serves() {
     // The command line won over the file: the lab's interfaces carry the program.
     assert!(!log().contains("no-such-if0"), "{}", log());
 
+    // What a real controller exposes is what the dashboard reads: these are always there (the
+    // SNAT and GC ones after the first GC pass).
+    std::thread::sleep(Duration::from_secs(2)); // gc-interval is 500 ms
+    let exposition = lab.in_ns(Ns::Proxy, scrape_metrics);
+    let exposed = redirect_names(&exposition);
+    for name in [
+        "redirect_active_backend",
+        "redirect_connections",
+        "redirect_datapath_packets_total",
+        "redirect_cutover_phase",
+        "redirect_snat_ports_claimed",
+        "redirect_snat_ports_capacity",
+        "redirect_gc_pass_seconds",
+    ] {
+        assert!(
+            exposed.contains(name),
+            "/metrics lacks {name}:\n{exposition}"
+        );
+    }
+    let exported = exported_metric_names();
+    assert!(
+        exposed.is_subset(&exported),
+        "metrics.rs's names miss some of /metrics: {exposed:?}"
+    );
+
     lab.signal(pid, libc::SIGTERM);
     let mut stopping = false;
     notify
@@ -273,6 +298,22 @@ fn run_from_a_config_file_tells_systemd_when_it_serves() {
             .any(|l| l == "STOPPING=1");
     }
     assert!(stopping, "no STOPPING=1 on SIGTERM:\n{}", log());
+}
+
+/// `GET /metrics` from the controller's default port, in the current namespace.
+fn scrape_metrics() -> String {
+    use std::io::{Read as _, Write as _};
+    let mut stream =
+        std::net::TcpStream::connect("127.0.0.1:9187").expect("connecting to /metrics");
+    stream
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .expect("timeout");
+    stream
+        .write_all(b"GET /metrics HTTP/1.0\r\nHost: localhost\r\n\r\n")
+        .expect("request");
+    let mut body = String::new();
+    stream.read_to_string(&mut body).expect("response");
+    body
 }
 
 /// Every system call a real controller makes (load, attach, serve, GC, stop) is allowed by the
@@ -382,4 +423,242 @@ fn expand_syscall_sets(entries: &[&str]) -> BTreeSet<String> {
         }
     }
     allowed
+}
+
+/// Removes the test's installed package however the test ends.
+struct Installed;
+
+impl Drop for Installed {
+    fn drop(&mut self) {
+        let _ = Command::new("dpkg").args(["--purge", "redirect"]).output();
+    }
+}
+
+/// `cargo xtask package` builds a .deb that installs on this machine (`dpkg -i`) with a
+/// working binary, a config that passes `config check`, a unit that verifies where it is
+/// installed, man pages and completions; the test purges it again, even if it fails.
+#[test]
+fn the_debian_package_installs_and_validates_its_config() {
+    require_root();
+    // A package left by an interrupted run of this test is removed; any other is not ours.
+    let installed = Command::new("dpkg-query")
+        .args(["-W", "-f", "${Maintainer}", "redirect"])
+        .output()
+        .expect("dpkg-query");
+    if installed.status.success() {
+        assert_eq!(
+            String::from_utf8_lossy(&installed.stdout),
+            "redirect maintainers",
+            "another redirect package is installed on this machine; this test would remove it"
+        );
+        drop(Installed);
+    }
+    let out = Command::new(env!("CARGO"))
+        .args(["run", "--quiet", "-p", "xtask", "--", "package"])
+        .current_dir(repo_file(""))
+        .output()
+        .expect("cargo xtask package");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "cargo xtask package failed:\n{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let deb = PathBuf::from(stdout.lines().last().expect("the .deb's path").trim());
+    assert!(
+        deb.extension().is_some_and(|e| e == "deb") && deb.exists(),
+        "{stdout}"
+    );
+
+    let listing = String::from_utf8_lossy(
+        &Command::new("dpkg-deb")
+            .arg("-c")
+            .arg(&deb)
+            .output()
+            .expect("dpkg-deb")
+            .stdout,
+    )
+    .into_owned();
+    for path in [
+        "./usr/bin/redirect",
+        "./etc/redirect/redirect.toml",
+        "redirect.service",
+        "./usr/share/man/man1/redirect.1.gz",
+        "./usr/share/man/man1/redirect-run.1.gz",
+        "./usr/share/bash-completion/completions/redirect",
+        "./usr/share/zsh/vendor-completions/_redirect",
+        "./usr/share/fish/vendor_completions.d/redirect.fish",
+    ] {
+        assert!(
+            listing.contains(path),
+            "the package lacks {path}:\n{listing}"
+        );
+    }
+    let conffiles = Command::new("dpkg-deb")
+        .arg("-I")
+        .arg(&deb)
+        .arg("conffiles")
+        .output()
+        .expect("dpkg-deb -I");
+    assert!(
+        String::from_utf8_lossy(&conffiles.stdout).contains("/etc/redirect/redirect.toml"),
+        "the config is not a conffile"
+    );
+
+    let _installed = Installed;
+    let install = Command::new("dpkg")
+        .arg("-i")
+        .arg(&deb)
+        .env("DEBIAN_FRONTEND", "noninteractive")
+        .output()
+        .expect("dpkg -i");
+    assert!(
+        install.status.success(),
+        "dpkg -i:\n{}{}",
+        String::from_utf8_lossy(&install.stdout),
+        String::from_utf8_lossy(&install.stderr)
+    );
+    let version = Command::new("/usr/bin/redirect")
+        .arg("--version")
+        .output()
+        .expect("redirect --version");
+    assert!(
+        version.status.success()
+            && String::from_utf8_lossy(&version.stdout).starts_with("redirect "),
+        "{version:?}"
+    );
+    let check = Command::new("/usr/bin/redirect")
+        .args(["config", "check", "/etc/redirect/redirect.toml"])
+        .output()
+        .expect("config check");
+    assert!(
+        check.status.success(),
+        "config check on the installed config:\n{}{}",
+        String::from_utf8_lossy(&check.stdout),
+        String::from_utf8_lossy(&check.stderr)
+    );
+    let unit = [
+        "/lib/systemd/system/redirect.service",
+        "/usr/lib/systemd/system/redirect.service",
+    ]
+    .into_iter()
+    .find(|p| Path::new(p).exists())
+    .expect("the unit is installed");
+    let verify = Command::new("systemd-analyze")
+        .args(["verify", "--man=no", unit])
+        .output()
+        .expect("systemd-analyze");
+    assert!(
+        verify.status.success() && verify.stderr.is_empty(),
+        "the installed unit: {}",
+        String::from_utf8_lossy(&verify.stderr)
+    );
+    let completion = Command::new("bash")
+        .args([
+            "-c",
+            "source /usr/share/bash-completion/completions/redirect && complete -p redirect",
+        ])
+        .output()
+        .expect("bash");
+    assert!(completion.status.success(), "{completion:?}");
+}
+
+/// The `redirect_*` names in a text (metric names in PromQL, or string literals in Rust).
+fn redirect_names(text: &str) -> BTreeSet<String> {
+    let mut names = BTreeSet::new();
+    let mut rest = text;
+    while let Some(at) = rest.find("redirect_") {
+        let preceded = rest[..at]
+            .chars()
+            .next_back()
+            .is_some_and(|c| c.is_ascii_alphanumeric() || c == '_');
+        let tail = &rest[at..];
+        let end = tail
+            .find(|c: char| !(c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_'))
+            .unwrap_or(tail.len());
+        if !preceded {
+            names.insert(tail[..end].to_owned());
+        }
+        rest = &tail[end..];
+    }
+    names
+}
+
+/// Every metric name redirect can export: the names in metrics.rs, where `/metrics` is
+/// rendered (some appear only with databases, a fleet, or after a cutover).
+fn exported_metric_names() -> BTreeSet<String> {
+    let source = std::fs::read_to_string(repo_file("redirect/src/metrics.rs")).expect("metrics.rs");
+    redirect_names(&source)
+}
+
+/// The PromQL of the shipped dashboard and alert rules.
+fn monitoring_queries() -> Vec<String> {
+    let dashboard: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(repo_file("packaging/monitoring/redirect-dashboard.json"))
+            .expect("dashboard"),
+    )
+    .expect("the dashboard is JSON");
+    let mut queries: Vec<String> = dashboard["panels"]
+        .as_array()
+        .expect("panels")
+        .iter()
+        .flat_map(|p| p["targets"].as_array().cloned().unwrap_or_default())
+        .map(|t| t["expr"].as_str().expect("a target's expr").to_owned())
+        .collect();
+    for var in dashboard["templating"]["list"]
+        .as_array()
+        .expect("templating")
+    {
+        if var["type"] == "query" {
+            queries.push(var["query"].as_str().expect("a query").to_owned());
+        }
+    }
+    let rules = std::fs::read_to_string(repo_file("packaging/monitoring/redirect-alerts.yml"))
+        .expect("alert rules");
+    queries.extend(
+        rules
+            .lines()
+            .filter_map(|l| l.trim().strip_prefix("expr:"))
+            .map(|e| e.trim().to_owned()),
+    );
+    queries
+}
+
+#[test]
+fn the_dashboard_and_alerts_name_only_exported_metrics() {
+    let exported = exported_metric_names();
+    assert!(
+        exported.contains("redirect_lag_seconds") && exported.len() > 10,
+        "{exported:?}"
+    );
+    let queries = monitoring_queries();
+    assert!(queries.len() > 15, "{queries:#?}");
+    let unknown: Vec<(String, String)> = queries
+        .iter()
+        .flat_map(|q| redirect_names(q).into_iter().map(move |n| (n, q.clone())))
+        .filter(|(n, _)| !exported.contains(n))
+        .collect();
+    assert!(
+        unknown.is_empty(),
+        "metrics redirect does not export: {unknown:#?}"
+    );
+    // Each query is about redirect (or its scrape target's `up`); and the check catches a typo.
+    for q in &queries {
+        assert!(
+            !redirect_names(q).is_empty() || q.contains("up{job=\"redirect\""),
+            "{q}"
+        );
+    }
+    assert!(!exported.contains("redirect_lag_second"));
+    // The alerts the issue asks for are there.
+    let rules = std::fs::read_to_string(repo_file("packaging/monitoring/redirect-alerts.yml"))
+        .expect("alert rules");
+    for alert in [
+        "RedirectReplicationLagHigh",
+        "RedirectSnatPortPressure",
+        "RedirectCutoverStuck",
+        "RedirectControllerDown",
+    ] {
+        assert!(rules.contains(&format!("alert: {alert}")), "no {alert}");
+    }
 }

@@ -141,6 +141,27 @@ pub fn install() -> anyhow::Result<()> {
         install(true).or_else(|_| install(false))?;
     }
 
+    // `cargo xtask package` builds the Debian package with cargo-deb.
+    if succeeds(
+        Command::new("cargo")
+            .args(["deb", "--version"])
+            .env("PATH", path_with_cargo_bin()),
+    ) {
+        step("cargo-deb present");
+    } else {
+        step("installing cargo-deb (about 2 minutes)");
+        let install = |locked: bool| {
+            let mut c = Command::new("cargo");
+            c.args(["install", "cargo-deb"])
+                .env("PATH", path_with_cargo_bin());
+            if locked {
+                c.arg("--locked");
+            }
+            run(&mut c)
+        };
+        install(true).or_else(|_| install(false))?;
+    }
+
     crate::postgres::install(crate::postgres::FOR_TESTS)?;
 
     if root {
