@@ -211,7 +211,11 @@ fn package() -> anyhow::Result<std::path::PathBuf> {
         .lines()
         .rev()
         .map(str::trim)
-        .find(|l| l.ends_with(".deb"))
+        .find(|l| {
+            std::path::Path::new(l)
+                .extension()
+                .is_some_and(|e| e.eq_ignore_ascii_case("deb"))
+        })
         .ok_or_else(|| anyhow::anyhow!("cargo deb printed no .deb path: {printed}"))?;
     Ok(std::path::PathBuf::from(deb))
 }

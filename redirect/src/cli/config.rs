@@ -206,7 +206,7 @@ fn setting(run: &clap::Command, key: &str, value: &DeValue<'_>) -> Result<Settin
         },
         ArgAction::Append => {
             let items: Vec<&DeValue<'_>> = match value {
-                DeValue::Array(items) => items.iter().map(|i| i.get_ref()).collect(),
+                DeValue::Array(items) => items.iter().map(toml::Spanned::get_ref).collect(),
                 other => vec![other],
             };
             let mut args = Vec::new();
@@ -421,8 +421,8 @@ struct Verdict {
 /// `redirect config check FILE`.
 pub fn run(args: &Args) -> anyhow::Result<()> {
     let ConfigCommand::Check { file, json } = &args.command;
-    let (problems, argv) = match check(file) {
-        Ok(argv) => (Vec::new(), Some(argv)),
+    let (problems, settings) = match check(file) {
+        Ok(file_args) => (Vec::new(), Some(file_args)),
         Err(ConfigError::Invalid { problems, .. }) => (problems, None),
         Err(e @ ConfigError::Read { .. }) => (
             vec![Problem {
@@ -438,7 +438,7 @@ pub fn run(args: &Args) -> anyhow::Result<()> {
             file: file.clone(),
             ok,
             problems: problems.clone(),
-            args: argv.map(|a| a.iter().map(|s| s.to_string_lossy().into_owned()).collect()),
+            args: settings.map(|a| a.iter().map(|s| s.to_string_lossy().into_owned()).collect()),
         })?;
     } else if ok {
         println!("{}: ok", file.display());
@@ -465,16 +465,16 @@ pub fn check(file: &Path) -> Result<Vec<OsString>, ConfigError> {
         }],
     };
     let file_args = config.args_except(|_| false);
-    let mut argv: Vec<OsString> = vec!["redirect".into(), "run".into()];
-    argv.extend(file_args.iter().cloned());
+    let mut command_line: Vec<OsString> = vec!["redirect".into(), "run".into()];
+    command_line.extend(file_args.iter().cloned());
     let cli = Cli::command()
-        .try_get_matches_from(&argv)
+        .try_get_matches_from(&command_line)
         .and_then(|m| Cli::from_arg_matches(&m))
         .map_err(|e| invalid(missing_keys(&e).unwrap_or_else(|| clap_message(&e))))?;
-    let super::Command::Run(args) = cli.command else {
+    let super::Command::Run(run_args) = cli.command else {
         unreachable!("parsed as run")
     };
-    super::run::check_settings(&args).map_err(|e| invalid(format!("{e:#}")))?;
+    super::run::check_settings(&run_args).map_err(|e| invalid(format!("{e:#}")))?;
     Ok(file_args)
 }
 
