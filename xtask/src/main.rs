@@ -197,7 +197,7 @@ fn package() -> anyhow::Result<std::path::PathBuf> {
     }
     step("packaging with cargo-deb");
     let out = cargo()
-        .args(["deb", "-p", "redirect", "--no-build", "--no-strip"])
+        .args(["deb", "-p", "redirect", "--no-build"])
         .current_dir(&root)
         .stderr(Stdio::inherit())
         .output()
