@@ -259,6 +259,8 @@ fn run_from_a_config_file_tells_systemd_when_it_serves() {
     assert_eq!(status["vip"], format!("{VIP}:{PG_PORT}"), "{status}");
     assert!(ready.contains(&format!("MAINPID={pid}")), "{ready}");
     assert!(ready.contains("STATUS=serving"), "{ready}");
+    // Asking whether it answers left no trace in its log.
+    assert!(!log().contains("control connection"), "{}", log());
     // The command line won over the file: the lab's interfaces carry the program.
     assert!(!log().contains("no-such-if0"), "{}", log());
 

@@ -480,7 +480,7 @@ pub async fn run(args: Args, pin_dir: &Path, socket: &Path, journal: &Path) -> a
     Ok(())
 }
 
-/// Waits (up to 10 s) until the control socket accepts connections; false if its task ended
+/// Waits (up to 10 s) until the control socket answers a request; false if its task ended
 /// (it logs why when awaited) or it never did.
 async fn wait_for_control(
     socket: &Path,
@@ -488,7 +488,8 @@ async fn wait_for_control(
 ) -> bool {
     let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
     while tokio::time::Instant::now() < deadline && !control.is_finished() {
-        if tokio::net::UnixStream::connect(socket).await.is_ok() {
+        // A real request, answered: what `redirect status` will do.
+        if let Ok(Some(_)) = control::call(socket, &control::Request::State, |_| {}).await {
             return true;
         }
         tokio::time::sleep(Duration::from_millis(10)).await;
