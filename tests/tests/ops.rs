@@ -652,6 +652,14 @@ fn the_dashboard_and_alerts_name_only_exported_metrics() {
         );
     }
     assert!(!exported.contains("redirect_lag_second"));
+    // Every query is PromQL that parses (Grafana's `label_values(...)` is not PromQL), and the
+    // parser refuses a broken one.
+    for q in queries.iter().filter(|q| !q.starts_with("label_values(")) {
+        if let Err(e) = promql_parser::parser::parse(q) {
+            panic!("not valid PromQL: {q}\n{e}");
+        }
+    }
+    assert!(promql_parser::parser::parse("sum by (backend (redirect_connections)").is_err());
     // The alerts the issue asks for are there.
     let rules = std::fs::read_to_string(repo_file("packaging/monitoring/redirect-alerts.yml"))
         .expect("alert rules");
