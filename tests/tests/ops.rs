@@ -490,6 +490,8 @@ fn the_debian_package_installs_and_validates_its_config() {
         "./usr/share/bash-completion/completions/redirect",
         "./usr/share/zsh/vendor-completions/_redirect",
         "./usr/share/fish/vendor_completions.d/redirect.fish",
+        "./usr/share/doc/redirect/monitoring/redirect-dashboard.json",
+        "./usr/share/doc/redirect/monitoring/redirect-alerts.yml",
     ] {
         assert!(
             listing.contains(path),
