@@ -19,6 +19,7 @@ pub mod events;
 pub mod fleet;
 pub mod metrics;
 pub mod net;
+pub mod notify;
 pub mod pg;
 pub mod sync;
 pub mod verify;

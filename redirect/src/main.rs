@@ -1,13 +1,14 @@
 //! The `redirect` binary: parses the command line, sets up logging, and runs a subcommand.
 //! Errors end the process with one line on stderr and a non-zero status.
 
-use clap::Parser as _;
 use redirect::cli::{
-    Cli, Command, connections, detach, finish, fix, flip, history, lag, run, status, verify,
+    Command, completions, config, connections, detach, finish, fix, flip, history, lag, run,
+    status, verify,
 };
 
 fn main() {
-    let cli = Cli::parse();
+    // `run --config FILE` reads its settings from the file, under the command line's.
+    let cli = config::parse_cli();
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_env("REDIRECT_LOG")
@@ -37,6 +38,9 @@ fn main() {
         Command::Finish(a) => finish::run(a, &cli.socket),
         Command::Fix(a) => fix::run(a, &cli.socket),
         Command::Verify(a) => verify::run(a, &cli.socket),
+        Command::Config(a) => config::run(a),
+        Command::Completions(a) => completions::run(a),
+        Command::Manpages(a) => completions::manpages(a),
     };
     if let Err(e) = result {
         eprintln!("redirect: {e:#}");

@@ -57,6 +57,10 @@ enum Task {
         /// Only faults whose name contains this (prints the table instead of writing the doc).
         only: Option<String>,
     },
+    /// Build the Debian package (cargo-deb): the binary with its embedded eBPF object, the
+    /// systemd unit, /etc/redirect/redirect.toml, man pages and bash/zsh/fish completions.
+    /// Prints the .deb's path.
+    Package,
     /// Sustained connection churn (TCP CRR, then `pgbench -C`) with default settings and the GC
     /// running, 3 minutes each; writes docs/churn.md.
     Churn {
@@ -105,6 +109,12 @@ fn main() -> anyhow::Result<()> {
             build()?;
             run_lab_bin("fault_matrix", only.as_deref(), "the fault matrix")
         }
+        Task::Package => {
+            setup::install()?;
+            let deb = package()?;
+            println!("{}", deb.display());
+            Ok(())
+        }
         Task::Lint => {
             let failed = lint().iter().filter(|(_, ok)| !ok).count();
             if failed > 0 {
@@ -148,6 +158,75 @@ fn build() -> anyhow::Result<()> {
         bail!("build failed ({status})");
     }
     Ok(())
+}
+
+/// Builds the release binary, generates the man pages and completions from it (so they are
+/// the clap definitions of exactly this build), then packages them with cargo-deb.
+fn package() -> anyhow::Result<std::path::PathBuf> {
+    step("building the release binary");
+    let status = cargo()
+        .args(["build", "--release", "-p", "redirect"])
+        .status()?;
+    if !status.success() {
+        bail!("release build failed ({status})");
+    }
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("the workspace")
+        .to_path_buf();
+    let target = std::env::var_os("CARGO_TARGET_DIR")
+        .map_or_else(|| root.join("target"), std::path::PathBuf::from);
+    let bin = target.join("release/redirect");
+    let assets = target.join("release/deb-assets");
+    let _ = std::fs::remove_dir_all(&assets);
+    let (man, completions) = (assets.join("man"), assets.join("completions"));
+    std::fs::create_dir_all(&completions)?;
+    step("generating man pages and completions");
+    let run = |cmd: &mut Command| -> anyhow::Result<Vec<u8>> {
+        let out = cmd.output().with_context(|| format!("spawning {cmd:?}"))?;
+        if !out.status.success() {
+            bail!("{cmd:?} failed: {}", String::from_utf8_lossy(&out.stderr));
+        }
+        Ok(out.stdout)
+    };
+    run(Command::new(&bin).arg("manpages").arg(&man))?;
+    // Debian keeps man pages compressed (-n: no timestamp, so builds are reproducible).
+    for page in std::fs::read_dir(&man)? {
+        run(Command::new("gzip")
+            .args(["-n", "-9", "-f"])
+            .arg(page?.path()))?;
+    }
+    for (shell, file) in [
+        ("bash", "redirect.bash"),
+        ("zsh", "_redirect"),
+        ("fish", "redirect.fish"),
+    ] {
+        let script = run(Command::new(&bin).args(["completions", shell]))?;
+        std::fs::write(completions.join(file), script)?;
+    }
+    step("packaging with cargo-deb");
+    let out = cargo()
+        .args(["deb", "-p", "redirect", "--no-build"])
+        .current_dir(&root)
+        .stderr(Stdio::inherit())
+        .output()
+        .context("spawning cargo deb (cargo xtask setup installs it)")?;
+    if !out.status.success() {
+        bail!("cargo deb failed ({})", out.status);
+    }
+    // cargo-deb prints the package's path last.
+    let printed = String::from_utf8_lossy(&out.stdout);
+    let deb = printed
+        .lines()
+        .rev()
+        .map(str::trim)
+        .find(|l| {
+            std::path::Path::new(l)
+                .extension()
+                .is_some_and(|e| e.eq_ignore_ascii_case("deb"))
+        })
+        .ok_or_else(|| anyhow::anyhow!("cargo deb printed no .deb path: {printed}"))?;
+    Ok(std::path::PathBuf::from(deb))
 }
 
 fn step(what: &str) {

@@ -40,6 +40,10 @@ const PACKAGES: &[(&str, &str)] = &[
     ("etcd-server", "/usr/bin/etcd"),
     ("etcd-client", "/usr/bin/etcdctl"),
     ("protobuf-compiler", "/usr/bin/protoc"),
+    // Operating it (issue 11): the unit is checked with systemd-analyze verify, its
+    // SystemCallFilter= against what strace sees the controller call.
+    ("systemd", "/usr/bin/systemd-analyze"),
+    ("strace", "/usr/bin/strace"),
 ];
 
 const BPF_LINKER_VERSION: &str = "0.10.0";
@@ -129,6 +133,27 @@ pub fn install() -> anyhow::Result<()> {
                 format!("/usr/lib/llvm-22/bin:{}", path_with_cargo_bin()),
             )
             .env("LLVM_PREFIX", "/usr/lib/llvm-22");
+            if locked {
+                c.arg("--locked");
+            }
+            run(&mut c)
+        };
+        install(true).or_else(|_| install(false))?;
+    }
+
+    // `cargo xtask package` builds the Debian package with cargo-deb.
+    if succeeds(
+        Command::new("cargo")
+            .args(["deb", "--version"])
+            .env("PATH", path_with_cargo_bin()),
+    ) {
+        step("cargo-deb present");
+    } else {
+        step("installing cargo-deb (about 2 minutes)");
+        let install = |locked: bool| {
+            let mut c = Command::new("cargo");
+            c.args(["install", "cargo-deb"])
+                .env("PATH", path_with_cargo_bin());
             if locked {
                 c.arg("--locked");
             }

@@ -4,6 +4,8 @@ use std::path::PathBuf;
 
 use clap::{Parser, Subcommand};
 
+pub mod completions;
+pub mod config;
 pub mod connections;
 pub mod detach;
 pub mod finish;
@@ -56,6 +58,10 @@ pub enum Command {
     Finish(finish::Args),
     Fix(fix::Args),
     Verify(verify::Args),
+    Config(config::Args),
+    Completions(completions::Args),
+    #[command(hide = true)]
+    Manpages(completions::ManArgs),
 }
 
 /// An inclusive port range, written `LO-HI`.

@@ -27,6 +27,10 @@ use crate::{
 /// the program on each existing link is swapped atomically.
 #[derive(Debug, clap::Args)]
 pub struct Args {
+    /// Read the settings from this TOML file (see packaging/redirect.toml); flags given here
+    /// override it. Its keys are these flags' long names.
+    #[arg(long, value_name = "FILE")]
+    pub config: Option<PathBuf>,
     /// Interface that receives client or backend traffic (repeat for each).
     #[arg(long = "iface", required = true)]
     pub ifaces: Vec<String>,
@@ -170,6 +174,31 @@ fn databases(args: &Args) -> anyhow::Result<Option<Databases>> {
     }))
 }
 
+fn check_addresses(args: &Args) -> anyhow::Result<()> {
+    anyhow::ensure!(
+        args.source != args.target,
+        "--source and --target are the same address ({})",
+        args.source
+    );
+    for (what, b) in [("source", args.source), ("target", args.target)] {
+        anyhow::ensure!(
+            b != args.vip,
+            "--{what} is the VIP itself ({b}): that would loop"
+        );
+    }
+    Ok(())
+}
+
+/// The checks of `run` that need neither root, the kernel, the databases nor etcd (what
+/// `redirect config check` runs): the addresses, the DSNs and password sources, the fleet
+/// options.
+pub fn check_settings(args: &Args) -> anyhow::Result<()> {
+    check_addresses(args)?;
+    databases(args)?;
+    crate::fleet::settings(&args.fleet, args.vip)?;
+    Ok(())
+}
+
 fn preflight(args: &Args, pin_dir: &Path) -> anyhow::Result<(Vec<(String, u32)>, Spec)> {
     net::require_root()?;
     net::require_kernel()?;
@@ -187,17 +216,7 @@ fn preflight(args: &Args, pin_dir: &Path) -> anyhow::Result<(Vec<(String, u32)>,
     if let Some(ip) = args.snat_ip {
         net::require_local("SNAT address", ip)?;
     }
-    anyhow::ensure!(
-        args.source != args.target,
-        "--source and --target are the same address ({})",
-        args.source
-    );
-    for (what, b) in [("source", args.source), ("target", args.target)] {
-        anyhow::ensure!(
-            b != args.vip,
-            "--{what} is the VIP itself ({b}): that would loop"
-        );
-    }
+    check_addresses(args)?;
     let backend = |addr: SocketAddrV4| -> anyhow::Result<BackendAddr> {
         let snat = match args.snat_ip {
             Some(ip) => ip,
@@ -368,6 +387,17 @@ pub async fn run(args: Args, pin_dir: &Path, socket: &Path, journal: &Path) -> a
         ctl.clone(),
         shutdown.clone(),
     ));
+    // systemd (Type=notify) starts the units ordered after this one once the datapath is
+    // attached (above) and the control socket answers: `redirect status` works from then on.
+    if wait_for_control(socket, &control).await {
+        crate::notify::ready(&format!(
+            "serving {} -> {}",
+            spec.vip,
+            crate::sync::lock(&ctl.maps)
+                .active()?
+                .map_or("none", |r| r.name())
+        ));
+    }
     // Under the cutover lock, so a flip that arrives meanwhile is refused as busy: finish or
     // undo what a previous controller left, prepare the barrier, then resume its drain in the
     // background (the controller serves status, metrics and GC meanwhile).
@@ -435,6 +465,7 @@ pub async fn run(args: Args, pin_dir: &Path, socket: &Path, journal: &Path) -> a
     // or undo itself rather than drop it mid-step. The drain is not waited for: it can be
     // long, and a restarted controller resumes it from the journal. Bounded, for a cutover
     // that cannot end.
+    crate::notify::stopping();
     let stop_by = std::time::Instant::now() + Duration::from_secs(120);
     if !matches!(ctl.phase(), Phase::Idle | Phase::Drain) {
         warn!(phase = %ctl.phase(), "stopping: waiting for the cutover in progress to flip or undo itself");
@@ -453,6 +484,24 @@ pub async fn run(args: Args, pin_dir: &Path, socket: &Path, journal: &Path) -> a
     }
     info!("controller stopped; the datapath stays attached and pinned");
     Ok(())
+}
+
+/// Waits (up to 10 s) until the control socket answers a request; false if its task ended
+/// (it logs why when awaited) or it never did.
+async fn wait_for_control(
+    socket: &Path,
+    control: &tokio::task::JoinHandle<std::io::Result<()>>,
+) -> bool {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while tokio::time::Instant::now() < deadline && !control.is_finished() {
+        // A real request, answered: what `redirect status` will do.
+        if let Ok(Some(_)) = control::call(socket, &control::Request::State, |_| {}).await {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    warn!(socket = %socket.display(), "the control socket does not answer; not telling systemd the controller is ready");
+    false
 }
 
 /// Keeps `last_lag` fresh for `/metrics` and `status`.
