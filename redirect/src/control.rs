@@ -268,7 +268,7 @@ async fn handle(stream: UnixStream, ctl: Arc<Controller>) -> std::io::Result<()>
             let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
             let task = tokio::spawn({
                 let ctl = ctl.clone();
-                async move { ctl.cutover(req, tx).await }
+                async move { Box::pin(ctl.cutover(req, tx)).await }
             });
             while let Some(p) = rx.recv().await {
                 info!(progress = %p, "cutover");

@@ -641,6 +641,11 @@ fn three_members_cut_over_and_roll_back_as_one_losing_nothing() {
         fl.proxies[1].last_redirect_log()
     );
     assert_every_proxy_lost_nothing(&fl, &verdicts, Ns::Target, "target");
+    let progress = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !progress.contains("bypass the proxy"),
+        "the other members' sessions are proxied, not bypassing: {progress}"
+    );
     let log = fl.proxies[1].last_redirect_log();
     assert!(
         log.contains("every member (proxy-0, proxy-1, proxy-2) parks new SYNs"),

@@ -351,8 +351,9 @@ pub async fn run(args: Args, pin_dir: &Path, socket: &Path, journal: &Path) -> a
     let shutdown = CancellationToken::new();
     let fleet = match joined {
         Some((settings, client, committed)) => {
+            let snat = vec![spec.source.snat.to_string(), spec.target.snat.to_string()];
             let fleet =
-                crate::fleet::Fleet::register(settings, client, committed, shutdown.clone())
+                crate::fleet::Fleet::register(settings, client, committed, snat, shutdown.clone())
                     .await?;
             info!(fleet = %fleet.settings.fleet, member = %fleet.settings.member, "registered as a fleet member");
             Some(fleet)

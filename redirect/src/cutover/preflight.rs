@@ -33,7 +33,7 @@ const CAN_FENCE: &str = "SELECT rolsuper OR (pg_has_role(current_user, 'pg_read_
 const LOGIN_ROLES: &str = "SELECT rolname::text FROM pg_roles WHERE rolcanlogin ORDER BY 1";
 const BYPASS_SESSIONS: &str = "SELECT count(*)::int8, coalesce(string_agg(DISTINCT coalesce(host(client_addr), 'local socket'), ', '), '') \
      FROM pg_stat_activity WHERE backend_type = 'client backend' AND pid <> pg_backend_pid() \
-     AND application_name <> 'redirect' AND (client_addr IS NULL OR host(client_addr) <> $1)";
+     AND application_name <> 'redirect' AND (client_addr IS NULL OR host(client_addr) <> ALL($1::text[]))";
 const APPLY_WORKER: &str = "SELECT st.pid FROM pg_stat_subscription st JOIN pg_subscription s ON s.oid = st.subid \
      WHERE s.subname = $1 AND st.relid IS NULL";
 const PUBLICATION_HAS_BARRIER: &str = "SELECT count(*)::int8 FROM pg_publication_tables \
@@ -240,11 +240,16 @@ pub async fn check(
             "the controller's role on the {from} cannot see and end other roles' sessions: make it a superuser, or a member of pg_read_all_stats and pg_signal_backend (the fence must end every proxied session)"
         ));
     }
+    // This proxy's sessions, and in a fleet every member's, do not bypass it.
+    let mut proxied_from = vec![from_snat.clone()];
+    if let Some(fleet) = &ctl.fleet {
+        proxied_from.extend(fleet.members_snat().await);
+    }
     let bypass = timed(
         "old server",
         "listing sessions",
         qt,
-        from_db.query_one(BYPASS_SESSIONS, &[&from_snat]),
+        from_db.query_one(BYPASS_SESSIONS, &[&proxied_from]),
     )
     .await?;
     let (n_bypass, bypass_from): (i64, String) = (bypass.get(0), bypass.get(1));

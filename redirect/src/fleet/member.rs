@@ -35,6 +35,11 @@ pub struct Member {
     /// Milliseconds since the Unix epoch when it applied (and acknowledged) its epoch.
     #[serde(default)]
     pub applied_at_ms: u64,
+    /// The addresses the servers see this member's proxied sessions come from (its SNAT
+    /// address towards each backend): the leader's preflight does not count them as
+    /// sessions that bypass the proxy.
+    #[serde(default)]
+    pub snat: Vec<String>,
 }
 
 /// Grants a lease and puts `member` under it. Returns the lease id.

@@ -322,6 +322,7 @@ impl Fleet {
         settings: Settings,
         mut client: Client,
         applied: Committed,
+        snat: Vec<String>,
         shutdown: CancellationToken,
     ) -> anyhow::Result<Self> {
         let me = Member {
@@ -333,6 +334,7 @@ impl Fleet {
                 .duration_since(std::time::UNIX_EPOCH)
                 .map_or(0, |d| d.as_secs()),
             applied_at_ms: 0,
+            snat,
         };
         let lease = tokio::time::timeout(
             CONNECT_TIMEOUT,
@@ -387,6 +389,17 @@ impl Fleet {
         let task = crate::sync::lock(&self.keep_alive).take();
         if let Some(task) = task {
             let _ = tokio::time::timeout(Duration::from_secs(3), task).await;
+        }
+    }
+
+    /// Every member's SNAT addresses (this one's included), as their records say; empty
+    /// if etcd does not answer within [`STATUS_TIMEOUT`].
+    pub async fn members_snat(&self) -> Vec<String> {
+        let mut client = self.client.clone();
+        let fleet = &self.settings.fleet;
+        match tokio::time::timeout(STATUS_TIMEOUT, member::list(&mut client, fleet)).await {
+            Ok(Ok(members)) => members.into_iter().flat_map(|m| m.snat).collect(),
+            _ => Vec::new(),
         }
     }
 
