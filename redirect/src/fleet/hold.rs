@@ -114,6 +114,9 @@ pub async fn hold(
             },
         )
     };
+    // A member that missed epochs (partitioned across a whole cutover) may still send new
+    // connections elsewhere: the hold is of the committed backend, so write it first.
+    lock(&ctl.maps).set_active(fenced)?;
     let maps = Arc::new(std::sync::Mutex::new(own));
     lock(&maps).set_cutover(closed(fenced, false, clock::monotonic_ns()))?;
     let stopped = Arc::new(AtomicBool::new(false));
@@ -278,8 +281,9 @@ pub fn release(
         held.task.abort();
         drop(own);
         let mut maps = lock(&ctl.maps);
+        // Whatever the hold found, the committed backend is what new connections get.
+        maps.set_active(committed.active)?;
         if moved {
-            maps.set_active(committed.active)?;
             // ACTIVE moved: the fence on the old backend is permanent and the hold no longer
             // applies, whatever the deadlines say; clear them and the closed lapse.
             maps.set_cutover(Cutover {

@@ -166,9 +166,14 @@ async fn write_or_read_back(
     .await;
     match written {
         Ok(Some(r)) => Ok(Some(r)),
+        // The same epoch, phase and backend is the same outcome, whoever wrote it (a member's
+        // abort and the leader's are one decision).
         _ => Ok(read_back(client, name)
             .await?
-            .filter(|now| now.state == *next)
+            .filter(|now| {
+                (now.state.epoch, now.state.phase, now.state.active)
+                    == (next.epoch, next.phase, next.active)
+            })
             .map(|now| now.mod_revision)),
     }
 }
