@@ -10,11 +10,11 @@
 //!   reported, never undone (it applies the committed epoch when it reaches etcd again, and
 //!   drops new connections meanwhile instead of guessing).
 
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Duration, Instant};
 
 use super::{
     CutoverError, Phase, Run,
-    journal::{self, Entry, Step},
+    journal::{Entry, Step},
 };
 use crate::fleet::{Fleet, lead};
 
@@ -91,24 +91,11 @@ pub async fn commit(run: &mut Run, fleet: &Fleet) -> Result<(), CutoverError> {
         .map_err(|e| fleet_error(Phase::Flip, e))?;
     // Committed: nothing is undone from here.
     run.fleet_hold = None;
-    run.undo = super::Undo::default();
-    run.report.write_pause_ms =
-        run.fenced_at.unwrap_or(run.held_at).elapsed().as_secs_f64() * 1000.0;
-    let drain_until = SystemTime::now() + run.req.drain_timeout;
-    run.rec.note(
-        t,
-        Entry {
-            step: Step::Flip,
-            source_lsn: run.report.fence_lsn.clone(),
-            target_lsn: run.report.applied_lsn.clone(),
-            drain_until_ms: Some(journal::unix_ms(drain_until)),
-            detail: format!(
-                "fleet epoch {} committed: every member sends new connections to the {}",
-                committed.state.epoch, run.to
-            ),
-            ..Entry::default()
-        },
+    let detail = format!(
+        "fleet epoch {} committed: every member sends new connections to the {}",
+        committed.state.epoch, run.to
     );
+    super::flip::record_commit(run, t, detail);
     run.fleet_hold = Some(committed);
     Ok(())
 }

@@ -50,13 +50,21 @@ pub fn commit(run: &mut Run) -> Result<(), CutoverError> {
             flags: 0,
         });
     }
+    let detail = format!("new connections go to the {}", run.to);
+    record_commit(run, t, detail);
+    Ok(())
+}
+
+/// After the commit point (one host's `ACTIVE` write, or a fleet's committed epoch): nothing
+/// is undone from here; the write pause is measured and the flip journaled with the drain's
+/// deadline, which a successor that finds it resumes.
+pub fn record_commit(run: &mut Run, t: Instant, detail: String) {
     run.undo = super::Undo::default();
     // Writes pause from the fence (not the hold: short-lived connections still write
     // between the two) to the flip.
     run.report.write_pause_ms =
         run.fenced_at.unwrap_or(run.held_at).elapsed().as_secs_f64() * 1000.0;
     let drain_until = SystemTime::now() + run.req.drain_timeout;
-    let detail = format!("new connections go to the {}", run.to);
     run.rec.note(
         t,
         Entry {
@@ -68,7 +76,6 @@ pub fn commit(run: &mut Run) -> Result<(), CutoverError> {
             ..Entry::default()
         },
     );
-    Ok(())
 }
 
 /// Re-injects every parked SYN, which the datapath now sends to the new server.

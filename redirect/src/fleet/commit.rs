@@ -6,16 +6,12 @@
 //! The leader-driven safe cutover (hold+fence, flip+release, drain, rollback as epochs) is
 //! the next step (docs/fleet.md).
 
-use std::{
-    collections::BTreeSet,
-    time::{Duration, Instant},
-};
+use std::time::{Duration, Instant};
 
-use etcd_client::GetOptions;
 use serde::Serialize;
 
 use super::{
-    Fleet, FleetError, keys, member,
+    Fleet, FleetError,
     state::{self, Epoch, FleetPhase},
 };
 use crate::datapath::Role;
@@ -59,7 +55,7 @@ pub async fn flip(fleet: &Fleet, to: Role, ack_timeout: Duration) -> Result<Flee
             current.state.epoch, current.state.written_by
         )));
     }
-    if state::compare_and_swap(&mut client, name, current.mod_revision, &next)
+    if super::lead::write_or_read_back(&mut client, name, current.mod_revision, &next)
         .await?
         .is_none()
     {
@@ -67,47 +63,14 @@ pub async fn flip(fleet: &Fleet, to: Role, ack_timeout: Duration) -> Result<Flee
             "another member committed a new epoch of fleet {name} meanwhile; check `redirect status` and retry"
         )));
     }
-    let deadline = Instant::now() + ack_timeout;
-    loop {
-        let live: BTreeSet<String> = member::list(&mut client, name)
-            .await?
-            .into_iter()
-            .map(|m| m.id)
-            .collect();
-        let acked = acked(&mut client, name, next.epoch).await?;
-        let missing: Vec<String> = live.difference(&acked).cloned().collect();
-        if missing.is_empty() || Instant::now() >= deadline {
-            return Ok(FleetFlip {
-                fleet: name.clone(),
-                epoch: next.epoch,
-                from: current.state.active,
-                to,
-                acked: acked.into_iter().collect(),
-                missing,
-                took_ms: u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX),
-            });
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
-
-/// Members whose acknowledgement of `epoch` says they applied it.
-async fn acked(
-    client: &mut etcd_client::Client,
-    fleet: &str,
-    epoch: Epoch,
-) -> Result<BTreeSet<String>, FleetError> {
-    let resp = client
-        .get(
-            keys::acks(fleet, epoch),
-            Some(GetOptions::new().with_prefix()),
-        )
-        .await?;
-    Ok(resp
-        .kvs()
-        .iter()
-        .filter_map(|kv| serde_json::from_slice::<super::follow::Ack>(kv.value()).ok())
-        .filter(|a| a.applied.is_some())
-        .map(|a| a.member)
-        .collect())
+    let acks = super::lead::await_acks(fleet, next.epoch, ack_timeout).await?;
+    Ok(FleetFlip {
+        fleet: name.clone(),
+        epoch: next.epoch,
+        from: current.state.active,
+        to,
+        acked: acks.applied.into_keys().collect(),
+        missing: acks.missing.into_keys().collect(),
+        took_ms: u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX),
+    })
 }

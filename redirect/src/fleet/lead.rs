@@ -146,7 +146,7 @@ pub async fn commit_next(
 /// if someone else wrote first. A request that never reached etcd is retried, and an answer
 /// that was lost (or a retry refused because the first try did land) is settled by reading
 /// what etcd holds now: a lost answer cannot tell "written" from "refused".
-async fn write_or_read_back(
+pub(super) async fn write_or_read_back(
     client: &mut etcd_client::Client,
     name: &str,
     seen: i64,
