@@ -601,10 +601,13 @@ pub mod events {
         HoldRingFull,
         /// A SYN was dropped: `ACTIVE` names a backend that is not configured (`detail`).
         BadActive,
+        /// A SYN was dropped: a fleet member's hold lapsed closed (`LAPSE_CLOSED`) because its
+        /// controller could not confirm the fleet's cutover (etcd away, or the controller down).
+        Unconfirmed,
     }
 
     /// How many kinds there are.
-    pub const EVENT_KINDS: u32 = EventKind::BadActive as u32 + 1;
+    pub const EVENT_KINDS: u32 = EventKind::Unconfirmed as u32 + 1;
 
     impl EventKind {
         /// The kind with this discriminant.
@@ -616,6 +619,7 @@ pub mod events {
                 2 => Self::LeaseExpired,
                 3 => Self::HoldRingFull,
                 4 => Self::BadActive,
+                5 => Self::Unconfirmed,
                 _ => return None,
             })
         }

@@ -20,7 +20,7 @@ use redirect_common::{
         CtEntry, CtKey, FLAG_BACKEND_CLOSED_FIRST, FLAG_FENCED, FLAG_FIN_CLIENT, FLAG_REOPENED,
         FLAG_RST, SeqSpace, is_closed, port_reusable_at_once,
     },
-    cutover::{Cutover, NO_FENCE},
+    cutover::{Cutover, LAPSE_CLOSED, NO_FENCE},
     events::EventKind,
     limits::SNAT_PROBES,
     ports,
@@ -168,6 +168,16 @@ fn forward<const KERNEL_L4: bool>(
     }
     if cut.refuses(active_backend(), now) {
         count(Stat::SynUnconfirmed);
+        let backend = BACKENDS
+            .get(cut.fenced_backend)
+            .copied()
+            .unwrap_or_default();
+        events::send(
+            EventKind::Unconfirmed,
+            &flow_of(&key, backend.addr_be, backend.port_be),
+            0,
+            now,
+        );
         return Verdict::Drop;
     }
     open::<KERNEL_L4>(&key, ip, tcp, cfg, now, false)
@@ -185,7 +195,12 @@ fn report_if_lease_expired(key: &CtKey, cut: &Cutover, now: u64) {
     } else {
         cut.fence_until_ns
     };
-    if deadline == 0 || now < deadline || active_backend() != cut.fenced_backend {
+    // A closed lapse (a fleet member) lifts nothing: it drops, and says so (`Unconfirmed`).
+    if deadline == 0
+        || now < deadline
+        || active_backend() != cut.fenced_backend
+        || cut.flags & LAPSE_CLOSED != 0
+    {
         return;
     }
     let backend = BACKENDS

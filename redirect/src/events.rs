@@ -61,6 +61,10 @@ fn report(e: &DatapathEvent) {
             %client, %backend,
             "datapath: SYN dropped, the connection table is full (the client retries)"
         ),
+        Some(EventKind::Unconfirmed) => warn!(
+            %client, fenced = %backend,
+            "datapath: SYN dropped: this fleet member cannot confirm the fleet's cutover (etcd unreachable, or its controller down), so it neither holds on nor guesses a backend (the client retries)"
+        ),
         Some(EventKind::LeaseExpired) => warn!(
             %client, fenced = %backend,
             "datapath: the cutover lease expired in the kernel; hold and fence are lifted and new connections go to the fenced backend again (is the controller stuck?)"
