@@ -77,6 +77,10 @@ pub enum Request {
         to: Role,
         ack_timeout_ms: u64,
     },
+    /// Take a member that is not live off the fleet's roster (`redirect fleet forget`).
+    FleetForget {
+        member: String,
+    },
     /// Compare the two databases (`redirect verify`); streams progress, answers the report.
     Verify {
         tables: Vec<String>,
@@ -167,6 +171,24 @@ async fn handle(stream: UnixStream, ctl: Arc<Controller>) -> std::io::Result<()>
                     .await
                 {
                     Ok(r) => Reply::Ok(serde_json::to_value(r).expect("the report serializes")),
+                    Err(e) => Reply::Error(e.to_string()),
+                }
+            }
+            None => Reply::Error("this controller is not a fleet member (run --etcd)".into()),
+        },
+        Request::FleetForget { member } => match &ctl.fleet {
+            Some(fleet) if member == fleet.settings.member => Reply::Error(format!(
+                "{member} is this controller: stop it and detach its datapath, then forget it from another member"
+            )),
+            Some(fleet) => {
+                let mut client = fleet.client();
+                match crate::fleet::member::forget(&mut client, &fleet.settings.fleet, &member)
+                    .await
+                {
+                    Ok(r) => {
+                        info!(%member, "forgot a fleet member: cutovers no longer wait for it");
+                        Reply::Ok(serde_json::to_value(r).expect("a roster record serializes"))
+                    }
                     Err(e) => Reply::Error(e.to_string()),
                 }
             }

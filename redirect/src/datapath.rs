@@ -682,15 +682,26 @@ pub fn install(
     install_with_active(dir, ifaces, hook, spec, None)
 }
 
-/// [`install`], with `ACTIVE` set to `active` (when given) before any program is attached or
-/// swapped: a fleet member applies the fleet's committed backend first (docs/fleet.md,
+/// What a fleet member applies before any program is attached or swapped (docs/fleet.md,
 /// the joining-host invariant), whatever the pins or the defaults say.
+#[derive(Clone, Copy, Debug)]
+pub struct Joining {
+    /// The fleet's committed backend.
+    pub active: Role,
+    /// The fleet is in a cutover's `Hold`: new SYNs are held (closed: dropped if this member
+    /// does not go on to confirm the hold) from the first packet, not from when the member
+    /// catches up with the other members.
+    pub in_hold: bool,
+}
+
+/// [`install`], with `ACTIVE` (and, during a fleet cutover, a closed hold) set as `joining`
+/// says before any program is attached or swapped.
 pub fn install_with_active(
     dir: &Path,
     ifaces: &[(String, u32)],
     hook: Hook,
     spec: &Spec,
-    active: Option<Role>,
+    joining: Option<Joining>,
 ) -> Result<InstallReport, DatapathError> {
     let pins = PinDir(dir.to_path_buf());
     let io = |what: String| move |source| DatapathError::Io { what, source };
@@ -711,8 +722,16 @@ pub fn install_with_active(
 
     let mut maps = Maps::open(dir)?;
     configure(&mut maps, spec, adopted_maps)?;
-    if let Some(role) = active {
-        maps.set_active(role)?;
+    if let Some(joining) = joining {
+        maps.set_active(joining.active)?;
+        if joining.in_hold {
+            let existing = maps.cutover()?;
+            maps.set_cutover(crate::fleet::hold::prearmed(
+                existing,
+                joining.active,
+                crate::clock::monotonic_ns(),
+            ))?;
+        }
     }
 
     program(&mut ebpf)

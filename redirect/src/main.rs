@@ -2,7 +2,7 @@
 //! Errors end the process with one line on stderr and a non-zero status.
 
 use redirect::cli::{
-    Command, completions, config, connections, detach, finish, fix, flip, history, lag, run,
+    Command, completions, config, connections, detach, finish, fix, fleet, flip, history, lag, run,
     status, verify,
 };
 
@@ -37,6 +37,7 @@ fn main() {
         Command::Detach(a) => detach::run(a, &cli.pin_dir, &cli.journal),
         Command::Finish(a) => finish::run(a, &cli.socket),
         Command::Fix(a) => fix::run(a, &cli.socket),
+        Command::Fleet(a) => fleet::run(a, &cli.socket),
         Command::Verify(a) => verify::run(a, &cli.socket),
         Command::Config(a) => config::run(a),
         Command::Completions(a) => completions::run(a),

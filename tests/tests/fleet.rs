@@ -702,6 +702,12 @@ fn a_member_partitioned_mid_cutover_holds_then_drops_and_never_guesses() {
             .last_redirect_log()
             .contains("fleet hold applied")
     });
+    // After its acknowledgement reached etcd (cut off before it, the leader aborts instead).
+    wait_for(Duration::from_secs(5), "proxy-2's ack of the hold", || {
+        fl.etcd
+            .get(&format!("/redirect/{FLEET}/acks/1/proxy-2"))
+            .is_some()
+    });
     Etcd::disconnect(&fl.proxies[2]);
     let out = leader.wait_with_output().expect("the leader's flip");
     assert!(
@@ -953,4 +959,248 @@ fn after_a_cutover_the_vip_moves_to_the_standby_and_new_connections_go_to_the_ta
     );
     assert_eq!(within(&fl.proxies[1], 3).as_deref(), Some("target"));
     assert_eq!(fl.proxies[1].status()["fleet"]["applied_epoch"], 2);
+}
+
+/// A member whose controller stopped before the flip (its lease is gone, its datapath still
+/// serves the old server) stays on the roster: the cutover aborts, naming it, rather than
+/// leave a host sending writes to the old server past the barrier. Forgetting a live member
+/// is refused; once its datapath is detached, forgetting it lets the cutover through.
+#[test]
+fn a_member_down_before_the_flip_blocks_the_cutover_until_it_is_forgotten() {
+    let mut fl = FleetLab::new("fdown", 3);
+    fl.start_members(&[]);
+    fl.stop_member(2, libc::SIGTERM);
+    wait_for(Duration::from_secs(5), "proxy-2's lease to go", || {
+        members(&fl.proxies[0]) == ["proxy-0", "proxy-1"]
+    });
+    assert_eq!(
+        new_connection_lands_on(&fl.proxies[2]),
+        "source",
+        "its datapath serves on without a controller"
+    );
+    let text = fl.proxies[0].redirect_ok(&["status"]);
+    assert!(
+        text.contains("proxy-2") && text.contains("NOT LIVE"),
+        "status names the member a cutover waits for:\n{text}"
+    );
+
+    let out = fl.proxies[0].redirect(&["flip", "--to", "target"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success(),
+        "the flip went through without proxy-2"
+    );
+    assert!(err.contains("proxy-2 (enrolled but not live"), "{err}");
+    let state = fl
+        .etcd
+        .get(&format!("/redirect/{FLEET}/state"))
+        .expect("state");
+    assert!(
+        state.contains(r#""epoch":2,"active":"source","phase":"idle""#),
+        "the hold was aborted: {state}"
+    );
+    for i in 0..3 {
+        assert_eq!(
+            new_connection_lands_on(&fl.proxies[i]),
+            "source",
+            "proxy-{i}"
+        );
+    }
+
+    let refused = fl.proxies[0].redirect(&["fleet", "forget", "proxy-1"]);
+    assert!(!refused.status.success());
+    assert!(
+        String::from_utf8_lossy(&refused.stderr).contains("proxy-1 is live"),
+        "{}",
+        String::from_utf8_lossy(&refused.stderr)
+    );
+    fl.proxies[2].redirect_ok(&["detach", "--force"]);
+    let forgot = fl.proxies[0].redirect_ok(&["fleet", "forget", "proxy-2", "--json"]);
+    let forgot: serde_json::Value = serde_json::from_str(&forgot).expect("json");
+    assert_eq!(forgot["id"], "proxy-2");
+    assert!(!fl.proxies[0].redirect_ok(&["status"]).contains("proxy-2"));
+
+    let out = fl.proxies[0].redirect(&["flip", "--to", "target"]);
+    assert!(
+        out.status.success(),
+        "{}\n{}",
+        String::from_utf8_lossy(&out.stderr),
+        fl.proxies[0].last_redirect_log()
+    );
+    assert_eq!(new_connection_lands_on(&fl.proxies[1]), "target");
+}
+
+/// A member that joins while the fleet is in a cutover's hold holds new connections before it
+/// attaches, and the leader does not commit past it: it was not fenced with the others (its
+/// sessions were not ended before the barrier), so the cutover aborts and a second flip,
+/// which counts it, goes through.
+#[test]
+fn a_member_joining_during_the_hold_is_held_before_it_attaches_and_not_committed_past() {
+    let mut fl = FleetLab::new("fjoinh", 3);
+    fl.proxies[0].redirect_env.extend([
+        ("REDIRECT_FAULT_PAUSE".into(), "barrier".into()),
+        ("REDIRECT_FAULT_PAUSE_MS".into(), "8000".into()),
+    ]);
+    fl.start_member(0, &[]);
+    fl.start_member(1, &[]);
+    let leader = cutover_paused_after_the_hold(&fl, 1);
+    fl.start_member(2, &[]);
+    let log = fl.proxies[2].last_redirect_log();
+    let held = log
+        .find("the fleet is in a cutover's hold")
+        .unwrap_or_else(|| panic!("proxy-2 did not hold before attaching:\n{log}"));
+    assert!(held < log.find("datapath ready").expect("ready"), "{log}");
+    let out = leader.wait_with_output().expect("the flip");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success(),
+        "committed past a member that was not fenced: {}",
+        fl.proxies[0].last_redirect_log()
+    );
+    assert!(
+        err.contains("a member joined the fleet after the others acknowledged"),
+        "{err}"
+    );
+    assert_eq!(assert_one_backend_everywhere(&fl), "source");
+
+    fl.proxies[0].redirect_env.clear();
+    fl.stop_member(0, libc::SIGTERM);
+    fl.start_member(0, &[]);
+    let out = fl.proxies[0].redirect(&["flip", "--to", "target"]);
+    assert!(
+        out.status.success(),
+        "{}\n{}",
+        String::from_utf8_lossy(&out.stderr),
+        fl.proxies[0].last_redirect_log()
+    );
+    assert!(
+        fl.proxies[0]
+            .last_redirect_log()
+            .contains("every member (proxy-0, proxy-1, proxy-2) parks new SYNs"),
+        "{}",
+        fl.proxies[0].last_redirect_log()
+    );
+    assert_eq!(assert_one_backend_everywhere(&fl), "target");
+}
+
+/// etcd loses its quorum right before the commit: the leader cannot tell whether its commit
+/// landed, so it waits, saying so, instead of undoing the database side beside a fleet that
+/// may follow the new backend. Quorum back, etcd says the commit did not land: the cutover
+/// aborts everywhere, and no acknowledged write is lost.
+#[test]
+fn an_unknown_commit_outcome_waits_for_etcd_instead_of_undoing() {
+    let mut fl = FleetLab::new("funk", 2);
+    fl.proxies[0].redirect_env.extend([
+        ("REDIRECT_FAULT_PAUSE".into(), "flip".into()),
+        ("REDIRECT_FAULT_PAUSE_MS".into(), "4000".into()),
+    ]);
+    fl.start_members(&[]);
+    let load = fl.workload(30);
+    std::thread::sleep(Duration::from_secs(1));
+    let mut leader = cutover_paused_after_the_hold(&fl, 1);
+    // Killed while the leader pauses right before its commit (the database side is done).
+    wait_for(
+        Duration::from_secs(10),
+        "the leader's pause before the commit",
+        || {
+            fl.proxies[0]
+                .last_redirect_log()
+                .contains("fault point: pausing before this step")
+        },
+    );
+    let etcd_leader = fl.etcd.leader().expect("an etcd leader");
+    let other = (0..3).find(|i| *i != etcd_leader).expect("another node");
+    fl.etcd.kill(etcd_leader);
+    fl.etcd.kill(other);
+    let until = Instant::now() + Duration::from_secs(30);
+    while !fl.proxies[0]
+        .last_redirect_log()
+        .contains("the commit's outcome is unknown")
+    {
+        assert!(
+            Instant::now() < until,
+            "the leader did not say it waits:\n{}",
+            fl.proxies[0].last_redirect_log()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    std::thread::sleep(Duration::from_secs(3));
+    assert!(
+        leader.try_wait().expect("the flip").is_none(),
+        "the flip ended while etcd could not say whether it committed"
+    );
+    assert!(
+        !fl.proxies[0]
+            .last_redirect_log()
+            .contains("progress=aborted"),
+        "undone while the outcome was unknown:\n{}",
+        fl.proxies[0].last_redirect_log()
+    );
+    fl.etcd.start(etcd_leader);
+    fl.etcd.start(other);
+    fl.etcd.wait_healthy(Duration::from_secs(30));
+    let out = leader.wait_with_output().expect("the flip");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{err}");
+    assert!(err.contains("the commit did not land"), "{err}");
+    let verdicts: Vec<Verdict> = load
+        .into_iter()
+        .map(|h| h.join().expect("workload"))
+        .collect();
+    assert_eq!(assert_one_backend_everywhere(&fl), "source");
+    let rows = fl.rows(Ns::Source, "");
+    for (i, v) in verdicts.iter().enumerate() {
+        let lost: Vec<_> = v.acked().filter(|a| !rows.contains(a)).collect();
+        assert!(lost.is_empty(), "proxy-{i} lost {lost:?}");
+    }
+}
+
+/// The leader's controller SIGKILLed mid-cutover (every member holds) and restarted at once:
+/// the fleet's committed epoch decides its recovery, not its journal. It aborts the hold it
+/// left (by compare-and-swap, so a commit that landed would win), rolls the database side
+/// back, and every member serves the source again without waiting for the old leadership
+/// to lapse. A second flip then goes through; no acknowledged write is lost.
+#[test]
+fn a_leader_killed_mid_cutover_recovers_by_the_fleets_committed_epoch() {
+    let mut fl = FleetLab::new("flead", 2);
+    fl.proxies[0].redirect_env.extend([
+        ("REDIRECT_FAULT_PAUSE".into(), "barrier".into()),
+        ("REDIRECT_FAULT_PAUSE_MS".into(), "8000".into()),
+    ]);
+    fl.start_members(&[]);
+    let load = fl.workload(20);
+    std::thread::sleep(Duration::from_secs(1));
+    let leader = cutover_paused_after_the_hold(&fl, 1);
+    fl.stop_member(0, libc::SIGKILL);
+    let _ = leader.wait_with_output();
+    fl.proxies[0].redirect_env.clear();
+    let restarted = Instant::now();
+    fl.start_member(0, &[]);
+    let log = fl.proxies[0].last_redirect_log();
+    assert!(
+        log.contains("aborted the fleet hold this member's previous controller left"),
+        "{log}"
+    );
+    assert_eq!(assert_one_backend_everywhere(&fl), "source");
+    assert!(
+        restarted.elapsed() < redirect::fleet::member::LEASE_TTL,
+        "recovered by its own abort, not by the old leadership lapsing"
+    );
+    let verdicts: Vec<Verdict> = load
+        .into_iter()
+        .map(|h| h.join().expect("workload"))
+        .collect();
+    let rows = fl.rows(Ns::Source, "");
+    for (i, v) in verdicts.iter().enumerate() {
+        let lost: Vec<_> = v.acked().filter(|a| !rows.contains(a)).collect();
+        assert!(lost.is_empty(), "proxy-{i} lost {lost:?}");
+    }
+    let out = fl.proxies[0].redirect(&["flip", "--to", "target"]);
+    assert!(
+        out.status.success(),
+        "{}\n{}",
+        String::from_utf8_lossy(&out.stderr),
+        fl.proxies[0].last_redirect_log()
+    );
+    assert_eq!(assert_one_backend_everywhere(&fl), "target");
 }

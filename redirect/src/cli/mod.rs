@@ -10,6 +10,7 @@ pub mod connections;
 pub mod detach;
 pub mod finish;
 pub mod fix;
+pub mod fleet;
 pub mod flip;
 pub mod history;
 pub mod lag;
@@ -57,6 +58,7 @@ pub enum Command {
     Detach(detach::Args),
     Finish(finish::Args),
     Fix(fix::Args),
+    Fleet(fleet::Args),
     Verify(verify::Args),
     Config(config::Args),
     Completions(completions::Args),

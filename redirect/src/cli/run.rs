@@ -323,9 +323,16 @@ pub async fn run(args: Args, pin_dir: &Path, socket: &Path, journal: &Path) -> a
         }
         None => None,
     };
-    let committed_active = joined.as_ref().map(|(_, _, c)| c.state.active);
-    let mut report =
-        datapath::install_with_active(pin_dir, &ifaces, args.hook, &spec, committed_active)?;
+    let joining = joined.as_ref().map(|(_, _, c)| datapath::Joining {
+        active: c.state.active,
+        in_hold: c.state.phase == crate::fleet::state::FleetPhase::Hold,
+    });
+    if joining.is_some_and(|j| j.in_hold) {
+        info!(
+            "the fleet is in a cutover's hold: new connections are held (and dropped unless this member confirms the hold) from before the datapath attaches"
+        );
+    }
+    let mut report = datapath::install_with_active(pin_dir, &ifaces, args.hook, &spec, joining)?;
     info!(
         pin_dir = %pin_dir.display(),
         vip = %spec.vip,

@@ -287,4 +287,19 @@ fn print_fleet(f: &serde_json::Value) {
             text(&m["applied_active"])
         );
     }
+    let live: Vec<&str> = f["members"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|m| m["id"].as_str())
+        .collect();
+    for m in f["roster"].as_array().into_iter().flatten() {
+        let id = text(&m["id"]);
+        if !live.contains(&id.as_str()) {
+            println!(
+                "  member {id:<24} vip {:<21} NOT LIVE: cutovers abort until it is back, or `redirect fleet forget {id}` if its host is gone",
+                text(&m["vip"])
+            );
+        }
+    }
 }

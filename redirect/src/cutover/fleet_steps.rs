@@ -16,7 +16,12 @@ use super::{
     CutoverError, Phase, Run,
     journal::{Entry, Step},
 };
-use crate::fleet::{Fleet, lead};
+use tracing::warn;
+
+use crate::fleet::{
+    Fleet, FleetError, lead,
+    state::{self, Committed, FleetPhase, Guard},
+};
 
 /// How long the leader waits for every member to acknowledge an epoch.
 pub const ACK_TIMEOUT: Duration = Duration::from_secs(2);
@@ -54,6 +59,7 @@ pub async fn hold(run: &mut Run, fleet: &Fleet) -> Result<(), CutoverError> {
             ),
         ));
     }
+    run.fleet_roster_revision = acks.roster_revision;
     run.members_proxied = acks
         .applied
         .iter()
@@ -86,9 +92,15 @@ pub async fn commit(run: &mut Run, fleet: &Fleet) -> Result<(), CutoverError> {
         .fleet_hold
         .clone()
         .ok_or_else(|| CutoverError::abort(Phase::Flip, "no fleet hold was committed"))?;
-    let committed = lead::commit_next(fleet, &hold, run.to)
-        .await
-        .map_err(|e| fleet_error(Phase::Flip, e))?;
+    let guard = Guard::NoMemberEnrolledAfter(run.fleet_roster_revision);
+    let committed = match lead::commit_next(fleet, &hold, run.to, guard).await {
+        Ok(c) => c,
+        Err(FleetError::Refused(why)) => return Err(fleet_error(Phase::Flip, why)),
+        // The answer was lost and etcd stayed unreadable: the commit may have landed, and the
+        // members would then follow it. Undoing the database side beside a committed target
+        // would be the split this protocol exists to prevent: wait for etcd to say.
+        Err(unknown) => settle_unknown_commit(run, fleet, &hold, &unknown).await?,
+    };
     // Committed: nothing is undone from here.
     run.fleet_hold = None;
     let detail = format!(
@@ -98,6 +110,70 @@ pub async fn commit(run: &mut Run, fleet: &Fleet) -> Result<(), CutoverError> {
     super::flip::record_commit(run, t, detail);
     run.fleet_hold = Some(committed);
     Ok(())
+}
+
+/// How often the leader reads etcd while a commit's outcome is unknown.
+const SETTLE_EVERY: Duration = Duration::from_millis(500);
+
+/// Reads etcd until it says whether the commit after `hold` landed: `Ok` with it if it did
+/// (the caller takes the after-commit path), an abort if the `Hold` is still there or was
+/// aborted. No deadline: guessing either way could split the fleet from the database. The
+/// members meanwhile hold, then drop new connections (they cannot confirm either).
+async fn settle_unknown_commit(
+    run: &Run,
+    fleet: &Fleet,
+    hold: &Committed,
+    why: &FleetError,
+) -> Result<Committed, CutoverError> {
+    let started = Instant::now();
+    let mut said: Option<Instant> = None;
+    let mut client = fleet.client();
+    loop {
+        let read = tokio::time::timeout(
+            Duration::from_secs(2),
+            state::read(&mut client, &fleet.settings.fleet),
+        )
+        .await;
+        match read {
+            Ok(Ok(Some(now))) => {
+                let committed = now.state.epoch.0 == hold.state.epoch.0 + 1
+                    && now.state.phase == FleetPhase::Idle
+                    && now.state.active == run.to;
+                if committed {
+                    run.rec.say(format!(
+                        "etcd answered after {:.1} s: the commit had landed (epoch {})",
+                        started.elapsed().as_secs_f64(),
+                        now.state.epoch
+                    ));
+                    return Ok(now);
+                }
+                return Err(fleet_error(
+                    Phase::Flip,
+                    format!(
+                        "the commit did not land (etcd holds epoch {} with the {} active)",
+                        now.state.epoch, now.state.active
+                    ),
+                ));
+            }
+            Ok(Ok(None)) => {
+                return Err(fleet_error(
+                    Phase::Flip,
+                    "the fleet's state is gone from etcd",
+                ));
+            }
+            Ok(Err(_)) | Err(_) => {}
+        }
+        if said.is_none_or(|at| at.elapsed() >= Duration::from_secs(5)) {
+            said = Some(Instant::now());
+            let line = format!(
+                "the commit's outcome is unknown ({why}); etcd has not answered for {:.0} s. Waiting: nothing is undone until etcd says whether it landed (restore etcd's quorum: etcdctl endpoint health)",
+                started.elapsed().as_secs_f64()
+            );
+            warn!("{line}");
+            run.rec.say(line);
+        }
+        tokio::time::sleep(SETTLE_EVERY).await;
+    }
 }
 
 /// After the commit: waits for the members to apply it, and says who did not.
@@ -135,28 +211,30 @@ pub async fn await_members(run: &mut Run, fleet: &Fleet) {
 pub async fn abort(run: &mut Run) -> Option<String> {
     let hold = run.fleet_hold.take()?;
     let fleet = run.ctl.fleet.as_ref()?;
-    Some(match lead::commit_next(fleet, &hold, run.from).await {
-        Ok(c) => {
-            let acks = lead::await_acks(fleet, c.state.epoch, ACK_TIMEOUT).await;
-            match acks {
-                Ok(a) if a.missing.is_empty() => format!(
-                    "fleet epoch {} committed: every member lifted its fence and released its held connections to the {}",
-                    c.state.epoch, run.from
-                ),
-                Ok(a) => format!(
-                    "fleet epoch {} committed (the {} stays active); not yet applied by {}",
-                    c.state.epoch,
-                    run.from,
-                    a.describe_missing()
-                ),
-                Err(e) => format!(
-                    "fleet epoch {} committed; acknowledgements unreadable ({e})",
-                    c.state.epoch
-                ),
+    Some(
+        match lead::commit_next(fleet, &hold, run.from, Guard::StateOnly).await {
+            Ok(c) => {
+                let acks = lead::await_acks(fleet, c.state.epoch, ACK_TIMEOUT).await;
+                match acks {
+                    Ok(a) if a.missing.is_empty() => format!(
+                        "fleet epoch {} committed: every member lifted its fence and released its held connections to the {}",
+                        c.state.epoch, run.from
+                    ),
+                    Ok(a) => format!(
+                        "fleet epoch {} committed (the {} stays active); not yet applied by {}",
+                        c.state.epoch,
+                        run.from,
+                        a.describe_missing()
+                    ),
+                    Err(e) => format!(
+                        "fleet epoch {} committed; acknowledgements unreadable ({e})",
+                        c.state.epoch
+                    ),
+                }
             }
-        }
-        Err(e) => format!(
-            "could not commit the fleet's abort ({e}): members abort by themselves once this leader is gone, and drop new connections until then"
-        ),
-    })
+            Err(e) => format!(
+                "could not commit the fleet's abort ({e}): members abort by themselves once this leader is gone, and drop new connections until then"
+            ),
+        },
+    )
 }

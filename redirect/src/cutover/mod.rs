@@ -394,6 +394,9 @@ pub struct Run {
     pub members_proxied: Vec<crate::fleet::hold::Proxied>,
     /// A fleet cutover: the committed `Hold` epoch this leader wrote (undo aborts it).
     pub fleet_hold: Option<crate::fleet::state::Committed>,
+    /// A fleet cutover: the etcd revision of the roster the hold's acknowledgements were
+    /// counted against (the commit refuses if anyone enrolled since).
+    pub fleet_roster_revision: i64,
 }
 
 impl Run {

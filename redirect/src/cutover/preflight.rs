@@ -483,6 +483,7 @@ pub async fn check(
         barrier: !(no_replication && req.force),
         members_proxied: Vec::new(),
         fleet_hold: None,
+        fleet_roster_revision: 0,
         req,
     })))
 }

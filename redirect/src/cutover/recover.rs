@@ -50,7 +50,10 @@ pub async fn recover(
         return Ok(None);
     };
     ctl.set_phase(Phase::Recovering);
-    let flipped = ctl.active()? == to;
+    let flipped = match fleet_outcome(ctl, from).await {
+        Some(active) => active == to,
+        None => ctl.active()? == to,
+    };
     let has = |s: Step| steps.iter().any(|e| e.step == s);
     if !flipped {
         let what = roll_back(ctl, from, to, &steps).await;
@@ -60,6 +63,10 @@ pub async fn recover(
     let mut did = Vec::new();
     {
         let mut maps = lock(&ctl.maps);
+        if ctl.fleet.is_some() {
+            // The fleet committed `to` (its follower writes it too; no window without it).
+            maps.set_active(to)?;
+        }
         let mut c = maps.cutover()?;
         if c.fenced_backend != from.index() {
             // Cannot happen (the fence is set before the flip), but never leave the old
@@ -107,6 +114,45 @@ pub async fn recover(
             done_so_far: did.join("; "),
         }),
     )))
+}
+
+/// In a fleet, the committed epoch decides whether the interrupted cutover flipped, not this
+/// host's journal: returns the backend the fleet committed (`None`: not a fleet member, or
+/// etcd unreadable, and then `ACTIVE`, which `run` wrote from etcd moments ago, decides).
+/// A `Hold` this member wrote and never finished is aborted first, by compare-and-swap: if
+/// the dead controller's commit landed after all, the swap fails and the commit is what
+/// etcd then shows.
+async fn fleet_outcome(ctl: &Controller, from: Role) -> Option<Role> {
+    let fleet = ctl.fleet.as_ref()?;
+    let mut client = fleet.client();
+    let name = &fleet.settings.fleet;
+    let read = |mut client: etcd_client::Client| async move {
+        tokio::time::timeout(
+            Duration::from_secs(5),
+            crate::fleet::state::read(&mut client, name),
+        )
+        .await
+        .ok()?
+        .ok()?
+    };
+    let now = read(client.clone()).await?;
+    let mine = now.state.phase == crate::fleet::state::FleetPhase::Hold
+        && now.state.written_by == fleet.settings.member;
+    if !mine {
+        // Idle: the outcome. Another member's Hold: its `active` is what the fleet had
+        // committed when that cutover began, so this one's outcome too.
+        return Some(now.state.active);
+    }
+    let guard = crate::fleet::state::Guard::StateOnly;
+    if crate::fleet::lead::commit_next(fleet, &now, from, guard)
+        .await
+        .is_ok()
+    {
+        tracing::warn!(epoch = %now.state.epoch, "aborted the fleet hold this member's previous controller left");
+        return Some(from);
+    }
+    client = fleet.client();
+    read(client).await.map(|c| c.state.active)
 }
 
 /// Runs a resumed drain to its end and journals the recovery.

@@ -55,9 +55,15 @@ pub async fn flip(fleet: &Fleet, to: Role, ack_timeout: Duration) -> Result<Flee
             current.state.epoch, current.state.written_by
         )));
     }
-    if super::lead::write_or_read_back(&mut client, name, current.mod_revision, &next)
-        .await?
-        .is_none()
+    if super::lead::write_or_read_back(
+        &mut client,
+        name,
+        current.mod_revision,
+        state::Guard::StateOnly,
+        &next,
+    )
+    .await?
+    .is_none()
     {
         return Err(FleetError::Refused(format!(
             "another member committed a new epoch of fleet {name} meanwhile; check `redirect status` and retry"

@@ -91,6 +91,22 @@ fn closed(fenced: Role, fencing: bool, now_ns: u64) -> Cutover {
     }
 }
 
+/// Whether `c` is a closed fence of `fenced` that a controller raised for a fleet hold: a
+/// controller restarted in the middle of the hold keeps it up rather than lower it to settle
+/// again (the leader may have taken its barrier: the old server must take no more writes).
+fn already_fenced(c: Cutover, fenced: Role) -> bool {
+    c.flags & LAPSE_CLOSED != 0 && c.fenced_backend == fenced.index() && c.fence_until_ns != 0
+}
+
+/// The hold a member writes before it attaches when it joins, or restarts, while the fleet
+/// is in a `Hold` ([`crate::datapath::Joining`]): closed, so new SYNs are parked, then
+/// dropped if `follow` does not confirm the hold in time, never sent on unfenced; and a fence
+/// `existing` holds for it stays up.
+#[must_use]
+pub fn prearmed(existing: Cutover, active: Role, now_ns: u64) -> Cutover {
+    closed(active, already_fenced(existing, active), now_ns)
+}
+
 /// Applies a `Hold` epoch: hold, settle, fence. Returns the hold (renewed until released)
 /// and what the leader needs to end this member's sessions.
 pub async fn hold(
@@ -116,11 +132,15 @@ pub async fn hold(
     };
     // A member that missed epochs (partitioned across a whole cutover) may still send new
     // connections elsewhere: the hold is of the committed backend, so write it first.
-    lock(&ctl.maps).set_active(fenced)?;
+    let was_fenced = {
+        let mut maps = lock(&ctl.maps);
+        maps.set_active(fenced)?;
+        already_fenced(maps.cutover()?, fenced)
+    };
     let maps = Arc::new(std::sync::Mutex::new(own));
-    lock(&maps).set_cutover(closed(fenced, false, clock::monotonic_ns()))?;
+    lock(&maps).set_cutover(closed(fenced, was_fenced, clock::monotonic_ns()))?;
     let stopped = Arc::new(AtomicBool::new(false));
-    let fencing = Arc::new(AtomicBool::new(false));
+    let fencing = Arc::new(AtomicBool::new(was_fenced));
     let hold_for = Duration::from_millis(committed.hold_ms.unwrap_or(10_000)) + HOLD_GRACE;
     let task = tokio::spawn(renew(
         Renewal {
@@ -144,7 +164,11 @@ pub async fn hold(
         maps,
         task,
     };
-    let busy = fence::settle(ctl, fenced).await?;
+    let busy = if was_fenced {
+        0
+    } else {
+        fence::settle(ctl, fenced).await?
+    };
     {
         let mut own = lock(&held.maps);
         held.fencing.store(true, Ordering::SeqCst);
@@ -247,7 +271,15 @@ async fn abort_hold(
     let abort = current
         .state
         .next(FleetPhase::Idle, current.state.active, member);
-    match state::compare_and_swap(client, fleet, current.mod_revision, &abort).await {
+    match state::compare_and_swap(
+        client,
+        fleet,
+        current.mod_revision,
+        state::Guard::StateOnly,
+        &abort,
+    )
+    .await
+    {
         Ok(Some(_)) => {
             warn!(epoch = %abort.epoch, "the fleet cutover {why}: aborted it (epoch {} keeps the {})", abort.epoch, abort.active);
         }

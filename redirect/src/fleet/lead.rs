@@ -1,5 +1,5 @@
 //! The leader's side of a fleet cutover. The member that is asked to `flip` becomes the
-//! fleet's leader for that cutover (an etcd election on its member lease, so a dead leader
+//! fleet's leader for that cutover (an etcd election on a lease of its own, so a dead leader
 //! loses the office within the lease's TTL), then drives two committed epochs:
 //!
 //! 1. [`commit_hold`]: `Hold` with the old backend still active. [`await_acks`] waits until
@@ -21,28 +21,61 @@ use super::{
     follow::Ack,
     hold::Proxied,
     keys, member,
-    state::{self, Committed, Epoch, FleetPhase, FleetState},
+    state::{self, Committed, Epoch, FleetPhase, FleetState, Guard},
 };
 use crate::datapath::Role;
 
 /// How long `flip` waits to become the leader before it reports who leads.
 const CAMPAIGN_TIMEOUT: Duration = Duration::from_secs(3);
 
-/// This member leads the fleet's cutovers until dropped or [`Leadership::resign`]ed.
+/// How long the office outlives a leader that stopped renewing it (it died, or lost etcd).
+const LEADERSHIP_TTL: i64 = 10;
+
+/// This member leads the fleet's cutovers until [`Leadership::resign`]ed or dropped. The
+/// office lives on a lease of its own, kept alive only while this value lives: a failed
+/// `resign` (or a dropped one) frees it within [`LEADERSHIP_TTL`], not when the member stops.
 pub struct Leadership {
     key: LeaderKey,
+    lease: i64,
     client: etcd_client::Client,
+    keep_alive: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for Leadership {
+    fn drop(&mut self) {
+        self.keep_alive.abort();
+    }
 }
 
 impl Leadership {
-    /// Steps down at once (otherwise the office lapses with the member's lease).
+    /// Steps down at once (otherwise the office lapses with its lease).
     pub async fn resign(mut self) {
-        let _ = tokio::time::timeout(
-            Duration::from_secs(2),
-            self.client
-                .resign(Some(ResignOptions::new().with_leader(self.key.clone()))),
-        )
+        self.keep_alive.abort();
+        let (key, lease) = (self.key.clone(), self.lease);
+        let _ = tokio::time::timeout(Duration::from_secs(2), async {
+            let _ = self
+                .client
+                .resign(Some(ResignOptions::new().with_leader(key)))
+                .await;
+            let _ = self.client.lease_revoke(lease).await;
+        })
         .await;
+    }
+}
+
+/// Renews the office's lease every third of its TTL.
+async fn keep_office(mut client: etcd_client::Client, lease: i64) {
+    let every = Duration::from_secs(u64::try_from(LEADERSHIP_TTL).unwrap_or(10) / 3);
+    loop {
+        tokio::time::sleep(every).await;
+        let renewed = async {
+            let (mut keeper, mut stream) = client.lease_keep_alive(lease).await?;
+            keeper.keep_alive().await?;
+            stream.message().await
+        };
+        if let Ok(Err(e)) = tokio::time::timeout(every, renewed).await {
+            tracing::warn!(error = %e, "renewing the fleet leadership lease failed");
+        }
     }
 }
 
@@ -50,14 +83,33 @@ impl Leadership {
 pub async fn lead(fleet: &Fleet) -> Result<Leadership, FleetError> {
     let mut client = fleet.client();
     let name = keys::election(&fleet.settings.fleet);
-    let campaign = client.campaign(name.clone(), fleet.settings.member.clone(), fleet.lease());
-    match tokio::time::timeout(CAMPAIGN_TIMEOUT, campaign).await {
-        Ok(Ok(mut won)) => Ok(Leadership {
-            key: won
-                .take_leader()
-                .ok_or_else(|| FleetError::Refused("etcd elected no leader key".into()))?,
-            client,
-        }),
+    let lease = super::retry(|| {
+        let mut client = client.clone();
+        async move { client.lease_grant(LEADERSHIP_TTL, None).await }
+    })
+    .await?
+    .id();
+    let campaign = client.campaign(name.clone(), fleet.settings.member.clone(), lease);
+    let outcome = tokio::time::timeout(CAMPAIGN_TIMEOUT, campaign).await;
+    let outcome = match outcome {
+        Ok(Ok(mut won)) => match won.take_leader() {
+            Some(key) => {
+                return Ok(Leadership {
+                    key,
+                    lease,
+                    keep_alive: tokio::spawn(keep_office(client.clone(), lease)),
+                    client,
+                });
+            }
+            None => Ok(Ok(())),
+        },
+        Ok(Err(e)) => Ok(Err(e)),
+        Err(e) => Err(e),
+    };
+    // Not elected: the lease must not keep a queued campaign alive.
+    let _ = tokio::time::timeout(Duration::from_secs(2), client.lease_revoke(lease)).await;
+    match outcome {
+        Ok(Ok(())) => Err(FleetError::Refused("etcd elected no leader key".into())),
         Ok(Err(e)) => Err(e.into()),
         Err(_) => {
             let leader = client
@@ -103,13 +155,19 @@ pub async fn commit_hold(
     next.to = Some(to);
     next.hold_ms = Some(u64::try_from(hold.as_millis()).unwrap_or(u64::MAX));
     next.drain_ms = Some(u64::try_from(drain.as_millis()).unwrap_or(u64::MAX));
-    let revision = write_or_read_back(&mut client, name, current.mod_revision, &next)
-        .await?
-        .ok_or_else(|| {
-            FleetError::Refused(format!(
-                "another member committed a new epoch of fleet {name} meanwhile; retry"
-            ))
-        })?;
+    let revision = write_or_read_back(
+        &mut client,
+        name,
+        current.mod_revision,
+        Guard::StateOnly,
+        &next,
+    )
+    .await?
+    .ok_or_else(|| {
+        FleetError::Refused(format!(
+            "another member committed a new epoch of fleet {name} meanwhile; retry"
+        ))
+    })?;
     Ok(Committed {
         state: next,
         mod_revision: revision,
@@ -117,29 +175,41 @@ pub async fn commit_hold(
 }
 
 /// Commits the epoch after `hold`: `active` is the new backend (the commit point) or the
-/// old one (an abort). Fails if anyone wrote the state since the `Hold`.
+/// old one (an abort, `guard` [`Guard::StateOnly`]). Fails if anyone wrote the state since
+/// the `Hold`, or if `guard` fails: a member enrolled after the acknowledgements were
+/// counted was not fenced with the others, so the new backend must not be committed.
 pub async fn commit_next(
     fleet: &Fleet,
     hold: &Committed,
     active: Role,
+    guard: Guard,
 ) -> Result<Committed, FleetError> {
     let mut client = fleet.client();
     let name = &fleet.settings.fleet;
     let next = hold
         .state
         .next(FleetPhase::Idle, active, &fleet.settings.member);
-    let revision = write_or_read_back(&mut client, name, hold.mod_revision, &next)
-        .await?
-        .ok_or_else(|| {
-            FleetError::Refused(format!(
-                "the fleet's state moved past epoch {} (a member aborted the cutover: its leader seemed gone, or its --timeout passed)",
-                hold.state.epoch
-            ))
-        })?;
-    Ok(Committed {
-        state: next,
-        mod_revision: revision,
-    })
+    if let Some(revision) =
+        write_or_read_back(&mut client, name, hold.mod_revision, guard, &next).await?
+    {
+        return Ok(Committed {
+            state: next,
+            mod_revision: revision,
+        });
+    }
+    let still_held = state::read(&mut client, name)
+        .await
+        .ok()
+        .flatten()
+        .is_some_and(|now| now.mod_revision == hold.mod_revision);
+    Err(FleetError::Refused(if still_held {
+        "a member joined the fleet after the others acknowledged the hold, so it was not fenced with them; not committing (flip again once it has joined)".to_owned()
+    } else {
+        format!(
+            "the fleet's state moved past epoch {} (a member aborted the cutover: its leader seemed gone, or its --timeout passed)",
+            hold.state.epoch
+        )
+    }))
 }
 
 /// Writes `next` by compare-and-swap on `seen`; `Some(revision)` if it is committed, `None`
@@ -150,12 +220,13 @@ pub(super) async fn write_or_read_back(
     client: &mut etcd_client::Client,
     name: &str,
     seen: i64,
+    guard: Guard,
     next: &FleetState,
 ) -> Result<Option<i64>, FleetError> {
     let written = super::retry(|| {
         let mut client = client.clone();
         async move {
-            state::compare_and_swap(&mut client, name, seen, next)
+            state::compare_and_swap(&mut client, name, seen, guard, next)
                 .await
                 .map_err(|e| match e {
                     FleetError::Etcd(e) => e,
@@ -203,11 +274,39 @@ const READ_BACK: Duration = Duration::from_secs(6);
 pub struct Acks {
     /// Members that applied it, with their proxied sessions (for a `Hold`).
     pub applied: BTreeMap<String, Option<Proxied>>,
-    /// Live members that did not acknowledge in time, or failed (with why).
-    pub missing: BTreeMap<String, String>,
+    /// Members the leader had to hear from and did not, with why.
+    pub missing: BTreeMap<String, Missing>,
+    /// The etcd revision the roster was read at: a member enrolled after it was not waited
+    /// for (the commit refuses then; see [`commit_next`]).
+    pub roster_revision: i64,
 }
 
-/// Waits up to `timeout` until every live member acknowledged `epoch` as applied.
+/// Why a member's acknowledgement is missing.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Missing {
+    /// Live, but it has not answered yet.
+    NotYet,
+    /// It answered that applying the epoch failed.
+    Failed(String),
+    /// On the roster but not live: its controller is down or cut off from etcd, and its
+    /// datapath may still be serving. It cannot be fenced, so a cutover cannot go on.
+    NotLive,
+}
+
+impl std::fmt::Display for Missing {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::NotYet => f.write_str("no acknowledgement yet"),
+            Self::Failed(why) => f.write_str(why),
+            Self::NotLive => f.write_str(
+                "enrolled but not live: its controller is down or cut off from etcd, and its datapath may still serve; bring it back, or if the host is gone for good, `redirect fleet forget` it",
+            ),
+        }
+    }
+}
+
+/// Waits up to `timeout` until every member on the roster (and every live one) acknowledged
+/// `epoch` as applied. A member that failed, or is enrolled but not live, ends the wait.
 pub async fn await_acks(
     fleet: &Fleet,
     epoch: Epoch,
@@ -217,6 +316,7 @@ pub async fn await_acks(
     let name = &fleet.settings.fleet;
     let deadline = Instant::now() + timeout;
     loop {
+        let (roster, roster_revision) = member::roster(&mut client, name).await?;
         let live: BTreeSet<String> = member::list(&mut client, name)
             .await?
             .into_iter()
@@ -228,7 +328,10 @@ pub async fn await_acks(
                 Some(GetOptions::new().with_prefix()),
             )
             .await?;
-        let mut acks = Acks::default();
+        let mut acks = Acks {
+            roster_revision,
+            ..Acks::default()
+        };
         for ack in resp
             .kvs()
             .iter()
@@ -239,22 +342,26 @@ pub async fn await_acks(
                     acks.applied.insert(ack.member, ack.proxied);
                 }
                 (None, error) => {
-                    acks.missing
-                        .insert(ack.member, error.clone().unwrap_or_else(|| "failed".into()));
+                    acks.missing.insert(
+                        ack.member,
+                        Missing::Failed(error.clone().unwrap_or_else(|| "failed".into())),
+                    );
                 }
             }
         }
-        for m in &live {
+        let expected = live.iter().chain(roster.iter().map(|m| &m.id));
+        for m in expected {
             if !acks.applied.contains_key(m) && !acks.missing.contains_key(m) {
-                acks.missing
-                    .insert(m.clone(), "no acknowledgement yet".into());
+                let why = if live.contains(m) {
+                    Missing::NotYet
+                } else {
+                    Missing::NotLive
+                };
+                acks.missing.insert(m.clone(), why);
             }
         }
-        let failed = acks
-            .missing
-            .values()
-            .any(|why| why != "no acknowledgement yet");
-        if acks.missing.is_empty() || failed || Instant::now() >= deadline {
+        let settled = acks.missing.values().any(|why| *why != Missing::NotYet);
+        if acks.missing.is_empty() || settled || Instant::now() >= deadline {
             return Ok(acks);
         }
         tokio::time::sleep(Duration::from_millis(20)).await;

@@ -42,12 +42,14 @@ pub struct Member {
     pub snat: Vec<String>,
 }
 
-/// Grants a lease and puts `member` under it. Returns the lease id.
+/// Enrolls `member` on the roster, grants a lease and puts `member` under it (enrolled
+/// first, so no member is ever live without being on the roster). Returns the lease id.
 pub async fn register(
     client: &mut Client,
     fleet: &str,
     member: &Member,
 ) -> Result<i64, FleetError> {
+    enroll(client, fleet, member).await?;
     let ttl = i64::try_from(LEASE_TTL.as_secs()).expect("small");
     let lease = super::retry(|| {
         let mut client = client.clone();
@@ -178,4 +180,87 @@ pub async fn publish(
 /// A copy of the member record (the lock is not held across an await).
 fn current(member: &Mutex<Member>) -> Member {
     lock(member).clone()
+}
+
+/// A member on the fleet's roster: it joined once and nobody has forgotten it since. The
+/// roster has no lease: a member whose controller is down or cut off from etcd keeps its
+/// place, because its datapath may still be serving, and a cutover must hear from it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Enrolled {
+    pub id: String,
+    pub vip: String,
+    /// Seconds since the Unix epoch when it last (re)joined.
+    pub joined_at: u64,
+}
+
+/// Puts `member` on the roster. A restart rewrites the record, which keeps its creation revision:
+/// only a member new to the roster has a creation revision after a cutover's `Hold`.
+pub async fn enroll(client: &mut Client, fleet: &str, member: &Member) -> Result<(), FleetError> {
+    let value = serde_json::to_vec(&Enrolled {
+        id: member.id.clone(),
+        vip: member.vip.clone(),
+        joined_at: member.joined_at,
+    })
+    .expect("a roster record serializes");
+    let key = keys::enrolled(fleet, &member.id);
+    super::retry(|| {
+        let (mut client, key, value) = (client.clone(), key.clone(), value.clone());
+        async move { client.put(key, value, None).await }
+    })
+    .await?;
+    Ok(())
+}
+
+/// The roster, with the etcd revision it was read at: a member enrolled after that revision
+/// is not in it.
+pub async fn roster(client: &mut Client, fleet: &str) -> Result<(Vec<Enrolled>, i64), FleetError> {
+    let resp = super::retry(|| {
+        let mut client = client.clone();
+        async move {
+            client
+                .get(keys::roster(fleet), Some(GetOptions::new().with_prefix()))
+                .await
+        }
+    })
+    .await?;
+    let revision = resp
+        .header()
+        .map_or(0, etcd_client::ResponseHeader::revision);
+    let mut enrolled = Vec::new();
+    for kv in resp.kvs() {
+        match serde_json::from_slice(kv.value()) {
+            Ok(m) => enrolled.push(m),
+            Err(e) => {
+                let key = String::from_utf8_lossy(kv.key()).into_owned();
+                return Err(FleetError::BadRecord { key, source: e });
+            }
+        }
+    }
+    Ok((enrolled, revision))
+}
+
+/// Takes `id` off the roster, so cutovers stop waiting for it: for a proxy host that is gone
+/// for good (its datapath detached or the host decommissioned). Refused while `id` is live:
+/// one transaction checks that it holds no member key and deletes its roster record.
+pub async fn forget(client: &mut Client, fleet: &str, id: &str) -> Result<Enrolled, FleetError> {
+    let (roster, _) = roster(client, fleet).await?;
+    let Some(record) = roster.into_iter().find(|m| m.id == id) else {
+        return Err(FleetError::Refused(format!(
+            "{id} is not on fleet {fleet}'s roster (see `redirect status`)"
+        )));
+    };
+    let txn = etcd_client::Txn::new()
+        .when([etcd_client::Compare::create_revision(
+            keys::member(fleet, id),
+            etcd_client::CompareOp::Equal,
+            0,
+        )])
+        .and_then([etcd_client::TxnOp::delete(keys::enrolled(fleet, id), None)]);
+    let resp = client.txn(txn).await?;
+    if !resp.succeeded() {
+        return Err(FleetError::Refused(format!(
+            "{id} is live (its controller holds a lease): stop it and detach its datapath (`redirect detach`) first; a member that is only cut off from etcd still serves and must stay on the roster"
+        )));
+    }
+    Ok(record)
 }

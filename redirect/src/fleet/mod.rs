@@ -132,6 +132,16 @@ pub mod keys {
     pub fn member(fleet: &str, id: &str) -> String {
         format!("{}{id}", members(fleet))
     }
+    /// Every member that ever joined and was not forgotten: no lease, so a member whose
+    /// controller is down, or cut off from etcd, is still one the leader must hear from.
+    #[must_use]
+    pub fn roster(fleet: &str) -> String {
+        format!("{}roster/", root(fleet))
+    }
+    #[must_use]
+    pub fn enrolled(fleet: &str, id: &str) -> String {
+        format!("{}{id}", roster(fleet))
+    }
     /// The etcd election whose leader runs the fleet's cutovers.
     #[must_use]
     pub fn election(fleet: &str) -> String {
@@ -310,6 +320,9 @@ pub struct View {
     /// The committed state as etcd has it now (`None` when etcd did not answer).
     pub committed: Option<FleetState>,
     pub members: Vec<Member>,
+    /// Every member a cutover must hear from: the live ones and those whose lease lapsed
+    /// (down, or cut off from etcd) until an operator forgets them.
+    pub roster: Vec<member::Enrolled>,
     /// This member applies the committed epoch (false, or unknown, while etcd is away).
     pub in_sync: bool,
     /// Why etcd could not be read, if it could not.
@@ -410,14 +423,16 @@ impl Fleet {
         let read = async {
             let committed = state::read(&mut client, fleet).await?;
             let members = member::list(&mut client, fleet).await?;
-            Ok::<_, FleetError>((committed, members))
+            let (roster, _) = member::roster(&mut client, fleet).await?;
+            Ok::<_, FleetError>((committed, members, roster))
         };
-        let (committed, members, etcd_error) =
+        let (committed, members, roster, etcd_error) =
             match tokio::time::timeout(STATUS_TIMEOUT, read).await {
-                Ok(Ok((c, m))) => (c.map(|c| c.state), m, None),
-                Ok(Err(e)) => (None, Vec::new(), Some(e.to_string())),
+                Ok(Ok((c, m, r))) => (c.map(|c| c.state), m, r, None),
+                Ok(Err(e)) => (None, Vec::new(), Vec::new(), Some(e.to_string())),
                 Err(_) => (
                     None,
+                    Vec::new(),
                     Vec::new(),
                     Some(format!("no answer within {STATUS_TIMEOUT:?}")),
                 ),
@@ -434,6 +449,7 @@ impl Fleet {
                 .is_some_and(|c| c.epoch == applied.epoch && c.active == applied.active),
             committed,
             members,
+            roster,
             etcd_error,
         }
     }

@@ -67,22 +67,39 @@ impl FleetState {
     }
 }
 
-/// Writes `next` only if the state is still at `seen` (its mod revision): of two writers,
-/// one wins. Returns the new revision, or `None` when someone else wrote first.
+/// What else must hold for a state write to land, besides the state being unchanged.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Guard {
+    /// Only that the state is still the one seen.
+    StateOnly,
+    /// Also that nobody joined the roster after this etcd revision: the commit of a cutover
+    /// names the new backend only for the members that were fenced for it.
+    NoMemberEnrolledAfter(i64),
+}
+
+/// Writes `next` only if the state is still at `seen` (its mod revision) and `guard` holds:
+/// of two writers, one wins. Returns the new revision, or `None` when the compare failed.
 pub async fn compare_and_swap(
     client: &mut Client,
     fleet: &str,
     seen: i64,
+    guard: Guard,
     next: &FleetState,
 ) -> Result<Option<i64>, FleetError> {
     let key = keys::state(fleet);
-    let txn = Txn::new()
-        .when([Compare::mod_revision(key.clone(), CompareOp::Equal, seen)])
-        .and_then([TxnOp::put(
-            key,
-            serde_json::to_vec(next).expect("the state serializes"),
-            None,
-        )]);
+    let mut compares = vec![Compare::mod_revision(key.clone(), CompareOp::Equal, seen)];
+    if let Guard::NoMemberEnrolledAfter(revision) = guard {
+        // A range compare holds when every key in the range satisfies it (or none exists).
+        compares.push(
+            Compare::create_revision(keys::roster(fleet), CompareOp::Less, revision + 1)
+                .with_prefix(),
+        );
+    }
+    let txn = Txn::new().when(compares).and_then([TxnOp::put(
+        key,
+        serde_json::to_vec(next).expect("the state serializes"),
+        None,
+    )]);
     // Not retried: a transaction whose answer was lost may have been applied, and a retry
     // would then report a conflict with itself.
     let resp = client.txn(txn).await?;
