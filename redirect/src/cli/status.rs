@@ -271,7 +271,12 @@ fn print_fleet(f: &serde_json::Value) {
     let now_ms = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX));
+    let committed_epoch = c["epoch"].as_u64();
     for m in f["members"].as_array().into_iter().flatten() {
+        let behind = match (committed_epoch, m["applied_epoch"].as_u64()) {
+            (Some(c), Some(a)) if a < c => format!(", {} epoch(s) behind", c - a),
+            _ => String::new(),
+        };
         let acked = match m["applied_at_ms"].as_u64() {
             Some(at) if at > 0 => format!(
                 ", acknowledged {:.1} s ago",
@@ -280,7 +285,7 @@ fn print_fleet(f: &serde_json::Value) {
             _ => String::new(),
         };
         println!(
-            "  member {:<24} vip {:<21} epoch {} -> {}{acked}",
+            "  member {:<24} vip {:<21} epoch {} -> {}{acked}{behind}",
             text(&m["id"]),
             text(&m["vip"]),
             m["applied_epoch"],
