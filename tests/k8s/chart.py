@@ -10,6 +10,7 @@ checks are `helm lint --strict` and `helm template`.
   chart.py lint CHART [-f VALUES]...
   chart.py template CHART [-f VALUES]... [--name NAME] [--namespace NS]
   chart.py manifest CHART      the plain manifest (packaging/kubernetes/daemonset.yaml)
+  chart.py objects FILE        the objects of a multi-document YAML file, as a JSON array
   chart.py validate FILE...    every object of each multi-document YAML file against the
                                Kubernetes 1.30 schema, offline (kubernetes-validate)
 Exits 1 with the findings on stderr when a check fails, 2 when a tool is missing.
@@ -124,6 +125,16 @@ def manifest(args):
     return 0
 
 
+def objects(args):
+    import json
+
+    import yaml
+
+    with open(args.file) as f:
+        json.dump([o for o in yaml.safe_load_all(f) if o], sys.stdout)
+    return 0
+
+
 def validate(args):
     try:
         import kubernetes_validate
@@ -161,10 +172,12 @@ def main():
         if cmd == "template":
             s.add_argument("--name", default=NAME)
             s.add_argument("--namespace", default=NAMESPACE)
+    o = sub.add_parser("objects")
+    o.add_argument("file")
     v = sub.add_parser("validate")
     v.add_argument("files", nargs="+")
     args = p.parse_args()
-    return {"lint": lint, "template": template, "manifest": manifest, "validate": validate}[args.cmd](args)
+    return {"lint": lint, "template": template, "manifest": manifest, "objects": objects, "validate": validate}[args.cmd](args)
 
 
 if __name__ == "__main__":
