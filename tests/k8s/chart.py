@@ -37,8 +37,13 @@ MANIFEST_HEADER = """\
 # NOT RUN ON A REAL CLUSTER: rendered, linted and checked against the Kubernetes 1.30 schema
 # and `redirect config check` only. ADAPT before applying: the image (none is published), the
 # node label, the interface names, the VIP and the two servers in redirect.toml. Each proxy
-# node needs a kernel with BTF (5.18+) and bpffs mounted at /sys/fs/bpf.
-#   kubectl create namespace redirect && kubectl apply -f daemonset.yaml
+# node needs a kernel with BTF (5.18+), bpffs mounted at /sys/fs/bpf, and the VIP as one of
+# its addresses. Every labelled node gets this same redirect.toml (the same VIP): without a
+# fleet (etcd), label one node only. The pod is privileged on the host's network, which Pod
+# Security Admission allows only in a namespace labelled for it:
+#   kubectl create namespace redirect
+#   kubectl label namespace redirect pod-security.kubernetes.io/enforce=privileged
+#   kubectl apply -f daemonset.yaml
 """
 
 
