@@ -3,7 +3,8 @@
 //! short of deploying: the chart lints, its values schema refuses bad values, every object it
 //! renders fits the Kubernetes 1.30 API schema, the `redirect.toml` it renders passes
 //! `redirect config check`, no password reaches an argument or the environment, and the plain
-//! manifest is the chart rendered with its defaults. Needs no root and no lab.
+//! manifest is the chart rendered with its defaults. Needs no root and no lab, except the last
+//! test, which runs the pod as a container runtime would set it up, in the lab (root).
 //!
 //! The tools (`tests/k8s/chart.py`): Helm v4's Go SDK from PyPI's `helm-python-sdk` (no
 //! registry reachable here packages the helm command) and PyPI's `kubernetes-validate`, which
@@ -460,5 +461,214 @@ fn no_password_reaches_arguments_or_environment() {
         2,
         "{:?}",
         password_exposures(&leaky)
+    );
+}
+
+/// The node's mount points the simulated pod binds over, created for the test if the machine
+/// lacks them and removed again (when still empty) however the test ends.
+struct MountPoints(Vec<PathBuf>);
+
+impl MountPoints {
+    fn ensure(paths: &[&str]) -> Self {
+        let mut created = Vec::new();
+        for p in paths {
+            let p = PathBuf::from(p);
+            if !p.exists() {
+                std::fs::create_dir_all(&p).expect("creating a mount point");
+                created.push(p);
+            }
+        }
+        Self(created)
+    }
+}
+
+impl Drop for MountPoints {
+    fn drop(&mut self) {
+        for p in self.0.iter().rev() {
+            let _ = std::fs::remove_dir(p);
+        }
+    }
+}
+
+/// A directory in the lab's bpffs standing for the node's /sys/fs/bpf; removed once the lab
+/// (declared after it, so dropped first) has detached and removed its pins.
+struct NodeBpffs(PathBuf);
+
+impl Drop for NodeBpffs {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// What the container runtime does for the DaemonSet's pod, in the lab's proxy namespace (the
+/// host network): a private mount namespace where the pod's volumes are bound at the paths
+/// the DaemonSet mounts them (the node's bpffs at /sys/fs/bpf, the hostPaths at
+/// /var/lib/redirect and /run/redirect, the ConfigMap at /etc/redirect, an emptyDir at /tmp),
+/// every other mount read-only (readOnlyRootFilesystem), then the container's command.
+const POD: &str = r#"set -e
+mount --bind "$NODE_BPFFS" /sys/fs/bpf
+mount --bind "$NODE_STATE" /var/lib/redirect
+mount --bind "$NODE_RUN" /run/redirect
+mount --bind "$CONFIGMAP" /etc/redirect
+mount -t tmpfs tmpfs /tmp
+awk '{print $5}' /proc/self/mountinfo | sort -u | while read -r m; do
+  case "$m" in /proc|/proc/*|/sys|/sys/*|/dev|/dev/*|/var/lib/redirect|/run/redirect|/tmp) continue;; esac
+  mount -o remount,bind,ro "$m" 2>/dev/null || true
+done
+for p in / /etc /etc/redirect /usr /var/lib /root /work; do
+  if [ -d "$p" ] && touch "$p/.redirect-k8s-probe" 2>/dev/null; then
+    rm -f "$p/.redirect-k8s-probe"; echo "pod: $p is writable, the root file system is not read-only"; exit 97
+  fi
+done
+exec "$REDIRECT" run --config /etc/redirect/redirect.toml
+"#;
+
+/// What the kubelet's readiness probe asks (`httpGet` 127.0.0.1:9187 /metrics, from the host
+/// network): whether it answers 2xx/3xx.
+fn probe_ready() -> bool {
+    use std::io::{Read as _, Write as _};
+    let Ok(mut stream) = std::net::TcpStream::connect("127.0.0.1:9187") else {
+        return false;
+    };
+    let _ = stream.set_read_timeout(Some(std::time::Duration::from_secs(2)));
+    if stream
+        .write_all(b"GET /metrics HTTP/1.1\r\nHost: 127.0.0.1:9187\r\nUser-Agent: kube-probe/1.30\r\nAccept: */*\r\nConnection: close\r\n\r\n")
+        .is_err()
+    {
+        return false;
+    }
+    let mut answer = String::new();
+    let _ = stream.read_to_string(&mut answer);
+    answer.starts_with("HTTP/1.1 2") || answer.starts_with("HTTP/1.1 3")
+}
+
+/// The DaemonSet's pod as far as it can be run without a cluster: the controller started with
+/// the chart's rendered redirect.toml, in the volumes' layout, on a read-only root, becomes
+/// ready by the readiness probe's own request; replaced by a second pod on the same node (a
+/// rolling update), it re-adopts the pinned datapath and the flip made before, from the
+/// hostPaths alone.
+#[test]
+fn the_pod_runs_from_the_rendered_config_and_a_new_pod_re_adopts_the_datapath() {
+    use redirect_tests::{
+        LAB_BPFFS, Lab, Ns, PG_PORT, SOURCE_ADDR, TARGET_ADDR, VIP, require_root, wait_for,
+    };
+    use std::time::{Duration, Instant};
+
+    require_root();
+    let _mount_points =
+        MountPoints::ensure(&["/var/lib/redirect", "/run/redirect", "/etc/redirect"]);
+    let node_bpffs =
+        NodeBpffs(Path::new(LAB_BPFFS).join(format!("k8s-node-{}", std::process::id())));
+    let mut lab = Lab::new("k8s-pod");
+    std::fs::create_dir_all(&node_bpffs.0).expect("the node's bpffs");
+    // The lab's own `redirect` commands (status, flip) look where the pod keeps things.
+    lab.pin_dir = node_bpffs.0.join("redirect");
+    lab.journal = lab.work_dir.join("journal.jsonl");
+
+    let values = lab.work_dir.join("values.yaml");
+    std::fs::write(
+        &values,
+        format!(
+            "config:\n  iface: [p-cli, p-src, p-tgt]\n  vip: \"{VIP}:{PG_PORT}\"\n  \
+             source: \"{SOURCE_ADDR}:{PG_PORT}\"\n  target: \"{TARGET_ADDR}:{PG_PORT}\"\n"
+        ),
+    )
+    .expect("writing the lab's values");
+    let objs = objects(&render(Some(values.to_str().expect("utf-8 path"))));
+    let configmap = lab.work_dir.join("configmap");
+    std::fs::create_dir_all(&configmap).expect("the ConfigMap's volume");
+    std::fs::write(
+        configmap.join("redirect.toml"),
+        object(&objs, "ConfigMap")["data"]["redirect.toml"]
+            .as_str()
+            .expect("redirect.toml"),
+    )
+    .expect("writing redirect.toml");
+    // The container's command is the DaemonSet's.
+    let container = &object(&objs, "DaemonSet")["spec"]["template"]["spec"]["containers"][0];
+    assert_eq!(
+        container["command"],
+        serde_json::json!(["/usr/bin/redirect"])
+    );
+    assert_eq!(
+        container["args"],
+        serde_json::json!(["run", "--config", "/etc/redirect/redirect.toml"])
+    );
+
+    let work = lab.work_dir.display().to_string();
+    let env = [
+        format!("NODE_BPFFS={}", node_bpffs.0.display()),
+        format!("NODE_STATE={work}"),
+        format!("NODE_RUN={work}"),
+        format!("CONFIGMAP={}", configmap.display()),
+        format!("REDIRECT={}", redirect_bin().display()),
+    ];
+    let start_pod = |lab: &mut Lab, n: u32| -> u32 {
+        let mut argv: Vec<&str> = vec!["env"];
+        argv.extend(env.iter().map(String::as_str));
+        argv.extend([
+            "unshare",
+            "--mount",
+            "--propagation",
+            "private",
+            "sh",
+            "-c",
+            POD,
+        ]);
+        let log = format!("pod-{n}.log");
+        let pid = lab.spawn(Ns::Proxy, &argv, &log);
+        let log = lab.work_dir.join(log);
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while !lab.in_ns(Ns::Proxy, probe_ready) {
+            let said = std::fs::read_to_string(&log).unwrap_or_default();
+            assert!(
+                Instant::now() < deadline && !said.contains("pod:"),
+                "pod {n} never became ready:\n{said}"
+            );
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        pid
+    };
+
+    let first = start_pod(&mut lab, 0);
+    let status = lab.status();
+    assert_eq!(status["active"], "source", "{status}");
+    assert_eq!(status["vip"], format!("{VIP}:{PG_PORT}"), "{status}");
+    assert!(
+        node_bpffs.0.join("redirect/ACTIVE").exists(),
+        "the datapath is not pinned in the node's bpffs"
+    );
+    lab.redirect_ok(&["flip", "--to", "target", "--immediate"]);
+
+    // The pod is deleted (SIGTERM): the controller stops well within the grace period, and
+    // the datapath stays pinned on the node.
+    let stopping = Instant::now();
+    lab.signal(first, libc::SIGTERM);
+    assert!(
+        stopping.elapsed() < Duration::from_secs(15),
+        "SIGTERM took {:?}",
+        stopping.elapsed()
+    );
+    assert!(
+        node_bpffs.0.join("redirect/ACTIVE").exists(),
+        "the pins went with the pod"
+    );
+    wait_for(
+        Duration::from_secs(5),
+        "the first pod's /metrics to close",
+        || !lab.in_ns(Ns::Proxy, probe_ready),
+    );
+
+    // The replacement pod re-adopts what the node kept.
+    let _second = start_pod(&mut lab, 1);
+    let log = std::fs::read_to_string(lab.work_dir.join("pod-1.log")).unwrap_or_default();
+    assert!(
+        log.contains("adopted=true"),
+        "the new pod did not re-adopt the pins:\n{log}"
+    );
+    assert_eq!(
+        lab.status()["active"],
+        "target",
+        "the flip did not survive the pod's replacement"
     );
 }
