@@ -511,6 +511,8 @@ mount --bind "$NODE_STATE" /var/lib/redirect
 mount --bind "$NODE_RUN" /run/redirect
 mount --bind "$CONFIGMAP" /etc/redirect
 mount -t tmpfs tmpfs /tmp
+# An unprivileged container's /proc/sys is read-only.
+if [ -n "$READ_ONLY_PROC_SYS" ]; then mount --bind /proc/sys /proc/sys; mount -o remount,bind,ro /proc/sys; fi
 awk '{print $5}' /proc/self/mountinfo | sort -u | while read -r m; do
   case "$m" in /proc|/proc/*|/sys|/sys/*|/dev|/dev/*|/var/lib/redirect|/run/redirect|/tmp) continue;; esac
   mount -o remount,bind,ro "$m" 2>/dev/null || true
@@ -520,8 +522,20 @@ for p in / /etc /etc/redirect /usr /var/lib /root /work; do
     rm -f "$p/.redirect-k8s-probe"; echo "pod: $p is writable, the root file system is not read-only"; exit 97
   fi
 done
+# Privileged: every capability. Not: root with only the DaemonSet's capabilities.add.
+if [ -n "$CAPABILITIES" ]; then
+  exec setpriv --bounding-set "-all,$CAPABILITIES" --inh-caps -all "$REDIRECT" run --config /etc/redirect/redirect.toml
+fi
 exec "$REDIRECT" run --config /etc/redirect/redirect.toml
 "#;
+
+/// Whether a process this test started has exited (a zombie not yet reaped, or gone).
+fn exited(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat")).map_or(true, |stat| {
+        stat.rsplit_once(')')
+            .is_some_and(|(_, rest)| rest.trim_start().starts_with('Z'))
+    })
+}
 
 /// What the kubelet's readiness probe asks (`httpGet` 127.0.0.1:9187 /metrics, from the host
 /// network): whether it answers 2xx/3xx.
@@ -543,12 +557,12 @@ fn probe_ready() -> bool {
 }
 
 /// The DaemonSet's pod as far as it can be run without a cluster: the controller started with
-/// the chart's rendered redirect.toml, in the volumes' layout, on a read-only root, becomes
-/// ready by the readiness probe's own request; replaced by a second pod on the same node (a
-/// rolling update), it re-adopts the pinned datapath and the flip made before, from the
-/// hostPaths alone.
-#[test]
-fn the_pod_runs_from_the_rendered_config_and_a_new_pod_re_adopts_the_datapath() {
+/// the chart's rendered redirect.toml (with `values`, plus the lab's addresses), in the
+/// volumes' layout, on a read-only root, becomes ready by the readiness probe's own request;
+/// replaced by a second pod on the same node (a rolling update), it re-adopts the pinned
+/// datapath and the flip made before, from the hostPaths alone. Unprivileged, it runs with
+/// only the capabilities the DaemonSet adds and a read-only /proc/sys.
+fn run_the_pod_twice(name: &str, values: &str) {
     use redirect_tests::{
         LAB_BPFFS, Lab, Ns, PG_PORT, SOURCE_ADDR, TARGET_ADDR, VIP, require_root, wait_for,
     };
@@ -558,23 +572,28 @@ fn the_pod_runs_from_the_rendered_config_and_a_new_pod_re_adopts_the_datapath() 
     let _mount_points =
         MountPoints::ensure(&["/var/lib/redirect", "/run/redirect", "/etc/redirect"]);
     let node_bpffs =
-        NodeBpffs(Path::new(LAB_BPFFS).join(format!("k8s-node-{}", std::process::id())));
-    let mut lab = Lab::new("k8s-pod");
+        NodeBpffs(Path::new(LAB_BPFFS).join(format!("k8s-node-{name}-{}", std::process::id())));
+    let mut lab = Lab::new(name);
     std::fs::create_dir_all(&node_bpffs.0).expect("the node's bpffs");
     // The lab's own `redirect` commands (status, flip) look where the pod keeps things.
     lab.pin_dir = node_bpffs.0.join("redirect");
     lab.journal = lab.work_dir.join("journal.jsonl");
 
-    let values = lab.work_dir.join("values.yaml");
+    let values_file = lab.work_dir.join("values.yaml");
     std::fs::write(
-        &values,
+        &values_file,
         format!(
-            "config:\n  iface: [p-cli, p-src, p-tgt]\n  vip: \"{VIP}:{PG_PORT}\"\n  \
-             source: \"{SOURCE_ADDR}:{PG_PORT}\"\n  target: \"{TARGET_ADDR}:{PG_PORT}\"\n"
+            "{values}config:\n  iface: [p-cli, p-src, p-tgt]\n  vip: \"{VIP}:{PG_PORT}\"\n  \
+             source: \"{SOURCE_ADDR}:{PG_PORT}\"\n  target: \"{TARGET_ADDR}:{PG_PORT}\"\n{}",
+            if values.contains("privileged: false") {
+                "  no-sysctl: true\n"
+            } else {
+                ""
+            }
         ),
     )
     .expect("writing the lab's values");
-    let objs = objects(&render(Some(values.to_str().expect("utf-8 path"))));
+    let objs = objects(&render(Some(values_file.to_str().expect("utf-8 path"))));
     let configmap = lab.work_dir.join("configmap");
     std::fs::create_dir_all(&configmap).expect("the ConfigMap's volume");
     std::fs::write(
@@ -584,7 +603,7 @@ fn the_pod_runs_from_the_rendered_config_and_a_new_pod_re_adopts_the_datapath() 
             .expect("redirect.toml"),
     )
     .expect("writing redirect.toml");
-    // The container's command is the DaemonSet's.
+    // The container's command is the DaemonSet's, with its capabilities.
     let container = &object(&objs, "DaemonSet")["spec"]["template"]["spec"]["containers"][0];
     assert_eq!(
         container["command"],
@@ -594,6 +613,19 @@ fn the_pod_runs_from_the_rendered_config_and_a_new_pod_re_adopts_the_datapath() 
         container["args"],
         serde_json::json!(["run", "--config", "/etc/redirect/redirect.toml"])
     );
+    let security = &container["securityContext"];
+    let capabilities = if security["privileged"] == true {
+        String::new()
+    } else {
+        assert_eq!(security["capabilities"]["drop"], serde_json::json!(["ALL"]));
+        security["capabilities"]["add"]
+            .as_array()
+            .expect("capabilities.add")
+            .iter()
+            .map(|c| format!("+{}", c.as_str().expect("a name").to_lowercase()))
+            .collect::<Vec<_>>()
+            .join(",")
+    };
 
     let work = lab.work_dir.display().to_string();
     let env = [
@@ -602,6 +634,11 @@ fn the_pod_runs_from_the_rendered_config_and_a_new_pod_re_adopts_the_datapath() 
         format!("NODE_RUN={work}"),
         format!("CONFIGMAP={}", configmap.display()),
         format!("REDIRECT={}", redirect_bin().display()),
+        format!("CAPABILITIES={capabilities}"),
+        format!(
+            "READ_ONLY_PROC_SYS={}",
+            if capabilities.is_empty() { "" } else { "1" }
+        ),
     ];
     let start_pod = |lab: &mut Lab, n: u32| -> u32 {
         let mut argv: Vec<&str> = vec!["env"];
@@ -622,7 +659,7 @@ fn the_pod_runs_from_the_rendered_config_and_a_new_pod_re_adopts_the_datapath() 
         while !lab.in_ns(Ns::Proxy, probe_ready) {
             let said = std::fs::read_to_string(&log).unwrap_or_default();
             assert!(
-                Instant::now() < deadline && !said.contains("pod:"),
+                Instant::now() < deadline && !exited(pid),
                 "pod {n} never became ready:\n{said}"
             );
             std::thread::sleep(Duration::from_millis(200));
@@ -671,4 +708,16 @@ fn the_pod_runs_from_the_rendered_config_and_a_new_pod_re_adopts_the_datapath() 
         "target",
         "the flip did not survive the pod's replacement"
     );
+}
+
+#[test]
+fn the_privileged_pod_runs_from_the_rendered_config_and_a_new_pod_re_adopts_the_datapath() {
+    run_the_pod_twice("k8s-pod", "");
+}
+
+/// `privileged: false`: the four capabilities (what redirect.service grants too) are enough
+/// to load, attach, pin and re-adopt, with /proc/sys read-only (`no-sysctl`).
+#[test]
+fn the_unprivileged_pod_runs_with_only_its_four_capabilities() {
+    run_the_pod_twice("k8s-caps", "privileged: false\n");
 }
