@@ -201,10 +201,20 @@ fn install_python_packages() -> anyhow::Result<()> {
         step("Kubernetes chart checkers present (helm-python-sdk, kubernetes-validate)");
         return Ok(());
     }
+    if !succeeds(Command::new("python3").args(["-m", "pip", "--version"])) {
+        step("installing python3-pip");
+        run(Command::new("apt-get").args(["update", "-q"]))?;
+        run(Command::new("apt-get")
+            .args(["install", "-y", "-q", "--no-install-recommends", "python3-pip"])
+            .env("DEBIAN_FRONTEND", "noninteractive"))?;
+    }
     step(&format!("installing {} from PyPI", missing.join(" ")));
+    // Debian's own python3 refuses pip installs outside a venv (PEP 668); these two are
+    // test tools with no Debian package, so allow it (older pips ignore the variable).
     run(Command::new("python3")
         .args(["-m", "pip", "install", "-q", "--disable-pip-version-check"])
-        .args(&missing))
+        .args(&missing)
+        .env("PIP_BREAK_SYSTEM_PACKAGES", "1"))
     .context("installing the Kubernetes chart's checkers (tests/tests/kubernetes.rs needs them)")
 }
 
