@@ -121,7 +121,7 @@ fn open_connection_stays_on_source_while_new_ones_go_to_target_and_back() {
         "A: the open connection stays on the source"
     );
 
-    wait_for_live(lab, 1, 1);
+    wait_for_live(&lab, 1, 1);
 
     lab.redirect_ok(&["flip", "--to", "source", "--immediate"]);
     to_test.send("flipped back").unwrap();

@@ -128,7 +128,7 @@ impl Counts {
     }
 }
 
-pub fn collect(maps: &Maps, counts: Counts) -> anyhow::Result<Status> {
+pub fn collect(maps: &Maps, counts: &Counts) -> anyhow::Result<Status> {
     let mut backends = BTreeMap::new();
     for role in [Role::Source, Role::Target] {
         if let Some(b) = maps.backend(role)? {
@@ -223,7 +223,7 @@ pub fn run(args: &Args, pin_dir: &Path, socket: &Path, journal: &Path) -> anyhow
         Some(c) => c,
         None => Counts::walked(&maps)?,
     };
-    let mut status = collect(&maps, counts)?;
+    let mut status = collect(&maps, &counts)?;
     status.interrupted = interrupted(journal);
     if socket.exists() {
         status.lag = ask(&crate::control::Request::Lag);

@@ -31,6 +31,9 @@ use crate::{
 pub const MIN_INTERVAL: Duration = Duration::from_millis(100);
 /// Lag samples kept for the history line.
 const LAG_HISTORY: usize = 30;
+/// The lag history's full bar is at least this: below it, lag is noise to the operator.
+const LAG_BYTES_FLOOR: f64 = 64.0 * 1024.0;
+const LAG_SECONDS_FLOOR: f64 = 0.1;
 
 /// How the controller answered one poll.
 #[derive(Debug)]
@@ -152,13 +155,14 @@ fn bytes(n: u64) -> String {
     format!("{n} bytes ({v:.1} {})", UNITS[unit])
 }
 
-/// A one-line chart of `values` scaled to their maximum.
-fn sparkline(values: impl Iterator<Item = f64>, unicode: bool) -> String {
+/// A one-line chart of `values` scaled to their maximum, or to `floor` if that is higher: so
+/// noise (a few hundred bytes, a millisecond) draws as a flat line, not as full bars.
+fn sparkline(values: impl Iterator<Item = f64>, floor: f64, unicode: bool) -> String {
     const BLOCKS: [char; 8] = ['▁', '▂', '▃', '▄', '▅', '▆', '▇', '█'];
     const ASCII: [char; 8] = ['_', '.', ':', '-', '=', '+', '*', '#'];
     let ramp = if unicode { BLOCKS } else { ASCII };
     let values: Vec<f64> = values.collect();
-    let max = values.iter().copied().fold(0.0, f64::max);
+    let max = values.iter().copied().fold(floor, f64::max);
     values
         .iter()
         .map(|&v| {
@@ -371,7 +375,11 @@ fn render_lag(lag: Option<&Lag>, h: &History, unicode: bool, line: &mut impl FnM
         }
     ));
     #[expect(clippy::cast_precision_loss, reason = "a chart")]
-    let chart_bytes = sparkline(h.lag.iter().map(|(b, _)| *b as f64), unicode);
+    let chart_bytes = sparkline(
+        h.lag.iter().map(|(b, _)| *b as f64),
+        LAG_BYTES_FLOOR,
+        unicode,
+    );
     let max_bytes = h.lag.iter().map(|(b, _)| *b).max().unwrap_or(0);
     let max_secs = h.lag.iter().map(|(_, s)| *s).fold(0.0, f64::max);
     line(format!(
@@ -381,7 +389,7 @@ fn render_lag(lag: Option<&Lag>, h: &History, unicode: bool, line: &mut impl FnM
     ));
     line(format!(
         "  seconds {:<30}  max {max_secs:.3} s",
-        sparkline(h.lag.iter().map(|(_, s)| *s), unicode)
+        sparkline(h.lag.iter().map(|(_, s)| *s), LAG_SECONDS_FLOOR, unicode)
     ));
 }
 
@@ -690,7 +698,7 @@ mod tests {
         let r = Rates::between(&snapshot(10, 100, 0), &snapshot(12, 130, 0)).unwrap();
         assert!((r.new_connections - 15.0).abs() < 1e-9, "{r:?}");
         assert!((r.new_connections_source - 15.0).abs() < 1e-9);
-        assert_eq!(r.new_connections_target, 0.0);
+        assert!(r.new_connections_target.abs() < 1e-9);
         assert!(
             Rates::between(&snapshot(12, 130, 0), &snapshot(12, 130, 0)).is_none(),
             "no time passed"
@@ -705,9 +713,14 @@ mod tests {
 
     #[test]
     fn sparklines_scale_to_their_maximum() {
-        assert_eq!(sparkline([0.0, 5.0, 10.0].into_iter(), true), "▁▅█");
-        assert_eq!(sparkline([0.0, 0.0].into_iter(), true), "▁▁");
-        assert_eq!(sparkline([1.0, 2.0].into_iter(), false), "=#");
+        assert_eq!(sparkline([0.0, 5.0, 10.0].into_iter(), 1.0, true), "▁▅█");
+        assert_eq!(sparkline([0.0, 0.0].into_iter(), 1.0, true), "▁▁");
+        assert_eq!(sparkline([1.0, 2.0].into_iter(), 1.0, false), "=#");
+        assert_eq!(
+            sparkline([0.001, 0.001].into_iter(), 0.1, true),
+            "▁▁",
+            "noise below the floor stays flat"
+        );
     }
 
     #[test]
@@ -722,12 +735,12 @@ mod tests {
         let now = SystemTime::now();
         let mut h = History::default();
         h.record(Poll::Answer(Box::new(snapshot(10, 100, 100))), now);
-        h.record(Poll::Answer(Box::new(snapshot(11, 103, 2048))), now);
+        h.record(Poll::Answer(Box::new(snapshot(11, 103, 200_000))), now);
         let text = render(&frame(now), &h).join("\n");
         for want in [
             "active: source (198.18.2.2:5432)",
             "new connections: 3.0/s",
-            "replication lag: 2048 bytes (2.0 KiB), 0.250 s, healthy",
+            "replication lag: 200000 bytes (195.3 KiB), 0.250 s, healthy",
             "15000/20000    75.0%  <- running short",
             "▁█",
         ] {
