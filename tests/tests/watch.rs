@@ -399,3 +399,58 @@ fn without_a_controller_the_view_waits_and_ctrl_c_restores_the_terminal() {
     let status = child.wait().expect("waiting for the view");
     assert!(status.success(), "SIGTERM ends the view cleanly: {status}");
 }
+
+/// `/metrics` at scale: with 50,000 tracked connections, the per-backend count is right (the
+/// GC pass counts them) and a scrape stays cheap, because it no longer walks the table. A
+/// scrape that walked it (one map lookup per entry, under the maps lock) took about as long
+/// as a GC pass, on every scrape.
+#[test]
+fn a_scrape_with_fifty_thousand_connections_reads_the_gc_count_quickly() {
+    use redirect_common::ct::{self, CtEntry, CtKey};
+    const N: u32 = 50_000;
+    require_root();
+    let mut lab = Lab::new("watch-scale");
+    lab.start_redirect(&[]);
+    {
+        let mut maps = redirect::datapath::Maps::open(&lab.pin_dir).expect("the pinned maps");
+        let source: std::net::Ipv4Addr = SOURCE_ADDR.parse().expect("the source address");
+        let vip: std::net::Ipv4Addr = VIP.parse().expect("the VIP");
+        for i in 0..N {
+            let [_, hi, mid, lo] = i.to_be_bytes();
+            let key = CtKey {
+                client_addr_be: u32::from(std::net::Ipv4Addr::new(198, 19, mid, lo)).to_be(),
+                vip_addr_be: u32::from(vip).to_be(),
+                client_port_be: (1024 + u16::from(hi)).to_be(),
+                vip_port_be: PG_PORT.to_be(),
+            };
+            // Established, and seen "in the future": no GC pass forgets them during the test.
+            let entry = CtEntry {
+                created_ns: redirect::clock::monotonic_ns(),
+                last_seen_ns: u64::MAX / 2,
+                backend_addr_be: u32::from(source).to_be(),
+                backend_port_be: PG_PORT.to_be(),
+                snat_addr_be: 1,
+                snat_port_be: 1,
+                flags: ct::FLAG_SEEN_NON_SYN,
+                ..CtEntry::default()
+            };
+            maps.ct.insert(key, entry, 0).expect("prefilling CT");
+        }
+    }
+    wait_for(Duration::from_secs(10), "a GC pass to count them", || {
+        metric_connections(&lab, "source") == Some(u64::from(N))
+    });
+    let mut took = Vec::new();
+    for _ in 0..5 {
+        let started = Instant::now();
+        assert_eq!(metric_connections(&lab, "source"), Some(u64::from(N)));
+        took.push(started.elapsed());
+    }
+    took.sort();
+    let median = took[took.len() / 2];
+    eprintln!("/metrics with {N} tracked connections: median scrape {median:?} ({took:?})");
+    assert!(
+        median < Duration::from_millis(50),
+        "a scrape with {N} connections took {median:?}: does it walk the table again?"
+    );
+}
