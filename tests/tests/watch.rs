@@ -13,7 +13,8 @@ use std::{
 };
 
 use redirect_tests::{
-    Lab, Ns, PG_PORT, SOURCE_ADDR, VIP, cutover_lab, redirect_bin, require_root, wait_for,
+    Lab, Ns, PG_PORT, SOURCE_ADDR, TARGET_ADDR, VIP, cutover_lab, redirect_bin, require_root,
+    wait_for,
 };
 
 const COLS: u32 = 140;
@@ -235,8 +236,9 @@ fn open_and_hold(
 /// What a DBA watching a migration reads off the view, checked as numbers: the active backend
 /// by name and address, the connections a bounded load opens (counted, then gone once closed),
 /// new connections per second while they open, the replication lag with its history; the
-/// same counts in `/metrics` and `status`; the view surviving its controller going away; and
-/// `q` ending it with the terminal restored.
+/// same counts in `/metrics` and `status`; a cutover's step while it runs, then the new
+/// backend; the view surviving its controller going away; and `q` ending it with the
+/// terminal restored.
 #[test]
 fn the_watch_view_shows_a_migration_as_numbers_and_quits_cleanly() {
     const CONNS: usize = 30;
@@ -331,6 +333,29 @@ fn the_watch_view_shows_a_migration_as_numbers_and_quits_cleanly() {
         "closed connections counted for {:?}",
         closed_at.elapsed()
     );
+
+    // A cutover while a few connections stay open on the source: its drain waits for them
+    // (up to --drain-timeout), and the view shows the step it is at; then the new backend.
+    let (close, held) = open_and_hold(&c.lab, 3, Duration::ZERO);
+    let flip =
+        cutover_lab::flip_in_background(&c.lab, &["--to", "target", "--drain-timeout", "4s"]);
+    let pane = tmux.wait_for(Duration::from_secs(20), "the cutover in progress", |p| {
+        p.contains(">> CUTOVER IN PROGRESS: step ")
+    });
+    eprintln!("during the cutover:\n{pane}");
+    let out = flip.join().expect("the flip");
+    assert!(
+        out.status.success(),
+        "the cutover failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    tmux.wait_for(Duration::from_secs(3), "the new active backend", |p| {
+        p.contains(&format!("active: target ({TARGET_ADDR}:{PG_PORT})"))
+            && p.contains("cutover: idle")
+            && !p.contains("CUTOVER IN PROGRESS")
+    });
+    close.send(()).expect("the client thread");
+    held.join().expect("client thread");
 
     // The controller goes away: the view says since when, keeps its last figures, and keeps
     // running (retrying) instead of crashing.
