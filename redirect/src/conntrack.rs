@@ -86,6 +86,14 @@ fn client_of(k: &CtKey) -> SocketAddrV4 {
     SocketAddrV4::new(ip_from_be(k.client_addr_be), u16::from_be(k.client_port_be))
 }
 
+/// The backend a connection was sent to.
+fn backend_of(e: &CtEntry) -> SocketAddrV4 {
+    SocketAddrV4::new(
+        ip_from_be(e.backend_addr_be),
+        u16::from_be(e.backend_port_be),
+    )
+}
+
 /// Every tracked connection.
 pub fn list(maps: &Maps) -> Result<Vec<Connection>, DatapathError> {
     let now = clock::monotonic_ns();
@@ -101,10 +109,7 @@ pub fn list(maps: &Maps) -> Result<Vec<Connection>, DatapathError> {
             what: "reading CT".into(),
             source,
         })?;
-        let backend_addr = SocketAddrV4::new(
-            ip_from_be(e.backend_addr_be),
-            u16::from_be(e.backend_port_be),
-        );
+        let backend_addr = backend_of(&e);
         let backend = roles
             .iter()
             .find(|(a, _)| *a == backend_addr)
@@ -126,7 +131,9 @@ pub fn list(maps: &Maps) -> Result<Vec<Connection>, DatapathError> {
     Ok(out)
 }
 
-/// Live (not closing) connections per backend address.
+/// Live (not closing) connections per backend address, by walking the whole table: for the
+/// one-off CLI commands that run without a controller. A running controller counts them in
+/// each GC pass ([`GcReport::live_per_backend`]) instead.
 pub fn live_per_backend(maps: &Maps) -> Result<StdHashMap<SocketAddrV4, u64>, DatapathError> {
     let mut counts = StdHashMap::new();
     for c in list(maps)? {
@@ -294,6 +301,13 @@ pub struct GcReport {
     /// Ports freed at the end of their quarantine.
     pub ports_released: u64,
     pub ct_live: u64,
+    /// Live (not closing) connections per backend address, counted during the pass: what
+    /// `/metrics`, `status` and `status --watch` show, so that none of them walks the table.
+    #[serde(skip)]
+    pub live_per_backend: StdHashMap<SocketAddrV4, u64>,
+    /// When the pass ended, on the datapath's clock ([`clock::monotonic_ns`]).
+    #[serde(skip)]
+    pub at_ns: u64,
     /// Port use per backend and SNAT address, after the pass.
     pub ports: Vec<PortUse>,
     /// How long the pass took.
@@ -303,6 +317,20 @@ pub struct GcReport {
 }
 
 impl GcReport {
+    /// Live connections to `backend` as of this pass.
+    #[must_use]
+    pub fn live(&self, backend: SocketAddrV4) -> u64 {
+        self.live_per_backend.get(&backend).copied().unwrap_or(0)
+    }
+
+    /// Counts a connection the pass keeps.
+    fn kept(&mut self, e: &CtEntry) {
+        self.ct_live += 1;
+        if ConnState::of(e.flags).is_live() {
+            *self.live_per_backend.entry(backend_of(e)).or_default() += 1;
+        }
+    }
+
     /// The highest port pressure of any backend.
     #[must_use]
     pub fn max_pressure(&self) -> f64 {
@@ -357,7 +385,7 @@ pub fn gc(maps: &mut Maps, t: &Timeouts, pressured: bool) -> Result<GcReport, Da
     for item in &maps.ct {
         let (k, e) = item.map_err(map_err("reading CT"))?;
         if fate(&e, now, t, pressured) == Fate::Keep {
-            report.ct_live += 1;
+            report.kept(&e);
         } else {
             dead.push(k);
         }
@@ -370,6 +398,10 @@ pub fn gc(maps: &mut Maps, t: &Timeouts, pressured: bool) -> Result<GcReport, Da
             .get(k, 0)
             .is_ok_and(|e| fate(&e, clock::monotonic_ns(), t, pressured) != Fate::Keep)
         {
+            // Kept after all (refreshed since the scan): still a connection to count.
+            if let Ok(e) = maps.ct.get(k, 0) {
+                report.kept(&e);
+            }
             continue;
         }
         // Take the entry out and look at what was really removed: the datapath may still have
@@ -391,7 +423,7 @@ pub fn gc(maps: &mut Maps, t: &Timeouts, pressured: bool) -> Result<GcReport, Da
                 report.errors += 1;
             }
             report.ct_restored += 1;
-            report.ct_live += 1;
+            report.kept(&e);
             continue;
         };
         report.ct_expired += 1;
@@ -471,6 +503,7 @@ pub fn gc(maps: &mut Maps, t: &Timeouts, pressured: bool) -> Result<GcReport, Da
     }
     report.ports = port_use_of(maps, &claimed)?;
     report.took_ms = u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX);
+    report.at_ns = clock::monotonic_ns();
     Ok(report)
 }
 

@@ -1,6 +1,7 @@
 //! The control socket: a root-only Unix socket on which the running controller serves the CLI
-//! (`flip`, `lag`, `status`, `verify`). One JSON request per connection; the answer is JSON lines:
-//! `{"progress": "..."}` while a long step runs, then `{"ok": ...}` or `{"error": "..."}`.
+//! (`flip`, `lag`, `status`, `status --watch`, `verify`). One JSON request per connection; the
+//! answer is JSON lines: `{"progress": "..."}` while a long step runs, then `{"ok": ...}` or
+//! `{"error": "..."}`.
 
 use std::{
     os::unix::fs::PermissionsExt as _,
@@ -69,6 +70,9 @@ pub enum Request {
     },
     /// What the controller is doing, and what its last recovery did.
     State,
+    /// Counters, connections, port use, lag and phase in one cheap answer (no table walk):
+    /// what `status --watch` asks for every interval.
+    Snapshot,
     /// The fleet this controller is a member of (`null` without `--etcd`).
     Fleet,
     /// A fleet-wide immediate flip (`flip --immediate` on a fleet member): commit the next
@@ -159,6 +163,11 @@ async fn handle(stream: UnixStream, ctl: Arc<Controller>) -> std::io::Result<()>
             "phase": ctl.phase(),
             "last_recovery": *crate::sync::lock(&ctl.last_recovery),
         })),
+        // The maps lock may be held by a GC pass for a while: wait for it off the runtime.
+        Request::Snapshot => Reply::Ok(
+            serde_json::to_value(tokio::task::block_in_place(|| crate::snapshot::take(&ctl)))
+                .expect("the snapshot serializes"),
+        ),
         Request::Fleet => match &ctl.fleet {
             Some(fleet) => {
                 Reply::Ok(serde_json::to_value(fleet.view().await).expect("the view serializes"))

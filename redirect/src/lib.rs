@@ -21,5 +21,6 @@ pub mod metrics;
 pub mod net;
 pub mod notify;
 pub mod pg;
+pub mod snapshot;
 pub mod sync;
 pub mod verify;

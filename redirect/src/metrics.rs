@@ -9,7 +9,7 @@ use tokio::{
 };
 use tokio_util::sync::CancellationToken;
 
-use crate::{conntrack, cutover::Controller, datapath::Role};
+use crate::{cutover::Controller, datapath::Role};
 
 /// Reads one per-port gauge from a GC report's port use.
 type PortGauge = fn(&crate::conntrack::PortUse) -> u64;
@@ -30,18 +30,20 @@ pub fn render(ctl: &Controller) -> String {
             u8::from(active == Some(role))
         );
     }
-    if let Ok(per) = conntrack::live_per_backend(&maps) {
+    // Counted by the last GC pass (every --gc-interval, 1 s by default), not here: a scrape
+    // that walked the connection table under the maps lock took as long as a GC pass and held
+    // up the datapath's other users for it, on every scrape.
+    if let Some(gc) = crate::sync::lock(&ctl.last_gc).as_ref() {
         let _ = writeln!(
             out,
-            "# HELP redirect_connections Live tracked connections per backend.\n# TYPE redirect_connections gauge"
+            "# HELP redirect_connections Live (not closing) tracked connections per backend, as of the last conntrack GC pass (every --gc-interval, 1 s by default; see redirect_gc_pass_seconds).\n# TYPE redirect_connections gauge"
         );
         for role in [Role::Source, Role::Target] {
             let n = maps
                 .backend(role)
                 .ok()
                 .flatten()
-                .and_then(|b| per.get(&b.addr).copied())
-                .unwrap_or(0);
+                .map_or(0, |b| gc.live(b.addr));
             let _ = writeln!(out, "redirect_connections{{backend=\"{role}\"}} {n}");
         }
     }

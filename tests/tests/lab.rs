@@ -19,6 +19,30 @@ fn lab_with_servers(name: &str, extra: &[&str]) -> Lab {
     lab
 }
 
+/// `status` once it counts `source` and `target` live connections. With a controller running,
+/// `status` shows the counts of its last GC pass, so this waits a few passes (1 s by default).
+fn wait_for_live(lab: &Lab, source: u64, target: u64) -> serde_json::Value {
+    let mut last = serde_json::Value::Null;
+    let counts = |s: &serde_json::Value| {
+        (
+            s["backends"]["source"]["connections"].as_u64(),
+            s["backends"]["target"]["connections"].as_u64(),
+        )
+    };
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while std::time::Instant::now() < deadline {
+        last = lab.status();
+        if counts(&last) == (Some(source), Some(target)) {
+            return last;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    panic!(
+        "status never counted {source} live connection(s) on the source and {target} on the target within 5 s (a few GC passes): {:?}\n{last}",
+        counts(&last)
+    );
+}
+
 fn assert_no_checksum_errors(lab: &Lab) {
     for ns in [Ns::Client, Ns::Proxy, Ns::Source, Ns::Target] {
         assert_eq!(lab.csum_errors(ns), 0, "TcpInCsumErrors in {ns:?}");
@@ -97,9 +121,7 @@ fn open_connection_stays_on_source_while_new_ones_go_to_target_and_back() {
         "A: the open connection stays on the source"
     );
 
-    let s = lab.status();
-    assert_eq!(s["backends"]["source"]["connections"], 1);
-    assert_eq!(s["backends"]["target"]["connections"], 1);
+    wait_for_live(&lab, 1, 1);
 
     lab.redirect_ok(&["flip", "--to", "source", "--immediate"]);
     to_test.send("flipped back").unwrap();
@@ -199,9 +221,7 @@ fn a_thousand_concurrent_connections_are_all_routed_correctly() {
         2 * PER_SIDE,
         "no two connections share a backend-side tuple"
     );
-    let s = lab.status();
-    assert_eq!(s["backends"]["source"]["connections"], PER_SIDE);
-    assert_eq!(s["backends"]["target"]["connections"], PER_SIDE);
+    let s = wait_for_live(&lab, PER_SIDE as u64, PER_SIDE as u64);
     for stat in ["snat_exhausted", "ct_full", "nonsyn_miss", "reply_orphan"] {
         assert_eq!(s["stats"][stat], 0, "{stat}");
     }
@@ -342,11 +362,8 @@ fn fin_and_rst_lead_to_cleanup_after_the_timeouts() {
         seen.iter().all(|s| s == "closed"),
         "both connections are closed: {seen:?}"
     );
-    assert_eq!(
-        lab.status()["backends"]["source"]["connections"],
-        0,
-        "closed connections do not count as live"
-    );
+    // Closed connections do not count as live.
+    wait_for_live(&lab, 0, 0);
     wait_for(
         Duration::from_secs(10),
         "CT entries to expire after the close timeout",

@@ -45,6 +45,8 @@ const PACKAGES: &[(&str, &str)] = &[
     // SystemCallFilter= against what strace sees the controller call.
     ("systemd", "/usr/bin/systemd-analyze"),
     ("strace", "/usr/bin/strace"),
+    // `status --watch` is tested as a person sees it: in a tmux pane of fixed size.
+    ("tmux", "/usr/bin/tmux"),
 ];
 
 /// What tests/tests/kubernetes.rs renders and validates the Helm chart with, from PyPI: Helm

@@ -17,6 +17,7 @@ pub mod lag;
 pub mod run;
 pub mod status;
 pub mod verify;
+pub mod watch;
 
 /// Move a live `PostgreSQL` database to a new server without downtime.
 ///

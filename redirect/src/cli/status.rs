@@ -1,22 +1,40 @@
 //! `redirect status`: where new connections go, how many each backend holds, and the
-//! datapath's counters. Reads the pinned maps, so it works without `redirect run`.
+//! datapath's counters. Reads the pinned maps, so it works without `redirect run`; with a
+//! controller running, connection counts and port use come from its last GC pass instead of a
+//! walk of the tables. `--watch` keeps a live view open (`watch.rs`).
 
-use std::{collections::BTreeMap, path::Path};
+use std::{
+    collections::{BTreeMap, HashMap},
+    net::SocketAddrV4,
+    path::Path,
+    time::Duration,
+};
 
 use serde::Serialize;
 
 use crate::{
-    conntrack,
+    conntrack::{self, PortUse},
     datapath::{Maps, Role},
     net,
+    snapshot::Snapshot,
 };
 
 /// Show the active backend, connections per backend and the datapath counters.
 #[derive(Debug, clap::Args)]
 pub struct Args {
-    /// Print the result as JSON.
+    /// Print the result as JSON. With --watch: one JSON object per interval (JSON lines).
     #[arg(long)]
     pub json: bool,
+    /// Keep watching, like `top`: the active backend, connections and new connections per
+    /// second, counter rates, replication lag with its recent history, SNAT port use and any
+    /// cutover in progress, redrawn every --interval; q or Ctrl-C quits. Reads the running
+    /// controller (retrying while it is away). Not on a terminal: plain frames, one after
+    /// another.
+    #[arg(long)]
+    pub watch: bool,
+    /// How often --watch redraws.
+    #[arg(long, value_parser = humantime::parse_duration, default_value = "1s", requires = "watch")]
+    pub interval: Duration,
 }
 
 #[derive(Serialize)]
@@ -42,6 +60,11 @@ pub struct Status {
     pub backends: BTreeMap<&'static str, BackendStatus>,
     /// All tracked entries, including closing ones.
     pub tracked: u64,
+    /// Connections, port use and tracked entries are as of the running controller's last GC
+    /// pass, this many milliseconds ago; absent: counted by walking the tables just now
+    /// (no controller running).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub counted_gc_age_ms: Option<u64>,
     pub stats: BTreeMap<&'static str, u64>,
     /// Replication lag from the running controller, when it knows the databases.
     pub lag: Option<serde_json::Value>,
@@ -55,17 +78,63 @@ pub struct Status {
     pub fleet: Option<serde_json::Value>,
 }
 
-pub fn collect(maps: &Maps) -> anyhow::Result<Status> {
-    let conns = conntrack::list(maps)?;
-    let ports = conntrack::port_use(maps)?;
+/// Connections per backend, SNAT port use and tracked entries, from wherever is cheapest.
+pub struct Counts {
+    live: HashMap<SocketAddrV4, u64>,
+    ports: Vec<PortUse>,
+    tracked: u64,
+    /// Age of the controller's GC pass they come from; `None`: walked just now.
+    gc_age_ms: Option<u64>,
+}
+
+impl Counts {
+    /// By walking the connection and port tables: without a controller.
+    pub fn walked(maps: &Maps) -> anyhow::Result<Self> {
+        let conns = conntrack::list(maps)?;
+        let mut live = HashMap::new();
+        for c in conns.iter().filter(|c| c.state.is_live()) {
+            *live.entry(c.backend_addr).or_default() += 1;
+        }
+        Ok(Self {
+            live,
+            ports: conntrack::port_use(maps)?,
+            tracked: conns.len() as u64,
+            gc_age_ms: None,
+        })
+    }
+
+    /// As of the running controller's last GC pass (`None` before its first one).
+    #[must_use]
+    pub fn counted(snapshot: &Snapshot) -> Option<Self> {
+        Some(Self {
+            live: snapshot
+                .backends
+                .iter()
+                .map(|b| Some((b.addr, b.connections?)))
+                .collect::<Option<_>>()?,
+            ports: snapshot
+                .ports
+                .iter()
+                .map(|p| PortUse {
+                    backend: p.backend,
+                    snat: p.snat,
+                    claimed: p.claimed,
+                    capacity: p.capacity,
+                })
+                .collect(),
+            tracked: snapshot.tracked?,
+            gc_age_ms: Some(snapshot.gc_age_ms?),
+        })
+    }
+}
+
+pub fn collect(maps: &Maps, counts: &Counts) -> anyhow::Result<Status> {
     let mut backends = BTreeMap::new();
     for role in [Role::Source, Role::Target] {
         if let Some(b) = maps.backend(role)? {
-            let connections = conns
-                .iter()
-                .filter(|c| c.backend_addr == b.addr && c.state.is_live())
-                .count() as u64;
-            let port_use = ports
+            let connections = counts.live.get(&b.addr).copied().unwrap_or(0);
+            let port_use = counts
+                .ports
                 .iter()
                 .find(|p| p.backend == b.addr && p.snat == b.snat);
             backends.insert(
@@ -95,7 +164,8 @@ pub fn collect(maps: &Maps) -> anyhow::Result<Status> {
             })
             .collect(),
         backends,
-        tracked: conns.len() as u64,
+        tracked: counts.tracked,
+        counted_gc_age_ms: counts.gc_age_ms,
         stats: maps.stats()?.into_iter().collect(),
         lag: None,
         controller: None,
@@ -128,39 +198,37 @@ fn interrupted(journal: &Path) -> Option<String> {
 }
 
 pub fn run(args: &Args, pin_dir: &Path, socket: &Path, journal: &Path) -> anyhow::Result<()> {
+    if args.watch {
+        return super::watch::run(socket, args.interval, args.json);
+    }
     net::require_root()?;
     let maps = Maps::open(pin_dir)?;
-    let mut status = collect(&maps)?;
-    status.interrupted = interrupted(journal);
-    if socket.exists() {
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()?;
-        status.lag = rt
-            .block_on(crate::control::call(
-                socket,
-                &crate::control::Request::Lag,
-                |_| {},
-            ))
-            .ok()
-            .flatten();
-        status.controller = rt
-            .block_on(crate::control::call(
-                socket,
-                &crate::control::Request::State,
-                |_| {},
-            ))
-            .ok()
-            .flatten();
-        status.fleet = rt
-            .block_on(crate::control::call(
-                socket,
-                &crate::control::Request::Fleet,
-                |_| {},
-            ))
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let ask = |request: &crate::control::Request| {
+        if !socket.exists() {
+            return None;
+        }
+        rt.block_on(crate::control::call(socket, request, |_| {}))
             .ok()
             .flatten()
-            .filter(|f| !f.is_null());
+    };
+    // A running controller has the counts from its last GC pass: walking a big connection
+    // table here would only repeat that work, holding nothing but costing seconds.
+    let counted = ask(&crate::control::Request::Snapshot)
+        .and_then(|v| serde_json::from_value::<Snapshot>(v).ok())
+        .and_then(|s| Counts::counted(&s));
+    let counts = match counted {
+        Some(c) => c,
+        None => Counts::walked(&maps)?,
+    };
+    let mut status = collect(&maps, &counts)?;
+    status.interrupted = interrupted(journal);
+    if socket.exists() {
+        status.lag = ask(&crate::control::Request::Lag);
+        status.controller = ask(&crate::control::Request::State);
+        status.fleet = ask(&crate::control::Request::Fleet).filter(|f| !f.is_null());
     }
     // An unfinished cutover is "interrupted" only if no controller is working on it.
     if status
@@ -213,7 +281,14 @@ pub fn run(args: &Args, pin_dir: &Path, socket: &Path, journal: &Path) -> anyhow
             }
         );
     }
-    println!("tracked entries: {}", status.tracked);
+    match status.counted_gc_age_ms {
+        Some(ms) => println!(
+            "tracked entries: {} (as of the controller's GC pass {:.1} s ago)",
+            status.tracked,
+            Duration::from_millis(ms).as_secs_f64()
+        ),
+        None => println!("tracked entries: {}", status.tracked),
+    }
     if let Some(c) = &status.controller {
         println!("cutover:    {}", c["phase"].as_str().unwrap_or("?"));
         if let Some(r) = c["last_recovery"].as_str() {
