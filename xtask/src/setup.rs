@@ -207,7 +207,13 @@ fn install_python_packages() -> anyhow::Result<()> {
         step("installing python3-pip");
         run(Command::new("apt-get").args(["update", "-q"]))?;
         run(Command::new("apt-get")
-            .args(["install", "-y", "-q", "--no-install-recommends", "python3-pip"])
+            .args([
+                "install",
+                "-y",
+                "-q",
+                "--no-install-recommends",
+                "python3-pip",
+            ])
             .env("DEBIAN_FRONTEND", "noninteractive"))?;
     }
     step(&format!("installing {} from PyPI", missing.join(" ")));
