@@ -45,7 +45,7 @@ fn lab_with_servers(name: &str) -> (Lab, Pg, Pg) {
 }
 
 #[test]
-fn members_register_under_leases_and_a_killed_member_leaves() {
+fn members_register_under_leases_and_a_killed_member_leaves_the_live_list_not_the_roster() {
     let mut etcd = Etcd::new("mem");
     let mut labs: Vec<Lab> = ["fla", "flb", "flc"].iter().map(|n| Lab::new(n)).collect();
     let ids = ["proxy-a", "proxy-b", "proxy-c"];
@@ -94,6 +94,14 @@ fn members_register_under_leases_and_a_killed_member_leaves() {
         "a stopped member to leave at once",
         || members(&labs[0]) == ["proxy-a"],
     );
+    // Both stay on the roster: their datapaths may still serve, so cutovers wait for them.
+    let roster: Vec<String> = labs[0].status()["fleet"]["roster"]
+        .as_array()
+        .expect("the roster")
+        .iter()
+        .filter_map(|m| m["id"].as_str().map(str::to_owned))
+        .collect();
+    assert_eq!(roster, ids, "every member that joined stays enrolled");
 }
 
 #[test]
@@ -1006,6 +1014,15 @@ fn a_member_down_before_the_flip_blocks_the_cutover_until_it_is_forgotten() {
             "proxy-{i}"
         );
     }
+    // Nor does an immediate flip split the fleet around it.
+    let immediate = fl.proxies[0].redirect(&["flip", "--to", "target", "--immediate"]);
+    assert!(!immediate.status.success());
+    assert!(
+        String::from_utf8_lossy(&immediate.stderr)
+            .contains("proxy-2 of fleet lab are enrolled but not live"),
+        "{}",
+        String::from_utf8_lossy(&immediate.stderr)
+    );
 
     let refused = fl.proxies[0].redirect(&["fleet", "forget", "proxy-1"]);
     assert!(!refused.status.success());
@@ -1049,7 +1066,15 @@ fn a_member_joining_during_the_hold_is_held_before_it_attaches_and_not_committed
     let held = log
         .find("the fleet is in a cutover's hold")
         .unwrap_or_else(|| panic!("proxy-2 did not hold before attaching:\n{log}"));
-    assert!(held < log.find("datapath ready").expect("ready"), "{log}");
+    // Logged from the kernel's map as the datapath became ready, before the member's
+    // follower applied the hold itself.
+    let followed = log.find("fleet hold applied").unwrap_or(usize::MAX);
+    assert!(held < followed, "{log}");
+    assert_eq!(
+        within(&fl.proxies[2], 2),
+        None,
+        "a new connection through the joining member got through during the hold"
+    );
     let out = leader.wait_with_output().expect("the flip");
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(
@@ -1203,4 +1228,43 @@ fn a_leader_killed_mid_cutover_recovers_by_the_fleets_committed_epoch() {
         fl.proxies[0].last_redirect_log()
     );
     assert_eq!(assert_one_backend_everywhere(&fl), "target");
+}
+
+/// A member stopped (SIGTERM, as `systemctl stop`) while it holds for a fleet cutover keeps
+/// following the fleet until the next epoch lifts its hold, then stops: its datapath, left
+/// serving, sends new connections to the committed backend instead of dropping them all
+/// until someone restarts it.
+#[test]
+fn a_member_stopped_during_a_hold_stops_after_the_commit_and_keeps_serving() {
+    let mut fl = FleetLab::new("fstop", 2);
+    fl.proxies[0].redirect_env.extend([
+        ("REDIRECT_FAULT_PAUSE".into(), "barrier".into()),
+        ("REDIRECT_FAULT_PAUSE_MS".into(), "3000".into()),
+    ]);
+    fl.start_members(&[]);
+    let leader = cutover_paused_after_the_hold(&fl, 1);
+    wait_for(Duration::from_secs(5), "proxy-1's ack of the hold", || {
+        fl.etcd
+            .get(&format!("/redirect/{FLEET}/acks/1/proxy-1"))
+            .is_some()
+    });
+    fl.stop_member(1, libc::SIGTERM);
+    let out = leader.wait_with_output().expect("the flip");
+    assert!(
+        out.status.success(),
+        "{}\n{}",
+        String::from_utf8_lossy(&out.stderr),
+        fl.proxies[0].last_redirect_log()
+    );
+    let log = fl.proxies[1].last_redirect_log();
+    assert!(
+        log.contains("waiting for the fleet's next epoch to lift this member's hold")
+            && log.contains("fleet hold lifted"),
+        "{log}"
+    );
+    assert_eq!(
+        within(&fl.proxies[1], 3).as_deref(),
+        Some("target"),
+        "the stopped member's datapath serves the committed backend"
+    );
 }

@@ -327,12 +327,17 @@ pub async fn run(args: Args, pin_dir: &Path, socket: &Path, journal: &Path) -> a
         active: c.state.active,
         in_hold: c.state.phase == crate::fleet::state::FleetPhase::Hold,
     });
-    if joining.is_some_and(|j| j.in_hold) {
-        info!(
-            "the fleet is in a cutover's hold: new connections are held (and dropped unless this member confirms the hold) from before the datapath attaches"
-        );
-    }
     let mut report = datapath::install_with_active(pin_dir, &ifaces, args.hook, &spec, joining)?;
+    if joining.is_some_and(|j| j.in_hold) {
+        // Read back from the kernel's map, not assumed: what the first packets met.
+        let cutover = Maps::open(pin_dir)?.cutover()?;
+        if cutover.flags & redirect_common::cutover::LAPSE_CLOSED != 0 {
+            info!(
+                fenced = cutover.fence_until_ns != 0,
+                "the fleet is in a cutover's hold: new connections were held (and are dropped unless this member confirms the hold) from before the datapath attached"
+            );
+        }
+    }
     info!(
         pin_dir = %pin_dir.display(),
         vip = %spec.vip,
@@ -356,12 +361,21 @@ pub async fn run(args: Args, pin_dir: &Path, socket: &Path, journal: &Path) -> a
         .take_map("EVENTS")
         .and_then(|m| aya::maps::RingBuf::try_from(m).ok());
     let shutdown = CancellationToken::new();
+    // The fleet's tasks (membership, following the committed state) outlive `shutdown`: a
+    // member stopped in the middle of a fleet hold keeps following until the next epoch
+    // lifts it (below), or its kernel would drop every new connection until a restart.
+    let fleet_stop = CancellationToken::new();
     let fleet = match joined {
         Some((settings, client, committed)) => {
             let snat = vec![spec.source.snat.to_string(), spec.target.snat.to_string()];
-            let fleet =
-                crate::fleet::Fleet::register(settings, client, committed, snat, shutdown.clone())
-                    .await?;
+            let fleet = crate::fleet::Fleet::register(
+                settings,
+                client,
+                committed,
+                snat,
+                fleet_stop.clone(),
+            )
+            .await?;
             info!(fleet = %fleet.settings.fleet, member = %fleet.settings.member, "registered as a fleet member");
             Some(fleet)
         }
@@ -388,7 +402,10 @@ pub async fn run(args: Args, pin_dir: &Path, socket: &Path, journal: &Path) -> a
         }
     });
     if ctl.fleet.is_some() {
-        tokio::spawn(crate::fleet::follow::follow(ctl.clone(), shutdown.clone()));
+        tokio::spawn(crate::fleet::follow::follow(
+            ctl.clone(),
+            fleet_stop.clone(),
+        ));
     }
     let control = tokio::spawn(control::serve(
         socket.to_path_buf(),
@@ -483,6 +500,16 @@ pub async fn run(args: Args, pin_dir: &Path, socket: &Path, journal: &Path) -> a
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
     }
+    if let Some(fleet) = &ctl.fleet {
+        if crate::sync::lock(&fleet.holding).is_some() {
+            warn!("stopping: waiting for the fleet's next epoch to lift this member's hold");
+            while crate::sync::lock(&fleet.holding).is_some() && std::time::Instant::now() < stop_by
+            {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        }
+    }
+    fleet_stop.cancel();
     if let Ok(Err(e)) = control.await {
         warn!(error = %e, "control socket");
     }

@@ -20,7 +20,7 @@ use tracing::warn;
 
 use crate::fleet::{
     Fleet, FleetError, lead,
-    state::{self, Committed, FleetPhase, Guard},
+    state::{self, Committed, Epoch, FleetPhase, Guard},
 };
 
 /// How long the leader waits for every member to acknowledge an epoch.
@@ -92,8 +92,11 @@ pub async fn commit(run: &mut Run, fleet: &Fleet) -> Result<(), CutoverError> {
         .fleet_hold
         .clone()
         .ok_or_else(|| CutoverError::abort(Phase::Flip, "no fleet hold was committed"))?;
-    let guard = Guard::NoMemberEnrolledAfter(run.fleet_roster_revision);
-    let committed = match lead::commit_next(fleet, &hold, run.to, guard).await {
+    let guard = Guard::Commit {
+        enrolled_by: run.fleet_roster_revision,
+        leader_key: run.fleet_leader_key.clone(),
+    };
+    let committed = match lead::commit_next(fleet, &hold, run.to, &guard).await {
         Ok(c) => c,
         Err(FleetError::Refused(why)) => return Err(fleet_error(Phase::Flip, why)),
         // The answer was lost and etcd stayed unreadable: the commit may have landed, and the
@@ -195,6 +198,7 @@ pub async fn await_members(run: &mut Run, fleet: &Fleet) {
         ),
         Err(e) => format!("could not read the members' acknowledgements ({e})"),
     };
+    lead::forget_acks(fleet, &[Epoch(epoch.0 - 1), epoch]).await;
     run.report.hold_ms = run.held_at.elapsed().as_secs_f64() * 1000.0;
     run.rec.note(
         t,
@@ -206,35 +210,84 @@ pub async fn await_members(run: &mut Run, fleet: &Fleet) {
     );
 }
 
+/// What undoing a fleet cutover found in etcd.
+pub enum FleetUndo {
+    /// The abort is committed (by this leader or by a member): the old backend stays, and
+    /// the database side is undone.
+    Aborted(String),
+    /// This leader's commit had landed after all: nothing is undone, the cutover finishes.
+    Committed(Committed),
+    /// etcd holds neither this cutover's abort nor its commit (the fleet moved on: this
+    /// leader's office lapsed and another cutover began), or cannot be read: the database
+    /// side is left as it is rather than undone under a fleet that may not follow the old
+    /// backend.
+    Unsettled(String),
+}
+
 /// Undo before the commit: the epoch after the `Hold` names the old backend again, so every
-/// member lifts its fence and releases its held connections there.
-pub async fn abort(run: &mut Run) -> Option<String> {
+/// member lifts its fence and releases its held connections there. Says what etcd holds
+/// afterwards, which decides whether the database side may be undone.
+pub async fn abort(run: &mut Run) -> Option<FleetUndo> {
     let hold = run.fleet_hold.take()?;
     let fleet = run.ctl.fleet.as_ref()?;
-    Some(
-        match lead::commit_next(fleet, &hold, run.from, Guard::StateOnly).await {
-            Ok(c) => {
-                let acks = lead::await_acks(fleet, c.state.epoch, ACK_TIMEOUT).await;
-                match acks {
-                    Ok(a) if a.missing.is_empty() => format!(
-                        "fleet epoch {} committed: every member lifted its fence and released its held connections to the {}",
-                        c.state.epoch, run.from
-                    ),
-                    Ok(a) => format!(
-                        "fleet epoch {} committed (the {} stays active); not yet applied by {}",
-                        c.state.epoch,
-                        run.from,
-                        a.describe_missing()
-                    ),
-                    Err(e) => format!(
-                        "fleet epoch {} committed; acknowledgements unreadable ({e})",
-                        c.state.epoch
-                    ),
-                }
+    let why = match lead::commit_next(fleet, &hold, run.from, &Guard::StateOnly).await {
+        Ok(c) => return Some(FleetUndo::Aborted(describe_abort(run, fleet, &c).await)),
+        Err(e) => e,
+    };
+    let mut client = fleet.client();
+    let until = Instant::now() + Duration::from_secs(6);
+    let now = loop {
+        match state::read(&mut client, &fleet.settings.fleet).await {
+            Ok(Some(now)) => break now,
+            Ok(None) => {
+                return Some(FleetUndo::Unsettled(
+                    "the fleet's state is gone from etcd".into(),
+                ));
             }
-            Err(e) => format!(
-                "could not commit the fleet's abort ({e}): members abort by themselves once this leader is gone, and drop new connections until then"
-            ),
-        },
-    )
+            Err(e) if Instant::now() >= until => {
+                return Some(FleetUndo::Unsettled(format!(
+                    "could not commit the fleet's abort ({why}) nor read etcd ({e}): members abort by themselves once this leader is gone, and drop new connections until then"
+                )));
+            }
+            Err(_) => tokio::time::sleep(SETTLE_EVERY).await,
+        }
+    };
+    let next = hold.state.epoch.0 + 1;
+    let s = &now.state;
+    if s.epoch.0 == next && s.phase == FleetPhase::Idle && s.active == run.from {
+        return Some(FleetUndo::Aborted(describe_abort(run, fleet, &now).await));
+    }
+    if s.epoch.0 == next
+        && s.phase == FleetPhase::Idle
+        && s.active == run.to
+        && s.written_by == fleet.settings.member
+    {
+        return Some(FleetUndo::Committed(now));
+    }
+    Some(FleetUndo::Unsettled(format!(
+        "etcd holds epoch {} ({:?}, the {} active, written by {}), neither this cutover's abort nor its commit: the fleet moved on past it ({why})",
+        s.epoch, s.phase, s.active, s.written_by
+    )))
+}
+
+/// "fleet epoch 3 committed: every member lifted its fence ...".
+async fn describe_abort(run: &Run, fleet: &Fleet, c: &Committed) -> String {
+    let acks = lead::await_acks(fleet, c.state.epoch, ACK_TIMEOUT).await;
+    lead::forget_acks(fleet, &[Epoch(c.state.epoch.0 - 1), c.state.epoch]).await;
+    match acks {
+        Ok(a) if a.missing.is_empty() => format!(
+            "fleet epoch {} committed: every member lifted its fence and released its held connections to the {}",
+            c.state.epoch, run.from
+        ),
+        Ok(a) => format!(
+            "fleet epoch {} committed (the {} stays active); not yet applied by {}",
+            c.state.epoch,
+            run.from,
+            a.describe_missing()
+        ),
+        Err(e) => format!(
+            "fleet epoch {} committed; acknowledgements unreadable ({e})",
+            c.state.epoch
+        ),
+    }
 }

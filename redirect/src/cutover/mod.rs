@@ -397,6 +397,8 @@ pub struct Run {
     /// A fleet cutover: the etcd revision of the roster the hold's acknowledgements were
     /// counted against (the commit refuses if anyone enrolled since).
     pub fleet_roster_revision: i64,
+    /// A fleet cutover: the election key this leader holds (the commit requires it).
+    pub fleet_leader_key: Vec<u8>,
 }
 
 impl Run {
@@ -557,6 +559,9 @@ impl Controller {
             ),
             None => None,
         };
+        if let Some(l) = &leadership {
+            run.fleet_leader_key = l.key();
+        }
         let result = match &self.fleet {
             Some(fleet) => Self::before_flip_fleet(&mut run, fleet).await,
             None => Self::before_flip(&mut run).await,
@@ -564,14 +569,26 @@ impl Controller {
         if let Err(e) = result {
             self.set_phase(Phase::Aborting);
             let t = Instant::now();
-            let undone = undo::undo(&mut run).await;
-            let _ = run
-                .rec
-                .step(Step::Aborted, t, format!("{e}; undo: {undone}"));
-            if let Some(l) = leadership {
-                l.resign().await;
+            match undo::undo(&mut run).await {
+                undo::Undone::Done(undone) => {
+                    let _ = run
+                        .rec
+                        .step(Step::Aborted, t, format!("{e}; undo: {undone}"));
+                    if let Some(l) = leadership {
+                        l.resign().await;
+                    }
+                    return Err(e);
+                }
+                // The fleet follows the new backend: finish, as after any commit.
+                undo::Undone::CommittedAfterAll(committed) => {
+                    let detail = format!(
+                        "fleet epoch {} committed after all ({e}): every member sends new connections to the {}",
+                        committed.state.epoch, run.to
+                    );
+                    flip::record_commit(&mut run, t, detail);
+                    run.fleet_hold = Some(committed);
+                }
             }
-            return Err(e);
         }
         match &self.fleet {
             Some(fleet) => Self::after_flip_fleet(&mut run, fleet).await,

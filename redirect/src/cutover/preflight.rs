@@ -484,6 +484,7 @@ pub async fn check(
         members_proxied: Vec::new(),
         fleet_hold: None,
         fleet_roster_revision: 0,
+        fleet_leader_key: Vec::new(),
         req,
     })))
 }

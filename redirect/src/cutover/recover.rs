@@ -144,7 +144,7 @@ async fn fleet_outcome(ctl: &Controller, from: Role) -> Option<Role> {
         return Some(now.state.active);
     }
     let guard = crate::fleet::state::Guard::StateOnly;
-    if crate::fleet::lead::commit_next(fleet, &now, from, guard)
+    if crate::fleet::lead::commit_next(fleet, &now, from, &guard)
         .await
         .is_ok()
     {

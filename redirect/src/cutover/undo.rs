@@ -3,16 +3,34 @@
 use redirect_common::cutover::Cutover;
 
 use super::catalog::DROP_IDLE_SLOT;
-use super::{REVERSE, Run, quote_ident};
+use super::{REVERSE, Run, fleet_steps::FleetUndo, quote_ident};
 use crate::{datapath::Role, pg::timed, sync::lock};
 
+/// What [`undo`] did.
+pub enum Undone {
+    /// Undone, as described.
+    Done(String),
+    /// A fleet's commit had landed after all (its answer was lost): nothing was undone, and
+    /// the cutover is to be finished from this committed epoch.
+    CommittedAfterAll(crate::fleet::state::Committed),
+}
+
 /// Lifts the fence and releases held connections to the old server, re-enables the stopped
-/// subscription and drops the reverse slot. Returns what it did.
-pub async fn undo(run: &mut Run) -> String {
+/// subscription and drops the reverse slot. In a fleet, only once etcd holds the abort.
+pub async fn undo(run: &mut Run) -> Undone {
     let mut did = Vec::new();
-    // A fleet's members first: they hold clients until the abort is committed.
-    if let Some(aborted) = super::fleet_steps::abort(run).await {
-        did.push(aborted);
+    // A fleet's members first: they hold clients until the abort is committed. What etcd
+    // then holds decides whether the database side may be undone at all.
+    match super::fleet_steps::abort(run).await {
+        None => {}
+        Some(FleetUndo::Aborted(aborted)) => did.push(aborted),
+        Some(FleetUndo::Committed(committed)) => return Undone::CommittedAfterAll(committed),
+        Some(FleetUndo::Unsettled(why)) => {
+            run.undo = super::Undo::default();
+            return Undone::Done(format!(
+                "{why}; the database side is LEFT AS IT IS (replication not turned back, the reverse slot kept): check `redirect status` and `redirect history`, then flip again or finish by hand"
+            ));
+        }
     }
     if run.undo.datapath {
         let moved = {
@@ -69,9 +87,9 @@ pub async fn undo(run: &mut Run) -> String {
         }
     }
     run.undo = super::Undo::default();
-    if did.is_empty() {
+    Undone::Done(if did.is_empty() {
         "nothing to undo".into()
     } else {
         did.join(", ")
-    }
+    })
 }

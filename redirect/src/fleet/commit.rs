@@ -55,11 +55,31 @@ pub async fn flip(fleet: &Fleet, to: Role, ack_timeout: Duration) -> Result<Flee
             current.state.epoch, current.state.written_by
         )));
     }
+    // A member on the roster that is not live may still serve through its datapath, and
+    // would keep sending new connections to the old backend: refuse rather than split.
+    let (roster, _) = super::member::roster(&mut client, name).await?;
+    let live: Vec<String> = super::member::list(&mut client, name)
+        .await?
+        .into_iter()
+        .map(|m| m.id)
+        .collect();
+    let down: Vec<String> = roster
+        .into_iter()
+        .map(|m| m.id)
+        .filter(|id| !live.contains(id))
+        .collect();
+    if !down.is_empty() {
+        return Err(FleetError::Refused(format!(
+            "member(s) {} of fleet {name} are enrolled but not live: their datapaths may still send new connections to the {} and could not follow; bring them back, or if their hosts are gone for good, `redirect fleet forget` them",
+            down.join(", "),
+            current.state.active
+        )));
+    }
     if super::lead::write_or_read_back(
         &mut client,
         name,
         current.mod_revision,
-        state::Guard::StateOnly,
+        &state::Guard::StateOnly,
         &next,
     )
     .await?

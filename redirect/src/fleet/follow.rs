@@ -111,7 +111,13 @@ pub async fn follow(ctl: Arc<Controller>, shutdown: CancellationToken) {
 async fn apply(ctl: &Arc<Controller>, fleet: &Fleet, committed: FleetState, revision: i64) {
     {
         let mut applied = lock(&fleet.applied);
-        if committed.epoch <= applied.0.epoch {
+        if committed.epoch < applied.0.epoch {
+            // Epochs only grow: etcd lost what this member applied (a restore from an old
+            // snapshot). Keep what is applied; say so on every event until an operator acts.
+            warn!(committed = %committed.epoch, applied = %applied.0.epoch, "the fleet's committed epoch went BACKWARDS (etcd restored from an old snapshot?): this member keeps epoch {} and ignores it; fix the state in etcd", applied.0.epoch);
+            return;
+        }
+        if committed.epoch == applied.0.epoch {
             applied.1 = applied.1.max(revision);
             return;
         }

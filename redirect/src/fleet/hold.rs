@@ -248,12 +248,18 @@ async fn abort_if_leaderless(
     member: &str,
     current: &state::Committed,
 ) {
-    let leaders = client
-        .get(
-            keys::election(fleet),
-            Some(GetOptions::new().with_prefix().with_count_only()),
-        )
-        .await;
+    let leaders = super::retry(|| {
+        let mut client = client.clone();
+        async move {
+            client
+                .get(
+                    keys::election(fleet),
+                    Some(GetOptions::new().with_prefix().with_count_only()),
+                )
+                .await
+        }
+    })
+    .await;
     if !matches!(leaders, Ok(ref r) if r.count() == 0) {
         return;
     }
@@ -275,7 +281,7 @@ async fn abort_hold(
         client,
         fleet,
         current.mod_revision,
-        state::Guard::StateOnly,
+        &state::Guard::StateOnly,
         &abort,
     )
     .await

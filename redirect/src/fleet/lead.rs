@@ -48,6 +48,12 @@ impl Drop for Leadership {
 }
 
 impl Leadership {
+    /// The election key this leader holds: it exists exactly while the office is held.
+    #[must_use]
+    pub fn key(&self) -> Vec<u8> {
+        self.key.key().to_vec()
+    }
+
     /// Steps down at once (otherwise the office lapses with its lease).
     pub async fn resign(mut self) {
         self.keep_alive.abort();
@@ -64,15 +70,18 @@ impl Leadership {
 }
 
 /// Renews the office's lease every third of its TTL.
-async fn keep_office(mut client: etcd_client::Client, lease: i64) {
+async fn keep_office(client: etcd_client::Client, lease: i64) {
     let every = Duration::from_secs(u64::try_from(LEADERSHIP_TTL).unwrap_or(10) / 3);
     loop {
         tokio::time::sleep(every).await;
-        let renewed = async {
-            let (mut keeper, mut stream) = client.lease_keep_alive(lease).await?;
-            keeper.keep_alive().await?;
-            stream.message().await
-        };
+        let renewed = super::retry(|| {
+            let mut client = client.clone();
+            async move {
+                let (mut keeper, mut stream) = client.lease_keep_alive(lease).await?;
+                keeper.keep_alive().await?;
+                stream.message().await
+            }
+        });
         if let Ok(Err(e)) = tokio::time::timeout(every, renewed).await {
             tracing::warn!(error = %e, "renewing the fleet leadership lease failed");
         }
@@ -159,7 +168,7 @@ pub async fn commit_hold(
         &mut client,
         name,
         current.mod_revision,
-        Guard::StateOnly,
+        &Guard::StateOnly,
         &next,
     )
     .await?
@@ -182,7 +191,7 @@ pub async fn commit_next(
     fleet: &Fleet,
     hold: &Committed,
     active: Role,
-    guard: Guard,
+    guard: &Guard,
 ) -> Result<Committed, FleetError> {
     let mut client = fleet.client();
     let name = &fleet.settings.fleet;
@@ -202,7 +211,16 @@ pub async fn commit_next(
         .ok()
         .flatten()
         .is_some_and(|now| now.mod_revision == hold.mod_revision);
-    Err(FleetError::Refused(if still_held {
+    let office_lapsed = match guard {
+        Guard::Commit { leader_key, .. } => client
+            .get(leader_key.clone(), None)
+            .await
+            .is_ok_and(|r| r.kvs().is_empty()),
+        Guard::StateOnly => false,
+    };
+    Err(FleetError::Refused(if still_held && office_lapsed {
+        "this leader's office lapsed (its lease went unrenewed: etcd was slow or unreachable), so the members may be aborting the hold; not committing (flip again)".to_owned()
+    } else if still_held {
         "a member joined the fleet after the others acknowledged the hold, so it was not fenced with them; not committing (flip again once it has joined)".to_owned()
     } else {
         format!(
@@ -220,7 +238,7 @@ pub(super) async fn write_or_read_back(
     client: &mut etcd_client::Client,
     name: &str,
     seen: i64,
-    guard: Guard,
+    guard: &Guard,
     next: &FleetState,
 ) -> Result<Option<i64>, FleetError> {
     let written = super::retry(|| {
@@ -322,12 +340,18 @@ pub async fn await_acks(
             .into_iter()
             .map(|m| m.id)
             .collect();
-        let resp = client
-            .get(
-                keys::acks(name, epoch),
-                Some(GetOptions::new().with_prefix()),
-            )
-            .await?;
+        let resp = super::retry(|| {
+            let mut client = client.clone();
+            async move {
+                client
+                    .get(
+                        keys::acks(name, epoch),
+                        Some(GetOptions::new().with_prefix()),
+                    )
+                    .await
+            }
+        })
+        .await?;
         let mut acks = Acks {
             roster_revision,
             ..Acks::default()
@@ -365,6 +389,27 @@ pub async fn await_acks(
             return Ok(acks);
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Deletes the acknowledgements of a cutover's epochs once the leader has counted them:
+/// they live on the members' leases, which last as long as their controllers, so without
+/// this every cutover would leave two keys per member behind. Best effort.
+pub async fn forget_acks(fleet: &Fleet, epochs: &[Epoch]) {
+    let mut client = fleet.client();
+    for epoch in epochs {
+        let prefix = keys::acks(&fleet.settings.fleet, *epoch);
+        let deleted = tokio::time::timeout(
+            Duration::from_secs(2),
+            client.delete(
+                prefix,
+                Some(etcd_client::DeleteOptions::new().with_prefix()),
+            ),
+        )
+        .await;
+        if !matches!(deleted, Ok(Ok(_))) {
+            tracing::debug!(%epoch, "could not delete the epoch's acknowledgements");
+        }
     }
 }
 

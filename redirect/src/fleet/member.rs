@@ -40,6 +40,23 @@ pub struct Member {
     /// sessions that bypass the proxy.
     #[serde(default)]
     pub snat: Vec<String>,
+    /// Which machine this member runs on ([`instance`]): two hosts given the same member
+    /// name would otherwise count as one, and one's acknowledgement would stand for both.
+    #[serde(default)]
+    pub instance: String,
+}
+
+/// This machine's identity: `/etc/machine-id` (systemd's), else the host name.
+#[must_use]
+pub fn instance() -> String {
+    std::fs::read_to_string("/etc/machine-id")
+        .ok()
+        .map(|s| s.trim().to_owned())
+        .filter(|s| !s.is_empty())
+        .unwrap_or_else(|| {
+            std::fs::read_to_string("/proc/sys/kernel/hostname")
+                .map_or_else(|_| "unknown".into(), |h| h.trim().to_owned())
+        })
 }
 
 /// Enrolls `member` on the roster, grants a lease and puts `member` under it (enrolled
@@ -49,7 +66,7 @@ pub async fn register(
     fleet: &str,
     member: &Member,
 ) -> Result<i64, FleetError> {
-    enroll(client, fleet, member).await?;
+    enroll(client, fleet, &Enrolled::of(member)).await?;
     let ttl = i64::try_from(LEASE_TTL.as_secs()).expect("small");
     let lease = super::retry(|| {
         let mut client = client.clone();
@@ -191,17 +208,45 @@ pub struct Enrolled {
     pub vip: String,
     /// Seconds since the Unix epoch when it last (re)joined.
     pub joined_at: u64,
+    /// The machine it runs on ([`instance`]).
+    #[serde(default)]
+    pub instance: String,
 }
 
-/// Puts `member` on the roster. A restart rewrites the record, which keeps its creation revision:
-/// only a member new to the roster has a creation revision after a cutover's `Hold`.
-pub async fn enroll(client: &mut Client, fleet: &str, member: &Member) -> Result<(), FleetError> {
-    let value = serde_json::to_vec(&Enrolled {
-        id: member.id.clone(),
-        vip: member.vip.clone(),
-        joined_at: member.joined_at,
+impl Enrolled {
+    #[must_use]
+    pub fn of(member: &Member) -> Self {
+        Self {
+            id: member.id.clone(),
+            vip: member.vip.clone(),
+            joined_at: member.joined_at,
+            instance: member.instance.clone(),
+        }
+    }
+}
+
+/// Puts `member` on the roster, before its datapath attaches (`run`) and again when it
+/// registers. A restart rewrites the record, which keeps its creation revision: only a member
+/// new to the roster has a creation revision after a cutover's `Hold`. Refused while another
+/// machine is live under the same name.
+pub async fn enroll(client: &mut Client, fleet: &str, member: &Enrolled) -> Result<(), FleetError> {
+    let live = super::retry(|| {
+        let mut client = client.clone();
+        async move { client.get(keys::member(fleet, &member.id), None).await }
     })
-    .expect("a roster record serializes");
+    .await?;
+    if let Some(other) = live
+        .kvs()
+        .first()
+        .and_then(|kv| serde_json::from_slice::<Member>(kv.value()).ok())
+        .filter(|m| !m.instance.is_empty() && m.instance != member.instance)
+    {
+        return Err(FleetError::Refused(format!(
+            "fleet member name {} is in use by another live host (machine {}): give each host its own --fleet-member",
+            member.id, other.instance
+        )));
+    }
+    let value = serde_json::to_vec(member).expect("a roster record serializes");
     let key = keys::enrolled(fleet, &member.id);
     super::retry(|| {
         let (mut client, key, value) = (client.clone(), key.clone(), value.clone());
@@ -226,13 +271,22 @@ pub async fn roster(client: &mut Client, fleet: &str) -> Result<(Vec<Enrolled>, 
     let revision = resp
         .header()
         .map_or(0, etcd_client::ResponseHeader::revision);
+    let prefix = keys::roster(fleet);
     let mut enrolled = Vec::new();
     for kv in resp.kvs() {
         match serde_json::from_slice(kv.value()) {
             Ok(m) => enrolled.push(m),
+            // Unreadable (a newer version's record, or a hand edit): still enrolled under its
+            // key's name, so a cutover waits for it and `fleet forget` can remove it.
             Err(e) => {
                 let key = String::from_utf8_lossy(kv.key()).into_owned();
-                return Err(FleetError::BadRecord { key, source: e });
+                warn!(%key, error = %e, "an unreadable roster record counts as enrolled");
+                enrolled.push(Enrolled {
+                    id: key.strip_prefix(&prefix).unwrap_or(&key).to_owned(),
+                    vip: String::new(),
+                    joined_at: 0,
+                    instance: String::new(),
+                });
             }
         }
     }

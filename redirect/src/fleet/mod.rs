@@ -73,8 +73,6 @@ pub enum FleetError {
         key: String,
         source: serde_json::Error,
     },
-    #[error("{0} disappeared from etcd right after it was written")]
-    Vanished(String),
     #[error("{0}")]
     Refused(String),
 }
@@ -281,10 +279,26 @@ pub async fn join(
             &settings.member,
         )
         .await?;
+        // On the roster before the datapath attaches: a cutover that begins from now on waits
+        // for this member, or (if its acknowledgements were counted already) its commit is
+        // refused by the roster guard. Enrolled later, a host that attached just before a
+        // hold would serve the old server unfenced past the barrier.
+        let me = member::Enrolled {
+            id: settings.member.clone(),
+            vip: settings.vip.clone(),
+            joined_at: std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_secs()),
+            instance: member::instance(),
+        };
+        member::enroll(&mut client, &settings.fleet, &me).await?;
         Ok::<_, FleetError>((client, committed))
     };
     match tokio::time::timeout(CONNECT_TIMEOUT * 2, attempt).await {
         Ok(Ok(joined)) => Ok(joined),
+        Ok(Err(FleetError::Refused(why))) => {
+            Err(anyhow::anyhow!("{why}; nothing was changed on this host"))
+        }
         Ok(Err(e)) => Err(unreachable(&e)),
         Err(_) => Err(unreachable(&format!(
             "no answer within {:?}",
@@ -348,6 +362,7 @@ impl Fleet {
                 .map_or(0, |d| d.as_secs()),
             applied_at_ms: 0,
             snat,
+            instance: member::instance(),
         };
         let lease = tokio::time::timeout(
             CONNECT_TIMEOUT,

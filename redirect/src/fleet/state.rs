@@ -68,13 +68,18 @@ impl FleetState {
 }
 
 /// What else must hold for a state write to land, besides the state being unchanged.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Guard {
     /// Only that the state is still the one seen.
     StateOnly,
-    /// Also that nobody joined the roster after this etcd revision: the commit of a cutover
-    /// names the new backend only for the members that were fenced for it.
-    NoMemberEnrolledAfter(i64),
+    /// The commit of a cutover: also that nobody joined the roster after `enrolled_by` (the
+    /// new backend is committed only for the members that were fenced for it), and that the
+    /// leader still holds the office (`leader_key` exists): a leader whose office lapsed may
+    /// have been aborted by the members, and another may be cutting over already.
+    Commit {
+        enrolled_by: i64,
+        leader_key: Vec<u8>,
+    },
 }
 
 /// Writes `next` only if the state is still at `seen` (its mod revision) and `guard` holds:
@@ -83,17 +88,26 @@ pub async fn compare_and_swap(
     client: &mut Client,
     fleet: &str,
     seen: i64,
-    guard: Guard,
+    guard: &Guard,
     next: &FleetState,
 ) -> Result<Option<i64>, FleetError> {
     let key = keys::state(fleet);
     let mut compares = vec![Compare::mod_revision(key.clone(), CompareOp::Equal, seen)];
-    if let Guard::NoMemberEnrolledAfter(revision) = guard {
+    if let Guard::Commit {
+        enrolled_by,
+        leader_key,
+    } = guard
+    {
         // A range compare holds when every key in the range satisfies it (or none exists).
         compares.push(
-            Compare::create_revision(keys::roster(fleet), CompareOp::Less, revision + 1)
+            Compare::create_revision(keys::roster(fleet), CompareOp::Less, enrolled_by + 1)
                 .with_prefix(),
         );
+        compares.push(Compare::create_revision(
+            leader_key.clone(),
+            CompareOp::NotEqual,
+            0,
+        ));
     }
     let txn = Txn::new().when(compares).and_then([TxnOp::put(
         key,
@@ -157,17 +171,28 @@ pub async fn found_or_read(
     };
     let value = serde_json::to_vec(&founding).expect("the state serializes");
     // Create only if absent: of two members founding at once, one wins and both read it.
+    // And only in a new fleet: with members enrolled, a missing state means etcd lost it (a
+    // restore from an old snapshot, a hand delete), and founding it again from this host's
+    // pins could name the other backend than the members serve.
     let txn = Txn::new()
-        .when([Compare::create_revision(key.clone(), CompareOp::Equal, 0)])
+        .when([
+            Compare::create_revision(key.clone(), CompareOp::Equal, 0),
+            Compare::create_revision(keys::roster(fleet), CompareOp::Equal, 0).with_prefix(),
+        ])
         .and_then([TxnOp::put(key, value, None)]);
     super::retry(|| {
         let (mut client, txn) = (client.clone(), txn.clone());
         async move { client.txn(txn).await }
     })
     .await?;
-    read(client, fleet)
-        .await?
-        .ok_or_else(|| FleetError::Vanished(keys::state(fleet)))
+    read(client, fleet).await?.ok_or_else(|| {
+        FleetError::Refused(format!(
+            "fleet {fleet} has members enrolled (under {}) but no committed state at {}: etcd lost it (restored from an old snapshot?). Restore etcd, or write the state the members serve by hand (etcdctl put {} '{{\"epoch\":N,\"active\":\"source|target\",\"phase\":\"idle\",\"written_by\":\"operator\"}}' with N above every member's applied epoch); nothing was changed on this host",
+            keys::roster(fleet),
+            keys::state(fleet),
+            keys::state(fleet)
+        ))
+    })
 }
 
 #[cfg(test)]
