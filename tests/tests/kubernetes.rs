@@ -506,6 +506,9 @@ impl Drop for NodeBpffs {
 /// /var/lib/redirect and /run/redirect, the ConfigMap at /etc/redirect, an emptyDir at /tmp),
 /// every other mount read-only (readOnlyRootFilesystem), then the container's command.
 const POD: &str = r#"set -e
+# The binary under test, held open: the pod's /tmp (an emptyDir) would hide it when the
+# checkout lives under /tmp (as CI's clean clone does). An image has it at /usr/bin/redirect.
+exec 3<"$REDIRECT"
 mount --bind "$NODE_BPFFS" /sys/fs/bpf
 mount --bind "$NODE_STATE" /var/lib/redirect
 mount --bind "$NODE_RUN" /run/redirect
@@ -524,9 +527,9 @@ for p in / /etc /etc/redirect /usr /var/lib /root /work; do
 done
 # Privileged: every capability. Not: root with only the DaemonSet's capabilities.add.
 if [ -n "$CAPABILITIES" ]; then
-  exec setpriv --bounding-set "-all,$CAPABILITIES" --inh-caps -all "$REDIRECT" run --config /etc/redirect/redirect.toml
+  exec setpriv --bounding-set "-all,$CAPABILITIES" --inh-caps -all /proc/self/fd/3 run --config /etc/redirect/redirect.toml
 fi
-exec "$REDIRECT" run --config /etc/redirect/redirect.toml
+exec /proc/self/fd/3 run --config /etc/redirect/redirect.toml
 "#;
 
 /// Whether a process this test started has exited (a zombie not yet reaped, or gone).
