@@ -64,6 +64,12 @@ pub async fn follow(ctl: Arc<Controller>, shutdown: CancellationToken) {
                 let message = tokio::select! {
                     () = shutdown.cancelled() => return,
                     m = stream.message() => m,
+                    () = tokio::time::sleep(RECONCILE_EVERY) => {
+                        // A quiet watch: check that what is applied is what is committed (an
+                        // apply that failed is otherwise retried only at the next epoch).
+                        reconcile(&ctl, fleet, &mut client).await;
+                        continue;
+                    }
                 };
                 let response = match message {
                     Ok(Some(r)) => r,
@@ -101,6 +107,21 @@ pub async fn follow(ctl: Arc<Controller>, shutdown: CancellationToken) {
             tokio::time::timeout(RETRY, state::read(&mut client, &fleet.settings.fleet)).await
         {
             apply(&ctl, fleet, c.state, c.mod_revision).await;
+        }
+    }
+}
+
+/// How long a quiet watch waits before re-reading the committed state.
+const RECONCILE_EVERY: Duration = Duration::from_secs(5);
+
+/// Re-reads the committed state and applies it if this member is behind (bounded: etcd away
+/// changes nothing).
+async fn reconcile(ctl: &Arc<Controller>, fleet: &Fleet, client: &mut etcd_client::Client) {
+    let read = tokio::time::timeout(RETRY, state::read(client, &fleet.settings.fleet)).await;
+    if let Ok(Ok(Some(c))) = read {
+        if c.state.epoch > fleet.applied().epoch {
+            warn!(committed = %c.state.epoch, applied = %fleet.applied().epoch, "this member is behind the fleet's committed epoch; applying it again");
+            apply(ctl, fleet, c.state, c.mod_revision).await;
         }
     }
 }
