@@ -254,15 +254,46 @@ fn broken_replication_or_lag_is_refused_before_anything_changes() {
     assert_source_serves(&c);
 }
 
+/// The target down: a flip is refused; the lag stops being reported healthy (so the
+/// unhealthy alert can fire, instead of the last good reading staying green); and a
+/// controller restarted meanwhile starts anyway, because its pinned datapath is serving.
 #[test]
 fn unreachable_target_is_refused() {
     let mut c = setup("unr", &[]);
     let lab = Arc::get_mut(&mut c.lab).expect("no other owner yet");
+    let lag: serde_json::Value =
+        serde_json::from_str(&lab.redirect_ok(&["lag", "--json"])).expect("lag --json");
+    assert_eq!(lag["healthy"], true, "{lag}");
     lab.signal(c.target.pid, libc::SIGTERM);
     let out = flip(lab, &["--to", "target"]);
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("target"), "{err}");
+    let scrape = |lab: &redirect_tests::Lab| {
+        lab.in_ns(Ns::Proxy, || {
+            use std::io::{Read as _, Write as _};
+            let Ok(mut s) = std::net::TcpStream::connect("127.0.0.1:9187") else {
+                return String::new();
+            };
+            let _ = s.write_all(b"GET /metrics HTTP/1.0\r\n\r\n");
+            let mut body = String::new();
+            let _ = s.read_to_string(&mut body);
+            body
+        })
+    };
+    wait_for(
+        Duration::from_secs(20),
+        "/metrics to report the lag unhealthy",
+        || scrape(lab).contains("redirect_replication_healthy 0"),
+    );
+    let pid = lab.redirect_pid().expect("the controller");
+    lab.signal(pid, libc::SIGTERM);
+    cutover_lab::start(lab, &[]);
+    assert!(
+        lab.last_redirect_log().contains("starting anyway"),
+        "{}",
+        lab.last_redirect_log()
+    );
     assert_source_serves(&c);
 }
 

@@ -244,6 +244,15 @@ fn bad_values_are_refused_by_helm() {
         ("metrics:\n  port: \"9187\"\n", "/metrics/port"),
         // A password in the values (they would land in the release's history).
         ("databases:\n  password: hunter2\n", "password"),
+        // A password inside a DSN (it would land in the ConfigMap and the release).
+        (
+            "config:\n  source-dsn: host=db user=u password=hunter2\n",
+            "/config/source-dsn",
+        ),
+        (
+            "config:\n  reverse-conninfo: postgresql://u:hunter2@db/app\n",
+            "/config/reverse-conninfo",
+        ),
         // A key the chart sets itself from the mounts.
         ("config:\n  pin-dir: /sys/fs/bpf/other\n", "pin-dir"),
         // `once` exits after attaching: not a DaemonSet's controller.

@@ -31,7 +31,8 @@ use toml::de::{DeTable, DeValue};
 use super::Cli;
 
 /// Arguments of `run` that are not settings: they cannot appear in a file.
-const NOT_KEYS: &[&str] = &["config", "help", "version"];
+/// `once` too: a service that exits after attaching would fail its own start (Type=notify).
+const NOT_KEYS: &[&str] = &["config", "help", "version", "once"];
 
 /// Work with the configuration file that `run --config FILE` reads.
 #[derive(Debug, clap::Args)]

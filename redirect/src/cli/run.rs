@@ -164,6 +164,15 @@ fn databases(args: &Args) -> anyhow::Result<Option<Databases>> {
             env: Some("REDIRECT_TARGET_PASSWORD".into()),
         },
     )?;
+    if args
+        .reverse_conninfo
+        .as_deref()
+        .is_some_and(crate::pg::names_a_password)
+    {
+        anyhow::bail!(
+            "--reverse-conninfo must be key=value pairs without a password (it would be stored in the source's catalog and shown in logs): put the password in the source server's ~/.pgpass"
+        );
+    }
     Ok(Some(Databases {
         source,
         target,
@@ -263,22 +272,26 @@ pub async fn run(args: Args, pin_dir: &Path, socket: &Path, journal: &Path) -> a
         .ok()
         .and_then(|e| crate::cutover::journal::unfinished(&e))
         .is_some();
+    // A datapath pinned by an earlier run is serving clients: it needs its controller (the
+    // connection table's GC, status, metrics) even while a server is down.
+    let serving = datapath::PinDir(pin_dir.to_path_buf()).is_pinned();
     if let Some(db) = &db {
         // Fail before touching the kernel if a server cannot be reached at all; but never
-        // refuse to start when a cutover was interrupted: recovery must run, and it copes
-        // with an unreachable server.
+        // refuse to start when a cutover was interrupted (recovery must run, and it copes
+        // with an unreachable server) or when a pinned datapath is serving.
+        let go_on = interrupted || serving;
         for dsn in [&db.source, &db.target] {
             match tokio::time::timeout(db.query_timeout * 2, dsn.connect()).await {
                 Ok(Ok(c)) => drop(c),
-                Ok(Err(e)) if !interrupted => return Err(e.into()),
-                Err(_) if !interrupted => {
+                Ok(Err(e)) if !go_on => return Err(e.into()),
+                Err(_) if !go_on => {
                     anyhow::bail!("{dsn:?} did not answer within {:?}", db.query_timeout * 2)
                 }
                 Ok(Err(e)) => {
-                    warn!(error = %e, "a server is unreachable; recovering the interrupted cutover anyway");
+                    warn!(error = %e, interrupted, serving, "a server is unreachable; starting anyway (an interrupted cutover to recover, or a pinned datapath to look after)");
                 }
                 Err(_) => {
-                    warn!(server = ?dsn, "a server does not answer; recovering the interrupted cutover anyway");
+                    warn!(server = ?dsn, interrupted, serving, "a server does not answer; starting anyway (an interrupted cutover to recover, or a pinned datapath to look after)");
                 }
             }
         }
@@ -553,6 +566,13 @@ async fn watch_lag(ctl: Arc<Controller>, interval: Duration, shutdown: Cancellat
         }
         if let Err(e) = ctl.measure_lag().await {
             warn!(error = %e, "measuring replication lag");
+            // The last figures stay (status, /metrics and the watch view show them), but not
+            // as healthy: a server that cannot be reached must fire the unhealthy alert, not
+            // keep the last good reading green.
+            if let Some(lag) = crate::sync::lock(&ctl.last_lag).as_mut() {
+                lag.healthy = false;
+                lag.problems = vec![format!("lag cannot be measured: {e}")];
+            }
         }
     }
 }

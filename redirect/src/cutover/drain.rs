@@ -154,10 +154,17 @@ pub async fn drain(
                 .iter()
                 .filter(|c| c.fenced && !found.contains(&c.snat.port()))
             {
-                if crate::net::send_rst(c.vip, c.client, c.fenced_ack).is_ok()
-                    && maps.ct.remove(&ct_key(c)).is_ok()
-                {
-                    d.reset_unknown += 1;
+                match crate::net::send_rst(c.vip, c.client, c.fenced_ack) {
+                    Ok(()) => {
+                        if maps.ct.remove(&ct_key(c)).is_ok() {
+                            d.reset_unknown += 1;
+                        }
+                    }
+                    // Without CAP_NET_RAW (a unit or pod that dropped it) the client is told
+                    // only by its own next packet; say so rather than count nothing.
+                    Err(e) => {
+                        warn!(client = %c.client, error = %e, "drain: could not reset a fenced connection (raw socket; CAP_NET_RAW?)");
+                    }
                 }
             }
             drop(maps);

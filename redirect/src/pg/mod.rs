@@ -242,9 +242,10 @@ fn split_pairs(s: &str) -> Result<Vec<(String, String)>, String> {
             chars.next();
         }
         if chars.next() != Some('=') {
-            return Err(format!(
-                "expected key=value, found {key:?} (URIs are not supported; use key=value pairs)"
-            ));
+            // Not echoed: a URI (postgresql://user:secret@host) would print its password.
+            return Err(
+                "expected key=value pairs; URIs (postgresql://...) are not supported (the text is not shown: it may hold a password)".into(),
+            );
         }
         while chars.peek().is_some_and(|c| c.is_whitespace()) {
             chars.next();
@@ -280,6 +281,13 @@ pub struct PasswordSources {
     pub file: Option<PathBuf>,
     /// The name of an environment variable holding it.
     pub env: Option<String>,
+}
+
+/// Whether a libpq conninfo string names a password (or cannot be read as key=value pairs,
+/// which may be a URI with one).
+#[must_use]
+pub fn names_a_password(conninfo: &str) -> bool {
+    split_pairs(conninfo).map_or(true, |pairs| pairs.iter().any(|(k, _)| k == "password"))
 }
 
 impl Dsn {
