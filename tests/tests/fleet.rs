@@ -627,6 +627,38 @@ fn assert_every_proxy_lost_nothing(fl: &FleetLab, verdicts: &[Verdict], ns: Ns, 
     }
 }
 
+/// Every write the workload behind each proxy saw acknowledged is on `ns` (a fault test may
+/// refuse or fail writes while it stalls; it must lose none it acknowledged).
+fn assert_acked_writes_kept(fl: &FleetLab, load: Vec<std::thread::JoinHandle<Verdict>>, ns: Ns) {
+    let verdicts: Vec<Verdict> = load
+        .into_iter()
+        .map(|h| h.join().expect("workload"))
+        .collect();
+    let rows = fl.rows(ns, "");
+    for (i, v) in verdicts.iter().enumerate() {
+        let lost: Vec<_> = v.acked().filter(|a| !rows.contains(a)).collect();
+        assert!(lost.is_empty(), "proxy-{i} lost {lost:?}");
+    }
+}
+
+/// A command that must have succeeded, or the failure with the leader's log.
+fn assert_flip_succeeded(fl: &FleetLab, out: &std::process::Output) {
+    assert!(
+        out.status.success(),
+        "{}\n{}",
+        String::from_utf8_lossy(&out.stderr),
+        fl.proxies[0].last_redirect_log()
+    );
+}
+
+/// Proxy-0's controller, when started next, pauses `ms` before the cutover step `step`.
+fn pause_leader_before(fl: &mut FleetLab, step: &str, ms: u32) {
+    fl.proxies[0].redirect_env.extend([
+        ("REDIRECT_FAULT_PAUSE".into(), step.into()),
+        ("REDIRECT_FAULT_PAUSE_MS".into(), ms.to_string()),
+    ]);
+}
+
 /// The safe cutover across three proxies in front of the same servers, asked of a member
 /// that is not the servers' own: it leads, every member holds and fences, the barrier covers
 /// every member's sessions, and the commit moves all of them. Then a rollback asked of a third
@@ -807,12 +839,7 @@ fn a_member_killed_mid_cutover_comes_back_with_the_committed_state() {
     });
     fl.stop_member(2, libc::SIGKILL);
     let out = leader.wait_with_output().expect("the flip");
-    assert!(
-        out.status.success(),
-        "{}\n{}",
-        String::from_utf8_lossy(&out.stderr),
-        fl.proxies[0].last_redirect_log()
-    );
+    assert_flip_succeeded(&fl, &out);
     assert!(
         fl.proxies[0]
             .last_redirect_log()
@@ -927,12 +954,7 @@ fn after_a_cutover_the_vip_moves_to_the_standby_and_new_connections_go_to_the_ta
         .into_iter()
         .map(|h| h.join().expect("workload"))
         .collect();
-    assert!(
-        out.status.success(),
-        "{}\n{}",
-        String::from_utf8_lossy(&out.stderr),
-        fl.proxies[0].last_redirect_log()
-    );
+    assert_flip_succeeded(&fl, &out);
     cutover_lab::assert_no_loss_through_a_cutover(&verdicts[0], &fl.rows(Ns::Target, ""), "target");
     assert!(
         fl.proxies[0]
@@ -1038,12 +1060,7 @@ fn a_member_down_before_the_flip_blocks_the_cutover_until_it_is_forgotten() {
     assert!(!fl.proxies[0].redirect_ok(&["status"]).contains("proxy-2"));
 
     let out = fl.proxies[0].redirect(&["flip", "--to", "target"]);
-    assert!(
-        out.status.success(),
-        "{}\n{}",
-        String::from_utf8_lossy(&out.stderr),
-        fl.proxies[0].last_redirect_log()
-    );
+    assert_flip_succeeded(&fl, &out);
     assert_eq!(new_connection_lands_on(&fl.proxies[1]), "target");
 }
 
@@ -1054,10 +1071,7 @@ fn a_member_down_before_the_flip_blocks_the_cutover_until_it_is_forgotten() {
 #[test]
 fn a_member_joining_during_the_hold_is_held_before_it_attaches_and_not_committed_past() {
     let mut fl = FleetLab::new("fjoinh", 3);
-    fl.proxies[0].redirect_env.extend([
-        ("REDIRECT_FAULT_PAUSE".into(), "barrier".into()),
-        ("REDIRECT_FAULT_PAUSE_MS".into(), "8000".into()),
-    ]);
+    pause_leader_before(&mut fl, "barrier", 8000);
     fl.start_member(0, &[]);
     fl.start_member(1, &[]);
     let leader = cutover_paused_after_the_hold(&fl, 1);
@@ -1092,12 +1106,7 @@ fn a_member_joining_during_the_hold_is_held_before_it_attaches_and_not_committed
     fl.stop_member(0, libc::SIGTERM);
     fl.start_member(0, &[]);
     let out = fl.proxies[0].redirect(&["flip", "--to", "target"]);
-    assert!(
-        out.status.success(),
-        "{}\n{}",
-        String::from_utf8_lossy(&out.stderr),
-        fl.proxies[0].last_redirect_log()
-    );
+    assert_flip_succeeded(&fl, &out);
     assert!(
         fl.proxies[0]
             .last_redirect_log()
@@ -1115,10 +1124,7 @@ fn a_member_joining_during_the_hold_is_held_before_it_attaches_and_not_committed
 #[test]
 fn an_unknown_commit_outcome_waits_for_etcd_instead_of_undoing() {
     let mut fl = FleetLab::new("funk", 2);
-    fl.proxies[0].redirect_env.extend([
-        ("REDIRECT_FAULT_PAUSE".into(), "flip".into()),
-        ("REDIRECT_FAULT_PAUSE_MS".into(), "4000".into()),
-    ]);
+    pause_leader_before(&mut fl, "flip", 4000);
     fl.start_members(&[]);
     let load = fl.workload(30);
     std::thread::sleep(Duration::from_secs(1));
@@ -1137,7 +1143,9 @@ fn an_unknown_commit_outcome_waits_for_etcd_instead_of_undoing() {
     let other = (0..3).find(|i| *i != etcd_leader).expect("another node");
     fl.etcd.kill(etcd_leader);
     fl.etcd.kill(other);
-    let until = Instant::now() + Duration::from_secs(30);
+    // Each attempt to reach a dead etcd waits out its connect timeout, retried: the first
+    // "unknown" line can take 30 s or more.
+    let until = Instant::now() + Duration::from_secs(90);
     while !fl.proxies[0]
         .last_redirect_log()
         .contains("the commit's outcome is unknown")
@@ -1168,16 +1176,8 @@ fn an_unknown_commit_outcome_waits_for_etcd_instead_of_undoing() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success(), "{err}");
     assert!(err.contains("the commit did not land"), "{err}");
-    let verdicts: Vec<Verdict> = load
-        .into_iter()
-        .map(|h| h.join().expect("workload"))
-        .collect();
     assert_eq!(assert_one_backend_everywhere(&fl), "source");
-    let rows = fl.rows(Ns::Source, "");
-    for (i, v) in verdicts.iter().enumerate() {
-        let lost: Vec<_> = v.acked().filter(|a| !rows.contains(a)).collect();
-        assert!(lost.is_empty(), "proxy-{i} lost {lost:?}");
-    }
+    assert_acked_writes_kept(&fl, load, Ns::Source);
 }
 
 /// The leader's controller SIGKILLed mid-cutover (every member holds) and restarted at once:
@@ -1188,10 +1188,7 @@ fn an_unknown_commit_outcome_waits_for_etcd_instead_of_undoing() {
 #[test]
 fn a_leader_killed_mid_cutover_recovers_by_the_fleets_committed_epoch() {
     let mut fl = FleetLab::new("flead", 2);
-    fl.proxies[0].redirect_env.extend([
-        ("REDIRECT_FAULT_PAUSE".into(), "barrier".into()),
-        ("REDIRECT_FAULT_PAUSE_MS".into(), "8000".into()),
-    ]);
+    pause_leader_before(&mut fl, "barrier", 8000);
     fl.start_members(&[]);
     let load = fl.workload(20);
     std::thread::sleep(Duration::from_secs(1));
@@ -1211,22 +1208,9 @@ fn a_leader_killed_mid_cutover_recovers_by_the_fleets_committed_epoch() {
         restarted.elapsed() < redirect::fleet::member::LEASE_TTL,
         "recovered by its own abort, not by the old leadership lapsing"
     );
-    let verdicts: Vec<Verdict> = load
-        .into_iter()
-        .map(|h| h.join().expect("workload"))
-        .collect();
-    let rows = fl.rows(Ns::Source, "");
-    for (i, v) in verdicts.iter().enumerate() {
-        let lost: Vec<_> = v.acked().filter(|a| !rows.contains(a)).collect();
-        assert!(lost.is_empty(), "proxy-{i} lost {lost:?}");
-    }
+    assert_acked_writes_kept(&fl, load, Ns::Source);
     let out = fl.proxies[0].redirect(&["flip", "--to", "target"]);
-    assert!(
-        out.status.success(),
-        "{}\n{}",
-        String::from_utf8_lossy(&out.stderr),
-        fl.proxies[0].last_redirect_log()
-    );
+    assert_flip_succeeded(&fl, &out);
     assert_eq!(assert_one_backend_everywhere(&fl), "target");
 }
 
@@ -1237,10 +1221,7 @@ fn a_leader_killed_mid_cutover_recovers_by_the_fleets_committed_epoch() {
 #[test]
 fn a_member_stopped_during_a_hold_stops_after_the_commit_and_keeps_serving() {
     let mut fl = FleetLab::new("fstop", 2);
-    fl.proxies[0].redirect_env.extend([
-        ("REDIRECT_FAULT_PAUSE".into(), "barrier".into()),
-        ("REDIRECT_FAULT_PAUSE_MS".into(), "3000".into()),
-    ]);
+    pause_leader_before(&mut fl, "barrier", 3000);
     fl.start_members(&[]);
     let leader = cutover_paused_after_the_hold(&fl, 1);
     wait_for(Duration::from_secs(5), "proxy-1's ack of the hold", || {
@@ -1250,12 +1231,7 @@ fn a_member_stopped_during_a_hold_stops_after_the_commit_and_keeps_serving() {
     });
     fl.stop_member(1, libc::SIGTERM);
     let out = leader.wait_with_output().expect("the flip");
-    assert!(
-        out.status.success(),
-        "{}\n{}",
-        String::from_utf8_lossy(&out.stderr),
-        fl.proxies[0].last_redirect_log()
-    );
+    assert_flip_succeeded(&fl, &out);
     let log = fl.proxies[1].last_redirect_log();
     assert!(
         log.contains("waiting for the fleet's next epoch to lift this member's hold")
@@ -1267,4 +1243,35 @@ fn a_member_stopped_during_a_hold_stops_after_the_commit_and_keeps_serving() {
         Some("target"),
         "the stopped member's datapath serves the committed backend"
     );
+}
+
+/// etcd lost the fleet's state (a restore from an old snapshot, a hand delete) while members
+/// are enrolled: a starting member refuses to found it again from its own pins (they could
+/// name the other backend than the fleet serves), says how to restore it, and writes nothing.
+#[test]
+fn a_lost_state_is_not_founded_again_while_members_are_enrolled() {
+    let mut etcd = Etcd::new("lost");
+    let mut lab = Lab::new("flost");
+    etcd.join(&lab);
+    let pid = start_member(&mut lab, &etcd, "proxy-a");
+    lab.signal(pid, libc::SIGTERM);
+    let state = format!("/redirect/{FLEET}/state");
+    assert!(etcd.get(&state).is_some(), "the first member founded it");
+    assert!(etcd.etcdctl(&["del", &state]).status.success());
+
+    let mut args = lab.run_args();
+    args.extend(fleet_flags(&etcd, "proxy-a"));
+    args.push("--once".into());
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let out = lab.redirect(&args);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success(),
+        "run founded a lost state again: {stderr}"
+    );
+    assert!(
+        stderr.contains("no committed state") && stderr.contains("nothing was changed"),
+        "{stderr}"
+    );
+    assert!(etcd.get(&state).is_none(), "nothing was written");
 }

@@ -187,7 +187,7 @@ pub async fn found_or_read(
     .await?;
     read(client, fleet).await?.ok_or_else(|| {
         FleetError::Refused(format!(
-            "fleet {fleet} has members enrolled (under {}) but no committed state at {}: etcd lost it (restored from an old snapshot?). Restore etcd, or write the state the members serve by hand (etcdctl put {} '{{\"epoch\":N,\"active\":\"source|target\",\"phase\":\"idle\",\"written_by\":\"operator\"}}' with N above every member's applied epoch); nothing was changed on this host",
+            "fleet {fleet} has members enrolled (under {}) but no committed state at {}: etcd lost it (restored from an old snapshot?). Restore etcd, or write the state the members serve by hand (etcdctl put {} '{{\"epoch\":N,\"active\":\"source|target\",\"phase\":\"idle\",\"written_by\":\"operator\"}}' with N above every member's applied epoch)",
             keys::roster(fleet),
             keys::state(fleet),
             keys::state(fleet)
