@@ -49,6 +49,9 @@ pub enum Request {
         /// `--max-transaction-age`; absent: the default.
         #[serde(default)]
         max_transaction_age_ms: Option<u64>,
+        /// `--etcd-timeout`; absent: the default.
+        #[serde(default)]
+        etcd_timeout_ms: Option<u64>,
     },
     /// A mechanical fix for a guardrail finding: printed, and applied only with `apply`.
     FixReplicaIdentity {
@@ -80,6 +83,9 @@ pub enum Request {
     FleetFlip {
         to: Role,
         ack_timeout_ms: u64,
+        /// `--etcd-timeout`; absent: the default.
+        #[serde(default)]
+        etcd_timeout_ms: Option<u64>,
     },
     /// Take a member that is not live off the fleet's roster (`redirect fleet forget`).
     FleetForget {
@@ -174,11 +180,22 @@ async fn handle(stream: UnixStream, ctl: Arc<Controller>) -> std::io::Result<()>
             }
             None => Reply::Ok(serde_json::Value::Null),
         },
-        Request::FleetFlip { to, ack_timeout_ms } => match &ctl.fleet {
+        Request::FleetFlip {
+            to,
+            ack_timeout_ms,
+            etcd_timeout_ms,
+        } => match &ctl.fleet {
             Some(fleet) => {
-                match crate::fleet::commit::flip(fleet, to, Duration::from_millis(ack_timeout_ms))
-                    .await
-                {
+                let etcd_timeout = etcd_timeout_ms
+                    .map_or(crate::cutover::DEFAULT_ETCD_TIMEOUT, Duration::from_millis);
+                let flipped = async {
+                    fleet.ready(etcd_timeout).await.map_err(|e| {
+                        crate::fleet::FleetError::Refused(format!("{e}; nothing was changed"))
+                    })?;
+                    crate::fleet::commit::flip(fleet, to, Duration::from_millis(ack_timeout_ms))
+                        .await
+                };
+                match flipped.await {
                     Ok(r) => Reply::Ok(serde_json::to_value(r).expect("the report serializes")),
                     Err(e) => Reply::Error(e.to_string()),
                 }
@@ -282,8 +299,11 @@ async fn handle(stream: UnixStream, ctl: Arc<Controller>) -> std::io::Result<()>
             force,
             allow,
             max_transaction_age_ms,
+            etcd_timeout_ms,
         } => {
             let req = FlipRequest {
+                etcd_timeout: etcd_timeout_ms
+                    .map_or(crate::cutover::DEFAULT_ETCD_TIMEOUT, Duration::from_millis),
                 allow,
                 max_transaction_age: max_transaction_age_ms
                     .map_or(DEFAULT_MAX_TRANSACTION_AGE, Duration::from_millis),

@@ -126,6 +126,13 @@ pub fn render(ctl: &Controller) -> String {
             "# HELP redirect_fleet_applied_epoch The fleet's committed epoch this host applies.\n# TYPE redirect_fleet_applied_epoch gauge\nredirect_fleet_applied_epoch{{fleet=\"{}\",member=\"{}\",active=\"{}\"}} {}",
             fleet.settings.fleet, fleet.settings.member, applied.active, applied.epoch
         );
+        let _ = writeln!(
+            out,
+            "# HELP redirect_fleet_member_live 1 while this member's key exists under its current etcd lease (etcd confirmed it within the last 5 s); 0 while it is cut off from etcd or rejoining: no fleet cutover can pass then.\n# TYPE redirect_fleet_member_live gauge\nredirect_fleet_member_live{{fleet=\"{}\",member=\"{}\"}} {}",
+            fleet.settings.fleet,
+            fleet.settings.member,
+            u8::from(fleet.live())
+        );
     }
     let phase = ctl.phase();
     let _ = writeln!(

@@ -59,6 +59,10 @@ pub struct Fleet {
     pub member: String,
     pub epoch: u64,
     pub active: Role,
+    /// This member's key exists under its current lease, as etcd confirmed lately (from the
+    /// keep-alive's memory, not a round trip).
+    #[serde(default)]
+    pub live: bool,
 }
 
 /// What the controller answers to `Request::Snapshot`.
@@ -167,6 +171,7 @@ pub fn take(ctl: &Controller) -> Snapshot {
                 member: f.settings.member.clone(),
                 epoch: applied.epoch.0,
                 active: applied.active,
+                live: f.live(),
             }
         }),
     }

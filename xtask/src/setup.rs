@@ -43,7 +43,10 @@ const PACKAGES: &[(&str, &str)] = &[
     ("protobuf-compiler", "/usr/bin/protoc"),
     // protoc's well-known types (google/protobuf/*.proto), which etcd-client's protos import:
     // a recommends of protobuf-compiler, so --no-install-recommends leaves them out.
-    ("libprotobuf-dev", "/usr/include/google/protobuf/descriptor.proto"),
+    (
+        "libprotobuf-dev",
+        "/usr/include/google/protobuf/descriptor.proto",
+    ),
     // Operating it (issue 11): the unit is checked with systemd-analyze verify, its
     // SystemCallFilter= against what strace sees the controller call.
     ("systemd", "/usr/bin/systemd-analyze"),

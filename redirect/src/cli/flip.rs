@@ -57,6 +57,10 @@ pub struct Args {
     /// Only write the map: no fence, no barrier (what happens without a controller).
     #[arg(long)]
     pub immediate: bool,
+    /// In a fleet: refuse (changing nothing) if etcd does not answer, or a member is not
+    /// live, within this long.
+    #[arg(long, value_parser = humantime::parse_duration, default_value = "3s")]
+    pub etcd_timeout: Duration,
     /// Print the result as JSON.
     #[arg(long)]
     pub json: bool,
@@ -145,6 +149,7 @@ fn safe(args: &Args, socket: &Path, rt: &tokio::runtime::Runtime) -> anyhow::Res
         force: args.force,
         allow: args.allow.clone(),
         max_transaction_age_ms: Some(millis(args.max_transaction_age)),
+        etcd_timeout_ms: Some(millis(args.etcd_timeout)),
     };
     let report = rt
         .block_on(control::call(socket, &req, |p| {
@@ -260,6 +265,7 @@ fn fleet_flip(args: &Args, socket: &Path, rt: &tokio::runtime::Runtime) -> anyho
     let request = Request::FleetFlip {
         to: args.to,
         ack_timeout_ms: u64::try_from(FLEET_ACK_TIMEOUT.as_millis()).expect("small"),
+        etcd_timeout_ms: Some(millis(args.etcd_timeout)),
     };
     let report = rt
         .block_on(control::call(socket, &request, |_| {}))?

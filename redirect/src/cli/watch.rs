@@ -267,8 +267,16 @@ fn render(frame: &Frame<'_>, h: &History) -> Vec<String> {
     }
     if let Some(f) = &s.fleet {
         line(format!(
-            "fleet {} member {}: applied epoch {} -> {}",
-            f.fleet, f.member, f.epoch, f.active
+            "fleet {} member {}: applied epoch {} -> {}{}",
+            f.fleet,
+            f.member,
+            f.epoch,
+            f.active,
+            if f.live {
+                ""
+            } else {
+                "    NOT LIVE: cut off from etcd or rejoining; no cutover can pass"
+            }
         ));
     }
     if let Some(r) = &s.last_recovery {

@@ -72,7 +72,14 @@ pub struct FlipRequest {
     pub allow: Vec<guardrails::Guardrail>,
     /// A transaction open longer than this on the old server is a finding.
     pub max_transaction_age: Duration,
+    /// In a fleet: how long preflight waits for etcd (and for every member to be live)
+    /// before it refuses, changing nothing.
+    pub etcd_timeout: Duration,
 }
+
+/// `flip --etcd-timeout`'s default: long enough for an etcd leader election, short enough
+/// that a flip into an etcd outage says so at once.
+pub const DEFAULT_ETCD_TIMEOUT: Duration = Duration::from_secs(3);
 
 /// What a cutover did.
 #[derive(Clone, Debug, Default, Serialize)]
@@ -185,6 +192,10 @@ pub enum CutoverError {
     Preflight(String),
     #[error("{0}")]
     Refused(String),
+    /// The fleet cannot cut over now (etcd unreachable, a member not live): refused before
+    /// anything changed.
+    #[error("{0}; nothing was changed")]
+    FleetNotReady(crate::fleet::FleetError),
     #[error(
         "{step}: {source} (rolled back: the old server is writable and new connections go to it)"
     )]

@@ -75,6 +75,14 @@ pub async fn check(
             "new connections already go to the {to}"
         )));
     }
+    // A fleet cutover needs etcd and every member: find out now, bounded, not after the
+    // hold was committed (a dry run says so too: it would not pass).
+    if let Some(fleet) = &ctl.fleet {
+        fleet
+            .ready(req.etcd_timeout)
+            .await
+            .map_err(CutoverError::FleetNotReady)?;
+    }
     let say = |s: String| {
         let _ = progress.send(s);
     };

@@ -202,9 +202,12 @@ async fn acknowledge(fleet: &Fleet, ack: &Ack) -> Result<(), FleetError> {
     let mut client = fleet.client();
     let lease = fleet.lease();
     let me = lock(&fleet.me).clone();
-    super::member::publish(&mut client, &fleet.settings.fleet, &me, lease).await?;
     let key = keys::ack(&fleet.settings.fleet, ack.epoch, &ack.member);
     let value = serde_json::to_vec(ack).expect("an ack serializes");
+    // Owed until written: a member that is away (or whose lease just ended) writes it when
+    // it rejoins, so a leader still waiting for it is not left to abort for nothing.
+    fleet.standing.owe_ack(key.clone(), value.clone());
+    super::member::publish(&mut client, &fleet.settings.fleet, &me, lease).await?;
     super::retry(|| {
         let (mut client, key, value) = (client.clone(), key.clone(), value.clone());
         async move {
@@ -214,5 +217,6 @@ async fn acknowledge(fleet: &Fleet, ack: &Ack) -> Result<(), FleetError> {
         }
     })
     .await?;
+    fleet.standing.acked();
     Ok(())
 }

@@ -20,7 +20,7 @@ use super::{
     Fleet, FleetError,
     follow::Ack,
     hold::Proxied,
-    keys, member,
+    keepalive, keys, member,
     state::{self, Committed, Epoch, FleetPhase, FleetState, Guard},
 };
 use crate::datapath::Role;
@@ -69,21 +69,40 @@ impl Leadership {
     }
 }
 
-/// Renews the office's lease every third of its TTL.
-async fn keep_office(client: etcd_client::Client, lease: i64) {
+/// Renews the office's lease every third of its TTL on one keep-alive stream, re-made when it
+/// breaks. Once the lease is gone the office is lost for good: the commit's guard requires the
+/// election key, so a leader whose office lapsed cannot commit; this only stops renewing.
+async fn keep_office(mut client: etcd_client::Client, lease: i64) {
     let every = Duration::from_secs(u64::try_from(LEADERSHIP_TTL).unwrap_or(10) / 3);
+    let mut renewer: Option<keepalive::Renewer> = None;
     loop {
         tokio::time::sleep(every).await;
-        let renewed = super::retry(|| {
-            let mut client = client.clone();
-            async move {
-                let (mut keeper, mut stream) = client.lease_keep_alive(lease).await?;
-                keeper.keep_alive().await?;
-                stream.message().await
+        let renewed = tokio::time::timeout(every, async {
+            if renewer.is_none() {
+                match keepalive::Renewer::open(&mut client, lease).await? {
+                    Some(opened) => renewer = Some(opened),
+                    None => return Ok(keepalive::Renewal::Gone),
+                }
             }
-        });
-        if let Ok(Err(e)) = tokio::time::timeout(every, renewed).await {
-            tracing::warn!(error = %e, "renewing the fleet leadership lease failed");
+            renewer.as_mut().expect("opened").renew().await
+        })
+        .await;
+        match renewed {
+            Ok(Ok(keepalive::Renewal::Alive)) => {}
+            Ok(Ok(keepalive::Renewal::Gone)) => {
+                tracing::warn!(
+                    "the fleet leadership lease ended (etcd was away longer than its TTL): this leader cannot commit"
+                );
+                return;
+            }
+            Ok(Err(e)) => {
+                tracing::warn!(error = %e, "renewing the fleet leadership lease failed; retrying");
+                renewer = None;
+            }
+            Err(_) => {
+                tracing::warn!("renewing the fleet leadership lease: no answer; retrying");
+                renewer = None;
+            }
         }
     }
 }
@@ -92,12 +111,19 @@ async fn keep_office(client: etcd_client::Client, lease: i64) {
 pub async fn lead(fleet: &Fleet) -> Result<Leadership, FleetError> {
     let mut client = fleet.client();
     let name = keys::election(&fleet.settings.fleet);
-    let lease = super::retry(|| {
+    let grant = super::retry(|| {
         let mut client = client.clone();
         async move { client.lease_grant(LEADERSHIP_TTL, None).await }
-    })
-    .await?
-    .id();
+    });
+    let lease = match tokio::time::timeout(CAMPAIGN_TIMEOUT, grant).await {
+        Ok(granted) => granted?.id(),
+        Err(_) => {
+            return Err(FleetError::Unreachable {
+                endpoints: fleet.settings.endpoints.join(","),
+                why: format!("no answer to the leadership lease within {CAMPAIGN_TIMEOUT:?}"),
+            });
+        }
+    };
     let campaign = client.campaign(name.clone(), fleet.settings.member.clone(), lease);
     let outcome = tokio::time::timeout(CAMPAIGN_TIMEOUT, campaign).await;
     let outcome = match outcome {

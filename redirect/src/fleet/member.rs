@@ -1,13 +1,14 @@
 //! Membership: each controller is a key under `/redirect/<fleet>/members/`, attached to its
 //! own lease and kept alive, so a member that dies (or is cut off from etcd) disappears from
-//! the fleet within the lease's TTL.
+//! the fleet within the lease's TTL, and one that lost its lease registers again under a new
+//! one as soon as etcd answers ([`keep_membership`]), with no restart.
 
 use std::{
     sync::{
         Arc, Mutex,
         atomic::{AtomicI64, Ordering},
     },
-    time::Duration,
+    time::{Duration, Instant},
 };
 
 use etcd_client::{Client, GetOptions, PutOptions};
@@ -15,7 +16,7 @@ use serde::{Deserialize, Serialize};
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
-use super::{FleetError, keys, state::Epoch};
+use super::{FleetError, keepalive, keys, state::Epoch};
 use crate::{datapath::Role, sync::lock};
 
 /// How long a member survives without a keep-alive.
@@ -78,76 +79,281 @@ pub async fn register(
     Ok(lease)
 }
 
-/// Keeps `lease` alive every TTL/3 until `shutdown`. A failed keep-alive is logged and retried:
-/// losing etcd changes nothing on the datapath (docs/fleet.md, invariant 4); the member only
-/// drops out of the member list until it re-registers.
-pub async fn keep_alive(
+/// How often the keep-alive renews the lease: a quarter of its TTL, so three renewals in a
+/// row can fail before it lapses.
+pub const RENEW_EVERY: Duration = Duration::from_millis(2500);
+/// How long a renewal (or a registration step) may take before etcd counts as away: the next
+/// renewal is due by then.
+pub const REPLY_TIMEOUT: Duration = Duration::from_millis(2500);
+/// How long a confirmed renewal vouches for the member's key: past it, this member cannot
+/// say it is live, and says so (`status`, `/metrics`, the keepalived check).
+pub const LIVE_FOR: Duration = Duration::from_secs(5);
+/// How often a member that is away tries etcd again.
+const REJOIN_EVERY: Duration = Duration::from_secs(1);
+/// How often a member that stays away says so again.
+const AWAY_NOTICE_EVERY: Duration = Duration::from_secs(60);
+
+/// This member's standing in etcd, shared by the keep-alive (which writes it) with `status`,
+/// `/metrics` and the follower's acknowledgements (which read it).
+#[derive(Debug)]
+pub struct Standing {
+    /// The lease its keys live under now; a new one when it registers again.
+    lease: AtomicI64,
+    /// When etcd last renewed that lease with the member's record under it (`None`: not
+    /// since the member lost it).
+    confirmed: Mutex<Option<Instant>>,
+    /// An acknowledgement that could not be written (etcd away, or the lease gone): the
+    /// keep-alive writes it once the member is back, so a leader waiting for it sees it.
+    unacked: Mutex<Option<(String, Vec<u8>)>>,
+}
+
+impl Standing {
+    #[must_use]
+    pub fn new(lease: i64) -> Self {
+        Self {
+            lease: AtomicI64::new(lease),
+            confirmed: Mutex::new(Some(Instant::now())),
+            unacked: Mutex::new(None),
+        }
+    }
+
+    /// The lease this member's keys live under now.
+    pub fn lease(&self) -> i64 {
+        self.lease.load(Ordering::Relaxed)
+    }
+
+    /// This member's key exists under its current lease, as far as etcd confirmed within
+    /// [`LIVE_FOR`]. A function of time: a keep-alive that hangs cannot keep it true.
+    pub fn live(&self) -> bool {
+        lock(&self.confirmed).is_some_and(|at| at.elapsed() < LIVE_FOR)
+    }
+
+    fn confirm(&self) {
+        *lock(&self.confirmed) = Some(Instant::now());
+    }
+
+    fn lose(&self) {
+        *lock(&self.confirmed) = None;
+    }
+
+    /// Keeps an acknowledgement to write again if writing it failed.
+    pub fn owe_ack(&self, key: String, value: Vec<u8>) {
+        *lock(&self.unacked) = Some((key, value));
+    }
+
+    /// The acknowledgement was written: nothing is owed.
+    pub fn acked(&self) {
+        *lock(&self.unacked) = None;
+    }
+}
+
+/// Why this member is not live, for its one log line.
+#[derive(Debug)]
+enum Left {
+    /// The lease no longer exists (it expired while etcd was away, was revoked, or was lost
+    /// when etcd was restored from a snapshot): the member registers again.
+    LeaseGone,
+    /// etcd did not answer, or the keep-alive stream broke: the same lease is tried again.
+    Unreachable(String),
+}
+
+impl std::fmt::Display for Left {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::LeaseGone => write!(
+                f,
+                "its lease ended (expired while etcd was away, revoked, or lost in a restore)"
+            ),
+            Self::Unreachable(why) => write!(f, "etcd is unreachable ({why})"),
+        }
+    }
+}
+
+/// While a member is away: since when, and when it last said so.
+struct Away {
+    since: Instant,
+    said: Instant,
+}
+
+/// Logs each change of standing once: left, still away (every minute), rejoined.
+#[derive(Default)]
+struct Log {
+    away: Option<Away>,
+}
+
+impl Log {
+    fn left(&mut self, fleet: &str, why: &Left) {
+        match &mut self.away {
+            None => {
+                warn!(fleet = %fleet, "this member left the fleet: {why}; the datapath keeps its committed state, and the member rejoins as soon as etcd answers");
+                let now = Instant::now();
+                self.away = Some(Away {
+                    since: now,
+                    said: now,
+                });
+            }
+            Some(away) if away.said.elapsed() >= AWAY_NOTICE_EVERY => {
+                warn!(fleet = %fleet, away_s = away.since.elapsed().as_secs(), "this member is still away from the fleet: {why}");
+                away.said = Instant::now();
+            }
+            Some(_) => {}
+        }
+    }
+
+    fn rejoined(&mut self, fleet: &str, lease: i64, new_lease: bool) {
+        if let Some(away) = self.away.take() {
+            info!(fleet = %fleet, lease = %format!("{lease:x}"), new_lease, away_s = %format!("{:.1}", away.since.elapsed().as_secs_f64()), "this member rejoined the fleet");
+        }
+    }
+}
+
+/// Keeps this member in the fleet until `shutdown`, on one keep-alive stream re-made when it
+/// breaks. Whatever ended the lease, the member notices within [`LIVE_FOR`] and registers again
+/// under a new one as soon as etcd answers. Losing etcd changes nothing on the datapath
+/// (docs/fleet.md, invariant 4). On `shutdown` the lease is revoked, so a clean stop leaves
+/// the fleet at once instead of after the TTL.
+pub async fn keep_membership(
     mut client: Client,
     fleet: String,
     member: Arc<Mutex<Member>>,
-    lease: Arc<AtomicI64>,
+    standing: Arc<Standing>,
     shutdown: CancellationToken,
 ) {
-    let mut healthy = true;
-    loop {
-        tokio::select! {
+    let mut log = Log::default();
+    let mut new_lease = false;
+    while !shutdown.is_cancelled() {
+        let lease = standing.lease();
+        let opened = tokio::select! {
             () = shutdown.cancelled() => break,
-            () = tokio::time::sleep(LEASE_TTL / 3) => {}
-        }
-        let renewed = tokio::time::timeout(
-            LEASE_TTL / 3,
-            renew(&mut client, lease.load(Ordering::Relaxed)),
-        )
-        .await;
-        match renewed {
-            Ok(Ok(true)) => {
-                if !healthy {
-                    info!(fleet = %fleet, "etcd reachable again; membership renewed");
+            o = tokio::time::timeout(REPLY_TIMEOUT, keepalive::Renewer::open(&mut client, lease)) => o,
+        };
+        let mut renewer = match opened {
+            Ok(Ok(Some(renewer))) => renewer,
+            Ok(Ok(None)) => {
+                standing.lose();
+                log.left(&fleet, &Left::LeaseGone);
+                match register_again(&mut client, &fleet, &member).await {
+                    Ok(lease) => {
+                        standing.lease.store(lease, Ordering::Relaxed);
+                        new_lease = true;
+                        continue;
+                    }
+                    Err(why) => log.left(&fleet, &Left::Unreachable(why)),
                 }
-                healthy = true;
+                pause(&shutdown).await;
+                continue;
             }
-            // The lease expired while etcd was away: join again under a new one.
-            Ok(Ok(false)) => match register(&mut client, &fleet, &current(&member)).await {
-                Ok(new) => {
-                    info!(fleet = %fleet, "membership lease had expired; registered again");
-                    lease.store(new, Ordering::Relaxed);
-                    healthy = true;
-                }
-                Err(e) => warn!(fleet = %fleet, error = %e, "registering again"),
-            },
             Ok(Err(e)) => {
-                if healthy {
-                    warn!(fleet = %fleet, error = %e, "etcd keep-alive failed; the datapath keeps its committed state");
-                }
-                healthy = false;
+                standing.lose();
+                log.left(&fleet, &Left::Unreachable(e.to_string()));
+                pause(&shutdown).await;
+                continue;
             }
             Err(_) => {
-                if healthy {
-                    warn!(fleet = %fleet, "etcd keep-alive timed out; the datapath keeps its committed state");
+                standing.lose();
+                log.left(
+                    &fleet,
+                    &Left::Unreachable(format!("no answer within {REPLY_TIMEOUT:?}")),
+                );
+                pause(&shutdown).await;
+                continue;
+            }
+        };
+        // The record again under this lease (a restore may have lost or aged it), and any
+        // acknowledgement that could not be written while the member was away.
+        if let Err(why) = republish(&mut client, &fleet, &member, &standing).await {
+            standing.lose();
+            log.left(&fleet, &Left::Unreachable(why));
+            pause(&shutdown).await;
+            continue;
+        }
+        standing.confirm();
+        log.rejoined(&fleet, lease, std::mem::take(&mut new_lease));
+        loop {
+            tokio::select! {
+                () = shutdown.cancelled() => break,
+                () = tokio::time::sleep(RENEW_EVERY) => {}
+            }
+            match tokio::time::timeout(REPLY_TIMEOUT, renewer.renew()).await {
+                Ok(Ok(keepalive::Renewal::Alive)) => standing.confirm(),
+                Ok(Ok(keepalive::Renewal::Gone)) => {
+                    standing.lose();
+                    log.left(&fleet, &Left::LeaseGone);
+                    break;
                 }
-                healthy = false;
+                Ok(Err(e)) => {
+                    standing.lose();
+                    log.left(&fleet, &Left::Unreachable(e.to_string()));
+                    break;
+                }
+                Err(_) => {
+                    standing.lose();
+                    log.left(
+                        &fleet,
+                        &Left::Unreachable(format!("no answer within {REPLY_TIMEOUT:?}")),
+                    );
+                    break;
+                }
             }
         }
     }
-    // A clean stop leaves the fleet at once instead of after the TTL.
     let _ = tokio::time::timeout(
         Duration::from_secs(2),
-        client.lease_revoke(lease.load(Ordering::Relaxed)),
+        client.lease_revoke(standing.lease()),
     )
     .await;
 }
 
-/// One keep-alive round trip. `false`: the lease no longer exists.
-async fn renew(client: &mut Client, lease: i64) -> Result<bool, etcd_client::Error> {
-    super::retry(|| {
-        let mut client = client.clone();
-        async move {
-            let (mut keeper, mut stream) = client.lease_keep_alive(lease).await?;
-            keeper.keep_alive().await?;
-            Ok(stream.message().await?.is_some_and(|r| r.ttl() > 0))
+/// Waits before trying etcd again, or until `shutdown`.
+async fn pause(shutdown: &CancellationToken) {
+    tokio::select! {
+        () = shutdown.cancelled() => {}
+        () = tokio::time::sleep(REJOIN_EVERY) => {}
+    }
+}
+
+/// Registers this member under a new lease, bounded: why not, if etcd did not answer.
+async fn register_again(
+    client: &mut Client,
+    fleet: &str,
+    member: &Mutex<Member>,
+) -> Result<i64, String> {
+    let me = current(member);
+    match tokio::time::timeout(REPLY_TIMEOUT * 2, register(client, fleet, &me)).await {
+        Ok(Ok(lease)) => Ok(lease),
+        Ok(Err(e)) => Err(e.to_string()),
+        Err(_) => Err(format!(
+            "registering: no answer within {:?}",
+            REPLY_TIMEOUT * 2
+        )),
+    }
+}
+
+/// Writes the member record under the current lease, then the acknowledgement it owes.
+async fn republish(
+    client: &mut Client,
+    fleet: &str,
+    member: &Mutex<Member>,
+    standing: &Standing,
+) -> Result<(), String> {
+    let lease = standing.lease();
+    let me = current(member);
+    let owed = lock(&standing.unacked).clone();
+    let write = async {
+        publish(client, fleet, &me, lease).await?;
+        if let Some((key, value)) = owed {
+            client
+                .put(key, value, Some(PutOptions::new().with_lease(lease)))
+                .await?;
+            standing.acked();
         }
-    })
-    .await
+        Ok::<_, FleetError>(())
+    };
+    match tokio::time::timeout(REPLY_TIMEOUT, write).await {
+        Ok(Ok(())) => Ok(()),
+        Ok(Err(e)) => Err(e.to_string()),
+        Err(_) => Err(format!("publishing: no answer within {REPLY_TIMEOUT:?}")),
+    }
 }
 
 /// Every live member (those whose lease has not expired).

@@ -13,6 +13,7 @@
 pub mod commit;
 pub mod follow;
 pub mod hold;
+pub mod keepalive;
 pub mod lead;
 pub mod member;
 pub mod state;
@@ -75,6 +76,28 @@ pub enum FleetError {
     },
     #[error("{0}")]
     Refused(String),
+    /// etcd did not answer in time: one line, with the endpoints, never a raw gRPC dump.
+    #[error(
+        "etcd is unreachable at {endpoints} ({why}); check its quorum with `etcdctl endpoint health`"
+    )]
+    Unreachable { endpoints: String, why: String },
+    /// Members on the roster whose keys are not live: they cannot be fenced, so no cutover
+    /// can pass (a member that lost its lease rejoins by itself once etcd answers).
+    #[error("fleet member(s) {} not live (cut off from etcd, down, or rejoining); a cutover needs every rostered member: wait for them to rejoin (`redirect status`), or `redirect fleet forget` a host that is gone for good", .0.join(", "))]
+    NotLive(Vec<String>),
+}
+
+/// Why an etcd request failed, in a few words: gRPC's own message, not its debug dump.
+#[must_use]
+pub fn brief(e: &etcd_client::Error) -> String {
+    match e {
+        etcd_client::Error::GRpcStatus(s) if s.code() as i32 == GRPC_UNAVAILABLE => {
+            "no etcd server answered".to_owned()
+        }
+        etcd_client::Error::GRpcStatus(s) => s.message().to_owned(),
+        etcd_client::Error::TransportError(_) => "could not connect".to_owned(),
+        other => other.to_string(),
+    }
 }
 
 /// Runs one etcd request, again (up to 5 times) when it never reached a server.
@@ -314,9 +337,10 @@ pub struct Fleet {
     client: Client,
     /// The committed state this member's datapath applied, and the etcd revision it came at.
     pub applied: std::sync::Mutex<(FleetState, i64)>,
-    /// This member's record and its current lease (the keep-alive renews or replaces it).
+    /// This member's record.
     pub me: std::sync::Arc<std::sync::Mutex<Member>>,
-    lease: std::sync::Arc<std::sync::atomic::AtomicI64>,
+    /// Its lease and whether etcd confirms it live (the keep-alive renews or replaces it).
+    pub standing: std::sync::Arc<member::Standing>,
     /// The keep-alive task: it revokes the lease when `shutdown` fires (see [`Fleet::leave`]).
     keep_alive: std::sync::Mutex<Option<tokio::task::JoinHandle<()>>>,
     /// The hold of a fleet cutover this member applied, until the next epoch lifts it.
@@ -337,7 +361,12 @@ pub struct View {
     /// Every member a cutover must hear from: the live ones and those whose lease lapsed
     /// (down, or cut off from etcd) until an operator forgets them.
     pub roster: Vec<member::Enrolled>,
-    /// This member applies the committed epoch (false, or unknown, while etcd is away).
+    /// This member's key exists under its current lease, as etcd confirmed within the last
+    /// few seconds. False while it is cut off from etcd or has lost its lease: the leader
+    /// then cannot hear from it, so no cutover can pass.
+    pub live: bool,
+    /// This member is live and applies the committed epoch (false, or unknown, while etcd is
+    /// away).
     pub in_sync: bool,
     /// Why etcd could not be read, if it could not.
     pub etcd_error: Option<String>,
@@ -371,12 +400,12 @@ impl Fleet {
         .await
         .map_err(|_| anyhow::anyhow!("etcd did not answer the member registration"))??;
         let me = std::sync::Arc::new(std::sync::Mutex::new(me));
-        let lease = std::sync::Arc::new(std::sync::atomic::AtomicI64::new(lease));
-        let keep_alive = tokio::spawn(member::keep_alive(
+        let standing = std::sync::Arc::new(member::Standing::new(lease));
+        let keep_alive = tokio::spawn(member::keep_membership(
             client.clone(),
             settings.fleet.clone(),
             me.clone(),
-            lease.clone(),
+            standing.clone(),
             shutdown,
         ));
         Ok(Self {
@@ -384,7 +413,7 @@ impl Fleet {
             client,
             applied: std::sync::Mutex::new((applied.state, applied.mod_revision)),
             me,
-            lease,
+            standing,
             keep_alive: std::sync::Mutex::new(Some(keep_alive)),
             holding: std::sync::Mutex::new(None),
         })
@@ -408,7 +437,57 @@ impl Fleet {
 
     /// The lease this member's keys live under now.
     pub fn lease(&self) -> i64 {
-        self.lease.load(std::sync::atomic::Ordering::Relaxed)
+        self.standing.lease()
+    }
+
+    /// This member's key exists under its current lease, as etcd confirmed lately.
+    pub fn live(&self) -> bool {
+        self.standing.live()
+    }
+
+    /// Before anything that changes the fleet (a cutover's preflight, an immediate fleet
+    /// flip): etcd answers a read of the committed state within `timeout`, and every member on
+    /// the roster is live, this one included (waited for, within the same `timeout`, so a
+    /// flip asked just as etcd comes back finds the members rejoined). Changes nothing.
+    pub async fn ready(&self, timeout: Duration) -> Result<(), FleetError> {
+        let deadline = tokio::time::Instant::now() + timeout;
+        let unreachable = |why: String| FleetError::Unreachable {
+            endpoints: self.settings.endpoints.join(","),
+            why,
+        };
+        let mut client = self.client.clone();
+        let fleet = &self.settings.fleet;
+        loop {
+            let read = async {
+                state::read(&mut client, fleet).await?;
+                let (roster, _) = member::roster(&mut client, fleet).await?;
+                let live = member::list(&mut client, fleet).await?;
+                Ok::<_, FleetError>(
+                    roster
+                        .into_iter()
+                        .map(|m| m.id)
+                        .filter(|id| !live.iter().any(|l| &l.id == id))
+                        .collect::<Vec<_>>(),
+                )
+            };
+            let mut away = match tokio::time::timeout_at(deadline, read).await {
+                Ok(Ok(away)) => away,
+                Ok(Err(FleetError::Etcd(e))) => return Err(unreachable(brief(&e))),
+                Ok(Err(other)) => return Err(other),
+                Err(_) => return Err(unreachable(format!("no answer within {timeout:?}"))),
+            };
+            if !self.live() && !away.contains(&self.settings.member) {
+                away.push(self.settings.member.clone());
+            }
+            if away.is_empty() {
+                return Ok(());
+            }
+            if tokio::time::Instant::now() + Duration::from_millis(250) >= deadline {
+                away.sort();
+                return Err(FleetError::NotLive(away));
+            }
+            tokio::time::sleep(Duration::from_millis(250)).await;
+        }
     }
 
     /// After `shutdown`: waits (bounded) for the keep-alive task to revoke the lease, so a
@@ -453,15 +532,18 @@ impl Fleet {
                 ),
             };
         let applied = self.applied();
+        let live = self.live();
         View {
             fleet: fleet.clone(),
             member: self.settings.member.clone(),
             endpoints: self.settings.endpoints.clone(),
             applied_epoch: applied.epoch,
             applied_active: applied.active,
-            in_sync: committed
-                .as_ref()
-                .is_some_and(|c| c.epoch == applied.epoch && c.active == applied.active),
+            live,
+            in_sync: live
+                && committed
+                    .as_ref()
+                    .is_some_and(|c| c.epoch == applied.epoch && c.active == applied.active),
             committed,
             members,
             roster,
