@@ -183,6 +183,134 @@ impl Etcd {
         }
     }
 
+    /// SIGSTOPs every node: etcd is there (its sockets accept) but answers nothing, as a
+    /// stalled cluster does. [`Etcd::resume`] SIGCONTs them.
+    pub fn pause(&self) {
+        self.signal_all(libc::SIGSTOP);
+    }
+
+    pub fn resume(&self) {
+        self.signal_all(libc::SIGCONT);
+    }
+
+    fn signal_all(&self, signal: i32) {
+        for node in &self.nodes {
+            if let Some(child) = &node.child {
+                // SAFETY: signalling an etcd this cluster spawned and has not reaped
+                // (`ip netns exec` execs etcd in place, so the pid is etcd's).
+                unsafe { libc::kill(i32::try_from(child.id()).expect("pid fits i32"), signal) };
+            }
+        }
+    }
+
+    /// Delays every packet each node sends by `ms` (netem on its link; peers and clients
+    /// alike). [`Etcd::unslow`] removes it.
+    pub fn slow(&self, ms: u32) {
+        for node in &self.nodes {
+            sh(Command::new("ip").args([
+                "netns",
+                "exec",
+                &node.ns,
+                "tc",
+                "qdisc",
+                "replace",
+                "dev",
+                "eth0",
+                "root",
+                "netem",
+                "delay",
+                &format!("{ms}ms"),
+            ]));
+        }
+    }
+
+    pub fn unslow(&self) {
+        for node in &self.nodes {
+            let _ = Command::new("ip")
+                .args([
+                    "netns", "exec", &node.ns, "tc", "qdisc", "del", "dev", "eth0", "root",
+                ])
+                .output();
+        }
+    }
+
+    /// The lease `key` is attached to (`None`: absent, no lease, or etcd did not answer).
+    #[must_use]
+    pub fn lease_of(&self, key: &str) -> Option<i64> {
+        let out = self.etcdctl(&["get", key, "-w", "json"]);
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).ok()?;
+        v["kvs"][0]["lease"].as_i64().filter(|l| *l != 0)
+    }
+
+    /// Revokes `lease` (as an operator's `etcdctl lease revoke` would), asserting success.
+    pub fn revoke(&self, lease: i64) {
+        let out = self.etcdctl(&["lease", "revoke", &format!("{lease:x}")]);
+        assert!(
+            out.status.success(),
+            "etcdctl lease revoke: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
+    /// Saves a snapshot of the cluster's data (from the first node) to `path`.
+    pub fn snapshot(&self, path: &std::path::Path) {
+        let out = Command::new("ip")
+            .args(["netns", "exec", &self.bridge_ns(), "etcdctl"])
+            .args([
+                "--endpoints",
+                &format!("http://{}:2379", self.nodes[0].addr),
+            ])
+            .arg("snapshot")
+            .arg("save")
+            .arg(path)
+            .env("ETCDCTL_API", "3")
+            .output()
+            .expect("spawning etcdctl snapshot save");
+        assert!(
+            out.status.success(),
+            "etcdctl snapshot save: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
+    /// Disaster recovery as etcd documents it: every node stopped, its data replaced by
+    /// `snapshot` (`etcdctl snapshot restore`), then started again. Whatever was written
+    /// after the snapshot is gone, leases included.
+    pub fn restore(&mut self, snapshot: &std::path::Path) {
+        for i in 0..self.nodes.len() {
+            self.kill(i);
+        }
+        let initial_cluster = self.initial_cluster();
+        for node in &self.nodes {
+            let _ = std::fs::remove_dir_all(&node.data_dir);
+            let out = Command::new("etcdctl")
+                .arg("snapshot")
+                .arg("restore")
+                .arg(snapshot)
+                .args(["--name", &node.name])
+                .args(["--initial-cluster", &initial_cluster])
+                .args(["--initial-cluster-token", &self.id])
+                .args([
+                    "--initial-advertise-peer-urls",
+                    &format!("http://{}:2380", node.addr),
+                ])
+                .arg("--data-dir")
+                .arg(&node.data_dir)
+                .env("ETCDCTL_API", "3")
+                .output()
+                .expect("spawning etcdctl snapshot restore");
+            assert!(
+                out.status.success(),
+                "etcdctl snapshot restore: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        for i in 0..self.nodes.len() {
+            self.start(i);
+        }
+        self.wait_healthy(Duration::from_secs(30));
+    }
+
     /// Cuts node `i` off the segment (its link goes down); [`Etcd::heal`] undoes it.
     pub fn partition(&self, i: usize) {
         sh(Command::new("ip").args(["-n", &self.nodes[i].ns, "link", "set", "eth0", "down"]));
@@ -326,6 +454,9 @@ impl Etcd {
 
 impl Drop for Etcd {
     fn drop(&mut self) {
+        // A test that failed while etcd was paused: a stopped process ignores SIGKILL's
+        // reaping only until it is continued.
+        self.resume();
         for i in 0..self.nodes.len() {
             self.kill(i);
         }

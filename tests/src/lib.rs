@@ -42,6 +42,7 @@ pub mod churn;
 pub mod cutover_lab;
 pub mod faults;
 pub mod fleet;
+pub mod fleet_faults;
 pub mod fleet_lab;
 pub mod packet;
 pub mod pg;
@@ -728,6 +729,30 @@ impl Lab {
     #[must_use]
     pub fn stat(&self, name: &str) -> u64 {
         self.status()["stats"][name].as_u64().unwrap_or(0)
+    }
+
+    /// The controller's `/metrics` body (its default address, inside the proxy namespace).
+    #[must_use]
+    pub fn metrics(&self) -> String {
+        self.in_ns(Ns::Proxy, || {
+            use std::io::{Read as _, Write as _};
+            let mut s = std::net::TcpStream::connect("127.0.0.1:9187").expect("the metrics port");
+            s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+            s.write_all(b"GET /metrics HTTP/1.0\r\n\r\n").unwrap();
+            let mut body = String::new();
+            s.read_to_string(&mut body).unwrap();
+            body
+        })
+    }
+
+    /// The value of one series (`name{labels}` exactly, or a bare name) in [`Lab::metrics`].
+    #[must_use]
+    pub fn metric(&self, series: &str) -> Option<f64> {
+        self.metrics().lines().find_map(|l| {
+            let rest = l.strip_prefix(series)?;
+            let rest = rest.strip_prefix(' ')?;
+            rest.trim().parse().ok()
+        })
     }
 
     /// `redirect status --json`.

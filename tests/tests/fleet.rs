@@ -10,6 +10,7 @@ use std::{
 use redirect_tests::{
     Lab, Ns, VIP, cutover_lab,
     fleet::Etcd,
+    fleet_faults,
     fleet_lab::{FLEET, FleetLab, members, new_connection_lands_on},
     pg::{self, Pg},
     wait_for,
@@ -913,6 +914,29 @@ fn the_etcd_leader_killed_mid_cutover_leaves_one_backend_everywhere() {
         active == "target",
         "the flip's verdict and the committed backend disagree: {}",
         String::from_utf8_lossy(&out.stderr)
+    );
+    // Healed (the killed node restarted on its data): with no controller restarted, the
+    // next flip succeeds within twice the member lease, under writes, losing nothing.
+    fl.etcd.start(etcd_leader);
+    fl.etcd.wait_healthy(Duration::from_secs(30));
+    let back = fleet_faults::other(&active);
+    let load = fl.workload_round(1, 12);
+    std::thread::sleep(Duration::from_secs(1));
+    let took = fleet_faults::flip_until_it_succeeds(&fl.proxies[1], back, 2 * fleet_faults::LEASE)
+        .unwrap_or_else(|e| panic!("no flip succeeded after the etcd leader came back: {e}"));
+    eprintln!("a flip to the {back} succeeded {took:?} after etcd healed");
+    assert_eq!(assert_one_backend_everywhere(&fl), back);
+    for lab in &fl.proxies {
+        assert_eq!(lab.status()["fleet"]["live"], true);
+    }
+    assert_acked_writes_kept(
+        &fl,
+        load,
+        if back == "target" {
+            Ns::Target
+        } else {
+            Ns::Source
+        },
     );
 }
 

@@ -47,6 +47,7 @@ pub async fn hold(run: &mut Run, fleet: &Fleet) -> Result<(), CutoverError> {
     .map_err(|e| fleet_error(Phase::Hold, e))?;
     let epoch = committed.state.epoch;
     run.fleet_hold = Some(committed);
+    super::fault_point("acks").await;
     let acks = lead::await_acks(fleet, epoch, ACK_TIMEOUT.min(run.remaining()))
         .await
         .map_err(|e| fleet_error(Phase::Hold, e))?;

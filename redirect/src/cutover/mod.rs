@@ -638,6 +638,7 @@ impl Controller {
         fleet: &crate::fleet::Fleet,
     ) -> Result<(), CutoverError> {
         replication::reverse_before_hold(run).await;
+        fault_point("hold").await;
         fleet_steps::hold(run, fleet).await?;
         fence::end_old_sessions(run).await?;
         fault_point("barrier").await;
@@ -653,6 +654,7 @@ impl Controller {
     /// A fleet's steps 8–10: every member releases and drains its own connections when it
     /// applies the committed epoch; here, wait for their acks, then the replication.
     async fn after_flip_fleet(run: &mut Run, fleet: &crate::fleet::Fleet) {
+        fault_point("release").await;
         fleet_steps::await_members(run, fleet).await;
         replication::after_flip(run).await;
         let detail = format!(
@@ -747,7 +749,7 @@ impl Controller {
 /// the cutover pauses (`REDIRECT_FAULT_PAUSE_MS`, default 3000) just before that step, so a
 /// test can kill the controller, cut a link or fill a disk at exactly that moment. The lease
 /// keeps being renewed meanwhile, as it would during any slow step. Unset, it costs nothing.
-async fn fault_point(step: &str) {
+pub(crate) async fn fault_point(step: &str) {
     if std::env::var("REDIRECT_FAULT_PAUSE").is_ok_and(|s| s == step) {
         let ms = std::env::var("REDIRECT_FAULT_PAUSE_MS")
             .ok()

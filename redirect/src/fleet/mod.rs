@@ -457,6 +457,9 @@ impl Fleet {
         };
         let mut client = self.client.clone();
         let fleet = &self.settings.fleet;
+        // The members found away at the last answer: what a deadline that passes while
+        // waiting for them reports (etcd did answer).
+        let mut last_away: Option<Vec<String>> = None;
         loop {
             let read = async {
                 state::read(&mut client, fleet).await?;
@@ -470,22 +473,26 @@ impl Fleet {
                         .collect::<Vec<_>>(),
                 )
             };
-            let mut away = match tokio::time::timeout_at(deadline, read).await {
-                Ok(Ok(away)) => away,
-                Ok(Err(FleetError::Etcd(e))) => return Err(unreachable(brief(&e))),
-                Ok(Err(other)) => return Err(other),
-                Err(_) => return Err(unreachable(format!("no answer within {timeout:?}"))),
+            let mut away = match (tokio::time::timeout_at(deadline, read).await, last_away) {
+                (Ok(Ok(away)), _) => away,
+                (Ok(Err(FleetError::Etcd(e))), _) => return Err(unreachable(brief(&e))),
+                (Ok(Err(other)), _) => return Err(other),
+                (Err(_), Some(away)) => return Err(FleetError::NotLive(away)),
+                (Err(_), None) => {
+                    return Err(unreachable(format!("no answer within {timeout:?}")));
+                }
             };
             if !self.live() && !away.contains(&self.settings.member) {
                 away.push(self.settings.member.clone());
             }
+            away.sort();
             if away.is_empty() {
                 return Ok(());
             }
             if tokio::time::Instant::now() + Duration::from_millis(250) >= deadline {
-                away.sort();
                 return Err(FleetError::NotLive(away));
             }
+            last_away = Some(away);
             tokio::time::sleep(Duration::from_millis(250)).await;
         }
     }

@@ -1,0 +1,280 @@
+//! The fleet under etcd faults (docs/reliability.md, "The fleet under etcd faults"): the
+//! faults, the protocol steps they strike at, and what a run checks: one backend behind every
+//! VIP at every probe, no acknowledged write lost, no client kept waiting, and a flip that
+//! succeeds without a restart once the fault heals.
+//!
+//! Shared by the CI tests (tests/tests/fleet_faults.rs) and the full set behind
+//! `cargo xtask faults --fleet` (src/bin/fleet_faults.rs).
+
+use std::{
+    process::{Command, Output, Stdio},
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
+    thread::JoinHandle,
+    time::{Duration, Instant},
+};
+
+use crate::{Lab, Ns, VIP, fleet::Etcd, fleet_lab::FleetLab};
+
+/// The member lease's TTL (redirect's `fleet::member::LEASE_TTL`).
+pub const LEASE: Duration = Duration::from_secs(10);
+
+/// Longer than the lease: every member's lease expires while etcd is away.
+pub const PAST_THE_LEASE: Duration = Duration::from_secs(15);
+
+/// What goes wrong with etcd, or with one member's way to it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Fault {
+    /// Every etcd node SIGSTOPped for [`PAST_THE_LEASE`]: connections stay open, nothing
+    /// answers, every lease expires.
+    PausedPastTheLease,
+    /// The etcd leader SIGKILLed (restarted after 5 s).
+    LeaderKilled,
+    /// proxy-1 cut off from etcd for 4 s: its lease survives, its stream breaks.
+    PartitionShort,
+    /// proxy-1 cut off from etcd for [`PAST_THE_LEASE`]: its lease expires.
+    PartitionLong,
+    /// 200 ms more on every packet from every etcd node, for 10 s.
+    Slow,
+    /// proxy-1's controller SIGKILLed and restarted 3 s later (its datapath stays pinned).
+    MemberKilled,
+}
+
+impl Fault {
+    pub const ALL: [Self; 6] = [
+        Self::PausedPastTheLease,
+        Self::LeaderKilled,
+        Self::PartitionShort,
+        Self::PartitionLong,
+        Self::Slow,
+        Self::MemberKilled,
+    ];
+
+    #[must_use]
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::PausedPastTheLease => "etcd paused 15 s (past the lease)",
+            Self::LeaderKilled => "etcd leader killed",
+            Self::PartitionShort => "member partitioned 4 s (within the lease)",
+            Self::PartitionLong => "member partitioned 15 s (past the lease)",
+            Self::Slow => "etcd slowed (netem 200 ms)",
+            Self::MemberKilled => "member SIGKILLed, restarted",
+        }
+    }
+
+    /// How long the fault lasts before it heals.
+    #[must_use]
+    pub fn lasts(self) -> Duration {
+        match self {
+            Self::PausedPastTheLease | Self::PartitionLong => PAST_THE_LEASE,
+            Self::LeaderKilled => Duration::from_secs(5),
+            Self::PartitionShort => Duration::from_secs(4),
+            Self::Slow => Duration::from_secs(10),
+            Self::MemberKilled => Duration::from_secs(3),
+        }
+    }
+}
+
+/// What an injected fault needs to be healed.
+pub enum Injected {
+    Paused,
+    Killed(usize),
+    Partitioned(usize),
+    Slowed,
+    MemberDown(usize),
+}
+
+/// Injects `fault` into `fl` now.
+pub fn inject(fl: &mut FleetLab, fault: Fault) -> Injected {
+    match fault {
+        Fault::PausedPastTheLease => {
+            fl.etcd.pause();
+            Injected::Paused
+        }
+        Fault::LeaderKilled => {
+            let leader = fl.etcd.leader().expect("an etcd leader");
+            fl.etcd.kill(leader);
+            Injected::Killed(leader)
+        }
+        Fault::PartitionShort | Fault::PartitionLong => {
+            Etcd::disconnect(&fl.proxies[1]);
+            Injected::Partitioned(1)
+        }
+        Fault::Slow => {
+            fl.etcd.slow(200);
+            Injected::Slowed
+        }
+        Fault::MemberKilled => {
+            fl.stop_member(1, libc::SIGKILL);
+            Injected::MemberDown(1)
+        }
+    }
+}
+
+/// Undoes what [`inject`] did.
+pub fn heal(fl: &mut FleetLab, injected: Injected) {
+    match injected {
+        Injected::Paused => fl.etcd.resume(),
+        Injected::Killed(node) => fl.etcd.start(node),
+        Injected::Partitioned(i) => Etcd::reconnect(&fl.proxies[i]),
+        Injected::Slowed => fl.etcd.unslow(),
+        Injected::MemberDown(i) => {
+            fl.start_member(i, &[]);
+        }
+    }
+}
+
+/// `redirect flip --to <to>` on `lab`, with its wall time.
+#[must_use]
+pub fn timed_flip(lab: &Lab, to: &str) -> (Output, Duration) {
+    let t = Instant::now();
+    let out = lab.redirect(&["flip", "--to", to]);
+    (out, t.elapsed())
+}
+
+/// Asks `lab` to flip to `to` until one succeeds, for up to `within`: the time from the call
+/// to the success, and the last refusal if none succeeded. Each refusal must be quick and say
+/// what is wrong (a fleet that cannot cut over yet refuses, changing nothing).
+pub fn flip_until_it_succeeds(lab: &Lab, to: &str, within: Duration) -> Result<Duration, String> {
+    let started = Instant::now();
+    let mut last = String::new();
+    while started.elapsed() < within {
+        let (out, _) = timed_flip(lab, to);
+        if out.status.success() {
+            return Ok(started.elapsed());
+        }
+        last = String::from_utf8_lossy(&out.stderr).into_owned();
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    Err(last)
+}
+
+/// Waits up to `within` until `lab`'s member says it is live and in sync; how long it took.
+pub fn wait_live(lab: &Lab, within: Duration) -> Result<Duration, serde_json::Value> {
+    let started = Instant::now();
+    loop {
+        let status = lab.status();
+        if status["fleet"]["live"] == true && status["fleet"]["in_sync"] == true {
+            return Ok(started.elapsed());
+        }
+        if started.elapsed() >= within {
+            return Err(status["fleet"].clone());
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// Probes every VIP at once, every 250 ms, from each proxy's client namespace: which server a
+/// new connection reaches (`None`: it did not connect within 2 s, as a held or dropped SYN).
+pub struct Prober {
+    stop: Arc<AtomicBool>,
+    thread: Option<JoinHandle<Vec<Vec<Option<String>>>>>,
+}
+
+/// What the probes saw.
+#[derive(Debug, Default)]
+pub struct Probes {
+    pub rounds: usize,
+    /// Rounds in which two VIPs reached different servers.
+    pub split: usize,
+    /// Rounds in which some VIP did not answer within 2 s.
+    pub unanswered: usize,
+}
+
+impl Prober {
+    #[must_use]
+    pub fn start(fl: &FleetLab) -> Self {
+        let namespaces: Vec<String> = fl.proxies.iter().map(|l| l.ns(Ns::Client)).collect();
+        let stop = Arc::new(AtomicBool::new(false));
+        let thread = std::thread::spawn({
+            let stop = stop.clone();
+            move || {
+                let mut rounds = Vec::new();
+                // Bounded: at most 10 minutes of rounds whatever the test does.
+                let until = Instant::now() + Duration::from_secs(600);
+                while !stop.load(Ordering::Relaxed) && Instant::now() < until {
+                    let children: Vec<_> = namespaces
+                        .iter()
+                        .map(|ns| {
+                            Command::new("ip")
+                                .args(["netns", "exec", ns, "psql", "-X", "-At", "-h", VIP])
+                                .args(["-U", "postgres", "-d", "postgres", "-c"])
+                                .arg("SHOW cluster_name")
+                                .env("PGCONNECT_TIMEOUT", "2")
+                                .stdout(Stdio::piped())
+                                .stderr(Stdio::null())
+                                .spawn()
+                                .expect("spawning psql")
+                        })
+                        .collect();
+                    rounds.push(
+                        children
+                            .into_iter()
+                            .map(|c| {
+                                let out = c.wait_with_output().expect("psql");
+                                out.status
+                                    .success()
+                                    .then(|| String::from_utf8_lossy(&out.stdout).trim().to_owned())
+                            })
+                            .collect(),
+                    );
+                    std::thread::sleep(Duration::from_millis(250));
+                }
+                rounds
+            }
+        });
+        Self {
+            stop,
+            thread: Some(thread),
+        }
+    }
+
+    /// Stops probing and counts what was seen.
+    #[must_use]
+    pub fn finish(mut self) -> Probes {
+        self.stop.store(true, Ordering::Relaxed);
+        let rounds = self
+            .thread
+            .take()
+            .expect("not finished yet")
+            .join()
+            .expect("the prober");
+        let mut probes = Probes {
+            rounds: rounds.len(),
+            ..Probes::default()
+        };
+        for round in &rounds {
+            let mut answered: Vec<&String> = round.iter().flatten().collect();
+            if answered.len() < round.len() {
+                probes.unanswered += 1;
+            }
+            answered.sort();
+            answered.dedup();
+            if answered.len() > 1 {
+                probes.split += 1;
+            }
+        }
+        probes
+    }
+}
+
+impl Drop for Prober {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// The other backend's name.
+#[must_use]
+pub fn other(backend: &str) -> &'static str {
+    if backend == "source" {
+        "target"
+    } else {
+        "source"
+    }
+}
