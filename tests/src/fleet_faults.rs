@@ -278,3 +278,151 @@ pub fn other(backend: &str) -> &'static str {
         "source"
     }
 }
+
+/// The fleet protocol's steps a fault strikes at: the leader pauses just before each (a
+/// fault point, `REDIRECT_FAULT_PAUSE`) and the fault is injected during the pause.
+/// - `hold`: before the `Hold` epoch is committed;
+/// - `acks`: the `Hold` is committed, the members are applying it and acknowledging;
+/// - `flip`: every member held and fenced, the barrier passed: before the commit;
+/// - `release`: committed, before the leader waits for the members to apply it.
+pub const STEPS: [&str; 4] = ["hold", "acks", "flip", "release"];
+
+/// How long the leader pauses at the fault point.
+const PAUSE_MS: u32 = 1500;
+
+/// What one case saw.
+#[derive(Debug)]
+pub struct Outcome {
+    pub fault: Fault,
+    pub step: &'static str,
+    /// The faulted flip: "committed" or "refused/rolled back", with its wall time.
+    pub flip: String,
+    /// The backend every member serves once the fault healed.
+    pub ended_on: String,
+    pub probes: Probes,
+    pub acked: usize,
+    pub lost: usize,
+    pub max_wait: Duration,
+    /// From the heal to the first successful flip after it (`None`: none within 2× lease).
+    pub recovered: Option<Duration>,
+}
+
+/// One case on a running two-member fleet: restarts proxy-0's controller with the fault
+/// point at `step`, starts a flip there under the workload, injects `fault` at the pause,
+/// heals it after [`Fault::lasts`], then checks the outcomes and flips once more.
+pub fn run_case(fl: &mut FleetLab, fault: Fault, step: &'static str, round: i32) -> Outcome {
+    fl.proxies[0].redirect_env = vec![
+        ("REDIRECT_FAULT_PAUSE".into(), step.into()),
+        ("REDIRECT_FAULT_PAUSE_MS".into(), PAUSE_MS.to_string()),
+    ];
+    fl.stop_member(0, libc::SIGTERM);
+    fl.start_member(0, &[]);
+    for lab in &fl.proxies {
+        wait_live(lab, Duration::from_secs(30)).expect("every member live before the case");
+    }
+    let from = crate::fleet_lab::new_connection_lands_on(&fl.proxies[0]);
+    let to = other(&from);
+    let load = fl.workload_round(round, 40);
+    std::thread::sleep(Duration::from_secs(2));
+    let prober = Prober::start(fl);
+    let flip_started = Instant::now();
+    let flip = crate::cutover_lab::flip_in_background(&fl.proxies[0], &["--to", to]);
+    let paused = format!("step=\"{step}\"");
+    let reached = (0..150).any(|_| {
+        std::thread::sleep(Duration::from_millis(100));
+        let log = fl.proxies[0].last_redirect_log();
+        log.lines()
+            .any(|l| l.contains("fault point: pausing") && l.contains(&paused))
+    });
+    let injected = inject(fl, fault);
+    std::thread::sleep(fault.lasts());
+    heal(fl, injected);
+    let healed = Instant::now();
+    let out = flip.join().expect("the flip");
+    let flip_took = flip_started.elapsed();
+    let flip = format!(
+        "{} ({:.1} s){}",
+        if out.status.success() {
+            "committed"
+        } else {
+            "refused or rolled back"
+        },
+        flip_took.as_secs_f64(),
+        if reached {
+            ""
+        } else {
+            ", fault point not reached"
+        }
+    );
+    let mut ended: Vec<String> = Vec::new();
+    for lab in &fl.proxies {
+        let _ = wait_live(lab, 2 * LEASE);
+        ended.push(crate::fleet_lab::new_connection_lands_on(lab));
+    }
+    ended.dedup();
+    let ended_on = ended.join("/");
+    let next = other(&ended[0]);
+    let recovered = flip_until_it_succeeds(&fl.proxies[1], next, 2 * LEASE)
+        .ok()
+        .map(|_| healed.elapsed());
+    let probes = prober.finish();
+    let verdicts: Vec<crate::workload::Verdict> = load
+        .into_iter()
+        .map(|h| h.join().expect("workload"))
+        .collect();
+    let final_backend = crate::fleet_lab::new_connection_lands_on(&fl.proxies[0]);
+    let rows = fl.rows(
+        if final_backend == "target" {
+            Ns::Target
+        } else {
+            Ns::Source
+        },
+        "",
+    );
+    let acked: Vec<(i32, i64)> = verdicts.iter().flat_map(|v| v.acked()).collect();
+    Outcome {
+        fault,
+        step,
+        flip,
+        ended_on,
+        probes,
+        lost: acked.iter().filter(|a| !rows.contains(a)).count(),
+        acked: acked.len(),
+        max_wait: verdicts
+            .iter()
+            .map(crate::workload::Verdict::max_wait)
+            .max()
+            .unwrap_or_default(),
+        recovered,
+    }
+}
+
+/// The markdown table of `outcomes`.
+#[must_use]
+pub fn table(outcomes: &[Outcome]) -> String {
+    use std::fmt::Write as _;
+    let mut s = String::from(
+        "| fault | at step | faulted flip | ended on | probes split / unanswered / all | acked writes | lost | longest client wait | next flip succeeded after the heal |\n|---|---|---|---|---|---:|---:|---:|---|\n",
+    );
+    for o in outcomes {
+        let _ = writeln!(
+            s,
+            "| {} | {} | {} | {} | {} / {} / {} | {} | {} | {:.2} s | {} |",
+            o.fault.name(),
+            o.step,
+            o.flip,
+            o.ended_on,
+            o.probes.split,
+            o.probes.unanswered,
+            o.probes.rounds,
+            o.acked,
+            o.lost,
+            o.max_wait.as_secs_f64(),
+            o.recovered.map_or_else(
+                || "**no, not within 20 s**".to_owned(),
+                |d| format!("{:.1} s", d.as_secs_f64())
+            )
+        );
+    }
+    s
+}

@@ -56,6 +56,11 @@ enum Task {
     Faults {
         /// Only faults whose name contains this (prints the table instead of writing the doc).
         only: Option<String>,
+        /// Instead: the fleet under etcd faults (etcd paused past the lease, its leader
+        /// killed, a member partitioned or killed, etcd slowed), each at each step of the fleet
+        /// protocol, about 20 minutes; writes the fleet section of docs/reliability.md.
+        #[arg(long)]
+        fleet: bool,
     },
     /// Build the Debian package (cargo-deb): the binary with its embedded eBPF object, the
     /// systemd unit, /etc/redirect/redirect.toml, man pages and bash/zsh/fish completions.
@@ -104,10 +109,14 @@ fn main() -> anyhow::Result<()> {
             build()?;
             run_lab_bin("churn", quick.then_some("--quick"), "the churn benchmark")
         }
-        Task::Faults { only } => {
+        Task::Faults { only, fleet } => {
             setup::install()?;
             build()?;
-            run_lab_bin("fault_matrix", only.as_deref(), "the fault matrix")
+            if fleet {
+                run_lab_bin("fleet_faults", only.as_deref(), "the fleet fault set")
+            } else {
+                run_lab_bin("fault_matrix", only.as_deref(), "the fault matrix")
+            }
         }
         Task::Package => {
             setup::install()?;

@@ -48,6 +48,12 @@ fn main() {
     doc.push_str(&faults::table(&outcomes));
     doc.push_str("\nReading it: before `release` and `drain` the flip has not happened, so a fault ends in a rollback (the source never stopped being the truth) unless the step could still finish; from `release` on, the flip has happened and every fault ends with the cutover finished by the controller or its successor. SIGTERM (`systemctl stop`) lets a cutover in progress flip or undo itself before the controller exits, so it ends finished; SIGKILL leaves it to the restarted controller, which rolls back before the flip and finishes after it. A server's own outage (link down) makes its clients wait for it whatever the proxy does; those waits are the server's, and are shown as measured. Every wait above 1.5 s includes the 3 s pause of the fault point itself, during which new connections are held. A sequence lock that is still held on the target after the flip makes the target's own writers wait for it (their `nextval` queues behind the lock), which is the 7.7–8 s in its last two rows.\n");
     if only.is_none() {
+        // The fleet's section (`cargo xtask faults --fleet`) is kept as it is.
+        let old = std::fs::read_to_string("docs/reliability.md").unwrap_or_default();
+        if let Some(fleet) = old.find("<!-- fleet faults: begin -->") {
+            doc.push('\n');
+            doc.push_str(&old[fleet..]);
+        }
         std::fs::write("docs/reliability.md", doc).expect("writing docs/reliability.md");
         eprintln!("wrote docs/reliability.md");
     } else {
