@@ -212,6 +212,10 @@ impl Log {
 /// under a new one as soon as etcd answers. Losing etcd changes nothing on the datapath
 /// (docs/fleet.md, invariant 4). On `shutdown` the lease is revoked, so a clean stop leaves
 /// the fleet at once instead of after the TTL.
+///
+/// A broken stream alone does not make the member "not live": with one etcd node of three
+/// down, a third of new streams land on it and fail, and the next attempt (at once) lands
+/// elsewhere. Only a lease that is gone, or no confirmation for [`LIVE_FOR`], does.
 pub async fn keep_membership(
     mut client: Client,
     fleet: String,
@@ -221,11 +225,29 @@ pub async fn keep_membership(
 ) {
     let mut log = Log::default();
     let mut new_lease = false;
+    // Failed attempts in a row: the first is retried at once, the others after a pause.
+    let mut failed = 0u32;
     while !shutdown.is_cancelled() {
+        if failed > 1 {
+            pause(&shutdown).await;
+        }
         let lease = standing.lease();
+        let open = super::retry(|| {
+            let mut client = client.clone();
+            async move {
+                keepalive::Renewer::open(&mut client, lease)
+                    .await
+                    .map_err(|e| match e {
+                        keepalive::Broken::Etcd(e) => e,
+                        keepalive::Broken::Ended => {
+                            etcd_client::Error::LeaseKeepAliveError("stream ended".into())
+                        }
+                    })
+            }
+        });
         let opened = tokio::select! {
             () = shutdown.cancelled() => break,
-            o = tokio::time::timeout(REPLY_TIMEOUT, keepalive::Renewer::open(&mut client, lease)) => o,
+            o = tokio::time::timeout(REPLY_TIMEOUT, open) => o,
         };
         let mut renewer = match opened {
             Ok(Ok(Some(renewer))) => renewer,
@@ -236,37 +258,35 @@ pub async fn keep_membership(
                     Ok(lease) => {
                         standing.lease.store(lease, Ordering::Relaxed);
                         new_lease = true;
-                        continue;
+                        failed = 0;
                     }
-                    Err(why) => log.left(&fleet, &Left::Unreachable(why)),
+                    Err(why) => {
+                        log.left(&fleet, &Left::Unreachable(why));
+                        failed += 2;
+                    }
                 }
-                pause(&shutdown).await;
                 continue;
             }
             Ok(Err(e)) => {
-                standing.lose();
-                log.left(&fleet, &Left::Unreachable(e.to_string()));
-                pause(&shutdown).await;
+                failed += 1;
+                unconfirmed(&standing, &mut log, &fleet, e.to_string());
                 continue;
             }
             Err(_) => {
-                standing.lose();
-                log.left(
-                    &fleet,
-                    &Left::Unreachable(format!("no answer within {REPLY_TIMEOUT:?}")),
-                );
-                pause(&shutdown).await;
+                failed += 1;
+                let why = format!("no answer within {REPLY_TIMEOUT:?}");
+                unconfirmed(&standing, &mut log, &fleet, why);
                 continue;
             }
         };
         // The record again under this lease (a restore may have lost or aged it), and any
         // acknowledgement that could not be written while the member was away.
         if let Err(why) = republish(&mut client, &fleet, &member, &standing).await {
-            standing.lose();
-            log.left(&fleet, &Left::Unreachable(why));
-            pause(&shutdown).await;
+            failed += 1;
+            unconfirmed(&standing, &mut log, &fleet, why);
             continue;
         }
+        failed = 0;
         standing.confirm();
         log.rejoined(&fleet, lease, std::mem::take(&mut new_lease));
         loop {
@@ -282,16 +302,12 @@ pub async fn keep_membership(
                     break;
                 }
                 Ok(Err(e)) => {
-                    standing.lose();
-                    log.left(&fleet, &Left::Unreachable(e.to_string()));
+                    unconfirmed(&standing, &mut log, &fleet, e.to_string());
                     break;
                 }
                 Err(_) => {
-                    standing.lose();
-                    log.left(
-                        &fleet,
-                        &Left::Unreachable(format!("no answer within {REPLY_TIMEOUT:?}")),
-                    );
+                    let why = format!("no answer within {REPLY_TIMEOUT:?}");
+                    unconfirmed(&standing, &mut log, &fleet, why);
                     break;
                 }
             }
@@ -302,6 +318,16 @@ pub async fn keep_membership(
         client.lease_revoke(standing.lease()),
     )
     .await;
+}
+
+/// etcd did not confirm the lease this time: the member is away once its last confirmation
+/// is older than [`LIVE_FOR`] (said once, then every minute).
+fn unconfirmed(standing: &Standing, log: &mut Log, fleet: &str, why: String) {
+    if standing.live() {
+        tracing::debug!(fleet = %fleet, error = %why, "a lease renewal failed; trying again");
+    } else {
+        log.left(fleet, &Left::Unreachable(why));
+    }
 }
 
 /// Waits before trying etcd again, or until `shutdown`.
