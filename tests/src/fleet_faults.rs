@@ -170,17 +170,56 @@ pub fn wait_live(lab: &Lab, within: Duration) -> Result<Duration, serde_json::Va
 /// new connection reaches (`None`: it did not connect within 2 s, as a held or dropped SYN).
 pub struct Prober {
     stop: Arc<AtomicBool>,
-    thread: Option<JoinHandle<Vec<Vec<Option<String>>>>>,
+    thread: Option<JoinHandle<Vec<Sample>>>,
+}
+
+/// One probe: sent at `sent`, answered by `backend` no later than `answered`. The member's
+/// routing decision for it lies in between.
+#[derive(Clone, Debug)]
+pub struct Sample {
+    pub vip: usize,
+    pub sent: Instant,
+    pub answered: Instant,
+    pub backend: Option<String>,
 }
 
 /// What the probes saw.
 #[derive(Debug, Default)]
 pub struct Probes {
     pub rounds: usize,
-    /// Rounds in which two VIPs reached different servers.
-    pub split: usize,
-    /// Rounds in which some VIP did not answer within 2 s.
+    /// Probes that did not connect within 2 s (held, or dropped by a member that could not
+    /// confirm its hold): never sent to a server the fleet had left.
     pub unanswered: usize,
+    /// The most changes of backend that are provably in order: along a chain of probes each
+    /// sent after the one before it was answered (on any VIP). A fleet that never splits
+    /// changes backend once per flip that took effect, however the members' timings fall; a
+    /// split (one VIP still sending new connections to the old server after another sent one
+    /// to the new) shows as more.
+    pub changes: usize,
+}
+
+impl Probes {
+    fn of(samples: &[Sample], vips: usize) -> Self {
+        let rounds = samples.len() / vips.max(1);
+        let unanswered = samples.iter().filter(|s| s.backend.is_none()).count();
+        let mut answered: Vec<&Sample> = samples.iter().filter(|s| s.backend.is_some()).collect();
+        answered.sort_by_key(|s| s.sent);
+        // changes[i]: the most backend changes along a chain ending at answered[i].
+        let mut changes = vec![0usize; answered.len()];
+        for i in 0..answered.len() {
+            for j in 0..i {
+                if answered[j].answered < answered[i].sent {
+                    let step = usize::from(answered[j].backend != answered[i].backend);
+                    changes[i] = changes[i].max(changes[j] + step);
+                }
+            }
+        }
+        Self {
+            rounds,
+            unanswered,
+            changes: changes.into_iter().max().unwrap_or(0),
+        }
+    }
 }
 
 impl Prober {
@@ -191,14 +230,15 @@ impl Prober {
         let thread = std::thread::spawn({
             let stop = stop.clone();
             move || {
-                let mut rounds = Vec::new();
+                let mut samples = Vec::new();
                 // Bounded: at most 10 minutes of rounds whatever the test does.
                 let until = Instant::now() + Duration::from_secs(600);
                 while !stop.load(Ordering::Relaxed) && Instant::now() < until {
                     let children: Vec<_> = namespaces
                         .iter()
                         .map(|ns| {
-                            Command::new("ip")
+                            let sent = Instant::now();
+                            let child = Command::new("ip")
                                 .args(["netns", "exec", ns, "psql", "-X", "-At", "-h", VIP])
                                 .args(["-U", "postgres", "-d", "postgres", "-c"])
                                 .arg("SHOW cluster_name")
@@ -206,23 +246,25 @@ impl Prober {
                                 .stdout(Stdio::piped())
                                 .stderr(Stdio::null())
                                 .spawn()
-                                .expect("spawning psql")
+                                .expect("spawning psql");
+                            (sent, child)
                         })
                         .collect();
-                    rounds.push(
-                        children
-                            .into_iter()
-                            .map(|c| {
-                                let out = c.wait_with_output().expect("psql");
-                                out.status
-                                    .success()
-                                    .then(|| String::from_utf8_lossy(&out.stdout).trim().to_owned())
-                            })
-                            .collect(),
-                    );
+                    for (vip, (sent, child)) in children.into_iter().enumerate() {
+                        let out = child.wait_with_output().expect("psql");
+                        samples.push(Sample {
+                            vip,
+                            sent,
+                            answered: Instant::now(),
+                            backend: out
+                                .status
+                                .success()
+                                .then(|| String::from_utf8_lossy(&out.stdout).trim().to_owned()),
+                        });
+                    }
                     std::thread::sleep(Duration::from_millis(250));
                 }
-                rounds
+                samples
             }
         });
         Self {
@@ -235,28 +277,14 @@ impl Prober {
     #[must_use]
     pub fn finish(mut self) -> Probes {
         self.stop.store(true, Ordering::Relaxed);
-        let rounds = self
+        let samples = self
             .thread
             .take()
             .expect("not finished yet")
             .join()
             .expect("the prober");
-        let mut probes = Probes {
-            rounds: rounds.len(),
-            ..Probes::default()
-        };
-        for round in &rounds {
-            let mut answered: Vec<&String> = round.iter().flatten().collect();
-            if answered.len() < round.len() {
-                probes.unanswered += 1;
-            }
-            answered.sort();
-            answered.dedup();
-            if answered.len() > 1 {
-                probes.split += 1;
-            }
-        }
-        probes
+        let vips = samples.iter().map(|s| s.vip + 1).max().unwrap_or(1);
+        Probes::of(&samples, vips)
     }
 }
 
@@ -299,6 +327,9 @@ pub struct Outcome {
     pub flip: String,
     /// The backend every member serves once the fault healed.
     pub ended_on: String,
+    /// Flips that took effect while probing (the faulted one, if it committed, and the one
+    /// after the heal): the backend changes the probes may show without a split.
+    pub flips: usize,
     pub probes: Probes,
     pub acked: usize,
     pub lost: usize,
@@ -365,6 +396,8 @@ pub fn run_case(fl: &mut FleetLab, fault: Fault, step: &'static str, round: i32)
     let recovered = flip_until_it_succeeds(&fl.proxies[1], next, 2 * LEASE)
         .ok()
         .map(|_| healed.elapsed());
+    let flips =
+        usize::from(ended.len() == 1 && ended[0] != from) + usize::from(recovered.is_some());
     let probes = prober.finish();
     let verdicts: Vec<crate::workload::Verdict> = load
         .into_iter()
@@ -385,6 +418,7 @@ pub fn run_case(fl: &mut FleetLab, fault: Fault, step: &'static str, round: i32)
         step,
         flip,
         ended_on,
+        flips,
         probes,
         lost: acked.iter().filter(|a| !rows.contains(a)).count(),
         acked: acked.len(),
@@ -402,19 +436,25 @@ pub fn run_case(fl: &mut FleetLab, fault: Fault, step: &'static str, round: i32)
 pub fn table(outcomes: &[Outcome]) -> String {
     use std::fmt::Write as _;
     let mut s = String::from(
-        "| fault | at step | faulted flip | ended on | probes split / unanswered / all | acked writes | lost | longest client wait | next flip succeeded after the heal |\n|---|---|---|---|---|---:|---:|---:|---|\n",
+        "| fault | at step | faulted flip | ended on | backend changes seen / flips | probes unanswered / all | acked writes | lost | longest client wait | next flip succeeded after the heal |\n|---|---|---|---|---|---|---:|---:|---:|---|\n",
     );
     for o in outcomes {
         let _ = writeln!(
             s,
-            "| {} | {} | {} | {} | {} / {} / {} | {} | {} | {:.2} s | {} |",
+            "| {} | {} | {} | {} | {}{} / {} | {} / {} | {} | {} | {:.2} s | {} |",
             o.fault.name(),
             o.step,
             o.flip,
             o.ended_on,
-            o.probes.split,
+            o.probes.changes,
+            if o.probes.changes > o.flips {
+                " **SPLIT**"
+            } else {
+                ""
+            },
+            o.flips,
             o.probes.unanswered,
-            o.probes.rounds,
+            o.probes.rounds * 2,
             o.acked,
             o.lost,
             o.max_wait.as_secs_f64(),
@@ -425,4 +465,43 @@ pub fn table(outcomes: &[Outcome]) -> String {
         );
     }
     s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sample(vip: usize, sent_ms: u64, answered_ms: u64, backend: &str) -> Sample {
+        let t0 = Instant::now();
+        Sample {
+            vip,
+            sent: t0 + Duration::from_millis(sent_ms),
+            answered: t0 + Duration::from_millis(answered_ms),
+            backend: Some(backend.to_owned()),
+        }
+    }
+
+    #[test]
+    fn a_probe_held_across_the_commit_is_one_change_not_a_split() {
+        // VIP 0 answered by the source just before its member held; VIP 1's probe, sent at
+        // the same moment, was held and released to the target: no order between them.
+        let samples = [
+            sample(0, 0, 30, "source"),
+            sample(1, 0, 400, "target"),
+            sample(0, 450, 480, "target"),
+            sample(1, 450, 480, "target"),
+        ];
+        assert_eq!(Probes::of(&samples, 2).changes, 1);
+    }
+
+    #[test]
+    fn the_old_server_answering_after_the_new_one_did_is_a_split() {
+        let samples = [
+            sample(0, 0, 30, "source"),
+            sample(1, 100, 130, "target"),
+            sample(0, 200, 230, "source"),
+            sample(1, 300, 330, "target"),
+        ];
+        assert_eq!(Probes::of(&samples, 2).changes, 3);
+    }
 }
