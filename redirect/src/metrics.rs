@@ -128,7 +128,7 @@ pub fn render(ctl: &Controller) -> String {
         );
         let _ = writeln!(
             out,
-            "# HELP redirect_fleet_member_live 1 while this member's key exists under its current etcd lease (etcd confirmed it within the last 5 s); 0 while it is cut off from etcd or rejoining: no fleet cutover can pass then.\n# TYPE redirect_fleet_member_live gauge\nredirect_fleet_member_live{{fleet=\"{}\",member=\"{}\"}} {}",
+            "# HELP redirect_fleet_member_live 1 while this member's key exists under its current etcd lease (etcd confirmed it within the last 7.5 s); 0 while it is cut off from etcd or rejoining: no fleet cutover can pass then.\n# TYPE redirect_fleet_member_live gauge\nredirect_fleet_member_live{{fleet=\"{}\",member=\"{}\"}} {}",
             fleet.settings.fleet,
             fleet.settings.member,
             u8::from(fleet.live())

@@ -61,8 +61,9 @@ pub struct Fleet {
     pub active: Role,
     /// This member's key exists under its current lease, as etcd confirmed lately (from the
     /// keep-alive's memory, not a round trip).
+    /// `None`: an older controller that does not say.
     #[serde(default)]
-    pub live: bool,
+    pub live: Option<bool>,
 }
 
 /// What the controller answers to `Request::Snapshot`.
@@ -171,7 +172,7 @@ pub fn take(ctl: &Controller) -> Snapshot {
                 member: f.settings.member.clone(),
                 epoch: applied.epoch.0,
                 active: applied.active,
-                live: f.live(),
+                live: Some(f.live()),
             }
         }),
     }

@@ -45,6 +45,11 @@ pub struct Etcd {
     nodes: Vec<Node>,
     /// Proxy namespaces joined to the segment (their veths go with their namespace).
     joined: u32,
+    /// While [`Etcd::slow`] runs: its stop flag and thread.
+    slowed: Option<(
+        std::sync::Arc<std::sync::atomic::AtomicBool>,
+        std::thread::JoinHandle<()>,
+    )>,
 }
 
 impl Etcd {
@@ -80,6 +85,7 @@ impl Etcd {
             work_dir,
             nodes,
             joined: 0,
+            slowed: None,
         };
         etcd.build();
         for i in 0..3 {
@@ -203,35 +209,47 @@ impl Etcd {
         }
     }
 
-    /// Delays every packet each node sends by `ms` (netem on its link; peers and clients
-    /// alike). [`Etcd::unslow`] removes it.
-    pub fn slow(&self, ms: u32) {
-        for node in &self.nodes {
-            sh(Command::new("ip").args([
-                "netns",
-                "exec",
-                &node.ns,
-                "tc",
-                "qdisc",
-                "replace",
-                "dev",
-                "eth0",
-                "root",
-                "netem",
-                "delay",
-                &format!("{ms}ms"),
-            ]));
-        }
+    /// Slows every node down: each is stopped for `ms` of every `ms` + 50 ms (SIGSTOP, then
+    /// SIGCONT), so an answer waits up to `ms` longer, peers' heartbeats included, and no
+    /// election is lost (its timeout is 1 s). This kernel has no `sch_netem`
+    /// (CONFIG_NET_SCH_NETEM is not set), so a packet delay is not to be had; a server that
+    /// answers late is what a client of a slow etcd sees. [`Etcd::unslow`] ends it.
+    pub fn slow(&mut self, ms: u64) {
+        let pids: Vec<i32> = self
+            .nodes
+            .iter()
+            .filter_map(|n| n.child.as_ref())
+            .map(|c| i32::try_from(c.id()).expect("pid fits i32"))
+            .collect();
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let thread = std::thread::spawn({
+            let stop = stop.clone();
+            move || {
+                // Bounded whatever the caller does: at most 10 minutes.
+                let until = Instant::now() + Duration::from_secs(600);
+                while !stop.load(Ordering::Relaxed) && Instant::now() < until {
+                    for pid in &pids {
+                        // SAFETY: signalling etcd processes this cluster spawned.
+                        unsafe { libc::kill(*pid, libc::SIGSTOP) };
+                    }
+                    std::thread::sleep(Duration::from_millis(ms));
+                    for pid in &pids {
+                        // SAFETY: as above.
+                        unsafe { libc::kill(*pid, libc::SIGCONT) };
+                    }
+                    std::thread::sleep(Duration::from_millis(50));
+                }
+            }
+        });
+        self.slowed = Some((stop, thread));
     }
 
-    pub fn unslow(&self) {
-        for node in &self.nodes {
-            let _ = Command::new("ip")
-                .args([
-                    "netns", "exec", &node.ns, "tc", "qdisc", "del", "dev", "eth0", "root",
-                ])
-                .output();
+    pub fn unslow(&mut self) {
+        if let Some((stop, thread)) = self.slowed.take() {
+            stop.store(true, Ordering::Relaxed);
+            let _ = thread.join();
         }
+        self.resume();
     }
 
     /// The lease `key` is attached to (`None`: absent, no lease, or etcd did not answer).
@@ -454,9 +472,8 @@ impl Etcd {
 
 impl Drop for Etcd {
     fn drop(&mut self) {
-        // A test that failed while etcd was paused: a stopped process ignores SIGKILL's
-        // reaping only until it is continued.
-        self.resume();
+        // A test that failed while etcd was paused or slowed: continue it before the kill.
+        self.unslow();
         for i in 0..self.nodes.len() {
             self.kill(i);
         }

@@ -36,7 +36,8 @@ pub enum Fault {
     PartitionShort,
     /// proxy-1 cut off from etcd for [`PAST_THE_LEASE`]: its lease expires.
     PartitionLong,
-    /// 200 ms more on every packet from every etcd node, for 10 s.
+    /// Every etcd answer up to 200 ms late, for 10 s ([`Etcd::slow`]: this kernel has no
+    /// netem).
     Slow,
     /// proxy-1's controller SIGKILLed and restarted 3 s later (its datapath stays pinned).
     MemberKilled,
@@ -59,7 +60,7 @@ impl Fault {
             Self::LeaderKilled => "etcd leader killed",
             Self::PartitionShort => "member partitioned 4 s (within the lease)",
             Self::PartitionLong => "member partitioned 15 s (past the lease)",
-            Self::Slow => "etcd slowed (netem 200 ms)",
+            Self::Slow => "etcd slowed (answers up to 200 ms late)",
             Self::MemberKilled => "member SIGKILLed, restarted",
         }
     }
@@ -78,6 +79,7 @@ impl Fault {
 }
 
 /// What an injected fault needs to be healed.
+#[derive(Clone, Copy, Debug)]
 pub enum Injected {
     Paused,
     Killed(usize),
@@ -355,7 +357,7 @@ pub fn run_case(fl: &mut FleetLab, fault: Fault, step: &'static str, round: i32)
     let to = other(&from);
     let load = fl.workload_round(round, 40);
     std::thread::sleep(Duration::from_secs(2));
-    let prober = Prober::start(fl);
+    let probing = Prober::start(fl);
     let flip_started = Instant::now();
     let flip = crate::cutover_lab::flip_in_background(&fl.proxies[0], &["--to", to]);
     let paused = format!("step=\"{step}\"");
@@ -372,7 +374,7 @@ pub fn run_case(fl: &mut FleetLab, fault: Fault, step: &'static str, round: i32)
     let out = flip.join().expect("the flip");
     let flip_took = flip_started.elapsed();
     let flip = format!(
-        "{} ({:.1} s){}",
+        "{from} → {to}: {} ({:.1} s){}",
         if out.status.success() {
             "committed"
         } else {
@@ -398,7 +400,7 @@ pub fn run_case(fl: &mut FleetLab, fault: Fault, step: &'static str, round: i32)
         .map(|_| healed.elapsed());
     let flips =
         usize::from(ended.len() == 1 && ended[0] != from) + usize::from(recovered.is_some());
-    let probes = prober.finish();
+    let probes = probing.finish();
     let verdicts: Vec<crate::workload::Verdict> = load
         .into_iter()
         .map(|h| h.join().expect("workload"))
@@ -412,7 +414,10 @@ pub fn run_case(fl: &mut FleetLab, fault: Fault, step: &'static str, round: i32)
         },
         "",
     );
-    let acked: Vec<(i32, i64)> = verdicts.iter().flat_map(|v| v.acked()).collect();
+    let acked: Vec<(i32, i64)> = verdicts
+        .iter()
+        .flat_map(crate::workload::Verdict::acked)
+        .collect();
     Outcome {
         fault,
         step,
@@ -436,7 +441,7 @@ pub fn run_case(fl: &mut FleetLab, fault: Fault, step: &'static str, round: i32)
 pub fn table(outcomes: &[Outcome]) -> String {
     use std::fmt::Write as _;
     let mut s = String::from(
-        "| fault | at step | faulted flip | ended on | backend changes seen / flips | probes unanswered / all | acked writes | lost | longest client wait | next flip succeeded after the heal |\n|---|---|---|---|---|---|---:|---:|---:|---|\n",
+        "| fault | at step | faulted flip (from → to) | ended on | backend changes seen / flips | probes unanswered / all | acked writes | lost | longest client wait | next flip succeeded after the heal |\n|---|---|---|---|---|---|---:|---:|---:|---|\n",
     );
     for o in outcomes {
         let _ = writeln!(

@@ -19,7 +19,7 @@ use redirect_tests::{
 /// One renewal period of the member lease (redirect's `fleet::member::RENEW_EVERY`), and
 /// what a member may take past it to say it lost etcd (`LIVE_FOR`).
 const RENEWAL: Duration = Duration::from_millis(2500);
-const LIVE_FOR: Duration = Duration::from_secs(5);
+const LIVE_FOR: Duration = Duration::from_millis(7500);
 /// How long a refused flip may take: `--etcd-timeout` (3 s) and the CLI around it.
 const REFUSED_WITHIN: Duration = Duration::from_secs(6);
 

@@ -77,6 +77,11 @@ struct Immediate {
 }
 
 pub fn run(args: &Args, pin_dir: &Path, socket: &Path) -> anyhow::Result<()> {
+    anyhow::ensure!(
+        args.etcd_timeout >= Duration::from_millis(100),
+        "--etcd-timeout {:?} is too short to hear from etcd at all: give it at least 100ms (default 3s)",
+        args.etcd_timeout
+    );
     net::require_root()?;
     if !args.immediate {
         let rt = tokio::runtime::Builder::new_current_thread()

@@ -327,7 +327,7 @@ fn print_fleet(f: &serde_json::Value) {
         f["applied_epoch"],
         text(&f["applied_active"])
     );
-    if f["live"].as_bool() != Some(true) {
+    if f["live"].as_bool() == Some(false) {
         println!(
             "  this member is NOT LIVE: etcd has not confirmed its lease lately (cut off from etcd, or rejoining under a new lease). The datapath keeps its committed state; no cutover can pass until it is back"
         );

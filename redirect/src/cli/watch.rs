@@ -272,10 +272,10 @@ fn render(frame: &Frame<'_>, h: &History) -> Vec<String> {
             f.member,
             f.epoch,
             f.active,
-            if f.live {
-                ""
-            } else {
+            if f.live == Some(false) {
                 "    NOT LIVE: cut off from etcd or rejoining; no cutover can pass"
+            } else {
+                ""
             }
         ));
     }

@@ -217,6 +217,6 @@ async fn acknowledge(fleet: &Fleet, ack: &Ack) -> Result<(), FleetError> {
         }
     })
     .await?;
-    fleet.standing.acked();
+    fleet.standing.acked(&key);
     Ok(())
 }

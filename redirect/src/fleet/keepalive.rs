@@ -25,6 +25,17 @@ pub enum Broken {
     Ended,
 }
 
+impl Broken {
+    /// As an etcd error, for [`super::retry`] (which retries those that never reached etcd).
+    #[must_use]
+    pub fn into_etcd(self) -> etcd_client::Error {
+        match self {
+            Self::Etcd(e) => e,
+            Self::Ended => etcd_client::Error::LeaseKeepAliveError("the stream ended".into()),
+        }
+    }
+}
+
 /// A lease's keep-alive stream.
 pub struct Renewer {
     keeper: LeaseKeeper,

@@ -69,39 +69,61 @@ impl Leadership {
     }
 }
 
-/// Renews the office's lease every third of its TTL on one keep-alive stream, re-made when it
-/// breaks. Once the lease is gone the office is lost for good: the commit's guard requires the
+/// Renews the office's lease every third of its TTL on one keep-alive stream. A stream that
+/// breaks is re-opened at once (retried off a dead endpoint: with one etcd node of three down,
+/// a third of new streams land on it), so one broken stream cannot cost the office mid-cutover.
+/// Once the lease is gone the office is lost for good: the commit's guard requires the
 /// election key, so a leader whose office lapsed cannot commit; this only stops renewing.
-async fn keep_office(mut client: etcd_client::Client, lease: i64) {
+async fn keep_office(client: etcd_client::Client, lease: i64) {
     let every = Duration::from_secs(u64::try_from(LEADERSHIP_TTL).unwrap_or(10) / 3);
-    let mut renewer: Option<keepalive::Renewer> = None;
+    let mut stream: Option<keepalive::Renewer> = None;
+    let mut due = tokio::time::Instant::now() + every;
     loop {
-        tokio::time::sleep(every).await;
-        let renewed = tokio::time::timeout(every, async {
-            if renewer.is_none() {
-                match keepalive::Renewer::open(&mut client, lease).await? {
-                    Some(opened) => renewer = Some(opened),
+        tokio::time::sleep_until(due).await;
+        let attempt = tokio::time::timeout(every, async {
+            if stream.is_none() {
+                let opened = super::retry(|| {
+                    let mut client = client.clone();
+                    async move {
+                        keepalive::Renewer::open(&mut client, lease)
+                            .await
+                            .map_err(keepalive::Broken::into_etcd)
+                    }
+                })
+                .await?;
+                match opened {
+                    Some(opened) => stream = Some(opened),
                     None => return Ok(keepalive::Renewal::Gone),
                 }
             }
-            renewer.as_mut().expect("opened").renew().await
+            stream
+                .as_mut()
+                .expect("opened")
+                .renew()
+                .await
+                .map_err(keepalive::Broken::into_etcd)
         })
         .await;
-        match renewed {
-            Ok(Ok(keepalive::Renewal::Alive)) => {}
+        match attempt {
+            Ok(Ok(keepalive::Renewal::Alive)) => due += every,
             Ok(Ok(keepalive::Renewal::Gone)) => {
                 tracing::warn!(
                     "the fleet leadership lease ended (etcd was away longer than its TTL): this leader cannot commit"
                 );
                 return;
             }
+            // Re-open at once, then every half second while it fails.
             Ok(Err(e)) => {
-                tracing::warn!(error = %e, "renewing the fleet leadership lease failed; retrying");
-                renewer = None;
+                tracing::warn!(error = %super::brief(&e), "renewing the fleet leadership lease failed; re-opening its stream");
+                stream = None;
+                due = tokio::time::Instant::now() + Duration::from_millis(500);
             }
             Err(_) => {
-                tracing::warn!("renewing the fleet leadership lease: no answer; retrying");
-                renewer = None;
+                tracing::warn!(
+                    "renewing the fleet leadership lease: no answer; re-opening its stream"
+                );
+                stream = None;
+                due = tokio::time::Instant::now();
             }
         }
     }

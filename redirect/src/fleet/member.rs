@@ -86,8 +86,14 @@ pub const RENEW_EVERY: Duration = Duration::from_millis(2500);
 /// renewal is due by then.
 pub const REPLY_TIMEOUT: Duration = Duration::from_millis(2500);
 /// How long a confirmed renewal vouches for the member's key: past it, this member cannot
-/// say it is live, and says so (`status`, `/metrics`, the keepalived check).
-pub const LIVE_FOR: Duration = Duration::from_secs(5);
+/// say it is live, and says so (`status`, `/metrics`, the keepalived check). The lease lives
+/// a TTL past each renewal, so this is the TTL less one reply's wait: sound, with room for
+/// one slow renewal and a re-opened stream before a health check moves a VIP.
+pub const LIVE_FOR: Duration = Duration::from_millis(7500);
+/// Every this many renewals the member's record is written again under its lease: a key
+/// deleted by hand (or by a second controller of the same name) comes back, so "live" stays
+/// what it claims, the key existing under the lease.
+const REPUBLISH_EVERY: u32 = 4;
 /// How often a member that is away tries etcd again.
 const REJOIN_EVERY: Duration = Duration::from_secs(1);
 /// How often a member that stays away says so again.
@@ -141,9 +147,13 @@ impl Standing {
         *lock(&self.unacked) = Some((key, value));
     }
 
-    /// The acknowledgement was written: nothing is owed.
-    pub fn acked(&self) {
-        *lock(&self.unacked) = None;
+    /// The acknowledgement at `key` was written: it is no longer owed (a newer one, owed
+    /// since, stays owed).
+    pub fn acked(&self, key: &str) {
+        let mut owed = lock(&self.unacked);
+        if owed.as_ref().is_some_and(|(k, _)| k == key) {
+            *owed = None;
+        }
     }
 }
 
@@ -155,6 +165,8 @@ enum Left {
     LeaseGone,
     /// etcd did not answer, or the keep-alive stream broke: the same lease is tried again.
     Unreachable(String),
+    /// etcd answered but refused the registration (the name is live on another machine).
+    Refused(String),
 }
 
 impl std::fmt::Display for Left {
@@ -165,6 +177,7 @@ impl std::fmt::Display for Left {
                 "its lease ended (expired while etcd was away, revoked, or lost in a restore)"
             ),
             Self::Unreachable(why) => write!(f, "etcd is unreachable ({why})"),
+            Self::Refused(why) => write!(f, "registering again was refused: {why}"),
         }
     }
 }
@@ -237,12 +250,7 @@ pub async fn keep_membership(
             async move {
                 keepalive::Renewer::open(&mut client, lease)
                     .await
-                    .map_err(|e| match e {
-                        keepalive::Broken::Etcd(e) => e,
-                        keepalive::Broken::Ended => {
-                            etcd_client::Error::LeaseKeepAliveError("stream ended".into())
-                        }
-                    })
+                    .map_err(keepalive::Broken::into_etcd)
             }
         });
         let opened = tokio::select! {
@@ -261,7 +269,7 @@ pub async fn keep_membership(
                         failed = 0;
                     }
                     Err(why) => {
-                        log.left(&fleet, &Left::Unreachable(why));
+                        log.left(&fleet, &why);
                         failed += 2;
                     }
                 }
@@ -289,13 +297,24 @@ pub async fn keep_membership(
         failed = 0;
         standing.confirm();
         log.rejoined(&fleet, lease, std::mem::take(&mut new_lease));
+        let mut renewals = 0u32;
         loop {
             tokio::select! {
                 () = shutdown.cancelled() => break,
                 () = tokio::time::sleep(RENEW_EVERY) => {}
             }
             match tokio::time::timeout(REPLY_TIMEOUT, renewer.renew()).await {
-                Ok(Ok(keepalive::Renewal::Alive)) => standing.confirm(),
+                Ok(Ok(keepalive::Renewal::Alive)) => {
+                    standing.confirm();
+                    renewals += 1;
+                    // An owed acknowledgement is written at once; the record now and then.
+                    let owed = lock(&standing.unacked).is_some();
+                    if owed || renewals.is_multiple_of(REPUBLISH_EVERY) {
+                        if let Err(why) = republish(&mut client, &fleet, &member, &standing).await {
+                            tracing::debug!(fleet = %fleet, error = %why, "writing the member record again failed; next renewal");
+                        }
+                    }
+                }
                 Ok(Ok(keepalive::Renewal::Gone)) => {
                     standing.lose();
                     log.left(&fleet, &Left::LeaseGone);
@@ -343,15 +362,17 @@ async fn register_again(
     client: &mut Client,
     fleet: &str,
     member: &Mutex<Member>,
-) -> Result<i64, String> {
+) -> Result<i64, Left> {
     let me = current(member);
     match tokio::time::timeout(REPLY_TIMEOUT * 2, register(client, fleet, &me)).await {
         Ok(Ok(lease)) => Ok(lease),
-        Ok(Err(e)) => Err(e.to_string()),
-        Err(_) => Err(format!(
+        Ok(Err(FleetError::Refused(why))) => Err(Left::Refused(why)),
+        Ok(Err(FleetError::Etcd(e))) => Err(Left::Unreachable(super::brief(&e))),
+        Ok(Err(e)) => Err(Left::Unreachable(e.to_string())),
+        Err(_) => Err(Left::Unreachable(format!(
             "registering: no answer within {:?}",
             REPLY_TIMEOUT * 2
-        )),
+        ))),
     }
 }
 
@@ -369,9 +390,13 @@ async fn republish(
         publish(client, fleet, &me, lease).await?;
         if let Some((key, value)) = owed {
             client
-                .put(key, value, Some(PutOptions::new().with_lease(lease)))
+                .put(
+                    key.clone(),
+                    value,
+                    Some(PutOptions::new().with_lease(lease)),
+                )
                 .await?;
-            standing.acked();
+            standing.acked(&key);
         }
         Ok::<_, FleetError>(())
     };

@@ -460,6 +460,7 @@ impl Fleet {
         // The members found away at the last answer: what a deadline that passes while
         // waiting for them reports (etcd did answer).
         let mut last_away: Option<Vec<String>> = None;
+        let mut last_error: Option<String> = None;
         loop {
             let read = async {
                 state::read(&mut client, fleet).await?;
@@ -473,13 +474,24 @@ impl Fleet {
                         .collect::<Vec<_>>(),
                 )
             };
-            let mut away = match (tokio::time::timeout_at(deadline, read).await, last_away) {
+            let mut away = match (tokio::time::timeout_at(deadline, read).await, &last_away) {
                 (Ok(Ok(away)), _) => away,
+                // A leader election or a dead endpoint: try again until the deadline.
+                (Ok(Err(FleetError::Etcd(e))), _)
+                    if tokio::time::Instant::now() + Duration::from_millis(250) < deadline =>
+                {
+                    last_error = Some(brief(&e));
+                    tokio::time::sleep(Duration::from_millis(250)).await;
+                    continue;
+                }
                 (Ok(Err(FleetError::Etcd(e))), _) => return Err(unreachable(brief(&e))),
                 (Ok(Err(other)), _) => return Err(other),
-                (Err(_), Some(away)) => return Err(FleetError::NotLive(away)),
+                (Err(_), Some(away)) => return Err(FleetError::NotLive(away.clone())),
                 (Err(_), None) => {
-                    return Err(unreachable(format!("no answer within {timeout:?}")));
+                    return Err(unreachable(last_error.map_or_else(
+                        || format!("no answer within {timeout:?}"),
+                        |e| format!("{e}; no answer within {timeout:?}"),
+                    )));
                 }
             };
             if !self.live() && !away.contains(&self.settings.member) {

@@ -38,7 +38,7 @@ fn main() {
                 o.probes.changes,
                 o.flips,
                 o.probes.unanswered,
-                o.probes.rounds,
+                o.probes.rounds * 2,
                 o.lost,
                 o.acked,
                 o.max_wait.as_secs_f64(),
@@ -71,9 +71,10 @@ fn main() {
         "**Across the set: {lost} acknowledged writes lost, {split} cases in which the probes show the VIPs split (more backend changes in provable order than flips), {unrecovered} cases with no successful flip within 20 s of the heal.**\n"
     );
     section.push_str(&fleet_faults::table(&outcomes));
-    section.push_str(&format!(
+    let _ = write!(
+        section,
         "\nReading it: *unanswered* probes are new connections held or dropped, never sent to a server the fleet had left: during a hold a member parks SYNs, and a member that cannot confirm its hold with etcd drops them rather than guess. *longest client wait* is the longest any writer waited for an answer to a statement or a connection attempt.\n{END}\n"
-    ));
+    );
     if only.is_some() {
         print!("{section}");
     } else {
