@@ -575,3 +575,39 @@ pub async fn forget(client: &mut Client, fleet: &str, id: &str) -> Result<Enroll
     }
     Ok(record)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn live_only_while_a_confirmation_is_recent_and_the_lease_is_not_gone() {
+        let standing = Standing::new(7);
+        assert!(standing.live(), "registered just now");
+        *lock(&standing.confirmed) = Some(Instant::now() - LIVE_FOR);
+        assert!(
+            !standing.live(),
+            "a keep-alive that hangs cannot keep it live"
+        );
+        standing.confirm();
+        assert!(standing.live());
+        standing.lose();
+        assert!(!standing.live(), "a lease that is gone is not live at once");
+        assert_eq!(standing.lease(), 7);
+    }
+
+    #[test]
+    fn an_ack_written_late_does_not_clear_a_newer_one_owed_since() {
+        let standing = Standing::new(1);
+        standing.owe_ack("acks/3/m1".into(), b"3".to_vec());
+        // The keep-alive writes epoch 3's; meanwhile epoch 4's write failed and is owed.
+        standing.owe_ack("acks/4/m1".into(), b"4".to_vec());
+        standing.acked("acks/3/m1");
+        assert_eq!(
+            lock(&standing.unacked).as_ref().map(|(k, _)| k.clone()),
+            Some("acks/4/m1".to_owned())
+        );
+        standing.acked("acks/4/m1");
+        assert!(lock(&standing.unacked).is_none());
+    }
+}
