@@ -584,7 +584,7 @@ mod tests {
     fn live_only_while_a_confirmation_is_recent_and_the_lease_is_not_gone() {
         let standing = Standing::new(7);
         assert!(standing.live(), "registered just now");
-        *lock(&standing.confirmed) = Some(Instant::now() - LIVE_FOR);
+        *lock(&standing.confirmed) = Instant::now().checked_sub(LIVE_FOR);
         assert!(
             !standing.live(),
             "a keep-alive that hangs cannot keep it live"
