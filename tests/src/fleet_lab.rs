@@ -179,6 +179,26 @@ impl FleetLab {
         pg::psql(self.servers(), ns, self.server(ns), sql)
     }
 
+    /// Joins the workload behind every proxy and asserts that every write each saw
+    /// acknowledged is on the server in `ns` (a fault may refuse or fail writes while it
+    /// lasts; none acknowledged may be lost). The verdicts, for further checks.
+    pub fn assert_acked_writes_kept(
+        &self,
+        load: Vec<JoinHandle<workload::Verdict>>,
+        ns: Ns,
+    ) -> Vec<workload::Verdict> {
+        let verdicts: Vec<workload::Verdict> = load
+            .into_iter()
+            .map(|h| h.join().expect("workload"))
+            .collect();
+        let rows = self.rows(ns, "");
+        for (i, v) in verdicts.iter().enumerate() {
+            let lost: Vec<_> = v.acked().filter(|a| !rows.contains(a)).collect();
+            assert!(lost.is_empty(), "proxy-{i} lost {lost:?}");
+        }
+        verdicts
+    }
+
     /// The workload's `(writer, seq)` rows on the server in `ns` (`filter`: a WHERE clause or
     /// empty).
     #[must_use]

@@ -628,20 +628,6 @@ fn assert_every_proxy_lost_nothing(fl: &FleetLab, verdicts: &[Verdict], ns: Ns, 
     }
 }
 
-/// Every write the workload behind each proxy saw acknowledged is on `ns` (a fault test may
-/// refuse or fail writes while it stalls; it must lose none it acknowledged).
-fn assert_acked_writes_kept(fl: &FleetLab, load: Vec<std::thread::JoinHandle<Verdict>>, ns: Ns) {
-    let verdicts: Vec<Verdict> = load
-        .into_iter()
-        .map(|h| h.join().expect("workload"))
-        .collect();
-    let rows = fl.rows(ns, "");
-    for (i, v) in verdicts.iter().enumerate() {
-        let lost: Vec<_> = v.acked().filter(|a| !rows.contains(a)).collect();
-        assert!(lost.is_empty(), "proxy-{i} lost {lost:?}");
-    }
-}
-
 /// A command that must have succeeded, or the failure with the leader's log.
 fn assert_flip_succeeded(fl: &FleetLab, out: &std::process::Output) {
     assert!(
@@ -929,8 +915,7 @@ fn the_etcd_leader_killed_mid_cutover_leaves_one_backend_everywhere() {
     for lab in &fl.proxies {
         assert_eq!(lab.status()["fleet"]["live"], true);
     }
-    assert_acked_writes_kept(
-        &fl,
+    fl.assert_acked_writes_kept(
         load,
         if back == "target" {
             Ns::Target
@@ -1204,7 +1189,7 @@ fn an_unknown_commit_outcome_waits_for_etcd_instead_of_undoing() {
     assert!(!out.status.success(), "{err}");
     assert!(err.contains("the commit did not land"), "{err}");
     assert_eq!(assert_one_backend_everywhere(&fl), "source");
-    assert_acked_writes_kept(&fl, load, Ns::Source);
+    fl.assert_acked_writes_kept(load, Ns::Source);
 }
 
 /// The leader's controller SIGKILLed mid-cutover (every member holds) and restarted at once:
@@ -1235,7 +1220,7 @@ fn a_leader_killed_mid_cutover_recovers_by_the_fleets_committed_epoch() {
         restarted.elapsed() < redirect::fleet::member::LEASE_TTL,
         "recovered by its own abort, not by the old leadership lapsing"
     );
-    assert_acked_writes_kept(&fl, load, Ns::Source);
+    fl.assert_acked_writes_kept(load, Ns::Source);
     let out = fl.proxies[0].redirect(&["flip", "--to", "target"]);
     assert_flip_succeeded(&fl, &out);
     assert_eq!(assert_one_backend_everywhere(&fl), "target");
