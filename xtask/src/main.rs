@@ -1,5 +1,7 @@
 //! Runs the project's jobs: `setup` (install what a fresh machine lacks), `test` (every test),
 //! `demo` (the lab walk-through). It does not build the eBPF object: `redirect/build.rs` does.
+//! Before every build it checks that what the build needs is there ([`setup::check`]), and
+//! any failure is one line on stderr (`xtask: ...`) and exit status 1.
 
 mod postgres;
 mod setup;
@@ -33,6 +35,10 @@ enum Task {
         #[arg(long, conflicts_with = "filter")]
         matrix: bool,
     },
+    /// Check that what the build needs is there, then build the workspace as `test` and `demo`
+    /// do (every target, the eBPF object included); no setup, no lab. `.ci/installer-test`
+    /// runs it in a clean root after `setup`.
+    Build,
     /// Set up, build, then run the demo lab: two PostgreSQL servers, a proxy, a cutover.
     Demo,
     /// rustfmt and clippy (pedantic), for the host crates and for the eBPF crate.
@@ -75,9 +81,21 @@ enum Task {
     },
 }
 
-fn main() -> anyhow::Result<()> {
-    match Cli::parse().command {
+fn main() -> std::process::ExitCode {
+    match run(Cli::parse().command) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            // One line, never a backtrace: `{:#}` joins the error's context on one line.
+            eprintln!("xtask: {}", format!("{e:#}").replace('\n', " "));
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(task: Task) -> anyhow::Result<()> {
+    match task {
         Task::Setup => setup::install(),
+        Task::Build => build(),
         Task::Test { matrix: true, .. } => {
             setup::install()?;
             postgres::install(postgres::FOR_MATRIX)?;
@@ -125,6 +143,8 @@ fn main() -> anyhow::Result<()> {
             Ok(())
         }
         Task::Lint => {
+            // clippy runs the build scripts too (etcd-client's protoc, the eBPF object).
+            setup::check()?;
             let failed = lint().iter().filter(|(_, ok)| !ok).count();
             if failed > 0 {
                 bail!("{failed} lint check(s) failed");
@@ -161,6 +181,7 @@ fn run_lab_bin(bin: &str, arg: Option<&str>, what: &str) -> anyhow::Result<()> {
 }
 
 fn build() -> anyhow::Result<()> {
+    setup::check()?;
     step("building the workspace (the eBPF object is built by redirect/build.rs)");
     let status = cargo().args(["build", "--all-targets"]).status()?;
     if !status.success() {
@@ -172,6 +193,7 @@ fn build() -> anyhow::Result<()> {
 /// Builds the release binary, generates the man pages and completions from it (so they are
 /// the clap definitions of exactly this build), then packages them with cargo-deb.
 fn package() -> anyhow::Result<std::path::PathBuf> {
+    setup::check()?;
     step("building the release binary");
     let status = cargo()
         .args(["build", "--release", "-p", "redirect"])

