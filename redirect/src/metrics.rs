@@ -105,8 +105,8 @@ pub fn render(ctl: &Controller) -> String {
     if let Some(lag) = crate::sync::lock(&ctl.last_lag).as_ref() {
         let _ = writeln!(
             out,
-            "# HELP redirect_lag_bytes Replication lag in bytes.\n# TYPE redirect_lag_bytes gauge\nredirect_lag_bytes {}",
-            lag.bytes
+            "# HELP redirect_lag_bytes Replication lag in bytes (the worst database's; NaN: unknown).\n# TYPE redirect_lag_bytes gauge\nredirect_lag_bytes {}",
+            gauge(lag.bytes)
         );
         let _ = writeln!(
             out,
@@ -118,6 +118,36 @@ pub fn render(ctl: &Controller) -> String {
             "# HELP redirect_replication_healthy 1 if replication is healthy.\n# TYPE redirect_replication_healthy gauge\nredirect_replication_healthy {}",
             u8::from(lag.healthy)
         );
+        if !lag.databases.is_empty() {
+            let each =
+                |name: &str, help: &str, value: &dyn Fn(&crate::pg::lag::DatabaseLag) -> String| {
+                    let mut s = format!("# HELP {name} {help}\n# TYPE {name} gauge\n");
+                    for d in &lag.databases {
+                        let _ = writeln!(
+                            s,
+                            "{name}{{database=\"{}\"}} {}",
+                            label(&d.database),
+                            value(d)
+                        );
+                    }
+                    s
+                };
+            out.push_str(&each(
+                "redirect_database_lag_bytes",
+                "Each database's replication lag in bytes (NaN: unknown).",
+                &|d| gauge(d.bytes),
+            ));
+            out.push_str(&each(
+                "redirect_database_lag_seconds",
+                "Each database's replication lag in seconds.",
+                &|d| d.seconds.to_string(),
+            ));
+            out.push_str(&each(
+                "redirect_database_replication_healthy",
+                "1 if the database's replication is healthy.",
+                &|d| u8::from(d.healthy).to_string(),
+            ));
+        }
     }
     if let Some(fleet) = &ctl.fleet {
         let applied = fleet.applied();
@@ -191,4 +221,16 @@ pub async fn serve(listener: TcpListener, ctl: Arc<Controller>, shutdown: Cancel
             let _ = stream.write_all(resp.as_bytes()).await;
         });
     }
+}
+
+/// A gauge's value: the number, or `NaN` when unknown (never a made-up 2^64-1).
+fn gauge(v: Option<u64>) -> String {
+    v.map_or_else(|| "NaN".to_owned(), |v| v.to_string())
+}
+
+/// A label value with `\\`, `"` and newlines escaped, as the exposition format requires.
+fn label(v: &str) -> String {
+    v.replace('\\', "\\\\")
+        .replace('"', "\\\"")
+        .replace('\n', "\\n")
 }

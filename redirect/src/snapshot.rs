@@ -45,10 +45,14 @@ pub struct Counter {
 /// Replication lag, as the controller last measured it.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct Lag {
-    pub bytes: u64,
+    /// The worst database's; `None`: unknown.
+    pub bytes: Option<u64>,
     pub seconds: f64,
     pub healthy: bool,
     pub problems: Vec<String>,
+    /// Each replicated database's own lag (logical replication).
+    #[serde(default)]
+    pub databases: Vec<crate::pg::lag::DatabaseLag>,
 }
 
 /// The fleet epoch this host applies (`run --etcd`), from the controller's memory: no etcd
@@ -136,6 +140,7 @@ pub fn take(ctl: &Controller) -> Snapshot {
         seconds: l.seconds,
         healthy: l.healthy,
         problems: l.problems.clone(),
+        databases: l.databases.clone(),
     });
     Snapshot {
         at_ns,

@@ -396,6 +396,11 @@ pub async fn cluster_name(client: &tokio_postgres::Client) -> String {
 
 /// Runs SQL on a lab server over its Unix socket with psql; returns the unaligned output.
 pub fn psql(lab: &Lab, ns: Ns, pg: &Pg, sql: &str) -> String {
+    psql_in(lab, ns, pg, "postgres", sql)
+}
+
+/// [`psql`] in another database of the server.
+pub fn psql_in(lab: &Lab, ns: Ns, pg: &Pg, database: &str, sql: &str) -> String {
     let data = pg.data_dir.display().to_string();
     let out = lab.exec_ok(
         ns,
@@ -411,12 +416,60 @@ pub fn psql(lab: &Lab, ns: Ns, pg: &Pg, sql: &str) -> String {
             "-U",
             "postgres",
             "-d",
-            "postgres",
+            database,
             "-c",
             sql,
         ],
     );
     String::from_utf8_lossy(&out.stdout).trim().to_owned()
+}
+
+/// Creates `database` on both servers with the workload's schema and replicates it by a
+/// publication and subscription of its own (`<database>_pub`, `<database>_sub`), as each
+/// database of a real cluster is: logical replication is per database.
+pub fn replicate_database(lab: &Lab, source: &Pg, target: &Pg, database: &str) {
+    for (ns, pg) in [(Ns::Source, source), (Ns::Target, target)] {
+        psql(lab, ns, pg, &format!("CREATE DATABASE {database}"));
+        psql_in(lab, ns, pg, database, SCHEMA);
+    }
+    psql_in(
+        lab,
+        Ns::Source,
+        source,
+        database,
+        &format!("CREATE PUBLICATION {database}_pub FOR ALL TABLES"),
+    );
+    psql_in(
+        lab,
+        Ns::Target,
+        target,
+        database,
+        &format!(
+            "CREATE SUBSCRIPTION {database}_sub CONNECTION '{}' PUBLICATION {database}_pub",
+            dsn(crate::SOURCE_ADDR).replace("dbname=postgres", &format!("dbname={database}"))
+        ),
+    );
+    wait_for(
+        Duration::from_secs(60),
+        "the new subscription's initial sync",
+        || {
+            psql_in(
+                lab,
+                Ns::Target,
+                target,
+                database,
+                "SELECT count(*) FROM pg_subscription_rel WHERE srsubstate <> 'r'",
+            ) == "0"
+                && psql(
+                    lab,
+                    Ns::Source,
+                    source,
+                    &format!(
+                        "SELECT count(*) FROM pg_replication_slots WHERE active AND slot_name = '{database}_sub'"
+                    ),
+                ) == "1"
+        },
+    );
 }
 
 /// Starts psql running `sql` in the background (a session that holds a lock, say); it is

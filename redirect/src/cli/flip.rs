@@ -176,6 +176,14 @@ fn safe(args: &Args, socket: &Path, rt: &tokio::runtime::Runtime) -> anyhow::Res
         for x in f("findings").as_array().into_iter().flatten() {
             println!("  - {}", x.as_str().unwrap_or_default());
         }
+        let databases: Vec<crate::pg::cluster::Database> =
+            serde_json::from_value(f("databases")).unwrap_or_default();
+        if !databases.is_empty() {
+            println!("databases:");
+            for line in crate::pg::cluster::describe(&databases) {
+                println!("  - {line}");
+            }
+        }
         print_guardrails(&report);
         return Ok(());
     }

@@ -34,24 +34,11 @@ pub fn run(args: &Args, socket: &Path) -> anyhow::Result<()> {
         if args.json {
             println!("{}", serde_json::to_string(&lag)?);
         } else {
-            let problems: Vec<&str> = lag["problems"]
-                .as_array()
-                .into_iter()
-                .flatten()
-                .filter_map(|p| p.as_str())
-                .collect();
-            println!(
-                "{} lag: {} bytes, {:.3} s, source at {}{}",
-                lag["replication"].as_str().unwrap_or("?"),
-                lag["bytes"],
-                lag["seconds"].as_f64().unwrap_or(0.0),
-                lag["source_lsn"].as_str().unwrap_or("?"),
-                if problems.is_empty() {
-                    " (healthy)".to_owned()
-                } else {
-                    format!(" (UNHEALTHY: {})", problems.join("; "))
-                }
-            );
+            let lag: crate::pg::lag::ReplicaLag = serde_json::from_value(lag)
+                .map_err(|e| anyhow::anyhow!("the controller's answer did not parse: {e}"))?;
+            for line in lag.lines() {
+                println!("{line}");
+            }
         }
         if !args.watch {
             return Ok(());

@@ -107,9 +107,18 @@ pub struct Args {
     /// How the target is kept in sync.
     #[arg(long, value_enum, default_value = "logical")]
     pub replication: Replication,
-    /// The subscription on the target (logical; default: the only one there).
-    #[arg(long)]
-    pub subscription: Option<String>,
+    /// The subscription on the target that carries a database (logical; default: the only
+    /// one in each database). `NAME` for the DSN's database, `DB=NAME` for another; repeat it
+    /// for several databases.
+    #[arg(long, value_name = "[DB=]NAME")]
+    pub subscription: Vec<String>,
+    /// Cut over only these databases (default: every connectable database on the source).
+    /// Databases left out are still moved with the VIP, but nothing protects their writes.
+    #[arg(long, value_delimiter = ',', value_name = "DB,...")]
+    pub databases: Vec<String>,
+    /// Leave these databases out of the cutover (see --databases).
+    #[arg(long, value_delimiter = ',', value_name = "DB,...")]
+    pub exclude_databases: Vec<String>,
     /// How the source server reaches the target for reverse replication (default: --target-dsn).
     /// Its password, if any, belongs in the source server's ~/.pgpass, not here.
     #[arg(long, env = "REDIRECT_REVERSE_CONNINFO")]
@@ -173,14 +182,43 @@ fn databases(args: &Args) -> anyhow::Result<Option<Databases>> {
             "--reverse-conninfo must be key=value pairs without a password (it would be stored in the source's catalog and shown in logs): put the password in the source server's ~/.pgpass"
         );
     }
+    let (subscription, subscriptions) = subscriptions(&args.subscription)?;
     Ok(Some(Databases {
         source,
         target,
         replication: args.replication,
-        subscription: args.subscription.clone(),
+        subscription,
+        subscriptions,
+        scope: crate::pg::lag::Scope {
+            only: args.databases.clone(),
+            exclude: args.exclude_databases.clone(),
+        },
         reverse_conninfo: args.reverse_conninfo.clone(),
         query_timeout: args.query_timeout,
     }))
+}
+
+/// `--subscription NAME` (the DSN's database) and `--subscription DB=NAME` (another).
+fn subscriptions(
+    given: &[String],
+) -> anyhow::Result<(Option<String>, std::collections::BTreeMap<String, String>)> {
+    let mut home = None;
+    let mut named = std::collections::BTreeMap::new();
+    for s in given {
+        match s.split_once('=') {
+            Some((db, name)) if !db.is_empty() && !name.is_empty() => {
+                if named.insert(db.to_owned(), name.to_owned()).is_some() {
+                    anyhow::bail!("--subscription names database {db:?} twice");
+                }
+            }
+            Some(_) => anyhow::bail!("--subscription {s:?}: expected NAME or DB=NAME"),
+            None if home.is_some() => anyhow::bail!(
+                "--subscription given twice without a database: name the others' as DB=NAME"
+            ),
+            None => home = Some(s.clone()),
+        }
+    }
+    Ok((home, named))
 }
 
 fn check_addresses(args: &Args) -> anyhow::Result<()> {

@@ -302,11 +302,14 @@ pub fn run(args: &Args, pin_dir: &Path, socket: &Path, journal: &Path) -> anyhow
         print_fleet(f);
     }
     if let Some(lag) = &status.lag {
-        println!(
-            "lag:        {} bytes, {:.3} s",
-            lag["bytes"],
-            lag["seconds"].as_f64().unwrap_or(0.0)
-        );
+        match serde_json::from_value::<crate::pg::lag::ReplicaLag>(lag.clone()) {
+            Ok(lag) => {
+                for (i, line) in lag.lines().iter().enumerate() {
+                    println!("{}{line}", if i == 0 { "lag:        " } else { "  " });
+                }
+            }
+            Err(e) => println!("lag:        (unreadable: {e})"),
+        }
     }
     println!("counters:");
     for (name, v) in &status.stats {

@@ -93,7 +93,7 @@ struct History {
     last: Option<Snapshot>,
     rates: Option<Rates>,
     /// Lag in bytes and seconds, oldest first.
-    lag: VecDeque<(u64, f64)>,
+    lag: VecDeque<(Option<u64>, f64)>,
     /// Since when this view has seen the controller in its current cutover phase.
     phase_since: Option<(Phase, SystemTime)>,
     /// Since when the controller has not answered, and why.
@@ -374,7 +374,7 @@ fn render_lag(lag: Option<&Lag>, h: &History, unicode: bool, line: &mut impl FnM
     };
     line(format!(
         "replication lag: {}, {:.3} s, {}",
-        bytes(l.bytes),
+        l.bytes.map_or_else(|| "unknown".to_owned(), bytes),
         l.seconds,
         if l.healthy {
             "healthy".to_owned()
@@ -384,11 +384,11 @@ fn render_lag(lag: Option<&Lag>, h: &History, unicode: bool, line: &mut impl FnM
     ));
     #[expect(clippy::cast_precision_loss, reason = "a chart")]
     let chart_bytes = sparkline(
-        h.lag.iter().map(|(b, _)| *b as f64),
+        h.lag.iter().map(|(b, _)| b.unwrap_or(0) as f64),
         LAG_BYTES_FLOOR,
         unicode,
     );
-    let max_bytes = h.lag.iter().map(|(b, _)| *b).max().unwrap_or(0);
+    let max_bytes = h.lag.iter().filter_map(|(b, _)| *b).max().unwrap_or(0);
     let max_secs = h.lag.iter().map(|(_, s)| *s).fold(0.0, f64::max);
     line(format!(
         "  bytes   {chart_bytes:<30}  max {} over the last {} samples",
@@ -399,6 +399,22 @@ fn render_lag(lag: Option<&Lag>, h: &History, unicode: bool, line: &mut impl FnM
         "  seconds {:<30}  max {max_secs:.3} s",
         sparkline(h.lag.iter().map(|(_, s)| *s), LAG_SECONDS_FLOOR, unicode)
     ));
+    // With several databases, each one's own line: the worst alone hides which one lags.
+    if l.databases.len() > 1 {
+        for d in &l.databases {
+            line(format!(
+                "  {:<22} {:>24}, {:.3} s{}",
+                d.database,
+                d.bytes.map_or_else(|| "unknown".to_owned(), bytes),
+                d.seconds,
+                if d.healthy {
+                    String::new()
+                } else {
+                    format!(", UNHEALTHY: {}", d.problems.join("; "))
+                }
+            ));
+        }
+    }
 }
 
 /// Asks the controller for a snapshot, giving up after `timeout`.
@@ -681,7 +697,8 @@ mod tests {
                 },
             ],
             lag: Some(Lag {
-                bytes: lag_bytes,
+                bytes: Some(lag_bytes),
+                databases: Vec::new(),
                 seconds: 0.25,
                 healthy: true,
                 problems: vec![],

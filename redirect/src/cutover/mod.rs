@@ -94,6 +94,8 @@ pub struct FlipReport {
     pub guardrails: Vec<guardrails::Finding>,
     pub plan: Vec<String>,
     pub lag: Option<ReplicaLag>,
+    /// Every database on the two servers and what this cutover does with it.
+    pub databases: Vec<crate::pg::cluster::Database>,
     pub fence_lsn: Option<String>,
     pub applied_lsn: Option<String>,
     pub sequences_synced: u64,
@@ -227,8 +229,12 @@ pub struct Databases {
     pub source: Dsn,
     pub target: Dsn,
     pub replication: Replication,
-    /// The forward subscription on the target (logical).
+    /// The forward subscription on the target in the DSN's database (logical).
     pub subscription: Option<String>,
+    /// Forward subscriptions named for other databases (`--subscription DB=NAME`).
+    pub subscriptions: std::collections::BTreeMap<String, String>,
+    /// Which databases the cutover covers (`--databases`, `--exclude-databases`).
+    pub scope: lag::Scope,
     /// How the source reaches the target for reverse replication (default: the target DSN).
     pub reverse_conninfo: Option<String>,
     pub query_timeout: Duration,
@@ -489,14 +495,23 @@ impl Controller {
     /// reverse one set up by an earlier cutover.
     pub fn watch_for(&self, to: Role) -> Result<Watch, CutoverError> {
         let db = self.db.as_ref().ok_or(CutoverError::NoDatabases)?;
+        let home = db.source.database().to_owned();
         Ok(match to {
             Role::Target => Watch {
                 replication: db.replication,
                 subscription: self.forward_subscription(),
+                named: db.subscriptions.clone(),
+                home,
+                reverse: false,
+                scope: db.scope.clone(),
             },
             Role::Source => Watch {
                 replication: Replication::Logical,
                 subscription: Some(REVERSE.to_owned()),
+                named: std::collections::BTreeMap::new(),
+                home,
+                reverse: true,
+                scope: db.scope.clone(),
             },
         })
     }

@@ -16,6 +16,7 @@ use super::{
 use crate::{
     datapath::Role,
     pg::{
+        cluster,
         lag::{self, Replication, Watch},
         timed,
     },
@@ -131,7 +132,7 @@ pub async fn check(
         Ok(l) => {
             say(format!(
                 "lag: {} bytes, {:.3} s ({})",
-                l.bytes,
+                lag::bytes_text(l.bytes),
                 l.seconds,
                 if l.healthy { "healthy" } else { "UNHEALTHY" }
             ));
@@ -161,6 +162,43 @@ pub async fn check(
                 format!("cannot read replication lag: {e}")
             };
             force_or_block(why, &mut report, &mut blocking);
+        }
+    }
+    // Every database behind the VIP moves with it: each needs its writes carried.
+    if logical && to == Role::Target && !(no_replication && req.force) {
+        if let Some(l) = &report.lag {
+            let found =
+                cluster::discover(ctl.dsn(from)?, &from_db, &to_db, l, &watch.scope, qt).await?;
+            for line in cluster::describe(&found) {
+                say(line);
+            }
+            for d in found.iter().filter(|d| d.blocks()) {
+                force_or_block(
+                    d.problem.clone().unwrap_or_default(),
+                    &mut report,
+                    &mut blocking,
+                );
+            }
+            report.databases = found;
+        }
+        let home = watch.home.clone();
+        let others: Vec<String> = report
+            .databases
+            .iter()
+            .filter(|d| d.coverage == cluster::Coverage::Replicated && d.name != home)
+            .map(|d| {
+                format!(
+                    "{} (subscription {})",
+                    d.name,
+                    d.subscription.as_deref().unwrap_or("?")
+                )
+            })
+            .collect();
+        if !others.is_empty() {
+            blocking.push(format!(
+                "database(s) {} are replicated too, but this cutover protects only the DSNs' database {home:?}: the flip would move their clients without a barrier or a sequence sync; cut over one database per server, or leave them out with --exclude-databases (their writes then go unprotected)",
+                others.join(", ")
+            ));
         }
     }
     let row = timed(

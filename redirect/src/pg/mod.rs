@@ -1,6 +1,7 @@
 //! `PostgreSQL` sessions for the controller: DSN parsing with libpq's TLS modes, passwords that
 //! never come from argv, and queries that always have a timeout.
 
+pub mod cluster;
 pub mod lag;
 pub mod lsn;
 
@@ -373,6 +374,28 @@ impl Dsn {
             display,
             pairs: kept,
         })
+    }
+
+    /// The database this DSN names (libpq's default: the user's name).
+    #[must_use]
+    pub fn database(&self) -> &str {
+        self.config
+            .get_dbname()
+            .or(self.config.get_user())
+            .unwrap_or("postgres")
+    }
+
+    /// The same server, user and password, in another database of its cluster.
+    #[must_use]
+    pub fn for_database(&self, database: &str) -> Self {
+        let mut other = self.clone();
+        other.config.dbname(database);
+        other.display = self.display.replace(
+            &format!(" dbname={} ", self.database()),
+            &format!(" dbname={database} "),
+        );
+        other.pairs.insert("dbname".to_owned(), database.to_owned());
+        other
     }
 
     /// Opens a session; its connection task runs on the current runtime until the client drops.
