@@ -134,11 +134,21 @@ pub async fn run(
     duration: Duration,
     reconnect_every: u32,
 ) -> Verdict {
+    run_with(dsn(host), writers, duration, reconnect_every).await
+}
+
+/// [`run`] with a whole conninfo: another role, with its password.
+pub async fn run_with(
+    conninfo: String,
+    writers: std::ops::Range<i32>,
+    duration: Duration,
+    reconnect_every: u32,
+) -> Verdict {
     let deadline = Instant::now() + duration;
     let mut set = tokio::task::JoinSet::new();
     for w in writers {
-        let host = host.to_owned();
-        set.spawn(async move { writer(&host, w, deadline, reconnect_every).await });
+        let conninfo = conninfo.clone();
+        set.spawn(async move { writer(&conninfo, w, deadline, reconnect_every).await });
     }
     let mut v = Verdict::default();
     while let Some(log) = set.join_next().await {
@@ -147,7 +157,7 @@ pub async fn run(
     v
 }
 
-async fn writer(host: &str, id: i32, deadline: Instant, reconnect_every: u32) -> WriterLog {
+async fn writer(conninfo: &str, id: i32, deadline: Instant, reconnect_every: u32) -> WriterLog {
     let shape = Shape::of(id);
     let mut log = WriterLog::default();
     let mut prepared: Option<tokio_postgres::Statement> = None;
@@ -159,7 +169,7 @@ async fn writer(host: &str, id: i32, deadline: Instant, reconnect_every: u32) ->
             let t = Instant::now();
             let connected = tokio::time::timeout(
                 Duration::from_secs(10),
-                tokio_postgres::connect(&dsn(host), NoTls),
+                tokio_postgres::connect(conninfo, NoTls),
             )
             .await;
             log.max_wait = log.max_wait.max(t.elapsed());

@@ -21,6 +21,7 @@ pub mod fence;
 pub mod finish;
 pub mod fleet_steps;
 pub mod flip;
+pub mod grants;
 pub mod guardrails;
 pub mod journal;
 pub mod lease;

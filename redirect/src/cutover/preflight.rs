@@ -8,7 +8,7 @@ use tokio_postgres::Client;
 
 use super::catalog::{SUB_PUBLICATIONS, SUB_SLOT};
 use super::{
-    BARRIER_TABLE, Controller, CutoverError, FlipReport, FlipRequest, Recorder, Run, Undo,
+    BARRIER_TABLE, Controller, CutoverError, FlipReport, FlipRequest, Recorder, Run, Undo, grants,
     guardrails,
     journal::{self, Entry, Step},
     quote_ident,
@@ -27,10 +27,6 @@ pub const CREATE_BARRIER: &str = "CREATE TABLE IF NOT EXISTS public.redirect_bar
 pub const WRITE_MARKER: &str = "INSERT INTO public.redirect_barrier (token) VALUES ($1)";
 pub const SEE_MARKER: &str = "SELECT 1 FROM public.redirect_barrier WHERE token = $1";
 const WRITABLE: &str = "SELECT pg_is_in_recovery(), current_setting('transaction_read_only')";
-/// The fence must see every proxied session (other roles' client addresses are hidden
-/// without pg_read_all_stats) and end it (pg_signal_backend; superusers' need a superuser).
-const CAN_FENCE: &str = "SELECT rolsuper OR (pg_has_role(current_user, 'pg_read_all_stats', 'MEMBER') \
-     AND pg_has_role(current_user, 'pg_signal_backend', 'MEMBER')) FROM pg_roles WHERE rolname = current_user";
 const LOGIN_ROLES: &str = "SELECT rolname::text FROM pg_roles WHERE rolcanlogin ORDER BY 1";
 const BYPASS_SESSIONS: &str = "SELECT count(*)::int8, coalesce(string_agg(DISTINCT coalesce(host(client_addr), 'local socket'), ', '), '') \
      FROM pg_stat_activity WHERE backend_type = 'client backend' AND pid <> pg_backend_pid() \
@@ -266,25 +262,12 @@ pub async fn check(
         if let Err(why) = probe_reverse(ctl, &from_db, qt).await {
             force_or_block(
                 format!(
-                    "the source cannot connect to the target for reverse replication ({why}), so a rollback would not be lossless; set --reverse-conninfo (or REDIRECT_REVERSE_CONNINFO) to what the source server can use, with its password in the source server's ~/.pgpass"
+                    "the source cannot connect to the target for reverse replication ({why}), so a rollback would not be lossless; set --reverse-conninfo (or REDIRECT_REVERSE_CONNINFO) to what the source server can use; the controller adds the target's password (--target-password-file or REDIRECT_TARGET_PASSWORD) when it is for the target DSN's user"
                 ),
                 &mut report,
                 &mut blocking,
             );
         }
-    }
-    let can_fence: bool = timed(
-        "old server",
-        "checking the role's privileges",
-        qt,
-        from_db.query_one(CAN_FENCE, &[]),
-    )
-    .await?
-    .get(0);
-    if !can_fence {
-        blocking.push(format!(
-            "the controller's role on the {from} cannot see and end other roles' sessions: make it a superuser, or a member of pg_read_all_stats and pg_signal_backend (the fence must end every proxied session)"
-        ));
     }
     // This proxy's sessions, and in a fleet every member's, do not bypass it.
     let mut proxied_from = vec![from_snat.clone()];
@@ -309,6 +292,7 @@ pub async fn check(
     // rollback or a successor finds them without --subscription.
     let mut slot = None;
     let mut prepare = Vec::new();
+    let mut publications: Vec<String> = Vec::new();
     // Guardrail findings that stop the cutover: only --allow passes them, never --force.
     let mut stopped_by: Vec<guardrails::Finding> = Vec::new();
     if logical && !(no_replication && req.force) {
@@ -331,6 +315,7 @@ pub async fn check(
         .await?
         .map(|r| r.get(0))
         .unwrap_or_default();
+        publications.clone_from(&pubs);
         if pubs.is_empty() {
             report.findings.push(format!(
                 "guardrails skipped: subscription {sub:?} subscribes to no publication the {to} can read"
@@ -406,6 +391,46 @@ pub async fn check(
         report.plan.push(format!(
             "barrier: the {to} replays up to the {from}'s WAL insert position after the fence, then is promoted"
         ));
+    }
+    // Every step's grants, checked now: a managed service's role has no superuser to fall
+    // back on, and a step refused halfway would leave a half-done cutover to undo.
+    let tables: Vec<String> = if logical && to == Role::Target && !publications.is_empty() {
+        timed(
+            "old server",
+            "listing the published tables",
+            qt,
+            from_db.query(super::replication::PUB_TABLES, &[&publications]),
+        )
+        .await?
+        .iter()
+        .map(|r| r.get(0))
+        .collect()
+    } else {
+        Vec::new()
+    };
+    let missing = grants::check(
+        &grants::Needs {
+            old: (from.name(), &from_db),
+            new: (to.name(), &to_db),
+            logical: logical && !(no_replication && req.force),
+            forward: logical && to == Role::Target,
+            subscription: watch.subscription.as_deref().filter(|_| logical),
+            publications: &publications,
+            tables: &tables,
+        },
+        qt,
+    )
+    .await?;
+    for m in missing {
+        if m.for_rollback {
+            force_or_block(
+                format!("{m}; without it a rollback would not be lossless"),
+                &mut report,
+                &mut blocking,
+            );
+        } else {
+            blocking.push(m.to_string());
+        }
     }
     report.plan.splice(0..0, prepare.iter().cloned());
     // The reverse slot becomes a failover slot when the target (17+) has a standby.

@@ -28,19 +28,21 @@ use super::{
 };
 use crate::{
     datapath::Role,
-    pg::{Dsn, PgError, timed},
+    pg::{PgError, timed},
 };
 
 const PUB_ALL_TABLES: &str =
     "SELECT bool_or(puballtables) FROM pg_publication WHERE pubname = ANY($1)";
-const PUB_TABLES: &str = "SELECT DISTINCT format('%I.%I', schemaname, tablename) FROM pg_publication_tables WHERE pubname = ANY($1)";
-const SUB_ENABLED: &str = "SELECT subenabled FROM pg_subscription WHERE subname = $1";
+pub const PUB_TABLES: &str = "SELECT DISTINCT format('%I.%I', schemaname, tablename) FROM pg_publication_tables WHERE pubname = ANY($1)";
+const SUB_ENABLED: &str = "SELECT subenabled FROM pg_subscription WHERE subname = $1 \
+     AND subdbid = (SELECT oid FROM pg_database WHERE datname = current_database())";
 const IN_RECOVERY: &str = "SELECT pg_is_in_recovery()";
 const VERSION_NUM: &str = "SELECT current_setting('server_version_num')::int4";
 /// Whether the reverse subscription is the one [`reverse_before_hold`] makes: disabled, with
-/// `origin = none` (`suborigin` is 16+, so read as JSON to stay valid on older servers).
-const REVERSE_SUB_EARLY: &str = "SELECT NOT s.subenabled AND coalesce(to_jsonb(s) ->> 'suborigin', '') = 'none' \
-     FROM pg_subscription s WHERE s.subname = $1";
+/// `origin = none`. `suborigin` is 16+: asked only where the early path ran (both 16+). Named
+/// columns only: `subconninfo` is not readable without superuser (a managed service's role).
+const REVERSE_SUB_EARLY: &str = "SELECT NOT s.subenabled AND s.suborigin = 'none' FROM pg_subscription s WHERE s.subname = $1 \
+     AND s.subdbid = (SELECT oid FROM pg_database WHERE datname = current_database())";
 /// `=off` makes the reverse slot during the pause even on 16+, as on older servers: only to
 /// measure the difference.
 pub const REVERSE_EARLY_ENV: &str = "REDIRECT_REVERSE_EARLY";
@@ -341,7 +343,15 @@ async fn create_reverse_slot(run: &mut Run) -> Result<(), CutoverError> {
         )
         .await?
         .get(0);
-    let what = if all == Some(true) {
+    // FOR ALL TABLES is for superusers only: a managed service's role lists the tables.
+    let superuser = super::grants::role(&run.to_db, "target", run.qt)
+        .await
+        .map_err(|e| CutoverError::Aborted {
+            step: Phase::Reverse,
+            source: Box::new(e),
+        })?
+        .superuser;
+    let what = if all == Some(true) && superuser {
         "FOR ALL TABLES".to_owned()
     } else {
         let tables: Vec<String> = run
@@ -575,14 +585,15 @@ pub async fn start_reverse(
             )
             .await?
             .map(|r| r.get(0));
-            let ours: bool = timed(
-                "source",
-                "checking the reverse subscription",
-                qt,
-                source.query_opt(REVERSE_SUB_EARLY, &[&REVERSE]),
-            )
-            .await?
-            .is_some_and(|r| r.get(0));
+            let ours: bool = made_before_hold
+                && timed(
+                    "source",
+                    "checking the reverse subscription",
+                    qt,
+                    source.query_opt(REVERSE_SUB_EARLY, &[&REVERSE]),
+                )
+                .await?
+                .is_some_and(|r| r.get(0));
             match enabled {
                 Some(true) => return Ok(()),
                 // Made disabled before the hold ([`make_reverse_early`]): its slot holds every
@@ -633,13 +644,33 @@ pub async fn start_reverse(
     Ok(ReverseStart::Failed { error: last, slot })
 }
 
-/// How the source reaches the target: `--reverse-conninfo`, else the target DSN's.
+/// How the source reaches the target, as `CREATE SUBSCRIPTION` takes it: `--reverse-conninfo`,
+/// else the target DSN's, with the target's password from the controller's own secrets
+/// (`--target-password-file`, `REDIRECT_TARGET_PASSWORD`, its pgpass) when it is for the same
+/// user. A managed service requires it (`password_required`: a non-superuser's subscription
+/// must authenticate with a password) and gives no access to its server's `~/.pgpass`.
+///
+/// It holds a secret: it goes into SQL only, never into a message, a log or the journal
+/// (the server keeps it in `pg_subscription.subconninfo`, readable by superusers only).
 #[must_use]
 pub fn reverse_conninfo(ctl: &super::Controller) -> String {
-    ctl.db
+    let Ok(target) = ctl.dsn(Role::Target) else {
+        return String::new();
+    };
+    let base = ctl
+        .db
         .as_ref()
         .and_then(|d| d.reverse_conninfo.clone())
-        .unwrap_or_else(|| ctl.dsn(Role::Target).map(Dsn::conninfo).unwrap_or_default())
+        .unwrap_or_else(|| target.conninfo());
+    let same_user = crate::pg::conninfo_value(&base, "user")
+        .is_none_or(|u| Some(u.as_str()) == target.config.get_user());
+    match target.config.get_password() {
+        Some(pw) if same_user => format!(
+            "{base} password={}",
+            crate::pg::quote_conninfo(&String::from_utf8_lossy(pw))
+        ),
+        _ => base,
+    }
 }
 
 /// Rollback, after the flip: retire the reverse replication and restart the forward

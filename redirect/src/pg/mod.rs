@@ -275,6 +275,22 @@ fn split_pairs(s: &str) -> Result<Vec<(String, String)>, String> {
     }
 }
 
+/// The value of `key` in a libpq conninfo string, if it is there.
+#[must_use]
+pub fn conninfo_value(conninfo: &str, key: &str) -> Option<String> {
+    split_pairs(conninfo)
+        .ok()?
+        .into_iter()
+        .find(|(k, _)| k == key)
+        .map(|(_, v)| v)
+}
+
+/// `value` as a libpq conninfo value: single-quoted, `\` and `'` escaped.
+#[must_use]
+pub fn quote_conninfo(value: &str) -> String {
+    format!("'{}'", value.replace('\\', "\\\\").replace('\'', "\\'"))
+}
+
 /// Where a password may come from: never the command line.
 #[derive(Clone, Debug, Default)]
 pub struct PasswordSources {
@@ -597,6 +613,42 @@ pub fn format_lsn(lsn: u64) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_quoted_conninfo_value_reads_back_as_itself() {
+        for pw in ["plain", "a b", "it's", "back\\slash", "'\\'", ""] {
+            let conninfo = format!("host=h user=u password={}", quote_conninfo(pw));
+            assert_eq!(
+                conninfo_value(&conninfo, "password").as_deref(),
+                Some(pw),
+                "{conninfo}"
+            );
+        }
+        assert_eq!(conninfo_value("host=h", "user"), None);
+    }
+
+    #[test]
+    fn another_database_keeps_the_server_user_and_password() {
+        let dsn = Dsn::parse(
+            "target",
+            "host=198.18.3.2 user=migrator dbname=postgres",
+            &PasswordSources::default(),
+        )
+        .unwrap();
+        let mut with_pw = dsn.clone();
+        with_pw.config.password("s3cret");
+        let other = with_pw.for_database("app2");
+        assert_eq!(other.database(), "app2");
+        assert_eq!(other.config.get_user(), Some("migrator"));
+        assert_eq!(other.config.get_password(), Some(&b"s3cret"[..]));
+        assert!(other.display.contains("dbname=app2"), "{}", other.display);
+        assert!(
+            other.conninfo().contains("dbname=app2"),
+            "{}",
+            other.conninfo()
+        );
+        assert!(!other.conninfo().contains("s3cret"));
+    }
 
     #[test]
     fn dsn_pairs_and_quotes() {

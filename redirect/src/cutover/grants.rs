@@ -1,0 +1,337 @@
+//! What the controller's role must be allowed to do, checked before anything changes.
+//!
+//! Managed services (RDS, Cloud SQL, Azure, Supabase, Neon) never grant superuser. What they
+//! grant is enough for every step, if the role has each piece: this module names the piece a
+//! step lacks and the statement that gives it, so preflight refuses with something an operator
+//! can paste, not with the permission error the step would have hit halfway through.
+//!
+//! Each check runs on the server the step changes, as the controller's own role (a superuser
+//! passes them all).
+
+use std::time::Duration;
+
+use tokio_postgres::Client;
+
+use super::{REVERSE, quote_ident};
+use crate::pg::{PgError, timed};
+
+/// Whether the session's role is a superuser, and its name.
+const WHO: &str =
+    "SELECT rolsuper, rolname::text, rolreplication FROM pg_roles WHERE rolname = current_user";
+/// The fence sees every proxied session's address (`pg_read_all_stats`) and ends it
+/// (`pg_signal_backend`).
+const CAN_FENCE: &str = "SELECT pg_has_role(current_user, 'pg_read_all_stats', 'MEMBER') \
+     AND pg_has_role(current_user, 'pg_signal_backend', 'MEMBER')";
+/// Creating a subscription without superuser: `pg_create_subscription` (16+) and `CREATE` on
+/// the database.
+const CAN_SUBSCRIBE: &str = "SELECT current_setting('server_version_num')::int4 >= 160000, \
+     coalesce((SELECT pg_has_role(current_user, oid, 'MEMBER') FROM pg_roles WHERE rolname = 'pg_create_subscription'), false), \
+     has_database_privilege(current_database(), 'CREATE'), current_database()::text";
+/// The forward subscription's owner (only an owner may disable, enable or refresh it).
+const SUBSCRIPTION_OWNED: &str = "SELECT pg_has_role(current_user, s.subowner, 'USAGE'), pg_get_userbyid(s.subowner)::text \
+     FROM pg_subscription s WHERE s.subname = $1 \
+     AND s.subdbid = (SELECT oid FROM pg_database WHERE datname = current_database())";
+/// Tables (`schema.table`, quoted) this role does not own: the reverse publication must list
+/// them, and only an owner may publish a table.
+const NOT_OWNED: &str = "SELECT format('%I.%I', n.nspname, c.relname) FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace \
+     WHERE format('%I.%I', n.nspname, c.relname) = ANY($1) AND NOT pg_has_role(current_user, c.relowner, 'USAGE') ORDER BY 1";
+/// Sequences the sequence sync cannot `setval` (it needs `UPDATE`).
+const SEQUENCES_NOT_SETTABLE: &str = "SELECT format('%I.%I', schemaname, sequencename) FROM pg_sequences \
+     WHERE NOT has_sequence_privilege(format('%I.%I', schemaname, sequencename), 'UPDATE') ORDER BY 1";
+/// The barrier table: usable if it exists, else creatable in `public`.
+const BARRIER_USABLE: &str = "SELECT CASE WHEN to_regclass('public.redirect_barrier') IS NULL \
+     THEN has_schema_privilege('public', 'CREATE') \
+     ELSE has_table_privilege('public.redirect_barrier', 'SELECT, INSERT') END, \
+     to_regclass('public.redirect_barrier') IS NOT NULL";
+/// Publications of `$1` this role does not own (the barrier table is added to one).
+const PUBLICATIONS_NOT_OWNED: &str = "SELECT pubname::text FROM pg_publication \
+     WHERE pubname = ANY($1) AND NOT pg_has_role(current_user, pubowner, 'USAGE') ORDER BY 1";
+
+/// One thing the role may not do, the step that needs it, and how to allow it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Missing {
+    /// `source` or `target`.
+    pub server: &'static str,
+    pub needed_for: String,
+    pub grant: String,
+    /// Needed only for a lossless rollback (the reverse replication): `--force` may go
+    /// ahead without it, as without any reverse path.
+    pub for_rollback: bool,
+}
+
+impl std::fmt::Display for Missing {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "the controller's role cannot {} on the {}: run `{}` there",
+            self.needed_for, self.server, self.grant
+        )
+    }
+}
+
+/// The role behind a session.
+pub struct Role {
+    pub name: String,
+    pub superuser: bool,
+    pub replication: bool,
+}
+
+pub async fn role(db: &Client, which: &'static str, qt: Duration) -> Result<Role, PgError> {
+    let r = timed(which, "reading the role", qt, db.query_one(WHO, &[])).await?;
+    Ok(Role {
+        superuser: r.get(0),
+        name: r.get(1),
+        replication: r.get(2),
+    })
+}
+
+/// What the steps of a logical cutover need, per server.
+pub struct Needs<'a> {
+    /// The server whose sessions the fence ends and whose writes are carried.
+    pub old: (&'static str, &'a Client),
+    /// The server the clients go to.
+    pub new: (&'static str, &'a Client),
+    /// Logical replication (else only the fence is checked).
+    pub logical: bool,
+    /// A forward cutover: the reverse replication is made (publication and slot on the
+    /// new server, subscription on the old one).
+    pub forward: bool,
+    /// The subscription on the new server that the cutover stops (forward).
+    pub subscription: Option<&'a str>,
+    /// Its publications on the old server.
+    pub publications: &'a [String],
+    /// The tables they publish (`schema.table`, quoted).
+    pub tables: &'a [String],
+}
+
+/// Everything the role lacks for this cutover; empty when it may do every step.
+pub async fn check(needs: &Needs<'_>, qt: Duration) -> Result<Vec<Missing>, PgError> {
+    let mut missing = Vec::new();
+    let (old_name, old) = needs.old;
+    let (new_name, new) = needs.new;
+    let old_role = role(old, old_name, qt).await?;
+    let new_role = role(new, new_name, qt).await?;
+    let q = |r: &Role| quote_ident(&r.name);
+    if !old_role.superuser {
+        let can_fence: bool = timed(
+            old_name,
+            "checking the fence's grants",
+            qt,
+            old.query_one(CAN_FENCE, &[]),
+        )
+        .await?
+        .get(0);
+        if !can_fence {
+            missing.push(Missing {
+                for_rollback: false,
+                server: old_name,
+                needed_for: "see and end every proxied session (the fence)".into(),
+                grant: format!(
+                    "GRANT pg_read_all_stats, pg_signal_backend TO {}",
+                    q(&old_role)
+                ),
+            });
+        }
+    }
+    if !needs.logical {
+        return Ok(missing);
+    }
+    // The barrier marker is written on the old server and read on the new one.
+    for (name, db, r) in [(old_name, old, &old_role), (new_name, new, &new_role)] {
+        if r.superuser {
+            continue;
+        }
+        let row = timed(
+            name,
+            "checking the barrier table's grants",
+            qt,
+            db.query_one(BARRIER_USABLE, &[]),
+        )
+        .await?;
+        let (usable, exists): (bool, bool) = (row.get(0), row.get(1));
+        if !usable {
+            missing.push(Missing {
+                for_rollback: false,
+                server: name,
+                needed_for: if exists {
+                    "write and read the barrier marker in public.redirect_barrier".into()
+                } else {
+                    "create the barrier table public.redirect_barrier".into()
+                },
+                grant: if exists {
+                    format!(
+                        "GRANT SELECT, INSERT ON public.redirect_barrier TO {}",
+                        q(r)
+                    )
+                } else {
+                    format!("GRANT CREATE ON SCHEMA public TO {}", q(r))
+                },
+            });
+        }
+    }
+    if !old_role.superuser && needs.forward {
+        for p in timed(
+            old_name,
+            "checking the publications' owners",
+            qt,
+            old.query(PUBLICATIONS_NOT_OWNED, &[&needs.publications]),
+        )
+        .await?
+        {
+            let p: String = p.get(0);
+            missing.push(Missing {
+                for_rollback: false,
+                server: old_name,
+                needed_for: format!("add the barrier table to publication {p}"),
+                grant: format!(
+                    "ALTER PUBLICATION {} OWNER TO {}",
+                    quote_ident(&p),
+                    q(&old_role)
+                ),
+            });
+        }
+    }
+    // The slot: the reverse slot is made on the new server (forward); a rollback advances
+    // the forward slot on the new server (the source) before restarting it.
+    if !new_role.superuser && !new_role.replication {
+        missing.push(Missing {
+            for_rollback: false,
+            server: new_name,
+            needed_for: if needs.forward {
+                format!("create the reverse replication slot {REVERSE}")
+            } else {
+                "advance the forward replication slot".into()
+            },
+            grant: format!(
+                "ALTER ROLE {} REPLICATION (on RDS: GRANT rds_replication TO {})",
+                q(&new_role),
+                q(&new_role)
+            ),
+        });
+    }
+    if !new_role.superuser {
+        if let Some(sub) = needs.subscription {
+            let owned = timed(
+                new_name,
+                "checking the subscription's owner",
+                qt,
+                new.query_opt(SUBSCRIPTION_OWNED, &[&sub]),
+            )
+            .await?;
+            if let Some(row) = owned
+                && !row.get::<_, bool>(0)
+            {
+                missing.push(Missing {
+                    for_rollback: false,
+                    server: new_name,
+                    needed_for: format!(
+                        "stop and restart subscription {sub} (owned by {})",
+                        row.get::<_, String>(1)
+                    ),
+                    grant: format!(
+                        "ALTER SUBSCRIPTION {} OWNER TO {}",
+                        quote_ident(sub),
+                        q(&new_role)
+                    ),
+                });
+            }
+        }
+        let unsettable: Vec<String> = timed(
+            new_name,
+            "checking the sequences' grants",
+            qt,
+            new.query(SEQUENCES_NOT_SETTABLE, &[]),
+        )
+        .await?
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+        if !unsettable.is_empty() {
+            missing.push(Missing {
+                for_rollback: false,
+                server: new_name,
+                needed_for: format!(
+                    "set {} sequence(s) to the old server's values",
+                    unsettable.len()
+                ),
+                grant: format!(
+                    "GRANT UPDATE ON SEQUENCE {} TO {}",
+                    unsettable.join(", "),
+                    q(&new_role)
+                ),
+            });
+        }
+    }
+    if needs.forward && !new_role.superuser {
+        let not_owned: Vec<String> = timed(
+            new_name,
+            "checking the tables' owners",
+            qt,
+            new.query(NOT_OWNED, &[&needs.tables]),
+        )
+        .await?
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+        if !not_owned.is_empty() {
+            missing.push(Missing {
+                for_rollback: false,
+                server: new_name,
+                needed_for: format!(
+                    "publish {} table(s) back to the old server for a lossless rollback: {}",
+                    not_owned.len(),
+                    not_owned.join(", ")
+                ),
+                grant: not_owned
+                    .iter()
+                    .map(|t| format!("ALTER TABLE {t} OWNER TO {}", q(&new_role)))
+                    .collect::<Vec<_>>()
+                    .join("; "),
+            });
+        }
+    }
+    if needs.forward && !old_role.superuser {
+        let row = timed(
+            old_name,
+            "checking the subscription grants",
+            qt,
+            old.query_one(CAN_SUBSCRIBE, &[]),
+        )
+        .await?;
+        let (v16, member, create, database): (bool, bool, bool, String) =
+            (row.get(0), row.get(1), row.get(2), row.get(3));
+        let what = format!("create the reverse subscription {REVERSE} (for a lossless rollback)");
+        if v16 {
+            let mut grants = Vec::new();
+            if !member {
+                grants.push(format!("GRANT pg_create_subscription TO {}", q(&old_role)));
+            }
+            if !create {
+                grants.push(format!(
+                    "GRANT CREATE ON DATABASE {} TO {}",
+                    quote_ident(&database),
+                    q(&old_role)
+                ));
+            }
+            if !grants.is_empty() {
+                missing.push(Missing {
+                    for_rollback: true,
+                    server: old_name,
+                    needed_for: what,
+                    grant: grants.join("; "),
+                });
+            }
+        } else {
+            missing.push(Missing {
+                for_rollback: true,
+                server: old_name,
+                needed_for: what,
+                grant: format!(
+                    "ALTER ROLE {} SUPERUSER (before PostgreSQL 16 only a superuser may create a subscription)",
+                    q(&old_role)
+                ),
+            });
+        }
+    }
+    Ok(missing)
+}
