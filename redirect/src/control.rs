@@ -99,6 +99,9 @@ pub enum Request {
         catch_up_timeout_ms: u64,
         statement_timeout_ms: u64,
         max_keys: usize,
+        /// Only these databases (empty: every replicated one).
+        #[serde(default)]
+        databases: Vec<String>,
     },
 }
 
@@ -253,8 +256,10 @@ async fn handle(stream: UnixStream, ctl: Arc<Controller>) -> std::io::Result<()>
             catch_up_timeout_ms,
             statement_timeout_ms,
             max_keys,
+            databases,
         } => {
             let req = crate::verify::VerifyRequest {
+                databases,
                 tables,
                 chunk_rows,
                 rate,

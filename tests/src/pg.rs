@@ -353,10 +353,22 @@ pub fn acked_rows(
     pg: &Pg,
     filter: &str,
 ) -> std::collections::HashSet<(i32, i64)> {
-    psql(
+    acked_rows_in(lab, ns, pg, "postgres", filter)
+}
+
+/// [`acked_rows`] in another database of the server.
+pub fn acked_rows_in(
+    lab: &Lab,
+    ns: Ns,
+    pg: &Pg,
+    database: &str,
+    filter: &str,
+) -> std::collections::HashSet<(i32, i64)> {
+    psql_in(
         lab,
         ns,
         pg,
+        database,
         &format!("SELECT writer, seq FROM acks {filter}"),
     )
     .lines()
@@ -370,7 +382,13 @@ pub fn acked_rows(
 /// A libpq connection string to `host` on the lab port.
 #[must_use]
 pub fn dsn(host: &str) -> String {
-    format!("host={host} port={PG_PORT} user=postgres dbname=postgres connect_timeout=10")
+    dsn_in(host, "postgres")
+}
+
+/// [`dsn`] for another database.
+#[must_use]
+pub fn dsn_in(host: &str, database: &str) -> String {
+    format!("host={host} port={PG_PORT} user=postgres dbname={database} connect_timeout=10")
 }
 
 /// Connects with tokio-postgres (from whatever namespace the calling thread is in) and spawns
@@ -446,7 +464,7 @@ pub fn replicate_database(lab: &Lab, source: &Pg, target: &Pg, database: &str) {
         database,
         &format!(
             "CREATE SUBSCRIPTION {database}_sub CONNECTION '{}' PUBLICATION {database}_pub",
-            dsn(crate::SOURCE_ADDR).replace("dbname=postgres", &format!("dbname={database}"))
+            dsn_in(crate::SOURCE_ADDR, database)
         ),
     );
     wait_for(

@@ -2,14 +2,16 @@
 //! database is replicated on its own (a subscription per database), so the controller must
 //! find them all, measure each one's lag, and refuse a cutover that would leave one behind.
 
+use std::time::Duration;
+
 use redirect_tests::{
-    Ns,
-    cutover_lab::{flip, setup},
-    pg::{self, psql, psql_in},
-    wait_for,
+    Lab, Ns, VIP,
+    cutover_lab::{self, flip, setup},
+    pg::{self, Pg, psql, psql_in},
+    wait_for, workload,
 };
 
-fn lag(lab: &redirect_tests::Lab) -> serde_json::Value {
+fn lag(lab: &Lab) -> serde_json::Value {
     serde_json::from_str(&lab.redirect_ok(&["lag", "--json"])).expect("lag --json")
 }
 
@@ -131,7 +133,7 @@ fn every_database_is_found_and_one_the_cutover_would_leave_behind_is_named_befor
             pg::dsn(redirect_tests::SOURCE_ADDR)
         ),
     );
-    wait_for(std::time::Duration::from_secs(10), "app3 in lag", || {
+    wait_for(Duration::from_secs(10), "app3 in lag", || {
         lag(lab)["databases"].to_string().contains("app3")
     });
     let l = lag(lab);
@@ -143,4 +145,227 @@ fn every_database_is_found_and_one_the_cutover_would_leave_behind_is_named_befor
     let text = lab.redirect_ok(&["lag"]);
     assert!(text.contains("unknown bytes"), "{text}");
     assert!(!text.contains("18446744073709551615"), "{text}");
+}
+
+/// The ledger workload through the VIP on two databases at once.
+fn two_workloads(
+    lab: &Lab,
+    writers: std::ops::Range<i32>,
+    secs: u64,
+) -> Vec<(&'static str, std::thread::JoinHandle<workload::Verdict>)> {
+    ["postgres", "app2"]
+        .into_iter()
+        .enumerate()
+        .map(|(i, db)| {
+            let dsn = pg::dsn_in(VIP, db);
+            let writers = (writers.start + 100 * i32::try_from(i).unwrap())
+                ..(writers.end + 100 * i32::try_from(i).unwrap());
+            let load = lab.spawn_in_ns(Ns::Client, move || {
+                tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                    .expect("runtime")
+                    .block_on(workload::run_with(
+                        dsn,
+                        writers,
+                        Duration::from_secs(secs),
+                        20,
+                    ))
+            });
+            (db, load)
+        })
+        .collect()
+}
+
+/// A cutover under writes to two databases; every acknowledged write of each is on `to`.
+fn cut_over_both(
+    lab: &Lab,
+    to: &str,
+    on: &Pg,
+    ns: Ns,
+    writers: std::ops::Range<i32>,
+) -> serde_json::Value {
+    let loads = two_workloads(lab, writers, 8);
+    std::thread::sleep(Duration::from_secs(2));
+    let out = flip(lab, &["--to", to, "--drain-timeout", "2s", "--json"]);
+    assert!(
+        out.status.success(),
+        "flip --to {to} across databases failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    for (db, load) in loads {
+        let v = load.join().expect("workload");
+        let rows = pg::acked_rows_in(lab, ns, on, db, "");
+        cutover_lab::assert_no_loss_through_a_cutover(&v, &rows, &format!("{to} ({db})"));
+    }
+    serde_json::from_slice(&out.stdout).expect("flip --json")
+}
+
+/// A new row in `database` through the VIP gets an id past every id the old server gave out:
+/// the sequence was carried over in that database too.
+fn next_id_is_fresh(lab: &Lab, old: (Ns, &Pg), database: &str, writer: i32) {
+    let max_old: i64 = psql_in(
+        lab,
+        old.0,
+        old.1,
+        database,
+        "SELECT coalesce(max(id), 0) FROM acks",
+    )
+    .parse()
+    .unwrap();
+    let dsn = pg::dsn_in(VIP, database);
+    let id: i64 = lab.in_ns(Ns::Client, move || {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("runtime")
+            .block_on(async move {
+                let (c, conn) = tokio_postgres::connect(&dsn, tokio_postgres::NoTls)
+                    .await
+                    .expect("connecting through the VIP");
+                tokio::spawn(conn);
+                c.query_one(
+                    "INSERT INTO acks (writer, seq) VALUES ($1, 1) RETURNING id",
+                    &[&writer],
+                )
+                .await
+                .expect("a new row through the VIP")
+                .get(0)
+            })
+    });
+    assert!(
+        id > max_old,
+        "{database}: new id {id} is not past the old server's {max_old}"
+    );
+}
+
+#[test]
+fn three_databases_cut_over_roll_back_and_cut_over_again_each_one_protected() {
+    let c = setup("dbs3", &[]);
+    let lab = &c.lab;
+    for db in ["app2", "app3"] {
+        pg::replicate_database(lab, &c.source, &c.target, db);
+    }
+    // app3 takes no load, but has rows (and so a sequence) the flip must carry.
+    psql_in(
+        lab,
+        Ns::Source,
+        &c.source,
+        "app3",
+        "INSERT INTO acks (writer, seq) SELECT 900, g FROM generate_series(1, 50) g",
+    );
+    wait_for(Duration::from_secs(20), "app3's rows on the target", || {
+        psql_in(
+            lab,
+            Ns::Target,
+            &c.target,
+            "app3",
+            "SELECT count(*) FROM acks",
+        ) == "50"
+    });
+
+    // One database's replication is stopped: refused, naming it, and nothing changed.
+    psql_in(
+        lab,
+        Ns::Target,
+        &c.target,
+        "app3",
+        "ALTER SUBSCRIPTION app3_sub DISABLE",
+    );
+    let out = flip(lab, &["--to", "target"]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success(),
+        "a flip with app3's replication stopped went ahead: {stderr}"
+    );
+    assert!(
+        stderr.contains("app3: subscription \"app3_sub\" is disabled"),
+        "{stderr}"
+    );
+    assert_eq!(lab.status()["active"], "source");
+    psql_in(
+        lab,
+        Ns::Target,
+        &c.target,
+        "app3",
+        "ALTER SUBSCRIPTION app3_sub ENABLE",
+    );
+    wait_for(Duration::from_secs(20), "app3 healthy again", || {
+        lag(lab)["healthy"] == true
+    });
+
+    let report = cut_over_both(lab, "target", &c.target, Ns::Target, 0..4);
+    assert_eq!(
+        report["databases"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|d| d["coverage"] == "replicated")
+            .count(),
+        3,
+        "{report}"
+    );
+    assert!(
+        report["reverse_replication"]
+            .to_string()
+            .contains("database app3"),
+        "{report}"
+    );
+    for slot in [
+        "redirect_reverse",
+        "redirect_reverse_app2",
+        "redirect_reverse_app3",
+    ] {
+        wait_for(
+            Duration::from_secs(15),
+            &format!("{slot} streaming back"),
+            || {
+                psql(
+                    lab,
+                    Ns::Target,
+                    &c.target,
+                    &format!(
+                        "SELECT count(*) FROM pg_replication_slots WHERE slot_name = '{slot}' AND active"
+                    ),
+                ) == "1"
+            },
+        );
+    }
+    for (db, w) in [("postgres", 700), ("app2", 701), ("app3", 702)] {
+        next_id_is_fresh(lab, (Ns::Source, &c.source), db, w);
+    }
+
+    cut_over_both(lab, "source", &c.source, Ns::Source, 10..14);
+    // What the target took in app3 came back with the rollback.
+    assert_eq!(
+        psql_in(
+            lab,
+            Ns::Source,
+            &c.source,
+            "app3",
+            "SELECT count(*) FROM acks WHERE writer = 702"
+        ),
+        "1"
+    );
+    for (db, w) in [("postgres", 710), ("app2", 711), ("app3", 712)] {
+        next_id_is_fresh(lab, (Ns::Target, &c.target), db, w);
+    }
+
+    cut_over_both(lab, "target", &c.target, Ns::Target, 20..24);
+    for (db, w) in [("postgres", 720), ("app2", 721), ("app3", 722)] {
+        next_id_is_fresh(lab, (Ns::Source, &c.source), db, w);
+    }
+
+    let out = lab.redirect(&["verify", "--json"]);
+    let verdict: serde_json::Value = serde_json::from_slice(&out.stdout).expect("verify --json");
+    assert!(out.status.success(), "verify: {verdict}");
+    let tables = verdict["tables"].as_array().unwrap();
+    for db in ["postgres", "app2", "app3"] {
+        assert!(
+            tables.iter().any(|t| t["database"] == db
+                && t["table"] == "public.acks"
+                && t["verdict"] == "equal"),
+            "{db}'s acks not verified equal: {verdict}"
+        );
+    }
 }

@@ -182,7 +182,32 @@ fn databases(args: &Args) -> anyhow::Result<Option<Databases>> {
             "--reverse-conninfo must be key=value pairs without a password (it would be stored in the source's catalog and shown in logs): put the password in the source server's ~/.pgpass"
         );
     }
-    let (subscription, subscriptions) = subscriptions(&args.subscription)?;
+    let (mut subscription, mut subscriptions) = subscriptions(&args.subscription)?;
+    // `--subscription HOME=NAME` is the DSNs' database's, the same as `--subscription NAME`.
+    if let Some(named) = subscriptions.remove(source.database()) {
+        if subscription.as_ref().is_some_and(|s| *s != named) {
+            anyhow::bail!(
+                "--subscription names two subscriptions for database {:?}",
+                source.database()
+            );
+        }
+        subscription = Some(named);
+    }
+    for (flag, list) in [
+        ("--databases", &args.databases),
+        ("--exclude-databases", &args.exclude_databases),
+    ] {
+        if list.iter().any(|d| d.trim().is_empty()) {
+            anyhow::bail!("{flag} has an empty database name");
+        }
+    }
+    if source.database() != target.database() {
+        anyhow::bail!(
+            "--source-dsn names database {:?} and --target-dsn {:?}: a cutover carries each database to the one of the same name, so name the same database in both",
+            source.database(),
+            target.database()
+        );
+    }
     Ok(Some(Databases {
         source,
         target,
@@ -212,6 +237,7 @@ fn subscriptions(
                 }
             }
             Some(_) => anyhow::bail!("--subscription {s:?}: expected NAME or DB=NAME"),
+            None if s.is_empty() => anyhow::bail!("--subscription has an empty name"),
             None if home.is_some() => anyhow::bail!(
                 "--subscription given twice without a database: name the others' as DB=NAME"
             ),

@@ -35,6 +35,9 @@ pub struct Args {
     /// How many differing keys to name per table.
     #[arg(long, default_value_t = 10)]
     pub max_keys: usize,
+    /// Only these databases (default: every replicated database, and the DSNs').
+    #[arg(long, value_delimiter = ',', value_name = "DB,...")]
+    pub databases: Vec<String>,
     /// Print the report as JSON.
     #[arg(long)]
     pub json: bool,
@@ -55,6 +58,7 @@ pub fn run(args: &Args, socket: &Path) -> anyhow::Result<()> {
         catch_up_timeout_ms: millis(args.catch_up_timeout),
         statement_timeout_ms: millis(args.statement_timeout),
         max_keys: args.max_keys,
+        databases: args.databases.clone(),
     };
     let value = rt
         .block_on(control::call(socket, &req, |p| {

@@ -11,6 +11,7 @@ use super::catalog::CURRENT_LSN;
 use super::{
     CutoverError, Phase, Run,
     journal::{Entry, Step},
+    lane::Lane,
     preflight::{SEE_MARKER, WRITE_MARKER},
 };
 use crate::{datapath::Role, pg::parse_lsn};
@@ -18,8 +19,9 @@ use crate::{datapath::Role, pg::parse_lsn};
 const INSERT_LSN: &str = "SELECT pg_current_wal_insert_lsn()::text";
 const REPLAY_LSN: &str = "SELECT pg_last_wal_replay_lsn()::text";
 /// Whether the subscription can still deliver the marker: enabled, with an apply worker.
-const APPLYING: &str = "SELECT s.subenabled AND st.pid IS NOT NULL FROM pg_subscription s \
-     LEFT JOIN pg_stat_subscription st ON st.subid = s.oid AND st.relid IS NULL WHERE s.subname = $1";
+const APPLYING: &str = "SELECT s.subenabled AND EXISTS (SELECT 1 FROM pg_stat_subscription st \
+     WHERE st.subid = s.oid AND st.relid IS NULL AND st.pid IS NOT NULL) FROM pg_subscription s \
+     WHERE s.subname = $1 AND s.subdbid = (SELECT oid FROM pg_database WHERE datname = current_database())";
 /// How long replication may look stopped before the barrier gives up without waiting for
 /// `--timeout` (an apply worker restarting is briefly absent).
 const STOPPED_FOR: Duration = Duration::from_secs(1);
@@ -37,6 +39,7 @@ pub async fn wait_for_new_server(run: &mut Run) -> Result<(), CutoverError> {
         return Ok(());
     }
     let (fence_lsn, applied) = if run.logical {
+        no_database_appeared(run).await?;
         logical(run).await?
     } else {
         physical(run).await?
@@ -49,7 +52,23 @@ pub async fn wait_for_new_server(run: &mut Run) -> Result<(), CutoverError> {
     } else {
         (applied, Some(fence_lsn.clone()))
     };
-    let detail = format!("the {} has applied everything up to {fence_lsn}", run.to);
+    let detail = format!(
+        "the {} has applied everything up to {fence_lsn}{}",
+        run.to,
+        if run.lanes.len() > 1 {
+            format!(
+                " in each of {} databases ({})",
+                run.lanes.len(),
+                run.lanes
+                    .iter()
+                    .map(|l| l.database.as_str())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            )
+        } else {
+            String::new()
+        }
+    );
     run.rec.log(
         t,
         Entry {
@@ -62,13 +81,63 @@ pub async fn wait_for_new_server(run: &mut Run) -> Result<(), CutoverError> {
     )
 }
 
+/// A database created since preflight would move with the VIP unprotected: its writes before
+/// the fence reached no barrier. One query, behind the fence, before anything is flipped.
+async fn no_database_appeared(run: &Run) -> Result<(), CutoverError> {
+    if run.to != Role::Target || run.report.databases.is_empty() {
+        return Ok(());
+    }
+    let now = run
+        .query(
+            Phase::Barrier,
+            "old server",
+            "listing databases",
+            run.from_db.query(crate::pg::cluster::DATABASES, &[]),
+        )
+        .await?;
+    let new: Vec<String> = now
+        .iter()
+        .map(|r| r.get::<_, String>(0))
+        .filter(|d| !run.report.databases.iter().any(|k| k.name == *d))
+        .collect();
+    if new.is_empty() {
+        return Ok(());
+    }
+    Err(CutoverError::abort(
+        Phase::Barrier,
+        format!(
+            "database(s) {} appeared on the {} during the cutover: nothing carries them; flip again once each is replicated or left out",
+            new.join(", "),
+            run.from
+        ),
+    ))
+}
+
+/// Every database's marker, written and waited for side by side: the write pause grows by
+/// the slowest database, not by their sum. The fence LSN is the latest marker's.
 async fn logical(run: &Run) -> Result<(String, Option<String>), CutoverError> {
+    let each =
+        futures_util::future::try_join_all(run.lanes.iter().map(|l| logical_lane(run, l))).await?;
+    let latest = |lsns: Vec<&str>| {
+        lsns.into_iter()
+            .max_by_key(|s| parse_lsn(s).unwrap_or(0))
+            .map(str::to_owned)
+    };
+    let fence_lsn = latest(each.iter().map(|(f, _)| f.as_str()).collect())
+        .ok_or_else(|| CutoverError::abort(Phase::Barrier, "no database to put a barrier in"))?;
+    let applied = latest(each.iter().filter_map(|(_, a)| a.as_deref()).collect());
+    Ok((fence_lsn, applied))
+}
+
+/// One database's barrier: a marker written on the old server after the fence, seen on the
+/// new one.
+async fn logical_lane(run: &Run, lane: &Lane) -> Result<(String, Option<String>), CutoverError> {
     let token = format!("{}-{}", run.rec.id, std::process::id());
     run.query(
         Phase::Barrier,
         "old server",
         "writing the barrier marker",
-        run.from_db.execute(WRITE_MARKER, &[&token]),
+        lane.from_db.execute(WRITE_MARKER, &[&token]),
     )
     .await?;
     let fence_lsn: String = run
@@ -76,7 +145,7 @@ async fn logical(run: &Run) -> Result<(String, Option<String>), CutoverError> {
             Phase::Barrier,
             "old server",
             "reading the fence LSN",
-            run.from_db.query_one(CURRENT_LSN, &[]),
+            lane.from_db.query_one(CURRENT_LSN, &[]),
         )
         .await?
         .get(0);
@@ -88,8 +157,10 @@ async fn logical(run: &Run) -> Result<(String, Option<String>), CutoverError> {
         CutoverError::abort(
             Phase::Barrier,
             format!(
-                "the {} did not apply the marker within --timeout {:?}",
-                run.to, run.req.timeout
+                "{}the {} did not apply the marker within --timeout {:?}",
+                lane.prefix(),
+                run.to,
+                run.req.timeout
             ),
         )
     };
@@ -102,7 +173,7 @@ async fn logical(run: &Run) -> Result<(String, Option<String>), CutoverError> {
                 Phase::Barrier,
                 "new server",
                 "looking for the marker",
-                run.to_db.query_opt(SEE_MARKER, &[&token]),
+                lane.to_db.query_opt(SEE_MARKER, &[&token]),
             )
             .await
         {
@@ -113,7 +184,7 @@ async fn logical(run: &Run) -> Result<(String, Option<String>), CutoverError> {
             break;
         }
         if checked.elapsed() > Duration::from_millis(200)
-            && let Some(sub) = &run.subscription
+            && let Some(sub) = &lane.subscription
         {
             checked = Instant::now();
             let applying: Option<bool> = run
@@ -121,7 +192,7 @@ async fn logical(run: &Run) -> Result<(String, Option<String>), CutoverError> {
                     Phase::Barrier,
                     "new server",
                     "checking the apply worker",
-                    run.to_db.query_opt(APPLYING, &[sub]),
+                    lane.to_db.query_opt(APPLYING, &[sub]),
                 )
                 .await?
                 .and_then(|r| r.get(0));
@@ -131,20 +202,12 @@ async fn logical(run: &Run) -> Result<(String, Option<String>), CutoverError> {
                 return Err(CutoverError::abort(
                     Phase::Barrier,
                     format!(
-                        "replication into the {} stopped (subscription {sub} disabled or its apply worker gone); the marker cannot arrive",
+                        "{}replication into the {} stopped (subscription {sub} disabled or its apply worker gone); the marker cannot arrive",
+                        lane.prefix(),
                         run.to
                     ),
                 ));
             }
-        }
-        if run.remaining().is_zero() {
-            return Err(CutoverError::abort(
-                Phase::Barrier,
-                format!(
-                    "the {} did not apply the marker within --timeout {:?}",
-                    run.to, run.req.timeout
-                ),
-            ));
         }
         tokio::time::sleep(Duration::from_millis(2)).await;
     }
@@ -153,7 +216,7 @@ async fn logical(run: &Run) -> Result<(String, Option<String>), CutoverError> {
             Phase::Barrier,
             "new server",
             "reading its LSN",
-            run.to_db.query_one(CURRENT_LSN, &[]),
+            lane.to_db.query_one(CURRENT_LSN, &[]),
         )
         .await
         .ok()

@@ -17,7 +17,7 @@ use super::{
 use crate::{
     conntrack,
     datapath::Role,
-    pg::{lag::Replication, timed},
+    pg::{cluster, lag::Replication, timed},
     sync::lock,
 };
 
@@ -33,8 +33,109 @@ pub struct FinishReport {
 /// One thing to retire: where, what to run, and how to describe it.
 struct Action {
     on: Role,
+    database: String,
     sql: String,
     what: String,
+}
+
+/// What to retire in one database: its forward subscription (on the target) and slot (on the
+/// source), and its reverse subscription, slot and publication.
+#[allow(clippy::too_many_arguments)]
+async fn plan_database(
+    ctl: &Controller,
+    database: &str,
+    home: &str,
+    (source, target): (&Client, &Client),
+    known: Option<(String, Option<String>)>,
+    qt: Duration,
+    actions: &mut Vec<Action>,
+    report: &mut FinishReport,
+) -> Result<(), CutoverError> {
+    let act = |on: Role, sql: String, what: String| Action {
+        on,
+        database: database.to_owned(),
+        sql,
+        what: if database == home {
+            what
+        } else {
+            format!("database {database}: {what}")
+        },
+    };
+    let fwd = match ctl.forward_subscription_for(database) {
+        Some(f) => Some(f),
+        None => lone_forward(target, qt).await?,
+    };
+    if let Some(fwd) = fwd {
+        let slot = timed(
+            "target",
+            "reading the subscription",
+            qt,
+            target.query_opt(SUB_SLOT, &[&fwd]),
+        )
+        .await
+        .ok()
+        .flatten()
+        .and_then(|r| r.get::<_, Option<String>>(0))
+        .or(known.and_then(|(_, slot)| slot));
+        if count(target, SUB_EXISTS, &fwd, qt).await? {
+            actions.push(act(
+                Role::Target,
+                drop_sub(&fwd),
+                format!("drop the forward subscription {fwd} on the target"),
+            ));
+        }
+        if let Some(slot) = slot
+            && count(source, SLOT_EXISTS, &slot, qt).await?
+        {
+            actions.push(act(
+                Role::Source,
+                drop_slot(&slot),
+                format!("drop the forward slot {slot} on the source (it retains the source's WAL)"),
+            ));
+        }
+    } else if database == home {
+        report.left_alone.push("the forward subscription is unknown (no --subscription and none journaled): drop it and its slot by hand".into());
+    }
+    if count(source, SUB_EXISTS, REVERSE, qt).await? {
+        actions.push(act(
+            Role::Source,
+            drop_sub(REVERSE),
+            format!("drop the reverse subscription {REVERSE} on the source (rollback will no longer be possible)"),
+        ));
+    }
+    let reverse_slot = super::lane::reverse_slot(database, home);
+    if count(target, SLOT_EXISTS, &reverse_slot, qt).await? {
+        actions.push(act(
+            Role::Target,
+            drop_slot(&reverse_slot),
+            format!(
+                "drop the reverse slot {reverse_slot} on the target (it retains the target's WAL)"
+            ),
+        ));
+    }
+    if count(target, PUB_EXISTS, REVERSE, qt).await? {
+        actions.push(act(
+            Role::Target,
+            format!("DROP PUBLICATION {REVERSE}"),
+            format!("drop the reverse publication {REVERSE} on the target"),
+        ));
+    }
+    Ok(())
+}
+
+/// The only forward subscription of the session's database, if there is exactly one.
+async fn lone_forward(db: &Client, qt: Duration) -> Result<Option<String>, CutoverError> {
+    let rows = timed(
+        "target",
+        "listing subscriptions",
+        qt,
+        db.query(crate::pg::lag::SUBSCRIPTIONS, &[]),
+    )
+    .await?;
+    Ok(match rows.as_slice() {
+        [one] => Some(one.get(0)),
+        _ => None,
+    })
 }
 
 const PUB_EXISTS: &str = "SELECT count(*)::int8 FROM pg_publication WHERE pubname = $1";
@@ -105,64 +206,43 @@ pub async fn finish(
     let (source, target) = (source?, target?);
     let mut actions = Vec::new();
     let mut report = FinishReport::default();
+    // Each database's sessions, opened once: the replication is per database.
+    let mut sessions: Vec<(String, Client, Client)> = Vec::new();
     if db.replication == Replication::Logical {
+        let home = db.source.database().to_owned();
+        let on_source = cluster::databases(&source, "source", qt).await?;
+        let on_target = cluster::databases(&target, "target", qt).await?;
         let entries = journal::read(&ctl.journal_path)?;
-        let known = journal::known_subscription(&entries, Role::Source, Role::Target);
-        let fwd = db
-            .subscription
-            .clone()
-            .or(known.as_ref().map(|(s, _)| s.clone()));
-        if let Some(fwd) = fwd {
-            let slot = timed(
-                "target",
-                "reading the subscription",
+        for database in on_target
+            .iter()
+            .filter(|d| on_source.contains(d) && db.scope.covers(d))
+        {
+            let (Ok(Ok(s)), Ok(Ok(t))) = (
+                tokio::time::timeout(qt * 2, db.source.for_database(database).connect()).await,
+                tokio::time::timeout(qt * 2, db.target.for_database(database).connect()).await,
+            ) else {
+                report.left_alone.push(format!(
+                    "database {database}: not reachable on both servers; retire its replication by hand"
+                ));
+                continue;
+            };
+            let known = if *database == home {
+                journal::known_subscription(&entries, Role::Source, Role::Target)
+            } else {
+                None
+            };
+            plan_database(
+                ctl,
+                database,
+                &home,
+                (&s, &t),
+                known,
                 qt,
-                target.query_opt(SUB_SLOT, &[&fwd]),
+                &mut actions,
+                &mut report,
             )
-            .await
-            .ok()
-            .flatten()
-            .and_then(|r| r.get::<_, Option<String>>(0))
-            .or(known.and_then(|(_, slot)| slot));
-            if count(&target, SUB_EXISTS, &fwd, qt).await? {
-                actions.push(Action {
-                    on: Role::Target,
-                    sql: drop_sub(&fwd),
-                    what: format!("drop the forward subscription {fwd} on the target"),
-                });
-            }
-            if let Some(slot) = slot
-                && count(&source, SLOT_EXISTS, &slot, qt).await?
-            {
-                actions.push(Action {
-                    on: Role::Source,
-                    sql: drop_slot(&slot),
-                    what: format!(
-                        "drop the forward slot {slot} on the source (it retains the source's WAL)"
-                    ),
-                });
-            }
-        } else {
-            report.left_alone.push("the forward subscription is unknown (no --subscription and none journaled): drop it and its slot by hand".into());
-        }
-        if count(&source, SUB_EXISTS, REVERSE, qt).await? {
-            actions.push(Action { on: Role::Source, sql: drop_sub(REVERSE), what: format!("drop the reverse subscription {REVERSE} on the source (rollback will no longer be possible)") });
-        }
-        if count(&target, SLOT_EXISTS, REVERSE, qt).await? {
-            actions.push(Action {
-                on: Role::Target,
-                sql: drop_slot(REVERSE),
-                what: format!(
-                    "drop the reverse slot {REVERSE} on the target (it retains the target's WAL)"
-                ),
-            });
-        }
-        if count(&target, PUB_EXISTS, REVERSE, qt).await? {
-            actions.push(Action {
-                on: Role::Target,
-                sql: format!("DROP PUBLICATION {REVERSE}"),
-                what: format!("drop the reverse publication {REVERSE} on the target"),
-            });
+            .await?;
+            sessions.push((database.clone(), s, t));
         }
         report.left_alone.push(format!(
             "{} and the source's own publication(s): drop them when you like",
@@ -194,11 +274,10 @@ pub async fn finish(
     ctl.set_phase(Phase::Finishing);
     let t = Instant::now();
     for a in &actions {
-        let c = if a.on == Role::Source {
-            &source
-        } else {
-            &target
+        let Some((_, s, t)) = sessions.iter().find(|(d, _, _)| *d == a.database) else {
+            continue;
         };
+        let c = if a.on == Role::Source { s } else { t };
         match timed(
             "server",
             "retiring replication",

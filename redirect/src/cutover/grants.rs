@@ -25,7 +25,7 @@ const CAN_FENCE: &str = "SELECT pg_has_role(current_user, 'pg_read_all_stats', '
 /// Creating a subscription without superuser: `pg_create_subscription` (16+) and `CREATE` on
 /// the database.
 const CAN_SUBSCRIBE: &str = "SELECT current_setting('server_version_num')::int4 >= 160000, \
-     coalesce((SELECT pg_has_role(current_user, oid, 'MEMBER') FROM pg_roles WHERE rolname = 'pg_create_subscription'), false), \
+     coalesce((SELECT pg_has_role(current_user, oid, 'USAGE') FROM pg_roles WHERE rolname = 'pg_create_subscription'), false), \
      has_database_privilege(current_database(), 'CREATE'), current_database()::text";
 /// The forward subscription's owner (only an owner may disable, enable or refresh it).
 const SUBSCRIPTION_OWNED: &str = "SELECT pg_has_role(current_user, s.subowner, 'USAGE'), pg_get_userbyid(s.subowner)::text \
@@ -35,13 +35,17 @@ const SUBSCRIPTION_OWNED: &str = "SELECT pg_has_role(current_user, s.subowner, '
 /// them, and only an owner may publish a table.
 const NOT_OWNED: &str = "SELECT format('%I.%I', n.nspname, c.relname) FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace \
      WHERE format('%I.%I', n.nspname, c.relname) = ANY($1) AND NOT pg_has_role(current_user, c.relowner, 'USAGE') ORDER BY 1";
-/// Sequences the sequence sync cannot `setval` (it needs `UPDATE`).
+/// Of the sequences the sync sets (`$1`, used on the old server), those it cannot `setval`
+/// here (it needs `UPDATE`).
 const SEQUENCES_NOT_SETTABLE: &str = "SELECT format('%I.%I', schemaname, sequencename) FROM pg_sequences \
-     WHERE NOT has_sequence_privilege(format('%I.%I', schemaname, sequencename), 'UPDATE') ORDER BY 1";
+     WHERE format('%I.%I', schemaname, sequencename) = ANY($1) \
+     AND NOT has_sequence_privilege(format('%I.%I', schemaname, sequencename), 'UPDATE') ORDER BY 1";
+/// `CREATE` on the session's database (the reverse publication is made there).
+const CAN_CREATE_HERE: &str = "SELECT has_database_privilege(current_database(), 'CREATE')";
 /// The barrier table: usable if it exists, else creatable in `public`.
 const BARRIER_USABLE: &str = "SELECT CASE WHEN to_regclass('public.redirect_barrier') IS NULL \
      THEN has_schema_privilege('public', 'CREATE') \
-     ELSE has_table_privilege('public.redirect_barrier', 'SELECT, INSERT') END, \
+     ELSE has_table_privilege('public.redirect_barrier', 'SELECT') AND has_table_privilege('public.redirect_barrier', 'INSERT') END, \
      to_regclass('public.redirect_barrier') IS NOT NULL";
 /// Publications of `$1` this role does not own (the barrier table is added to one).
 const PUBLICATIONS_NOT_OWNED: &str = "SELECT pubname::text FROM pg_publication \
@@ -57,14 +61,22 @@ pub struct Missing {
     /// Needed only for a lossless rollback (the reverse replication): `--force` may go
     /// ahead without it, as without any reverse path.
     pub for_rollback: bool,
+    /// The database it is missing in, for a grant of one database (not of the cluster).
+    pub database: Option<String>,
 }
 
 impl std::fmt::Display for Missing {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(
             f,
-            "the controller's role cannot {} on the {}: run `{}` there",
-            self.needed_for, self.server, self.grant
+            "the controller's role cannot {} on the {}{}: run `{}` there",
+            self.needed_for,
+            self.server,
+            self.database
+                .as_ref()
+                .map(|d| format!(" in database {d}"))
+                .unwrap_or_default(),
+            self.grant
         )
     }
 }
@@ -102,6 +114,10 @@ pub struct Needs<'a> {
     pub publications: &'a [String],
     /// The tables they publish (`schema.table`, quoted).
     pub tables: &'a [String],
+    /// The sequences the sync will set (`schema.sequence`, quoted).
+    pub sequences: &'a [String],
+    /// The database the sessions are in (a lane), `None` for the cluster-wide checks only.
+    pub database: Option<&'a str>,
 }
 
 /// Everything the role lacks for this cutover; empty when it may do every step.
@@ -124,6 +140,7 @@ pub async fn check(needs: &Needs<'_>, qt: Duration) -> Result<Vec<Missing>, PgEr
         if !can_fence {
             missing.push(Missing {
                 for_rollback: false,
+                database: None,
                 server: old_name,
                 needed_for: "see and end every proxied session (the fence)".into(),
                 grant: format!(
@@ -152,6 +169,7 @@ pub async fn check(needs: &Needs<'_>, qt: Duration) -> Result<Vec<Missing>, PgEr
         if !usable {
             missing.push(Missing {
                 for_rollback: false,
+                database: None,
                 server: name,
                 needed_for: if exists {
                     "write and read the barrier marker in public.redirect_barrier".into()
@@ -181,6 +199,7 @@ pub async fn check(needs: &Needs<'_>, qt: Duration) -> Result<Vec<Missing>, PgEr
             let p: String = p.get(0);
             missing.push(Missing {
                 for_rollback: false,
+                database: None,
                 server: old_name,
                 needed_for: format!("add the barrier table to publication {p}"),
                 grant: format!(
@@ -196,6 +215,7 @@ pub async fn check(needs: &Needs<'_>, qt: Duration) -> Result<Vec<Missing>, PgEr
     if !new_role.superuser && !new_role.replication {
         missing.push(Missing {
             for_rollback: false,
+            database: None,
             server: new_name,
             needed_for: if needs.forward {
                 format!("create the reverse replication slot {REVERSE}")
@@ -223,9 +243,10 @@ pub async fn check(needs: &Needs<'_>, qt: Duration) -> Result<Vec<Missing>, PgEr
             {
                 missing.push(Missing {
                     for_rollback: false,
+                    database: None,
                     server: new_name,
                     needed_for: format!(
-                        "stop and restart subscription {sub} (owned by {})",
+                        "stop and restart subscription {sub} (owned by {}; 16+ lets a non-superuser own it, and its conninfo then needs a password; before 16 only a superuser may, so run the controller as that owner)",
                         row.get::<_, String>(1)
                     ),
                     grant: format!(
@@ -240,7 +261,7 @@ pub async fn check(needs: &Needs<'_>, qt: Duration) -> Result<Vec<Missing>, PgEr
             new_name,
             "checking the sequences' grants",
             qt,
-            new.query(SEQUENCES_NOT_SETTABLE, &[]),
+            new.query(SEQUENCES_NOT_SETTABLE, &[&needs.sequences]),
         )
         .await?
         .iter()
@@ -249,6 +270,7 @@ pub async fn check(needs: &Needs<'_>, qt: Duration) -> Result<Vec<Missing>, PgEr
         if !unsettable.is_empty() {
             missing.push(Missing {
                 for_rollback: false,
+                database: None,
                 server: new_name,
                 needed_for: format!(
                     "set {} sequence(s) to the old server's values",
@@ -263,6 +285,29 @@ pub async fn check(needs: &Needs<'_>, qt: Duration) -> Result<Vec<Missing>, PgEr
         }
     }
     if needs.forward && !new_role.superuser {
+        let can_create: bool = timed(
+            new_name,
+            "checking CREATE on the database",
+            qt,
+            new.query_one(CAN_CREATE_HERE, &[]),
+        )
+        .await?
+        .get(0);
+        if !can_create {
+            missing.push(Missing {
+                for_rollback: true,
+                database: None,
+                server: new_name,
+                needed_for: format!(
+                    "create the reverse publication {REVERSE} (for a lossless rollback)"
+                ),
+                grant: format!(
+                    "GRANT CREATE ON DATABASE {} TO {}",
+                    quote_ident(needs.database.unwrap_or("<database>")),
+                    q(&new_role)
+                ),
+            });
+        }
         let not_owned: Vec<String> = timed(
             new_name,
             "checking the tables' owners",
@@ -276,6 +321,7 @@ pub async fn check(needs: &Needs<'_>, qt: Duration) -> Result<Vec<Missing>, PgEr
         if !not_owned.is_empty() {
             missing.push(Missing {
                 for_rollback: false,
+                database: None,
                 server: new_name,
                 needed_for: format!(
                     "publish {} table(s) back to the old server for a lossless rollback: {}",
@@ -316,6 +362,7 @@ pub async fn check(needs: &Needs<'_>, qt: Duration) -> Result<Vec<Missing>, PgEr
             if !grants.is_empty() {
                 missing.push(Missing {
                     for_rollback: true,
+                    database: None,
                     server: old_name,
                     needed_for: what,
                     grant: grants.join("; "),
@@ -324,6 +371,7 @@ pub async fn check(needs: &Needs<'_>, qt: Duration) -> Result<Vec<Missing>, PgEr
         } else {
             missing.push(Missing {
                 for_rollback: true,
+                database: None,
                 server: old_name,
                 needed_for: what,
                 grant: format!(
@@ -331,6 +379,15 @@ pub async fn check(needs: &Needs<'_>, qt: Duration) -> Result<Vec<Missing>, PgEr
                     q(&old_role)
                 ),
             });
+        }
+    }
+    // Everything but the cluster's own grants (the fence's roles, REPLICATION) is of the
+    // database the sessions are in.
+    for m in &mut missing {
+        let cluster_wide =
+            m.grant.starts_with("GRANT pg_read_all_stats") || m.grant.starts_with("ALTER ROLE");
+        if !cluster_wide {
+            m.database = needs.database.map(str::to_owned);
         }
     }
     Ok(missing)

@@ -94,6 +94,11 @@ pub struct Entry {
     /// That subscription's slot on its publisher.
     #[serde(skip_serializing_if = "Option::is_none", default)]
     pub slot: Option<String>,
+    /// The database this step concerns, for the steps done per database (the subscription
+    /// disabled, the reverse slot made); absent: the DSNs' database (and every entry a
+    /// version before several databases wrote).
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub database: Option<String>,
     /// On `start`: the drain budget asked for.
     #[serde(skip_serializing_if = "Option::is_none", default)]
     pub drain_timeout_ms: Option<u64>,
@@ -199,6 +204,22 @@ pub fn known_subscription(
         .rev()
         .filter(|e| e.step == Step::Start && e.from == Some(from) && e.to == Some(to))
         .find_map(|e| e.subscription.clone().map(|s| (s, e.slot.clone())))
+}
+
+/// The forward subscription of `database` that an earlier forward cutover stopped (its
+/// `disabling` entry); entries without a database are the DSNs' database, `home`.
+#[must_use]
+pub fn known_subscription_in(entries: &[Entry], database: &str, home: &str) -> Option<String> {
+    entries
+        .iter()
+        .rev()
+        .filter(|e| {
+            e.step == Step::Disabling
+                && e.from == Some(Role::Source)
+                && e.to == Some(Role::Target)
+                && e.database.as_deref().unwrap_or(home) == database
+        })
+        .find_map(|e| e.subscription.clone())
 }
 
 /// Milliseconds since the Unix epoch.

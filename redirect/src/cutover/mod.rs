@@ -24,6 +24,7 @@ pub mod flip;
 pub mod grants;
 pub mod guardrails;
 pub mod journal;
+pub mod lane;
 pub mod lease;
 pub mod preflight;
 pub mod recover;
@@ -356,15 +357,12 @@ impl Recorder {
     }
 }
 
-/// What has to be undone if the cutover stops before the flip.
+/// What has to be undone if the cutover stops before the flip (the database side is each
+/// lane's: [`lane::Lane`]).
 #[derive(Default)]
 pub struct Undo {
     /// The hold and fence were set.
     pub datapath: bool,
-    /// The subscription disabled to stop replication, and the side it lives on.
-    pub disabled_subscription: Option<(Role, String)>,
-    /// The reverse slot was (or may have been) created on the new server.
-    pub reverse_slot: bool,
 }
 
 /// One cutover in progress: what every step reads and writes.
@@ -383,9 +381,9 @@ pub struct Run {
     pub qt: Duration,
     /// The replication that carries the old server's writes to the new one.
     pub watch: Watch,
-    /// Its subscription (on the new server) and slot (on the old one), once known.
-    pub subscription: Option<String>,
-    pub slot: Option<String>,
+    /// Each replicated database's own sessions and replication (logical); empty with
+    /// physical replication (one stream for the cluster) or a forced flip without any.
+    pub lanes: Vec<lane::Lane>,
     /// When the hold began, when the fence went up, and when `--timeout` runs out.
     pub held_at: Instant,
     pub fenced_at: Option<Instant>,
@@ -394,17 +392,6 @@ pub struct Run {
     pub report: FlipReport,
     pub undo: Undo,
     pub lease: Option<lease::Lease>,
-    /// Rollback: the old primary's (source's) LSN once the reverse apply stopped; the forward
-    /// slot restarts from here.
-    pub rollback_point: Option<String>,
-    /// The reverse slot exists on the new server (forward cutover).
-    pub reverse_slot_made: bool,
-    /// The reverse subscription was set up before the hold (both servers 16 or newer), so
-    /// turning replication around only stops the forward one.
-    pub reverse_ready: bool,
-    /// The reverse slot is a failover slot (the target is 17+ with a standby): what the
-    /// report and the journal say about it.
-    pub reverse_failover: Option<String>,
     /// Whether an LSN barrier guards the flip (not for a forced flip with no replication).
     pub barrier: bool,
     /// A fleet cutover: the other members' proxied sessions, from their acks of the hold
@@ -529,6 +516,25 @@ impl Controller {
                     .and_then(|e| journal::known_subscription(&e, Role::Source, Role::Target))
                     .map(|(s, _)| s)
             })
+    }
+
+    /// The forward subscription of `database`: named for it (`--subscription DB=NAME`), the
+    /// DSNs' database's [`Self::forward_subscription`], or the one an earlier cutover stopped.
+    #[must_use]
+    pub fn forward_subscription_for(&self, database: &str) -> Option<String> {
+        let db = self.db.as_ref()?;
+        let home = db.source.database();
+        if let Some(s) = db.subscriptions.get(database) {
+            return Some(s.clone());
+        }
+        if database == home
+            && let Some(s) = self.forward_subscription()
+        {
+            return Some(s);
+        }
+        journal::read(&self.journal_path)
+            .ok()
+            .and_then(|e| journal::known_subscription_in(&e, database, home))
     }
 
     /// Lag of the replication feeding the backend that is not active now.
@@ -743,8 +749,9 @@ impl Controller {
         Ok(n)
     }
 
-    /// Makes the barrier table replicate from the active server to the other, off the critical
-    /// path: `run` does this at start, so a cutover finds it ready.
+    /// Makes the barrier table replicate from the active server to the other, in every
+    /// replicated database, off the critical path: `run` does this at start, so a cutover
+    /// finds it ready.
     pub async fn prepare(&self) -> Result<(), CutoverError> {
         let db = self.db.as_ref().ok_or(CutoverError::NoDatabases)?;
         let active = self.active()?;
@@ -753,11 +760,26 @@ impl Controller {
         if watch.replication != Replication::Logical {
             return Ok(());
         }
-        let (from_db, to_db) = (
-            self.dsn(active)?.connect().await?,
-            self.dsn(to)?.connect().await?,
-        );
-        preflight::prepare_barrier(&from_db, &to_db, &watch, db.query_timeout).await
+        let (from_dsn, to_dsn) = (self.dsn(active)?, self.dsn(to)?);
+        let subscriber = to_dsn.connect().await?;
+        let subs = lag::cluster_subscriptions(&subscriber, to.name(), db.query_timeout).await?;
+        for (database, chosen) in lag::choose(&subs, &watch) {
+            let Ok(sub) = chosen else { continue };
+            let (from_db, to_db) = (
+                from_dsn.for_database(&database).connect().await?,
+                to_dsn.for_database(&database).connect().await?,
+            );
+            let one = Watch::one(Replication::Logical, Some(sub.name));
+            preflight::prepare_barrier(&from_db, &to_db, &one, db.query_timeout)
+                .await
+                .map_err(|e| match e {
+                    CutoverError::Preflight(why) => {
+                        CutoverError::Preflight(format!("database {database}: {why}"))
+                    }
+                    other => other,
+                })?;
+        }
+        Ok(())
     }
 }
 

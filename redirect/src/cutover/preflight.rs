@@ -11,6 +11,7 @@ use super::{
     BARRIER_TABLE, Controller, CutoverError, FlipReport, FlipRequest, Recorder, Run, Undo, grants,
     guardrails,
     journal::{self, Entry, Step},
+    lane::Lane,
     quote_ident,
 };
 use crate::{
@@ -31,22 +32,25 @@ const LOGIN_ROLES: &str = "SELECT rolname::text FROM pg_roles WHERE rolcanlogin 
 const BYPASS_SESSIONS: &str = "SELECT count(*)::int8, coalesce(string_agg(DISTINCT coalesce(host(client_addr), 'local socket'), ', '), '') \
      FROM pg_stat_activity WHERE backend_type = 'client backend' AND pid <> pg_backend_pid() \
      AND application_name <> 'redirect' AND (client_addr IS NULL OR host(client_addr) <> ALL($1::text[]))";
-const APPLY_WORKER: &str = "SELECT st.pid FROM pg_stat_subscription st JOIN pg_subscription s ON s.oid = st.subid \
-     WHERE s.subname = $1 AND st.relid IS NULL";
+const APPLY_WORKER: &str = "SELECT min(st.pid) FROM pg_stat_subscription st JOIN pg_subscription s ON s.oid = st.subid \
+     WHERE s.subname = $1 AND st.relid IS NULL AND st.pid IS NOT NULL \
+     AND s.subdbid = (SELECT oid FROM pg_database WHERE datname = current_database())";
 const PUBLICATION_HAS_BARRIER: &str = "SELECT count(*)::int8 FROM pg_publication_tables \
      WHERE pubname = ANY($1) AND schemaname = 'public' AND tablename = 'redirect_barrier'";
 /// Whether the subscription already replicates the barrier table (a table added to a
 /// publication, even FOR ALL TABLES, needs a REFRESH PUBLICATION on the subscriber).
 const SUBSCRIPTION_HAS_BARRIER: &str = "SELECT count(*)::int8 FROM pg_subscription_rel sr JOIN pg_subscription s ON s.oid = sr.srsubid \
      JOIN pg_class c ON c.oid = sr.srrelid JOIN pg_namespace n ON n.oid = c.relnamespace \
-     WHERE s.subname = $1 AND n.nspname = 'public' AND c.relname = 'redirect_barrier'";
+     WHERE s.subname = $1 AND n.nspname = 'public' AND c.relname = 'redirect_barrier' \
+     AND s.subdbid = (SELECT oid FROM pg_database WHERE datname = current_database())";
 /// Published tables (other than the barrier) the subscription does not know yet, as
 /// `schema.table` (publisher side).
 const PUBLISHED_TABLES: &str = "SELECT format('%I.%I', schemaname, tablename) FROM pg_publication_tables \
      WHERE pubname = ANY($1) AND NOT (schemaname = 'public' AND tablename = 'redirect_barrier')";
 const SUBSCRIBED_TABLES: &str = "SELECT format('%I.%I', n.nspname, c.relname) FROM pg_subscription_rel sr \
      JOIN pg_subscription s ON s.oid = sr.srsubid JOIN pg_class c ON c.oid = sr.srrelid \
-     JOIN pg_namespace n ON n.oid = c.relnamespace WHERE s.subname = $1";
+     JOIN pg_namespace n ON n.oid = c.relnamespace WHERE s.subname = $1 \
+     AND s.subdbid = (SELECT oid FROM pg_database WHERE datname = current_database())";
 
 /// What preflight decided.
 pub enum Outcome {
@@ -160,42 +164,25 @@ pub async fn check(
             force_or_block(why, &mut report, &mut blocking);
         }
     }
-    // Every database behind the VIP moves with it: each needs its writes carried.
-    if logical && to == Role::Target && !(no_replication && req.force) {
-        if let Some(l) = &report.lag {
-            let found =
-                cluster::discover(ctl.dsn(from)?, &from_db, &to_db, l, &watch.scope, qt).await?;
-            for line in cluster::describe(&found) {
-                say(line);
-            }
-            for d in found.iter().filter(|d| d.blocks()) {
-                force_or_block(
-                    d.problem.clone().unwrap_or_default(),
-                    &mut report,
-                    &mut blocking,
-                );
-            }
-            report.databases = found;
+    // Every database behind the VIP moves with it: each needs its writes carried. Found
+    // from the catalogs, whatever the lag reading gave, and never passed by --force: a
+    // database with data and nothing to carry it loses its writes for certain.
+    if logical && to == Role::Target {
+        let found = cluster::discover(ctl.dsn(from)?, &from_db, &to_db, &watch, qt).await?;
+        for line in cluster::describe(&found) {
+            say(line);
         }
-        let home = watch.home.clone();
-        let others: Vec<String> = report
-            .databases
-            .iter()
-            .filter(|d| d.coverage == cluster::Coverage::Replicated && d.name != home)
-            .map(|d| {
-                format!(
-                    "{} (subscription {})",
-                    d.name,
-                    d.subscription.as_deref().unwrap_or("?")
-                )
-            })
-            .collect();
-        if !others.is_empty() {
-            blocking.push(format!(
-                "database(s) {} are replicated too, but this cutover protects only the DSNs' database {home:?}: the flip would move their clients without a barrier or a sequence sync; cut over one database per server, or leave them out with --exclude-databases (their writes then go unprotected)",
-                others.join(", ")
-            ));
+        for d in &found {
+            if let Some(problem) = &d.problem {
+                blocking.push(problem.clone());
+            } else if d.coverage == cluster::Coverage::Excluded {
+                report.findings.push(format!(
+                    "WARNING: database {} is left out (--databases/--exclude-databases): its clients move with the VIP with no barrier, no sequence sync and no way back",
+                    d.name
+                ));
+            }
         }
+        report.databases = found;
     }
     let row = timed(
         "new server",
@@ -248,27 +235,6 @@ pub async fn check(
             &mut blocking,
         );
     }
-    if logical {
-        match super::sequences::read(&from_db, qt).await {
-            Ok(seqs) => report
-                .findings
-                .push(format!("{} sequence(s) to sync", seqs.len())),
-            Err(e) => blocking.push(e.to_string()),
-        }
-    }
-    if logical && to == Role::Target {
-        // Rollback is only lossless if the source can subscribe to the target after the
-        // flip: prove now that it can connect with the conninfo it will be given.
-        if let Err(why) = probe_reverse(ctl, &from_db, qt).await {
-            force_or_block(
-                format!(
-                    "the source cannot connect to the target for reverse replication ({why}), so a rollback would not be lossless; set --reverse-conninfo (or REDIRECT_REVERSE_CONNINFO) to what the source server can use; the controller adds the target's password (--target-password-file or REDIRECT_TARGET_PASSWORD) when it is for the target DSN's user"
-                ),
-                &mut report,
-                &mut blocking,
-            );
-        }
-    }
     // This proxy's sessions, and in a fleet every member's, do not bypass it.
     let mut proxied_from = vec![from_snat.clone()];
     if let Some(fleet) = &ctl.fleet {
@@ -288,79 +254,84 @@ pub async fn check(
         ));
     }
 
-    // The subscription the barrier relies on, and its slot: journaled at start, so a
-    // rollback or a successor finds them without --subscription.
-    let mut slot = None;
+    // The databases this cutover carries, each over its own sessions (a lane): forward, every
+    // replicated one discovery found; a rollback, every one with a reverse subscription.
+    let carried = logical && !(no_replication && req.force);
+    let home = watch.home.clone();
+    let lane_dbs: Vec<(String, Option<String>)> = if !carried {
+        Vec::new()
+    } else if to == Role::Target {
+        report
+            .databases
+            .iter()
+            .filter(|d| d.coverage == cluster::Coverage::Replicated)
+            .map(|d| (d.name.clone(), d.subscription.clone()))
+            .collect()
+    } else {
+        report
+            .lag
+            .as_ref()
+            .map(|l| {
+                l.databases
+                    .iter()
+                    .filter(|d| d.subscription.is_some())
+                    .map(|d| (d.database.clone(), d.subscription.clone()))
+                    .collect()
+            })
+            .unwrap_or_default()
+    };
+    let mut lanes = Vec::new();
+    for (name, sub) in lane_dbs {
+        lanes.push(Lane::open(&name, ctl.dsn(from)?, ctl.dsn(to)?, &home, sub, None, qt).await?);
+    }
+    if carried && lanes.is_empty() && blocking.is_empty() {
+        blocking.push(format!(
+            "no database is replicated from the {from} to the {to}: nothing would carry its writes"
+        ));
+    }
     let mut prepare = Vec::new();
-    let mut publications: Vec<String> = Vec::new();
     // Guardrail findings that stop the cutover: only --allow passes them, never --force.
     let mut stopped_by: Vec<guardrails::Finding> = Vec::new();
-    if logical && !(no_replication && req.force) {
-        let sub = lag::subscription_name(&to_db, &watch, qt).await?;
-        watch.subscription = Some(sub.clone());
-        slot = timed(
-            "new server",
-            "reading the subscription",
-            qt,
-            to_db.query_opt(SUB_SLOT, &[&sub]),
-        )
-        .await?
-        .and_then(|r| r.get::<_, Option<String>>(0));
-        let pubs: Vec<String> = timed(
-            "new server",
-            "reading the subscription",
-            qt,
-            to_db.query_opt(SUB_PUBLICATIONS, &[&sub]),
-        )
-        .await?
-        .map(|r| r.get(0))
-        .unwrap_or_default();
-        publications.clone_from(&pubs);
-        if pubs.is_empty() {
-            report.findings.push(format!(
-                "guardrails skipped: subscription {sub:?} subscribes to no publication the {to} can read"
-            ));
-        } else {
-            let found = guardrails::check(
-                &guardrails::Replication {
-                    old: &from_db,
-                    new: &to_db,
-                    old_role: from,
-                    new_role: to,
-                    subscription: &sub,
-                    publications: &pubs,
-                    slot: slot.as_deref(),
-                    qt,
-                    max_transaction_age: req.max_transaction_age,
-                },
-                &req.allow,
-            )
-            .await
-            .unwrap_or_else(|e| vec![guardrails::check_failed(&e, &req.allow)]);
-            let count = |p: fn(&guardrails::Finding) -> bool| found.iter().filter(|f| p(f)).count();
-            say(format!(
-                "guardrails: {} blocking, {} allowed, {} note(s)",
-                count(guardrails::Finding::stops),
-                count(|f| f.allowed),
-                count(|f| !f.blocks)
-            ));
-            stopped_by.extend(found.iter().filter(|f| f.stops()).cloned());
-            report.guardrails = found;
+    let mut missing: Vec<grants::Missing> = Vec::new();
+    let mut sequences = 0;
+    let many = lanes.len() > 1;
+    for lane in &mut lanes {
+        let checked = check_lane(ctl, &req, lane, from, to, many, qt).await?;
+        sequences += checked.sequences;
+        blocking.extend(checked.blocking);
+        for why in checked.forcible {
+            force_or_block(why, &mut report, &mut blocking);
         }
-        let published = from_db
-            .query_one(PUBLICATION_HAS_BARRIER, &[&pubs])
-            .await
-            .map_or(0, |r| r.get::<_, i64>(0))
-            > 0;
-        let subscribed = to_db
-            .query_one(SUBSCRIPTION_HAS_BARRIER, &[&sub])
-            .await
-            .map_or(0, |r| r.get::<_, i64>(0))
-            > 0;
-        if !(published && subscribed) {
-            prepare.push(format!("create {BARRIER_TABLE} on both servers, add it to publication {pubs:?} and refresh subscription {sub:?}"));
+        report.findings.extend(checked.findings);
+        stopped_by.extend(checked.guardrails.iter().filter(|f| f.stops()).cloned());
+        report.guardrails.extend(checked.guardrails);
+        prepare.extend(checked.prepare);
+        for m in checked.missing {
+            if !missing.contains(&m) {
+                missing.push(m);
+            }
         }
-        report.plan.push(format!("barrier: a marker row in {BARRIER_TABLE}, written on the {from} after the fence, seen on the {to}"));
+    }
+    if carried {
+        let count =
+            |p: fn(&guardrails::Finding) -> bool| report.guardrails.iter().filter(|f| p(f)).count();
+        say(format!(
+            "guardrails: {} blocking, {} allowed, {} note(s)",
+            count(guardrails::Finding::stops),
+            count(|f| f.allowed),
+            count(|f| !f.blocks)
+        ));
+        report
+            .findings
+            .push(format!("{sequences} sequence(s) to sync"));
+        report.plan.push(format!(
+            "barrier: a marker row in {BARRIER_TABLE}, written on the {from} after the fence, seen on the {to}{}",
+            if many {
+                format!(", in each of {} databases side by side", lanes.len())
+            } else {
+                String::new()
+            }
+        ));
     } else if logical {
         report.findings.push(
             "guardrails skipped: there is no replication to check (forced rollback)".to_owned(),
@@ -392,35 +363,26 @@ pub async fn check(
             "barrier: the {to} replays up to the {from}'s WAL insert position after the fence, then is promoted"
         ));
     }
-    // Every step's grants, checked now: a managed service's role has no superuser to fall
-    // back on, and a step refused halfway would leave a half-done cutover to undo.
-    let tables: Vec<String> = if logical && to == Role::Target && !publications.is_empty() {
-        timed(
-            "old server",
-            "listing the published tables",
-            qt,
-            from_db.query(super::replication::PUB_TABLES, &[&publications]),
-        )
-        .await?
-        .iter()
-        .map(|r| r.get(0))
-        .collect()
-    } else {
-        Vec::new()
-    };
-    let missing = grants::check(
-        &grants::Needs {
-            old: (from.name(), &from_db),
-            new: (to.name(), &to_db),
-            logical: logical && !(no_replication && req.force),
-            forward: logical && to == Role::Target,
-            subscription: watch.subscription.as_deref().filter(|_| logical),
-            publications: &publications,
-            tables: &tables,
-        },
-        qt,
-    )
-    .await?;
+    if lanes.is_empty() {
+        // No database to carry (physical, or a forced flip): the cluster-wide grants only.
+        missing.extend(
+            grants::check(
+                &grants::Needs {
+                    old: (from.name(), &from_db),
+                    new: (to.name(), &to_db),
+                    logical: false,
+                    forward: false,
+                    subscription: None,
+                    publications: &[],
+                    tables: &[],
+                    sequences: &[],
+                    database: None,
+                },
+                qt,
+            )
+            .await?,
+        );
+    }
     for m in missing {
         if m.for_rollback {
             force_or_block(
@@ -432,6 +394,10 @@ pub async fn check(
             blocking.push(m.to_string());
         }
     }
+    // Journaled at start, so a rollback or a successor finds them without --subscription.
+    let home_lane = lanes.iter().find(|l| l.database == home);
+    watch.subscription = home_lane.and_then(|l| l.subscription.clone());
+    let slot = home_lane.and_then(|l| l.slot.clone());
     report.plan.splice(0..0, prepare.iter().cloned());
     // The reverse slot becomes a failover slot when the target (17+) has a standby.
     let reverse_failover = if to == Role::Target && logical {
@@ -511,22 +477,42 @@ pub async fn check(
                 u64::try_from(req.drain_timeout.as_millis()).unwrap_or(u64::MAX),
             ),
             detail: format!(
-                "cutover {from} -> {to}{}",
-                if req.force { " (FORCED)" } else { "" }
+                "cutover {from} -> {to}{}{}",
+                if req.force { " (FORCED)" } else { "" },
+                if lanes.len() > 1 || lanes.iter().any(|l| l.database != home) {
+                    format!(
+                        ", database(s) {}",
+                        lanes
+                            .iter()
+                            .map(|l| l.database.as_str())
+                            .collect::<Vec<_>>()
+                            .join(", ")
+                    )
+                } else {
+                    String::new()
+                }
             ),
             ..Entry::default()
         },
     )?;
-    if logical && !prepare.is_empty() && !(no_replication && req.force) {
+    if !prepare.is_empty() {
         let t = Instant::now();
-        if let Err(e) = prepare_barrier(&from_db, &to_db, &watch, qt).await {
-            let _ = rec.step(Step::Aborted, t, format!("{e}; nothing was changed"));
-            return Err(e);
+        for lane in &lanes {
+            let watch = Watch::one(Replication::Logical, lane.subscription.clone());
+            if let Err(e) = prepare_barrier(&lane.from_db, &lane.to_db, &watch, qt).await {
+                let e = match e {
+                    CutoverError::Preflight(why) => {
+                        CutoverError::Preflight(format!("{}{why}", lane.prefix()))
+                    }
+                    other => other,
+                };
+                let _ = rec.step(Step::Aborted, t, format!("{e}; nothing was changed"));
+                return Err(e);
+            }
         }
         rec.step(Step::Prepare, t, prepare.join("; "))?;
     }
     let now = Instant::now();
-    let subscription = watch.subscription.clone();
     Ok(Outcome::Go(Box::new(Run {
         ctl: ctl.clone(),
         from,
@@ -538,8 +524,7 @@ pub async fn check(
         logical,
         qt,
         watch,
-        subscription,
-        slot,
+        lanes,
         held_at: now,
         fenced_at: None,
         deadline: now + req.timeout,
@@ -547,10 +532,6 @@ pub async fn check(
         report,
         undo: Undo::default(),
         lease: None,
-        rollback_point: None,
-        reverse_slot_made: false,
-        reverse_ready: false,
-        reverse_failover: None,
         barrier: !(no_replication && req.force),
         members_proxied: Vec::new(),
         fleet_hold: None,
@@ -560,6 +541,149 @@ pub async fn check(
     })))
 }
 
+/// What preflight found in one database.
+#[derive(Default)]
+struct LaneCheck {
+    /// Blocks; `--force` does not pass it.
+    blocking: Vec<String>,
+    /// Blocks unless `--force`.
+    forcible: Vec<String>,
+    findings: Vec<String>,
+    guardrails: Vec<guardrails::Finding>,
+    /// What making the barrier replicate here needs (done after the start is journaled).
+    prepare: Vec<String>,
+    missing: Vec<grants::Missing>,
+    sequences: usize,
+}
+
+/// Every check of one database: its subscription and slot, its sequences, its guardrails,
+/// whether its barrier table replicates, its way back (forward), and its grants.
+async fn check_lane(
+    ctl: &Controller,
+    req: &FlipRequest,
+    lane: &mut Lane,
+    from: Role,
+    to: Role,
+    many: bool,
+    qt: Duration,
+) -> Result<LaneCheck, CutoverError> {
+    let mut out = LaneCheck::default();
+    let prefix = if many { lane.prefix() } else { String::new() };
+    let named = |s: String| format!("{prefix}{s}");
+    let sub = lane.subscription.clone().unwrap_or_default();
+    lane.slot = timed(
+        "new server",
+        "reading the subscription",
+        qt,
+        lane.to_db.query_opt(SUB_SLOT, &[&sub]),
+    )
+    .await?
+    .and_then(|r| r.get::<_, Option<String>>(0));
+    let pubs: Vec<String> = timed(
+        "new server",
+        "reading the subscription",
+        qt,
+        lane.to_db.query_opt(SUB_PUBLICATIONS, &[&sub]),
+    )
+    .await?
+    .map(|r| r.get(0))
+    .unwrap_or_default();
+    let mut settable = Vec::new();
+    match super::sequences::read(&lane.from_db, qt).await {
+        Ok(seqs) => {
+            out.sequences = seqs.len();
+            settable = seqs
+                .into_iter()
+                .filter(|s| s.last_value.is_some())
+                .map(|s| s.name)
+                .collect();
+        }
+        Err(e) => out.blocking.push(named(e.to_string())),
+    }
+    if pubs.is_empty() {
+        out.findings.push(named(format!(
+            "guardrails skipped: subscription {sub:?} subscribes to no publication the {to} can read"
+        )));
+    } else {
+        let mut found = guardrails::check(
+            &guardrails::Replication {
+                old: &lane.from_db,
+                new: &lane.to_db,
+                old_role: from,
+                new_role: to,
+                subscription: &sub,
+                publications: &pubs,
+                slot: lane.slot.as_deref(),
+                qt,
+                max_transaction_age: req.max_transaction_age,
+            },
+            &req.allow,
+        )
+        .await
+        .unwrap_or_else(|e| vec![guardrails::check_failed(&e, &req.allow)]);
+        for f in &mut found {
+            f.database = Some(lane.database.clone());
+        }
+        out.guardrails = found;
+    }
+    let published = lane
+        .from_db
+        .query_one(PUBLICATION_HAS_BARRIER, &[&pubs])
+        .await
+        .map_or(0, |r| r.get::<_, i64>(0))
+        > 0;
+    let subscribed = lane
+        .to_db
+        .query_one(SUBSCRIPTION_HAS_BARRIER, &[&sub])
+        .await
+        .map_or(0, |r| r.get::<_, i64>(0))
+        > 0;
+    if !(published && subscribed) {
+        out.prepare.push(named(format!("create {BARRIER_TABLE} on both servers, add it to publication {pubs:?} and refresh subscription {sub:?}")));
+    }
+    if to == Role::Target {
+        // Rollback is only lossless if the source can subscribe to the target after the
+        // flip: prove now that it can connect with the conninfo it will be given.
+        if let Err(why) = probe_reverse(ctl, &lane.from_db, &lane.database, qt).await {
+            out.forcible.push(named(format!(
+                "the source cannot connect to the target for reverse replication ({why}), so a rollback would not be lossless; set --reverse-conninfo (or REDIRECT_REVERSE_CONNINFO) to what the source server can use; the controller adds the target's password (--target-password-file or REDIRECT_TARGET_PASSWORD) when it is for the target DSN's user"
+            )));
+        }
+    }
+    // Every step's grants, checked now: a managed service's role has no superuser to fall
+    // back on, and a step refused halfway would leave a half-done cutover to undo.
+    let tables: Vec<String> = if to == Role::Target && !pubs.is_empty() {
+        timed(
+            "old server",
+            "listing the published tables",
+            qt,
+            lane.from_db.query(super::replication::PUB_TABLES, &[&pubs]),
+        )
+        .await?
+        .iter()
+        .map(|r| r.get(0))
+        .collect()
+    } else {
+        Vec::new()
+    };
+    out.missing = grants::check(
+        &grants::Needs {
+            old: (from.name(), &lane.from_db),
+            new: (to.name(), &lane.to_db),
+            logical: true,
+            forward: to == Role::Target,
+            subscription: Some(&sub),
+            publications: &pubs,
+            tables: &tables,
+            sequences: &settable,
+            database: Some(&lane.database),
+        },
+        qt,
+    )
+    .await?;
+    Ok(out)
+}
+
 /// A rehearsal of the barrier with nothing held or fenced: it proves the marker replicates
 /// (a refreshed subscription restarts its worker, which can take seconds) and shows what the
 /// real one will cost. Then the preflight is journaled.
@@ -567,47 +691,19 @@ pub async fn rehearse(run: &mut Run) -> Result<(), CutoverError> {
     let t0 = Instant::now();
     if run.logical && run.barrier {
         let t = Instant::now();
-        let token = format!("rehearsal-{}-{}", run.rec.id, std::process::id());
-        timed(
-            "old server",
-            "writing the rehearsal marker",
-            run.qt,
-            run.from_db.execute(WRITE_MARKER, &[&token]),
-        )
-        .await?;
-        let until = Instant::now()
-            + if run.req.force {
-                Duration::from_secs(1)
-            } else {
-                run.req.timeout
-            };
-        let mut arrived = true;
-        while timed(
-            "new server",
-            "looking for the rehearsal marker",
-            run.qt,
-            run.to_db.query_opt(SEE_MARKER, &[&token]),
-        )
-        .await?
-        .is_none()
-        {
-            if Instant::now() > until {
-                if !run.req.force {
-                    return Err(CutoverError::Preflight(format!(
-                        "the {} did not apply a rehearsal marker within --timeout {:?}; nothing was changed",
-                        run.to, run.req.timeout
-                    )));
-                }
-                arrived = false;
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        }
-        let what = if arrived {
+        let arrived =
+            futures_util::future::try_join_all(run.lanes.iter().map(|l| rehearse_lane(run, l)))
+                .await?;
+        let what = if arrived.iter().all(|a| *a) {
             format!(
-                "a marker took {:.1} ms to reach the {}",
+                "a marker took {:.1} ms to reach the {}{}",
                 t.elapsed().as_secs_f64() * 1000.0,
-                run.to
+                run.to,
+                if run.lanes.len() > 1 {
+                    format!(" in each of {} databases", run.lanes.len())
+                } else {
+                    String::new()
+                }
             )
         } else {
             format!(
@@ -630,13 +726,60 @@ pub async fn rehearse(run: &mut Run) -> Result<(), CutoverError> {
     )
 }
 
+/// One database's rehearsal marker; `false`: it did not arrive (forced only).
+async fn rehearse_lane(run: &Run, lane: &Lane) -> Result<bool, CutoverError> {
+    let token = format!("rehearsal-{}-{}", run.rec.id, std::process::id());
+    timed(
+        "old server",
+        "writing the rehearsal marker",
+        run.qt,
+        lane.from_db.execute(WRITE_MARKER, &[&token]),
+    )
+    .await?;
+    let until = Instant::now()
+        + if run.req.force {
+            Duration::from_secs(1)
+        } else {
+            run.req.timeout
+        };
+    while timed(
+        "new server",
+        "looking for the rehearsal marker",
+        run.qt,
+        lane.to_db.query_opt(SEE_MARKER, &[&token]),
+    )
+    .await?
+    .is_none()
+    {
+        if Instant::now() > until {
+            if !run.req.force {
+                return Err(CutoverError::Preflight(format!(
+                    "{}the {} did not apply a rehearsal marker within --timeout {:?}; nothing was changed",
+                    lane.prefix(),
+                    run.to,
+                    run.req.timeout
+                )));
+            }
+            return Ok(false);
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    Ok(true)
+}
+
 /// Has the source open a connection to the target with the reverse conninfo, through a
 /// subscription that is created disabled, with no slot, and dropped at once.
-async fn probe_reverse(ctl: &Controller, from_db: &Client, qt: Duration) -> Result<(), String> {
-    let conninfo = super::replication::reverse_conninfo(ctl);
+async fn probe_reverse(
+    ctl: &Controller,
+    from_db: &Client,
+    database: &str,
+    qt: Duration,
+) -> Result<(), String> {
+    let conninfo = super::replication::reverse_conninfo(ctl, database);
     let probe = "redirect_probe";
     let _ = timed("source", "dropping a stale probe", qt, from_db.batch_execute(&format!(
-        "DO $$ BEGIN IF EXISTS (SELECT 1 FROM pg_subscription WHERE subname = '{probe}') THEN \
+        "DO $$ BEGIN IF EXISTS (SELECT 1 FROM pg_subscription WHERE subname = '{probe}' \
+         AND subdbid = (SELECT oid FROM pg_database WHERE datname = current_database())) THEN \
          ALTER SUBSCRIPTION {probe} SET (slot_name = NONE); DROP SUBSCRIPTION {probe}; END IF; END $$"
     )))
     .await;

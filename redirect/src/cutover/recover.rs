@@ -21,9 +21,9 @@ use tokio_postgres::Client;
 
 use super::catalog::DROP_IDLE_SLOT;
 use super::{
-    Controller, CutoverError, Phase, REVERSE, drain, flip,
+    Controller, CutoverError, Phase, drain, flip,
     journal::{self, Entry, Journal, Step},
-    quote_ident, replication,
+    lane, quote_ident, replication,
 };
 use crate::{datapath::Role, sync::lock};
 
@@ -90,8 +90,8 @@ pub async fn recover(
     let logical = ctl.db.as_ref().is_some_and(|d| {
         to == Role::Source || d.replication == crate::pg::lag::Replication::Logical
     });
-    if logical && !has(Step::ReverseSubscription) && ctl.db.is_some() {
-        did.push(after_flip_replication(ctl, to, &steps).await);
+    if logical && ctl.db.is_some() {
+        did.extend(after_flip_replication(ctl, to, &steps).await);
     }
     let until = steps.iter().find_map(|e| e.drain_until_ms).map_or_else(
         || SystemTime::now() + Duration::from_millis(first.drain_timeout_ms.unwrap_or(30_000)),
@@ -197,12 +197,32 @@ fn journal_recovered(ctl: &Controller, first: &Entry, what: &str) -> Result<(), 
     Ok(())
 }
 
-async fn connect(ctl: &Controller, role: Role) -> Option<Client> {
-    let dsn = ctl.dsn(role).ok()?;
+/// A session to `database` on the server of `role`.
+async fn connect(ctl: &Controller, role: Role, database: &str) -> Option<Client> {
+    let dsn = ctl.dsn(role).ok()?.for_database(database);
     tokio::time::timeout(Duration::from_secs(10), dsn.connect())
         .await
         .ok()?
         .ok()
+}
+
+/// The DSNs' database: what a journal entry without a database concerns.
+fn home(ctl: &Controller) -> String {
+    ctl.db
+        .as_ref()
+        .map_or_else(|| "postgres".to_owned(), |d| d.source.database().to_owned())
+}
+
+/// The databases (in journal order, each once) whose entries of `step` the journal holds.
+fn databases_with(steps: &[Entry], step: Step, home: &str) -> Vec<String> {
+    let mut out: Vec<String> = Vec::new();
+    for e in steps.iter().filter(|e| e.step == step) {
+        let db = e.database.clone().unwrap_or_else(|| home.to_owned());
+        if !out.contains(&db) {
+            out.push(db);
+        }
+    }
+    out
 }
 
 async fn roll_back(ctl: &Arc<Controller>, from: Role, to: Role, steps: &[Entry]) -> String {
@@ -212,60 +232,122 @@ async fn roll_back(ctl: &Arc<Controller>, from: Role, to: Role, steps: &[Entry])
         Ok(n) => did.push(format!("rolled back: no flip had happened; fence lifted, {n} held connection(s) released to the {from}")),
         Err(e) => did.push(format!("rolled back: no flip had happened; lifting the fence failed ({e}), it lapses by itself")),
     }
-    let disabled: Vec<String> = steps
-        .iter()
-        .filter(|e| e.step == Step::Disabling)
-        .filter_map(|e| e.subscription.clone())
-        .collect();
-    let slot = steps.iter().any(|e| e.step == Step::CreatingReverseSlot);
-    if disabled.is_empty() && !slot {
-        return did.join("; ");
-    }
-    let Some(db) = connect(ctl, to).await else {
-        did.push(format!(
-            "the {to} is unreachable: re-enable subscription(s) {disabled:?} there by hand"
-        ));
-        return did.join("; ");
-    };
+    let home = home(ctl);
     let qt = ctl
         .db
         .as_ref()
         .map_or(Duration::from_secs(5), |d| d.query_timeout);
-    for sub in disabled {
-        let sql = format!("ALTER SUBSCRIPTION {} ENABLE", quote_ident(&sub));
-        match crate::pg::timed(
-            "subscriber",
-            "re-enabling the subscription",
-            qt,
-            db.batch_execute(&sql),
-        )
-        .await
-        {
-            Ok(()) => did.push(format!("subscription {sub} re-enabled")),
-            Err(e) => did.push(format!("FAILED to re-enable subscription {sub}: {e}")),
+    let mut databases = databases_with(steps, Step::Disabling, &home);
+    for db in databases_with(steps, Step::CreatingReverseSlot, &home) {
+        if !databases.contains(&db) {
+            databases.push(db);
         }
     }
-    if slot {
-        let r = crate::pg::timed(
-            "target",
-            "dropping the reverse slot",
-            qt,
-            db.execute(DROP_IDLE_SLOT, &[&REVERSE]),
-        )
-        .await;
-        did.push(match r {
-            Ok(_) => "reverse slot dropped".into(),
-            Err(e) => format!("FAILED to drop the reverse slot: {e}"),
-        });
+    let many = databases.len() > 1;
+    for database in databases {
+        let named = |s: String| {
+            if many {
+                format!("database {database}: {s}")
+            } else {
+                s
+            }
+        };
+        let in_db = |e: &&Entry| e.database.as_deref().unwrap_or(&home) == database;
+        let disabled: Vec<String> = steps
+            .iter()
+            .filter(|e| e.step == Step::Disabling)
+            .filter(in_db)
+            .filter_map(|e| e.subscription.clone())
+            .collect();
+        let slot = steps
+            .iter()
+            .filter(in_db)
+            .any(|e| e.step == Step::CreatingReverseSlot);
+        let Some(db) = connect(ctl, to, &database).await else {
+            did.push(named(format!(
+                "the {to} is unreachable: re-enable subscription(s) {disabled:?} there by hand"
+            )));
+            continue;
+        };
+        for sub in disabled {
+            let sql = format!("ALTER SUBSCRIPTION {} ENABLE", quote_ident(&sub));
+            match crate::pg::timed(
+                "subscriber",
+                "re-enabling the subscription",
+                qt,
+                db.batch_execute(&sql),
+            )
+            .await
+            {
+                Ok(()) => did.push(named(format!("subscription {sub} re-enabled"))),
+                Err(e) => did.push(named(format!(
+                    "FAILED to re-enable subscription {sub}: {e}"
+                ))),
+            }
+        }
+        if slot {
+            let reverse_slot = lane::reverse_slot(&database, &home);
+            let r = crate::pg::timed(
+                "target",
+                "dropping the reverse slot",
+                qt,
+                db.execute(DROP_IDLE_SLOT, &[&reverse_slot]),
+            )
+            .await;
+            did.push(named(match r {
+                Ok(_) => "reverse slot dropped".into(),
+                Err(e) => format!("FAILED to drop the reverse slot: {e}"),
+            }));
+        }
     }
     did.join("; ")
 }
 
-/// The replication step after a flip, if the interrupted controller did not journal it.
-async fn after_flip_replication(ctl: &Arc<Controller>, to: Role, steps: &[Entry]) -> String {
+/// The replication step after a flip, in every database whose step the interrupted
+/// controller did not journal.
+async fn after_flip_replication(ctl: &Arc<Controller>, to: Role, steps: &[Entry]) -> Vec<String> {
+    let home = home(ctl);
+    let done = databases_with(steps, Step::ReverseSubscription, &home);
+    let turned = databases_with(steps, Step::Reverse, &home);
+    if turned.is_empty() && to == Role::Target {
+        return vec!["no reverse slot had been made: rollback will need --force".into()];
+    }
+    let many = turned.len() > 1;
+    let mut said = Vec::new();
+    for database in turned.into_iter().filter(|d| !done.contains(d)) {
+        let what = after_flip_in(ctl, to, steps, &database, &home).await;
+        let what = if many {
+            format!("database {database}: {what}")
+        } else {
+            what
+        };
+        let _ = Journal::open(&ctl.journal_path).and_then(|mut j| {
+            j.append(Entry {
+                cutover: steps.first().map(|e| e.cutover.clone()).unwrap_or_default(),
+                step: Step::ReverseSubscription,
+                from: steps.first().and_then(|e| e.from),
+                to: Some(to),
+                database: Some(database.clone()),
+                detail: what.clone(),
+                ..Entry::default()
+            })
+        });
+        said.push(what);
+    }
+    said
+}
+
+/// One database's replication step after the flip.
+async fn after_flip_in(
+    ctl: &Arc<Controller>,
+    to: Role,
+    steps: &[Entry],
+    database: &str,
+    home: &str,
+) -> String {
     let (Some(source), Some(target)) = (
-        connect(ctl, Role::Source).await,
-        connect(ctl, Role::Target).await,
+        connect(ctl, Role::Source, database).await,
+        connect(ctl, Role::Target, database).await,
     ) else {
         return "a server is unreachable: the replication step after the flip was not finished; restart the controller when both are reachable".into();
     };
@@ -273,18 +355,25 @@ async fn after_flip_replication(ctl: &Arc<Controller>, to: Role, steps: &[Entry]
         .db
         .as_ref()
         .map_or(Duration::from_secs(5), |d| d.query_timeout);
+    let in_db = |e: &&Entry| e.database.as_deref().unwrap_or(home) == database;
+    let slot = lane::reverse_slot(database, home);
+    let way_back = replication::ReverseTarget {
+        database,
+        slot: &slot,
+    };
     let result = if to == Role::Target {
-        if !steps.iter().any(|e| e.step == Step::Reverse) {
-            return "no reverse slot had been made: rollback will need --force".into();
-        }
         // Made disabled before the hold by this attempt: its ReverseReady is journaled.
-        let made_before_hold = steps.iter().any(|e| e.step == Step::ReverseReady);
-        replication::start_reverse(ctl, &source, &target, qt, made_before_hold)
+        let made_before_hold = steps
+            .iter()
+            .filter(in_db)
+            .any(|e| e.step == Step::ReverseReady);
+        replication::start_reverse(ctl, &source, &target, qt, made_before_hold, &way_back)
             .await
             .map(|s| s.to_string())
     } else {
         let Some(point) = steps
             .iter()
+            .filter(in_db)
             .rev()
             .find(|e| e.step == Step::Reverse)
             .and_then(|e| e.source_lsn.clone())
@@ -294,18 +383,8 @@ async fn after_flip_replication(ctl: &Arc<Controller>, to: Role, steps: &[Entry]
             // writes back into it. The live path skips it too.
             return "no rollback point journaled (forced rollback?): the forward subscription is left disabled; re-sync the target before another cutover".into();
         };
-        replication::restart_forward(ctl, &source, &target, &point, qt).await
+        let forward = ctl.forward_subscription_for(database);
+        replication::restart_forward(&source, &target, &point, qt, forward, &way_back).await
     };
-    let what = result.unwrap_or_else(|e| format!("FAILED: {e}"));
-    let _ = Journal::open(&ctl.journal_path).and_then(|mut j| {
-        j.append(Entry {
-            cutover: steps.first().map(|e| e.cutover.clone()).unwrap_or_default(),
-            step: Step::ReverseSubscription,
-            from: steps.first().and_then(|e| e.from),
-            to: Some(to),
-            detail: what.clone(),
-            ..Entry::default()
-        })
-    });
-    what
+    result.unwrap_or_else(|e| format!("FAILED: {e}"))
 }

@@ -24,6 +24,7 @@ use super::catalog::{
 use super::{
     CutoverError, Phase, REVERSE, Run, failover,
     journal::{Entry, Step},
+    lane::Lane,
     quote_ident, quote_literal,
 };
 use crate::{
@@ -52,7 +53,8 @@ const ORIGIN_NONE_SINCE: i32 = 160_000;
 /// cutover waits for it past `--timeout` (keeping the fence) rather than leave two primaries.
 pub const PROMOTION_WAIT: Duration = Duration::from_secs(60);
 
-/// Before the flip: stop the replication into the new server, prepare the way back.
+/// Before the flip: stop the replication into the new server, prepare the way back, in
+/// every database.
 pub async fn turn_around(run: &mut Run) -> Result<(), CutoverError> {
     run.ctl.set_phase(Phase::Reverse);
     let t = Instant::now();
@@ -66,95 +68,145 @@ pub async fn turn_around(run: &mut Run) -> Result<(), CutoverError> {
             .rec
             .step(Step::Reverse, t, "no replication to turn around (forced)");
     }
-    let sub = run.subscription.clone().ok_or_else(|| {
-        CutoverError::abort(Phase::Reverse, "the subscription to stop is unknown")
-    })?;
-    // Write-ahead: a successor re-enables it if we die from here on before the flip.
-    run.rec.log(
-        Instant::now(),
-        Entry {
+    // Write-ahead, every database first: a successor re-enables each if we die from here
+    // on before the flip.
+    for i in 0..run.lanes.len() {
+        let lane = &run.lanes[i];
+        let sub = lane.subscription.clone().ok_or_else(|| {
+            CutoverError::abort(
+                Phase::Reverse,
+                format!("{}the subscription to stop is unknown", lane.prefix()),
+            )
+        })?;
+        let entry = Entry {
             step: Step::Disabling,
             subscription: Some(sub.clone()),
-            slot: run.slot.clone(),
-            detail: format!("disabling subscription {sub} on the {}", run.to),
+            slot: lane.slot.clone(),
+            database: Some(lane.database.clone()),
+            detail: format!(
+                "disabling subscription {sub} on the {} in database {}",
+                run.to, lane.database
+            ),
             ..Entry::default()
-        },
-    )?;
-    run.undo.disabled_subscription = Some((run.to, sub.clone()));
-    run.query(
-        Phase::Reverse,
-        "new server",
-        "disabling the subscription",
-        run.to_db
-            .batch_execute(&format!("ALTER SUBSCRIPTION {} DISABLE", quote_ident(&sub))),
-    )
-    .await?;
-    if run.to == Role::Target && run.reverse_ready {
-        // Made before the hold; its slot has kept every target write since.
-        run.reverse_slot_made = true;
-        run.report.reverse_replication = format!(
-            "subscription {REVERSE} on the source, made before the hold (origin = none): rollback is lossless{}",
-            failover_suffix(run)
-        );
-    } else if run.to == Role::Target {
-        run.rec.step(
-            Step::CreatingReverseSlot,
-            Instant::now(),
-            format!("creating slot {REVERSE} on the target"),
-        )?;
-        run.undo.reverse_slot = true;
-        match create_reverse_slot(run).await {
-            Ok(()) => {
-                run.reverse_slot_made = true;
-                run.report.reverse_replication = format!(
-                    "slot {REVERSE} on the target from {}{}",
-                    run.report.applied_lsn.clone().unwrap_or_default(),
-                    failover_suffix(run)
-                );
-            }
-            Err(e) if run.req.force => {
-                run.report.reverse_replication = format!("NONE (forced): {e}");
-            }
-            Err(e) => return Err(e),
-        }
-    } else {
-        // Rollback: the reverse apply is stopped; everything it brought is before this LSN.
-        let lsn: String = run
-            .query(
-                Phase::Reverse,
-                "source",
-                "reading the rollback point",
-                run.to_db.query_one(CURRENT_LSN, &[]),
-            )
-            .await?
-            .get(0);
-        run.rollback_point = Some(lsn);
-        run.report.reverse_replication = format!("reverse subscription {REVERSE} stopped");
+        };
+        run.rec.log(Instant::now(), entry)?;
+        run.lanes[i].disabled_subscription = true;
     }
-    let detail = run.report.reverse_replication.clone();
-    let (source_lsn, target_lsn) = (run.rollback_point.clone(), None);
-    run.rec.log(
-        t,
-        Entry {
-            step: Step::Reverse,
-            subscription: Some(sub),
-            source_lsn,
-            target_lsn,
-            detail,
-            ..Entry::default()
-        },
-    )
+    // Side by side: this is inside the write pause.
+    let shared: &Run = run;
+    futures_util::future::try_join_all(shared.lanes.iter().map(|lane| {
+        let sub = lane.subscription.clone().unwrap_or_default();
+        let sql = format!("ALTER SUBSCRIPTION {} DISABLE", quote_ident(&sub));
+        async move {
+            shared
+                .query(
+                    Phase::Reverse,
+                    "new server",
+                    "disabling the subscription",
+                    lane.to_db.batch_execute(&sql),
+                )
+                .await
+        }
+    }))
+    .await?;
+    let mut said = Vec::new();
+    for i in 0..run.lanes.len() {
+        let what = turn_around_lane(run, i).await?;
+        said.push(what);
+    }
+    run.report.reverse_replication = summary(&run.lanes, &said);
+    for (lane, detail) in run.lanes.iter().zip(&said) {
+        run.rec.log(
+            t,
+            Entry {
+                step: Step::Reverse,
+                subscription: lane.subscription.clone(),
+                source_lsn: lane.rollback_point.clone(),
+                database: Some(lane.database.clone()),
+                detail: detail.clone(),
+                ..Entry::default()
+            },
+        )?;
+    }
+    Ok(())
+}
+
+/// One database, its forward subscription already stopped: the reverse slot (forward
+/// cutover), or the rollback point (rollback). Returns what the report says of it.
+async fn turn_around_lane(run: &mut Run, i: usize) -> Result<String, CutoverError> {
+    let applied = run.report.applied_lsn.clone().unwrap_or_default();
+    if run.to == Role::Target && run.lanes[i].reverse_ready {
+        // Made before the hold; its slot has kept every target write since.
+        run.lanes[i].reverse_slot_made = true;
+        return Ok(format!(
+            "subscription {REVERSE} on the source, made before the hold (origin = none): rollback is lossless{}",
+            failover_suffix(&run.lanes[i])
+        ));
+    }
+    if run.to == Role::Target {
+        let lane = &run.lanes[i];
+        run.rec.log(
+            Instant::now(),
+            Entry {
+                step: Step::CreatingReverseSlot,
+                database: Some(lane.database.clone()),
+                detail: format!("creating slot {} on the target", lane.reverse_slot),
+                ..Entry::default()
+            },
+        )?;
+        run.lanes[i].made_reverse_slot = true;
+        return match create_reverse_slot(run, &run.lanes[i]).await {
+            Ok(failover) => {
+                let lane = &mut run.lanes[i];
+                lane.reverse_slot_made = true;
+                lane.reverse_failover = failover;
+                Ok(format!(
+                    "slot {} on the target from {applied}{}",
+                    lane.reverse_slot,
+                    failover_suffix(lane)
+                ))
+            }
+            Err(e) if run.req.force => Ok(format!("NONE (forced): {e}")),
+            Err(e) => Err(e),
+        };
+    }
+    // Rollback: the reverse apply is stopped; everything it brought is before this LSN.
+    let lane = &run.lanes[i];
+    let lsn: String = run
+        .query(
+            Phase::Reverse,
+            "source",
+            "reading the rollback point",
+            lane.to_db.query_one(CURRENT_LSN, &[]),
+        )
+        .await?
+        .get(0);
+    run.lanes[i].rollback_point = Some(lsn);
+    Ok(format!("reverse subscription {REVERSE} stopped"))
+}
+
+/// The report's line for every database: the one database's own words, or each one's.
+fn summary(lanes: &[super::lane::Lane], said: &[String]) -> String {
+    match said {
+        [one] => one.clone(),
+        _ => lanes
+            .iter()
+            .zip(said)
+            .map(|(l, s)| format!("{}{s}", l.prefix()))
+            .collect::<Vec<_>>()
+            .join("; "),
+    }
 }
 
 /// Forward logical cutover with both servers 16 or newer: sets up the reverse replication
 /// (publication and slot on the target, subscription with `origin = none` on the source) now,
-/// before anything is held. Never fails the cutover: if it cannot, it takes back what it made
-/// and the reverse slot is made during the pause as on older servers.
+/// before anything is held, in every database. Never fails the cutover: where it cannot, it
+/// takes back what it made and that database's reverse slot is made during the pause, as on
+/// older servers.
 pub async fn reverse_before_hold(run: &mut Run) {
     if !run.logical || !run.barrier || run.to != Role::Target {
         return;
     }
-    let t = Instant::now();
     let (source, target) = match (
         timed(
             "source",
@@ -181,35 +233,47 @@ pub async fn reverse_before_hold(run: &mut Run) {
     if std::env::var(REVERSE_EARLY_ENV).is_ok_and(|v| v == "off") {
         return;
     }
+    for i in 0..run.lanes.len() {
+        reverse_before_hold_lane(run, i).await;
+    }
+}
+
+async fn reverse_before_hold_lane(run: &mut Run, i: usize) {
+    let t = Instant::now();
+    let (database, slot) = (
+        run.lanes[i].database.clone(),
+        run.lanes[i].reverse_slot.clone(),
+    );
     // Write-ahead, as on the old path: an undo, or the successor of a controller that dies
     // from here on before the flip, drops the slot (an unused slot retains WAL for ever).
-    if run
-        .rec
-        .step(
-            Step::CreatingReverseSlot,
-            Instant::now(),
-            format!("creating slot {REVERSE} on the target, before the hold"),
-        )
-        .is_err()
-    {
+    let entry = Entry {
+        step: Step::CreatingReverseSlot,
+        database: Some(database.clone()),
+        detail: format!("creating slot {slot} on the target, before the hold"),
+        ..Entry::default()
+    };
+    if run.rec.log(Instant::now(), entry).is_err() {
         return;
     }
-    run.undo.reverse_slot = true;
-    let detail = match make_reverse_early(run).await {
-        Ok(()) => {
-            run.reverse_ready = true;
+    run.lanes[i].made_reverse_slot = true;
+    let detail = match make_reverse_early(run, &run.lanes[i]).await {
+        Ok(failover) => {
+            let lane = &mut run.lanes[i];
+            lane.reverse_ready = true;
+            lane.reverse_failover = failover;
             format!(
-                "slot {REVERSE} on the target and subscription {REVERSE} on the source (origin = none, enabled after the forward subscription stops): rollback ready before the hold{}",
-                failover_suffix(run)
+                "slot {slot} on the target and subscription {REVERSE} on the source (origin = none, enabled after the forward subscription stops): rollback ready before the hold{}",
+                failover_suffix(lane)
             )
         }
         Err(e) => {
-            let cleaned = drop_reverse_subscription(&run.from_db, run.qt).await.and(
+            let lane = &run.lanes[i];
+            let cleaned = drop_reverse_subscription(&lane.from_db, run.qt).await.and(
                 timed(
                     "target",
                     "dropping the reverse slot",
                     run.qt,
-                    run.to_db.execute(DROP_IDLE_SLOT, &[&REVERSE]),
+                    lane.to_db.execute(DROP_IDLE_SLOT, &[&slot]),
                 )
                 .await
                 .map(|_| ()),
@@ -223,18 +287,31 @@ pub async fn reverse_before_hold(run: &mut Run) {
             )
         }
     };
+    let detail = if run.lanes.len() > 1 {
+        format!("{}{detail}", run.lanes[i].prefix())
+    } else {
+        detail
+    };
     // Journaled only when made: a successor enables the disabled subscription only if this
     // attempt made it (see `start_reverse`); otherwise it is said, not journaled.
-    if run.reverse_ready {
-        let _ = run.rec.step(Step::ReverseReady, t, detail);
+    if run.lanes[i].reverse_ready {
+        let _ = run.rec.log(
+            t,
+            Entry {
+                step: Step::ReverseReady,
+                database: Some(database),
+                detail,
+                ..Entry::default()
+            },
+        );
     } else {
         run.rec.say(format!("reverse   {detail}"));
     }
 }
 
 /// What the report and journal add when the reverse slot is a failover slot.
-fn failover_suffix(run: &Run) -> String {
-    run.reverse_failover
+fn failover_suffix(lane: &super::lane::Lane) -> String {
+    lane.reverse_failover
         .as_ref()
         .map(|f| format!("; {f}"))
         .unwrap_or_default()
@@ -269,30 +346,32 @@ async fn reverse_slot_failover(run: &Run) -> Result<Option<String>, CutoverError
 /// forward apply, or duplicate rows. It is enabled after the flip ([`start_reverse`]), once the
 /// forward subscription is off. Until then the slot keeps every target change; `origin = none`
 /// then skips the ones that came from the source.
-async fn make_reverse_early(run: &mut Run) -> Result<(), CutoverError> {
-    drop_reverse_subscription(&run.from_db, run.qt)
+async fn make_reverse_early(run: &Run, lane: &Lane) -> Result<Option<String>, CutoverError> {
+    drop_reverse_subscription(&lane.from_db, run.qt)
         .await
         .map_err(|e| CutoverError::abort(Phase::Reverse, e.to_string()))?;
     run.query(
         Phase::Reverse,
         "target",
         "dropping an earlier reverse slot",
-        run.to_db.execute(DROP_IDLE_SLOT, &[&REVERSE]),
+        lane.to_db.execute(DROP_IDLE_SLOT, &[&lane.reverse_slot]),
     )
     .await?;
-    create_reverse_slot(run).await?;
+    let failover = create_reverse_slot(run, lane).await?;
     let sql = format!(
         "CREATE SUBSCRIPTION {REVERSE} CONNECTION {} PUBLICATION {REVERSE} \
-         WITH (create_slot = false, slot_name = '{REVERSE}', copy_data = false, enabled = false, origin = none)",
-        quote_literal(&reverse_conninfo(&run.ctl))
+         WITH (create_slot = false, slot_name = {}, copy_data = false, enabled = false, origin = none)",
+        quote_literal(&reverse_conninfo(&run.ctl, &lane.database)),
+        quote_literal(&lane.reverse_slot)
     );
     run.query(
         Phase::Reverse,
         "source",
         "creating the reverse subscription (disabled)",
-        run.from_db.batch_execute(&sql),
+        lane.from_db.batch_execute(&sql),
     )
-    .await
+    .await?;
+    Ok(failover)
 }
 
 /// Drops the reverse subscription on the source if there is one, keeping its slot (on the
@@ -320,17 +399,19 @@ async fn drop_reverse_subscription(source: &Client, qt: Duration) -> Result<(), 
     .await
 }
 
-async fn create_reverse_slot(run: &mut Run) -> Result<(), CutoverError> {
+/// Makes this database's reverse publication and slot on the target; returns what the report
+/// says if the slot is a failover slot.
+async fn create_reverse_slot(run: &Run, lane: &Lane) -> Result<Option<String>, CutoverError> {
     // The reverse publication carries exactly what the forward one carried: publishing more
     // (FOR ALL TABLES) would make UPDATE and DELETE fail on the new primary for every table
     // without a replica identity that the forward publication never included.
-    let sub = run.subscription.clone().unwrap_or_default();
+    let sub = lane.subscription.clone().unwrap_or_default();
     let pubs: Vec<String> = run
         .query(
             Phase::Reverse,
             "target",
             "reading the forward publications",
-            run.to_db.query_one(SUB_PUBLICATIONS, &[&sub]),
+            lane.to_db.query_one(SUB_PUBLICATIONS, &[&sub]),
         )
         .await?
         .get(0);
@@ -339,12 +420,12 @@ async fn create_reverse_slot(run: &mut Run) -> Result<(), CutoverError> {
             Phase::Reverse,
             "source",
             "reading the forward publications",
-            run.from_db.query_one(PUB_ALL_TABLES, &[&pubs]),
+            lane.from_db.query_one(PUB_ALL_TABLES, &[&pubs]),
         )
         .await?
         .get(0);
     // FOR ALL TABLES is for superusers only: a managed service's role lists the tables.
-    let superuser = super::grants::role(&run.to_db, "target", run.qt)
+    let superuser = super::grants::role(&lane.to_db, "target", run.qt)
         .await
         .map_err(|e| CutoverError::Aborted {
             step: Phase::Reverse,
@@ -359,7 +440,7 @@ async fn create_reverse_slot(run: &mut Run) -> Result<(), CutoverError> {
                 Phase::Reverse,
                 "source",
                 "listing the forward publications' tables",
-                run.from_db.query(PUB_TABLES, &[&pubs]),
+                lane.from_db.query(PUB_TABLES, &[&pubs]),
             )
             .await?
             .iter()
@@ -368,7 +449,10 @@ async fn create_reverse_slot(run: &mut Run) -> Result<(), CutoverError> {
         if tables.is_empty() {
             return Err(CutoverError::abort(
                 Phase::Reverse,
-                format!("the forward publication(s) {pubs:?} publish no table"),
+                format!(
+                    "{}the forward publication(s) {pubs:?} publish no table",
+                    lane.prefix()
+                ),
             ));
         }
         // Names come back from format('%I.%I'): already quoted identifiers.
@@ -378,7 +462,7 @@ async fn create_reverse_slot(run: &mut Run) -> Result<(), CutoverError> {
         Phase::Reverse,
         "target",
         "creating the reverse publication",
-        run.to_db.batch_execute(&format!(
+        lane.to_db.batch_execute(&format!(
             "DROP PUBLICATION IF EXISTS {REVERSE}; CREATE PUBLICATION {REVERSE} {what}"
         )),
     )
@@ -388,7 +472,7 @@ async fn create_reverse_slot(run: &mut Run) -> Result<(), CutoverError> {
         Phase::Reverse,
         "target",
         "dropping a stale reverse slot",
-        run.to_db.execute(DROP_IDLE_SLOT, &[&REVERSE]),
+        lane.to_db.execute(DROP_IDLE_SLOT, &[&lane.reverse_slot]),
     )
     .await?;
     // The target is the primary after the cutover: with a standby (17+), the rollback path
@@ -399,12 +483,13 @@ async fn create_reverse_slot(run: &mut Run) -> Result<(), CutoverError> {
         Phase::Reverse,
         "target",
         "creating the reverse slot",
-        run.to_db
-            .execute(failover::create_slot_sql(failover.is_some()), &[&REVERSE]),
+        lane.to_db.execute(
+            failover::create_slot_sql(failover.is_some()),
+            &[&lane.reverse_slot],
+        ),
     )
     .await?;
-    run.reverse_failover = failover;
-    Ok(())
+    Ok(failover)
 }
 
 /// Physical: promote the standby. `pg_promote` is asked not to wait, so no query timeout can
@@ -456,39 +541,80 @@ pub async fn after_flip(run: &mut Run) {
     if !run.logical || !run.barrier {
         return;
     }
-    let t = Instant::now();
     let ctl = run.ctl.clone();
-    let result = if run.to == Role::Target {
-        if !run.reverse_slot_made {
-            return;
-        }
-        // Made before the hold, it is disabled until now (live, a row written on the target
-        // would travel back over the forward subscription): `start_reverse` switches it on.
-        // Otherwise it is created here, over the slot made during the pause.
-        match start_reverse(&ctl, &run.from_db, &run.to_db, run.qt, run.reverse_ready).await {
-            Ok(ReverseStart::Running) if run.reverse_ready => Ok(format!(
-                "{}; enabled after the flip",
-                run.report.reverse_replication
-            )),
-            started => started.map(|s| s.to_string()),
-        }
-    } else {
-        let point = run.rollback_point.clone().unwrap_or_default();
-        restart_forward(&ctl, &run.to_db, &run.from_db, &point, run.qt).await
-    };
-    let detail = match result {
-        Ok(s) => s,
-        Err(e) => format!("FAILED: {e}"),
-    };
-    run.report.reverse_replication.clone_from(&detail);
-    run.rec.note(
-        t,
-        Entry {
-            step: Step::ReverseSubscription,
-            detail,
-            ..Entry::default()
-        },
-    );
+    let mut said = Vec::new();
+    for i in 0..run.lanes.len() {
+        let t = Instant::now();
+        let lane = &run.lanes[i];
+        let result = if run.to == Role::Target {
+            if !lane.reverse_slot_made {
+                continue;
+            }
+            // Made before the hold, it is disabled until now (live, a row written on the
+            // target would travel back over the forward subscription): `start_reverse`
+            // switches it on. Otherwise it is created here, over the slot made in the pause.
+            let way_back = ReverseTarget {
+                database: &lane.database,
+                slot: &lane.reverse_slot,
+            };
+            match start_reverse(
+                &ctl,
+                &lane.from_db,
+                &lane.to_db,
+                run.qt,
+                lane.reverse_ready,
+                &way_back,
+            )
+            .await
+            {
+                Ok(ReverseStart::Running) if lane.reverse_ready => Ok(format!(
+                    "subscription {REVERSE} on the source, made before the hold (origin = none): rollback is lossless{}; enabled after the flip",
+                    failover_suffix(lane)
+                )),
+                started => started.map(|s| s.to_string()),
+            }
+        } else {
+            let point = lane.rollback_point.clone().unwrap_or_default();
+            let forward = ctl.forward_subscription_for(&lane.database);
+            let way_back = ReverseTarget {
+                database: &lane.database,
+                slot: &lane.reverse_slot,
+            };
+            restart_forward(
+                &lane.to_db,
+                &lane.from_db,
+                &point,
+                run.qt,
+                forward,
+                &way_back,
+            )
+            .await
+        };
+        let detail = match result {
+            Ok(s) => s,
+            Err(e) => format!("FAILED: {e}"),
+        };
+        let database = lane.database.clone();
+        said.push(detail.clone());
+        run.rec.note(
+            t,
+            Entry {
+                step: Step::ReverseSubscription,
+                database: Some(database),
+                detail,
+                ..Entry::default()
+            },
+        );
+    }
+    if !said.is_empty() {
+        run.report.reverse_replication = summary(&run.lanes, &said);
+    }
+}
+
+/// Which database's reverse replication a step works on, and its slot on the target.
+pub struct ReverseTarget<'a> {
+    pub database: &'a str,
+    pub slot: &'a str,
 }
 
 /// What [`start_reverse`] left behind.
@@ -531,8 +657,10 @@ pub async fn start_reverse(
     target: &Client,
     qt: Duration,
     made_before_hold: bool,
+    way_back: &ReverseTarget<'_>,
 ) -> Result<ReverseStart, PgError> {
-    let conninfo = reverse_conninfo(ctl);
+    let conninfo = reverse_conninfo(ctl, way_back.database);
+    let slot_name = way_back.slot;
     // On 16+ always `origin = none`: the reverse slot may hold changes the forward
     // subscription applied (made before the hold), which must not go back to the source.
     let both_16: bool = timed(
@@ -555,15 +683,16 @@ pub async fn start_reverse(
             >= ORIGIN_NONE_SINCE;
     let sql = format!(
         "CREATE SUBSCRIPTION {REVERSE} CONNECTION {} PUBLICATION {REVERSE} \
-         WITH (create_slot = false, slot_name = '{REVERSE}', copy_data = false, enabled = true{})",
+         WITH (create_slot = false, slot_name = {}, copy_data = false, enabled = true{})",
         quote_literal(&conninfo),
+        quote_literal(slot_name),
         if both_16 { ", origin = none" } else { "" }
     );
     let slot: i64 = timed(
         "target",
         "finding the reverse slot",
         qt,
-        target.query_one(SLOT_EXISTS, &[&REVERSE]),
+        target.query_one(SLOT_EXISTS, &[&slot_name]),
     )
     .await?
     .get(0);
@@ -634,7 +763,8 @@ pub async fn start_reverse(
     // short outage of the source. It retains WAL on the target meanwhile, so say how to
     // finish by hand, or give it up.
     let slot = format!(
-        "slot {REVERSE} KEPT on the target (it retains WAL until used): on the source run `ALTER SUBSCRIPTION {REVERSE} ENABLE` if it exists, else `CREATE SUBSCRIPTION {REVERSE} CONNECTION '<target conninfo>' PUBLICATION {REVERSE} WITH (create_slot = false, slot_name = '{REVERSE}', copy_data = false{})`; to give rollback up instead, `redirect finish`",
+        "slot {slot_name} KEPT on the target (it retains WAL until used): in database {} on the source run `ALTER SUBSCRIPTION {REVERSE} ENABLE` if it exists, else `CREATE SUBSCRIPTION {REVERSE} CONNECTION '<target conninfo>' PUBLICATION {REVERSE} WITH (create_slot = false, slot_name = '{slot_name}', copy_data = false{})`; to give rollback up instead, `redirect finish`",
+        way_back.database,
         if sql.contains("origin = none") {
             ", origin = none"
         } else {
@@ -653,7 +783,7 @@ pub async fn start_reverse(
 /// It holds a secret: it goes into SQL only, never into a message, a log or the journal
 /// (the server keeps it in `pg_subscription.subconninfo`, readable by superusers only).
 #[must_use]
-pub fn reverse_conninfo(ctl: &super::Controller) -> String {
+pub fn reverse_conninfo(ctl: &super::Controller, database: &str) -> String {
     let Ok(target) = ctl.dsn(Role::Target) else {
         return String::new();
     };
@@ -662,8 +792,16 @@ pub fn reverse_conninfo(ctl: &super::Controller) -> String {
         .as_ref()
         .and_then(|d| d.reverse_conninfo.clone())
         .unwrap_or_else(|| target.conninfo());
-    let same_user = crate::pg::conninfo_value(&base, "user")
-        .is_none_or(|u| Some(u.as_str()) == target.config.get_user());
+    // Each database's reverse subscription reads that database on the target.
+    let mut base = super::lane::conninfo_for(&base, database);
+    // Without a user, the source server's libpq would log in as its own OS user: name the
+    // target DSN's, the one whose password the controller holds.
+    if crate::pg::conninfo_value(&base, "user").is_none()
+        && let Some(user) = target.config.get_user()
+    {
+        base = format!("{base} user={}", crate::pg::quote_conninfo(user));
+    }
+    let same_user = crate::pg::conninfo_value(&base, "user").as_deref() == target.config.get_user();
     match target.config.get_password() {
         Some(pw) if same_user => format!(
             "{base} password={}",
@@ -676,11 +814,12 @@ pub fn reverse_conninfo(ctl: &super::Controller) -> String {
 /// Rollback, after the flip: retire the reverse replication and restart the forward
 /// subscription from `point`, so a later cutover can run again.
 pub async fn restart_forward(
-    ctl: &super::Controller,
     source: &Client,
     target: &Client,
     point: &str,
     qt: Duration,
+    forward: Option<String>,
+    way_back: &ReverseTarget<'_>,
 ) -> Result<String, PgError> {
     let exists: i64 = timed(
         "source",
@@ -705,13 +844,14 @@ pub async fn restart_forward(
         "target",
         "dropping the reverse slot",
         qt,
-        target.execute(DROP_IDLE_SLOT, &[&REVERSE]),
+        target.execute(DROP_IDLE_SLOT, &[&way_back.slot]),
     )
     .await?;
-    let Some(fwd) = ctl
-        .forward_subscription()
-        .or(lone_subscription(target, qt).await?)
-    else {
+    let fwd = match forward {
+        Some(f) => Some(f),
+        None => lone_subscription(target, qt).await?,
+    };
+    let Some(fwd) = fwd else {
         return Ok("reverse replication retired; the forward subscription is unknown (no --subscription, none journaled, not exactly one on the target): not restarted".into());
     };
     let slot: Option<String> = timed(
@@ -765,7 +905,8 @@ async fn lone_subscription(db: &Client, qt: Duration) -> Result<Option<String>, 
         "listing subscriptions",
         qt,
         db.query(
-            "SELECT subname::text FROM pg_subscription WHERE subname <> $1",
+            "SELECT subname::text FROM pg_subscription WHERE subname <> $1 \
+             AND subdbid = (SELECT oid FROM pg_database WHERE datname = current_database())",
             &[&REVERSE],
         ),
     )

@@ -16,7 +16,8 @@ use std::time::{Duration, Instant};
 use tokio_postgres::Client;
 
 use super::{
-    CutoverError, Phase, Run, catalog::SUB_PUBLICATIONS, journal::Step, quote_ident, quote_literal,
+    CutoverError, Phase, Run, catalog::SUB_PUBLICATIONS, journal::Step, lane::Lane, quote_ident,
+    quote_literal,
 };
 use crate::datapath::Role;
 use crate::pg::{PgError, timed};
@@ -38,7 +39,9 @@ const PUBLISHES_SEQUENCES: &str =
     "SELECT coalesce(bool_or(puballsequences), false) FROM pg_publication WHERE pubname = ANY($1)";
 /// Sequences of the subscription not yet synchronized (`pg_subscription_rel` lists them on 19).
 const SEQUENCES_PENDING: &str = "SELECT count(*) FROM pg_subscription_rel r JOIN pg_class c ON c.oid = r.srrelid \
-     WHERE r.srsubid = (SELECT oid FROM pg_subscription WHERE subname = $1) AND c.relkind = 'S' AND r.srsubstate <> 'r'";
+     WHERE r.srsubid = (SELECT oid FROM pg_subscription WHERE subname = $1 \
+     AND subdbid = (SELECT oid FROM pg_database WHERE datname = current_database())) \
+     AND c.relkind = 'S' AND r.srsubstate <> 'r'";
 
 /// Whether PostgreSQL 19's own sequence sync applies: both servers 19+ and the publications
 /// publish sequences (`None`: the column is not there).
@@ -99,52 +102,33 @@ pub async fn read(db: &Client, qt: Duration) -> Result<Vec<Sequence>, SequenceEr
         .collect())
 }
 
-/// Sets every used sequence on the new server to its value on the old one.
+/// Sets every used sequence on the new server to its value on the old one, in every
+/// database (side by side: inside the write pause).
 pub async fn carry_over(run: &mut Run) -> Result<(), CutoverError> {
     run.ctl.set_phase(Phase::Sequences);
     let t = Instant::now();
     run.check_deadline(Phase::Sequences)?;
-    let native = if run.logical && run.to == Role::Target {
-        native_sync_first(run).await?
-    } else {
-        false
-    };
     // Physical replication carries sequences itself (and a standby cannot setval).
-    let calls: Vec<String> = if run.logical {
-        let budget = run.qt.min(run.remaining());
-        read(&run.from_db, budget)
-            .await
-            .map_err(|e| CutoverError::Aborted {
-                step: Phase::Sequences,
-                source: Box::new(e),
-            })?
-            .iter()
-            .filter_map(|s| {
-                s.last_value
-                    .map(|v| format!("setval({}::regclass, {v}, true)", quote_literal(&s.name)))
-            })
-            .collect()
+    let each = if run.logical {
+        futures_util::future::try_join_all(run.lanes.iter().map(|l| carry_over_lane(run, l)))
+            .await?
     } else {
         Vec::new()
     };
-    if !calls.is_empty() {
-        let sql = format!("SELECT {}", calls.join(", "));
-        run.query(
-            Phase::Sequences,
-            "new server",
-            "setting sequences",
-            run.to_db.execute(&sql, &[]),
-        )
-        .await?;
-    }
-    run.report.sequences_synced = calls.len() as u64;
+    let set: u64 = each.iter().map(|(n, _)| n).sum();
+    let native = each.iter().any(|(_, native)| *native);
+    run.report.sequences_synced = set;
     run.rec.step(
         Step::Sequences,
         t,
         format!(
-            "{} sequence value(s) set on the {}{}",
-            calls.len(),
+            "{set} sequence value(s) set on the {}{}{}",
             run.to,
+            if run.lanes.len() > 1 {
+                format!(" across {} databases", run.lanes.len())
+            } else {
+                String::new()
+            },
             if native {
                 " (after PostgreSQL 19's REFRESH SEQUENCES; setval is the safety net)"
             } else {
@@ -154,11 +138,44 @@ pub async fn carry_over(run: &mut Run) -> Result<(), CutoverError> {
     )
 }
 
+/// One database's sequences: how many were set, and whether PostgreSQL 19 synced them first.
+async fn carry_over_lane(run: &Run, lane: &Lane) -> Result<(u64, bool), CutoverError> {
+    let native = if run.to == Role::Target {
+        native_sync_first(run, lane).await?
+    } else {
+        false
+    };
+    let budget = run.qt.min(run.remaining());
+    let calls: Vec<String> = read(&lane.from_db, budget)
+        .await
+        .map_err(|e| CutoverError::Aborted {
+            step: Phase::Sequences,
+            source: format!("{}{e}", lane.prefix()).into(),
+        })?
+        .iter()
+        .filter_map(|s| {
+            s.last_value
+                .map(|v| format!("setval({}::regclass, {v}, true)", quote_literal(&s.name)))
+        })
+        .collect();
+    if !calls.is_empty() {
+        let sql = format!("SELECT {}", calls.join(", "));
+        run.query(
+            Phase::Sequences,
+            "new server",
+            "setting sequences",
+            lane.to_db.execute(&sql, &[]),
+        )
+        .await?;
+    }
+    Ok((calls.len() as u64, native))
+}
+
 /// PostgreSQL 19 with sequences published: `REFRESH SEQUENCES` on the subscriber, then wait
 /// (within the step's budget) until it has synchronized every one, so no late native sync
 /// can set a sequence back after writes reach the new server. Returns whether it ran.
-async fn native_sync_first(run: &mut Run) -> Result<bool, CutoverError> {
-    let Some(sub) = run.subscription.clone() else {
+async fn native_sync_first(run: &Run, lane: &Lane) -> Result<bool, CutoverError> {
+    let Some(sub) = lane.subscription.clone() else {
         return Ok(false);
     };
     let publisher: i32 = run
@@ -166,7 +183,7 @@ async fn native_sync_first(run: &mut Run) -> Result<bool, CutoverError> {
             Phase::Sequences,
             "old server",
             "reading the version",
-            run.from_db.query_one(VERSION_NUM, &[]),
+            lane.from_db.query_one(VERSION_NUM, &[]),
         )
         .await?
         .get(0);
@@ -175,7 +192,7 @@ async fn native_sync_first(run: &mut Run) -> Result<bool, CutoverError> {
             Phase::Sequences,
             "new server",
             "reading the version",
-            run.to_db.query_one(VERSION_NUM, &[]),
+            lane.to_db.query_one(VERSION_NUM, &[]),
         )
         .await?
         .get(0);
@@ -187,7 +204,7 @@ async fn native_sync_first(run: &mut Run) -> Result<bool, CutoverError> {
             Phase::Sequences,
             "old server",
             "looking for sequence publishing",
-            run.from_db.query_one(HAS_PUBALLSEQUENCES, &[]),
+            lane.from_db.query_one(HAS_PUBALLSEQUENCES, &[]),
         )
         .await?
         .get(0);
@@ -197,7 +214,7 @@ async fn native_sync_first(run: &mut Run) -> Result<bool, CutoverError> {
                 Phase::Sequences,
                 "new server",
                 "reading the subscription's publications",
-                run.to_db.query_one(SUB_PUBLICATIONS, &[&sub]),
+                lane.to_db.query_one(SUB_PUBLICATIONS, &[&sub]),
             )
             .await?
             .get(0);
@@ -206,7 +223,7 @@ async fn native_sync_first(run: &mut Run) -> Result<bool, CutoverError> {
                 Phase::Sequences,
                 "old server",
                 "reading sequence publishing",
-                run.from_db.query_one(PUBLISHES_SEQUENCES, &[&pubs]),
+                lane.from_db.query_one(PUBLISHES_SEQUENCES, &[&pubs]),
             )
             .await?
             .get::<_, bool>(0),
@@ -221,7 +238,7 @@ async fn native_sync_first(run: &mut Run) -> Result<bool, CutoverError> {
         Phase::Sequences,
         "new server",
         "refreshing sequences (PostgreSQL 19)",
-        run.to_db.batch_execute(&refresh_sequences_sql(&sub)),
+        lane.to_db.batch_execute(&refresh_sequences_sql(&sub)),
     )
     .await?;
     loop {
@@ -230,7 +247,7 @@ async fn native_sync_first(run: &mut Run) -> Result<bool, CutoverError> {
                 Phase::Sequences,
                 "new server",
                 "waiting for PostgreSQL 19's sequence sync",
-                run.to_db.query_one(SEQUENCES_PENDING, &[&sub]),
+                lane.to_db.query_one(SEQUENCES_PENDING, &[&sub]),
             )
             .await?
             .get(0);

@@ -3,7 +3,7 @@
 use redirect_common::cutover::Cutover;
 
 use super::catalog::DROP_IDLE_SLOT;
-use super::{REVERSE, Run, fleet_steps::FleetUndo, quote_ident};
+use super::{Run, fleet_steps::FleetUndo, quote_ident};
 use crate::{datapath::Role, pg::timed, sync::lock};
 
 /// What [`undo`] did.
@@ -71,20 +71,50 @@ pub async fn undo(run: &mut Run) -> Undone {
             }
         }
     }
-    if let Some((side, sub)) = run.undo.disabled_subscription.clone() {
-        let sql = format!("ALTER SUBSCRIPTION {} ENABLE", quote_ident(&sub));
-        let enable = run.db(side).batch_execute(&sql);
-        match timed("subscriber", "re-enabling the subscription", run.qt, enable).await {
-            Ok(()) => did.push(format!("subscription {sub} re-enabled")),
-            Err(e) => did.push(format!("FAILED to re-enable subscription {sub}: {e}")),
+    // Each database's replication, as it was.
+    let many = run.lanes.len() > 1;
+    for lane in &mut run.lanes {
+        let name = |what: String| {
+            if many {
+                format!("{}{what}", lane.prefix())
+            } else {
+                what
+            }
+        };
+        if lane.disabled_subscription
+            && let Some(sub) = lane.subscription.clone()
+        {
+            let sql = format!("ALTER SUBSCRIPTION {} ENABLE", quote_ident(&sub));
+            match timed(
+                "subscriber",
+                "re-enabling the subscription",
+                run.qt,
+                lane.to_db.batch_execute(&sql),
+            )
+            .await
+            {
+                Ok(()) => did.push(name(format!("subscription {sub} re-enabled"))),
+                Err(e) => did.push(name(format!("FAILED to re-enable subscription {sub}: {e}"))),
+            }
         }
-    }
-    if run.undo.reverse_slot {
-        let drop_slot = run.db(Role::Target).execute(DROP_IDLE_SLOT, &[&REVERSE]);
-        match timed("target", "dropping the reverse slot", run.qt, drop_slot).await {
-            Ok(_) => did.push("reverse slot dropped".into()),
-            Err(e) => did.push(format!("FAILED to drop the reverse slot {REVERSE}: {e}")),
+        if lane.made_reverse_slot {
+            // The reverse slot is on the target: the new server of a forward cutover.
+            let target = lane.db(Role::Target, run.from);
+            let slot = lane.reverse_slot.clone();
+            match timed(
+                "target",
+                "dropping the reverse slot",
+                run.qt,
+                target.execute(DROP_IDLE_SLOT, &[&slot]),
+            )
+            .await
+            {
+                Ok(_) => did.push(name("reverse slot dropped".into())),
+                Err(e) => did.push(name(format!("FAILED to drop the reverse slot {slot}: {e}"))),
+            }
         }
+        lane.disabled_subscription = false;
+        lane.made_reverse_slot = false;
     }
     run.undo = super::Undo::default();
     Undone::Done(if did.is_empty() {

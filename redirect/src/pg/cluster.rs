@@ -13,17 +13,33 @@ use tokio_postgres::Client;
 
 use super::{
     Dsn, PgError,
-    lag::{ReplicaLag, Replication, Scope},
+    lag::{Replication, Watch, choose, cluster_subscriptions},
     timed,
 };
 
 /// Every database a client may connect to.
 pub const DATABASES: &str =
     "SELECT datname::text FROM pg_database WHERE datallowconn AND NOT datistemplate ORDER BY 1";
-/// The user's tables in the session's database (not the catalogs, not the barrier table).
-pub const USER_TABLES: &str = "SELECT count(*)::int8 FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace \
-     WHERE c.relkind IN ('r', 'p') AND n.nspname NOT IN ('pg_catalog', 'information_schema') \
-     AND n.nspname NOT LIKE 'pg\\_toast%' AND NOT (n.nspname = 'public' AND c.relname = 'redirect_barrier')";
+/// The user's data in the session's database: its tables (not the catalogs, temporary
+/// tables, an extension's own tables or the barrier table), plus one for any large object
+/// (logical replication never carries them, so they are data to account for too).
+pub const USER_TABLES: &str = "SELECT count(*)::int8 + (SELECT count(*) FROM (SELECT 1 FROM pg_largeobject_metadata LIMIT 1) l)::int8 \
+     FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace \
+     WHERE c.relkind IN ('r', 'p') AND c.relpersistence <> 't' \
+     AND n.nspname NOT IN ('pg_catalog', 'information_schema') AND n.nspname NOT LIKE 'pg\\_%' \
+     AND NOT (n.nspname = 'public' AND c.relname = 'redirect_barrier') \
+     AND NOT EXISTS (SELECT 1 FROM pg_depend d WHERE d.classid = 'pg_class'::regclass AND d.objid = c.oid AND d.deptype = 'e')";
+/// Whether the session's role may connect to each database.
+pub const CAN_CONNECT: &str = "SELECT datname::text, has_database_privilege(datname, 'CONNECT') \
+     FROM pg_database WHERE datallowconn AND NOT datistemplate";
+/// A managed service's own databases: connectable, but not the customer's (and closed to
+/// the customer's roles).
+pub const PROVIDER_DATABASES: &[&str] = &[
+    "rdsadmin",
+    "cloudsqladmin",
+    "azure_maintenance",
+    "azure_sys",
+];
 
 /// What a cutover does with one database.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -43,6 +59,8 @@ pub enum Coverage {
     NewServerOnly,
     /// Its replication is there but cannot be used as it is (named in `problem`).
     Broken,
+    /// A managed service's own database, closed to the customer (`rdsadmin`, ...).
+    Provider,
 }
 
 /// One database and what the cutover does with it.
@@ -81,64 +99,110 @@ pub async fn databases(
     )
 }
 
-/// Finds every database on both servers and what covers it, from the lag just measured
-/// (which chose each database's subscription). Databases with no replication are opened
-/// on the old server (`old` in that database) to count their tables.
+/// Finds every database on both servers and what covers it. Each database's subscription is
+/// chosen from the cluster's catalog here (not taken from a lag reading that may have
+/// failed), and databases with no replication are opened on the old server (`old` in that
+/// database) to look for data.
 pub async fn discover(
     old: &Dsn,
     old_db: &Client,
     new_db: &Client,
-    lag: &ReplicaLag,
-    scope: &Scope,
+    watch: &Watch,
     qt: Duration,
 ) -> Result<Vec<Database>, PgError> {
     let on_old = databases(old_db, "old server", qt).await?;
     let on_new = databases(new_db, "new server", qt).await?;
+    let may_connect: Vec<(String, bool)> = timed(
+        "old server",
+        "checking CONNECT on each database",
+        qt,
+        old_db.query(CAN_CONNECT, &[]),
+    )
+    .await?
+    .iter()
+    .map(|r| (r.get(0), r.get(1)))
+    .collect();
+    let chosen = if watch.replication == Replication::Logical {
+        choose(
+            &cluster_subscriptions(new_db, "new server", qt).await?,
+            watch,
+        )
+    } else {
+        std::collections::BTreeMap::default()
+    };
     let mut out = Vec::new();
+    // A name in --databases/--exclude-databases that no server has is a typo: say so, or
+    // the database meant would be flipped unprotected.
+    for name in watch.scope.only.iter().chain(&watch.scope.exclude) {
+        if !on_old.contains(name) && !on_new.contains(name) {
+            out.push(Database {
+                name: name.clone(),
+                coverage: Coverage::Broken,
+                subscription: None,
+                tables: None,
+                problem: Some(format!(
+                    "--databases/--exclude-databases names {name:?}, which is on neither server (the databases are: {})",
+                    on_old.join(", ")
+                )),
+            });
+        }
+    }
     for name in &on_old {
-        let replicated = lag.databases.iter().find(|d| &d.database == name);
         let mut db = Database {
             name: name.clone(),
             coverage: Coverage::Replicated,
-            subscription: replicated.and_then(|d| d.subscription.clone()),
+            subscription: None,
             tables: None,
             problem: None,
         };
-        if !scope.covers(name) {
+        let connectable = may_connect
+            .iter()
+            .find(|(d, _)| d == name)
+            .is_none_or(|(_, ok)| *ok);
+        if !watch.scope.covers(name) {
             db.coverage = Coverage::Excluded;
-        } else if lag.replication == Replication::Physical {
+            if *name == watch.home {
+                db.coverage = Coverage::Broken;
+                db.problem = Some(format!(
+                    "--databases/--exclude-databases leaves out {name:?}, the database the DSNs name: the controller's own sessions are there; point the DSNs at a database the cutover covers"
+                ));
+            }
+        } else if watch.replication == Replication::Physical {
             // One stream carries the whole cluster.
+        } else if !connectable && PROVIDER_DATABASES.contains(&name.as_str()) {
+            db.coverage = Coverage::Provider;
         } else if !on_new.contains(name) {
             db.coverage = Coverage::OldServerOnly;
             db.problem = Some(format!(
                 "database {name:?} exists on the old server only: its clients would fail after the flip; create and replicate it on the new server, or leave it out with --exclude-databases {name}"
             ));
-        } else if let Some(r) = replicated {
-            if r.subscription.is_none() {
-                // The subscription could not be chosen (several, or a named one missing).
-                db.coverage = Coverage::Broken;
-                db.problem = Some(r.problems.join("; "));
+        } else if let Some(c) = chosen.get(name) {
+            match c {
+                Ok(sub) => db.subscription = Some(sub.name.clone()),
+                Err(why) => {
+                    db.coverage = Coverage::Broken;
+                    db.problem = Some(why.clone());
+                }
             }
         } else {
-            db.tables = Some(match count_tables(old, name, qt).await {
-                Ok(n) => n,
+            match count_tables(old, name, qt).await {
+                Ok(0) => {
+                    db.coverage = Coverage::Empty;
+                    db.tables = Some(0);
+                }
+                Ok(n) => {
+                    db.coverage = Coverage::Unreplicated;
+                    db.tables = Some(n);
+                    db.problem = Some(format!(
+                        "database {name:?} has {n} table(s) on the old server and no subscription on the new one carries it: its writes would not reach the new server; replicate it (a publication there, a subscription here), or leave it out with --exclude-databases {name} (its clients are moved all the same, unprotected)"
+                    ));
+                }
                 Err(e) => {
                     db.coverage = Coverage::Unreplicated;
                     db.problem = Some(format!(
-                        "database {name:?} cannot be checked for data ({e}); GRANT CONNECT ON DATABASE to the controller's role, replicate it, or leave it out with --exclude-databases {name}"
+                        "database {name:?} cannot be checked for data ({e}); GRANT CONNECT ON DATABASE {name} to the controller's role, replicate it, or leave it out with --exclude-databases {name}"
                     ));
-                    out.push(db);
-                    continue;
                 }
-            });
-            if db.tables == Some(0) {
-                db.coverage = Coverage::Empty;
-            } else {
-                db.coverage = Coverage::Unreplicated;
-                db.problem = Some(format!(
-                    "database {name:?} has {} table(s) on the old server and no subscription on the new one carries it: its writes would not reach the new server; replicate it (a publication there, a subscription here), or leave it out with --exclude-databases {name} (its clients are moved all the same)",
-                    db.tables.unwrap_or(0)
-                ));
             }
         }
         out.push(db);
@@ -192,7 +256,10 @@ pub fn describe(databases: &[Database]) -> Vec<String> {
                 Coverage::Unreplicated => "NOT REPLICATED".to_owned(),
                 Coverage::OldServerOnly => "on the old server only".to_owned(),
                 Coverage::NewServerOnly => "on the new server only: nothing to carry".to_owned(),
-                Coverage::Broken => "replication unusable".to_owned(),
+                Coverage::Broken => "CANNOT BE CUT OVER".to_owned(),
+                Coverage::Provider => {
+                    "the provider's own database: not the customer's, left alone".to_owned()
+                }
             };
             format!(
                 "database {}: {what}{}",

@@ -52,14 +52,16 @@ pub const CLUSTER_SUBSCRIPTIONS: &str = "SELECT d.datname::text, s.subname::text
 /// walsender streaming from each (joined by pid: two databases' subscriptions may share an
 /// `application_name`).
 pub const SLOTS: &str = "SELECT sl.slot_name::text, sl.active, sl.confirmed_flush_lsn::text, \
-     EXTRACT(epoch FROM coalesce(r.replay_lag, interval '0'))::float8 \
+     EXTRACT(epoch FROM coalesce(r.replay_lag, interval '0'))::float8, sl.slot_type::text, sl.database::text \
      FROM pg_replication_slots sl LEFT JOIN pg_stat_replication r ON r.pid = sl.active_pid \
      WHERE sl.slot_name = ANY($1)";
 /// A physical standby's state.
 pub const STANDBY: &str = "SELECT pg_is_in_recovery(), pg_last_wal_replay_lsn()::text";
-/// Every physical walsender on the source.
-pub const PHYSICAL_SENDERS: &str = "SELECT application_name, replay_lsn::text, \
-     EXTRACT(epoch FROM coalesce(replay_lag, interval '0'))::float8 FROM pg_stat_replication";
+/// Every physical walsender on the source (not the logical ones: a subscriber's walsender
+/// says nothing of the standby).
+pub const PHYSICAL_SENDERS: &str = "SELECT r.application_name, r.replay_lsn::text, \
+     EXTRACT(epoch FROM coalesce(r.replay_lag, interval '0'))::float8 FROM pg_stat_replication r \
+     WHERE NOT EXISTS (SELECT 1 FROM pg_replication_slots s WHERE s.active_pid = r.pid AND s.slot_type = 'logical')";
 /// The name of the reverse subscription in each database (see `cutover::REVERSE`).
 const REVERSE: &str = "redirect_reverse";
 
@@ -200,7 +202,18 @@ pub fn choose(
         .into_iter()
         .filter_map(|(db, subs)| {
             let chosen = if let Some(name) = watch.named_for(&db) {
+                let others: Vec<&str> = subs
+                    .iter()
+                    .filter(|s| s.name != name && s.enabled && !is_ours(&s.name))
+                    .map(|s| s.name.as_str())
+                    .collect();
                 match subs.iter().find(|s| s.name == name) {
+                    // Another enabled subscription carries part of this database too: the
+                    // barrier and the stop at the cutover would cover only one of them.
+                    Some(_) if !watch.reverse && !others.is_empty() => Err(format!(
+                        "database {db:?} has other enabled subscriptions besides {name:?} ({}): a cutover stops and waits for one subscription per database; merge their publications into one subscription, or disable the ones not in use",
+                        others.join(", ")
+                    )),
                     Some(s) => Ok((*s).clone()),
                     // The reverse subscription exists only where a cutover made it: a
                     // database without one is not part of the reverse replication.
@@ -256,6 +269,8 @@ struct SlotRow {
     active: bool,
     confirmed: Option<Lsn>,
     seconds: f64,
+    /// `logical`, and the publisher's database it decodes.
+    logical_in: Option<String>,
 }
 
 /// Reads lag once over the two sessions (each to any database of its server).
@@ -304,6 +319,9 @@ pub async fn measure(
                         active: r.get(1),
                         confirmed,
                         seconds: r.get::<_, Option<f64>>(3).unwrap_or(0.0),
+                        logical_in: (r.get::<_, String>(4) == "logical")
+                            .then(|| r.get::<_, Option<String>>(5))
+                            .flatten(),
                     },
                 );
             }
@@ -431,6 +449,18 @@ fn database_lag(
         Some(slot) => {
             if !slot.active {
                 problems.push(format!("replication slot {slot_name:?} is not active"));
+            }
+            // A cutover carries each database to the database of the same name: a slot of
+            // another database (or a physical one) does not carry this one.
+            match &slot.logical_in {
+                Some(d) if *d == database => {}
+                Some(d) => problems.push(format!(
+                    "subscription {:?} streams database {d:?} of the source, not {database:?}: redirect cuts each database over to the one of the same name",
+                    sub.name
+                )),
+                None => problems.push(format!(
+                    "replication slot {slot_name:?} is not a logical slot"
+                )),
             }
             (lag_bytes(current, slot.confirmed), slot.seconds)
         }
@@ -714,7 +744,18 @@ mod tests {
         );
         let mut named = watch();
         named.named.insert("app2".into(), "b".into());
-        assert_eq!(choose(&rows, &named)["app2"].as_ref().unwrap().name, "b");
+        let why = choose(&rows, &named)["app2"].clone().unwrap_err();
+        assert!(
+            why.contains("other enabled subscriptions besides \"b\" (a)"),
+            "naming one leaves the other unprotected: {why}"
+        );
+        let mut rows = rows.to_vec();
+        rows[0].enabled = false;
+        assert_eq!(
+            choose(&rows, &named)["app2"].as_ref().unwrap().name,
+            "b",
+            "a disabled one carries nothing"
+        );
     }
 
     #[test]

@@ -275,6 +275,12 @@ fn split_pairs(s: &str) -> Result<Vec<(String, String)>, String> {
     }
 }
 
+/// The `key=value` pairs of a libpq conninfo string (`None`: not key=value pairs).
+#[must_use]
+pub fn conninfo_pairs(conninfo: &str) -> Option<Vec<(String, String)>> {
+    split_pairs(conninfo).ok()
+}
+
 /// The value of `key` in a libpq conninfo string, if it is there.
 #[must_use]
 pub fn conninfo_value(conninfo: &str, key: &str) -> Option<String> {
@@ -428,7 +434,7 @@ impl Dsn {
                 .await
                 .map_err(err)?;
             tokio::spawn(conn);
-            return Ok(client);
+            return conforming(client, self).await;
         }
         let connector = self.tls_connector().map_err(|reason| PgError::Tls {
             which: self.which,
@@ -440,7 +446,7 @@ impl Dsn {
             .await
             .map_err(err)?;
         tokio::spawn(conn);
-        Ok(client)
+        conforming(client, self).await
     }
 
     /// The TLS connector for this DSN's mode, as libpq would verify (see [`resolve_tls`]).
@@ -481,10 +487,25 @@ impl Dsn {
         self.pairs
             .iter()
             .filter(|(k, _)| k.as_str() != "connect_timeout")
-            .map(|(k, v)| format!("{k}={v}"))
+            .map(|(k, v)| format!("{k}={}", quote_conninfo(v)))
             .collect::<Vec<_>>()
             .join(" ")
     }
+}
+
+/// `standard_conforming_strings = on` on every session: the controller's SQL literals (a
+/// subscription's conninfo, with its password) double quotes and leave backslashes alone,
+/// which is right only with it on. A database or role may set it off.
+async fn conforming(client: Client, dsn: &Dsn) -> Result<Client, PgError> {
+    client
+        .batch_execute("SET standard_conforming_strings = on")
+        .await
+        .map_err(|source| PgError::Connect {
+            which: dsn.which,
+            target: dsn.display.clone(),
+            source,
+        })?;
+    Ok(client)
 }
 
 fn password(
@@ -642,10 +663,9 @@ mod tests {
         assert_eq!(other.config.get_user(), Some("migrator"));
         assert_eq!(other.config.get_password(), Some(&b"s3cret"[..]));
         assert!(other.display.contains("dbname=app2"), "{}", other.display);
-        assert!(
-            other.conninfo().contains("dbname=app2"),
-            "{}",
-            other.conninfo()
+        assert_eq!(
+            conninfo_value(&other.conninfo(), "dbname").as_deref(),
+            Some("app2")
         );
         assert!(!other.conninfo().contains("s3cret"));
     }
@@ -828,8 +848,9 @@ mod tests {
             (TlsMode::VerifyCa, SslMode::Require)
         );
         assert!(format!("{d:?}").ends_with("sslmode=verify-ca"), "{d:?}");
-        assert!(
-            d.conninfo().contains("sslmode=require"),
+        assert_eq!(
+            conninfo_value(&d.conninfo(), "sslmode").as_deref(),
+            Some("require"),
             "conninfo keeps what was written"
         );
 

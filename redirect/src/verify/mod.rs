@@ -52,6 +52,8 @@ pub struct VerifyRequest {
     pub statement_timeout: Duration,
     /// How many differing keys to name per table.
     pub max_keys: usize,
+    /// Only these databases; empty: every replicated database (and the DSNs').
+    pub databases: Vec<String>,
 }
 
 /// Why verify could not run at all (a table's own failure is its verdict instead).
@@ -132,55 +134,125 @@ pub async fn verify(
             "--chunk-rows and --rate must be at least 1".into(),
         ));
     }
-    let db = open_sessions(ctl, req.statement_timeout).await?;
-    let (source_tables, target_tables) = (
-        tables::list("source", &db.source, db.timeout()).await?,
-        tables::list("target", &db.target, db.timeout()).await?,
-    );
-    let names = tables::select(&source_tables, &target_tables, &req.tables)
-        .map_err(VerifyError::BadRequest)?;
-    let catch_up = CatchUp::discover(ctl, &db.source, &db.target, db.timeout()).await?;
-    let _ = progress.send(format!(
-        "comparing {} table(s) in chunks of {} rows{}; {}",
-        names.len(),
-        req.chunk_rows,
-        req.rate
-            .map_or_else(String::new, |r| format!(" at most {r} rows/s")),
-        catch_up.describe()
-    ));
-    let mut v = Verify {
-        ctl,
-        req,
-        db,
-        catch_up,
-        progress,
-        started,
-        rows_read: 0,
-        window_start: Instant::now(),
-        window_rows: 0,
-        last_progress: Instant::now(),
-    };
+    let databases = databases_to_compare(ctl, &req).await?;
+    let many = databases.len() > 1;
     let mut reports = Vec::new();
-    for name in names {
-        let report = v
-            .table(source_tables.get(&name), target_tables.get(&name), &name)
-            .await?;
-        v.say(format!(
-            "{name}: {} ({} source rows, {} target rows, {} chunk(s))",
-            report.verdict.word(),
-            report.source_rows.map_or("-".into(), |n| n.to_string()),
-            report.target_rows.map_or("-".into(), |n| n.to_string()),
-            report.chunks
+    let mut consistency = Vec::new();
+    let mut v: Option<Verify<'_>> = None;
+    for database in &databases {
+        let db = open_sessions(ctl, req.statement_timeout, database).await?;
+        let (source_tables, target_tables) = (
+            tables::list("source", &db.source, db.timeout()).await?,
+            tables::list("target", &db.target, db.timeout()).await?,
+        );
+        let names = tables::select(&source_tables, &target_tables, &req.tables).map_err(|e| {
+            VerifyError::BadRequest(if many {
+                format!("database {database}: {e}")
+            } else {
+                e
+            })
+        })?;
+        let catch_up = CatchUp::discover(ctl, &db.source, &db.target, db.timeout()).await?;
+        let _ = progress.send(format!(
+            "{}comparing {} table(s) in chunks of {} rows{}; {}",
+            if many {
+                format!("database {database}: ")
+            } else {
+                String::new()
+            },
+            names.len(),
+            req.chunk_rows,
+            req.rate
+                .map_or_else(String::new, |r| format!(" at most {r} rows/s")),
+            catch_up.describe()
         ));
-        reports.push(report);
+        // One `Verify` across databases: `--rate` and the progress span all of them.
+        let mut this = match v.take() {
+            Some(mut prev) => {
+                prev.db = db;
+                prev.catch_up = catch_up;
+                prev
+            }
+            None => Verify {
+                ctl,
+                req: req.clone(),
+                db,
+                catch_up,
+                progress: progress.clone(),
+                started,
+                rows_read: 0,
+                window_start: Instant::now(),
+                window_rows: 0,
+                last_progress: Instant::now(),
+            },
+        };
+        for name in names {
+            let mut report = this
+                .table(source_tables.get(&name), target_tables.get(&name), &name)
+                .await?;
+            this.say(format!(
+                "{}{name}: {} ({} source rows, {} target rows, {} chunk(s))",
+                if many {
+                    format!("{database}: ")
+                } else {
+                    String::new()
+                },
+                report.verdict.word(),
+                report.source_rows.map_or("-".into(), |n| n.to_string()),
+                report.target_rows.map_or("-".into(), |n| n.to_string()),
+                report.chunks
+            ));
+            report.database = Some(database.clone());
+            reports.push(report);
+        }
+        consistency.push(if many {
+            format!("{database}: {}", this.catch_up.describe())
+        } else {
+            this.catch_up.describe()
+        });
+        v = Some(this);
     }
     Ok(Report::new(
         reports,
-        v.catch_up.describe(),
-        v.req.chunk_rows,
-        v.req.rate,
-        v.started.elapsed().as_secs_f64() * 1000.0,
+        consistency.join("; "),
+        req.chunk_rows,
+        req.rate,
+        started.elapsed().as_secs_f64() * 1000.0,
     ))
+}
+
+/// The databases to compare: those asked for, else every one a forward subscription on the
+/// target carries, and the DSNs' own.
+async fn databases_to_compare(
+    ctl: &Controller,
+    req: &VerifyRequest,
+) -> Result<Vec<String>, VerifyError> {
+    let dbs = ctl.db.as_ref().ok_or(VerifyError::NoDatabases)?;
+    let home = dbs.source.database().to_owned();
+    let (source, target) = (dbs.source.connect().await?, dbs.target.connect().await?);
+    let on_source = crate::pg::cluster::databases(&source, "source", dbs.query_timeout).await?;
+    let on_target = crate::pg::cluster::databases(&target, "target", dbs.query_timeout).await?;
+    if !req.databases.is_empty() {
+        for d in &req.databases {
+            if !(on_source.contains(d) && on_target.contains(d)) {
+                return Err(VerifyError::BadRequest(format!(
+                    "database {d:?} is not on both servers"
+                )));
+            }
+        }
+        return Ok(req.databases.clone());
+    }
+    let watch = ctl
+        .watch_for(Role::Target)
+        .map_err(|e| VerifyError::BadRequest(e.to_string()))?;
+    let subs = crate::pg::lag::cluster_subscriptions(&target, "target", dbs.query_timeout).await?;
+    let mut out = vec![home.clone()];
+    for (db, chosen) in crate::pg::lag::choose(&subs, &watch) {
+        if chosen.is_ok() && db != home && on_source.contains(&db) {
+            out.push(db);
+        }
+    }
+    Ok(out)
 }
 
 /// A cutover changes which server takes the writes half-way through a chunk: not then.
@@ -199,6 +271,7 @@ fn refuse_during_a_cutover(ctl: &Controller) -> Result<(), VerifyError> {
 async fn open_sessions(
     ctl: &Controller,
     statement_timeout: Duration,
+    database: &str,
 ) -> Result<Sessions, VerifyError> {
     let dbs = ctl.db.as_ref().ok_or(VerifyError::NoDatabases)?;
     let settings = format!(
@@ -208,8 +281,8 @@ async fn open_sessions(
          SET lock_timeout = '5s'",
         statement_timeout.as_millis().max(1)
     );
-    let source = dbs.source.connect().await?;
-    let target = dbs.target.connect().await?;
+    let source = dbs.source.for_database(database).connect().await?;
+    let target = dbs.target.for_database(database).connect().await?;
     for (which, c) in [("source", &source), ("target", &target)] {
         timed(
             which,
@@ -295,6 +368,7 @@ impl Verify<'_> {
         name: &str,
     ) -> Result<TableReport, VerifyError> {
         let not_compared = |verdict, key_columns| TableReport {
+            database: None,
             table: name.to_owned(),
             key_columns,
             method: Method::None,
@@ -341,6 +415,7 @@ impl Verify<'_> {
             }
         };
         Ok(TableReport {
+            database: None,
             table: name.to_owned(),
             key_columns: s.key_names(),
             method,

@@ -95,6 +95,9 @@ impl TableVerdict {
 /// One table's comparison.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct TableReport {
+    /// The database the table is in.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub database: Option<String>,
     /// `schema.table`, quoted as SQL would need it.
     pub table: String,
     /// The primary key's columns (empty without one).
@@ -168,6 +171,7 @@ mod tests {
     #[test]
     fn verdicts_serialize_flat_and_round_trip() {
         let t = TableReport {
+            database: None,
             table: "public.t".into(),
             key_columns: vec!["a".into(), "b".into()],
             method: Method::ChunkedByPrimaryKey,

@@ -112,6 +112,9 @@ pub struct Finding {
     pub blocks: bool,
     /// Passed with `--allow`: reported, but the cutover goes ahead.
     pub allowed: bool,
+    /// The database the objects are in (a cutover covers every database of the server).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub database: Option<String>,
 }
 
 impl Finding {
@@ -123,6 +126,7 @@ impl Finding {
             fix: fix.to_owned(),
             blocks: true,
             allowed: false,
+            database: None,
         }
     }
 
@@ -148,8 +152,12 @@ impl Finding {
             (false, _) => "NOTE",
         };
         let mut s = format!(
-            "{label} {}: {}\n    why: {}\n    fix: {}",
+            "{label} {}: {}{}\n    why: {}\n    fix: {}",
             self.guardrail,
+            self.database
+                .as_ref()
+                .map(|d| format!("(database {d}) "))
+                .unwrap_or_default(),
             self.objects.join(", "),
             self.why,
             self.fix

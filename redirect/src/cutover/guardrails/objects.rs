@@ -29,11 +29,13 @@ const USED_SEQUENCES: &str = "SELECT format('%I.%I', schemaname, sequencename) F
 const NOT_READY: &str = "SELECT format('%I.%I', n.nspname, c.relname) || ' (' || sr.srsubstate::text || ')' \
      FROM pg_subscription_rel sr JOIN pg_subscription s ON s.oid = sr.srsubid \
      JOIN pg_class c ON c.oid = sr.srrelid JOIN pg_namespace n ON n.oid = c.relnamespace \
-     WHERE s.subname = $1 AND sr.srsubstate <> 'r' ORDER BY 1";
+     WHERE s.subname = $1 AND sr.srsubstate <> 'r' \
+     AND s.subdbid = (SELECT oid FROM pg_database WHERE datname = current_database()) ORDER BY 1";
 /// Tables the subscription knows (copied or copying).
 const SUBSCRIBED: &str = "SELECT format('%I.%I', n.nspname, c.relname) FROM pg_subscription_rel sr \
      JOIN pg_subscription s ON s.oid = sr.srsubid JOIN pg_class c ON c.oid = sr.srrelid \
-     JOIN pg_namespace n ON n.oid = c.relnamespace WHERE s.subname = $1";
+     JOIN pg_namespace n ON n.oid = c.relnamespace WHERE s.subname = $1 \
+     AND s.subdbid = (SELECT oid FROM pg_database WHERE datname = current_database())";
 /// Published tables with no usable replica identity, with the updates and deletes the
 /// statistics have seen on them.
 const NO_IDENTITY: &str = "SELECT format('%I.%I', n.nspname, c.relname), coalesce(s.n_tup_upd + s.n_tup_del, 0)::int8 \
