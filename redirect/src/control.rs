@@ -65,6 +65,8 @@ pub enum Request {
         apply: bool,
     },
     Lag,
+    /// Every database on the two servers and what a cutover now would do with it.
+    Databases,
     HasDatabases,
     /// Plan (and with `execute`, carry out) the end of the migration.
     Finish {
@@ -290,6 +292,10 @@ async fn handle(stream: UnixStream, ctl: Arc<Controller>) -> std::io::Result<()>
                 Err(e) => Reply::Error(format!("verify task failed: {e}")),
             }
         }
+        Request::Databases => match ctl.discover().await {
+            Ok(d) => Reply::Ok(serde_json::to_value(d).expect("databases serialize")),
+            Err(e) => Reply::Error(e.to_string()),
+        },
         Request::Lag => match ctl.measure_lag().await {
             Ok(l) => Reply::Ok(serde_json::to_value(l).expect("lag serializes")),
             Err(e) => Reply::Error(e.to_string()),

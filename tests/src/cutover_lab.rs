@@ -57,12 +57,27 @@ pub fn workload(
     writers: std::ops::Range<i32>,
     secs: u64,
 ) -> std::thread::JoinHandle<workload::Verdict> {
+    workload_with(lab, pg::dsn(VIP), writers, secs)
+}
+
+/// [`workload`] through a conninfo of its own: another database, another role.
+pub fn workload_with(
+    lab: &Lab,
+    conninfo: String,
+    writers: std::ops::Range<i32>,
+    secs: u64,
+) -> std::thread::JoinHandle<workload::Verdict> {
     lab.spawn_in_ns(Ns::Client, move || {
         let rt = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()
             .expect("runtime");
-        rt.block_on(workload::run(VIP, writers, Duration::from_secs(secs), 20))
+        rt.block_on(workload::run_with(
+            conninfo,
+            writers,
+            Duration::from_secs(secs),
+            20,
+        ))
     })
 }
 

@@ -18,6 +18,9 @@ use crate::{
     wait_for, workload,
 };
 
+/// The second database every case cuts over with the first.
+pub const SECOND: &str = "app2";
+
 /// What breaks.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Fault {
@@ -35,10 +38,14 @@ pub enum Fault {
     TargetLock,
     /// The journal's file system is full from then on.
     JournalFull,
+    /// A new database appears on the source (a table in it, nothing replicating it).
+    DatabaseAppears,
+    /// The second database's subscription is disabled (the first one's keeps going).
+    OneDatabaseStopped,
 }
 
 impl Fault {
-    pub const ALL: [Self; 7] = [
+    pub const ALL: [Self; 9] = [
         Self::Kill,
         Self::Term,
         Self::TargetDown,
@@ -46,6 +53,8 @@ impl Fault {
         Self::ReplicationStopped,
         Self::TargetLock,
         Self::JournalFull,
+        Self::DatabaseAppears,
+        Self::OneDatabaseStopped,
     ];
 
     #[must_use]
@@ -58,6 +67,8 @@ impl Fault {
             Self::ReplicationStopped => "replication stopped",
             Self::TargetLock => "sequence lock on target 8 s",
             Self::JournalFull => "journal disk full",
+            Self::DatabaseAppears => "a database appears on the source",
+            Self::OneDatabaseStopped => "one database's replication stopped",
         }
     }
 
@@ -122,6 +133,9 @@ pub fn run_case(fault: Fault, step: &'static str) -> Outcome {
     let source = pg::start(&mut lab, Ns::Source, "source", &[]);
     let target = pg::start(&mut lab, Ns::Target, "target", &[]);
     pg::setup_logical(&lab, &source, &target);
+    // Every case cuts over two databases, each replicated on its own and written to: the
+    // per-database steps (and a successor's undo of them) are under test at every boundary.
+    pg::replicate_database(&lab, &source, &target, SECOND);
     let _mount = (fault == Fault::JournalFull).then(|| {
         let dir = lab.work_dir.join("jfs");
         std::fs::create_dir_all(&dir).unwrap();
@@ -148,6 +162,8 @@ pub fn run_case(fault: Fault, step: &'static str) -> Outcome {
             .expect("runtime");
         rt.block_on(workload::run(VIP, 0..6, Duration::from_secs(18), 20))
     });
+    let second_load =
+        crate::cutover_lab::workload_with(&lab, pg::dsn_in(VIP, SECOND), 100..102, 18);
     std::thread::sleep(Duration::from_millis(1500));
     let mut flip = lab.redirect_cmd();
     flip.args([
@@ -187,6 +203,25 @@ pub fn run_case(fault: Fault, step: &'static str) -> Outcome {
             link(&lab, ns, false, gw);
             std::thread::sleep(Duration::from_secs(4));
             link(&lab, ns, true, gw);
+        }
+        Fault::DatabaseAppears => {
+            psql(&lab, Ns::Source, &source, "CREATE DATABASE appeared");
+            pg::psql_in(
+                &lab,
+                Ns::Source,
+                &source,
+                "appeared",
+                "CREATE TABLE t (i int PRIMARY KEY); INSERT INTO t VALUES (1)",
+            );
+        }
+        Fault::OneDatabaseStopped => {
+            pg::psql_in(
+                &lab,
+                Ns::Target,
+                &target,
+                SECOND,
+                &format!("ALTER SUBSCRIPTION {SECOND}_sub DISABLE"),
+            );
         }
         Fault::ReplicationStopped => {
             psql(
@@ -235,6 +270,7 @@ pub fn run_case(fault: Fault, step: &'static str) -> Outcome {
         lab.status()["controller"]["phase"] == "idle"
     });
     let v = load.join().expect("workload");
+    let v2 = second_load.join().expect("the second database's workload");
     if let Some(pid) = locker {
         lab.reap_exited();
         let _ = pid;
@@ -248,8 +284,14 @@ pub fn run_case(fault: Fault, step: &'static str) -> Outcome {
     // Replication may need a moment to bring the last writes over after a rollback.
     std::thread::sleep(Duration::from_millis(500));
     let on = pg::acked_rows(&lab, ns, server, "");
+    let on_second = pg::acked_rows_in(&lab, ns, server, SECOND, "");
     let acked: Vec<(i32, i64)> = v.acked().collect();
-    let lost = acked.iter().filter(|a| !on.contains(a)).count();
+    let acked_second: Vec<(i32, i64)> = v2.acked().collect();
+    let lost = acked.iter().filter(|a| !on.contains(a)).count()
+        + acked_second
+            .iter()
+            .filter(|a| !on_second.contains(a))
+            .count();
     Outcome {
         fault,
         step,
@@ -259,10 +301,10 @@ pub fn run_case(fault: Fault, step: &'static str) -> Outcome {
             "rolled back"
         },
         flip_succeeded: out.status.success(),
-        acked: acked.len(),
+        acked: acked.len() + acked_second.len(),
         lost,
-        refused: v.refused(),
-        max_wait: v.max_wait(),
+        refused: v.refused() + v2.refused(),
+        max_wait: v.max_wait().max(v2.max_wait()),
         took: t0.elapsed(),
     }
 }

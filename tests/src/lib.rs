@@ -68,6 +68,24 @@ pub const PG_PORT: u16 = 5432;
 /// would hide a bpffs mounted there (see toolchain.md).
 pub const LAB_BPFFS: &str = "/run/redirect-lab-bpf";
 
+/// The `p` quantile (0 to 1) of `v`, by nearest rank; `NaN` for no samples. Benchmarks
+/// report medians and tails with it.
+#[must_use]
+pub fn percentile(v: &[f64], p: f64) -> f64 {
+    if v.is_empty() {
+        return f64::NAN;
+    }
+    let mut s = v.to_vec();
+    s.sort_by(f64::total_cmp);
+    #[allow(
+        clippy::cast_possible_truncation,
+        clippy::cast_sign_loss,
+        clippy::cast_precision_loss
+    )]
+    let i = ((s.len() - 1) as f64 * p).round() as usize;
+    s[i]
+}
+
 /// The `redirect` binary built alongside the tests.
 #[must_use]
 pub fn redirect_bin() -> PathBuf {

@@ -94,6 +94,27 @@ fn every_database_is_found_and_one_the_cutover_would_leave_behind_is_named_befor
     );
     assert!(findings.contains("app2"), "{findings}");
 
+    // `status` says the same, per database.
+    let status = lab.status();
+    let coverage_in_status = |name: &str| {
+        status["databases"]
+            .as_array()
+            .and_then(|d| d.iter().find(|d| d["name"] == name))
+            .map(|d| d["coverage"].clone())
+    };
+    assert_eq!(
+        coverage_in_status("reports"),
+        Some("unreplicated".into()),
+        "{status}"
+    );
+    assert_eq!(
+        coverage_in_status("scratch"),
+        Some("empty".into()),
+        "{status}"
+    );
+    let text = lab.redirect_ok(&["status"]);
+    assert!(text.contains("database reports: NOT REPLICATED"), "{text}");
+
     // The real flip is refused, and nothing changed: no hold, no fence, no reverse slot.
     let out = flip(lab, &["--to", "target"]);
     let stderr = String::from_utf8_lossy(&out.stderr);
@@ -160,19 +181,7 @@ fn two_workloads(
             let dsn = pg::dsn_in(VIP, db);
             let writers = (writers.start + 100 * i32::try_from(i).unwrap())
                 ..(writers.end + 100 * i32::try_from(i).unwrap());
-            let load = lab.spawn_in_ns(Ns::Client, move || {
-                tokio::runtime::Builder::new_current_thread()
-                    .enable_all()
-                    .build()
-                    .expect("runtime")
-                    .block_on(workload::run_with(
-                        dsn,
-                        writers,
-                        Duration::from_secs(secs),
-                        20,
-                    ))
-            });
-            (db, load)
+            (db, cutover_lab::workload_with(lab, dsn, writers, secs))
         })
         .collect()
 }

@@ -1,5 +1,5 @@
 //! The fault matrix's CI subset: the controller killed at every step boundary, and each other
-//! fault where it bites hardest. The full matrix (every fault × every step) is
+//! fault where it bites hardest. Every case cuts over two databases under writes. The full matrix (every fault × every step) is
 //! `cargo xtask faults`, which writes docs/reliability.md.
 
 use std::time::Duration;
@@ -50,6 +50,10 @@ fn other_faults_where_they_bite() {
     check(Fault::TargetLock, "sequences", Some("rolled back"));
     check(Fault::JournalFull, "barrier", Some("rolled back"));
     check(Fault::JournalFull, "drain", Some("finished"));
+    // Several databases: one that appears mid-cutover has nothing to carry it, and one
+    // database's replication stopping stops the cutover like the first one's would.
+    check(Fault::DatabaseAppears, "barrier", Some("rolled back"));
+    check(Fault::OneDatabaseStopped, "barrier", Some("rolled back"));
     // A short outage: the cutover may ride it out or roll back; either keeps the promise.
     check(Fault::TargetDown, "barrier", None);
     check(Fault::SourceDown, "sequences", None);

@@ -149,19 +149,7 @@ fn app_workload(
     writers: std::ops::Range<i32>,
     secs: u64,
 ) -> std::thread::JoinHandle<workload::Verdict> {
-    let dsn = conninfo(VIP, "app", APP_PASSWORD);
-    lab.spawn_in_ns(Ns::Client, move || {
-        tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .expect("runtime")
-            .block_on(workload::run_with(
-                dsn,
-                writers,
-                Duration::from_secs(secs),
-                20,
-            ))
-    })
+    cutover_lab::workload_with(lab, conninfo(VIP, "app", APP_PASSWORD), writers, secs)
 }
 
 fn cut_over(m: &Managed, to: &str, writers: std::ops::Range<i32>) -> serde_json::Value {

@@ -56,6 +56,11 @@ enum Task {
         /// (about 5 minutes); writes docs/benchmarks-fleet.md.
         #[arg(long, conflicts_with_all = ["quick", "profile"])]
         fleet: bool,
+        /// Only the cutover across databases: write pause covering 1, 2 and 5 databases of
+        /// the same servers, side by side (about 5 minutes); writes
+        /// docs/benchmarks-databases.md.
+        #[arg(long, conflicts_with_all = ["quick", "profile", "fleet"])]
+        databases: bool,
     },
     /// The cutover's full fault matrix (every fault at every step boundary, under load);
     /// writes docs/reliability.md. About 20 minutes. CI runs a subset (tests/tests/fault_matrix.rs).
@@ -110,6 +115,13 @@ fn run(task: Task) -> anyhow::Result<()> {
             setup::install()?;
             build()?;
             run_lab_bin("fleet_bench", None, "the fleet benchmark")
+        }
+        Task::Bench {
+            databases: true, ..
+        } => {
+            setup::install()?;
+            build()?;
+            run_lab_bin("databases_bench", None, "the databases benchmark")
         }
         Task::Bench { quick, profile, .. } => {
             setup::install()?;

@@ -68,6 +68,9 @@ pub struct Status {
     pub stats: BTreeMap<&'static str, u64>,
     /// Replication lag from the running controller, when it knows the databases.
     pub lag: Option<serde_json::Value>,
+    /// Every database on the two servers and what a cutover would do with it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub databases: Option<Vec<crate::pg::cluster::Database>>,
     /// The controller's cutover phase and what its last recovery of an interrupted cutover did.
     pub controller: Option<serde_json::Value>,
     /// A cutover the journal shows as started and not ended (a controller resumes or undoes
@@ -168,6 +171,7 @@ pub fn collect(maps: &Maps, counts: &Counts) -> anyhow::Result<Status> {
         counted_gc_age_ms: counts.gc_age_ms,
         stats: maps.stats()?.into_iter().collect(),
         lag: None,
+        databases: None,
         controller: None,
         interrupted: None,
         fleet: None,
@@ -227,6 +231,8 @@ pub fn run(args: &Args, pin_dir: &Path, socket: &Path, journal: &Path) -> anyhow
     status.interrupted = interrupted(journal);
     if socket.exists() {
         status.lag = ask(&crate::control::Request::Lag);
+        status.databases =
+            ask(&crate::control::Request::Databases).and_then(|d| serde_json::from_value(d).ok());
         status.controller = ask(&crate::control::Request::State);
         status.fleet = ask(&crate::control::Request::Fleet).filter(|f| !f.is_null());
     }
@@ -309,6 +315,12 @@ pub fn run(args: &Args, pin_dir: &Path, socket: &Path, journal: &Path) -> anyhow
                 }
             }
             Err(e) => println!("lag:        (unreadable: {e})"),
+        }
+    }
+    if let Some(databases) = &status.databases {
+        println!("databases:");
+        for line in crate::pg::cluster::describe(databases) {
+            println!("  {line}");
         }
     }
     println!("counters:");

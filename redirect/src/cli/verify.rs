@@ -88,10 +88,22 @@ pub fn run(args: &Args, socket: &Path) -> anyhow::Result<()> {
 }
 
 fn print_human(report: &Report) {
+    // With several databases, each table is named with its database.
+    let several = report
+        .tables
+        .iter()
+        .filter_map(|t| t.database.as_deref())
+        .collect::<std::collections::BTreeSet<_>>()
+        .len()
+        > 1;
+    let name = |t: &crate::verify::report::TableReport| match &t.database {
+        Some(d) if several => format!("{d}: {}", t.table),
+        _ => t.table.clone(),
+    };
     let width = report
         .tables
         .iter()
-        .map(|t| t.table.len())
+        .map(|t| name(t).len())
         .max()
         .unwrap_or(5)
         .max(5);
@@ -131,7 +143,7 @@ fn print_human(report: &Report) {
         };
         let line = format!(
             "{:<width$}  {:<18} {:>12} {:>12}  {detail}",
-            t.table,
+            name(t),
             t.verdict.word(),
             rows(t.source_rows),
             rows(t.target_rows)

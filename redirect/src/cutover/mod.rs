@@ -537,6 +537,26 @@ impl Controller {
             .and_then(|e| journal::known_subscription_in(&e, database, home))
     }
 
+    /// Every database on the two servers and what a cutover to the backend that is not
+    /// active now would do with it (what its preflight finds).
+    pub async fn discover(&self) -> Result<Vec<crate::pg::cluster::Database>, CutoverError> {
+        let db = self.db.as_ref().ok_or(CutoverError::NoDatabases)?;
+        let from = self.active()?;
+        let to = other(from);
+        let (old, new) = (
+            self.dsn(from)?.connect().await?,
+            self.dsn(to)?.connect().await?,
+        );
+        Ok(crate::pg::cluster::discover(
+            self.dsn(from)?,
+            &old,
+            &new,
+            &self.watch_for(to)?,
+            db.query_timeout,
+        )
+        .await?)
+    }
+
     /// Lag of the replication feeding the backend that is not active now.
     pub async fn measure_lag(&self) -> Result<ReplicaLag, CutoverError> {
         let db = self.db.as_ref().ok_or(CutoverError::NoDatabases)?;

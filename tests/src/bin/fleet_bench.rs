@@ -6,7 +6,7 @@
 
 use std::{fmt::Write as _, time::Duration};
 
-use redirect_tests::{Ns, fleet_lab::FleetLab, workload::Verdict};
+use redirect_tests::{Ns, fleet_lab::FleetLab, percentile, workload::Verdict};
 
 #[derive(Default)]
 struct Samples {
@@ -18,21 +18,6 @@ struct Samples {
 
 fn median(v: &[f64]) -> f64 {
     percentile(v, 0.5)
-}
-
-fn percentile(v: &[f64], p: f64) -> f64 {
-    if v.is_empty() {
-        return f64::NAN;
-    }
-    let mut s = v.to_vec();
-    s.sort_by(f64::total_cmp);
-    #[allow(
-        clippy::cast_possible_truncation,
-        clippy::cast_sign_loss,
-        clippy::cast_precision_loss
-    )]
-    let i = ((s.len() - 1) as f64 * p).round() as usize;
-    s[i]
 }
 
 /// One cutover of `fl` to `to` under the workload behind every proxy; asked of the last
