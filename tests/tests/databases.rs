@@ -40,6 +40,8 @@ fn every_database_is_found_and_one_the_cutover_would_leave_behind_is_named_befor
         "reports",
         "CREATE TABLE daily (d date PRIMARY KEY); INSERT INTO daily VALUES (now())",
     );
+    // One on the source only: its clients would find no database after the flip.
+    psql(lab, Ns::Source, &c.source, "CREATE DATABASE onlysrc");
 
     // Each replicated database has its own lag, in bytes (never 2^64-1).
     let l = lag(lab);
@@ -86,6 +88,7 @@ fn every_database_is_found_and_one_the_cutover_would_leave_behind_is_named_befor
     assert_eq!(coverage("app2"), "replicated");
     assert_eq!(coverage("scratch"), "empty");
     assert_eq!(coverage("reports"), "unreplicated");
+    assert_eq!(coverage("onlysrc"), "old-server-only");
     let findings = report["findings"].to_string();
     assert!(findings.contains("BLOCKING"), "{findings}");
     assert!(
@@ -93,6 +96,10 @@ fn every_database_is_found_and_one_the_cutover_would_leave_behind_is_named_befor
         "{findings}"
     );
     assert!(findings.contains("app2"), "{findings}");
+    assert!(
+        findings.contains("\\\"onlysrc\\\" exists on the old server only"),
+        "{findings}"
+    );
 
     // `status` says the same, per database.
     let status = lab.status();
@@ -166,6 +173,24 @@ fn every_database_is_found_and_one_the_cutover_would_leave_behind_is_named_befor
     let text = lab.redirect_ok(&["lag"]);
     assert!(text.contains("unknown bytes"), "{text}");
     assert!(!text.contains("18446744073709551615"), "{text}");
+    // /metrics has each database's lag; the unknown one is NaN, never a made-up number.
+    wait_for(Duration::from_secs(10), "app3 in /metrics", || {
+        lab.metrics()
+            .contains("redirect_database_lag_bytes{database=\"app3\"}")
+    });
+    assert!(
+        lab.metric("redirect_database_lag_bytes{database=\"app3\"}")
+            .is_some_and(f64::is_nan)
+    );
+    assert!(
+        lab.metric("redirect_database_lag_bytes{database=\"postgres\"}")
+            .is_some_and(f64::is_finite)
+    );
+    assert_eq!(
+        lab.metric("redirect_database_replication_healthy{database=\"app2\"}"),
+        Some(0.0),
+        "app2's subscription is still disabled"
+    );
 }
 
 /// The ledger workload through the VIP on two databases at once.
