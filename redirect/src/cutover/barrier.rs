@@ -84,7 +84,7 @@ pub async fn wait_for_new_server(run: &mut Run) -> Result<(), CutoverError> {
 /// A database created since preflight would move with the VIP unprotected: its writes before
 /// the fence reached no barrier. One query, behind the fence, before anything is flipped.
 async fn no_database_appeared(run: &Run) -> Result<(), CutoverError> {
-    if run.to != Role::Target || run.report.databases.is_empty() {
+    if run.report.databases.is_empty() {
         return Ok(());
     }
     let now = run

@@ -36,6 +36,9 @@ struct Action {
     database: String,
     sql: String,
     what: String,
+    /// A slot drop: the slot, checked for after the drop (a walsender that has not exited
+    /// yet keeps it active, and an active slot is not dropped).
+    slot: Option<String>,
 }
 
 /// What to retire in one database: its forward subscription (on the target) and slot (on the
@@ -47,6 +50,7 @@ async fn plan_database(
     home: &str,
     (source, target): (&Client, &Client),
     known: Option<(String, Option<String>)>,
+    carried: bool,
     qt: Duration,
     actions: &mut Vec<Action>,
     report: &mut FinishReport,
@@ -54,6 +58,7 @@ async fn plan_database(
     let act = |on: Role, sql: String, what: String| Action {
         on,
         database: database.to_owned(),
+        slot: None,
         sql,
         what: if database == home {
             what
@@ -61,9 +66,12 @@ async fn plan_database(
             format!("database {database}: {what}")
         },
     };
+    // The forward subscription only where a cutover carried this database: another
+    // database's subscription (a third cluster's, say) is not the migration's to drop.
     let fwd = match ctl.forward_subscription_for(database) {
         Some(f) => Some(f),
-        None => lone_forward(target, qt).await?,
+        None if carried => lone_forward(target, qt).await?,
+        None => None,
     };
     if let Some(fwd) = fwd {
         let slot = timed(
@@ -87,11 +95,16 @@ async fn plan_database(
         if let Some(slot) = slot
             && count(source, SLOT_EXISTS, &slot, qt).await?
         {
-            actions.push(act(
-                Role::Source,
-                drop_slot(&slot),
-                format!("drop the forward slot {slot} on the source (it retains the source's WAL)"),
-            ));
+            actions.push(Action {
+                slot: Some(slot.clone()),
+                ..act(
+                    Role::Source,
+                    drop_slot(&slot),
+                    format!(
+                        "drop the forward slot {slot} on the source (it retains the source's WAL)"
+                    ),
+                )
+            });
         }
     } else if database == home {
         report.left_alone.push("the forward subscription is unknown (no --subscription and none journaled): drop it and its slot by hand".into());
@@ -231,18 +244,46 @@ pub async fn finish(
             } else {
                 None
             };
+            let carried = *database == home
+                || entries.iter().any(|e| {
+                    e.step == Step::Disabling && e.database.as_deref() == Some(database.as_str())
+                });
             plan_database(
                 ctl,
                 database,
                 &home,
                 (&s, &t),
                 known,
+                carried,
                 qt,
                 &mut actions,
                 &mut report,
             )
             .await?;
             sessions.push((database.clone(), s, t));
+        }
+        // A reverse slot of a database no longer in scope (or gone) still retains WAL.
+        for row in timed(
+            "target",
+            "listing reverse slots",
+            qt,
+            target.query(
+                "SELECT slot_name::text FROM pg_replication_slots WHERE slot_name LIKE 'redirect\\_reverse%'",
+                &[],
+            ),
+        )
+        .await?
+        {
+            let slot: String = row.get(0);
+            if !actions.iter().any(|a| a.slot.as_deref() == Some(slot.as_str())) {
+                actions.push(Action {
+                    on: Role::Target,
+                    database: home.clone(),
+                    sql: drop_slot(&slot),
+                    what: format!("drop the reverse slot {slot} on the target (its database is no longer cut over; it retains the target's WAL)"),
+                    slot: Some(slot),
+                });
+            }
         }
         report.left_alone.push(format!(
             "{} and the source's own publication(s): drop them when you like",
@@ -278,14 +319,38 @@ pub async fn finish(
             continue;
         };
         let c = if a.on == Role::Source { s } else { t };
-        match timed(
+        let mut result = timed(
             "server",
             "retiring replication",
             qt,
             c.batch_execute(&a.sql),
         )
-        .await
-        {
+        .await;
+        // A slot whose walsender has not exited yet is still active and was not dropped:
+        // try again for a few seconds, and say so if it stays.
+        if let (Ok(()), Some(slot)) = (&result, &a.slot) {
+            for _ in 0..25 {
+                if !count(c, SLOT_EXISTS, slot, qt).await? {
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(200)).await;
+                result = timed(
+                    "server",
+                    "retiring replication",
+                    qt,
+                    c.batch_execute(&a.sql),
+                )
+                .await;
+            }
+            if result.is_ok() && count(c, SLOT_EXISTS, slot, qt).await? {
+                report.done.push(format!(
+                    "FAILED to {}: the slot is still in use after 5 s",
+                    a.what
+                ));
+                continue;
+            }
+        }
+        match result {
             Ok(()) => report.done.push(a.what.clone()),
             Err(e) => report.done.push(format!("FAILED to {}: {e}", a.what)),
         }

@@ -167,14 +167,21 @@ pub async fn check(
     // Every database behind the VIP moves with it: each needs its writes carried. Found
     // from the catalogs, whatever the lag reading gave, and never passed by --force: a
     // database with data and nothing to carry it loses its writes for certain.
-    if logical && to == Role::Target {
+    // A rollback too: a database made on the target since the cutover, or one whose way
+    // back is gone, would lose its writes; there `--force` ("losing the target's writes")
+    // may pass it, as it passes a rollback without reverse replication.
+    if logical {
         let found = cluster::discover(ctl.dsn(from)?, &from_db, &to_db, &watch, qt).await?;
         for line in cluster::describe(&found) {
             say(line);
         }
         for d in &found {
             if let Some(problem) = &d.problem {
-                blocking.push(problem.clone());
+                if to == Role::Target {
+                    blocking.push(problem.clone());
+                } else {
+                    force_or_block(problem.clone(), &mut report, &mut blocking);
+                }
             } else if d.coverage == cluster::Coverage::Excluded {
                 report.findings.push(format!(
                     "WARNING: database {} is left out (--databases/--exclude-databases): its clients move with the VIP with no barrier, no sequence sync and no way back",
@@ -256,9 +263,10 @@ pub async fn check(
 
     // The databases this cutover carries, each over its own sessions (a lane): forward, every
     // replicated one discovery found; a rollback, every one with a reverse subscription.
-    let carried = logical && !(no_replication && req.force);
+    // A forced rollback carries the databases whose way back works, and only the others'
+    // target writes are given up.
     let home = watch.home.clone();
-    let lane_dbs: Vec<(String, Option<String>)> = if !carried {
+    let lane_dbs: Vec<(String, Option<String>)> = if !logical {
         Vec::new()
     } else if to == Role::Target {
         report
@@ -274,12 +282,13 @@ pub async fn check(
             .map(|l| {
                 l.databases
                     .iter()
-                    .filter(|d| d.subscription.is_some())
+                    .filter(|d| d.subscription.is_some() && (d.healthy || !req.force))
                     .map(|d| (d.database.clone(), d.subscription.clone()))
                     .collect()
             })
             .unwrap_or_default()
     };
+    let carried = logical && !(lane_dbs.is_empty() && no_replication && req.force);
     let mut lanes = Vec::new();
     for (name, sub) in lane_dbs {
         lanes.push(Lane::open(&name, ctl.dsn(from)?, ctl.dsn(to)?, &home, sub, None, qt).await?);
@@ -382,6 +391,11 @@ pub async fn check(
             )
             .await?,
         );
+    }
+    if carried && to == Role::Target && !lanes.is_empty() {
+        for why in reverse_capacity(&from_db, &to_db, lanes.len(), qt).await? {
+            force_or_block(why, &mut report, &mut blocking);
+        }
     }
     for m in missing {
         if m.for_rollback {
@@ -532,7 +546,7 @@ pub async fn check(
         report,
         undo: Undo::default(),
         lease: None,
-        barrier: !(no_replication && req.force),
+        barrier: carried || !logical,
         members_proxied: Vec::new(),
         fleet_hold: None,
         fleet_roster_revision: 0,
@@ -682,6 +696,85 @@ async fn check_lane(
     )
     .await?;
     Ok(out)
+}
+
+/// Room on the target for a reverse slot and walsender per database, free slots beyond those
+/// this tool made itself (they are replaced), and room on the source for an apply worker per
+/// reverse subscription: without it a reverse subscription never starts, and a rollback is not
+/// lossless.
+const TARGET_ROOM: &str = "SELECT current_setting('max_replication_slots')::int \
+     - (SELECT count(*) FROM pg_replication_slots WHERE slot_name NOT LIKE 'redirect\\_reverse%')::int, \
+     current_setting('max_wal_senders')::int - (SELECT count(*) FROM pg_stat_replication)::int";
+const SOURCE_ROOM: &str = "SELECT current_setting('max_logical_replication_workers')::int \
+     - (SELECT count(*) FROM pg_stat_subscription WHERE pid IS NOT NULL AND subname <> 'redirect_reverse')::int";
+
+async fn reverse_capacity(
+    source: &Client,
+    target: &Client,
+    databases: usize,
+    qt: Duration,
+) -> Result<Vec<String>, CutoverError> {
+    let row = timed(
+        "target",
+        "checking room for reverse slots",
+        qt,
+        target.query_one(TARGET_ROOM, &[]),
+    )
+    .await?;
+    let workers: i32 = timed(
+        "source",
+        "checking room for apply workers",
+        qt,
+        source.query_one(SOURCE_ROOM, &[]),
+    )
+    .await?
+    .get(0);
+    Ok(room_for_reverse(
+        Room {
+            slots: row.get(0),
+            senders: row.get(1),
+            workers,
+        },
+        databases,
+    ))
+}
+
+/// What the servers have room for, beyond what is in use.
+#[derive(Clone, Copy)]
+struct Room {
+    /// Replication slots on the target.
+    slots: i32,
+    /// Walsenders on the target.
+    senders: i32,
+    /// Logical replication workers on the source.
+    workers: i32,
+}
+
+/// What is short for a reverse slot, walsender and apply worker per database.
+fn room_for_reverse(room: Room, databases: usize) -> Vec<String> {
+    let want = i32::try_from(databases).unwrap_or(i32::MAX);
+    let mut short = Vec::new();
+    let mut need = |have: i32, what: &str, on: &str, setting: &str| {
+        if have < want {
+            short.push(format!(
+                "the {on} has room for {have} more {what} and a lossless rollback needs {want} (one per database): raise {setting} on the {on} (a restart)"
+            ));
+        }
+    };
+    need(
+        room.slots,
+        "replication slot(s)",
+        "target",
+        "max_replication_slots",
+    );
+    need(room.senders, "walsender(s)", "target", "max_wal_senders");
+    need(
+        room.workers,
+        "logical replication worker(s)",
+        "source",
+        "max_logical_replication_workers (and max_worker_processes)",
+    );
+    short
 }
 
 /// A rehearsal of the barrier with nothing held or fenced: it proves the marker replicates
@@ -962,5 +1055,41 @@ pub async fn prepare_barrier(
             )));
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn each_database_needs_a_reverse_slot_walsender_and_worker() {
+        let plenty = Room {
+            slots: 10,
+            senders: 10,
+            workers: 4,
+        };
+        assert!(room_for_reverse(plenty, 3).is_empty());
+        assert!(
+            room_for_reverse(plenty, 4).is_empty(),
+            "exactly enough is enough"
+        );
+        let short = room_for_reverse(plenty, 5);
+        assert_eq!(short.len(), 1, "{short:?}");
+        assert!(
+            short[0].contains("max_logical_replication_workers"),
+            "{short:?}"
+        );
+        let none = Room {
+            slots: 0,
+            senders: 1,
+            workers: 9,
+        };
+        let short = room_for_reverse(none, 2);
+        assert!(
+            short[0].contains("room for 0 more replication slot(s)"),
+            "{short:?}"
+        );
+        assert!(short[1].contains("max_wal_senders"), "{short:?}");
     }
 }

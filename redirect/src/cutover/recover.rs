@@ -259,13 +259,22 @@ async fn roll_back(ctl: &Arc<Controller>, from: Role, to: Role, steps: &[Entry])
             .filter(in_db)
             .filter_map(|e| e.subscription.clone())
             .collect();
-        let slot = steps
+        // The name the journal recorded (an older journal: derived as that version did).
+        let slot: Option<String> = steps
             .iter()
             .filter(in_db)
-            .any(|e| e.step == Step::CreatingReverseSlot);
+            .find(|e| e.step == Step::CreatingReverseSlot)
+            .map(|e| {
+                e.slot
+                    .clone()
+                    .unwrap_or_else(|| lane::reverse_slot(&database, &home))
+            });
         let Some(db) = connect(ctl, to, &database).await else {
             did.push(named(format!(
-                "the {to} is unreachable: re-enable subscription(s) {disabled:?} there by hand"
+                "the {to} is unreachable: re-enable subscription(s) {disabled:?} there by hand{}",
+                slot.as_ref()
+                    .map(|s| format!(", and drop the reverse slot {s} (it retains WAL)"))
+                    .unwrap_or_default()
             )));
             continue;
         };
@@ -285,8 +294,7 @@ async fn roll_back(ctl: &Arc<Controller>, from: Role, to: Role, steps: &[Entry])
                 ))),
             }
         }
-        if slot {
-            let reverse_slot = lane::reverse_slot(&database, &home);
+        if let Some(reverse_slot) = slot {
             let r = crate::pg::timed(
                 "target",
                 "dropping the reverse slot",
@@ -356,7 +364,22 @@ async fn after_flip_in(
         .as_ref()
         .map_or(Duration::from_secs(5), |d| d.query_timeout);
     let in_db = |e: &&Entry| e.database.as_deref().unwrap_or(home) == database;
-    let slot = lane::reverse_slot(database, home);
+    // Forward: the reverse slot the journal recorded. Rollback: the reverse subscription's
+    // slot, which its `disabling` entry recorded.
+    let recorded = if to == Role::Target {
+        steps
+            .iter()
+            .filter(in_db)
+            .find(|e| e.step == Step::CreatingReverseSlot)
+            .and_then(|e| e.slot.clone())
+    } else {
+        steps
+            .iter()
+            .filter(in_db)
+            .find(|e| e.step == Step::Disabling)
+            .and_then(|e| e.slot.clone())
+    };
+    let slot = recorded.unwrap_or_else(|| lane::reverse_slot(database, home));
     let way_back = replication::ReverseTarget {
         database,
         slot: &slot,

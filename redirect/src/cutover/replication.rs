@@ -61,8 +61,13 @@ pub async fn turn_around(run: &mut Run) -> Result<(), CutoverError> {
     if !run.logical {
         return promote(run).await;
     }
+    if run.to == Role::Source {
+        // A forced rollback: a database it does not carry must not keep applying the
+        // target's changes onto the source once clients write there.
+        stop_uncarried_reverse(run).await?;
+    }
     if !run.barrier {
-        // Forced rollback with no working replication: nothing to stop.
+        // Forced rollback with no working replication: nothing else to stop.
         run.report.reverse_replication = "none (forced)".into();
         return run
             .rec
@@ -131,6 +136,42 @@ pub async fn turn_around(run: &mut Run) -> Result<(), CutoverError> {
     Ok(())
 }
 
+/// Disables the reverse subscription of every database a (forced) rollback does not carry.
+async fn stop_uncarried_reverse(run: &Run) -> Result<(), CutoverError> {
+    let subs = run
+        .query(
+            Phase::Reverse,
+            "source",
+            "listing the reverse subscriptions",
+            run.to_db.query(crate::pg::lag::CLUSTER_SUBSCRIPTIONS, &[]),
+        )
+        .await?;
+    for row in subs {
+        let (database, name, enabled): (String, String, bool) =
+            (row.get(0), row.get(1), row.get(2));
+        if name != REVERSE || !enabled || run.lanes.iter().any(|l| l.database == database) {
+            continue;
+        }
+        let source = run
+            .ctl
+            .dsn(Role::Source)?
+            .for_database(&database)
+            .connect()
+            .await?;
+        run.query(
+            Phase::Reverse,
+            "source",
+            "disabling an uncarried reverse subscription",
+            source.batch_execute(&format!("ALTER SUBSCRIPTION {REVERSE} DISABLE")),
+        )
+        .await?;
+        run.rec.say(format!(
+            "reverse   database {database}: not carried (forced): its reverse subscription is disabled"
+        ));
+    }
+    Ok(())
+}
+
 /// One database, its forward subscription already stopped: the reverse slot (forward
 /// cutover), or the rollback point (rollback). Returns what the report says of it.
 async fn turn_around_lane(run: &mut Run, i: usize) -> Result<String, CutoverError> {
@@ -150,6 +191,7 @@ async fn turn_around_lane(run: &mut Run, i: usize) -> Result<String, CutoverErro
             Entry {
                 step: Step::CreatingReverseSlot,
                 database: Some(lane.database.clone()),
+                slot: Some(lane.reverse_slot.clone()),
                 detail: format!("creating slot {} on the target", lane.reverse_slot),
                 ..Entry::default()
             },
@@ -249,6 +291,7 @@ async fn reverse_before_hold_lane(run: &mut Run, i: usize) {
     let entry = Entry {
         step: Step::CreatingReverseSlot,
         database: Some(database.clone()),
+        slot: Some(slot.clone()),
         detail: format!("creating slot {slot} on the target, before the hold"),
         ..Entry::default()
     };
@@ -576,9 +619,10 @@ pub async fn after_flip(run: &mut Run) {
         } else {
             let point = lane.rollback_point.clone().unwrap_or_default();
             let forward = ctl.forward_subscription_for(&lane.database);
+            // The reverse subscription's own slot, as the catalog named it at preflight.
             let way_back = ReverseTarget {
                 database: &lane.database,
-                slot: &lane.reverse_slot,
+                slot: lane.slot.as_deref().unwrap_or(&lane.reverse_slot),
             };
             restart_forward(
                 &lane.to_db,

@@ -68,9 +68,19 @@ impl CatchUp {
             Role::Source => (source, target),
             Role::Target => (target, source),
         };
-        let watch = ctl
+        let mut watch = ctl
             .watch_for(replica)
             .map_err(|e| VerifyError::BadRequest(e.to_string()))?;
+        // The sessions' database's own subscription, not the DSNs' database's.
+        let database: String = timed(
+            replica.name(),
+            "reading the database",
+            timeout,
+            rdb.query_one("SELECT current_database()::text", &[]),
+        )
+        .await?
+        .get(0);
+        watch.subscription = watch.named_for(&database).map(str::to_owned);
         let applied = match watch.replication {
             Replication::Physical => Applied::Replay,
             Replication::Logical => {

@@ -134,7 +134,7 @@ pub async fn verify(
             "--chunk-rows and --rate must be at least 1".into(),
         ));
     }
-    let databases = databases_to_compare(ctl, &req).await?;
+    let databases = databases_to_compare(ctl, &req, &progress).await?;
     let many = databases.len() > 1;
     let mut reports = Vec::new();
     let mut consistency = Vec::new();
@@ -226,6 +226,7 @@ pub async fn verify(
 async fn databases_to_compare(
     ctl: &Controller,
     req: &VerifyRequest,
+    progress: &UnboundedSender<String>,
 ) -> Result<Vec<String>, VerifyError> {
     let dbs = ctl.db.as_ref().ok_or(VerifyError::NoDatabases)?;
     let home = dbs.source.database().to_owned();
@@ -247,9 +248,32 @@ async fn databases_to_compare(
         .map_err(|e| VerifyError::BadRequest(e.to_string()))?;
     let subs = crate::pg::lag::cluster_subscriptions(&target, "target", dbs.query_timeout).await?;
     let mut out = vec![home.clone()];
-    for (db, chosen) in crate::pg::lag::choose(&subs, &watch) {
-        if chosen.is_ok() && db != home && on_source.contains(&db) {
+    let mut add = |db: String| {
+        if on_source.contains(&db) && on_target.contains(&db) && !out.contains(&db) {
             out.push(db);
+        }
+    };
+    for (db, chosen) in crate::pg::lag::choose(&subs, &watch) {
+        match chosen {
+            Ok(_) => add(db),
+            // Compared all the same (as they are), and the reason said.
+            Err(why) => {
+                let _ = progress.send(format!(
+                    "database {db}: its replication cannot be used to wait for a consistent point ({why})"
+                ));
+                add(db);
+            }
+        }
+    }
+    // The databases earlier cutovers carried, whose subscriptions `finish` may have retired.
+    if let Ok(entries) = crate::cutover::journal::read(&ctl.journal_path) {
+        for e in entries
+            .iter()
+            .filter(|e| e.step == crate::cutover::journal::Step::Disabling)
+        {
+            if let Some(db) = &e.database {
+                add(db.clone());
+            }
         }
     }
     Ok(out)

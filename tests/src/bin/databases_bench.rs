@@ -43,8 +43,31 @@ fn controller_for(lab: &mut Lab, n: usize) {
     lab.start_redirect(&flags);
 }
 
+/// Waits, as an operator would, until every covered database's replication is healthy (a
+/// subscription enabled after a flip takes a few seconds to start its apply worker).
+fn healthy(lab: &Lab) -> bool {
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while std::time::Instant::now() < deadline {
+        let out = lab.redirect(&["lag", "--json"]);
+        if serde_json::from_slice::<serde_json::Value>(&out.stdout)
+            .is_ok_and(|l| l["healthy"] == true)
+        {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(250));
+    }
+    false
+}
+
 /// One flip to `to` under the workload in the first and the last covered database.
 fn cutover(lab: &Lab, servers: (&Pg, &Pg), n: usize, to: &str, round: i32, s: &mut Samples) {
+    if !healthy(lab) {
+        s.failed.push(format!(
+            "replication not healthy within 30 s before the flip to the {to}: {}",
+            lab.redirect_ok(&["lag"]).trim()
+        ));
+        return;
+    }
     let dbs = if n == 1 {
         vec![DATABASES[0]]
     } else {
@@ -98,8 +121,16 @@ fn main() {
         .unwrap_or(5);
     let t0 = std::time::Instant::now();
     let mut lab = Lab::new("dbb");
-    let source = pg::start(&mut lab, Ns::Source, "source", &[]);
-    let target = pg::start(&mut lab, Ns::Target, "target", &[]);
+    // A subscription (forward, and reverse after a cutover) per database: more apply workers,
+    // slots and walsenders than the lab's defaults.
+    let conf = [
+        "max_logical_replication_workers = 12",
+        "max_worker_processes = 24",
+        "max_replication_slots = 20",
+        "max_wal_senders = 20",
+    ];
+    let source = pg::start(&mut lab, Ns::Source, "source", &conf);
+    let target = pg::start(&mut lab, Ns::Target, "target", &conf);
     pg::setup_logical(&lab, &source, &target);
     for db in &DATABASES[1..] {
         pg::replicate_database(&lab, &source, &target, db);
