@@ -143,15 +143,25 @@ impl Journal {
     }
 
     /// Appends `entry` (stamping its time) and fsyncs.
-    pub fn append(&mut self, mut entry: Entry) -> Result<(), JournalError> {
-        entry.time = now_rfc3339();
-        let mut line = serde_json::to_string(&entry).expect("journal entries serialize");
-        line.push('\n');
+    pub fn append(&mut self, entry: Entry) -> Result<(), JournalError> {
+        self.append_all(vec![entry])
+    }
+
+    /// Appends `entries` (stamping their time) with one write and one fsync: the steps of
+    /// several databases at once, inside the write pause, cost one disk flush, not one each.
+    pub fn append_all(&mut self, entries: Vec<Entry>) -> Result<(), JournalError> {
+        let time = now_rfc3339();
+        let mut lines = String::new();
+        for mut entry in entries {
+            entry.time.clone_from(&time);
+            lines.push_str(&serde_json::to_string(&entry).expect("journal entries serialize"));
+            lines.push('\n');
+        }
         let err = |source| JournalError {
             path: self.path.clone(),
             source,
         };
-        self.file.write_all(line.as_bytes()).map_err(err)?;
+        self.file.write_all(lines.as_bytes()).map_err(err)?;
         self.file.sync_data().map_err(err)
     }
 }

@@ -329,6 +329,26 @@ impl Recorder {
         Ok(())
     }
 
+    /// [`Self::log`] for several entries at once (one per database), with one fsync.
+    pub fn log_all(&mut self, since: Instant, entries: Vec<Entry>) -> Result<(), CutoverError> {
+        let ms = since.elapsed().as_secs_f64() * 1000.0;
+        let mut stamped = Vec::with_capacity(entries.len());
+        for entry in entries {
+            let step = entry.step.to_string();
+            self.steps.push((step.clone(), ms));
+            self.say(format!("{step:<10} {ms:>8.1} ms  {}", entry.detail));
+            stamped.push(Entry {
+                cutover: self.id.clone(),
+                from: Some(self.from),
+                to: Some(self.to),
+                duration_ms: Some(ms),
+                ..entry
+            });
+        }
+        self.journal.append_all(stamped)?;
+        Ok(())
+    }
+
     /// `log` for a step with only a detail.
     pub fn step(
         &mut self,

@@ -73,17 +73,17 @@ pub async fn turn_around(run: &mut Run) -> Result<(), CutoverError> {
             .rec
             .step(Step::Reverse, t, "no replication to turn around (forced)");
     }
-    // Write-ahead, every database first: a successor re-enables each if we die from here
-    // on before the flip.
-    for i in 0..run.lanes.len() {
-        let lane = &run.lanes[i];
+    // Write-ahead, every database first (one fsync for all): a successor re-enables each
+    // if we die from here on before the flip.
+    let mut entries = Vec::with_capacity(run.lanes.len());
+    for lane in &run.lanes {
         let sub = lane.subscription.clone().ok_or_else(|| {
             CutoverError::abort(
                 Phase::Reverse,
                 format!("{}the subscription to stop is unknown", lane.prefix()),
             )
         })?;
-        let entry = Entry {
+        entries.push(Entry {
             step: Step::Disabling,
             subscription: Some(sub.clone()),
             slot: lane.slot.clone(),
@@ -93,9 +93,11 @@ pub async fn turn_around(run: &mut Run) -> Result<(), CutoverError> {
                 run.to, lane.database
             ),
             ..Entry::default()
-        };
-        run.rec.log(Instant::now(), entry)?;
-        run.lanes[i].disabled_subscription = true;
+        });
+    }
+    run.rec.log_all(Instant::now(), entries)?;
+    for lane in &mut run.lanes {
+        lane.disabled_subscription = true;
     }
     // Side by side: this is inside the write pause.
     let shared: &Run = run;
@@ -114,26 +116,26 @@ pub async fn turn_around(run: &mut Run) -> Result<(), CutoverError> {
         }
     }))
     .await?;
-    let mut said = Vec::new();
-    for i in 0..run.lanes.len() {
-        let what = turn_around_lane(run, i).await?;
-        said.push(what);
-    }
+    let said = if run.to == Role::Target {
+        make_reverse_slots(run).await?
+    } else {
+        rollback_points(run).await?
+    };
     run.report.reverse_replication = summary(&run.lanes, &said);
-    for (lane, detail) in run.lanes.iter().zip(&said) {
-        run.rec.log(
-            t,
-            Entry {
-                step: Step::Reverse,
-                subscription: lane.subscription.clone(),
-                source_lsn: lane.rollback_point.clone(),
-                database: Some(lane.database.clone()),
-                detail: detail.clone(),
-                ..Entry::default()
-            },
-        )?;
-    }
-    Ok(())
+    let entries = run
+        .lanes
+        .iter()
+        .zip(&said)
+        .map(|(lane, detail)| Entry {
+            step: Step::Reverse,
+            subscription: lane.subscription.clone(),
+            source_lsn: lane.rollback_point.clone(),
+            database: Some(lane.database.clone()),
+            detail: detail.clone(),
+            ..Entry::default()
+        })
+        .collect();
+    run.rec.log_all(t, entries)
 }
 
 /// Disables the reverse subscription of every database a (forced) rollback does not carry.
@@ -172,59 +174,101 @@ async fn stop_uncarried_reverse(run: &Run) -> Result<(), CutoverError> {
     Ok(())
 }
 
-/// One database, its forward subscription already stopped: the reverse slot (forward
-/// cutover), or the rollback point (rollback). Returns what the report says of it.
-async fn turn_around_lane(run: &mut Run, i: usize) -> Result<String, CutoverError> {
-    let applied = run.report.applied_lsn.clone().unwrap_or_default();
-    if run.to == Role::Target && run.lanes[i].reverse_ready {
-        // Made before the hold; its slot has kept every target write since.
-        run.lanes[i].reverse_slot_made = true;
-        return Ok(format!(
-            "subscription {REVERSE} on the source, made before the hold (origin = none): rollback is lossless{}",
-            failover_suffix(&run.lanes[i])
-        ));
-    }
-    if run.to == Role::Target {
-        let lane = &run.lanes[i];
-        run.rec.log(
-            Instant::now(),
+/// A forward cutover, every forward subscription stopped: each database's reverse slot, made
+/// side by side (a logical slot waits for running transactions, so one after another would
+/// lengthen the write pause by each database's wait), each journaled first, with one fsync.
+/// A database whose reverse replication was made before the hold has its slot already.
+/// Returns what the report says of each.
+async fn make_reverse_slots(run: &mut Run) -> Result<Vec<String>, CutoverError> {
+    let pending: Vec<usize> = (0..run.lanes.len())
+        .filter(|&i| !run.lanes[i].reverse_ready)
+        .collect();
+    let entries = pending
+        .iter()
+        .map(|&i| {
+            let lane = &run.lanes[i];
             Entry {
                 step: Step::CreatingReverseSlot,
                 database: Some(lane.database.clone()),
                 slot: Some(lane.reverse_slot.clone()),
                 detail: format!("creating slot {} on the target", lane.reverse_slot),
                 ..Entry::default()
-            },
-        )?;
+            }
+        })
+        .collect::<Vec<_>>();
+    if !entries.is_empty() {
+        run.rec.log_all(Instant::now(), entries)?;
+    }
+    for &i in &pending {
         run.lanes[i].made_reverse_slot = true;
-        return match create_reverse_slot(run, &run.lanes[i]).await {
+    }
+    let shared: &Run = run;
+    let made = futures_util::future::join_all(
+        pending
+            .iter()
+            .map(|&i| create_reverse_slot(shared, &shared.lanes[i])),
+    )
+    .await;
+    let applied = run.report.applied_lsn.clone().unwrap_or_default();
+    let mut made = pending.into_iter().zip(made);
+    let mut said = Vec::with_capacity(run.lanes.len());
+    let mut failed = None;
+    for i in 0..run.lanes.len() {
+        if run.lanes[i].reverse_ready {
+            // Made before the hold; its slot has kept every target write since.
+            run.lanes[i].reverse_slot_made = true;
+            said.push(format!(
+                "subscription {REVERSE} on the source, made before the hold (origin = none): rollback is lossless{}",
+                failover_suffix(&run.lanes[i])
+            ));
+            continue;
+        }
+        let Some((_, result)) = made.next() else {
+            break;
+        };
+        match result {
             Ok(failover) => {
                 let lane = &mut run.lanes[i];
                 lane.reverse_slot_made = true;
                 lane.reverse_failover = failover;
-                Ok(format!(
+                said.push(format!(
                     "slot {} on the target from {applied}{}",
                     lane.reverse_slot,
                     failover_suffix(lane)
-                ))
+                ));
             }
-            Err(e) if run.req.force => Ok(format!("NONE (forced): {e}")),
-            Err(e) => Err(e),
-        };
+            Err(e) if run.req.force => said.push(format!("NONE (forced): {e}")),
+            Err(e) => {
+                failed.get_or_insert(e);
+                said.push(String::new());
+            }
+        }
     }
-    // Rollback: the reverse apply is stopped; everything it brought is before this LSN.
-    let lane = &run.lanes[i];
+    match failed {
+        Some(e) => Err(e),
+        None => Ok(said),
+    }
+}
+
+/// A rollback, every reverse apply stopped: everything they brought is before this LSN. The
+/// WAL is the cluster's, so one reading after every stop is each database's rollback point.
+async fn rollback_points(run: &mut Run) -> Result<Vec<String>, CutoverError> {
     let lsn: String = run
         .query(
             Phase::Reverse,
             "source",
             "reading the rollback point",
-            lane.to_db.query_one(CURRENT_LSN, &[]),
+            run.to_db.query_one(CURRENT_LSN, &[]),
         )
         .await?
         .get(0);
-    run.lanes[i].rollback_point = Some(lsn);
-    Ok(format!("reverse subscription {REVERSE} stopped"))
+    for lane in &mut run.lanes {
+        lane.rollback_point = Some(lsn.clone());
+    }
+    Ok(vec![
+        format!("reverse subscription {REVERSE} stopped");
+        run.lanes.len()
+    ])
 }
 
 /// The report's line for every database: the one database's own words, or each one's.
