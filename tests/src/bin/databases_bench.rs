@@ -119,6 +119,12 @@ fn main() {
         .nth(1)
         .and_then(|a| a.parse().ok())
         .unwrap_or(5);
+    // `databases_bench N 17`: both servers PostgreSQL 17, where the reverse slots are made
+    // before the hold (origin = none) and the pause holds only the stops.
+    let major = std::env::args()
+        .nth(2)
+        .and_then(|a| a.parse().ok())
+        .map_or(pg::Major::DEBIAN, pg::Major);
     let t0 = std::time::Instant::now();
     let mut lab = Lab::new("dbb");
     // A subscription (forward, and reverse after a cutover) per database: more apply workers,
@@ -129,8 +135,8 @@ fn main() {
         "max_replication_slots = 20",
         "max_wal_senders = 20",
     ];
-    let source = pg::start(&mut lab, Ns::Source, "source", &conf);
-    let target = pg::start(&mut lab, Ns::Target, "target", &conf);
+    let source = pg::start_version(&mut lab, Ns::Source, "source", major, &conf);
+    let target = pg::start_version(&mut lab, Ns::Target, "target", major, &conf);
     pg::setup_logical(&lab, &source, &target);
     for db in &DATABASES[1..] {
         pg::replicate_database(&lab, &source, &target, db);
@@ -168,13 +174,14 @@ fn main() {
         md,
         "# Write pause by number of databases\n\n\
          `cargo xtask bench --databases` (tests/src/bin/databases_bench.rs), {rounds} rounds, {:.0} s \
-         in all, on a 2-core machine. One lab with five databases, each replicated by a \
+         in all, on a 2-core machine, PostgreSQL {} on both servers. One lab with five databases, each replicated by a \
          subscription of its own. The controller is restarted with `--databases` naming the first \
          1, 2 or 5; the three are interleaved, the order rotating each round. A round is a cutover \
          and a rollback for each, under the ledger workload in the first and the last database \
          covered. The write pause is from the fence to the flip, as the controller measures it; \
          the barrier (a marker in every database, side by side) is inside it.\n",
-        t0.elapsed().as_secs_f64()
+        t0.elapsed().as_secs_f64(),
+        major.0
     );
     md.push_str("| databases | flips | write pause p50 | p90 | vs 1 database (p50) | barrier p50 | hold p50 | acked writes | lost | failed |\n|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n");
     for (n, s) in SIZES.iter().zip(&samples) {
@@ -200,7 +207,7 @@ fn main() {
     print!("{md}");
     let path =
         std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../docs/benchmarks-databases.md");
-    std::fs::write(&path, &md).expect("writing docs/benchmarks-databases.md");
+    std::fs::write(&path, &md).expect("writing the benchmark's doc");
     eprintln!("wrote {}", path.display());
     let lost: usize = samples.iter().map(|s| s.lost).sum();
     assert_eq!(lost, 0, "acknowledged writes were lost");
