@@ -52,6 +52,9 @@ pub enum Request {
         /// `--etcd-timeout`; absent: the default.
         #[serde(default)]
         etcd_timeout_ms: Option<u64>,
+        /// `--lag-wait`; absent: the default.
+        #[serde(default)]
+        lag_wait_ms: Option<u64>,
     },
     /// A mechanical fix for a guardrail finding: printed, and applied only with `apply`.
     FixReplicaIdentity {
@@ -311,8 +314,11 @@ async fn handle(stream: UnixStream, ctl: Arc<Controller>) -> std::io::Result<()>
             allow,
             max_transaction_age_ms,
             etcd_timeout_ms,
+            lag_wait_ms,
         } => {
             let req = FlipRequest {
+                lag_wait: lag_wait_ms
+                    .map_or(crate::cutover::DEFAULT_LAG_WAIT, Duration::from_millis),
                 etcd_timeout: etcd_timeout_ms
                     .map_or(crate::cutover::DEFAULT_ETCD_TIMEOUT, Duration::from_millis),
                 allow,

@@ -254,6 +254,99 @@ fn broken_replication_or_lag_is_refused_before_anything_changes() {
     assert_source_serves(&c);
 }
 
+/// A target whose apply is held back (a lock on the table it applies to) is healthy but
+/// behind. A flip waits for it, holding nothing, for up to --lag-wait: given too little, it
+/// refuses, having said it waited; once the lock goes, the same flip cuts over, losing
+/// nothing written while it waited.
+#[test]
+fn a_replica_catching_up_is_waited_for_and_one_that_stays_behind_is_refused() {
+    let mut c = setup("wait", &[]);
+    let lock_acks = |c: &mut Cutover, secs: u32, name: &str| {
+        let lab = Arc::get_mut(&mut c.lab).expect("no other handle on the lab");
+        pg::spawn_psql(
+            lab,
+            Ns::Target,
+            &c.target,
+            &format!(
+                "BEGIN; LOCK TABLE acks IN ACCESS EXCLUSIVE MODE; SELECT pg_sleep({secs}); COMMIT"
+            ),
+            name,
+        );
+        wait_for(Duration::from_secs(20), "the lock on the target", || {
+            psql(
+                &c.lab,
+                Ns::Target,
+                &c.target,
+                "SELECT count(*) FROM pg_locks WHERE relation = 'acks'::regclass AND mode = 'AccessExclusiveLock' AND granted",
+            ) == "1"
+        });
+    };
+    let pile_up = |c: &Cutover, writer: i32| {
+        psql(
+            &c.lab,
+            Ns::Source,
+            &c.source,
+            &format!(
+                "INSERT INTO acks (writer, seq) SELECT {writer}, g FROM generate_series(1, 5000) g"
+            ),
+        );
+    };
+
+    // Held back for longer than --lag-wait: refused, after waiting, with nothing changed.
+    lock_acks(&mut c, 60, "locker-long");
+    pile_up(&c, -1);
+    let started = std::time::Instant::now();
+    let out = flip(
+        &c.lab,
+        &["--to", "target", "--max-lag", "64kB", "--lag-wait", "2s"],
+    );
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{err}");
+    assert!(
+        err.contains("waiting for replication to catch up")
+            && err.contains("preflight failed")
+            && err.contains("above --max-lag"),
+        "{err}"
+    );
+    assert!(started.elapsed() >= Duration::from_secs(2), "it waited");
+    psql(
+        &c.lab,
+        Ns::Target,
+        &c.target,
+        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE query LIKE '%LOCK TABLE acks%' AND pid <> pg_backend_pid()",
+    );
+    assert_source_serves(&c);
+
+    // Held back for a few seconds: the default --lag-wait sees it through.
+    lock_acks(&mut c, 4, "locker-short");
+    pile_up(&c, -2);
+    let out = flip(
+        &c.lab,
+        &[
+            "--to",
+            "target",
+            "--max-lag",
+            "64kB",
+            "--drain-timeout",
+            "2s",
+        ],
+    );
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{err}");
+    assert!(err.contains("waiting for replication to catch up"), "{err}");
+    assert_eq!(c.lab.status()["active"], "target");
+    assert_eq!(
+        psql(
+            &c.lab,
+            Ns::Target,
+            &c.target,
+            "SELECT count(*) FROM acks WHERE writer IN (-1, -2)"
+        ),
+        "10000",
+        "what was written while the flip waited is on the target"
+    );
+}
+
 /// The target down: a flip is refused; the lag stops being reported healthy (so the
 /// unhealthy alert can fire, instead of the last good reading staying green); and a
 /// controller restarted meanwhile starts anyway, because its pinned datapath is serving.

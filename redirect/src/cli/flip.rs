@@ -33,6 +33,11 @@ pub struct Args {
     /// Refuse to start while replication lag is above this long.
     #[arg(long, value_parser = humantime::parse_duration, default_value = "5s")]
     pub max_lag_time: Duration,
+    /// Before refusing for lag, wait this long for healthy replication to catch up (right
+    /// after a rollback the forward slot is behind for a few seconds). Nothing is held or
+    /// fenced while it waits; 0s refuses at once.
+    #[arg(long, value_parser = humantime::parse_duration, default_value = "30s")]
+    pub lag_wait: Duration,
     /// Give up (and roll back) if the new server has not caught up within this.
     #[arg(long, value_parser = humantime::parse_duration, default_value = "10s")]
     pub timeout: Duration,
@@ -155,6 +160,7 @@ fn safe(args: &Args, socket: &Path, rt: &tokio::runtime::Runtime) -> anyhow::Res
         allow: args.allow.clone(),
         max_transaction_age_ms: Some(millis(args.max_transaction_age)),
         etcd_timeout_ms: Some(millis(args.etcd_timeout)),
+        lag_wait_ms: Some(millis(args.lag_wait)),
     };
     let report = rt
         .block_on(control::call(socket, &req, |p| {

@@ -52,6 +52,45 @@ const SUBSCRIBED_TABLES: &str = "SELECT format('%I.%I', n.nspname, c.relname) FR
      JOIN pg_namespace n ON n.oid = c.relnamespace WHERE s.subname = $1 \
      AND s.subdbid = (SELECT oid FROM pg_database WHERE datname = current_database())";
 
+/// The lag, measured until it passes the gate, or fails it for a reason waiting will not
+/// mend, or `--lag-wait` has passed. Nothing is held meanwhile: clients keep writing to the
+/// old server. A dry run and `--force` measure once.
+async fn settle_lag(
+    from_db: &Client,
+    to_db: &Client,
+    watch: &Watch,
+    req: &FlipRequest,
+    qt: Duration,
+    say: &impl Fn(String),
+) -> Result<lag::ReplicaLag, crate::pg::PgError> {
+    const EVERY: Duration = Duration::from_millis(250);
+    const SAY_EVERY: Duration = Duration::from_secs(2);
+    let wait = if req.dry_run || req.force {
+        Duration::ZERO
+    } else {
+        req.lag_wait
+    };
+    let started = Instant::now();
+    let mut said: Option<Instant> = None;
+    loop {
+        let l = lag::measure(from_db, to_db, watch, qt).await?;
+        match lag::gate(&l, req.max_lag_bytes, req.max_lag_time) {
+            Err(why) if why.is_catching_up() && started.elapsed() < wait => {
+                if said.is_none_or(|t| t.elapsed() >= SAY_EVERY) {
+                    say(format!(
+                        "waiting for replication to catch up: {why} ({:.0}s of --lag-wait {:?} left)",
+                        wait.saturating_sub(started.elapsed()).as_secs_f64(),
+                        wait
+                    ));
+                    said = Some(Instant::now());
+                }
+                tokio::time::sleep(EVERY).await;
+            }
+            _ => return Ok(l),
+        }
+    }
+}
+
 /// What preflight decided.
 pub enum Outcome {
     /// A dry run, or nothing to do: the report is the answer.
@@ -128,7 +167,7 @@ pub async fn check(
     // Replication health and lag. A rollback without working reverse replication cannot be
     // lossless; with --force it goes ahead without a barrier, and says so.
     let mut no_replication = false;
-    match lag::measure(&from_db, &to_db, &watch, qt).await {
+    match settle_lag(&from_db, &to_db, &watch, &req, qt, &say).await {
         Ok(l) => {
             say(format!(
                 "lag: {} bytes, {:.3} s ({})",
@@ -146,7 +185,7 @@ pub async fn check(
                         l.problems.join("; ")
                     )
                 } else {
-                    why
+                    why.to_string()
                 };
                 force_or_block(why, &mut report, &mut blocking);
             }

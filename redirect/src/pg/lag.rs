@@ -549,39 +549,84 @@ pub async fn subscription_name(
     })
 }
 
+/// Why the lag gate holds a cutover back.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Refusal {
+    /// Replication is broken: waiting will not mend it.
+    Unhealthy(Vec<String>),
+    /// A replica's position cannot be read: never taken as zero.
+    Unknown,
+    /// Healthy but behind by more than `--max-lag`: in these databases.
+    TooManyBytes {
+        bytes: u64,
+        max_bytes: u64,
+        databases: Vec<String>,
+    },
+    /// Healthy but behind by more than `--max-lag-time`.
+    TooLong { seconds: f64, max: Duration },
+}
+
+impl Refusal {
+    /// Whether a healthy replica catching up could clear it: a cutover right after a
+    /// rollback finds the forward slot re-decoding from its restart point, behind for a
+    /// few seconds, and an operator retrying by hand would only be waiting for that.
+    #[must_use]
+    pub fn is_catching_up(&self) -> bool {
+        matches!(self, Self::TooManyBytes { .. } | Self::TooLong { .. })
+    }
+}
+
+impl std::fmt::Display for Refusal {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Unhealthy(problems) => {
+                write!(f, "replication is not healthy: {}", problems.join("; "))
+            }
+            Self::Unknown => f.write_str("lag is unknown (a replica's position cannot be read)"),
+            Self::TooManyBytes {
+                bytes,
+                max_bytes,
+                databases,
+            } => {
+                write!(f, "lag is {bytes} bytes, above --max-lag {max_bytes} bytes")?;
+                if !databases.is_empty() {
+                    write!(f, " (database {})", databases.join(", "))?;
+                }
+                Ok(())
+            }
+            Self::TooLong { seconds, max } => {
+                write!(f, "lag is {seconds:.3}s, above --max-lag-time {max:?}")
+            }
+        }
+    }
+}
+
 /// Whether a cutover may start: replication healthy and lag within both limits, in every
 /// database.
-pub fn gate(lag: &ReplicaLag, max_bytes: u64, max_time: Duration) -> Result<(), String> {
+pub fn gate(lag: &ReplicaLag, max_bytes: u64, max_time: Duration) -> Result<(), Refusal> {
     if !lag.healthy {
-        return Err(format!(
-            "replication is not healthy: {}",
-            lag.problems.join("; ")
-        ));
+        return Err(Refusal::Unhealthy(lag.problems.clone()));
     }
     let Some(bytes) = lag.bytes else {
-        return Err("lag is unknown (a replica's position cannot be read)".to_owned());
+        return Err(Refusal::Unknown);
     };
     if bytes > max_bytes {
-        let worst = lag
-            .databases
-            .iter()
-            .filter(|d| d.bytes.is_some_and(|b| b > max_bytes))
-            .map(|d| d.database.as_str())
-            .collect::<Vec<_>>();
-        return Err(format!(
-            "lag is {bytes} bytes, above --max-lag {max_bytes} bytes{}",
-            if worst.is_empty() {
-                String::new()
-            } else {
-                format!(" (database {})", worst.join(", "))
-            }
-        ));
+        return Err(Refusal::TooManyBytes {
+            bytes,
+            max_bytes,
+            databases: lag
+                .databases
+                .iter()
+                .filter(|d| d.bytes.is_some_and(|b| b > max_bytes))
+                .map(|d| d.database.clone())
+                .collect(),
+        });
     }
     if lag.seconds > max_time.as_secs_f64() {
-        return Err(format!(
-            "lag is {:.3}s, above --max-lag-time {:?}",
-            lag.seconds, max_time
-        ));
+        return Err(Refusal::TooLong {
+            seconds: lag.seconds,
+            max: max_time,
+        });
     }
     Ok(())
 }
@@ -695,24 +740,34 @@ mod tests {
         assert!(
             gate(&lag(Some((1 << 20) + 1), 0.1, true), 1 << 20, max)
                 .unwrap_err()
+                .to_string()
                 .contains("above --max-lag")
         );
         assert!(
             gate(&lag(Some(0), 6.0, true), 1 << 20, max)
                 .unwrap_err()
+                .to_string()
                 .contains("--max-lag-time")
         );
         assert!(
             gate(&lag(Some(0), 0.0, false), 1 << 20, max)
                 .unwrap_err()
+                .to_string()
                 .contains("slot inactive")
         );
         assert!(
             gate(&lag(None, 0.0, true), 1 << 20, max)
                 .unwrap_err()
+                .to_string()
                 .contains("unknown"),
             "unknown lag never passes"
         );
+        // Only a healthy replica that is behind is worth waiting for.
+        let behind = |l: &ReplicaLag| gate(l, 1 << 20, max).unwrap_err().is_catching_up();
+        assert!(behind(&lag(Some((1 << 20) + 1), 0.1, true)));
+        assert!(behind(&lag(Some(0), 6.0, true)));
+        assert!(!behind(&lag(Some((1 << 20) + 1), 0.1, false)));
+        assert!(!behind(&lag(None, 0.0, true)));
     }
 
     #[test]
