@@ -117,6 +117,10 @@ pub mod cutover {
     /// host alone), a lapse lifts both, because that host's old server is still the truth.
     pub const LAPSE_CLOSED: u32 = 1;
 
+    /// How long a controller's hold and fence last without a renewal: long enough to ride
+    /// out a stalled renewal, short enough that a dead controller strands nobody for long.
+    pub const LEASE_NS: u64 = 1_500_000_000;
+
     impl Cutover {
         pub const IDLE: Self = Self {
             hold_until_ns: 0,
@@ -152,6 +156,51 @@ pub mod cutover {
                 && self.hold_until_ns != 0
                 && now >= self.hold_until_ns
                 && (self.fenced_backend == NO_FENCE || self.fenced_backend == active)
+        }
+
+        /// The lease a controller writes and renews: new SYNs parked until `now_ns +
+        /// lease_ns`, and, once `fencing`, data to `fenced_backend` dropped until then too.
+        #[must_use]
+        pub const fn leased(
+            fenced_backend: u32,
+            fencing: bool,
+            flags: u32,
+            now_ns: u64,
+            lease_ns: u64,
+        ) -> Self {
+            let until = now_ns.saturating_add(lease_ns);
+            Self {
+                hold_until_ns: until,
+                fence_until_ns: if fencing { until } else { 0 },
+                fenced_backend,
+                flags,
+            }
+        }
+
+        /// Whether this is a closed fence of `fenced` that a controller raised for a fleet
+        /// hold: a controller restarted in the middle of the hold keeps it up rather than
+        /// lower it to settle again (the leader may have taken its barrier: the old server
+        /// must take no more writes).
+        #[must_use]
+        pub const fn is_closed_fence_of(&self, fenced: u32) -> bool {
+            self.flags & LAPSE_CLOSED != 0
+                && self.fenced_backend == fenced
+                && self.fence_until_ns != 0
+        }
+
+        /// The hold a fleet member writes before it attaches when it joins, or restarts,
+        /// while the fleet is in a hold: closed, so new SYNs are parked, then dropped if the
+        /// member does not confirm the hold in time, never sent on unfenced; and a fence
+        /// `self` holds for it stays up.
+        #[must_use]
+        pub const fn prearmed(&self, active: u32, now_ns: u64) -> Self {
+            Self::leased(
+                active,
+                self.is_closed_fence_of(active),
+                LAPSE_CLOSED,
+                now_ns,
+                LEASE_NS,
+            )
         }
 
         /// Whether a new connection's SYN is parked at `now`, given `active`. The hold only
@@ -225,6 +274,13 @@ pub mod cutover {
                 ..closed
             };
             assert!(!held.fences(SRC, SRC, 200) && held.refuses(SRC, 200));
+            // A member restarted mid-hold keeps a fence it had raised, and only that one.
+            let fenced = Cutover::leased(SRC, true, LAPSE_CLOSED, 0, 100);
+            assert!(fenced.prearmed(SRC, 50).fences(SRC, SRC, u64::MAX - 1));
+            assert!(!fenced.prearmed(TGT, 50).fences(TGT, TGT, 150));
+            assert!(!Cutover::leased(SRC, true, 0, 0, 100).is_closed_fence_of(SRC));
+            let held_only = Cutover::IDLE.prearmed(SRC, 50);
+            assert!(held_only.holds(SRC, 50 + LEASE_NS - 1) && !held_only.fences(SRC, SRC, 60));
             // One host alone: a lapse lifts both.
             assert!(!pre_flip(100).refuses(SRC, 200));
             assert!(!Cutover::IDLE.refuses(SRC, 0));

@@ -726,11 +726,9 @@ pub fn install_with_active(
         maps.set_active(joining.active)?;
         if joining.in_hold {
             let existing = maps.cutover()?;
-            maps.set_cutover(crate::fleet::hold::prearmed(
-                existing,
-                joining.active,
-                crate::clock::monotonic_ns(),
-            ))?;
+            maps.set_cutover(
+                existing.prearmed(joining.active.index(), crate::clock::monotonic_ns()),
+            )?;
         }
     }
 

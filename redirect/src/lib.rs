@@ -17,6 +17,7 @@ pub mod cutover;
 pub mod datapath;
 pub mod events;
 pub mod fleet;
+pub mod host;
 pub mod metrics;
 pub mod net;
 pub mod notify;

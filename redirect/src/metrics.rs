@@ -17,7 +17,7 @@ type PortGauge = fn(&crate::conntrack::PortUse) -> u64;
 /// Renders every metric now.
 pub fn render(ctl: &Controller) -> String {
     let mut out = String::new();
-    let maps = crate::sync::lock(&ctl.maps);
+    let maps = crate::sync::lock(&ctl.host.maps);
     let _ = writeln!(
         out,
         "# HELP redirect_active_backend 1 for the backend new connections go to.\n# TYPE redirect_active_backend gauge"

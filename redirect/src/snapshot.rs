@@ -106,7 +106,7 @@ impl Snapshot {
 /// Takes a snapshot of `ctl`. Errors reading a map leave that part out rather than fail the
 /// whole answer: a watcher keeps showing what can be read.
 pub fn take(ctl: &Controller) -> Snapshot {
-    let maps = crate::sync::lock(&ctl.maps);
+    let maps = crate::sync::lock(&ctl.host.maps);
     let at_ns = clock::monotonic_ns();
     let counters = maps
         .stats()

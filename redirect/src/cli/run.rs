@@ -454,13 +454,12 @@ pub async fn run(args: Args, pin_dir: &Path, socket: &Path, journal: &Path) -> a
             )
             .await?;
             info!(fleet = %fleet.settings.fleet, member = %fleet.settings.member, "registered as a fleet member");
-            Some(fleet)
+            Some(Arc::new(fleet))
         }
         None => None,
     };
     let ctl = Arc::new(Controller {
-        maps: Mutex::new(maps),
-        ebpf: Mutex::new(report.ebpf),
+        host: Arc::new(crate::host::Host::new(maps, report.ebpf)),
         db,
         journal_path: journal.to_path_buf(),
         busy: Arc::new(tokio::sync::Mutex::new(())),
@@ -478,11 +477,17 @@ pub async fn run(args: Args, pin_dir: &Path, socket: &Path, journal: &Path) -> a
             shutdown.cancel();
         }
     });
-    if ctl.fleet.is_some() {
-        tokio::spawn(crate::fleet::follow::follow(
-            ctl.clone(),
-            fleet_stop.clone(),
-        ));
+    if let Some(fleet) = &ctl.fleet {
+        let follower = crate::fleet::follow::Follower {
+            host: ctl.host.clone(),
+            fleet: fleet.clone(),
+            servers: ctl.db.as_ref().map(|d| crate::fleet::hold::Servers {
+                source: d.source.clone(),
+                target: d.target.clone(),
+                query_timeout: d.query_timeout,
+            }),
+        };
+        tokio::spawn(crate::fleet::follow::follow(follower, fleet_stop.clone()));
     }
     let control = tokio::spawn(control::serve(
         socket.to_path_buf(),
@@ -495,7 +500,7 @@ pub async fn run(args: Args, pin_dir: &Path, socket: &Path, journal: &Path) -> a
         crate::notify::ready(&format!(
             "serving {} -> {}",
             spec.vip,
-            crate::sync::lock(&ctl.maps)
+            crate::sync::lock(&ctl.host.maps)
                 .active()?
                 .map_or("none", |r| r.name())
         ));
@@ -659,7 +664,7 @@ pub async fn serve_gc(
         // A pass is a few map syscalls per entry; at 1M entries it takes seconds, which is
         // fine for a dedicated task (block_in_place keeps the runtime's other tasks running).
         let result = tokio::task::block_in_place(|| {
-            let mut maps = crate::sync::lock(&ctl.maps);
+            let mut maps = crate::sync::lock(&ctl.host.maps);
             conntrack::gc(&mut maps, &timeouts, pressured)
         });
         match result {

@@ -12,9 +12,7 @@
 
 use std::time::{Duration, Instant};
 
-use super::{Controller, CutoverError, Phase, Run, journal::Step};
-use crate::datapath::Role;
-use crate::{conntrack, sync::lock};
+use super::{CutoverError, Phase, Run, journal::Step};
 
 /// Every proxied session: it comes from a proxy's SNAT address and a port in its SNAT range
 /// (`run` reserves that range from the host's own ephemeral ports, so the controller's own
@@ -32,12 +30,6 @@ const PROXIED_LEFT: &str = "SELECT coalesce(array_agg(pid), '{}') FROM pg_stat_a
      AND EXISTS (SELECT 1 FROM unnest($1::text[], $2::int4[], $3::int4[]) p(addr, lo, hi) \
      WHERE host(a.client_addr) = p.addr AND a.client_port BETWEEN p.lo AND p.hi)";
 
-/// The longest the fence waits for short-lived connections to finish.
-const SETTLE_MAX: Duration = Duration::from_millis(250);
-/// A connection this young that saw a packet this recently is mid-startup or mid-work.
-const YOUNG: Duration = Duration::from_secs(2);
-const ACTIVE: Duration = Duration::from_millis(25);
-
 /// Between the hold and the fence: no new connection starts, and connections that began
 /// moments ago and are still exchanging packets (a connection-per-request client in its
 /// startup or its one transaction) get a short, bounded moment to finish on the old server.
@@ -45,7 +37,7 @@ const ACTIVE: Duration = Duration::from_millis(25);
 /// would be cut mid-startup. Long-lived (pooled) connections do not wait.
 pub async fn let_short_connections_finish(run: &mut Run) -> Result<(), CutoverError> {
     let t = Instant::now();
-    let busy = settle(&run.ctl, run.from).await?;
+    let busy = crate::host::settle::settle(&run.ctl.host, run.from).await?;
     run.rec.say(format!(
         "settle   {:>8.1} ms  {}",
         t.elapsed().as_secs_f64() * 1000.0,
@@ -56,31 +48,6 @@ pub async fn let_short_connections_finish(run: &mut Run) -> Result<(), CutoverEr
         }
     ));
     Ok(())
-}
-
-/// Waits (at most [`SETTLE_MAX`]) until no young, busy connection to `from` is left; returns
-/// how many still are. Shared with fleet members, which settle their own connections.
-pub async fn settle(ctl: &Controller, from: Role) -> Result<usize, CutoverError> {
-    let t = Instant::now();
-    let from_addr = lock(&ctl.maps).backend(from)?.map(|b| b.addr);
-    let mut busy = 0;
-    while t.elapsed() < SETTLE_MAX {
-        let conns = conntrack::list(&lock(&ctl.maps))?;
-        busy = conns
-            .iter()
-            .filter(|c| {
-                Some(c.backend_addr) == from_addr
-                    && c.state.is_live()
-                    && c.age < YOUNG
-                    && c.idle < ACTIVE
-            })
-            .count();
-        if busy == 0 {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
-    Ok(busy)
 }
 
 /// Ends every proxied session on the old server and waits until none is left.

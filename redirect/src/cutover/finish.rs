@@ -194,7 +194,7 @@ pub async fn finish(
         ));
     }
     let pinned_to_source = {
-        let maps = lock(&ctl.maps);
+        let maps = lock(&ctl.host.maps);
         let src = maps.backend(Role::Source)?.map(|b| b.addr);
         conntrack::list(&maps)?
             .iter()
@@ -292,7 +292,7 @@ pub async fn finish(
     } else {
         report.left_alone.push("physical replication: the old primary is no longer followed; decommission or rebuild it".into());
     }
-    let fence = lock(&ctl.maps).cutover()?;
+    let fence = lock(&ctl.host.maps).cutover()?;
     // Never while connections are still pinned to the source (even with --force): lifting
     // the fence would let them write to a server nothing replicates from any more.
     let stale_fence =
@@ -356,7 +356,7 @@ pub async fn finish(
         }
     }
     if stale_fence {
-        lock(&ctl.maps).set_cutover(redirect_common::cutover::Cutover::IDLE)?;
+        lock(&ctl.host.maps).set_cutover(redirect_common::cutover::Cutover::IDLE)?;
         report.done.push("stale fence lifted".into());
     }
     report.executed = true;

@@ -1,6 +1,6 @@
 //! Step 7: the flip, the cutover's one commit point, and the release of held connections.
 
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Instant, SystemTime};
 
 use redirect_common::cutover::Cutover;
 
@@ -20,7 +20,7 @@ pub fn commit(run: &mut Run) -> Result<(), CutoverError> {
     run.check_deadline(Phase::Flip)?;
     let t = Instant::now();
     {
-        let mut maps = lock(&run.ctl.maps);
+        let mut maps = lock(&run.ctl.host.maps);
         let lease = run
             .lease
             .as_ref()
@@ -82,7 +82,7 @@ pub fn record_commit(run: &mut Run, t: Instant, detail: String) {
 pub fn release(run: &mut Run) {
     run.ctl.set_phase(Phase::Release);
     let t = Instant::now();
-    let released = release_twice(&run.ctl);
+    let released = run.ctl.host.release_twice();
     run.report.held_syns = released.as_ref().map_or(0, |n| *n);
     run.report.hold_ms = run.held_at.elapsed().as_secs_f64() * 1000.0;
     let detail = match released {
@@ -100,13 +100,4 @@ pub fn release(run: &mut Run) {
             ..Entry::default()
         },
     );
-}
-
-/// Two passes: a CPU that read the hold just before it was lifted may park its SYN a moment
-/// after the first; the second picks it up instead of leaving it to a 1 s client retransmit.
-pub fn release_twice(ctl: &super::Controller) -> Result<u64, CutoverError> {
-    let mut n = ctl.release_held()?;
-    std::thread::sleep(Duration::from_millis(2));
-    n += ctl.release_held()?;
-    Ok(n)
 }

@@ -7,7 +7,7 @@
 //! The protocol has one commit point, the write of `ACTIVE` ([`flip`]):
 //! - Before it, the old server stays the truth. Any failure undoes what was done ([`undo`]),
 //!   and a controller that dies leaves a hold and a fence that lapse by themselves within
-//!   [`lease::LEASE`]: the kernel deadlines are short and renewed while the cutover lives.
+//!   [`crate::host::lease::LEASE`]: the kernel deadlines are short and renewed while the cutover lives.
 //! - After it, the new server is the truth. Nothing is undone; every later step (release,
 //!   reverse subscription, drain) is finished, by this controller or by its successor
 //!   ([`recover`]). The same `ACTIVE` write makes the old server's fence permanent, so there
@@ -38,7 +38,6 @@ use std::{
     time::{Duration, Instant},
 };
 
-use aya::Ebpf;
 use serde::{Deserialize, Serialize};
 use tokio::sync::mpsc::UnboundedSender;
 use tokio_postgres::Client;
@@ -250,8 +249,8 @@ pub struct Databases {
 
 /// The controller state a cutover works on, shared with the control socket and `/metrics`.
 pub struct Controller {
-    pub maps: Mutex<datapath::Maps>,
-    pub ebpf: Mutex<Ebpf>,
+    /// This host's datapath.
+    pub host: Arc<crate::host::Host>,
     pub db: Option<Databases>,
     pub journal_path: PathBuf,
     /// Held for the whole of a cutover, a recovery or a `finish`.
@@ -264,7 +263,7 @@ pub struct Controller {
     /// The last conntrack GC pass: `/metrics` reads port use from it instead of walking maps.
     pub last_gc: Mutex<Option<crate::conntrack::GcReport>>,
     /// The fleet this host is a member of (`run --etcd`); `None`: a host on its own.
-    pub fleet: Option<crate::fleet::Fleet>,
+    pub fleet: Option<Arc<crate::fleet::Fleet>>,
 }
 
 /// The other backend.
@@ -417,7 +416,7 @@ pub struct Run {
     pub rec: Recorder,
     pub report: FlipReport,
     pub undo: Undo,
-    pub lease: Option<lease::Lease>,
+    pub lease: Option<crate::host::lease::Lease>,
     /// Whether an LSN barrier guards the flip (not for a forced flip with no replication).
     pub barrier: bool,
     /// A fleet cutover: the other members' proxied sessions, from their acks of the hold
@@ -501,7 +500,7 @@ impl Controller {
 
     /// The backend new connections go to now.
     pub fn active(&self) -> Result<Role, CutoverError> {
-        Ok(lock(&self.maps).active()?.unwrap_or(Role::Source))
+        Ok(lock(&self.host.maps).active()?.unwrap_or(Role::Source))
     }
 
     /// The replication that carries `other(to)`'s writes to `to`: the forward subscription
@@ -770,29 +769,12 @@ impl Controller {
         );
     }
 
-    /// Re-injects every parked SYN through the datapath; returns how many.
-    pub fn release_held(&self) -> Result<u64, CutoverError> {
-        let (mut ring, pins) = {
-            let maps = lock(&self.maps);
-            (maps.held()?, maps.dir.clone())
-        };
-        let mut ebpf = lock(&self.ebpf);
-        let mut n = 0;
-        while let Some(item) = ring.next() {
-            if item.len() < std::mem::size_of::<redirect_common::cutover::HeldSyn>() {
-                continue;
-            }
-            // SAFETY: the datapath wrote a HeldSyn into this record; read it unaligned.
-            let held: redirect_common::cutover::HeldSyn =
-                unsafe { std::ptr::read_unaligned(item.as_ptr().cast()) };
-            // One SYN that cannot be re-injected must not strand the rest in the ring (its
-            // client retransmits); the count says how many went.
-            match datapath::reinject(&mut ebpf, &pins, &held) {
-                Ok(()) => n += 1,
-                Err(e) => tracing::warn!(error = %e, "a held SYN was not re-injected"),
-            }
-        }
-        Ok(n)
+    /// How long a statement on either server may take.
+    #[must_use]
+    pub fn query_timeout(&self) -> Duration {
+        self.db
+            .as_ref()
+            .map_or(Duration::from_secs(5), |d| d.query_timeout)
     }
 
     /// Makes the barrier table replicate from the active server to the other, in every

@@ -143,7 +143,7 @@ pub async fn check(
         timed(which, "bounding statements", qt, c.batch_execute(&bound)).await?;
     }
     let (from_snat, snat_ports) = {
-        let maps = lock(&ctl.maps);
+        let maps = lock(&ctl.host.maps);
         let cfg = maps.config()?;
         (
             maps.backend(from)?

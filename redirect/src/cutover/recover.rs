@@ -21,11 +21,11 @@ use tokio_postgres::Client;
 
 use super::catalog::DROP_IDLE_SLOT;
 use super::{
-    Controller, CutoverError, Phase, drain, flip,
+    Controller, CutoverError, Phase,
     journal::{self, Entry, Journal, Step},
     lane, quote_ident, replication,
 };
-use crate::{datapath::Role, sync::lock};
+use crate::{datapath::Role, host::drain, sync::lock};
 
 /// A drain to resume in the background (the controller serves meanwhile).
 pub struct PendingDrain {
@@ -62,7 +62,7 @@ pub async fn recover(
     }
     let mut did = Vec::new();
     {
-        let mut maps = lock(&ctl.maps);
+        let mut maps = lock(&ctl.host.maps);
         if ctl.fleet.is_some() {
             // The fleet committed `to` (its follower writes it too; no window without it).
             maps.set_active(to)?;
@@ -79,7 +79,7 @@ pub async fn recover(
         c.hold_until_ns = 0;
         maps.set_cutover(c)?;
     }
-    match flip::release_twice(ctl) {
+    match ctl.host.release_twice() {
         Ok(n) => did.push(format!(
             "the flip to the {to} had happened; {n} held connection(s) released to it"
         )),
@@ -162,7 +162,14 @@ pub async fn resume_drain(ctl: &Arc<Controller>, p: PendingDrain) -> Result<Stri
         Ok(dsn) => dsn.connect().await.ok(),
         Err(_) => None,
     };
-    let d = drain::drain(ctl, p.from, from_db.as_ref(), p.until).await;
+    let d = drain::drain(
+        &ctl.host,
+        p.from,
+        from_db.as_ref(),
+        ctl.query_timeout(),
+        p.until,
+    )
+    .await;
     ctl.set_phase(Phase::Idle);
     let what = format!(
         "{}; drain: {}",
@@ -227,8 +234,8 @@ fn databases_with(steps: &[Entry], step: Step, home: &str) -> Vec<String> {
 
 async fn roll_back(ctl: &Arc<Controller>, from: Role, to: Role, steps: &[Entry]) -> String {
     let mut did = Vec::new();
-    let lifted = lock(&ctl.maps).set_cutover(Cutover::IDLE);
-    match lifted.map_err(CutoverError::from).and_then(|()| flip::release_twice(ctl)) {
+    let lifted = lock(&ctl.host.maps).set_cutover(Cutover::IDLE);
+    match lifted.map_err(CutoverError::from).and_then(|()| Ok(ctl.host.release_twice()?)) {
         Ok(n) => did.push(format!("rolled back: no flip had happened; fence lifted, {n} held connection(s) released to the {from}")),
         Err(e) => did.push(format!("rolled back: no flip had happened; lifting the fence failed ({e}), it lapses by itself")),
     }

@@ -34,7 +34,7 @@ pub async fn undo(run: &mut Run) -> Undone {
     }
     if run.undo.datapath {
         let moved = {
-            let mut maps = lock(&run.ctl.maps);
+            let mut maps = lock(&run.ctl.host.maps);
             if let Some(lease) = &run.lease {
                 let _own = lease.locked();
                 lease.stop();
@@ -47,7 +47,7 @@ pub async fn undo(run: &mut Run) -> Undone {
                     if let Err(e) = maps.set_cutover(Cutover::IDLE) {
                         did.push(format!(
                             "FAILED to lift the fence ({e}); it lapses by itself within {:?}",
-                            super::lease::LEASE
+                            crate::host::lease::LEASE
                         ));
                     }
                     None
@@ -60,7 +60,7 @@ pub async fn undo(run: &mut Run) -> Undone {
                 run.from, run.from
             ));
         } else {
-            match super::flip::release_twice(&run.ctl) {
+            match run.ctl.host.release_twice() {
                 Ok(n) => did.push(format!(
                     "fence lifted, {n} held connection(s) released to the {}",
                     run.from

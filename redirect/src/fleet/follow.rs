@@ -19,7 +19,7 @@ use super::{
     keys,
     state::{self, Epoch, FleetPhase, FleetState},
 };
-use crate::{cutover::Controller, datapath::Role, sync::lock};
+use crate::{datapath::Role, host::Host, sync::lock};
 
 /// How long a member waits before watching again after the watch broke.
 const RETRY: Duration = Duration::from_secs(1);
@@ -38,11 +38,18 @@ pub struct Ack {
     pub proxied: Option<Proxied>,
 }
 
-/// Follows the committed state until `shutdown`. `ctl.fleet` must be set.
-pub async fn follow(ctl: Arc<Controller>, shutdown: CancellationToken) {
-    let Some(fleet) = ctl.fleet.as_ref() else {
-        return;
-    };
+/// What a member applies the committed state to.
+pub struct Follower {
+    /// This host's datapath.
+    pub host: Arc<Host>,
+    pub fleet: Arc<Fleet>,
+    /// The servers the drain after a committed flip ends old sessions on.
+    pub servers: Option<hold::Servers>,
+}
+
+/// Follows the committed state until `shutdown`.
+pub async fn follow(f: Follower, shutdown: CancellationToken) {
+    let fleet = &*f.fleet;
     let mut client = fleet.client();
     let key = keys::state(&fleet.settings.fleet);
     // Joined (or restarted) in the middle of a fleet cutover: hold like every other member,
@@ -52,8 +59,8 @@ pub async fn follow(ctl: Arc<Controller>, shutdown: CancellationToken) {
     if joined.phase == FleetPhase::Hold {
         let revision = fleet.applied_revision();
         lock(&fleet.applied).0.epoch = Epoch(joined.epoch.0.saturating_sub(1));
-        apply(&ctl, fleet, joined, revision).await;
-    } else if let Err(e) = hold::clear_stale(&ctl, joined.active) {
+        apply(&f, joined, revision).await;
+    } else if let Err(e) = hold::clear_stale(&f.host, joined.active) {
         warn!(error = %e, "could not lift a fleet hold left by an earlier controller");
     }
     loop {
@@ -67,7 +74,7 @@ pub async fn follow(ctl: Arc<Controller>, shutdown: CancellationToken) {
                     () = tokio::time::sleep(RECONCILE_EVERY) => {
                         // A quiet watch: check that what is applied is what is committed (an
                         // apply that failed is otherwise retried only at the next epoch).
-                        reconcile(&ctl, fleet, &mut client).await;
+                        reconcile(&f, &mut client).await;
                         continue;
                     }
                 };
@@ -86,7 +93,7 @@ pub async fn follow(ctl: Arc<Controller>, shutdown: CancellationToken) {
                         continue;
                     }
                     match serde_json::from_slice::<FleetState>(kv.value()) {
-                        Ok(s) => apply(&ctl, fleet, s, kv.mod_revision()).await,
+                        Ok(s) => apply(&f, s, kv.mod_revision()).await,
                         Err(e) => {
                             warn!(error = %e, "an unreadable fleet state was committed; ignoring it");
                         }
@@ -106,7 +113,7 @@ pub async fn follow(ctl: Arc<Controller>, shutdown: CancellationToken) {
         if let Ok(Ok(Some(c))) =
             tokio::time::timeout(RETRY, state::read(&mut client, &fleet.settings.fleet)).await
         {
-            apply(&ctl, fleet, c.state, c.mod_revision).await;
+            apply(&f, c.state, c.mod_revision).await;
         }
     }
 }
@@ -116,12 +123,13 @@ const RECONCILE_EVERY: Duration = Duration::from_secs(5);
 
 /// Re-reads the committed state and applies it if this member is behind (bounded: etcd away
 /// changes nothing).
-async fn reconcile(ctl: &Arc<Controller>, fleet: &Fleet, client: &mut etcd_client::Client) {
+async fn reconcile(f: &Follower, client: &mut etcd_client::Client) {
+    let fleet = &*f.fleet;
     let read = tokio::time::timeout(RETRY, state::read(client, &fleet.settings.fleet)).await;
     if let Ok(Ok(Some(c))) = read {
         if c.state.epoch > fleet.applied().epoch {
             warn!(committed = %c.state.epoch, applied = %fleet.applied().epoch, "this member is behind the fleet's committed epoch; applying it again");
-            apply(ctl, fleet, c.state, c.mod_revision).await;
+            apply(f, c.state, c.mod_revision).await;
         }
     }
 }
@@ -129,7 +137,8 @@ async fn reconcile(ctl: &Arc<Controller>, fleet: &Fleet, client: &mut etcd_clien
 /// Applies one committed state if it is newer than what this member applied, then
 /// acknowledges it: a `Hold` holds and fences ([`hold::hold`]); the epoch after it lifts the
 /// hold towards whichever backend it names ([`hold::release`]); any other writes `ACTIVE`.
-async fn apply(ctl: &Arc<Controller>, fleet: &Fleet, committed: FleetState, revision: i64) {
+async fn apply(f: &Follower, committed: FleetState, revision: i64) {
+    let fleet = &*f.fleet;
     {
         let mut applied = lock(&fleet.applied);
         if committed.epoch < applied.0.epoch {
@@ -145,7 +154,7 @@ async fn apply(ctl: &Arc<Controller>, fleet: &Fleet, committed: FleetState, revi
     }
     let mut proxied = None;
     let result: Result<(), String> = match committed.phase {
-        FleetPhase::Hold => match hold::hold(ctl, fleet, &committed).await {
+        FleetPhase::Hold => match hold::hold(&f.host, fleet, &committed).await {
             Ok((held, p)) => {
                 *lock(&fleet.holding) = Some(held);
                 proxied = Some(p);
@@ -156,7 +165,7 @@ async fn apply(ctl: &Arc<Controller>, fleet: &Fleet, committed: FleetState, revi
         FleetPhase::Idle => {
             let held = lock(&fleet.holding).take();
             if let Some(held) = held {
-                hold::release(ctl, held, &committed)
+                hold::release(&f.host, f.servers.as_ref(), held, &committed)
                     .map(|r| {
                         info!(epoch = %committed.epoch, active = %r.active, held_syns = r.held_syns, "fleet hold lifted");
                     })
@@ -164,9 +173,9 @@ async fn apply(ctl: &Arc<Controller>, fleet: &Fleet, committed: FleetState, revi
             } else {
                 // Its own statement: the maps lock is released before `clear_stale` takes
                 // it again (a std mutex is not reentrant).
-                let set = lock(&ctl.maps).set_active(committed.active);
+                let set = lock(&f.host.maps).set_active(committed.active);
                 set.map_err(|e| e.to_string()).and_then(|()| {
-                    hold::clear_stale(ctl, committed.active).map_err(|e| e.to_string())
+                    hold::clear_stale(&f.host, committed.active).map_err(|e| e.to_string())
                 })
             }
         }

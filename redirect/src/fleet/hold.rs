@@ -3,7 +3,7 @@
 //! only by the next committed epoch.
 //!
 //! 1. [`hold`]: park new SYNs, let short-lived connections finish, raise the fence, all with
-//!    [`LAPSE_CLOSED`]: if this member stops renewing (it lost etcd, or its controller died),
+//!    [`Lapse::Closed`]: if this member stops renewing (it lost etcd, or its controller died),
 //!    its kernel keeps the fence and drops new SYNs instead of sending them to the old server,
 //!    which the fleet may no longer name. It never guesses.
 //! 2. The renewer re-reads the committed state (linearizable) before every renewal. It also
@@ -14,10 +14,7 @@
 //!    a commit, drains its own connections to the old server.
 
 use std::{
-    sync::{
-        Arc,
-        atomic::{AtomicBool, Ordering},
-    },
+    sync::Arc,
     time::{Duration, Instant, SystemTime},
 };
 
@@ -31,12 +28,13 @@ use super::{
     state::{self, Epoch, FleetPhase, FleetState},
 };
 use crate::{
-    clock,
-    cutover::{
-        Controller, CutoverError, drain, fence, flip,
-        lease::{LEASE, RENEW_EVERY},
+    datapath::{DatapathError, Role},
+    host::{
+        Host, drain,
+        lease::{Keeper, Lapse, Lease, Renewal},
+        settle::settle,
     },
-    datapath::{Maps, Role},
+    pg::Dsn,
     sync::lock,
 };
 
@@ -57,6 +55,24 @@ pub struct Proxied {
     pub ports: (u16, u16),
 }
 
+/// The two servers, for the drain after a committed flip (without them the drain resets
+/// fenced connections and forgets the rest at its deadline).
+#[derive(Clone, Debug)]
+pub struct Servers {
+    pub source: Dsn,
+    pub target: Dsn,
+    pub query_timeout: Duration,
+}
+
+impl Servers {
+    fn dsn(&self, role: Role) -> &Dsn {
+        match role {
+            Role::Source => &self.source,
+            Role::Target => &self.target,
+        }
+    }
+}
+
 /// A hold this member applied; dropped (or [`release`]d) to stop renewing it.
 pub struct MemberHold {
     pub epoch: Epoch,
@@ -64,66 +80,26 @@ pub struct MemberHold {
     pub fenced: Role,
     /// How long to drain the old backend's connections after a commit.
     drain: Duration,
-    stopped: Arc<AtomicBool>,
-    fencing: Arc<AtomicBool>,
-    maps: Arc<std::sync::Mutex<Maps>>,
-    task: tokio::task::JoinHandle<()>,
-}
-
-impl Drop for MemberHold {
-    fn drop(&mut self) {
-        self.stopped.store(true, Ordering::SeqCst);
-        self.task.abort();
-    }
-}
-
-fn ns(d: Duration) -> u64 {
-    u64::try_from(d.as_nanos()).unwrap_or(u64::MAX)
-}
-
-fn closed(fenced: Role, fencing: bool, now_ns: u64) -> Cutover {
-    let until = now_ns + ns(LEASE);
-    Cutover {
-        hold_until_ns: until,
-        fence_until_ns: if fencing { until } else { 0 },
-        fenced_backend: fenced.index(),
-        flags: LAPSE_CLOSED,
-    }
-}
-
-/// Whether `c` is a closed fence of `fenced` that a controller raised for a fleet hold: a
-/// controller restarted in the middle of the hold keeps it up rather than lower it to settle
-/// again (the leader may have taken its barrier: the old server must take no more writes).
-fn already_fenced(c: Cutover, fenced: Role) -> bool {
-    c.flags & LAPSE_CLOSED != 0 && c.fenced_backend == fenced.index() && c.fence_until_ns != 0
-}
-
-/// The hold a member writes before it attaches when it joins, or restarts, while the fleet
-/// is in a `Hold` ([`crate::datapath::Joining`]): closed, so new SYNs are parked, then
-/// dropped if `follow` does not confirm the hold in time, never sent on unfenced; and a fence
-/// `existing` holds for it stays up.
-#[must_use]
-pub fn prearmed(existing: Cutover, active: Role, now_ns: u64) -> Cutover {
-    closed(active, already_fenced(existing, active), now_ns)
+    lease: Lease,
 }
 
 /// Applies a `Hold` epoch: hold, settle, fence. Returns the hold (renewed until released)
 /// and what the leader needs to end this member's sessions.
 pub async fn hold(
-    ctl: &Arc<Controller>,
+    host: &Host,
     fleet: &Fleet,
     committed: &FleetState,
-) -> Result<(MemberHold, Proxied), CutoverError> {
+) -> Result<(MemberHold, Proxied), DatapathError> {
     let fenced = committed.active;
-    let (own, proxied) = {
-        let maps = lock(&ctl.maps);
+    let (dir, proxied) = {
+        let maps = lock(&host.maps);
         let cfg = maps.config()?;
         let snat = maps
             .backend(fenced)?
             .map(|b| b.snat.to_string())
             .unwrap_or_default();
         (
-            Maps::open(&maps.dir.0)?,
+            maps.dir.0.clone(),
             Proxied {
                 snat,
                 ports: (cfg.snat_port_min, cfg.snat_port_max),
@@ -133,108 +109,93 @@ pub async fn hold(
     // A member that missed epochs (partitioned across a whole cutover) may still send new
     // connections elsewhere: the hold is of the committed backend, so write it first.
     let was_fenced = {
-        let mut maps = lock(&ctl.maps);
+        let mut maps = lock(&host.maps);
         maps.set_active(fenced)?;
-        already_fenced(maps.cutover()?, fenced)
+        maps.cutover()?.is_closed_fence_of(fenced.index())
     };
-    let maps = Arc::new(std::sync::Mutex::new(own));
-    lock(&maps).set_cutover(closed(fenced, was_fenced, clock::monotonic_ns()))?;
-    let stopped = Arc::new(AtomicBool::new(false));
-    let fencing = Arc::new(AtomicBool::new(was_fenced));
     let hold_for = Duration::from_millis(committed.hold_ms.unwrap_or(10_000)) + HOLD_GRACE;
-    let task = tokio::spawn(renew(
-        Renewal {
-            maps: maps.clone(),
-            stopped: stopped.clone(),
-            fencing: fencing.clone(),
-            fenced,
+    let lease = Lease::take(
+        &dir,
+        fenced,
+        Lapse::Closed,
+        was_fenced,
+        Confirmed {
+            client: fleet.client(),
+            fleet: fleet.settings.fleet.clone(),
+            member: fleet.settings.member.clone(),
             epoch: committed.epoch,
             give_up: Instant::now() + hold_for,
+            current: None,
+            leader_checked: Instant::now(),
         },
-        fleet.client(),
-        fleet.settings.fleet.clone(),
-        fleet.settings.member.clone(),
-    ));
+    )?;
     let held = MemberHold {
         epoch: committed.epoch,
         fenced,
         drain: Duration::from_millis(committed.drain_ms.unwrap_or(30_000)),
-        stopped,
-        fencing,
-        maps,
-        task,
+        lease,
     };
     let busy = if was_fenced {
         0
     } else {
-        fence::settle(ctl, fenced).await?
+        settle(host, fenced).await?
     };
-    {
-        let mut own = lock(&held.maps);
-        held.fencing.store(true, Ordering::SeqCst);
-        own.set_cutover(closed(fenced, true, clock::monotonic_ns()))?;
-    }
+    held.lease.fence()?;
     info!(epoch = %committed.epoch, %fenced, busy, "fleet hold applied: new SYNs parked, the {fenced} fenced");
     Ok((held, proxied))
 }
 
-struct Renewal {
-    maps: Arc<std::sync::Mutex<Maps>>,
-    stopped: Arc<AtomicBool>,
-    fencing: Arc<AtomicBool>,
-    fenced: Role,
+/// Renews a member's hold only while etcd confirms its `Hold` epoch is still the committed
+/// one; aborts the `Hold` when it outlasts the leader's `--timeout` or its leader is gone.
+struct Confirmed {
+    client: etcd_client::Client,
+    fleet: String,
+    member: String,
     epoch: Epoch,
     give_up: Instant,
+    /// The committed `Hold` as last confirmed.
+    current: Option<state::Committed>,
+    leader_checked: Instant,
 }
 
-/// Renews the kernel deadlines while the `Hold` epoch is confirmed to be the committed one;
-/// aborts it if its leader is gone.
-async fn renew(r: Renewal, mut client: etcd_client::Client, fleet: String, member: String) {
-    let mut tick = tokio::time::interval(RENEW_EVERY);
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let mut leader_checked = Instant::now();
-    loop {
-        tick.tick().await;
-        if r.stopped.load(Ordering::SeqCst) {
-            return;
-        }
-        let timed_out = Instant::now() > r.give_up;
+impl Keeper for Confirmed {
+    async fn before(&mut self) -> Renewal {
         let confirmed =
-            match tokio::time::timeout(CONFIRM_TIMEOUT, state::read(&mut client, &fleet)).await {
-                Ok(Ok(Some(c))) if c.state.epoch == r.epoch => Some(c),
+            match tokio::time::timeout(CONFIRM_TIMEOUT, state::read(&mut self.client, &self.fleet))
+                .await
+            {
+                Ok(Ok(Some(c))) if c.state.epoch == self.epoch => Some(c),
                 _ => None,
             };
+        self.current.clone_from(&confirmed);
         let Some(current) = confirmed else {
             // etcd away, or a newer epoch the follower is about to apply: no renewal, so
             // the kernel's closed lapse takes over if this lasts.
-            continue;
+            return Renewal::Skip;
         };
-        if timed_out {
+        if Instant::now() > self.give_up {
             // The leader's --timeout has passed (it no longer commits), yet the Hold is
             // still the committed epoch: abort it, by the same compare-and-swap.
             abort_hold(
-                &mut client,
-                &fleet,
-                &member,
+                &mut self.client,
+                &self.fleet,
+                &self.member,
                 &current,
                 "outlasted the cutover's --timeout",
             )
             .await;
-            continue;
+            return Renewal::Skip;
         }
-        {
-            let mut maps = lock(&r.maps);
-            if r.stopped.load(Ordering::SeqCst) {
-                return;
-            }
-            let fencing = r.fencing.load(Ordering::SeqCst);
-            if let Err(e) = maps.set_cutover(closed(r.fenced, fencing, clock::monotonic_ns())) {
-                warn!(error = %e, "renewing the fleet hold failed");
-            }
+        Renewal::Renew
+    }
+
+    async fn after(&mut self) {
+        if self.leader_checked.elapsed() < LEADER_CHECK_EVERY {
+            return;
         }
-        if leader_checked.elapsed() >= LEADER_CHECK_EVERY {
-            leader_checked = Instant::now();
-            abort_if_leaderless(&mut client, &fleet, &member, &current).await;
+        self.leader_checked = Instant::now();
+        if let Some(current) = self.current.clone() {
+            abort_if_leaderless(&mut self.client, &self.fleet, &self.member, &current).await;
         }
     }
 }
@@ -307,18 +268,18 @@ pub struct Released {
 /// hold's own map handle (no renewal can land after it), then re-injects parked SYNs; after a
 /// commit, drains this member's connections to the old backend in the background.
 pub fn release(
-    ctl: &Arc<Controller>,
+    host: &Arc<Host>,
+    servers: Option<&Servers>,
     held: MemberHold,
     committed: &FleetState,
-) -> Result<Released, CutoverError> {
+) -> Result<Released, DatapathError> {
     let drain_timeout = held.drain;
     let moved = committed.active != held.fenced;
     {
-        let own = lock(&held.maps);
-        held.stopped.store(true, Ordering::SeqCst);
-        held.task.abort();
+        let own = held.lease.locked();
+        held.lease.stop();
         drop(own);
-        let mut maps = lock(&ctl.maps);
+        let mut maps = lock(&host.maps);
         // Whatever the hold found, the committed backend is what new connections get.
         maps.set_active(committed.active)?;
         if moved {
@@ -334,17 +295,21 @@ pub fn release(
             maps.set_cutover(Cutover::IDLE)?;
         }
     }
-    let held_syns = flip::release_twice(ctl)?;
+    let held_syns = host.release_twice()?;
     if moved {
-        let ctl = ctl.clone();
+        let host = host.clone();
         let from = held.fenced;
+        let servers = servers.cloned();
         tokio::spawn(async move {
-            let from_db = match ctl.dsn(from) {
-                Ok(dsn) => dsn.connect().await.ok(),
-                Err(_) => None,
+            let qt = servers
+                .as_ref()
+                .map_or(Duration::from_secs(5), |s| s.query_timeout);
+            let from_db = match &servers {
+                Some(s) => s.dsn(from).connect().await.ok(),
+                None => None,
             };
             let until = SystemTime::now() + drain_timeout;
-            match drain::drain(&ctl, from, from_db.as_ref(), until).await {
+            match drain::drain(&host, from, from_db.as_ref(), qt, until).await {
                 Ok(d) => info!(drained = %drain::describe(from, &d), "fleet drain done"),
                 Err(e) => {
                     warn!(error = %e, "fleet drain failed; the old backend's connections stay fenced");
@@ -363,8 +328,8 @@ pub fn release(
 /// Lifts a closed hold that no live [`MemberHold`] owns (its controller died, or the hold
 /// failed half-way), once the committed `active` is applied: towards a moved backend the
 /// fence stays permanent; otherwise everything is lifted.
-pub fn clear_stale(ctl: &Controller, active: Role) -> Result<(), CutoverError> {
-    let mut maps = lock(&ctl.maps);
+pub fn clear_stale(host: &Host, active: Role) -> Result<(), DatapathError> {
+    let mut maps = lock(&host.maps);
     let c = maps.cutover()?;
     if c.flags & LAPSE_CLOSED == 0 {
         return Ok(());
@@ -381,6 +346,6 @@ pub fn clear_stale(ctl: &Controller, active: Role) -> Result<(), CutoverError> {
     };
     maps.set_cutover(lifted)?;
     drop(maps);
-    flip::release_twice(ctl)?;
+    host.release_twice()?;
     Ok(())
 }
