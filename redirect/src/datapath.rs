@@ -203,6 +203,15 @@ pub enum Role {
 }
 
 impl Role {
+    /// The other backend.
+    #[must_use]
+    pub const fn other(self) -> Self {
+        match self {
+            Self::Source => Self::Target,
+            Self::Target => Self::Source,
+        }
+    }
+
     #[must_use]
     pub const fn index(self) -> u32 {
         match self {

@@ -266,15 +266,6 @@ pub struct Controller {
     pub fleet: Option<Arc<crate::fleet::Fleet>>,
 }
 
-/// The other backend.
-#[must_use]
-pub fn other(role: Role) -> Role {
-    match role {
-        Role::Source => Role::Target,
-        Role::Target => Role::Source,
-    }
-}
-
 /// Puts the controller back to idle however a cutover ends (an error, a `?`, a panic), so a
 /// failed step can never wedge later cutovers.
 struct PhaseGuard<'a>(&'a Controller);
@@ -503,7 +494,7 @@ impl Controller {
         Ok(lock(&self.host.maps).active()?.unwrap_or(Role::Source))
     }
 
-    /// The replication that carries `other(to)`'s writes to `to`: the forward subscription
+    /// The replication that carries `to.other()`'s writes to `to`: the forward subscription
     /// (configured, else the one an earlier cutover journaled, else discovered), or the
     /// reverse one set up by an earlier cutover.
     pub fn watch_for(&self, to: Role) -> Result<Watch, CutoverError> {
@@ -567,7 +558,7 @@ impl Controller {
     pub async fn discover(&self) -> Result<Vec<crate::pg::cluster::Database>, CutoverError> {
         let db = self.db.as_ref().ok_or(CutoverError::NoDatabases)?;
         let from = self.active()?;
-        let to = other(from);
+        let to = from.other();
         let (old, new) = (
             self.dsn(from)?.connect().await?,
             self.dsn(to)?.connect().await?,
@@ -586,7 +577,7 @@ impl Controller {
     pub async fn measure_lag(&self) -> Result<ReplicaLag, CutoverError> {
         let db = self.db.as_ref().ok_or(CutoverError::NoDatabases)?;
         let from = self.active()?;
-        let to = other(from);
+        let to = from.other();
         let (publisher, subscriber) = (
             self.dsn(from)?.connect().await?,
             self.dsn(to)?.connect().await?,
@@ -783,7 +774,7 @@ impl Controller {
     pub async fn prepare(&self) -> Result<(), CutoverError> {
         let db = self.db.as_ref().ok_or(CutoverError::NoDatabases)?;
         let active = self.active()?;
-        let to = other(active);
+        let to = active.other();
         let watch = self.watch_for(to)?;
         if watch.replication != Replication::Logical {
             return Ok(());

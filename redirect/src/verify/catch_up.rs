@@ -10,7 +10,7 @@ use tokio_postgres::Client;
 
 use super::VerifyError;
 use crate::{
-    cutover::{Controller, other},
+    cutover::Controller,
     datapath::Role,
     pg::{
         Lsn, PgError,
@@ -63,7 +63,7 @@ impl CatchUp {
         let primary = ctl
             .active()
             .map_err(|e| VerifyError::BadRequest(e.to_string()))?;
-        let replica = other(primary);
+        let replica = primary.other();
         let (pdb, rdb) = match primary {
             Role::Source => (source, target),
             Role::Target => (target, source),
@@ -128,7 +128,7 @@ impl CatchUp {
     /// One line for people and the report.
     #[must_use]
     pub fn describe(&self) -> String {
-        let replica = other(self.primary);
+        let replica = self.primary.other();
         match &self.applied {
             Applied::Slot { subscription, .. } => format!(
                 "writes go to the {}: each chunk is read on the {replica} once subscription {subscription} has applied the {}'s WAL position",
@@ -181,7 +181,7 @@ impl CatchUp {
             if started.elapsed() >= limit {
                 return Err(VerifyError::CatchUp(format!(
                     "the {} did not reach the {}'s WAL position {want} within --catch-up-timeout {limit:?} (it is at {at}): replication is behind or stopped; see `redirect lag`",
-                    other(self.primary),
+                    self.primary.other(),
                     self.primary
                 )));
             }
@@ -219,7 +219,7 @@ impl CatchUp {
                     .transpose();
             }
             Applied::Replay => (
-                other(self.primary).name(),
+                self.primary.other().name(),
                 replica,
                 REPLAY_LSN,
                 "pg_last_wal_replay_lsn()",

@@ -683,13 +683,13 @@ impl Verify<'_> {
             );
             self.say(line);
         }
-        Ok((primary, crate::cutover::other(primary)))
+        Ok((primary, primary.other()))
     }
 
     /// Waits until the replica has applied everything the primary had written by now.
     async fn consistent_point(&self, primary: Role) -> Result<(), VerifyError> {
         let (_, pdb) = self.db.of(primary);
-        let (_, rdb) = self.db.of(crate::cutover::other(primary));
+        let (_, rdb) = self.db.of(primary.other());
         let mut said = false;
         let progress = self.progress.clone();
         self.catch_up

@@ -282,7 +282,7 @@ pub async fn replica_identity(
     // UPDATEs/DELETEs keyed by an identity the subscriber lacks, and its apply worker would
     // fail on them and stop replicating every table until the second change lands.
     let publisher = ctl.active()?;
-    for role in [crate::cutover::other(publisher), publisher] {
+    for role in [publisher.other(), publisher] {
         let client = connect(ctl, role, qt).await?;
         match validate(role, client, table, identity, qt).await? {
             Ok(c) => steps.push(Step {
@@ -351,7 +351,7 @@ pub async fn publish_table(
     let qt = db.query_timeout;
     let _busy = not_during_a_cutover(ctl, apply)?;
     let old = ctl.active()?;
-    let new = crate::cutover::other(old);
+    let new = old.other();
     let watch = ctl.watch_for(new)?;
     if watch.replication != Replication::Logical {
         return Err(CutoverError::Refused(
