@@ -22,6 +22,7 @@ pub mod metrics;
 pub mod net;
 pub mod notify;
 pub mod pg;
+pub mod poll;
 pub mod snapshot;
 pub mod sync;
 pub mod verify;

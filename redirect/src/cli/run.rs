@@ -576,19 +576,18 @@ pub async fn run(args: Args, pin_dir: &Path, socket: &Path, journal: &Path) -> a
     let stop_by = std::time::Instant::now() + Duration::from_secs(120);
     if !matches!(ctl.phase(), Phase::Idle | Phase::Drain) {
         warn!(phase = %ctl.phase(), "stopping: waiting for the cutover in progress to flip or undo itself");
-        while !matches!(ctl.phase(), Phase::Idle | Phase::Drain)
-            && std::time::Instant::now() < stop_by
-        {
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+        crate::poll::until_true(stop_by, Duration::from_millis(20), || {
+            matches!(ctl.phase(), Phase::Idle | Phase::Drain)
+        })
+        .await;
     }
     if let Some(fleet) = &ctl.fleet {
         if crate::sync::lock(&fleet.holding).is_some() {
             warn!("stopping: waiting for the fleet's next epoch to lift this member's hold");
-            while crate::sync::lock(&fleet.holding).is_some() && std::time::Instant::now() < stop_by
-            {
-                tokio::time::sleep(Duration::from_millis(20)).await;
-            }
+            crate::poll::until_true(stop_by, Duration::from_millis(20), || {
+                crate::sync::lock(&fleet.holding).is_none()
+            })
+            .await;
         }
     }
     fleet_stop.cancel();

@@ -236,21 +236,17 @@ pub async fn abort(run: &mut Run) -> Option<FleetUndo> {
         Err(e) => e,
     };
     let mut client = fleet.client();
-    let until = Instant::now() + Duration::from_secs(6);
-    let now = loop {
-        match state::read(&mut client, &fleet.settings.fleet).await {
-            Ok(Some(now)) => break now,
-            Ok(None) => {
-                return Some(FleetUndo::Unsettled(
-                    "the fleet's state is gone from etcd".into(),
-                ));
-            }
-            Err(e) if Instant::now() >= until => {
-                return Some(FleetUndo::Unsettled(format!(
-                    "could not commit the fleet's abort ({why}) nor read etcd ({e}): members abort by themselves once this leader is gone, and drop new connections until then"
-                )));
-            }
-            Err(_) => tokio::time::sleep(SETTLE_EVERY).await,
+    let now = match lead::read_back(&mut client, &fleet.settings.fleet).await {
+        Ok(Some(now)) => now,
+        Ok(None) => {
+            return Some(FleetUndo::Unsettled(
+                "the fleet's state is gone from etcd".into(),
+            ));
+        }
+        Err(e) => {
+            return Some(FleetUndo::Unsettled(format!(
+                "could not commit the fleet's abort ({why}) nor read etcd ({e}): members abort by themselves once this leader is gone, and drop new connections until then"
+            )));
         }
     };
     let next = hold.state.epoch.0 + 1;

@@ -874,29 +874,30 @@ async fn rehearse_lane(run: &Run, lane: &Lane) -> Result<bool, CutoverError> {
         } else {
             run.req.timeout
         };
-    while timed(
-        "new server",
-        "looking for the rehearsal marker",
-        run.qt,
-        lane.to_db.query_opt(SEE_MARKER, &[&token]),
-    )
-    .await?
-    .is_none()
-    {
-        if Instant::now() > until {
-            if !run.req.force {
-                return Err(CutoverError::Preflight(format!(
-                    "{}the {} did not apply a rehearsal marker within --timeout {:?}; nothing was changed",
-                    lane.prefix(),
-                    run.to,
-                    run.req.timeout
-                )));
-            }
-            return Ok(false);
-        }
-        tokio::time::sleep(Duration::from_millis(5)).await;
+    // Every 5 ms: the marker usually arrives within a few.
+    let arrived = crate::poll::until(until, Duration::from_millis(5), || async {
+        let seen = timed(
+            "new server",
+            "looking for the rehearsal marker",
+            run.qt,
+            lane.to_db.query_opt(SEE_MARKER, &[&token]),
+        )
+        .await?;
+        Ok::<_, crate::pg::PgError>(seen.map(|_| ()))
+    })
+    .await?;
+    if arrived.is_some() {
+        return Ok(true);
     }
-    Ok(true)
+    if !run.req.force {
+        return Err(CutoverError::Preflight(format!(
+            "{}the {} did not apply a rehearsal marker within --timeout {:?}; nothing was changed",
+            lane.prefix(),
+            run.to,
+            run.req.timeout
+        )));
+    }
+    Ok(false)
 }
 
 /// Has the source open a connection to the target with the reverse conninfo, through a
@@ -1068,23 +1069,22 @@ pub async fn prepare_barrier(
             from_db.execute(WRITE_MARKER, &[&token]),
         )
         .await?;
-        let seen_by = Instant::now() + Duration::from_secs(2);
-        let mut seen = false;
-        while Instant::now() < seen_by {
-            if timed(
-                "subscriber",
-                "looking for the test marker",
-                qt,
-                to_db.query_opt(SEE_MARKER, &[&token]),
-            )
-            .await?
-            .is_some()
-            {
-                seen = true;
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
+        let seen = crate::poll::until(
+            Instant::now() + Duration::from_secs(2),
+            Duration::from_millis(10),
+            || async {
+                let seen = timed(
+                    "subscriber",
+                    "looking for the test marker",
+                    qt,
+                    to_db.query_opt(SEE_MARKER, &[&token]),
+                )
+                .await?;
+                Ok::<_, crate::pg::PgError>(seen.map(|_| ()))
+            },
+        )
+        .await?
+        .is_some();
         if seen && before.is_some() && apply_worker(to_db, &sub).await == before {
             return Ok(());
         }

@@ -318,18 +318,21 @@ pub(super) async fn write_or_read_back(
 /// Reads the committed state after a write whose outcome is unknown, for up to
 /// [`READ_BACK`]: etcd electing a new leader takes a second or two, and giving up sooner
 /// would undo a cutover etcd may have committed.
-async fn read_back(
+pub async fn read_back(
     client: &mut etcd_client::Client,
     name: &str,
 ) -> Result<Option<Committed>, FleetError> {
-    let until = Instant::now() + READ_BACK;
-    loop {
-        match state::read(client, name).await {
-            Ok(c) => return Ok(c),
-            Err(e) if Instant::now() >= until => return Err(e),
-            Err(_) => tokio::time::sleep(Duration::from_millis(200)).await,
-        }
-    }
+    // Every 200 ms: an election settles within a few of them. Boxed: etcd's read future
+    // is large, and every step that may read back would carry it.
+    Box::pin(crate::poll::retry(
+        Instant::now() + READ_BACK,
+        Duration::from_millis(200),
+        || {
+            let mut client = client.clone();
+            async move { state::read(&mut client, name).await }
+        },
+    ))
+    .await
 }
 
 /// How long [`read_back`] keeps trying.

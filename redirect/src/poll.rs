@@ -1,0 +1,154 @@
+//! Waiting for something to become true, bounded.
+//!
+//! Two shapes cover the controller's waits, and each wait names its interval where it is
+//! used, with why:
+//! - [`until`]: ask a probe until it has an answer or a deadline passes. A probe's error
+//!   ends the wait at once (a query that failed is not "not yet").
+//! - [`retry`]: repeat an operation whose errors are transient (etcd electing a leader, a
+//!   slot still held by a walsender that is exiting) until it works or a deadline passes,
+//!   then give its last error.
+//!
+//! Probes are plain closures returning a future (not async closures): the futures of async
+//! closures that borrow their captures are not provably `Send`, and the cutover runs on a
+//! spawned task.
+//!
+//! The probe always runs at least once, and once more at or after the deadline, so a wait
+//! that is given no time still looks.
+
+use std::time::{Duration, Instant};
+
+/// Asks `probe` every `every` until it answers `Some`, giving `Ok(None)` once `deadline`
+/// has passed without an answer (the caller says why that matters). A probe's error is
+/// returned at once.
+pub async fn until<T, E, Fut>(
+    deadline: Instant,
+    every: Duration,
+    mut probe: impl FnMut() -> Fut,
+) -> Result<Option<T>, E>
+where
+    Fut: Future<Output = Result<Option<T>, E>>,
+{
+    loop {
+        let past = Instant::now() >= deadline;
+        if let Some(answer) = probe().await? {
+            return Ok(Some(answer));
+        }
+        if past {
+            return Ok(None);
+        }
+        tokio::time::sleep(every.min(deadline.saturating_duration_since(Instant::now()))).await;
+    }
+}
+
+/// Checks `cond` every `every` until it holds (`true`) or `deadline` passes (`false`).
+pub async fn until_true(
+    deadline: Instant,
+    every: Duration,
+    mut cond: impl FnMut() -> bool,
+) -> bool {
+    let answer: Result<Option<()>, std::convert::Infallible> = until(deadline, every, || {
+        std::future::ready(Ok(cond().then_some(())))
+    })
+    .await;
+    matches!(answer, Ok(Some(())))
+}
+
+/// Runs `op` every `every` until it succeeds; once `deadline` has passed, its error is
+/// returned.
+pub async fn retry<T, E, Fut>(
+    deadline: Instant,
+    every: Duration,
+    mut op: impl FnMut() -> Fut,
+) -> Result<T, E>
+where
+    Fut: Future<Output = Result<T, E>>,
+{
+    loop {
+        let past = Instant::now() >= deadline;
+        match op().await {
+            Ok(v) => return Ok(v),
+            Err(e) if past => return Err(e),
+            Err(_) => {
+                tokio::time::sleep(every.min(deadline.saturating_duration_since(Instant::now())))
+                    .await;
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn until_answers_as_soon_as_the_probe_does() {
+        let mut n = 0;
+        let got: Result<_, ()> = until(
+            Instant::now() + Duration::from_secs(5),
+            Duration::from_millis(1),
+            || {
+                n += 1;
+                std::future::ready(Ok((n == 3).then_some(n)))
+            },
+        )
+        .await;
+        assert_eq!(got, Ok(Some(3)));
+    }
+
+    #[tokio::test]
+    async fn until_looks_once_more_at_the_deadline_and_an_error_ends_it() {
+        let mut n = 0;
+        let got: Result<Option<()>, ()> = until(Instant::now(), Duration::from_secs(1), || {
+            n += 1;
+            std::future::ready(Ok(None))
+        })
+        .await;
+        assert_eq!((got, n), (Ok(None), 1), "no time given: one look");
+        let started = Instant::now();
+        let got: Result<Option<()>, &str> = until(
+            Instant::now() + Duration::from_secs(5),
+            Duration::from_millis(1),
+            || std::future::ready(Err("gone")),
+        )
+        .await;
+        assert_eq!(got, Err("gone"));
+        assert!(started.elapsed() < Duration::from_secs(1));
+    }
+
+    #[tokio::test]
+    async fn until_true_says_whether_it_came_true() {
+        let mut n = 0;
+        let t = Instant::now() + Duration::from_secs(5);
+        assert!(
+            until_true(t, Duration::from_millis(1), || {
+                n += 1;
+                n == 4
+            })
+            .await
+        );
+        assert!(!until_true(Instant::now(), Duration::from_millis(1), || false).await);
+    }
+
+    #[tokio::test]
+    async fn retry_gives_the_last_error_after_the_deadline() {
+        let mut n = 0;
+        let started = Instant::now();
+        let got: Result<(), u32> = retry(
+            Instant::now() + Duration::from_millis(30),
+            Duration::from_millis(5),
+            || {
+                n += 1;
+                std::future::ready(Err(n))
+            },
+        )
+        .await;
+        assert!(started.elapsed() >= Duration::from_millis(30));
+        assert_eq!(got, Err(n));
+        assert!(n >= 3, "{n} tries");
+        let ok: Result<u32, ()> = retry(Instant::now(), Duration::from_secs(1), || {
+            std::future::ready(Ok(7))
+        })
+        .await;
+        assert_eq!(ok, Ok(7));
+    }
+}
