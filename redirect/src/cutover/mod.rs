@@ -47,7 +47,7 @@ use self::journal::{Entry, Journal, Step};
 use crate::{
     datapath::{self, Role},
     pg::{
-        Dsn, PgError,
+        Dsn, Lsn, PgError,
         lag::{self, ReplicaLag, Replication, Watch},
         timed,
     },
@@ -103,8 +103,8 @@ pub struct FlipReport {
     pub lag: Option<ReplicaLag>,
     /// Every database on the two servers and what this cutover does with it.
     pub databases: Vec<crate::pg::cluster::Database>,
-    pub fence_lsn: Option<String>,
-    pub applied_lsn: Option<String>,
+    pub fence_lsn: Option<Lsn>,
+    pub applied_lsn: Option<Lsn>,
     pub sequences_synced: u64,
     /// Proxied sessions on the old server ended at the fence (all of them, busy or idle).
     pub terminated_at_fence: u64,
@@ -725,8 +725,8 @@ impl Controller {
             run.held_at,
             Entry {
                 step: Step::Done,
-                source_lsn: run.report.fence_lsn.clone(),
-                target_lsn: run.report.applied_lsn.clone(),
+                source_lsn: run.report.fence_lsn,
+                target_lsn: run.report.applied_lsn,
                 detail,
                 ..Entry::default()
             },
@@ -752,8 +752,8 @@ impl Controller {
             t,
             Entry {
                 step: Step::Done,
-                source_lsn: run.report.fence_lsn.clone(),
-                target_lsn: run.report.applied_lsn.clone(),
+                source_lsn: run.report.fence_lsn,
+                target_lsn: run.report.applied_lsn,
                 detail,
                 ..Entry::default()
             },

@@ -846,7 +846,7 @@ pub async fn rehearse(run: &mut Run) -> Result<(), CutoverError> {
         run.rec.step(Step::Rehearsal, t, what)?;
     }
     let findings = run.report.findings.join("; ");
-    let lsn = run.report.lag.as_ref().map(|l| l.source_lsn.clone());
+    let lsn = run.report.lag.as_ref().map(|l| l.source_lsn);
     run.rec.log(
         t0,
         Entry {
