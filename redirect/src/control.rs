@@ -110,6 +110,24 @@ pub enum Request {
     },
 }
 
+/// The answer to [`Request::State`].
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct State {
+    pub phase: crate::cutover::Phase,
+    /// What the last recovery of an interrupted cutover did.
+    pub last_recovery: Option<String>,
+}
+
+/// Asks the controller at `socket` for its [`State`]; `None` when none answers (or it answers
+/// something that is not one).
+pub async fn state(socket: &std::path::Path) -> Option<State> {
+    call(socket, &Request::State, |_| {})
+        .await
+        .ok()
+        .flatten()
+        .and_then(|v| serde_json::from_value(v).ok())
+}
+
 #[derive(Debug, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Reply {
@@ -173,10 +191,13 @@ async fn handle(stream: UnixStream, ctl: Arc<Controller>) -> std::io::Result<()>
     };
     let reply = match request {
         Request::HasDatabases => Reply::Ok(serde_json::json!(ctl.db.is_some())),
-        Request::State => Reply::Ok(serde_json::json!({
-            "phase": ctl.phase(),
-            "last_recovery": *crate::sync::lock(&ctl.last_recovery),
-        })),
+        Request::State => Reply::Ok(
+            serde_json::to_value(State {
+                phase: ctl.phase(),
+                last_recovery: crate::sync::lock(&ctl.last_recovery).clone(),
+            })
+            .expect("the state serializes"),
+        ),
         // The maps lock may be held by a GC pass for a while: wait for it off the runtime.
         Request::Snapshot => Reply::Ok(
             serde_json::to_value(tokio::task::block_in_place(|| crate::snapshot::take(&ctl)))
