@@ -68,6 +68,9 @@ pub struct FlipRequest {
     /// How long preflight waits for a healthy replica that is only behind to come within
     /// the lag limits before it refuses (`--lag-wait`).
     pub lag_wait: Duration,
+    /// Fires when nobody waits for this cutover any more (its CLI went away, or the
+    /// controller is stopping): a preflight still waiting for lag refuses.
+    pub called_off: tokio_util::sync::CancellationToken,
     pub timeout: Duration,
     pub drain_timeout: Duration,
     pub dry_run: bool,
@@ -84,7 +87,7 @@ pub struct FlipRequest {
 /// `flip --etcd-timeout`'s default: long enough for an etcd leader election, short enough
 /// that a flip into an etcd outage says so at once.
 pub const DEFAULT_ETCD_TIMEOUT: Duration = Duration::from_secs(3);
-/// `--lag-wait`'s default: long enough for a forward slot restarted by a rollback to
+/// `flip --lag-wait`'s default: long enough for a forward slot restarted by a rollback to
 /// re-decode to the present, short enough that a replica hours behind is refused promptly.
 pub const DEFAULT_LAG_WAIT: Duration = Duration::from_secs(30);
 
