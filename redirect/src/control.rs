@@ -110,6 +110,24 @@ pub enum Request {
     },
 }
 
+/// The answer to [`Request::State`].
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct State {
+    pub phase: crate::cutover::Phase,
+    /// What the last recovery of an interrupted cutover did.
+    pub last_recovery: Option<String>,
+}
+
+/// Asks the controller at `socket` for its [`State`]; `None` when none answers (or it answers
+/// something that is not one).
+pub async fn state(socket: &std::path::Path) -> Option<State> {
+    call(socket, &Request::State, |_| {})
+        .await
+        .ok()
+        .flatten()
+        .and_then(|v| serde_json::from_value(v).ok())
+}
+
 #[derive(Debug, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Reply {
@@ -144,9 +162,9 @@ pub async fn serve(
             () = shutdown.cancelled() => break,
             accepted = listener.accept() => {
                 let (stream, _) = accepted?;
-                let ctl = ctl.clone();
+                let (ctl, shutdown) = (ctl.clone(), shutdown.clone());
                 tokio::spawn(async move {
-                    if let Err(e) = handle(stream, ctl).await {
+                    if let Err(e) = handle(stream, ctl, shutdown).await {
                         warn!(error = %e, "control connection");
                     }
                 });
@@ -163,7 +181,11 @@ async fn send(w: &mut (impl tokio::io::AsyncWrite + Unpin), reply: &Reply) -> st
     w.write_all(line.as_bytes()).await
 }
 
-async fn handle(stream: UnixStream, ctl: Arc<Controller>) -> std::io::Result<()> {
+async fn handle(
+    stream: UnixStream,
+    ctl: Arc<Controller>,
+    shutdown: CancellationToken,
+) -> std::io::Result<()> {
     let (r, mut w) = stream.into_split();
     let mut line = String::new();
     BufReader::new(r).read_line(&mut line).await?;
@@ -173,10 +195,13 @@ async fn handle(stream: UnixStream, ctl: Arc<Controller>) -> std::io::Result<()>
     };
     let reply = match request {
         Request::HasDatabases => Reply::Ok(serde_json::json!(ctl.db.is_some())),
-        Request::State => Reply::Ok(serde_json::json!({
-            "phase": ctl.phase(),
-            "last_recovery": *crate::sync::lock(&ctl.last_recovery),
-        })),
+        Request::State => Reply::Ok(
+            serde_json::to_value(State {
+                phase: ctl.phase(),
+                last_recovery: crate::sync::lock(&ctl.last_recovery).clone(),
+            })
+            .expect("the state serializes"),
+        ),
         // The maps lock may be held by a GC pass for a while: wait for it off the runtime.
         Request::Snapshot => Reply::Ok(
             serde_json::to_value(tokio::task::block_in_place(|| crate::snapshot::take(&ctl)))
@@ -316,9 +341,11 @@ async fn handle(stream: UnixStream, ctl: Arc<Controller>) -> std::io::Result<()>
             etcd_timeout_ms,
             lag_wait_ms,
         } => {
+            let called_off = shutdown.child_token();
             let req = FlipRequest {
-                lag_wait: lag_wait_ms
-                    .map_or(crate::cutover::DEFAULT_LAG_WAIT, Duration::from_millis),
+                // An older CLI, which never asked to wait, is not made to.
+                lag_wait: lag_wait_ms.map_or(Duration::ZERO, Duration::from_millis),
+                called_off: called_off.clone(),
                 etcd_timeout: etcd_timeout_ms
                     .map_or(crate::cutover::DEFAULT_ETCD_TIMEOUT, Duration::from_millis),
                 allow,
@@ -333,6 +360,8 @@ async fn handle(stream: UnixStream, ctl: Arc<Controller>) -> std::io::Result<()>
                 force,
             };
             info!(to = %to, dry_run, force, "cutover requested");
+            // Until the hold, a cutover nobody is watching any more is called off: the CLI
+            // that asked for it went away, or the controller is stopping.
             let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
             let task = tokio::spawn({
                 let ctl = ctl.clone();
@@ -340,8 +369,10 @@ async fn handle(stream: UnixStream, ctl: Arc<Controller>) -> std::io::Result<()>
             });
             while let Some(p) = rx.recv().await {
                 info!(progress = %p, "cutover");
-                // A CLI that went away does not stop the cutover.
-                let _ = send(&mut w, &Reply::Progress(p)).await;
+                // Past preflight, a CLI that went away does not stop the cutover.
+                if send(&mut w, &Reply::Progress(p)).await.is_err() {
+                    called_off.cancel();
+                }
             }
             match task.await {
                 Ok(Ok(report)) => {

@@ -12,8 +12,8 @@
 //! closures that borrow their captures are not provably `Send`, and the cutover runs on a
 //! spawned task.
 //!
-//! The probe always runs at least once, and once more at or after the deadline, so a wait
-//! that is given no time still looks.
+//! Each runs its probe at least once, so a wait that is given no time still looks; `until`
+//! looks once more at the deadline, `retry` tries no more once an attempt ends past it.
 
 use std::time::{Duration, Instant};
 
@@ -64,10 +64,11 @@ where
     Fut: Future<Output = Result<T, E>>,
 {
     loop {
-        let past = Instant::now() >= deadline;
         match op().await {
             Ok(v) => return Ok(v),
-            Err(e) if past => return Err(e),
+            // Checked after the attempt: one that starts just before the deadline and fails
+            // is the last, and an attempt may itself take a while.
+            Err(e) if Instant::now() >= deadline => return Err(e),
             Err(_) => {
                 tokio::time::sleep(every.min(deadline.saturating_duration_since(Instant::now())))
                     .await;

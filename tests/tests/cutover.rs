@@ -317,6 +317,47 @@ fn a_replica_catching_up_is_waited_for_and_one_that_stays_behind_is_refused() {
     );
     assert_source_serves(&c);
 
+    // The operator gives up on a flip while it waits (Ctrl-C): it is called off, and does
+    // not go ahead by itself once replication catches up.
+    lock_acks(&mut c, 60, "locker-abandoned");
+    pile_up(&c, -3);
+    let mut cli = c
+        .lab
+        .redirect_cmd()
+        .args(["flip", "--to", "target", "--max-lag", "64kB"])
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("spawning redirect flip");
+    let mut stderr = std::io::BufReader::new(cli.stderr.take().expect("piped"));
+    let mut said = String::new();
+    while !said.contains("waiting for replication to catch up") {
+        let mut line = String::new();
+        let n = std::io::BufRead::read_line(&mut stderr, &mut line).expect("reading flip");
+        assert!(n > 0, "flip ended before it waited: {said}");
+        said.push_str(&line);
+    }
+    cli.kill().expect("ending the CLI");
+    let _ = cli.wait();
+    drop(stderr);
+    psql(
+        &c.lab,
+        Ns::Target,
+        &c.target,
+        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE query LIKE '%LOCK TABLE acks%' AND pid <> pg_backend_pid()",
+    );
+    wait_for(
+        Duration::from_secs(20),
+        "the controller to be idle again",
+        || c.lab.status()["controller"]["phase"] == "idle",
+    );
+    std::thread::sleep(Duration::from_secs(3));
+    assert_eq!(
+        c.lab.status()["active"],
+        "source",
+        "an abandoned flip never ran"
+    );
+    assert_source_serves(&c);
+
     // Held back for a few seconds: the default --lag-wait sees it through.
     lock_acks(&mut c, 4, "locker-short");
     pile_up(&c, -2);

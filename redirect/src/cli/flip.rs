@@ -124,13 +124,13 @@ pub fn run(args: &Args, pin_dir: &Path, socket: &Path) -> anyhow::Result<()> {
         let rt = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()?;
-        if let Ok(Some(state)) = rt.block_on(control::call(socket, &Request::State, |_| {})) {
-            let phase = state["phase"].as_str().unwrap_or("idle");
-            if phase != "idle" {
-                anyhow::bail!(
-                    "a cutover is in progress (phase: {phase}); wait for it to finish or fail before an immediate flip"
-                );
-            }
+        if let Some(state) = rt.block_on(control::state(socket))
+            && state.phase != crate::cutover::Phase::Idle
+        {
+            anyhow::bail!(
+                "a cutover is in progress (phase: {}); wait for it to finish or fail before an immediate flip",
+                state.phase
+            );
         }
         // A fleet member follows the fleet's committed state (docs/fleet.md, invariant 1):
         // the immediate flip becomes a fleet-wide one, committed in etcd and applied by

@@ -27,8 +27,8 @@ pub fn run(args: &Args, path: &Path) -> anyhow::Result<()> {
             e.cutover,
             e.step,
             e.duration_ms.map_or(String::new(), |d| format!("{d:.1}ms")),
-            e.source_lsn.unwrap_or_default(),
-            e.target_lsn.unwrap_or_default(),
+            e.source_lsn.map(|l| l.to_string()).unwrap_or_default(),
+            e.target_lsn.map(|l| l.to_string()).unwrap_or_default(),
             e.detail
         );
     }

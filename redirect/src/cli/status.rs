@@ -72,7 +72,7 @@ pub struct Status {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub databases: Option<Vec<crate::pg::cluster::Database>>,
     /// The controller's cutover phase and what its last recovery of an interrupted cutover did.
-    pub controller: Option<serde_json::Value>,
+    pub controller: Option<crate::control::State>,
     /// A cutover the journal shows as started and not ended (a controller resumes or undoes
     /// it when it starts).
     pub interrupted: Option<String>,
@@ -233,14 +233,15 @@ pub fn run(args: &Args, pin_dir: &Path, socket: &Path, journal: &Path) -> anyhow
         status.lag = ask(&crate::control::Request::Lag);
         status.databases =
             ask(&crate::control::Request::Databases).and_then(|d| serde_json::from_value(d).ok());
-        status.controller = ask(&crate::control::Request::State);
+        status.controller =
+            ask(&crate::control::Request::State).and_then(|v| serde_json::from_value(v).ok());
         status.fleet = ask(&crate::control::Request::Fleet).filter(|f| !f.is_null());
     }
     // An unfinished cutover is "interrupted" only if no controller is working on it.
     if status
         .controller
         .as_ref()
-        .is_some_and(|c| c["phase"] != "idle")
+        .is_some_and(|c| c.phase != crate::cutover::Phase::Idle)
     {
         status.interrupted = None;
     }
@@ -296,8 +297,8 @@ pub fn run(args: &Args, pin_dir: &Path, socket: &Path, journal: &Path) -> anyhow
         None => println!("tracked entries: {}", status.tracked),
     }
     if let Some(c) = &status.controller {
-        println!("cutover:    {}", c["phase"].as_str().unwrap_or("?"));
-        if let Some(r) = c["last_recovery"].as_str() {
+        println!("cutover:    {}", c.phase);
+        if let Some(r) = &c.last_recovery {
             println!("recovered:  {r}");
         }
     }

@@ -14,7 +14,10 @@ use super::{
     lane::Lane,
     preflight::{SEE_MARKER, WRITE_MARKER},
 };
-use crate::{datapath::Role, pg::parse_lsn};
+use crate::{
+    datapath::Role,
+    pg::{Lsn, parse_lsn_of},
+};
 
 const INSERT_LSN: &str = "SELECT pg_current_wal_insert_lsn()::text";
 const REPLAY_LSN: &str = "SELECT pg_last_wal_replay_lsn()::text";
@@ -45,12 +48,12 @@ pub async fn wait_for_new_server(run: &mut Run) -> Result<(), CutoverError> {
         physical(run).await?
     };
     run.report.barrier_ms = t.elapsed().as_secs_f64() * 1000.0;
-    run.report.fence_lsn = Some(fence_lsn.clone());
-    run.report.applied_lsn.clone_from(&applied);
+    run.report.fence_lsn = Some(fence_lsn);
+    run.report.applied_lsn = applied;
     let (source_lsn, target_lsn) = if run.from == Role::Source {
-        (Some(fence_lsn.clone()), applied)
+        (Some(fence_lsn), applied)
     } else {
-        (applied, Some(fence_lsn.clone()))
+        (applied, Some(fence_lsn))
     };
     let detail = format!(
         "the {} has applied everything up to {fence_lsn}{}",
@@ -115,23 +118,20 @@ async fn no_database_appeared(run: &Run) -> Result<(), CutoverError> {
 
 /// Every database's marker, written and waited for side by side: the write pause grows by
 /// the slowest database, not by their sum. The fence LSN is the latest marker's.
-async fn logical(run: &Run) -> Result<(String, Option<String>), CutoverError> {
+async fn logical(run: &Run) -> Result<(Lsn, Option<Lsn>), CutoverError> {
     let each =
         futures_util::future::try_join_all(run.lanes.iter().map(|l| logical_lane(run, l))).await?;
-    let latest = |lsns: Vec<&str>| {
-        lsns.into_iter()
-            .max_by_key(|s| parse_lsn(s).unwrap_or(0))
-            .map(str::to_owned)
-    };
-    let fence_lsn = latest(each.iter().map(|(f, _)| f.as_str()).collect())
-        .ok_or_else(|| CutoverError::abort(Phase::Barrier, "no database to put a barrier in"))?;
-    let applied = latest(each.iter().filter_map(|(_, a)| a.as_deref()).collect());
+    let fence_lsn =
+        each.iter().map(|(f, _)| *f).max().ok_or_else(|| {
+            CutoverError::abort(Phase::Barrier, "no database to put a barrier in")
+        })?;
+    let applied = each.iter().filter_map(|(_, a)| *a).max();
     Ok((fence_lsn, applied))
 }
 
 /// One database's barrier: a marker written on the old server after the fence, seen on the
 /// new one.
-async fn logical_lane(run: &Run, lane: &Lane) -> Result<(String, Option<String>), CutoverError> {
+async fn logical_lane(run: &Run, lane: &Lane) -> Result<(Lsn, Option<Lsn>), CutoverError> {
     let token = format!("{}-{}", run.rec.id, std::process::id());
     run.query(
         Phase::Barrier,
@@ -140,15 +140,13 @@ async fn logical_lane(run: &Run, lane: &Lane) -> Result<(String, Option<String>)
         lane.from_db.execute(WRITE_MARKER, &[&token]),
     )
     .await?;
-    let fence_lsn: String = run
-        .query(
-            Phase::Barrier,
-            "old server",
-            "reading the fence LSN",
-            lane.from_db.query_one(CURRENT_LSN, &[]),
-        )
-        .await?
-        .get(0);
+    let fence_lsn = read_lsn(
+        run,
+        "old server",
+        "reading the fence LSN",
+        lane.from_db.query_one(CURRENT_LSN, &[]),
+    )
+    .await?;
     // Held clients wait for as long as the barrier does: if replication has stopped, the
     // marker can never arrive, so give up as soon as that is clear, not at --timeout.
     let mut checked = Instant::now();
@@ -211,36 +209,40 @@ async fn logical_lane(run: &Run, lane: &Lane) -> Result<(String, Option<String>)
         }
         tokio::time::sleep(Duration::from_millis(2)).await;
     }
-    let applied = run
-        .query(
-            Phase::Barrier,
-            "new server",
-            "reading its LSN",
-            lane.to_db.query_one(CURRENT_LSN, &[]),
-        )
-        .await
-        .ok()
-        .map(|r| r.get::<_, String>(0));
+    // Only reported: the barrier is the marker, not this position.
+    let applied = read_lsn(
+        run,
+        "new server",
+        "reading its LSN",
+        lane.to_db.query_one(CURRENT_LSN, &[]),
+    )
+    .await
+    .ok();
     Ok((fence_lsn, applied))
 }
 
-async fn physical(run: &Run) -> Result<(String, Option<String>), CutoverError> {
-    let fence_lsn: String = run
-        .query(
-            Phase::Barrier,
-            "old server",
-            "reading the WAL insert position",
-            run.from_db.query_one(INSERT_LSN, &[]),
-        )
-        .await?
-        .get(0);
-    let want = parse_lsn(&fence_lsn).ok_or_else(|| {
-        CutoverError::abort(
-            Phase::Barrier,
-            format!("the old server returned an unreadable LSN {fence_lsn:?}"),
-        )
-    })?;
+/// A `pg_lsn` a step query returned; a value that is not one aborts the cutover.
+async fn read_lsn(
+    run: &Run,
+    which: &'static str,
+    what: &'static str,
+    query: impl Future<Output = Result<tokio_postgres::Row, tokio_postgres::Error>>,
+) -> Result<Lsn, CutoverError> {
+    let text: Option<String> = run.query(Phase::Barrier, which, what, query).await?.get(0);
+    parse_lsn_of(which, what, text.as_deref().unwrap_or_default())
+        .map_err(|e| CutoverError::abort(Phase::Barrier, e.to_string()))
+}
+
+async fn physical(run: &Run) -> Result<(Lsn, Option<Lsn>), CutoverError> {
+    let fence_lsn = read_lsn(
+        run,
+        "old server",
+        "reading the WAL insert position",
+        run.from_db.query_one(INSERT_LSN, &[]),
+    )
+    .await?;
     loop {
+        // NULL until the standby has replayed anything.
         let replayed: Option<String> = run
             .query(
                 Phase::Barrier,
@@ -251,14 +253,10 @@ async fn physical(run: &Run) -> Result<(String, Option<String>), CutoverError> {
             .await?
             .get(0);
         if let Some(r) = replayed.as_deref() {
-            let r = parse_lsn(r).ok_or_else(|| {
-                CutoverError::abort(
-                    Phase::Barrier,
-                    format!("the standby returned an unreadable LSN {r:?}"),
-                )
-            })?;
-            if r >= want {
-                return Ok((fence_lsn, replayed));
+            let r = parse_lsn_of("new server", "pg_last_wal_replay_lsn()", r)
+                .map_err(|e| CutoverError::abort(Phase::Barrier, e.to_string()))?;
+            if r >= fence_lsn {
+                return Ok((fence_lsn, Some(r)));
             }
         }
         if run.remaining().is_zero() {

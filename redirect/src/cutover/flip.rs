@@ -69,8 +69,8 @@ pub fn record_commit(run: &mut Run, t: Instant, detail: String) {
         t,
         Entry {
             step: Step::Flip,
-            source_lsn: run.report.fence_lsn.clone(),
-            target_lsn: run.report.applied_lsn.clone(),
+            source_lsn: run.report.fence_lsn,
+            target_lsn: run.report.applied_lsn,
             drain_until_ms: Some(journal::unix_ms(drain_until)),
             detail,
             ..Entry::default()

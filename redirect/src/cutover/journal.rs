@@ -10,7 +10,7 @@ use std::{
 
 use serde::{Deserialize, Serialize};
 
-use crate::datapath::Role;
+use crate::{datapath::Role, pg::Lsn};
 
 /// A step of the cutover protocol, as the journal records it. Steps ending in `-ing` are
 /// written *before* their effect (write-ahead), so a successor knows what may need undoing
@@ -82,10 +82,18 @@ pub struct Entry {
     pub to: Option<Role>,
     #[serde(skip_serializing_if = "Option::is_none", default)]
     pub duration_ms: Option<f64>,
-    #[serde(skip_serializing_if = "Option::is_none", default)]
-    pub source_lsn: Option<String>,
-    #[serde(skip_serializing_if = "Option::is_none", default)]
-    pub target_lsn: Option<String>,
+    #[serde(
+        skip_serializing_if = "Option::is_none",
+        default,
+        deserialize_with = "crate::pg::lsn::optional"
+    )]
+    pub source_lsn: Option<Lsn>,
+    #[serde(
+        skip_serializing_if = "Option::is_none",
+        default,
+        deserialize_with = "crate::pg::lsn::optional"
+    )]
+    pub target_lsn: Option<Lsn>,
     /// The subscription this step concerns (on `start`: the one carrying the old server's
     /// writes to the new one, discovered or configured), so a rollback or a successor
     /// finds it without `--subscription`.

@@ -30,7 +30,7 @@ pub struct Lane {
     /// This database's reverse slot, on the target ([`reverse_slot`]).
     pub reverse_slot: String,
     /// Rollback: the source's LSN once this database's reverse apply stopped.
-    pub rollback_point: Option<String>,
+    pub rollback_point: Option<crate::pg::Lsn>,
     /// The reverse slot exists on the new server (forward cutover).
     pub reverse_slot_made: bool,
     /// The reverse subscription was made before the hold (both servers 16+).

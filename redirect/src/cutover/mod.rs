@@ -47,7 +47,7 @@ use self::journal::{Entry, Journal, Step};
 use crate::{
     datapath::{self, Role},
     pg::{
-        Dsn, PgError,
+        Dsn, Lsn, PgError,
         lag::{self, ReplicaLag, Replication, Watch},
         timed,
     },
@@ -68,6 +68,9 @@ pub struct FlipRequest {
     /// How long preflight waits for a healthy replica that is only behind to come within
     /// the lag limits before it refuses (`--lag-wait`).
     pub lag_wait: Duration,
+    /// Fires when nobody waits for this cutover any more (its CLI went away, or the
+    /// controller is stopping): a preflight still waiting for lag refuses.
+    pub called_off: tokio_util::sync::CancellationToken,
     pub timeout: Duration,
     pub drain_timeout: Duration,
     pub dry_run: bool,
@@ -84,7 +87,7 @@ pub struct FlipRequest {
 /// `flip --etcd-timeout`'s default: long enough for an etcd leader election, short enough
 /// that a flip into an etcd outage says so at once.
 pub const DEFAULT_ETCD_TIMEOUT: Duration = Duration::from_secs(3);
-/// `--lag-wait`'s default: long enough for a forward slot restarted by a rollback to
+/// `flip --lag-wait`'s default: long enough for a forward slot restarted by a rollback to
 /// re-decode to the present, short enough that a replica hours behind is refused promptly.
 pub const DEFAULT_LAG_WAIT: Duration = Duration::from_secs(30);
 
@@ -103,8 +106,8 @@ pub struct FlipReport {
     pub lag: Option<ReplicaLag>,
     /// Every database on the two servers and what this cutover does with it.
     pub databases: Vec<crate::pg::cluster::Database>,
-    pub fence_lsn: Option<String>,
-    pub applied_lsn: Option<String>,
+    pub fence_lsn: Option<Lsn>,
+    pub applied_lsn: Option<Lsn>,
     pub sequences_synced: u64,
     /// Proxied sessions on the old server ended at the fence (all of them, busy or idle).
     pub terminated_at_fence: u64,
@@ -725,8 +728,8 @@ impl Controller {
             run.held_at,
             Entry {
                 step: Step::Done,
-                source_lsn: run.report.fence_lsn.clone(),
-                target_lsn: run.report.applied_lsn.clone(),
+                source_lsn: run.report.fence_lsn,
+                target_lsn: run.report.applied_lsn,
                 detail,
                 ..Entry::default()
             },
@@ -752,8 +755,8 @@ impl Controller {
             t,
             Entry {
                 step: Step::Done,
-                source_lsn: run.report.fence_lsn.clone(),
-                target_lsn: run.report.applied_lsn.clone(),
+                source_lsn: run.report.fence_lsn,
+                target_lsn: run.report.applied_lsn,
                 detail,
                 ..Entry::default()
             },

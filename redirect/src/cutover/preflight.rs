@@ -72,8 +72,21 @@ async fn settle_lag(
     };
     let started = Instant::now();
     let mut said: Option<Instant> = None;
+    let mut measured_once = false;
     loop {
-        let l = lag::measure(from_db, to_db, watch, qt).await?;
+        let l = match lag::measure(from_db, to_db, watch, qt).await {
+            Ok(l) => l,
+            // Once it has been read, one reading that fails is a blip while waiting: the
+            // error is the answer only at the end of the wait.
+            Err(_) if measured_once && started.elapsed() < wait => {
+                if !pause(req, EVERY).await {
+                    return lag::measure(from_db, to_db, watch, qt).await;
+                }
+                continue;
+            }
+            Err(e) => return Err(e),
+        };
+        measured_once = true;
         match lag::gate(&l, req.max_lag_bytes, req.max_lag_time) {
             Err(why) if why.is_catching_up() && started.elapsed() < wait => {
                 if said.is_none_or(|t| t.elapsed() >= SAY_EVERY) {
@@ -84,10 +97,20 @@ async fn settle_lag(
                     ));
                     said = Some(Instant::now());
                 }
-                tokio::time::sleep(EVERY).await;
+                if !pause(req, EVERY).await {
+                    return Ok(l);
+                }
             }
             _ => return Ok(l),
         }
+    }
+}
+
+/// Sleeps `d`; `false` if the cutover was called off meanwhile.
+async fn pause(req: &FlipRequest, d: Duration) -> bool {
+    tokio::select! {
+        () = req.called_off.cancelled() => false,
+        () = tokio::time::sleep(d) => true,
     }
 }
 
@@ -167,7 +190,23 @@ pub async fn check(
     // Replication health and lag. A rollback without working reverse replication cannot be
     // lossless; with --force it goes ahead without a barrier, and says so.
     let mut no_replication = false;
-    match settle_lag(&from_db, &to_db, &watch, &req, qt, &say).await {
+    let waited = Instant::now();
+    let measured = settle_lag(&from_db, &to_db, &watch, &req, qt, &say).await;
+    if req.called_off.is_cancelled() {
+        return Err(CutoverError::Refused(
+            "the cutover was called off while it waited for replication (its CLI went away, or the controller is stopping); nothing was changed".into(),
+        ));
+    }
+    // A fleet member may have gone while preflight waited: find out before the hold.
+    if waited.elapsed() > Duration::from_secs(1)
+        && let Some(fleet) = &ctl.fleet
+    {
+        fleet
+            .ready(req.etcd_timeout)
+            .await
+            .map_err(CutoverError::FleetNotReady)?;
+    }
+    match measured {
         Ok(l) => {
             say(format!(
                 "lag: {} bytes, {:.3} s ({})",
@@ -846,7 +885,7 @@ pub async fn rehearse(run: &mut Run) -> Result<(), CutoverError> {
         run.rec.step(Step::Rehearsal, t, what)?;
     }
     let findings = run.report.findings.join("; ");
-    let lsn = run.report.lag.as_ref().map(|l| l.source_lsn.clone());
+    let lsn = run.report.lag.as_ref().map(|l| l.source_lsn);
     run.rec.log(
         t0,
         Entry {

@@ -406,7 +406,7 @@ async fn after_flip_in(
             .filter(in_db)
             .rev()
             .find(|e| e.step == Step::Reverse)
-            .and_then(|e| e.source_lsn.clone())
+            .and_then(|e| e.source_lsn)
         else {
             // A forced rollback with no replication, or no readable rollback point:
             // restarting the forward subscription unadvanced would replay the target's own
@@ -414,7 +414,7 @@ async fn after_flip_in(
             return "no rollback point journaled (forced rollback?): the forward subscription is left disabled; re-sync the target before another cutover".into();
         };
         let forward = ctl.forward_subscription_for(database);
-        replication::restart_forward(&source, &target, &point, qt, forward, &way_back).await
+        replication::restart_forward(&source, &target, Some(point), qt, forward, &way_back).await
     };
     result.unwrap_or_else(|e| format!("FAILED: {e}"))
 }

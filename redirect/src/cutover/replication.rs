@@ -29,7 +29,7 @@ use super::{
 };
 use crate::{
     datapath::Role,
-    pg::{PgError, timed},
+    pg::{Lsn, PgError, timed},
 };
 
 const PUB_ALL_TABLES: &str =
@@ -129,7 +129,7 @@ pub async fn turn_around(run: &mut Run) -> Result<(), CutoverError> {
         .map(|(lane, detail)| Entry {
             step: Step::Reverse,
             subscription: lane.subscription.clone(),
-            source_lsn: lane.rollback_point.clone(),
+            source_lsn: lane.rollback_point,
             database: Some(lane.database.clone()),
             detail: detail.clone(),
             ..Entry::default()
@@ -209,7 +209,11 @@ async fn make_reverse_slots(run: &mut Run) -> Result<Vec<String>, CutoverError> 
             .map(|&i| create_reverse_slot(shared, &shared.lanes[i])),
     )
     .await;
-    let applied = run.report.applied_lsn.clone().unwrap_or_default();
+    let applied = run
+        .report
+        .applied_lsn
+        .map(|l| l.to_string())
+        .unwrap_or_default();
     let mut made = pending.into_iter().zip(made);
     let mut said = Vec::with_capacity(run.lanes.len());
     let mut failed = None;
@@ -253,7 +257,7 @@ async fn make_reverse_slots(run: &mut Run) -> Result<Vec<String>, CutoverError> 
 /// A rollback, every reverse apply stopped: everything they brought is before this LSN. The
 /// WAL is the cluster's, so one reading after every stop is each database's rollback point.
 async fn rollback_points(run: &mut Run) -> Result<Vec<String>, CutoverError> {
-    let lsn: String = run
+    let text: String = run
         .query(
             Phase::Reverse,
             "source",
@@ -262,8 +266,10 @@ async fn rollback_points(run: &mut Run) -> Result<Vec<String>, CutoverError> {
         )
         .await?
         .get(0);
+    let lsn = crate::pg::parse_lsn_of("source", "the rollback point", &text)
+        .map_err(|e| CutoverError::abort(Phase::Reverse, e.to_string()))?;
     for lane in &mut run.lanes {
-        lane.rollback_point = Some(lsn.clone());
+        lane.rollback_point = Some(lsn);
     }
     Ok(vec![
         format!("reverse subscription {REVERSE} stopped");
@@ -661,7 +667,7 @@ pub async fn after_flip(run: &mut Run) {
                 started => started.map(|s| s.to_string()),
             }
         } else {
-            let point = lane.rollback_point.clone().unwrap_or_default();
+            let point = lane.rollback_point;
             let forward = ctl.forward_subscription_for(&lane.database);
             // The reverse subscription's own slot, as the catalog named it at preflight.
             let way_back = ReverseTarget {
@@ -671,7 +677,7 @@ pub async fn after_flip(run: &mut Run) {
             restart_forward(
                 &lane.to_db,
                 &lane.from_db,
-                &point,
+                point,
                 run.qt,
                 forward,
                 &way_back,
@@ -900,11 +906,11 @@ pub fn reverse_conninfo(ctl: &super::Controller, database: &str) -> String {
 }
 
 /// Rollback, after the flip: retire the reverse replication and restart the forward
-/// subscription from `point`, so a later cutover can run again.
+/// subscription from `point` (none: where its slot stands), so a later cutover can run again.
 pub async fn restart_forward(
     source: &Client,
     target: &Client,
-    point: &str,
+    point: Option<Lsn>,
     qt: Duration,
     forward: Option<String>,
     way_back: &ReverseTarget<'_>,
@@ -959,7 +965,10 @@ pub async fn restart_forward(
         )
         .await?
         .get(0);
-        if n > 0 && !point.is_empty() {
+        if n > 0
+            && let Some(point) = point
+        {
+            let point = point.to_string();
             // Only forward: advancing to a point the slot already passed is an error.
             timed(
                 "source",
@@ -982,7 +991,8 @@ pub async fn restart_forward(
     )
     .await?;
     Ok(format!(
-        "reverse replication retired; forward subscription {fwd} restarted from {point}"
+        "reverse replication retired; forward subscription {fwd} restarted from {}",
+        point.map_or_else(|| "where its slot stood".to_owned(), |p| p.to_string())
     ))
 }
 

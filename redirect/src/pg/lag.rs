@@ -75,7 +75,7 @@ pub struct ReplicaLag {
     /// How long ago the last confirmed change was written (`pg_stat_replication.replay_lag`),
     /// the largest of any database.
     pub seconds: f64,
-    pub source_lsn: String,
+    pub source_lsn: Lsn,
     pub healthy: bool,
     /// What is wrong, when not healthy (each naming its database).
     pub problems: Vec<String>,
@@ -350,7 +350,7 @@ pub async fn measure(
                 }
                 databases.sort_by(|a, b| a.database.cmp(&b.database));
             }
-            combine(Replication::Logical, src_lsn, databases, watch.reverse)
+            combine(Replication::Logical, current, databases, watch.reverse)
         }
         Replication::Physical => {
             let row = timed(
@@ -386,7 +386,7 @@ pub async fn measure(
                 replication: Replication::Physical,
                 bytes: lag_bytes(current, replayed),
                 seconds,
-                source_lsn: src_lsn,
+                source_lsn: current,
                 healthy: problems.is_empty(),
                 problems,
                 databases: Vec::new(),
@@ -481,7 +481,7 @@ fn database_lag(
 #[must_use]
 pub fn combine(
     replication: Replication,
-    source_lsn: String,
+    source_lsn: Lsn,
     databases: Vec<DatabaseLag>,
     reverse: bool,
 ) -> ReplicaLag {
@@ -685,7 +685,7 @@ mod tests {
             replication: Replication::Logical,
             bytes,
             seconds,
-            source_lsn: "0/0".into(),
+            source_lsn: Lsn(0),
             healthy,
             problems: if healthy {
                 vec![]
@@ -877,19 +877,19 @@ mod tests {
         };
         let l = combine(
             Replication::Logical,
-            "0/0".into(),
+            Lsn(0),
             vec![db("a", Some(10), 0.5), db("b", Some(300), 0.1)],
             false,
         );
         assert_eq!((l.bytes, l.seconds, l.healthy), (Some(300), 0.5, true));
         let l = combine(
             Replication::Logical,
-            "0/0".into(),
+            Lsn(0),
             vec![db("a", Some(10), 0.0), db("b", None, 0.0)],
             false,
         );
         assert_eq!(l.bytes, None);
-        let l = combine(Replication::Logical, "0/0".into(), vec![], false);
+        let l = combine(Replication::Logical, Lsn(0), vec![], false);
         assert!(
             !l.healthy && l.bytes.is_none(),
             "no database is not zero lag"
@@ -899,7 +899,7 @@ mod tests {
         sick.problems = vec!["subscription \"s\" is disabled".into()];
         let l = combine(
             Replication::Logical,
-            "0/0".into(),
+            Lsn(0),
             vec![db("a", Some(0), 0.0), sick],
             false,
         );
@@ -908,7 +908,7 @@ mod tests {
         assert_eq!(
             serde_json::to_value(combine(
                 Replication::Logical,
-                "0/0".into(),
+                Lsn(0),
                 vec![db("a", None, 0.0)],
                 false
             ))

@@ -71,6 +71,16 @@ impl serde::Serialize for Lsn {
     }
 }
 
+/// For a journaled `Option<Lsn>`: absent, `null` and `""` are `None` (an empty string is how
+/// a position never read was once written); anything else must be a `pg_lsn`.
+pub fn optional<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<Lsn>, D::Error> {
+    match <Option<String> as serde::Deserialize>::deserialize(d)? {
+        None => Ok(None),
+        Some(s) if s.is_empty() => Ok(None),
+        Some(s) => s.parse().map(Some).map_err(serde::de::Error::custom),
+    }
+}
+
 impl<'de> serde::Deserialize<'de> for Lsn {
     fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
         String::deserialize(d)?
@@ -147,5 +157,27 @@ mod tests {
         assert_eq!(serde_json::from_str::<Lsn>(&json).unwrap(), lsn);
         assert!(serde_json::from_str::<Lsn>("\"zero\"").is_err());
         assert!(serde_json::from_str::<Lsn>("0").is_err());
+    }
+
+    #[test]
+    fn a_journaled_position_reads_back_and_an_empty_one_is_none() {
+        #[derive(serde::Deserialize)]
+        struct E {
+            #[serde(default, deserialize_with = "optional")]
+            at: Option<Lsn>,
+        }
+        let read = |j: &str| serde_json::from_str::<E>(j).map(|e| e.at);
+        assert_eq!(
+            read(r#"{"at":"16/B374D848"}"#).unwrap(),
+            Some(Lsn(0x16_B374_D848))
+        );
+        assert_eq!(read(r#"{"at":""}"#).unwrap(), None);
+        assert_eq!(read(r#"{"at":null}"#).unwrap(), None);
+        assert_eq!(read("{}").unwrap(), None);
+        assert!(read(r#"{"at":"nope"}"#).is_err(), "never a silent zero");
+        assert_eq!(
+            serde_json::to_string(&Lsn(0x16_B374_D848)).unwrap(),
+            r#""16/B374D848""#
+        );
     }
 }

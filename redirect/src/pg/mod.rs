@@ -611,24 +611,11 @@ pub async fn timed<T>(
     }
 }
 
-/// Parses a `pg_lsn` text (`16/B374D848`) into its 64-bit position. Prefer [`Lsn`] and
-/// [`parse_lsn_of`], which keep the bad value for the error instead of `None`.
-#[must_use]
-pub fn parse_lsn(s: &str) -> Option<u64> {
-    s.parse::<Lsn>().ok().map(u64::from)
-}
-
 /// Parses the `pg_lsn` text a query (`which`, `what`) returned; a value that is not one is a
 /// [`PgError::BadLsn`] naming the query and the value.
 pub fn parse_lsn_of(which: &'static str, what: &'static str, s: &str) -> Result<Lsn, PgError> {
     s.parse()
         .map_err(|LsnError(value)| PgError::BadLsn { which, what, value })
-}
-
-/// Formats a 64-bit WAL position as `pg_lsn` text.
-#[must_use]
-pub fn format_lsn(lsn: u64) -> String {
-    Lsn(lsn).to_string()
 }
 
 #[cfg(test)]
@@ -992,10 +979,9 @@ mod tests {
 
     #[test]
     fn lsn_round_trip() {
-        assert_eq!(parse_lsn("16/B374D848"), Some(0x16_B374_D848));
-        assert_eq!(format_lsn(0x16_B374_D848), "16/B374D848");
-        assert_eq!(parse_lsn("nope"), None);
-        assert_eq!(parse_lsn("0/0"), Some(0));
+        assert_eq!("16/B374D848".parse(), Ok(Lsn(0x16_B374_D848)));
+        assert_eq!(Lsn(0x16_B374_D848).to_string(), "16/B374D848");
+        assert_eq!("0/0".parse(), Ok(Lsn(0)));
         let e = parse_lsn_of("source", "pg_current_wal_lsn()", "nope")
             .unwrap_err()
             .to_string();
