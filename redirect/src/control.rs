@@ -12,7 +12,7 @@ use std::{
 
 use serde::{Deserialize, Serialize};
 use tokio::{
-    io::{AsyncBufReadExt as _, AsyncWriteExt as _, BufReader},
+    io::{AsyncBufReadExt as _, AsyncReadExt as _, AsyncWriteExt as _, BufReader},
     net::{UnixListener, UnixStream},
 };
 use tokio_util::sync::CancellationToken;
@@ -187,8 +187,9 @@ async fn handle(
     shutdown: CancellationToken,
 ) -> std::io::Result<()> {
     let (r, mut w) = stream.into_split();
+    let mut reader = BufReader::new(r);
     let mut line = String::new();
-    BufReader::new(r).read_line(&mut line).await?;
+    reader.read_line(&mut line).await?;
     let request: Request = match serde_json::from_str(&line) {
         Ok(r) => r,
         Err(e) => return send(&mut w, &Reply::Error(format!("bad request: {e}"))).await,
@@ -362,6 +363,16 @@ async fn handle(
             info!(to = %to, dry_run, force, "cutover requested");
             // Until the hold, a cutover nobody is watching any more is called off: the CLI
             // that asked for it went away, or the controller is stopping.
+            // The CLI sends nothing after its request: the end of its side is its going away
+            // (Ctrl-C, a killed script).
+            let gone = tokio::spawn({
+                let called_off = called_off.clone();
+                async move {
+                    let mut rest = Vec::new();
+                    let _ = reader.read_to_end(&mut rest).await;
+                    called_off.cancel();
+                }
+            });
             let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
             let task = tokio::spawn({
                 let ctl = ctl.clone();
@@ -370,11 +381,11 @@ async fn handle(
             while let Some(p) = rx.recv().await {
                 info!(progress = %p, "cutover");
                 // Past preflight, a CLI that went away does not stop the cutover.
-                if send(&mut w, &Reply::Progress(p)).await.is_err() {
-                    called_off.cancel();
-                }
+                let _ = send(&mut w, &Reply::Progress(p)).await;
             }
-            match task.await {
+            let outcome = task.await;
+            gone.abort();
+            match outcome {
                 Ok(Ok(report)) => {
                     Reply::Ok(serde_json::to_value(report).expect("report serializes"))
                 }
