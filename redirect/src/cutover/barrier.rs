@@ -140,13 +140,14 @@ async fn logical_lane(run: &Run, lane: &Lane) -> Result<(Lsn, Option<Lsn>), Cuto
         lane.from_db.execute(WRITE_MARKER, &[&token]),
     )
     .await?;
-    let fence_lsn = read_lsn(
-        run,
-        "old server",
-        "reading the fence LSN",
-        lane.from_db.query_one(CURRENT_LSN, &[]),
-    )
-    .await?;
+    let fence_lsn = run
+        .query_lsn(
+            Phase::Barrier,
+            "old server",
+            "reading the fence LSN",
+            lane.from_db.query_one(CURRENT_LSN, &[]),
+        )
+        .await?;
     // Held clients wait for as long as the barrier does: if replication has stopped, the
     // marker can never arrive, so give up as soon as that is clear, not at --timeout.
     let mut checked = Instant::now();
@@ -210,37 +211,27 @@ async fn logical_lane(run: &Run, lane: &Lane) -> Result<(Lsn, Option<Lsn>), Cuto
         tokio::time::sleep(Duration::from_millis(2)).await;
     }
     // Only reported: the barrier is the marker, not this position.
-    let applied = read_lsn(
-        run,
-        "new server",
-        "reading its LSN",
-        lane.to_db.query_one(CURRENT_LSN, &[]),
-    )
-    .await
-    .ok();
+    let applied = run
+        .query_lsn(
+            Phase::Barrier,
+            "new server",
+            "reading its LSN",
+            lane.to_db.query_one(CURRENT_LSN, &[]),
+        )
+        .await
+        .ok();
     Ok((fence_lsn, applied))
 }
 
-/// A `pg_lsn` a step query returned; a value that is not one aborts the cutover.
-async fn read_lsn(
-    run: &Run,
-    which: &'static str,
-    what: &'static str,
-    query: impl Future<Output = Result<tokio_postgres::Row, tokio_postgres::Error>>,
-) -> Result<Lsn, CutoverError> {
-    let text: Option<String> = run.query(Phase::Barrier, which, what, query).await?.get(0);
-    parse_lsn_of(which, what, text.as_deref().unwrap_or_default())
-        .map_err(|e| CutoverError::abort(Phase::Barrier, e.to_string()))
-}
-
 async fn physical(run: &Run) -> Result<(Lsn, Option<Lsn>), CutoverError> {
-    let fence_lsn = read_lsn(
-        run,
-        "old server",
-        "reading the WAL insert position",
-        run.from_db.query_one(INSERT_LSN, &[]),
-    )
-    .await?;
+    let fence_lsn = run
+        .query_lsn(
+            Phase::Barrier,
+            "old server",
+            "reading the WAL insert position",
+            run.from_db.query_one(INSERT_LSN, &[]),
+        )
+        .await?;
     loop {
         // NULL until the standby has replayed anything.
         let replayed: Option<String> = run

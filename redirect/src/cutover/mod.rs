@@ -463,6 +463,20 @@ impl Run {
             })
     }
 
+    /// A `pg_lsn` a step's query returned; `NULL`, or text that is not one, aborts the
+    /// cutover at `step` (never a zero).
+    pub async fn query_lsn(
+        &self,
+        step: Phase,
+        which: &'static str,
+        what: &'static str,
+        fut: impl Future<Output = Result<tokio_postgres::Row, tokio_postgres::Error>>,
+    ) -> Result<Lsn, CutoverError> {
+        let text: Option<String> = self.query(step, which, what, fut).await?.get(0);
+        crate::pg::parse_lsn_of(which, what, text.as_deref().unwrap_or_default())
+            .map_err(|e| CutoverError::abort(step, e.to_string()))
+    }
+
     /// The client for `side`.
     #[must_use]
     pub fn db(&self, side: Role) -> &Client {

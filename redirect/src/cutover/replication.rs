@@ -257,17 +257,14 @@ async fn make_reverse_slots(run: &mut Run) -> Result<Vec<String>, CutoverError> 
 /// A rollback, every reverse apply stopped: everything they brought is before this LSN. The
 /// WAL is the cluster's, so one reading after every stop is each database's rollback point.
 async fn rollback_points(run: &mut Run) -> Result<Vec<String>, CutoverError> {
-    let text: String = run
-        .query(
+    let lsn = run
+        .query_lsn(
             Phase::Reverse,
             "source",
             "reading the rollback point",
             run.to_db.query_one(CURRENT_LSN, &[]),
         )
-        .await?
-        .get(0);
-    let lsn = crate::pg::parse_lsn_of("source", "the rollback point", &text)
-        .map_err(|e| CutoverError::abort(Phase::Reverse, e.to_string()))?;
+        .await?;
     for lane in &mut run.lanes {
         lane.rollback_point = Some(lsn);
     }
