@@ -19,8 +19,9 @@ use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
 use crate::{
+    controller::Controller,
     cutover::{
-        Controller, FlipRequest,
+        FlipRequest,
         guardrails::{Guardrail, fix::Identity},
     },
     datapath::Role,
@@ -113,7 +114,7 @@ pub enum Request {
 /// The answer to [`Request::State`].
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
 pub struct State {
-    pub phase: crate::cutover::Phase,
+    pub phase: crate::controller::Phase,
     /// What the last recovery of an interrupted cutover did.
     pub last_recovery: Option<String>,
 }
@@ -376,7 +377,7 @@ async fn handle(
             let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
             let task = tokio::spawn({
                 let ctl = ctl.clone();
-                async move { Box::pin(ctl.cutover(req, tx)).await }
+                async move { Box::pin(crate::cutover::run(&ctl, req, tx)).await }
             });
             while let Some(p) = rx.recv().await {
                 info!(progress = %p, "cutover");

@@ -9,7 +9,7 @@ use tokio::{
 };
 use tokio_util::sync::CancellationToken;
 
-use crate::{cutover::Controller, datapath::Role};
+use crate::{controller::Controller, datapath::Role};
 
 /// Reads one per-port gauge from a GC report's port use.
 type PortGauge = fn(&crate::conntrack::PortUse) -> u64;
@@ -169,14 +169,14 @@ pub fn render(ctl: &Controller) -> String {
         out,
         "# HELP redirect_cutover_phase 1 for the current cutover phase.\n# TYPE redirect_cutover_phase gauge"
     );
-    for p in crate::cutover::Phase::ALL {
+    for p in crate::controller::Phase::ALL {
         let _ = writeln!(
             out,
             "redirect_cutover_phase{{phase=\"{p}\"}} {}",
             u8::from(p == phase)
         );
     }
-    if let Some(r) = crate::sync::lock(&ctl.last_report).as_ref() {
+    if let Some(r) = crate::sync::lock(&ctl.last_cutover).as_ref() {
         let _ = writeln!(
             out,
             "# HELP redirect_cutover_step_seconds Duration of each step of the last cutover.\n# TYPE redirect_cutover_step_seconds gauge"

@@ -12,7 +12,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::{
     clock,
-    cutover::{Controller, Phase},
+    controller::{Controller, Phase},
     datapath::Role,
 };
 

@@ -125,7 +125,7 @@ pub fn run(args: &Args, pin_dir: &Path, socket: &Path) -> anyhow::Result<()> {
             .enable_all()
             .build()?;
         if let Some(state) = rt.block_on(control::state(socket))
-            && state.phase != crate::cutover::Phase::Idle
+            && state.phase != crate::controller::Phase::Idle
         {
             anyhow::bail!(
                 "a cutover is in progress (phase: {}); wait for it to finish or fail before an immediate flip",

@@ -2,7 +2,7 @@
 
 use std::path::Path;
 
-use crate::cutover::journal;
+use crate::journal;
 
 /// Show every cutover step from the journal, with its timing and LSNs.
 #[derive(Debug, clap::Args)]

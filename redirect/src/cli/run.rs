@@ -15,7 +15,8 @@ use super::PortRange;
 use crate::{
     conntrack::{self, Timeouts},
     control,
-    cutover::{Controller, Databases, Phase, recover},
+    controller::{Controller, Databases, Phase},
+    cutover::recover,
     datapath::{self, BackendAddr, Hook, Maps, Spec},
     metrics, net,
     pg::{Dsn, PasswordSources, lag::Replication},
@@ -332,9 +333,9 @@ pub async fn run(args: Args, pin_dir: &Path, socket: &Path, journal: &Path) -> a
         );
     }
     let db = databases(&args)?;
-    let interrupted = crate::cutover::journal::read(journal)
+    let interrupted = crate::journal::read(journal)
         .ok()
-        .and_then(|e| crate::cutover::journal::unfinished(&e))
+        .and_then(|e| crate::journal::unfinished(&e))
         .is_some();
     // A datapath pinned by an earlier run is serving clients: it needs its controller (the
     // connection table's GC, status, metrics) even while a server is down.
@@ -465,7 +466,7 @@ pub async fn run(args: Args, pin_dir: &Path, socket: &Path, journal: &Path) -> a
         busy: Arc::new(tokio::sync::Mutex::new(())),
         phase: Mutex::new(Phase::Idle),
         last_lag: Mutex::new(None),
-        last_report: Mutex::new(None),
+        last_cutover: Mutex::new(None),
         last_recovery: Mutex::new(None),
         last_gc: Mutex::new(None),
         fleet,
@@ -523,7 +524,7 @@ pub async fn run(args: Args, pin_dir: &Path, socket: &Path, journal: &Path) -> a
     if ctl.db.is_some() {
         // Bounded: a server that accepts but never answers must not keep the controller
         // (and a resumed drain) waiting.
-        match tokio::time::timeout(Duration::from_secs(30), ctl.prepare()).await {
+        match tokio::time::timeout(Duration::from_secs(30), crate::cutover::prepare(&ctl)).await {
             Ok(Ok(())) => info!(
                 table = crate::cutover::BARRIER_TABLE,
                 "the barrier table replicates; cutovers are ready"

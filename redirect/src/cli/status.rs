@@ -187,8 +187,8 @@ fn percent(part: u64, whole: u64) -> String {
 
 /// The journal's unfinished cutover, described.
 fn interrupted(journal: &Path) -> Option<String> {
-    let entries = crate::cutover::journal::read(journal).ok()?;
-    let steps = crate::cutover::journal::unfinished(&entries)?;
+    let entries = crate::journal::read(journal).ok()?;
+    let steps = crate::journal::unfinished(&entries)?;
     let first = steps.first()?;
     let last = steps.last()?;
     Some(format!(
@@ -241,7 +241,7 @@ pub fn run(args: &Args, pin_dir: &Path, socket: &Path, journal: &Path) -> anyhow
     if status
         .controller
         .as_ref()
-        .is_some_and(|c| c.phase != crate::cutover::Phase::Idle)
+        .is_some_and(|c| c.phase != crate::controller::Phase::Idle)
     {
         status.interrupted = None;
     }

@@ -23,7 +23,7 @@ use serde::Serialize;
 
 use crate::{
     control::{self, Request},
-    cutover::Phase,
+    controller::Phase,
     snapshot::{Lag, Snapshot},
 };
 

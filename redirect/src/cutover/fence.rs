@@ -64,7 +64,7 @@ pub async fn end_old_sessions(run: &mut Run) -> Result<(), CutoverError> {
     let mut addrs = vec![run.from_snat.clone()];
     let mut los = vec![i32::from(run.snat_ports.0)];
     let mut his = vec![i32::from(run.snat_ports.1)];
-    for p in &run.members_proxied {
+    for p in run.members_proxied() {
         addrs.push(p.snat.clone());
         los.push(i32::from(p.ports.0));
         his.push(i32::from(p.ports.1));

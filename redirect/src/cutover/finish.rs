@@ -187,7 +187,7 @@ pub async fn finish(
     let Ok(_busy) = ctl.busy.try_lock() else {
         return Err(CutoverError::Busy(ctl.phase()));
     };
-    let db = ctl.db.clone().ok_or(CutoverError::NoDatabases)?;
+    let db = ctl.databases()?.clone();
     if ctl.active()? != Role::Target {
         return Err(CutoverError::Refused(
             "new connections go to the source: there is no completed cutover to finish (finish ends a migration after `flip --to target`)".into(),

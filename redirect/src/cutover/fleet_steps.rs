@@ -26,6 +26,13 @@ use crate::fleet::{
 /// How long the leader waits for every member to acknowledge an epoch.
 pub const ACK_TIMEOUT: Duration = Duration::from_secs(2);
 
+/// This cutover's fleet part: the fleet steps run only when it leads one.
+fn fleet_run(run: &mut Run) -> &mut super::FleetRun {
+    run.fleet
+        .as_mut()
+        .expect("a fleet step runs only in a cutover that leads a fleet")
+}
+
 fn fleet_error(phase: Phase, e: impl std::fmt::Display) -> CutoverError {
     CutoverError::abort(phase, format!("fleet: {e}"))
 }
@@ -46,8 +53,8 @@ pub async fn hold(run: &mut Run, fleet: &Fleet) -> Result<(), CutoverError> {
     .await
     .map_err(|e| fleet_error(Phase::Hold, e))?;
     let epoch = committed.state.epoch;
-    run.fleet_hold = Some(committed);
-    super::fault_point("acks").await;
+    fleet_run(run).hold = Some(committed);
+    super::fault_point(super::FaultPoint::Acks).await;
     let acks = lead::await_acks(fleet, epoch, ACK_TIMEOUT.min(run.remaining()))
         .await
         .map_err(|e| fleet_error(Phase::Hold, e))?;
@@ -60,13 +67,15 @@ pub async fn hold(run: &mut Run, fleet: &Fleet) -> Result<(), CutoverError> {
             ),
         ));
     }
-    run.fleet_roster_revision = acks.roster_revision;
-    run.members_proxied = acks
+    let members_proxied = acks
         .applied
         .iter()
         .filter(|(m, _)| **m != fleet.settings.member)
         .filter_map(|(_, p)| p.clone())
         .collect();
+    let this = fleet_run(run);
+    this.roster_revision = acks.roster_revision;
+    this.members_proxied = members_proxied;
     run.fenced_at = Some(Instant::now());
     let members: Vec<&String> = acks.applied.keys().collect();
     run.rec.step(
@@ -89,13 +98,14 @@ pub async fn commit(run: &mut Run, fleet: &Fleet) -> Result<(), CutoverError> {
     run.ctl.set_phase(Phase::Flip);
     run.check_deadline(Phase::Flip)?;
     let t = Instant::now();
-    let hold = run
-        .fleet_hold
+    let this = fleet_run(run);
+    let hold = this
+        .hold
         .clone()
         .ok_or_else(|| CutoverError::abort(Phase::Flip, "no fleet hold was committed"))?;
     let guard = Guard::Commit {
-        enrolled_by: run.fleet_roster_revision,
-        leader_key: run.fleet_leader_key.clone(),
+        enrolled_by: this.roster_revision,
+        leader_key: this.leadership.key(),
     };
     let committed = match lead::commit_next(fleet, &hold, run.to, &guard).await {
         Ok(c) => c,
@@ -106,13 +116,13 @@ pub async fn commit(run: &mut Run, fleet: &Fleet) -> Result<(), CutoverError> {
         Err(unknown) => settle_unknown_commit(run, fleet, &hold, &unknown).await?,
     };
     // Committed: nothing is undone from here.
-    run.fleet_hold = None;
+    fleet_run(run).hold = None;
     let detail = format!(
         "fleet epoch {} committed: every member sends new connections to the {}",
         committed.state.epoch, run.to
     );
     super::flip::record_commit(run, t, detail);
-    run.fleet_hold = Some(committed);
+    fleet_run(run).hold = Some(committed);
     Ok(())
 }
 
@@ -184,7 +194,7 @@ async fn settle_unknown_commit(
 pub async fn await_members(run: &mut Run, fleet: &Fleet) {
     run.ctl.set_phase(Phase::Release);
     let t = Instant::now();
-    let Some(committed) = run.fleet_hold.take() else {
+    let Some(committed) = run.fleet.as_mut().and_then(|f| f.hold.take()) else {
         return;
     };
     let epoch = committed.state.epoch;
@@ -229,8 +239,9 @@ pub enum FleetUndo {
 /// member lifts its fence and releases its held connections there. Says what etcd holds
 /// afterwards, which decides whether the database side may be undone.
 pub async fn abort(run: &mut Run) -> Option<FleetUndo> {
-    let hold = run.fleet_hold.take()?;
-    let fleet = run.ctl.fleet.as_ref()?;
+    let this = run.fleet.as_mut()?;
+    let hold = this.hold.take()?;
+    let fleet = &this.fleet.clone();
     let why = match lead::commit_next(fleet, &hold, run.from, &Guard::StateOnly).await {
         Ok(c) => return Some(FleetUndo::Aborted(describe_abort(run, fleet, &c).await)),
         Err(e) => e,

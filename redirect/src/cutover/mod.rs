@@ -1,6 +1,6 @@
 //! The safe cutover, as an explicit state machine.
 //!
-//! [`Controller::cutover`] is the ordered list of steps; each step is a small function in its
+//! [`run`] is the ordered list of steps; each step is a small function in its
 //! own file, journaled (write-ahead where its effect must be undone after a crash) with what
 //! it learned: the subscription and slot it relies on, LSNs, the drain deadline.
 //!
@@ -23,7 +23,6 @@ pub mod fleet_steps;
 pub mod flip;
 pub mod grants;
 pub mod guardrails;
-pub mod journal;
 pub mod lane;
 pub mod lease;
 pub mod preflight;
@@ -33,29 +32,30 @@ pub mod sequences;
 pub mod undo;
 
 use std::{
-    path::PathBuf,
-    sync::{Arc, Mutex},
+    fmt::Write as _,
+    sync::Arc,
     time::{Duration, Instant},
 };
 
-use serde::{Deserialize, Serialize};
+use serde::Serialize;
 use tokio::sync::mpsc::UnboundedSender;
 use tokio_postgres::Client;
 use tracing::warn;
 
-use self::journal::{Entry, Journal, Step};
+pub use crate::controller::REVERSE;
 use crate::{
+    controller::{Controller, ControllerError, Phase, PhaseGuard, Timings},
     datapath::{self, Role},
+    fleet::{Fleet, hold::Proxied, lead::Leadership, state::Committed},
+    journal::{self, Entry, Journal, Step},
     pg::{
-        Dsn, Lsn, PgError,
+        Lsn, PgError,
         lag::{self, ReplicaLag, Replication, Watch},
         timed,
     },
     sync::lock,
 };
 
-/// The name of the reverse publication, slot and subscription used for lossless rollback.
-pub const REVERSE: &str = "redirect_reverse";
 /// The table whose marker row is the LSN barrier.
 pub const BARRIER_TABLE: &str = "public.redirect_barrier";
 
@@ -124,73 +124,7 @@ pub struct FlipReport {
     /// reset by the controller and forgotten, so the client reconnects at once.
     pub reset_unknown: u64,
     pub terminated_at_drain: u64,
-    pub steps: Vec<(String, f64)>,
-}
-
-/// Where a cutover is; `/metrics` and error messages show it.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Phase {
-    #[default]
-    Idle,
-    Preflight,
-    Hold,
-    Fence,
-    Barrier,
-    Sequences,
-    Reverse,
-    Promote,
-    Flip,
-    Release,
-    Drain,
-    Aborting,
-    Recovering,
-    Finishing,
-}
-
-impl Phase {
-    pub const ALL: [Self; 14] = [
-        Self::Idle,
-        Self::Preflight,
-        Self::Hold,
-        Self::Fence,
-        Self::Barrier,
-        Self::Sequences,
-        Self::Reverse,
-        Self::Promote,
-        Self::Flip,
-        Self::Release,
-        Self::Drain,
-        Self::Aborting,
-        Self::Recovering,
-        Self::Finishing,
-    ];
-
-    #[must_use]
-    pub fn name(self) -> &'static str {
-        match self {
-            Self::Idle => "idle",
-            Self::Preflight => "preflight",
-            Self::Hold => "hold",
-            Self::Fence => "fence",
-            Self::Barrier => "barrier",
-            Self::Sequences => "sequences",
-            Self::Reverse => "reverse",
-            Self::Promote => "promote",
-            Self::Flip => "flip",
-            Self::Release => "release",
-            Self::Drain => "drain",
-            Self::Aborting => "aborting",
-            Self::Recovering => "recovering",
-            Self::Finishing => "finishing",
-        }
-    }
-}
-
-impl std::fmt::Display for Phase {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(self.name())
-    }
+    pub steps: Vec<(Step, f64)>,
 }
 
 /// Why a cutover did not happen (after undoing whatever it had started).
@@ -198,8 +132,8 @@ impl std::fmt::Display for Phase {
 pub enum CutoverError {
     #[error("another cutover is in progress (phase: {0}); try again when it has finished")]
     Busy(Phase),
-    #[error("no databases configured: start `redirect run` with --source-dsn and --target-dsn")]
-    NoDatabases,
+    #[error(transparent)]
+    Controller(#[from] ControllerError),
     #[error("preflight failed: {0}")]
     Preflight(String),
     #[error("{0}")]
@@ -233,59 +167,13 @@ impl CutoverError {
     }
 }
 
-/// How to reach the two servers.
-#[derive(Clone, Debug)]
-pub struct Databases {
-    pub source: Dsn,
-    pub target: Dsn,
-    pub replication: Replication,
-    /// The forward subscription on the target in the DSN's database (logical).
-    pub subscription: Option<String>,
-    /// Forward subscriptions named for other databases (`--subscription DB=NAME`).
-    pub subscriptions: std::collections::BTreeMap<String, String>,
-    /// Which databases the cutover covers (`--databases`, `--exclude-databases`).
-    pub scope: lag::Scope,
-    /// How the source reaches the target for reverse replication (default: the target DSN).
-    pub reverse_conninfo: Option<String>,
-    pub query_timeout: Duration,
-}
-
-/// The controller state a cutover works on, shared with the control socket and `/metrics`.
-pub struct Controller {
-    /// This host's datapath.
-    pub host: Arc<crate::host::Host>,
-    pub db: Option<Databases>,
-    pub journal_path: PathBuf,
-    /// Held for the whole of a cutover, a recovery or a `finish`.
-    pub busy: Arc<tokio::sync::Mutex<()>>,
-    pub phase: Mutex<Phase>,
-    pub last_lag: Mutex<Option<ReplicaLag>>,
-    pub last_report: Mutex<Option<FlipReport>>,
-    /// What the last recovery of an interrupted cutover did.
-    pub last_recovery: Mutex<Option<String>>,
-    /// The last conntrack GC pass: `/metrics` reads port use from it instead of walking maps.
-    pub last_gc: Mutex<Option<crate::conntrack::GcReport>>,
-    /// The fleet this host is a member of (`run --etcd`); `None`: a host on its own.
-    pub fleet: Option<Arc<crate::fleet::Fleet>>,
-}
-
-/// Puts the controller back to idle however a cutover ends (an error, a `?`, a panic), so a
-/// failed step can never wedge later cutovers.
-struct PhaseGuard<'a>(&'a Controller);
-
-impl Drop for PhaseGuard<'_> {
-    fn drop(&mut self) {
-        self.0.set_phase(Phase::Idle);
-    }
-}
-
 /// Journals steps with their timings and streams progress lines.
 pub struct Recorder {
     journal: Journal,
     pub id: String,
     pub from: Role,
     pub to: Role,
-    pub steps: Vec<(String, f64)>,
+    pub steps: Vec<(Step, f64)>,
     progress: UnboundedSender<String>,
 }
 
@@ -315,9 +203,8 @@ impl Recorder {
     /// Journals `entry` for this cutover (stamping id, direction and duration), and shows it.
     pub fn log(&mut self, since: Instant, entry: Entry) -> Result<(), CutoverError> {
         let ms = since.elapsed().as_secs_f64() * 1000.0;
-        let step = entry.step.to_string();
-        self.steps.push((step.clone(), ms));
-        self.say(format!("{step:<10} {ms:>8.1} ms  {}", entry.detail));
+        self.steps.push((entry.step, ms));
+        self.say(format!("{:<10} {ms:>8.1} ms  {}", entry.step, entry.detail));
         self.journal.append(Entry {
             cutover: self.id.clone(),
             from: Some(self.from),
@@ -333,9 +220,8 @@ impl Recorder {
         let ms = since.elapsed().as_secs_f64() * 1000.0;
         let mut stamped = Vec::with_capacity(entries.len());
         for entry in entries {
-            let step = entry.step.to_string();
-            self.steps.push((step.clone(), ms));
-            self.say(format!("{step:<10} {ms:>8.1} ms  {}", entry.detail));
+            self.steps.push((entry.step, ms));
+            self.say(format!("{:<10} {ms:>8.1} ms  {}", entry.step, entry.detail));
             stamped.push(Entry {
                 cutover: self.id.clone(),
                 from: Some(self.from),
@@ -413,19 +299,33 @@ pub struct Run {
     pub lease: Option<crate::host::lease::Lease>,
     /// Whether an LSN barrier guards the flip (not for a forced flip with no replication).
     pub barrier: bool,
-    /// A fleet cutover: the other members' proxied sessions, from their acks of the hold
-    /// (the fence step ends them too).
-    pub members_proxied: Vec<crate::fleet::hold::Proxied>,
-    /// A fleet cutover: the committed `Hold` epoch this leader wrote (undo aborts it).
-    pub fleet_hold: Option<crate::fleet::state::Committed>,
-    /// A fleet cutover: the etcd revision of the roster the hold's acknowledgements were
-    /// counted against (the commit refuses if anyone enrolled since).
-    pub fleet_roster_revision: i64,
-    /// A fleet cutover: the election key this leader holds (the commit requires it).
-    pub fleet_leader_key: Vec<u8>,
+    /// A fleet cutover: what this leader learned and committed; `None` on a host on its own.
+    pub fleet: Option<FleetRun>,
+}
+
+/// A fleet cutover's own part (docs/fleet.md): the members hold, fence, release and drain
+/// their own datapaths from the epochs this leader commits in etcd.
+pub struct FleetRun {
+    pub fleet: Arc<Fleet>,
+    /// This leader's election: its key guards the commit; resigned when the cutover ends.
+    pub leadership: Leadership,
+    /// The other members' proxied sessions, from their acks of the hold (the fence step
+    /// ends them too).
+    pub members_proxied: Vec<Proxied>,
+    /// The committed `Hold` epoch this leader wrote (undo aborts it), then the commit.
+    pub hold: Option<Committed>,
+    /// The etcd revision of the roster the hold's acknowledgements were counted against
+    /// (the commit refuses if anyone enrolled since).
+    pub roster_revision: i64,
 }
 
 impl Run {
+    /// The sessions every other fleet member proxies to the old server (none on one host).
+    #[must_use]
+    pub fn members_proxied(&self) -> &[Proxied] {
+        self.fleet.as_ref().map_or(&[], |f| &f.members_proxied)
+    }
+
     /// What is left of `--timeout`.
     #[must_use]
     pub fn remaining(&self) -> Duration {
@@ -488,348 +388,266 @@ impl Run {
     }
 }
 
-impl Controller {
-    pub fn set_phase(&self, p: Phase) {
-        *lock(&self.phase) = p;
-    }
 
-    #[must_use]
-    pub fn phase(&self) -> Phase {
-        *lock(&self.phase)
+/// Runs a safe cutover to `req.to`, reporting progress lines on `progress`. It reads as the
+/// protocol: preflight, then the steps up to the flip (undone on any failure), then the
+/// steps after it (always finished).
+pub async fn run(
+    ctl: &Arc<Controller>,
+    req: FlipRequest,
+    progress: UnboundedSender<String>,
+) -> Result<FlipReport, CutoverError> {
+    let Ok(_busy) = ctl.busy.try_lock() else {
+        return Err(CutoverError::Busy(ctl.phase()));
+    };
+    let _idle_after = PhaseGuard(ctl);
+    ctl.set_phase(Phase::Preflight);
+    let mut run = match preflight::check(ctl, req, progress).await? {
+        preflight::Outcome::Report(report) => return Ok(*report),
+        preflight::Outcome::Go(run) => *run,
+    };
+    rehearse(&mut run).await?;
+    lead_the_fleet(&mut run).await?;
+    if let Err(e) = before_flip(&mut run).await {
+        Box::pin(undo_or_follow_the_commit(&mut run, e)).await?;
     }
-
-    pub fn dsn(&self, role: Role) -> Result<&Dsn, CutoverError> {
-        let db = self.db.as_ref().ok_or(CutoverError::NoDatabases)?;
-        Ok(match role {
-            Role::Source => &db.source,
-            Role::Target => &db.target,
-        })
+    after_flip(&mut run).await;
+    if let Some(fleet) = run.fleet.take() {
+        fleet.leadership.resign().await;
     }
+    run.report.steps.clone_from(&run.rec.steps);
+    *lock(&ctl.last_cutover) = Some(Timings {
+        steps: run.report.steps.clone(),
+        write_pause_ms: run.report.write_pause_ms,
+    });
+    Ok(run.report)
+}
 
-    /// The backend new connections go to now.
-    pub fn active(&self) -> Result<Role, CutoverError> {
-        Ok(lock(&self.host.maps).active()?.unwrap_or(Role::Source))
-    }
-
-    /// The replication that carries `to.other()`'s writes to `to`: the forward subscription
-    /// (configured, else the one an earlier cutover journaled, else discovered), or the
-    /// reverse one set up by an earlier cutover.
-    pub fn watch_for(&self, to: Role) -> Result<Watch, CutoverError> {
-        let db = self.db.as_ref().ok_or(CutoverError::NoDatabases)?;
-        let home = db.source.database().to_owned();
-        Ok(match to {
-            Role::Target => Watch {
-                replication: db.replication,
-                subscription: self.forward_subscription(),
-                named: db.subscriptions.clone(),
-                home,
-                reverse: false,
-                scope: db.scope.clone(),
-            },
-            Role::Source => Watch {
-                replication: Replication::Logical,
-                subscription: Some(REVERSE.to_owned()),
-                named: std::collections::BTreeMap::new(),
-                home,
-                reverse: true,
-                scope: db.scope.clone(),
-            },
-        })
-    }
-
-    /// The forward subscription's name if configured or remembered from the journal.
-    #[must_use]
-    pub fn forward_subscription(&self) -> Option<String> {
-        self.db
-            .as_ref()
-            .and_then(|d| d.subscription.clone())
-            .or_else(|| {
-                journal::read(&self.journal_path)
-                    .ok()
-                    .and_then(|e| journal::known_subscription(&e, Role::Source, Role::Target))
-                    .map(|(s, _)| s)
-            })
-    }
-
-    /// The forward subscription of `database`: named for it (`--subscription DB=NAME`), the
-    /// DSNs' database's [`Self::forward_subscription`], or the one an earlier cutover stopped.
-    #[must_use]
-    pub fn forward_subscription_for(&self, database: &str) -> Option<String> {
-        let db = self.db.as_ref()?;
-        let home = db.source.database();
-        if let Some(s) = db.subscriptions.get(database) {
-            return Some(s.clone());
-        }
-        if database == home
-            && let Some(s) = self.forward_subscription()
-        {
-            return Some(s);
-        }
-        journal::read(&self.journal_path)
-            .ok()
-            .and_then(|e| journal::known_subscription_in(&e, database, home))
-    }
-
-    /// Every database on the two servers and what a cutover to the backend that is not
-    /// active now would do with it (what its preflight finds).
-    pub async fn discover(&self) -> Result<Vec<crate::pg::cluster::Database>, CutoverError> {
-        let db = self.db.as_ref().ok_or(CutoverError::NoDatabases)?;
-        let from = self.active()?;
-        let to = from.other();
-        let (old, new) = (
-            self.dsn(from)?.connect().await?,
-            self.dsn(to)?.connect().await?,
+/// Step 1b: every statement the cutover will run, tried where it changes nothing.
+async fn rehearse(run: &mut Run) -> Result<(), CutoverError> {
+    if let Err(e) = preflight::rehearse(run).await {
+        let _ = run.rec.step(
+            Step::Aborted,
+            Instant::now(),
+            format!("{e}; nothing was changed"),
         );
-        Ok(crate::pg::cluster::discover(
-            self.dsn(from)?,
-            &old,
-            &new,
-            &self.watch_for(to)?,
-            db.query_timeout,
-        )
-        .await?)
+        return Err(e);
     }
+    Ok(())
+}
 
-    /// Lag of the replication feeding the backend that is not active now.
-    pub async fn measure_lag(&self) -> Result<ReplicaLag, CutoverError> {
-        let db = self.db.as_ref().ok_or(CutoverError::NoDatabases)?;
-        let from = self.active()?;
-        let to = from.other();
-        let (publisher, subscriber) = (
-            self.dsn(from)?.connect().await?,
-            self.dsn(to)?.connect().await?,
-        );
-        let lag = lag::measure(
-            &publisher,
-            &subscriber,
-            &self.watch_for(to)?,
-            db.query_timeout,
-        )
-        .await?;
-        *lock(&self.last_lag) = Some(lag.clone());
-        Ok(lag)
+/// A fleet member leads the whole fleet through this cutover (docs/fleet.md).
+async fn lead_the_fleet(run: &mut Run) -> Result<(), CutoverError> {
+    let Some(fleet) = run.ctl.fleet.clone() else {
+        return Ok(());
+    };
+    let leadership = crate::fleet::lead::lead(&fleet)
+        .await
+        .map_err(|e| CutoverError::abort(Phase::Hold, e.to_string()))?;
+    run.fleet = Some(FleetRun {
+        fleet,
+        leadership,
+        members_proxied: Vec::new(),
+        hold: None,
+        roster_revision: 0,
+    });
+    Ok(())
+}
+
+/// Steps 2–7: everything up to and including the flip. An error here is undone.
+async fn before_flip(run: &mut Run) -> Result<(), CutoverError> {
+    replication::reverse_before_hold(run).await;
+    hold_and_fence(run).await?;
+    fence::end_old_sessions(run).await?;
+    fault_point(FaultPoint::Barrier).await;
+    barrier::wait_for_new_server(run).await?;
+    fault_point(FaultPoint::Sequences).await;
+    sequences::carry_over(run).await?;
+    fault_point(FaultPoint::Reverse).await;
+    replication::turn_around(run).await?;
+    fault_point(FaultPoint::Flip).await;
+    commit(run).await
+}
+
+/// Steps 8–10: after the flip nothing is undone; each step is finished, here or by a
+/// successor that finds it missing from the journal.
+async fn after_flip(run: &mut Run) {
+    fault_point(FaultPoint::Release).await;
+    release_and_drain(run).await;
+    replication::after_flip(run).await;
+    done(run);
+}
+
+/// Steps 2–3, the hold and the fence. On one host, on this host's maps under a lease; in a
+/// fleet, as a committed `Hold` epoch that every member applies to its own datapath
+/// ([`crate::fleet::hold`]) and acknowledges.
+async fn hold_and_fence(run: &mut Run) -> Result<(), CutoverError> {
+    if let Some(fleet) = fleet_of(run) {
+        fault_point(FaultPoint::Hold).await;
+        return fleet_steps::hold(run, &fleet).await;
     }
+    lease::hold(run)?;
+    fence::let_short_connections_finish(run).await?;
+    fault_point(FaultPoint::Fence).await;
+    lease::fence(run)
+}
 
-    /// Runs a safe cutover to `req.to`, reporting progress lines on `progress`. It reads as
-    /// the protocol: preflight, then the steps up to the flip (undone on any failure), then
-    /// the steps after it (always finished).
-    pub async fn cutover(
-        self: &Arc<Self>,
-        req: FlipRequest,
-        progress: UnboundedSender<String>,
-    ) -> Result<FlipReport, CutoverError> {
-        let Ok(_busy) = self.busy.try_lock() else {
-            return Err(CutoverError::Busy(self.phase()));
-        };
-        let _idle_after = PhaseGuard(self);
-        self.set_phase(Phase::Preflight);
-        let mut run = match preflight::check(self, req, progress).await? {
-            preflight::Outcome::Report(report) => return Ok(*report),
-            preflight::Outcome::Go(run) => *run,
-        };
-        if let Err(e) = preflight::rehearse(&mut run).await {
-            let _ = run.rec.step(
-                Step::Aborted,
-                Instant::now(),
-                format!("{e}; nothing was changed"),
-            );
-            return Err(e);
-        }
-
-        // A fleet member leads the whole fleet through this cutover (docs/fleet.md).
-        let leadership = match &self.fleet {
-            Some(fleet) => Some(
-                crate::fleet::lead::lead(fleet)
-                    .await
-                    .map_err(|e| CutoverError::abort(Phase::Hold, e.to_string()))?,
-            ),
-            None => None,
-        };
-        if let Some(l) = &leadership {
-            run.fleet_leader_key = l.key();
-        }
-        let result = match &self.fleet {
-            Some(fleet) => Self::before_flip_fleet(&mut run, fleet).await,
-            None => Self::before_flip(&mut run).await,
-        };
-        if let Err(e) = result {
-            self.set_phase(Phase::Aborting);
-            let t = Instant::now();
-            match undo::undo(&mut run).await {
-                undo::Undone::Done(undone) => {
-                    let _ = run
-                        .rec
-                        .step(Step::Aborted, t, format!("{e}; undo: {undone}"));
-                    if let Some(l) = leadership {
-                        l.resign().await;
-                    }
-                    return Err(e);
-                }
-                // The fleet follows the new backend: finish, as after any commit.
-                undo::Undone::CommittedAfterAll(committed) => {
-                    let detail = format!(
-                        "fleet epoch {} committed after all ({e}): every member sends new connections to the {}",
-                        committed.state.epoch, run.to
-                    );
-                    flip::record_commit(&mut run, t, detail);
-                    run.fleet_hold = Some(committed);
-                }
-            }
-        }
-        match &self.fleet {
-            Some(fleet) => Self::after_flip_fleet(&mut run, fleet).await,
-            None => Self::after_flip(&mut run).await,
-        }
-        if let Some(l) = leadership {
-            l.resign().await;
-        }
-        run.report.steps.clone_from(&run.rec.steps);
-        *lock(&self.last_report) = Some(run.report.clone());
-        Ok(run.report)
-    }
-
-    /// Steps 2–7: everything up to and including the flip. An error here is undone.
-    async fn before_flip(run: &mut Run) -> Result<(), CutoverError> {
-        replication::reverse_before_hold(run).await;
-        lease::hold(run)?;
-        fence::let_short_connections_finish(run).await?;
-        fault_point("fence").await;
-        lease::fence(run)?;
-        fence::end_old_sessions(run).await?;
-        fault_point("barrier").await;
-        barrier::wait_for_new_server(run).await?;
-        fault_point("sequences").await;
-        sequences::carry_over(run).await?;
-        fault_point("reverse").await;
-        replication::turn_around(run).await?;
-        fault_point("flip").await;
-        flip::commit(run)
-    }
-
-    /// A fleet's steps 2–7: the kernel-side steps become committed epochs that every member
-    /// applies to its own datapath ([`crate::fleet::hold`]); the database side stays here.
-    async fn before_flip_fleet(
-        run: &mut Run,
-        fleet: &crate::fleet::Fleet,
-    ) -> Result<(), CutoverError> {
-        replication::reverse_before_hold(run).await;
-        fault_point("hold").await;
-        fleet_steps::hold(run, fleet).await?;
-        fence::end_old_sessions(run).await?;
-        fault_point("barrier").await;
-        barrier::wait_for_new_server(run).await?;
-        fault_point("sequences").await;
-        sequences::carry_over(run).await?;
-        fault_point("reverse").await;
-        replication::turn_around(run).await?;
-        fault_point("flip").await;
-        fleet_steps::commit(run, fleet).await
-    }
-
-    /// A fleet's steps 8–10: every member releases and drains its own connections when it
-    /// applies the committed epoch; here, wait for their acks, then the replication.
-    async fn after_flip_fleet(run: &mut Run, fleet: &crate::fleet::Fleet) {
-        fault_point("release").await;
-        fleet_steps::await_members(run, fleet).await;
-        replication::after_flip(run).await;
-        let detail = format!(
-            "write pause {:.1} ms, hold {:.1} ms (fleet of {} member(s))",
-            run.report.write_pause_ms,
-            run.report.hold_ms,
-            run.members_proxied.len() + 1
-        );
-        run.rec.note(
-            run.held_at,
-            Entry {
-                step: Step::Done,
-                source_lsn: run.report.fence_lsn,
-                target_lsn: run.report.applied_lsn,
-                detail,
-                ..Entry::default()
-            },
-        );
-    }
-
-    /// Steps 8–10: after the flip nothing is undone; each step is finished, here or by a
-    /// successor that finds it missing from the journal.
-    async fn after_flip(run: &mut Run) {
-        fault_point("release").await;
-        flip::release(run);
-        // The drain first: old connections whose clients try them are told at once. The
-        // reverse slot already keeps every new-server write, so its subscription can follow.
-        fault_point("drain").await;
-        drain::after_cutover(run).await;
-        replication::after_flip(run).await;
-        let t = run.held_at;
-        let detail = format!(
-            "write pause {:.1} ms, hold {:.1} ms",
-            run.report.write_pause_ms, run.report.hold_ms
-        );
-        run.rec.note(
-            t,
-            Entry {
-                step: Step::Done,
-                source_lsn: run.report.fence_lsn,
-                target_lsn: run.report.applied_lsn,
-                detail,
-                ..Entry::default()
-            },
-        );
-    }
-
-    /// How long a statement on either server may take.
-    #[must_use]
-    pub fn query_timeout(&self) -> Duration {
-        self.db
-            .as_ref()
-            .map_or(Duration::from_secs(5), |d| d.query_timeout)
-    }
-
-    /// Makes the barrier table replicate from the active server to the other, in every
-    /// replicated database, off the critical path: `run` does this at start, so a cutover
-    /// finds it ready.
-    pub async fn prepare(&self) -> Result<(), CutoverError> {
-        let db = self.db.as_ref().ok_or(CutoverError::NoDatabases)?;
-        let active = self.active()?;
-        let to = active.other();
-        let watch = self.watch_for(to)?;
-        if watch.replication != Replication::Logical {
-            return Ok(());
-        }
-        let (from_dsn, to_dsn) = (self.dsn(active)?, self.dsn(to)?);
-        let subscriber = to_dsn.connect().await?;
-        let subs = lag::cluster_subscriptions(&subscriber, to.name(), db.query_timeout).await?;
-        for (database, chosen) in lag::choose(&subs, &watch) {
-            let Ok(sub) = chosen else { continue };
-            let (from_db, to_db) = (
-                from_dsn.for_database(&database).connect().await?,
-                to_dsn.for_database(&database).connect().await?,
-            );
-            let one = Watch::one(Replication::Logical, Some(sub.name));
-            preflight::prepare_barrier(&from_db, &to_db, &one, db.query_timeout)
-                .await
-                .map_err(|e| match e {
-                    CutoverError::Preflight(why) => {
-                        CutoverError::Preflight(format!("database {database}: {why}"))
-                    }
-                    other => other,
-                })?;
-        }
-        Ok(())
+/// Step 7, the commit point: `ACTIVE` on one host, the epoch naming the new backend in a
+/// fleet.
+async fn commit(run: &mut Run) -> Result<(), CutoverError> {
+    match fleet_of(run) {
+        Some(fleet) => fleet_steps::commit(run, &fleet).await,
+        None => flip::commit(run),
     }
 }
 
-/// A fault-injection point for the fault-matrix tests: with `REDIRECT_FAULT_PAUSE=<step>`
+/// Steps 8–9: held connections released and old ones drained. In a fleet each member does
+/// this for its own when it applies the committed epoch; the leader waits for their acks.
+async fn release_and_drain(run: &mut Run) {
+    if let Some(fleet) = fleet_of(run) {
+        fleet_steps::await_members(run, &fleet).await;
+        return;
+    }
+    flip::release(run);
+    // The drain first: old connections whose clients try them are told at once. The
+    // reverse slot already keeps every new-server write, so its subscription can follow.
+    fault_point(FaultPoint::Drain).await;
+    drain::after_cutover(run).await;
+}
+
+/// The failure before the flip is undone, and returned; unless the fleet's commit turns out
+/// to have landed after all, and then the cutover goes on as after any commit.
+async fn undo_or_follow_the_commit(run: &mut Run, e: CutoverError) -> Result<(), CutoverError> {
+    run.ctl.set_phase(Phase::Aborting);
+    let t = Instant::now();
+    match undo::undo(run).await {
+        undo::Undone::Done(undone) => {
+            let _ = run
+                .rec
+                .step(Step::Aborted, t, format!("{e}; undo: {undone}"));
+            if let Some(fleet) = run.fleet.take() {
+                fleet.leadership.resign().await;
+            }
+            Err(e)
+        }
+        // The fleet follows the new backend: finish, as after any commit.
+        undo::Undone::CommittedAfterAll(committed) => {
+            let detail = format!(
+                "fleet epoch {} committed after all ({e}): every member sends new connections to the {}",
+                committed.state.epoch, run.to
+            );
+            flip::record_commit(run, t, detail);
+            if let Some(fleet) = run.fleet.as_mut() {
+                fleet.hold = Some(committed);
+            }
+            Ok(())
+        }
+    }
+}
+
+/// The journal's last word on this cutover: how long writes paused and connections waited.
+fn done(run: &mut Run) {
+    let mut detail = format!(
+        "write pause {:.1} ms, hold {:.1} ms",
+        run.report.write_pause_ms, run.report.hold_ms
+    );
+    if run.fleet.is_some() {
+        let _ = write!(detail, " (fleet of {} member(s))", run.members_proxied().len() + 1);
+    }
+    run.rec.note(
+        run.held_at,
+        Entry {
+            step: Step::Done,
+            source_lsn: run.report.fence_lsn,
+            target_lsn: run.report.applied_lsn,
+            detail,
+            ..Entry::default()
+        },
+    );
+}
+
+/// The fleet this cutover leads, if any (a handle, so a step can borrow the run mutably).
+fn fleet_of(run: &Run) -> Option<Arc<Fleet>> {
+    run.fleet.as_ref().map(|f| f.fleet.clone())
+}
+
+/// Makes the barrier table replicate from the active server to the other, in every
+/// replicated database, off the critical path: `run` does this at start, so a cutover finds
+/// it ready.
+pub async fn prepare(ctl: &Controller) -> Result<(), CutoverError> {
+    let db = ctl.databases()?;
+    let active = ctl.active()?;
+    let to = active.other();
+    let watch = ctl.watch_for(to)?;
+    if watch.replication != Replication::Logical {
+        return Ok(());
+    }
+    let (from_dsn, to_dsn) = (ctl.dsn(active)?, ctl.dsn(to)?);
+    let subscriber = to_dsn.connect().await?;
+    let subs = lag::cluster_subscriptions(&subscriber, to.name(), db.query_timeout).await?;
+    for (database, chosen) in lag::choose(&subs, &watch) {
+        let Ok(sub) = chosen else { continue };
+        let (from_db, to_db) = (
+            from_dsn.for_database(&database).connect().await?,
+            to_dsn.for_database(&database).connect().await?,
+        );
+        let one = Watch::one(Replication::Logical, Some(sub.name));
+        preflight::prepare_barrier(&from_db, &to_db, &one, db.query_timeout)
+            .await
+            .map_err(|e| match e {
+                CutoverError::Preflight(why) => {
+                    CutoverError::Preflight(format!("database {database}: {why}"))
+                }
+                other => other,
+            })?;
+    }
+    Ok(())
+}
+
+/// Where the fault-matrix tests may pause a cutover: the moment just before a step.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum FaultPoint {
+    Hold,
+    /// In a fleet, after the `Hold` is committed and before the members' acks are read.
+    Acks,
+    Fence,
+    Barrier,
+    Sequences,
+    Reverse,
+    Flip,
+    Release,
+    Drain,
+}
+
+impl FaultPoint {
+    /// The name `REDIRECT_FAULT_PAUSE` takes.
+    #[must_use]
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Hold => "hold",
+            Self::Acks => "acks",
+            Self::Fence => "fence",
+            Self::Barrier => "barrier",
+            Self::Sequences => "sequences",
+            Self::Reverse => "reverse",
+            Self::Flip => "flip",
+            Self::Release => "release",
+            Self::Drain => "drain",
+        }
+    }
+}
+
+/// A fault-injection point for the fault-matrix tests: with `REDIRECT_FAULT_PAUSE=<point>`
 /// the cutover pauses (`REDIRECT_FAULT_PAUSE_MS`, default 3000) just before that step, so a
 /// test can kill the controller, cut a link or fill a disk at exactly that moment. The lease
 /// keeps being renewed meanwhile, as it would during any slow step. Unset, it costs nothing.
-pub(crate) async fn fault_point(step: &str) {
-    if std::env::var("REDIRECT_FAULT_PAUSE").is_ok_and(|s| s == step) {
+pub(crate) async fn fault_point(point: FaultPoint) {
+    if std::env::var("REDIRECT_FAULT_PAUSE").is_ok_and(|s| s == point.name()) {
         let ms = std::env::var("REDIRECT_FAULT_PAUSE_MS")
             .ok()
             .and_then(|v| v.parse().ok())
             .unwrap_or(3000);
-        warn!(step, ms, "fault point: pausing before this step");
+        warn!(step = point.name(), ms, "fault point: pausing before this step");
         tokio::time::sleep(Duration::from_millis(ms)).await;
     }
 }

@@ -129,7 +129,7 @@ pub async fn check(
     req: FlipRequest,
     progress: UnboundedSender<String>,
 ) -> Result<Outcome, CutoverError> {
-    let db = ctl.db.clone().ok_or(CutoverError::NoDatabases)?;
+    let db = ctl.databases()?.clone();
     let qt = db.query_timeout;
     let from = ctl.active()?;
     let to = req.to;
@@ -625,10 +625,7 @@ pub async fn check(
         undo: Undo::default(),
         lease: None,
         barrier: carried || !logical,
-        members_proxied: Vec::new(),
-        fleet_hold: None,
-        fleet_roster_revision: 0,
-        fleet_leader_key: Vec::new(),
+        fleet: None,
         req,
     })))
 }

@@ -10,7 +10,7 @@ use tokio_postgres::Client;
 
 use super::VerifyError;
 use crate::{
-    cutover::Controller,
+    controller::Controller,
     datapath::Role,
     pg::{
         Lsn, PgError,

@@ -34,7 +34,7 @@ use self::{
     tables::Table,
 };
 use crate::{
-    cutover::{Controller, Phase},
+    controller::{Controller, Phase},
     datapath::Role,
     pg::{PgError, timed},
 };
@@ -266,10 +266,10 @@ async fn databases_to_compare(
         }
     }
     // The databases earlier cutovers carried, whose subscriptions `finish` may have retired.
-    if let Ok(entries) = crate::cutover::journal::read(&ctl.journal_path) {
+    if let Ok(entries) = crate::journal::read(&ctl.journal_path) {
         for e in entries
             .iter()
-            .filter(|e| e.step == crate::cutover::journal::Step::Disabling)
+            .filter(|e| e.step == crate::journal::Step::Disabling)
         {
             if let Some(db) = &e.database {
                 add(db.clone());

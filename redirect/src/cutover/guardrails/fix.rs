@@ -11,7 +11,8 @@ use serde::{Deserialize, Serialize};
 use tokio_postgres::Client;
 
 use crate::{
-    cutover::{Controller, CutoverError, catalog::SUB_PUBLICATIONS, quote_ident},
+    controller::Controller,
+    cutover::{CutoverError, catalog::SUB_PUBLICATIONS, quote_ident},
     datapath::Role,
     pg::{
         lag::{self, Replication},
@@ -272,7 +273,7 @@ pub async fn replica_identity(
     identity: &Identity,
     apply: bool,
 ) -> Result<FixReport, CutoverError> {
-    let db = ctl.db.as_ref().ok_or(CutoverError::NoDatabases)?;
+    let db = ctl.databases()?;
     let qt = db.query_timeout;
     let _busy = not_during_a_cutover(ctl, apply)?;
     let mut steps = Vec::new();
@@ -347,7 +348,7 @@ pub async fn publish_table(
     table: &str,
     apply: bool,
 ) -> Result<FixReport, CutoverError> {
-    let db = ctl.db.as_ref().ok_or(CutoverError::NoDatabases)?;
+    let db = ctl.databases()?;
     let qt = db.query_timeout;
     let _busy = not_during_a_cutover(ctl, apply)?;
     let old = ctl.active()?;
