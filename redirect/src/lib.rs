@@ -15,6 +15,7 @@ pub mod conntrack;
 pub mod control;
 pub mod controller;
 pub mod cutover;
+pub mod daemon;
 pub mod datapath;
 pub mod events;
 pub mod fleet;
@@ -28,3 +29,5 @@ pub mod poll;
 pub mod snapshot;
 pub mod sync;
 pub mod verify;
+
+pub use daemon::{Config, serve};

@@ -1,24 +1,20 @@
-//! `redirect run`: load, attach and pin the datapath, then garbage-collect its connection
-//! table until SIGINT or SIGTERM. The datapath outlives this process.
+//! `redirect run`: its flags, checked into a [`Config`], then [`crate::serve`] until SIGINT
+//! or SIGTERM. The datapath outlives this process.
 
 use std::{
     net::{Ipv4Addr, SocketAddrV4},
     path::{Path, PathBuf},
-    sync::{Arc, Mutex},
     time::Duration,
 };
 
 use tokio_util::sync::CancellationToken;
-use tracing::{debug, info, warn};
 
 use super::PortRange;
 use crate::{
-    conntrack::{self, Timeouts},
-    control,
-    controller::{Controller, Databases, Phase},
-    cutover::recover,
-    datapath::{self, BackendAddr, Hook, Maps, Spec},
-    metrics, net,
+    conntrack::Timeouts,
+    controller::Databases,
+    daemon::Config,
+    datapath::Hook,
     pg::{Dsn, PasswordSources, lag::Replication},
 };
 
@@ -273,204 +269,40 @@ pub fn check_settings(args: &Args) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn preflight(args: &Args, pin_dir: &Path) -> anyhow::Result<(Vec<(String, u32)>, Spec)> {
-    net::require_root()?;
-    net::require_kernel()?;
-    let mut ifaces = Vec::new();
-    for name in &args.ifaces {
-        ifaces.push((name.clone(), net::ifindex(name)?));
-    }
-    // A fleet member may be a keepalived standby: the VIP arrives when keepalived moves it,
-    // and the datapath (already following the committed state) serves it from then on.
-    if args.fleet.etcd.is_empty() {
-        net::require_local("VIP", *args.vip.ip())?;
-    } else if net::require_local("VIP", *args.vip.ip()).is_err() {
-        tracing::warn!(vip = %args.vip, "the VIP is not on this host (yet): a standby member serves it once keepalived (or an operator) moves it here");
-    }
-    if let Some(ip) = args.snat_ip {
-        net::require_local("SNAT address", ip)?;
-    }
-    check_addresses(args)?;
-    let backend = |addr: SocketAddrV4| -> anyhow::Result<BackendAddr> {
-        let snat = match args.snat_ip {
-            Some(ip) => ip,
-            None => net::route_source(*addr.ip())?,
-        };
-        Ok(BackendAddr { addr, snat })
-    };
-    net::require_bpffs(pin_dir)?;
-    let spec = Spec {
+/// `redirect run`'s flags, checked, as the daemon's [`Config`].
+fn config(args: Args, pin_dir: &Path, socket: &Path, journal: &Path) -> anyhow::Result<Config> {
+    check_addresses(&args)?;
+    let databases = databases(&args)?;
+    let fleet = crate::fleet::settings(&args.fleet, args.vip)?;
+    Ok(Config {
+        pin_dir: pin_dir.to_path_buf(),
+        socket: socket.to_path_buf(),
+        journal: journal.to_path_buf(),
+        timeouts: args.timeouts(),
+        ifaces: args.ifaces,
         vip: args.vip,
-        source: backend(args.source)?,
-        target: backend(args.target)?,
+        source: args.source,
+        target: args.target,
+        snat_ip: args.snat_ip,
         snat_ports: (args.snat_ports.lo, args.snat_ports.hi),
-        drop_nonsyn_miss: args.drop_untracked,
+        hook: args.hook,
+        drop_untracked: args.drop_untracked,
         fib_every_packet: args.fib_every_packet,
         replace_backends: args.replace_backends,
-    };
-    // Refuse a different VIP or backends, or a mix of hooks, now, before sysctls or the kernel
-    // are touched.
-    datapath::one_hook(&datapath::PinDir(pin_dir.to_path_buf()), &ifaces, args.hook)?;
-    for c in datapath::check_adoption(pin_dir, &spec)? {
-        warn!(
-            role = %c.role,
-            old = %c.pinned,
-            new = %c.requested,
-            "--replace-backends: new connections for this role go to the new address; live ones stay on the old one"
-        );
-    }
-    Ok((ifaces, spec))
+        set_sysctls: !args.no_sysctl,
+        gc_interval: args.gc_interval,
+        once: args.once,
+        databases,
+        lag_interval: args.lag_interval,
+        metrics_addr: args.metrics_addr,
+        fleet,
+    })
 }
 
+/// Serves until SIGINT or SIGTERM.
 pub async fn run(args: Args, pin_dir: &Path, socket: &Path, journal: &Path) -> anyhow::Result<()> {
-    let (ifaces, spec) = preflight(&args, pin_dir)?;
-    let fleet_settings = crate::fleet::settings(&args.fleet, args.vip)?;
-    // Two controllers on one datapath would drain, GC and recover against each other.
-    if tokio::net::UnixStream::connect(socket).await.is_ok() {
-        anyhow::bail!(
-            "another controller already serves {} (stop it first)",
-            socket.display()
-        );
-    }
-    let db = databases(&args)?;
-    let interrupted = crate::journal::read(journal)
-        .ok()
-        .and_then(|e| crate::journal::unfinished(&e))
-        .is_some();
-    // A datapath pinned by an earlier run is serving clients: it needs its controller (the
-    // connection table's GC, status, metrics) even while a server is down.
-    let serving = datapath::PinDir(pin_dir.to_path_buf()).is_pinned();
-    if let Some(db) = &db {
-        // Fail before touching the kernel if a server cannot be reached at all; but never
-        // refuse to start when a cutover was interrupted (recovery must run, and it copes
-        // with an unreachable server) or when a pinned datapath is serving.
-        let go_on = interrupted || serving;
-        for dsn in [&db.source, &db.target] {
-            match tokio::time::timeout(db.query_timeout * 2, dsn.connect()).await {
-                Ok(Ok(c)) => drop(c),
-                Ok(Err(e)) if !go_on => return Err(e.into()),
-                Err(_) if !go_on => {
-                    anyhow::bail!("{dsn:?} did not answer within {:?}", db.query_timeout * 2)
-                }
-                Ok(Err(e)) => {
-                    warn!(error = %e, interrupted, serving, "a server is unreachable; starting anyway (an interrupted cutover to recover, or a pinned datapath to look after)");
-                }
-                Err(_) => {
-                    warn!(server = ?dsn, interrupted, serving, "a server does not answer; starting anyway (an interrupted cutover to recover, or a pinned datapath to look after)");
-                }
-            }
-        }
-    }
-    if !args.no_sysctl {
-        let names: Vec<String> = ifaces.iter().map(|(n, _)| n.clone()).collect();
-        // The values before the first change, for `detach` to restore.
-        let record = net::host_settings::HostSettings::new(journal, pin_dir)?;
-        for change in net::ensure_forwarding(&names, &record)? {
-            info!(sysctl = %change, record = %record.path().display(), "set");
-        }
-        match net::reserve_ports(args.snat_ports.lo, args.snat_ports.hi, &record) {
-            Ok(Some(change)) => {
-                info!(sysctl = %change, "set: the host's own connections stay out of the SNAT range");
-            }
-            Ok(None) => {}
-            Err(e) => {
-                warn!(error = %e, "could not reserve the SNAT ports; the host's own connections may collide with them");
-            }
-        }
-    }
-    // A fleet member reads the committed state before anything is attached, and applies it
-    // whatever its pins say (the joining-host invariant). etcd unreachable: fail here, having
-    // changed nothing; a datapath pinned by an earlier run keeps serving as it was.
-    let joined = match &fleet_settings {
-        Some(settings) => {
-            let pinned = if datapath::PinDir(pin_dir.to_path_buf()).is_pinned() {
-                Maps::open(pin_dir)?.active()?
-            } else {
-                None
-            };
-            let (client, committed) = crate::fleet::join(settings, pinned).await?;
-            info!(
-                fleet = %settings.fleet,
-                member = %settings.member,
-                epoch = %committed.state.epoch,
-                active = %committed.state.active,
-                pinned = pinned.map_or("none", |r| r.name()),
-                "joined the fleet: applying its committed backend before attaching"
-            );
-            Some((settings.clone(), client, committed))
-        }
-        None => None,
-    };
-    let joining = joined.as_ref().map(|(_, _, c)| datapath::Joining {
-        active: c.state.active,
-        in_hold: c.state.phase == crate::fleet::state::FleetPhase::Hold,
-    });
-    let mut report = datapath::install_with_active(pin_dir, &ifaces, args.hook, &spec, joining)?;
-    if joining.is_some_and(|j| j.in_hold) {
-        // Read back from the kernel's map, not assumed: what the first packets met.
-        let cutover = Maps::open(pin_dir)?.cutover()?;
-        if cutover.flags & redirect_common::cutover::LAPSE_CLOSED != 0 {
-            info!(
-                fenced = cutover.fence_until_ns != 0,
-                "the fleet is in a cutover's hold: new connections were held (and are dropped unless this member confirms the hold) from before the datapath attached"
-            );
-        }
-    }
-    info!(
-        pin_dir = %pin_dir.display(),
-        vip = %spec.vip,
-        source = %spec.source.addr,
-        source_snat = %spec.source.snat,
-        target = %spec.target.addr,
-        target_snat = %spec.target.snat,
-        adopted = report.adopted_maps,
-        attached = ?report.attached,
-        upgraded = ?report.upgraded,
-        databases = db.as_ref().map_or("none (flips are immediate)".to_owned(), |d| format!("{:?} / {:?}", d.source, d.target)),
-        "datapath ready"
-    );
-    let maps = Maps::open(pin_dir)?;
-    info!(active = %maps.active()?.map_or("none", |r| r.name()), "new connections go to this backend");
-    if args.once {
-        return Ok(());
-    }
-    let events = report
-        .ebpf
-        .take_map("EVENTS")
-        .and_then(|m| aya::maps::RingBuf::try_from(m).ok());
+    let config = config(args, pin_dir, socket, journal)?;
     let shutdown = CancellationToken::new();
-    // The fleet's tasks (membership, following the committed state) outlive `shutdown`: a
-    // member stopped in the middle of a fleet hold keeps following until the next epoch
-    // lifts it (below), or its kernel would drop every new connection until a restart.
-    let fleet_stop = CancellationToken::new();
-    let fleet = match joined {
-        Some((settings, client, committed)) => {
-            let snat = vec![spec.source.snat.to_string(), spec.target.snat.to_string()];
-            let fleet = crate::fleet::Fleet::register(
-                settings,
-                client,
-                committed,
-                snat,
-                fleet_stop.clone(),
-            )
-            .await?;
-            info!(fleet = %fleet.settings.fleet, member = %fleet.settings.member, "registered as a fleet member");
-            Some(Arc::new(fleet))
-        }
-        None => None,
-    };
-    let ctl = Arc::new(Controller {
-        host: Arc::new(crate::host::Host::new(maps, report.ebpf)),
-        db,
-        journal_path: journal.to_path_buf(),
-        busy: Arc::new(tokio::sync::Mutex::new(())),
-        phase: Mutex::new(Phase::Idle),
-        last_lag: Mutex::new(None),
-        last_cutover: Mutex::new(None),
-        last_recovery: Mutex::new(None),
-        last_gc: Mutex::new(None),
-        fleet,
-    });
     tokio::spawn({
         let shutdown = shutdown.clone();
         async move {
@@ -478,244 +310,7 @@ pub async fn run(args: Args, pin_dir: &Path, socket: &Path, journal: &Path) -> a
             shutdown.cancel();
         }
     });
-    if let Some(fleet) = &ctl.fleet {
-        let follower = crate::fleet::follow::Follower {
-            host: ctl.host.clone(),
-            fleet: fleet.clone(),
-            servers: ctl.db.as_ref().map(|d| crate::fleet::hold::Servers {
-                source: d.source.clone(),
-                target: d.target.clone(),
-                query_timeout: d.query_timeout,
-            }),
-        };
-        tokio::spawn(crate::fleet::follow::follow(follower, fleet_stop.clone()));
-    }
-    let control = tokio::spawn(control::serve(
-        socket.to_path_buf(),
-        ctl.clone(),
-        shutdown.clone(),
-    ));
-    // systemd (Type=notify) starts the units ordered after this one once the datapath is
-    // attached (above) and the control socket answers: `redirect status` works from then on.
-    if wait_for_control(socket, &control).await {
-        crate::notify::ready(&format!(
-            "serving {} -> {}",
-            spec.vip,
-            crate::sync::lock(&ctl.host.maps)
-                .active()?
-                .map_or("none", |r| r.name())
-        ));
-    }
-    // Under the cutover lock, so a flip that arrives meanwhile is refused as busy: finish or
-    // undo what a previous controller left, prepare the barrier, then resume its drain in the
-    // background (the controller serves status, metrics and GC meanwhile).
-    let busy = ctl.busy.clone().lock_owned().await;
-    let pending = match recover::recover(&ctl).await {
-        Ok(Some((what, pending))) => {
-            warn!(recovery = %what, "the previous controller stopped mid-cutover");
-            pending
-        }
-        Ok(None) => None,
-        Err(e) => {
-            warn!(error = %e, "could not check the journal for an unfinished cutover");
-            None
-        }
-    };
-    if ctl.db.is_some() {
-        // Bounded: a server that accepts but never answers must not keep the controller
-        // (and a resumed drain) waiting.
-        match tokio::time::timeout(Duration::from_secs(30), crate::cutover::prepare(&ctl)).await {
-            Ok(Ok(())) => info!(
-                table = crate::cutover::BARRIER_TABLE,
-                "the barrier table replicates; cutovers are ready"
-            ),
-            Ok(Err(e)) => {
-                warn!(error = %e, "could not prepare the barrier table; a cutover will try again");
-            }
-            Err(_) => {
-                warn!("could not prepare the barrier table within 30 s; a cutover will try again");
-            }
-        }
-    }
-    if let Some(p) = pending {
-        tokio::spawn({
-            let ctl = ctl.clone();
-            async move {
-                let _busy = busy;
-                match recover::resume_drain(&ctl, p).await {
-                    Ok(what) => info!(recovery = %what, "the interrupted cutover is finished"),
-                    Err(e) => warn!(error = %e, "resuming the drain"),
-                }
-                ctl.set_phase(Phase::Idle);
-            }
-        });
-    } else {
-        ctl.set_phase(Phase::Idle);
-        drop(busy);
-    }
-    if let Some(ring) = events {
-        drop(tokio::spawn(crate::events::log(ring, shutdown.clone())));
-    } else {
-        warn!("the datapath has no event ring; its events are only counted");
-    }
-    match tokio::net::TcpListener::bind(args.metrics_addr).await {
-        Ok(l) => {
-            info!(addr = %args.metrics_addr, "serving /metrics");
-            tokio::spawn(metrics::serve(l, ctl.clone(), shutdown.clone()));
-        }
-        Err(e) => warn!(addr = %args.metrics_addr, error = %e, "cannot serve /metrics"),
-    }
-    if ctl.db.is_some() {
-        tokio::spawn(watch_lag(ctl.clone(), args.lag_interval, shutdown.clone()));
-    }
-    serve_gc(&ctl, args.timeouts(), args.gc_interval, &shutdown).await;
-    // SIGTERM (`systemctl stop/restart`) in the middle of a cutover: let it reach the flip
-    // or undo itself rather than drop it mid-step. The drain is not waited for: it can be
-    // long, and a restarted controller resumes it from the journal. Bounded, for a cutover
-    // that cannot end.
-    crate::notify::stopping();
-    let stop_by = std::time::Instant::now() + Duration::from_secs(120);
-    if !matches!(ctl.phase(), Phase::Idle | Phase::Drain) {
-        warn!(phase = %ctl.phase(), "stopping: waiting for the cutover in progress to flip or undo itself");
-        crate::poll::until_true(stop_by, Duration::from_millis(20), || {
-            matches!(ctl.phase(), Phase::Idle | Phase::Drain)
-        })
-        .await;
-    }
-    if let Some(fleet) = &ctl.fleet {
-        if crate::sync::lock(&fleet.holding).is_some() {
-            warn!("stopping: waiting for the fleet's next epoch to lift this member's hold");
-            crate::poll::until_true(stop_by, Duration::from_millis(20), || {
-                crate::sync::lock(&fleet.holding).is_none()
-            })
-            .await;
-        }
-    }
-    fleet_stop.cancel();
-    if let Ok(Err(e)) = control.await {
-        warn!(error = %e, "control socket");
-    }
-    if let Some(fleet) = &ctl.fleet {
-        fleet.leave().await;
-        info!(fleet = %fleet.settings.fleet, "left the fleet");
-    }
-    info!("controller stopped; the datapath stays attached and pinned");
-    Ok(())
-}
-
-/// Waits (up to 10 s) until the control socket answers a request; false if its task ended
-/// (it logs why when awaited) or it never did.
-async fn wait_for_control(
-    socket: &Path,
-    control: &tokio::task::JoinHandle<std::io::Result<()>>,
-) -> bool {
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-    while tokio::time::Instant::now() < deadline && !control.is_finished() {
-        // A real request, answered: what `redirect status` will do.
-        if let Ok(Some(_)) = control::call(socket, &control::Request::State, |_| {}).await {
-            return true;
-        }
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-    warn!(socket = %socket.display(), "the control socket does not answer; not telling systemd the controller is ready");
-    false
-}
-
-/// Keeps `last_lag` fresh for `/metrics` and `status`.
-async fn watch_lag(ctl: Arc<Controller>, interval: Duration, shutdown: CancellationToken) {
-    let mut tick = tokio::time::interval(interval);
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    loop {
-        tokio::select! {
-            () = shutdown.cancelled() => return,
-            _ = tick.tick() => {}
-        }
-        if ctl.phase() != Phase::Idle {
-            continue;
-        }
-        if let Err(e) = ctl.measure_lag().await {
-            warn!(error = %e, "measuring replication lag");
-            // The last figures stay (status, /metrics and the watch view show them), but not
-            // as healthy: a server that cannot be reached must fire the unhealthy alert, not
-            // keep the last good reading green.
-            if let Some(lag) = crate::sync::lock(&ctl.last_lag).as_mut() {
-                lag.healthy = false;
-                lag.problems = vec![format!("lag cannot be measured: {e}")];
-            }
-        }
-    }
-}
-
-/// Runs GC passes until `shutdown`, more often while a SNAT port range fills up.
-pub async fn serve_gc(
-    ctl: &Controller,
-    timeouts: Timeouts,
-    interval: Duration,
-    shutdown: &CancellationToken,
-) {
-    let mut wait = interval;
-    let mut pressured = false;
-    let mut forgotten_total = conntrack::Forgotten::default();
-    loop {
-        tokio::select! {
-            () = shutdown.cancelled() => return,
-            () = tokio::time::sleep(wait) => {}
-        }
-        // A pass is a few map syscalls per entry; at 1M entries it takes seconds, which is
-        // fine for a dedicated task (block_in_place keeps the runtime's other tasks running).
-        let result = tokio::task::block_in_place(|| {
-            let mut maps = crate::sync::lock(&ctl.host.maps);
-            conntrack::gc(&mut maps, &timeouts, pressured)
-        });
-        match result {
-            Ok(mut r) => {
-                if r.errors > 0 {
-                    warn!(
-                        entries = r.errors,
-                        "conntrack gc: map operations failed on some entries; retrying them next pass"
-                    );
-                }
-                forgotten_total.add(&r.forgotten);
-                r.forgotten_total = forgotten_total;
-                let pressure = r.max_pressure();
-                if r.ct_expired + r.ports_quarantined + r.ports_released > 0 {
-                    debug!(
-                        expired = r.ct_expired,
-                        released_at_once = r.ports_released_at_once,
-                        quarantined = r.ports_quarantined,
-                        released = r.ports_released,
-                        live = r.ct_live,
-                        pressure = format!("{:.0}%", pressure * 100.0),
-                        took_ms = r.took_ms,
-                        "conntrack gc"
-                    );
-                }
-                let now_pressured = conntrack::pressured(pressured, pressure);
-                if now_pressured != pressured {
-                    if now_pressured {
-                        warn!(
-                            pressure = format!("{:.0}%", pressure * 100.0),
-                            "SNAT ports are running short: collecting every 250 ms, forgetting closed connections after {:?} and unanswered SYNs after {:?}; widen --snat-ports or add SNAT addresses",
-                            conntrack::PRESSURED_CLOSE_TIMEOUT,
-                            conntrack::PRESSURED_SYN_TIMEOUT
-                        );
-                    } else {
-                        info!(
-                            pressure = format!("{:.0}%", pressure * 100.0),
-                            "SNAT port pressure back to normal"
-                        );
-                    }
-                }
-                pressured = now_pressured;
-                // A pass over a million entries takes seconds: never let the GC take more than
-                // a third of a core, whatever the interval asks for.
-                wait = conntrack::next_gc_interval(interval, pressure)
-                    .max(Duration::from_millis(r.took_ms.saturating_mul(2)));
-                *crate::sync::lock(&ctl.last_gc) = Some(r);
-            }
-            Err(e) => warn!(error = %e, "conntrack gc failed; retrying next interval"),
-        }
-    }
+    Box::pin(crate::serve(config, shutdown)).await
 }
 
 async fn wait_for_signal() {

@@ -157,7 +157,6 @@ impl Drop for PhaseGuard<'_> {
     }
 }
 
-
 impl Controller {
     /// How to reach the two servers; `run` without `--source-dsn`/`--target-dsn` has none.
     pub fn databases(&self) -> Result<&Databases, ControllerError> {
@@ -292,5 +291,4 @@ impl Controller {
             .as_ref()
             .map_or(Duration::from_secs(5), |d| d.query_timeout)
     }
-
 }

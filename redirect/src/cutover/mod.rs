@@ -388,7 +388,6 @@ impl Run {
     }
 }
 
-
 /// Runs a safe cutover to `req.to`, reporting progress lines on `progress`. It reads as the
 /// protocol: preflight, then the steps up to the flip (undone on any failure), then the
 /// steps after it (always finished).
@@ -552,7 +551,11 @@ fn done(run: &mut Run) {
         run.report.write_pause_ms, run.report.hold_ms
     );
     if run.fleet.is_some() {
-        let _ = write!(detail, " (fleet of {} member(s))", run.members_proxied().len() + 1);
+        let _ = write!(
+            detail,
+            " (fleet of {} member(s))",
+            run.members_proxied().len() + 1
+        );
     }
     run.rec.note(
         run.held_at,
@@ -647,7 +650,10 @@ pub(crate) async fn fault_point(point: FaultPoint) {
             .ok()
             .and_then(|v| v.parse().ok())
             .unwrap_or(3000);
-        warn!(step = point.name(), ms, "fault point: pausing before this step");
+        warn!(
+            step = point.name(),
+            ms, "fault point: pausing before this step"
+        );
         tokio::time::sleep(Duration::from_millis(ms)).await;
     }
 }

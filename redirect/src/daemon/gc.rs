@@ -1,0 +1,83 @@
+//! Conntrack garbage collection, the controller's one periodic kernel chore.
+
+use std::time::Duration;
+
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, info, warn};
+
+use crate::{
+    conntrack::{self, Timeouts},
+    controller::Controller,
+};
+
+/// Runs GC passes until `shutdown`, more often while a SNAT port range fills up.
+pub async fn serve_gc(
+    ctl: &Controller,
+    timeouts: Timeouts,
+    interval: Duration,
+    shutdown: &CancellationToken,
+) {
+    let mut wait = interval;
+    let mut pressured = false;
+    let mut forgotten_total = conntrack::Forgotten::default();
+    loop {
+        tokio::select! {
+            () = shutdown.cancelled() => return,
+            () = tokio::time::sleep(wait) => {}
+        }
+        // A pass is a few map syscalls per entry; at 1M entries it takes seconds, which is
+        // fine for a dedicated task (block_in_place keeps the runtime's other tasks running).
+        let result = tokio::task::block_in_place(|| {
+            let mut maps = crate::sync::lock(&ctl.host.maps);
+            conntrack::gc(&mut maps, &timeouts, pressured)
+        });
+        match result {
+            Ok(mut r) => {
+                if r.errors > 0 {
+                    warn!(
+                        entries = r.errors,
+                        "conntrack gc: map operations failed on some entries; retrying them next pass"
+                    );
+                }
+                forgotten_total.add(&r.forgotten);
+                r.forgotten_total = forgotten_total;
+                let pressure = r.max_pressure();
+                if r.ct_expired + r.ports_quarantined + r.ports_released > 0 {
+                    debug!(
+                        expired = r.ct_expired,
+                        released_at_once = r.ports_released_at_once,
+                        quarantined = r.ports_quarantined,
+                        released = r.ports_released,
+                        live = r.ct_live,
+                        pressure = format!("{:.0}%", pressure * 100.0),
+                        took_ms = r.took_ms,
+                        "conntrack gc"
+                    );
+                }
+                let now_pressured = conntrack::pressured(pressured, pressure);
+                if now_pressured != pressured {
+                    if now_pressured {
+                        warn!(
+                            pressure = format!("{:.0}%", pressure * 100.0),
+                            "SNAT ports are running short: collecting every 250 ms, forgetting closed connections after {:?} and unanswered SYNs after {:?}; widen --snat-ports or add SNAT addresses",
+                            conntrack::PRESSURED_CLOSE_TIMEOUT,
+                            conntrack::PRESSURED_SYN_TIMEOUT
+                        );
+                    } else {
+                        info!(
+                            pressure = format!("{:.0}%", pressure * 100.0),
+                            "SNAT port pressure back to normal"
+                        );
+                    }
+                }
+                pressured = now_pressured;
+                // A pass over a million entries takes seconds: never let the GC take more than
+                // a third of a core, whatever the interval asks for.
+                wait = conntrack::next_gc_interval(interval, pressure)
+                    .max(Duration::from_millis(r.took_ms.saturating_mul(2)));
+                *crate::sync::lock(&ctl.last_gc) = Some(r);
+            }
+            Err(e) => warn!(error = %e, "conntrack gc failed; retrying next interval"),
+        }
+    }
+}
