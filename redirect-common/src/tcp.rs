@@ -170,144 +170,203 @@ pub const fn fin_in_window(seg: &Segment, space: &SeqSpace) -> bool {
 /// - A FIN from the backend before the client's records who holds `TIME_WAIT`.
 #[inline(always)]
 pub fn observe(e: &mut CtEntry, dir: Direction, seg: Segment) -> Observed {
-    let flags = seg.flags;
-    let established = e.flags & FLAG_SEEN_NON_SYN != 0;
-    let synack_seen = e.flags & FLAG_SYNACK_SEEN != 0;
-    let mut bits = 0;
-    let mut observed = Observed::Tracked;
     match dir {
-        Direction::Forward => {
-            let client_before = e.client_seq;
-            if is_pure_syn(flags) {
-                if established {
-                    return Observed::SynOnLive;
-                }
-                // A retransmitted opener changes nothing (Linux may resend a Fast Open SYN
-                // without its data). A new ISN, after the client gave up, defines the client's
-                // sequence space afresh and voids what the backend said to the old one.
-                let isn_next = seg.seq.wrapping_add(1);
-                let same_attempt = seq_within(
-                    isn_next,
-                    e.client_seq.next.wrapping_sub(SEQ_SLACK),
-                    e.client_seq.next,
-                );
-                if !same_attempt {
-                    e.client_seq = opened_by(&seg);
-                    e.flags &= !(FLAG_SYNACK_SEEN | FLAG_STALE_ACK);
-                    e.backend_seq = SeqSpace::default();
-                }
-                return Observed::Tracked;
-            }
-            if flags & RST != 0 {
-                if rst_exact(seg.seq, &e.client_seq) {
-                    bits |= FLAG_RST;
-                } else if rst_in_window(seg.seq, &e.client_seq) {
-                    return Observed::RstChallenged;
-                } else if !established
-                    && e.flags & FLAG_STALE_ACK != 0
-                    && seg.seq == e.backend_seq.acked
-                {
-                    // RFC 793's reset of a half-open connection: the client, in SYN-SENT, answers
-                    // a stale socket's ACK so the backend drops it; the client's own attempt goes
-                    // on (its next SYN finds the tuple free), so the entry stays open.
-                    return Observed::Tracked;
-                } else {
-                    return Observed::RstOutOfWindow;
-                }
-            } else if !established
-                && flags & ACK != 0
-                && synack_seen
-                && seq_within(seg.ack, e.backend_seq.acked, e.backend_seq.next)
-            {
-                bits |= FLAG_SEEN_NON_SYN;
-                observed = Observed::HandshakeCompleted;
-            } else if established {
-                bits |= FLAG_SEEN_NON_SYN;
-            }
-            advance_next(&mut e.client_seq, &seg);
-            if flags & ACK != 0 && synack_seen {
-                advance_acked(&mut e.backend_seq, seg.ack);
-            }
-            if flags & FIN != 0 && fin_in_window(&seg, &client_before) {
-                bits |= FLAG_FIN_CLIENT;
-            }
-        }
-        Direction::Reply => {
-            let backend_before = e.backend_seq;
-            if flags & RST != 0 {
-                if synack_seen && !rst_exact(seg.seq, &e.backend_seq) {
-                    return if rst_in_window(seg.seq, &e.backend_seq) {
-                        Observed::RstChallenged
-                    } else {
-                        Observed::RstOutOfWindow
-                    };
-                }
-                // Before a SYN-ACK, a refused connection: <SEQ=0><ACK=SYN+1><CTL=RST,ACK>
-                // (SYN+1+len if the SYN's Fast Open data was taken).
-                let refusal =
-                    flags & ACK != 0 && seq_within(seg.ack, e.client_seq.acked, e.client_seq.next);
-                if !synack_seen && !refusal {
-                    return Observed::RstOutOfWindow;
-                }
-                bits |= FLAG_RST;
-            }
-            // A SYN-ACK is this attempt's only if it acknowledges this attempt's SYN; one that
-            // does not comes from an older attempt on the same backend-side tuple (SYN_RECV
-            // retransmitting), and is handled like a stale ACK.
-            // (Fast Open: a server that did not take the SYN's data acknowledges only ISN+1.)
-            let synack_of_this_attempt =
-                flags & ACK != 0 && seq_within(seg.ack, e.client_seq.acked, e.client_seq.next);
-            if flags & SYN != 0
-                && !synack_of_this_attempt
-                && !established
-                && !synack_seen
-                && flags & RST == 0
-            {
-                if e.backend_seq.acked != seg.ack {
-                    e.backend_seq.acked = seg.ack;
-                }
-                bits |= FLAG_STALE_ACK;
-            } else if flags & SYN != 0 {
-                // This attempt's SYN-ACK (or its retransmission) defines the backend's space
-                // once; after that, and after the handshake, a SYN-ACK changes nothing.
-                if !established && !synack_seen && synack_of_this_attempt && flags & RST == 0 {
-                    e.backend_seq = SeqSpace {
-                        next: seg.end(),
-                        acked: seg.end(),
-                    };
-                    bits |= FLAG_SYNACK_SEEN;
-                }
-            } else if synack_seen {
-                advance_next(&mut e.backend_seq, &seg);
-            } else if !established && flags & (ACK | RST) == ACK {
-                // No SYN-ACK yet, but an ACK: a stale socket answering the SYN (see
-                // FLAG_STALE_ACK). Remember what the client's reset of it will carry.
-                if e.backend_seq.acked != seg.ack {
-                    e.backend_seq.acked = seg.ack;
-                }
-                bits |= FLAG_STALE_ACK;
-            }
-            if flags & ACK != 0 {
-                advance_acked(&mut e.client_seq, seg.ack);
-            }
-            if flags & FIN != 0 && synack_seen && fin_in_window(&seg, &backend_before) {
-                bits |= FLAG_FIN_BACKEND;
-                // The backend holds TIME_WAIT unless its FIN acknowledges the client's: if it
-                // sent its FIN before the client's arrived (FINs crossing), it goes through
-                // CLOSING to TIME_WAIT as well.
-                let acks_client_fin = e.flags & FLAG_FIN_CLIENT != 0
-                    && flags & ACK != 0
-                    && seg.ack == e.client_seq.next;
-                if !acks_client_fin {
-                    bits |= FLAG_BACKEND_CLOSED_FIRST;
-                }
-            }
-        }
+        Direction::Forward => observe_client(e, &seg),
+        Direction::Reply => observe_backend(e, &seg),
     }
+}
+
+/// Sets state flags `bits` on the entry, writing only if one is new (the entry is shared by
+/// every CPU).
+#[inline(always)]
+fn set_flags(e: &mut CtEntry, bits: u32) {
     if e.flags & bits != bits {
         e.flags |= bits;
     }
+}
+
+/// A segment from the client (see [`observe`]).
+#[inline(always)]
+fn observe_client(e: &mut CtEntry, seg: &Segment) -> Observed {
+    let flags = seg.flags;
+    let established = e.flags & FLAG_SEEN_NON_SYN != 0;
+    let synack_seen = e.flags & FLAG_SYNACK_SEEN != 0;
+    if is_pure_syn(flags) {
+        if established {
+            return Observed::SynOnLive;
+        }
+        client_syn(e, seg);
+        return Observed::Tracked;
+    }
+    let client_before = e.client_seq;
+    let mut bits = 0;
+    let mut observed = Observed::Tracked;
+    if flags & RST != 0 {
+        if let Some(verdict) = client_rst_verdict(e, seg.seq, established) {
+            return verdict;
+        }
+        bits |= FLAG_RST;
+    } else if !established
+        && flags & ACK != 0
+        && synack_seen
+        && seq_within(seg.ack, e.backend_seq.acked, e.backend_seq.next)
+    {
+        bits |= FLAG_SEEN_NON_SYN;
+        observed = Observed::HandshakeCompleted;
+    } else if established {
+        bits |= FLAG_SEEN_NON_SYN;
+    }
+    advance_next(&mut e.client_seq, seg);
+    if flags & ACK != 0 && synack_seen {
+        advance_acked(&mut e.backend_seq, seg.ack);
+    }
+    if flags & FIN != 0 && fin_in_window(seg, &client_before) {
+        bits |= FLAG_FIN_CLIENT;
+    }
+    set_flags(e, bits);
     observed
+}
+
+/// The client's opener on an entry not yet established.
+#[inline(always)]
+fn client_syn(e: &mut CtEntry, seg: &Segment) {
+    // A retransmitted opener changes nothing (Linux may resend a Fast Open SYN without its
+    // data). A new ISN, after the client gave up, defines the client's sequence space afresh
+    // and voids what the backend said to the old one.
+    let isn_next = seg.seq.wrapping_add(1);
+    let same_attempt = seq_within(
+        isn_next,
+        e.client_seq.next.wrapping_sub(SEQ_SLACK),
+        e.client_seq.next,
+    );
+    if !same_attempt {
+        e.client_seq = opened_by(seg);
+        e.flags &= !(FLAG_SYNACK_SEEN | FLAG_STALE_ACK);
+        e.backend_seq = SeqSpace::default();
+    }
+}
+
+/// What becomes of a client's RST at `seq`: `None` if it is exact (it closes the entry),
+/// otherwise the answer, which leaves the entry as it is.
+#[inline(always)]
+fn client_rst_verdict(e: &CtEntry, seq: u32, established: bool) -> Option<Observed> {
+    if rst_exact(seq, &e.client_seq) {
+        None
+    } else if rst_in_window(seq, &e.client_seq) {
+        Some(Observed::RstChallenged)
+    } else if !established && e.flags & FLAG_STALE_ACK != 0 && seq == e.backend_seq.acked {
+        // RFC 793's reset of a half-open connection: the client, in SYN-SENT, answers a stale
+        // socket's ACK so the backend drops it; the client's own attempt goes on (its next SYN
+        // finds the tuple free), so the entry stays open.
+        Some(Observed::Tracked)
+    } else {
+        Some(Observed::RstOutOfWindow)
+    }
+}
+
+/// A segment from the backend (see [`observe`]).
+#[inline(always)]
+fn observe_backend(e: &mut CtEntry, seg: &Segment) -> Observed {
+    let flags = seg.flags;
+    let established = e.flags & FLAG_SEEN_NON_SYN != 0;
+    let synack_seen = e.flags & FLAG_SYNACK_SEEN != 0;
+    let backend_before = e.backend_seq;
+    let mut bits = 0;
+    if flags & RST != 0 {
+        if let Some(verdict) = backend_rst_verdict(e, seg, synack_seen) {
+            return verdict;
+        }
+        bits |= FLAG_RST;
+    }
+    bits |= backend_sequence(e, seg, established, synack_seen);
+    if flags & ACK != 0 {
+        advance_acked(&mut e.client_seq, seg.ack);
+    }
+    if flags & FIN != 0 && synack_seen && fin_in_window(seg, &backend_before) {
+        bits |= backend_fin(e, seg);
+    }
+    set_flags(e, bits);
+    Observed::Tracked
+}
+
+/// What becomes of a backend's RST: `None` if it closes the entry, otherwise the answer,
+/// which leaves the entry as it is.
+#[inline(always)]
+fn backend_rst_verdict(e: &CtEntry, seg: &Segment, synack_seen: bool) -> Option<Observed> {
+    if synack_seen && !rst_exact(seg.seq, &e.backend_seq) {
+        return Some(if rst_in_window(seg.seq, &e.backend_seq) {
+            Observed::RstChallenged
+        } else {
+            Observed::RstOutOfWindow
+        });
+    }
+    // Before a SYN-ACK, a refused connection: <SEQ=0><ACK=SYN+1><CTL=RST,ACK>
+    // (SYN+1+len if the SYN's Fast Open data was taken).
+    let refusal =
+        seg.flags & ACK != 0 && seq_within(seg.ack, e.client_seq.acked, e.client_seq.next);
+    if !synack_seen && !refusal {
+        return Some(Observed::RstOutOfWindow);
+    }
+    None
+}
+
+/// What a backend segment does to the backend's sequence space (its SYN-ACK, or a stale
+/// socket's ACK, or data): the state flags it sets.
+#[inline(always)]
+fn backend_sequence(e: &mut CtEntry, seg: &Segment, established: bool, synack_seen: bool) -> u32 {
+    let flags = seg.flags;
+    // A SYN-ACK is this attempt's only if it acknowledges this attempt's SYN; one that does
+    // not comes from an older attempt on the same backend-side tuple (SYN_RECV
+    // retransmitting), and is handled like a stale ACK.
+    // (Fast Open: a server that did not take the SYN's data acknowledges only ISN+1.)
+    let synack_of_this_attempt =
+        flags & ACK != 0 && seq_within(seg.ack, e.client_seq.acked, e.client_seq.next);
+    if flags & SYN != 0
+        && !synack_of_this_attempt
+        && !established
+        && !synack_seen
+        && flags & RST == 0
+    {
+        if e.backend_seq.acked != seg.ack {
+            e.backend_seq.acked = seg.ack;
+        }
+        return FLAG_STALE_ACK;
+    }
+    if flags & SYN != 0 {
+        // This attempt's SYN-ACK (or its retransmission) defines the backend's space once;
+        // after that, and after the handshake, a SYN-ACK changes nothing.
+        if !established && !synack_seen && synack_of_this_attempt && flags & RST == 0 {
+            e.backend_seq = SeqSpace {
+                next: seg.end(),
+                acked: seg.end(),
+            };
+            return FLAG_SYNACK_SEEN;
+        }
+    } else if synack_seen {
+        advance_next(&mut e.backend_seq, seg);
+    } else if !established && flags & (ACK | RST) == ACK {
+        // No SYN-ACK yet, but an ACK: a stale socket answering the SYN (see FLAG_STALE_ACK).
+        // Remember what the client's reset of it will carry.
+        if e.backend_seq.acked != seg.ack {
+            e.backend_seq.acked = seg.ack;
+        }
+        return FLAG_STALE_ACK;
+    }
+    0
+}
+
+/// The flags a backend's FIN inside the window sets. The backend holds `TIME_WAIT` unless its
+/// FIN acknowledges the client's: if it sent its FIN before the client's arrived (FINs
+/// crossing), it goes through CLOSING to `TIME_WAIT` as well.
+#[inline(always)]
+fn backend_fin(e: &CtEntry, seg: &Segment) -> u32 {
+    let acks_client_fin =
+        e.flags & FLAG_FIN_CLIENT != 0 && seg.flags & ACK != 0 && seg.ack == e.client_seq.next;
+    if acks_client_fin {
+        FLAG_FIN_BACKEND
+    } else {
+        FLAG_FIN_BACKEND | FLAG_BACKEND_CLOSED_FIRST
+    }
 }
 
 #[cfg(test)]

@@ -13,7 +13,7 @@ use std::{
 
 use redirect_common::{
     ct::{self, CtEntry, CtKey},
-    rev::RevEntry,
+    rev::{RevEntry, RevKey},
 };
 use serde::Serialize;
 
@@ -371,16 +371,37 @@ fn fate(e: &CtEntry, now: u64, t: &Timeouts, pressured: bool) -> Fate {
 /// belongs to a newer connection) as orphaned, and delete them once the quarantine has
 /// passed. `pressured` (the last pass measured high port pressure) shortens the SYN timeout.
 pub fn gc(maps: &mut Maps, t: &Timeouts, pressured: bool) -> Result<GcReport, DatapathError> {
-    let map_err = |what: &'static str| {
-        move |source| DatapathError::Map {
-            what: what.into(),
-            source,
-        }
-    };
     let started = std::time::Instant::now();
     let now = clock::monotonic_ns();
     let mut report = GcReport::default();
+    let dead = scan_ct(maps, t, pressured, now, &mut report)?;
+    for k in &dead {
+        forget_ct(maps, k, t, pressured, &mut report);
+    }
+    let rev = scan_rev(maps, t, now)?;
+    apply_rev(maps, rev.orphan, rev.release, &mut report);
+    report.ports = port_use_of(maps, &rev.claimed)?;
+    report.took_ms = u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX);
+    report.at_ns = clock::monotonic_ns();
+    Ok(report)
+}
 
+/// A map read that failed, as the pass reports it.
+fn map_err(what: &'static str) -> impl Fn(aya::maps::MapError) -> DatapathError {
+    move |source| DatapathError::Map {
+        what: what.into(),
+        source,
+    }
+}
+
+/// Walks `CT`: the keys of entries to forget; the others are counted as kept.
+fn scan_ct(
+    maps: &Maps,
+    t: &Timeouts,
+    pressured: bool,
+    now: u64,
+    report: &mut GcReport,
+) -> Result<Vec<CtKey>, DatapathError> {
     let mut dead = Vec::new();
     for item in &maps.ct {
         let (k, e) = item.map_err(map_err("reading CT"))?;
@@ -390,61 +411,86 @@ pub fn gc(maps: &mut Maps, t: &Timeouts, pressured: bool) -> Result<GcReport, Da
             dead.push(k);
         }
     }
-    for k in &dead {
-        // Re-check first: most entries that changed since the scan (a client reopening its
-        // tuple) are skipped here without ever leaving the table.
-        if !maps
-            .ct
-            .get(k, 0)
-            .is_ok_and(|e| fate(&e, clock::monotonic_ns(), t, pressured) != Fate::Keep)
-        {
-            // Kept after all (refreshed since the scan): still a connection to count.
-            if let Ok(e) = maps.ct.get(k, 0) {
-                report.kept(&e);
-            }
-            continue;
-        }
-        // Take the entry out and look at what was really removed: the datapath may still have
-        // refreshed it, or reopened the tuple, between the check and the delete.
-        // A failure on one entry skips that entry, not the pass: a pass that stopped at the
-        // first error would let the table fill up while the error lasts.
-        let e = match maps.take_ct(k) {
-            Ok(Some(e)) => e,
-            Ok(None) => continue,
-            Err(_) => {
-                report.errors += 1;
-                continue;
-            }
-        };
-        let Fate::Forget { release_port } = fate(&e, clock::monotonic_ns(), t, pressured) else {
-            // Alive after all: put it back, unless the datapath already made a newer one (then
-            // the newer one wins and this one is gone: counted).
-            if maps.ct.insert(k, e, BPF_NOEXIST).is_err() {
-                report.errors += 1;
-            }
-            report.ct_restored += 1;
+    Ok(dead)
+}
+
+/// Forgets one `CT` entry the scan found dead, if it still is, and frees its port if nobody
+/// holds `TIME_WAIT` for it.
+fn forget_ct(maps: &mut Maps, k: &CtKey, t: &Timeouts, pressured: bool, report: &mut GcReport) {
+    // Re-check first: most entries that changed since the scan (a client reopening its
+    // tuple) are skipped here without ever leaving the table.
+    if !maps
+        .ct
+        .get(k, 0)
+        .is_ok_and(|e| fate(&e, clock::monotonic_ns(), t, pressured) != Fate::Keep)
+    {
+        // Kept after all (refreshed since the scan): still a connection to count.
+        if let Ok(e) = maps.ct.get(k, 0) {
             report.kept(&e);
-            continue;
-        };
-        report.ct_expired += 1;
-        report.forgotten.count(e.flags);
-        if release_port {
-            // The CT entry is gone, so no packet refers to this claim any more; free it
-            // unless the datapath already did (and someone else claimed the port since).
-            let rk = e.rev_key();
-            if maps.rev.get(&rk, 0).is_ok_and(|re| re.belongs_to(k, &e)) {
-                match maps.rev.remove(&rk) {
-                    Ok(()) => report.ports_released_at_once += 1,
-                    Err(aya::maps::MapError::KeyNotFound) => {}
-                    Err(_) => report.errors += 1,
-                }
-            }
+        }
+        return;
+    }
+    // Take the entry out and look at what was really removed: the datapath may still have
+    // refreshed it, or reopened the tuple, between the check and the delete.
+    // A failure on one entry skips that entry, not the pass: a pass that stopped at the
+    // first error would let the table fill up while the error lasts.
+    let e = match maps.take_ct(k) {
+        Ok(Some(e)) => e,
+        Ok(None) => return,
+        Err(_) => {
+            report.errors += 1;
+            return;
+        }
+    };
+    let Fate::Forget { release_port } = fate(&e, clock::monotonic_ns(), t, pressured) else {
+        // Alive after all: put it back, unless the datapath already made a newer one (then
+        // the newer one wins and this one is gone: counted).
+        if maps.ct.insert(k, e, BPF_NOEXIST).is_err() {
+            report.errors += 1;
+        }
+        report.ct_restored += 1;
+        report.kept(&e);
+        return;
+    };
+    report.ct_expired += 1;
+    report.forgotten.count(e.flags);
+    if release_port {
+        release_port_of(maps, k, &e, report);
+    }
+}
+
+/// Frees the port claim of a forgotten `CT` entry at once. The entry is gone, so no packet
+/// refers to this claim any more; free it unless the datapath already did (and someone else
+/// claimed the port since).
+fn release_port_of(maps: &mut Maps, k: &CtKey, e: &CtEntry, report: &mut GcReport) {
+    let rk = e.rev_key();
+    if maps.rev.get(&rk, 0).is_ok_and(|re| re.belongs_to(k, e)) {
+        match maps.rev.remove(&rk) {
+            Ok(()) => report.ports_released_at_once += 1,
+            Err(aya::maps::MapError::KeyNotFound) => {}
+            Err(_) => report.errors += 1,
         }
     }
+}
 
-    let mut claimed: StdHashMap<(u32, u16, u32), u64> = StdHashMap::new();
-    let mut orphan = Vec::new();
-    let mut release = Vec::new();
+/// What a walk of `REV` found.
+struct RevScan {
+    /// Claims still held, by (backend address, backend port, SNAT address).
+    claimed: StdHashMap<(u32, u16, u32), u64>,
+    /// Entries whose orphan mark changes (set, or cleared), with the mark they get.
+    orphan: Vec<(RevKey, RevEntry)>,
+    /// Orphans whose quarantine has passed.
+    release: Vec<RevKey>,
+}
+
+/// Walks `REV`: which claims are held, which lost their `CT` twin (or found it again), and
+/// which orphans have served their quarantine.
+fn scan_rev(maps: &Maps, t: &Timeouts, now: u64) -> Result<RevScan, DatapathError> {
+    let mut scan = RevScan {
+        claimed: StdHashMap::new(),
+        orphan: Vec::new(),
+        release: Vec::new(),
+    };
     for item in &maps.rev {
         let (rk, re) = item.map_err(map_err("reading REV"))?;
         let key = CtKey {
@@ -458,12 +504,13 @@ pub fn gc(maps: &mut Maps, t: &Timeouts, pressured: bool) -> Result<GcReport, Da
             .get(&key, 0)
             .is_ok_and(|e| e.rev_key() == rk && re.belongs_to(&key, &e));
         if owned {
-            *claimed
+            *scan
+                .claimed
                 .entry((rk.backend_addr_be, rk.backend_port_be, rk.snat_addr_be))
                 .or_default() += 1;
             if re.orphaned_ns != 0 {
                 // Seen between the datapath's REV and CT inserts last pass: not an orphan.
-                orphan.push((
+                scan.orphan.push((
                     rk,
                     RevEntry {
                         orphaned_ns: 0,
@@ -474,7 +521,7 @@ pub fn gc(maps: &mut Maps, t: &Timeouts, pressured: bool) -> Result<GcReport, Da
             continue;
         }
         if re.orphaned_ns == 0 {
-            orphan.push((
+            scan.orphan.push((
                 rk,
                 RevEntry {
                     orphaned_ns: now,
@@ -482,13 +529,24 @@ pub fn gc(maps: &mut Maps, t: &Timeouts, pressured: bool) -> Result<GcReport, Da
                 },
             ));
         } else if clock::since(re.orphaned_ns, now) > t.port_quarantine {
-            release.push(rk);
+            scan.release.push(rk);
             continue;
         }
-        *claimed
+        *scan
+            .claimed
             .entry((rk.backend_addr_be, rk.backend_port_be, rk.snat_addr_be))
             .or_default() += 1;
     }
+    Ok(scan)
+}
+
+/// Writes the orphan marks and frees the ports whose quarantine has passed.
+fn apply_rev(
+    maps: &mut Maps,
+    orphan: Vec<(RevKey, RevEntry)>,
+    release: Vec<RevKey>,
+    report: &mut GcReport,
+) {
     for (rk, re) in orphan {
         // BPF_EXIST: never resurrect an entry deleted meanwhile.
         if maps.rev.insert(rk, re, BPF_EXIST).is_ok() && re.orphaned_ns != 0 {
@@ -501,10 +559,6 @@ pub fn gc(maps: &mut Maps, t: &Timeouts, pressured: bool) -> Result<GcReport, Da
             Err(_) => report.errors += 1,
         }
     }
-    report.ports = port_use_of(maps, &claimed)?;
-    report.took_ms = u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX);
-    report.at_ns = clock::monotonic_ns();
-    Ok(report)
 }
 
 /// Port use of each configured backend, from claim counts keyed by (backend address, backend

@@ -8,14 +8,25 @@
 //!   slot still held by a walsender that is exiting) until it works or a deadline passes,
 //!   then give its last error.
 //!
+//! And two variants of them:
+//! - [`until_with`]: [`until`] for a probe that carries something from one look to the next
+//!   (what it has done so far, what it saw last), given back when the deadline passes so
+//!   the caller can say what was still missing.
+//! - [`retry_times`]: [`retry`] bounded by a number of tries rather than a deadline, for
+//!   an operation that fails fast when it fails, and only while its error is transient.
+//!
 //! Probes are plain closures returning a future (not async closures): the futures of async
 //! closures that borrow their captures are not provably `Send`, and the cutover runs on a
 //! spawned task.
 //!
 //! Each runs its probe at least once, so a wait that is given no time still looks; `until`
-//! looks once more at the deadline, `retry` tries no more once an attempt ends past it.
+//! and `until_with` look once more at the deadline, `retry` tries no more once an attempt
+//! ends past it.
 
-use std::time::{Duration, Instant};
+use std::{
+    ops::ControlFlow,
+    time::{Duration, Instant},
+};
 
 /// Asks `probe` every `every` until it answers `Some`, giving `Ok(None)` once `deadline`
 /// has passed without an answer (the caller says why that matters). A probe's error is
@@ -35,6 +46,35 @@ where
         }
         if past {
             return Ok(None);
+        }
+        tokio::time::sleep(every.min(deadline.saturating_duration_since(Instant::now()))).await;
+    }
+}
+
+/// [`until`] for a probe that carries state from one look to the next: each look is given
+/// what the last one left (`first` for the first look) and answers `Break(answer)`, or
+/// `Continue(state)` for "not yet". Once `deadline` has passed without an answer, the last
+/// look's state comes back as `Continue(state)`, for the caller to say what was missing. The
+/// looks are timed as [`until`]'s.
+///
+/// The state is passed by value, not borrowed, so the probe's future may own it (a closure
+/// cannot lend its captures to the future it returns).
+pub async fn until_with<S, T, E, Fut>(
+    deadline: Instant,
+    every: Duration,
+    first: S,
+    mut probe: impl FnMut(S) -> Fut,
+) -> Result<ControlFlow<T, S>, E>
+where
+    Fut: Future<Output = Result<ControlFlow<T, S>, E>>,
+{
+    let mut state = first;
+    loop {
+        let past = Instant::now() >= deadline;
+        match probe(state).await? {
+            ControlFlow::Break(answer) => return Ok(ControlFlow::Break(answer)),
+            ControlFlow::Continue(left) if past => return Ok(ControlFlow::Continue(left)),
+            ControlFlow::Continue(left) => state = left,
         }
         tokio::time::sleep(every.min(deadline.saturating_duration_since(Instant::now()))).await;
     }
@@ -73,6 +113,28 @@ where
                 tokio::time::sleep(every.min(deadline.saturating_duration_since(Instant::now())))
                     .await;
             }
+        }
+    }
+}
+
+/// Runs `op` up to `times` times (at least once), `every` apart, while its error is
+/// `transient`: another error is returned at once, and the last one when the tries are used
+/// up.
+pub async fn retry_times<T, E, Fut>(
+    times: u32,
+    every: Duration,
+    transient: impl Fn(&E) -> bool,
+    mut op: impl FnMut() -> Fut,
+) -> Result<T, E>
+where
+    Fut: Future<Output = Result<T, E>>,
+{
+    let mut tried = 0;
+    loop {
+        tried += 1;
+        match op().await {
+            Err(e) if tried < times && transient(&e) => tokio::time::sleep(every).await,
+            done => return done,
         }
     }
 }
@@ -151,5 +213,96 @@ mod tests {
         })
         .await;
         assert_eq!(ok, Ok(7));
+    }
+
+    #[tokio::test]
+    async fn until_with_carries_the_state_and_gives_the_last_back() {
+        let t = Instant::now() + Duration::from_secs(5);
+        let got: Result<_, ()> = until_with(t, Duration::from_millis(1), 0, |n| {
+            std::future::ready(Ok(if n == 3 {
+                ControlFlow::Break(n * 10)
+            } else {
+                ControlFlow::Continue(n + 1)
+            }))
+        })
+        .await;
+        assert_eq!(got, Ok(ControlFlow::Break(30)));
+        let got: Result<ControlFlow<(), u32>, ()> = until_with(
+            Instant::now() + Duration::from_millis(20),
+            Duration::from_millis(1),
+            0,
+            |n| std::future::ready(Ok(ControlFlow::Continue(n + 1))),
+        )
+        .await;
+        assert!(
+            matches!(got, Ok(ControlFlow::Continue(n)) if n >= 2),
+            "{got:?}"
+        );
+        let got: Result<ControlFlow<(), u32>, ()> =
+            until_with(Instant::now(), Duration::from_secs(1), 7, |n| {
+                std::future::ready(Ok(ControlFlow::Continue(n + 1)))
+            })
+            .await;
+        assert_eq!(got, Ok(ControlFlow::Continue(8)), "no time given: one look");
+        let got: Result<ControlFlow<(), ()>, &str> = until_with(
+            Instant::now() + Duration::from_secs(5),
+            Duration::from_millis(1),
+            (),
+            |()| std::future::ready(Err("gone")),
+        )
+        .await;
+        assert_eq!(got, Err("gone"));
+    }
+
+    #[tokio::test]
+    async fn retry_times_stops_at_the_count_or_at_an_error_that_is_not_transient() {
+        let mut n = 0;
+        let got: Result<(), u32> = retry_times(
+            3,
+            Duration::from_millis(1),
+            |_| true,
+            || {
+                n += 1;
+                std::future::ready(Err(n))
+            },
+        )
+        .await;
+        assert_eq!((got, n), (Err(3), 3), "the last error, after 3 tries");
+        let mut n = 0;
+        let got: Result<(), u32> = retry_times(
+            5,
+            Duration::from_millis(1),
+            |e| *e < 2,
+            || {
+                n += 1;
+                std::future::ready(Err(n))
+            },
+        )
+        .await;
+        assert_eq!(got, Err(2), "not transient: returned at once");
+        let mut n = 0;
+        let got: Result<u32, u32> = retry_times(
+            5,
+            Duration::from_millis(1),
+            |_| true,
+            || {
+                n += 1;
+                std::future::ready(if n == 2 { Ok(n) } else { Err(n) })
+            },
+        )
+        .await;
+        assert_eq!(got, Ok(2));
+        let mut n = 0;
+        let got: Result<(), ()> = retry_times(
+            0,
+            Duration::from_secs(1),
+            |()| true,
+            || {
+                n += 1;
+                std::future::ready(Err(()))
+            },
+        )
+        .await;
+        assert_eq!((got, n), (Err(()), 1), "tried at least once");
     }
 }

@@ -5,7 +5,10 @@
 //! commit. Physical: the old server's WAL *insert* position after the fence (the write
 //! position can lag behind records already inserted), replayed by the standby.
 
-use std::time::{Duration, Instant};
+use std::{
+    ops::ControlFlow,
+    time::{Duration, Instant},
+};
 
 use super::catalog::CURRENT_LSN;
 use super::{
@@ -148,10 +151,6 @@ async fn logical_lane(run: &Run, lane: &Lane) -> Result<(Lsn, Option<Lsn>), Cuto
             lane.from_db.query_one(CURRENT_LSN, &[]),
         )
         .await?;
-    // Held clients wait for as long as the barrier does: if replication has stopped, the
-    // marker can never arrive, so give up as soon as that is clear, not at --timeout.
-    let mut checked = Instant::now();
-    let mut stopped_since: Option<Instant> = None;
     let too_late = || {
         CutoverError::abort(
             Phase::Barrier,
@@ -163,52 +162,37 @@ async fn logical_lane(run: &Run, lane: &Lane) -> Result<(Lsn, Option<Lsn>), Cuto
             ),
         )
     };
-    loop {
-        if run.remaining().is_zero() {
-            return Err(too_late());
-        }
-        let seen = match run
-            .query(
-                Phase::Barrier,
-                "new server",
-                "looking for the marker",
-                lane.to_db.query_opt(SEE_MARKER, &[&token]),
-            )
-            .await
-        {
-            Err(_) if run.remaining().is_zero() => return Err(too_late()),
-            other => other?,
-        };
-        if seen.is_some() {
-            break;
-        }
-        if checked.elapsed() > Duration::from_millis(200)
-            && let Some(sub) = &lane.subscription
-        {
-            checked = Instant::now();
-            let applying: Option<bool> = run
+    let token = &token;
+    // Every 2 ms: held clients wait for as long as the barrier does, and the marker
+    // usually arrives within a few. A stopped replication ends the wait early (`Applying`).
+    let seen = crate::poll::until_with(
+        run.deadline,
+        Duration::from_millis(2),
+        Applying::new(),
+        |mut applying| async move {
+            let seen = match run
                 .query(
                     Phase::Barrier,
                     "new server",
-                    "checking the apply worker",
-                    lane.to_db.query_opt(APPLYING, &[sub]),
+                    "looking for the marker",
+                    lane.to_db.query_opt(SEE_MARKER, &[token]),
                 )
-                .await?
-                .and_then(|r| r.get(0));
-            if applying == Some(true) {
-                stopped_since = None;
-            } else if stopped_since.get_or_insert_with(Instant::now).elapsed() > STOPPED_FOR {
-                return Err(CutoverError::abort(
-                    Phase::Barrier,
-                    format!(
-                        "{}replication into the {} stopped (subscription {sub} disabled or its apply worker gone); the marker cannot arrive",
-                        lane.prefix(),
-                        run.to
-                    ),
-                ));
+                .await
+            {
+                // A look the deadline cut short is the deadline's, not a failed query.
+                Err(_) if run.remaining().is_zero() => return Err(too_late()),
+                other => other?,
+            };
+            if seen.is_some() {
+                return Ok(ControlFlow::Break(()));
             }
-        }
-        tokio::time::sleep(Duration::from_millis(2)).await;
+            applying.check(run, lane).await?;
+            Ok(ControlFlow::Continue(applying))
+        },
+    )
+    .await?;
+    if seen.is_continue() {
+        return Err(too_late());
     }
     // Only reported: the barrier is the marker, not this position.
     let applied = run
@@ -223,6 +207,64 @@ async fn logical_lane(run: &Run, lane: &Lane) -> Result<(Lsn, Option<Lsn>), Cuto
     Ok((fence_lsn, applied))
 }
 
+/// Whether the marker can still arrive. Held clients wait for as long as the barrier does:
+/// if replication has stopped, the marker never will, so the barrier gives up as soon as
+/// that is clear, not at --timeout.
+struct Applying {
+    /// When the apply worker was last looked at (every 200 ms at most).
+    checked: Instant,
+    /// Since when replication has looked stopped.
+    stopped_since: Option<Instant>,
+}
+
+impl Applying {
+    fn new() -> Self {
+        Self {
+            checked: Instant::now(),
+            stopped_since: None,
+        }
+    }
+
+    /// Looks at the subscription's apply worker if the last look is 200 ms old; aborts once
+    /// replication has looked stopped for [`STOPPED_FOR`].
+    async fn check(&mut self, run: &Run, lane: &Lane) -> Result<(), CutoverError> {
+        if self.checked.elapsed() <= Duration::from_millis(200) {
+            return Ok(());
+        }
+        let Some(sub) = &lane.subscription else {
+            return Ok(());
+        };
+        self.checked = Instant::now();
+        let applying: Option<bool> = run
+            .query(
+                Phase::Barrier,
+                "new server",
+                "checking the apply worker",
+                lane.to_db.query_opt(APPLYING, &[sub]),
+            )
+            .await?
+            .and_then(|r| r.get(0));
+        if applying == Some(true) {
+            self.stopped_since = None;
+        } else if self
+            .stopped_since
+            .get_or_insert_with(Instant::now)
+            .elapsed()
+            > STOPPED_FOR
+        {
+            return Err(CutoverError::abort(
+                Phase::Barrier,
+                format!(
+                    "{}replication into the {} stopped (subscription {sub} disabled or its apply worker gone); the marker cannot arrive",
+                    lane.prefix(),
+                    run.to
+                ),
+            ));
+        }
+        Ok(())
+    }
+}
+
 async fn physical(run: &Run) -> Result<(Lsn, Option<Lsn>), CutoverError> {
     let fence_lsn = run
         .query_lsn(
@@ -232,7 +274,8 @@ async fn physical(run: &Run) -> Result<(Lsn, Option<Lsn>), CutoverError> {
             run.from_db.query_one(INSERT_LSN, &[]),
         )
         .await?;
-    loop {
+    // Every 2 ms: held clients wait for as long as the barrier does.
+    let replayed = crate::poll::until(run.deadline, Duration::from_millis(2), || async {
         // NULL until the standby has replayed anything.
         let replayed: Option<String> = run
             .query(
@@ -243,22 +286,22 @@ async fn physical(run: &Run) -> Result<(Lsn, Option<Lsn>), CutoverError> {
             )
             .await?
             .get(0);
-        if let Some(r) = replayed.as_deref() {
-            let r = parse_lsn_of("new server", "pg_last_wal_replay_lsn()", r)
-                .map_err(|e| CutoverError::abort(Phase::Barrier, e.to_string()))?;
-            if r >= fence_lsn {
-                return Ok((fence_lsn, Some(r)));
-            }
-        }
-        if run.remaining().is_zero() {
-            return Err(CutoverError::abort(
-                Phase::Barrier,
-                format!(
-                    "the {} did not replay {fence_lsn} within --timeout {:?}",
-                    run.to, run.req.timeout
-                ),
-            ));
-        }
-        tokio::time::sleep(Duration::from_millis(2)).await;
-    }
+        let Some(r) = replayed.as_deref() else {
+            return Ok::<_, CutoverError>(None);
+        };
+        let r = parse_lsn_of("new server", "pg_last_wal_replay_lsn()", r)
+            .map_err(|e| CutoverError::abort(Phase::Barrier, e.to_string()))?;
+        Ok((r >= fence_lsn).then_some(r))
+    })
+    .await?;
+    let Some(r) = replayed else {
+        return Err(CutoverError::abort(
+            Phase::Barrier,
+            format!(
+                "the {} did not replay {fence_lsn} within --timeout {:?}",
+                run.to, run.req.timeout
+            ),
+        ));
+    };
+    Ok((fence_lsn, Some(r)))
 }

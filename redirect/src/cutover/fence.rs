@@ -10,7 +10,10 @@
 //! longer use anyway (the fence drops their data) and learn it now, from the server's FATAL,
 //! instead of at the drain.
 
-use std::time::{Duration, Instant};
+use std::{
+    ops::ControlFlow,
+    time::{Duration, Instant},
+};
 
 use super::{CutoverError, Phase, Run, journal::Step};
 
@@ -69,47 +72,7 @@ pub async fn end_old_sessions(run: &mut Run) -> Result<(), CutoverError> {
         los.push(i32::from(p.ports.0));
         his.push(i32::from(p.ports.1));
     }
-    let mut ended: Vec<i32> = Vec::new();
-    loop {
-        let pids: Vec<i32> = run
-            .query(
-                Phase::Fence,
-                "old server",
-                "ending proxied sessions",
-                run.from_db.query(END_PROXIED, &[&addrs, &los, &his]),
-            )
-            .await?
-            .iter()
-            .map(|r| r.get(0))
-            .collect();
-        for p in pids {
-            if !ended.contains(&p) {
-                ended.push(p);
-            }
-        }
-        let left: Vec<i32> = run
-            .query(
-                Phase::Fence,
-                "old server",
-                "waiting for proxied sessions to exit",
-                run.from_db.query_one(PROXIED_LEFT, &[&addrs, &los, &his]),
-            )
-            .await?
-            .get(0);
-        if left.is_empty() {
-            break;
-        }
-        if run.remaining().is_zero() {
-            return Err(CutoverError::abort(
-                Phase::Fence,
-                format!(
-                    "proxied session(s) {left:?} on the {} did not exit before --timeout {:?} (not being scheduled, or not ours to end); every one must be gone before the barrier",
-                    run.from, run.req.timeout
-                ),
-            ));
-        }
-        tokio::time::sleep(Duration::from_millis(2)).await;
-    }
+    let ended = end_until_none_left(run, &addrs, &los, &his).await?;
     run.report.terminated_at_fence = ended.len() as u64;
     run.rec.step(
         Step::Fence,
@@ -120,4 +83,74 @@ pub async fn end_old_sessions(run: &mut Run) -> Result<(), CutoverError> {
             run.from
         ),
     )
+}
+
+/// What the fence has done so far: the sessions it ended, and the ones its last look found.
+struct Fencing {
+    ended: Vec<i32>,
+    left: Vec<i32>,
+}
+
+/// Ends the proxied sessions of the proxies `addrs` (their SNAT ports `los..=his`) until
+/// none is left, within the cutover's deadline; returns every session it ended.
+async fn end_until_none_left(
+    run: &Run,
+    addrs: &[String],
+    los: &[i32],
+    his: &[i32],
+) -> Result<Vec<i32>, CutoverError> {
+    let first = Fencing {
+        ended: Vec::new(),
+        left: Vec::new(),
+    };
+    // Every 2 ms: held clients wait for as long as the fence does, and an ended session
+    // exits within a few.
+    let fenced = crate::poll::until_with(
+        run.deadline,
+        Duration::from_millis(2),
+        first,
+        |mut f| async move {
+            let pids: Vec<i32> = run
+                .query(
+                    Phase::Fence,
+                    "old server",
+                    "ending proxied sessions",
+                    run.from_db.query(END_PROXIED, &[&addrs, &los, &his]),
+                )
+                .await?
+                .iter()
+                .map(|r| r.get(0))
+                .collect();
+            for p in pids {
+                if !f.ended.contains(&p) {
+                    f.ended.push(p);
+                }
+            }
+            f.left = run
+                .query(
+                    Phase::Fence,
+                    "old server",
+                    "waiting for proxied sessions to exit",
+                    run.from_db.query_one(PROXIED_LEFT, &[&addrs, &los, &his]),
+                )
+                .await?
+                .get(0);
+            Ok::<_, CutoverError>(if f.left.is_empty() {
+                ControlFlow::Break(f.ended)
+            } else {
+                ControlFlow::Continue(f)
+            })
+        },
+    )
+    .await?;
+    match fenced {
+        ControlFlow::Break(ended) => Ok(ended),
+        ControlFlow::Continue(Fencing { left, .. }) => Err(CutoverError::abort(
+            Phase::Fence,
+            format!(
+                "proxied session(s) {left:?} on the {} did not exit before --timeout {:?} (not being scheduled, or not ours to end); every one must be gone before the barrier",
+                run.from, run.req.timeout
+            ),
+        )),
+    }
 }

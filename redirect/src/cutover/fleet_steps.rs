@@ -142,6 +142,8 @@ async fn settle_unknown_commit(
     let started = Instant::now();
     let mut said: Option<Instant> = None;
     let mut client = fleet.client();
+    // Not a `crate::poll` wait: it has no deadline (see above), and it says every 5 s that
+    // it is still waiting.
     loop {
         let read = tokio::time::timeout(
             Duration::from_secs(2),

@@ -127,268 +127,354 @@ pub async fn check(needs: &Needs<'_>, qt: Duration) -> Result<Vec<Missing>, PgEr
     let (new_name, new) = needs.new;
     let old_role = role(old, old_name, qt).await?;
     let new_role = role(new, new_name, qt).await?;
-    let q = |r: &Role| quote_ident(&r.name);
     if !old_role.superuser {
-        let can_fence: bool = timed(
-            old_name,
-            "checking the fence's grants",
-            qt,
-            old.query_one(CAN_FENCE, &[]),
-        )
-        .await?
-        .get(0);
-        if !can_fence {
-            missing.push(Missing {
-                for_rollback: false,
-                database: None,
-                server: old_name,
-                needed_for: "see and end every proxied session (the fence)".into(),
-                grant: format!(
-                    "GRANT pg_read_all_stats, pg_signal_backend TO {}",
-                    q(&old_role)
-                ),
-            });
-        }
+        missing.extend(fence(needs, &old_role, qt).await?);
     }
     if !needs.logical {
         return Ok(missing);
     }
     // The barrier marker is written on the old server and read on the new one.
-    for (name, db, r) in [(old_name, old, &old_role), (new_name, new, &new_role)] {
-        if r.superuser {
-            continue;
-        }
-        let row = timed(
-            name,
-            "checking the barrier table's grants",
-            qt,
-            db.query_one(BARRIER_USABLE, &[]),
-        )
-        .await?;
-        let (usable, exists): (bool, bool) = (row.get(0), row.get(1));
-        if !usable {
-            missing.push(Missing {
-                for_rollback: false,
-                database: None,
-                server: name,
-                needed_for: if exists {
-                    "write and read the barrier marker in public.redirect_barrier".into()
-                } else {
-                    "create the barrier table public.redirect_barrier".into()
-                },
-                grant: if exists {
-                    format!(
-                        "GRANT SELECT, INSERT ON public.redirect_barrier TO {}",
-                        q(r)
-                    )
-                } else {
-                    format!("GRANT CREATE ON SCHEMA public TO {}", q(r))
-                },
-            });
+    for (server, r) in [(needs.old, &old_role), (needs.new, &new_role)] {
+        if !r.superuser {
+            missing.extend(barrier_table(server, r, qt).await?);
         }
     }
     if !old_role.superuser && needs.forward {
-        for p in timed(
-            old_name,
-            "checking the publications' owners",
-            qt,
-            old.query(PUBLICATIONS_NOT_OWNED, &[&needs.publications]),
-        )
-        .await?
-        {
-            let p: String = p.get(0);
-            missing.push(Missing {
-                for_rollback: false,
-                database: None,
-                server: old_name,
-                needed_for: format!("add the barrier table to publication {p}"),
-                grant: format!(
-                    "ALTER PUBLICATION {} OWNER TO {}",
-                    quote_ident(&p),
-                    q(&old_role)
-                ),
-            });
-        }
+        missing.extend(publication_owners(needs, &old_role, qt).await?);
     }
     // The slot: the reverse slot is made on the new server (forward); a rollback advances
     // the forward slot on the new server (the source) before restarting it.
     if !new_role.superuser && !new_role.replication {
+        missing.push(replication_slot(needs, &new_role));
+    }
+    if !new_role.superuser {
+        missing.extend(subscription_owner(needs, &new_role, qt).await?);
+        missing.extend(settable_sequences(needs, &new_role, qt).await?);
+    }
+    if needs.forward && !new_role.superuser {
+        missing.extend(create_on_new_database(needs, &new_role, qt).await?);
+        missing.extend(table_owners(needs, &new_role, qt).await?);
+    }
+    if needs.forward && !old_role.superuser {
+        missing.extend(reverse_subscription(needs, &old_role, qt).await?);
+    }
+    name_the_database(&mut missing, needs.database);
+    Ok(missing)
+}
+
+/// A role's name as SQL writes it.
+fn quoted(r: &Role) -> String {
+    quote_ident(&r.name)
+}
+
+/// The fence, on the old server: see every proxied session's address and end it.
+async fn fence(
+    needs: &Needs<'_>,
+    old_role: &Role,
+    qt: Duration,
+) -> Result<Option<Missing>, PgError> {
+    let (old_name, old) = needs.old;
+    let can_fence: bool = timed(
+        old_name,
+        "checking the fence's grants",
+        qt,
+        old.query_one(CAN_FENCE, &[]),
+    )
+    .await?
+    .get(0);
+    Ok((!can_fence).then(|| Missing {
+        for_rollback: false,
+        database: None,
+        server: old_name,
+        needed_for: "see and end every proxied session (the fence)".into(),
+        grant: format!(
+            "GRANT pg_read_all_stats, pg_signal_backend TO {}",
+            quoted(old_role)
+        ),
+    }))
+}
+
+/// The barrier table on `server`: usable if it exists, else creatable.
+async fn barrier_table(
+    (name, db): (&'static str, &Client),
+    r: &Role,
+    qt: Duration,
+) -> Result<Option<Missing>, PgError> {
+    let row = timed(
+        name,
+        "checking the barrier table's grants",
+        qt,
+        db.query_one(BARRIER_USABLE, &[]),
+    )
+    .await?;
+    let (usable, exists): (bool, bool) = (row.get(0), row.get(1));
+    Ok((!usable).then(|| Missing {
+        for_rollback: false,
+        database: None,
+        server: name,
+        needed_for: if exists {
+            "write and read the barrier marker in public.redirect_barrier".into()
+        } else {
+            "create the barrier table public.redirect_barrier".into()
+        },
+        grant: if exists {
+            format!(
+                "GRANT SELECT, INSERT ON public.redirect_barrier TO {}",
+                quoted(r)
+            )
+        } else {
+            format!("GRANT CREATE ON SCHEMA public TO {}", quoted(r))
+        },
+    }))
+}
+
+/// The forward publications on the old server, which the barrier table is added to: only
+/// their owner may.
+async fn publication_owners(
+    needs: &Needs<'_>,
+    old_role: &Role,
+    qt: Duration,
+) -> Result<Vec<Missing>, PgError> {
+    let (old_name, old) = needs.old;
+    let mut missing = Vec::new();
+    for p in timed(
+        old_name,
+        "checking the publications' owners",
+        qt,
+        old.query(PUBLICATIONS_NOT_OWNED, &[&needs.publications]),
+    )
+    .await?
+    {
+        let p: String = p.get(0);
         missing.push(Missing {
             for_rollback: false,
             database: None,
-            server: new_name,
-            needed_for: if needs.forward {
-                format!("create the reverse replication slot {REVERSE}")
-            } else {
-                "advance the forward replication slot".into()
-            },
+            server: old_name,
+            needed_for: format!("add the barrier table to publication {p}"),
             grant: format!(
-                "ALTER ROLE {} REPLICATION (on RDS: GRANT rds_replication TO {})",
-                q(&new_role),
-                q(&new_role)
+                "ALTER PUBLICATION {} OWNER TO {}",
+                quote_ident(&p),
+                quoted(old_role)
             ),
         });
     }
-    if !new_role.superuser {
-        if let Some(sub) = needs.subscription {
-            let owned = timed(
-                new_name,
-                "checking the subscription's owner",
-                qt,
-                new.query_opt(SUBSCRIPTION_OWNED, &[&sub]),
-            )
-            .await?;
-            if let Some(row) = owned
-                && !row.get::<_, bool>(0)
-            {
-                missing.push(Missing {
-                    for_rollback: false,
-                    database: None,
-                    server: new_name,
-                    needed_for: format!(
-                        "stop and restart subscription {sub} (owned by {}; 16+ lets a non-superuser own it, and its conninfo then needs a password; before 16 only a superuser may, so run the controller as that owner)",
-                        row.get::<_, String>(1)
-                    ),
-                    grant: format!(
-                        "ALTER SUBSCRIPTION {} OWNER TO {}",
-                        quote_ident(sub),
-                        q(&new_role)
-                    ),
-                });
-            }
-        }
-        let unsettable: Vec<String> = timed(
-            new_name,
-            "checking the sequences' grants",
-            qt,
-            new.query(SEQUENCES_NOT_SETTABLE, &[&needs.sequences]),
-        )
-        .await?
-        .iter()
-        .map(|r| r.get(0))
-        .collect();
-        if !unsettable.is_empty() {
-            missing.push(Missing {
-                for_rollback: false,
-                database: None,
-                server: new_name,
-                needed_for: format!(
-                    "set {} sequence(s) to the old server's values",
-                    unsettable.len()
-                ),
-                grant: format!(
-                    "GRANT UPDATE ON SEQUENCE {} TO {}",
-                    unsettable.join(", "),
-                    q(&new_role)
-                ),
-            });
-        }
-    }
-    if needs.forward && !new_role.superuser {
-        let can_create: bool = timed(
-            new_name,
-            "checking CREATE on the database",
-            qt,
-            new.query_one(CAN_CREATE_HERE, &[]),
-        )
-        .await?
-        .get(0);
-        if !can_create {
-            missing.push(Missing {
-                for_rollback: true,
-                database: None,
-                server: new_name,
-                needed_for: format!(
-                    "create the reverse publication {REVERSE} (for a lossless rollback)"
-                ),
-                grant: format!(
-                    "GRANT CREATE ON DATABASE {} TO {}",
-                    quote_ident(needs.database.unwrap_or("<database>")),
-                    q(&new_role)
-                ),
-            });
-        }
-        let not_owned: Vec<String> = timed(
-            new_name,
-            "checking the tables' owners",
-            qt,
-            new.query(NOT_OWNED, &[&needs.tables]),
-        )
-        .await?
-        .iter()
-        .map(|r| r.get(0))
-        .collect();
-        if !not_owned.is_empty() {
-            missing.push(Missing {
-                for_rollback: false,
-                database: None,
-                server: new_name,
-                needed_for: format!(
-                    "publish {} table(s) back to the old server for a lossless rollback: {}",
-                    not_owned.len(),
-                    not_owned.join(", ")
-                ),
-                grant: not_owned
-                    .iter()
-                    .map(|t| format!("ALTER TABLE {t} OWNER TO {}", q(&new_role)))
-                    .collect::<Vec<_>>()
-                    .join("; "),
-            });
-        }
-    }
-    if needs.forward && !old_role.superuser {
-        let row = timed(
-            old_name,
-            "checking the subscription grants",
-            qt,
-            old.query_one(CAN_SUBSCRIBE, &[]),
-        )
-        .await?;
-        let (v16, member, create, database): (bool, bool, bool, String) =
-            (row.get(0), row.get(1), row.get(2), row.get(3));
-        let what = format!("create the reverse subscription {REVERSE} (for a lossless rollback)");
-        if v16 {
-            let mut grants = Vec::new();
-            if !member {
-                grants.push(format!("GRANT pg_create_subscription TO {}", q(&old_role)));
-            }
-            if !create {
-                grants.push(format!(
-                    "GRANT CREATE ON DATABASE {} TO {}",
-                    quote_ident(&database),
-                    q(&old_role)
-                ));
-            }
-            if !grants.is_empty() {
-                missing.push(Missing {
-                    for_rollback: true,
-                    database: None,
-                    server: old_name,
-                    needed_for: what,
-                    grant: grants.join("; "),
-                });
-            }
+    Ok(missing)
+}
+
+/// REPLICATION on the new server, which a role without it lacks: the reverse slot is made
+/// there (forward), and a rollback advances the forward slot there.
+fn replication_slot(needs: &Needs<'_>, new_role: &Role) -> Missing {
+    Missing {
+        for_rollback: false,
+        database: None,
+        server: needs.new.0,
+        needed_for: if needs.forward {
+            format!("create the reverse replication slot {REVERSE}")
         } else {
-            missing.push(Missing {
-                for_rollback: true,
-                database: None,
-                server: old_name,
-                needed_for: what,
-                grant: format!(
-                    "ALTER ROLE {} SUPERUSER (before PostgreSQL 16 only a superuser may create a subscription)",
-                    q(&old_role)
-                ),
-            });
-        }
+            "advance the forward replication slot".into()
+        },
+        grant: format!(
+            "ALTER ROLE {} REPLICATION (on RDS: GRANT rds_replication TO {})",
+            quoted(new_role),
+            quoted(new_role)
+        ),
     }
-    // Everything but the cluster's own grants (the fence's roles, REPLICATION) is of the
-    // database the sessions are in.
-    for m in &mut missing {
+}
+
+/// The forward subscription on the new server, which the cutover stops and a rollback
+/// restarts: only its owner may.
+async fn subscription_owner(
+    needs: &Needs<'_>,
+    new_role: &Role,
+    qt: Duration,
+) -> Result<Option<Missing>, PgError> {
+    let (new_name, new) = needs.new;
+    let Some(sub) = needs.subscription else {
+        return Ok(None);
+    };
+    let owned = timed(
+        new_name,
+        "checking the subscription's owner",
+        qt,
+        new.query_opt(SUBSCRIPTION_OWNED, &[&sub]),
+    )
+    .await?;
+    let Some(row) = owned.filter(|row| !row.get::<_, bool>(0)) else {
+        return Ok(None);
+    };
+    Ok(Some(Missing {
+        for_rollback: false,
+        database: None,
+        server: new_name,
+        needed_for: format!(
+            "stop and restart subscription {sub} (owned by {}; 16+ lets a non-superuser own it, and its conninfo then needs a password; before 16 only a superuser may, so run the controller as that owner)",
+            row.get::<_, String>(1)
+        ),
+        grant: format!(
+            "ALTER SUBSCRIPTION {} OWNER TO {}",
+            quote_ident(sub),
+            quoted(new_role)
+        ),
+    }))
+}
+
+/// The sequences the sync sets on the new server (`UPDATE` on each).
+async fn settable_sequences(
+    needs: &Needs<'_>,
+    new_role: &Role,
+    qt: Duration,
+) -> Result<Option<Missing>, PgError> {
+    let (new_name, new) = needs.new;
+    let unsettable: Vec<String> = timed(
+        new_name,
+        "checking the sequences' grants",
+        qt,
+        new.query(SEQUENCES_NOT_SETTABLE, &[&needs.sequences]),
+    )
+    .await?
+    .iter()
+    .map(|r| r.get(0))
+    .collect();
+    Ok((!unsettable.is_empty()).then(|| Missing {
+        for_rollback: false,
+        database: None,
+        server: new_name,
+        needed_for: format!(
+            "set {} sequence(s) to the old server's values",
+            unsettable.len()
+        ),
+        grant: format!(
+            "GRANT UPDATE ON SEQUENCE {} TO {}",
+            unsettable.join(", "),
+            quoted(new_role)
+        ),
+    }))
+}
+
+/// `CREATE` on the new server's database, where the reverse publication is made.
+async fn create_on_new_database(
+    needs: &Needs<'_>,
+    new_role: &Role,
+    qt: Duration,
+) -> Result<Option<Missing>, PgError> {
+    let (new_name, new) = needs.new;
+    let can_create: bool = timed(
+        new_name,
+        "checking CREATE on the database",
+        qt,
+        new.query_one(CAN_CREATE_HERE, &[]),
+    )
+    .await?
+    .get(0);
+    Ok((!can_create).then(|| Missing {
+        for_rollback: true,
+        database: None,
+        server: new_name,
+        needed_for: format!("create the reverse publication {REVERSE} (for a lossless rollback)"),
+        grant: format!(
+            "GRANT CREATE ON DATABASE {} TO {}",
+            quote_ident(needs.database.unwrap_or("<database>")),
+            quoted(new_role)
+        ),
+    }))
+}
+
+/// The tables the reverse publication lists, on the new server: only their owner may
+/// publish them.
+async fn table_owners(
+    needs: &Needs<'_>,
+    new_role: &Role,
+    qt: Duration,
+) -> Result<Option<Missing>, PgError> {
+    let (new_name, new) = needs.new;
+    let not_owned: Vec<String> = timed(
+        new_name,
+        "checking the tables' owners",
+        qt,
+        new.query(NOT_OWNED, &[&needs.tables]),
+    )
+    .await?
+    .iter()
+    .map(|r| r.get(0))
+    .collect();
+    Ok((!not_owned.is_empty()).then(|| Missing {
+        for_rollback: false,
+        database: None,
+        server: new_name,
+        needed_for: format!(
+            "publish {} table(s) back to the old server for a lossless rollback: {}",
+            not_owned.len(),
+            not_owned.join(", ")
+        ),
+        grant: not_owned
+            .iter()
+            .map(|t| format!("ALTER TABLE {t} OWNER TO {}", quoted(new_role)))
+            .collect::<Vec<_>>()
+            .join("; "),
+    }))
+}
+
+/// Creating the reverse subscription on the old server: `pg_create_subscription` and
+/// `CREATE` on the database from 16, superuser before.
+async fn reverse_subscription(
+    needs: &Needs<'_>,
+    old_role: &Role,
+    qt: Duration,
+) -> Result<Option<Missing>, PgError> {
+    let (old_name, old) = needs.old;
+    let row = timed(
+        old_name,
+        "checking the subscription grants",
+        qt,
+        old.query_one(CAN_SUBSCRIBE, &[]),
+    )
+    .await?;
+    let (v16, member, create, database): (bool, bool, bool, String) =
+        (row.get(0), row.get(1), row.get(2), row.get(3));
+    let what = format!("create the reverse subscription {REVERSE} (for a lossless rollback)");
+    if !v16 {
+        return Ok(Some(Missing {
+            for_rollback: true,
+            database: None,
+            server: old_name,
+            needed_for: what,
+            grant: format!(
+                "ALTER ROLE {} SUPERUSER (before PostgreSQL 16 only a superuser may create a subscription)",
+                quoted(old_role)
+            ),
+        }));
+    }
+    let mut grants = Vec::new();
+    if !member {
+        grants.push(format!(
+            "GRANT pg_create_subscription TO {}",
+            quoted(old_role)
+        ));
+    }
+    if !create {
+        grants.push(format!(
+            "GRANT CREATE ON DATABASE {} TO {}",
+            quote_ident(&database),
+            quoted(old_role)
+        ));
+    }
+    Ok((!grants.is_empty()).then(|| Missing {
+        for_rollback: true,
+        database: None,
+        server: old_name,
+        needed_for: what,
+        grant: grants.join("; "),
+    }))
+}
+
+/// Everything but the cluster's own grants (the fence's roles, REPLICATION) is of the
+/// database the sessions are in.
+fn name_the_database(missing: &mut [Missing], database: Option<&str>) {
+    for m in missing {
         let cluster_wide =
             m.grant.starts_with("GRANT pg_read_all_stats") || m.grant.starts_with("ALTER ROLE");
         if !cluster_wide {
-            m.database = needs.database.map(str::to_owned);
+            m.database = database.map(str::to_owned);
         }
     }
-    Ok(missing)
 }

@@ -597,7 +597,19 @@ async fn promote(run: &mut Run) -> Result<(), CutoverError> {
     // The point of no return for the target: from here, wait for it rather than undo (an
     // undo would leave the old primary and a promoted standby both writable).
     run.deadline = run.deadline.max(Instant::now() + PROMOTION_WAIT);
-    loop {
+    await_promotion(run).await?;
+    run.report.reverse_replication =
+        "none: physical replication; the old primary must be rebuilt as a standby to roll back"
+            .into();
+    let detail = run.report.reverse_replication.clone();
+    run.rec.step(Step::Reverse, t, detail)
+}
+
+/// Waits until the target has left recovery, within the cutover's deadline.
+async fn await_promotion(run: &Run) -> Result<(), CutoverError> {
+    // Every 10 ms: a promotion usually ends well within a second, and the cutover waits
+    // on it.
+    let promoted = crate::poll::until(run.deadline, Duration::from_millis(10), || async {
         let in_recovery: bool = run
             .query(
                 Phase::Promote,
@@ -607,22 +619,16 @@ async fn promote(run: &mut Run) -> Result<(), CutoverError> {
             )
             .await?
             .get(0);
-        if !in_recovery {
-            break;
-        }
-        if run.remaining().is_zero() {
-            return Err(CutoverError::abort(
-                Phase::Promote,
-                "the target was asked to promote but is still in recovery; check it before retrying",
-            ));
-        }
-        tokio::time::sleep(Duration::from_millis(10)).await;
+        Ok::<_, CutoverError>((!in_recovery).then_some(()))
+    })
+    .await?;
+    if promoted.is_none() {
+        return Err(CutoverError::abort(
+            Phase::Promote,
+            "the target was asked to promote but is still in recovery; check it before retrying",
+        ));
     }
-    run.report.reverse_replication =
-        "none: physical replication; the old primary must be rebuilt as a standby to roll back"
-            .into();
-    let detail = run.report.reverse_replication.clone();
-    run.rec.step(Step::Reverse, t, detail)
+    Ok(())
 }
 
 /// After the flip: start the reverse subscription (forward cutover), or retire the reverse
@@ -754,24 +760,7 @@ pub async fn start_reverse(
     let slot_name = way_back.slot;
     // On 16+ always `origin = none`: the reverse slot may hold changes the forward
     // subscription applied (made before the hold), which must not go back to the source.
-    let both_16: bool = timed(
-        "source",
-        "reading the versions",
-        qt,
-        source.query_one(VERSION_NUM, &[]),
-    )
-    .await?
-    .get::<_, i32>(0)
-        >= ORIGIN_NONE_SINCE
-        && timed(
-            "target",
-            "reading the versions",
-            qt,
-            target.query_one(VERSION_NUM, &[]),
-        )
-        .await?
-        .get::<_, i32>(0)
-            >= ORIGIN_NONE_SINCE;
+    let both_16 = both_at_least(source, target, ORIGIN_NONE_SINCE, qt).await?;
     let sql = format!(
         "CREATE SUBSCRIPTION {REVERSE} CONNECTION {} PUBLICATION {REVERSE} \
          WITH (create_slot = false, slot_name = {}, copy_data = false, enabled = true{})",
@@ -790,66 +779,19 @@ pub async fn start_reverse(
     if slot == 0 {
         return Ok(ReverseStart::NoSlot);
     }
-    let mut last = String::new();
-    for attempt in 0..3 {
-        if attempt > 0 {
-            tokio::time::sleep(Duration::from_millis(500)).await;
-        }
-        let attempt = async {
-            // A subscription left by an earlier cutover (possibly disabled) is replaced.
-            let enabled: Option<bool> = timed(
-                "source",
-                "checking the reverse subscription",
-                qt,
-                source.query_opt(SUB_ENABLED, &[&REVERSE]),
-            )
-            .await?
-            .map(|r| r.get(0));
-            let ours: bool = made_before_hold
-                && timed(
-                    "source",
-                    "checking the reverse subscription",
-                    qt,
-                    source.query_opt(REVERSE_SUB_EARLY, &[&REVERSE]),
-                )
-                .await?
-                .is_some_and(|r| r.get(0));
-            match enabled {
-                Some(true) => return Ok(()),
-                // Made disabled before the hold ([`make_reverse_early`]): its slot holds every
-                // target write since, so it is only switched on.
-                // Only the one this attempt made: a disabled one left by an aborted attempt
-                // lacks the tables added since (its apply would skip their changes).
-                Some(false) if ours && made_before_hold => {
-                    return timed(
-                        "source",
-                        "enabling the reverse subscription",
-                        qt,
-                        source.batch_execute(&format!("ALTER SUBSCRIPTION {REVERSE} ENABLE")),
-                    )
-                    .await;
-                }
-                Some(false) => {
-                    timed("source", "dropping a stale reverse subscription", qt, source.batch_execute(&format!(
-                        "ALTER SUBSCRIPTION {REVERSE} SET (slot_name = NONE); DROP SUBSCRIPTION {REVERSE}"
-                    )))
-                    .await?;
-                }
-                None => {}
-            }
-            timed(
-                "source",
-                "creating the reverse subscription",
-                qt,
-                source.batch_execute(&sql),
-            )
-            .await
-        };
-        match attempt.await {
-            Ok(()) => return Ok(ReverseStart::Running),
-            Err(e) => last = e.to_string(),
-        }
-    }
+    // 3 tries, 500 ms apart: the source may be restarting or briefly unreachable, and any
+    // error is worth another try (each try starts over from what the source holds).
+    let started = crate::poll::retry_times(
+        3,
+        Duration::from_millis(500),
+        |_| true,
+        || subscribe_back(source, qt, made_before_hold, &sql),
+    )
+    .await;
+    let last = match started {
+        Ok(()) => return Ok(ReverseStart::Running),
+        Err(e) => e.to_string(),
+    };
     // The slot is kept: dropped, it would end lossless rollback for good over what may be a
     // short outage of the source. It retains WAL on the target meanwhile, so say how to
     // finish by hand, or give it up.
@@ -863,6 +805,91 @@ pub async fn start_reverse(
         }
     );
     Ok(ReverseStart::Failed { error: last, slot })
+}
+
+/// Whether both servers run `version` (`server_version_num`) or later.
+async fn both_at_least(
+    source: &Client,
+    target: &Client,
+    version: i32,
+    qt: Duration,
+) -> Result<bool, PgError> {
+    Ok(timed(
+        "source",
+        "reading the versions",
+        qt,
+        source.query_one(VERSION_NUM, &[]),
+    )
+    .await?
+    .get::<_, i32>(0)
+        >= version
+        && timed(
+            "target",
+            "reading the versions",
+            qt,
+            target.query_one(VERSION_NUM, &[]),
+        )
+        .await?
+        .get::<_, i32>(0)
+            >= version)
+}
+
+/// One try at the reverse subscription on the source: enabled already, switched on (made
+/// disabled before the hold by this cutover), or created by `create` (replacing a stale one).
+async fn subscribe_back(
+    source: &Client,
+    qt: Duration,
+    made_before_hold: bool,
+    create: &str,
+) -> Result<(), PgError> {
+    // A subscription left by an earlier cutover (possibly disabled) is replaced.
+    let enabled: Option<bool> = timed(
+        "source",
+        "checking the reverse subscription",
+        qt,
+        source.query_opt(SUB_ENABLED, &[&REVERSE]),
+    )
+    .await?
+    .map(|r| r.get(0));
+    let ours: bool = made_before_hold
+        && timed(
+            "source",
+            "checking the reverse subscription",
+            qt,
+            source.query_opt(REVERSE_SUB_EARLY, &[&REVERSE]),
+        )
+        .await?
+        .is_some_and(|r| r.get(0));
+    match enabled {
+        Some(true) => return Ok(()),
+        // Made disabled before the hold ([`make_reverse_early`]): its slot holds every
+        // target write since, so it is only switched on.
+        // Only the one this attempt made: a disabled one left by an aborted attempt
+        // lacks the tables added since (its apply would skip their changes).
+        Some(false) if ours && made_before_hold => {
+            return timed(
+                "source",
+                "enabling the reverse subscription",
+                qt,
+                source.batch_execute(&format!("ALTER SUBSCRIPTION {REVERSE} ENABLE")),
+            )
+            .await;
+        }
+        Some(false) => {
+            timed("source", "dropping a stale reverse subscription", qt, source.batch_execute(&format!(
+                "ALTER SUBSCRIPTION {REVERSE} SET (slot_name = NONE); DROP SUBSCRIPTION {REVERSE}"
+            )))
+            .await?;
+        }
+        None => {}
+    }
+    timed(
+        "source",
+        "creating the reverse subscription",
+        qt,
+        source.batch_execute(create),
+    )
+    .await
 }
 
 /// How the source reaches the target, as `CREATE SUBSCRIPTION` takes it: `--reverse-conninfo`,

@@ -241,7 +241,8 @@ async fn native_sync_first(run: &Run, lane: &Lane) -> Result<bool, CutoverError>
         lane.to_db.batch_execute(&refresh_sequences_sql(&sub)),
     )
     .await?;
-    loop {
+    // Every 20 ms: this waits inside the write pause, so it looks often.
+    let synced = crate::poll::until(run.deadline, Duration::from_millis(20), || async {
         let pending: i64 = run
             .query(
                 Phase::Sequences,
@@ -251,13 +252,15 @@ async fn native_sync_first(run: &Run, lane: &Lane) -> Result<bool, CutoverError>
             )
             .await?
             .get(0);
-        if pending == 0 {
-            return Ok(true);
-        }
-        // Out of time: refusing is safe (nothing has moved yet); a sync still running after
-        // the flip could set a sequence back under new writes.
-        run.check_deadline(Phase::Sequences)?;
-        tokio::time::sleep(Duration::from_millis(20)).await;
+        Ok::<_, CutoverError>((pending == 0).then_some(()))
+    })
+    .await?;
+    match synced {
+        Some(()) => Ok(true),
+        // Out of time (`until` gives up only past the deadline, so this refuses): refusing
+        // is safe (nothing has moved yet); a sync still running after the flip could set a
+        // sequence back under new writes.
+        None => run.check_deadline(Phase::Sequences).map(|()| false),
     }
 }
 

@@ -11,6 +11,7 @@
 
 use std::{
     collections::{BTreeMap, BTreeSet},
+    ops::ControlFlow,
     time::{Duration, Instant},
 };
 
@@ -381,66 +382,90 @@ pub async fn await_acks(
     epoch: Epoch,
     timeout: Duration,
 ) -> Result<Acks, FleetError> {
-    let mut client = fleet.client();
     let name = &fleet.settings.fleet;
-    let deadline = Instant::now() + timeout;
-    loop {
-        let (roster, roster_revision) = member::roster(&mut client, name).await?;
-        let live: BTreeSet<String> = member::list(&mut client, name)
-            .await?
-            .into_iter()
-            .map(|m| m.id)
-            .collect();
-        let resp = super::retry(|| {
-            let mut client = client.clone();
+    // Every 20 ms: the cutover waits on the slowest member's acknowledgement, and each look
+    // is only a few etcd reads.
+    let acks = crate::poll::until_with(
+        Instant::now() + timeout,
+        Duration::from_millis(20),
+        Acks::default(),
+        |_| {
+            let mut client = fleet.client();
             async move {
-                client
-                    .get(
-                        keys::acks(name, epoch),
-                        Some(GetOptions::new().with_prefix()),
-                    )
-                    .await
-            }
-        })
-        .await?;
-        let mut acks = Acks {
-            roster_revision,
-            ..Acks::default()
-        };
-        for ack in resp
-            .kvs()
-            .iter()
-            .filter_map(|kv| serde_json::from_slice::<Ack>(kv.value()).ok())
-        {
-            match (&ack.applied, &ack.error) {
-                (Some(_), _) => {
-                    acks.applied.insert(ack.member, ack.proxied);
-                }
-                (None, error) => {
-                    acks.missing.insert(
-                        ack.member,
-                        Missing::Failed(error.clone().unwrap_or_else(|| "failed".into())),
-                    );
-                }
-            }
-        }
-        let expected = live.iter().chain(roster.iter().map(|m| &m.id));
-        for m in expected {
-            if !acks.applied.contains_key(m) && !acks.missing.contains_key(m) {
-                let why = if live.contains(m) {
-                    Missing::NotYet
+                let acks = read_acks(&mut client, name, epoch).await?;
+                let settled = acks.missing.values().any(|why| *why != Missing::NotYet);
+                Ok::<_, FleetError>(if acks.missing.is_empty() || settled {
+                    ControlFlow::Break(acks)
                 } else {
-                    Missing::NotLive
-                };
-                acks.missing.insert(m.clone(), why);
+                    ControlFlow::Continue(acks)
+                })
+            }
+        },
+    )
+    .await?;
+    // Out of time: the last look's, with whoever had not applied it yet.
+    let (ControlFlow::Break(acks) | ControlFlow::Continue(acks)) = acks;
+    Ok(acks)
+}
+
+/// One look at the acknowledgements of `epoch`: who applied it, who failed, and who on the
+/// roster (or live) has not answered yet.
+async fn read_acks(
+    client: &mut etcd_client::Client,
+    name: &str,
+    epoch: Epoch,
+) -> Result<Acks, FleetError> {
+    let (roster, roster_revision) = member::roster(client, name).await?;
+    let live: BTreeSet<String> = member::list(client, name)
+        .await?
+        .into_iter()
+        .map(|m| m.id)
+        .collect();
+    let resp = super::retry(|| {
+        let mut client = client.clone();
+        async move {
+            client
+                .get(
+                    keys::acks(name, epoch),
+                    Some(GetOptions::new().with_prefix()),
+                )
+                .await
+        }
+    })
+    .await?;
+    let mut acks = Acks {
+        roster_revision,
+        ..Acks::default()
+    };
+    for ack in resp
+        .kvs()
+        .iter()
+        .filter_map(|kv| serde_json::from_slice::<Ack>(kv.value()).ok())
+    {
+        match (&ack.applied, &ack.error) {
+            (Some(_), _) => {
+                acks.applied.insert(ack.member, ack.proxied);
+            }
+            (None, error) => {
+                acks.missing.insert(
+                    ack.member,
+                    Missing::Failed(error.clone().unwrap_or_else(|| "failed".into())),
+                );
             }
         }
-        let settled = acks.missing.values().any(|why| *why != Missing::NotYet);
-        if acks.missing.is_empty() || settled || Instant::now() >= deadline {
-            return Ok(acks);
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
     }
+    let expected = live.iter().chain(roster.iter().map(|m| &m.id));
+    for m in expected {
+        if !acks.applied.contains_key(m) && !acks.missing.contains_key(m) {
+            let why = if live.contains(m) {
+                Missing::NotYet
+            } else {
+                Missing::NotLive
+            };
+            acks.missing.insert(m.clone(), why);
+        }
+    }
+    Ok(acks)
 }
 
 /// Deletes the acknowledgements of a cutover's epochs once the leader has counted them:

@@ -105,21 +105,14 @@ pub fn brief(e: &etcd_client::Error) -> String {
 /// endpoint is down instead of trying another, so with one node of three down, a third of all
 /// requests would fail. Retrying is safe: reads and puts are idempotent, and state changes are
 /// compare-and-swap transactions.
-pub async fn retry<T, F, Fut>(mut op: F) -> Result<T, etcd_client::Error>
+pub async fn retry<T, F, Fut>(op: F) -> Result<T, etcd_client::Error>
 where
     F: FnMut() -> Fut,
     Fut: std::future::Future<Output = Result<T, etcd_client::Error>>,
 {
-    let mut attempt = 0;
-    loop {
-        attempt += 1;
-        match op().await {
-            Err(e) if attempt < 5 && unreached(&e) => {
-                tokio::time::sleep(Duration::from_millis(20)).await;
-            }
-            other => return other,
-        }
-    }
+    // 5 tries, 20 ms apart: a request that never reached a server failed at once, and the
+    // next one may go to another endpoint.
+    crate::poll::retry_times(5, Duration::from_millis(20), unreached, op).await
 }
 
 /// The request did not reach a server that could answer it (connection refused or reset,
@@ -461,6 +454,9 @@ impl Fleet {
         // waiting for them reports (etcd did answer).
         let mut last_away: Option<Vec<String>> = None;
         let mut last_error: Option<String> = None;
+        // Not a `crate::poll` wait: each look is itself cut off at the deadline, the next
+        // one starts only if a whole interval fits before it, and what running out reports
+        // depends on how the last look ended (members away, or etcd's last error).
         loop {
             let read = async {
                 state::read(&mut client, fleet).await?;

@@ -71,6 +71,8 @@ pub async fn drain(
     let mut d = Drained::default();
     // SNAT port -> when its session was asked to end.
     let mut ended: HashMap<u16, Instant> = HashMap::new();
+    // Not a `crate::poll` wait: the deadline changes what each pass does (past it, every
+    // session is ended), and the drain goes on after it until nothing is left.
     loop {
         let live: Vec<conntrack::Connection> = {
             let maps = lock(&host.maps);

@@ -3,7 +3,10 @@
 //! transaction) get a short, bounded moment to finish on the old server. Their writes commit
 //! before the fence, so the barrier covers them. Long-lived (pooled) connections do not wait.
 
-use std::time::{Duration, Instant};
+use std::{
+    net::SocketAddrV4,
+    time::{Duration, Instant},
+};
 
 use super::Host;
 use crate::{
@@ -25,21 +28,28 @@ pub async fn settle(host: &Host, from: Role) -> Result<usize, DatapathError> {
     let t = Instant::now();
     let from_addr = lock(&host.maps).backend(from)?.map(|b| b.addr);
     let mut busy = 0;
-    while t.elapsed() < SETTLE_MAX {
-        let conns = conntrack::list(&lock(&host.maps))?;
-        busy = conns
-            .iter()
-            .filter(|c| {
-                Some(c.backend_addr) == from_addr
-                    && c.state.is_live()
-                    && c.age < YOUNG
-                    && c.idle < ACTIVE
-            })
-            .count();
-        if busy == 0 {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
+    // Every 5 ms: new connections are held meanwhile, and a short-lived connection's
+    // exchange takes a few milliseconds.
+    crate::poll::until(t + SETTLE_MAX, Duration::from_millis(5), || {
+        std::future::ready(busy_to(host, from_addr).map(|n| {
+            busy = n;
+            (n == 0).then_some(())
+        }))
+    })
+    .await?;
     Ok(busy)
+}
+
+/// The young, busy connections to `from_addr` now.
+fn busy_to(host: &Host, from_addr: Option<SocketAddrV4>) -> Result<usize, DatapathError> {
+    let conns = conntrack::list(&lock(&host.maps))?;
+    Ok(conns
+        .iter()
+        .filter(|c| {
+            Some(c.backend_addr) == from_addr
+                && c.state.is_live()
+                && c.age < YOUNG
+                && c.idle < ACTIVE
+        })
+        .count())
 }

@@ -13,7 +13,7 @@ use tokio_postgres::Client;
 
 use super::{
     Dsn, PgError,
-    lag::{Replication, Watch, choose, cluster_subscriptions},
+    lag::{Replication, SubscriptionRow, Watch, choose, cluster_subscriptions},
     timed,
 };
 
@@ -130,9 +130,32 @@ pub async fn discover(
     } else {
         std::collections::BTreeMap::default()
     };
-    let mut out = Vec::new();
     // A name in --databases/--exclude-databases that no server has is a typo: say so, or
     // the database meant would be flipped unprotected.
+    let mut out = unknown_scope_names(watch, &on_old, &on_new);
+    for name in &on_old {
+        let connectable = may_connect
+            .iter()
+            .find(|(d, _)| d == name)
+            .is_none_or(|(_, ok)| *ok);
+        let db = on_old_server(old, name, watch, &on_new, connectable, chosen.get(name), qt);
+        out.push(db.await);
+    }
+    for name in on_new.iter().filter(|n| !on_old.contains(n)) {
+        out.push(Database {
+            name: name.clone(),
+            coverage: Coverage::NewServerOnly,
+            subscription: None,
+            tables: None,
+            problem: None,
+        });
+    }
+    Ok(out)
+}
+
+/// The names in `--databases`/`--exclude-databases` that neither server has, each a problem.
+fn unknown_scope_names(watch: &Watch, on_old: &[String], on_new: &[String]) -> Vec<Database> {
+    let mut out = Vec::new();
     for name in watch.scope.only.iter().chain(&watch.scope.exclude) {
         if !on_old.contains(name) && !on_new.contains(name) {
             out.push(Database {
@@ -147,76 +170,81 @@ pub async fn discover(
             });
         }
     }
-    for name in &on_old {
-        let mut db = Database {
-            name: name.clone(),
-            coverage: Coverage::Replicated,
-            subscription: None,
-            tables: None,
-            problem: None,
-        };
-        let connectable = may_connect
-            .iter()
-            .find(|(d, _)| d == name)
-            .is_none_or(|(_, ok)| *ok);
-        if !watch.scope.covers(name) {
-            db.coverage = Coverage::Excluded;
-            if *name == watch.home {
-                db.coverage = Coverage::Broken;
-                db.problem = Some(format!(
-                    "--databases/--exclude-databases leaves out {name:?}, the database the DSNs name: the controller's own sessions are there; point the DSNs at a database the cutover covers"
-                ));
-            }
-        } else if watch.replication == Replication::Physical {
-            // One stream carries the whole cluster.
-        } else if !connectable && PROVIDER_DATABASES.contains(&name.as_str()) {
-            db.coverage = Coverage::Provider;
-        } else if !on_new.contains(name) {
-            db.coverage = Coverage::OldServerOnly;
+    out
+}
+
+/// What covers `name`, a database on the old server: `connectable` says whether the
+/// controller's role may connect to it, `chosen` is its subscription as the catalog names it.
+async fn on_old_server(
+    old: &Dsn,
+    name: &str,
+    watch: &Watch,
+    on_new: &[String],
+    connectable: bool,
+    chosen: Option<&Result<SubscriptionRow, String>>,
+    qt: Duration,
+) -> Database {
+    let mut db = Database {
+        name: name.to_owned(),
+        coverage: Coverage::Replicated,
+        subscription: None,
+        tables: None,
+        problem: None,
+    };
+    if !watch.scope.covers(name) {
+        db.coverage = Coverage::Excluded;
+        if name == watch.home {
+            db.coverage = Coverage::Broken;
             db.problem = Some(format!(
-                "database {name:?} exists on the old server only: its clients would fail after the flip; create and replicate it on the new server, or leave it out with --exclude-databases {name}"
+                "--databases/--exclude-databases leaves out {name:?}, the database the DSNs name: the controller's own sessions are there; point the DSNs at a database the cutover covers"
             ));
-        } else if let Some(c) = chosen.get(name) {
-            match c {
-                Ok(sub) => db.subscription = Some(sub.name.clone()),
-                Err(why) => {
-                    db.coverage = Coverage::Broken;
-                    db.problem = Some(why.clone());
-                }
-            }
-        } else {
-            match count_tables(old, name, qt).await {
-                Ok(0) => {
-                    db.coverage = Coverage::Empty;
-                    db.tables = Some(0);
-                }
-                Ok(n) => {
-                    db.coverage = Coverage::Unreplicated;
-                    db.tables = Some(n);
-                    db.problem = Some(format!(
-                        "database {name:?} has {n} table(s) on the old server and no subscription on the new one carries it: its writes would not reach the new server; replicate it (a publication there, a subscription here), or leave it out with --exclude-databases {name} (its clients are moved all the same, unprotected)"
-                    ));
-                }
-                Err(e) => {
-                    db.coverage = Coverage::Unreplicated;
-                    db.problem = Some(format!(
-                        "database {name:?} cannot be checked for data ({e}); GRANT CONNECT ON DATABASE {name} to the controller's role, replicate it, or leave it out with --exclude-databases {name}"
-                    ));
-                }
+        }
+    } else if watch.replication == Replication::Physical {
+        // One stream carries the whole cluster.
+    } else if !connectable && PROVIDER_DATABASES.contains(&name) {
+        db.coverage = Coverage::Provider;
+    } else if !on_new.iter().any(|n| n == name) {
+        db.coverage = Coverage::OldServerOnly;
+        db.problem = Some(format!(
+            "database {name:?} exists on the old server only: its clients would fail after the flip; create and replicate it on the new server, or leave it out with --exclude-databases {name}"
+        ));
+    } else if let Some(c) = chosen {
+        match c {
+            Ok(sub) => db.subscription = Some(sub.name.clone()),
+            Err(why) => {
+                db.coverage = Coverage::Broken;
+                db.problem = Some(why.clone());
             }
         }
-        out.push(db);
+    } else {
+        unreplicated(&mut db, old, qt).await;
     }
-    for name in on_new.iter().filter(|n| !on_old.contains(n)) {
-        out.push(Database {
-            name: name.clone(),
-            coverage: Coverage::NewServerOnly,
-            subscription: None,
-            tables: None,
-            problem: None,
-        });
+    db
+}
+
+/// A database no subscription carries: empty, or data that would be lost (or that cannot
+/// be checked, which counts the same).
+async fn unreplicated(db: &mut Database, old: &Dsn, qt: Duration) {
+    let name = &db.name;
+    match count_tables(old, name, qt).await {
+        Ok(0) => {
+            db.coverage = Coverage::Empty;
+            db.tables = Some(0);
+        }
+        Ok(n) => {
+            db.coverage = Coverage::Unreplicated;
+            db.tables = Some(n);
+            db.problem = Some(format!(
+                "database {name:?} has {n} table(s) on the old server and no subscription on the new one carries it: its writes would not reach the new server; replicate it (a publication there, a subscription here), or leave it out with --exclude-databases {name} (its clients are moved all the same, unprotected)"
+            ));
+        }
+        Err(e) => {
+            db.coverage = Coverage::Unreplicated;
+            db.problem = Some(format!(
+                "database {name:?} cannot be checked for data ({e}); GRANT CONNECT ON DATABASE {name} to the controller's role, replicate it, or leave it out with --exclude-databases {name}"
+            ));
+        }
     }
-    Ok(out)
 }
 
 /// The user tables in `database` on the server behind `dsn`.

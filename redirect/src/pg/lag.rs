@@ -290,110 +290,155 @@ pub async fn measure(
     .get(0);
     let current = parse_lsn_of("source", "pg_current_wal_lsn()", &src_lsn)?;
     let lag = match watch.replication {
-        Replication::Logical => {
-            let subscriptions = cluster_subscriptions(target, "target", timeout).await?;
-            let chosen = choose(&subscriptions, watch);
-            let slot_names: Vec<String> = chosen
-                .values()
-                .filter_map(|c| c.as_ref().ok())
-                .map(|s| s.slot.clone().unwrap_or_else(|| s.name.clone()))
-                .collect();
-            let mut slots = BTreeMap::new();
-            for r in timed(
-                "source",
-                "reading the slots",
-                timeout,
-                source.query(SLOTS, &[&slot_names]),
-            )
-            .await?
-            {
-                // NULL (the slot never confirmed anything) is an unknown lag; text that is
-                // not an LSN is an error, never a zero.
-                let confirmed = r
-                    .get::<_, Option<String>>(2)
-                    .map(|s| parse_lsn_of("source", "pg_replication_slots.confirmed_flush_lsn", &s))
-                    .transpose()?;
-                slots.insert(
-                    r.get::<_, String>(0),
-                    SlotRow {
-                        active: r.get(1),
-                        confirmed,
-                        seconds: r.get::<_, Option<f64>>(3).unwrap_or(0.0),
-                        logical_in: (r.get::<_, String>(4) == "logical")
-                            .then(|| r.get::<_, Option<String>>(5))
-                            .flatten(),
-                    },
-                );
-            }
-            let mut databases: Vec<DatabaseLag> = chosen
-                .into_iter()
-                .map(|(db, c)| database_lag(db, c, &slots, current))
-                .collect();
-            if watch.reverse {
-                // Every database the forward replication carried needs its way back: one
-                // without it would lose its writes on the new primary in a rollback.
-                let forward = cluster_subscriptions(source, "source", timeout).await?;
-                for db in forward
-                    .iter()
-                    .filter(|s| !is_ours(&s.name) && watch.scope.covers(&s.database))
-                    .map(|s| s.database.clone())
-                    .collect::<std::collections::BTreeSet<_>>()
-                {
-                    if !databases.iter().any(|d| d.database == db) {
-                        databases.push(DatabaseLag {
-                            problems: vec![format!(
-                                "database {db:?} has no reverse subscription {REVERSE}"
-                            )],
-                            ..DatabaseLag::unknown(db)
-                        });
-                    }
-                }
-                databases.sort_by(|a, b| a.database.cmp(&b.database));
-            }
-            combine(Replication::Logical, current, databases, watch.reverse)
-        }
-        Replication::Physical => {
-            let row = timed(
-                "target",
-                "reading the standby state",
-                timeout,
-                target.query_one(STANDBY, &[]),
-            )
-            .await?;
-            let mut problems = Vec::new();
-            let in_recovery: bool = row.get(0);
-            if !in_recovery {
-                problems.push("the target is not a standby (pg_is_in_recovery() is false)".into());
-            }
-            let replayed = row
-                .get::<_, Option<String>>(1)
-                .map(|s| parse_lsn_of("target", "pg_last_wal_replay_lsn()", &s))
-                .transpose()?;
-            let senders = timed(
-                "source",
-                "reading pg_stat_replication",
-                timeout,
-                source.query(PHYSICAL_SENDERS, &[]),
-            )
-            .await?;
-            if senders.is_empty() {
-                problems.push("no walsender on the source: the standby is not streaming".into());
-            }
-            let seconds = senders
-                .first()
-                .map_or(0.0, |r| r.get::<_, Option<f64>>(2).unwrap_or(0.0));
-            ReplicaLag {
-                replication: Replication::Physical,
-                bytes: lag_bytes(current, replayed),
-                seconds,
-                source_lsn: current,
-                healthy: problems.is_empty(),
-                problems,
-                databases: Vec::new(),
-            }
-        }
+        Replication::Logical => logical_lag(source, target, watch, timeout, current).await?,
+        Replication::Physical => physical_lag(source, target, timeout, current).await?,
     };
     Ok(lag)
+}
+
+/// Logical lag: each covered database's subscription on the target against its slot on the
+/// source, `current` being the source's WAL position.
+async fn logical_lag(
+    source: &Client,
+    target: &Client,
+    watch: &Watch,
+    timeout: Duration,
+    current: Lsn,
+) -> Result<ReplicaLag, PgError> {
+    let subscriptions = cluster_subscriptions(target, "target", timeout).await?;
+    let chosen = choose(&subscriptions, watch);
+    let slot_names: Vec<String> = chosen
+        .values()
+        .filter_map(|c| c.as_ref().ok())
+        .map(|s| s.slot.clone().unwrap_or_else(|| s.name.clone()))
+        .collect();
+    let slots = read_slots(source, &slot_names, timeout).await?;
+    let mut databases: Vec<DatabaseLag> = chosen
+        .into_iter()
+        .map(|(db, c)| database_lag(db, c, &slots, current))
+        .collect();
+    if watch.reverse {
+        add_missing_reverse(source, watch, timeout, &mut databases).await?;
+    }
+    Ok(combine(
+        Replication::Logical,
+        current,
+        databases,
+        watch.reverse,
+    ))
+}
+
+/// The source's slots named `slot_names`, by name.
+async fn read_slots(
+    source: &Client,
+    slot_names: &[String],
+    timeout: Duration,
+) -> Result<BTreeMap<String, SlotRow>, PgError> {
+    let mut slots = BTreeMap::new();
+    for r in timed(
+        "source",
+        "reading the slots",
+        timeout,
+        source.query(SLOTS, &[&slot_names]),
+    )
+    .await?
+    {
+        // NULL (the slot never confirmed anything) is an unknown lag; text that is
+        // not an LSN is an error, never a zero.
+        let confirmed = r
+            .get::<_, Option<String>>(2)
+            .map(|s| parse_lsn_of("source", "pg_replication_slots.confirmed_flush_lsn", &s))
+            .transpose()?;
+        slots.insert(
+            r.get::<_, String>(0),
+            SlotRow {
+                active: r.get(1),
+                confirmed,
+                seconds: r.get::<_, Option<f64>>(3).unwrap_or(0.0),
+                logical_in: (r.get::<_, String>(4) == "logical")
+                    .then(|| r.get::<_, Option<String>>(5))
+                    .flatten(),
+            },
+        );
+    }
+    Ok(slots)
+}
+
+/// Reverse replication: every database the forward replication carried needs its way back:
+/// one without it would lose its writes on the new primary in a rollback. Adds each such
+/// database that has no reverse subscription, as a problem, and sorts them by name.
+async fn add_missing_reverse(
+    source: &Client,
+    watch: &Watch,
+    timeout: Duration,
+    databases: &mut Vec<DatabaseLag>,
+) -> Result<(), PgError> {
+    let forward = cluster_subscriptions(source, "source", timeout).await?;
+    for db in forward
+        .iter()
+        .filter(|s| !is_ours(&s.name) && watch.scope.covers(&s.database))
+        .map(|s| s.database.clone())
+        .collect::<std::collections::BTreeSet<_>>()
+    {
+        if !databases.iter().any(|d| d.database == db) {
+            databases.push(DatabaseLag {
+                problems: vec![format!(
+                    "database {db:?} has no reverse subscription {REVERSE}"
+                )],
+                ..DatabaseLag::unknown(db)
+            });
+        }
+    }
+    databases.sort_by(|a, b| a.database.cmp(&b.database));
+    Ok(())
+}
+
+/// Physical lag: the standby's replayed position against `current`, the source's, and
+/// whether it streams at all.
+async fn physical_lag(
+    source: &Client,
+    target: &Client,
+    timeout: Duration,
+    current: Lsn,
+) -> Result<ReplicaLag, PgError> {
+    let row = timed(
+        "target",
+        "reading the standby state",
+        timeout,
+        target.query_one(STANDBY, &[]),
+    )
+    .await?;
+    let mut problems = Vec::new();
+    let in_recovery: bool = row.get(0);
+    if !in_recovery {
+        problems.push("the target is not a standby (pg_is_in_recovery() is false)".into());
+    }
+    let replayed = row
+        .get::<_, Option<String>>(1)
+        .map(|s| parse_lsn_of("target", "pg_last_wal_replay_lsn()", &s))
+        .transpose()?;
+    let senders = timed(
+        "source",
+        "reading pg_stat_replication",
+        timeout,
+        source.query(PHYSICAL_SENDERS, &[]),
+    )
+    .await?;
+    if senders.is_empty() {
+        problems.push("no walsender on the source: the standby is not streaming".into());
+    }
+    let seconds = senders
+        .first()
+        .map_or(0.0, |r| r.get::<_, Option<f64>>(2).unwrap_or(0.0));
+    Ok(ReplicaLag {
+        replication: Replication::Physical,
+        bytes: lag_bytes(current, replayed),
+        seconds,
+        source_lsn: current,
+        healthy: problems.is_empty(),
+        problems,
+        databases: Vec::new(),
+    })
 }
 
 impl DatabaseLag {

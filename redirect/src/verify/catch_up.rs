@@ -171,6 +171,7 @@ impl CatchUp {
         let mut told = false;
         // Poll fast at first (a busy replica is usually a few milliseconds behind), then back
         // off so a long wait does not load the primary.
+        // Not a `crate::poll` wait: its interval grows, and it tells `waiting` once, after 1 s.
         let mut poll = Duration::from_millis(5);
         loop {
             let applied = self.applied(primary, replica, timeout).await?;

@@ -475,7 +475,10 @@ impl Verify<'_> {
             lo = Some(hi);
             if self.last_progress.elapsed() >= Duration::from_secs(1) {
                 let secs = self.started.elapsed().as_secs_f64().max(0.001);
-                #[allow(clippy::cast_precision_loss)]
+                #[allow(
+                    clippy::cast_precision_loss,
+                    reason = "a rate to show: rows beyond 2^52 need no exact digit"
+                )]
                 let rate = self.rows_read as f64 / secs;
                 self.say(format!(
                     "{}: chunk {} of ~{}, {} rows compared, {rate:.0} rows/s",
@@ -548,7 +551,10 @@ impl Verify<'_> {
     async fn throttle(&mut self, rows: u64) {
         let Some(rate) = self.req.rate else { return };
         self.window_rows += rows;
-        #[allow(clippy::cast_precision_loss)]
+        #[allow(
+            clippy::cast_precision_loss,
+            reason = "a pause to wait: rows and rates beyond 2^52 need no exact digit"
+        )]
         let due = Duration::from_secs_f64(self.window_rows as f64 / rate as f64);
         let elapsed = self.window_start.elapsed();
         if elapsed >= due {
@@ -571,6 +577,9 @@ impl Verify<'_> {
         let timeout = self.db.timeout();
         let (hi, last, mut first_read) = self.next_range(sql, lo, end).await?;
         let range = sql.aggregate(lo, Some(&hi), None);
+        // Not a `crate::poll` retry: a fixed number of re-reads while the chunk differs and the
+        // primary's copy moves under the comparison (a failed read ends it at once), each
+        // using `self`.
         for attempt in 0..CHUNK_ATTEMPTS {
             if attempt > 0 {
                 tokio::time::sleep(Duration::from_millis(50 << attempt)).await;
@@ -621,6 +630,8 @@ impl Verify<'_> {
         let timeout = self.db.timeout();
         let stmt = (chunk::whole_table(t), Vec::new());
         let mut tally = Tally::default();
+        // Not a `crate::poll` retry, as in `chunk`: a fixed number of re-reads while the
+        // primary's copy moves.
         for attempt in 0..CHUNK_ATTEMPTS + ROW_PASSES {
             if attempt > 0 {
                 tokio::time::sleep(Duration::from_millis(100 << attempt.min(4))).await;

@@ -82,6 +82,8 @@ impl Verify<'_> {
         let mut seen: HashMap<Key, (RowDiff, u32)> = HashMap::new();
         let mut order: Vec<Key> = Vec::new();
         let mut counts = (0, 0);
+        // Not a `crate::poll` wait: a fixed number of passes, each building on the last (and
+        // on `self`), not a deadline; a failed read ends it at once.
         for pass in 0..ROW_PASSES {
             if pass > 0 {
                 tokio::time::sleep(Duration::from_millis(100 << pass.min(4))).await;

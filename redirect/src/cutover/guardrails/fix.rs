@@ -362,104 +362,11 @@ pub async fn publish_table(
     let old_db = connect(ctl, old, qt).await?;
     let new_db = connect(ctl, new, qt).await?;
     let sub = lag::subscription_name(&new_db, &watch, qt).await?;
-    let pubs: Vec<String> = timed(
-        new.name(),
-        "reading the subscription",
-        qt,
-        new_db.query_opt(SUB_PUBLICATIONS, &[&sub]),
-    )
-    .await?
-    .map(|r| r.get(0))
-    .unwrap_or_default();
-    let Some(publication) = pubs.first().cloned() else {
-        return Err(CutoverError::Refused(format!(
-            "the {new} has no subscription {sub:?} with a publication (name it with run --subscription)"
-        )));
-    };
-    let Some(row) = timed(
-        old.name(),
-        "looking up the table",
-        qt,
-        old_db.query_opt(TABLE_KIND, &[&table]),
-    )
-    .await?
-    else {
-        return Err(CutoverError::Refused(format!(
-            "nothing was changed: the {old} has no table {table:?} (name it as schema.table; quote mixed-case names: '\"MyTable\"')"
-        )));
-    };
-    let (name, kind, persistence): (String, String, String) = (row.get(0), row.get(1), row.get(2));
-    let mut problems = Vec::new();
-    if kind != "r" && kind != "p" {
-        problems.push(format!(
-            "{name} on the {old} is not a table (relkind {kind})"
-        ));
-    }
-    match persistence.as_str() {
-        "u" => problems.push(format!(
-            "{name} is unlogged, so it cannot be replicated: ALTER TABLE {name} SET LOGGED on the {old} first"
-        )),
-        "t" => problems.push(format!("{name} is a temporary table")),
-        _ => {}
-    }
-    let by: String = timed(
-        old.name(),
-        "reading the publications",
-        qt,
-        old_db.query_one(PUBLISHED_BY, &[&pubs, &name]),
-    )
-    .await?
-    .get(0);
-    if !by.is_empty() {
-        problems.push(format!(
-            "{name} is already published by {by}; if the subscription has not copied it, run ALTER SUBSCRIPTION {} REFRESH PUBLICATION on the {new}",
-            quote_ident(&sub)
-        ));
-    }
-    let on_new: bool = timed(
-        new.name(),
-        "looking up the table",
-        qt,
-        new_db.query_one(EXISTS, &[&name]),
-    )
-    .await?
-    .get(0);
-    if on_new {
-        // The refresh copies every row: rows already there would be duplicated (no key) or
-        // stop the copy on a duplicate key, retried for ever.
-        let has_rows: bool = timed(
-            new.name(),
-            "looking for rows",
-            qt,
-            new_db.query_one(&format!("SELECT EXISTS (SELECT 1 FROM {name})"), &[]),
-        )
-        .await?
-        .get(0);
-        if has_rows {
-            problems.push(format!(
-                "{name} on the {new} already has rows, and the subscription's initial copy would add the {old}'s on top: empty it there first (TRUNCATE {name}, if nothing on the {new} needs them)"
-            ));
-        }
-    } else {
-        problems.push(format!(
-            "the {new} has no table {name}: create it there first with the {old}'s definition (pg_dump --schema-only -t {name} on the {old} | psql on the {new})"
-        ));
-    }
-    // Once published with UPDATE/DELETE, a table with no replica identity fails every UPDATE
-    // and DELETE on the server taking the writes: an outage, not a fix.
-    let keyless: bool = timed(
-        old.name(),
-        "reading the replica identity",
-        qt,
-        old_db.query_one(KEYLESS_UNDER_PUBLICATION, &[&name, &publication]),
-    )
-    .await?
-    .get(0);
-    if keyless {
-        problems.push(format!(
-            "{name} has no replica identity and publication {publication} publishes UPDATE/DELETE: once published, every UPDATE and DELETE on it would fail on the {old}; give it one first (redirect fix replica-identity --table {name} --using-index <index> or --full)"
-        ));
-    }
+    let (pubs, publication) = subscribed_publications(new, &new_db, &sub, qt).await?;
+    let (name, mut problems) = look_up_table(old, &old_db, table, qt).await?;
+    problems.extend(already_published(old, new, &old_db, &pubs, &name, &sub, qt).await?);
+    problems.extend(not_ready_on_new(old, new, &new_db, &name, qt).await?);
+    problems.extend(keyless(old, &old_db, &name, &publication, qt).await?);
     if !problems.is_empty() {
         return Err(CutoverError::Refused(format!(
             "nothing was changed: {}",
@@ -490,4 +397,155 @@ pub async fn publish_table(
         qt,
     )
     .await
+}
+
+/// The publications of subscription `sub` on the new server, and the first of them (the one
+/// a table is added to).
+async fn subscribed_publications(
+    new: Role,
+    new_db: &Client,
+    sub: &str,
+    qt: Duration,
+) -> Result<(Vec<String>, String), CutoverError> {
+    let pubs: Vec<String> = timed(
+        new.name(),
+        "reading the subscription",
+        qt,
+        new_db.query_opt(SUB_PUBLICATIONS, &[&sub]),
+    )
+    .await?
+    .map(|r| r.get(0))
+    .unwrap_or_default();
+    let Some(publication) = pubs.first().cloned() else {
+        return Err(CutoverError::Refused(format!(
+            "the {new} has no subscription {sub:?} with a publication (name it with run --subscription)"
+        )));
+    };
+    Ok((pubs, publication))
+}
+
+/// The table on the old server: its name as the catalog spells it, and what keeps it from
+/// being replicated (not a table, unlogged, temporary).
+async fn look_up_table(
+    old: Role,
+    old_db: &Client,
+    table: &str,
+    qt: Duration,
+) -> Result<(String, Vec<String>), CutoverError> {
+    let Some(row) = timed(
+        old.name(),
+        "looking up the table",
+        qt,
+        old_db.query_opt(TABLE_KIND, &[&table]),
+    )
+    .await?
+    else {
+        return Err(CutoverError::Refused(format!(
+            "nothing was changed: the {old} has no table {table:?} (name it as schema.table; quote mixed-case names: '\"MyTable\"')"
+        )));
+    };
+    let (name, kind, persistence): (String, String, String) = (row.get(0), row.get(1), row.get(2));
+    let mut problems = Vec::new();
+    if kind != "r" && kind != "p" {
+        problems.push(format!(
+            "{name} on the {old} is not a table (relkind {kind})"
+        ));
+    }
+    match persistence.as_str() {
+        "u" => problems.push(format!(
+            "{name} is unlogged, so it cannot be replicated: ALTER TABLE {name} SET LOGGED on the {old} first"
+        )),
+        "t" => problems.push(format!("{name} is a temporary table")),
+        _ => {}
+    }
+    Ok((name, problems))
+}
+
+/// Whether one of the subscription's publications `pubs` carries the table already.
+async fn already_published(
+    old: Role,
+    new: Role,
+    old_db: &Client,
+    pubs: &[String],
+    name: &str,
+    sub: &str,
+    qt: Duration,
+) -> Result<Option<String>, CutoverError> {
+    let by: String = timed(
+        old.name(),
+        "reading the publications",
+        qt,
+        old_db.query_one(PUBLISHED_BY, &[&pubs, &name]),
+    )
+    .await?
+    .get(0);
+    Ok((!by.is_empty()).then(|| {
+        format!(
+            "{name} is already published by {by}; if the subscription has not copied it, run ALTER SUBSCRIPTION {} REFRESH PUBLICATION on the {new}",
+            quote_ident(sub)
+        )
+    }))
+}
+
+/// Whether the new server is ready for the subscription's copy of the table: it must have
+/// the table, empty.
+async fn not_ready_on_new(
+    old: Role,
+    new: Role,
+    new_db: &Client,
+    name: &str,
+    qt: Duration,
+) -> Result<Option<String>, CutoverError> {
+    let on_new: bool = timed(
+        new.name(),
+        "looking up the table",
+        qt,
+        new_db.query_one(EXISTS, &[&name]),
+    )
+    .await?
+    .get(0);
+    if !on_new {
+        return Ok(Some(format!(
+            "the {new} has no table {name}: create it there first with the {old}'s definition (pg_dump --schema-only -t {name} on the {old} | psql on the {new})"
+        )));
+    }
+    // The refresh copies every row: rows already there would be duplicated (no key) or
+    // stop the copy on a duplicate key, retried for ever.
+    let has_rows: bool = timed(
+        new.name(),
+        "looking for rows",
+        qt,
+        new_db.query_one(&format!("SELECT EXISTS (SELECT 1 FROM {name})"), &[]),
+    )
+    .await?
+    .get(0);
+    Ok(has_rows.then(|| {
+        format!(
+            "{name} on the {new} already has rows, and the subscription's initial copy would add the {old}'s on top: empty it there first (TRUNCATE {name}, if nothing on the {new} needs them)"
+        )
+    }))
+}
+
+/// Once published with UPDATE/DELETE, a table with no replica identity fails every UPDATE
+/// and DELETE on the server taking the writes: an outage, not a fix.
+async fn keyless(
+    old: Role,
+    old_db: &Client,
+    name: &str,
+    publication: &str,
+    qt: Duration,
+) -> Result<Option<String>, CutoverError> {
+    let keyless: bool = timed(
+        old.name(),
+        "reading the replica identity",
+        qt,
+        old_db.query_one(KEYLESS_UNDER_PUBLICATION, &[&name, &publication]),
+    )
+    .await?
+    .get(0);
+    Ok(keyless.then(|| {
+        format!(
+            "{name} has no replica identity and publication {publication} publishes UPDATE/DELETE: once published, every UPDATE and DELETE on it would fail on the {old}; give it one first (redirect fix replica-identity --table {name} --using-index <index> or --full)"
+        )
+    }))
 }
