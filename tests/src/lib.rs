@@ -80,7 +80,8 @@ pub fn percentile(v: &[f64], p: f64) -> f64 {
     #[allow(
         clippy::cast_possible_truncation,
         clippy::cast_sign_loss,
-        clippy::cast_precision_loss
+        clippy::cast_precision_loss,
+        reason = "an index into a sample of a few thousand: exact in f64, and p is in [0, 1]"
     )]
     let i = ((s.len() - 1) as f64 * p).round() as usize;
     s[i]
