@@ -263,17 +263,22 @@ fn check_addresses(args: &Args) -> anyhow::Result<()> {
 /// `redirect config check` runs): the addresses, the DSNs and password sources, the fleet
 /// options.
 pub fn check_settings(args: &Args) -> anyhow::Result<()> {
+    checked(args).map(drop)
+}
+
+/// What [`check_settings`] checks, with what it read: the servers and the fleet settings.
+fn checked(args: &Args) -> anyhow::Result<(Option<Databases>, Option<crate::fleet::Settings>)> {
     check_addresses(args)?;
-    databases(args)?;
-    crate::fleet::settings(&args.fleet, args.vip)?;
-    Ok(())
+    Ok((
+        databases(args)?,
+        crate::fleet::settings(&args.fleet, args.vip)?,
+    ))
 }
 
 /// `redirect run`'s flags, checked, as the daemon's [`Config`].
 fn config(args: Args, pin_dir: &Path, socket: &Path, journal: &Path) -> anyhow::Result<Config> {
-    check_addresses(&args)?;
-    let databases = databases(&args)?;
-    let fleet = crate::fleet::settings(&args.fleet, args.vip)?;
+    // The same checks as `config check`: what it accepts, `run` starts with.
+    let (databases, fleet) = checked(&args)?;
     Ok(Config {
         pin_dir: pin_dir.to_path_buf(),
         socket: socket.to_path_buf(),

@@ -74,7 +74,7 @@ pub async fn serve(config: Config, shutdown: CancellationToken) -> anyhow::Resul
         start::set_sysctls(&config, &ifaces)?;
     }
     let joined = start::join_fleet(&config).await?;
-    let mut installed = start::install(&config, &ifaces, &spec, joined.as_ref())?;
+    let (mut installed, maps) = start::install(&config, &ifaces, &spec, joined.as_ref())?;
     if config.once {
         return Ok(());
     }
@@ -87,7 +87,7 @@ pub async fn serve(config: Config, shutdown: CancellationToken) -> anyhow::Resul
     // lifts it (see `stop`), or its kernel would drop every new connection until a restart.
     let fleet_stop = CancellationToken::new();
     let fleet = Box::pin(start::register(joined, &spec, &fleet_stop)).await?;
-    let ctl = controller(&config, Maps::open(&config.pin_dir)?, installed.ebpf, fleet);
+    let ctl = controller(&config, maps, installed.ebpf, fleet);
     if let Some(fleet) = &ctl.fleet {
         tokio::spawn(fleet::follow::follow(
             follower(&ctl, fleet),

@@ -169,13 +169,13 @@ pub(super) async fn join_fleet(config: &Config) -> anyhow::Result<Option<Joined>
 }
 
 /// Loads (or adopts), attaches and pins the datapath, with the fleet's committed backend
-/// if this host joined one.
+/// if this host joined one; gives the program and its maps, opened from the pins.
 pub(super) fn install(
     config: &Config,
     ifaces: &[(String, u32)],
     spec: &Spec,
     joined: Option<&Joined>,
-) -> anyhow::Result<InstallReport> {
+) -> anyhow::Result<(InstallReport, Maps)> {
     let joining = joined.map(|j| datapath::Joining {
         active: j.committed.state.active,
         in_hold: j.committed.state.phase == fleet::state::FleetPhase::Hold,
@@ -207,7 +207,7 @@ pub(super) fn install(
     );
     let maps = Maps::open(&config.pin_dir)?;
     info!(active = %maps.active()?.map_or("none", |r| r.name()), "new connections go to this backend");
-    Ok(report)
+    Ok((report, maps))
 }
 
 /// Registers this host as a fleet member (its lease, its SNAT addresses).
