@@ -39,16 +39,16 @@ pub async fn until<T, E, Fut>(
 where
     Fut: Future<Output = Result<Option<T>, E>>,
 {
-    loop {
-        let past = Instant::now() >= deadline;
-        if let Some(answer) = probe().await? {
-            return Ok(Some(answer));
-        }
-        if past {
-            return Ok(None);
-        }
-        tokio::time::sleep(every.min(deadline.saturating_duration_since(Instant::now()))).await;
-    }
+    // `until_with` with nothing carried: one loop decides when to look.
+    let looked = until_with(deadline, every, (), |()| {
+        let look = probe();
+        async move { Ok(look.await?.map_or(ControlFlow::Continue(()), ControlFlow::Break)) }
+    })
+    .await?;
+    Ok(match looked {
+        ControlFlow::Break(answer) => Some(answer),
+        ControlFlow::Continue(()) => None,
+    })
 }
 
 /// [`until`] for a probe that carries state from one look to the next: each look is given
