@@ -42,7 +42,11 @@ where
     // `until_with` with nothing carried: one loop decides when to look.
     let looked = until_with(deadline, every, (), |()| {
         let look = probe();
-        async move { Ok(look.await?.map_or(ControlFlow::Continue(()), ControlFlow::Break)) }
+        async move {
+            Ok(look
+                .await?
+                .map_or(ControlFlow::Continue(()), ControlFlow::Break))
+        }
     })
     .await?;
     Ok(match looked {
