@@ -3,7 +3,7 @@
 
 use std::path::Path;
 
-use crate::control::{self, Request};
+use crate::control::{self, protocol::Finish};
 
 /// End the migration: drop the forward subscription and its slot on the old primary, the
 /// reverse subscription, slot and publication, and lift the stale fence.
@@ -26,11 +26,11 @@ pub fn run(args: &Args, socket: &Path) -> anyhow::Result<()> {
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
-    let req = Request::Finish {
+    let req = Finish {
         execute: args.yes,
         force: args.force,
     };
-    let report = rt.block_on(control::call(socket, &req, |p| eprintln!("  {p}")))?.ok_or_else(|| {
+    let report = rt.block_on(control::ask(socket, req, |p| eprintln!("  {p}")))?.ok_or_else(|| {
         anyhow::anyhow!(
             "no controller answers on {}: finish needs `redirect run` with --source-dsn and --target-dsn",
             socket.display()
@@ -39,29 +39,21 @@ pub fn run(args: &Args, socket: &Path) -> anyhow::Result<()> {
     if args.json {
         return super::print_json(&report);
     }
-    let list = |k: &str| -> Vec<String> {
-        report[k]
-            .as_array()
-            .into_iter()
-            .flatten()
-            .filter_map(|v| v.as_str().map(str::to_owned))
-            .collect()
-    };
     if args.yes {
         println!("finished the migration:");
-        for d in list("done") {
+        for d in &report.done {
             println!("  - {d}");
         }
     } else {
         println!("plan (nothing was changed; run again with --yes to carry it out):");
-        for d in list("plan") {
+        for d in &report.plan {
             println!("  - {d}");
         }
-        if list("plan").is_empty() {
+        if report.plan.is_empty() {
             println!("  - nothing to retire");
         }
     }
-    for d in list("left_alone") {
+    for d in &report.left_alone {
         println!("left alone: {d}");
     }
     Ok(())

@@ -6,8 +6,11 @@ use std::path::Path;
 use clap::Subcommand;
 
 use crate::{
-    control::{self, Request},
-    cutover::guardrails::fix::Identity,
+    control::{
+        self, Ask,
+        protocol::{FixPublication, FixReplicaIdentity},
+    },
+    cutover::guardrails::fix::{FixReport, Identity},
 };
 
 /// Fix a guardrail finding: print what would change, and change it with --apply.
@@ -76,7 +79,7 @@ pub struct ReplicaIdentity {
 pub fn run(args: &Args, socket: &Path) -> anyhow::Result<()> {
     match &args.what {
         What::ReplicaIdentity(a) => {
-            let req = Request::FixReplicaIdentity {
+            let req = FixReplicaIdentity {
                 table: a.table.clone(),
                 identity: a
                     .using_index
@@ -84,24 +87,24 @@ pub fn run(args: &Args, socket: &Path) -> anyhow::Result<()> {
                     .map_or(Identity::Full, Identity::Index),
                 apply: a.apply,
             };
-            call(&req, a.json, socket)
+            call(req, a.json, socket)
         }
         What::Publication(a) => {
-            let req = Request::FixPublication {
+            let req = FixPublication {
                 table: a.add_table.clone(),
                 apply: a.apply,
             };
-            call(&req, a.json, socket)
+            call(req, a.json, socket)
         }
     }
 }
 
 /// Sends a fix to the controller and prints what it did or would do.
-fn call(req: &Request, json: bool, socket: &Path) -> anyhow::Result<()> {
+fn call(req: impl Ask<Answer = FixReport>, json: bool, socket: &Path) -> anyhow::Result<()> {
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
-    let report = rt.block_on(control::call(socket, req, |p| eprintln!("  {p}")))?.ok_or_else(|| {
+    let report = rt.block_on(control::ask(socket, req, |p| eprintln!("  {p}")))?.ok_or_else(|| {
         anyhow::anyhow!(
             "no controller answers on {}: fix needs `redirect run` with --source-dsn and --target-dsn",
             socket.display()
@@ -110,21 +113,8 @@ fn call(req: &Request, json: bool, socket: &Path) -> anyhow::Result<()> {
     if json {
         return super::print_json(&report);
     }
-    let pairs = |k: &str| -> Vec<(String, String)> {
-        report[k]
-            .as_array()
-            .into_iter()
-            .flatten()
-            .map(|p| {
-                (
-                    p[0].as_str().unwrap_or_default().to_owned(),
-                    p[1].as_str().unwrap_or_default().to_owned(),
-                )
-            })
-            .collect()
-    };
-    let steps = pairs("steps");
-    let mut servers: Vec<&str> = steps.iter().map(|(r, _)| r.as_str()).collect();
+    let steps = &report.steps;
+    let mut servers: Vec<&str> = steps.iter().map(|(r, _)| r.name()).collect();
     servers.dedup();
     let servers = servers.join(" and the ");
     if steps.windows(2).all(|w| w[0].1 == w[1].1) {
@@ -133,16 +123,16 @@ fn call(req: &Request, json: bool, socket: &Path) -> anyhow::Result<()> {
             println!("  {sql};");
         }
     } else {
-        for (role, sql) in &steps {
-            println!("on the {role}:\n  {sql};");
+        for (role, sql) in steps {
+            println!("on the {}:\n  {sql};", role.name());
         }
     }
-    for (role, sql) in pairs("undo") {
-        println!("to put it back, on the {role}: {sql}");
+    for (role, sql) in &report.undo {
+        println!("to put it back, on the {}: {sql}", role.name());
     }
-    if report["applied"].as_bool() == Some(true) {
+    if report.applied {
         println!("applied on the {servers}");
-        if let Some(next) = report["next"].as_str() {
+        if let Some(next) = &report.next {
             println!("{next}");
         }
     } else {

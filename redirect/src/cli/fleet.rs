@@ -2,7 +2,7 @@
 
 use std::path::Path;
 
-use crate::control::{self, Request};
+use crate::control::{self, protocol::FleetForget};
 
 #[derive(Debug, clap::Args)]
 pub struct Args {
@@ -32,11 +32,11 @@ pub fn run(args: &Args, socket: &Path) -> anyhow::Result<()> {
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
-    let req = Request::FleetForget {
+    let req = FleetForget {
         member: member.clone(),
     };
     let forgotten = rt
-        .block_on(control::call(socket, &req, |p| eprintln!("  {p}")))?
+        .block_on(control::ask(socket, req, |p| eprintln!("  {p}")))?
         .ok_or_else(|| {
             anyhow::anyhow!(
                 "no controller answers on {}: `fleet forget` asks this host's fleet member (redirect run --etcd ...)",

@@ -11,8 +11,14 @@ use serde::Serialize;
 use super::ByteSize;
 use crate::{
     conntrack,
-    control::{self, Request},
-    cutover::guardrails::{Finding, Guardrail},
+    control::{
+        self,
+        protocol::{FleetFlipRequest, FleetRequest, Flip, HasDatabases},
+    },
+    cutover::{
+        FlipReport,
+        guardrails::{Finding, Guardrail},
+    },
     datapath::{Maps, Role},
     net,
 };
@@ -92,8 +98,8 @@ pub fn run(args: &Args, pin_dir: &Path, socket: &Path) -> anyhow::Result<()> {
         let rt = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()?;
-        let has_db = rt.block_on(control::call(socket, &Request::HasDatabases, |_| {}))?;
-        if has_db == Some(serde_json::Value::Bool(true)) {
+        let has_db = rt.block_on(control::ask(socket, HasDatabases, |_| {}))?;
+        if has_db == Some(true) {
             return safe(args, socket, &rt);
         }
         if args.dry_run {
@@ -135,9 +141,7 @@ pub fn run(args: &Args, pin_dir: &Path, socket: &Path) -> anyhow::Result<()> {
         // A fleet member follows the fleet's committed state (docs/fleet.md, invariant 1):
         // the immediate flip becomes a fleet-wide one, committed in etcd and applied by
         // every member.
-        if let Ok(Some(fleet)) = rt.block_on(control::call(socket, &Request::Fleet, |_| {}))
-            && !fleet.is_null()
-        {
+        if let Ok(Some(Some(_fleet))) = rt.block_on(control::ask(socket, FleetRequest, |_| {})) {
             return fleet_flip(args, socket, &rt);
         }
     }
@@ -149,7 +153,7 @@ fn millis(d: Duration) -> u64 {
 }
 
 fn safe(args: &Args, socket: &Path, rt: &tokio::runtime::Runtime) -> anyhow::Result<()> {
-    let req = Request::Flip {
+    let req = Flip {
         to: args.to,
         max_lag_bytes: args.max_lag.0,
         max_lag_time_ms: millis(args.max_lag_time),
@@ -163,7 +167,7 @@ fn safe(args: &Args, socket: &Path, rt: &tokio::runtime::Runtime) -> anyhow::Res
         lag_wait_ms: Some(millis(args.lag_wait)),
     };
     let report = rt
-        .block_on(control::call(socket, &req, |p| {
+        .block_on(control::ask(socket, req, |p| {
             eprintln!("  {p}");
             let _ = std::io::stderr().flush();
         }))?
@@ -171,58 +175,60 @@ fn safe(args: &Args, socket: &Path, rt: &tokio::runtime::Runtime) -> anyhow::Res
     if args.json {
         return super::print_json(&report);
     }
-    let f = |k: &str| report[k].clone();
     if args.dry_run {
-        println!("dry run: nothing was changed");
-        println!("plan:");
-        for step in f("plan").as_array().into_iter().flatten() {
-            println!("  - {}", step.as_str().unwrap_or_default());
-        }
-        println!("findings:");
-        for x in f("findings").as_array().into_iter().flatten() {
-            println!("  - {}", x.as_str().unwrap_or_default());
-        }
-        let databases: Vec<crate::pg::cluster::Database> =
-            serde_json::from_value(f("databases")).unwrap_or_default();
-        if !databases.is_empty() {
-            println!("databases:");
-            for line in crate::pg::cluster::describe(&databases) {
-                println!("  - {line}");
-            }
-        }
-        print_guardrails(&report);
-        return Ok(());
+        print_plan(&report);
+    } else {
+        print_done(args.to, &report);
     }
-    println!(
-        "cutover to {} done: write pause {:.1} ms, connections held {:.1} ms ({} held), barrier {:.1} ms at {}",
-        args.to,
-        f("write_pause_ms").as_f64().unwrap_or(0.0),
-        f("hold_ms").as_f64().unwrap_or(0.0),
-        f("held_syns"),
-        f("barrier_ms").as_f64().unwrap_or(0.0),
-        f("fence_lsn").as_str().unwrap_or("?"),
-    );
-    print_guardrails(&report);
-    println!(
-        "reverse replication: {}",
-        f("reverse_replication").as_str().unwrap_or("")
-    );
-    println!(
-        "drain: {} busy session(s) ended at the fence, {} when their client used them, {} at the drain deadline",
-        f("terminated_at_fence"),
-        f("drained_on_use"),
-        f("terminated_at_drain")
-    );
     Ok(())
 }
 
+/// A dry run: what a cutover would do, and what stops it.
+fn print_plan(report: &FlipReport) {
+    println!("dry run: nothing was changed");
+    println!("plan:");
+    for step in &report.plan {
+        println!("  - {step}");
+    }
+    println!("findings:");
+    for x in &report.findings {
+        println!("  - {x}");
+    }
+    if !report.databases.is_empty() {
+        println!("databases:");
+        for line in crate::pg::cluster::describe(&report.databases) {
+            println!("  - {line}");
+        }
+    }
+    print_guardrails(&report.guardrails);
+}
+
+/// A cutover that happened: its pauses, its barrier, its reverse replication and its drain.
+fn print_done(to: Role, report: &FlipReport) {
+    println!(
+        "cutover to {to} done: write pause {:.1} ms, connections held {:.1} ms ({} held), barrier {:.1} ms at {}",
+        report.write_pause_ms,
+        report.hold_ms,
+        report.held_syns,
+        report.barrier_ms,
+        report
+            .fence_lsn
+            .map_or_else(|| "?".to_owned(), |l| l.to_string()),
+    );
+    print_guardrails(&report.guardrails);
+    println!("reverse replication: {}", report.reverse_replication);
+    println!(
+        "drain: {} busy session(s) ended at the fence, {} when their client used them, {} at the drain deadline",
+        report.terminated_at_fence, report.drained_on_use, report.terminated_at_drain
+    );
+}
+
 /// The guardrail findings of a report, blocking first.
-fn print_guardrails(report: &serde_json::Value) {
-    let mut found: Vec<Finding> =
-        serde_json::from_value(report["guardrails"].clone()).unwrap_or_default();
+fn print_guardrails(found: &[Finding]) {
     if found.is_empty() {
         return;
     }
+    let mut found = found.to_vec();
     found.sort_by_key(|f| (!f.stops(), !f.blocks, f.guardrail));
     println!("guardrails (what logical replication will not carry):");
     for f in &found {
@@ -281,41 +287,31 @@ const FLEET_ACK_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// `flip --immediate` on a fleet member: commit the new epoch, wait for every member.
 fn fleet_flip(args: &Args, socket: &Path, rt: &tokio::runtime::Runtime) -> anyhow::Result<()> {
-    let request = Request::FleetFlip {
+    let request = FleetFlipRequest {
         to: args.to,
         ack_timeout_ms: u64::try_from(FLEET_ACK_TIMEOUT.as_millis()).expect("small"),
         etcd_timeout_ms: Some(millis(args.etcd_timeout)),
     };
     let report = rt
-        .block_on(control::call(socket, &request, |_| {}))?
+        .block_on(control::ask(socket, request, |_| {}))?
         .ok_or_else(|| anyhow::anyhow!("the controller did not answer the fleet flip"))?;
     if args.json {
         return super::print_json(&report);
     }
-    let list = |v: &serde_json::Value| {
-        v.as_array()
-            .map(|a| {
-                a.iter()
-                    .filter_map(serde_json::Value::as_str)
-                    .collect::<Vec<_>>()
-                    .join(", ")
-            })
-            .unwrap_or_default()
-    };
     println!(
         "fleet {}: epoch {} committed, new connections go to {} (was {}); applied by {} in {} ms",
-        report["fleet"].as_str().unwrap_or("?"),
-        report["epoch"],
-        report["to"].as_str().unwrap_or("?"),
-        report["from"].as_str().unwrap_or("?"),
-        list(&report["acked"]),
-        report["took_ms"]
+        report.fleet,
+        report.epoch,
+        report.to,
+        report.from,
+        report.acked.join(", "),
+        report.took_ms
     );
-    let missing = list(&report["missing"]);
-    if !missing.is_empty() {
+    if !report.missing.is_empty() {
         anyhow::bail!(
-            "epoch {} is committed, but {missing} did not apply it within {FLEET_ACK_TIMEOUT:?}: check those hosts (`redirect status` there); they apply it as soon as they reach etcd",
-            report["epoch"]
+            "epoch {} is committed, but {} did not apply it within {FLEET_ACK_TIMEOUT:?}: check those hosts (`redirect status` there); they apply it as soon as they reach etcd",
+            report.epoch,
+            report.missing.join(", ")
         );
     }
     Ok(())

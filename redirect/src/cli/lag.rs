@@ -2,7 +2,7 @@
 
 use std::{path::Path, time::Duration};
 
-use crate::control::{self, Request};
+use crate::control::{self, protocol::Lag};
 
 /// Show replication lag (bytes and seconds) and health.
 #[derive(Debug, clap::Args)]
@@ -24,7 +24,7 @@ pub fn run(args: &Args, socket: &Path) -> anyhow::Result<()> {
         .build()?;
     loop {
         let lag = rt
-            .block_on(control::call(socket, &Request::Lag, |_| {}))?
+            .block_on(control::ask(socket, Lag, |_| {}))?
             .ok_or_else(|| {
                 anyhow::anyhow!(
                     "no controller at {} (start `redirect run` with --source-dsn and --target-dsn)",
@@ -34,8 +34,6 @@ pub fn run(args: &Args, socket: &Path) -> anyhow::Result<()> {
         if args.json {
             println!("{}", serde_json::to_string(&lag)?);
         } else {
-            let lag: crate::pg::lag::ReplicaLag = serde_json::from_value(lag)
-                .map_err(|e| anyhow::anyhow!("the controller's answer did not parse: {e}"))?;
             for line in lag.lines() {
                 println!("{line}");
             }

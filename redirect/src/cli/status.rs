@@ -14,6 +14,10 @@ use serde::Serialize;
 
 use crate::{
     conntrack::{self, PortUse},
+    control::{
+        self, Ask,
+        protocol::{Databases, FleetRequest, Lag, SnapshotRequest, StateRequest},
+    },
     datapath::{Maps, Role},
     net,
     snapshot::Snapshot,
@@ -67,7 +71,7 @@ pub struct Status {
     pub counted_gc_age_ms: Option<u64>,
     pub stats: BTreeMap<&'static str, u64>,
     /// Replication lag from the running controller, when it knows the databases.
-    pub lag: Option<serde_json::Value>,
+    pub lag: Option<crate::pg::lag::ReplicaLag>,
     /// Every database on the two servers and what a cutover would do with it.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub databases: Option<Vec<crate::pg::cluster::Database>>,
@@ -78,7 +82,7 @@ pub struct Status {
     pub interrupted: Option<String>,
     /// The fleet, from the running controller, when it is a member of one (`run --etcd`):
     /// members, the committed epoch and backend, and the epoch this host applied.
-    pub fleet: Option<serde_json::Value>,
+    pub fleet: Option<crate::fleet::View>,
 }
 
 /// Connections per backend, SNAT port use and tracked entries, from wherever is cheapest.
@@ -201,6 +205,16 @@ fn interrupted(journal: &Path) -> Option<String> {
     ))
 }
 
+/// What a running controller answers; `None` when none does (or its answer is not one).
+fn ask<Q: Ask>(rt: &tokio::runtime::Runtime, socket: &Path, request: Q) -> Option<Q::Answer> {
+    if !socket.exists() {
+        return None;
+    }
+    rt.block_on(control::ask(socket, request, |_| {}))
+        .ok()
+        .flatten()
+}
+
 pub fn run(args: &Args, pin_dir: &Path, socket: &Path, journal: &Path) -> anyhow::Result<()> {
     if args.watch {
         return super::watch::run(socket, args.interval, args.json);
@@ -210,19 +224,9 @@ pub fn run(args: &Args, pin_dir: &Path, socket: &Path, journal: &Path) -> anyhow
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
-    let ask = |request: &crate::control::Request| {
-        if !socket.exists() {
-            return None;
-        }
-        rt.block_on(crate::control::call(socket, request, |_| {}))
-            .ok()
-            .flatten()
-    };
     // A running controller has the counts from its last GC pass: walking a big connection
     // table here would only repeat that work, holding nothing but costing seconds.
-    let counted = ask(&crate::control::Request::Snapshot)
-        .and_then(|v| serde_json::from_value::<Snapshot>(v).ok())
-        .and_then(|s| Counts::counted(&s));
+    let counted = ask(&rt, socket, SnapshotRequest).and_then(|s| Counts::counted(&s));
     let counts = match counted {
         Some(c) => c,
         None => Counts::walked(&maps)?,
@@ -230,12 +234,10 @@ pub fn run(args: &Args, pin_dir: &Path, socket: &Path, journal: &Path) -> anyhow
     let mut status = collect(&maps, &counts)?;
     status.interrupted = interrupted(journal);
     if socket.exists() {
-        status.lag = ask(&crate::control::Request::Lag);
-        status.databases =
-            ask(&crate::control::Request::Databases).and_then(|d| serde_json::from_value(d).ok());
-        status.controller =
-            ask(&crate::control::Request::State).and_then(|v| serde_json::from_value(v).ok());
-        status.fleet = ask(&crate::control::Request::Fleet).filter(|f| !f.is_null());
+        status.lag = ask(&rt, socket, Lag);
+        status.databases = ask(&rt, socket, Databases);
+        status.controller = ask(&rt, socket, StateRequest);
+        status.fleet = ask(&rt, socket, FleetRequest).flatten();
     }
     // An unfinished cutover is "interrupted" only if no controller is working on it.
     if status
@@ -309,13 +311,8 @@ pub fn run(args: &Args, pin_dir: &Path, socket: &Path, journal: &Path) -> anyhow
         print_fleet(f);
     }
     if let Some(lag) = &status.lag {
-        match serde_json::from_value::<crate::pg::lag::ReplicaLag>(lag.clone()) {
-            Ok(lag) => {
-                for (i, line) in lag.lines().iter().enumerate() {
-                    println!("{}{line}", if i == 0 { "lag:        " } else { "  " });
-                }
-            }
-            Err(e) => println!("lag:        (unreadable: {e})"),
+        for (i, line) in lag.lines().iter().enumerate() {
+            println!("{}{line}", if i == 0 { "lag:        " } else { "  " });
         }
     }
     if let Some(databases) = &status.databases {
@@ -334,72 +331,62 @@ pub fn run(args: &Args, pin_dir: &Path, socket: &Path, journal: &Path) -> anyhow
 }
 
 /// The fleet part of `status`, from the controller's [`crate::fleet::View`].
-fn print_fleet(f: &serde_json::Value) {
-    let text = |v: &serde_json::Value| v.as_str().map_or_else(|| v.to_string(), str::to_owned);
+fn print_fleet(f: &crate::fleet::View) {
     println!(
         "fleet:      {} (member {}, applied epoch {} -> {})",
-        text(&f["fleet"]),
-        text(&f["member"]),
-        f["applied_epoch"],
-        text(&f["applied_active"])
+        f.fleet, f.member, f.applied_epoch, f.applied_active
     );
-    if f["live"].as_bool() == Some(false) {
+    if !f.live {
         println!(
             "  this member is NOT LIVE: etcd has not confirmed its lease lately (cut off from etcd, or rejoining under a new lease). The datapath keeps its committed state; no cutover can pass until it is back"
         );
     }
-    if let Some(e) = f["etcd_error"].as_str() {
+    if let Some(e) = &f.etcd_error {
         println!("  etcd unreachable: {e} (the datapath keeps its committed state)");
         return;
     }
-    let c = &f["committed"];
-    println!(
-        "  committed: epoch {} -> {} ({}){}",
-        c["epoch"],
-        text(&c["active"]),
-        text(&c["phase"]),
-        if f["in_sync"].as_bool() == Some(true) {
-            ""
-        } else {
-            "  <- this host does not apply it"
-        }
-    );
+    match &f.committed {
+        Some(c) => println!(
+            "  committed: epoch {} -> {} ({}){}",
+            c.epoch,
+            c.active,
+            c.phase,
+            if f.in_sync {
+                ""
+            } else {
+                "  <- this host does not apply it"
+            }
+        ),
+        None => println!("  committed: unknown"),
+    }
     let now_ms = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX));
-    let committed_epoch = c["epoch"].as_u64();
-    for m in f["members"].as_array().into_iter().flatten() {
-        let behind = match (committed_epoch, m["applied_epoch"].as_u64()) {
-            (Some(c), Some(a)) if a < c => format!(", {} epoch(s) behind", c - a),
+    let committed_epoch = f.committed.as_ref().map(|c| c.epoch);
+    for m in &f.members {
+        let behind = match committed_epoch {
+            Some(c) if m.applied_epoch < c => {
+                format!(", {} epoch(s) behind", c.0 - m.applied_epoch.0)
+            }
             _ => String::new(),
         };
-        let acked = match m["applied_at_ms"].as_u64() {
-            Some(at) if at > 0 => format!(
+        let acked = match m.applied_at_ms {
+            0 => String::new(),
+            at => format!(
                 ", acknowledged {:.1} s ago",
                 std::time::Duration::from_millis(now_ms.saturating_sub(at)).as_secs_f64()
             ),
-            _ => String::new(),
         };
         println!(
             "  member {:<24} vip {:<21} epoch {} -> {}{acked}{behind}",
-            text(&m["id"]),
-            text(&m["vip"]),
-            m["applied_epoch"],
-            text(&m["applied_active"])
+            m.id, m.vip, m.applied_epoch, m.applied_active
         );
     }
-    let live: Vec<&str> = f["members"]
-        .as_array()
-        .into_iter()
-        .flatten()
-        .filter_map(|m| m["id"].as_str())
-        .collect();
-    for m in f["roster"].as_array().into_iter().flatten() {
-        let id = text(&m["id"]);
-        if !live.contains(&id.as_str()) {
+    for m in &f.roster {
+        if !f.members.iter().any(|live| live.id == m.id) {
             println!(
-                "  member {id:<24} vip {:<21} NOT LIVE: cutovers abort until it is back, or `redirect fleet forget {id}` if its host is gone",
-                text(&m["vip"])
+                "  member {:<24} vip {:<21} NOT LIVE: cutovers abort until it is back, or `redirect fleet forget {}` if its host is gone",
+                m.id, m.vip, m.id
             );
         }
     }

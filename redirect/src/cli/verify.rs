@@ -4,7 +4,7 @@
 use std::{io::Write as _, path::Path, time::Duration};
 
 use crate::{
-    control::{self, Request},
+    control::{self, protocol::Verify},
     verify::report::{Report, TableVerdict, show_key},
 };
 
@@ -51,7 +51,7 @@ pub fn run(args: &Args, socket: &Path) -> anyhow::Result<()> {
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
-    let req = Request::Verify {
+    let req = Verify {
         tables: args.tables.clone(),
         chunk_rows: args.chunk_rows,
         rate: args.rate,
@@ -60,8 +60,8 @@ pub fn run(args: &Args, socket: &Path) -> anyhow::Result<()> {
         max_keys: args.max_keys,
         databases: args.databases.clone(),
     };
-    let value = rt
-        .block_on(control::call(socket, &req, |p| {
+    let report = rt
+        .block_on(control::ask(socket, req, |p| {
             eprintln!("  {p}");
             let _ = std::io::stderr().flush();
         }))?
@@ -71,7 +71,6 @@ pub fn run(args: &Args, socket: &Path) -> anyhow::Result<()> {
                 socket.display()
             )
         })?;
-    let report: Report = serde_json::from_value(value)?;
     if args.json {
         super::print_json(&report)?;
     } else {

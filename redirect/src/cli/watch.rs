@@ -22,7 +22,7 @@ use std::{
 use serde::Serialize;
 
 use crate::{
-    control::{self, Request},
+    control::{self, protocol::SnapshotRequest},
     controller::Phase,
     snapshot::{Lag, Snapshot},
 };
@@ -419,7 +419,7 @@ fn render_lag(lag: Option<&Lag>, h: &History, unicode: bool, line: &mut impl FnM
 
 /// Asks the controller for a snapshot, giving up after `timeout`.
 async fn poll(socket: &Path, timeout: Duration) -> Poll {
-    match tokio::time::timeout(timeout, control::call(socket, &Request::Snapshot, |_| {})).await {
+    match tokio::time::timeout(timeout, control::ask(socket, SnapshotRequest, |_| {})).await {
         Err(_) => Poll::Unreachable(format!(
             "no answer within {}",
             humantime::format_duration(timeout)
@@ -429,10 +429,7 @@ async fn poll(socket: &Path, timeout: Duration) -> Poll {
             "the controller is an older redirect without the Snapshot request: restart it with this version".into(),
         ),
         Ok(Err(e)) => Poll::Unreachable(e.to_string()),
-        Ok(Ok(Some(v))) => match serde_json::from_value::<Snapshot>(v) {
-            Ok(s) => Poll::Answer(Box::new(s)),
-            Err(e) => Poll::Unreachable(format!("the controller's answer did not parse: {e}")),
-        },
+        Ok(Ok(Some(s))) => Poll::Answer(Box::new(s)),
     }
 }
 

@@ -1,141 +1,21 @@
-//! The control socket: a root-only Unix socket on which the running controller serves the CLI
-//! (`flip`, `lag`, `status`, `status --watch`, `verify`). One JSON request per connection; the
-//! answer is JSON lines: `{"progress": "..."}` while a long step runs, then `{"ok": ...}` or
-//! `{"error": "..."}`.
+//! The controller's side of the control socket: one task per connection, one function per
+//! request, each returning its request's typed answer ([`Ask::Answer`]).
 
-use std::{
-    os::unix::fs::PermissionsExt as _,
-    path::{Path, PathBuf},
-    sync::Arc,
-    time::Duration,
-};
+use std::{os::unix::fs::PermissionsExt as _, path::PathBuf, sync::Arc, time::Duration};
 
-use serde::{Deserialize, Serialize};
+use serde::Serialize;
 use tokio::{
     io::{AsyncBufReadExt as _, AsyncReadExt as _, AsyncWriteExt as _, BufReader},
-    net::{UnixListener, UnixStream},
+    net::{UnixListener, UnixStream, unix::OwnedReadHalf, unix::OwnedWriteHalf},
 };
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
-use crate::{
-    controller::Controller,
-    cutover::{
-        FlipRequest,
-        guardrails::{Guardrail, fix::Identity},
-    },
-    datapath::Role,
+use super::{
+    DEFAULT_MAX_TRANSACTION_AGE,
+    protocol::{self as ask, Ask, Reply, Request, State},
 };
-
-/// A transaction open longer than this on the old server blocks a cutover (`long-transaction`):
-/// long enough that no OLTP transaction trips it, short enough that a batch job does.
-pub const DEFAULT_MAX_TRANSACTION_AGE: Duration = Duration::from_secs(300);
-
-/// Where the CLI finds the controller by default.
-pub const DEFAULT_SOCKET: &str = "/run/redirect/control.sock";
-
-#[derive(Debug, Serialize, Deserialize)]
-pub enum Request {
-    Flip {
-        to: Role,
-        max_lag_bytes: u64,
-        max_lag_time_ms: u64,
-        timeout_ms: u64,
-        drain_timeout_ms: u64,
-        dry_run: bool,
-        force: bool,
-        /// Guardrails allowed for this cutover (`--allow`).
-        #[serde(default)]
-        allow: Vec<Guardrail>,
-        /// `--max-transaction-age`; absent: the default.
-        #[serde(default)]
-        max_transaction_age_ms: Option<u64>,
-        /// `--etcd-timeout`; absent: the default.
-        #[serde(default)]
-        etcd_timeout_ms: Option<u64>,
-        /// `--lag-wait`; absent: the default.
-        #[serde(default)]
-        lag_wait_ms: Option<u64>,
-    },
-    /// A mechanical fix for a guardrail finding: printed, and applied only with `apply`.
-    FixReplicaIdentity {
-        table: String,
-        identity: Identity,
-        apply: bool,
-    },
-    /// Add a table to the publication feeding the new server, and have it copied.
-    FixPublication {
-        table: String,
-        apply: bool,
-    },
-    Lag,
-    /// Every database on the two servers and what a cutover now would do with it.
-    Databases,
-    HasDatabases,
-    /// Plan (and with `execute`, carry out) the end of the migration.
-    Finish {
-        execute: bool,
-        force: bool,
-    },
-    /// What the controller is doing, and what its last recovery did.
-    State,
-    /// Counters, connections, port use, lag and phase in one cheap answer (no table walk):
-    /// what `status --watch` asks for every interval.
-    Snapshot,
-    /// The fleet this controller is a member of (`null` without `--etcd`).
-    Fleet,
-    /// A fleet-wide immediate flip (`flip --immediate` on a fleet member): commit the next
-    /// epoch in etcd and wait for every live member to apply it.
-    FleetFlip {
-        to: Role,
-        ack_timeout_ms: u64,
-        /// `--etcd-timeout`; absent: the default.
-        #[serde(default)]
-        etcd_timeout_ms: Option<u64>,
-    },
-    /// Take a member that is not live off the fleet's roster (`redirect fleet forget`).
-    FleetForget {
-        member: String,
-    },
-    /// Compare the two databases (`redirect verify`); streams progress, answers the report.
-    Verify {
-        tables: Vec<String>,
-        chunk_rows: u64,
-        rate: Option<u64>,
-        catch_up_timeout_ms: u64,
-        statement_timeout_ms: u64,
-        max_keys: usize,
-        /// Only these databases (empty: every replicated one).
-        #[serde(default)]
-        databases: Vec<String>,
-    },
-}
-
-/// The answer to [`Request::State`].
-#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
-pub struct State {
-    pub phase: crate::controller::Phase,
-    /// What the last recovery of an interrupted cutover did.
-    pub last_recovery: Option<String>,
-}
-
-/// Asks the controller at `socket` for its [`State`]; `None` when none answers (or it answers
-/// something that is not one).
-pub async fn state(socket: &std::path::Path) -> Option<State> {
-    call(socket, &Request::State, |_| {})
-        .await
-        .ok()
-        .flatten()
-        .and_then(|v| serde_json::from_value(v).ok())
-}
-
-#[derive(Debug, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Reply {
-    Progress(String),
-    Ok(serde_json::Value),
-    Error(String),
-}
+use crate::{controller::Controller, cutover::FlipRequest, fleet::FleetError};
 
 /// Serves `ctl` on `path` until `shutdown`.
 pub async fn serve(
@@ -176,12 +56,30 @@ pub async fn serve(
     Ok(())
 }
 
-async fn send(w: &mut (impl tokio::io::AsyncWrite + Unpin), reply: &Reply) -> std::io::Result<()> {
+/// Writes one line of an answer.
+async fn send<T: Serialize>(
+    w: &mut (impl tokio::io::AsyncWrite + Unpin),
+    reply: &Reply<T>,
+) -> std::io::Result<()> {
     let mut line = serde_json::to_string(reply).expect("replies serialize");
     line.push('\n');
     w.write_all(line.as_bytes()).await
 }
 
+/// The end of an answer: the typed answer, or why there is none.
+fn reply<Q: Ask>(answer: Result<Q::Answer, impl std::fmt::Display>) -> Reply<Q::Answer> {
+    match answer {
+        Ok(a) => Reply::Ok(a),
+        Err(e) => Reply::Error(e.to_string()),
+    }
+}
+
+/// A typed answer that cannot fail.
+fn ok<Q: Ask>(answer: Q::Answer) -> Reply<Q::Answer> {
+    Reply::Ok(answer)
+}
+
+/// Reads one request and answers it.
 async fn handle(
     stream: UnixStream,
     ctl: Arc<Controller>,
@@ -193,235 +91,213 @@ async fn handle(
     reader.read_line(&mut line).await?;
     let request: Request = match serde_json::from_str(&line) {
         Ok(r) => r,
-        Err(e) => return send(&mut w, &Reply::Error(format!("bad request: {e}"))).await,
+        Err(e) => {
+            return send(&mut w, &Reply::<()>::Error(format!("bad request: {e}"))).await;
+        }
     };
-    let reply = match request {
-        Request::HasDatabases => Reply::Ok(serde_json::json!(ctl.db.is_some())),
-        Request::State => Reply::Ok(
-            serde_json::to_value(State {
-                phase: ctl.phase(),
-                last_recovery: crate::sync::lock(&ctl.last_recovery).clone(),
-            })
-            .expect("the state serializes"),
-        ),
+    match request {
+        Request::HasDatabases => send(&mut w, &ok::<ask::HasDatabases>(ctl.db.is_some())).await,
+        Request::State => send(&mut w, &ok::<ask::StateRequest>(state(&ctl))).await,
         // The maps lock may be held by a GC pass for a while: wait for it off the runtime.
-        Request::Snapshot => Reply::Ok(
-            serde_json::to_value(tokio::task::block_in_place(|| crate::snapshot::take(&ctl)))
-                .expect("the snapshot serializes"),
-        ),
-        Request::Fleet => match &ctl.fleet {
-            Some(fleet) => {
-                Reply::Ok(serde_json::to_value(fleet.view().await).expect("the view serializes"))
-            }
-            None => Reply::Ok(serde_json::Value::Null),
-        },
-        Request::FleetFlip {
-            to,
-            ack_timeout_ms,
-            etcd_timeout_ms,
-        } => match &ctl.fleet {
-            Some(fleet) => {
-                let etcd_timeout = etcd_timeout_ms
-                    .map_or(crate::cutover::DEFAULT_ETCD_TIMEOUT, Duration::from_millis);
-                let flipped = async {
-                    fleet.ready(etcd_timeout).await.map_err(|e| {
-                        crate::fleet::FleetError::Refused(format!("{e}; nothing was changed"))
-                    })?;
-                    crate::fleet::commit::flip(fleet, to, Duration::from_millis(ack_timeout_ms))
-                        .await
-                };
-                match flipped.await {
-                    Ok(r) => Reply::Ok(serde_json::to_value(r).expect("the report serializes")),
-                    Err(e) => Reply::Error(e.to_string()),
-                }
-            }
-            None => Reply::Error("this controller is not a fleet member (run --etcd)".into()),
-        },
-        Request::FleetForget { member } => match &ctl.fleet {
-            Some(fleet) if member == fleet.settings.member => Reply::Error(format!(
-                "{member} is this controller: stop it and detach its datapath, then forget it from another member"
-            )),
-            Some(fleet) => {
-                let mut client = fleet.client();
-                match crate::fleet::member::forget(&mut client, &fleet.settings.fleet, &member)
-                    .await
-                {
-                    Ok(r) => {
-                        info!(%member, "forgot a fleet member: cutovers no longer wait for it");
-                        Reply::Ok(serde_json::to_value(r).expect("a roster record serializes"))
-                    }
-                    Err(e) => Reply::Error(e.to_string()),
-                }
-            }
-            None => Reply::Error("this controller is not a fleet member (run --etcd)".into()),
-        },
-        Request::Finish { execute, force } => {
-            match crate::cutover::finish::finish(&ctl, execute, force).await {
-                Ok(r) => Reply::Ok(serde_json::to_value(r).expect("report serializes")),
-                Err(e) => Reply::Error(e.to_string()),
-            }
+        Request::Snapshot => {
+            let snapshot = tokio::task::block_in_place(|| crate::snapshot::take(&ctl));
+            send(&mut w, &ok::<ask::SnapshotRequest>(snapshot)).await
         }
-        Request::FixReplicaIdentity {
-            table,
-            identity,
-            apply,
-        } => {
-            info!(%table, ?identity, apply, "fix replica-identity requested");
-            match crate::cutover::guardrails::fix::replica_identity(&ctl, &table, &identity, apply)
-                .await
-            {
-                Ok(r) => Reply::Ok(serde_json::to_value(r).expect("report serializes")),
-                Err(e) => Reply::Error(e.to_string()),
-            }
-        }
-        Request::FixPublication { table, apply } => {
-            info!(%table, apply, "fix publication requested");
-            match crate::cutover::guardrails::fix::publish_table(&ctl, &table, apply).await {
-                Ok(r) => Reply::Ok(serde_json::to_value(r).expect("report serializes")),
-                Err(e) => Reply::Error(e.to_string()),
-            }
-        }
-        Request::Verify {
-            tables,
-            chunk_rows,
-            rate,
-            catch_up_timeout_ms,
-            statement_timeout_ms,
-            max_keys,
-            databases,
-        } => {
-            let req = crate::verify::VerifyRequest {
-                databases,
-                tables,
-                chunk_rows,
-                rate,
-                catch_up_timeout: Duration::from_millis(catch_up_timeout_ms),
-                statement_timeout: Duration::from_millis(statement_timeout_ms),
-                max_keys,
+        Request::Fleet => {
+            let view = match &ctl.fleet {
+                Some(fleet) => Some(fleet.view().await),
+                None => None,
             };
-            info!(tables = ?req.tables, chunk_rows, rate, "verify requested");
-            let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
-            let task = tokio::spawn({
-                let ctl = ctl.clone();
-                async move { crate::verify::verify(&ctl, req, tx).await }
-            });
-            while let Some(p) = rx.recv().await {
-                // A CLI that went away stops the verify: nobody reads its report.
-                if send(&mut w, &Reply::Progress(p)).await.is_err() {
-                    task.abort();
-                    break;
-                }
-            }
-            match task.await {
-                Ok(Ok(report)) => {
-                    info!(equal = report.equal, differ = report.differ, "verify done");
-                    Reply::Ok(serde_json::to_value(report).expect("report serializes"))
-                }
-                Ok(Err(e)) => Reply::Error(e.to_string()),
-                Err(e) if e.is_cancelled() => return Ok(()),
-                Err(e) => Reply::Error(format!("verify task failed: {e}")),
-            }
+            send(&mut w, &ok::<ask::FleetRequest>(view)).await
         }
-        Request::Databases => match ctl.discover().await {
-            Ok(d) => Reply::Ok(serde_json::to_value(d).expect("databases serialize")),
-            Err(e) => Reply::Error(e.to_string()),
-        },
-        Request::Lag => match ctl.measure_lag().await {
-            Ok(l) => Reply::Ok(serde_json::to_value(l).expect("lag serializes")),
-            Err(e) => Reply::Error(e.to_string()),
-        },
-        Request::Flip {
-            to,
-            max_lag_bytes,
-            max_lag_time_ms,
-            timeout_ms,
-            drain_timeout_ms,
-            dry_run,
-            force,
-            allow,
-            max_transaction_age_ms,
-            etcd_timeout_ms,
-            lag_wait_ms,
-        } => {
-            let called_off = shutdown.child_token();
-            let req = FlipRequest {
-                // An older CLI, which never asked to wait, is not made to.
-                lag_wait: lag_wait_ms.map_or(Duration::ZERO, Duration::from_millis),
-                called_off: called_off.clone(),
-                etcd_timeout: etcd_timeout_ms
-                    .map_or(crate::cutover::DEFAULT_ETCD_TIMEOUT, Duration::from_millis),
-                allow,
-                max_transaction_age: max_transaction_age_ms
-                    .map_or(DEFAULT_MAX_TRANSACTION_AGE, Duration::from_millis),
-                to,
-                max_lag_bytes,
-                max_lag_time: Duration::from_millis(max_lag_time_ms),
-                timeout: Duration::from_millis(timeout_ms),
-                drain_timeout: Duration::from_millis(drain_timeout_ms),
-                dry_run,
-                force,
-            };
-            info!(to = %to, dry_run, force, "cutover requested");
-            // Until the hold, a cutover nobody is watching any more is called off: the CLI
-            // that asked for it went away, or the controller is stopping.
-            // The CLI sends nothing after its request: the end of its side is its going away
-            // (Ctrl-C, a killed script).
-            let gone = tokio::spawn({
-                let called_off = called_off.clone();
-                async move {
-                    let mut rest = Vec::new();
-                    let _ = reader.read_to_end(&mut rest).await;
-                    called_off.cancel();
-                }
-            });
-            let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
-            let task = tokio::spawn({
-                let ctl = ctl.clone();
-                async move { Box::pin(crate::cutover::run(&ctl, req, tx)).await }
-            });
-            while let Some(p) = rx.recv().await {
-                info!(progress = %p, "cutover");
-                // Past preflight, a CLI that went away does not stop the cutover.
-                let _ = send(&mut w, &Reply::Progress(p)).await;
-            }
-            let outcome = task.await;
-            gone.abort();
-            match outcome {
-                Ok(Ok(report)) => {
-                    Reply::Ok(serde_json::to_value(report).expect("report serializes"))
-                }
-                Ok(Err(e)) => {
-                    warn!(error = %e, "cutover failed");
-                    Reply::Error(e.to_string())
-                }
-                Err(e) => Reply::Error(format!("cutover task failed: {e}")),
-            }
+        Request::FleetFlip(r) => {
+            send(
+                &mut w,
+                &reply::<ask::FleetFlipRequest>(fleet_flip(&ctl, r).await),
+            )
+            .await
         }
-    };
-    send(&mut w, &reply).await
+        Request::FleetForget(r) => {
+            send(
+                &mut w,
+                &reply::<ask::FleetForget>(fleet_forget(&ctl, r).await),
+            )
+            .await
+        }
+        Request::Finish(r) => {
+            let done = crate::cutover::finish::finish(&ctl, r.execute, r.force).await;
+            send(&mut w, &reply::<ask::Finish>(done)).await
+        }
+        Request::FixReplicaIdentity(r) => {
+            info!(table = %r.table, identity = ?r.identity, apply = r.apply, "fix replica-identity requested");
+            let fixed = crate::cutover::guardrails::fix::replica_identity(
+                &ctl,
+                &r.table,
+                &r.identity,
+                r.apply,
+            )
+            .await;
+            send(&mut w, &reply::<ask::FixReplicaIdentity>(fixed)).await
+        }
+        Request::FixPublication(r) => {
+            info!(table = %r.table, apply = r.apply, "fix publication requested");
+            let fixed =
+                crate::cutover::guardrails::fix::publish_table(&ctl, &r.table, r.apply).await;
+            send(&mut w, &reply::<ask::FixPublication>(fixed)).await
+        }
+        Request::Databases => send(&mut w, &reply::<ask::Databases>(ctl.discover().await)).await,
+        Request::Lag => send(&mut w, &reply::<ask::Lag>(ctl.measure_lag().await)).await,
+        Request::Verify(r) => verify(&ctl, r, w).await,
+        Request::Flip(r) => flip(&ctl, r, reader, w, &shutdown).await,
+    }
 }
 
-/// Sends `request` to the controller at `path`, passing progress lines to `on_progress`.
-/// `Ok(None)` means no controller is listening there.
-pub async fn call(
-    path: &Path,
-    request: &Request,
-    mut on_progress: impl FnMut(&str),
-) -> anyhow::Result<Option<serde_json::Value>> {
-    let Ok(stream) = UnixStream::connect(path).await else {
-        return Ok(None);
+fn state(ctl: &Controller) -> State {
+    State {
+        phase: ctl.phase(),
+        last_recovery: crate::sync::lock(&ctl.last_recovery).clone(),
+    }
+}
+
+async fn fleet_flip(
+    ctl: &Controller,
+    r: ask::FleetFlipRequest,
+) -> Result<crate::fleet::commit::FleetFlip, FleetError> {
+    let Some(fleet) = &ctl.fleet else {
+        return Err(FleetError::NotAMember);
     };
-    let (r, mut w) = stream.into_split();
-    let mut line = serde_json::to_string(request)?;
-    line.push('\n');
-    w.write_all(line.as_bytes()).await?;
-    let mut lines = BufReader::new(r).lines();
-    while let Some(l) = lines.next_line().await? {
-        match serde_json::from_str::<Reply>(&l)? {
-            Reply::Progress(p) => on_progress(&p),
-            Reply::Ok(v) => return Ok(Some(v)),
-            Reply::Error(e) => anyhow::bail!("{e}"),
+    let etcd_timeout = r
+        .etcd_timeout_ms
+        .map_or(crate::cutover::DEFAULT_ETCD_TIMEOUT, Duration::from_millis);
+    fleet
+        .ready(etcd_timeout)
+        .await
+        .map_err(|e| FleetError::Refused(format!("{e}; nothing was changed")))?;
+    crate::fleet::commit::flip(fleet, r.to, Duration::from_millis(r.ack_timeout_ms)).await
+}
+
+async fn fleet_forget(
+    ctl: &Controller,
+    r: ask::FleetForget,
+) -> Result<crate::fleet::member::Enrolled, FleetError> {
+    let member = r.member;
+    match &ctl.fleet {
+        Some(fleet) if member == fleet.settings.member => Err(FleetError::ForgetSelf(member)),
+        Some(fleet) => {
+            let mut client = fleet.client();
+            let forgotten =
+                crate::fleet::member::forget(&mut client, &fleet.settings.fleet, &member).await?;
+            info!(%member, "forgot a fleet member: cutovers no longer wait for it");
+            Ok(forgotten)
+        }
+        None => Err(FleetError::NotAMember),
+    }
+}
+
+/// Compares the databases, streaming progress; a CLI that went away stops it (nobody reads
+/// its report).
+async fn verify(
+    ctl: &Arc<Controller>,
+    r: ask::Verify,
+    mut w: OwnedWriteHalf,
+) -> std::io::Result<()> {
+    let req = crate::verify::VerifyRequest {
+        databases: r.databases,
+        tables: r.tables,
+        chunk_rows: r.chunk_rows,
+        rate: r.rate,
+        catch_up_timeout: Duration::from_millis(r.catch_up_timeout_ms),
+        statement_timeout: Duration::from_millis(r.statement_timeout_ms),
+        max_keys: r.max_keys,
+    };
+    info!(tables = ?req.tables, chunk_rows = req.chunk_rows, rate = req.rate, "verify requested");
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    let task = tokio::spawn({
+        let ctl = ctl.clone();
+        async move { crate::verify::verify(&ctl, req, tx).await }
+    });
+    while let Some(p) = rx.recv().await {
+        if send(&mut w, &Reply::<()>::Progress(p)).await.is_err() {
+            task.abort();
+            break;
         }
     }
-    anyhow::bail!("the controller closed the connection without an answer")
+    let answer: Reply<<ask::Verify as Ask>::Answer> = match task.await {
+        Ok(Ok(report)) => {
+            info!(equal = report.equal, differ = report.differ, "verify done");
+            Reply::Ok(report)
+        }
+        Ok(Err(e)) => Reply::Error(e.to_string()),
+        Err(e) if e.is_cancelled() => return Ok(()),
+        Err(e) => Reply::Error(format!("verify task failed: {e}")),
+    };
+    send(&mut w, &answer).await
+}
+
+/// What the operator asked for, with the defaults an older CLI leaves out.
+fn flip_request(r: ask::Flip, called_off: CancellationToken) -> FlipRequest {
+    FlipRequest {
+        // An older CLI, which never asked to wait, is not made to.
+        lag_wait: r.lag_wait_ms.map_or(Duration::ZERO, Duration::from_millis),
+        called_off,
+        etcd_timeout: r
+            .etcd_timeout_ms
+            .map_or(crate::cutover::DEFAULT_ETCD_TIMEOUT, Duration::from_millis),
+        allow: r.allow,
+        max_transaction_age: r
+            .max_transaction_age_ms
+            .map_or(DEFAULT_MAX_TRANSACTION_AGE, Duration::from_millis),
+        to: r.to,
+        max_lag_bytes: r.max_lag_bytes,
+        max_lag_time: Duration::from_millis(r.max_lag_time_ms),
+        timeout: Duration::from_millis(r.timeout_ms),
+        drain_timeout: Duration::from_millis(r.drain_timeout_ms),
+        dry_run: r.dry_run,
+        force: r.force,
+    }
+}
+
+/// Runs a cutover, streaming its progress.
+async fn flip(
+    ctl: &Arc<Controller>,
+    r: ask::Flip,
+    mut reader: BufReader<OwnedReadHalf>,
+    mut w: OwnedWriteHalf,
+    shutdown: &CancellationToken,
+) -> std::io::Result<()> {
+    let called_off = shutdown.child_token();
+    let req = flip_request(r, called_off.clone());
+    info!(to = %req.to, dry_run = req.dry_run, force = req.force, "cutover requested");
+    // Until the hold, a cutover nobody is watching any more is called off: the CLI that asked
+    // for it went away, or the controller is stopping. The CLI sends nothing after its
+    // request: the end of its side is its going away (Ctrl-C, a killed script).
+    let gone = tokio::spawn({
+        let called_off = called_off.clone();
+        async move {
+            let mut rest = Vec::new();
+            let _ = reader.read_to_end(&mut rest).await;
+            called_off.cancel();
+        }
+    });
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    let task = tokio::spawn({
+        let ctl = ctl.clone();
+        async move { Box::pin(crate::cutover::run(&ctl, req, tx)).await }
+    });
+    while let Some(p) = rx.recv().await {
+        info!(progress = %p, "cutover");
+        // Past preflight, a CLI that went away does not stop the cutover.
+        let _ = send(&mut w, &Reply::<()>::Progress(p)).await;
+    }
+    let outcome = task.await;
+    gone.abort();
+    let answer: Reply<<ask::Flip as Ask>::Answer> = match outcome {
+        Ok(Ok(report)) => Reply::Ok(report),
+        Ok(Err(e)) => {
+            warn!(error = %e, "cutover failed");
+            Reply::Error(e.to_string())
+        }
+        Err(e) => Reply::Error(format!("cutover task failed: {e}")),
+    };
+    send(&mut w, &answer).await
 }

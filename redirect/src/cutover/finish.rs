@@ -22,7 +22,7 @@ use crate::{
 };
 
 /// What `finish` will do (or did).
-#[derive(Clone, Debug, Default, Serialize)]
+#[derive(Clone, Debug, Default, Serialize, serde::Deserialize)]
 pub struct FinishReport {
     pub executed: bool,
     pub plan: Vec<String>,

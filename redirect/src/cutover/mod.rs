@@ -92,7 +92,7 @@ pub const DEFAULT_ETCD_TIMEOUT: Duration = Duration::from_secs(3);
 pub const DEFAULT_LAG_WAIT: Duration = Duration::from_secs(30);
 
 /// What a cutover did.
-#[derive(Clone, Debug, Default, Serialize)]
+#[derive(Clone, Debug, Default, Serialize, serde::Deserialize)]
 pub struct FlipReport {
     pub from: Option<Role>,
     pub to: Option<Role>,

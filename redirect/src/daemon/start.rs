@@ -264,7 +264,7 @@ async fn wait_for_control(
         }
         // A real request, answered: what `redirect status` will do.
         Ok(matches!(
-            control::call(socket, &control::Request::State, |_| {}).await,
+            control::ask(socket, control::protocol::StateRequest, |_| {}).await,
             Ok(Some(_))
         )
         .then_some(()))

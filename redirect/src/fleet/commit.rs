@@ -17,7 +17,7 @@ use super::{
 use crate::datapath::Role;
 
 /// What a fleet flip did.
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, serde::Deserialize)]
 pub struct FleetFlip {
     pub fleet: String,
     pub epoch: Epoch,

@@ -76,6 +76,13 @@ pub enum FleetError {
     },
     #[error("{0}")]
     Refused(String),
+    #[error("this controller is not a fleet member (run --etcd)")]
+    NotAMember,
+    /// `fleet forget` names the member that was asked: it is live by definition.
+    #[error(
+        "{0} is this controller: stop it and detach its datapath, then forget it from another member"
+    )]
+    ForgetSelf(String),
     /// etcd did not answer in time: one line, with the endpoints, never a raw gRPC dump.
     #[error(
         "etcd is unreachable at {endpoints} ({why}); check its quorum with `etcdctl endpoint health`"
@@ -341,7 +348,7 @@ pub struct Fleet {
 }
 
 /// What `status` shows about the fleet.
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, serde::Deserialize)]
 pub struct View {
     pub fleet: String,
     pub member: String,

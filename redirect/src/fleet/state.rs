@@ -20,6 +20,15 @@ pub enum FleetPhase {
     Hold,
 }
 
+impl std::fmt::Display for FleetPhase {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Self::Idle => "idle",
+            Self::Hold => "hold",
+        })
+    }
+}
+
 /// An epoch number: grows by one at every committed transition.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
 #[serde(transparent)]

@@ -32,7 +32,7 @@ pub enum Identity {
 }
 
 /// What a fix did or would do.
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, Serialize, serde::Deserialize)]
 pub struct FixReport {
     /// The statements in order, each with the server it runs on (names as the servers
     /// spell them).
