@@ -122,6 +122,94 @@ pub enum Outcome {
     Go(Box<Run>),
 }
 
+/// What the checks found so far: what blocks the cutover, and the report the operator reads.
+struct Verdict {
+    force: bool,
+    report: FlipReport,
+    /// Blocks; `--force` does not pass it.
+    blocking: Vec<String>,
+    /// Guardrail findings that stop the cutover: only `--allow` passes them, never `--force`.
+    stopped_by: Vec<guardrails::Finding>,
+}
+
+impl Verdict {
+    fn new(req: &FlipRequest, from: Role, to: Role) -> Self {
+        Self {
+            force: req.force,
+            report: FlipReport {
+                from: Some(from),
+                to: Some(to),
+                dry_run: req.dry_run,
+                forced: req.force,
+                ..FlipReport::default()
+            },
+            blocking: Vec::new(),
+            stopped_by: Vec::new(),
+        }
+    }
+
+    /// Blocks the cutover; with `--force` it is only reported.
+    fn block_unless_forced(&mut self, why: String) {
+        if self.force {
+            self.report.findings.push(format!("FORCED: {why}"));
+        } else {
+            self.blocking.push(why);
+        }
+    }
+
+    fn note(&mut self, finding: String) {
+        self.report.findings.push(finding);
+    }
+
+    /// The end of the checks: `true` when the report is the answer (a dry run), an error
+    /// when something blocks, `false` to go ahead. What blocks is in the report as well.
+    fn decide(&mut self, dry_run: bool) -> Result<bool, CutoverError> {
+        let blocked = !self.blocking.is_empty() || !self.stopped_by.is_empty();
+        if blocked {
+            let blocking = self.blocking.iter().map(|b| format!("BLOCKING: {b}"));
+            self.report.findings.extend(blocking);
+            if !dry_run {
+                return Err(CutoverError::Preflight(self.refusal()));
+            }
+        }
+        Ok(dry_run)
+    }
+
+    /// Why the cutover is refused: every blocking reason, then the guardrails that stop it.
+    fn refusal(&self) -> String {
+        let mut why = self.blocking.join("; ");
+        if !self.stopped_by.is_empty() {
+            if !why.is_empty() {
+                why.push('\n');
+            }
+            why += &guardrails::refusal(&self.stopped_by);
+        }
+        why
+    }
+}
+
+/// What every check reads: the request, the direction and the two servers' sessions.
+struct Ctx<'a> {
+    ctl: &'a std::sync::Arc<Controller>,
+    req: &'a FlipRequest,
+    from: Role,
+    to: Role,
+    from_db: &'a Client,
+    to_db: &'a Client,
+    qt: Duration,
+    say: &'a (dyn Fn(String) + Sync),
+}
+
+/// What the databases' checks leave for the start of the cutover.
+#[derive(Default)]
+struct Carried {
+    /// What making the barrier replicate needs (done after the start is journaled).
+    prepare: Vec<String>,
+    /// Grants a step would be refused, from every database and the cluster.
+    missing: Vec<grants::Missing>,
+    sequences: usize,
+}
+
 /// Checks everything, journals the start (with the subscription and slot relied on), and
 /// hands back the cutover's state. Nothing is changed on any server or in the datapath.
 pub async fn check(
@@ -129,10 +217,8 @@ pub async fn check(
     req: FlipRequest,
     progress: UnboundedSender<String>,
 ) -> Result<Outcome, CutoverError> {
-    let db = ctl.databases()?.clone();
-    let qt = db.query_timeout;
-    let from = ctl.active()?;
-    let to = req.to;
+    let qt = ctl.databases()?.query_timeout;
+    let (from, to) = (ctl.active()?, req.to);
     if from == to {
         return Err(CutoverError::Refused(format!(
             "new connections already go to the {to}"
@@ -140,213 +226,306 @@ pub async fn check(
     }
     // A fleet cutover needs etcd and every member: find out now, bounded, not after the
     // hold was committed (a dry run says so too: it would not pass).
+    fleet_ready(ctl, &req).await?;
+    let t0 = Instant::now();
+    let from_db = bounded(ctl, from, "old server", qt).await?;
+    let to_db = bounded(ctl, to, "new server", qt).await?;
+    let (from_snat, snat_ports) = snat_of(ctl, from)?;
+    let mut watch = ctl.watch_for(to)?;
+    let logical = watch.replication == Replication::Logical;
+    let mut v = Verdict::new(&req, from, to);
+    let say = |s: String| {
+        let _ = progress.send(s);
+    };
+    let cx = Ctx {
+        ctl,
+        req: &req,
+        from,
+        to,
+        from_db: &from_db,
+        to_db: &to_db,
+        qt,
+        say: &say,
+    };
+    let no_replication = replication(&cx, &watch, &mut v).await?;
+    if logical {
+        databases(&cx, &watch, &mut v).await?;
+    }
+    writable(&cx, logical, &mut v).await?;
+    login_roles(&cx, &mut v).await?;
+    bypassing_sessions(&cx, &from_snat, &mut v).await?;
+    let mut lanes = open_lanes(&cx, &watch.home, logical, &v.report).await?;
+    let carried = logical && !(lanes.is_empty() && no_replication && req.force);
+    if carried && lanes.is_empty() && v.blocking.is_empty() {
+        v.blocking.push(format!(
+            "no database is replicated from the {from} to the {to}: nothing would carry its writes"
+        ));
+    }
+    let mut found = check_lanes(&cx, &mut lanes, &mut v).await?;
+    plan_the_barrier(&cx, carried, logical, lanes.len(), found.sequences, &mut v).await;
+    if lanes.is_empty() {
+        found.missing.extend(cluster_grants(&cx).await?);
+    }
+    if carried && to == Role::Target && !lanes.is_empty() {
+        for why in reverse_capacity(&from_db, &to_db, lanes.len(), qt).await? {
+            v.block_unless_forced(why);
+        }
+    }
+    missing_grants(found.missing, &mut v);
+    // Journaled at start, so a rollback or a successor finds them without --subscription.
+    let home_lane = lanes.iter().find(|l| l.database == watch.home);
+    watch.subscription = home_lane.and_then(|l| l.subscription.clone());
+    let slot = home_lane.and_then(|l| l.slot.clone());
+    plan_the_steps(&cx, logical, &found.prepare, &mut v.report).await;
+    if v.decide(req.dry_run)? {
+        return Ok(Outcome::Report(Box::new(v.report)));
+    }
+    if req.force {
+        say(
+            "WARNING: --force: the lag gate is skipped; writes not yet replicated may be lost"
+                .into(),
+        );
+    }
+    let mut rec = journal_the_start(&cx, t0, &watch, slot, logical, &lanes, progress.clone())?;
+    prepare_barriers(&lanes, &found.prepare, &mut rec, qt).await?;
+    let now = Instant::now();
+    Ok(Outcome::Go(Box::new(Run {
+        ctl: ctl.clone(),
+        from,
+        to,
+        from_db,
+        to_db,
+        from_snat,
+        snat_ports,
+        logical,
+        qt,
+        watch,
+        lanes,
+        held_at: now,
+        fenced_at: None,
+        deadline: now + req.timeout,
+        rec,
+        report: v.report,
+        undo: Undo::default(),
+        lease: None,
+        barrier: carried || !logical,
+        fleet: None,
+        req,
+    })))
+}
+
+/// In a fleet: etcd answers and every rostered member is live, within `--etcd-timeout`.
+async fn fleet_ready(ctl: &Controller, req: &FlipRequest) -> Result<(), CutoverError> {
     if let Some(fleet) = &ctl.fleet {
         fleet
             .ready(req.etcd_timeout)
             .await
             .map_err(CutoverError::FleetNotReady)?;
     }
-    let say = |s: String| {
-        let _ = progress.send(s);
-    };
-    let mut report = FlipReport {
-        from: Some(from),
-        to: Some(to),
-        dry_run: req.dry_run,
-        forced: req.force,
-        ..FlipReport::default()
-    };
-    let t0 = Instant::now();
-    let from_db = ctl.dsn(from)?.connect().await?;
-    let to_db = ctl.dsn(to)?.connect().await?;
-    // The server gives up on a statement when the controller does: a timed-out query must not
-    // keep running (holding locks, or queueing the undo behind it on the same session).
-    let bound = format!("SET statement_timeout = {}", qt.as_millis().max(1));
-    for (which, c) in [("old server", &from_db), ("new server", &to_db)] {
-        timed(which, "bounding statements", qt, c.batch_execute(&bound)).await?;
-    }
-    let (from_snat, snat_ports) = {
-        let maps = lock(&ctl.host.maps);
-        let cfg = maps.config()?;
-        (
-            maps.backend(from)?
-                .map(|b| b.snat.to_string())
-                .unwrap_or_default(),
-            (cfg.snat_port_min, cfg.snat_port_max),
-        )
-    };
-    let mut watch = ctl.watch_for(to)?;
-    let logical = watch.replication == Replication::Logical;
-    let mut blocking = Vec::new();
-    // With --force, what would block is only reported.
-    let force_or_block = |why: String, report: &mut FlipReport, blocking: &mut Vec<String>| {
-        if req.force {
-            report.findings.push(format!("FORCED: {why}"));
-        } else {
-            blocking.push(why);
-        }
-    };
+    Ok(())
+}
 
-    // Replication health and lag. A rollback without working reverse replication cannot be
-    // lossless; with --force it goes ahead without a barrier, and says so.
-    let mut no_replication = false;
+/// A session to `role`'s server whose statements end when the controller gives up on them:
+/// a timed-out query must not keep running (holding locks, or queueing the undo behind it on
+/// the same session).
+async fn bounded(
+    ctl: &Controller,
+    role: Role,
+    which: &'static str,
+    qt: Duration,
+) -> Result<Client, CutoverError> {
+    let c = ctl.dsn(role)?.connect().await?;
+    let bound = format!("SET statement_timeout = {}", qt.as_millis().max(1));
+    timed(which, "bounding statements", qt, c.batch_execute(&bound)).await?;
+    Ok(c)
+}
+
+/// The address the old server sees proxied sessions come from, and the SNAT port range.
+fn snat_of(ctl: &Controller, from: Role) -> Result<(String, (u16, u16)), CutoverError> {
+    let maps = lock(&ctl.host.maps);
+    let cfg = maps.config()?;
+    let snat = maps
+        .backend(from)?
+        .map(|b| b.snat.to_string())
+        .unwrap_or_default();
+    Ok((snat, (cfg.snat_port_min, cfg.snat_port_max)))
+}
+
+/// Replication health and lag, waited for (`--lag-wait`) while only behind. A rollback
+/// without working reverse replication cannot be lossless; with `--force` it goes ahead
+/// without a barrier, and says so. Answers whether there is no replication to rely on.
+async fn replication(cx: &Ctx<'_>, watch: &Watch, v: &mut Verdict) -> Result<bool, CutoverError> {
+    let (req, to) = (cx.req, cx.to);
     let waited = Instant::now();
-    let measured = settle_lag(&from_db, &to_db, &watch, &req, qt, &say).await;
+    let measured = settle_lag(cx.from_db, cx.to_db, watch, req, cx.qt, &cx.say).await;
     if req.called_off.is_cancelled() {
         return Err(CutoverError::Refused(
             "the cutover was called off while it waited for replication (its CLI went away, or the controller is stopping); nothing was changed".into(),
         ));
     }
     // A fleet member may have gone while preflight waited: find out before the hold.
-    if waited.elapsed() > Duration::from_secs(1)
-        && let Some(fleet) = &ctl.fleet
-    {
-        fleet
-            .ready(req.etcd_timeout)
-            .await
-            .map_err(CutoverError::FleetNotReady)?;
+    if waited.elapsed() > Duration::from_secs(1) {
+        fleet_ready(cx.ctl, req).await?;
     }
+    let rollback = to == Role::Source;
     match measured {
         Ok(l) => {
-            say(format!(
+            (cx.say)(format!(
                 "lag: {} bytes, {:.3} s ({})",
                 lag::bytes_text(l.bytes),
                 l.seconds,
                 if l.healthy { "healthy" } else { "UNHEALTHY" }
             ));
+            let mut no_replication = false;
             if let Err(why) = lag::gate(&l, req.max_lag_bytes, req.max_lag_time) {
                 // Only a rollback may go ahead with no barrier: forced forward, the barrier
                 // still guards the flip (and times out if replication is broken).
-                no_replication = to == Role::Source && !l.healthy;
-                let why = if to == Role::Source && !l.healthy {
+                no_replication = rollback && !l.healthy;
+                v.block_unless_forced(if no_replication {
                     format!(
                         "rollback cannot be lossless: no working reverse replication from the target ({}); pass --force to flip back anyway, losing the target's writes since the cutover",
                         l.problems.join("; ")
                     )
                 } else {
                     why.to_string()
-                };
-                force_or_block(why, &mut report, &mut blocking);
+                });
             }
-            report.lag = Some(l);
+            v.report.lag = Some(l);
+            Ok(no_replication)
         }
         Err(e) => {
-            no_replication = to == Role::Source;
-            let why = if to == Role::Source {
+            v.block_unless_forced(if rollback {
                 format!(
                     "rollback cannot be lossless: no reverse replication from the target ({e}); pass --force to flip back anyway, losing the target's writes since the cutover"
                 )
             } else {
                 format!("cannot read replication lag: {e}")
-            };
-            force_or_block(why, &mut report, &mut blocking);
+            });
+            Ok(rollback)
         }
     }
-    // Every database behind the VIP moves with it: each needs its writes carried. Found
-    // from the catalogs, whatever the lag reading gave, and never passed by --force: a
-    // database with data and nothing to carry it loses its writes for certain.
-    // A rollback too: a database made on the target since the cutover, or one whose way
-    // back is gone, would lose its writes; there `--force` ("losing the target's writes")
-    // may pass it, as it passes a rollback without reverse replication.
-    if logical {
-        let found = cluster::discover(ctl.dsn(from)?, &from_db, &to_db, &watch, qt).await?;
-        for line in cluster::describe(&found) {
-            say(line);
-        }
-        for d in &found {
-            if let Some(problem) = &d.problem {
-                if to == Role::Target {
-                    blocking.push(problem.clone());
-                } else {
-                    force_or_block(problem.clone(), &mut report, &mut blocking);
-                }
-            } else if d.coverage == cluster::Coverage::Excluded {
-                report.findings.push(format!(
-                    "WARNING: database {} is left out (--databases/--exclude-databases): its clients move with the VIP with no barrier, no sequence sync and no way back",
-                    d.name
-                ));
+}
+
+/// Every database behind the VIP moves with it: each needs its writes carried. Found from
+/// the catalogs, whatever the lag reading gave, and never passed by `--force` forward: a
+/// database with data and nothing to carry it loses its writes for certain. A rollback too:
+/// a database made on the target since the cutover, or one whose way back is gone, would
+/// lose its writes; there `--force` ("losing the target's writes") may pass it, as it passes
+/// a rollback without reverse replication.
+async fn databases(cx: &Ctx<'_>, watch: &Watch, v: &mut Verdict) -> Result<(), CutoverError> {
+    let found = cluster::discover(cx.ctl.dsn(cx.from)?, cx.from_db, cx.to_db, watch, cx.qt).await?;
+    for line in cluster::describe(&found) {
+        (cx.say)(line);
+    }
+    for d in &found {
+        if let Some(problem) = &d.problem {
+            if cx.to == Role::Target {
+                v.blocking.push(problem.clone());
+            } else {
+                v.block_unless_forced(problem.clone());
             }
+        } else if d.coverage == cluster::Coverage::Excluded {
+            v.note(format!(
+                "WARNING: database {} is left out (--databases/--exclude-databases): its clients move with the VIP with no barrier, no sequence sync and no way back",
+                d.name
+            ));
         }
-        report.databases = found;
     }
+    v.report.databases = found;
+    Ok(())
+}
+
+/// A logical target takes writes; a physical one is a standby to promote.
+async fn writable(cx: &Ctx<'_>, logical: bool, v: &mut Verdict) -> Result<(), CutoverError> {
+    let to = cx.to;
     let row = timed(
         "new server",
         "checking writability",
-        qt,
-        to_db.query_one(WRITABLE, &[]),
+        cx.qt,
+        cx.to_db.query_one(WRITABLE, &[]),
     )
     .await?;
     let (in_recovery, read_only): (bool, String) = (row.get(0), row.get(1));
     if logical && (in_recovery || read_only == "on") {
-        blocking.push(format!(
+        v.blocking.push(format!(
             "the {to} is not writable (in recovery: {in_recovery}, read only: {read_only})"
         ));
     }
     if !logical && !in_recovery {
-        blocking.push(format!(
+        v.blocking.push(format!(
             "the {to} is not a standby, so there is nothing to promote"
         ));
     }
-    let from_roles: Vec<String> = timed(
-        "old server",
-        "listing roles",
-        qt,
-        from_db.query(LOGIN_ROLES, &[]),
-    )
-    .await?
-    .iter()
-    .map(|r| r.get(0))
-    .collect();
-    let to_roles: Vec<String> = timed(
-        "new server",
-        "listing roles",
-        qt,
-        to_db.query(LOGIN_ROLES, &[]),
-    )
-    .await?
-    .iter()
-    .map(|r| r.get(0))
-    .collect();
+    Ok(())
+}
+
+/// Every login role of the old server exists on the new one.
+async fn login_roles(cx: &Ctx<'_>, v: &mut Verdict) -> Result<(), CutoverError> {
+    let from_roles = roles("old server", cx.from_db, cx.qt).await?;
+    let to_roles = roles("new server", cx.to_db, cx.qt).await?;
     let missing: Vec<&String> = from_roles
         .iter()
         .filter(|r| !to_roles.contains(r))
         .collect();
     if !missing.is_empty() {
-        force_or_block(
-            format!(
-                "login roles missing on the {to}: {missing:?} (their new connections would fail)"
-            ),
-            &mut report,
-            &mut blocking,
-        );
+        v.block_unless_forced(format!(
+            "login roles missing on the {}: {missing:?} (their new connections would fail)",
+            cx.to
+        ));
     }
-    // This proxy's sessions, and in a fleet every member's, do not bypass it.
-    let mut proxied_from = vec![from_snat.clone()];
-    if let Some(fleet) = &ctl.fleet {
+    Ok(())
+}
+
+async fn roles(
+    which: &'static str,
+    db: &Client,
+    qt: Duration,
+) -> Result<Vec<String>, CutoverError> {
+    let rows = timed(which, "listing roles", qt, db.query(LOGIN_ROLES, &[])).await?;
+    Ok(rows.iter().map(|r| r.get(0)).collect())
+}
+
+/// Sessions on the old server that do not come through this proxy (or, in a fleet, any
+/// member): the fence cannot stop their writes.
+async fn bypassing_sessions(
+    cx: &Ctx<'_>,
+    from_snat: &str,
+    v: &mut Verdict,
+) -> Result<(), CutoverError> {
+    let mut proxied_from = vec![from_snat.to_owned()];
+    if let Some(fleet) = &cx.ctl.fleet {
         proxied_from.extend(fleet.members_snat().await);
     }
     let bypass = timed(
         "old server",
         "listing sessions",
-        qt,
-        from_db.query_one(BYPASS_SESSIONS, &[&proxied_from]),
+        cx.qt,
+        cx.from_db.query_one(BYPASS_SESSIONS, &[&proxied_from]),
     )
     .await?;
     let (n_bypass, bypass_from): (i64, String) = (bypass.get(0), bypass.get(1));
     if n_bypass > 0 {
-        report.findings.push(format!(
-            "WARNING: {n_bypass} session(s) on the {from} bypass the proxy (from {bypass_from}); the fence cannot stop their writes"
+        v.note(format!(
+            "WARNING: {n_bypass} session(s) on the {} bypass the proxy (from {bypass_from}); the fence cannot stop their writes",
+            cx.from
         ));
     }
+    Ok(())
+}
 
-    // The databases this cutover carries, each over its own sessions (a lane): forward, every
-    // replicated one discovery found; a rollback, every one with a reverse subscription.
-    // A forced rollback carries the databases whose way back works, and only the others'
-    // target writes are given up.
-    let home = watch.home.clone();
+/// The databases this cutover carries, each over its own sessions (a lane): forward, every
+/// replicated one discovery found; a rollback, every one with a reverse subscription. A
+/// forced rollback carries the databases whose way back works, and only the others' target
+/// writes are given up.
+async fn open_lanes(
+    cx: &Ctx<'_>,
+    home: &str,
+    logical: bool,
+    report: &FlipReport,
+) -> Result<Vec<Lane>, CutoverError> {
     let lane_dbs: Vec<(String, Option<String>)> = if !logical {
         Vec::new()
-    } else if to == Role::Target {
+    } else if cx.to == Role::Target {
         report
             .databases
             .iter()
@@ -360,144 +539,154 @@ pub async fn check(
             .map(|l| {
                 l.databases
                     .iter()
-                    .filter(|d| d.subscription.is_some() && (d.healthy || !req.force))
+                    .filter(|d| d.subscription.is_some() && (d.healthy || !cx.req.force))
                     .map(|d| (d.database.clone(), d.subscription.clone()))
                     .collect()
             })
             .unwrap_or_default()
     };
-    let carried = logical && !(lane_dbs.is_empty() && no_replication && req.force);
     let mut lanes = Vec::new();
     for (name, sub) in lane_dbs {
-        lanes.push(Lane::open(&name, ctl.dsn(from)?, ctl.dsn(to)?, &home, sub, None, qt).await?);
+        let (from, to) = (cx.ctl.dsn(cx.from)?, cx.ctl.dsn(cx.to)?);
+        lanes.push(Lane::open(&name, from, to, home, sub, None, cx.qt).await?);
     }
-    if carried && lanes.is_empty() && blocking.is_empty() {
-        blocking.push(format!(
-            "no database is replicated from the {from} to the {to}: nothing would carry its writes"
-        ));
-    }
-    let mut prepare = Vec::new();
-    // Guardrail findings that stop the cutover: only --allow passes them, never --force.
-    let mut stopped_by: Vec<guardrails::Finding> = Vec::new();
-    let mut missing: Vec<grants::Missing> = Vec::new();
-    let mut sequences = 0;
+    Ok(lanes)
+}
+
+/// Every database's own checks ([`check_lane`]), gathered.
+async fn check_lanes(
+    cx: &Ctx<'_>,
+    lanes: &mut [Lane],
+    v: &mut Verdict,
+) -> Result<Carried, CutoverError> {
+    let mut out = Carried::default();
     let many = lanes.len() > 1;
-    for lane in &mut lanes {
-        let checked = check_lane(ctl, &req, lane, from, to, many, qt).await?;
-        sequences += checked.sequences;
-        blocking.extend(checked.blocking);
+    for lane in lanes {
+        let checked = check_lane(cx.ctl, cx.req, lane, cx.from, cx.to, many, cx.qt).await?;
+        out.sequences += checked.sequences;
+        v.blocking.extend(checked.blocking);
         for why in checked.forcible {
-            force_or_block(why, &mut report, &mut blocking);
+            v.block_unless_forced(why);
         }
-        report.findings.extend(checked.findings);
-        stopped_by.extend(checked.guardrails.iter().filter(|f| f.stops()).cloned());
-        report.guardrails.extend(checked.guardrails);
-        prepare.extend(checked.prepare);
+        v.report.findings.extend(checked.findings);
+        v.stopped_by
+            .extend(checked.guardrails.iter().filter(|f| f.stops()).cloned());
+        v.report.guardrails.extend(checked.guardrails);
+        out.prepare.extend(checked.prepare);
         for m in checked.missing {
-            if !missing.contains(&m) {
-                missing.push(m);
+            if !out.missing.contains(&m) {
+                out.missing.push(m);
             }
         }
     }
+    Ok(out)
+}
+
+/// What guards the flip, in the plan: a marker row through each database's replication, the
+/// WAL position of a physical standby (whose guardrails are checked here), or nothing (a
+/// forced rollback with no replication).
+async fn plan_the_barrier(
+    cx: &Ctx<'_>,
+    carried: bool,
+    logical: bool,
+    lanes: usize,
+    sequences: usize,
+    v: &mut Verdict,
+) {
+    let (from, to) = (cx.from, cx.to);
     if carried {
-        let count =
-            |p: fn(&guardrails::Finding) -> bool| report.guardrails.iter().filter(|f| p(f)).count();
-        say(format!(
+        let count = |p: fn(&guardrails::Finding) -> bool| {
+            v.report.guardrails.iter().filter(|f| p(f)).count()
+        };
+        (cx.say)(format!(
             "guardrails: {} blocking, {} allowed, {} note(s)",
             count(guardrails::Finding::stops),
             count(|f| f.allowed),
             count(|f| !f.blocks)
         ));
-        report
-            .findings
-            .push(format!("{sequences} sequence(s) to sync"));
-        report.plan.push(format!(
+        v.note(format!("{sequences} sequence(s) to sync"));
+        v.report.plan.push(format!(
             "barrier: a marker row in {BARRIER_TABLE}, written on the {from} after the fence, seen on the {to}{}",
-            if many {
-                format!(", in each of {} databases side by side", lanes.len())
+            if lanes > 1 {
+                format!(", in each of {lanes} databases side by side")
             } else {
                 String::new()
             }
         ));
     } else if logical {
-        report.findings.push(
-            "guardrails skipped: there is no replication to check (forced rollback)".to_owned(),
-        );
-        report.plan.push(format!(
+        v.note("guardrails skipped: there is no replication to check (forced rollback)".to_owned());
+        v.report.plan.push(format!(
             "NO barrier (forced, no replication): the {to} will not have the {from}'s writes since the last cutover"
         ));
     } else {
-        report.findings.push(guardrails::PHYSICAL.to_owned());
+        v.note(guardrails::PHYSICAL.to_owned());
         let found = guardrails::check_physical(
             &guardrails::Replication {
-                old: &from_db,
-                new: &to_db,
+                old: cx.from_db,
+                new: cx.to_db,
                 old_role: from,
                 new_role: to,
                 subscription: "",
                 publications: &[],
                 slot: None,
-                qt,
-                max_transaction_age: req.max_transaction_age,
+                qt: cx.qt,
+                max_transaction_age: cx.req.max_transaction_age,
             },
-            &req.allow,
+            &cx.req.allow,
         )
         .await
-        .unwrap_or_else(|e| vec![guardrails::check_failed(&e, &req.allow)]);
-        stopped_by.extend(found.iter().filter(|f| f.stops()).cloned());
-        report.guardrails = found;
-        report.plan.push(format!(
+        .unwrap_or_else(|e| vec![guardrails::check_failed(&e, &cx.req.allow)]);
+        v.stopped_by
+            .extend(found.iter().filter(|f| f.stops()).cloned());
+        v.report.guardrails = found;
+        v.report.plan.push(format!(
             "barrier: the {to} replays up to the {from}'s WAL insert position after the fence, then is promoted"
         ));
     }
-    if lanes.is_empty() {
-        // No database to carry (physical, or a forced flip): the cluster-wide grants only.
-        missing.extend(
-            grants::check(
-                &grants::Needs {
-                    old: (from.name(), &from_db),
-                    new: (to.name(), &to_db),
-                    logical: false,
-                    forward: false,
-                    subscription: None,
-                    publications: &[],
-                    tables: &[],
-                    sequences: &[],
-                    database: None,
-                },
-                qt,
-            )
-            .await?,
-        );
-    }
-    if carried && to == Role::Target && !lanes.is_empty() {
-        for why in reverse_capacity(&from_db, &to_db, lanes.len(), qt).await? {
-            force_or_block(why, &mut report, &mut blocking);
-        }
-    }
+}
+
+/// With no database to carry (physical, or a forced flip): the cluster-wide grants only.
+async fn cluster_grants(cx: &Ctx<'_>) -> Result<Vec<grants::Missing>, CutoverError> {
+    let missing = grants::check(
+        &grants::Needs {
+            old: (cx.from.name(), cx.from_db),
+            new: (cx.to.name(), cx.to_db),
+            logical: false,
+            forward: false,
+            subscription: None,
+            publications: &[],
+            tables: &[],
+            sequences: &[],
+            database: None,
+        },
+        cx.qt,
+    )
+    .await?;
+    Ok(missing)
+}
+
+/// A grant a step needs blocks; one only the rollback needs blocks unless `--force`.
+fn missing_grants(missing: Vec<grants::Missing>, v: &mut Verdict) {
     for m in missing {
         if m.for_rollback {
-            force_or_block(
-                format!("{m}; without it a rollback would not be lossless"),
-                &mut report,
-                &mut blocking,
-            );
+            v.block_unless_forced(format!("{m}; without it a rollback would not be lossless"));
         } else {
-            blocking.push(m.to_string());
+            v.blocking.push(m.to_string());
         }
     }
-    // Journaled at start, so a rollback or a successor finds them without --subscription.
-    let home_lane = lanes.iter().find(|l| l.database == home);
-    watch.subscription = home_lane.and_then(|l| l.subscription.clone());
-    let slot = home_lane.and_then(|l| l.slot.clone());
+}
+
+/// The plan's steps, in order: what the barrier needs first, then the cutover itself.
+async fn plan_the_steps(cx: &Ctx<'_>, logical: bool, prepare: &[String], report: &mut FlipReport) {
+    let (from, to, req) = (cx.from, cx.to, cx.req);
     report.plan.splice(0..0, prepare.iter().cloned());
     // The reverse slot becomes a failover slot when the target (17+) has a standby.
     let reverse_failover = if to == Role::Target && logical {
         timed(
             "target",
             "looking for standbys",
-            qt,
-            super::failover::standbys(&to_db),
+            cx.qt,
+            super::failover::standbys(cx.to_db),
         )
         .await
         .ok()
@@ -526,108 +715,78 @@ pub async fn check(
         format!("flip: new connections go to the {to}; release the held ones to it"),
         format!("drain the {from}'s connections for {:?}, then end the rest (their clients are told)", req.drain_timeout),
     ]);
-    if !blocking.is_empty() || !stopped_by.is_empty() {
-        report
-            .findings
-            .extend(blocking.iter().map(|b| format!("BLOCKING: {b}")));
-        if req.dry_run {
-            return Ok(Outcome::Report(Box::new(report)));
-        }
-        let mut why = blocking.join("; ");
-        if !stopped_by.is_empty() {
-            if !why.is_empty() {
-                why.push('\n');
-            }
-            why += &guardrails::refusal(&stopped_by);
-        }
-        return Err(CutoverError::Preflight(why));
-    }
-    if req.dry_run {
-        return Ok(Outcome::Report(Box::new(report)));
-    }
-    if req.force {
-        say(
-            "WARNING: --force: the lag gate is skipped; writes not yet replicated may be lost"
-                .into(),
-        );
-    }
+}
 
-    let mut rec = Recorder::new(
-        &ctl.journal_path,
-        journal::new_id(),
-        from,
-        to,
-        progress.clone(),
-    )?;
+/// Journals the start, with the subscription and slot relied on and the databases carried.
+fn journal_the_start(
+    cx: &Ctx<'_>,
+    t0: Instant,
+    watch: &Watch,
+    slot: Option<String>,
+    logical: bool,
+    lanes: &[Lane],
+    progress: UnboundedSender<String>,
+) -> Result<Recorder, CutoverError> {
+    let (from, to, req) = (cx.from, cx.to, cx.req);
+    let mut rec = Recorder::new(&cx.ctl.journal_path, journal::new_id(), from, to, progress)?;
+    let databases = if lanes.len() > 1 || lanes.iter().any(|l| l.database != watch.home) {
+        format!(
+            ", database(s) {}",
+            lanes
+                .iter()
+                .map(|l| l.database.as_str())
+                .collect::<Vec<_>>()
+                .join(", ")
+        )
+    } else {
+        String::new()
+    };
     rec.log(
         t0,
         Entry {
             step: Step::Start,
             subscription: watch.subscription.clone().filter(|_| logical),
-            slot: slot.clone(),
+            slot,
             drain_timeout_ms: Some(
                 u64::try_from(req.drain_timeout.as_millis()).unwrap_or(u64::MAX),
             ),
             detail: format!(
-                "cutover {from} -> {to}{}{}",
+                "cutover {from} -> {to}{}{databases}",
                 if req.force { " (FORCED)" } else { "" },
-                if lanes.len() > 1 || lanes.iter().any(|l| l.database != home) {
-                    format!(
-                        ", database(s) {}",
-                        lanes
-                            .iter()
-                            .map(|l| l.database.as_str())
-                            .collect::<Vec<_>>()
-                            .join(", ")
-                    )
-                } else {
-                    String::new()
-                }
             ),
             ..Entry::default()
         },
     )?;
-    if !prepare.is_empty() {
-        let t = Instant::now();
-        for lane in &lanes {
-            let watch = Watch::one(Replication::Logical, lane.subscription.clone());
-            if let Err(e) = prepare_barrier(&lane.from_db, &lane.to_db, &watch, qt).await {
-                let e = match e {
-                    CutoverError::Preflight(why) => {
-                        CutoverError::Preflight(format!("{}{why}", lane.prefix()))
-                    }
-                    other => other,
-                };
-                let _ = rec.step(Step::Aborted, t, format!("{e}; nothing was changed"));
-                return Err(e);
-            }
-        }
-        rec.step(Step::Prepare, t, prepare.join("; "))?;
+    Ok(rec)
+}
+
+/// Makes the barrier table replicate in every database that needs it; a failure is journaled
+/// as the end of this cutover, with nothing changed.
+async fn prepare_barriers(
+    lanes: &[Lane],
+    prepare: &[String],
+    rec: &mut Recorder,
+    qt: Duration,
+) -> Result<(), CutoverError> {
+    if prepare.is_empty() {
+        return Ok(());
     }
-    let now = Instant::now();
-    Ok(Outcome::Go(Box::new(Run {
-        ctl: ctl.clone(),
-        from,
-        to,
-        from_db,
-        to_db,
-        from_snat,
-        snat_ports,
-        logical,
-        qt,
-        watch,
-        lanes,
-        held_at: now,
-        fenced_at: None,
-        deadline: now + req.timeout,
-        rec,
-        report,
-        undo: Undo::default(),
-        lease: None,
-        barrier: carried || !logical,
-        fleet: None,
-        req,
-    })))
+    let t = Instant::now();
+    for lane in lanes {
+        let watch = Watch::one(Replication::Logical, lane.subscription.clone());
+        if let Err(e) = prepare_barrier(&lane.from_db, &lane.to_db, &watch, qt).await {
+            let e = match e {
+                CutoverError::Preflight(why) => {
+                    CutoverError::Preflight(format!("{}{why}", lane.prefix()))
+                }
+                other => other,
+            };
+            let _ = rec.step(Step::Aborted, t, format!("{e}; nothing was changed"));
+            return Err(e);
+        }
+    }
+    rec.step(Step::Prepare, t, prepare.join("; "))?;
+    Ok(())
 }
 
 /// What preflight found in one database.
@@ -694,40 +853,9 @@ async fn check_lane(
             "guardrails skipped: subscription {sub:?} subscribes to no publication the {to} can read"
         )));
     } else {
-        let mut found = guardrails::check(
-            &guardrails::Replication {
-                old: &lane.from_db,
-                new: &lane.to_db,
-                old_role: from,
-                new_role: to,
-                subscription: &sub,
-                publications: &pubs,
-                slot: lane.slot.as_deref(),
-                qt,
-                max_transaction_age: req.max_transaction_age,
-            },
-            &req.allow,
-        )
-        .await
-        .unwrap_or_else(|e| vec![guardrails::check_failed(&e, &req.allow)]);
-        for f in &mut found {
-            f.database = Some(lane.database.clone());
-        }
-        out.guardrails = found;
+        out.guardrails = lane_guardrails(req, lane, (from, to), &sub, &pubs, qt).await;
     }
-    let published = lane
-        .from_db
-        .query_one(PUBLICATION_HAS_BARRIER, &[&pubs])
-        .await
-        .map_or(0, |r| r.get::<_, i64>(0))
-        > 0;
-    let subscribed = lane
-        .to_db
-        .query_one(SUBSCRIPTION_HAS_BARRIER, &[&sub])
-        .await
-        .map_or(0, |r| r.get::<_, i64>(0))
-        > 0;
-    if !(published && subscribed) {
+    if !barrier_replicates(lane, &pubs, &sub).await {
         out.prepare.push(named(format!("create {BARRIER_TABLE} on both servers, add it to publication {pubs:?} and refresh subscription {sub:?}")));
     }
     if to == Role::Target {
@@ -739,8 +867,68 @@ async fn check_lane(
             )));
         }
     }
-    // Every step's grants, checked now: a managed service's role has no superuser to fall
-    // back on, and a step refused halfway would leave a half-done cutover to undo.
+    out.missing = lane_grants(lane, (from, to), &sub, &pubs, &settable, qt).await?;
+    Ok(out)
+}
+
+/// What logical replication will not carry in this database, each finding named with it.
+async fn lane_guardrails(
+    req: &FlipRequest,
+    lane: &Lane,
+    (from, to): (Role, Role),
+    sub: &str,
+    pubs: &[String],
+    qt: Duration,
+) -> Vec<guardrails::Finding> {
+    let mut found = guardrails::check(
+        &guardrails::Replication {
+            old: &lane.from_db,
+            new: &lane.to_db,
+            old_role: from,
+            new_role: to,
+            subscription: sub,
+            publications: pubs,
+            slot: lane.slot.as_deref(),
+            qt,
+            max_transaction_age: req.max_transaction_age,
+        },
+        &req.allow,
+    )
+    .await
+    .unwrap_or_else(|e| vec![guardrails::check_failed(&e, &req.allow)]);
+    for f in &mut found {
+        f.database = Some(lane.database.clone());
+    }
+    found
+}
+
+/// Whether the barrier table is published and subscribed already (if not, the start of the
+/// cutover makes it so).
+async fn barrier_replicates(lane: &Lane, pubs: &[String], sub: &str) -> bool {
+    let count = |r: Result<tokio_postgres::Row, _>| r.map_or(0, |r| r.get::<_, i64>(0));
+    let published = count(
+        lane.from_db
+            .query_one(PUBLICATION_HAS_BARRIER, &[&pubs])
+            .await,
+    ) > 0;
+    let subscribed = count(
+        lane.to_db
+            .query_one(SUBSCRIPTION_HAS_BARRIER, &[&sub])
+            .await,
+    ) > 0;
+    published && subscribed
+}
+
+/// Every step's grants, checked now: a managed service's role has no superuser to fall back
+/// on, and a step refused halfway would leave a half-done cutover to undo.
+async fn lane_grants(
+    lane: &Lane,
+    (from, to): (Role, Role),
+    sub: &str,
+    pubs: &[String],
+    settable: &[String],
+    qt: Duration,
+) -> Result<Vec<grants::Missing>, CutoverError> {
     let tables: Vec<String> = if to == Role::Target && !pubs.is_empty() {
         timed(
             "old server",
@@ -755,22 +943,22 @@ async fn check_lane(
     } else {
         Vec::new()
     };
-    out.missing = grants::check(
+    let missing = grants::check(
         &grants::Needs {
             old: (from.name(), &lane.from_db),
             new: (to.name(), &lane.to_db),
             logical: true,
             forward: to == Role::Target,
-            subscription: Some(&sub),
-            publications: &pubs,
+            subscription: Some(sub),
+            publications: pubs,
             tables: &tables,
-            sequences: &settable,
+            sequences: settable,
             database: Some(&lane.database),
         },
         qt,
     )
     .await?;
-    Ok(out)
+    Ok(missing)
 }
 
 /// Room on the target for a reverse slot and walsender per database, free slots beyond those
@@ -994,20 +1182,15 @@ pub async fn prepare_barrier(
     watch: &Watch,
     qt: Duration,
 ) -> Result<(), CutoverError> {
-    timed(
-        "publisher",
-        "creating the barrier table",
-        qt,
-        from_db.batch_execute(CREATE_BARRIER),
-    )
-    .await?;
-    timed(
-        "subscriber",
-        "creating the barrier table",
-        qt,
-        to_db.batch_execute(CREATE_BARRIER),
-    )
-    .await?;
+    for (which, db) in [("publisher", from_db), ("subscriber", to_db)] {
+        timed(
+            which,
+            "creating the barrier table",
+            qt,
+            db.batch_execute(CREATE_BARRIER),
+        )
+        .await?;
+    }
     let sub = lag::subscription_name(to_db, watch, qt).await?;
     let pubs: Vec<String> = timed(
         "subscriber",
@@ -1017,6 +1200,17 @@ pub async fn prepare_barrier(
     )
     .await?
     .get(0);
+    publish_barrier(from_db, &pubs, qt).await?;
+    subscribe_barrier(from_db, to_db, &pubs, &sub, qt).await?;
+    prove_barrier_replicates(from_db, to_db, &sub, qt).await
+}
+
+/// The barrier table in the subscription's first publication, unless one has it already.
+async fn publish_barrier(
+    from_db: &Client,
+    pubs: &[String],
+    qt: Duration,
+) -> Result<(), CutoverError> {
     let n: i64 = timed(
         "publisher",
         "checking the publication",
@@ -1038,6 +1232,18 @@ pub async fn prepare_barrier(
         )
         .await?;
     }
+    Ok(())
+}
+
+/// The subscription learns the barrier table (a refresh that copies nothing), unless it
+/// knows it already; refused when other published tables would be marked synced uncopied.
+async fn subscribe_barrier(
+    from_db: &Client,
+    to_db: &Client,
+    pubs: &[String],
+    sub: &str,
+    qt: Duration,
+) -> Result<(), CutoverError> {
     let m: i64 = timed(
         "subscriber",
         "checking the subscription",
@@ -1046,57 +1252,67 @@ pub async fn prepare_barrier(
     )
     .await?
     .get(0);
-    if m == 0 {
-        let published: Vec<String> = timed(
+    if m > 0 {
+        return Ok(());
+    }
+    let names =
+        |rows: Vec<tokio_postgres::Row>| -> Vec<String> { rows.iter().map(|r| r.get(0)).collect() };
+    let published = names(
+        timed(
             "publisher",
             "listing published tables",
             qt,
             from_db.query(PUBLISHED_TABLES, &[&pubs]),
         )
-        .await?
-        .iter()
-        .map(|r| r.get(0))
-        .collect();
-        let subscribed: Vec<String> = timed(
+        .await?,
+    );
+    let subscribed = names(
+        timed(
             "subscriber",
             "listing subscribed tables",
             qt,
             to_db.query(SUBSCRIBED_TABLES, &[&sub]),
         )
-        .await?
+        .await?,
+    );
+    let unsynced: Vec<&String> = published
         .iter()
-        .map(|r| r.get(0))
+        .filter(|t| !subscribed.contains(t))
         .collect();
-        let unsynced: Vec<&String> = published
-            .iter()
-            .filter(|t| !subscribed.contains(t))
-            .collect();
-        if !unsynced.is_empty() {
-            return Err(CutoverError::Preflight(format!(
-                "publication {pubs:?} has {} table(s) subscription {sub:?} has never copied: {unsynced:?}; run `ALTER SUBSCRIPTION {} REFRESH PUBLICATION` on the subscriber (it copies them), wait until they are synced, then retry",
-                unsynced.len(),
-                quote_ident(&sub)
-            )));
-        }
-        timed(
-            "subscriber",
-            "refreshing the subscription",
-            qt,
-            to_db.batch_execute(&format!(
-                "ALTER SUBSCRIPTION {} REFRESH PUBLICATION WITH (copy_data = false)",
-                quote_ident(&sub)
-            )),
-        )
-        .await?;
+    if !unsynced.is_empty() {
+        return Err(CutoverError::Preflight(format!(
+            "publication {pubs:?} has {} table(s) subscription {sub:?} has never copied: {unsynced:?}; run `ALTER SUBSCRIPTION {} REFRESH PUBLICATION` on the subscriber (it copies them), wait until they are synced, then retry",
+            unsynced.len(),
+            quote_ident(sub)
+        )));
     }
-    // Prove it: a marker must arrive while the same apply worker runs before and after
-    // (a refresh may restart the worker, and the launcher takes up to
-    // wal_retrieve_retry_interval, 5 s by default, to start a new one).
+    timed(
+        "subscriber",
+        "refreshing the subscription",
+        qt,
+        to_db.batch_execute(&format!(
+            "ALTER SUBSCRIPTION {} REFRESH PUBLICATION WITH (copy_data = false)",
+            quote_ident(sub)
+        )),
+    )
+    .await?;
+    Ok(())
+}
+
+/// Proves it: a marker must arrive while the same apply worker runs before and after (a
+/// refresh may restart the worker, and the launcher takes up to
+/// `wal_retrieve_retry_interval`, 5 s by default, to start a new one).
+async fn prove_barrier_replicates(
+    from_db: &Client,
+    to_db: &Client,
+    sub: &str,
+    qt: Duration,
+) -> Result<(), CutoverError> {
     let until = Instant::now() + Duration::from_secs(15);
     let mut n = 0u32;
     loop {
         n += 1;
-        let before = apply_worker(to_db, &sub).await;
+        let before = apply_worker(to_db, sub).await;
         let token = format!("prepare-{}-{n}", journal::new_id());
         timed(
             "publisher",
@@ -1121,7 +1337,7 @@ pub async fn prepare_barrier(
         )
         .await?
         .is_some();
-        if seen && before.is_some() && apply_worker(to_db, &sub).await == before {
+        if seen && before.is_some() && apply_worker(to_db, sub).await == before {
             return Ok(());
         }
         if Instant::now() > until {
