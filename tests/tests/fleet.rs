@@ -389,10 +389,16 @@ fn a_fleet_cutover_and_rollback_commit_epochs_and_lose_nothing() {
         String::from_utf8_lossy(&out.stderr),
         lab.last_redirect_log()
     );
-    let report: serde_json::Value = serde_json::from_slice(&out.stdout).expect("flip --json");
+    let report: redirect::cutover::FlipReport =
+        serde_json::from_slice(&out.stdout).expect("flip --json is a flip report");
     let on_target = pg::acked_rows(&lab, Ns::Target, &target, "");
     assert_no_loss_through_a_cutover(&v, &on_target, "target");
-    assert!(report["write_pause_ms"].as_f64().is_some(), "{report:#}");
+    // Writes paused from the fence to the commit, and for less than the cutover's --timeout.
+    assert!(
+        report.write_pause_ms > 0.0 && report.write_pause_ms < 10_000.0,
+        "{report:#?}"
+    );
+    assert_eq!(report.to, Some(redirect::datapath::Role::Target));
     let log = lab.last_redirect_log();
     assert!(
         log.contains("fleet epoch 1: every member (proxy-a) parks new SYNs"),

@@ -135,7 +135,13 @@ pub enum CutoverError {
     #[error(transparent)]
     Controller(#[from] ControllerError),
     #[error("preflight failed: {0}")]
-    Preflight(String),
+    Preflight(preflight::Refusal),
+    #[error("new connections already go to the {0}")]
+    AlreadyThere(Role),
+    #[error(
+        "the cutover was called off while it waited for replication (its CLI went away, or the controller is stopping); nothing was changed"
+    )]
+    CalledOff,
     #[error("{0}")]
     Refused(String),
     /// The fleet cannot cut over now (etcd unreachable, a member not live): refused before
@@ -158,6 +164,18 @@ pub enum CutoverError {
 }
 
 impl CutoverError {
+    /// The same error, said of one database (a preflight refusal names the database).
+    #[must_use]
+    pub fn in_database(self, database: &str) -> Self {
+        match self {
+            Self::Preflight(refusal) => Self::Preflight(preflight::Refusal::InDatabase {
+                database: database.to_owned(),
+                refusal: Box::new(refusal),
+            }),
+            other => other,
+        }
+    }
+
     /// An abort at `step` for a reason of our own.
     fn abort(step: Phase, why: impl Into<String>) -> Self {
         Self::Aborted {
@@ -597,12 +615,7 @@ pub async fn prepare(ctl: &Controller) -> Result<(), CutoverError> {
         let one = Watch::one(Replication::Logical, Some(sub.name));
         preflight::prepare_barrier(&from_db, &to_db, &one, db.query_timeout)
             .await
-            .map_err(|e| match e {
-                CutoverError::Preflight(why) => {
-                    CutoverError::Preflight(format!("database {database}: {why}"))
-                }
-                other => other,
-            })?;
+            .map_err(|e| e.in_database(&database))?;
     }
     Ok(())
 }

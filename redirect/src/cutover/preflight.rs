@@ -122,6 +122,50 @@ pub enum Outcome {
     Go(Box<Run>),
 }
 
+/// Why preflight refused a cutover, with nothing changed.
+#[derive(Debug, thiserror::Error)]
+pub enum Refusal {
+    /// What the checks found: every blocking reason, then the guardrails that stop it.
+    #[error("{}", blocked(blocking, stopped_by))]
+    Blocked {
+        blocking: Vec<String>,
+        stopped_by: Vec<guardrails::Finding>,
+    },
+    /// Other published tables would be marked synced, uncopied, by the barrier's refresh.
+    #[error(
+        "publication {publications:?} has {} table(s) subscription {subscription:?} has never copied: {tables:?}; run `ALTER SUBSCRIPTION {} REFRESH PUBLICATION` on the subscriber (it copies them), wait until they are synced, then retry",
+        tables.len(),
+        quote_ident(subscription)
+    )]
+    UnsyncedTables {
+        publications: Vec<String>,
+        subscription: String,
+        tables: Vec<String>,
+    },
+    #[error("{BARRIER_TABLE} does not replicate through subscription {subscription:?}")]
+    BarrierDoesNotReplicate { subscription: String },
+    #[error(
+        "the {to} did not apply a rehearsal marker within --timeout {timeout:?}; nothing was changed"
+    )]
+    RehearsalMissed { to: Role, timeout: Duration },
+    #[error("database {database}: {refusal}")]
+    InDatabase {
+        database: String,
+        refusal: Box<Refusal>,
+    },
+}
+
+fn blocked(blocking: &[String], stopped_by: &[guardrails::Finding]) -> String {
+    let mut why = blocking.join("; ");
+    if !stopped_by.is_empty() {
+        if !why.is_empty() {
+            why.push('\n');
+        }
+        why += &guardrails::refusal(stopped_by);
+    }
+    why
+}
+
 /// What the checks found so far: what blocks the cutover, and the report the operator reads.
 struct Verdict {
     force: bool,
@@ -169,22 +213,13 @@ impl Verdict {
             let blocking = self.blocking.iter().map(|b| format!("BLOCKING: {b}"));
             self.report.findings.extend(blocking);
             if !dry_run {
-                return Err(CutoverError::Preflight(self.refusal()));
+                return Err(CutoverError::Preflight(Refusal::Blocked {
+                    blocking: self.blocking.clone(),
+                    stopped_by: self.stopped_by.clone(),
+                }));
             }
         }
         Ok(dry_run)
-    }
-
-    /// Why the cutover is refused: every blocking reason, then the guardrails that stop it.
-    fn refusal(&self) -> String {
-        let mut why = self.blocking.join("; ");
-        if !self.stopped_by.is_empty() {
-            if !why.is_empty() {
-                why.push('\n');
-            }
-            why += &guardrails::refusal(&self.stopped_by);
-        }
-        why
     }
 }
 
@@ -220,9 +255,7 @@ pub async fn check(
     let qt = ctl.databases()?.query_timeout;
     let (from, to) = (ctl.active()?, req.to);
     if from == to {
-        return Err(CutoverError::Refused(format!(
-            "new connections already go to the {to}"
-        )));
+        return Err(CutoverError::AlreadyThere(to));
     }
     // A fleet cutover needs etcd and every member: find out now, bounded, not after the
     // hold was committed (a dry run says so too: it would not pass).
@@ -359,9 +392,7 @@ async fn replication(cx: &Ctx<'_>, watch: &Watch, v: &mut Verdict) -> Result<boo
     let waited = Instant::now();
     let measured = settle_lag(cx.from_db, cx.to_db, watch, req, cx.qt, &cx.say).await;
     if req.called_off.is_cancelled() {
-        return Err(CutoverError::Refused(
-            "the cutover was called off while it waited for replication (its CLI went away, or the controller is stopping); nothing was changed".into(),
-        ));
+        return Err(CutoverError::CalledOff);
     }
     // A fleet member may have gone while preflight waited: find out before the hold.
     if waited.elapsed() > Duration::from_secs(1) {
@@ -775,12 +806,7 @@ async fn prepare_barriers(
     for lane in lanes {
         let watch = Watch::one(Replication::Logical, lane.subscription.clone());
         if let Err(e) = prepare_barrier(&lane.from_db, &lane.to_db, &watch, qt).await {
-            let e = match e {
-                CutoverError::Preflight(why) => {
-                    CutoverError::Preflight(format!("{}{why}", lane.prefix()))
-                }
-                other => other,
-            };
+            let e = e.in_database(&lane.database);
             let _ = rec.step(Step::Aborted, t, format!("{e}; nothing was changed"));
             return Err(e);
         }
@@ -1114,12 +1140,11 @@ async fn rehearse_lane(run: &Run, lane: &Lane) -> Result<bool, CutoverError> {
         return Ok(true);
     }
     if !run.req.force {
-        return Err(CutoverError::Preflight(format!(
-            "{}the {} did not apply a rehearsal marker within --timeout {:?}; nothing was changed",
-            lane.prefix(),
-            run.to,
-            run.req.timeout
-        )));
+        let missed = Refusal::RehearsalMissed {
+            to: run.to,
+            timeout: run.req.timeout,
+        };
+        return Err(CutoverError::Preflight(missed).in_database(&lane.database));
     }
     Ok(false)
 }
@@ -1280,11 +1305,11 @@ async fn subscribe_barrier(
         .filter(|t| !subscribed.contains(t))
         .collect();
     if !unsynced.is_empty() {
-        return Err(CutoverError::Preflight(format!(
-            "publication {pubs:?} has {} table(s) subscription {sub:?} has never copied: {unsynced:?}; run `ALTER SUBSCRIPTION {} REFRESH PUBLICATION` on the subscriber (it copies them), wait until they are synced, then retry",
-            unsynced.len(),
-            quote_ident(sub)
-        )));
+        return Err(CutoverError::Preflight(Refusal::UnsyncedTables {
+            publications: pubs.to_vec(),
+            subscription: sub.to_owned(),
+            tables: unsynced.into_iter().cloned().collect(),
+        }));
     }
     timed(
         "subscriber",
@@ -1341,9 +1366,9 @@ async fn prove_barrier_replicates(
             return Ok(());
         }
         if Instant::now() > until {
-            return Err(CutoverError::Preflight(format!(
-                "{BARRIER_TABLE} does not replicate through subscription {sub:?}"
-            )));
+            return Err(CutoverError::Preflight(Refusal::BarrierDoesNotReplicate {
+                subscription: sub.to_owned(),
+            }));
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
