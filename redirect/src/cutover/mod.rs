@@ -31,6 +31,16 @@ pub mod replication;
 pub mod sequences;
 pub mod undo;
 
+mod fault_point;
+mod recorder;
+
+pub use fault_point::FaultPoint;
+pub(crate) use fault_point::fault_point;
+pub use preflight::prepare;
+pub use recorder::Recorder;
+
+pub use crate::pg::quote::{quote_ident, quote_literal};
+
 use std::{
     fmt::Write as _,
     sync::Arc,
@@ -40,17 +50,16 @@ use std::{
 use serde::Serialize;
 use tokio::sync::mpsc::UnboundedSender;
 use tokio_postgres::Client;
-use tracing::warn;
 
 pub use crate::controller::REVERSE;
 use crate::{
     controller::{Controller, ControllerError, Phase, PhaseGuard, Timings},
     datapath::{self, Role},
     fleet::{Fleet, hold::Proxied, lead::Leadership, state::Committed},
-    journal::{self, Entry, Journal, Step},
+    journal::{self, Entry, Step},
     pg::{
         Lsn, PgError,
-        lag::{self, ReplicaLag, Replication, Watch},
+        lag::{ReplicaLag, Watch},
         timed,
     },
     sync::lock,
@@ -181,101 +190,6 @@ impl CutoverError {
         Self::Aborted {
             step,
             source: why.into().into(),
-        }
-    }
-}
-
-/// Journals steps with their timings and streams progress lines.
-pub struct Recorder {
-    journal: Journal,
-    pub id: String,
-    pub from: Role,
-    pub to: Role,
-    pub steps: Vec<(Step, f64)>,
-    progress: UnboundedSender<String>,
-}
-
-impl Recorder {
-    fn new(
-        path: &std::path::Path,
-        id: String,
-        from: Role,
-        to: Role,
-        progress: UnboundedSender<String>,
-    ) -> Result<Self, CutoverError> {
-        Ok(Self {
-            journal: Journal::open(path)?,
-            id,
-            from,
-            to,
-            steps: Vec::new(),
-            progress,
-        })
-    }
-
-    /// A progress line for the operator (not journaled).
-    pub fn say(&self, line: impl Into<String>) {
-        let _ = self.progress.send(line.into());
-    }
-
-    /// Journals `entry` for this cutover (stamping id, direction and duration), and shows it.
-    pub fn log(&mut self, since: Instant, entry: Entry) -> Result<(), CutoverError> {
-        let ms = since.elapsed().as_secs_f64() * 1000.0;
-        self.steps.push((entry.step, ms));
-        self.say(format!("{:<10} {ms:>8.1} ms  {}", entry.step, entry.detail));
-        self.journal.append(Entry {
-            cutover: self.id.clone(),
-            from: Some(self.from),
-            to: Some(self.to),
-            duration_ms: Some(ms),
-            ..entry
-        })?;
-        Ok(())
-    }
-
-    /// [`Self::log`] for several entries at once (one per database), with one fsync.
-    pub fn log_all(&mut self, since: Instant, entries: Vec<Entry>) -> Result<(), CutoverError> {
-        let ms = since.elapsed().as_secs_f64() * 1000.0;
-        let mut stamped = Vec::with_capacity(entries.len());
-        for entry in entries {
-            self.steps.push((entry.step, ms));
-            self.say(format!("{:<10} {ms:>8.1} ms  {}", entry.step, entry.detail));
-            stamped.push(Entry {
-                cutover: self.id.clone(),
-                from: Some(self.from),
-                to: Some(self.to),
-                duration_ms: Some(ms),
-                ..entry
-            });
-        }
-        self.journal.append_all(stamped)?;
-        Ok(())
-    }
-
-    /// `log` for a step with only a detail.
-    pub fn step(
-        &mut self,
-        step: Step,
-        since: Instant,
-        detail: impl Into<String>,
-    ) -> Result<(), CutoverError> {
-        self.log(
-            since,
-            Entry {
-                step,
-                detail: detail.into(),
-                ..Entry::default()
-            },
-        )
-    }
-
-    /// After the flip nothing may be undone, so a journal that cannot be written (disk full)
-    /// is reported, not fatal: `ACTIVE` itself records the flip, and a successor finishes
-    /// whatever the journal does not show as done.
-    pub fn note(&mut self, since: Instant, entry: Entry) {
-        if let Err(e) = self.log(since, entry) {
-            warn!(error = %e, "journal write failed after the flip; continuing (ACTIVE records the flip)");
-            self.say(format!("WARNING: journal: {e}"));
         }
     }
 }
@@ -590,95 +504,4 @@ fn done(run: &mut Run) {
 /// The fleet this cutover leads, if any (a handle, so a step can borrow the run mutably).
 fn fleet_of(run: &Run) -> Option<Arc<Fleet>> {
     run.fleet.as_ref().map(|f| f.fleet.clone())
-}
-
-/// Makes the barrier table replicate from the active server to the other, in every
-/// replicated database, off the critical path: `run` does this at start, so a cutover finds
-/// it ready.
-pub async fn prepare(ctl: &Controller) -> Result<(), CutoverError> {
-    let db = ctl.databases()?;
-    let active = ctl.active()?;
-    let to = active.other();
-    let watch = ctl.watch_for(to)?;
-    if watch.replication != Replication::Logical {
-        return Ok(());
-    }
-    let (from_dsn, to_dsn) = (ctl.dsn(active)?, ctl.dsn(to)?);
-    let subscriber = to_dsn.connect().await?;
-    let subs = lag::cluster_subscriptions(&subscriber, to.name(), db.query_timeout).await?;
-    for (database, chosen) in lag::choose(&subs, &watch) {
-        let Ok(sub) = chosen else { continue };
-        let (from_db, to_db) = (
-            from_dsn.for_database(&database).connect().await?,
-            to_dsn.for_database(&database).connect().await?,
-        );
-        let one = Watch::one(Replication::Logical, Some(sub.name));
-        preflight::prepare_barrier(&from_db, &to_db, &one, db.query_timeout)
-            .await
-            .map_err(|e| e.in_database(&database))?;
-    }
-    Ok(())
-}
-
-/// Where the fault-matrix tests may pause a cutover: the moment just before a step.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum FaultPoint {
-    Hold,
-    /// In a fleet, after the `Hold` is committed and before the members' acks are read.
-    Acks,
-    Fence,
-    Barrier,
-    Sequences,
-    Reverse,
-    Flip,
-    Release,
-    Drain,
-}
-
-impl FaultPoint {
-    /// The name `REDIRECT_FAULT_PAUSE` takes.
-    #[must_use]
-    pub fn name(self) -> &'static str {
-        match self {
-            Self::Hold => "hold",
-            Self::Acks => "acks",
-            Self::Fence => "fence",
-            Self::Barrier => "barrier",
-            Self::Sequences => "sequences",
-            Self::Reverse => "reverse",
-            Self::Flip => "flip",
-            Self::Release => "release",
-            Self::Drain => "drain",
-        }
-    }
-}
-
-/// A fault-injection point for the fault-matrix tests: with `REDIRECT_FAULT_PAUSE=<point>`
-/// the cutover pauses (`REDIRECT_FAULT_PAUSE_MS`, default 3000) just before that step, so a
-/// test can kill the controller, cut a link or fill a disk at exactly that moment. The lease
-/// keeps being renewed meanwhile, as it would during any slow step. Unset, it costs nothing.
-pub(crate) async fn fault_point(point: FaultPoint) {
-    if std::env::var("REDIRECT_FAULT_PAUSE").is_ok_and(|s| s == point.name()) {
-        let ms = std::env::var("REDIRECT_FAULT_PAUSE_MS")
-            .ok()
-            .and_then(|v| v.parse().ok())
-            .unwrap_or(3000);
-        warn!(
-            step = point.name(),
-            ms, "fault point: pausing before this step"
-        );
-        tokio::time::sleep(Duration::from_millis(ms)).await;
-    }
-}
-
-/// `'text'` with quotes doubled: a SQL string literal.
-#[must_use]
-pub fn quote_literal(s: &str) -> String {
-    format!("'{}'", s.replace('\'', "''"))
-}
-
-/// `"name"` with quotes doubled: a SQL identifier.
-#[must_use]
-pub fn quote_ident(s: &str) -> String {
-    format!("\"{}\"", s.replace('"', "\"\""))
 }

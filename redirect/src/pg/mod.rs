@@ -4,6 +4,7 @@
 pub mod cluster;
 pub mod lag;
 pub mod lsn;
+pub mod quote;
 
 pub use lsn::{Lsn, LsnError};
 

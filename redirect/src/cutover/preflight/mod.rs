@@ -12,7 +12,7 @@ mod lane;
 mod rehearsal;
 mod reverse;
 
-pub use rehearsal::{CREATE_BARRIER, SEE_MARKER, WRITE_MARKER, prepare_barrier, rehearse};
+pub use rehearsal::{CREATE_BARRIER, SEE_MARKER, WRITE_MARKER, prepare, prepare_barrier, rehearse};
 
 use std::time::{Duration, Instant};
 

@@ -6,6 +6,7 @@ use std::time::{Duration, Instant};
 use tokio_postgres::Client;
 
 use super::Refusal;
+use crate::controller::Controller;
 use crate::cutover::catalog::SUB_PUBLICATIONS;
 use crate::cutover::{
     BARRIER_TABLE, CutoverError, Run,
@@ -14,7 +15,7 @@ use crate::cutover::{
     quote_ident,
 };
 use crate::pg::{
-    lag::{self, Watch},
+    lag::{self, Replication, Watch},
     timed,
 };
 
@@ -309,4 +310,32 @@ pub(super) async fn prove_barrier_replicates(
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
+}
+
+/// Makes the barrier table replicate from the active server to the other, in every
+/// replicated database, off the critical path: `run` does this at start, so a cutover finds
+/// it ready.
+pub async fn prepare(ctl: &Controller) -> Result<(), CutoverError> {
+    let db = ctl.databases()?;
+    let active = ctl.active()?;
+    let to = active.other();
+    let watch = ctl.watch_for(to)?;
+    if watch.replication != Replication::Logical {
+        return Ok(());
+    }
+    let (from_dsn, to_dsn) = (ctl.dsn(active)?, ctl.dsn(to)?);
+    let subscriber = to_dsn.connect().await?;
+    let subs = lag::cluster_subscriptions(&subscriber, to.name(), db.query_timeout).await?;
+    for (database, chosen) in lag::choose(&subs, &watch) {
+        let Ok(sub) = chosen else { continue };
+        let (from_db, to_db) = (
+            from_dsn.for_database(&database).connect().await?,
+            to_dsn.for_database(&database).connect().await?,
+        );
+        let one = Watch::one(Replication::Logical, Some(sub.name));
+        prepare_barrier(&from_db, &to_db, &one, db.query_timeout)
+            .await
+            .map_err(|e| e.in_database(&database))?;
+    }
+    Ok(())
 }
