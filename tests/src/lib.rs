@@ -37,6 +37,10 @@
     clippy::must_use_candidate,
     reason = "a test harness: callers decide what to check"
 )]
+#![allow(
+    clippy::too_many_lines,
+    reason = "a lab scenario reads top to bottom as one story"
+)]
 
 pub mod churn;
 pub mod cutover_lab;

@@ -1,6 +1,11 @@
 //! L2: the safe cutover in the netns lab, with logical replication between two real
 //! `PostgreSQL` servers and a workload that records every acknowledged commit.
 
+#![allow(
+    clippy::too_many_lines,
+    reason = "a lab scenario reads top to bottom as one story"
+)]
+
 use std::{collections::HashSet, sync::Arc, time::Duration};
 
 use redirect_tests::{

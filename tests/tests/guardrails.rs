@@ -3,6 +3,11 @@
 //! condition is created on real servers, seen blocking (dry run, and a real flip refused),
 //! seen allowed, then removed; a clean lab has no blocking finding.
 
+#![allow(
+    clippy::too_many_lines,
+    reason = "a lab scenario reads top to bottom as one story"
+)]
+
 use std::{sync::Arc, time::Duration};
 
 use redirect::cutover::{FlipReport, guardrails::Finding};

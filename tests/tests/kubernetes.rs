@@ -10,6 +10,11 @@
 //! registry reachable here packages the helm command) and PyPI's `kubernetes-validate`, which
 //! ships the API schemas offline. `cargo xtask setup` installs both.
 
+#![allow(
+    clippy::too_many_lines,
+    reason = "a lab scenario reads top to bottom as one story"
+)]
+
 use std::{
     path::{Path, PathBuf},
     process::{Command, Output},

@@ -1,6 +1,11 @@
 //! L2: the datapath in a netns lab with two real `PostgreSQL` servers and real clients.
 //! Each test builds its own uniquely named lab and tears it down on drop, even on panic.
 
+#![allow(
+    clippy::too_many_lines,
+    reason = "a lab scenario reads top to bottom as one story"
+)]
+
 use std::{collections::HashSet, time::Duration};
 
 use redirect_tests::{

@@ -2,6 +2,11 @@
 //! notification, the shell completions. The lab tests here need no database: they check what
 //! the service manager and the operator see.
 
+#![allow(
+    clippy::too_many_lines,
+    reason = "a lab scenario reads top to bottom as one story"
+)]
+
 use std::{
     collections::BTreeSet,
     os::unix::net::UnixDatagram,

@@ -2,6 +2,11 @@
 //! replication: equal when they are (also under live writes and after a cutover), and each
 //! kind of difference named down to its key when they are not.
 
+#![allow(
+    clippy::too_many_lines,
+    reason = "a lab scenario reads top to bottom as one story"
+)]
+
 use std::{
     process::Output,
     time::{Duration, Instant},

@@ -2,6 +2,11 @@
 //! under the ledger workload, with rollback: the pairs CI runs. The full matrix is
 //! `cargo xtask test --matrix` (docs/compatibility.md).
 
+#![allow(
+    clippy::too_many_lines,
+    reason = "a lab scenario reads top to bottom as one story"
+)]
+
 use redirect_tests::{pg::Major, versions};
 
 #[test]

@@ -4,6 +4,11 @@
 //! the connection counts `/metrics` and `status` take from the GC pass, as connections open
 //! and close.
 
+#![allow(
+    clippy::too_many_lines,
+    reason = "a lab scenario reads top to bottom as one story"
+)]
+
 use std::{
     net::TcpStream,
     path::Path,

@@ -220,6 +220,16 @@ pub fn run(args: &Args, pin_dir: &Path, socket: &Path, journal: &Path) -> anyhow
         return super::watch::run(socket, args.interval, args.json);
     }
     net::require_root()?;
+    let status = gather(pin_dir, socket, journal)?;
+    if args.json {
+        return super::print_json(&status);
+    }
+    print_human(&status);
+    Ok(())
+}
+
+/// The status from the pinned maps and the journal, and from the controller if one runs.
+fn gather(pin_dir: &Path, socket: &Path, journal: &Path) -> anyhow::Result<Status> {
     let maps = Maps::open(pin_dir)?;
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -247,9 +257,20 @@ pub fn run(args: &Args, pin_dir: &Path, socket: &Path, journal: &Path) -> anyhow
     {
         status.interrupted = None;
     }
-    if args.json {
-        return super::print_json(&status);
-    }
+    Ok(status)
+}
+
+/// The status for a person to read.
+fn print_human(status: &Status) {
+    print_routing(status);
+    print_backends(status);
+    print_controller(status);
+    print_replication(status);
+    print_counters(status);
+}
+
+/// Where the VIP is, which backend it goes to, and the hooked interfaces.
+fn print_routing(status: &Status) {
     println!(
         "vip:        {}",
         status.vip.as_deref().unwrap_or("(not configured)")
@@ -269,6 +290,10 @@ pub fn run(args: &Args, pin_dir: &Path, socket: &Path, journal: &Path) -> anyhow
         })
         .collect();
     println!("interfaces: {}", interfaces.join(", "));
+}
+
+/// Each backend's connections and SNAT port use, and the tracked entries.
+fn print_backends(status: &Status) {
     for (name, b) in &status.backends {
         let marker = if status.active.map(Role::name) == Some(*name) {
             "*"
@@ -298,6 +323,10 @@ pub fn run(args: &Args, pin_dir: &Path, socket: &Path, journal: &Path) -> anyhow
         ),
         None => println!("tracked entries: {}", status.tracked),
     }
+}
+
+/// The controller's cutover phase and last recovery, an interrupted cutover, and the fleet.
+fn print_controller(status: &Status) {
     if let Some(c) = &status.controller {
         println!("cutover:    {}", c.phase);
         if let Some(r) = &c.last_recovery {
@@ -310,6 +339,10 @@ pub fn run(args: &Args, pin_dir: &Path, socket: &Path, journal: &Path) -> anyhow
     if let Some(f) = &status.fleet {
         print_fleet(f);
     }
+}
+
+/// Replication lag and the databases a cutover would move.
+fn print_replication(status: &Status) {
     if let Some(lag) = &status.lag {
         for (i, line) in lag.lines().iter().enumerate() {
             println!("{}{line}", if i == 0 { "lag:        " } else { "  " });
@@ -321,13 +354,16 @@ pub fn run(args: &Args, pin_dir: &Path, socket: &Path, journal: &Path) -> anyhow
             println!("  {line}");
         }
     }
+}
+
+/// The datapath counters that moved.
+fn print_counters(status: &Status) {
     println!("counters:");
     for (name, v) in &status.stats {
         if *v > 0 {
             println!("  {name:<18} {v}");
         }
     }
-    Ok(())
 }
 
 /// The fleet part of `status`, from the controller's [`crate::fleet::View`].

@@ -212,6 +212,32 @@ fn rate(r: Option<f64>) -> String {
 fn render(frame: &Frame<'_>, h: &History) -> Vec<String> {
     let mut out = Vec::new();
     let mut line = |s: String| out.push(s);
+    render_title(frame, h, &mut line);
+    let Some(s) = &h.last else {
+        line(format!(
+            "   no answer yet from a controller at {} (is `redirect run` running? --socket names another)",
+            frame.socket.display()
+        ));
+        return out;
+    };
+    if h.unreachable.is_some() {
+        line("   what it last said:".into());
+    }
+    line(String::new());
+    render_state(frame, s, h, &mut line);
+    line(String::new());
+    render_backends(s, h, &mut line);
+    line(String::new());
+    render_ports(s, &mut line);
+    line(String::new());
+    render_lag(s.lag.as_ref(), h, frame.unicode, &mut line);
+    line(String::new());
+    render_counters(s, h, &mut line);
+    out
+}
+
+/// The title line, and whether the controller answers.
+fn render_title(frame: &Frame<'_>, h: &History, line: &mut impl FnMut(String)) {
     line(format!(
         "redirect status --watch    {}    every {}    q or Ctrl-C quits",
         clock(frame.now),
@@ -224,17 +250,10 @@ fn render(frame: &Frame<'_>, h: &History) -> Vec<String> {
             humantime::format_duration(frame.interval)
         ));
     }
-    let Some(s) = &h.last else {
-        line(format!(
-            "   no answer yet from a controller at {} (is `redirect run` running? --socket names another)",
-            frame.socket.display()
-        ));
-        return out;
-    };
-    if h.unreachable.is_some() {
-        line("   what it last said:".into());
-    }
-    line(String::new());
+}
+
+/// The VIP, the active backend, the cutover phase, the fleet and the last recovery.
+fn render_state(frame: &Frame<'_>, s: &Snapshot, h: &History, line: &mut impl FnMut(String)) {
     let addr_of = |role| {
         s.backends
             .iter()
@@ -282,7 +301,10 @@ fn render(frame: &Frame<'_>, h: &History) -> Vec<String> {
     if let Some(r) = &s.last_recovery {
         line(format!("last recovery: {r}"));
     }
-    line(String::new());
+}
+
+/// Each backend's live and new connections, and the totals.
+fn render_backends(s: &Snapshot, h: &History, line: &mut impl FnMut(String)) {
     line(format!(
         "  {:<8} {:<21} {:>10} {:>12}",
         "backend", "address", "live conns", "new conns/s"
@@ -313,7 +335,10 @@ fn render(frame: &Frame<'_>, h: &History) -> Vec<String> {
             )
         )
     ));
-    line(String::new());
+}
+
+/// SNAT port use per backend and SNAT address, with a warning when it runs short.
+fn render_ports(s: &Snapshot, line: &mut impl FnMut(String)) {
     line(format!(
         "  {:<8} {:<15} {:>15} {:>8}",
         "snat for", "snat address", "ports claimed", "used"
@@ -341,9 +366,10 @@ fn render(frame: &Frame<'_>, h: &History) -> Vec<String> {
             }
         ));
     }
-    line(String::new());
-    render_lag(s.lag.as_ref(), h, frame.unicode, &mut line);
-    line(String::new());
+}
+
+/// The datapath counters that moved, with their rates.
+fn render_counters(s: &Snapshot, h: &History, line: &mut impl FnMut(String)) {
     line(format!(
         "  {:<22} {:>12} {:>16}",
         "datapath counter", "per second", "total"
@@ -364,7 +390,6 @@ fn render(frame: &Frame<'_>, h: &History) -> Vec<String> {
             c.value
         ));
     }
-    out
 }
 
 fn render_lag(lag: Option<&Lag>, h: &History, unicode: bool, line: &mut impl FnMut(String)) {

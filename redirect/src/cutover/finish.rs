@@ -16,6 +16,7 @@ use super::{
 };
 use crate::{
     conntrack,
+    controller::Databases,
     datapath::Role,
     pg::{cluster, lag::Replication, timed},
     sync::lock,
@@ -181,6 +182,9 @@ fn drop_slot(name: &str) -> String {
     )
 }
 
+/// Each database's sessions on the source and the target, by name.
+type Sessions = Vec<(String, Client, Client)>;
+
 /// Plans, and with `execute` carries out, the end of the migration.
 pub async fn finish(
     ctl: &Controller,
@@ -191,120 +195,23 @@ pub async fn finish(
         return Err(CutoverError::Busy(ctl.phase()));
     };
     let db = ctl.databases()?.clone();
-    if ctl.active()? != Role::Target {
-        return Err(CutoverError::Refused(
-            "new connections go to the source: there is no completed cutover to finish (finish ends a migration after `flip --to target`)".into(),
-        ));
-    }
-    let pinned_to_source = {
-        let maps = lock(&ctl.host.maps);
-        let src = maps.backend(Role::Source)?.map(|b| b.addr);
-        conntrack::list(&maps)?
-            .iter()
-            .filter(|c| Some(c.backend_addr) == src && c.state.is_live())
-            .count()
-    };
+    refuse_unless_cut_over(ctl)?;
+    let pinned_to_source = pinned_to_source(ctl)?;
     if pinned_to_source > 0 && !force {
         return Err(CutoverError::Refused(format!(
             "{pinned_to_source} connection(s) are still pinned to the source; let the drain end them, or pass --force"
         )));
     }
-    let qt = db.query_timeout;
-    let (Ok(source), Ok(target)) = (
-        tokio::time::timeout(qt * 2, db.source.connect()).await,
-        tokio::time::timeout(qt * 2, db.target.connect()).await,
-    ) else {
-        return Err(CutoverError::Refused(format!(
-            "a server did not answer within {:?}",
-            qt * 2
-        )));
-    };
-    let (source, target) = (source?, target?);
+    let (source, target) = connect(&db).await?;
     let mut actions = Vec::new();
     let mut report = FinishReport::default();
-    // Each database's sessions, opened once: the replication is per database.
-    let mut sessions: Vec<(String, Client, Client)> = Vec::new();
-    if db.replication == Replication::Logical {
-        let home = db.source.database().to_owned();
-        let on_source = cluster::databases(&source, "source", qt).await?;
-        let on_target = cluster::databases(&target, "target", qt).await?;
-        let entries = journal::read(&ctl.journal_path)?;
-        for database in on_target
-            .iter()
-            .filter(|d| on_source.contains(d) && db.scope.covers(d))
-        {
-            let (Ok(Ok(s)), Ok(Ok(t))) = (
-                tokio::time::timeout(qt * 2, db.source.for_database(database).connect()).await,
-                tokio::time::timeout(qt * 2, db.target.for_database(database).connect()).await,
-            ) else {
-                report.left_alone.push(format!(
-                    "database {database}: not reachable on both servers; retire its replication by hand"
-                ));
-                continue;
-            };
-            let known = if *database == home {
-                journal::known_subscription(&entries, Role::Source, Role::Target)
-            } else {
-                None
-            };
-            let carried = *database == home
-                || entries.iter().any(|e| {
-                    e.step == Step::Disabling && e.database.as_deref() == Some(database.as_str())
-                });
-            plan_database(
-                ctl,
-                database,
-                &home,
-                (&s, &t),
-                known,
-                carried,
-                qt,
-                &mut actions,
-                &mut report,
-            )
-            .await?;
-            sessions.push((database.clone(), s, t));
-        }
-        // A reverse slot of a database no longer in scope (or gone) still retains WAL.
-        for row in timed(
-            "target",
-            "listing reverse slots",
-            qt,
-            target.query(
-                "SELECT slot_name::text FROM pg_replication_slots WHERE slot_name LIKE 'redirect\\_reverse%'",
-                &[],
-            ),
-        )
-        .await?
-        {
-            let slot: String = row.get(0);
-            if !actions.iter().any(|a| a.slot.as_deref() == Some(slot.as_str())) {
-                actions.push(Action {
-                    on: Role::Target,
-                    database: home.clone(),
-                    sql: drop_slot(&slot),
-                    what: format!("drop the reverse slot {slot} on the target (its database is no longer cut over; it retains the target's WAL)"),
-                    slot: Some(slot),
-                });
-            }
-        }
-        report.left_alone.push(format!(
-            "{} and the source's own publication(s): drop them when you like",
-            super::BARRIER_TABLE
-        ));
+    let sessions = if db.replication == Replication::Logical {
+        plan_logical(ctl, &db, (&source, &target), &mut actions, &mut report).await?
     } else {
         report.left_alone.push("physical replication: the old primary is no longer followed; decommission or rebuild it".into());
-    }
-    let fence = lock(&ctl.host.maps).cutover()?;
-    // Never while connections are still pinned to the source (even with --force): lifting
-    // the fence would let them write to a server nothing replicates from any more.
-    let stale_fence =
-        fence.fenced_backend != redirect_common::cutover::NO_FENCE && pinned_to_source == 0;
-    if pinned_to_source > 0 {
-        report.left_alone.push(format!(
-            "the fence on the source stays: {pinned_to_source} connection(s) are still pinned to it"
-        ));
-    }
+        Vec::new()
+    };
+    let stale_fence = stale_fence(ctl, pinned_to_source, &mut report)?;
     report.plan = actions.iter().map(|a| a.what.clone()).collect();
     if stale_fence {
         report
@@ -317,60 +224,242 @@ pub async fn finish(
     let _idle_after = PhaseGuard(ctl);
     ctl.set_phase(Phase::Finishing);
     let t = Instant::now();
-    for a in &actions {
-        let Some((_, s, t)) = sessions.iter().find(|(d, _, _)| *d == a.database) else {
-            continue;
-        };
-        let c = if a.on == Role::Source { s } else { t };
-        let mut result = timed(
-            "server",
-            "retiring replication",
-            qt,
-            c.batch_execute(&a.sql),
-        )
-        .await;
-        // A slot whose walsender has not exited yet is still active and was not dropped:
-        // try again for a few seconds, and say so if it stays.
-        if let (Ok(()), Some(slot)) = (&result, &a.slot) {
-            for _ in 0..25 {
-                if !count(c, SLOT_EXISTS, slot, qt).await? {
-                    break;
-                }
-                tokio::time::sleep(Duration::from_millis(200)).await;
-                result = timed(
-                    "server",
-                    "retiring replication",
-                    qt,
-                    c.batch_execute(&a.sql),
-                )
-                .await;
-            }
-            if result.is_ok() && count(c, SLOT_EXISTS, slot, qt).await? {
-                report.done.push(format!(
-                    "FAILED to {}: the slot is still in use after 5 s",
-                    a.what
-                ));
-                continue;
-            }
-        }
-        match result {
-            Ok(()) => report.done.push(a.what.clone()),
-            Err(e) => report.done.push(format!("FAILED to {}: {e}", a.what)),
-        }
-    }
+    retire(&actions, &sessions, db.query_timeout, &mut report).await?;
     if stale_fence {
         lock(&ctl.host.maps).set_cutover(redirect_common::cutover::Cutover::IDLE)?;
         report.done.push("stale fence lifted".into());
     }
     report.executed = true;
+    journal_finished(ctl, t, &report)?;
+    Ok(report)
+}
+
+/// Refuses unless new connections go to the target: only a completed cutover is finished.
+fn refuse_unless_cut_over(ctl: &Controller) -> Result<(), CutoverError> {
+    if ctl.active()? != Role::Target {
+        return Err(CutoverError::Refused(
+            "new connections go to the source: there is no completed cutover to finish (finish ends a migration after `flip --to target`)".into(),
+        ));
+    }
+    Ok(())
+}
+
+/// Live connections still pinned to the source.
+fn pinned_to_source(ctl: &Controller) -> Result<usize, CutoverError> {
+    let maps = lock(&ctl.host.maps);
+    let src = maps.backend(Role::Source)?.map(|b| b.addr);
+    Ok(conntrack::list(&maps)?
+        .iter()
+        .filter(|c| Some(c.backend_addr) == src && c.state.is_live())
+        .count())
+}
+
+/// Sessions on the source and the target, each given twice the query timeout to answer.
+async fn connect(db: &Databases) -> Result<(Client, Client), CutoverError> {
+    let qt = db.query_timeout;
+    let (Ok(source), Ok(target)) = (
+        tokio::time::timeout(qt * 2, db.source.connect()).await,
+        tokio::time::timeout(qt * 2, db.target.connect()).await,
+    ) else {
+        return Err(CutoverError::Refused(format!(
+            "a server did not answer within {:?}",
+            qt * 2
+        )));
+    };
+    Ok((source?, target?))
+}
+
+/// What to retire of logical replication, database by database, and the sessions to retire
+/// it with.
+async fn plan_logical(
+    ctl: &Controller,
+    db: &Databases,
+    (source, target): (&Client, &Client),
+    actions: &mut Vec<Action>,
+    report: &mut FinishReport,
+) -> Result<Sessions, CutoverError> {
+    let qt = db.query_timeout;
+    // Each database's sessions, opened once: the replication is per database.
+    let mut sessions = Vec::new();
+    let home = db.source.database().to_owned();
+    let on_source = cluster::databases(source, "source", qt).await?;
+    let on_target = cluster::databases(target, "target", qt).await?;
+    let entries = journal::read(&ctl.journal_path)?;
+    for database in on_target
+        .iter()
+        .filter(|d| on_source.contains(d) && db.scope.covers(d))
+    {
+        let Some((s, t)) = connect_database(db, database).await else {
+            report.left_alone.push(format!(
+                "database {database}: not reachable on both servers; retire its replication by hand"
+            ));
+            continue;
+        };
+        let known = if *database == home {
+            journal::known_subscription(&entries, Role::Source, Role::Target)
+        } else {
+            None
+        };
+        let carried = *database == home
+            || entries.iter().any(|e| {
+                e.step == Step::Disabling && e.database.as_deref() == Some(database.as_str())
+            });
+        plan_database(
+            ctl,
+            database,
+            &home,
+            (&s, &t),
+            known,
+            carried,
+            qt,
+            actions,
+            report,
+        )
+        .await?;
+        sessions.push((database.clone(), s, t));
+    }
+    plan_stray_reverse_slots(target, &home, qt, actions).await?;
+    report.left_alone.push(format!(
+        "{} and the source's own publication(s): drop them when you like",
+        super::BARRIER_TABLE
+    ));
+    Ok(sessions)
+}
+
+/// Sessions on both servers in `database`, or `None` if either does not answer.
+async fn connect_database(db: &Databases, database: &str) -> Option<(Client, Client)> {
+    let qt = db.query_timeout;
+    let (Ok(Ok(s)), Ok(Ok(t))) = (
+        tokio::time::timeout(qt * 2, db.source.for_database(database).connect()).await,
+        tokio::time::timeout(qt * 2, db.target.for_database(database).connect()).await,
+    ) else {
+        return None;
+    };
+    Some((s, t))
+}
+
+/// The reverse slots no database's plan drops: a reverse slot of a database no longer in scope
+/// (or gone) still retains WAL.
+async fn plan_stray_reverse_slots(
+    target: &Client,
+    home: &str,
+    qt: Duration,
+    actions: &mut Vec<Action>,
+) -> Result<(), CutoverError> {
+    for row in timed(
+        "target",
+        "listing reverse slots",
+        qt,
+        target.query(
+            "SELECT slot_name::text FROM pg_replication_slots WHERE slot_name LIKE 'redirect\\_reverse%'",
+            &[],
+        ),
+    )
+    .await?
+    {
+        let slot: String = row.get(0);
+        if !actions.iter().any(|a| a.slot.as_deref() == Some(slot.as_str())) {
+            actions.push(Action {
+                on: Role::Target,
+                database: home.to_owned(),
+                sql: drop_slot(&slot),
+                what: format!("drop the reverse slot {slot} on the target (its database is no longer cut over; it retains the target's WAL)"),
+                slot: Some(slot),
+            });
+        }
+    }
+    Ok(())
+}
+
+/// Whether the datapath's fence on the source is stale and is to be lifted.
+fn stale_fence(
+    ctl: &Controller,
+    pinned_to_source: usize,
+    report: &mut FinishReport,
+) -> Result<bool, CutoverError> {
+    let fence = lock(&ctl.host.maps).cutover()?;
+    // Never while connections are still pinned to the source (even with --force): lifting
+    // the fence would let them write to a server nothing replicates from any more.
+    let stale_fence =
+        fence.fenced_backend != redirect_common::cutover::NO_FENCE && pinned_to_source == 0;
+    if pinned_to_source > 0 {
+        report.left_alone.push(format!(
+            "the fence on the source stays: {pinned_to_source} connection(s) are still pinned to it"
+        ));
+    }
+    Ok(stale_fence)
+}
+
+/// Carries out the actions, each in its database's session, and reports each one done or
+/// failed.
+async fn retire(
+    actions: &[Action],
+    sessions: &Sessions,
+    qt: Duration,
+    report: &mut FinishReport,
+) -> Result<(), CutoverError> {
+    for a in actions {
+        let Some((_, s, t)) = sessions.iter().find(|(d, _, _)| *d == a.database) else {
+            continue;
+        };
+        let c = if a.on == Role::Source { s } else { t };
+        report.done.push(retire_one(c, a, qt).await?);
+    }
+    Ok(())
+}
+
+/// Carries out one action: what was done, or why it failed, in words.
+async fn retire_one(c: &Client, a: &Action, qt: Duration) -> Result<String, CutoverError> {
+    let mut result = timed(
+        "server",
+        "retiring replication",
+        qt,
+        c.batch_execute(&a.sql),
+    )
+    .await;
+    // A slot whose walsender has not exited yet is still active and was not dropped:
+    // try again for a few seconds, and say so if it stays.
+    if let (Ok(()), Some(slot)) = (&result, &a.slot) {
+        for _ in 0..25 {
+            if !count(c, SLOT_EXISTS, slot, qt).await? {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            result = timed(
+                "server",
+                "retiring replication",
+                qt,
+                c.batch_execute(&a.sql),
+            )
+            .await;
+        }
+        if result.is_ok() && count(c, SLOT_EXISTS, slot, qt).await? {
+            return Ok(format!(
+                "FAILED to {}: the slot is still in use after 5 s",
+                a.what
+            ));
+        }
+    }
+    Ok(match result {
+        Ok(()) => a.what.clone(),
+        Err(e) => format!("FAILED to {}: {e}", a.what),
+    })
+}
+
+/// The journal's record that the migration was finished, with what was done.
+fn journal_finished(
+    ctl: &Controller,
+    started: Instant,
+    report: &FinishReport,
+) -> Result<(), CutoverError> {
     Journal::open(&ctl.journal_path)?.append(Entry {
         cutover: journal::new_id(),
         step: Step::Finished,
         from: Some(Role::Source),
         to: Some(Role::Target),
-        duration_ms: Some(t.elapsed().as_secs_f64() * 1000.0),
+        duration_ms: Some(started.elapsed().as_secs_f64() * 1000.0),
         detail: report.done.join("; "),
         ..Entry::default()
     })?;
-    Ok(report)
+    Ok(())
 }

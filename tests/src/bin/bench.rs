@@ -15,6 +15,10 @@
     clippy::cast_possible_wrap,
     reason = "a measurement report: counts and percentiles become floats and back"
 )]
+#![allow(
+    clippy::too_many_lines,
+    reason = "a measurement run reads top to bottom as one story, like a lab scenario"
+)]
 
 use std::{
     collections::BTreeMap,

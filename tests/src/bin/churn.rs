@@ -11,6 +11,10 @@
     clippy::cast_precision_loss,
     reason = "a measurement report: counts become floats"
 )]
+#![allow(
+    clippy::too_many_lines,
+    reason = "a measurement run reads top to bottom as one story, like a lab scenario"
+)]
 
 use std::{
     fmt::Write as _,
