@@ -702,6 +702,24 @@ impl Lab {
         self.redirect_pid
     }
 
+    /// The steps the journal records for the latest cutover (`redirect history --json`), in
+    /// the order they were written.
+    #[must_use]
+    pub fn last_cutover_steps(&self) -> Vec<redirect::journal::Step> {
+        let entries: Vec<redirect::journal::Entry> =
+            serde_json::from_str(&self.redirect_ok(&["history", "--json"]))
+                .expect("history --json is the journal");
+        let last = entries
+            .last()
+            .map(|e| e.cutover.clone())
+            .unwrap_or_default();
+        entries
+            .into_iter()
+            .filter(|e| e.cutover == last)
+            .map(|e| e.step)
+            .collect()
+    }
+
     /// The log of the latest `redirect run`.
     #[must_use]
     pub fn last_redirect_log(&self) -> String {
@@ -902,4 +920,21 @@ pub fn require_root() {
         0,
         "the lab tests need root (run `cargo xtask test` as root)"
     );
+}
+
+/// `steps` holds `expected` in this order (other steps may come between).
+///
+/// # Panics
+/// When it does not.
+pub fn assert_steps_in_order(
+    steps: &[redirect::journal::Step],
+    expected: &[redirect::journal::Step],
+) {
+    let mut rest = steps.iter();
+    for want in expected {
+        assert!(
+            rest.any(|s| s == want),
+            "the journal's steps {steps:?} do not hold {expected:?} in order (missing {want:?})"
+        );
+    }
 }

@@ -497,7 +497,7 @@ fn a_controller_killed_mid_cutover_rolls_back_on_restart() {
     let _ = flipper.join();
     // The dead controller's hold and fence were the kernel's to lift: they lapse with the
     // lease (1.5 s), so a new connection reaches the source before anything is restarted.
-    std::thread::sleep(Duration::from_secs(2));
+    std::thread::sleep(redirect::host::lease::LEASE + Duration::from_millis(500));
     assert_eq!(
         redirect_tests::fleet_lab::new_connection_lands_on(&c.lab),
         "source",

@@ -271,7 +271,16 @@ fn run_from_a_config_file_tells_systemd_when_it_serves() {
 
     // What a real controller exposes is what the dashboard reads: these are always there (the
     // SNAT and GC ones after the first GC pass).
-    std::thread::sleep(Duration::from_secs(2)); // gc-interval is 500 ms
+    wait_for(
+        Duration::from_secs(10),
+        "a GC pass's samples on /metrics",
+        || {
+            let text = lab.in_ns(Ns::Proxy, scrape_metrics);
+            ["redirect_gc_pass_seconds", "redirect_snat_ports_claimed"]
+                .iter()
+                .all(|name| text.lines().any(|l| l.starts_with(name)))
+        },
+    );
     let exposition = lab.in_ns(Ns::Proxy, scrape_metrics);
     let exposed = redirect_names(&exposition);
     for name in [
