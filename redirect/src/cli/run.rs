@@ -1,6 +1,7 @@
 //! `redirect run`: its flags, checked into a [`Config`], then [`crate::serve`] until SIGINT
 //! or SIGTERM. The datapath outlives this process.
 
+use crate::datapath::Role;
 use std::{
     net::{Ipv4Addr, SocketAddrV4},
     path::{Path, PathBuf},
@@ -155,7 +156,7 @@ fn databases(args: &Args) -> anyhow::Result<Option<Databases>> {
         _ => anyhow::bail!("give both --source-dsn and --target-dsn, or neither"),
     };
     let source = Dsn::parse(
-        "source",
+        Role::Source,
         source,
         &PasswordSources {
             file: args.source_password_file.clone(),
@@ -163,7 +164,7 @@ fn databases(args: &Args) -> anyhow::Result<Option<Databases>> {
         },
     )?;
     let target = Dsn::parse(
-        "target",
+        Role::Target,
         target,
         &PasswordSources {
             file: args.target_password_file.clone(),

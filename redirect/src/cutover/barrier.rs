@@ -5,6 +5,7 @@
 //! commit. Physical: the old server's WAL *insert* position after the fence (the write
 //! position can lag behind records already inserted), replayed by the standby.
 
+use crate::pg::Server;
 use std::{
     ops::ControlFlow,
     time::{Duration, Instant},
@@ -96,7 +97,7 @@ async fn no_database_appeared(run: &Run) -> Result<(), CutoverError> {
     let now = run
         .query(
             Phase::Barrier,
-            "old server",
+            Server::Old,
             "listing databases",
             run.from_db.query(crate::pg::cluster::DATABASES, &[]),
         )
@@ -138,7 +139,7 @@ async fn logical_lane(run: &Run, lane: &Lane) -> Result<(Lsn, Option<Lsn>), Cuto
     let token = format!("{}-{}", run.rec.id, std::process::id());
     run.query(
         Phase::Barrier,
-        "old server",
+        Server::Old,
         "writing the barrier marker",
         lane.from_db.execute(WRITE_MARKER, &[&token]),
     )
@@ -146,7 +147,7 @@ async fn logical_lane(run: &Run, lane: &Lane) -> Result<(Lsn, Option<Lsn>), Cuto
     let fence_lsn = run
         .query_lsn(
             Phase::Barrier,
-            "old server",
+            Server::Old,
             "reading the fence LSN",
             lane.from_db.query_one(CURRENT_LSN, &[]),
         )
@@ -173,7 +174,7 @@ async fn logical_lane(run: &Run, lane: &Lane) -> Result<(Lsn, Option<Lsn>), Cuto
             let seen = match run
                 .query(
                     Phase::Barrier,
-                    "new server",
+                    Server::New,
                     "looking for the marker",
                     lane.to_db.query_opt(SEE_MARKER, &[token]),
                 )
@@ -198,7 +199,7 @@ async fn logical_lane(run: &Run, lane: &Lane) -> Result<(Lsn, Option<Lsn>), Cuto
     let applied = run
         .query_lsn(
             Phase::Barrier,
-            "new server",
+            Server::New,
             "reading its LSN",
             lane.to_db.query_one(CURRENT_LSN, &[]),
         )
@@ -238,7 +239,7 @@ impl Applying {
         let applying: Option<bool> = run
             .query(
                 Phase::Barrier,
-                "new server",
+                Server::New,
                 "checking the apply worker",
                 lane.to_db.query_opt(APPLYING, &[sub]),
             )
@@ -269,7 +270,7 @@ async fn physical(run: &Run) -> Result<(Lsn, Option<Lsn>), CutoverError> {
     let fence_lsn = run
         .query_lsn(
             Phase::Barrier,
-            "old server",
+            Server::Old,
             "reading the WAL insert position",
             run.from_db.query_one(INSERT_LSN, &[]),
         )
@@ -280,7 +281,7 @@ async fn physical(run: &Run) -> Result<(Lsn, Option<Lsn>), CutoverError> {
         let replayed: Option<String> = run
             .query(
                 Phase::Barrier,
-                "new server",
+                Server::New,
                 "reading the replay LSN",
                 run.to_db.query_one(REPLAY_LSN, &[]),
             )
@@ -289,7 +290,7 @@ async fn physical(run: &Run) -> Result<(Lsn, Option<Lsn>), CutoverError> {
         let Some(r) = replayed.as_deref() else {
             return Ok::<_, CutoverError>(None);
         };
-        let r = parse_lsn_of("new server", "pg_last_wal_replay_lsn()", r)
+        let r = parse_lsn_of(Server::New, "pg_last_wal_replay_lsn()", r)
             .map_err(|e| CutoverError::abort(Phase::Barrier, e.to_string()))?;
         Ok((r >= fence_lsn).then_some(r))
     })

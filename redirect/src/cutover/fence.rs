@@ -10,6 +10,7 @@
 //! longer use anyway (the fence drops their data) and learn it now, from the server's FATAL,
 //! instead of at the drain.
 
+use crate::pg::Server;
 use std::{
     ops::ControlFlow,
     time::{Duration, Instant},
@@ -113,7 +114,7 @@ async fn end_until_none_left(
             let pids: Vec<i32> = run
                 .query(
                     Phase::Fence,
-                    "old server",
+                    Server::Old,
                     "ending proxied sessions",
                     run.from_db.query(END_PROXIED, &[&addrs, &los, &his]),
                 )
@@ -129,7 +130,7 @@ async fn end_until_none_left(
             f.left = run
                 .query(
                     Phase::Fence,
-                    "old server",
+                    Server::Old,
                     "waiting for proxied sessions to exit",
                     run.from_db.query_one(PROXIED_LEFT, &[&addrs, &los, &his]),
                 )

@@ -3,6 +3,7 @@
 //! subscription, slot and publication) and lifts the stale fence, after showing what it will
 //! do. Slots left behind retain WAL without bound, so this is the last step of a migration.
 
+use crate::pg::Server;
 use std::time::{Duration, Instant};
 
 use serde::Serialize;
@@ -79,7 +80,7 @@ async fn plan_database(
     };
     if let Some(fwd) = fwd {
         let slot = timed(
-            "target",
+            Role::Target,
             "reading the subscription",
             qt,
             target.query_opt(SUB_SLOT, &[&fwd]),
@@ -143,7 +144,7 @@ async fn plan_database(
 /// The only forward subscription of the session's database, if there is exactly one.
 async fn lone_forward(db: &Client, qt: Duration) -> Result<Option<String>, CutoverError> {
     let rows = timed(
-        "target",
+        Role::Target,
         "listing subscriptions",
         qt,
         db.query(crate::pg::lag::SUBSCRIPTIONS, &[]),
@@ -159,7 +160,7 @@ const PUB_EXISTS: &str = "SELECT count(*)::int8 FROM pg_publication WHERE pubnam
 
 async fn count(db: &Client, sql: &str, name: &str, qt: Duration) -> Result<bool, CutoverError> {
     let row = timed(
-        "server",
+        Server::Either,
         "finding what to retire",
         qt,
         db.query_one(sql, &[&name]),
@@ -282,8 +283,8 @@ async fn plan_logical(
     // Each database's sessions, opened once: the replication is per database.
     let mut sessions = Vec::new();
     let home = db.source.database().to_owned();
-    let on_source = cluster::databases(source, "source", qt).await?;
-    let on_target = cluster::databases(target, "target", qt).await?;
+    let on_source = cluster::databases(source, Role::Source, qt).await?;
+    let on_target = cluster::databases(target, Role::Target, qt).await?;
     let entries = journal::read(&ctl.journal_path)?;
     for database in on_target
         .iter()
@@ -347,7 +348,7 @@ async fn plan_stray_reverse_slots(
     actions: &mut Vec<Action>,
 ) -> Result<(), CutoverError> {
     for row in timed(
-        "target",
+        Role::Target,
         "listing reverse slots",
         qt,
         target.query(
@@ -410,13 +411,7 @@ async fn retire(
 
 /// Carries out one action: what was done, or why it failed, in words.
 async fn retire_one(c: &Client, a: &Action, qt: Duration) -> Result<String, CutoverError> {
-    let mut result = timed(
-        "server",
-        "retiring replication",
-        qt,
-        c.batch_execute(&a.sql),
-    )
-    .await;
+    let mut result = timed(a.on, "retiring replication", qt, c.batch_execute(&a.sql)).await;
     // A slot whose walsender has not exited yet is still active and was not dropped:
     // try again for a few seconds, and say so if it stays.
     if let (Ok(()), Some(slot)) = (&result, &a.slot) {
@@ -425,13 +420,7 @@ async fn retire_one(c: &Client, a: &Action, qt: Duration) -> Result<String, Cuto
                 break;
             }
             tokio::time::sleep(Duration::from_millis(200)).await;
-            result = timed(
-                "server",
-                "retiring replication",
-                qt,
-                c.batch_execute(&a.sql),
-            )
-            .await;
+            result = timed(a.on, "retiring replication", qt, c.batch_execute(&a.sql)).await;
         }
         if result.is_ok() && count(c, SLOT_EXISTS, slot, qt).await? {
             return Ok(format!(

@@ -8,6 +8,7 @@
 //! Each check runs on the server the step changes, as the controller's own role (a superuser
 //! passes them all).
 
+use crate::pg::Server;
 use std::time::Duration;
 
 use tokio_postgres::Client;
@@ -54,8 +55,7 @@ const PUBLICATIONS_NOT_OWNED: &str = "SELECT pubname::text FROM pg_publication \
 /// One thing the role may not do, the step that needs it, and how to allow it.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Missing {
-    /// `source` or `target`.
-    pub server: &'static str,
+    pub server: crate::datapath::Role,
     pub needed_for: String,
     pub grant: String,
     /// Needed only for a lossless rollback (the reverse replication): `--force` may go
@@ -88,7 +88,8 @@ pub struct Role {
     pub replication: bool,
 }
 
-pub async fn role(db: &Client, which: &'static str, qt: Duration) -> Result<Role, PgError> {
+pub async fn role(db: &Client, which: impl Into<Server>, qt: Duration) -> Result<Role, PgError> {
+    let which: Server = which.into();
     let r = timed(which, "reading the role", qt, db.query_one(WHO, &[])).await?;
     Ok(Role {
         superuser: r.get(0),
@@ -100,9 +101,9 @@ pub async fn role(db: &Client, which: &'static str, qt: Duration) -> Result<Role
 /// What the steps of a logical cutover need, per server.
 pub struct Needs<'a> {
     /// The server whose sessions the fence ends and whose writes are carried.
-    pub old: (&'static str, &'a Client),
+    pub old: (crate::datapath::Role, &'a Client),
     /// The server the clients go to.
-    pub new: (&'static str, &'a Client),
+    pub new: (crate::datapath::Role, &'a Client),
     /// Logical replication (else only the fence is checked).
     pub logical: bool,
     /// A forward cutover: the reverse replication is made (publication and slot on the
@@ -196,7 +197,7 @@ async fn fence(
 
 /// The barrier table on `server`: usable if it exists, else creatable.
 async fn barrier_table(
-    (name, db): (&'static str, &Client),
+    (name, db): (crate::datapath::Role, &Client),
     r: &Role,
     qt: Duration,
 ) -> Result<Option<Missing>, PgError> {

@@ -7,6 +7,7 @@
 //! cluster-wide steps (hold, fence, flip, drain) run once, over the run's sessions to the
 //! DSNs' database: `pg_stat_activity`, `pg_terminate_backend` and the WAL are the cluster's.
 
+use crate::pg::Server;
 use std::time::Duration;
 
 use tokio_postgres::Client;
@@ -58,7 +59,7 @@ impl Lane {
         let from_db = from.for_database(database).connect().await?;
         let to_db = to.for_database(database).connect().await?;
         let bound = format!("SET statement_timeout = {}", qt.as_millis().max(1));
-        for (which, c) in [("old server", &from_db), ("new server", &to_db)] {
+        for (which, c) in [(Server::Old, &from_db), (Server::New, &to_db)] {
             timed(which, "bounding statements", qt, c.batch_execute(&bound)).await?;
         }
         Ok(Self {

@@ -41,6 +41,7 @@ pub use recorder::Recorder;
 
 pub use crate::pg::quote::{quote_ident, quote_literal};
 
+use crate::pg::Server;
 use std::{
     fmt::Write as _,
     sync::Arc,
@@ -281,7 +282,7 @@ impl Run {
     pub async fn query<T>(
         &self,
         step: Phase,
-        which: &'static str,
+        which: impl Into<Server>,
         what: &'static str,
         fut: impl Future<Output = Result<T, tokio_postgres::Error>>,
     ) -> Result<T, CutoverError> {
@@ -300,10 +301,11 @@ impl Run {
     pub async fn query_lsn(
         &self,
         step: Phase,
-        which: &'static str,
+        which: impl Into<Server>,
         what: &'static str,
         fut: impl Future<Output = Result<tokio_postgres::Row, tokio_postgres::Error>>,
     ) -> Result<Lsn, CutoverError> {
+        let which = which.into();
         let text: Option<String> = self.query(step, which, what, fut).await?.get(0);
         crate::pg::parse_lsn_of(which, what, text.as_deref().unwrap_or_default())
             .map_err(|e| CutoverError::abort(step, e.to_string()))

@@ -11,6 +11,7 @@
 //!
 //! Every action is idempotent, so a controller that dies while recovering is recovered again.
 
+use crate::pg::Server;
 use std::{
     sync::Arc,
     time::{Duration, SystemTime, UNIX_EPOCH},
@@ -288,7 +289,7 @@ async fn roll_back(ctl: &Arc<Controller>, from: Role, to: Role, steps: &[Entry])
         for sub in disabled {
             let sql = format!("ALTER SUBSCRIPTION {} ENABLE", quote_ident(&sub));
             match crate::pg::timed(
-                "subscriber",
+                Server::Subscriber,
                 "re-enabling the subscription",
                 qt,
                 db.batch_execute(&sql),
@@ -303,7 +304,7 @@ async fn roll_back(ctl: &Arc<Controller>, from: Role, to: Role, steps: &[Entry])
         }
         if let Some(reverse_slot) = slot {
             let r = crate::pg::timed(
-                "target",
+                Role::Target,
                 "dropping the reverse slot",
                 qt,
                 db.execute(DROP_IDLE_SLOT, &[&reverse_slot]),

@@ -14,6 +14,7 @@
 //! stops the forward subscription. It is standing replication, like the barrier table: an
 //! aborted cutover leaves it in place for the next attempt; a rollback or `finish` retires it.
 
+use crate::pg::Server;
 use std::time::{Duration, Instant};
 
 use tokio_postgres::Client;
@@ -108,7 +109,7 @@ pub async fn turn_around(run: &mut Run) -> Result<(), CutoverError> {
             shared
                 .query(
                     Phase::Reverse,
-                    "new server",
+                    Server::New,
                     "disabling the subscription",
                     lane.to_db.batch_execute(&sql),
                 )
@@ -143,7 +144,7 @@ async fn stop_uncarried_reverse(run: &Run) -> Result<(), CutoverError> {
     let subs = run
         .query(
             Phase::Reverse,
-            "source",
+            Role::Source,
             "listing the reverse subscriptions",
             run.to_db.query(crate::pg::lag::CLUSTER_SUBSCRIPTIONS, &[]),
         )
@@ -162,7 +163,7 @@ async fn stop_uncarried_reverse(run: &Run) -> Result<(), CutoverError> {
             .await?;
         run.query(
             Phase::Reverse,
-            "source",
+            Role::Source,
             "disabling an uncarried reverse subscription",
             source.batch_execute(&format!("ALTER SUBSCRIPTION {REVERSE} DISABLE")),
         )
@@ -260,7 +261,7 @@ async fn rollback_points(run: &mut Run) -> Result<Vec<String>, CutoverError> {
     let lsn = run
         .query_lsn(
             Phase::Reverse,
-            "source",
+            Role::Source,
             "reading the rollback point",
             run.to_db.query_one(CURRENT_LSN, &[]),
         )
@@ -298,14 +299,14 @@ pub async fn reverse_before_hold(run: &mut Run) {
     }
     let (source, target) = match (
         timed(
-            "source",
+            Role::Source,
             "reading the version",
             run.qt,
             run.from_db.query_one(VERSION_NUM, &[]),
         )
         .await,
         timed(
-            "target",
+            Role::Target,
             "reading the version",
             run.qt,
             run.to_db.query_one(VERSION_NUM, &[]),
@@ -360,7 +361,7 @@ async fn reverse_before_hold_lane(run: &mut Run, i: usize) {
             let lane = &run.lanes[i];
             let cleaned = drop_reverse_subscription(&lane.from_db, run.qt).await.and(
                 timed(
-                    "target",
+                    Role::Target,
                     "dropping the reverse slot",
                     run.qt,
                     lane.to_db.execute(DROP_IDLE_SLOT, &[&slot]),
@@ -413,7 +414,7 @@ async fn reverse_slot_failover(run: &Run) -> Result<Option<String>, CutoverError
     let standbys = run
         .query(
             Phase::Reverse,
-            "target",
+            Role::Target,
             "looking for the target's standbys",
             failover::standbys(&run.to_db),
         )
@@ -442,7 +443,7 @@ async fn make_reverse_early(run: &Run, lane: &Lane) -> Result<Option<String>, Cu
         .map_err(|e| CutoverError::abort(Phase::Reverse, e.to_string()))?;
     run.query(
         Phase::Reverse,
-        "target",
+        Role::Target,
         "dropping an earlier reverse slot",
         lane.to_db.execute(DROP_IDLE_SLOT, &[&lane.reverse_slot]),
     )
@@ -456,7 +457,7 @@ async fn make_reverse_early(run: &Run, lane: &Lane) -> Result<Option<String>, Cu
     );
     run.query(
         Phase::Reverse,
-        "source",
+        Role::Source,
         "creating the reverse subscription (disabled)",
         lane.from_db.batch_execute(&sql),
     )
@@ -468,7 +469,7 @@ async fn make_reverse_early(run: &Run, lane: &Lane) -> Result<Option<String>, Cu
 /// target) for the caller to drop: the slot outlives a subscription whose `slot_name` is NONE.
 async fn drop_reverse_subscription(source: &Client, qt: Duration) -> Result<(), PgError> {
     let exists: i64 = timed(
-        "source",
+        Role::Source,
         "checking the reverse subscription",
         qt,
         source.query_one(SUB_EXISTS, &[&REVERSE]),
@@ -479,7 +480,7 @@ async fn drop_reverse_subscription(source: &Client, qt: Duration) -> Result<(), 
         return Ok(());
     }
     timed(
-        "source",
+        Role::Source,
         "dropping the reverse subscription",
         qt,
         source.batch_execute(&format!(
@@ -499,7 +500,7 @@ async fn create_reverse_slot(run: &Run, lane: &Lane) -> Result<Option<String>, C
     let pubs: Vec<String> = run
         .query(
             Phase::Reverse,
-            "target",
+            Role::Target,
             "reading the forward publications",
             lane.to_db.query_one(SUB_PUBLICATIONS, &[&sub]),
         )
@@ -508,14 +509,14 @@ async fn create_reverse_slot(run: &Run, lane: &Lane) -> Result<Option<String>, C
     let all: Option<bool> = run
         .query(
             Phase::Reverse,
-            "source",
+            Role::Source,
             "reading the forward publications",
             lane.from_db.query_one(PUB_ALL_TABLES, &[&pubs]),
         )
         .await?
         .get(0);
     // FOR ALL TABLES is for superusers only: a managed service's role lists the tables.
-    let superuser = super::grants::role(&lane.to_db, "target", run.qt)
+    let superuser = super::grants::role(&lane.to_db, Role::Target, run.qt)
         .await
         .map_err(|e| CutoverError::Aborted {
             step: Phase::Reverse,
@@ -528,7 +529,7 @@ async fn create_reverse_slot(run: &Run, lane: &Lane) -> Result<Option<String>, C
         let tables: Vec<String> = run
             .query(
                 Phase::Reverse,
-                "source",
+                Role::Source,
                 "listing the forward publications' tables",
                 lane.from_db.query(PUB_TABLES, &[&pubs]),
             )
@@ -550,7 +551,7 @@ async fn create_reverse_slot(run: &Run, lane: &Lane) -> Result<Option<String>, C
     };
     run.query(
         Phase::Reverse,
-        "target",
+        Role::Target,
         "creating the reverse publication",
         lane.to_db.batch_execute(&format!(
             "DROP PUBLICATION IF EXISTS {REVERSE}; CREATE PUBLICATION {REVERSE} {what}"
@@ -560,7 +561,7 @@ async fn create_reverse_slot(run: &Run, lane: &Lane) -> Result<Option<String>, C
     // A slot left by an earlier, interrupted attempt starts at the wrong point.
     run.query(
         Phase::Reverse,
-        "target",
+        Role::Target,
         "dropping a stale reverse slot",
         lane.to_db.execute(DROP_IDLE_SLOT, &[&lane.reverse_slot]),
     )
@@ -571,7 +572,7 @@ async fn create_reverse_slot(run: &Run, lane: &Lane) -> Result<Option<String>, C
     // Its own statement: a slot cannot be created in a transaction that wrote.
     run.query(
         Phase::Reverse,
-        "target",
+        Role::Target,
         "creating the reverse slot",
         lane.to_db.execute(
             failover::create_slot_sql(failover.is_some()),
@@ -589,7 +590,7 @@ async fn promote(run: &mut Run) -> Result<(), CutoverError> {
     let t = Instant::now();
     run.query(
         Phase::Promote,
-        "target",
+        Role::Target,
         "asking for promotion",
         run.to_db.query_one("SELECT pg_promote(false)", &[]),
     )
@@ -613,7 +614,7 @@ async fn await_promotion(run: &Run) -> Result<(), CutoverError> {
         let in_recovery: bool = run
             .query(
                 Phase::Promote,
-                "target",
+                Role::Target,
                 "waiting for the promotion",
                 run.to_db.query_one(IN_RECOVERY, &[]),
             )
@@ -769,7 +770,7 @@ pub async fn start_reverse(
         if both_16 { ", origin = none" } else { "" }
     );
     let slot: i64 = timed(
-        "target",
+        Role::Target,
         "finding the reverse slot",
         qt,
         target.query_one(SLOT_EXISTS, &[&slot_name]),
@@ -815,7 +816,7 @@ async fn both_at_least(
     qt: Duration,
 ) -> Result<bool, PgError> {
     Ok(timed(
-        "source",
+        Role::Source,
         "reading the versions",
         qt,
         source.query_one(VERSION_NUM, &[]),
@@ -824,7 +825,7 @@ async fn both_at_least(
     .get::<_, i32>(0)
         >= version
         && timed(
-            "target",
+            Role::Target,
             "reading the versions",
             qt,
             target.query_one(VERSION_NUM, &[]),
@@ -844,7 +845,7 @@ async fn subscribe_back(
 ) -> Result<(), PgError> {
     // A subscription left by an earlier cutover (possibly disabled) is replaced.
     let enabled: Option<bool> = timed(
-        "source",
+        Role::Source,
         "checking the reverse subscription",
         qt,
         source.query_opt(SUB_ENABLED, &[&REVERSE]),
@@ -853,7 +854,7 @@ async fn subscribe_back(
     .map(|r| r.get(0));
     let ours: bool = made_before_hold
         && timed(
-            "source",
+            Role::Source,
             "checking the reverse subscription",
             qt,
             source.query_opt(REVERSE_SUB_EARLY, &[&REVERSE]),
@@ -868,7 +869,7 @@ async fn subscribe_back(
         // lacks the tables added since (its apply would skip their changes).
         Some(false) if ours && made_before_hold => {
             return timed(
-                "source",
+                Role::Source,
                 "enabling the reverse subscription",
                 qt,
                 source.batch_execute(&format!("ALTER SUBSCRIPTION {REVERSE} ENABLE")),
@@ -876,7 +877,7 @@ async fn subscribe_back(
             .await;
         }
         Some(false) => {
-            timed("source", "dropping a stale reverse subscription", qt, source.batch_execute(&format!(
+            timed(Role::Source, "dropping a stale reverse subscription", qt, source.batch_execute(&format!(
                 "ALTER SUBSCRIPTION {REVERSE} SET (slot_name = NONE); DROP SUBSCRIPTION {REVERSE}"
             )))
             .await?;
@@ -884,7 +885,7 @@ async fn subscribe_back(
         None => {}
     }
     timed(
-        "source",
+        Role::Source,
         "creating the reverse subscription",
         qt,
         source.batch_execute(create),
@@ -940,7 +941,7 @@ pub async fn restart_forward(
     way_back: &ReverseTarget<'_>,
 ) -> Result<String, PgError> {
     let exists: i64 = timed(
-        "source",
+        Role::Source,
         "checking the reverse subscription",
         qt,
         source.query_one(SUB_EXISTS, &[&REVERSE]),
@@ -949,7 +950,7 @@ pub async fn restart_forward(
     .get(0);
     if exists > 0 {
         timed(
-            "source",
+            Role::Source,
             "dropping the reverse subscription",
             qt,
             source.batch_execute(&format!(
@@ -959,7 +960,7 @@ pub async fn restart_forward(
         .await?;
     }
     timed(
-        "target",
+        Role::Target,
         "dropping the reverse slot",
         qt,
         target.execute(DROP_IDLE_SLOT, &[&way_back.slot]),
@@ -973,7 +974,7 @@ pub async fn restart_forward(
         return Ok("reverse replication retired; the forward subscription is unknown (no --subscription, none journaled, not exactly one on the target): not restarted".into());
     };
     let slot: Option<String> = timed(
-        "target",
+        Role::Target,
         "reading the forward subscription",
         qt,
         target.query_opt(SUB_SLOT, &[&fwd]),
@@ -982,7 +983,7 @@ pub async fn restart_forward(
     .and_then(|r| r.get(0));
     if let Some(slot) = &slot {
         let n: i64 = timed(
-            "source",
+            Role::Source,
             "finding the forward slot",
             qt,
             source.query_one(SLOT_EXISTS, &[slot]),
@@ -995,7 +996,7 @@ pub async fn restart_forward(
             let point = point.to_string();
             // Only forward: advancing to a point the slot already passed is an error.
             timed(
-                "source",
+                Role::Source,
                 "advancing the forward slot",
                 qt,
                 source.execute(
@@ -1008,7 +1009,7 @@ pub async fn restart_forward(
         }
     }
     timed(
-        "target",
+        Role::Target,
         "enabling the forward subscription",
         qt,
         target.batch_execute(&format!("ALTER SUBSCRIPTION {} ENABLE", quote_ident(&fwd))),
@@ -1023,7 +1024,7 @@ pub async fn restart_forward(
 /// The only subscription on `db`, if there is exactly one.
 async fn lone_subscription(db: &Client, qt: Duration) -> Result<Option<String>, PgError> {
     let rows = timed(
-        "target",
+        Role::Target,
         "listing subscriptions",
         qt,
         db.query(

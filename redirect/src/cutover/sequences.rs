@@ -11,6 +11,7 @@
 //! for it, then still sets every value itself: the `setval` sync stays the safety net (and the
 //! only sync everywhere else). Untested against a real 19: no 19 server runs in the lab.
 
+use crate::pg::Server;
 use std::time::{Duration, Instant};
 
 use tokio_postgres::Client;
@@ -79,7 +80,7 @@ pub enum SequenceError {
 /// Reads every sequence on `db`; an unreadable one is an error.
 pub async fn read(db: &Client, qt: Duration) -> Result<Vec<Sequence>, SequenceError> {
     let rows = timed(
-        "old server",
+        Server::Old,
         "reading sequences",
         qt,
         db.query(SEQUENCES, &[]),
@@ -162,7 +163,7 @@ async fn carry_over_lane(run: &Run, lane: &Lane) -> Result<(u64, bool), CutoverE
         let sql = format!("SELECT {}", calls.join(", "));
         run.query(
             Phase::Sequences,
-            "new server",
+            Server::New,
             "setting sequences",
             lane.to_db.execute(&sql, &[]),
         )
@@ -181,7 +182,7 @@ async fn native_sync_first(run: &Run, lane: &Lane) -> Result<bool, CutoverError>
     let publisher: i32 = run
         .query(
             Phase::Sequences,
-            "old server",
+            Server::Old,
             "reading the version",
             lane.from_db.query_one(VERSION_NUM, &[]),
         )
@@ -190,7 +191,7 @@ async fn native_sync_first(run: &Run, lane: &Lane) -> Result<bool, CutoverError>
     let subscriber: i32 = run
         .query(
             Phase::Sequences,
-            "new server",
+            Server::New,
             "reading the version",
             lane.to_db.query_one(VERSION_NUM, &[]),
         )
@@ -202,7 +203,7 @@ async fn native_sync_first(run: &Run, lane: &Lane) -> Result<bool, CutoverError>
     let has_column: bool = run
         .query(
             Phase::Sequences,
-            "old server",
+            Server::Old,
             "looking for sequence publishing",
             lane.from_db.query_one(HAS_PUBALLSEQUENCES, &[]),
         )
@@ -212,7 +213,7 @@ async fn native_sync_first(run: &Run, lane: &Lane) -> Result<bool, CutoverError>
         let pubs: Vec<String> = run
             .query(
                 Phase::Sequences,
-                "new server",
+                Server::New,
                 "reading the subscription's publications",
                 lane.to_db.query_one(SUB_PUBLICATIONS, &[&sub]),
             )
@@ -221,7 +222,7 @@ async fn native_sync_first(run: &Run, lane: &Lane) -> Result<bool, CutoverError>
         Some(
             run.query(
                 Phase::Sequences,
-                "old server",
+                Server::Old,
                 "reading sequence publishing",
                 lane.from_db.query_one(PUBLISHES_SEQUENCES, &[&pubs]),
             )
@@ -236,7 +237,7 @@ async fn native_sync_first(run: &Run, lane: &Lane) -> Result<bool, CutoverError>
     }
     run.query(
         Phase::Sequences,
-        "new server",
+        Server::New,
         "refreshing sequences (PostgreSQL 19)",
         lane.to_db.batch_execute(&refresh_sequences_sql(&sub)),
     )
@@ -246,7 +247,7 @@ async fn native_sync_first(run: &Run, lane: &Lane) -> Result<bool, CutoverError>
         let pending: i64 = run
             .query(
                 Phase::Sequences,
-                "new server",
+                Server::New,
                 "waiting for PostgreSQL 19's sequence sync",
                 lane.to_db.query_one(SEQUENCES_PENDING, &[&sub]),
             )

@@ -1,5 +1,6 @@
 //! Undoing a cutover stopped before the flip: the old server was the truth all along.
 
+use crate::pg::Server;
 use redirect_common::cutover::Cutover;
 
 use super::catalog::DROP_IDLE_SLOT;
@@ -86,7 +87,7 @@ pub async fn undo(run: &mut Run) -> Undone {
         {
             let sql = format!("ALTER SUBSCRIPTION {} ENABLE", quote_ident(&sub));
             match timed(
-                "subscriber",
+                Server::Subscriber,
                 "re-enabling the subscription",
                 run.qt,
                 lane.to_db.batch_execute(&sql),
@@ -102,7 +103,7 @@ pub async fn undo(run: &mut Run) -> Undone {
             let target = lane.db(Role::Target, run.from);
             let slot = lane.reverse_slot.clone();
             match timed(
-                "target",
+                Role::Target,
                 "dropping the reverse slot",
                 run.qt,
                 target.execute(DROP_IDLE_SLOT, &[&slot]),

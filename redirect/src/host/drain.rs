@@ -7,6 +7,7 @@
 //! client before the entry is forgotten: idle pooled clients learn their connection is gone
 //! instead of meeting a RST (or silence, with `--drop-untracked`) on their next use.
 
+use crate::pg::Server;
 use std::{
     collections::{HashMap, HashSet},
     time::{Duration, Instant, SystemTime},
@@ -91,7 +92,7 @@ pub async fn drain(
             let ports: Vec<i32> = kill.iter().map(|c| i32::from(c.snat.port())).collect();
             let found: HashSet<u16> = match from_db {
                 Some(db) => timed(
-                    "old server",
+                    Server::Old,
                     "ending drained sessions",
                     qt,
                     db.query(END_BY_PORT, &[&from_snat, &ports]),

@@ -6,6 +6,7 @@
 //! (`--databases`/`--exclude-databases`), or a problem the cutover refuses: data with no
 //! replication, or a database the new server lacks.
 
+use super::Server;
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
@@ -87,9 +88,10 @@ impl Database {
 /// Lists the connectable databases of the server behind `db`.
 pub async fn databases(
     db: &Client,
-    which: &'static str,
+    which: impl Into<Server>,
     qt: Duration,
 ) -> Result<Vec<String>, PgError> {
+    let which: Server = which.into();
     Ok(
         timed(which, "listing databases", qt, db.query(DATABASES, &[]))
             .await?
@@ -110,10 +112,10 @@ pub async fn discover(
     watch: &Watch,
     qt: Duration,
 ) -> Result<Vec<Database>, PgError> {
-    let on_old = databases(old_db, "old server", qt).await?;
-    let on_new = databases(new_db, "new server", qt).await?;
+    let on_old = databases(old_db, Server::Old, qt).await?;
+    let on_new = databases(new_db, Server::New, qt).await?;
     let may_connect: Vec<(String, bool)> = timed(
-        "old server",
+        Server::Old,
         "checking CONNECT on each database",
         qt,
         old_db.query(CAN_CONNECT, &[]),
@@ -124,7 +126,7 @@ pub async fn discover(
     .collect();
     let chosen = if watch.replication == Replication::Logical {
         choose(
-            &cluster_subscriptions(new_db, "new server", qt).await?,
+            &cluster_subscriptions(new_db, Server::New, qt).await?,
             watch,
         )
     } else {
@@ -252,12 +254,12 @@ async fn count_tables(dsn: &Dsn, database: &str, qt: Duration) -> Result<i64, Pg
     let db = tokio::time::timeout(qt, dsn.for_database(database).connect())
         .await
         .map_err(|_| PgError::Timeout {
-            which: "old server",
+            which: Server::Old,
             what: "connecting to count tables",
             timeout: qt,
         })??;
     Ok(timed(
-        "old server",
+        Server::Old,
         "counting user tables",
         qt,
         db.query_one(USER_TABLES, &[]),

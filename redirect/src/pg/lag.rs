@@ -11,6 +11,8 @@
 //! Like pgdog's `LsnMonitor`: persistent sessions, every query under a timeout, SQL in named
 //! constants, and the go/no-go decision as a pure function.
 
+use super::Server;
+use crate::datapath::Role;
 use std::{collections::BTreeMap, time::Duration};
 
 use serde::{Deserialize, Serialize};
@@ -243,9 +245,10 @@ pub fn choose(
 /// Reads every subscription of the cluster over `db` (any database's session).
 pub async fn cluster_subscriptions(
     db: &Client,
-    which: &'static str,
+    which: impl Into<Server>,
     timeout: Duration,
 ) -> Result<Vec<SubscriptionRow>, PgError> {
+    let which: Server = which.into();
     Ok(timed(
         which,
         "listing the cluster's subscriptions",
@@ -281,14 +284,14 @@ pub async fn measure(
     timeout: Duration,
 ) -> Result<ReplicaLag, PgError> {
     let src_lsn: String = timed(
-        "source",
+        Role::Source,
         "reading the WAL position",
         timeout,
         source.query_one(SOURCE_LSN, &[]),
     )
     .await?
     .get(0);
-    let current = parse_lsn_of("source", "pg_current_wal_lsn()", &src_lsn)?;
+    let current = parse_lsn_of(Role::Source, "pg_current_wal_lsn()", &src_lsn)?;
     let lag = match watch.replication {
         Replication::Logical => logical_lag(source, target, watch, timeout, current).await?,
         Replication::Physical => physical_lag(source, target, timeout, current).await?,
@@ -305,7 +308,7 @@ async fn logical_lag(
     timeout: Duration,
     current: Lsn,
 ) -> Result<ReplicaLag, PgError> {
-    let subscriptions = cluster_subscriptions(target, "target", timeout).await?;
+    let subscriptions = cluster_subscriptions(target, Role::Target, timeout).await?;
     let chosen = choose(&subscriptions, watch);
     let slot_names: Vec<String> = chosen
         .values()
@@ -336,7 +339,7 @@ async fn read_slots(
 ) -> Result<BTreeMap<String, SlotRow>, PgError> {
     let mut slots = BTreeMap::new();
     for r in timed(
-        "source",
+        Role::Source,
         "reading the slots",
         timeout,
         source.query(SLOTS, &[&slot_names]),
@@ -347,7 +350,7 @@ async fn read_slots(
         // not an LSN is an error, never a zero.
         let confirmed = r
             .get::<_, Option<String>>(2)
-            .map(|s| parse_lsn_of("source", "pg_replication_slots.confirmed_flush_lsn", &s))
+            .map(|s| parse_lsn_of(Role::Source, "pg_replication_slots.confirmed_flush_lsn", &s))
             .transpose()?;
         slots.insert(
             r.get::<_, String>(0),
@@ -373,7 +376,7 @@ async fn add_missing_reverse(
     timeout: Duration,
     databases: &mut Vec<DatabaseLag>,
 ) -> Result<(), PgError> {
-    let forward = cluster_subscriptions(source, "source", timeout).await?;
+    let forward = cluster_subscriptions(source, Role::Source, timeout).await?;
     for db in forward
         .iter()
         .filter(|s| !is_ours(&s.name) && watch.scope.covers(&s.database))
@@ -402,7 +405,7 @@ async fn physical_lag(
     current: Lsn,
 ) -> Result<ReplicaLag, PgError> {
     let row = timed(
-        "target",
+        Role::Target,
         "reading the standby state",
         timeout,
         target.query_one(STANDBY, &[]),
@@ -415,10 +418,10 @@ async fn physical_lag(
     }
     let replayed = row
         .get::<_, Option<String>>(1)
-        .map(|s| parse_lsn_of("target", "pg_last_wal_replay_lsn()", &s))
+        .map(|s| parse_lsn_of(Role::Target, "pg_last_wal_replay_lsn()", &s))
         .transpose()?;
     let senders = timed(
-        "source",
+        Role::Source,
         "reading pg_stat_replication",
         timeout,
         source.query(PHYSICAL_SENDERS, &[]),
@@ -582,7 +585,7 @@ pub async fn subscription_name(
         return Ok(s.clone());
     }
     let rows = timed(
-        "target",
+        Role::Target,
         "listing subscriptions",
         timeout,
         target.query(SUBSCRIPTIONS, &[]),

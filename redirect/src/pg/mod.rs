@@ -5,8 +5,10 @@ pub mod cluster;
 pub mod lag;
 pub mod lsn;
 pub mod quote;
+pub mod server;
 
 pub use lsn::{Lsn, LsnError};
+pub use server::Server;
 
 use std::{
     collections::BTreeMap,
@@ -22,28 +24,28 @@ use tokio_postgres::{Client, config::SslMode};
 pub enum PgError {
     /// The DSN is not `key=value ...` libpq syntax, or has an unsupported value.
     #[error("{which} DSN: {reason}")]
-    BadDsn { which: &'static str, reason: String },
+    BadDsn { which: Server, reason: String },
     /// Could not connect (network, auth, TLS).
     #[error("connecting to the {which} ({target}): {}", describe(source))]
     Connect {
-        which: &'static str,
+        which: Server,
         target: String,
         source: tokio_postgres::Error,
     },
     /// Building the TLS connector failed (bad root certificate file, ...).
     #[error("{which} TLS: {reason}")]
-    Tls { which: &'static str, reason: String },
+    Tls { which: Server, reason: String },
     /// A query failed.
     #[error("{which}: {what}: {}", describe(source))]
     Query {
-        which: &'static str,
+        which: Server,
         what: &'static str,
         source: tokio_postgres::Error,
     },
     /// A query answered with a WAL position that is not `pg_lsn` text: never read as zero.
     #[error("{which}: {what}: {value:?} is not a pg_lsn (X/Y in hex)")]
     BadLsn {
-        which: &'static str,
+        which: Server,
         /// The query, as `what` in [`PgError::Query`].
         what: &'static str,
         value: String,
@@ -51,7 +53,7 @@ pub enum PgError {
     /// A query did not answer in time.
     #[error("{which}: {what}: no answer within {timeout:?}")]
     Timeout {
-        which: &'static str,
+        which: Server,
         what: &'static str,
         timeout: Duration,
     },
@@ -203,7 +205,7 @@ fn load_root_certs(path: &Path) -> Result<Vec<native_tls::Certificate>, String> 
 /// A parsed connection string for one server, without any password in it.
 #[derive(Clone)]
 pub struct Dsn {
-    pub which: &'static str,
+    pub which: Server,
     pub config: tokio_postgres::Config,
     /// The mode the connection really has (`require` with a root certificate is `verify-ca`).
     pub tls: TlsMode,
@@ -318,10 +320,11 @@ impl Dsn {
     /// Parses `dsn`, refusing an inline password, and finds the password in `sources`, then
     /// in the pgpass file (`PGPASSFILE`, else `~/.pgpass`).
     pub fn parse(
-        which: &'static str,
+        which: impl Into<Server>,
         dsn: &str,
         sources: &PasswordSources,
     ) -> Result<Self, PgError> {
+        let which: Server = which.into();
         let bad = |reason: String| PgError::BadDsn { which, reason };
         let pairs = split_pairs(dsn).map_err(bad)?;
         let mut sslmode = None;
@@ -592,11 +595,12 @@ pub fn describe(e: &tokio_postgres::Error) -> String {
 
 /// Runs one query with a timeout, mapping both failure kinds to [`PgError`].
 pub async fn timed<T>(
-    which: &'static str,
+    which: impl Into<Server>,
     what: &'static str,
     timeout: Duration,
     fut: impl Future<Output = Result<T, tokio_postgres::Error>>,
 ) -> Result<T, PgError> {
+    let which = which.into();
     match tokio::time::timeout(timeout, fut).await {
         Ok(Ok(v)) => Ok(v),
         Ok(Err(source)) => Err(PgError::Query {
@@ -614,14 +618,18 @@ pub async fn timed<T>(
 
 /// Parses the `pg_lsn` text a query (`which`, `what`) returned; a value that is not one is a
 /// [`PgError::BadLsn`] naming the query and the value.
-pub fn parse_lsn_of(which: &'static str, what: &'static str, s: &str) -> Result<Lsn, PgError> {
-    s.parse()
-        .map_err(|LsnError(value)| PgError::BadLsn { which, what, value })
+pub fn parse_lsn_of(which: impl Into<Server>, what: &'static str, s: &str) -> Result<Lsn, PgError> {
+    s.parse().map_err(|LsnError(value)| PgError::BadLsn {
+        which: which.into(),
+        what,
+        value,
+    })
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::datapath::Role;
 
     #[test]
     fn a_quoted_conninfo_value_reads_back_as_itself() {
@@ -639,7 +647,7 @@ mod tests {
     #[test]
     fn another_database_keeps_the_server_user_and_password() {
         let dsn = Dsn::parse(
-            "target",
+            Role::Target,
             "host=198.18.3.2 user=migrator dbname=postgres",
             &PasswordSources::default(),
         )
@@ -685,7 +693,7 @@ mod tests {
     #[test]
     fn dsn_refuses_inline_passwords() {
         let none = PasswordSources::default();
-        let err = Dsn::parse("source", "host=h user=u password=secret", &none)
+        let err = Dsn::parse(Role::Source, "host=h user=u password=secret", &none)
             .unwrap_err()
             .to_string();
         assert!(
@@ -798,19 +806,19 @@ mod tests {
         let ca = temp_file("ca.pem", TEST_ROOT);
         let ca_s = ca.display().to_string();
 
-        let d = Dsn::parse("target", "host=h user=u sslmode=disable", &none).unwrap();
+        let d = Dsn::parse(Role::Target, "host=h user=u sslmode=disable", &none).unwrap();
         assert_eq!(
             (d.tls, d.config.get_ssl_mode()),
             (TlsMode::Disable, SslMode::Disable)
         );
-        let d = Dsn::parse("target", "host=h user=u sslmode=allow", &none).unwrap();
+        let d = Dsn::parse(Role::Target, "host=h user=u sslmode=allow", &none).unwrap();
         assert_eq!(
             (d.tls, d.config.get_ssl_mode()),
             (TlsMode::Allow, SslMode::Prefer)
         );
 
         let d = Dsn::parse(
-            "target",
+            Role::Target,
             &format!("host=h user=u sslmode=verify-full sslrootcert={ca_s}"),
             &none,
         )
@@ -826,7 +834,7 @@ mod tests {
         );
 
         let d = Dsn::parse(
-            "target",
+            Role::Target,
             &format!("host=h user=u sslmode=require sslrootcert={ca_s}"),
             &none,
         )
@@ -843,7 +851,7 @@ mod tests {
         );
 
         let e = Dsn::parse(
-            "target",
+            Role::Target,
             "host=h sslmode=verify-ca sslrootcert=/nonexistent/ca.pem",
             &none,
         )
@@ -853,7 +861,7 @@ mod tests {
             e.starts_with("target DSN: sslmode=verify-ca needs a root certificate"),
             "{e}"
         );
-        let e = Dsn::parse("target", "host=h sslmode=bogus", &none)
+        let e = Dsn::parse(Role::Target, "host=h sslmode=bogus", &none)
             .unwrap_err()
             .to_string();
         assert!(e.contains("unknown sslmode \"bogus\""), "{e}");
@@ -867,14 +875,14 @@ mod tests {
         assert_eq!(load_root_certs(&two).unwrap().len(), 2);
         for mode in ["verify-ca", "verify-full", "require"] {
             let d = Dsn::parse(
-                "target",
+                Role::Target,
                 &format!("host=h sslmode={mode} sslrootcert={}", two.display()),
                 &none,
             )
             .unwrap();
             assert!(d.tls_connector().is_ok(), "{mode}");
         }
-        let d = Dsn::parse("target", "host=h sslmode=require", &none).unwrap();
+        let d = Dsn::parse(Role::Target, "host=h sslmode=require", &none).unwrap();
         if d.tls == TlsMode::Require {
             assert!(d.tls_connector().is_ok());
         }
@@ -885,7 +893,7 @@ mod tests {
         };
         assert!(e.contains("no PEM certificate"), "{e}");
         let d = Dsn::parse(
-            "target",
+            Role::Target,
             &format!("host=h sslmode=verify-full sslrootcert={}", junk.display()),
             &none,
         )
@@ -930,7 +938,7 @@ mod tests {
         let other = temp_file("hs-other.pem", OTHER_ROOT);
         let dsn = |mode: &str, root: &Path| {
             Dsn::parse(
-                "target",
+                Role::Target,
                 &format!("host=db.test sslmode={mode} sslrootcert={}", root.display()),
                 &none,
             )
@@ -983,7 +991,7 @@ mod tests {
         assert_eq!("16/B374D848".parse(), Ok(Lsn(0x16_B374_D848)));
         assert_eq!(Lsn(0x16_B374_D848).to_string(), "16/B374D848");
         assert_eq!("0/0".parse(), Ok(Lsn(0)));
-        let e = parse_lsn_of("source", "pg_current_wal_lsn()", "nope")
+        let e = parse_lsn_of(Role::Source, "pg_current_wal_lsn()", "nope")
             .unwrap_err()
             .to_string();
         assert!(

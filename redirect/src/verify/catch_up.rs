@@ -73,7 +73,7 @@ impl CatchUp {
             .map_err(|e| VerifyError::BadRequest(e.to_string()))?;
         // The sessions' database's own subscription, not the DSNs' database's.
         let database: String = timed(
-            replica.name(),
+            replica,
             "reading the database",
             timeout,
             rdb.query_one("SELECT current_database()::text", &[]),
@@ -86,7 +86,7 @@ impl CatchUp {
             Replication::Logical => {
                 let sub = lag::subscription_name(rdb, &watch, timeout).await?;
                 let row = timed(
-                    replica.name(),
+                    replica,
                     "reading the subscription",
                     timeout,
                     rdb.query_opt(lag::SUBSCRIPTION, &[&sub]),
@@ -101,7 +101,7 @@ impl CatchUp {
                         let slot: Option<String> = row.get(2);
                         let slot = slot.unwrap_or_else(|| sub.clone());
                         let exists = timed(
-                            primary.name(),
+                            primary,
                             "reading the slot",
                             timeout,
                             pdb.query_opt(lag::SLOT, &[&slot]),
@@ -157,7 +157,7 @@ impl CatchUp {
         if matches!(self.applied, Applied::Nothing(_)) {
             return Ok(());
         }
-        let p = self.primary.name();
+        let p = self.primary;
         let text: String = timed(
             p,
             "reading the WAL position",
@@ -201,12 +201,10 @@ impl CatchUp {
         replica: &Client,
         timeout: Duration,
     ) -> Result<Option<Lsn>, PgError> {
-        let (which, db, sql, what): (&'static str, &Client, &str, &'static str) = match &self
-            .applied
-        {
+        let (which, db, sql, what): (Role, &Client, &str, &'static str) = match &self.applied {
             Applied::Slot { slot, .. } => {
                 let row = timed(
-                    self.primary.name(),
+                    self.primary,
                     "reading what the subscriber applied",
                     timeout,
                     primary.query_opt(APPLIED_LSN, &[slot]),
@@ -214,13 +212,11 @@ impl CatchUp {
                 .await?;
                 return row
                     .and_then(|r| r.get::<_, Option<String>>(0))
-                    .map(|s| {
-                        parse_lsn_of(self.primary.name(), "the subscriber's applied position", &s)
-                    })
+                    .map(|s| parse_lsn_of(self.primary, "the subscriber's applied position", &s))
                     .transpose();
             }
             Applied::Replay => (
-                self.primary.other().name(),
+                self.primary.other(),
                 replica,
                 REPLAY_LSN,
                 "pg_last_wal_replay_lsn()",

@@ -5,6 +5,7 @@
 //! A chunk is a key range `(lo, hi]` in primary-key order (row comparison, so composite keys
 //! work); key values travel as text and are cast back to the key columns' types on the server.
 
+use crate::pg::Server;
 use std::{collections::HashMap, time::Duration};
 
 use tokio_postgres::{Client, types::ToSql};
@@ -214,11 +215,12 @@ fn params(p: &[String]) -> Vec<&(dyn ToSql + Sync)> {
 
 /// Runs an aggregate statement (from [`ChunkSql::aggregate`] or [`whole_table`]).
 pub async fn read_aggregate(
-    which: &'static str,
+    which: impl Into<Server>,
     db: &Client,
     (sql, args): &(String, Vec<String>),
     timeout: Duration,
 ) -> Result<Aggregate, PgError> {
+    let which: Server = which.into();
     let row = timed(
         which,
         "hashing a chunk",
@@ -237,11 +239,12 @@ pub async fn read_aggregate(
 
 /// The table's last key on one server (`None`: empty).
 pub async fn read_last_key(
-    which: &'static str,
+    which: impl Into<Server>,
     db: &Client,
     sql: &ChunkSql,
     timeout: Duration,
 ) -> Result<Option<Key>, PgError> {
+    let which: Server = which.into();
     let row = timed(
         which,
         "reading the table's last key",
@@ -254,13 +257,14 @@ pub async fn read_last_key(
 
 /// Whether key `a` sorts after key `b`, asked of one server.
 pub async fn key_after(
-    which: &'static str,
+    which: impl Into<Server>,
     db: &Client,
     sql: &ChunkSql,
     a: &Key,
     b: &Key,
     timeout: Duration,
 ) -> Result<bool, PgError> {
+    let which: Server = which.into();
     let args: Vec<String> = a.iter().chain(b).cloned().collect();
     let row = timed(
         which,
@@ -274,11 +278,12 @@ pub async fn key_after(
 
 /// Runs a rows statement (from [`ChunkSql::rows`]).
 pub async fn read_rows(
-    which: &'static str,
+    which: impl Into<Server>,
     db: &Client,
     (sql, args): &(String, Vec<String>),
     timeout: Duration,
 ) -> Result<Rows, PgError> {
+    let which: Server = which.into();
     let rows = timed(
         which,
         "reading a chunk's row hashes",

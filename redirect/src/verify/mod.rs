@@ -89,10 +89,10 @@ struct Sessions {
 }
 
 impl Sessions {
-    fn of(&self, role: Role) -> (&'static str, &Client) {
+    fn of(&self, role: Role) -> (Role, &Client) {
         match role {
-            Role::Source => ("source", &self.source),
-            Role::Target => ("target", &self.target),
+            Role::Source => (role, &self.source),
+            Role::Target => (role, &self.target),
         }
     }
 
@@ -142,8 +142,8 @@ pub async fn verify(
     for database in &databases {
         let db = open_sessions(ctl, req.statement_timeout, database).await?;
         let (source_tables, target_tables) = (
-            tables::list("source", &db.source, db.timeout()).await?,
-            tables::list("target", &db.target, db.timeout()).await?,
+            tables::list(Role::Source, &db.source, db.timeout()).await?,
+            tables::list(Role::Target, &db.target, db.timeout()).await?,
         );
         let names = tables::select(&source_tables, &target_tables, &req.tables).map_err(|e| {
             VerifyError::BadRequest(if many {
@@ -231,8 +231,8 @@ async fn databases_to_compare(
     let dbs = ctl.db.as_ref().ok_or(VerifyError::NoDatabases)?;
     let home = dbs.source.database().to_owned();
     let (source, target) = (dbs.source.connect().await?, dbs.target.connect().await?);
-    let on_source = crate::pg::cluster::databases(&source, "source", dbs.query_timeout).await?;
-    let on_target = crate::pg::cluster::databases(&target, "target", dbs.query_timeout).await?;
+    let on_source = crate::pg::cluster::databases(&source, Role::Source, dbs.query_timeout).await?;
+    let on_target = crate::pg::cluster::databases(&target, Role::Target, dbs.query_timeout).await?;
     if !req.databases.is_empty() {
         for d in &req.databases {
             if !(on_source.contains(d) && on_target.contains(d)) {
@@ -246,7 +246,8 @@ async fn databases_to_compare(
     let watch = ctl
         .watch_for(Role::Target)
         .map_err(|e| VerifyError::BadRequest(e.to_string()))?;
-    let subs = crate::pg::lag::cluster_subscriptions(&target, "target", dbs.query_timeout).await?;
+    let subs =
+        crate::pg::lag::cluster_subscriptions(&target, Role::Target, dbs.query_timeout).await?;
     let mut out = vec![home.clone()];
     let mut add = |db: String| {
         if on_source.contains(&db) && on_target.contains(&db) && !out.contains(&db) {
@@ -307,7 +308,7 @@ async fn open_sessions(
     );
     let source = dbs.source.for_database(database).connect().await?;
     let target = dbs.target.for_database(database).connect().await?;
-    for (which, c) in [("source", &source), ("target", &target)] {
+    for (which, c) in [(Role::Source, &source), (Role::Target, &target)] {
         timed(
             which,
             "setting up the session",

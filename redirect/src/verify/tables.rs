@@ -1,6 +1,7 @@
 //! Which tables to compare, and their columns and primary keys, read from each server's
 //! catalog.
 
+use crate::pg::Server;
 use std::{collections::BTreeMap, time::Duration};
 
 use tokio_postgres::Client;
@@ -69,10 +70,11 @@ impl Table {
 
 /// Reads every user table of one server, by `schema.table`.
 pub async fn list(
-    which: &'static str,
+    which: impl Into<Server>,
     db: &Client,
     timeout: Duration,
 ) -> Result<BTreeMap<String, Table>, PgError> {
+    let which: Server = which.into();
     let rows = timed(
         which,
         "listing tables",

@@ -56,7 +56,7 @@ struct Step {
 async fn run_steps(steps: &[Step], qt: Duration) -> Result<(), CutoverError> {
     for (i, step) in steps.iter().enumerate() {
         let Err(e) = timed(
-            step.role.name(),
+            step.role,
             "applying the fix",
             qt,
             step.db.batch_execute(&step.sql),
@@ -68,14 +68,7 @@ async fn run_steps(steps: &[Step], qt: Duration) -> Result<(), CutoverError> {
         let mut undone = Vec::new();
         for d in steps[..i].iter().rev() {
             undone.push(
-                match timed(
-                    d.role.name(),
-                    "undoing the fix",
-                    qt,
-                    d.db.batch_execute(&d.undo),
-                )
-                .await
-                {
+                match timed(d.role, "undoing the fix", qt, d.db.batch_execute(&d.undo)).await {
                     Ok(()) => format!("the {} was put back ({})", d.role, d.undo),
                     Err(b) => format!(
                         "the {} could NOT be put back ({b}): run {} there",
@@ -107,7 +100,7 @@ async fn connect(ctl: &Controller, role: Role, qt: Duration) -> Result<Client, C
         ms = qt.as_millis().max(1)
     );
     timed(
-        role.name(),
+        role,
         "bounding statements",
         qt,
         client.batch_execute(&bound),
@@ -170,7 +163,7 @@ async fn validate(
     qt: Duration,
 ) -> Result<Result<Checked, Vec<String>>, CutoverError> {
     let Some(row) = timed(
-        role.name(),
+        role,
         "looking up the table",
         qt,
         db.query_opt(TABLE, &[&table]),
@@ -198,7 +191,7 @@ async fn validate(
     let mut set = format!("ALTER TABLE {name} REPLICA IDENTITY FULL");
     if let Identity::Index(index) = identity {
         let candidates: String = timed(
-            role.name(),
+            role,
             "listing usable indexes",
             qt,
             db.query_one(CANDIDATES, &[&table]),
@@ -212,7 +205,7 @@ async fn validate(
             format!("usable indexes: {candidates}")
         };
         match timed(
-            role.name(),
+            role,
             "looking up the index",
             qt,
             db.query_opt(INDEX, &[&table, index]),
@@ -408,7 +401,7 @@ async fn subscribed_publications(
     qt: Duration,
 ) -> Result<(Vec<String>, String), CutoverError> {
     let pubs: Vec<String> = timed(
-        new.name(),
+        new,
         "reading the subscription",
         qt,
         new_db.query_opt(SUB_PUBLICATIONS, &[&sub]),
@@ -433,7 +426,7 @@ async fn look_up_table(
     qt: Duration,
 ) -> Result<(String, Vec<String>), CutoverError> {
     let Some(row) = timed(
-        old.name(),
+        old,
         "looking up the table",
         qt,
         old_db.query_opt(TABLE_KIND, &[&table]),
@@ -472,7 +465,7 @@ async fn already_published(
     qt: Duration,
 ) -> Result<Option<String>, CutoverError> {
     let by: String = timed(
-        old.name(),
+        old,
         "reading the publications",
         qt,
         old_db.query_one(PUBLISHED_BY, &[&pubs, &name]),
@@ -497,7 +490,7 @@ async fn not_ready_on_new(
     qt: Duration,
 ) -> Result<Option<String>, CutoverError> {
     let on_new: bool = timed(
-        new.name(),
+        new,
         "looking up the table",
         qt,
         new_db.query_one(EXISTS, &[&name]),
@@ -512,7 +505,7 @@ async fn not_ready_on_new(
     // The refresh copies every row: rows already there would be duplicated (no key) or
     // stop the copy on a duplicate key, retried for ever.
     let has_rows: bool = timed(
-        new.name(),
+        new,
         "looking for rows",
         qt,
         new_db.query_one(&format!("SELECT EXISTS (SELECT 1 FROM {name})"), &[]),
@@ -536,7 +529,7 @@ async fn keyless(
     qt: Duration,
 ) -> Result<Option<String>, CutoverError> {
     let keyless: bool = timed(
-        old.name(),
+        old,
         "reading the replica identity",
         qt,
         old_db.query_one(KEYLESS_UNDER_PUBLICATION, &[&name, &publication]),

@@ -16,6 +16,7 @@ mod schema;
 mod sequences;
 mod slot;
 
+use crate::pg::Server;
 use std::{fmt::Write as _, time::Duration};
 
 use serde::{Deserialize, Serialize};
@@ -203,7 +204,7 @@ impl Replication<'_> {
         sql: &str,
         params: &[&(dyn ToSql + Sync)],
     ) -> Result<Vec<Row>, PgError> {
-        timed("old server", what, self.qt, self.old.query(sql, params)).await
+        timed(Server::Old, what, self.qt, self.old.query(sql, params)).await
     }
 
     async fn on_new(
@@ -212,7 +213,7 @@ impl Replication<'_> {
         sql: &str,
         params: &[&(dyn ToSql + Sync)],
     ) -> Result<Vec<Row>, PgError> {
-        timed("new server", what, self.qt, self.new.query(sql, params)).await
+        timed(Server::New, what, self.qt, self.new.query(sql, params)).await
     }
 }
 

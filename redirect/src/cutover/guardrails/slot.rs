@@ -3,6 +3,7 @@
 //! invalidated slot can never be resumed: the new server would never get the rest.
 
 use super::{Finding, Guardrail, Replication};
+use crate::pg::Server;
 use crate::{
     cutover::{failover, quote_ident},
     pg::{PgError, timed},
@@ -65,7 +66,7 @@ pub async fn not_failover(r: &Replication<'_>) -> Result<Vec<Finding>, PgError> 
         return Ok(Vec::new());
     };
     let standbys = timed(
-        "old server",
+        Server::Old,
         "looking for standbys",
         r.qt,
         failover::standbys(r.old),
@@ -76,7 +77,7 @@ pub async fn not_failover(r: &Replication<'_>) -> Result<Vec<Finding>, PgError> 
     }
     // Only now, on 17+, is there a failover column to read.
     let is_failover = timed(
-        "old server",
+        Server::Old,
         "reading the slot",
         r.qt,
         failover::slot_is_failover(r.old, slot),

@@ -1,6 +1,7 @@
 //! The checks of one database (a lane): its subscription and slot, sequences, guardrails,
 //! barrier, way back and grants.
 
+use crate::pg::Server;
 use std::time::Duration;
 
 use crate::cutover::catalog::{SUB_PUBLICATIONS, SUB_SLOT};
@@ -43,7 +44,7 @@ pub(super) async fn check_lane(
     let named = |s: String| format!("{prefix}{s}");
     let sub = lane.subscription.clone().unwrap_or_default();
     lane.slot = timed(
-        "new server",
+        Server::New,
         "reading the subscription",
         qt,
         lane.to_db.query_opt(SUB_SLOT, &[&sub]),
@@ -51,7 +52,7 @@ pub(super) async fn check_lane(
     .await?
     .and_then(|r| r.get::<_, Option<String>>(0));
     let pubs: Vec<String> = timed(
-        "new server",
+        Server::New,
         "reading the subscription",
         qt,
         lane.to_db.query_opt(SUB_PUBLICATIONS, &[&sub]),
@@ -154,7 +155,7 @@ pub(super) async fn lane_grants(
 ) -> Result<Vec<grants::Missing>, CutoverError> {
     let tables: Vec<String> = if to == Role::Target && !pubs.is_empty() {
         timed(
-            "old server",
+            Server::Old,
             "listing the published tables",
             qt,
             lane.from_db
@@ -169,8 +170,8 @@ pub(super) async fn lane_grants(
     };
     let missing = grants::check(
         &grants::Needs {
-            old: (from.name(), &lane.from_db),
-            new: (to.name(), &lane.to_db),
+            old: (from, &lane.from_db),
+            new: (to, &lane.to_db),
             logical: true,
             forward: to == Role::Target,
             subscription: Some(sub),

@@ -14,6 +14,7 @@ mod reverse;
 
 pub use rehearsal::{CREATE_BARRIER, SEE_MARKER, WRITE_MARKER, prepare, prepare_barrier, rehearse};
 
+use crate::pg::Server;
 use std::time::{Duration, Instant};
 
 use tokio::sync::mpsc::UnboundedSender;
@@ -193,8 +194,8 @@ pub async fn check(
     // hold was committed (a dry run says so too: it would not pass).
     fleet_ready(ctl, &req).await?;
     let t0 = Instant::now();
-    let from_db = bounded(ctl, from, "old server", qt).await?;
-    let to_db = bounded(ctl, to, "new server", qt).await?;
+    let from_db = bounded(ctl, from, Server::Old, qt).await?;
+    let to_db = bounded(ctl, to, Server::New, qt).await?;
     let (from_snat, snat_ports) = snat_of(ctl, from)?;
     let mut watch = ctl.watch_for(to)?;
     let logical = watch.replication == Replication::Logical;
@@ -296,9 +297,10 @@ async fn fleet_ready(ctl: &Controller, req: &FlipRequest) -> Result<(), CutoverE
 async fn bounded(
     ctl: &Controller,
     role: Role,
-    which: &'static str,
+    which: impl Into<Server>,
     qt: Duration,
 ) -> Result<Client, CutoverError> {
+    let which: Server = which.into();
     let c = ctl.dsn(role)?.connect().await?;
     let bound = format!("SET statement_timeout = {}", qt.as_millis().max(1));
     timed(which, "bounding statements", qt, c.batch_execute(&bound)).await?;
@@ -402,7 +404,7 @@ async fn databases(cx: &Ctx<'_>, watch: &Watch, v: &mut Verdict) -> Result<(), C
 async fn writable(cx: &Ctx<'_>, logical: bool, v: &mut Verdict) -> Result<(), CutoverError> {
     let to = cx.to;
     let row = timed(
-        "new server",
+        Server::New,
         "checking writability",
         cx.qt,
         cx.to_db.query_one(WRITABLE, &[]),
@@ -424,8 +426,8 @@ async fn writable(cx: &Ctx<'_>, logical: bool, v: &mut Verdict) -> Result<(), Cu
 
 /// Every login role of the old server exists on the new one.
 async fn login_roles(cx: &Ctx<'_>, v: &mut Verdict) -> Result<(), CutoverError> {
-    let from_roles = roles("old server", cx.from_db, cx.qt).await?;
-    let to_roles = roles("new server", cx.to_db, cx.qt).await?;
+    let from_roles = roles(Server::Old, cx.from_db, cx.qt).await?;
+    let to_roles = roles(Server::New, cx.to_db, cx.qt).await?;
     let missing: Vec<&String> = from_roles
         .iter()
         .filter(|r| !to_roles.contains(r))
@@ -440,10 +442,11 @@ async fn login_roles(cx: &Ctx<'_>, v: &mut Verdict) -> Result<(), CutoverError> 
 }
 
 async fn roles(
-    which: &'static str,
+    which: impl Into<Server>,
     db: &Client,
     qt: Duration,
 ) -> Result<Vec<String>, CutoverError> {
+    let which: Server = which.into();
     let rows = timed(which, "listing roles", qt, db.query(LOGIN_ROLES, &[])).await?;
     Ok(rows.iter().map(|r| r.get(0)).collect())
 }
@@ -460,7 +463,7 @@ async fn bypassing_sessions(
         proxied_from.extend(fleet.members_snat().await);
     }
     let bypass = timed(
-        "old server",
+        Server::Old,
         "listing sessions",
         cx.qt,
         cx.from_db.query_one(BYPASS_SESSIONS, &[&proxied_from]),
@@ -612,8 +615,8 @@ async fn plan_the_barrier(
 async fn cluster_grants(cx: &Ctx<'_>) -> Result<Vec<grants::Missing>, CutoverError> {
     let missing = grants::check(
         &grants::Needs {
-            old: (cx.from.name(), cx.from_db),
-            new: (cx.to.name(), cx.to_db),
+            old: (cx.from, cx.from_db),
+            new: (cx.to, cx.to_db),
             logical: false,
             forward: false,
             subscription: None,
@@ -646,7 +649,7 @@ async fn plan_the_steps(cx: &Ctx<'_>, logical: bool, prepare: &[String], report:
     // The reverse slot becomes a failover slot when the target (17+) has a standby.
     let reverse_failover = if to == Role::Target && logical {
         timed(
-            "target",
+            Role::Target,
             "looking for standbys",
             cx.qt,
             super::failover::standbys(cx.to_db),

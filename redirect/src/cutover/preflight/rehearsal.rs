@@ -1,6 +1,7 @@
 //! The barrier before anything is held: its table made to replicate in every database, and
 //! a rehearsal of its marker.
 
+use crate::pg::Server;
 use std::time::{Duration, Instant};
 
 use tokio_postgres::Client;
@@ -88,7 +89,7 @@ pub async fn rehearse(run: &mut Run) -> Result<(), CutoverError> {
 pub(super) async fn rehearse_lane(run: &Run, lane: &Lane) -> Result<bool, CutoverError> {
     let token = format!("rehearsal-{}-{}", run.rec.id, std::process::id());
     timed(
-        "old server",
+        Server::Old,
         "writing the rehearsal marker",
         run.qt,
         lane.from_db.execute(WRITE_MARKER, &[&token]),
@@ -103,7 +104,7 @@ pub(super) async fn rehearse_lane(run: &Run, lane: &Lane) -> Result<bool, Cutove
     // Every 5 ms: the marker usually arrives within a few.
     let arrived = crate::poll::until(until, Duration::from_millis(5), || async {
         let seen = timed(
-            "new server",
+            Server::New,
             "looking for the rehearsal marker",
             run.qt,
             lane.to_db.query_opt(SEE_MARKER, &[&token]),
@@ -145,7 +146,7 @@ pub async fn prepare_barrier(
     watch: &Watch,
     qt: Duration,
 ) -> Result<(), CutoverError> {
-    for (which, db) in [("publisher", from_db), ("subscriber", to_db)] {
+    for (which, db) in [(Server::Publisher, from_db), (Server::Subscriber, to_db)] {
         timed(
             which,
             "creating the barrier table",
@@ -156,7 +157,7 @@ pub async fn prepare_barrier(
     }
     let sub = lag::subscription_name(to_db, watch, qt).await?;
     let pubs: Vec<String> = timed(
-        "subscriber",
+        Server::Subscriber,
         "reading the subscription",
         qt,
         to_db.query_one(SUB_PUBLICATIONS, &[&sub]),
@@ -175,7 +176,7 @@ pub(super) async fn publish_barrier(
     qt: Duration,
 ) -> Result<(), CutoverError> {
     let n: i64 = timed(
-        "publisher",
+        Server::Publisher,
         "checking the publication",
         qt,
         from_db.query_one(PUBLICATION_HAS_BARRIER, &[&pubs]),
@@ -185,7 +186,7 @@ pub(super) async fn publish_barrier(
     if n == 0 {
         let first = pubs.first().cloned().unwrap_or_default();
         timed(
-            "publisher",
+            Server::Publisher,
             "adding the barrier table",
             qt,
             from_db.batch_execute(&format!(
@@ -208,7 +209,7 @@ pub(super) async fn subscribe_barrier(
     qt: Duration,
 ) -> Result<(), CutoverError> {
     let m: i64 = timed(
-        "subscriber",
+        Server::Subscriber,
         "checking the subscription",
         qt,
         to_db.query_one(SUBSCRIPTION_HAS_BARRIER, &[&sub]),
@@ -222,7 +223,7 @@ pub(super) async fn subscribe_barrier(
         |rows: Vec<tokio_postgres::Row>| -> Vec<String> { rows.iter().map(|r| r.get(0)).collect() };
     let published = names(
         timed(
-            "publisher",
+            Server::Publisher,
             "listing published tables",
             qt,
             from_db.query(PUBLISHED_TABLES, &[&pubs]),
@@ -231,7 +232,7 @@ pub(super) async fn subscribe_barrier(
     );
     let subscribed = names(
         timed(
-            "subscriber",
+            Server::Subscriber,
             "listing subscribed tables",
             qt,
             to_db.query(SUBSCRIBED_TABLES, &[&sub]),
@@ -250,7 +251,7 @@ pub(super) async fn subscribe_barrier(
         }));
     }
     timed(
-        "subscriber",
+        Server::Subscriber,
         "refreshing the subscription",
         qt,
         to_db.batch_execute(&format!(
@@ -278,7 +279,7 @@ pub(super) async fn prove_barrier_replicates(
         let before = apply_worker(to_db, sub).await;
         let token = format!("prepare-{}-{n}", journal::new_id());
         timed(
-            "publisher",
+            Server::Publisher,
             "writing a test marker",
             qt,
             from_db.execute(WRITE_MARKER, &[&token]),
@@ -289,7 +290,7 @@ pub(super) async fn prove_barrier_replicates(
             Duration::from_millis(10),
             || async {
                 let seen = timed(
-                    "subscriber",
+                    Server::Subscriber,
                     "looking for the test marker",
                     qt,
                     to_db.query_opt(SEE_MARKER, &[&token]),
@@ -325,7 +326,7 @@ pub async fn prepare(ctl: &Controller) -> Result<(), CutoverError> {
     }
     let (from_dsn, to_dsn) = (ctl.dsn(active)?, ctl.dsn(to)?);
     let subscriber = to_dsn.connect().await?;
-    let subs = lag::cluster_subscriptions(&subscriber, to.name(), db.query_timeout).await?;
+    let subs = lag::cluster_subscriptions(&subscriber, to, db.query_timeout).await?;
     for (database, chosen) in lag::choose(&subs, &watch) {
         let Ok(sub) = chosen else { continue };
         let (from_db, to_db) = (

@@ -1,6 +1,7 @@
 //! The way back: room on both servers for reverse replication, and a probe that the source
 //! can reach the target with the conninfo it will be given.
 
+use crate::datapath::Role;
 use std::time::Duration;
 
 use tokio_postgres::Client;
@@ -25,14 +26,14 @@ pub(super) async fn reverse_capacity(
     qt: Duration,
 ) -> Result<Vec<String>, CutoverError> {
     let row = timed(
-        "target",
+        Role::Target,
         "checking room for reverse slots",
         qt,
         target.query_one(TARGET_ROOM, &[]),
     )
     .await?;
     let workers: i32 = timed(
-        "source",
+        Role::Source,
         "checking room for apply workers",
         qt,
         source.query_one(SOURCE_ROOM, &[]),
@@ -97,14 +98,14 @@ pub(super) async fn probe_reverse(
 ) -> Result<(), String> {
     let conninfo = crate::cutover::replication::reverse_conninfo(ctl, database);
     let probe = "redirect_probe";
-    let _ = timed("source", "dropping a stale probe", qt, from_db.batch_execute(&format!(
+    let _ = timed(Role::Source, "dropping a stale probe", qt, from_db.batch_execute(&format!(
         "DO $$ BEGIN IF EXISTS (SELECT 1 FROM pg_subscription WHERE subname = '{probe}' \
          AND subdbid = (SELECT oid FROM pg_database WHERE datname = current_database())) THEN \
          ALTER SUBSCRIPTION {probe} SET (slot_name = NONE); DROP SUBSCRIPTION {probe}; END IF; END $$"
     )))
     .await;
     let created = timed(
-        "source",
+        Role::Source,
         "probing the way back to the target",
         qt,
         from_db.batch_execute(&format!(
@@ -116,7 +117,7 @@ pub(super) async fn probe_reverse(
     )
     .await;
     let _ = timed(
-        "source",
+        Role::Source,
         "dropping the probe",
         qt,
         from_db.batch_execute(&format!("DROP SUBSCRIPTION IF EXISTS {probe}")),
