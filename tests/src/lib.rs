@@ -702,10 +702,10 @@ impl Lab {
         self.redirect_pid
     }
 
-    /// The steps the journal records for the latest cutover (`redirect history --json`), in
-    /// the order they were written.
+    /// The journal's entries for the latest cutover (`redirect history --json`), in the order
+    /// they were written.
     #[must_use]
-    pub fn last_cutover_steps(&self) -> Vec<redirect::journal::Step> {
+    pub fn last_cutover(&self) -> Vec<redirect::journal::Entry> {
         let entries: Vec<redirect::journal::Entry> =
             serde_json::from_str(&self.redirect_ok(&["history", "--json"]))
                 .expect("history --json is the journal");
@@ -713,11 +713,13 @@ impl Lab {
             .last()
             .map(|e| e.cutover.clone())
             .unwrap_or_default();
-        entries
-            .into_iter()
-            .filter(|e| e.cutover == last)
-            .map(|e| e.step)
-            .collect()
+        entries.into_iter().filter(|e| e.cutover == last).collect()
+    }
+
+    /// The steps of [`Self::last_cutover`].
+    #[must_use]
+    pub fn last_cutover_steps(&self) -> Vec<redirect::journal::Step> {
+        self.last_cutover().into_iter().map(|e| e.step).collect()
     }
 
     /// The log of the latest `redirect run`.

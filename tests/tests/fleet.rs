@@ -18,6 +18,28 @@ use redirect_tests::{
     workload::Verdict,
 };
 
+/// The leader journaled that every one of `members` took the hold and applied the commit
+/// (the hold's and the release's entries name who acknowledged).
+fn assert_every_member_held_and_applied(leader: &Lab, members: &str) {
+    let entries = leader.last_cutover();
+    let detail = |step: Step| {
+        entries.iter().find(|e| e.step == step).map_or_else(
+            || panic!("no {step} entry in {entries:#?}"),
+            |e| e.detail.clone(),
+        )
+    };
+    let hold = detail(Step::Hold);
+    assert!(
+        hold.contains(&format!("every member ({members}) parks new SYNs")),
+        "{hold}"
+    );
+    let release = detail(Step::Release);
+    assert!(
+        release.contains(&format!("applied by every member ({members})")),
+        "{release}"
+    );
+}
+
 /// What the leader's journal of a fleet cutover that went through holds, in order (each
 /// member drains its own connections, so the leader journals no drain).
 const CUTOVER_STEPS: &[Step] = &[
@@ -415,6 +437,7 @@ fn a_fleet_cutover_and_rollback_commit_epochs_and_lose_nothing() {
     assert_eq!(report.to, Some(redirect::datapath::Role::Target));
     // The protocol ran in order, and ended: held, fenced, past the barrier, flipped, released.
     assert_steps_in_order(&lab.last_cutover_steps(), CUTOVER_STEPS);
+    assert_every_member_held_and_applied(&lab, "proxy-a");
     let state = etcd
         .get(&format!("/redirect/{FLEET}/state"))
         .expect("state");
@@ -689,6 +712,7 @@ fn three_members_cut_over_and_roll_back_as_one_losing_nothing() {
         "the other members' sessions are proxied, not bypassing: {progress}"
     );
     assert_steps_in_order(&fl.proxies[1].last_cutover_steps(), CUTOVER_STEPS);
+    assert_every_member_held_and_applied(&fl.proxies[1], "proxy-0, proxy-1, proxy-2");
     for lab in &fl.proxies {
         assert_eq!(new_connection_lands_on(lab), "target");
         assert_eq!(lab.status()["fleet"]["applied_epoch"], 2);

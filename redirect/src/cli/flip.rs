@@ -141,8 +141,14 @@ pub fn run(args: &Args, pin_dir: &Path, socket: &Path) -> anyhow::Result<()> {
         // A fleet member follows the fleet's committed state (docs/fleet.md, invariant 1):
         // the immediate flip becomes a fleet-wide one, committed in etcd and applied by
         // every member.
-        if let Ok(Some(Some(_fleet))) = rt.block_on(control::ask(socket, FleetRequest, |_| {})) {
-            return fleet_flip(args, socket, &rt);
+        match rt.block_on(control::ask(socket, FleetRequest, |_| {})) {
+            Ok(Some(Some(_))) => return fleet_flip(args, socket, &rt),
+            Ok(Some(None) | None) => {}
+            // A flip of this host's maps alone, on a fleet member, would send its new
+            // connections elsewhere than every other member's: never guess.
+            Err(e) => anyhow::bail!(
+                "cannot tell whether the running controller is a fleet member ({e}); nothing was changed (an immediate flip on a fleet member must be fleet-wide: use a redirect of the controller's version)"
+            ),
         }
     }
     immediate(args, pin_dir)

@@ -80,6 +80,9 @@ pub struct Status {
     /// A cutover the journal shows as started and not ended (a controller resumes or undoes
     /// it when it starts).
     pub interrupted: Option<String>,
+    /// The controller's answers this CLI could not read (another version), by what they are.
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    pub unreadable: BTreeMap<&'static str, String>,
     /// The fleet, from the running controller, when it is a member of one (`run --etcd`):
     /// members, the committed epoch and backend, and the epoch this host applied.
     pub fleet: Option<crate::fleet::View>,
@@ -174,6 +177,7 @@ pub fn collect(maps: &Maps, counts: &Counts) -> anyhow::Result<Status> {
         tracked: counts.tracked,
         counted_gc_age_ms: counts.gc_age_ms,
         stats: maps.stats()?.into_iter().collect(),
+        unreadable: BTreeMap::new(),
         lag: None,
         databases: None,
         controller: None,
@@ -203,6 +207,27 @@ fn interrupted(journal: &Path) -> Option<String> {
         last.step,
         last.time
     ))
+}
+
+/// What a running controller answers to `request`; `None` when none does or it refuses (a
+/// controller without the databases has no lag). An answer it gave that this CLI cannot
+/// read is kept, as `what`, in `unreadable`: the operator sees that it exists.
+fn answer<Q: Ask>(
+    rt: &tokio::runtime::Runtime,
+    socket: &Path,
+    request: Q,
+    what: &'static str,
+    unreadable: &mut BTreeMap<&'static str, String>,
+) -> Option<Q::Answer> {
+    match rt.block_on(control::ask(socket, request, |_| {})) {
+        Ok(answer) => answer,
+        Err(e) => {
+            if e.downcast_ref::<control::client::Unreadable>().is_some() {
+                unreadable.insert(what, e.to_string());
+            }
+            None
+        }
+    }
 }
 
 /// What a running controller answers; `None` when none does (or its answer is not one).
@@ -244,10 +269,11 @@ fn gather(pin_dir: &Path, socket: &Path, journal: &Path) -> anyhow::Result<Statu
     let mut status = collect(&maps, &counts)?;
     status.interrupted = interrupted(journal);
     if socket.exists() {
-        status.lag = ask(&rt, socket, Lag);
-        status.databases = ask(&rt, socket, Databases);
-        status.controller = ask(&rt, socket, StateRequest);
-        status.fleet = ask(&rt, socket, FleetRequest).flatten();
+        let unreadable = &mut status.unreadable;
+        status.lag = answer(&rt, socket, Lag, "lag", unreadable);
+        status.databases = answer(&rt, socket, Databases, "databases", unreadable);
+        status.controller = answer(&rt, socket, StateRequest, "controller", unreadable);
+        status.fleet = answer(&rt, socket, FleetRequest, "fleet", unreadable).flatten();
     }
     // An unfinished cutover is "interrupted" only if no controller is working on it.
     if status
@@ -262,6 +288,9 @@ fn gather(pin_dir: &Path, socket: &Path, journal: &Path) -> anyhow::Result<Statu
 
 /// The status for a person to read.
 fn print_human(status: &Status) {
+    for (what, why) in &status.unreadable {
+        println!("{what:<11} (unreadable: {why})");
+    }
     print_routing(status);
     print_backends(status);
     print_controller(status);

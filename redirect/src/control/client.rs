@@ -9,6 +9,16 @@ use tokio::{
 
 use super::protocol::{Ask, Reply, Request, State, StateRequest};
 
+/// A successful answer in a shape this CLI does not read: the controller is another version.
+#[derive(Debug, thiserror::Error)]
+#[error(
+    "the controller reports success, in a form this redirect does not read ({why}; is it another version?); what it answered: {answer}"
+)]
+pub struct Unreadable {
+    pub why: serde_json::Error,
+    pub answer: serde_json::Value,
+}
+
 /// Sends `request` to the controller at `path`, passing progress lines to `on_progress`, and
 /// decodes its answer. `Ok(None)` means no controller is listening there.
 pub async fn ask<Q: Ask>(
@@ -26,14 +36,21 @@ pub async fn ask<Q: Ask>(
     w.write_all(line.as_bytes()).await?;
     let mut lines = BufReader::new(r).lines();
     while let Some(l) = lines.next_line().await? {
-        let reply: Reply<Q::Answer> = serde_json::from_str(&l).map_err(|e| {
+        // The envelope first, the answer second: an answer of another version's shape is
+        // still a success the operator must hear about, with what it said.
+        let reply: Reply<serde_json::Value> = serde_json::from_str(&l).map_err(|e| {
             anyhow::anyhow!(
                 "the controller's answer did not parse ({e}): is it another version of redirect?"
             )
         })?;
         match reply {
             Reply::Progress(p) => on_progress(&p),
-            Reply::Ok(answer) => return Ok(Some(answer)),
+            Reply::Ok(answer) => {
+                return match serde_json::from_value(answer.clone()) {
+                    Ok(answer) => Ok(Some(answer)),
+                    Err(why) => Err(Unreadable { why, answer }.into()),
+                };
+            }
             Reply::Error(e) => anyhow::bail!("{e}"),
         }
     }

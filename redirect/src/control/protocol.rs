@@ -240,6 +240,99 @@ mod tests {
         );
     }
 
+    /// Every request's JSON, as CLIs and controllers of earlier versions send and read it.
+    #[test]
+    fn every_request_keeps_its_wire_form() {
+        let cases: Vec<(Request, &str)> = vec![
+            (Lag.into(), r#""Lag""#),
+            (Databases.into(), r#""Databases""#),
+            (HasDatabases.into(), r#""HasDatabases""#),
+            (StateRequest.into(), r#""State""#),
+            (SnapshotRequest.into(), r#""Snapshot""#),
+            (FleetRequest.into(), r#""Fleet""#),
+            (
+                Finish {
+                    execute: false,
+                    force: true,
+                }
+                .into(),
+                r#"{"Finish":{"execute":false,"force":true}}"#,
+            ),
+            (
+                FleetForget {
+                    member: "p-1".into(),
+                }
+                .into(),
+                r#"{"FleetForget":{"member":"p-1"}}"#,
+            ),
+            (
+                FleetFlipRequest {
+                    to: Role::Source,
+                    ack_timeout_ms: 5,
+                    etcd_timeout_ms: None,
+                }
+                .into(),
+                r#"{"FleetFlip":{"to":"source","ack_timeout_ms":5,"etcd_timeout_ms":null}}"#,
+            ),
+            (
+                FixPublication {
+                    table: "public.t".into(),
+                    apply: true,
+                }
+                .into(),
+                r#"{"FixPublication":{"table":"public.t","apply":true}}"#,
+            ),
+            (
+                FixReplicaIdentity {
+                    table: "public.t".into(),
+                    identity: Identity::Full,
+                    apply: false,
+                }
+                .into(),
+                r#"{"FixReplicaIdentity":{"table":"public.t","identity":"full","apply":false}}"#,
+            ),
+            (
+                Verify {
+                    tables: vec!["public.t".into()],
+                    chunk_rows: 10,
+                    rate: None,
+                    catch_up_timeout_ms: 1,
+                    statement_timeout_ms: 2,
+                    max_keys: 3,
+                    databases: vec![],
+                }
+                .into(),
+                r#"{"Verify":{"tables":["public.t"],"chunk_rows":10,"rate":null,"catch_up_timeout_ms":1,"statement_timeout_ms":2,"max_keys":3,"databases":[]}}"#,
+            ),
+            (
+                Flip {
+                    to: Role::Target,
+                    max_lag_bytes: 1,
+                    max_lag_time_ms: 2,
+                    timeout_ms: 3,
+                    drain_timeout_ms: 4,
+                    dry_run: false,
+                    force: false,
+                    allow: vec![],
+                    max_transaction_age_ms: Some(5),
+                    etcd_timeout_ms: None,
+                    lag_wait_ms: Some(6),
+                }
+                .into(),
+                r#"{"Flip":{"to":"target","max_lag_bytes":1,"max_lag_time_ms":2,"timeout_ms":3,"drain_timeout_ms":4,"dry_run":false,"force":false,"allow":[],"max_transaction_age_ms":5,"etcd_timeout_ms":null,"lag_wait_ms":6}}"#,
+            ),
+        ];
+        for (request, wire) in cases {
+            assert_eq!(serde_json::to_string(&request).unwrap(), wire);
+            let back: Request = serde_json::from_str(wire).unwrap();
+            assert_eq!(
+                serde_json::to_string(&back).unwrap(),
+                wire,
+                "{wire} reads back"
+            );
+        }
+    }
+
     #[test]
     fn a_reply_decodes_into_the_answer_its_request_names() {
         let line = serde_json::to_string(&Reply::Ok(State {

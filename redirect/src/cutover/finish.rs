@@ -25,6 +25,7 @@ use crate::{
 
 /// What `finish` will do (or did).
 #[derive(Clone, Debug, Default, Serialize, serde::Deserialize)]
+#[serde(default)]
 pub struct FinishReport {
     pub executed: bool,
     pub plan: Vec<String>,

@@ -102,7 +102,9 @@ pub const DEFAULT_ETCD_TIMEOUT: Duration = Duration::from_secs(3);
 pub const DEFAULT_LAG_WAIT: Duration = Duration::from_secs(30);
 
 /// What a cutover did.
+/// A field an older controller does not send reads as its default (the CLI may be newer).
 #[derive(Clone, Debug, Default, Serialize, serde::Deserialize)]
+#[serde(default)]
 pub struct FlipReport {
     pub from: Option<Role>,
     pub to: Option<Role>,

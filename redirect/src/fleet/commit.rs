@@ -24,10 +24,13 @@ pub struct FleetFlip {
     pub from: Role,
     pub to: Role,
     /// Members that applied the new epoch in time.
+    #[serde(default)]
     pub acked: Vec<String>,
     /// Live members that did not acknowledge within the deadline (they apply it when they
     /// reach etcd again).
+    #[serde(default)]
     pub missing: Vec<String>,
+    #[serde(default)]
     pub took_ms: u64,
 }
 

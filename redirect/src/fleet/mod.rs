@@ -356,10 +356,13 @@ pub struct View {
     pub applied_epoch: state::Epoch,
     pub applied_active: Role,
     /// The committed state as etcd has it now (`None` when etcd did not answer).
+    #[serde(default)]
     pub committed: Option<FleetState>,
+    #[serde(default)]
     pub members: Vec<Member>,
     /// Every member a cutover must hear from: the live ones and those whose lease lapsed
     /// (down, or cut off from etcd) until an operator forgets them.
+    #[serde(default)]
     pub roster: Vec<member::Enrolled>,
     /// This member's key exists under its current lease, as etcd confirmed within the last
     /// few seconds. False while it is cut off from etcd or has lost its lease: the leader
@@ -369,6 +372,7 @@ pub struct View {
     /// away).
     pub in_sync: bool,
     /// Why etcd could not be read, if it could not.
+    #[serde(default)]
     pub etcd_error: Option<String>,
 }
 

@@ -32,7 +32,8 @@ pub enum Identity {
 }
 
 /// What a fix did or would do.
-#[derive(Clone, Debug, Serialize, serde::Deserialize)]
+#[derive(Clone, Debug, Default, Serialize, serde::Deserialize)]
+#[serde(default)]
 pub struct FixReport {
     /// The statements in order, each with the server it runs on (names as the servers
     /// spell them).
