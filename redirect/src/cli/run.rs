@@ -1,7 +1,6 @@
 //! `redirect run`: its flags, checked into a [`Config`], then [`crate::serve`] until SIGINT
 //! or SIGTERM. The datapath outlives this process.
 
-use crate::datapath::Role;
 use std::{
     net::{Ipv4Addr, SocketAddrV4},
     path::{Path, PathBuf},
@@ -11,6 +10,7 @@ use std::{
 use tokio_util::sync::CancellationToken;
 
 use super::PortRange;
+use crate::datapath::Role;
 use crate::{
     conntrack::Timeouts,
     controller::Databases,

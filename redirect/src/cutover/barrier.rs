@@ -5,7 +5,6 @@
 //! commit. Physical: the old server's WAL *insert* position after the fence (the write
 //! position can lag behind records already inserted), replayed by the standby.
 
-use crate::pg::Server;
 use std::{
     ops::ControlFlow,
     time::{Duration, Instant},
@@ -18,6 +17,7 @@ use super::{
     lane::Lane,
     preflight::{SEE_MARKER, WRITE_MARKER},
 };
+use crate::pg::Server;
 use crate::{
     datapath::Role,
     pg::{Lsn, parse_lsn_of},

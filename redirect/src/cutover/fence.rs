@@ -10,13 +10,13 @@
 //! longer use anyway (the fence drops their data) and learn it now, from the server's FATAL,
 //! instead of at the drain.
 
-use crate::pg::Server;
 use std::{
     ops::ControlFlow,
     time::{Duration, Instant},
 };
 
 use super::{CutoverError, Phase, Run, journal::Step};
+use crate::pg::Server;
 
 /// Every proxied session: it comes from a proxy's SNAT address and a port in its SNAT range
 /// (`run` reserves that range from the host's own ephemeral ports, so the controller's own

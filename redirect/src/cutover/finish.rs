@@ -3,7 +3,6 @@
 //! subscription, slot and publication) and lifts the stale fence, after showing what it will
 //! do. Slots left behind retain WAL without bound, so this is the last step of a migration.
 
-use crate::pg::Server;
 use std::time::{Duration, Instant};
 
 use serde::Serialize;
@@ -15,6 +14,7 @@ use super::{
     journal::{self, Entry, Journal, Step},
     quote_ident,
 };
+use crate::pg::Server;
 use crate::{
     conntrack,
     controller::Databases,

@@ -8,12 +8,12 @@
 //! Each check runs on the server the step changes, as the controller's own role (a superuser
 //! passes them all).
 
-use crate::pg::Server;
 use std::time::Duration;
 
 use tokio_postgres::Client;
 
 use super::{REVERSE, quote_ident};
+use crate::pg::Server;
 use crate::pg::{PgError, timed};
 
 /// Whether the session's role is a superuser, and its name.

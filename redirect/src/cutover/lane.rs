@@ -7,12 +7,12 @@
 //! cluster-wide steps (hold, fence, flip, drain) run once, over the run's sessions to the
 //! DSNs' database: `pg_stat_activity`, `pg_terminate_backend` and the WAL are the cluster's.
 
-use crate::pg::Server;
 use std::time::Duration;
 
 use tokio_postgres::Client;
 
 use super::{CutoverError, REVERSE};
+use crate::pg::Server;
 use crate::{
     datapath::Role,
     pg::{Dsn, timed},

@@ -41,7 +41,6 @@ pub use recorder::Recorder;
 
 pub use crate::pg::quote::{quote_ident, quote_literal};
 
-use crate::pg::Server;
 use std::{
     fmt::Write as _,
     sync::Arc,
@@ -53,6 +52,7 @@ use tokio::sync::mpsc::UnboundedSender;
 use tokio_postgres::Client;
 
 pub use crate::controller::REVERSE;
+use crate::pg::Server;
 use crate::{
     controller::{Controller, ControllerError, Phase, PhaseGuard, Timings},
     datapath::{self, Role},

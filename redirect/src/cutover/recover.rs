@@ -11,7 +11,6 @@
 //!
 //! Every action is idempotent, so a controller that dies while recovering is recovered again.
 
-use crate::pg::Server;
 use std::{
     sync::Arc,
     time::{Duration, SystemTime, UNIX_EPOCH},
@@ -26,6 +25,7 @@ use super::{
     journal::{self, Entry, Journal, Step},
     lane, quote_ident, replication,
 };
+use crate::pg::Server;
 use crate::{datapath::Role, host::drain, sync::lock};
 
 /// A drain to resume in the background (the controller serves meanwhile).

@@ -14,7 +14,6 @@
 //! stops the forward subscription. It is standing replication, like the barrier table: an
 //! aborted cutover leaves it in place for the next attempt; a rollback or `finish` retires it.
 
-use crate::pg::Server;
 use std::time::{Duration, Instant};
 
 use tokio_postgres::Client;
@@ -28,6 +27,7 @@ use super::{
     lane::Lane,
     quote_ident, quote_literal,
 };
+use crate::pg::Server;
 use crate::{
     datapath::Role,
     pg::{Lsn, PgError, timed},

@@ -11,7 +11,6 @@
 //! for it, then still sets every value itself: the `setval` sync stays the safety net (and the
 //! only sync everywhere else). Untested against a real 19: no 19 server runs in the lab.
 
-use crate::pg::Server;
 use std::time::{Duration, Instant};
 
 use tokio_postgres::Client;
@@ -21,6 +20,7 @@ use super::{
     quote_literal,
 };
 use crate::datapath::Role;
+use crate::pg::Server;
 use crate::pg::{PgError, timed};
 
 /// Every sequence, its last value (NULL when never used, or when unreadable) and whether

@@ -1,10 +1,10 @@
 //! Undoing a cutover stopped before the flip: the old server was the truth all along.
 
-use crate::pg::Server;
 use redirect_common::cutover::Cutover;
 
 use super::catalog::DROP_IDLE_SLOT;
 use super::{Run, fleet_steps::FleetUndo, quote_ident};
+use crate::pg::Server;
 use crate::{datapath::Role, pg::timed, sync::lock};
 
 /// What [`undo`] did.

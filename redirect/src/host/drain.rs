@@ -7,7 +7,6 @@
 //! client before the entry is forgotten: idle pooled clients learn their connection is gone
 //! instead of meeting a RST (or silence, with `--drop-untracked`) on their next use.
 
-use crate::pg::Server;
 use std::{
     collections::{HashMap, HashSet},
     time::{Duration, Instant, SystemTime},
@@ -18,6 +17,7 @@ use tokio_postgres::Client;
 use tracing::warn;
 
 use super::Host;
+use crate::pg::Server;
 use crate::{
     conntrack::{self, ConnState},
     datapath::{DatapathError, Role},

@@ -6,12 +6,12 @@
 //! (`--databases`/`--exclude-databases`), or a problem the cutover refuses: data with no
 //! replication, or a database the new server lacks.
 
-use super::Server;
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 use tokio_postgres::Client;
 
+use super::Server;
 use super::{
     Dsn, PgError,
     lag::{Replication, SubscriptionRow, Watch, choose, cluster_subscriptions},

@@ -11,14 +11,13 @@
 //! Like pgdog's `LsnMonitor`: persistent sessions, every query under a timeout, SQL in named
 //! constants, and the go/no-go decision as a pure function.
 
-use super::Server;
-use crate::datapath::Role;
 use std::{collections::BTreeMap, time::Duration};
 
 use serde::{Deserialize, Serialize};
 use tokio_postgres::Client;
 
-use super::{Lsn, PgError, parse_lsn_of, timed};
+use super::{Lsn, PgError, Server, parse_lsn_of, timed};
+use crate::datapath::Role;
 
 /// How the target is kept in sync.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum, Serialize, Deserialize)]

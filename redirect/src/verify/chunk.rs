@@ -5,16 +5,12 @@
 //! A chunk is a key range `(lo, hi]` in primary-key order (row comparison, so composite keys
 //! work); key values travel as text and are cast back to the key columns' types on the server.
 
-use crate::pg::Server;
 use std::{collections::HashMap, time::Duration};
 
 use tokio_postgres::{Client, types::ToSql};
 
 use super::{report::Key, tables::Table};
-use crate::{
-    cutover::quote_ident,
-    pg::{PgError, timed},
-};
+use crate::pg::{PgError, Server, quote::quote_ident, timed};
 
 /// The alias of the table's rows in every statement (a name no one gives a column).
 const ROW: &str = "redirect_verify_row";

@@ -1,14 +1,13 @@
 //! Which tables to compare, and their columns and primary keys, read from each server's
 //! catalog.
 
-use crate::pg::Server;
 use std::{collections::BTreeMap, time::Duration};
 
 use tokio_postgres::Client;
 
 use crate::{
-    cutover::{BARRIER_TABLE, quote_ident},
-    pg::{PgError, timed},
+    cutover::BARRIER_TABLE,
+    pg::{PgError, Server, quote::quote_ident, timed},
 };
 
 /// Every user table (partitioned tables as a whole, not their partitions), with its columns,

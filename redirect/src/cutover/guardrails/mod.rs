@@ -16,12 +16,12 @@ mod schema;
 mod sequences;
 mod slot;
 
-use crate::pg::Server;
 use std::{fmt::Write as _, time::Duration};
 
 use serde::{Deserialize, Serialize};
 use tokio_postgres::{Client, Row, types::ToSql};
 
+use crate::pg::Server;
 use crate::{
     datapath::Role,
     pg::{PgError, timed},

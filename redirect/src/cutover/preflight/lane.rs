@@ -1,7 +1,6 @@
 //! The checks of one database (a lane): its subscription and slot, sequences, guardrails,
 //! barrier, way back and grants.
 
-use crate::pg::Server;
 use std::time::Duration;
 
 use crate::cutover::catalog::{SUB_PUBLICATIONS, SUB_SLOT};
@@ -12,6 +11,7 @@ use crate::{datapath::Role, pg::timed};
 
 use super::rehearsal::{PUBLICATION_HAS_BARRIER, SUBSCRIPTION_HAS_BARRIER};
 use super::reverse::probe_reverse;
+use crate::pg::Server;
 
 /// What preflight found in one database.
 #[derive(Default)]

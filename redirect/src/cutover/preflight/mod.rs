@@ -14,7 +14,6 @@ mod reverse;
 
 pub use rehearsal::{CREATE_BARRIER, SEE_MARKER, WRITE_MARKER, prepare, prepare_barrier, rehearse};
 
-use crate::pg::Server;
 use std::time::{Duration, Instant};
 
 use tokio::sync::mpsc::UnboundedSender;
@@ -37,6 +36,7 @@ use crate::{
     sync::lock,
 };
 
+use crate::pg::Server;
 use lag_wait::settle_lag;
 use lane::check_lane;
 use reverse::reverse_capacity;

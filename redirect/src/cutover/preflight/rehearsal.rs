@@ -1,7 +1,6 @@
 //! The barrier before anything is held: its table made to replicate in every database, and
 //! a rehearsal of its marker.
 
-use crate::pg::Server;
 use std::time::{Duration, Instant};
 
 use tokio_postgres::Client;
@@ -15,6 +14,7 @@ use crate::cutover::{
     lane::Lane,
     quote_ident,
 };
+use crate::pg::Server;
 use crate::pg::{
     lag::{self, Replication, Watch},
     timed,

@@ -1,12 +1,12 @@
 //! The way back: room on both servers for reverse replication, and a probe that the source
 //! can reach the target with the conninfo it will be given.
 
-use crate::datapath::Role;
 use std::time::Duration;
 
 use tokio_postgres::Client;
 
 use crate::cutover::{Controller, CutoverError};
+use crate::datapath::Role;
 use crate::pg::timed;
 
 /// Room on the target for a reverse slot and walsender per database, free slots beyond those
