@@ -248,68 +248,10 @@ fn open<const KERNEL_L4: bool>(
     // SAFETY: a helper with no preconditions.
     let created = unsafe { bpf_ktime_get_ns() };
     let active = ACTIVE.get(0).copied().unwrap_or(NO_FENCE);
-    let backend = if active < MAX_BACKENDS {
-        BACKENDS.get(active).copied().unwrap_or_default()
-    } else {
-        Backend::default()
-    };
-    if backend.addr_be == 0 {
-        count(Stat::BadActive);
-        events::send(EventKind::BadActive, &flow_of(key, 0, 0), active, now);
+    let Some(backend) = backend_for_new(key, active, now) else {
         return Verdict::Drop;
-    }
-    let rev_value = RevEntry {
-        client_addr_be: key.client_addr_be,
-        vip_addr_be: key.vip_addr_be,
-        client_port_be: key.client_port_be,
-        vip_port_be: key.vip_port_be,
-        conn_id: rev::conn_id(created),
-        orphaned_ns: 0,
     };
-    let client_port = u16::from_be(key.client_port_be);
-    let mut claimed: Option<RevKey> = None;
-    for attempt in 0..SNAT_PROBES {
-        // SAFETY: a helper with no preconditions.
-        let random = unsafe { bpf_get_prandom_u32() };
-        let port = ports::candidate(
-            client_port,
-            random,
-            attempt,
-            cfg.snat_port_min,
-            cfg.snat_port_max,
-        );
-        let rev_key = RevKey {
-            backend_addr_be: backend.addr_be,
-            snat_addr_be: backend.snat_addr_be,
-            backend_port_be: backend.port_be,
-            snat_port_be: port.to_be(),
-        };
-        match REV.insert(rev_key, rev_value, u64::from(BPF_NOEXIST)) {
-            Ok(()) => {
-                claimed = Some(rev_key);
-                break;
-            }
-            Err(e) if e == -EEXIST => {}
-            Err(_) => {
-                count(Stat::CtFull);
-                events::send(
-                    EventKind::CtFull,
-                    &flow_of(key, backend.addr_be, backend.port_be),
-                    0,
-                    now,
-                );
-                return Verdict::Drop;
-            }
-        }
-    }
-    let Some(rev_key) = claimed else {
-        count(Stat::SnatExhausted);
-        events::send(
-            EventKind::SnatExhausted,
-            &flow_of(key, backend.addr_be, backend.port_be),
-            0,
-            now,
-        );
+    let Some(rev_key) = claim_snat_port(key, &backend, cfg, created, now) else {
         return Verdict::Drop;
     };
     let entry = CtEntry {
@@ -326,36 +268,8 @@ fn open<const KERNEL_L4: bool>(
         flags: if reopen { FLAG_REOPENED } else { 0 },
         fenced_ack_be: 0,
     };
-    // A reopen overwrites the closed entry; a new one must not race a retransmitted SYN that
-    // another CPU is handling at the same instant.
-    let insert_flags = if reopen { 0 } else { u64::from(BPF_NOEXIST) };
-    if let Err(e) = CT.insert(key, entry, insert_flags) {
-        let _ = REV.remove(rev_key);
-        if e == -EEXIST {
-            // Lost the race: use the winner's translation.
-            if let Some(winner) = CT.get_ptr(key) {
-                // SAFETY: a valid map value pointer.
-                let w = unsafe { *winner };
-                count(Stat::ForwardTracked);
-                let sent = rewrite::<KERNEL_L4>(
-                    ip,
-                    tcp,
-                    w.snat_addr_be,
-                    w.backend_addr_be,
-                    w.snat_port_be,
-                    w.backend_port_be,
-                );
-                return Verdict::Forward(Some(sent));
-            }
-        }
-        count(Stat::CtFull);
-        events::send(
-            EventKind::CtFull,
-            &flow_of(key, backend.addr_be, backend.port_be),
-            0,
-            now,
-        );
-        return Verdict::Drop;
+    if let Err(verdict) = track::<KERNEL_L4>(key, &entry, rev_key, reopen, ip, tcp, now) {
+        return verdict;
     }
     count(if reopen {
         Stat::ConnReopened
@@ -373,6 +287,116 @@ fn open<const KERNEL_L4: bool>(
         entry.backend_port_be,
     );
     Verdict::Forward(Some(sent))
+}
+
+/// The backend `ACTIVE` names for a new connection; `None` (counted) if it is unset.
+#[inline(always)]
+fn backend_for_new(key: &CtKey, active: u32, now: u64) -> Option<Backend> {
+    let backend = if active < MAX_BACKENDS {
+        BACKENDS.get(active).copied().unwrap_or_default()
+    } else {
+        Backend::default()
+    };
+    if backend.addr_be == 0 {
+        count(Stat::BadActive);
+        events::send(EventKind::BadActive, &flow_of(key, 0, 0), active, now);
+        return None;
+    }
+    Some(backend)
+}
+
+/// A free SNAT port towards `backend`, claimed in `REV` for this client tuple; `None`
+/// (counted) when every probe found its port taken, or the map is full.
+#[inline(always)]
+fn claim_snat_port(
+    key: &CtKey,
+    backend: &Backend,
+    cfg: &Config,
+    created: u64,
+    now: u64,
+) -> Option<RevKey> {
+    let rev_value = RevEntry {
+        client_addr_be: key.client_addr_be,
+        vip_addr_be: key.vip_addr_be,
+        client_port_be: key.client_port_be,
+        vip_port_be: key.vip_port_be,
+        conn_id: rev::conn_id(created),
+        orphaned_ns: 0,
+    };
+    let client_port = u16::from_be(key.client_port_be);
+    for attempt in 0..SNAT_PROBES {
+        // SAFETY: a helper with no preconditions.
+        let random = unsafe { bpf_get_prandom_u32() };
+        let port = ports::candidate(
+            client_port,
+            random,
+            attempt,
+            cfg.snat_port_min,
+            cfg.snat_port_max,
+        );
+        let rev_key = RevKey {
+            backend_addr_be: backend.addr_be,
+            snat_addr_be: backend.snat_addr_be,
+            backend_port_be: backend.port_be,
+            snat_port_be: port.to_be(),
+        };
+        match REV.insert(rev_key, rev_value, u64::from(BPF_NOEXIST)) {
+            Ok(()) => return Some(rev_key),
+            Err(e) if e == -EEXIST => {}
+            Err(_) => {
+                count(Stat::CtFull);
+                let flow = flow_of(key, backend.addr_be, backend.port_be);
+                events::send(EventKind::CtFull, &flow, 0, now);
+                return None;
+            }
+        }
+    }
+    count(Stat::SnatExhausted);
+    let flow = flow_of(key, backend.addr_be, backend.port_be);
+    events::send(EventKind::SnatExhausted, &flow, 0, now);
+    None
+}
+
+/// Tracks the new connection in `CT`. A reopen overwrites the closed entry; a new one must
+/// not race a retransmitted SYN that another CPU is handling at the same instant: the loser
+/// gives its port back and forwards with the winner's translation (`Err` carries that
+/// verdict, or a drop when the table is full).
+#[inline(always)]
+fn track<const KERNEL_L4: bool>(
+    key: &CtKey,
+    entry: &CtEntry,
+    rev_key: RevKey,
+    reopen: bool,
+    ip: &mut Ipv4Hdr,
+    tcp: &mut TcpHdr,
+    now: u64,
+) -> Result<(), Verdict> {
+    let insert_flags = if reopen { 0 } else { u64::from(BPF_NOEXIST) };
+    let Err(e) = CT.insert(key, entry, insert_flags) else {
+        return Ok(());
+    };
+    let _ = REV.remove(rev_key);
+    if e == -EEXIST {
+        // Lost the race: use the winner's translation.
+        if let Some(winner) = CT.get_ptr(key) {
+            // SAFETY: a valid map value pointer.
+            let w = unsafe { *winner };
+            count(Stat::ForwardTracked);
+            let sent = rewrite::<KERNEL_L4>(
+                ip,
+                tcp,
+                w.snat_addr_be,
+                w.backend_addr_be,
+                w.snat_port_be,
+                w.backend_port_be,
+            );
+            return Err(Verdict::Forward(Some(sent)));
+        }
+    }
+    count(Stat::CtFull);
+    let flow = flow_of(key, entry.backend_addr_be, entry.backend_port_be);
+    events::send(EventKind::CtFull, &flow, 0, now);
+    Err(Verdict::Drop)
 }
 
 /// Backend → SNAT address: translate back to VIP → client.
