@@ -66,11 +66,7 @@ pub async fn wait_for_new_server(run: &mut Run) -> Result<(), CutoverError> {
             format!(
                 " in each of {} databases ({})",
                 run.lanes.len(),
-                run.lanes
-                    .iter()
-                    .map(|l| l.database.as_str())
-                    .collect::<Vec<_>>()
-                    .join(", ")
+                super::lane::names(&run.lanes)
             )
         } else {
             String::new()

@@ -95,6 +95,16 @@ impl Lane {
     }
 }
 
+/// The lanes' databases, as messages list them: `app1, app2`.
+#[must_use]
+pub fn names(lanes: &[Lane]) -> String {
+    lanes
+        .iter()
+        .map(|l| l.database.as_str())
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
 /// The reverse slot of `database`. Slot names are the cluster's (not per database) and allow
 /// only `[a-z0-9_]` up to 63 bytes, so each database needs its own, derived the same way by
 /// every controller (a successor finds it from the database's name alone). The DSNs'

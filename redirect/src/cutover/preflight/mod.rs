@@ -696,14 +696,7 @@ fn journal_the_start(
     let (from, to, req) = (cx.from, cx.to, cx.req);
     let mut rec = Recorder::new(&cx.ctl.journal_path, journal::new_id(), from, to, progress)?;
     let databases = if lanes.len() > 1 || lanes.iter().any(|l| l.database != watch.home) {
-        format!(
-            ", database(s) {}",
-            lanes
-                .iter()
-                .map(|l| l.database.as_str())
-                .collect::<Vec<_>>()
-                .join(", ")
-        )
+        format!(", database(s) {}", super::lane::names(lanes))
     } else {
         String::new()
     };
