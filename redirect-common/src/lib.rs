@@ -11,6 +11,7 @@
 
 pub mod csum;
 pub mod ports;
+pub mod socket;
 pub mod tcp;
 
 /// Names of the pinned maps, as they appear under the pin directory and in `bpftool`.
@@ -24,6 +25,12 @@ pub mod map_names {
     pub const TX_PORTS: &str = "TX_PORTS";
     pub const CUTOVER: &str = "CUTOVER";
     pub const HELD: &str = "HELD";
+    /// Socket mode: every socket whose `connect()` the hook rewrote, by cookie.
+    pub const SOCKETS: &str = "SOCKETS";
+    /// Socket mode: the connections opened during a hold, translated per packet.
+    pub const FLOWS: &str = "FLOWS";
+    /// Socket mode: its own counters (`socket::SockStat`), so proxy pins keep their layout.
+    pub const SOCK_STATS: &str = "SOCK_STATS";
 }
 
 /// The `CONFIG` array map (one entry): what the datapath serves. Changed only by the
@@ -50,6 +57,9 @@ pub mod config {
     /// Ask the FIB for every packet instead of caching next hops for 100 ms (for hosts whose
     /// routes or neighbours change faster than that; and the benchmark's "before").
     pub const FLAG_FIB_EVERY_PACKET: u32 = 1 << 1;
+    /// Socket mode (`run --mode socket`): the cgroup hooks redirect `connect()` and the VIP
+    /// is not served by NAT; the proxy programs are not attached.
+    pub const FLAG_SOCKET_MODE: u32 = 1 << 2;
     /// Set by the controller once it has written the config; a zeroed entry means "not
     /// configured yet" and the datapath passes everything.
     pub const FLAG_CONFIGURED: u32 = 1 << 31;

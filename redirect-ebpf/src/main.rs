@@ -25,6 +25,8 @@ mod forward;
 mod headers;
 mod hold;
 mod nat;
+mod sock;
+mod sock_tc;
 mod tc;
 mod xdp;
 
@@ -41,6 +43,7 @@ use redirect_common::{
     cutover::{Cutover, HeldSyn},
     limits,
     rev::{RevEntry, RevKey},
+    socket::{FLOWS_ENTRIES, FlowEntry, SOCK_STAT_COUNT, SOCKETS_ENTRIES, SockEntry},
     stats::{STAT_COUNT, Stat},
 };
 
@@ -90,6 +93,19 @@ static CUTOVER: Array<Cutover, 1> = Array::new();
 /// about 1,800 SYNs: more new connections than a PostgreSQL fleet opens in a barrier's time.
 #[btf_map(name = "HELD")]
 static HELD: RingBuf<HeldSyn, { 256 * 1024 }> = RingBuf::new();
+
+/// Socket mode: every socket whose `connect()` to the VIP the hook saw, by cookie.
+#[btf_map(name = "SOCKETS")]
+static SOCKETS: HashMap<u64, SockEntry, { SOCKETS_ENTRIES as usize }> = HashMap::new();
+
+/// Socket mode: connections opened during a hold (this host's address and port, the VIP),
+/// translated per packet for their life.
+#[btf_map(name = "FLOWS")]
+static FLOWS: HashMap<CtKey, FlowEntry, { FLOWS_ENTRIES as usize }> = HashMap::new();
+
+/// Socket mode's counters (`redirect_common::socket::SockStat`).
+#[btf_map(name = "SOCK_STATS")]
+static SOCK_STATS: PerCpuArray<u64, { SOCK_STAT_COUNT as usize }> = PerCpuArray::new();
 
 #[inline(always)]
 fn count(stat: Stat) {

@@ -645,7 +645,7 @@ fn release_port(key: &CtKey, old: &CtEntry) {
 /// checksum incrementally (RFC 1624). Addresses are in the TCP pseudo-header, so they change
 /// both checksums. Returns what the sender had sent.
 #[inline(always)]
-fn rewrite<const KERNEL_L4: bool>(
+pub fn rewrite<const KERNEL_L4: bool>(
     ip: &mut Ipv4Hdr,
     tcp: &mut TcpHdr,
     saddr: u32,

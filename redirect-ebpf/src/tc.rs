@@ -106,7 +106,7 @@ fn try_redirect_tc(ctx: &TcContext) -> Result<i32, Stat> {
 /// pseudo-header (which is all a partial checksum holds), ports as payload (which a partial
 /// checksum does not cover yet, so the kernel leaves it alone for them).
 #[inline(always)]
-fn fix_tcp_checksum(ctx: &TcContext, old: &nat::Sent, new: &nat::Sent) -> bool {
+pub fn fix_tcp_checksum(ctx: &TcContext, old: &nat::Sent, new: &nat::Sent) -> bool {
     let pseudo = u64::from(BPF_F_PSEUDO_HDR) | 4;
     ctx.l4_csum_replace(
         TCP_CHECK_OFFSET,
@@ -144,7 +144,8 @@ fn fix_tcp_checksum(ctx: &TcContext, old: &nat::Sent, new: &nat::Sent) -> bool {
 /// Re-injects a SYN parked by [`redirect_tc`] (the controller runs it with
 /// `BPF_PROG_TEST_RUN` after a flip): a copy of the frame is received on the interface
 /// `cb[0]` names, as if it had just arrived there, and passes that interface's TC hook again,
-/// which now translates it to the new backend. (The XDP program's live-frame re-injection
+/// which now translates it to the new backend. With `cb[1]` set, the copy is sent out of that
+/// interface instead (socket mode parks SYNs on egress). (The XDP program's live-frame re-injection
 /// cannot serve TC interfaces: a bridge, or a veth whose peer has no NAPI, has no
 /// `ndo_xdp_xmit`.)
 #[classifier]
@@ -153,10 +154,13 @@ fn fix_tcp_checksum(ctx: &TcContext, old: &nat::Sent, new: &nat::Sent) -> bool {
 /// controller reports that SYN as lost: its client retries).
 pub fn reinject_tc(ctx: TcContext) -> i32 {
     let ifindex = ctx.cb()[0];
-    if ctx
-        .clone_redirect(ifindex, u64::from(BPF_F_INGRESS))
-        .is_err()
-    {
+    // cb[1] set: socket mode parked it on the way out (its egress hook translates the copy).
+    let direction = if ctx.cb()[1] == 0 {
+        u64::from(BPF_F_INGRESS)
+    } else {
+        0
+    };
+    if ctx.clone_redirect(ifindex, direction).is_err() {
         count(Stat::SynHoldFailed);
         return TC_ACT_SHOT;
     }

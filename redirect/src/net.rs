@@ -2,6 +2,7 @@
 //! interfaces, local addresses, routes, bpffs and the forwarding sysctls.
 
 pub mod host_settings;
+pub mod sock_diag;
 
 use std::{
     ffi::CString,

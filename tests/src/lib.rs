@@ -64,6 +64,12 @@ use std::{
 };
 
 pub const VIP: &str = "198.18.1.1";
+/// The VIP of an application-host lab ([`Lab::new_app_host`]): an address nobody owns, routed
+/// from the client namespace by its default route (to the proxy namespace, a plain router
+/// there, which has no route for it: a connection that is not redirected fails at once).
+pub const APP_VIP: &str = "198.18.9.1";
+/// Where labs mount the cgroup v2 hierarchy: outside /sys, which `ip netns exec` remounts.
+pub const LAB_CGROUP_ROOT: &str = "/run/redirect-lab-cgroup";
 pub const CLIENT_ADDR: &str = "198.18.1.2";
 pub const SOURCE_ADDR: &str = "198.18.2.2";
 pub const TARGET_ADDR: &str = "198.18.3.2";
@@ -164,6 +170,18 @@ pub struct Lab {
     bridge_port_pass: Option<aya::Ebpf>,
     /// Set when this lab's proxy fronts another lab's servers ([`Lab::new_sharing_servers`]).
     shared: Option<SharedServers>,
+    /// Set for an application-host lab ([`Lab::new_app_host`]).
+    pub app: Option<AppCgroup>,
+}
+
+/// The cgroup of an application-host lab: this test process moves into it (so its threads'
+/// clients and every process it spawns are hooked), and back out on drop.
+#[derive(Clone, Debug)]
+pub struct AppCgroup {
+    /// The lab's cgroup (under [`LAB_CGROUP_ROOT`]), which `redirect run --cgroup` hooks.
+    pub path: PathBuf,
+    /// The cgroup this process came from: outside the hooked one.
+    pub outside: PathBuf,
 }
 
 /// Whose servers a sharing lab's proxy reaches, and by which links.
@@ -268,6 +286,57 @@ impl Lab {
         lab
     }
 
+    /// An application host (socket mode, zero-hop): the routed lab, with `redirect run --mode
+    /// socket` in the client namespace hooking a cgroup of its own, which this test process
+    /// joins. The proxy namespace only routes. The servers see the client's own address.
+    ///
+    /// ```text
+    ///  ns cli (app host: redirect, clients)   ns proxy (a router)     ns src / ns tgt
+    ///  eth0 198.18.1.2 ─────────────────────── p-cli 198.18.1.1
+    ///    connect(198.18.9.1:5432) ─► backend   p-src 198.18.2.1 ────── 198.18.2.2 source
+    ///                                          p-tgt 198.18.3.1 ────── 198.18.3.2 target
+    /// ```
+    #[must_use]
+    pub fn new_app_host(name: &str) -> Self {
+        let mut lab = Self::with_topology(name, Topology::Routed);
+        let root = ensure_lab_cgroup_root();
+        let path = root.join(format!("redirect-lab-{}", lab.id));
+        std::fs::create_dir_all(&path).expect("creating the lab's cgroup");
+        let outside = root.join(own_cgroup().trim_start_matches('/'));
+        lab.app = Some(AppCgroup {
+            path: path.clone(),
+            outside,
+        });
+        std::fs::write(path.join("cgroup.procs"), std::process::id().to_string())
+            .expect("joining the lab's cgroup");
+        lab
+    }
+
+    /// The address clients connect to: the VIP, or an application host's.
+    #[must_use]
+    pub fn vip(&self) -> &'static str {
+        if self.app.is_some() { APP_VIP } else { VIP }
+    }
+
+    /// `argv` in the client namespace, run from outside the hooked cgroup (an application
+    /// host's process that is not redirected).
+    #[must_use]
+    pub fn outside_cgroup_cmd(&self, argv: &[&str]) -> Command {
+        let app = self.app.as_ref().expect("an application-host lab");
+        let procs = app.outside.join("cgroup.procs");
+        let mut c = self.cmd(
+            Ns::Client,
+            &[
+                "sh",
+                "-c",
+                &format!("echo $$ > {} && exec \"$@\"", procs.display()),
+                "sh",
+            ],
+        );
+        c.args(argv);
+        c
+    }
+
     fn with_topology(name: &str, topology: Topology) -> Self {
         let mut lab = Self::empty(name, topology);
         match topology {
@@ -303,6 +372,7 @@ impl Lab {
             runs: 0,
             redirect_pid: None,
             shared: None,
+            app: None,
         }
     }
 
@@ -599,10 +669,11 @@ impl Lab {
             .expect("spawning redirect")
     }
 
-    /// `redirect` in the proxy namespace with this lab's pin dir, control socket and journal.
+    /// `redirect` in the proxy namespace (an application host's: the client namespace) with
+    /// this lab's pin dir, control socket and journal.
     #[must_use]
     pub fn redirect_cmd(&self) -> Command {
-        let mut c = self.cmd(Ns::Proxy, &[]);
+        let mut c = self.cmd(self.redirect_ns(), &[]);
         c.arg(redirect_bin())
             .arg("--pin-dir")
             .arg(&self.pin_dir)
@@ -626,9 +697,39 @@ impl Lab {
         String::from_utf8(out.stdout).expect("utf-8 output")
     }
 
+    /// Where `redirect` runs: the proxy, or an application host's own namespace.
+    #[must_use]
+    pub fn redirect_ns(&self) -> Ns {
+        if self.app.is_some() {
+            Ns::Client
+        } else {
+            Ns::Proxy
+        }
+    }
+
     /// The standard `run` arguments for this lab.
     #[must_use]
     pub fn run_args(&self) -> Vec<String> {
+        if let Some(app) = &self.app {
+            return [
+                "run",
+                "--mode",
+                "socket",
+                "--cgroup",
+                &app.path.display().to_string(),
+                "--iface",
+                "eth0",
+                "--vip",
+                &format!("{APP_VIP}:{PG_PORT}"),
+                "--source",
+                &format!("{SOURCE_ADDR}:{PG_PORT}"),
+                "--target",
+                &format!("{TARGET_ADDR}:{PG_PORT}"),
+            ]
+            .iter()
+            .map(|s| (*s).to_owned())
+            .collect();
+        }
         let ifaces: &[&str] = match self.topology {
             Topology::Routed => &["--iface", "p-cli", "--iface", "p-src", "--iface", "p-tgt"],
             Topology::OneNic => &["--iface", "eth0"],
@@ -774,10 +875,10 @@ impl Lab {
         self.status()["stats"][name].as_u64().unwrap_or(0)
     }
 
-    /// The controller's `/metrics` body (its default address, inside the proxy namespace).
+    /// The controller's `/metrics` body (its default address, in the namespace it runs in).
     #[must_use]
     pub fn metrics(&self) -> String {
-        self.in_ns(Ns::Proxy, || {
+        self.in_ns(self.redirect_ns(), || {
             use std::io::{Read as _, Write as _};
             let mut s = std::net::TcpStream::connect("127.0.0.1:9187").expect("the metrics port");
             s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
@@ -857,8 +958,34 @@ impl Lab {
     }
 }
 
+/// Mounts the cgroup v2 hierarchy at [`LAB_CGROUP_ROOT`] (once).
+fn ensure_lab_cgroup_root() -> PathBuf {
+    let root = PathBuf::from(LAB_CGROUP_ROOT);
+    if !root.join("cgroup.procs").exists() {
+        std::fs::create_dir_all(&root).expect("creating the lab cgroup mount point");
+        sh(Command::new("mount").args(["-t", "cgroup2", "none", LAB_CGROUP_ROOT]));
+    }
+    root
+}
+
+/// This process's cgroup v2 path (`0::/...` in /proc/self/cgroup).
+fn own_cgroup() -> String {
+    std::fs::read_to_string("/proc/self/cgroup")
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix("0::").map(str::to_owned))
+        .unwrap_or_else(|| "/".into())
+}
+
 impl Drop for Lab {
     fn drop(&mut self) {
+        if let Some(app) = &self.app {
+            // Out of the lab's cgroup first: processes started from here on are not hooked.
+            let _ = std::fs::write(
+                app.outside.join("cgroup.procs"),
+                std::process::id().to_string(),
+            );
+        }
         for child in &mut self.children {
             // SAFETY: signalling our own child by pid; SIGTERM lets PostgreSQL shut down.
             unsafe { libc::kill(i32::try_from(child.id()).unwrap_or(0), libc::SIGTERM) };
@@ -895,6 +1022,13 @@ impl Drop for Lab {
                 .args(["netns", "del", &self.ns(ns)])
                 .output();
             let _ = std::fs::remove_dir_all(Path::new("/etc/netns").join(self.ns(ns)));
+        }
+        if let Some(app) = &self.app {
+            // Empty once its processes are gone (the servers' children exit a moment later).
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while std::fs::remove_dir(&app.path).is_err() && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(50));
+            }
         }
         if !std::thread::panicking() {
             let _ = std::fs::remove_dir_all(&self.work_dir);

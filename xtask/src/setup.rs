@@ -58,6 +58,12 @@ const PACKAGES: &[(&str, &str)] = &[
     ("strace", "/usr/bin/strace"),
     // `status --watch` is tested as a person sees it: in a tmux pane of fixed size.
     ("tmux", "/usr/bin/tmux"),
+    // Zero-hop (issue 22): a Python driver's connect, reconnect and getpeername through the
+    // socket hooks.
+    (
+        "python3-psycopg2",
+        "/usr/lib/python3/dist-packages/psycopg2/__init__.py",
+    ),
 ];
 
 /// What tests/tests/kubernetes.rs renders and validates the Helm chart with, from PyPI: Helm

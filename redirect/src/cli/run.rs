@@ -29,12 +29,25 @@ pub struct Args {
     /// override it. Its keys are these flags' long names.
     #[arg(long, value_name = "FILE")]
     pub config: Option<PathBuf>,
-    /// Interface that receives client or backend traffic (repeat for each).
+    /// Interface that receives client or backend traffic (repeat for each). In socket mode:
+    /// the uplink(s) this host reaches the VIP and the backends by.
     #[arg(long = "iface", required = true)]
     pub ifaces: Vec<String>,
-    /// The address clients connect to; must be local to this host.
+    /// The address clients connect to. Proxy mode: local to this host. Socket mode: not
+    /// local, and routed (by the default route, say) out of an --iface.
     #[arg(long)]
     pub vip: SocketAddrV4,
+    /// `proxy`: translate packets on --iface for clients on other hosts. `socket` (zero-hop):
+    /// redirect `connect()` of this host's own processes in --cgroup, so their connections go
+    /// straight to the backend and no packet of them is translated.
+    #[arg(long, value_enum, default_value = "proxy")]
+    pub mode: ModeArg,
+    /// Socket mode: the cgroup v2 directory whose processes (and every cgroup below it) are
+    /// redirected. Default: the root of the cgroup v2 hierarchy (/sys/fs/cgroup, or
+    /// /sys/fs/cgroup/unified on a hybrid host), so every process on this host; a systemd
+    /// slice (/sys/fs/cgroup/app.slice) or a pod's directory narrows it.
+    #[arg(long)]
+    pub cgroup: Option<PathBuf>,
     /// The server being migrated from.
     #[arg(long)]
     pub source: SocketAddrV4,
@@ -136,7 +149,32 @@ pub struct Args {
     pub fleet: crate::fleet::Options,
 }
 
+/// `run --mode`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum ModeArg {
+    Proxy,
+    Socket,
+}
+
 impl Args {
+    fn mode(&self) -> anyhow::Result<crate::datapath::Mode> {
+        Ok(match self.mode {
+            ModeArg::Proxy => {
+                anyhow::ensure!(
+                    self.cgroup.is_none(),
+                    "--cgroup is for --mode socket (proxy mode redirects packets, not processes)"
+                );
+                crate::datapath::Mode::Proxy
+            }
+            ModeArg::Socket => crate::datapath::Mode::Socket {
+                cgroup: match &self.cgroup {
+                    Some(path) => path.clone(),
+                    None => crate::datapath::socket::default_cgroup()?,
+                },
+            },
+        })
+    }
+
     fn timeouts(&self) -> Timeouts {
         Timeouts {
             syn: self.syn_timeout,
@@ -270,16 +308,22 @@ pub fn check_settings(args: &Args) -> anyhow::Result<()> {
 /// What [`check_settings`] checks, with what it read: the servers and the fleet settings.
 fn checked(args: &Args) -> anyhow::Result<(Option<Databases>, Option<crate::fleet::Settings>)> {
     check_addresses(args)?;
-    Ok((
-        databases(args)?,
-        crate::fleet::settings(&args.fleet, args.vip)?,
-    ))
+    let fleet = crate::fleet::settings(&args.fleet, args.vip)?;
+    if args.mode == ModeArg::Socket && fleet.is_some() {
+        // Each member would have to fence its own host's sessions, which the fleet protocol
+        // does not ask of members yet: refused rather than fence only the leader's.
+        anyhow::bail!(
+            "--mode socket does not run as a fleet member yet: run it on one host, or use proxy mode for a fleet"
+        );
+    }
+    Ok((databases(args)?, fleet))
 }
 
 /// `redirect run`'s flags, checked, as the daemon's [`Config`].
 fn config(args: Args, pin_dir: &Path, socket: &Path, journal: &Path) -> anyhow::Result<Config> {
     // The same checks as `config check`: what it accepts, `run` starts with.
     let (databases, fleet) = checked(&args)?;
+    let mode = args.mode()?;
     Ok(Config {
         pin_dir: pin_dir.to_path_buf(),
         socket: socket.to_path_buf(),
@@ -291,6 +335,7 @@ fn config(args: Args, pin_dir: &Path, socket: &Path, journal: &Path) -> anyhow::
         target: args.target,
         snat_ip: args.snat_ip,
         snat_ports: (args.snat_ports.lo, args.snat_ports.hi),
+        mode,
         hook: args.hook,
         drop_untracked: args.drop_untracked,
         fib_every_packet: args.fib_every_packet,

@@ -45,6 +45,8 @@ pub struct Config {
     /// Source address the backends see (`None`: this host's address on the route to each).
     pub snat_ip: Option<Ipv4Addr>,
     pub snat_ports: (u16, u16),
+    /// Proxy (NAT on the interfaces) or socket (at `connect()`, this host's own clients).
+    pub mode: crate::datapath::Mode,
     pub hook: Hook,
     pub drop_untracked: bool,
     pub fib_every_packet: bool,
@@ -70,7 +72,8 @@ pub async fn serve(config: Config, shutdown: CancellationToken) -> anyhow::Resul
     let (ifaces, spec) = start::preflight(&config)?;
     start::refuse_a_second_controller(&config.socket).await?;
     start::check_servers(&config).await?;
-    if config.set_sysctls {
+    // Socket mode forwards nothing and allocates no SNAT port.
+    if config.set_sysctls && !config.mode.is_socket() {
         start::set_sysctls(&config, &ifaces)?;
     }
     let joined = start::join_fleet(&config).await?;

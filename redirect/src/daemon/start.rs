@@ -25,9 +25,12 @@ pub(super) fn preflight(config: &Config) -> anyhow::Result<(Vec<(String, u32)>, 
     for name in &config.ifaces {
         ifaces.push((name.clone(), net::ifindex(name)?));
     }
-    // A fleet member may be a keepalived standby: the VIP arrives when keepalived moves it,
-    // and the datapath (already following the committed state) serves it from then on.
-    if config.fleet.is_none() {
+    if let datapath::Mode::Socket { cgroup } = &config.mode {
+        datapath::socket::check_cgroup(cgroup)?;
+        check_socket_vip(config.vip)?;
+    } else if config.fleet.is_none() {
+        // A fleet member may be a keepalived standby: the VIP arrives when keepalived moves
+        // it, and the datapath (already following the committed state) serves it from then.
         net::require_local("VIP", *config.vip.ip())?;
     } else if net::require_local("VIP", *config.vip.ip()).is_err() {
         warn!(vip = %config.vip, "the VIP is not on this host (yet): a standby member serves it once keepalived (or an operator) moves it here");
@@ -51,6 +54,7 @@ pub(super) fn preflight(config: &Config) -> anyhow::Result<(Vec<(String, u32)>, 
         drop_nonsyn_miss: config.drop_untracked,
         fib_every_packet: config.fib_every_packet,
         replace_backends: config.replace_backends,
+        mode: config.mode.clone(),
     };
     // Refuse a different VIP or backends, or a mix of hooks, now, before sysctls or the kernel
     // are touched.
@@ -68,6 +72,21 @@ pub(super) fn preflight(config: &Config) -> anyhow::Result<(Vec<(String, u32)>, 
         );
     }
     Ok((ifaces, spec))
+}
+
+/// Socket mode's VIP: not an address of this host (a connection held during a cutover keeps
+/// the VIP as its destination until it is released, and one to a local address never leaves
+/// by the uplink, whose egress hook holds and releases it), and routed.
+fn check_socket_vip(vip: SocketAddrV4) -> anyhow::Result<()> {
+    if net::require_local("VIP", *vip.ip()).is_ok() {
+        anyhow::bail!(
+            "--vip {vip} is an address of this host: in socket mode the VIP must be an address clients connect to that this host does not own (a connection held during a cutover leaves by the uplink toward it)"
+        );
+    }
+    net::route_source(*vip.ip()).map_err(|e| {
+        anyhow::anyhow!("--vip {vip} has no route on this host ({e}): in socket mode connections to it leave by the uplink, so route it (the default route does)")
+    })?;
+    Ok(())
 }
 
 /// Two controllers on one datapath would drain, GC and recover against each other.

@@ -37,9 +37,9 @@ impl Host {
 
     /// Re-injects every parked SYN through the datapath; returns how many.
     pub fn release_held(&self) -> Result<u64, DatapathError> {
-        let (mut ring, pins) = {
+        let (mut ring, pins, on_egress) = {
             let maps = lock(&self.maps);
-            (maps.held()?, maps.dir.clone())
+            (maps.held()?, maps.dir.clone(), maps.is_socket_mode()?)
         };
         let mut ebpf = lock(&self.ebpf);
         let mut n = 0;
@@ -52,7 +52,7 @@ impl Host {
                 unsafe { std::ptr::read_unaligned(item.as_ptr().cast()) };
             // One SYN that cannot be re-injected must not strand the rest in the ring (its
             // client retransmits); the count says how many went.
-            match datapath::reinject(&mut ebpf, &pins, &held) {
+            match datapath::reinject(&mut ebpf, &pins, &held, on_egress) {
                 Ok(()) => n += 1,
                 Err(e) => tracing::warn!(error = %e, "a held SYN was not re-injected"),
             }

@@ -3,7 +3,9 @@
 //! Everything lives under one bpffs directory (the pin dir):
 //! `CONFIG BACKENDS ACTIVE CT REV STATS TX_PORTS` (maps, by name) and `link_<iface>` (one XDP
 //! or TCX link per interface, whichever hook runs the datapath there). The maps are BTF-defined, so `bpftool map dump pinned <dir>/CT` shows
-//! typed keys and values.
+//! typed keys and values. Socket mode (`socket.rs`) adds its own maps and links there.
+
+pub mod socket;
 
 use std::{
     net::{Ipv4Addr, SocketAddrV4},
@@ -22,11 +24,12 @@ use aya::{
 };
 use redirect_common::{
     backend::{Backend, MAX_BACKENDS, SOURCE, TARGET},
-    config::{Config, FLAG_CONFIGURED},
+    config::{Config, FLAG_CONFIGURED, FLAG_SOCKET_MODE},
     ct::{CtEntry, CtKey},
     cutover::{Cutover, HeldSyn},
     limits, map_names,
     rev::{RevEntry, RevKey},
+    socket::{FLOWS_ENTRIES, FlowEntry, SOCK_STATS_ALL, SOCKETS_ENTRIES, SockEntry},
     stats::{ALL, STAT_COUNT},
 };
 
@@ -48,7 +51,10 @@ pub const PASS_PROGRAM: &str = "xdp_pass";
 /// The default pin directory on a real proxy host.
 pub const DEFAULT_PIN_DIR: &str = "/sys/fs/bpf/redirect";
 
-const ALL_MAPS: [&str; 9] = [
+const ALL_MAPS: [&str; 12] = [
+    map_names::SOCKETS,
+    map_names::FLOWS,
+    map_names::SOCK_STATS,
     map_names::CUTOVER,
     map_names::HELD,
     map_names::CONFIG,
@@ -134,6 +140,19 @@ pub enum DatapathError {
     /// `bpf_clone_redirect` could not re-inject a held SYN on its interface.
     #[error("re-injecting a held SYN on interface #{ifindex} failed; its client retries")]
     Reinject { ifindex: u32 },
+    /// `run --mode socket --cgroup PATH` names no usable cgroup.
+    #[error("--cgroup {}: {why}", path.display())]
+    Cgroup { path: PathBuf, why: String },
+    /// The pinned datapath runs in the other mode.
+    #[error(
+        "the datapath pinned at {} runs in {pinned} mode, not {requested}: run `redirect detach` first (once its connections have moved), or use another --pin-dir",
+        dir.display()
+    )]
+    ModeMismatch {
+        dir: PathBuf,
+        pinned: &'static str,
+        requested: &'static str,
+    },
     /// The filesystem refused an operation under the pin dir.
     #[error("{what}: {source}")]
     Io {
@@ -329,8 +348,17 @@ pub struct Maps {
     pub stats: PerCpuArray<MapData, u64>,
     pub tx_ports: DevMapHash<MapData>,
     pub cutover: Array<MapData, Cutover>,
+    /// Socket mode's maps; `None` for pins made before socket mode existed.
+    pub socket: Option<SocketMaps>,
     /// `CT` once more, untyped, for the one operation aya does not offer on hash maps.
     ct_raw: MapData,
+}
+
+/// Socket mode's maps (see `redirect-common/src/socket.rs`).
+pub struct SocketMaps {
+    pub sockets: HashMap<MapData, u64, SockEntry>,
+    pub flows: HashMap<MapData, CtKey, FlowEntry>,
+    pub stats: PerCpuArray<MapData, u64>,
 }
 
 fn open_pinned(dir: &PinDir, name: &str) -> Result<Map, DatapathError> {
@@ -368,6 +396,15 @@ impl Maps {
             stats: typed!(&dir, map_names::STATS),
             tx_ports: typed!(&dir, map_names::TX_PORTS),
             cutover: typed!(&dir, map_names::CUTOVER),
+            socket: if dir.map(map_names::SOCKETS).exists() {
+                Some(SocketMaps {
+                    sockets: typed!(&dir, map_names::SOCKETS),
+                    flows: typed!(&dir, map_names::FLOWS),
+                    stats: typed!(&dir, map_names::SOCK_STATS),
+                })
+            } else {
+                None
+            },
             ct_raw: {
                 let path = dir.map(map_names::CT);
                 MapData::from_pin(&path)
@@ -421,6 +458,11 @@ impl Maps {
             what: "deleting from CT".into(),
             source: err,
         })
+    }
+
+    /// Whether this datapath runs in socket mode (`run --mode socket`).
+    pub fn is_socket_mode(&self) -> Result<bool, DatapathError> {
+        Ok(self.config()?.flags & FLAG_SOCKET_MODE != 0)
     }
 
     pub fn config(&self) -> Result<Config, DatapathError> {
@@ -517,6 +559,21 @@ impl Maps {
                     })?;
             out.push((name, per_cpu.iter().sum()));
         }
+        if let Some(socket) = &self.socket
+            && self.is_socket_mode()?
+        {
+            for (stat, name) in SOCK_STATS_ALL {
+                let per_cpu =
+                    socket
+                        .stats
+                        .get(&(stat as u32), 0)
+                        .map_err(|source| DatapathError::Map {
+                            what: "reading SOCK_STATS".into(),
+                            source,
+                        })?;
+                out.push((name, per_cpu.iter().sum()));
+            }
+        }
         Ok(out)
     }
 }
@@ -572,6 +629,32 @@ pub struct Spec {
     pub fib_every_packet: bool,
     /// Adopt pins whose backends differ from `source`/`target` (`run --replace-backends`).
     pub replace_backends: bool,
+    /// Proxy (NAT on the interfaces) or socket (at `connect()`, on this host's own clients).
+    pub mode: Mode,
+}
+
+/// How the datapath reaches connections.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Mode {
+    /// A proxy host: full NAT on the interfaces, for clients elsewhere.
+    Proxy,
+    /// Zero-hop: inside `connect()` of every process in this cgroup (v2) directory.
+    Socket { cgroup: PathBuf },
+}
+
+impl Mode {
+    #[must_use]
+    pub const fn name(&self) -> &'static str {
+        match self {
+            Self::Proxy => "proxy",
+            Self::Socket { .. } => "socket",
+        }
+    }
+
+    #[must_use]
+    pub const fn is_socket(&self) -> bool {
+        matches!(self, Self::Socket { .. })
+    }
 }
 
 /// Checks a restart against the datapath pinned at `dir`, reading only: the VIP must be the
@@ -582,8 +665,16 @@ pub fn check_adoption(dir: &Path, spec: &Spec) -> Result<Vec<BackendChange>, Dat
     if !PinDir(dir.to_path_buf()).is_pinned() {
         return Ok(Vec::new());
     }
-    check_layout(&PinDir(dir.to_path_buf()))?;
     let maps = Maps::open(dir)?;
+    let pinned_socket = maps.config()?.flags & FLAG_SOCKET_MODE != 0;
+    if pinned_socket != spec.mode.is_socket() {
+        return Err(DatapathError::ModeMismatch {
+            dir: dir.into(),
+            pinned: if pinned_socket { "socket" } else { "proxy" },
+            requested: spec.mode.name(),
+        });
+    }
+    check_layout(&PinDir(dir.to_path_buf()), spec.mode.is_socket())?;
     if let Some(pinned) = maps.vip()?
         && pinned != spec.vip
     {
@@ -608,9 +699,16 @@ pub fn check_adoption(dir: &Path, spec: &Spec) -> Result<Vec<BackendChange>, Dat
 }
 
 /// Key size, value size and entries of every map whose layout `redirect-common` defines.
-fn expected_layouts() -> [(&'static str, u32, u32, u32); 7] {
+/// Each mode's unused tables are one entry long (see [`table_sizes`]).
+fn expected_layouts(socket: bool) -> [(&'static str, u32, u32, u32); 7] {
     use std::mem::size_of;
     let size = |n: usize| u32::try_from(n).expect("small");
+    let entries = |name: &str| {
+        table_sizes(socket)
+            .iter()
+            .find(|(n, _)| *n == name)
+            .map_or(1, |(_, e)| *e)
+    };
     [
         (map_names::CONFIG, 4, size(size_of::<Config>()), 1),
         (
@@ -624,24 +722,38 @@ fn expected_layouts() -> [(&'static str, u32, u32, u32); 7] {
             map_names::CT,
             size(size_of::<CtKey>()),
             size(size_of::<CtEntry>()),
-            limits::CT_ENTRIES,
+            entries(map_names::CT),
         ),
         (
             map_names::REV,
             size(size_of::<RevKey>()),
             size(size_of::<RevEntry>()),
-            limits::REV_ENTRIES,
+            entries(map_names::REV),
         ),
         (map_names::STATS, 4, 8, STAT_COUNT),
         (map_names::CUTOVER, 4, size(size_of::<Cutover>()), 1),
     ]
 }
 
+/// The sizes of the big tables in each mode: the other mode's are one entry long, so an
+/// application host does not preallocate a proxy's million-connection table (about 100 MB
+/// each for `CT` and `REV`), nor a proxy the socket table.
+#[must_use]
+pub fn table_sizes(socket: bool) -> [(&'static str, u32); 4] {
+    let (proxy, sock) = if socket { (1, u32::MAX) } else { (u32::MAX, 1) };
+    [
+        (map_names::CT, limits::CT_ENTRIES.min(proxy)),
+        (map_names::REV, limits::REV_ENTRIES.min(proxy)),
+        (map_names::SOCKETS, SOCKETS_ENTRIES.min(sock)),
+        (map_names::FLOWS, FLOWS_ENTRIES.min(sock)),
+    ]
+}
+
 /// Refuses pins whose maps another version laid out differently: the kernel would re-use
 /// them as they are, and the new program would misread every entry (or never count a new
 /// statistic).
-fn check_layout(dir: &PinDir) -> Result<(), DatapathError> {
-    for (map, key, value, entries) in expected_layouts() {
+fn check_layout(dir: &PinDir, socket: bool) -> Result<(), DatapathError> {
+    for (map, key, value, entries) in expected_layouts(socket) {
         let path = dir.map(map);
         let data = MapData::from_pin(&path).map_err(|source| DatapathError::OpenMap {
             path: path.clone(),
@@ -721,11 +833,18 @@ pub fn install_with_active(
         // this earlier too, before it touches sysctls.)
         check_adoption(dir, spec)?;
     }
-    let hook = one_hook(&pins, ifaces, hook)?;
+    let hook = if spec.mode.is_socket() {
+        Hook::Tc
+    } else {
+        one_hook(&pins, ifaces, hook)?
+    };
     let mut loader = EbpfLoader::new();
     let paths: Vec<(&str, PathBuf)> = ALL_MAPS.iter().map(|n| (*n, pins.map(n))).collect();
     for (name, path) in &paths {
         loader.map_pin_path(name, path.as_path());
+    }
+    for (name, entries) in table_sizes(spec.mode.is_socket()) {
+        loader.map_max_entries(name, entries);
     }
     let mut ebpf: Ebpf = loader.load(object())?;
 
@@ -739,6 +858,23 @@ pub fn install_with_active(
                 existing.prearmed(joining.active.index(), crate::clock::monotonic_ns()),
             )?;
         }
+    }
+    if let Mode::Socket { cgroup } = &spec.mode {
+        socket::load_programs(&mut ebpf)?;
+        let attached = socket::attach_all(
+            &mut ebpf,
+            &pins,
+            &socket::Attachment {
+                cgroup: cgroup.clone(),
+                uplinks: ifaces.to_vec(),
+            },
+        )?;
+        return Ok(InstallReport {
+            ebpf,
+            adopted_maps,
+            upgraded: Vec::new(),
+            attached: attached.into_iter().map(|a| (a, Hook::Tc)).collect(),
+        });
     }
 
     program(&mut ebpf)
@@ -965,11 +1101,19 @@ fn attach_tc(ebpf: &mut Ebpf, iface: &str) -> Result<FdLink, DatapathError> {
 ///   is completed first: a local sender with TX offload left only the pseudo-header sum, which
 ///   its `CHECKSUM_PARTIAL` buffer would have completed on the way out, and the copy is a
 ///   fresh buffer with no such state.
-pub fn reinject(ebpf: &mut Ebpf, pins: &PinDir, held: &HeldSyn) -> Result<(), DatapathError> {
+/// - parked by socket mode's egress hook (`on_egress`): the same, but the copy is sent out of
+///   the interface, whose egress hook sends it to the backend.
+pub fn reinject(
+    ebpf: &mut Ebpf,
+    pins: &PinDir,
+    held: &HeldSyn,
+    on_egress: bool,
+) -> Result<(), DatapathError> {
     use aya::programs::{TestRun as _, TestRunAttrs, TestRunOptions};
     let len = (held.len as usize).min(held.frame.len());
-    let parked_by_tc =
-        crate::net::ifname(held.ifindex).and_then(|iface| pins.link_hook(&iface)) == Some(Hook::Tc);
+    let parked_by_tc = on_egress
+        || crate::net::ifname(held.ifindex).and_then(|iface| pins.link_hook(&iface))
+            == Some(Hook::Tc);
     let err = |source| DatapathError::Program {
         what: "re-injecting a held SYN".into(),
         source,
@@ -977,10 +1121,12 @@ pub fn reinject(ebpf: &mut Ebpf, pins: &PinDir, held: &HeldSyn) -> Result<(), Da
     if parked_by_tc {
         let mut frame = held.frame;
         complete_tcp_checksum(&mut frame[..len]);
-        // struct __sk_buff up to cb[0]: ifindex at 40, cb[0] at 48 (the rest stays zero).
-        let mut ctx = [0u8; 52];
+        // struct __sk_buff up to cb[1]: ifindex at 40, cb[0] at 48, cb[1] (egress) at 52 (the
+        // rest stays zero).
+        let mut ctx = [0u8; 56];
         ctx[40..44].copy_from_slice(&held.ifindex.to_ne_bytes());
         ctx[48..52].copy_from_slice(&held.ifindex.to_ne_bytes());
+        ctx[52..56].copy_from_slice(&u32::from(on_egress).to_ne_bytes());
         let opts = TestRunOptions {
             data_in: Some(&frame[..len]),
             ctx_in: Some(&ctx),
@@ -1079,6 +1225,9 @@ fn configure(maps: &mut Maps, spec: &Spec, adopted: bool) -> Result<(), Datapath
     if spec.fib_every_packet {
         flags |= redirect_common::config::FLAG_FIB_EVERY_PACKET;
     }
+    if spec.mode.is_socket() {
+        flags |= FLAG_SOCKET_MODE;
+    }
     let config = Config {
         vip_addr_be: u32::from(*spec.vip.ip()).to_be(),
         vip_port_be: spec.vip.port().to_be(),
@@ -1096,8 +1245,9 @@ fn configure(maps: &mut Maps, spec: &Spec, adopted: bool) -> Result<(), Datapath
 /// Removes every link and map pin under `dir`, which detaches the program.
 pub fn remove(dir: &Path) -> Result<Vec<String>, DatapathError> {
     let pins = PinDir(dir.to_path_buf());
-    let ifaces = pins.linked_ifaces();
-    for iface in &ifaces {
+    let mut ifaces = socket::detach_all(&pins)?;
+    let proxy_links = pins.linked_ifaces();
+    for iface in &proxy_links {
         let path = pins.link(iface);
         let link = PinnedLink::from_pin(&path).map_err(|e| DatapathError::Pin {
             what: format!("opening {}", path.display()),
@@ -1120,6 +1270,7 @@ pub fn remove(dir: &Path) -> Result<Vec<String>, DatapathError> {
     }
     // Only remove the directory if nothing else lives there.
     let _ = std::fs::remove_dir(dir);
+    ifaces.extend(proxy_links);
     Ok(ifaces)
 }
 
@@ -1200,6 +1351,7 @@ mod tests {
             drop_nonsyn_miss: false,
             fib_every_packet: false,
             replace_backends,
+            mode: Mode::Proxy,
         }
     }
 
