@@ -4,7 +4,7 @@
 use std::{sync::Arc, time::Duration};
 
 use crate::{
-    Lab, Ns, VIP,
+    Lab, Ns,
     pg::{self, Pg},
     require_root, workload,
 };
@@ -29,7 +29,27 @@ pub fn setup_versions(
     extra: &[&str],
 ) -> Cutover {
     require_root();
-    let mut lab = Lab::new(name);
+    with_servers(Lab::new(name), source_major, target_major, extra)
+}
+
+/// [`setup`] on an application host: `redirect run --mode socket` in the client namespace,
+/// its clients in the hooked cgroup (see [`Lab::new_app_host`]).
+pub fn setup_app_host(name: &str, extra: &[&str]) -> Cutover {
+    require_root();
+    with_servers(
+        Lab::new_app_host(name),
+        pg::Major::DEBIAN,
+        pg::Major::DEBIAN,
+        extra,
+    )
+}
+
+fn with_servers(
+    mut lab: Lab,
+    source_major: pg::Major,
+    target_major: pg::Major,
+    extra: &[&str],
+) -> Cutover {
     let source = pg::start_version(&mut lab, Ns::Source, "source", source_major, &[]);
     let target = pg::start_version(&mut lab, Ns::Target, "target", target_major, &[]);
     pg::setup_logical(&lab, &source, &target);
@@ -57,7 +77,7 @@ pub fn workload(
     writers: std::ops::Range<i32>,
     secs: u64,
 ) -> std::thread::JoinHandle<workload::Verdict> {
-    workload_with(lab, pg::dsn(VIP), writers, secs)
+    workload_with(lab, pg::dsn(lab.vip()), writers, secs)
 }
 
 /// [`workload`] through a conninfo of its own: another database, another role.

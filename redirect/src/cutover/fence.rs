@@ -64,26 +64,62 @@ pub async fn end_old_sessions(run: &mut Run) -> Result<(), CutoverError> {
     let t = Instant::now();
     // Packets already past the datapath get a moment to reach their sockets.
     tokio::time::sleep(Duration::from_millis(5)).await;
-    // This host's proxied sessions, and every other fleet member's.
-    let mut addrs = vec![run.from_snat.clone()];
-    let mut los = vec![i32::from(run.snat_ports.0)];
-    let mut his = vec![i32::from(run.snat_ports.1)];
-    for p in run.members_proxied() {
-        addrs.push(p.snat.clone());
-        los.push(i32::from(p.ports.0));
-        his.push(i32::from(p.ports.1));
-    }
-    let ended = end_until_none_left(run, &addrs, &los, &his).await?;
+    let socket_mode = run.ctl.host.is_socket_mode()?;
+    let ended = if socket_mode {
+        end_until_none_left(run, || hooked_sessions(run)).await?
+    } else {
+        let proxied = proxied_sessions(run);
+        end_until_none_left(run, || Ok(proxied.clone())).await?
+    };
     run.report.terminated_at_fence = ended.len() as u64;
     run.rec.step(
         Step::Fence,
         t,
         format!(
-            "{} proxied session(s) on the {} ended; none left",
+            "{} {} session(s) on the {} ended; none left",
             ended.len(),
+            if socket_mode { "hooked" } else { "proxied" },
             run.from
         ),
     )
+}
+
+/// Which sessions the fence ends: clients at `addrs`, with ports `los[i]..=his[i]`.
+#[derive(Clone, Debug, Default)]
+struct Clients {
+    addrs: Vec<String>,
+    los: Vec<i32>,
+    his: Vec<i32>,
+}
+
+impl Clients {
+    fn push(&mut self, addr: String, ports: (u16, u16)) {
+        self.addrs.push(addr);
+        self.los.push(i32::from(ports.0));
+        self.his.push(i32::from(ports.1));
+    }
+}
+
+/// Proxy mode: this host's proxied sessions (its SNAT address and port range), and every
+/// other fleet member's.
+fn proxied_sessions(run: &Run) -> Clients {
+    let mut c = Clients::default();
+    c.push(run.from_snat.clone(), run.snat_ports);
+    for p in run.members_proxied() {
+        c.push(p.snat.clone(), p.ports);
+    }
+    c
+}
+
+/// Socket mode: this host's hooked connections to the old server, each by its own address
+/// and port, listed afresh on every pass (a `connect()` the hook sent there just before the
+/// hold may only now have its socket).
+fn hooked_sessions(run: &Run) -> Result<Clients, CutoverError> {
+    let mut c = Clients::default();
+    for h in run.ctl.host.hooked_to(run.from)? {
+        c.push(h.client.ip().to_string(), (h.client.port(), h.client.port()));
+    }
+    Ok(c)
 }
 
 /// What the fence has done so far: the sessions it ended, and the ones its last look found.
@@ -92,13 +128,11 @@ struct Fencing {
     left: Vec<i32>,
 }
 
-/// Ends the proxied sessions of the proxies `addrs` (their SNAT ports `los..=his`) until
-/// none is left, within the cutover's deadline; returns every session it ended.
+/// Ends the sessions of the clients `clients()` names until none is left, within the
+/// cutover's deadline; returns every session it ended.
 async fn end_until_none_left(
     run: &Run,
-    addrs: &[String],
-    los: &[i32],
-    his: &[i32],
+    clients: impl Fn() -> Result<Clients, CutoverError>,
 ) -> Result<Vec<i32>, CutoverError> {
     let first = Fencing {
         ended: Vec::new(),
@@ -110,7 +144,10 @@ async fn end_until_none_left(
         run.deadline,
         Duration::from_millis(2),
         first,
-        |mut f| async move {
+        |mut f| {
+            let clients = clients();
+            async move {
+            let Clients { addrs, los, his } = clients?;
             let pids: Vec<i32> = run
                 .query(
                     Phase::Fence,
@@ -141,6 +178,7 @@ async fn end_until_none_left(
             } else {
                 ControlFlow::Continue(f)
             })
+            }
         },
     )
     .await?;

@@ -29,6 +29,7 @@ pub async fn serve_gc(
         // fine for a dedicated task (block_in_place keeps the runtime's other tasks running).
         let result = tokio::task::block_in_place(|| {
             let mut maps = crate::sync::lock(&ctl.host.maps);
+            forget_closed_flows(&mut maps);
             conntrack::gc(&mut maps, &timeouts, pressured)
         });
         match result {
@@ -79,5 +80,19 @@ pub async fn serve_gc(
             }
             Err(e) => warn!(error = %e, "conntrack gc failed; retrying next interval"),
         }
+    }
+}
+
+/// Socket mode: the held flows whose socket has closed (see
+/// [`crate::host::sockets::forget_closed_flows`]).
+fn forget_closed_flows(maps: &mut crate::datapath::Maps) {
+    let vip = match (maps.is_socket_mode(), maps.vip()) {
+        (Ok(true), Ok(Some(vip))) => vip,
+        _ => return,
+    };
+    match crate::host::sockets::forget_closed_flows(maps, vip) {
+        Ok(0) => {}
+        Ok(n) => debug!(forgotten = n, "held flows whose socket closed"),
+        Err(e) => warn!(error = %e, "socket-mode gc failed; retrying next pass"),
     }
 }

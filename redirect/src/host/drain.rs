@@ -61,6 +61,9 @@ pub async fn drain(
     qt: Duration,
     until: SystemTime,
 ) -> Result<Drained, DatapathError> {
+    if host.is_socket_mode()? {
+        return drain_hooked(host, from, from_db, qt, until).await;
+    }
     let (from_addr, from_snat) = {
         let maps = lock(&host.maps);
         let b = maps.backend(from)?;
@@ -166,6 +169,71 @@ pub async fn drain(
             return Ok(d);
         }
         tokio::time::sleep(PASS).await;
+    }
+}
+
+/// Sessions of these clients (address, port) on the old server, ended.
+const END_BY_CLIENT: &str = "WITH drained AS MATERIALIZED (SELECT pid, client_port FROM pg_stat_activity a \
+     WHERE backend_type = 'client backend' AND pid <> pg_backend_pid() \
+     AND EXISTS (SELECT 1 FROM unnest($1::text[], $2::int4[]) c(addr, port) \
+     WHERE host(a.client_addr) = c.addr AND a.client_port = c.port)) \
+     SELECT client_port FROM drained WHERE pg_terminate_backend(pid)";
+
+/// Socket mode's drain: there is no connection table, and the fence already ended every
+/// hooked session on the old server, so what is left are sockets whose client has not yet
+/// read its server's FATAL (an idle pooled connection). They cannot write: the egress hook
+/// drops their data for good once `ACTIVE` moved. The drain waits for them to close until
+/// `until`; then it ends any session still there (one a flip without the fence left, say)
+/// and leaves the sockets to their clients, which learn at their next use.
+async fn drain_hooked(
+    host: &Host,
+    from: Role,
+    from_db: Option<&Client>,
+    qt: Duration,
+    until: SystemTime,
+) -> Result<Drained, DatapathError> {
+    use super::sockets::{CLOSE_WAIT, ESTABLISHED, SYN_SENT};
+    let open = |h: &super::sockets::Hooked| {
+        matches!(h.state, Some(ESTABLISHED | CLOSE_WAIT | SYN_SENT) | None)
+    };
+    loop {
+        let live: Vec<_> = host.hooked_to(from)?.into_iter().filter(open).collect();
+        if live.is_empty() {
+            return Ok(Drained::default());
+        }
+        if SystemTime::now() < until {
+            tokio::time::sleep(PASS).await;
+            continue;
+        }
+        let addrs: Vec<String> = live.iter().map(|h| h.client.ip().to_string()).collect();
+        let ports: Vec<i32> = live.iter().map(|h| i32::from(h.client.port())).collect();
+        let ended = match from_db {
+            Some(db) => timed(
+                Server::Old,
+                "ending drained sessions",
+                qt,
+                db.query(END_BY_CLIENT, &[&addrs, &ports]),
+            )
+            .await
+            .map_or_else(
+                |e| {
+                    warn!(error = %e, "drain: ending sessions on the old server");
+                    0
+                },
+                |rows| rows.len() as u64,
+            ),
+            None => 0,
+        };
+        if live.len() as u64 > ended {
+            tracing::info!(
+                open = live.len(),
+                "drain deadline: hooked sockets to the old server are still open; their sessions are gone and their data is fenced, so each client learns at its next use"
+            );
+        }
+        return Ok(Drained {
+            at_deadline: ended,
+            ..Drained::default()
+        });
     }
 }
 

@@ -9,6 +9,7 @@
 pub mod drain;
 pub mod lease;
 pub mod settle;
+pub mod sockets;
 
 use std::{sync::Mutex, time::Duration};
 

@@ -3,10 +3,7 @@
 //! transaction) get a short, bounded moment to finish on the old server. Their writes commit
 //! before the fence, so the barrier covers them. Long-lived (pooled) connections do not wait.
 
-use std::{
-    net::SocketAddrV4,
-    time::{Duration, Instant},
-};
+use std::time::{Duration, Instant};
 
 use super::Host;
 use crate::{
@@ -26,12 +23,11 @@ const ACTIVE: Duration = Duration::from_millis(25);
 /// settle this host's connections before the fence.
 pub async fn settle(host: &Host, from: Role) -> Result<usize, DatapathError> {
     let t = Instant::now();
-    let from_addr = lock(&host.maps).backend(from)?.map(|b| b.addr);
     let mut busy = 0;
     // Every 5 ms: new connections are held meanwhile, and a short-lived connection's
     // exchange takes a few milliseconds.
     crate::poll::until(t + SETTLE_MAX, Duration::from_millis(5), || {
-        std::future::ready(busy_to(host, from_addr).map(|n| {
+        std::future::ready(busy_to(host, from).map(|n| {
             busy = n;
             (n == 0).then_some(())
         }))
@@ -40,8 +36,17 @@ pub async fn settle(host: &Host, from: Role) -> Result<usize, DatapathError> {
     Ok(busy)
 }
 
-/// The young, busy connections to `from_addr` now.
-fn busy_to(host: &Host, from_addr: Option<SocketAddrV4>) -> Result<usize, DatapathError> {
+/// The young, busy connections to `from` now. Socket mode has no connection table:
+/// there, the hooked sockets to it still in their handshake.
+fn busy_to(host: &Host, from: Role) -> Result<usize, DatapathError> {
+    let from_addr = lock(&host.maps).backend(from)?.map(|b| b.addr);
+    if host.is_socket_mode()? {
+        return Ok(host
+            .hooked_to(from)?
+            .iter()
+            .filter(|h| h.state == Some(super::sockets::SYN_SENT))
+            .count());
+    }
     let conns = conntrack::list(&lock(&host.maps))?;
     Ok(conns
         .iter()
