@@ -27,10 +27,12 @@ pub mod map_names {
     pub const HELD: &str = "HELD";
     /// Socket mode: every socket whose `connect()` the hook rewrote, by cookie.
     pub const SOCKETS: &str = "SOCKETS";
-    /// Socket mode: the connections opened during a hold, translated per packet.
+    /// Socket mode: connections parked during a hold, or translated after an aborted one.
     pub const FLOWS: &str = "FLOWS";
     /// Socket mode: its own counters (`socket::SockStat`), so proxy pins keep their layout.
     pub const SOCK_STATS: &str = "SOCK_STATS";
+    /// Socket mode: until when packets to and from backends are looked up in `FLOWS`.
+    pub const FLOW_GATE: &str = "FLOW_GATE";
 }
 
 /// The `CONFIG` array map (one entry): what the datapath serves. Changed only by the

@@ -103,6 +103,11 @@ static SOCKETS: HashMap<u64, SockEntry, { SOCKETS_ENTRIES as usize }> = HashMap:
 #[btf_map(name = "FLOWS")]
 static FLOWS: HashMap<CtKey, FlowEntry, { FLOWS_ENTRIES as usize }> = HashMap::new();
 
+/// Socket mode: until when (`bpf_ktime_get_ns`) the TC hooks look packets to and from
+/// backends up in `FLOWS`.
+#[btf_map(name = "FLOW_GATE")]
+static FLOW_GATE: Array<u64, 1> = Array::new();
+
 /// Socket mode's counters (`redirect_common::socket::SockStat`).
 #[btf_map(name = "SOCK_STATS")]
 static SOCK_STATS: PerCpuArray<u64, { SOCK_STAT_COUNT as usize }> = PerCpuArray::new();

@@ -4,9 +4,9 @@
 //!
 //! - `connect4`/`connect6` (IPv4, and IPv4-mapped IPv6 from dual-stack sockets): VIP:port
 //!   becomes the active backend, and the socket is recorded in `SOCKETS` by cookie. During a
-//!   hold the destination stays the VIP and the socket is marked held: the TC egress hook
-//!   (`sock_tc.rs`) parks its SYN and later sends it, and its packets, to the backend the
-//!   cutover committed.
+//!   hold it becomes the backend the cutover flips to, and the socket is marked held: the TC
+//!   egress hook (`sock_tc.rs`) parks its SYN, and at the release sends it on untouched if
+//!   the flip happened, or to the backend still active if it did not.
 //! - `getpeername4`/`getpeername6`: a redirected socket's peer reads as the VIP, so a client
 //!   that checks whom it talks to (libpq's `PQhost` does not; some pools and audit code do)
 //!   sees what it connected to.
@@ -26,7 +26,7 @@ use redirect_common::{
     backend::MAX_BACKENDS,
     config::{FLAG_CONFIGURED, FLAG_SOCKET_MODE},
     cutover::Cutover,
-    socket::{HELD_BACKEND, SOCK_HELD, SockEntry, SockStat},
+    socket::{SOCK_HELD, SockEntry, SockStat},
 };
 
 use crate::{ACTIVE, BACKENDS, CONFIG, CUTOVER, SOCK_STATS, SOCKETS};
@@ -48,12 +48,10 @@ fn count(stat: SockStat) {
     }
 }
 
-/// Where a `connect()` to the VIP goes.
-enum Decision {
-    /// To this backend (address and port, network order), recorded under this index.
-    Backend(u32, u16, u32),
-    /// Stays on the VIP: a hold is on.
-    Held,
+/// Where a `connect()` to the VIP goes: this backend's address and port (network order).
+struct Decision {
+    addr_be: u32,
+    port_be: u16,
 }
 
 /// `connect()` to VIP:port over IPv4.
@@ -70,15 +68,12 @@ pub fn connect4(ctx: SockAddrContext) -> i32 {
     if sa.user_ip4 != vip || sa.user_port as u16 != vip_port {
         return ALLOW;
     }
-    match decide(&ctx, vip, vip_port) {
-        Some(Decision::Backend(addr, port, _)) => {
-            sa.user_ip4 = addr;
-            sa.user_port = u32::from(port);
-            ALLOW
-        }
-        Some(Decision::Held) => ALLOW,
-        None => REFUSE,
-    }
+    let Some(to) = decide(&ctx, vip, vip_port) else {
+        return REFUSE;
+    };
+    sa.user_ip4 = to.addr_be;
+    sa.user_port = u32::from(to.port_be);
+    ALLOW
 }
 
 /// `connect()` of a dual-stack (AF_INET6) socket to `::ffff:VIP`: Java and many Python
@@ -101,15 +96,12 @@ pub fn connect6(ctx: SockAddrContext) -> i32 {
     {
         return ALLOW;
     }
-    match decide(&ctx, vip, vip_port) {
-        Some(Decision::Backend(addr, port, _)) => {
-            sa.user_ip6[3] = addr;
-            sa.user_port = u32::from(port);
-            ALLOW
-        }
-        Some(Decision::Held) => ALLOW,
-        None => REFUSE,
-    }
+    let Some(to) = decide(&ctx, vip, vip_port) else {
+        return REFUSE;
+    };
+    sa.user_ip6[3] = to.addr_be;
+    sa.user_port = u32::from(to.port_be);
+    ALLOW
 }
 
 /// `getpeername()` over IPv4: a redirected socket's peer is the VIP.
@@ -160,15 +152,13 @@ fn vip() -> Option<(u32, u16)> {
     (cfg.flags & wanted == wanted).then_some((cfg.vip_addr_be, cfg.vip_port_be))
 }
 
-/// The entry of a socket whose destination `connect()` rewrote (not a held one: its peer is
-/// the VIP already).
+/// The entry of a socket whose destination `connect()` rewrote.
 #[inline(always)]
 fn redirected(ctx: &SockAddrContext) -> Option<SockEntry> {
     // SAFETY: a helper that reads the context's socket.
     let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
     // SAFETY: a map value, copied out at once.
-    let entry = unsafe { SOCKETS.get(cookie) }.copied()?;
-    (entry.backend_id != HELD_BACKEND).then_some(entry)
+    unsafe { SOCKETS.get(cookie) }.copied()
 }
 
 /// Where a `connect()` to the VIP goes, recorded in `SOCKETS`; `None` refuses it.
@@ -183,34 +173,28 @@ fn decide(ctx: &SockAddrContext, vip: u32, vip_port: u16) -> Option<Decision> {
         count(SockStat::Unconfirmed);
         return None;
     }
-    let decision = if cut.holds(active, now) {
-        Decision::Held
+    let held = cut.holds(active, now);
+    // During a hold: the backend the cutover flips to (the one it fences is the other).
+    let id = if held && cut.fenced_backend < MAX_BACKENDS {
+        1 - cut.fenced_backend
     } else {
-        let backend = if active < MAX_BACKENDS {
-            BACKENDS.get(active).copied()
-        } else {
-            None
-        };
-        match backend {
-            Some(b) if b.addr_be != 0 => Decision::Backend(b.addr_be, b.port_be, active),
-            _ => {
-                count(SockStat::BadActive);
-                return None;
-            }
-        }
+        active
+    };
+    let backend = if id < MAX_BACKENDS {
+        BACKENDS.get(id).copied()
+    } else {
+        None
+    };
+    let Some(b) = backend.filter(|b| b.addr_be != 0) else {
+        count(SockStat::BadActive);
+        return None;
     };
     let entry = SockEntry {
         vip_addr_be: vip,
         vip_port_be: vip_port,
         _pad0: 0,
-        backend_id: match decision {
-            Decision::Backend(_, _, id) => id,
-            Decision::Held => HELD_BACKEND,
-        },
-        flags: match decision {
-            Decision::Backend(..) => 0,
-            Decision::Held => SOCK_HELD,
-        },
+        backend_id: id,
+        flags: if held { SOCK_HELD } else { 0 },
     };
     // SAFETY: a helper that reads the context's socket.
     let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
@@ -218,9 +202,13 @@ fn decide(ctx: &SockAddrContext, vip: u32, vip_port: u16) -> Option<Decision> {
         count(SockStat::SocketsFull);
         return None;
     }
-    count(match decision {
-        Decision::Backend(..) => SockStat::ConnectRedirected,
-        Decision::Held => SockStat::ConnectHeld,
+    count(if held {
+        SockStat::ConnectHeld
+    } else {
+        SockStat::ConnectRedirected
     });
-    Some(decision)
+    Some(Decision {
+        addr_be: b.addr_be,
+        port_be: b.port_be,
+    })
 }

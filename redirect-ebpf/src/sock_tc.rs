@@ -1,24 +1,23 @@
-//! Socket mode's TC hooks, on the application host's uplink. They do nothing to a connection
-//! that `connect()` sent straight to its backend, apart from the fence; their work is the few
-//! connections opened during a hold, whose destination stayed the VIP:
+//! Socket mode's TC hooks, on the application host's uplink. A connection that `connect()`
+//! sent straight to its backend meets no work here beyond a parse and two map reads per
+//! packet (and the fence while one is raised). Their work is the connections opened during a
+//! hold, which `connect()` sent to the backend the cutover flips to (the *presumed* one):
 //!
-//! - egress: a held connection's SYN is parked (copied into `HELD`, dropped) while the hold
-//!   runs. When the controller re-injects it (or the client retransmits it) after the hold,
-//!   the connection gets a `FLOWS` entry for the backend `ACTIVE` then names, and it and every
-//!   later packet are sent there (DNAT: the source is this host already, so no SNAT and no
-//!   port to allocate).
-//! - ingress: that backend's replies are shown as from the VIP, so they reach the socket.
+//! - egress, during the hold: their SYN is parked (copied into `HELD`, dropped; the flow is
+//!   recorded `PARKED`). When the controller re-injects it (or the client retransmits it)
+//!   after the hold: if `ACTIVE` is the presumed backend, the SYN goes on untouched and the
+//!   connection is direct like any other; if not (the cutover aborted or lapsed), the flow is
+//!   given the active backend and translated for its life (DNAT: the source is this host
+//!   already, so no SNAT and no port to allocate), and `FLOW_GATE` opens;
+//! - ingress, while `FLOW_GATE` is open: a translated flow's replies are shown as from the
+//!   presumed backend, so they reach the socket;
 //! - egress, during a fence: data from a hooked socket to the fenced backend is dropped, as
 //!   the proxy drops it, so a query sent after the fence was raised never reaches the old
 //!   server (the controller ends the sessions themselves).
-//!
-//! What these programs cost a direct connection's packet: the parse, one `CONFIG` read and
-//! two compares (egress), or two `BACKENDS` reads and compares and one `FLOWS` lookup for
-//! packets from a backend (ingress).
 
 use aya_ebpf::{
     EbpfContext,
-    bindings::{TC_ACT_OK, TC_ACT_SHOT, TC_ACT_UNSPEC},
+    bindings::{TC_ACT_SHOT, TC_ACT_UNSPEC},
     helpers::bpf_get_socket_cookie,
     macros::classifier,
     programs::TcContext,
@@ -28,12 +27,12 @@ use redirect_common::{
     config::{Config, FLAG_SOCKET_MODE},
     ct::CtKey,
     cutover::{Cutover, NO_FENCE},
-    socket::{FlowEntry, PARKED, SOCK_HELD, SockStat},
+    socket::{FLOW_GATE_NS, FlowEntry, PARKED, SOCK_HELD, SockStat},
     tcp,
 };
 
 use crate::{
-    ACTIVE, BACKENDS, FLOWS, SOCK_STATS, SOCKETS,
+    ACTIVE, BACKENDS, FLOW_GATE, FLOWS, SOCK_STATS, SOCKETS,
     headers::{self, ETH_LEN, IP_LEN, Packet, TCP_LEN},
     hold, nat, packet_context, tc,
 };
@@ -48,9 +47,21 @@ fn count(stat: SockStat) {
     }
 }
 
+/// A parsed TCP/IPv4 packet of socket mode and its tuple (network order).
+struct Seen {
+    pkt: Packet,
+    saddr: u32,
+    daddr: u32,
+    sport: u16,
+    dport: u16,
+    flags: u8,
+    /// It carries payload (what a fence drops).
+    carries_data: bool,
+}
+
 /// Parses a TCP/IPv4 packet of socket mode; `None` for anything else (passed untouched).
 #[inline(always)]
-fn parse(ctx: &TcContext) -> Option<(Packet, &'static Config, u64, Cutover)> {
+fn parse(ctx: &TcContext) -> Option<(Seen, &'static Config, u64, Cutover)> {
     let frame_len = ctx.len();
     let want = frame_len.min(HEADERS_LEN);
     if ((ctx.data_end() - ctx.data()) as u32) < want && ctx.pull_data(want).is_err() {
@@ -62,50 +73,93 @@ fn parse(ctx: &TcContext) -> Option<(Packet, &'static Config, u64, Cutover)> {
         return None;
     };
     let (cfg, now, cut) = packet_context().ok()?;
-    (cfg.flags & FLAG_SOCKET_MODE != 0).then_some((pkt, cfg, now, cut))
+    if cfg.flags & FLAG_SOCKET_MODE == 0 {
+        return None;
+    }
+    // SAFETY: `parse` bounds-checked the headers.
+    let seen = unsafe {
+        Seen {
+            saddr: (*pkt.ip).saddr_be,
+            daddr: (*pkt.ip).daddr_be,
+            sport: (*pkt.tcp).sport_be,
+            dport: (*pkt.tcp).dport_be,
+            flags: (*pkt.tcp).flags,
+            carries_data: usize::from(u16::from_be((*pkt.ip).tot_len_be))
+                > IP_LEN + usize::from((*pkt.tcp).doff_reserved >> 4) * 4,
+            pkt,
+        }
+    };
+    Some((seen, cfg, now, cut))
+}
+
+/// Whether a translated flow may exist (`FLOW_GATE` is open).
+#[inline(always)]
+fn gate_open(now: u64) -> bool {
+    FLOW_GATE.get(0).is_some_and(|until| now < *until)
 }
 
 /// The uplink's egress.
 #[classifier]
 pub fn socket_egress(ctx: TcContext) -> i32 {
-    let Some((pkt, cfg, now, cut)) = parse(&ctx) else {
+    let Some((seen, _, now, cut)) = parse(&ctx) else {
         return TC_ACT_UNSPEC;
     };
-    // SAFETY: `parse` bounds-checked the headers.
-    let (daddr, dport) = unsafe { ((*pkt.ip).daddr_be, (*pkt.tcp).dport_be) };
-    if daddr == cfg.vip_addr_be && dport == cfg.vip_port_be {
-        return held_flow_out(&ctx, &pkt, &cut, now);
+    let key = CtKey {
+        client_addr_be: seen.saddr,
+        vip_addr_be: seen.daddr,
+        client_port_be: seen.sport,
+        vip_port_be: seen.dport,
+    };
+    let mut daddr = seen.daddr;
+    let mut dport = seen.dport;
+    if tcp::is_pure_syn(seen.flags) {
+        match held_syn(&ctx, &seen, &key, &cut, now) {
+            Held::Other | Held::Direct => {}
+            Held::Drop => return TC_ACT_SHOT,
+            Held::Translate(flow) => {
+                translate_out(&ctx, &seen, &flow);
+                daddr = flow.backend_addr_be;
+                dport = flow.backend_port_be;
+            }
+        }
+    } else if gate_open(now) {
+        // SAFETY: a map value, copied out at once.
+        if let Some(flow) = unsafe { FLOWS.get(key) }.copied()
+            && flow.backend_id != PARKED
+        {
+            translate_out(&ctx, &seen, &flow);
+            daddr = flow.backend_addr_be;
+            dport = flow.backend_port_be;
+        }
     }
-    if cut.fenced_backend != NO_FENCE && fenced(&ctx, &pkt, &cut, now) {
+    if cut.fenced_backend != NO_FENCE && fenced(&ctx, &seen, (daddr, dport), &cut, now) {
         count(SockStat::Fenced);
         return TC_ACT_SHOT;
     }
     TC_ACT_UNSPEC
 }
 
-/// The uplink's ingress: replies of held connections come back from the VIP.
+/// The uplink's ingress: replies of translated flows come back from the presumed backend.
 #[classifier]
 pub fn socket_ingress(ctx: TcContext) -> i32 {
-    let Some((pkt, cfg, _, _)) = parse(&ctx) else {
+    let Some((seen, _, now, _)) = parse(&ctx) else {
         return TC_ACT_UNSPEC;
     };
-    // SAFETY: `parse` bounds-checked the headers.
-    let (saddr, sport, daddr, dport) = unsafe {
-        (
-            (*pkt.ip).saddr_be,
-            (*pkt.tcp).sport_be,
-            (*pkt.ip).daddr_be,
-            (*pkt.tcp).dport_be,
-        )
+    if !gate_open(now) {
+        return TC_ACT_UNSPEC;
+    }
+    let Some(from) = backend_at(seen.saddr, seen.sport) else {
+        return TC_ACT_UNSPEC;
     };
-    let Some(from) = backend_at(saddr, sport) else {
+    // The flow is keyed by the backend its socket presumed: with two, the other one.
+    let Some(presumed) = BACKENDS.get(1 - from).copied() else {
         return TC_ACT_UNSPEC;
     };
     let key = CtKey {
-        client_addr_be: daddr,
-        vip_addr_be: cfg.vip_addr_be,
-        client_port_be: dport,
-        vip_port_be: cfg.vip_port_be,
+        client_addr_be: seen.daddr,
+        vip_addr_be: presumed.addr_be,
+        client_port_be: seen.dport,
+        vip_port_be: presumed.port_be,
     };
     // SAFETY: a map value, copied out at once.
     let Some(flow) = (unsafe { FLOWS.get(key) }).copied() else {
@@ -114,12 +168,65 @@ pub fn socket_ingress(ctx: TcContext) -> i32 {
     if flow.backend_id != from {
         return TC_ACT_UNSPEC;
     }
-    translate(
+    rewrite(
         &ctx,
-        &pkt,
-        (cfg.vip_addr_be, daddr, cfg.vip_port_be, dport),
-        SockStat::FlowReply,
-    )
+        &seen,
+        (presumed.addr_be, seen.daddr, presumed.port_be, seen.dport),
+    );
+    count(SockStat::FlowReply);
+    TC_ACT_UNSPEC
+}
+
+/// What becomes of a SYN.
+enum Held {
+    /// Not a held connection's: it goes on as it is.
+    Other,
+    /// A held connection's, released to the backend it presumed: it goes on untouched.
+    Direct,
+    /// Dropped: parked in `HELD` (or a retransmit of a parked one) while the hold runs.
+    Drop,
+    /// A held connection's, sent to the active backend instead.
+    Translate(FlowEntry),
+}
+
+/// A SYN of a connection opened during a hold (its flow is in `FLOWS`, or its socket is
+/// marked held), and what the hold, and then `ACTIVE`, make of it.
+#[inline(always)]
+fn held_syn(ctx: &TcContext, seen: &Seen, key: &CtKey, cut: &Cutover, now: u64) -> Held {
+    // SAFETY: a map value, copied out at once.
+    let known = unsafe { FLOWS.get(key) }.copied();
+    if known.is_none() && !held_socket(ctx) {
+        return Held::Other;
+    }
+    let Some(presumed) = backend_at(seen.daddr, seen.dport) else {
+        return Held::Other;
+    };
+    let active = ACTIVE.get(0).copied().unwrap_or(u32::MAX);
+    if cut.holds(active, now) {
+        if known.is_none() {
+            park(ctx, seen, key, now);
+        }
+        return Held::Drop;
+    }
+    match known {
+        // A retransmitted SYN of a flow already sent elsewhere.
+        Some(flow) if flow.backend_id != PARKED => Held::Translate(flow),
+        _ if presumed == active => {
+            let _ = FLOWS.remove(key);
+            count(SockStat::HeldReleasedDirect);
+            Held::Direct
+        }
+        parked => {
+            let created = parked.map_or(now, |f| f.created_ns);
+            match send_elsewhere(key, created, active, now) {
+                Some(flow) => {
+                    count(SockStat::HeldRedirected);
+                    Held::Translate(flow)
+                }
+                None => Held::Drop,
+            }
+        }
+    }
 }
 
 /// The `BACKENDS` index of the server at `addr:port` (network order).
@@ -136,62 +243,6 @@ fn backend_at(addr: u32, port: u16) -> Option<u32> {
     None
 }
 
-/// A packet to the VIP: a held connection's (from a hooked socket), or not ours (a process
-/// outside the hooked cgroup, which connects to the VIP itself).
-#[inline(always)]
-fn held_flow_out(ctx: &TcContext, pkt: &Packet, cut: &Cutover, now: u64) -> i32 {
-    // SAFETY: `parse` bounds-checked the headers.
-    let (saddr, sport, daddr, dport, flags) = unsafe {
-        (
-            (*pkt.ip).saddr_be,
-            (*pkt.tcp).sport_be,
-            (*pkt.ip).daddr_be,
-            (*pkt.tcp).dport_be,
-            (*pkt.tcp).flags,
-        )
-    };
-    let key = CtKey {
-        client_addr_be: saddr,
-        vip_addr_be: daddr,
-        client_port_be: sport,
-        vip_port_be: dport,
-    };
-    let active = ACTIVE.get(0).copied().unwrap_or(u32::MAX);
-    let holding = cut.holds(active, now);
-    // SAFETY: a map value, copied out at once.
-    let known = unsafe { FLOWS.get(key) }.copied();
-    let flow = match known {
-        Some(flow) if flow.backend_id != PARKED => flow,
-        // A retransmit of a parked SYN while the hold runs: the first copy waits in the ring.
-        Some(_) if holding => return TC_ACT_SHOT,
-        // The parked SYN, re-injected (or retransmitted) after the hold.
-        Some(parked) => match commit(&key, parked.created_ns, active) {
-            Some(flow) => flow,
-            None => return TC_ACT_SHOT,
-        },
-        None => {
-            if !tcp::is_pure_syn(flags) || !held_socket(ctx) {
-                return TC_ACT_UNSPEC;
-            }
-            if holding {
-                park(ctx, pkt, &key, now);
-                return TC_ACT_SHOT;
-            }
-            // Connected during a hold that has ended since (its SYN leaves only now).
-            match commit(&key, now, active) {
-                Some(flow) => flow,
-                None => return TC_ACT_SHOT,
-            }
-        }
-    };
-    translate(
-        ctx,
-        pkt,
-        (saddr, flow.backend_addr_be, sport, flow.backend_port_be),
-        SockStat::FlowForward,
-    )
-}
-
 /// Whether the packet's socket was connected by the hook during a hold.
 #[inline(always)]
 fn held_socket(ctx: &TcContext) -> bool {
@@ -203,7 +254,7 @@ fn held_socket(ctx: &TcContext) -> bool {
 
 /// Records the flow as parked and copies its SYN into `HELD`.
 #[inline(always)]
-fn park(ctx: &TcContext, pkt: &Packet, key: &CtKey, now: u64) {
+fn park(ctx: &TcContext, seen: &Seen, key: &CtKey, now: u64) {
     let parked = FlowEntry {
         created_ns: now,
         backend_id: PARKED,
@@ -213,7 +264,7 @@ fn park(ctx: &TcContext, pkt: &Packet, key: &CtKey, now: u64) {
         count(SockStat::FlowsFull);
         return;
     }
-    let flow = hold::flow_of(pkt);
+    let flow = hold::flow_of(&seen.pkt);
     // SAFETY: reading a field of the context the kernel passed.
     let ifindex = unsafe { (*ctx.skb.skb).ifindex };
     hold::park(ctx.len() as usize, ifindex, now, &flow, |dst, n| {
@@ -222,9 +273,10 @@ fn park(ctx: &TcContext, pkt: &Packet, key: &CtKey, now: u64) {
     });
 }
 
-/// Gives a flow the backend `ACTIVE` names now, for the rest of its life.
+/// Gives a held flow the backend `ACTIVE` names now, for the rest of its life, and opens
+/// `FLOW_GATE` so its later packets and replies are translated too.
 #[inline(always)]
-fn commit(key: &CtKey, created_ns: u64, active: u32) -> Option<FlowEntry> {
+fn send_elsewhere(key: &CtKey, created_ns: u64, active: u32, now: u64) -> Option<FlowEntry> {
     let backend = if active < MAX_BACKENDS {
         BACKENDS.get(active).copied()
     } else {
@@ -239,6 +291,10 @@ fn commit(key: &CtKey, created_ns: u64, active: u32) -> Option<FlowEntry> {
         backend_id: active,
         _pad1: 0,
     };
+    if let Some(gate) = FLOW_GATE.get_ptr_mut(0) {
+        // SAFETY: an array value; a racing writer writes a time as recent.
+        unsafe { *gate = now + FLOW_GATE_NS };
+    }
     if FLOWS.insert(key, flow, 0).is_err() {
         count(SockStat::FlowsFull);
         return None;
@@ -246,28 +302,50 @@ fn commit(key: &CtKey, created_ns: u64, active: u32) -> Option<FlowEntry> {
     Some(flow)
 }
 
-/// Rewrites the packet's tuple to `(saddr, daddr, sport, dport)` and lets it go on its way.
+/// Sends a translated flow's packet to its backend.
 #[inline(always)]
-fn translate(ctx: &TcContext, pkt: &Packet, to: (u32, u32, u16, u16), stat: SockStat) -> i32 {
+fn translate_out(ctx: &TcContext, seen: &Seen, flow: &FlowEntry) {
+    rewrite(
+        ctx,
+        seen,
+        (
+            seen.saddr,
+            flow.backend_addr_be,
+            seen.sport,
+            flow.backend_port_be,
+        ),
+    );
+    count(SockStat::FlowForward);
+}
+
+/// Rewrites the packet's tuple to `(saddr, daddr, sport, dport)`, checksums included.
+#[inline(always)]
+fn rewrite(ctx: &TcContext, seen: &Seen, to: (u32, u32, u16, u16)) {
     // SAFETY: `parse` bounds-checked the headers; nothing has moved the buffer since.
-    let sent = unsafe { nat::rewrite::<true>(&mut *pkt.ip, &mut *pkt.tcp, to.0, to.1, to.2, to.3) };
+    let sent = unsafe {
+        nat::rewrite::<true>(
+            &mut *seen.pkt.ip,
+            &mut *seen.pkt.tcp,
+            to.0,
+            to.1,
+            to.2,
+            to.3,
+        )
+    };
     let now_in_packet = nat::Sent {
         saddr_be: to.0,
         daddr_be: to.1,
         sport_be: to.2,
         dport_be: to.3,
     };
-    if !tc::fix_tcp_checksum(ctx, &sent, &now_in_packet) {
-        // A corrupt segment must not go out.
-        return TC_ACT_SHOT;
-    }
-    count(stat);
-    TC_ACT_OK
+    // Cannot fail for a buffer just written to (its data is linear and writable).
+    let _ = tc::fix_tcp_checksum(ctx, &sent, &now_in_packet);
 }
 
-/// Whether this is data from a hooked socket to the fenced backend, while the fence holds.
+/// Whether this is data from a hooked socket to the fenced backend (`to`: where the packet
+/// goes now), while the fence holds.
 #[inline(always)]
-fn fenced(ctx: &TcContext, pkt: &Packet, cut: &Cutover, now: u64) -> bool {
+fn fenced(ctx: &TcContext, seen: &Seen, to: (u32, u16), cut: &Cutover, now: u64) -> bool {
     let fenced = cut.fenced_backend;
     if fenced >= MAX_BACKENDS {
         return false;
@@ -275,21 +353,11 @@ fn fenced(ctx: &TcContext, pkt: &Packet, cut: &Cutover, now: u64) -> bool {
     let Some(b) = BACKENDS.get(fenced) else {
         return false;
     };
-    // SAFETY: `parse` bounds-checked the headers.
-    let (daddr, dport, tot_len, doff) = unsafe {
-        (
-            (*pkt.ip).daddr_be,
-            (*pkt.tcp).dport_be,
-            u16::from_be((*pkt.ip).tot_len_be),
-            (*pkt.tcp).doff_reserved >> 4,
-        )
-    };
-    if daddr != b.addr_be || dport != b.port_be {
+    if to.0 != b.addr_be || to.1 != b.port_be {
         return false;
     }
-    let carries_data = usize::from(tot_len) > IP_LEN + usize::from(doff) * 4;
     let active = ACTIVE.get(0).copied().unwrap_or(u32::MAX);
-    if !carries_data || !cut.fences(fenced, active, now) {
+    if !seen.carries_data || !cut.fences(fenced, active, now) {
         return false;
     }
     // SAFETY: a helper that reads the buffer's socket (0 without one).

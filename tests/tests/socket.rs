@@ -247,8 +247,10 @@ fn a_zero_hop_cutover_under_writes_loses_nothing_holds_new_connections_and_rolls
     redirect_tests::cutover_lab::assert_no_loss_through_a_cutover(&v, &on_target, "target");
     // Every new connection reached a server, and once one reached the target, none reached
     // the source again.
-    let errors: Vec<&(String, Duration)> =
-        seen.iter().filter(|(n, _)| n.starts_with("error")).collect();
+    let errors: Vec<&(String, Duration)> = seen
+        .iter()
+        .filter(|(n, _)| n.starts_with("error"))
+        .collect();
     assert!(errors.is_empty(), "connections failed: {errors:?}");
     let first_target = seen
         .iter()
@@ -258,13 +260,15 @@ fn a_zero_hop_cutover_under_writes_loses_nothing_holds_new_connections_and_rolls
         seen[first_target..].iter().all(|(n, _)| n == "target"),
         "a new connection reached the source after one had reached the target"
     );
-    // Connections opened during the hold were held, not refused, and were released to the
-    // target by the egress hook.
+    // Connections opened during the hold were held, not refused, and released to the
+    // target: untouched, since their connect() had already chosen it. No packet of any
+    // connection was translated.
     let held = lab.stat("connect_held");
+    let direct = lab.stat("held_released_direct");
     let forwarded = lab.stat("held_flow_forward");
     let replies = lab.stat("held_flow_reply");
     eprintln!(
-        "zero-hop cutover: write pause {:.1} ms, hold {:.1} ms, held connects {held}, held SYNs {}, held-flow packets out {forwarded} / in {replies}, slowest connect {:?}, longest client pause {:?}, acked {}",
+        "zero-hop cutover: write pause {:.1} ms, hold {:.1} ms, held connects {held}, held SYNs {}, released untouched {direct}, translated packets out {forwarded} / in {replies}, slowest connect {:?}, longest client pause {:?}, acked {}",
         report.write_pause_ms,
         report.hold_ms,
         report.held_syns,
@@ -272,14 +276,28 @@ fn a_zero_hop_cutover_under_writes_loses_nothing_holds_new_connections_and_rolls
         v.longest_pause(),
         v.acked().count()
     );
-    assert!(held > 0, "no connection arrived during the hold: the test proves nothing");
-    assert!(forwarded > 0 && replies > 0, "held connections were translated both ways");
+    assert!(
+        held > 0,
+        "no connection arrived during the hold: the test proves nothing"
+    );
+    assert!(
+        direct >= held,
+        "every held connection went straight to the target"
+    );
+    assert_eq!(
+        (forwarded, replies, lab.stat("held_redirected")),
+        (0, 0, 0),
+        "a successful cutover translates no packet"
+    );
     assert!(
         v.max_connect() < Duration::from_millis(900),
         "no connection waited for a SYN retransmit: {:?}",
         v.max_connect()
     );
-    assert!(report.terminated_at_fence > 0, "the fence ended the writers' sessions");
+    assert!(
+        report.terminated_at_fence > 0,
+        "the fence ended the writers' sessions"
+    );
 
     // Rollback over the reverse replication: writes taken by the target come back.
     let load = redirect_tests::cutover_lab::workload(lab, 10..14, 7);
@@ -299,4 +317,83 @@ fn a_zero_hop_cutover_under_writes_loses_nothing_holds_new_connections_and_rolls
         &on_source,
         "source (first workload)",
     );
+}
+
+#[test]
+fn a_connection_held_when_the_controller_dies_reaches_the_source_never_the_target() {
+    let c = redirect_tests::cutover_lab::setup_app_host("skil", &[]);
+    pg::psql(
+        &c.lab,
+        Ns::Target,
+        &c.target,
+        "ALTER SUBSCRIPTION redirect_sub DISABLE",
+    );
+    // A cutover that will wait for a barrier that never comes.
+    let flipper = redirect_tests::cutover_lab::flip_in_background(
+        &c.lab,
+        &["--to", "target", "--force", "--timeout", "30s"],
+    );
+    redirect_tests::wait_for(
+        Duration::from_secs(20),
+        "the cutover to reach the barrier",
+        || c.lab.redirect_ok(&["history"]).contains("fence"),
+    );
+    // A client connects during the hold: its connect() presumes the target, and its SYN is
+    // parked. It then runs queries on the connection for a while.
+    let held = c.lab.spawn_in_ns(Ns::Client, || {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("runtime");
+        rt.block_on(async {
+            let client = pg::connect(APP_VIP).await;
+            let mut names = Vec::new();
+            for _ in 0..20 {
+                names.push(pg::cluster_name(&client).await);
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            names
+        })
+    });
+    redirect_tests::wait_for(Duration::from_secs(5), "the client to be held", || {
+        c.lab.stat("connect_held") >= 1
+    });
+    let pid = c.lab.redirect_pid().expect("the controller's pid");
+    // SAFETY: killing the controller this lab started.
+    unsafe { libc::kill(i32::try_from(pid).unwrap(), libc::SIGKILL) };
+    let _ = flipper.join();
+    // The hold lapses with the dead controller's lease. The flip never happened, so the held
+    // connection must not reach the target it presumed: it is sent to the source and
+    // translated for its life, every query of it answered there.
+    let names = held.join().expect("the held client");
+    assert!(
+        names.iter().all(|n| n == "source"),
+        "the held connection was answered by {names:?}"
+    );
+    assert!(c.lab.stat("held_redirected") >= 1);
+    assert!(c.lab.stat("held_flow_forward") >= 20 && c.lab.stat("held_flow_reply") >= 20);
+    // A new connection goes to the source directly.
+    assert_eq!(
+        who(&c.lab, WHO),
+        format!("source {CLIENT_ADDR} {SOURCE_ADDR}")
+    );
+    // The restart ends the interrupted cutover in the journal, undone: no flip was written.
+    let mut c = c;
+    let lab = std::sync::Arc::get_mut(&mut c.lab).expect("no other owner");
+    lab.reap_exited();
+    pg::psql(
+        lab,
+        Ns::Target,
+        &c.target,
+        "ALTER SUBSCRIPTION redirect_sub ENABLE",
+    );
+    redirect_tests::cutover_lab::start(lab, &[]);
+    let steps = lab.last_cutover_steps();
+    assert_eq!(
+        steps.last(),
+        Some(&redirect::journal::Step::Recovered),
+        "{steps:?}"
+    );
+    assert!(!steps.contains(&redirect::journal::Step::Flip), "{steps:?}");
+    assert_eq!(lab.status()["active"], "source");
 }

@@ -117,7 +117,10 @@ fn proxied_sessions(run: &Run) -> Clients {
 fn hooked_sessions(run: &Run) -> Result<Clients, CutoverError> {
     let mut c = Clients::default();
     for h in run.ctl.host.hooked_to(run.from)? {
-        c.push(h.client.ip().to_string(), (h.client.port(), h.client.port()));
+        c.push(
+            h.client.ip().to_string(),
+            (h.client.port(), h.client.port()),
+        );
     }
     Ok(c)
 }
@@ -140,13 +143,9 @@ async fn end_until_none_left(
     };
     // Every 2 ms: held clients wait for as long as the fence does, and an ended session
     // exits within a few.
-    let fenced = crate::poll::until_with(
-        run.deadline,
-        Duration::from_millis(2),
-        first,
-        |mut f| {
-            let clients = clients();
-            async move {
+    let fenced = crate::poll::until_with(run.deadline, Duration::from_millis(2), first, |mut f| {
+        let clients = clients();
+        async move {
             let Clients { addrs, los, his } = clients?;
             let pids: Vec<i32> = run
                 .query(
@@ -178,9 +177,8 @@ async fn end_until_none_left(
             } else {
                 ControlFlow::Continue(f)
             })
-            }
-        },
-    )
+        }
+    })
     .await?;
     match fenced {
         ControlFlow::Break(ended) => Ok(ended),

@@ -83,16 +83,19 @@ pub async fn serve_gc(
     }
 }
 
-/// Socket mode: the held flows whose socket has closed (see
-/// [`crate::host::sockets::forget_closed_flows`]).
+/// Socket mode: the held flows whose socket has closed, and the gate of the translated ones
+/// (see [`crate::host::sockets::gc_flows`]).
 fn forget_closed_flows(maps: &mut crate::datapath::Maps) {
-    let vip = match (maps.is_socket_mode(), maps.vip()) {
-        (Ok(true), Ok(Some(vip))) => vip,
-        _ => return,
-    };
-    match crate::host::sockets::forget_closed_flows(maps, vip) {
-        Ok(0) => {}
-        Ok(n) => debug!(forgotten = n, "held flows whose socket closed"),
+    if !matches!(maps.is_socket_mode(), Ok(true)) {
+        return;
+    }
+    match crate::host::sockets::gc_flows(maps) {
+        Ok(gc) if gc.forgotten > 0 => debug!(
+            forgotten = gc.forgotten,
+            translated = gc.translated,
+            "held flows whose socket closed"
+        ),
+        Ok(_) => {}
         Err(e) => warn!(error = %e, "socket-mode gc failed; retrying next pass"),
     }
 }

@@ -51,8 +51,9 @@ pub const PASS_PROGRAM: &str = "xdp_pass";
 /// The default pin directory on a real proxy host.
 pub const DEFAULT_PIN_DIR: &str = "/sys/fs/bpf/redirect";
 
-const ALL_MAPS: [&str; 12] = [
+const ALL_MAPS: [&str; 13] = [
     map_names::SOCKETS,
+    map_names::FLOW_GATE,
     map_names::FLOWS,
     map_names::SOCK_STATS,
     map_names::CUTOVER,
@@ -358,6 +359,7 @@ pub struct Maps {
 pub struct SocketMaps {
     pub sockets: HashMap<MapData, u64, SockEntry>,
     pub flows: HashMap<MapData, CtKey, FlowEntry>,
+    pub gate: Array<MapData, u64>,
     pub stats: PerCpuArray<MapData, u64>,
 }
 
@@ -400,6 +402,7 @@ impl Maps {
                 Some(SocketMaps {
                     sockets: typed!(&dir, map_names::SOCKETS),
                     flows: typed!(&dir, map_names::FLOWS),
+                    gate: typed!(&dir, map_names::FLOW_GATE),
                     stats: typed!(&dir, map_names::SOCK_STATS),
                 })
             } else {

@@ -9,7 +9,7 @@
 
 use std::{collections::HashSet, net::SocketAddrV4};
 
-use redirect_common::socket::PARKED;
+use redirect_common::socket::{FLOW_GATE_NS, PARKED};
 
 use super::Host;
 use crate::{
@@ -41,29 +41,44 @@ impl Host {
     }
 
     /// Every connection of this host's hooked sockets to the backend of `role`: sockets the
-    /// hook connected there, and held flows translated there.
+    /// hook connected there (minus those a translated flow sends elsewhere), and translated
+    /// flows sent there.
     pub fn hooked_to(&self, role: Role) -> Result<Vec<Hooked>, DatapathError> {
         let maps = lock(&self.maps);
         let Some(backend) = maps.backend(role)? else {
             return Ok(Vec::new());
         };
-        let sockets = sock_diag::tcp_sockets_to(backend.addr).map_err(|source| {
-            DatapathError::Io {
-                what: format!("listing this host's sockets to {} (sock_diag)", backend.addr),
+        let sockets =
+            sock_diag::tcp_sockets_to(backend.addr).map_err(|source| DatapathError::Io {
+                what: format!(
+                    "listing this host's sockets to {} (sock_diag)",
+                    backend.addr
+                ),
                 source,
-            }
-        })?;
+            })?;
+        let translated = translated_flows(&maps)?;
+        let elsewhere: HashSet<SocketAddrV4> = translated
+            .iter()
+            .filter(|(_, to)| *to != role.index())
+            .map(|(client, _)| *client)
+            .collect();
         let mut out: Vec<Hooked> = hooked_sockets(&maps, &sockets)?
             .into_iter()
+            .filter(|s| !elsewhere.contains(&s.local))
             .map(|s| Hooked {
                 client: s.local,
                 state: Some(s.state),
             })
             .collect();
-        out.extend(held_flows_to(&maps, role)?.into_iter().map(|client| Hooked {
-            client,
-            state: None,
-        }));
+        out.extend(
+            translated
+                .into_iter()
+                .filter(|(_, to)| *to == role.index())
+                .map(|(client, _)| Hooked {
+                    client,
+                    state: None,
+                }),
+        );
         Ok(out)
     }
 }
@@ -89,8 +104,9 @@ fn hooked_sockets(maps: &Maps, sockets: &[TcpSocket]) -> Result<Vec<TcpSocket>, 
     Ok(out)
 }
 
-/// This host's side (address, port) of every held flow sent to the backend of `role`.
-fn held_flows_to(maps: &Maps, role: Role) -> Result<Vec<SocketAddrV4>, DatapathError> {
+/// Every translated flow: this host's side (address, port), and the `BACKENDS` index its
+/// packets are sent to.
+fn translated_flows(maps: &Maps) -> Result<Vec<(SocketAddrV4, u32)>, DatapathError> {
     let Some(socket_maps) = &maps.socket else {
         return Ok(Vec::new());
     };
@@ -100,55 +116,79 @@ fn held_flows_to(maps: &Maps, role: Role) -> Result<Vec<SocketAddrV4>, DatapathE
             what: "reading FLOWS".into(),
             source,
         })?;
-        if flow.backend_id != PARKED && flow.backend_id == role.index() {
-            out.push(SocketAddrV4::new(
-                ip_from_be(key.client_addr_be),
-                u16::from_be(key.client_port_be),
+        if flow.backend_id != PARKED {
+            out.push((
+                SocketAddrV4::new(
+                    ip_from_be(key.client_addr_be),
+                    u16::from_be(key.client_port_be),
+                ),
+                flow.backend_id,
             ));
         }
     }
     Ok(out)
 }
 
-/// How old a held flow must be before its socket's absence from a listing counts.
+/// How old a flow must be before its socket's absence from a listing counts.
 const FLOW_MIN_AGE_NS: u64 = 5_000_000_000;
 
-/// Forgets the held flows whose socket is gone (the kernel no longer lists a socket from that
-/// address and port to the VIP); returns how many. The release hook cannot: a closed socket's
-/// FIN exchange still needs translating.
-pub fn forget_closed_flows(maps: &mut Maps, vip: SocketAddrV4) -> Result<u64, DatapathError> {
+/// What a pass of [`gc_flows`] did.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct FlowGc {
+    /// Flows whose socket closed, forgotten.
+    pub forgotten: u64,
+    /// Translated flows still open (`FLOW_GATE` is kept open for them).
+    pub translated: u64,
+}
+
+/// Forgets the flows whose socket is gone (the kernel no longer lists a socket from that
+/// address and port to the backend it presumed), and keeps `FLOW_GATE` open while a
+/// translated flow lives. The release hook cannot forget them: a closed socket's FIN
+/// exchange still needs translating.
+pub fn gc_flows(maps: &mut Maps) -> Result<FlowGc, DatapathError> {
+    let backends: Vec<SocketAddrV4> = [Role::Source, Role::Target]
+        .into_iter()
+        .filter_map(|r| maps.backend(r).ok().flatten().map(|b| b.addr))
+        .collect();
     let Some(socket_maps) = &mut maps.socket else {
-        return Ok(0);
+        return Ok(FlowGc::default());
     };
-    let open: HashSet<SocketAddrV4> = sock_diag::tcp_sockets_to(vip)
+    let open: HashSet<(SocketAddrV4, SocketAddrV4)> = sock_diag::tcp_sockets_to_any(&backends)
         .map_err(|source| DatapathError::Io {
-            what: format!("listing this host's sockets to {vip} (sock_diag)"),
+            what: "listing this host's sockets to the backends (sock_diag)".into(),
             source,
         })?
         .into_iter()
-        .map(|s| s.local)
+        .map(|s| (s.local, s.remote))
         .collect();
     // A flow parked after the listing above is not in it: only flows older than this are
     // judged by it.
-    let settled_before = crate::clock::monotonic_ns().saturating_sub(FLOW_MIN_AGE_NS);
-    let gone: Vec<redirect_common::ct::CtKey> = socket_maps
-        .flows
-        .iter()
-        .filter_map(Result::ok)
-        .filter(|(k, flow)| {
-            flow.created_ns < settled_before
-                && !open.contains(&SocketAddrV4::new(
-                    ip_from_be(k.client_addr_be),
-                    u16::from_be(k.client_port_be),
-                ))
-        })
-        .map(|(k, _)| k)
-        .collect();
-    let mut n = 0;
-    for k in &gone {
-        if socket_maps.flows.remove(k).is_ok() {
-            n += 1;
+    let now = crate::clock::monotonic_ns();
+    let settled_before = now.saturating_sub(FLOW_MIN_AGE_NS);
+    let mut gc = FlowGc::default();
+    let mut gone = Vec::new();
+    for (k, flow) in socket_maps.flows.iter().filter_map(Result::ok) {
+        let local = SocketAddrV4::new(ip_from_be(k.client_addr_be), u16::from_be(k.client_port_be));
+        let presumed = SocketAddrV4::new(ip_from_be(k.vip_addr_be), u16::from_be(k.vip_port_be));
+        if flow.created_ns < settled_before && !open.contains(&(local, presumed)) {
+            gone.push(k);
+        } else if flow.backend_id != PARKED {
+            gc.translated += 1;
         }
     }
-    Ok(n)
+    for k in &gone {
+        if socket_maps.flows.remove(k).is_ok() {
+            gc.forgotten += 1;
+        }
+    }
+    if gc.translated > 0 {
+        socket_maps
+            .gate
+            .set(0, now + FLOW_GATE_NS, 0)
+            .map_err(|source| DatapathError::Map {
+                what: "writing FLOW_GATE".into(),
+                source,
+            })?;
+    }
+    Ok(gc)
 }
