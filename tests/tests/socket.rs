@@ -131,6 +131,28 @@ fn connect_goes_straight_to_the_active_backend_and_the_client_sees_the_vip() {
         entry["formatted"]["value"]["backend_id"], 0,
         "the socket went to the source: {entry}"
     );
+    // status: the mode, the hooks, and the hooked connection per backend; /metrics counts
+    // the hooks' decisions.
+    let status = lab.status();
+    assert_eq!(status["mode"], "socket");
+    assert_eq!(status["backends"]["source"]["connections"], 1, "{status}");
+    assert_eq!(status["backends"]["target"]["connections"], 0, "{status}");
+    let hooks = status["socket"]["hooks"].to_string();
+    for hook in [
+        "sockhook_connect4",
+        "sockhook_getpeername6",
+        "sockhook_egress_eth0",
+    ] {
+        assert!(hooks.contains(hook), "status lists {hook}: {hooks}");
+    }
+    let text = lab.redirect_ok(&["status"]);
+    assert!(text.contains("mode:       socket"), "{text}");
+    assert!(text.contains("1 hooked connection(s)"), "{text}");
+    let metrics = lab.metrics();
+    assert!(
+        metrics.contains("connect_redirected"),
+        "/metrics counts the hooks' decisions:\n{metrics}"
+    );
     lab.signal(sleeper, libc::SIGTERM);
     redirect_tests::wait_for(
         Duration::from_secs(10),
@@ -396,4 +418,104 @@ fn a_connection_held_when_the_controller_dies_reaches_the_source_never_the_targe
     );
     assert!(!steps.contains(&redirect::journal::Step::Flip), "{steps:?}");
     assert_eq!(lab.status()["active"], "source");
+}
+
+/// `redirect run` with `args` in place of the lab's, expecting a refusal that says `says`
+/// and leaves nothing attached or pinned.
+fn refused(lab: &Lab, args: &[String], says: &str) {
+    let argv: Vec<&str> = args.iter().map(String::as_str).collect();
+    let out = lab.redirect(&argv);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "redirect {argv:?} was not refused");
+    assert!(stderr.contains(says), "redirect {argv:?} said: {stderr}");
+    let pins: Vec<_> = std::fs::read_dir(&lab.pin_dir)
+        .map(|d| d.flatten().map(|e| e.file_name()).collect())
+        .unwrap_or_default();
+    assert!(pins.is_empty(), "{argv:?} left pins behind: {pins:?}");
+    let app = lab.app.as_ref().expect("an app-host lab");
+    let attached = lab.exec_ok(
+        Ns::Client,
+        &["bpftool", "cgroup", "show", &app.path.display().to_string()],
+    );
+    assert!(
+        String::from_utf8_lossy(&attached.stdout).trim().is_empty(),
+        "{argv:?} left programs on the cgroup: {}",
+        String::from_utf8_lossy(&attached.stdout)
+    );
+}
+
+/// The lab's `run` arguments with `flag`'s value replaced (or the flag added).
+fn with(lab: &Lab, flag: &str, value: &str) -> Vec<String> {
+    let mut args = lab.run_args();
+    match args.iter().position(|a| a == flag) {
+        Some(i) => args[i + 1] = value.to_owned(),
+        None => args.extend([flag.to_owned(), value.to_owned()]),
+    }
+    args.push("--once".into());
+    args
+}
+
+#[test]
+fn bad_input_is_refused_clearly_with_nothing_attached() {
+    require_root();
+    let lab = Lab::new_app_host("sbad");
+    // A VIP of the wrong family.
+    refused(
+        &lab,
+        &with(&lab, "--vip", "[2001:db8::1]:5432"),
+        "an IPv6 VIP is not supported yet",
+    );
+    // A VIP this host owns: a held connection would never leave by the uplink.
+    refused(
+        &lab,
+        &with(&lab, "--vip", &format!("{CLIENT_ADDR}:5432")),
+        "is an address of this host",
+    );
+    // A cgroup that does not exist.
+    refused(
+        &lab,
+        &with(&lab, "--cgroup", "/run/redirect-no-such-cgroup"),
+        "does not exist",
+    );
+    // A directory that is no cgroup at all.
+    refused(
+        &lab,
+        &with(&lab, "--cgroup", "/run"),
+        "is not a cgroup v2 directory",
+    );
+    // A cgroup v1 hierarchy (a named one without controllers, mounted for this test).
+    let v1 = lab.work_dir.join("cgroup-v1");
+    std::fs::create_dir_all(&v1).unwrap();
+    redirect_tests::sh(std::process::Command::new("mount").args([
+        "-t",
+        "cgroup",
+        "-o",
+        "none,name=redirectlab",
+        "cgroup",
+        &v1.display().to_string(),
+    ]));
+    let v1_refused = std::panic::catch_unwind(|| {
+        refused(
+            &lab,
+            &with(&lab, "--cgroup", &v1.display().to_string()),
+            "is a cgroup v1 hierarchy",
+        );
+    });
+    let _ = std::process::Command::new("umount").arg(&v1).output();
+    if let Err(e) = v1_refused {
+        std::panic::resume_unwind(e);
+    }
+    // --cgroup means nothing to proxy mode.
+    let mut proxy = lab.run_args();
+    let i = proxy.iter().position(|a| a == "socket").unwrap();
+    proxy[i] = "proxy".into();
+    refused(&lab, &proxy, "--cgroup is for --mode socket");
+    // A socket-mode fleet member (not yet supported) is refused before anything changes.
+    let mut member = with(&lab, "--fleet", "pg");
+    member.extend(["--etcd".into(), "http://198.18.0.9:2379".into()]);
+    refused(
+        &lab,
+        &member,
+        "--mode socket does not run as a fleet member yet",
+    );
 }

@@ -42,6 +42,7 @@ fn detach(args: &Args, pin_dir: &Path) -> anyhow::Result<()> {
     // Pins left by another version may not be readable by this one; detaching them is how an
     // upgrade across a map-layout change proceeds, so that needs --force, not a dead end.
     let live: u64 = match datapath::Maps::open(pin_dir) {
+        Ok(maps) if maps.is_socket_mode()? => crate::host::sockets::translated_count(&maps)?,
         Ok(maps) => conntrack::live_per_backend(&maps)?.values().sum(),
         Err(e) if args.force => {
             println!("cannot count tracked connections ({e}); detaching anyway (--force)");

@@ -35,7 +35,7 @@ pub struct Args {
     pub ifaces: Vec<String>,
     /// The address clients connect to. Proxy mode: local to this host. Socket mode: not
     /// local, and routed (by the default route, say) out of an --iface.
-    #[arg(long)]
+    #[arg(long, value_parser = ipv4_address)]
     pub vip: SocketAddrV4,
     /// `proxy`: translate packets on --iface for clients on other hosts. `socket` (zero-hop):
     /// redirect `connect()` of this host's own processes in --cgroup, so their connections go
@@ -147,6 +147,19 @@ pub struct Args {
     /// Fleet membership through etcd (see docs/fleet.md).
     #[command(flatten)]
     pub fleet: crate::fleet::Options,
+}
+
+/// An IPv4 address and port, with a pointer for the IPv6 one a user may try.
+fn ipv4_address(s: &str) -> Result<SocketAddrV4, String> {
+    if let Ok(a) = s.parse::<SocketAddrV4>() {
+        return Ok(a);
+    }
+    if s.parse::<std::net::SocketAddrV6>().is_ok() {
+        return Err(
+            "an IPv6 VIP is not supported yet: give an IPv4 address:port (dual-stack clients reach it as [::ffff:a.b.c.d]:port, which socket mode redirects too)".into(),
+        );
+    }
+    Err("expected an IPv4 address and port, such as 10.0.0.10:5432".into())
 }
 
 /// `run --mode`.

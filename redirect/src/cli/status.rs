@@ -55,6 +55,8 @@ pub struct BackendStatus {
 #[derive(Serialize)]
 pub struct Status {
     pub pin_dir: String,
+    /// "proxy" (NAT on the interfaces) or "socket" (zero-hop, at `connect()`).
+    pub mode: &'static str,
     pub vip: Option<String>,
     /// "source" or "target".
     pub active: Option<Role>,
@@ -86,6 +88,21 @@ pub struct Status {
     /// The fleet, from the running controller, when it is a member of one (`run --etcd`):
     /// members, the committed epoch and backend, and the epoch this host applied.
     pub fleet: Option<crate::fleet::View>,
+    /// Socket mode: its hooks, and the connections opened during a hold.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub socket: Option<SocketStatus>,
+}
+
+/// Socket mode's part of the status. Its backends' `connections` are this host's hooked
+/// sockets to each (from `sock_diag`: `status` must run on the host, in its namespace).
+#[derive(Serialize)]
+pub struct SocketStatus {
+    /// The pinned hooks (`sockhook_<hook>`, `sockhook_<egress|ingress>_<iface>`).
+    pub hooks: Vec<String>,
+    /// Connections whose SYN waits for a hold's release.
+    pub parked: u64,
+    /// Connections translated for their life (held while a cutover that then did not flip).
+    pub translated: u64,
 }
 
 /// Connections per backend, SNAT port use and tracked entries, from wherever is cheapest.
@@ -139,10 +156,15 @@ impl Counts {
 }
 
 pub fn collect(maps: &Maps, counts: &Counts) -> anyhow::Result<Status> {
+    let socket_mode = maps.is_socket_mode()?;
     let mut backends = BTreeMap::new();
     for role in [Role::Source, Role::Target] {
         if let Some(b) = maps.backend(role)? {
-            let connections = counts.live.get(&b.addr).copied().unwrap_or(0);
+            let connections = if socket_mode {
+                crate::host::sockets::hooked_to(maps, role)?.len() as u64
+            } else {
+                counts.live.get(&b.addr).copied().unwrap_or(0)
+            };
             let port_use = counts
                 .ports
                 .iter()
@@ -159,8 +181,14 @@ pub fn collect(maps: &Maps, counts: &Counts) -> anyhow::Result<Status> {
             );
         }
     }
+    let socket = if socket_mode {
+        Some(socket_status(maps)?)
+    } else {
+        None
+    };
     Ok(Status {
         pin_dir: maps.dir.0.display().to_string(),
+        mode: if socket_mode { "socket" } else { "proxy" },
         vip: maps.vip()?.map(|v| v.to_string()),
         active: maps.active()?,
         interfaces: maps.dir.linked_ifaces(),
@@ -183,6 +211,25 @@ pub fn collect(maps: &Maps, counts: &Counts) -> anyhow::Result<Status> {
         controller: None,
         interrupted: None,
         fleet: None,
+        socket,
+    })
+}
+
+fn socket_status(maps: &Maps) -> anyhow::Result<SocketStatus> {
+    let (mut parked, mut translated) = (0, 0);
+    if let Some(s) = &maps.socket {
+        for (_, flow) in s.flows.iter().filter_map(Result::ok) {
+            if flow.backend_id == redirect_common::socket::PARKED {
+                parked += 1;
+            } else {
+                translated += 1;
+            }
+        }
+    }
+    Ok(SocketStatus {
+        hooks: crate::datapath::socket::pinned_links(&maps.dir),
+        parked,
+        translated,
     })
 }
 
@@ -318,7 +365,16 @@ fn print_routing(status: &Status) {
             )
         })
         .collect();
-    println!("interfaces: {}", interfaces.join(", "));
+    let Some(socket) = &status.socket else {
+        println!("interfaces: {}", interfaces.join(", "));
+        return;
+    };
+    println!("mode:       socket (zero-hop: connect() of this host's processes is redirected)");
+    println!("hooks:      {}", socket.hooks.join(", "));
+    println!(
+        "held:       {} parked, {} translated (held while a cutover that did not flip)",
+        socket.parked, socket.translated
+    );
 }
 
 /// Each backend's connections and SNAT port use, and the tracked entries.
@@ -329,6 +385,14 @@ fn print_backends(status: &Status) {
         } else {
             " "
         };
+        if status.socket.is_some() {
+            // No NAT, no ports: the server sees this host's address.
+            println!(
+                "{marker} {name:<7} {:<21} from {:<15} {} hooked connection(s)",
+                b.addr, b.snat, b.connections
+            );
+            continue;
+        }
         println!(
             "{marker} {name:<7} {:<21} snat {:<15} {} live connection(s), SNAT ports {}/{} ({}){}",
             b.addr,
@@ -343,6 +407,9 @@ fn print_backends(status: &Status) {
                 ""
             }
         );
+    }
+    if status.socket.is_some() {
+        return;
     }
     match status.counted_gc_age_ms {
         Some(ms) => println!(

@@ -863,15 +863,19 @@ pub fn install_with_active(
         }
     }
     if let Mode::Socket { cgroup } = &spec.mode {
-        socket::load_programs(&mut ebpf)?;
-        let attached = socket::attach_all(
-            &mut ebpf,
-            &pins,
-            &socket::Attachment {
-                cgroup: cgroup.clone(),
-                uplinks: ifaces.to_vec(),
-            },
-        )?;
+        let at = socket::Attachment {
+            cgroup: cgroup.clone(),
+            uplinks: ifaces.to_vec(),
+        };
+        let attached = socket::load_programs(&mut ebpf)
+            .and_then(|()| socket::attach_all(&mut ebpf, &pins, &at))
+            .inspect_err(|_| {
+                // A first start that fails half-way leaves nothing behind: no hook stays
+                // attached, and no pin makes the next start an adoption.
+                if !adopted_maps {
+                    let _ = remove(dir);
+                }
+            })?;
         return Ok(InstallReport {
             ebpf,
             adopted_maps,

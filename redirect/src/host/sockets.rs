@@ -40,47 +40,51 @@ impl Host {
         lock(&self.maps).is_socket_mode()
     }
 
-    /// Every connection of this host's hooked sockets to the backend of `role`: sockets the
-    /// hook connected there (minus those a translated flow sends elsewhere), and translated
-    /// flows sent there.
+    /// Every connection of this host's hooked sockets to the backend of `role` (see
+    /// [`hooked_to`]).
     pub fn hooked_to(&self, role: Role) -> Result<Vec<Hooked>, DatapathError> {
-        let maps = lock(&self.maps);
-        let Some(backend) = maps.backend(role)? else {
-            return Ok(Vec::new());
-        };
-        let sockets =
-            sock_diag::tcp_sockets_to(backend.addr).map_err(|source| DatapathError::Io {
-                what: format!(
-                    "listing this host's sockets to {} (sock_diag)",
-                    backend.addr
-                ),
-                source,
-            })?;
-        let translated = translated_flows(&maps)?;
-        let elsewhere: HashSet<SocketAddrV4> = translated
-            .iter()
-            .filter(|(_, to)| *to != role.index())
-            .map(|(client, _)| *client)
-            .collect();
-        let mut out: Vec<Hooked> = hooked_sockets(&maps, &sockets)?
-            .into_iter()
-            .filter(|s| !elsewhere.contains(&s.local))
-            .map(|s| Hooked {
-                client: s.local,
-                state: Some(s.state),
-            })
-            .collect();
-        out.extend(
-            translated
-                .into_iter()
-                .filter(|(_, to)| *to == role.index())
-                .map(|(client, _)| Hooked {
-                    client,
-                    state: None,
-                }),
-        );
-        Ok(out)
+        hooked_to(&lock(&self.maps), role)
     }
+}
+
+/// Every connection of this host's hooked sockets to the backend of `role`: sockets the hook
+/// connected there (minus those a translated flow sends elsewhere), and translated flows sent
+/// there. `sock_diag` lists the sockets of the caller's network namespace: the host's.
+pub fn hooked_to(maps: &Maps, role: Role) -> Result<Vec<Hooked>, DatapathError> {
+    let Some(backend) = maps.backend(role)? else {
+        return Ok(Vec::new());
+    };
+    let sockets = sock_diag::tcp_sockets_to(backend.addr).map_err(|source| DatapathError::Io {
+        what: format!(
+            "listing this host's sockets to {} (sock_diag)",
+            backend.addr
+        ),
+        source,
+    })?;
+    let translated = translated_flows(maps)?;
+    let elsewhere: HashSet<SocketAddrV4> = translated
+        .iter()
+        .filter(|(_, to)| *to != role.index())
+        .map(|(client, _)| *client)
+        .collect();
+    let mut out: Vec<Hooked> = hooked_sockets(maps, &sockets)?
+        .into_iter()
+        .filter(|s| !elsewhere.contains(&s.local))
+        .map(|s| Hooked {
+            client: s.local,
+            state: Some(s.state),
+        })
+        .collect();
+    out.extend(
+        translated
+            .into_iter()
+            .filter(|(_, to)| *to == role.index())
+            .map(|(client, _)| Hooked {
+                client,
+                state: None,
+            }),
+    );
+    Ok(out)
 }
 
 /// The sockets of `sockets` that the hook connected (their cookie is in `SOCKETS`).
@@ -102,6 +106,12 @@ fn hooked_sockets(maps: &Maps, sockets: &[TcpSocket]) -> Result<Vec<TcpSocket>, 
         }
     }
     Ok(out)
+}
+
+/// How many translated flows live: detaching socket mode breaks those, and only those (a
+/// direct connection never meets the datapath again after its `connect()`).
+pub fn translated_count(maps: &Maps) -> Result<u64, DatapathError> {
+    Ok(translated_flows(maps)?.len() as u64)
 }
 
 /// Every translated flow: this host's side (address, port), and the `BACKENDS` index its
