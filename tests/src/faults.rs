@@ -13,7 +13,7 @@ use std::{
 };
 
 use crate::{
-    Lab, Ns, VIP,
+    Lab, Ns,
     pg::{self, psql},
     wait_for, workload,
 };
@@ -125,11 +125,30 @@ fn link(lab: &Lab, ns: Ns, up: bool, gw: &str) {
     }
 }
 
-/// Runs one case in a lab of its own.
+/// Where the datapath runs in a case.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Mode {
+    /// A proxy host in front of the clients (`Lab::new`).
+    Proxy,
+    /// Socket mode on the clients' own host (`Lab::new_app_host`).
+    AppHost,
+}
+
+/// Runs one case in a lab of its own, with a proxy.
 #[must_use]
 pub fn run_case(fault: Fault, step: &'static str) -> Outcome {
+    run_case_in(Mode::Proxy, fault, step)
+}
+
+/// Runs one case in a lab of its own, the datapath in `mode`.
+#[must_use]
+pub fn run_case_in(mode: Mode, fault: Fault, step: &'static str) -> Outcome {
     let t0 = Instant::now();
-    let mut lab = Lab::new("fm");
+    let mut lab = match mode {
+        Mode::Proxy => Lab::new("fm"),
+        Mode::AppHost => Lab::new_app_host("fms"),
+    };
+    let vip = lab.vip();
     let source = pg::start(&mut lab, Ns::Source, "source", &[]);
     let target = pg::start(&mut lab, Ns::Target, "target", &[]);
     pg::setup_logical(&lab, &source, &target);
@@ -160,10 +179,10 @@ pub fn run_case(fault: Fault, step: &'static str) -> Outcome {
             .enable_all()
             .build()
             .expect("runtime");
-        rt.block_on(workload::run(VIP, 0..6, Duration::from_secs(18), 20))
+        rt.block_on(workload::run(vip, 0..6, Duration::from_secs(18), 20))
     });
     let second_load =
-        crate::cutover_lab::workload_with(&lab, pg::dsn_in(VIP, SECOND), 100..102, 18);
+        crate::cutover_lab::workload_with(&lab, pg::dsn_in(vip, SECOND), 100..102, 18);
     std::thread::sleep(Duration::from_millis(1500));
     let mut flip = lab.redirect_cmd();
     flip.args([
