@@ -50,6 +50,7 @@ pub mod fleet_faults;
 pub mod fleet_lab;
 pub mod packet;
 pub mod pg;
+pub mod pgbench;
 pub mod plot;
 pub mod versions;
 pub mod workload;
@@ -1034,6 +1035,18 @@ impl Drop for Lab {
             let _ = std::fs::remove_dir_all(&self.work_dir);
         }
     }
+}
+
+/// Polls `cond` until it holds (true), or until `timeout` passes (false).
+pub fn wait_until(timeout: Duration, mut cond: impl FnMut() -> bool) -> bool {
+    let deadline = Instant::now() + timeout;
+    while !cond() {
+        if Instant::now() >= deadline {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    true
 }
 
 /// Polls `cond` until it holds, or panics with `what` after `timeout`.

@@ -141,10 +141,21 @@ fn connect_goes_straight_to_the_active_backend_and_the_client_sees_the_vip() {
     for hook in [
         "sockhook_connect4",
         "sockhook_getpeername6",
-        "sockhook_egress_eth0",
+        "sockhook_sock_release",
     ] {
         assert!(hooks.contains(hook), "status lists {hook}: {hooks}");
     }
+    // Between cutovers nothing runs on the uplink: a connection costs what a direct one does.
+    assert!(
+        !hooks.contains("sockhook_egress") && !hooks.contains("sockhook_ingress"),
+        "the uplink's hooks are armed at rest: {hooks}"
+    );
+    let tc = lab.exec_ok(Ns::Client, &["bpftool", "net", "show", "dev", "eth0"]);
+    assert!(
+        !String::from_utf8_lossy(&tc.stdout).contains("socket_"),
+        "a program runs on eth0 at rest: {}",
+        String::from_utf8_lossy(&tc.stdout)
+    );
     let text = lab.redirect_ok(&["status"]);
     assert!(text.contains("mode:       socket"), "{text}");
     assert!(text.contains("1 hooked connection(s)"), "{text}");
@@ -339,6 +350,16 @@ fn a_zero_hop_cutover_under_writes_loses_nothing_holds_new_connections_and_rolls
         &on_source,
         "source (first workload)",
     );
+    // The cutovers armed the uplink's hooks; once idle, with nothing parked or translated,
+    // the controller disarms them again.
+    assert!(
+        redirect_tests::wait_until(Duration::from_secs(10), || {
+            lab.last_redirect_log().contains("disarmed the uplink's hooks")
+        }),
+        "the uplink's hooks stayed armed after the cutovers"
+    );
+    let hooks = lab.status()["socket"]["hooks"].to_string();
+    assert!(!hooks.contains("sockhook_egress"), "{hooks}");
 }
 
 #[test]

@@ -61,6 +61,12 @@ enum Task {
         /// docs/benchmarks-databases.md.
         #[arg(long, conflicts_with_all = ["quick", "profile", "fleet"])]
         databases: bool,
+        /// Only socket mode (zero-hop) against direct: pgbench -S at 1, 8 and 32 clients and
+        /// -C, the hooks' own time, connect() latency, and zero-hop cutovers' write pause
+        /// next to proxy ones (about 8 minutes; with --quick, 2); writes
+        /// docs/benchmarks-zero-hop.md.
+        #[arg(long, conflicts_with_all = ["profile", "fleet", "databases"])]
+        zero_hop: bool,
     },
     /// The cutover's full fault matrix (every fault at every step boundary, under load);
     /// writes docs/reliability.md. About 20 minutes. CI runs a subset (tests/tests/fault_matrix.rs).
@@ -115,6 +121,19 @@ fn run(task: Task) -> anyhow::Result<()> {
             setup::install()?;
             build()?;
             run_lab_bin("fleet_bench", None, "the fleet benchmark")
+        }
+        Task::Bench {
+            zero_hop: true,
+            quick,
+            ..
+        } => {
+            setup::install()?;
+            build()?;
+            run_lab_bin(
+                "zero_hop_bench",
+                quick.then_some("--quick"),
+                "the zero-hop benchmark",
+            )
         }
         Task::Bench {
             databases: true, ..

@@ -28,8 +28,12 @@ pub async fn serve_gc(
         // A pass is a few map syscalls per entry; at 1M entries it takes seconds, which is
         // fine for a dedicated task (block_in_place keeps the runtime's other tasks running).
         let result = tokio::task::block_in_place(|| {
+            {
+                let mut maps = crate::sync::lock(&ctl.host.maps);
+                forget_closed_flows(&mut maps);
+            }
+            disarm_when_done(ctl);
             let mut maps = crate::sync::lock(&ctl.host.maps);
-            forget_closed_flows(&mut maps);
             conntrack::gc(&mut maps, &timeouts, pressured)
         });
         match result {
@@ -97,5 +101,15 @@ fn forget_closed_flows(maps: &mut crate::datapath::Maps) {
         ),
         Ok(_) => {}
         Err(e) => warn!(error = %e, "socket-mode gc failed; retrying next pass"),
+    }
+}
+
+/// Socket mode: the uplink's hooks go once no cutover needs them.
+fn disarm_when_done(ctl: &Controller) {
+    let idle = ctl.phase() == crate::controller::Phase::Idle;
+    match ctl.host.disarm_when_done(idle) {
+        Ok(true) => info!("disarmed the uplink's hooks: no cutover needs them, and no program runs on any packet"),
+        Ok(false) => {}
+        Err(e) => warn!(error = %e, "could not disarm the uplink's hooks; retrying next pass"),
     }
 }

@@ -90,7 +90,7 @@ pub async fn serve(config: Config, shutdown: CancellationToken) -> anyhow::Resul
     // lifts it (see `stop`), or its kernel would drop every new connection until a restart.
     let fleet_stop = CancellationToken::new();
     let fleet = Box::pin(start::register(joined, &spec, &fleet_stop)).await?;
-    let ctl = controller(&config, maps, installed.ebpf, fleet);
+    let ctl = controller(&config, (maps, installed.ebpf, ifaces), fleet);
     if let Some(fleet) = &ctl.fleet {
         tokio::spawn(fleet::follow::follow(
             follower(&ctl, fleet),
@@ -113,12 +113,11 @@ pub async fn serve(config: Config, shutdown: CancellationToken) -> anyhow::Resul
 /// The controller's shared state, idle, over the datapath just installed.
 fn controller(
     config: &Config,
-    maps: Maps,
-    ebpf: aya::Ebpf,
+    (maps, ebpf, ifaces): (Maps, aya::Ebpf, Vec<(String, u32)>),
     fleet: Option<Arc<Fleet>>,
 ) -> Arc<Controller> {
     Arc::new(Controller {
-        host: Arc::new(crate::host::Host::new(maps, ebpf)),
+        host: Arc::new(crate::host::Host::new(maps, ebpf, ifaces)),
         db: config.databases.clone(),
         journal_path: config.journal.clone(),
         busy: Arc::new(tokio::sync::Mutex::new(())),

@@ -4,11 +4,16 @@
 //!
 //! Its pins sit beside the proxy's maps, in the same pin dir: the same `CONFIG`, `BACKENDS`,
 //! `ACTIVE`, `CUTOVER` and `HELD` (so the flip, the hold, the journal and `status` are the
-//! proxy's), plus `SOCKETS`, `FLOWS` and `SOCK_STATS`, and one link per hook:
+//! proxy's), plus `SOCKETS`, `FLOWS`, `FLOW_GATE` and `SOCK_STATS`, and one link per hook:
 //! `sockhook_<hook>` for the cgroup's, `sockhook_<hook>_<iface>` for the uplink's. A restart
 //! attaches the new program beside the pinned one, then lets the old link go: both read the
 //! same maps, and each hook does nothing to what the other already did, so no `connect()` and
 //! no packet is missed in between.
+//!
+//! The cgroup hooks stay attached. The uplink's are *armed* only while a cutover needs them:
+//! a cutover arms them before its hold (they park held SYNs and raise the datapath fence), and
+//! the controller disarms them once it is idle and no flow is parked or translated. Between
+//! cutovers no program runs on any packet: a connection costs what a direct one does.
 
 use std::{
     fs::File,
@@ -150,20 +155,35 @@ pub fn load_programs(ebpf: &mut Ebpf) -> Result<(), DatapathError> {
     Ok(())
 }
 
-/// Attaches (or re-attaches) every hook, each under its pin. Returns what was attached.
+/// Attaches (or re-attaches) the cgroup hooks, each under its pin; re-attaches the uplink's
+/// if they are armed (a restart mid-cutover, or with translated flows). Returns what was
+/// attached.
 pub fn attach_all(
     ebpf: &mut Ebpf,
     pins: &PinDir,
     at: &Attachment,
 ) -> Result<Vec<String>, DatapathError> {
-    let cgroup = File::open(&at.cgroup).map_err(|source| DatapathError::Io {
-        what: format!("opening the cgroup {}", at.cgroup.display()),
+    let mut attached = attach_cgroup(ebpf, pins, &at.cgroup)?;
+    if uplinks_armed(pins) {
+        attached.extend(arm_uplinks(ebpf, pins, &at.uplinks)?);
+    }
+    Ok(attached)
+}
+
+/// Attaches the cgroup hooks to `cgroup`, each under its pin.
+fn attach_cgroup(
+    ebpf: &mut Ebpf,
+    pins: &PinDir,
+    cgroup_path: &Path,
+) -> Result<Vec<String>, DatapathError> {
+    let cgroup = File::open(cgroup_path).map_err(|source| DatapathError::Io {
+        what: format!("opening the cgroup {}", cgroup_path.display()),
         source,
     })?;
     let hooks_missing = |hook: &str| {
         let what = format!(
             "attaching {hook} to the cgroup {} (the kernel needs cgroup sock_addr hooks: Linux 5.8+ with CONFIG_CGROUP_BPF)",
-            at.cgroup.display()
+            cgroup_path.display()
         );
         move |source| DatapathError::Program { what, source }
     };
@@ -195,7 +215,30 @@ pub fn attach_all(
         .map_err(|e| link_error(RELEASE_HOOK, e))?;
     replace_pin(link, &cgroup_pin(pins, RELEASE_HOOK))?;
     attached.push(RELEASE_HOOK.to_owned());
-    for (iface, _) in &at.uplinks {
+    Ok(attached)
+}
+
+/// Whether the uplink's hooks are pinned (armed).
+#[must_use]
+pub fn uplinks_armed(pins: &PinDir) -> bool {
+    pinned_links(pins).iter().any(|n| is_uplink_pin(n))
+}
+
+fn is_uplink_pin(name: &str) -> bool {
+    UPLINK_HOOKS
+        .iter()
+        .any(|(_, _, part)| name.starts_with(&format!("sockhook_{part}_")))
+}
+
+/// Attaches the uplink's hooks (egress and ingress on each of `uplinks`), each under its pin,
+/// replacing any pinned before. Returns what was attached.
+pub fn arm_uplinks(
+    ebpf: &mut Ebpf,
+    pins: &PinDir,
+    uplinks: &[(String, u32)],
+) -> Result<Vec<String>, DatapathError> {
+    let mut attached = Vec::new();
+    for (iface, _) in uplinks {
         for (program, direction, part) in UPLINK_HOOKS {
             let prog = classifier(ebpf, program);
             let tc_missing = |source| DatapathError::Program {
@@ -219,6 +262,18 @@ pub fn attach_all(
         }
     }
     Ok(attached)
+}
+
+/// Detaches the uplink's hooks; returns their pin names.
+pub fn disarm_uplinks(pins: &PinDir) -> Result<Vec<String>, DatapathError> {
+    let names: Vec<String> = pinned_links(pins)
+        .into_iter()
+        .filter(|n| is_uplink_pin(n))
+        .collect();
+    for name in &names {
+        unpin(&pins.0.join(name))?;
+    }
+    Ok(names)
 }
 
 fn link_error(hook: &str, e: aya::programs::links::LinkError) -> DatapathError {

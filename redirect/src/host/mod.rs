@@ -25,14 +25,18 @@ use crate::{
 pub struct Host {
     pub maps: Mutex<Maps>,
     pub ebpf: Mutex<Ebpf>,
+    /// The interfaces the datapath is attached to (socket mode: the uplinks its TC hooks
+    /// are armed on for a cutover).
+    pub ifaces: Vec<(String, u32)>,
 }
 
 impl Host {
     #[must_use]
-    pub fn new(maps: Maps, ebpf: Ebpf) -> Self {
+    pub fn new(maps: Maps, ebpf: Ebpf, ifaces: Vec<(String, u32)>) -> Self {
         Self {
             maps: Mutex::new(maps),
             ebpf: Mutex::new(ebpf),
+            ifaces,
         }
     }
 

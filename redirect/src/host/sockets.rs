@@ -13,7 +13,7 @@ use redirect_common::socket::{FLOW_GATE_NS, PARKED};
 
 use super::Host;
 use crate::{
-    datapath::{DatapathError, Maps, Role, ip_from_be},
+    datapath::{DatapathError, Maps, Role, ip_from_be, socket},
     net::sock_diag::{self, TcpSocket},
     sync::lock,
 };
@@ -38,6 +38,46 @@ impl Host {
     /// Whether this host's datapath runs in socket mode.
     pub fn is_socket_mode(&self) -> Result<bool, DatapathError> {
         lock(&self.maps).is_socket_mode()
+    }
+
+    /// Socket mode: arms the uplink's hooks for a cutover (they park held SYNs and raise the
+    /// datapath fence); nothing in proxy mode. Returns whether it attached them now.
+    pub fn arm_for_cutover(&self) -> Result<bool, DatapathError> {
+        if !self.is_socket_mode()? {
+            return Ok(false);
+        }
+        let pins = lock(&self.maps).dir.clone();
+        if socket::uplinks_armed(&pins) {
+            return Ok(false);
+        }
+        socket::arm_uplinks(&mut lock(&self.ebpf), &pins, &self.ifaces)?;
+        Ok(true)
+    }
+
+    /// Socket mode: disarms the uplink's hooks when no cutover runs (`idle`), no hold or fence
+    /// is raised, and no flow is parked or translated: from then on no program runs on any
+    /// packet. Returns whether it disarmed them now.
+    pub fn disarm_when_done(&self, idle: bool) -> Result<bool, DatapathError> {
+        let maps = lock(&self.maps);
+        if !idle || !maps.is_socket_mode()? || !socket::uplinks_armed(&maps.dir) {
+            return Ok(false);
+        }
+        let now = crate::clock::monotonic_ns();
+        let cut = maps.cutover()?;
+        let active = maps.active_index()?;
+        let raised = cut.holds(active, now)
+            || (cut.fenced_backend != redirect_common::cutover::NO_FENCE
+                && cut.fenced_backend == active
+                && cut.fences(active, active, now));
+        let flows = maps
+            .socket
+            .as_ref()
+            .is_some_and(|s| s.flows.keys().next().is_some());
+        if raised || flows {
+            return Ok(false);
+        }
+        socket::disarm_uplinks(&maps.dir)?;
+        Ok(true)
     }
 
     /// Every connection of this host's hooked sockets to the backend of `role` (see

@@ -98,27 +98,7 @@ impl Path_ {
     }
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
-struct Scenario {
-    clients: u32,
-    connect_per_tx: bool,
-}
-
-impl Scenario {
-    fn name(self) -> String {
-        format!(
-            "pgbench -S{} -c {}",
-            if self.connect_per_tx { " -C" } else { "" },
-            self.clients
-        )
-    }
-}
-
-#[derive(Clone, Debug, Default)]
-struct Sample {
-    tps: f64,
-    lat_us: Vec<f64>,
-}
+use redirect_tests::pgbench::{Sample, Scenario};
 
 fn percentile(sorted: &[f64], p: f64) -> f64 {
     if sorted.is_empty() {
@@ -143,60 +123,7 @@ struct Bench {
 
 impl Bench {
     fn pgbench(&self, path: Path_, s: Scenario, tag: &str) -> Sample {
-        let dir = self.lab.work_dir.join(format!("pgbench-{tag}"));
-        std::fs::create_dir_all(&dir).unwrap();
-        let prefix = dir.join("log").display().to_string();
-        let jobs = s.clients.min(2).to_string();
-        let out = self
-            .lab
-            .cmd(Ns::Client, &[&format!("{PG_BIN}/pgbench")])
-            .args([
-                "-h",
-                path.host(),
-                "-p",
-                "5432",
-                "-U",
-                "postgres",
-                "-n",
-                "-S",
-                "-c",
-                &s.clients.to_string(),
-                "-j",
-                &jobs,
-            ])
-            .args(["-T", &self.secs.to_string(), "-l", "--log-prefix", &prefix])
-            .args(if s.connect_per_tx { vec!["-C"] } else { vec![] })
-            .arg("postgres")
-            .output()
-            .expect("pgbench");
-        let text = String::from_utf8_lossy(&out.stdout);
-        assert!(
-            out.status.success(),
-            "pgbench via {} failed: {}{}",
-            path.name(),
-            text,
-            String::from_utf8_lossy(&out.stderr)
-        );
-        let tps = text
-            .lines()
-            .find_map(|l| {
-                l.trim()
-                    .strip_prefix("tps = ")
-                    .and_then(|r| r.split_whitespace().next())
-                    .and_then(|v| v.parse().ok())
-            })
-            .unwrap_or(0.0);
-        let mut lat_us = Vec::new();
-        for e in std::fs::read_dir(&dir).unwrap().flatten() {
-            let t = std::fs::read_to_string(e.path()).unwrap_or_default();
-            lat_us.extend(
-                t.lines()
-                    .filter_map(|l| l.split_whitespace().nth(2)?.parse::<f64>().ok()),
-            );
-        }
-        let _ = std::fs::remove_dir_all(&dir);
-        lat_us.sort_by(f64::total_cmp);
-        Sample { tps, lat_us }
+        redirect_tests::pgbench::run(&self.lab, Ns::Client, path.host(), s, self.secs, tag)
     }
 
     fn setup(&mut self, path: Path_) -> Option<u32> {
