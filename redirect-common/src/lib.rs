@@ -33,6 +33,8 @@ pub mod map_names {
     pub const SOCK_STATS: &str = "SOCK_STATS";
     /// Socket mode: until when packets to and from backends are looked up in `FLOWS`.
     pub const FLOW_GATE: &str = "FLOW_GATE";
+    /// Socket mode: the network namespace (its cookie) whose sockets the hooks redirect.
+    pub const SOCK_NETNS: &str = "SOCK_NETNS";
 }
 
 /// The `CONFIG` array map (one entry): what the datapath serves. Changed only by the

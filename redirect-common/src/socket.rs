@@ -94,6 +94,9 @@ pub enum SockStat {
     FlowReply,
     /// A held connection's SYN after its hold, with no room in `FLOWS`: dropped, retried.
     FlowsFull,
+    /// A held connection that the aborted cutover could not send to the active backend: this
+    /// host already talks to it from the same port (the client's connect times out).
+    HeldCollision,
     /// A data packet of a hooked socket to the fenced backend, dropped.
     Fenced,
 }
@@ -113,6 +116,7 @@ pub const SOCK_STATS_ALL: [(SockStat, &str); SOCK_STAT_COUNT as usize] = [
     (SockStat::FlowForward, "held_flow_forward"),
     (SockStat::FlowReply, "held_flow_reply"),
     (SockStat::FlowsFull, "flows_full"),
+    (SockStat::HeldCollision, "held_collision"),
     (SockStat::Fenced, "socket_fenced"),
 ];
 

@@ -108,6 +108,11 @@ static FLOWS: HashMap<CtKey, FlowEntry, { FLOWS_ENTRIES as usize }> = HashMap::n
 #[btf_map(name = "FLOW_GATE")]
 static FLOW_GATE: Array<u64, 1> = Array::new();
 
+/// Socket mode: the cookie of the network namespace whose sockets the hooks redirect (the
+/// controller's: the one its `sock_diag` sees and its fence can end sessions of).
+#[btf_map(name = "SOCK_NETNS")]
+static SOCK_NETNS: Array<u64, 1> = Array::new();
+
 /// Socket mode's counters (`redirect_common::socket::SockStat`).
 #[btf_map(name = "SOCK_STATS")]
 static SOCK_STATS: PerCpuArray<u64, { SOCK_STAT_COUNT as usize }> = PerCpuArray::new();

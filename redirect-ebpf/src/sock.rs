@@ -18,7 +18,7 @@
 
 use aya_ebpf::{
     EbpfContext,
-    helpers::{bpf_get_socket_cookie, bpf_ktime_get_coarse_ns},
+    helpers::{bpf_get_netns_cookie, bpf_get_socket_cookie, bpf_ktime_get_coarse_ns},
     macros::{cgroup_sock, cgroup_sock_addr},
     programs::{SockAddrContext, SockContext},
 };
@@ -29,7 +29,7 @@ use redirect_common::{
     socket::{SOCK_HELD, SockEntry, SockStat},
 };
 
-use crate::{ACTIVE, BACKENDS, CONFIG, CUTOVER, SOCK_STATS, SOCKETS};
+use crate::{ACTIVE, BACKENDS, CONFIG, CUTOVER, SOCK_NETNS, SOCK_STATS, SOCKETS};
 
 /// What a `cgroup_sock_addr` program returns to let the call go on (rewritten or not).
 const ALLOW: i32 = 1;
@@ -59,13 +59,15 @@ struct Decision {
 pub fn connect4(ctx: SockAddrContext) -> i32 {
     // SAFETY: the kernel passes a valid context.
     let sa = unsafe { &mut *ctx.sock_addr };
-    if sa.type_ != SOCK_STREAM {
+    // TCP only: an MPTCP socket is a SOCK_STREAM too, but its subflows are other sockets
+    // (other cookies) that neither the hold nor the fence would know.
+    if sa.type_ != SOCK_STREAM || sa.protocol != IPPROTO_TCP {
         return ALLOW;
     }
     let Some((vip, vip_port)) = vip() else {
         return ALLOW;
     };
-    if sa.user_ip4 != vip || sa.user_port as u16 != vip_port {
+    if sa.user_ip4 != vip || sa.user_port as u16 != vip_port || !own_netns(&ctx) {
         return ALLOW;
     }
     let Some(to) = decide(&ctx, vip, vip_port) else {
@@ -82,7 +84,7 @@ pub fn connect4(ctx: SockAddrContext) -> i32 {
 pub fn connect6(ctx: SockAddrContext) -> i32 {
     // SAFETY: the kernel passes a valid context.
     let sa = unsafe { &mut *ctx.sock_addr };
-    if sa.type_ != SOCK_STREAM {
+    if sa.type_ != SOCK_STREAM || sa.protocol != IPPROTO_TCP {
         return ALLOW;
     }
     let Some((vip, vip_port)) = vip() else {
@@ -93,6 +95,7 @@ pub fn connect6(ctx: SockAddrContext) -> i32 {
         || sa.user_ip6[2] != V4_MAPPED_BE
         || sa.user_ip6[3] != vip
         || sa.user_port as u16 != vip_port
+        || !own_netns(&ctx)
     {
         return ALLOW;
     }
@@ -142,6 +145,18 @@ pub fn sock_release(ctx: SockContext) -> i32 {
         let _ = SOCKETS.remove(cookie);
     }
     1
+}
+
+/// Whether the socket is in the controller's network namespace. A container's or pod's
+/// socket (a cgroup below the hooked one, in a namespace of its own) is not redirected: its
+/// packets reach the uplink without their socket and translated by its namespace's NAT, so
+/// neither the hold nor the fence could see it, and the controller's `sock_diag` does not
+/// list it. Left alone, it meets the VIP as it is, like a process outside the cgroup.
+#[inline(always)]
+fn own_netns(ctx: &SockAddrContext) -> bool {
+    // SAFETY: a helper that reads the context's socket.
+    let netns = unsafe { bpf_get_netns_cookie(ctx.as_ptr()) };
+    SOCK_NETNS.get(0).is_some_and(|own| *own == netns)
 }
 
 /// The VIP (address, port; network order) when socket mode is configured.

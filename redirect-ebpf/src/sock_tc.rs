@@ -17,8 +17,11 @@
 
 use aya_ebpf::{
     EbpfContext,
-    bindings::{TC_ACT_SHOT, TC_ACT_UNSPEC},
-    helpers::bpf_get_socket_cookie,
+    bindings::{
+        TC_ACT_SHOT, TC_ACT_UNSPEC, bpf_sock_tuple, bpf_sock_tuple__bindgen_ty_1,
+        bpf_sock_tuple__bindgen_ty_1__bindgen_ty_1,
+    },
+    helpers::{bpf_get_socket_cookie, bpf_sk_release, bpf_skc_lookup_tcp},
     macros::classifier,
     programs::TcContext,
 };
@@ -165,7 +168,10 @@ pub fn socket_ingress(ctx: TcContext) -> i32 {
     let Some(flow) = (unsafe { FLOWS.get(key) }).copied() else {
         return TC_ACT_UNSPEC;
     };
-    if flow.backend_id != from {
+    // The kernel knows the translated socket as talking to the presumed backend, so it may
+    // give its port to a direct connection to this backend: that connection's replies are
+    // its own, never the translated flow's.
+    if flow.backend_id != from || socket_at(&ctx, seen.saddr, seen.sport, seen.daddr, seen.dport) {
         return TC_ACT_UNSPEC;
     }
     rewrite(
@@ -217,6 +223,14 @@ fn held_syn(ctx: &TcContext, seen: &Seen, key: &CtKey, cut: &Cutover, now: u64) 
             Held::Direct
         }
         parked => {
+            // A connection of this host's to the active backend from the same port would share
+            // its tuple on the wire: this one cannot be sent there (its client times out).
+            if let Some(b) = BACKENDS.get(active)
+                && socket_at(ctx, b.addr_be, b.port_be, seen.saddr, seen.sport)
+            {
+                count(SockStat::HeldCollision);
+                return Held::Drop;
+            }
             let created = parked.map_or(now, |f| f.created_ns);
             match send_elsewhere(key, created, active, now) {
                 Some(flow) => {
@@ -227,6 +241,39 @@ fn held_syn(ctx: &TcContext, seen: &Seen, key: &CtKey, cut: &Cutover, now: u64) 
             }
         }
     }
+}
+
+/// Whether this host has a socket (any state) for the connection from `remote` to `local`, as
+/// an arriving packet of it would be delivered (network order).
+#[inline(always)]
+fn socket_at(ctx: &TcContext, remote: u32, remote_port: u16, local: u32, local_port: u16) -> bool {
+    let mut tuple = bpf_sock_tuple {
+        __bindgen_anon_1: bpf_sock_tuple__bindgen_ty_1 {
+            ipv4: bpf_sock_tuple__bindgen_ty_1__bindgen_ty_1 {
+                saddr: remote,
+                daddr: local,
+                sport: remote_port,
+                dport: local_port,
+            },
+        },
+    };
+    let size = core::mem::size_of::<bpf_sock_tuple__bindgen_ty_1__bindgen_ty_1>() as u32;
+    // SAFETY: a valid context and tuple; the socket found is released at once.
+    unsafe {
+        let sk = bpf_skc_lookup_tcp(
+            ctx.as_ptr(),
+            &raw mut tuple,
+            size,
+            // BPF_F_CURRENT_NETNS (-1), as the u64 the helper takes.
+            u64::MAX,
+            0,
+        );
+        if sk.is_null() {
+            return false;
+        }
+        bpf_sk_release(sk.cast());
+    }
+    true
 }
 
 /// The `BACKENDS` index of the server at `addr:port` (network order).

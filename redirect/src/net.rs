@@ -122,6 +122,11 @@ pub fn ifname(index: u32) -> Option<String> {
 
 /// Every IPv4 address configured on this host (this network namespace).
 pub fn local_ipv4_addrs() -> Result<Vec<Ipv4Addr>, NetError> {
+    Ok(ipv4_addrs_by_iface()?.into_iter().map(|(_, a)| a).collect())
+}
+
+/// Every IPv4 address of this host, with the interface it is on.
+pub fn ipv4_addrs_by_iface() -> Result<Vec<(String, Ipv4Addr)>, NetError> {
     let mut head: *mut libc::ifaddrs = std::ptr::null_mut();
     // SAFETY: getifaddrs writes a list head we free below.
     if unsafe { libc::getifaddrs(&raw mut head) } != 0 {
@@ -145,7 +150,11 @@ pub fn local_ipv4_addrs() -> Result<Vec<Ipv4Addr>, NetError> {
                     reason = "getifaddrs returns properly aligned sockaddr_in for AF_INET"
                 )]
                 let sin = unsafe { &*ifa.ifa_addr.cast::<libc::sockaddr_in>() };
-                out.push(Ipv4Addr::from(u32::from_be(sin.sin_addr.s_addr)));
+                // SAFETY: ifa_name is a NUL-terminated interface name.
+                let name = unsafe { std::ffi::CStr::from_ptr(ifa.ifa_name) }
+                    .to_string_lossy()
+                    .into_owned();
+                out.push((name, Ipv4Addr::from(u32::from_be(sin.sin_addr.s_addr))));
             }
         }
         cur = ifa.ifa_next;
@@ -153,6 +162,24 @@ pub fn local_ipv4_addrs() -> Result<Vec<Ipv4Addr>, NetError> {
     // SAFETY: `head` came from getifaddrs and is freed once.
     unsafe { libc::freeifaddrs(head) };
     Ok(out)
+}
+
+/// The interface traffic to `dst` leaves by, as far as the address the kernel picks for it
+/// says: the interface holding that source address.
+pub fn route_iface(dst: Ipv4Addr) -> Result<Option<String>, NetError> {
+    let source = route_source(dst)?;
+    Ok(ipv4_addrs_by_iface()?
+        .into_iter()
+        .find(|(_, a)| *a == source)
+        .map(|(name, _)| name))
+}
+
+/// Whether `iface` carries Ethernet frames (ARPHRD_ETHER), what the TC hooks parse. Unknown
+/// (no sysfs for this namespace) counts as Ethernet.
+#[must_use]
+pub fn is_ethernet(iface: &str) -> bool {
+    std::fs::read_to_string(format!("/sys/class/net/{iface}/type"))
+        .map_or(true, |t| t.trim() == "1")
 }
 
 /// Fails unless `addr` is configured on this host.

@@ -192,6 +192,19 @@ fn a_process_outside_the_cgroup_is_not_redirected_and_an_immediate_flip_moves_ne
     );
     // ... and the same process, inside, is redirected.
     assert!(who(&lab, WHO).starts_with("source "));
+    // A process in the hooked cgroup but another network namespace (a container's, a pod's)
+    // is not redirected either: its packets would reach the uplink without their socket, so
+    // neither the hold nor the fence could see it. (From the proxy namespace the source is
+    // reachable: a redirected connect would succeed.)
+    let out = lab
+        .cmd(Ns::Proxy, &["psql", "-X", "-At", &dsn, "-c", "SELECT 1"])
+        .output()
+        .expect("spawning psql");
+    assert!(
+        !out.status.success(),
+        "a socket of another network namespace was redirected: {}",
+        String::from_utf8_lossy(&out.stdout)
+    );
 
     // A connection opened before the flip stays where it started; new ones go to the target.
     let pinned = lab.spawn_in_ns(Ns::Client, || {
@@ -262,6 +275,23 @@ fn a_zero_hop_cutover_under_writes_loses_nothing_holds_new_connections_and_rolls
     let lab = &c.lab;
     let load = redirect_tests::cutover_lab::workload(lab, 0..6, 10);
     let churn = connect_churn(lab, 8);
+    // A session of this host that bypasses the hook (its DSN names the source itself): the
+    // fence ends it too, and preflight says so.
+    let mut bypass = lab
+        .cmd(
+            Ns::Client,
+            &[
+                "psql",
+                "-X",
+                &pg::dsn(SOURCE_ADDR),
+                "-c",
+                "SELECT pg_sleep(60)",
+            ],
+        )
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("spawning psql");
     std::thread::sleep(Duration::from_secs(3));
     let out = redirect_tests::cutover_lab::flip(
         lab,
@@ -273,6 +303,23 @@ fn a_zero_hop_cutover_under_writes_loses_nothing_holds_new_connections_and_rolls
         serde_json::from_slice(&out.stdout).expect("flip --json");
     let v = load.join().expect("workload");
     let seen = churn.join().expect("the connecting client");
+    assert!(
+        report.findings.iter().any(|f| f.contains(
+            "1 connection(s) from this host to the source did not come through the hook"
+        )),
+        "preflight reports the bypassing session: {:?}",
+        report.findings
+    );
+    assert!(
+        redirect_tests::wait_until(Duration::from_secs(5), || bypass
+            .try_wait()
+            .is_ok_and(|s| s.is_some())),
+        "the fence did not end the session that bypassed the hook"
+    );
+    let _ = bypass.kill();
+    let mut said = String::new();
+    let _ = std::io::Read::read_to_string(&mut bypass.stderr.take().unwrap(), &mut said);
+    assert!(said.contains("terminating connection"), "psql said: {said}");
     assert_eq!(lab.status()["active"], "target");
 
     // Every acknowledged write is on the target, whichever server took it; nothing refused.
@@ -354,7 +401,8 @@ fn a_zero_hop_cutover_under_writes_loses_nothing_holds_new_connections_and_rolls
     // the controller disarms them again.
     assert!(
         redirect_tests::wait_until(Duration::from_secs(10), || {
-            lab.last_redirect_log().contains("disarmed the uplink's hooks")
+            lab.last_redirect_log()
+                .contains("disarmed the uplink's hooks")
         }),
         "the uplink's hooks stayed armed after the cutovers"
     );
@@ -379,7 +427,11 @@ fn a_connection_held_when_the_controller_dies_reaches_the_source_never_the_targe
     redirect_tests::wait_for(
         Duration::from_secs(20),
         "the cutover to reach the barrier",
-        || c.lab.redirect_ok(&["history"]).contains("fence"),
+        || {
+            c.lab
+                .last_cutover_steps()
+                .contains(&redirect::journal::Step::Fence)
+        },
     );
     // A client connects during the hold: its connect() presumes the target, and its SYN is
     // parked. It then runs queries on the connection for a while.
@@ -526,6 +578,35 @@ fn bad_input_is_refused_clearly_with_nothing_attached() {
     if let Err(e) = v1_refused {
         std::panic::resume_unwind(e);
     }
+    // The controller's DSN naming the VIP: its own sessions would be redirected.
+    let mut vip_dsn = lab.run_args();
+    vip_dsn.extend([
+        "--source-dsn".into(),
+        pg::dsn(APP_VIP),
+        "--target-dsn".into(),
+        pg::dsn(TARGET_ADDR),
+        "--once".into(),
+    ]);
+    refused(&lab, &vip_dsn, "--source-dsn names the VIP");
+    // An uplink that traffic to the servers does not leave by: held connections would reach
+    // the backend they presumed before the flip.
+    lab.exec_ok(
+        Ns::Client,
+        &[
+            "ip", "link", "add", "side0", "type", "veth", "peer", "name", "side1",
+        ],
+    );
+    refused(
+        &lab,
+        &with(&lab, "--iface", "side0"),
+        "not by an --iface (side0)",
+    );
+    // An uplink that is no Ethernet device: the hooks could not parse its packets.
+    refused(
+        &lab,
+        &with(&lab, "--iface", "lo"),
+        "does not carry Ethernet frames",
+    );
     // --cgroup means nothing to proxy mode.
     let mut proxy = lab.run_args();
     let i = proxy.iter().position(|a| a == "socket").unwrap();

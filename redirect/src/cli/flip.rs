@@ -259,6 +259,10 @@ fn immediate(args: &Args, pin_dir: &Path) -> anyhow::Result<()> {
         Role::Target => Role::Source,
     };
     let staying = match maps.backend(other)? {
+        // Socket mode tracks no connection: the host's sockets to the other backend stay.
+        Some(_) if maps.is_socket_mode()? => {
+            crate::host::sockets::hooked_to(&maps, other)?.len() as u64
+        }
         Some(b) => conntrack::live_per_backend(&maps)?
             .get(&b.addr)
             .copied()

@@ -296,6 +296,32 @@ fn subscriptions(
     Ok((home, named))
 }
 
+/// Socket mode hooks the controller's own process too (its cgroup is usually covered): a DSN
+/// naming the VIP would have its sessions redirected, held and fenced like a client's, and
+/// after the flip its "source" queries would run on the target.
+fn check_dsn_hosts(args: &Args) -> anyhow::Result<()> {
+    if args.mode != ModeArg::Socket {
+        return Ok(());
+    }
+    let vip = args.vip.ip().to_string();
+    for (flag, dsn) in [
+        ("--source-dsn", &args.source_dsn),
+        ("--target-dsn", &args.target_dsn),
+    ] {
+        let Some(dsn) = dsn else { continue };
+        let names_vip = crate::pg::split_pairs(dsn).is_ok_and(|pairs| {
+            pairs
+                .iter()
+                .any(|(k, v)| (k == "host" || k == "hostaddr") && v.split(',').any(|h| h == vip))
+        });
+        anyhow::ensure!(
+            !names_vip,
+            "{flag} names the VIP {vip}: the controller must reach each server at its own address (the VIP is what socket mode redirects)"
+        );
+    }
+    Ok(())
+}
+
 fn check_addresses(args: &Args) -> anyhow::Result<()> {
     anyhow::ensure!(
         args.source != args.target,
@@ -321,6 +347,7 @@ pub fn check_settings(args: &Args) -> anyhow::Result<()> {
 /// What [`check_settings`] checks, with what it read: the servers and the fleet settings.
 fn checked(args: &Args) -> anyhow::Result<(Option<Databases>, Option<crate::fleet::Settings>)> {
     check_addresses(args)?;
+    check_dsn_hosts(args)?;
     let fleet = crate::fleet::settings(&args.fleet, args.vip)?;
     if args.mode == ModeArg::Socket && fleet.is_some() {
         // Each member would have to fence its own host's sessions, which the fleet protocol

@@ -111,12 +111,17 @@ fn proxied_sessions(run: &Run) -> Clients {
     c
 }
 
-/// Socket mode: this host's hooked connections to the old server, each by its own address
-/// and port, listed afresh on every pass (a `connect()` the hook sent there just before the
-/// hold may only now have its socket).
+/// Socket mode: this host's connections to the old server (all but the controller's own:
+/// [`crate::host::sockets::fence_targets`]), each by its own address and port, listed afresh
+/// on every pass (a `connect()` the hook sent there just before the hold may only now have
+/// its socket).
 fn hooked_sessions(run: &Run) -> Result<Clients, CutoverError> {
     let mut c = Clients::default();
-    for h in run.ctl.host.hooked_to(run.from)? {
+    let targets = {
+        let maps = crate::sync::lock(&run.ctl.host.maps);
+        crate::host::sockets::fence_targets(&maps, run.from)?
+    };
+    for h in targets {
         c.push(
             h.client.ip().to_string(),
             (h.client.port(), h.client.port()),

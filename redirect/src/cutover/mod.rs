@@ -423,7 +423,8 @@ async fn hold_and_fence(run: &mut Run) -> Result<(), CutoverError> {
     }
     // Socket mode: the uplink's hooks park held SYNs and fence; they run for cutovers only.
     if run.ctl.host.arm_for_cutover()? {
-        run.rec.say("armed the uplink's hooks for the hold and the fence".to_owned());
+        run.rec
+            .say("armed the uplink's hooks for the hold and the fence".to_owned());
     }
     lease::hold(run)?;
     fence::let_short_connections_finish(run).await?;

@@ -108,7 +108,9 @@ fn forget_closed_flows(maps: &mut crate::datapath::Maps) {
 fn disarm_when_done(ctl: &Controller) {
     let idle = ctl.phase() == crate::controller::Phase::Idle;
     match ctl.host.disarm_when_done(idle) {
-        Ok(true) => info!("disarmed the uplink's hooks: no cutover needs them, and no program runs on any packet"),
+        Ok(true) => info!(
+            "disarmed the uplink's hooks: no cutover needs them, and no program runs on any packet"
+        ),
         Ok(false) => {}
         Err(e) => warn!(error = %e, "could not disarm the uplink's hooks; retrying next pass"),
     }

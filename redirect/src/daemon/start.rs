@@ -28,6 +28,7 @@ pub(super) fn preflight(config: &Config) -> anyhow::Result<(Vec<(String, u32)>, 
     if let datapath::Mode::Socket { cgroup } = &config.mode {
         datapath::socket::check_cgroup(cgroup)?;
         check_socket_vip(config.vip)?;
+        check_uplinks(config)?;
     } else if config.fleet.is_none() {
         // A fleet member may be a keepalived standby: the VIP arrives when keepalived moves
         // it, and the datapath (already following the committed state) serves it from then.
@@ -86,6 +87,29 @@ fn check_socket_vip(vip: SocketAddrV4) -> anyhow::Result<()> {
     net::route_source(*vip.ip()).map_err(|e| {
         anyhow::anyhow!("--vip {vip} has no route on this host ({e}): in socket mode connections to it leave by the uplink, so route it (the default route does)")
     })?;
+    Ok(())
+}
+
+/// Socket mode's uplinks: the hold parks a held connection's SYN, and the fence drops data to
+/// the old server, on the way out of an `--iface`: traffic to each backend must leave by one,
+/// and its frames must be Ethernet, which the hooks parse. Otherwise a held connection would
+/// reach the backend it presumed before the flip, and a session's data would pass the fence.
+fn check_uplinks(config: &Config) -> anyhow::Result<()> {
+    for name in &config.ifaces {
+        anyhow::ensure!(
+            net::is_ethernet(name),
+            "--iface {name} does not carry Ethernet frames (a tunnel or L3 device): socket mode's hooks on it could not see held connections"
+        );
+    }
+    for (what, backend) in [("source", config.source), ("target", config.target)] {
+        let via = net::route_iface(*backend.ip())?;
+        anyhow::ensure!(
+            via.as_ref().is_some_and(|i| config.ifaces.contains(i)),
+            "traffic to the {what} ({backend}) leaves by {}, not by an --iface ({}): socket mode holds and fences connections on the way out of its uplinks; add that interface with --iface",
+            via.as_deref().unwrap_or("an unknown interface"),
+            config.ifaces.join(", ")
+        );
+    }
     Ok(())
 }
 

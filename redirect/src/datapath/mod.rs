@@ -51,7 +51,8 @@ pub const PASS_PROGRAM: &str = "xdp_pass";
 /// The default pin directory on a real proxy host.
 pub const DEFAULT_PIN_DIR: &str = "/sys/fs/bpf/redirect";
 
-const ALL_MAPS: [&str; 13] = [
+const ALL_MAPS: [&str; 14] = [
+    map_names::SOCK_NETNS,
     map_names::SOCKETS,
     map_names::FLOW_GATE,
     map_names::FLOWS,
@@ -863,6 +864,7 @@ pub fn install_with_active(
         }
     }
     if let Mode::Socket { cgroup } = &spec.mode {
+        socket::own_netns(&pins)?;
         let at = socket::Attachment {
             cgroup: cgroup.clone(),
             uplinks: ifaces.to_vec(),

@@ -113,6 +113,46 @@ fn cgroup2_root(mountinfo: &str) -> Option<PathBuf> {
     })
 }
 
+/// Writes this process's network namespace (its cookie) into `SOCK_NETNS`: the hooks redirect
+/// only sockets of the namespace whose sockets the controller lists and fences.
+pub fn own_netns(pins: &PinDir) -> Result<(), DatapathError> {
+    /// `SO_NETNS_COOKIE` (Linux 5.14+), which libc does not name.
+    const SO_NETNS_COOKIE: libc::c_int = 71;
+    let io = |what: &str| {
+        let what = what.to_owned();
+        move |source| DatapathError::Io { what, source }
+    };
+    let probe = std::net::UdpSocket::bind("127.0.0.1:0").map_err(io("opening a probe socket"))?;
+    let mut cookie: u64 = 0;
+    let mut len = libc::socklen_t::try_from(std::mem::size_of::<u64>()).expect("8 bytes");
+    // SAFETY: a valid socket, and an out-buffer of `len` bytes.
+    let rc = unsafe {
+        libc::getsockopt(
+            std::os::fd::AsRawFd::as_raw_fd(&probe),
+            libc::SOL_SOCKET,
+            SO_NETNS_COOKIE,
+            (&raw mut cookie).cast(),
+            &raw mut len,
+        )
+    };
+    if rc != 0 {
+        return Err(io(
+            "reading this network namespace's cookie (SO_NETNS_COOKIE, Linux 5.14+)",
+        )(std::io::Error::last_os_error()));
+    }
+    let path = pins.map(redirect_common::map_names::SOCK_NETNS);
+    let data = aya::maps::MapData::from_pin(&path).map_err(|source| DatapathError::OpenMap {
+        path: path.clone(),
+        source,
+    })?;
+    let mut map: aya::maps::Array<_, u64> = aya::maps::Array::try_from(aya::maps::Map::Array(data))
+        .map_err(|source| DatapathError::OpenMap { path, source })?;
+    map.set(0, cookie, 0).map_err(|source| DatapathError::Map {
+        what: "writing SOCK_NETNS".into(),
+        source,
+    })
+}
+
 /// The name of a cgroup hook's pin.
 fn cgroup_pin(pins: &PinDir, hook: &str) -> PathBuf {
     pins.0.join(format!("sockhook_{hook}"))

@@ -24,6 +24,9 @@ pub const SYN_SENT: u8 = 2;
 pub const ESTABLISHED: u8 = 1;
 /// `TCP_CLOSE_WAIT`: the server closed (its session ended), the client has not yet.
 pub const CLOSE_WAIT: u8 = 8;
+/// `TCP_TIME_WAIT` and `TCP_CLOSE`: closed both ways.
+const TIME_WAIT: u8 = 6;
+const CLOSE: u8 = 7;
 
 /// One hooked connection to a server, as the server sees its client.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -125,6 +128,75 @@ pub fn hooked_to(maps: &Maps, role: Role) -> Result<Vec<Hooked>, DatapathError> 
             }),
     );
     Ok(out)
+}
+
+/// Every connection of this host to the backend of `role` that is not the controller's own:
+/// what the fence ends. Hooked or not: a socket connected before the hooks were attached (a
+/// pool that outlived a `detach`), or by a process outside `--cgroup`, writes to the old
+/// server all the same, and only the server-side fence can stop it. The controller's own
+/// sessions (the barrier's, the lag's) are the sockets its own file descriptors hold.
+pub fn fence_targets(maps: &Maps, role: Role) -> Result<Vec<Hooked>, DatapathError> {
+    let Some(backend) = maps.backend(role)? else {
+        return Ok(Vec::new());
+    };
+    let own = own_socket_inodes();
+    let sockets = sock_diag::tcp_sockets_to(backend.addr).map_err(|source| DatapathError::Io {
+        what: format!(
+            "listing this host's sockets to {} (sock_diag)",
+            backend.addr
+        ),
+        source,
+    })?;
+    let translated = translated_flows(maps)?;
+    let mut out: Vec<Hooked> = sockets
+        .iter()
+        // Closed both ways (TIME_WAIT, CLOSE): no session can be behind it.
+        .filter(|s| !matches!(s.state, TIME_WAIT | CLOSE))
+        .filter(|s| s.inode == 0 || !own.contains(&s.inode))
+        .filter(|s| {
+            !translated
+                .iter()
+                .any(|(c, to)| *c == s.local && *to != role.index())
+        })
+        .map(|s| Hooked {
+            client: s.local,
+            state: Some(s.state),
+        })
+        .collect();
+    out.extend(
+        translated
+            .into_iter()
+            .filter(|(_, to)| *to == role.index())
+            .map(|(client, _)| Hooked {
+                client,
+                state: None,
+            }),
+    );
+    Ok(out)
+}
+
+/// How many of this host's connections to the backend of `role` did not come through the hook
+/// (and are not the controller's own).
+pub fn unhooked_to(maps: &Maps, role: Role) -> Result<usize, DatapathError> {
+    let hooked: HashSet<SocketAddrV4> = hooked_to(maps, role)?.iter().map(|h| h.client).collect();
+    Ok(fence_targets(maps, role)?
+        .iter()
+        .filter(|t| !hooked.contains(&t.client))
+        .count())
+}
+
+/// The inodes of the sockets this process holds (`socket:[N]` links in `/proc/self/fd`).
+fn own_socket_inodes() -> HashSet<u32> {
+    std::fs::read_dir("/proc/self/fd")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|e| {
+            let target = std::fs::read_link(e.path()).ok()?;
+            let t = target.to_str()?;
+            t.strip_prefix("socket:[")?.strip_suffix(']')?.parse().ok()
+        })
+        .collect()
 }
 
 /// The sockets of `sockets` that the hook connected (their cookie is in `SOCKETS`).

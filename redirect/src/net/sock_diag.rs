@@ -26,6 +26,9 @@ pub struct TcpSocket {
     pub state: u8,
     /// The socket's cookie: the value `bpf_get_socket_cookie` and SO_COOKIE give for it.
     pub cookie: u64,
+    /// The socket's inode: `socket:[inode]` in the `/proc/<pid>/fd` of the processes holding
+    /// it (0 once no file refers to it, as for a socket closed and still in `FIN_WAIT`).
+    pub inode: u32,
 }
 
 /// `SOCK_DIAG_BY_FAMILY` (`linux/sock_diag.h`): the request type, and the type of each socket
@@ -56,6 +59,8 @@ const MSG_DPORT: usize = 6;
 const MSG_SRC: usize = 8;
 const MSG_DST: usize = 24;
 const MSG_COOKIE: usize = 44;
+/// `idiag_inode`, the last u32 of `inet_diag_msg`.
+const MSG_INODE: usize = 68;
 
 /// The kernel sizes each part of a dump to the reader's buffer, capped just under 32 KiB
 /// (`netlink_recvmsg`); a read that still comes out larger is caught by `MSG_TRUNC`.
@@ -279,6 +284,7 @@ fn parse_socket(msg: &[u8]) -> io::Result<Option<TcpSocket>> {
         remote: SocketAddrV4::new(remote, port(MSG_DPORT)),
         state: msg[1],
         cookie,
+        inode: u32_at(msg, MSG_INODE),
     }))
 }
 
@@ -349,6 +355,17 @@ mod tests {
         assert_eq!(found.remote, server);
         assert_eq!(found.state, 1, "ESTABLISHED");
         assert_eq!(found.cookie, so_cookie(&stream));
+        // Its inode is the one /proc/self/fd shows for the stream's descriptor.
+        let link = std::fs::read_link(format!(
+            "/proc/self/fd/{}",
+            std::os::fd::AsRawFd::as_raw_fd(&stream)
+        ))
+        .unwrap();
+        assert_eq!(
+            link.to_str().unwrap(),
+            format!("socket:[{}]", found.inode),
+            "the socket's inode"
+        );
         // The accepted end's remote is the client, not the listener: it is not listed, and
         // neither is the listener itself.
         assert!(sockets.iter().all(|s| s.remote == server));
@@ -476,12 +493,14 @@ mod tests {
             remote: b,
             state: 1,
             cookie,
+            inode: 0,
         };
         let second = TcpSocket {
             local: b,
             remote: a,
             state: 1,
             cookie: 2,
+            inode: 0,
         };
         assert_eq!(sockets, [first, second]);
 

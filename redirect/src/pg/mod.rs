@@ -224,7 +224,7 @@ impl std::fmt::Debug for Dsn {
 }
 
 /// Splits libpq `key=value` pairs; values may be single-quoted with `\'` and `\\` escapes.
-fn split_pairs(s: &str) -> Result<Vec<(String, String)>, String> {
+pub fn split_pairs(s: &str) -> Result<Vec<(String, String)>, String> {
     let mut out = Vec::new();
     let mut chars = s.chars().peekable();
     loop {

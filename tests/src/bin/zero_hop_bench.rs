@@ -183,7 +183,11 @@ fn main() {
                 [Path::ZeroHop, Path::Direct]
             };
             for path in order {
-                let tag = format!("{round}-{}-{:?}", row.scenario.name().replace(' ', ""), path);
+                let tag = format!(
+                    "{round}-{}-{:?}",
+                    row.scenario.name().replace(' ', ""),
+                    path
+                );
                 eprintln!("round {round}: {} via {}", row.scenario.name(), path.name());
                 let sample = pgbench::run(&lab, Ns::Client, path.host(), row.scenario, secs, &tag);
                 match path {
@@ -237,7 +241,10 @@ fn main() {
         for (mode, c) in order {
             let load = cutover_lab::workload(&c.lab, 0..4, 7);
             std::thread::sleep(Duration::from_secs(2));
-            let out = cutover_lab::flip(&c.lab, &["--to", "target", "--drain-timeout", "1s", "--json"]);
+            let out = cutover_lab::flip(
+                &c.lab,
+                &["--to", "target", "--drain-timeout", "1s", "--json"],
+            );
             assert!(
                 out.status.success(),
                 "{mode} cutover failed: {}",
@@ -248,7 +255,10 @@ fn main() {
             let v = load.join().expect("workload");
             let on = pg::acked_rows(&c.lab, Ns::Target, &c.target, "");
             cutover_lab::assert_no_loss_through_a_cutover(&v, &on, "target");
-            eprintln!("{mode} cutover {i}: write pause {:.1} ms", report.write_pause_ms);
+            eprintln!(
+                "{mode} cutover {i}: write pause {:.1} ms",
+                report.write_pause_ms
+            );
             if mode == "socket" {
                 socket_pauses.push(report.write_pause_ms);
             } else {
@@ -335,8 +345,8 @@ fn main() {
         fmt(&proxy_pauses),
         median(&mut proxy_pauses.clone()),
     );
-    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("../docs/benchmarks-zero-hop.md");
+    let path =
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../docs/benchmarks-zero-hop.md");
     std::fs::write(&path, &md).expect("writing docs/benchmarks-zero-hop.md");
     println!("{md}");
     eprintln!("wrote {}", path.display());

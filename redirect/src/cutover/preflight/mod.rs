@@ -470,9 +470,29 @@ async fn bypassing_sessions(
     )
     .await?;
     let (n_bypass, bypass_from): (i64, String) = (bypass.get(0), bypass.get(1));
+    socket_mode_unhooked(cx, v)?;
     if n_bypass > 0 {
         v.note(format!(
             "WARNING: {n_bypass} session(s) on the {} bypass the proxy (from {bypass_from}); the fence cannot stop their writes",
+            cx.from
+        ));
+    }
+    Ok(())
+}
+
+/// Socket mode: this host's connections to the old server that did not come through the hook
+/// (connected before the hooks were attached, or from outside `--cgroup`). The fence ends them
+/// too (their address is this host's, so the check above counts them as ours), but a client
+/// that connects to the server's own address reconnects there.
+fn socket_mode_unhooked(cx: &Ctx<'_>, v: &mut Verdict) -> Result<(), CutoverError> {
+    let maps = lock(&cx.ctl.host.maps);
+    if !maps.is_socket_mode()? {
+        return Ok(());
+    }
+    let n = crate::host::sockets::unhooked_to(&maps, cx.from)?;
+    if n > 0 {
+        v.note(format!(
+            "WARNING: {n} connection(s) from this host to the {} did not come through the hook (connected before it was attached, or from outside --cgroup): the fence ends their sessions, but a client whose DSN names the server reconnects there",
             cx.from
         ));
     }
