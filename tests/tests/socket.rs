@@ -3,6 +3,11 @@
 //! in the client namespace, in the cgroup the lab hooks; PostgreSQL servers in their own
 //! namespaces. See `Lab::new_app_host`.
 
+#![allow(
+    clippy::too_many_lines,
+    reason = "a lab scenario reads top to bottom as one story"
+)]
+
 use std::time::Duration;
 
 use redirect_tests::{
@@ -496,15 +501,18 @@ fn a_connection_held_when_the_controller_dies_reaches_the_source_never_the_targe
 /// `redirect run` with `args` in place of the lab's, expecting a refusal that says `says`
 /// and leaves nothing attached or pinned.
 fn refused(lab: &Lab, args: &[String], says: &str) {
-    let argv: Vec<&str> = args.iter().map(String::as_str).collect();
-    let out = lab.redirect(&argv);
+    let command: Vec<&str> = args.iter().map(String::as_str).collect();
+    let out = lab.redirect(&command);
     let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success(), "redirect {argv:?} was not refused");
-    assert!(stderr.contains(says), "redirect {argv:?} said: {stderr}");
+    assert!(
+        !out.status.success(),
+        "redirect {command:?} was not refused"
+    );
+    assert!(stderr.contains(says), "redirect {command:?} said: {stderr}");
     let pins: Vec<_> = std::fs::read_dir(&lab.pin_dir)
         .map(|d| d.flatten().map(|e| e.file_name()).collect())
         .unwrap_or_default();
-    assert!(pins.is_empty(), "{argv:?} left pins behind: {pins:?}");
+    assert!(pins.is_empty(), "{command:?} left pins behind: {pins:?}");
     let app = lab.app.as_ref().expect("an app-host lab");
     let attached = lab.exec_ok(
         Ns::Client,
@@ -512,7 +520,7 @@ fn refused(lab: &Lab, args: &[String], says: &str) {
     );
     assert!(
         String::from_utf8_lossy(&attached.stdout).trim().is_empty(),
-        "{argv:?} left programs on the cgroup: {}",
+        "{command:?} left programs on the cgroup: {}",
         String::from_utf8_lossy(&attached.stdout)
     );
 }
@@ -521,7 +529,7 @@ fn refused(lab: &Lab, args: &[String], says: &str) {
 fn with(lab: &Lab, flag: &str, value: &str) -> Vec<String> {
     let mut args = lab.run_args();
     match args.iter().position(|a| a == flag) {
-        Some(i) => args[i + 1] = value.to_owned(),
+        Some(i) => value.clone_into(&mut args[i + 1]),
         None => args.extend([flag.to_owned(), value.to_owned()]),
     }
     args.push("--once".into());

@@ -182,7 +182,7 @@ pub fn collect(maps: &Maps, counts: &Counts) -> anyhow::Result<Status> {
         }
     }
     let socket = if socket_mode {
-        Some(socket_status(maps)?)
+        Some(socket_status(maps))
     } else {
         None
     };
@@ -215,7 +215,7 @@ pub fn collect(maps: &Maps, counts: &Counts) -> anyhow::Result<Status> {
     })
 }
 
-fn socket_status(maps: &Maps) -> anyhow::Result<SocketStatus> {
+fn socket_status(maps: &Maps) -> SocketStatus {
     let (mut parked, mut translated) = (0, 0);
     if let Some(s) = &maps.socket {
         for (_, flow) in s.flows.iter().filter_map(Result::ok) {
@@ -226,11 +226,11 @@ fn socket_status(maps: &Maps) -> anyhow::Result<SocketStatus> {
             }
         }
     }
-    Ok(SocketStatus {
+    SocketStatus {
         hooks: crate::datapath::socket::pinned_links(&maps.dir),
         parked,
         translated,
-    })
+    }
 }
 
 fn percent(part: u64, whole: u64) -> String {

@@ -739,6 +739,40 @@ fn expected_layouts(socket: bool) -> [(&'static str, u32, u32, u32); 7] {
     ]
 }
 
+/// Key size, value size and entries of socket mode's maps (present in both modes' pins).
+fn socket_layouts(socket: bool) -> [(&'static str, u32, u32, u32); 5] {
+    use std::mem::size_of;
+    let size = |n: usize| u32::try_from(n).expect("small");
+    let entries = |name: &str| {
+        table_sizes(socket)
+            .iter()
+            .find(|(n, _)| *n == name)
+            .map_or(1, |(_, e)| *e)
+    };
+    [
+        (
+            map_names::SOCKETS,
+            8,
+            size(size_of::<SockEntry>()),
+            entries(map_names::SOCKETS),
+        ),
+        (
+            map_names::FLOWS,
+            size(size_of::<CtKey>()),
+            size(size_of::<FlowEntry>()),
+            entries(map_names::FLOWS),
+        ),
+        (map_names::FLOW_GATE, 4, 8, 1),
+        (map_names::SOCK_NETNS, 4, 8, 1),
+        (
+            map_names::SOCK_STATS,
+            4,
+            8,
+            redirect_common::socket::SOCK_STAT_COUNT,
+        ),
+    ]
+}
+
 /// The sizes of the big tables in each mode: the other mode's are one entry long, so an
 /// application host does not preallocate a proxy's million-connection table (about 100 MB
 /// each for `CT` and `REV`), nor a proxy the socket table.
@@ -757,7 +791,11 @@ pub fn table_sizes(socket: bool) -> [(&'static str, u32); 4] {
 /// them as they are, and the new program would misread every entry (or never count a new
 /// statistic).
 fn check_layout(dir: &PinDir, socket: bool) -> Result<(), DatapathError> {
-    for (map, key, value, entries) in expected_layouts(socket) {
+    let socket_maps = socket_layouts(socket)
+        .into_iter()
+        // Pins from before socket mode have none of its maps: the load creates them.
+        .filter(|(map, ..)| dir.map(map).exists());
+    for (map, key, value, entries) in expected_layouts(socket).into_iter().chain(socket_maps) {
         let path = dir.map(map);
         let data = MapData::from_pin(&path).map_err(|source| DatapathError::OpenMap {
             path: path.clone(),

@@ -233,7 +233,7 @@ fn translated_flows(maps: &Maps) -> Result<Vec<(SocketAddrV4, u32)>, DatapathErr
         return Ok(Vec::new());
     };
     let mut out = Vec::new();
-    for item in socket_maps.flows.iter() {
+    for item in &socket_maps.flows {
         let (key, flow) = item.map_err(|source| DatapathError::Map {
             what: "reading FLOWS".into(),
             source,
