@@ -21,7 +21,7 @@ use aya_ebpf::{
         TC_ACT_SHOT, TC_ACT_UNSPEC, bpf_sock_tuple, bpf_sock_tuple__bindgen_ty_1,
         bpf_sock_tuple__bindgen_ty_1__bindgen_ty_1,
     },
-    helpers::{bpf_get_socket_cookie, bpf_sk_release, bpf_skc_lookup_tcp},
+    helpers::{bpf_get_socket_cookie, bpf_sk_lookup_tcp, bpf_sk_release},
     macros::classifier,
     programs::TcContext,
 };
@@ -243,8 +243,10 @@ fn held_syn(ctx: &TcContext, seen: &Seen, key: &CtKey, cut: &Cutover, now: u64) 
     }
 }
 
-/// Whether this host has a socket (any state) for the connection from `remote` to `local`, as
-/// an arriving packet of it would be delivered (network order).
+/// Whether this host has a connection's socket for `remote` ↔ `local`, as an arriving packet
+/// of it would be delivered (network order). Full sockets only: a `TIME_WAIT` of an earlier
+/// connection on that tuple is no collision (this host sent its last ACK; the server forgot
+/// it), and neither is a listener the lookup falls back to.
 #[inline(always)]
 fn socket_at(ctx: &TcContext, remote: u32, remote_port: u16, local: u32, local_port: u16) -> bool {
     let mut tuple = bpf_sock_tuple {
@@ -258,9 +260,9 @@ fn socket_at(ctx: &TcContext, remote: u32, remote_port: u16, local: u32, local_p
         },
     };
     let size = core::mem::size_of::<bpf_sock_tuple__bindgen_ty_1__bindgen_ty_1>() as u32;
-    // SAFETY: a valid context and tuple; the socket found is released at once.
+    // SAFETY: a valid context and tuple; the socket found is read, then released at once.
     unsafe {
-        let sk = bpf_skc_lookup_tcp(
+        let sk = bpf_sk_lookup_tcp(
             ctx.as_ptr(),
             &raw mut tuple,
             size,
@@ -271,10 +273,14 @@ fn socket_at(ctx: &TcContext, remote: u32, remote_port: u16, local: u32, local_p
         if sk.is_null() {
             return false;
         }
+        let listening = (*sk).state == TCP_LISTEN;
         bpf_sk_release(sk.cast());
+        !listening
     }
-    true
 }
+
+/// `TCP_LISTEN` (`net/tcp_states.h`).
+const TCP_LISTEN: u32 = 10;
 
 /// The `BACKENDS` index of the server at `addr:port` (network order).
 #[inline(always)]

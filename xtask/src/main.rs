@@ -67,6 +67,10 @@ enum Task {
         /// docs/benchmarks-zero-hop.md.
         #[arg(long, conflicts_with_all = ["profile", "fleet", "databases"])]
         zero_hop: bool,
+        /// Only the fleet protocol's growth: hold, write pause and release with 1, 10 and 30
+        /// members under light load (about 10 minutes); writes docs/benchmarks-fleet-scale.md.
+        #[arg(long, conflicts_with_all = ["quick", "profile", "fleet", "databases", "zero_hop"])]
+        fleet_scale: bool,
     },
     /// The cutover's full fault matrix (every fault at every step boundary, under load);
     /// writes docs/reliability.md. About 20 minutes. CI runs a subset (tests/tests/fault_matrix.rs).
@@ -121,6 +125,13 @@ fn run(task: Task) -> anyhow::Result<()> {
             setup::install()?;
             build()?;
             run_lab_bin("fleet_bench", None, "the fleet benchmark")
+        }
+        Task::Bench {
+            fleet_scale: true, ..
+        } => {
+            setup::install()?;
+            build()?;
+            run_lab_bin("fleet_scale", None, "the fleet scale benchmark")
         }
         Task::Bench {
             zero_hop: true,

@@ -239,7 +239,9 @@ fn main() {
             [("proxy", &proxy), ("socket", &app)]
         };
         for (mode, c) in order {
-            let load = cutover_lab::workload(&c.lab, 0..4, 7);
+            // New writer ids each time: a writer's seq restarts at 1.
+            let first = i * 20;
+            let load = cutover_lab::workload(&c.lab, first..first + 4, 7);
             std::thread::sleep(Duration::from_secs(2));
             let out = cutover_lab::flip(
                 &c.lab,
