@@ -338,6 +338,64 @@ pub fn reserve_ports(
     Ok(Some(format!("{name}={want}")))
 }
 
+/// Where this namespace's reserved local ports are: the kernel never picks them for a
+/// `connect()` (an explicit `bind()` may still take one).
+const RESERVED_PORTS: &str = "/proc/sys/net/ipv4/ip_local_reserved_ports";
+
+/// Makes `add` reserved and `remove` no longer reserved, leaving every other reservation
+/// (the operator's) as it was. Returns whether the list changed.
+pub fn change_reserved_ports(add: &[u16], remove: &[u16]) -> Result<bool, NetError> {
+    let io = |source| NetError::Io {
+        what: "sysctl net.ipv4.ip_local_reserved_ports".into(),
+        source,
+    };
+    let current = fs::read_to_string(RESERVED_PORTS).map_err(io)?;
+    let mut ports = parse_port_list(&current);
+    let before = ports.clone();
+    ports.extend(add.iter().copied());
+    for p in remove {
+        ports.remove(p);
+    }
+    if ports == before {
+        return Ok(false);
+    }
+    fs::write(RESERVED_PORTS, format_port_list(&ports)).map_err(io)?;
+    Ok(true)
+}
+
+/// `8080,9148-9150` as a set of ports.
+fn parse_port_list(s: &str) -> std::collections::BTreeSet<u16> {
+    let mut out = std::collections::BTreeSet::new();
+    for part in s.trim().split(',').filter(|p| !p.is_empty()) {
+        let (lo, hi) = part.split_once('-').unwrap_or((part, part));
+        if let (Ok(lo), Ok(hi)) = (lo.trim().parse::<u16>(), hi.trim().parse::<u16>()) {
+            out.extend(lo..=hi);
+        }
+    }
+    out
+}
+
+/// A set of ports as the kernel's list, runs joined into ranges.
+fn format_port_list(ports: &std::collections::BTreeSet<u16>) -> String {
+    let mut runs: Vec<(u16, u16)> = Vec::new();
+    for &p in ports {
+        match runs.last_mut() {
+            Some((_, hi)) if u32::from(*hi) + 1 == u32::from(p) => *hi = p,
+            _ => runs.push((p, p)),
+        }
+    }
+    runs.iter()
+        .map(|&(lo, hi)| {
+            if lo == hi {
+                lo.to_string()
+            } else {
+                format!("{lo}-{hi}")
+            }
+        })
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
 /// Sends a TCP RST from `from` to `to` with sequence number `seq` through a raw socket: the
 /// kernel routes it like any packet of this host. With `seq` equal to what the peer expects
 /// next, the peer's stack drops the connection at once (RFC 5961 §3.2).
@@ -433,5 +491,15 @@ mod tests {
                 && !e.contains('\n'),
             "{e}"
         );
+    }
+
+    #[test]
+    fn reserved_port_lists_round_trip_and_keep_the_operators_ports() {
+        let ports = parse_port_list("8080,9148-9150\n");
+        assert_eq!(ports.len(), 4);
+        let mut more = ports.clone();
+        more.extend([9151, 40000]);
+        assert_eq!(format_port_list(&more), "8080,9148-9151,40000");
+        assert_eq!(format_port_list(&parse_port_list("")), "");
     }
 }

@@ -294,6 +294,22 @@ pub fn run_case_in(mode: Mode, fault: Fault, step: &'static str) -> Outcome {
         lab.reap_exited();
         let _ = pid;
     }
+    if v.max_wait().max(v2.max_wait()) > Duration::from_secs(8) {
+        // What the slow client saw, and what the controllers and the datapath said: a case
+        // that strands a client must say why.
+        let errors: Vec<String> = v.errors().into_iter().chain(v2.errors()).collect();
+        eprintln!(
+            "a client waited {:?}; its errors: {:?}\nstatus: {}\nlast controller log:\n{}",
+            v.max_wait().max(v2.max_wait()),
+            &errors[errors.len().saturating_sub(12)..],
+            lab.status(),
+            lab.last_redirect_log()
+                .lines()
+                .filter(|l| !l.contains("tokio_postgres::connection"))
+                .collect::<Vec<_>>()
+                .join("\n")
+        );
+    }
     let active = lab.status()["active"].as_str().unwrap_or("?").to_owned();
     let (ns, server) = if active == "target" {
         (Ns::Target, &target)

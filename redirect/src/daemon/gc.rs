@@ -32,6 +32,7 @@ pub async fn serve_gc(
                 let mut maps = crate::sync::lock(&ctl.host.maps);
                 forget_closed_flows(&mut maps);
             }
+            reserve_held_ports(ctl);
             disarm_when_done(ctl);
             let mut maps = crate::sync::lock(&ctl.host.maps);
             conntrack::gc(&mut maps, &timeouts, pressured)
@@ -113,5 +114,16 @@ fn disarm_when_done(ctl: &Controller) {
         ),
         Ok(false) => {}
         Err(e) => warn!(error = %e, "could not disarm the uplink's hooks; retrying next pass"),
+    }
+}
+
+/// Socket mode: the held connections' ports stay reserved while they live (see
+/// [`crate::host::Host::reserve_held_ports`]).
+fn reserve_held_ports(ctl: &Controller) {
+    if !matches!(ctl.host.is_socket_mode(), Ok(true)) {
+        return;
+    }
+    if let Err(e) = ctl.host.reserve_held_ports() {
+        warn!(error = %e, "could not reserve held connections' ports; retrying next pass");
     }
 }

@@ -28,6 +28,8 @@ pub struct Host {
     /// The interfaces the datapath is attached to (socket mode: the uplinks its TC hooks
     /// are armed on for a cutover).
     pub ifaces: Vec<(String, u32)>,
+    /// Socket mode: the local ports this controller reserved for held connections.
+    pub reserved_ports: Mutex<std::collections::BTreeSet<u16>>,
 }
 
 impl Host {
@@ -37,6 +39,7 @@ impl Host {
             maps: Mutex::new(maps),
             ebpf: Mutex::new(ebpf),
             ifaces,
+            reserved_ports: Mutex::new(std::collections::BTreeSet::new()),
         }
     }
 
@@ -46,6 +49,11 @@ impl Host {
             let maps = lock(&self.maps);
             (maps.held()?, maps.dir.clone(), maps.is_socket_mode()?)
         };
+        if on_egress {
+            // Before any held connection can be sent elsewhere (an aborted cutover): its port
+            // must not be given to a new connection to that backend.
+            self.reserve_held_ports()?;
+        }
         let mut ebpf = lock(&self.ebpf);
         let mut n = 0;
         while let Some(item) = ring.next() {

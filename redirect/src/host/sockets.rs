@@ -43,6 +43,37 @@ impl Host {
         lock(&self.maps).is_socket_mode()
     }
 
+    /// Socket mode: keeps this host's held connections' local ports reserved
+    /// (`ip_local_reserved_ports`), and only those this controller reserved. The kernel knows
+    /// a held socket as talking to the backend it presumed; if the cutover does not flip, the
+    /// connection is sent to the other backend from the same port, and without the
+    /// reservation the kernel could give that port to a new connection to that backend: two
+    /// connections on one tuple, on the wire. Returns how many ports are reserved now.
+    pub fn reserve_held_ports(&self) -> Result<usize, DatapathError> {
+        let wanted: std::collections::BTreeSet<u16> = {
+            let maps = lock(&self.maps);
+            let Some(s) = &maps.socket else {
+                return Ok(0);
+            };
+            s.flows
+                .keys()
+                .filter_map(Result::ok)
+                .map(|k| u16::from_be(k.client_port_be))
+                .collect()
+        };
+        let mut ours = lock(&self.reserved_ports);
+        let add: Vec<u16> = wanted.difference(&ours).copied().collect();
+        let remove: Vec<u16> = ours.difference(&wanted).copied().collect();
+        if !add.is_empty() || !remove.is_empty() {
+            crate::net::change_reserved_ports(&add, &remove).map_err(|e| DatapathError::Io {
+                what: "reserving held connections' ports".into(),
+                source: std::io::Error::other(e.to_string()),
+            })?;
+            *ours = wanted;
+        }
+        Ok(ours.len())
+    }
+
     /// Socket mode: arms the uplink's hooks for a cutover (they park held SYNs and raise the
     /// datapath fence); nothing in proxy mode. Returns whether it attached them now.
     pub fn arm_for_cutover(&self) -> Result<bool, DatapathError> {

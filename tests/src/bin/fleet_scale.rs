@@ -86,8 +86,12 @@ fn main() {
             ..Samples::default()
         };
         for round in 0..rounds {
+            let failed = s.failed.len();
             cutover(&fl, round * 2, "target", &mut s);
-            cutover(&fl, round * 2 + 1, "source", &mut s);
+            // A cutover that failed (and undid itself) left nothing to roll back.
+            if s.failed.len() == failed {
+                cutover(&fl, round * 2 + 1, "source", &mut s);
+            }
             eprintln!(
                 "{n} member(s), round {round}: hold {:?} ms, write pause {:?} ms, release {:?} ms",
                 s.hold_ms, s.write_pause_ms, s.release_ms
