@@ -298,6 +298,12 @@ fn a_zero_hop_cutover_under_writes_loses_nothing_holds_new_connections_and_rolls
         .spawn()
         .expect("spawning psql");
     std::thread::sleep(Duration::from_secs(3));
+    let bypass_port = pg::psql(
+        lab,
+        Ns::Source,
+        &c.source,
+        "SELECT client_port FROM pg_stat_activity WHERE query = 'SELECT pg_sleep(60)'",
+    );
     let out = redirect_tests::cutover_lab::flip(
         lab,
         &["--to", "target", "--drain-timeout", "2s", "--json"],
@@ -309,10 +315,12 @@ fn a_zero_hop_cutover_under_writes_loses_nothing_holds_new_connections_and_rolls
     let v = load.join().expect("workload");
     let seen = churn.join().expect("the connecting client");
     assert!(
-        report.findings.iter().any(|f| f.contains(
-            "1 connection(s) from this host to the source did not come through the hook"
-        )),
-        "preflight reports the bypassing session: {:?}",
+        report
+            .findings
+            .iter()
+            .any(|f| f.contains("did not come through the hook")
+                && f.contains(&format!("{CLIENT_ADDR}:{bypass_port}"))),
+        "preflight names the bypassing session ({CLIENT_ADDR}:{bypass_port}): {:?}",
         report.findings
     );
     assert!(

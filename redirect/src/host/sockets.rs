@@ -207,13 +207,29 @@ pub fn fence_targets(maps: &Maps, role: Role) -> Result<Vec<Hooked>, DatapathErr
 }
 
 /// How many of this host's connections to the backend of `role` did not come through the hook
-/// (and are not the controller's own).
-pub fn unhooked_to(maps: &Maps, role: Role) -> Result<usize, DatapathError> {
-    let hooked: HashSet<SocketAddrV4> = hooked_to(maps, role)?.iter().map(|h| h.client).collect();
-    Ok(fence_targets(maps, role)?
+/// and are still held open by a process (not the controller): a socket already closed by its
+/// process (its hook entry went with `close()`, it lingers in `FIN_WAIT`) is fenced all the
+/// same, but no client is behind it to reconnect anywhere.
+pub fn unhooked_to(maps: &Maps, role: Role) -> Result<Vec<TcpSocket>, DatapathError> {
+    let Some(backend) = maps.backend(role)? else {
+        return Ok(Vec::new());
+    };
+    let own = own_socket_inodes();
+    let sockets = sock_diag::tcp_sockets_to(backend.addr).map_err(|source| DatapathError::Io {
+        what: format!(
+            "listing this host's sockets to {} (sock_diag)",
+            backend.addr
+        ),
+        source,
+    })?;
+    let hooked: HashSet<u64> = hooked_sockets(maps, &sockets)?
         .iter()
-        .filter(|t| !hooked.contains(&t.client))
-        .count())
+        .map(|s| s.cookie)
+        .collect();
+    Ok(sockets
+        .into_iter()
+        .filter(|s| s.inode != 0 && !own.contains(&s.inode) && !hooked.contains(&s.cookie))
+        .collect())
 }
 
 /// The inodes of the sockets this process holds (`socket:[N]` links in `/proc/self/fd`).

@@ -489,11 +489,14 @@ fn socket_mode_unhooked(cx: &Ctx<'_>, v: &mut Verdict) -> Result<(), CutoverErro
     if !maps.is_socket_mode()? {
         return Ok(());
     }
-    let n = crate::host::sockets::unhooked_to(&maps, cx.from)?;
-    if n > 0 {
+    let unhooked = crate::host::sockets::unhooked_to(&maps, cx.from)?;
+    if !unhooked.is_empty() {
+        let from: Vec<String> = unhooked.iter().map(|s| s.local.to_string()).collect();
         v.note(format!(
-            "WARNING: {n} connection(s) from this host to the {} did not come through the hook (connected before it was attached, or from outside --cgroup): the fence ends their sessions, but a client whose DSN names the server reconnects there",
-            cx.from
+            "WARNING: {} connection(s) from this host to the {} did not come through the hook (connected before it was attached, or from outside --cgroup; from {}): the fence ends their sessions, but a client whose DSN names the server reconnects there",
+            unhooked.len(),
+            cx.from,
+            from.join(", ")
         ));
     }
     Ok(())
