@@ -344,6 +344,30 @@ pub fn run_case_in(mode: Mode, fault: Fault, step: &'static str) -> Outcome {
     }
 }
 
+/// Runs one case in `mode` and asserts the promise: writes were acknowledged, none lost, the
+/// outcome `expect` (if given), and unless the fault is a server's own outage, no connect
+/// refused and no client waiting 8 s or more.
+///
+/// # Panics
+/// When the promise is broken.
+pub fn check(mode: Mode, fault: Fault, step: &'static str, expect: Option<&str>) {
+    let o = run_case_in(mode, fault, step);
+    eprintln!("{mode:?}: {o:?}");
+    assert!(o.acked > 0, "the workload wrote nothing: {o:?}");
+    assert_eq!(o.lost, 0, "acknowledged writes lost: {o:?}");
+    if let Some(want) = expect {
+        assert_eq!(o.result, want, "{o:?}");
+    }
+    if !fault.is_server_outage() {
+        assert_eq!(o.refused, 0, "refused connects: {o:?}");
+        assert!(
+            o.max_wait < Duration::from_secs(8),
+            "a client waited {:?}: {o:?}",
+            o.max_wait
+        );
+    }
+}
+
 /// The matrix as a markdown table.
 #[must_use]
 pub fn table(outcomes: &[Outcome]) -> String {

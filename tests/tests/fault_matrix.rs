@@ -2,29 +2,13 @@
 //! fault where it bites hardest. Every case cuts over two databases under writes. The full matrix (every fault × every step) is
 //! `cargo xtask faults`, which writes docs/reliability.md.
 
-use std::time::Duration;
-
 use redirect_tests::{
-    faults::{Fault, STEPS, run_case},
+    faults::{self, Fault, Mode, STEPS},
     require_root,
 };
 
 fn check(fault: Fault, step: &'static str, expect: Option<&str>) {
-    let o = run_case(fault, step);
-    eprintln!("{o:?}");
-    assert!(o.acked > 0, "the workload wrote nothing: {o:?}");
-    assert_eq!(o.lost, 0, "acknowledged writes lost: {o:?}");
-    if let Some(want) = expect {
-        assert_eq!(o.result, want, "{o:?}");
-    }
-    if !fault.is_server_outage() {
-        assert_eq!(o.refused, 0, "refused connects: {o:?}");
-        assert!(
-            o.max_wait < Duration::from_secs(8),
-            "a client waited {:?}: {o:?}",
-            o.max_wait
-        );
-    }
+    faults::check(Mode::Proxy, fault, step, expect);
 }
 
 #[test]

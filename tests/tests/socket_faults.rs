@@ -4,29 +4,13 @@
 //! promises are the proxy's: nothing acknowledged lost, no connect refused, no client left
 //! waiting.
 
-use std::time::Duration;
-
 use redirect_tests::{
-    faults::{Fault, Mode, STEPS, run_case_in},
+    faults::{self, Fault, Mode, STEPS},
     require_root,
 };
 
 fn check(fault: Fault, step: &'static str, expect: Option<&str>) {
-    let o = run_case_in(Mode::AppHost, fault, step);
-    eprintln!("socket mode: {o:?}");
-    assert!(o.acked > 0, "the workload wrote nothing: {o:?}");
-    assert_eq!(o.lost, 0, "acknowledged writes lost: {o:?}");
-    if let Some(want) = expect {
-        assert_eq!(o.result, want, "{o:?}");
-    }
-    if !fault.is_server_outage() {
-        assert_eq!(o.refused, 0, "refused connects: {o:?}");
-        assert!(
-            o.max_wait < Duration::from_secs(8),
-            "a client waited {:?}: {o:?}",
-            o.max_wait
-        );
-    }
+    faults::check(Mode::AppHost, fault, step, expect);
 }
 
 #[test]

@@ -125,16 +125,7 @@ impl Host {
 /// connected there (minus those a translated flow sends elsewhere), and translated flows sent
 /// there. `sock_diag` lists the sockets of the caller's network namespace: the host's.
 pub fn hooked_to(maps: &Maps, role: Role) -> Result<Vec<Hooked>, DatapathError> {
-    let Some(backend) = maps.backend(role)? else {
-        return Ok(Vec::new());
-    };
-    let sockets = sock_diag::tcp_sockets_to(backend.addr).map_err(|source| DatapathError::Io {
-        what: format!(
-            "listing this host's sockets to {} (sock_diag)",
-            backend.addr
-        ),
-        source,
-    })?;
+    let sockets = sockets_to(maps, role)?;
     let translated = translated_flows(maps)?;
     let elsewhere: HashSet<SocketAddrV4> = translated
         .iter()
@@ -167,17 +158,8 @@ pub fn hooked_to(maps: &Maps, role: Role) -> Result<Vec<Hooked>, DatapathError> 
 /// server all the same, and only the server-side fence can stop it. The controller's own
 /// sessions (the barrier's, the lag's) are the sockets its own file descriptors hold.
 pub fn fence_targets(maps: &Maps, role: Role) -> Result<Vec<Hooked>, DatapathError> {
-    let Some(backend) = maps.backend(role)? else {
-        return Ok(Vec::new());
-    };
     let own = own_socket_inodes();
-    let sockets = sock_diag::tcp_sockets_to(backend.addr).map_err(|source| DatapathError::Io {
-        what: format!(
-            "listing this host's sockets to {} (sock_diag)",
-            backend.addr
-        ),
-        source,
-    })?;
+    let sockets = sockets_to(maps, role)?;
     let translated = translated_flows(maps)?;
     let mut out: Vec<Hooked> = sockets
         .iter()
@@ -206,22 +188,27 @@ pub fn fence_targets(maps: &Maps, role: Role) -> Result<Vec<Hooked>, DatapathErr
     Ok(out)
 }
 
-/// How many of this host's connections to the backend of `role` did not come through the hook
-/// and are still held open by a process (not the controller): a socket already closed by its
-/// process (its hook entry went with `close()`, it lingers in `FIN_WAIT`) is fenced all the
-/// same, but no client is behind it to reconnect anywhere.
-pub fn unhooked_to(maps: &Maps, role: Role) -> Result<Vec<TcpSocket>, DatapathError> {
+/// This host's TCP sockets to the backend of `role` (none if it is not configured).
+fn sockets_to(maps: &Maps, role: Role) -> Result<Vec<TcpSocket>, DatapathError> {
     let Some(backend) = maps.backend(role)? else {
         return Ok(Vec::new());
     };
-    let own = own_socket_inodes();
-    let sockets = sock_diag::tcp_sockets_to(backend.addr).map_err(|source| DatapathError::Io {
+    sock_diag::tcp_sockets_to(backend.addr).map_err(|source| DatapathError::Io {
         what: format!(
             "listing this host's sockets to {} (sock_diag)",
             backend.addr
         ),
         source,
-    })?;
+    })
+}
+
+/// How many of this host's connections to the backend of `role` did not come through the hook
+/// and are still held open by a process (not the controller): a socket already closed by its
+/// process (its hook entry went with `close()`, it lingers in `FIN_WAIT`) is fenced all the
+/// same, but no client is behind it to reconnect anywhere.
+pub fn unhooked_to(maps: &Maps, role: Role) -> Result<Vec<TcpSocket>, DatapathError> {
+    let own = own_socket_inodes();
+    let sockets = sockets_to(maps, role)?;
     let hooked: HashSet<u64> = hooked_sockets(maps, &sockets)?
         .iter()
         .map(|s| s.cookie)

@@ -27,7 +27,7 @@ use std::{
 };
 
 use redirect_tests::{
-    APP_VIP, Lab, Ns, PG_PORT, SOURCE_ADDR, cutover_lab,
+    APP_VIP, Lab, Ns, PG_PORT, SOURCE_ADDR, cutover_lab, percentile,
     pg::{self},
     pgbench::{self, Sample, Scenario},
     require_root,
@@ -55,16 +55,7 @@ impl Path {
     }
 }
 
-fn percentile(sorted: &[f64], p: f64) -> f64 {
-    if sorted.is_empty() {
-        return f64::NAN;
-    }
-    let idx = ((sorted.len() - 1) as f64 * p).round() as usize;
-    sorted[idx.min(sorted.len() - 1)]
-}
-
-fn median(v: &mut [f64]) -> f64 {
-    v.sort_by(f64::total_cmp);
+fn median(v: &[f64]) -> f64 {
     percentile(v, 0.5)
 }
 
@@ -295,10 +286,9 @@ fn main() {
         "| scenario | direct TPS | zero-hop TPS | ratio | direct p50 | zero-hop p50 | ratio | direct p99 | zero-hop p99 |\n|---|---:|---:|---:|---:|---:|---:|---:|---:|"
     );
     for row in &rows {
-        let tps = |v: &[Sample]| median(&mut v.iter().map(|s| s.tps).collect::<Vec<_>>());
+        let tps = |v: &[Sample]| median(&v.iter().map(|s| s.tps).collect::<Vec<_>>());
         let lat = |v: &[Sample], p: f64| {
-            let mut all: Vec<f64> = v.iter().flat_map(|s| s.lat_us.iter().copied()).collect();
-            all.sort_by(f64::total_cmp);
+            let all: Vec<f64> = v.iter().flat_map(|s| s.lat_us.iter().copied()).collect();
             percentile(&all, p)
         };
         let (dt, zt) = (tps(&row.direct), tps(&row.zero_hop));
@@ -313,7 +303,7 @@ fn main() {
             lat(&row.zero_hop, 0.99)
         );
     }
-    let (dc, hc) = (median(&mut direct_connect), median(&mut hooked_connect));
+    let (dc, hc) = (median(&direct_connect), median(&hooked_connect));
     let _ = writeln!(
         md,
         "\n## connect() and the hooks' own time\n\n\
@@ -343,9 +333,9 @@ fn main() {
          | zero-hop (socket mode) | {} | {:.1} ms |\n\
          | proxy (TC on the proxy host) | {} | {:.1} ms |\n",
         fmt(&socket_pauses),
-        median(&mut socket_pauses.clone()),
+        median(&socket_pauses),
         fmt(&proxy_pauses),
-        median(&mut proxy_pauses.clone()),
+        median(&proxy_pauses),
     );
     let path =
         std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../docs/benchmarks-zero-hop.md");
